@@ -1,0 +1,256 @@
+"""Settings from the environment and `.env`, validated all at once.
+
+`Rules` holds every trading parameter of DESIGN section 4 (the pure core needs only these);
+`Settings` adds the I/O side of section 5. Each field's environment variable is its name in
+upper case. A bad value never starts the daemon: `load_settings` raises `ConfigError`
+naming every bad variable, its (masked) value and what is expected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import date, time
+from pathlib import Path
+from typing import Any
+
+SECRET_NAMES = frozenset({"POLYGON_API_KEY", "PUSHOVER_TOKEN", "PUSHOVER_USER_KEY", "HEARTBEAT_URL"})
+
+
+def _num(default: float, lo: float | None = None, hi: float | None = None) -> Any:
+    return field(default=default, metadata={"lo": lo, "hi": hi})
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """Trading parameters (DESIGN section 4). Defaults are the documented ones."""
+
+    vwap_window_seconds: int = _num(60, 1, 3600)
+    vwap_rising_seconds: int = _num(30, 1, 3600)
+    vwap_rising_min_points: int = _num(10, 2, 3600)
+    volume_percentile: float = _num(95.0, 0, 100)
+    volume_window_seconds: int = _num(1200, 1, 23400)
+    volume_min_bars: int = _num(60, 1, 23400)
+    momentum_window_seconds: int = _num(30, 2, 3600)
+    momentum_min_pct_per_sec: float = _num(0.0, -100, 100)
+    no_entry_before: time = time(9, 35)
+    no_entry_after: time = time(15, 30)
+    chain_max_age_seconds: float = _num(60.0, 0, 86400)
+    cooldown_seconds: float = _num(60.0, 0, 86400)
+    delta_min: float = _num(0.30, 0, 1)
+    delta_max: float = _num(0.45, 0, 1)
+    max_spread_percent: float = _num(4.0, 0, 1000)
+    min_option_volume: float = _num(100.0, 0, None)
+    min_open_interest: float = _num(100.0, 0, None)
+    min_nbbo_size: float = _num(10.0, 0, None)
+    max_quote_age_seconds: float = _num(30.0, 0, 86400)
+    position_poll_seconds: float = _num(2.0, 0.2, 3600)
+    hard_time_stop: time = time(15, 55)
+    stop_loss_percent: float = _num(15.0, 0, 100)
+    max_giveback_percent: float = _num(30.0, 0, 100)
+    tighten_giveback_percent: float = _num(20.0, 0, 100)
+    vwap_exit_blocks: int = _num(2, 1, 1000)
+    vwap_block_seconds: int = _num(30, 1, 3600)
+    contracts: int = _num(1, 1, 10000)
+    critical_loss_threshold: float = _num(-500.0, None, None)
+    leadership_window_seconds: int = _num(300, 1, 23400)
+    spy_iwm_lag_threshold: float = _num(0.20, 0, None)
+    relative_volume_window_seconds: int = _num(60, 1, 3600)
+    volume_profile_days: int = _num(10, 1, 60)
+    relative_volume_min: float = _num(1.5, 0, None)
+    relative_volume_required: bool = False
+    max_trades_per_day: int = _num(4, 0, 1000)
+    max_consecutive_losses: int = _num(2, 0, 1000)
+    daily_loss_limit: float = _num(300.0, 0, None)
+    entry_blackouts: tuple[tuple[time, time], ...] = ()
+    stall_seconds: float = _num(5.0, 1, 3600)
+    stall_alert_seconds: float = _num(30.0, 1, 86400)
+    underlying: str = "IWM"
+    benchmark: str = "SPY"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the daemon reads from its environment. Secrets are masked in `repr`."""
+
+    rules: Rules = field(default_factory=Rules)
+    polygon_api_key: str = field(default="", repr=False)
+    polygon_ws_url: str = "wss://socket.massive.com/stocks"
+    polygon_rest_url: str = "https://api.massive.com"
+    pushover_token: str = field(default="", repr=False)
+    pushover_user_key: str = field(default="", repr=False)
+    pushover_api_url: str = "https://api.pushover.net/1/messages.json"
+    data_dir: Path = Path("./data")
+    record: bool = True
+    record_retention_days: int = _num(20, 0, 100000)
+    chain_poll_seconds: float = _num(10.0, 0.2, 3600)
+    health_port: int | None = None
+    health_host: str = "127.0.0.1"
+    heartbeat_url: str = field(default="", repr=False)
+    watchdog_seconds: float = _num(60.0, 5, 86400)
+    log_level: str = "INFO"
+    log_format: str = ""
+    sim_clock_start: str = ""
+    sim_clock_speed: float = _num(1.0, 0.01, 100000)
+    market_closed_dates: tuple[date, ...] = ()
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        secrets = {
+            name: mask(getattr(self, name))
+            for name in ("polygon_api_key", "pushover_token", "pushover_user_key", "heartbeat_url")
+        }
+        return f"Settings({shown | secrets})"
+
+
+class ConfigError(ValueError):
+    """Raised with one line per bad variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def mask(secret: str) -> str:
+    """Show only enough of a secret to tell two apart: `abcd…(32 chars)`."""
+    if not secret:
+        return "(unset)"
+    if len(secret) <= 8:
+        return "****"
+    return f"{secret[:4]}…({len(secret)} chars)"
+
+
+def _shown(name: str, raw: str) -> str:
+    return mask(raw) if name in SECRET_NAMES else repr(raw)
+
+
+def parse_clock(raw: str) -> time:
+    """Parse `HH:MM` (or `HH:MM:SS`) New York wall-clock time."""
+    match = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", raw.strip())
+    if not match:
+        raise ValueError("expected HH:MM")
+    hour, minute, second = (int(g) if g else 0 for g in match.groups())
+    return time(hour, minute, second)
+
+
+def parse_blackouts(raw: str) -> tuple[tuple[time, time], ...]:
+    """Parse `11:30-13:30,15:00-15:10` into ordered (start, end) pairs."""
+    spans = []
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        start_raw, sep, end_raw = part.partition("-")
+        if not sep:
+            raise ValueError("expected HH:MM-HH:MM[,HH:MM-HH:MM...]")
+        start, end = parse_clock(start_raw), parse_clock(end_raw)
+        if end <= start:
+            raise ValueError(f"window {part!r} ends before it starts")
+        spans.append((start, end))
+    return tuple(spans)
+
+
+def parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no")
+
+
+def parse_dates(raw: str) -> tuple[date, ...]:
+    return tuple(date.fromisoformat(p.strip()) for p in raw.split(",") if p.strip())
+
+
+def _parse_number(raw: str, kind: type, lo: float | None, hi: float | None) -> float | int:
+    value = int(raw) if kind is int else float(raw)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"expected a number between {lo} and {hi}")
+    return value
+
+
+def _parse_value(annotation: str, raw: str, meta: Mapping[str, Any]) -> Any:
+    parsers: dict[str, Any] = {
+        "time": parse_clock,
+        "bool": parse_bool,
+        "str": str.strip,
+        "Path": lambda r: Path(r.strip()),
+        "tuple[tuple[time, time], ...]": parse_blackouts,
+        "tuple[date, ...]": parse_dates,
+        "int | None": lambda r: int(r) if r.strip() else None,
+    }
+    if annotation in ("int", "float"):
+        kind = int if annotation == "int" else float
+        try:
+            return _parse_number(raw.strip(), kind, meta.get("lo"), meta.get("hi"))
+        except ValueError as exc:
+            if "between" in str(exc) or "finite" in str(exc):
+                raise
+            raise ValueError(f"expected {'a whole number' if kind is int else 'a number'}") from exc
+    return parsers[annotation](raw)
+
+
+def _read_fields(cls: type, env: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name == "rules":
+            continue
+        name = f.name.upper()
+        if name not in env:
+            continue
+        try:
+            values[f.name] = _parse_value(str(f.type), env[name], f.metadata)
+        except (ValueError, KeyError) as exc:
+            problems.append(f"{name}={_shown(name, env[name])}: {exc}")
+    return values
+
+
+def _cross_checks(rules: Rules, settings: Settings) -> list[str]:
+    problems = []
+    if rules.delta_min > rules.delta_max:
+        problems.append(
+            f"DELTA_MIN={rules.delta_min} > DELTA_MAX={rules.delta_max}: the band must be min <= max"
+        )
+    if rules.no_entry_before >= rules.no_entry_after:
+        problems.append("NO_ENTRY_BEFORE must be earlier than NO_ENTRY_AFTER")
+    if rules.tighten_giveback_percent > rules.max_giveback_percent:
+        problems.append("TIGHTEN_GIVEBACK_PERCENT must not exceed MAX_GIVEBACK_PERCENT")
+    for name in ("pushover_token", "pushover_user_key"):
+        value = getattr(settings, name)
+        if value and not re.fullmatch(r"[A-Za-z0-9]{30}", value):
+            problems.append(f"{name.upper()}={mask(value)}: expected 30 letters and digits")
+    if settings.polygon_api_key and not re.fullmatch(r"[A-Za-z0-9_\-]{8,128}", settings.polygon_api_key):
+        problems.append(f"POLYGON_API_KEY={mask(settings.polygon_api_key)}: malformed key")
+    if settings.log_format not in ("", "console", "json"):
+        problems.append(f"LOG_FORMAT={settings.log_format!r}: expected console or json")
+    if settings.health_port is not None and not 0 <= settings.health_port <= 65535:
+        problems.append(f"HEALTH_PORT={settings.health_port}: expected a port 0-65535")
+    return problems
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """Build `Settings` from a mapping; raise `ConfigError` listing every problem."""
+    env = dict(env)
+    if not env.get("POLYGON_API_KEY") and env.get("MASSIVE_API_KEY"):
+        env["POLYGON_API_KEY"] = env["MASSIVE_API_KEY"]
+    problems: list[str] = []
+    rules = Rules(**_read_fields(Rules, env, problems))
+    settings = Settings(rules=rules, **_read_fields(Settings, env, problems))
+    problems += _cross_checks(rules, settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, str] | None = None) -> Settings:
+    """Read `.env` (never overriding the real environment) and the environment into `Settings`."""
+    merged: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        from dotenv import dotenv_values
+
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+    return settings_from_env(merged)

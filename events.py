@@ -1,0 +1,183 @@
+"""Events that flow into the engine and actions that flow out of it.
+
+Every value here is immutable. Events carry the receive time that becomes the engine's clock
+(`received_ms` / `now_ms`); nothing in the core reads the wall clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    """One per-second aggregate (`A` event) of a stock."""
+
+    sym: str
+    start_ms: int
+    end_ms: int
+    o: float
+    h: float
+    l: float  # noqa: E741 - Polygon's own field name
+    c: float
+    v: float
+    vw: float | None
+    day_vwap: float | None
+    day_volume: float | None
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class OptionQuote:
+    """One option contract as seen in a chain or single-contract snapshot.
+
+    Fields the vendor may omit are `None` (greeks, quote); volume and open interest default to 0.
+    """
+
+    ticker: str
+    strike: float
+    expiry: str
+    right: str
+    delta: float | None
+    iv: float | None
+    bid: float | None
+    ask: float | None
+    bid_size: float
+    ask_size: float
+    volume: float
+    open_interest: float
+    quote_ms: int | None
+    underlying_price: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainSnapshot:
+    """A complete same-day chain (all pages), stamped with the receive time of its last page."""
+
+    received_ms: int
+    quotes: tuple[OptionQuote, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ContractSnapshot:
+    """The single-contract snapshot polled while a position is open."""
+
+    received_ms: int
+    quote: OptionQuote
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """A clock tick; the engine sees at least one per second even without data."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class FeedStatus:
+    """A change in the stream's health (connected, auth failed, max_connections, ...)."""
+
+    received_ms: int
+    connected: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeProfile:
+    """Average IWM volume per minute of day over recent sessions, for the relative-volume filter.
+
+    `minutes` maps minutes since midnight New York time to average volume. `days` is how many
+    sessions it averages; an empty profile means no profile could be had.
+    """
+
+    received_ms: int
+    session_date: str
+    days: int
+    minutes: dict[int, float] = field(default_factory=dict)
+
+
+Event = Bar | ChainSnapshot | ContractSnapshot | Tick | FeedStatus | VolumeProfile
+
+
+def event_time(event: Event) -> int:
+    """The engine time (Unix ms) an event carries."""
+    if isinstance(event, Tick):
+        return event.now_ms
+    return event.received_ms
+
+
+AlertKind = Literal[
+    "BUY", "SELL", "START", "STALL", "RECOVERED", "CRITICAL_LOSS", "FEED_ERROR", "SUMMARY"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """A message for the phone. `dedupe_key` is unique in the outbox."""
+
+    kind: str
+    dedupe_key: str
+    title: str
+    message: str
+    priority: int
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenPosition:
+    """A BUY decision: the position the user is told to open."""
+
+    trade_id: str
+    session_date: str
+    ticker: str
+    strike: float
+    expiry: str
+    contracts: int
+    entry_price: float
+    entry_mark: float
+    entry_ms: int
+    delta: float
+    iv: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePosition:
+    """The open position's durable follow-up state changed (new peak, VWAP-persistence clock)."""
+
+    trade_id: str
+    peak: float
+    mark: float
+    below_vwap_since_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePosition:
+    """A SELL decision with its realised result."""
+
+    trade_id: str
+    exit_price: float
+    exit_ms: int
+    reason: str
+    peak: float
+    pnl_dollars: float
+    pnl_percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class SetMeta:
+    """A small durable flag (e.g. the critical-loss latch) the engine needs after a restart."""
+
+    key: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """A structured log line the engine wants written; never durable state."""
+
+    event: str
+    fields: dict[str, Any]
+
+
+Action = Alert | OpenPosition | UpdatePosition | ClosePosition | SetMeta | Log
