@@ -1,0 +1,112 @@
+"""`python main.py --demo`: the bundled synthetic day through the full engine, printed as a phone shows it.
+
+Nothing is sent and nothing touches the live journal: the tape and the journal live in a temporary
+folder. Alerts print as they are decided; the once-a-minute "Signal conditions" line is condensed
+to one line per half hour plus the line at each BUY, and a summary closes the run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from alert_text import money
+from config import Rules
+from events import Alert, Log
+from market_calendar import MarketCalendar
+from pnl_tracker import Journal
+from replay import ReplayResult, replay_tape
+from sim.market import build_demo_tape
+
+ALERT_ICONS = {"BUY": "🟢", "SELL": "🔴"}
+CONDITIONS_EVERY_MINUTES = 30
+
+
+@dataclass(slots=True)
+class DemoPrinter:
+    """Prints alerts in full and a condensed view of the engine's log lines."""
+
+    out: TextIO
+    minute_lines: int = 0
+    blocked: Counter[str] = field(default_factory=Counter)
+    no_contract: list[str] = field(default_factory=list)
+
+    def alerts(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            icon = ALERT_ICONS.get(alert.kind, "⚠️")
+            print(f"\n{icon} {alert.title}", file=self.out)
+            for line in alert.message.splitlines():
+                print(f"   {line}", file=self.out)
+            print(file=self.out)
+
+    def log(self, log: Log) -> None:
+        if log.event == "signal_conditions":
+            self.minute_lines += 1
+            if (self.minute_lines - 1) % CONDITIONS_EVERY_MINUTES == 0:
+                print(condensed_conditions(log.fields), file=self.out)
+        elif log.event == "entry_blocked":
+            self.blocked[str(log.fields["rule"])] += 1
+            print(f"   signal at {log.fields.get('time', '')}blocked: {log.fields['rule']} "
+                  f"({log.fields['value']} vs {log.fields['limit']})", file=self.out)
+        elif log.event == "no_contract":
+            self.no_contract.append(str(log.fields["why"]))
+            print(f"   signal, but {log.fields['why']}", file=self.out)
+
+
+def condensed_conditions(f: dict[str, object]) -> str:
+    """One short line of the minute's signal conditions."""
+    def yes(flag: object) -> str:
+        return "yes" if flag else "no"
+
+    return (
+        f"[{f['time']}] Signal conditions: IWM {f['close']} vs VWAP {f['vwap']} above={yes(f['above_vwap'])}"
+        f" | VWAP rising={yes(f['vwap_rising'])} | vol {f['volume']:g} > p95 {f['volume_threshold']}"
+        f"={yes(f['volume_surge'])} | momentum {f['momentum_pct_s']}%/s | chain {f['chain_age_s']}s"
+        f" | leadership {f.get('spy_leadership')} | rel. volume {f.get('relative_volume')}"
+    )
+
+
+def run_demo(out: TextIO) -> int:
+    """Build the demo tape, replay it, print everything; returns the exit status."""
+    rules = Rules()
+    print("IWM 0DTE Momentum Alerter — demo: a synthetic session (fixed seed) through the real engine.", file=out)
+    print("Alert-only. Nothing is sent to Pushover and nothing is traded.\n", file=out)
+    with tempfile.TemporaryDirectory(prefix="iwm-demo-") as tmp:
+        tape = build_demo_tape(Path(tmp) / "demo.jsonl.gz")
+        journal = Journal(Path(tmp) / "demo.sqlite3")
+        printer = DemoPrinter(out)
+        result = replay_tape(
+            tape,
+            rules=rules,
+            calendar=MarketCalendar(rules),
+            journal=journal,
+            on_alerts=printer.alerts,
+            on_log=printer.log,
+        )
+        print_summary(out, journal, result, printer)
+        journal.close()
+    return 0
+
+
+def print_summary(out: TextIO, journal: Journal, result: ReplayResult, printer: DemoPrinter) -> None:
+    trades = journal.trades()
+    wins = sum(1 for t in trades if t.pnl_dollars > 0)
+    total = round(sum(t.pnl_dollars for t in trades), 2)
+    reasons = Counter(t.reason for t in trades)
+    rate = f"{wins / len(trades) * 100:.1f}%" if trades else "n/a"
+    state = journal.restored_state("")
+    print("Summary", file=out)
+    print(f"  trades {len(trades)} | win rate {rate} ({wins}W-{len(trades) - wins}L) | P&L {money(total)}"
+          f" | lifetime {money(state.lifetime.pnl)}", file=out)
+    print(f"  exits: {', '.join(f'{r} {n}' for r, n in reasons.most_common()) or 'none'}", file=out)
+    for t in trades:
+        print(f"  {t.trade_id} {t.ticker} entry ${t.entry_price:.2f} exit ${t.exit_price:.2f}"
+              f" {money(t.pnl_dollars)} ({t.pnl_percent:+.1f}%) {t.reason}", file=out)
+    if printer.blocked:
+        print(f"  signals blocked: {', '.join(f'{r} {n}' for r, n in printer.blocked.most_common())}", file=out)
+    feed = result.feed
+    print(f"  tape: {result.lines} lines, {result.bars} IWM bars, {feed.bad_events} bad events,"
+          f" {result.late_bars} late bars, {result.bad_lines} bad lines", file=out)

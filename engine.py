@@ -1,0 +1,551 @@
+"""The decision core: events in, actions out.
+
+`Engine.on_event` is the only way in. It never reads the wall clock (time is the event's receive
+stamp, never allowed to run backwards), does no I/O and starts no threads, so the same engine runs
+live, in replay, in the demo and in backtests and makes the same decisions on the same input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import time, timedelta
+from typing import Protocol
+
+from alert_text import (
+    PRIORITY_HIGH,
+    PRIORITY_NORMAL,
+    BuyContext,
+    SellContext,
+    buy_message,
+    buy_title,
+    exit_rules_text,
+    money,
+    sell_message,
+    sell_title,
+)
+from config import Rules
+from contract_selector import Candidate, quote_mid, select_contract
+from events import (
+    Action,
+    Alert,
+    Bar,
+    ChainSnapshot,
+    ClosePosition,
+    ContractSnapshot,
+    Event,
+    FeedStatus,
+    Log,
+    OpenPosition,
+    OptionQuote,
+    SetMeta,
+    Tick,
+    UpdatePosition,
+    VolumeProfile,
+    event_time,
+)
+from market_calendar import Session, minute_of_day, ny_datetime, ny_ms
+from risk_manager import (
+    Block,
+    DayRecord,
+    Lifetime,
+    Position,
+    check_exit,
+    pnl_of,
+    protection_block,
+    track_vwap,
+    with_mark,
+)
+from signals import FeatureEngine, Features, RateOfChange
+
+CRITICAL_LATCH = "critical_loss_latched"
+FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
+
+
+class SessionSource(Protocol):
+    def session_at(self, ms: int) -> Session | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RestoredState:
+    """Trading state read back from the journal after a restart."""
+
+    position: Position | None
+    day: DayRecord
+    opened_today: int
+    last_exit_ms: int | None
+    lifetime: Lifetime
+    critical_latched: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FilterReading:
+    """One entry filter's value and whether it blocks, for logs, health and the BUY alert."""
+
+    name: str
+    value: str
+    blocks: bool
+
+
+@dataclass(slots=True)
+class Counters:
+    late_bars: int = 0
+    bars: int = 0
+    chains: int = 0
+
+
+class Engine:
+    """One state machine for the whole trading day; see module docstring."""
+
+    def __init__(self, rules: Rules, calendar: SessionSource) -> None:
+        self.rules = rules
+        self._calendar = calendar
+        self._now = 0
+        self._day_end_ms = 0
+        self._session: Session | None = None
+        self._session_date = ""
+        self._reset_market_state()
+        self.position: Position | None = None
+        self.day = DayRecord()
+        self.opened_today = 0
+        self.last_exit_ms: int | None = None
+        self.lifetime = Lifetime()
+        self._critical_latched = False
+        self.paused = False
+        self.counters = Counters()
+        self._stall_alerted = False
+        self._feed_connected = True
+
+    def _reset_market_state(self) -> None:
+        self.features = FeatureEngine(self.rules)
+        self._iwm_roc = RateOfChange(self.rules.leadership_window_seconds)
+        self._spy_roc = RateOfChange(self.rules.leadership_window_seconds)
+        self._newest: dict[str, int] = {}
+        self.last: Features | None = None
+        self.last_bar: Bar | None = None
+        self.last_iwm_ms: int | None = None
+        self.chain: ChainSnapshot | None = None
+        self.profile: VolumeProfile | None = None
+        self._logged_minute = -1
+
+    @property
+    def now_ms(self) -> int:
+        return self._now
+
+    @property
+    def session(self) -> Session | None:
+        return self._session
+
+    def restore(self, state: RestoredState, session_date: str) -> None:
+        """Adopt the journal's trading state for `session_date` (it is the truth after a restart)."""
+        self._session_date = session_date
+        self.position = state.position
+        self.day = state.day
+        self.opened_today = state.opened_today
+        self.last_exit_ms = state.last_exit_ms
+        self.lifetime = state.lifetime
+        self._critical_latched = state.critical_latched
+
+    def on_event(self, event: Event) -> list[Action]:
+        """Handle one event and return the decisions it caused, in order."""
+        now = max(self._now, event_time(event))
+        self._now = now
+        actions: list[Action] = []
+        if now >= self._day_end_ms:
+            self._roll_day(now, actions)
+        if isinstance(event, Bar):
+            self._on_bar(event, actions)
+        elif isinstance(event, ChainSnapshot):
+            self.chain = event
+            self.counters.chains += 1
+            self._mark_from_chain(event, actions)
+        elif isinstance(event, ContractSnapshot):
+            self._mark_from_quote(event.quote, actions)
+        elif isinstance(event, FeedStatus):
+            self._on_feed_status(event, actions)
+        elif isinstance(event, VolumeProfile):
+            self.profile = event
+        elif isinstance(event, Tick):
+            self._check_stall(now, actions)
+        if self.position is not None:
+            self._check_exit(now, actions)
+        return actions
+
+    def set_paused(self, paused: bool) -> list[Action]:
+        """The kill switch: entries stop at once; exits and SELL alerts carry on."""
+        if paused == self.paused:
+            return []
+        self.paused = paused
+        return [Log("entries_paused" if paused else "entries_resumed", {"at_ms": self._now})]
+
+    def _roll_day(self, now: int, actions: list[Action]) -> None:
+        session = self._calendar.session_at(now)
+        day = ny_datetime(now).date()
+        self._day_end_ms = ny_ms(day + timedelta(days=1), time(0))
+        new_date = day.isoformat()
+        self._session = session
+        if new_date == self._session_date:
+            return
+        self._session_date = new_date
+        self._reset_market_state()
+        self.day, self.opened_today, self._stall_alerted = DayRecord(), 0, False
+        if self.position is not None and self.position.session_date != new_date:
+            self._close(self.position, "Time stop", now, actions)
+        actions.append(Log("session_day", {"date": new_date, "trading": session is not None}))
+
+    def _on_bar(self, bar: Bar, actions: list[Action]) -> None:
+        newest = self._newest.get(bar.sym)
+        if newest is not None and bar.start_ms <= newest:
+            self.counters.late_bars += 1
+            return
+        self._newest[bar.sym] = bar.start_ms
+        if bar.sym == self.rules.benchmark:
+            self._spy_roc.update(bar.start_ms, bar.c)
+            return
+        if bar.sym != self.rules.underlying:
+            return
+        self.counters.bars += 1
+        features = self.features.update(bar)
+        self._iwm_roc.update(bar.start_ms, bar.c)
+        self.last, self.last_bar = features, bar
+        self._note_bar_arrival(bar, actions)
+        if self.position is not None:
+            self._follow_vwap(features, actions)
+            self._check_exit(self._now, actions)
+        if self.position is None and self._conditions_hold(features):
+            self._try_entry(bar, features, actions)
+        self._log_minute(bar, features, actions)
+
+    def _note_bar_arrival(self, bar: Bar, actions: list[Action]) -> None:
+        if self._stall_alerted:
+            self._stall_alerted = False
+            actions.append(self._system_alert("RECOVERED", "Bars are flowing again; entries resume.", 0))
+        self.last_iwm_ms = bar.received_ms
+
+    def _follow_vwap(self, features: Features, actions: list[Action]) -> None:
+        assert self.position is not None
+        moved = track_vwap(
+            self.position, close=features.close, vwap=features.rolling_vwap, now_ms=self._now
+        )
+        if moved is not self.position:
+            self._set_position(moved, actions)
+
+    @staticmethod
+    def _conditions_hold(f: Features) -> bool:
+        return f.above_vwap and f.vwap_rising and f.volume_surge and f.momentum_ok
+
+    def _try_entry(self, bar: Bar, features: Features, actions: list[Action]) -> None:
+        block = self._entry_block(bar)
+        readings = self.filter_readings()
+        block = block or next(
+            (Block(r.name, r.value, "threshold") for r in readings if r.blocks), None
+        )
+        if block is not None:
+            actions.append(Log("entry_blocked", {"rule": block.rule, "value": block.value, "limit": block.limit}))
+            return
+        assert self.chain is not None and self._session is not None
+        selection = select_contract(
+            self.chain.quotes,
+            rules=self.rules,
+            session_date=self._session_date,
+            now_ms=self._now,
+            spot=features.close,
+            session_close_ms=self._session.close_ms,
+        )
+        if selection.chosen is None:
+            actions.append(Log("no_contract", {"why": selection.summary()}))
+            return
+        self._open(selection.chosen, bar, features, readings, actions)
+
+    def _entry_block(self, bar: Bar) -> Block | None:
+        """The first non-filter reason an entry cannot happen now (window, data, cooldown, protections)."""
+        now, rules, session = self._now, self.rules, self._session
+        if session is None or not session.entry_allowed(now):
+            return Block("entry_window", ny_datetime(now).strftime("%H:%M:%S"), "session entry window")
+        lag_s = (now - bar.end_ms) / 1000
+        if lag_s > rules.stall_seconds:
+            return Block("feed_stale", f"bar {lag_s:.1f}s old", f"{rules.stall_seconds:g}s")
+        if self.chain is None:
+            return Block("chain_missing", "no chain yet", f"{rules.chain_max_age_seconds:g}s")
+        chain_age = (now - self.chain.received_ms) / 1000
+        if chain_age > rules.chain_max_age_seconds:
+            return Block("chain_stale", f"{chain_age:.1f}s", f"{rules.chain_max_age_seconds:g}s")
+        if self.last_exit_ms is not None and now - self.last_exit_ms < rules.cooldown_seconds * 1000:
+            waited = (now - self.last_exit_ms) / 1000
+            return Block("cooldown", f"{waited:.1f}s", f"{rules.cooldown_seconds:g}s")
+        return protection_block(
+            self.day,
+            opened_today=self.opened_today,
+            clock=ny_datetime(now).time(),
+            paused=self.paused,
+            rules=rules,
+        )
+
+    def filter_readings(self) -> tuple[FilterReading, ...]:
+        """SPY leadership and relative volume at the latest IWM bar."""
+        return (self._leadership_reading(), self._relative_volume_reading())
+
+    def _leadership_reading(self) -> FilterReading:
+        if self.last is None:
+            return FilterReading("spy_leadership", "n/a", False)
+        start = self.last.start_ms
+        # SPY as of the previous second, so the order of same-second IWM and SPY bars cannot matter.
+        iwm, spy = self._iwm_roc.percent(start), self._spy_roc.percent(start - 1000)
+        if iwm is None or spy is None:
+            return FilterReading("spy_leadership", "n/a (no history)", False)
+        lag = spy - iwm
+        blocks = lag > self.rules.spy_iwm_lag_threshold
+        return FilterReading("spy_leadership", f"IWM lags SPY by {lag:+.2f} pts", blocks)
+
+    def _relative_volume_reading(self) -> FilterReading:
+        required = self.rules.relative_volume_required
+        profile = self.profile
+        if self.last is None or profile is None or not profile.minutes:
+            return FilterReading("relative_volume", "unavailable", required)
+        average = profile.minutes.get(minute_of_day(self.last.start_ms))
+        if not average:
+            return FilterReading("relative_volume", "unavailable for this minute", required)
+        expected = average * self.rules.relative_volume_window_seconds / 60
+        ratio = self.last.window_volume / expected
+        return FilterReading("relative_volume", f"{ratio:.2f}x", ratio < self.rules.relative_volume_min)
+
+    def _open(
+        self,
+        chosen: Candidate,
+        bar: Bar,
+        features: Features,
+        readings: tuple[FilterReading, ...],
+        actions: list[Action],
+    ) -> None:
+        quote = chosen.quote
+        assert quote.ask is not None and quote.bid is not None
+        self.opened_today += 1
+        trade_id = f"{self._session_date}-{self.opened_today:02d}"
+        position = Position(
+            trade_id=trade_id,
+            session_date=self._session_date,
+            ticker=quote.ticker,
+            strike=quote.strike,
+            expiry=quote.expiry,
+            contracts=self.rules.contracts,
+            entry_price=quote.ask,
+            entry_mark=chosen.mid,
+            entry_ms=self._now,
+            delta=chosen.delta,
+            iv=chosen.iv if chosen.iv is not None else quote.iv,
+            peak=chosen.mid,
+            mark=chosen.mid,
+            bid=quote.bid,
+        )
+        self.position = position
+        actions.append(
+            OpenPosition(
+                trade_id=trade_id,
+                session_date=self._session_date,
+                ticker=quote.ticker,
+                strike=quote.strike,
+                expiry=quote.expiry,
+                contracts=position.contracts,
+                entry_price=position.entry_price,
+                entry_mark=position.entry_mark,
+                entry_ms=self._now,
+                delta=position.delta,
+                iv=position.iv,
+            )
+        )
+        context = BuyContext(
+            underlying=self.rules.underlying,
+            close=features.close,
+            rolling_vwap=features.rolling_vwap,
+            day_vwap=bar.day_vwap,
+            momentum_pct_per_sec=features.momentum_pct_per_sec or 0.0,
+            volume_z=features.volume_z,
+            mid=chosen.mid,
+            spread_pct=chosen.spread_pct,
+            bid_size=quote.bid_size,
+            ask_size=quote.ask_size,
+            delta_source=chosen.delta_source,
+            filters="; ".join(f"{r.name} {r.value}" for r in readings),
+            exit_rules=self._exit_rules_text(),
+        )
+        message = buy_message(position, context)
+        actions.append(
+            Alert("BUY", f"BUY:{trade_id}", buy_title(self.rules.underlying), message, PRIORITY_HIGH, self._now)
+        )
+
+    def _exit_rules_text(self) -> str:
+        rules = self.rules
+        stop_at = ny_datetime(self._session.time_stop_ms).strftime("%H:%M") if self._session else "n/a"
+        return exit_rules_text(
+            rules.stop_loss_percent,
+            rules.max_giveback_percent,
+            rules.tighten_giveback_percent,
+            rules.vwap_exit_blocks * rules.vwap_block_seconds,
+            stop_at,
+        )
+
+    def _mark_from_chain(self, chain: ChainSnapshot, actions: list[Action]) -> None:
+        if self.position is None:
+            return
+        ticker = self.position.ticker
+        quote = next((q for q in chain.quotes if q.ticker == ticker), None)
+        if quote is not None:
+            self._mark_from_quote(quote, actions)
+
+    def _mark_from_quote(self, quote: OptionQuote, actions: list[Action]) -> None:
+        position = self.position
+        if position is None or quote.ticker != position.ticker:
+            return
+        mid = quote_mid(quote)
+        if mid is None:
+            return
+        assert quote.bid is not None
+        moved = with_mark(position, mid, quote.bid)
+        if moved.peak != position.peak:
+            self._set_position(moved, actions)
+        else:
+            self.position = moved
+
+    def _set_position(self, position: Position, actions: list[Action]) -> None:
+        self.position = position
+        actions.append(
+            UpdatePosition(position.trade_id, position.peak, position.mark, position.below_vwap_since_ms)
+        )
+
+    def _check_exit(self, now: int, actions: list[Action]) -> None:
+        position = self.position
+        if position is None or self._session is None:
+            return
+        decision = check_exit(
+            position,
+            now_ms=now,
+            time_stop_ms=self._session.time_stop_ms,
+            last_close=self.last.close if self.last else None,
+            last_vwap=self.last.rolling_vwap if self.last else None,
+            rules=self.rules,
+        )
+        if decision is not None:
+            actions.append(Log("exit", {"trade_id": position.trade_id, "rule": decision.reason, "why": decision.detail}))
+            self._close(position, decision.reason, now, actions)
+
+    def _close(self, position: Position, reason: str, now: int, actions: list[Action]) -> None:
+        exit_price = max(position.bid, 0.0)
+        dollars, percent = pnl_of(position.entry_price, exit_price, position.contracts)
+        self.position, self.last_exit_ms = None, now
+        if position.session_date == self._session_date:
+            self.day = self.day.after_trade(dollars)
+        self.lifetime = self.lifetime.after_trade(dollars)
+        actions.append(
+            ClosePosition(position.trade_id, exit_price, now, reason, position.peak, dollars, percent)
+        )
+        context = SellContext(
+            underlying=self.rules.underlying,
+            reason=reason,
+            close=self.last.close if self.last else None,
+            rolling_vwap=self.last.rolling_vwap if self.last else None,
+            exit_price=exit_price,
+            exit_ms=now,
+            pnl_dollars=dollars,
+            pnl_percent=percent,
+            lifetime=self.lifetime,
+        )
+        message = sell_message(position, context)
+        actions.append(
+            Alert(
+                "SELL", f"SELL:{position.trade_id}", sell_title(self.rules.underlying), message, PRIORITY_HIGH, now
+            )
+        )
+        self._check_critical_loss(actions)
+
+    def _check_critical_loss(self, actions: list[Action]) -> None:
+        threshold = self.rules.critical_loss_threshold
+        below = self.lifetime.pnl <= threshold
+        if below and not self._critical_latched:
+            self._critical_latched = True
+            actions.append(SetMeta(CRITICAL_LATCH, "1"))
+            text = f"Lifetime P&L {money(self.lifetime.pnl)} is at or below {money(threshold)}."
+            actions.append(self._system_alert("CRITICAL_LOSS", text, PRIORITY_HIGH))
+        elif not below and self._critical_latched:
+            self._critical_latched = False
+            actions.append(SetMeta(CRITICAL_LATCH, "0"))
+
+    def _check_stall(self, now: int, actions: list[Action]) -> None:
+        session = self._session
+        if session is None or not session.is_open(now) or self._stall_alerted:
+            return
+        age_s = self.bar_age_s(now)
+        if age_s >= self.rules.stall_alert_seconds:
+            self._stall_alerted = True
+            text = f"No {self.rules.underlying} bar for {age_s:.0f}s. Entries paused; exits still checked."
+            actions.append(self._system_alert("STALL", text, PRIORITY_HIGH))
+
+    def bar_age_s(self, now: int) -> float:
+        """Seconds since the last IWM bar (or since the open, before the first bar of the day)."""
+        session = self._session
+        reference = self.last_iwm_ms or 0
+        if session is not None:
+            reference = max(reference, session.open_ms)
+        return max(0.0, (now - reference) / 1000)
+
+    def is_stalled(self, now: int) -> bool:
+        session = self._session
+        return bool(session and session.is_open(now) and self.bar_age_s(now) >= self.rules.stall_seconds)
+
+    def _on_feed_status(self, status: FeedStatus, actions: list[Action]) -> None:
+        self._feed_connected = status.connected
+        actions.append(Log("feed_status", {"connected": status.connected, "reason": status.reason}))
+        if status.reason in FEED_ERROR_REASONS:
+            actions.append(self._system_alert("FEED_ERROR", f"Market data feed: {status.reason}.", PRIORITY_HIGH))
+
+    def _system_alert(self, kind: str, text: str, priority: int) -> Alert:
+        minute = ny_datetime(self._now).strftime("%Y-%m-%dT%H:%M")
+        title = f"{self.rules.underlying} alerter — {kind.replace('_', ' ')}"
+        return Alert(kind, f"{kind}:{minute}", title, text, priority or PRIORITY_NORMAL, self._now)
+
+    def _log_minute(self, bar: Bar, f: Features, actions: list[Action]) -> None:
+        minute = bar.start_ms // 60_000
+        if minute == self._logged_minute:
+            return
+        self._logged_minute = minute
+        actions.append(Log("signal_conditions", self.conditions(f)))
+
+    def conditions(self, f: Features) -> dict[str, object]:
+        """Every entry condition, filter and protection with its value (the minute log and /health)."""
+        block = self._entry_block(self.last_bar) if self.last_bar else None
+        fields: dict[str, object] = {
+            "time": ny_datetime(f.start_ms).strftime("%H:%M:%S"),
+            "close": round(f.close, 4),
+            "vwap": round(f.rolling_vwap, 4),
+            "above_vwap": f.above_vwap,
+            "vwap_slope": None if f.vwap_slope is None else round(f.vwap_slope, 6),
+            "vwap_rising": f.vwap_rising,
+            "volume": f.volume,
+            "volume_threshold": None if f.volume_threshold is None else round(f.volume_threshold, 1),
+            "volume_surge": f.volume_surge,
+            "volume_z": round(f.volume_z, 2),
+            "momentum_pct_s": None if f.momentum_pct_per_sec is None else round(f.momentum_pct_per_sec, 5),
+            "momentum_ok": f.momentum_ok,
+            "chain_age_s": None if self.chain is None else round((self._now - self.chain.received_ms) / 1000, 1),
+            "position": self.position.ticker if self.position else None,
+            "blocked_by": block.describe() if block else None,
+            "trades_today": self.opened_today,
+            "day_pnl": self.day.pnl,
+        }
+        for reading in self.filter_readings():
+            fields[reading.name] = reading.value + (" (blocks)" if reading.blocks else "")
+        return fields
+
+
+def position_fields(position: Position | None) -> dict[str, object] | None:
+    """The open position as plain JSON-ready values (health output, logs)."""
+    if position is None:
+        return None
+    return {
+        "trade_id": position.trade_id,
+        "ticker": position.ticker,
+        "entry": position.entry_price,
+        "mark": position.mark,
+        "peak": position.peak,
+        "bid": position.bid,
+        "below_vwap_since_ms": position.below_vwap_since_ms,
+    }
+

@@ -1,0 +1,115 @@
+"""Raw feed items (as received, as taped) to engine events.
+
+The live daemon and the replay both hand every received item to one `FeedDecoder` on the engine
+thread, so the tape's order is the engine's order and a replay walks exactly the live code path.
+Parsing itself lives in `polygon_client` (pure `parse_*` functions); this module only routes by
+REST path and assembles paged chains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from events import ChainSnapshot, ContractSnapshot, Event, OptionQuote, VolumeProfile
+from market_calendar import minute_of_day, ny_date
+from polygon_client import (
+    StatusMessage,
+    parse_aggs_page,
+    parse_chain_page,
+    parse_contract_snapshot,
+    parse_ws_frame,
+)
+
+
+@dataclass(slots=True)
+class FeedCounters:
+    """What the decoder had to drop or ignore; shown in health and the replay summary."""
+
+    frames: int = 0
+    bad_frames: int = 0
+    bad_events: int = 0
+    ignored_events: int = 0
+    rest_errors: int = 0
+    bad_quotes: int = 0
+    statuses: list[StatusMessage] = field(default_factory=list)
+
+
+class FeedDecoder:
+    """Turns ws frames and REST answers into events; keeps the pages of a chain until its last one."""
+
+    def __init__(self, underlying: str, benchmark: str) -> None:
+        self.underlying = underlying
+        self.symbols = frozenset({underlying, benchmark})
+        self.counters = FeedCounters()
+        self._pages: list[OptionQuote] = []
+        self._chain_prefix = f"/v3/snapshot/options/{underlying}"
+        self._profile_days: dict[str, dict[int, float]] = {}
+
+    def ws(self, received_ms: int, payload: str | bytes | list) -> list[Event]:
+        """One WebSocket frame → its bars (status messages are kept in the counters)."""
+        parsed = parse_ws_frame(payload, received_ms, self.symbols)
+        counters = self.counters
+        counters.frames += 1
+        counters.bad_frames += parsed.bad > 0 and not parsed.bars and not parsed.statuses
+        counters.bad_events += parsed.bad
+        counters.ignored_events += parsed.ignored
+        if parsed.statuses:
+            counters.statuses.extend(parsed.statuses)
+            del counters.statuses[:-20]
+        return list(parsed.bars)
+
+    def rest(self, received_ms: int, path: str, status: int, body: object) -> list[Event]:
+        """One REST answer → events. A non-200 answer drops any partial chain: the previous chain stays."""
+        route = urlsplit(path).path
+        if status != 200:
+            self.counters.rest_errors += 1
+            if route == self._chain_prefix:
+                self._pages.clear()
+            return []
+        if route == self._chain_prefix:
+            return self._chain_page(received_ms, body)
+        if route.startswith(self._chain_prefix + "/"):
+            quote = parse_contract_snapshot(body)
+            if quote is None:
+                self.counters.bad_quotes += 1
+                return []
+            return [ContractSnapshot(received_ms, quote)]
+        if route.startswith("/v2/aggs/ticker/"):
+            return self._aggs(received_ms, route, body)
+        return []
+
+    def _chain_page(self, received_ms: int, body: object) -> list[Event]:
+        page = parse_chain_page(body)
+        self.counters.bad_quotes += page.bad
+        self._pages.extend(page.quotes)
+        if page.next_url:
+            return []
+        quotes, self._pages = tuple(self._pages), []
+        return [ChainSnapshot(received_ms, quotes)]
+
+    def _aggs(self, received_ms: int, route: str, body: object) -> list[Event]:
+        # /v2/aggs/ticker/{sym}/range/{mult}/{span}/{from}/{to}
+        parts = route.split("/")
+        if len(parts) < 10:
+            return []
+        sym, multiplier, span = parts[4], parts[6], parts[7]
+        if span == "second" and sym in self.symbols:
+            page = parse_aggs_page(body, sym, int(multiplier) * 1000, received_ms)
+            self.counters.bad_events += page.bad
+            return list(page.bars)
+        if span == "minute" and sym == self.underlying:
+            return self._profile_page(received_ms, body)
+        return []
+
+    def _profile_page(self, received_ms: int, body: object) -> list[Event]:
+        """Minute aggregates of past sessions → a per-minute-of-day average volume profile."""
+        page = parse_aggs_page(body, self.underlying, 60_000, received_ms)
+        totals: dict[int, float] = {}
+        days: set[str] = set()
+        for bar in page.bars:
+            totals[minute_of_day(bar.start_ms)] = totals.get(minute_of_day(bar.start_ms), 0.0) + bar.v
+            days.add(ny_date(bar.start_ms).isoformat())
+        today = ny_date(received_ms).isoformat()
+        minutes = {minute: total / len(days) for minute, total in totals.items()} if days else {}
+        return [VolumeProfile(received_ms, today, len(days), minutes)]

@@ -1,0 +1,108 @@
+"""The engine thread's step: received item → decoder → engine → journal → new alerts.
+
+Live, replay, demo and backtests all push items through a `Pipeline`; only where items come from
+and where new alerts go differ. Ticks fill every whole second between items, so time stops and
+stall checks fire even when no data arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from engine import Engine
+from events import Action, Alert, Event, Log, Tick
+from feed import FeedDecoder
+from pnl_tracker import Journal, JournalError
+
+AlertSink = Callable[[list[Alert]], None]
+LogSink = Callable[[Log], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One item as it arrived: a ws frame or a REST answer, stamped with its receive time."""
+
+    t: int
+    kind: str  # "ws" | "rest"
+    payload: object
+    path: str = ""
+    status: int = 200
+
+
+def structlog_sink(log: Log) -> None:
+    """Default log sink: one structured line per engine log action (signal lines at debug)."""
+    logger = structlog.get_logger("engine")
+    level = "debug" if log.event == "signal_conditions" else "info"
+    getattr(logger, level)(log.event, **log.fields)
+
+
+class Pipeline:
+    """Feeds one engine; writes each decision to the journal in one transaction before it is sent."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        journal: Journal | None,
+        decoder: FeedDecoder,
+        *,
+        on_alerts: AlertSink,
+        on_log: LogSink = structlog_sink,
+    ) -> None:
+        self.engine = engine
+        self.journal = journal
+        self.decoder = decoder
+        self.on_alerts = on_alerts
+        self.on_log = on_log
+        self.last_second: int | None = None
+        self.journal_failures = 0
+        self.warming = False
+
+    def handle(self, item: Received, cursor: str | None = None) -> None:
+        """Decode one received item and run its events (ticks for the seconds before it first)."""
+        self.advance_to(item.t)
+        if item.kind == "ws":
+            events: Iterable[Event] = self.decoder.ws(item.t, item.payload)  # type: ignore[arg-type]
+        else:
+            events = self.decoder.rest(item.t, item.path, item.status, item.payload)
+        for event in events:
+            self.run(event, cursor)
+
+    def advance_to(self, now_ms: int) -> None:
+        """Tick every whole second in (last tick, now_ms]."""
+        second = now_ms // 1000
+        if self.last_second is None:
+            self.last_second = second
+            return
+        for s in range(self.last_second + 1, second + 1):
+            self.run(Tick(s * 1000))
+        self.last_second = max(self.last_second, second)
+
+    def run(self, event: Event, cursor: str | None = None) -> list[Action]:
+        """One event through the engine; durable actions to the journal; new alerts to the sink."""
+        actions = self.engine.on_event(event)
+        if not actions or self.warming:
+            return actions
+        for action in actions:
+            if isinstance(action, Log):
+                self.on_log(action)
+        self._commit(actions, cursor)
+        return actions
+
+    def _commit(self, actions: list[Action], cursor: str | None) -> None:
+        alerts = [a for a in actions if isinstance(a, Alert)]
+        if self.journal is None:
+            if alerts:
+                self.on_alerts(alerts)
+            return
+        try:
+            fresh = self.journal.record(actions, cursor)
+        except JournalError as exc:
+            # The decision stands in memory; sending it beats losing it, though not crash-proof now.
+            self.journal_failures += 1
+            structlog.get_logger("journal").error("journal_write_failed", error=str(exc), alerts=len(alerts))
+            fresh = alerts
+        if fresh:
+            self.on_alerts(fresh)

@@ -1,0 +1,273 @@
+"""The SQLite journal: open position, closed trades, lifetime stats, the alert outbox and meta.
+
+Every decision of the engine is written in ONE transaction together with the alerts it caused,
+before any network call, so a crash at any instant loses nothing and sends nothing twice.
+WAL mode with synchronous=FULL: each commit survives power loss where storage honours fsync.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine import CRITICAL_LATCH, RestoredState
+from events import Action, Alert, ClosePosition, Log, OpenPosition, SetMeta, UpdatePosition
+from risk_manager import DayRecord, Lifetime, Position
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS positions (
+    trade_id TEXT PRIMARY KEY, session_date TEXT NOT NULL, ticker TEXT NOT NULL, strike REAL NOT NULL,
+    expiry TEXT NOT NULL, contracts INTEGER NOT NULL, entry_price REAL NOT NULL, entry_mark REAL NOT NULL,
+    entry_ms INTEGER NOT NULL, delta REAL NOT NULL, iv REAL, peak REAL NOT NULL, mark REAL NOT NULL,
+    bid REAL NOT NULL, below_vwap_since_ms INTEGER, open INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS trades (
+    trade_id TEXT PRIMARY KEY REFERENCES positions(trade_id), session_date TEXT NOT NULL,
+    ticker TEXT NOT NULL, contracts INTEGER NOT NULL, entry_price REAL NOT NULL, exit_price REAL NOT NULL,
+    entry_ms INTEGER NOT NULL, exit_ms INTEGER NOT NULL, reason TEXT NOT NULL, peak REAL NOT NULL,
+    pnl_dollars REAL NOT NULL, pnl_percent REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, dedupe_key TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+    title TEXT NOT NULL, message TEXT NOT NULL, priority INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    sent_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(status, id);
+"""
+
+
+class JournalError(RuntimeError):
+    """The journal cannot be used (newer schema, corrupt file, disk full)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    id: int
+    dedupe_key: str
+    kind: str
+    title: str
+    message: str
+    priority: int
+    at_ms: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class TradeRow:
+    trade_id: str
+    session_date: str
+    ticker: str
+    contracts: int
+    entry_price: float
+    exit_price: float
+    entry_ms: int
+    exit_ms: int
+    reason: str
+    peak: float
+    pnl_dollars: float
+    pnl_percent: float
+
+
+class Journal:
+    """One SQLite file. Thread-safe: a lock serialises the engine's writes and the notifier's."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise JournalError(f"journal schema {version} is newer than this program ({SCHEMA_VERSION})")
+        self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def record(self, actions: Sequence[Action], cursor: str | None = None) -> list[Alert]:
+        """Apply one decision's actions atomically; return the alerts that are new to the outbox."""
+        durable = [a for a in actions if not isinstance(a, Log)]
+        if not durable and cursor is None:
+            return []
+        inserted: list[Alert] = []
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for action in durable:
+                    if self._apply(action):
+                        assert isinstance(action, Alert)
+                        inserted.append(action)
+                if cursor is not None and durable:
+                    self._set_meta("cursor", cursor)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise JournalError(f"journal write failed, decision not recorded: {exc}") from exc
+        return inserted
+
+    def _apply(self, action: Action) -> bool:
+        if isinstance(action, Alert):
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO outbox(dedupe_key, kind, title, message, priority, at_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (action.dedupe_key, action.kind, action.title, action.message, action.priority, action.at_ms),
+            )
+            return cur.rowcount == 1
+        if isinstance(action, OpenPosition):
+            self._db.execute(
+                "INSERT INTO positions(trade_id, session_date, ticker, strike, expiry, contracts, entry_price,"
+                " entry_mark, entry_ms, delta, iv, peak, mark, bid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    action.trade_id, action.session_date, action.ticker, action.strike, action.expiry,
+                    action.contracts, action.entry_price, action.entry_mark, action.entry_ms, action.delta,
+                    action.iv, action.entry_mark, action.entry_mark, action.entry_price,
+                ),
+            )  # fmt: skip
+        elif isinstance(action, UpdatePosition):
+            self._db.execute(
+                "UPDATE positions SET peak=?, mark=?, below_vwap_since_ms=? WHERE trade_id=? AND open=1",
+                (action.peak, action.mark, action.below_vwap_since_ms, action.trade_id),
+            )
+        elif isinstance(action, ClosePosition):
+            self._close(action)
+        elif isinstance(action, SetMeta):
+            self._set_meta(action.key, action.value)
+        return False
+
+    def _close(self, action: ClosePosition) -> None:
+        row = self._db.execute(
+            "SELECT session_date, ticker, contracts, entry_price, entry_ms FROM positions WHERE trade_id=?",
+            (action.trade_id,),
+        ).fetchone()
+        if row is None:
+            raise sqlite3.IntegrityError(f"close of unknown trade {action.trade_id}")
+        self._db.execute("UPDATE positions SET open=0, peak=? WHERE trade_id=?", (action.peak, action.trade_id))
+        self._db.execute(
+            "INSERT INTO trades VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                action.trade_id, row[0], row[1], row[2], row[3], action.exit_price, row[4], action.exit_ms,
+                action.reason, action.peak, action.pnl_dollars, action.pnl_percent,
+            ),
+        )  # fmt: skip
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._set_meta(key, value)
+
+    def meta(self, key: str) -> str | None:
+        with self._lock:
+            return self._meta(key)
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def restored_state(self, session_date: str) -> RestoredState:
+        """The trading state the engine must resume with on `session_date`."""
+        with self._lock:
+            position = self._open_position()
+            today = self._db.execute(
+                "SELECT pnl_dollars FROM trades WHERE session_date=? ORDER BY exit_ms, trade_id", (session_date,)
+            ).fetchall()
+            opened = self._db.execute(
+                "SELECT COUNT(*) FROM positions WHERE session_date=?", (session_date,)
+            ).fetchone()[0]
+            last_exit = self._db.execute("SELECT MAX(exit_ms) FROM trades").fetchone()[0]
+            pnl, wins, losses = self._db.execute(
+                "SELECT COALESCE(SUM(pnl_dollars), 0), COALESCE(SUM(pnl_dollars > 0), 0),"
+                " COALESCE(SUM(pnl_dollars <= 0), 0) FROM trades"
+            ).fetchone()
+            critical = self._meta(CRITICAL_LATCH)
+        day = DayRecord()
+        for (trade_pnl,) in today:
+            day = day.after_trade(trade_pnl)
+        return RestoredState(
+            position=position,
+            day=day,
+            opened_today=opened,
+            last_exit_ms=last_exit,
+            lifetime=Lifetime(round(pnl, 2), wins, losses),
+            critical_latched=critical == "1",
+        )
+
+    def _open_position(self) -> Position | None:
+        row = self._db.execute(
+            "SELECT trade_id, session_date, ticker, strike, expiry, contracts, entry_price, entry_mark, entry_ms,"
+            " delta, iv, peak, mark, bid, below_vwap_since_ms FROM positions WHERE open=1"
+            " ORDER BY entry_ms DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else Position(*row)
+
+    def trades(self) -> list[TradeRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM trades ORDER BY exit_ms, trade_id").fetchall()
+        return [TradeRow(*row) for row in rows]
+
+    def pending(self, limit: int = 50) -> list[OutboxItem]:
+        """Unsent alerts in the order they were decided."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, dedupe_key, kind, title, message, priority, at_ms, attempts FROM outbox"
+                " WHERE status='pending' ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [OutboxItem(*row) for row in rows]
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM outbox WHERE status='pending'").fetchone()[0]
+
+    def mark_sent(self, item_id: int, sent_ms: int) -> None:
+        self._update_outbox(item_id, "sent", None, sent_ms)
+
+    def mark_attempt(self, item_id: int, error: str) -> None:
+        """A failed attempt that will be retried."""
+        self._update_outbox(item_id, "pending", error, None)
+
+    def mark_failed(self, item_id: int, error: str) -> None:
+        """A permanent failure (4xx): never retried."""
+        self._update_outbox(item_id, "failed", error, None)
+
+    def _update_outbox(self, item_id: int, status: str, error: str | None, sent_ms: int | None) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE outbox SET status=?, attempts=attempts+1, last_error=?, sent_ms=? WHERE id=?",
+                (status, error, sent_ms, item_id),
+            )
+
+    def outbox_rows(self) -> list[tuple[str, str, str, str]]:
+        """Every outbox row as (dedupe_key, kind, title, message), oldest first."""
+        with self._lock:
+            return self._db.execute("SELECT dedupe_key, kind, title, message FROM outbox ORDER BY id").fetchall()
+
+    def table_rows(self, table: str) -> list[tuple[object, ...]]:
+        """All rows of one table in key order: for comparing two journals."""
+        order = {"positions": "trade_id", "trades": "trade_id", "outbox": "id", "meta": "key"}[table]
+        with self._lock:
+            return self._db.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+
