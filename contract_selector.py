@@ -1,0 +1,333 @@
+"""Choose the same-day call to alert on (DESIGN section 4, "Contract").
+
+Pure: quotes, rules and the engine's clock in, a `Selection` out. Cheap checks run first so that
+Black-Scholes (for quotes without greeks) runs only for contracts that survive every other filter.
+Every rejected contract records the first reason it failed, in the order of `REASONS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from config import Rules
+from events import OptionQuote
+
+REASONS: tuple[str, ...] = (
+    "not_call",
+    "wrong_expiry",
+    "no_bid",
+    "crossed",
+    "stale_quote",
+    "wide_spread",
+    "low_volume",
+    "low_open_interest",
+    "thin_size",
+    "no_delta",
+    "delta_out_of_band",
+)
+
+SECONDS_PER_YEAR = 365 * 86400
+
+# Prices arrive as decimals that binary floats cannot hold exactly (1.96/2.04 is 4.000000000000004 %),
+# so inclusive limits and ranking ties are judged to this tolerance, far below any real difference.
+_TOLERANCE = 1e-9
+_RANK_DECIMALS = 9
+
+_IV_LOW = 1e-4
+_IV_HIGH = 10.0
+_IV_TOLERANCE = 1e-8
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A contract that passed every filter, with the numbers the ranking and the alert use."""
+
+    quote: OptionQuote
+    delta: float
+    delta_source: str
+    iv: float | None
+    mid: float
+    spread_pct: float
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The outcome of one selection: the winner (if any) and why the others were turned away."""
+
+    chosen: Candidate | None
+    considered: int
+    rejections: tuple[tuple[str, str], ...]
+
+    def reason_counts(self) -> dict[str, int]:
+        """Rejections per reason, most frequent first (ties in check order)."""
+        counts = Counter(reason for _, reason in self.rejections)
+        ordered = sorted(counts, key=lambda reason: (-counts[reason], _reason_rank(reason)))
+        return {reason: counts[reason] for reason in ordered}
+
+    def summary(self) -> str:
+        """One log line, e.g. `no contract: 12 considered; delta_out_of_band=7, wide_spread=3`."""
+        counts = ", ".join(f"{reason}={count}" for reason, count in self.reason_counts().items())
+        tail = f"; {counts}" if counts else ""
+        if self.chosen is None:
+            return f"no contract: {self.considered} considered{tail}"
+        c = self.chosen
+        return (
+            f"chose {c.quote.ticker} (delta {c.delta:.3f} {c.delta_source}, mid {c.mid:.2f}, "
+            f"spread {c.spread_pct:.2f}%): {self.considered} considered{tail}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    rules: Rules
+    session_date: str
+    now_ms: int
+    spot: float | None
+    t_years: float
+
+
+def select_contract(
+    quotes: Iterable[OptionQuote],
+    *,
+    rules: Rules,
+    session_date: str,
+    now_ms: int,
+    spot: float | None,
+    session_close_ms: int,
+) -> Selection:
+    """Filter `quotes` by the contract rules and return the best-ranked survivor, if any.
+
+    `spot` is the underlying's last close and `session_close_ms` the session close; both are used
+    only to derive a Black-Scholes delta for quotes without greeks.
+    """
+    context = _Context(rules, session_date, now_ms, _finite(spot), years_until(now_ms, session_close_ms))
+    survivors: list[Candidate] = []
+    rejections: list[tuple[str, str]] = []
+    considered = 0
+    for quote in quotes:
+        considered += 1
+        outcome = _evaluate(quote, context)
+        if isinstance(outcome, str):
+            rejections.append((quote.ticker, outcome))
+        else:
+            survivors.append(outcome)
+    chosen = min(survivors, key=lambda c: _rank_key(c, rules), default=None)
+    return Selection(chosen=chosen, considered=considered, rejections=tuple(rejections))
+
+
+def quote_mid(quote: OptionQuote) -> float | None:
+    """The mid of a valid quote (finite bid > 0 and finite ask >= bid), else None."""
+    bid, ask = _finite(quote.bid), _finite(quote.ask)
+    if bid is None or bid <= 0 or ask is None or ask < bid:
+        return None
+    return (bid + ask) / 2
+
+
+def years_until(now_ms: int, close_ms: int) -> float:
+    """Time from `now_ms` to `close_ms` in years of 365 days; zero or negative once the close has passed."""
+    return (close_ms - now_ms) / 1000 / SECONDS_PER_YEAR
+
+
+def bs_call_price(spot: float, strike: float, t_years: float, sigma: float, r: float = 0.0) -> float:
+    """Black-Scholes price of a European call; at T <= 0 or sigma == 0 the discounted intrinsic value."""
+    _check_bs_inputs(spot, strike, t_years, sigma, r)
+    if t_years <= 0 or sigma == 0:
+        return max(spot - strike * math.exp(-r * max(t_years, 0.0)), 0.0)
+    return _call_price(spot, strike, t_years, sigma, r)
+
+
+def bs_call_delta(spot: float, strike: float, t_years: float, sigma: float, r: float = 0.0) -> float:
+    """Black-Scholes delta N(d1) of a European call; at T <= 0 or sigma == 0 a step (0.5 at the money)."""
+    _check_bs_inputs(spot, strike, t_years, sigma, r)
+    if t_years <= 0 or sigma == 0:
+        discounted_strike = strike * math.exp(-r * max(t_years, 0.0))
+        if spot == discounted_strike:
+            return 0.5
+        return 1.0 if spot > discounted_strike else 0.0
+    d1, _ = _d1_d2(spot, strike, t_years, sigma, r)
+    return _norm_cdf(d1)
+
+
+def implied_vol(price: float, spot: float, strike: float, t_years: float, r: float = 0.0) -> float | None:
+    """The volatility at which the Black-Scholes call price equals `price`, or None when none exists.
+
+    Solved by bisection over sigma in [1e-4, 10] to 1e-8. None when an input is not finite or not
+    positive, T <= 0, the price is at or below the discounted intrinsic value, at or above the spot,
+    or outside what the bracket can reach.
+    """
+    inputs = (price, spot, strike, t_years, r)
+    if any(_finite(x) is None for x in inputs) or min(price, spot, strike, t_years) <= 0:
+        return None
+    intrinsic = max(spot - strike * math.exp(-r * t_years), 0.0)
+    if not intrinsic < price < spot:
+        return None
+    return _bisect_increasing(
+        lambda sigma: _call_price(spot, strike, t_years, sigma, r) - price, _IV_LOW, _IV_HIGH, _IV_TOLERANCE
+    )
+
+
+def _evaluate(quote: OptionQuote, context: _Context) -> Candidate | str:
+    """A `Candidate`, or the first reason (in check order) the quote fails."""
+    reason = (
+        _identity_rejection(quote, context)
+        or _quote_rejection(quote, context)
+        or _liquidity_rejection(quote, context.rules)
+    )
+    if reason:
+        return reason
+    bid, ask = _finite_or_zero(quote.bid), _finite_or_zero(quote.ask)  # both checked finite above
+    mid = (bid + ask) / 2
+    greeks = _delta_from_greeks(quote) or _delta_from_black_scholes(quote, mid, context)
+    if greeks is None:
+        return "no_delta"
+    delta, source, iv = greeks
+    if not _within(delta, context.rules.delta_min, context.rules.delta_max):
+        return "delta_out_of_band"
+    return Candidate(quote, delta, source, iv, mid, _spread_percent(bid, ask))
+
+
+def _identity_rejection(quote: OptionQuote, context: _Context) -> str | None:
+    if quote.right != "call":
+        return "not_call"
+    if quote.expiry != context.session_date:
+        return "wrong_expiry"
+    return None
+
+
+def _quote_rejection(quote: OptionQuote, context: _Context) -> str | None:
+    bid, ask = _finite(quote.bid), _finite(quote.ask)
+    if bid is None or bid <= 0:
+        return "no_bid"
+    # A missing ask cannot satisfy ask >= bid, so it is reported the same way as a crossed one.
+    if ask is None or ask < bid:
+        return "crossed"
+    if quote.quote_ms is None or _quote_age_seconds(quote.quote_ms, context.now_ms) > (
+        context.rules.max_quote_age_seconds + _TOLERANCE
+    ):
+        return "stale_quote"
+    if _spread_percent(bid, ask) > context.rules.max_spread_percent + _TOLERANCE:
+        return "wide_spread"
+    return None
+
+
+def _liquidity_rejection(quote: OptionQuote, rules: Rules) -> str | None:
+    if not _at_least(_finite_or_zero(quote.volume), rules.min_option_volume):
+        return "low_volume"
+    if not _at_least(_finite_or_zero(quote.open_interest), rules.min_open_interest):
+        return "low_open_interest"
+    smaller_size = min(_finite_or_zero(quote.bid_size), _finite_or_zero(quote.ask_size))
+    if not _at_least(smaller_size, rules.min_nbbo_size):
+        return "thin_size"
+    return None
+
+
+def _delta_from_greeks(quote: OptionQuote) -> tuple[float, str, float | None] | None:
+    delta = _finite(quote.delta)
+    if delta is None:
+        return None
+    return delta, "greeks", _finite(quote.iv)
+
+
+def _delta_from_black_scholes(
+    quote: OptionQuote, mid: float, context: _Context
+) -> tuple[float, str, float | None] | None:
+    spot, strike, t_years = context.spot, _finite(quote.strike), context.t_years
+    if spot is None or strike is None:
+        return None
+    # implied_vol also answers None for T <= 0, a mid at or below intrinsic and a mid at or above spot.
+    sigma = implied_vol(mid, spot, strike, t_years)
+    if sigma is None:
+        return None
+    return bs_call_delta(spot, strike, t_years, sigma), "black_scholes", sigma
+
+
+def _rank_key(candidate: Candidate, rules: Rules) -> tuple[float, float, float, str]:
+    # Rounded so that decimal-equal values tie exactly; the ticker makes the order total.
+    band_middle = (rules.delta_min + rules.delta_max) / 2
+    notional = _finite_or_zero(candidate.quote.volume) * candidate.mid
+    return (
+        -round(notional, _RANK_DECIMALS),
+        round(candidate.spread_pct, _RANK_DECIMALS),
+        round(abs(candidate.delta - band_middle), _RANK_DECIMALS),
+        candidate.quote.ticker,
+    )
+
+
+def _reason_rank(reason: str) -> int:
+    return REASONS.index(reason) if reason in REASONS else len(REASONS)
+
+
+def _quote_age_seconds(quote_ms: int, now_ms: int) -> float:
+    # A quote stamped after the engine's clock (vendor clock skew) is as fresh as it gets.
+    return max(now_ms - quote_ms, 0) / 1000
+
+
+def _spread_percent(bid: float, ask: float) -> float:
+    return (ask - bid) / ((bid + ask) / 2) * 100
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    return low - _TOLERANCE <= value <= high + _TOLERANCE
+
+
+def _at_least(value: float, limit: float) -> bool:
+    return value >= limit - _TOLERANCE
+
+
+def _finite(value: object) -> float | None:
+    """`value` as a float when it is a finite real number; None for None, NaN, inf and non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _finite_or_zero(value: object) -> float:
+    finite = _finite(value)
+    return 0.0 if finite is None else finite
+
+
+def _norm_cdf(x: float) -> float:
+    # erfc keeps relative precision in the lower tail, where 1 + erf(x) would cancel.
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def _call_price(spot: float, strike: float, t_years: float, sigma: float, r: float) -> float:
+    # Unchecked (T > 0, sigma > 0): the root finder calls this some 30 times per contract.
+    d1, d2 = _d1_d2(spot, strike, t_years, sigma, r)
+    return spot * _norm_cdf(d1) - strike * math.exp(-r * t_years) * _norm_cdf(d2)
+
+
+def _d1_d2(spot: float, strike: float, t_years: float, sigma: float, r: float) -> tuple[float, float]:
+    vol_sqrt_t = sigma * math.sqrt(t_years)
+    d1 = (math.log(spot / strike) + (r + 0.5 * sigma * sigma) * t_years) / vol_sqrt_t
+    return d1, d1 - vol_sqrt_t
+
+
+def _check_bs_inputs(spot: float, strike: float, t_years: float, sigma: float, r: float) -> None:
+    if any(_finite(x) is None for x in (spot, strike, t_years, sigma, r)):
+        raise ValueError("Black-Scholes inputs must be finite numbers")
+    if spot <= 0 or strike <= 0 or sigma < 0:
+        raise ValueError("Black-Scholes needs spot > 0, strike > 0 and sigma >= 0")
+
+
+def _bisect_increasing(
+    f: Callable[[float], float], low: float, high: float, tolerance: float
+) -> float | None:
+    """The root of an increasing `f` in [low, high] to within `tolerance`, or None if not bracketed."""
+    f_low, f_high = f(low), f(high)
+    if f_low > 0 or f_high < 0:
+        return None
+    if f_low == 0:
+        return low
+    if f_high == 0:
+        return high
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        if f(middle) < 0:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
