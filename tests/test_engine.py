@@ -1,0 +1,206 @@
+"""The engine's rules end to end on hand-made events (DESIGN section 4), with exact expectations."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import date
+
+from builders import at, bar, burst_bars, chain, contract, engine, quote
+from config import Rules
+from events import Alert, ClosePosition, Log, OpenPosition, Tick, UpdatePosition
+
+START = at(10, 0)
+ENTRY_BAR_START = START + 119_000
+
+
+def feed(eng, events):
+    out = []
+    for event in events:
+        out.extend(eng.on_event(event))
+    return out
+
+
+def opened(actions):
+    return [a for a in actions if isinstance(a, OpenPosition)]
+
+
+def closes(actions):
+    return [a for a in actions if isinstance(a, ClosePosition)]
+
+
+def entered_engine(rules: Rules | None = None):
+    eng = engine(rules)
+    bars = burst_bars(START)
+    feed(eng, [chain(START + 110_000, quote())])
+    actions = feed(eng, bars)
+    assert len(opened(actions)) == 1
+    return eng
+
+
+def test_entry_on_exactly_the_bar_where_all_conditions_first_hold():
+    eng = engine()
+    bars = burst_bars(START)
+    feed(eng, [chain(START + 110_000, quote())])
+    entry_bar = None
+    for b in bars:
+        actions = eng.on_event(b)
+        if opened(actions):
+            entry_bar = b
+            break
+        f = eng.last
+        assert not (f.above_vwap and f.vwap_rising and f.volume_surge and f.momentum_ok)
+    assert entry_bar is not None and entry_bar.start_ms == ENTRY_BAR_START
+    before = bars[-2]
+    assert before.start_ms == ENTRY_BAR_START - 1000
+    # one bar earlier every condition but the volume surge already held
+    eng2 = engine()
+    feed(eng2, [chain(START + 110_000, quote())])
+    feed(eng2, bars[:-1])
+    f = eng2.last
+    assert (f.above_vwap, f.vwap_rising, f.momentum_ok, f.volume_surge) == (True, True, True, False)
+
+
+def test_buy_alert_and_open_position_carry_the_ask_and_mid():
+    eng = engine()
+    feed(eng, [chain(START + 110_000, quote(bid=1.00, ask=1.02))])
+    actions = feed(eng, burst_bars(START))
+    (position,) = opened(actions)
+    assert (position.entry_price, position.entry_mark, position.trade_id) == (1.02, 1.01, "2025-10-02-01")
+    (alert,) = [a for a in actions if isinstance(a, Alert)]
+    assert alert.title == "IWM 0DTE CALL — BUY" and alert.dedupe_key == "BUY:2025-10-02-01"
+    for text in ("O:IWM251002C00242000", "Entry ~$1.02 (ask)", "Mid $1.01", "Delta 0.38", "IV 20.0%",
+                 "Exp 2025-10-02", "Strike $242", "Spread 2.0%", "Size 50 x 50", "Volume Z", "Momentum"):
+        assert text in alert.message
+
+
+def test_no_entry_without_a_fresh_chain():
+    eng = engine()
+    feed(eng, [chain(START + 119_000 - 61_000, quote())])  # 61.2 s old at the entry bar
+    actions = feed(eng, burst_bars(START))
+    assert not opened(actions)
+    blocked = [a for a in actions if isinstance(a, Log) and a.event == "entry_blocked"]
+    assert blocked[-1].fields["rule"] == "chain_stale"
+
+
+def test_no_entry_before_0935_or_after_1530():
+    early = engine()
+    feed(early, [chain(at(9, 33, 50), quote())])
+    assert not opened(feed(early, burst_bars(at(9, 32))))
+    late = engine()
+    feed(late, [chain(at(15, 29, 55), quote())])
+    assert not opened(feed(late, burst_bars(at(15, 28))))
+
+
+def test_no_contract_logs_why_and_sends_nothing():
+    eng = engine()
+    feed(eng, [chain(START + 110_000, quote(delta=0.6))])
+    actions = feed(eng, burst_bars(START))
+    assert not opened(actions) and not [a for a in actions if isinstance(a, Alert)]
+    (log,) = [a for a in actions if isinstance(a, Log) and a.event == "no_contract"]
+    assert "delta_out_of_band=1" in log.fields["why"]
+
+
+def test_stop_loss_sells_at_the_bid_with_pnl_and_lifetime():
+    eng = entered_engine()
+    actions = feed(eng, [contract(ENTRY_BAR_START + 3000, bid=0.85, ask=0.87)])
+    (close,) = closes(actions)
+    assert (close.reason, close.exit_price, close.pnl_dollars, close.pnl_percent) == ("Stop loss", 0.85, -17.0, -16.67)
+    sell = [a for a in actions if isinstance(a, Alert)][0]
+    assert sell.dedupe_key == "SELL:2025-10-02-01"
+    for text in ("Reason: Stop loss", "Peak $1.01 → Now $0.86", "P&L: -16.7% (-$17.00)",
+                 "LIFETIME: -$17.00 | 0W-1L (0.0%)"):
+        assert text in sell.message
+
+
+def test_hard_giveback_after_a_new_peak_persists_the_peak():
+    eng = entered_engine()
+    up = feed(eng, [contract(ENTRY_BAR_START + 3000, bid=1.99, ask=2.01)])
+    assert [a.peak for a in up if isinstance(a, UpdatePosition)] == [2.0]
+    actions = feed(eng, [contract(ENTRY_BAR_START + 5000, bid=1.39, ask=1.41)])
+    (close,) = closes(actions)
+    assert (close.reason, close.exit_price, close.peak, close.pnl_dollars) == ("Hard giveback", 1.39, 2.0, 37.0)
+
+
+def test_time_stop_fires_on_a_tick_without_data():
+    eng = entered_engine()
+    assert not closes(eng.on_event(Tick(at(15, 54, 59))))
+    (close,) = closes(eng.on_event(Tick(at(15, 55))))
+    assert close.reason == "Time stop"
+
+
+def test_vwap_persistence_and_its_reset():
+    eng = entered_engine()
+    t0 = ENTRY_BAR_START + 1000
+    below = [bar(t0 + i * 1000, 239.0) for i in range(5)]  # drags close under the 60-s VWAP
+    feed(eng, below)
+    since = eng.position.below_vwap_since_ms
+    assert since == below[0].received_ms
+    reset = feed(eng, [bar(t0 + 5000, 241.0)])
+    assert eng.position.below_vwap_since_ms is None and not closes(reset)
+    again = [bar(t0 + 6000 + i * 1000, round(238.5 - 0.01 * i, 2)) for i in range(70)]
+    first_below = again[0].received_ms
+    for b in again:
+        actions = eng.on_event(b)
+        if closes(actions):
+            break
+    assert closes(actions)[0].reason == "VWAP persistence"
+    assert b.received_ms - first_below == 60_000
+
+
+def test_cooldown_blocks_a_second_entry_for_sixty_seconds():
+    eng = entered_engine()
+    feed(eng, [contract(ENTRY_BAR_START + 2000, bid=0.80, ask=0.82)])  # stop loss at +2 s
+    exit_ms = eng.last_exit_ms
+    later = burst_bars(ENTRY_BAR_START + 1000, flat=0, ramp=20)
+    actions = feed(eng, [chain(ENTRY_BAR_START + 15_000, quote())] + later)
+    blocked = [a.fields for a in actions if isinstance(a, Log) and a.event == "entry_blocked"]
+    assert blocked and all(f["rule"] == "cooldown" for f in blocked)
+    assert exit_ms == ENTRY_BAR_START + 2000
+
+
+def test_late_and_resent_bars_are_counted_and_dropped():
+    eng = engine()
+    feed(eng, [bar(START, 240.0), bar(START + 1000, 240.1)])
+    feed(eng, [bar(START + 1000, 250.0), bar(START, 250.0)])
+    assert eng.counters.late_bars == 2 and eng.last.close == 240.1
+
+
+def test_stall_alert_once_and_recovered_once():
+    eng = engine()
+    feed(eng, [bar(START, 240.0)])
+    actions = feed(eng, [Tick(START + 1200 + s * 1000) for s in range(1, 40)])
+    stalls = [a for a in actions if isinstance(a, Alert)]
+    assert [a.kind for a in stalls] == ["STALL"]
+    assert eng.is_stalled(START + 10_000)
+    back = feed(eng, [bar(START + 41_000, 240.0)])
+    assert [a.kind for a in back if isinstance(a, Alert)] == ["RECOVERED"]
+
+
+def test_early_close_moves_entry_cut_off_and_time_stop():
+    day = date(2025, 11, 28)
+    eng = engine()
+    chain_at = at(12, 29, 50, day)
+    feed(eng, [chain(chain_at, replace(quote(), expiry="2025-11-28"))])
+    assert not opened(feed(eng, burst_bars(at(12, 28, 1, day))))
+    eng2 = engine()
+    feed(eng2, [chain(at(12, 27, 0, day), replace(quote(), expiry="2025-11-28"))])
+    actions = feed(eng2, burst_bars(at(12, 25, 0, day)))
+    assert opened(actions)
+    assert not closes(eng2.on_event(Tick(at(12, 54, 59, day))))
+    assert closes(eng2.on_event(Tick(at(12, 55, 0, day))))[0].reason == "Time stop"
+
+
+def test_no_session_on_christmas():
+    eng = engine()
+    christmas = date(2025, 12, 25)
+    feed(eng, [chain(at(10, 1, 50, christmas), replace(quote(), expiry="2025-12-25"))])
+    actions = feed(eng, burst_bars(at(10, 0, 0, christmas)))
+    assert eng.session is None and not opened(actions)
+
+
+def test_critical_loss_alert_once_per_crossing():
+    rules = replace(Rules(), critical_loss_threshold=-10.0)
+    eng = entered_engine(rules)
+    actions = feed(eng, [contract(ENTRY_BAR_START + 3000, bid=0.80, ask=0.82)])
+    kinds = [a.kind for a in actions if isinstance(a, Alert)]
+    assert kinds == ["SELL", "CRITICAL_LOSS"]

@@ -1,0 +1,87 @@
+"""The journal: one transaction per decision, outbox dedupe, state restored after a restart."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from events import Alert, ClosePosition, Log, OpenPosition, SetMeta, UpdatePosition
+from pnl_tracker import SCHEMA_VERSION, Journal, JournalError
+
+OPEN = OpenPosition("2025-10-02-01", "2025-10-02", "O:IWM251002C00242000", 242.0, "2025-10-02", 1,
+                    1.02, 1.01, 1_000, 0.38, 0.2)
+BUY = Alert("BUY", "BUY:2025-10-02-01", "IWM 0DTE CALL — BUY", "text", 1, 1_000)
+
+
+def close(pnl: float, trade_id: str = "2025-10-02-01", exit_ms: int = 5_000) -> ClosePosition:
+    return ClosePosition(trade_id, 1.02 + pnl / 100, exit_ms, "Stop loss", 1.3, pnl, pnl / 1.02)
+
+
+def test_wal_full_sync_and_schema_version(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    db = sqlite3.connect(tmp_path / "j.sqlite3")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert journal._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    journal.close()
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    sqlite3.connect(path).execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(JournalError, match="newer"):
+        Journal(path)
+
+
+def test_decision_and_alert_commit_together_and_dedupe(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    fresh = journal.record([OPEN, BUY, Log("x", {})], cursor="tape:7")
+    assert fresh == [BUY]
+    assert journal.record([BUY]) == []  # same dedupe key: not recorded twice
+    assert [row[0] for row in journal.outbox_rows()] == ["BUY:2025-10-02-01"]
+    assert journal.meta("cursor") == "tape:7"
+
+
+def test_a_failed_transaction_leaves_nothing_behind(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    with pytest.raises(JournalError):
+        journal.record([BUY, close(-10.0, trade_id="unknown")])
+    assert journal.outbox_rows() == [] and journal.trades() == []
+
+
+def test_restored_state_has_position_peak_day_and_lifetime(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    journal.record([OPEN, BUY])
+    journal.record([UpdatePosition("2025-10-02-01", 1.40, 1.35, 4_000)])
+    journal.close()
+    state = Journal(path).restored_state("2025-10-02")
+    assert state.position is not None
+    assert (state.position.peak, state.position.mark, state.position.below_vwap_since_ms) == (1.40, 1.35, 4_000)
+    assert state.opened_today == 1 and state.lifetime.pnl == 0.0
+
+
+def test_closed_trades_feed_day_record_lifetime_and_latch(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    second = OpenPosition(**{**{f: getattr(OPEN, f) for f in OPEN.__slots__}, "trade_id": "2025-10-02-02"})
+    journal.record([OPEN, close(-17.0)])
+    journal.record([second, close(0.0, "2025-10-02-02", 9_000), SetMeta("critical_loss_latched", "1")])
+    state = journal.restored_state("2025-10-02")
+    assert state.position is None
+    assert (state.day.trades, state.day.consecutive_losses, state.day.pnl) == (2, 2, -17.0)
+    assert (state.lifetime.pnl, state.lifetime.wins, state.lifetime.losses) == (-17.0, 0, 2)
+    assert state.last_exit_ms == 9_000 and state.critical_latched
+    other_day = journal.restored_state("2025-10-03")
+    assert other_day.day.trades == 0 and other_day.opened_today == 0 and other_day.lifetime.pnl == -17.0
+
+
+def test_outbox_states(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    journal.record([BUY, Alert("SELL", "SELL:1", "t", "m", 1, 2_000)])
+    first, second = journal.pending()
+    journal.mark_attempt(first.id, "HTTP 500")
+    assert [i.attempts for i in journal.pending()] == [1, 0]
+    journal.mark_sent(first.id, 3_000)
+    journal.mark_failed(second.id, "HTTP 400")
+    assert journal.pending() == [] and journal.pending_count() == 0
