@@ -1,0 +1,94 @@
+"""Health: the snapshot of DESIGN section 9, the optional `GET /health` endpoint and the heartbeat ping."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import structlog
+
+VERSION = "1.0.0"
+Snapshot = dict[str, Any]
+
+
+def health_status(*, market_open: bool, stalled: bool) -> str:
+    if not market_open:
+        return "closed"
+    return "stalled" if stalled else "ok"
+
+
+def http_status_for(snapshot: Snapshot) -> int:
+    return 503 if snapshot.get("status") == "stalled" else 200
+
+
+class HealthServer:
+    """Serves the latest published snapshot as JSON; never touches the engine itself."""
+
+    def __init__(self, host: str, port: int, snapshot: Callable[[], Snapshot]) -> None:
+        handler = _handler_for(snapshot)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler_for(snapshot: Callable[[], Snapshot]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.split("?")[0] != "/health":
+                self.send_error(404)
+                return
+            body = snapshot()
+            data = json.dumps(body).encode()
+            self.send_response(http_status_for(body))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_args: object) -> None:
+            return
+
+    return Handler
+
+
+class Heartbeat:
+    """Pings HEARTBEAT_URL (a dead-man switch) at most once per interval while healthy."""
+
+    def __init__(
+        self, url: str, *, interval_s: float = 60.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        self.url = url
+        self.interval_s = interval_s
+        self._client = httpx.Client(timeout=10.0, transport=transport)
+        self._last: float | None = None
+        self.pings = 0
+        self.failures = 0
+
+    def maybe_ping(self, monotonic_now: float, healthy: bool) -> None:
+        if not self.url or not healthy:
+            return
+        if self._last is not None and monotonic_now - self._last < self.interval_s:
+            return
+        self._last = monotonic_now
+        try:
+            self._client.get(self.url).raise_for_status()
+            self.pings += 1
+        except httpx.HTTPError as exc:
+            self.failures += 1
+            # The URL itself is a secret (anyone holding it can fake liveness): log the error type only.
+            structlog.get_logger("heartbeat").warning("heartbeat_failed", error=type(exc).__name__)
