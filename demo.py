@@ -32,9 +32,12 @@ class DemoPrinter:
     out: TextIO
     minute_lines: int = 0
     blocked: Counter[str] = field(default_factory=Counter)
-    no_contract: list[str] = field(default_factory=list)
+    no_contract: int = 0
+    _last_note: str = ""
+    _repeats: int = 0
 
     def alerts(self, alerts: list[Alert]) -> None:
+        self.finish_notes()
         for alert in alerts:
             icon = ALERT_ICONS.get(alert.kind, "⚠️")
             print(f"\n{icon} {alert.title}", file=self.out)
@@ -46,33 +49,56 @@ class DemoPrinter:
         if log.event == "signal_conditions":
             self.minute_lines += 1
             if (self.minute_lines - 1) % CONDITIONS_EVERY_MINUTES == 0:
+                self.finish_notes()
                 print(condensed_conditions(log.fields), file=self.out)
         elif log.event == "entry_blocked":
             self.blocked[str(log.fields["rule"])] += 1
-            print(f"   signal at {log.fields.get('time', '')}blocked: {log.fields['rule']} "
-                  f"({log.fields['value']} vs {log.fields['limit']})", file=self.out)
+            text = f"blocked by {log.fields['rule']} ({log.fields['value']} vs {log.fields['limit']})"
+            self._note(log.fields["time"], str(log.fields["rule"]), text)
         elif log.event == "no_contract":
-            self.no_contract.append(str(log.fields["why"]))
-            print(f"   signal, but {log.fields['why']}", file=self.out)
+            self.no_contract += 1
+            self._note(log.fields["time"], "no_contract", f"but {log.fields['why']}")
+
+    def _note(self, at: object, key: str, text: str) -> None:
+        """Print a blocked signal once; repeats for the same reason on the next bars are only counted."""
+        if key == self._last_note:
+            self._repeats += 1
+            return
+        self.finish_notes()
+        self._last_note = key
+        print(f"   [{at}] signal {text}", file=self.out)
+
+    def finish_notes(self) -> None:
+        if self._repeats:
+            print(f"   ... and {self._repeats} more bar(s) with the same outcome", file=self.out)
+        self._last_note, self._repeats = "", 0
 
 
 def condensed_conditions(f: dict[str, object]) -> str:
     """One short line of the minute's signal conditions."""
+
     def yes(flag: object) -> str:
         return "yes" if flag else "no"
 
+    def shown(value: object, unit: str = "") -> str:
+        return "n/a" if value is None else f"{value}{unit}"
+
     return (
         f"[{f['time']}] Signal conditions: IWM {f['close']} vs VWAP {f['vwap']} above={yes(f['above_vwap'])}"
-        f" | VWAP rising={yes(f['vwap_rising'])} | vol {f['volume']:g} > p95 {f['volume_threshold']}"
-        f"={yes(f['volume_surge'])} | momentum {f['momentum_pct_s']}%/s | chain {f['chain_age_s']}s"
-        f" | leadership {f.get('spy_leadership')} | rel. volume {f.get('relative_volume')}"
+        f" | VWAP rising={yes(f['vwap_rising'])} | vol {f['volume']:g} > p95 {shown(f['volume_threshold'])}"
+        f"={yes(f['volume_surge'])} | momentum {shown(f['momentum_pct_s'], '%/s')}"
+        f" | chain age {shown(f['chain_age_s'], 's')} | leadership {f.get('spy_leadership')}"
+        f" | rel. volume {f.get('relative_volume')}"
     )
 
 
 def run_demo(out: TextIO) -> int:
     """Build the demo tape, replay it, print everything; returns the exit status."""
     rules = Rules()
-    print("IWM 0DTE Momentum Alerter — demo: a synthetic session (fixed seed) through the real engine.", file=out)
+    print(
+        "IWM 0DTE Momentum Alerter — demo: a synthetic session (fixed seed) through the real engine.",
+        file=out,
+    )
     print("Alert-only. Nothing is sent to Pushover and nothing is traded.\n", file=out)
     with tempfile.TemporaryDirectory(prefix="iwm-demo-") as tmp:
         tape = build_demo_tape(Path(tmp) / "demo.jsonl.gz")
@@ -99,14 +125,25 @@ def print_summary(out: TextIO, journal: Journal, result: ReplayResult, printer: 
     rate = f"{wins / len(trades) * 100:.1f}%" if trades else "n/a"
     state = journal.restored_state("")
     print("Summary", file=out)
-    print(f"  trades {len(trades)} | win rate {rate} ({wins}W-{len(trades) - wins}L) | P&L {money(total)}"
-          f" | lifetime {money(state.lifetime.pnl)}", file=out)
+    print(
+        f"  trades {len(trades)} | win rate {rate} ({wins}W-{len(trades) - wins}L) | P&L {money(total)}"
+        f" | lifetime {money(state.lifetime.pnl)}",
+        file=out,
+    )
     print(f"  exits: {', '.join(f'{r} {n}' for r, n in reasons.most_common()) or 'none'}", file=out)
     for t in trades:
-        print(f"  {t.trade_id} {t.ticker} entry ${t.entry_price:.2f} exit ${t.exit_price:.2f}"
-              f" {money(t.pnl_dollars)} ({t.pnl_percent:+.1f}%) {t.reason}", file=out)
+        print(
+            f"  {t.trade_id} {t.ticker} entry ${t.entry_price:.2f} exit ${t.exit_price:.2f}"
+            f" {money(t.pnl_dollars)} ({t.pnl_percent:+.1f}%) {t.reason}",
+            file=out,
+        )
     if printer.blocked:
-        print(f"  signals blocked: {', '.join(f'{r} {n}' for r, n in printer.blocked.most_common())}", file=out)
+        print(
+            f"  signals blocked: {', '.join(f'{r} {n}' for r, n in printer.blocked.most_common())}", file=out
+        )
     feed = result.feed
-    print(f"  tape: {result.lines} lines, {result.bars} IWM bars, {feed.bad_events} bad events,"
-          f" {result.late_bars} late bars, {result.bad_lines} bad lines", file=out)
+    print(
+        f"  tape: {result.lines} lines, {result.bars} IWM bars, {feed.bad_events} bad events,"
+        f" {result.late_bars} late bars, {result.bad_lines} bad lines",
+        file=out,
+    )

@@ -223,9 +223,7 @@ class Engine:
 
     def _follow_vwap(self, features: Features, actions: list[Action]) -> None:
         assert self.position is not None
-        moved = track_vwap(
-            self.position, close=features.close, vwap=features.rolling_vwap, now_ms=self._now
-        )
+        moved = track_vwap(self.position, close=features.close, vwap=features.rolling_vwap, now_ms=self._now)
         if moved is not self.position:
             self._set_position(moved, actions)
 
@@ -236,11 +234,15 @@ class Engine:
     def _try_entry(self, bar: Bar, features: Features, actions: list[Action]) -> None:
         block = self._entry_block(bar)
         readings = self.filter_readings()
-        block = block or next(
-            (Block(r.name, r.value, "threshold") for r in readings if r.blocks), None
-        )
+        block = block or next((Block(r.name, r.value, "threshold") for r in readings if r.blocks), None)
         if block is not None:
-            actions.append(Log("entry_blocked", {"rule": block.rule, "value": block.value, "limit": block.limit}))
+            fields = {
+                "time": self._clock_text(),
+                "rule": block.rule,
+                "value": block.value,
+                "limit": block.limit,
+            }
+            actions.append(Log("entry_blocked", fields))
             return
         assert self.chain is not None and self._session is not None
         selection = select_contract(
@@ -252,9 +254,12 @@ class Engine:
             session_close_ms=self._session.close_ms,
         )
         if selection.chosen is None:
-            actions.append(Log("no_contract", {"why": selection.summary()}))
+            actions.append(Log("no_contract", {"time": self._clock_text(), "why": selection.summary()}))
             return
         self._open(selection.chosen, bar, features, readings, actions)
+
+    def _clock_text(self) -> str:
+        return ny_datetime(self._now).strftime("%H:%M:%S")
 
     def _entry_block(self, bar: Bar) -> Block | None:
         """The first non-filter reason an entry cannot happen now (window, data, cooldown, protections)."""
@@ -369,7 +374,9 @@ class Engine:
         )
         message = buy_message(position, context)
         actions.append(
-            Alert("BUY", f"BUY:{trade_id}", buy_title(self.rules.underlying), message, PRIORITY_HIGH, self._now)
+            Alert(
+                "BUY", f"BUY:{trade_id}", buy_title(self.rules.underlying), message, PRIORITY_HIGH, self._now
+            )
         )
 
     def _exit_rules_text(self) -> str:
@@ -424,7 +431,9 @@ class Engine:
             rules=self.rules,
         )
         if decision is not None:
-            actions.append(Log("exit", {"trade_id": position.trade_id, "rule": decision.reason, "why": decision.detail}))
+            actions.append(
+                Log("exit", {"trade_id": position.trade_id, "rule": decision.reason, "why": decision.detail})
+            )
             self._close(position, decision.reason, now, actions)
 
     def _close(self, position: Position, reason: str, now: int, actions: list[Action]) -> None:
@@ -451,7 +460,12 @@ class Engine:
         message = sell_message(position, context)
         actions.append(
             Alert(
-                "SELL", f"SELL:{position.trade_id}", sell_title(self.rules.underlying), message, PRIORITY_HIGH, now
+                "SELL",
+                f"SELL:{position.trade_id}",
+                sell_title(self.rules.underlying),
+                message,
+                PRIORITY_HIGH,
+                now,
             )
         )
         self._check_critical_loss(actions)
@@ -494,7 +508,9 @@ class Engine:
         self._feed_connected = status.connected
         actions.append(Log("feed_status", {"connected": status.connected, "reason": status.reason}))
         if status.reason in FEED_ERROR_REASONS:
-            actions.append(self._system_alert("FEED_ERROR", f"Market data feed: {status.reason}.", PRIORITY_HIGH))
+            actions.append(
+                self._system_alert("FEED_ERROR", f"Market data feed: {status.reason}.", PRIORITY_HIGH)
+            )
 
     def _system_alert(self, kind: str, text: str, priority: int) -> Alert:
         minute = ny_datetime(self._now).strftime("%Y-%m-%dT%H:%M")
@@ -524,7 +540,9 @@ class Engine:
             "volume_z": round(f.volume_z, 2),
             "momentum_pct_s": None if f.momentum_pct_per_sec is None else round(f.momentum_pct_per_sec, 5),
             "momentum_ok": f.momentum_ok,
-            "chain_age_s": None if self.chain is None else round((self._now - self.chain.received_ms) / 1000, 1),
+            "chain_age_s": None
+            if self.chain is None
+            else round((self._now - self.chain.received_ms) / 1000, 1),
             "position": self.position.ticker if self.position else None,
             "blocked_by": block.describe() if block else None,
             "trades_today": self.opened_today,
@@ -548,4 +566,3 @@ def position_fields(position: Position | None) -> dict[str, object] | None:
         "bid": position.bid,
         "below_vwap_since_ms": position.below_vwap_since_ms,
     }
-
