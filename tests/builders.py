@@ -28,8 +28,20 @@ def calendar(rules: Rules) -> MarketCalendar:
 
 
 def bar(start_ms: int, close: float, volume: float = 100.0, sym: str = "IWM", lag_ms: int = 200) -> Bar:
-    return Bar(sym, start_ms, start_ms + 1000, close, close, close, close, volume, close, close, None,
-               start_ms + 1000 + lag_ms)
+    return Bar(
+        sym,
+        start_ms,
+        start_ms + 1000,
+        close,
+        close,
+        close,
+        close,
+        volume,
+        close,
+        close,
+        None,
+        start_ms + 1000 + lag_ms,
+    )
 
 
 def quote(
@@ -60,8 +72,22 @@ def contract(received_ms: int, bid: float, ask: float, ticker: str = TICKER) -> 
 
 
 def _stamp(q: OptionQuote, ms: int) -> OptionQuote:
-    return OptionQuote(q.ticker, q.strike, q.expiry, q.right, q.delta, q.iv, q.bid, q.ask, q.bid_size,
-                       q.ask_size, q.volume, q.open_interest, ms, q.underlying_price)
+    return OptionQuote(
+        q.ticker,
+        q.strike,
+        q.expiry,
+        q.right,
+        q.delta,
+        q.iv,
+        q.bid,
+        q.ask,
+        q.bid_size,
+        q.ask_size,
+        q.volume,
+        q.open_interest,
+        ms,
+        q.underlying_price,
+    )
 
 
 def engine(rules: Rules | None = None) -> Engine:

@@ -68,8 +68,19 @@ def test_buy_alert_and_open_position_carry_the_ask_and_mid():
     assert (position.entry_price, position.entry_mark, position.trade_id) == (1.02, 1.01, "2025-10-02-01")
     (alert,) = [a for a in actions if isinstance(a, Alert)]
     assert alert.title == "IWM 0DTE CALL — BUY" and alert.dedupe_key == "BUY:2025-10-02-01"
-    for text in ("O:IWM251002C00242000", "Entry ~$1.02 (ask)", "Mid $1.01", "Delta 0.38", "IV 20.0%",
-                 "Exp 2025-10-02", "Strike $242", "Spread 2.0%", "Size 50 x 50", "Volume Z", "Momentum"):
+    for text in (
+        "O:IWM251002C00242000",
+        "Entry ~$1.02 (ask)",
+        "Mid $1.01",
+        "Delta 0.38",
+        "IV 20.0%",
+        "Exp 2025-10-02",
+        "Strike $242",
+        "Spread 2.0%",
+        "Size 50 x 50",
+        "Volume Z",
+        "Momentum",
+    ):
         assert text in alert.message
 
 
@@ -104,11 +115,20 @@ def test_stop_loss_sells_at_the_bid_with_pnl_and_lifetime():
     eng = entered_engine()
     actions = feed(eng, [contract(ENTRY_BAR_START + 3000, bid=0.85, ask=0.87)])
     (close,) = closes(actions)
-    assert (close.reason, close.exit_price, close.pnl_dollars, close.pnl_percent) == ("Stop loss", 0.85, -17.0, -16.67)
+    assert (close.reason, close.exit_price, close.pnl_dollars, close.pnl_percent) == (
+        "Stop loss",
+        0.85,
+        -17.0,
+        -16.67,
+    )
     sell = [a for a in actions if isinstance(a, Alert)][0]
     assert sell.dedupe_key == "SELL:2025-10-02-01"
-    for text in ("Reason: Stop loss", "Peak $1.01 → Now $0.86", "P&L: -16.7% (-$17.00)",
-                 "LIFETIME: -$17.00 | 0W-1L (0.0%)"):
+    for text in (
+        "Reason: Stop loss",
+        "Peak $1.01 → Now $0.86",
+        "P&L: -16.7% (-$17.00)",
+        "LIFETIME: -$17.00 | 0W-1L (0.0%)",
+    ):
         assert text in sell.message
 
 
@@ -118,7 +138,12 @@ def test_hard_giveback_after_a_new_peak_persists_the_peak():
     assert [a.peak for a in up if isinstance(a, UpdatePosition)] == [2.0]
     actions = feed(eng, [contract(ENTRY_BAR_START + 5000, bid=1.39, ask=1.41)])
     (close,) = closes(actions)
-    assert (close.reason, close.exit_price, close.peak, close.pnl_dollars) == ("Hard giveback", 1.39, 2.0, 37.0)
+    assert (close.reason, close.exit_price, close.peak, close.pnl_dollars) == (
+        "Hard giveback",
+        1.39,
+        2.0,
+        37.0,
+    )
 
 
 def test_time_stop_fires_on_a_tick_without_data():

@@ -9,8 +9,19 @@ import pytest
 from events import Alert, ClosePosition, Log, OpenPosition, SetMeta, UpdatePosition
 from pnl_tracker import SCHEMA_VERSION, Journal, JournalError
 
-OPEN = OpenPosition("2025-10-02-01", "2025-10-02", "O:IWM251002C00242000", 242.0, "2025-10-02", 1,
-                    1.02, 1.01, 1_000, 0.38, 0.2)
+OPEN = OpenPosition(
+    "2025-10-02-01",
+    "2025-10-02",
+    "O:IWM251002C00242000",
+    242.0,
+    "2025-10-02",
+    1,
+    1.02,
+    1.01,
+    1_000,
+    0.38,
+    0.2,
+)
 BUY = Alert("BUY", "BUY:2025-10-02-01", "IWM 0DTE CALL — BUY", "text", 1, 1_000)
 
 
@@ -58,7 +69,11 @@ def test_restored_state_has_position_peak_day_and_lifetime(tmp_path):
     journal.close()
     state = Journal(path).restored_state("2025-10-02")
     assert state.position is not None
-    assert (state.position.peak, state.position.mark, state.position.below_vwap_since_ms) == (1.40, 1.35, 4_000)
+    assert (state.position.peak, state.position.mark, state.position.below_vwap_since_ms) == (
+        1.40,
+        1.35,
+        4_000,
+    )
     assert state.opened_today == 1 and state.lifetime.pnl == 0.0
 
 

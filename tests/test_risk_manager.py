@@ -8,7 +8,16 @@ from datetime import time
 import pytest
 
 from config import Rules
-from risk_manager import DayRecord, Lifetime, Position, check_exit, pnl_of, protection_block, track_vwap, with_mark
+from risk_manager import (
+    DayRecord,
+    Lifetime,
+    Position,
+    check_exit,
+    pnl_of,
+    protection_block,
+    track_vwap,
+    with_mark,
+)
 
 RULES = Rules()
 NOW = 1_000_000_000
@@ -16,9 +25,22 @@ STOP = NOW + 3_600_000
 
 
 def position(**changes: object) -> Position:
-    base = Position("2025-10-02-01", "2025-10-02", "O:IWM251002C00242000", 242.0, "2025-10-02", 1,
-                    entry_price=1.00, entry_mark=0.99, entry_ms=NOW - 60_000, delta=0.38, iv=0.2,
-                    peak=1.00, mark=1.00, bid=0.99)
+    base = Position(
+        "2025-10-02-01",
+        "2025-10-02",
+        "O:IWM251002C00242000",
+        242.0,
+        "2025-10-02",
+        1,
+        entry_price=1.00,
+        entry_mark=0.99,
+        entry_ms=NOW - 60_000,
+        delta=0.38,
+        iv=0.2,
+        peak=1.00,
+        mark=1.00,
+        bid=0.99,
+    )
     return replace(base, **changes)
 
 
@@ -121,9 +143,11 @@ def test_protections_at_their_boundaries(day, opened, clock, paused, rule):
 
 def test_blackout_window_is_half_open_and_zero_limits_disable():
     rules = replace(RULES, entry_blackouts=((time(11, 30), time(13, 30)),), max_trades_per_day=0)
+
     def rule_at(clock: time):
         block = protection_block(DayRecord(), opened_today=99, clock=clock, paused=False, rules=rules)
         return block.rule if block else None
+
     assert rule_at(time(11, 29, 59)) is None
     assert rule_at(time(11, 30)) == "entry_blackout"
     assert rule_at(time(13, 29, 59)) == "entry_blackout"

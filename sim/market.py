@@ -1,0 +1,1267 @@
+"""A seeded synthetic IWM/SPY session in Polygon's exact wire shapes, and a tape renderer.
+
+`SyntheticMarket` is a model of one session: it answers what the vendor would have sent at any instant
+(WS `A` frames, chain pages, single-contract snapshots, 1-second and minute aggregates), so a fake
+Polygon server can serve arbitrary queries from it and `write_tape` can render a recording of it.
+
+The price path is a random walk plus mean-reverting microstructure noise, shaped by a `DayScript` of
+episodes:
+
+- "burst": a sustained rise of `strength` percent with a volume surge;
+- "pullback": a drop of `strength` percent whose first seconds are a sharp flush;
+- "fade": a slow, steady bleed of `strength` percent on light volume;
+- "grind": a slow, steady rise of `strength` percent (the close-out drift of the late trade);
+- "chop": noisy sideways trading, `strength` times the normal noise;
+- "quiet": thin trading at `strength` times normal volume, with seconds that have no trades.
+
+Outside bursts, a second whose volume would be a surge while the price also looks like momentum gets its
+volume trimmed below the surge line: random data is full of accidental momentum signals, and the demo
+must show the scripted trades, not noise. Bursts are the only place where the §4 entry conditions meet.
+
+Option prices are Black-Scholes (r = 0, T = seconds to the 16:00 close / (365 * 86400)) with an ATM
+volatility that rises into the close and a smile in standardised moneyness. The ATM level (~0.34-0.44)
+is what real IWM 0DTE premiums imply with this calendar-time T; the 0.18 of the brief would price a
+10:00 ATM call near $0.45 and leave the 0.30-0.45 delta band empty most of the afternoon.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime
+import hashlib
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from config import Rules
+from tape import TapeWriter
+
+NY = ZoneInfo("America/New_York")
+SESSION_SECONDS = 23400
+EPISODE_KINDS = frozenset({"burst", "pullback", "fade", "grind", "chop", "quiet"})
+REST_BASE = "https://api.massive.com"
+YEAR_SECONDS = 365 * 86400
+SQRT2 = math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+# Per-second scales, relative to price (IWM ~ $240: 3.2e-5 is ~0.8 cent).
+RW_SIGMA = 3.2e-5
+OU_PHI = 0.7
+OU_SIGMA = 2.5e-5
+SPY_BETA = 0.8
+SPY_IDIO_SIGMA = 1.0e-5
+IWM_MEAN_VOLUME = 1300.0
+SPY_MEAN_VOLUME = 3200.0
+MAX_GAP_SECONDS = 3
+STRIKE_MARGIN = 12
+STALE_QUOTE_MS = 300_000
+OTHER_EXPIRY_AT_S = 1800
+GUARD_TRIM = 0.85
+
+
+@dataclass(frozen=True, slots=True)
+class Episode:
+    """One scripted stretch of the day; see the module doc for what `strength` means per kind."""
+
+    start: datetime.time
+    kind: str
+    seconds: int
+    strength: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in EPISODE_KINDS:
+            raise ValueError(f"unknown episode kind {self.kind!r}; expected one of {sorted(EPISODE_KINDS)}")
+        if self.seconds <= 0:
+            raise ValueError("an episode lasts at least one second")
+
+
+@dataclass(frozen=True, slots=True)
+class DayScript:
+    """Everything that determines a synthetic session: same script, same bytes."""
+
+    session_date: datetime.date
+    seed: int
+    open_price: float
+    episodes: tuple[Episode, ...]
+
+
+def demo_script() -> DayScript:
+    """The bundled demo day: four scripted trades, one per kind of exit.
+
+    10:06 a burst that fails at once (stop loss); 11:12 a burst that drifts below VWAP (VWAP
+    persistence); 13:12 a burst flushed by a sharp pullback (hard giveback); 15:12 a late burst
+    that grinds up into the close (time stop at 15:55). The late burst is as late as the default
+    4% spread limit allows: by 15:20 a 0.30-0.45 delta call is worth well under $0.25 and a penny
+    spread is already wider than 4%. A fade before it leaves the spot ~$0.30 under a strike, so
+    the band holds a contract when the burst fires.
+    """
+    t = datetime.time
+    episodes = (
+        Episode(t(9, 48, 0), "chop", 600, 1.2),
+        Episode(t(10, 6, 12), "burst", 25, 0.10),
+        Episode(t(10, 6, 37), "pullback", 60, 0.45),
+        Episode(t(10, 8, 0), "chop", 900, 1.0),
+        Episode(t(11, 12, 5), "burst", 80, 0.30),
+        Episode(t(11, 13, 25), "chop", 40, 0.6),
+        Episode(t(11, 14, 5), "fade", 150, 0.18),
+        Episode(t(11, 40, 0), "quiet", 2400, 0.3),
+        Episode(t(12, 30, 0), "chop", 1200, 1.0),
+        Episode(t(13, 12, 0), "burst", 100, 0.28),
+        Episode(t(13, 13, 40), "chop", 42, 0.5),
+        Episode(t(13, 14, 22), "pullback", 70, 0.36),
+        Episode(t(13, 30, 0), "quiet", 1500, 0.35),
+        Episode(t(14, 20, 0), "chop", 2160, 1.0),
+        Episode(t(14, 56, 0), "fade", 600, 0.12),
+        Episode(t(15, 12, 0), "burst", 80, 0.16),
+        Episode(t(15, 13, 20), "grind", 2800, 0.14),
+    )
+    return DayScript(datetime.date(2025, 10, 2), 20251002, 240.12, episodes)
+
+
+def random_script(session_date: datetime.date, seed: int) -> DayScript:
+    """A plausible random day for backtests: 3-6 bursts, each followed by a pullback, fade or grind."""
+    rng = random.Random(f"script:{session_date.isoformat()}:{seed}")
+    open_price = _cents(240.0 * math.exp(rng.gauss(0.0, 0.04)))
+    episodes: list[Episode] = []
+    cursor = 15 * 60 + rng.randint(0, 600)
+    for _ in range(rng.randint(3, 6)):
+        cursor += rng.randint(900, 3600)
+        if cursor > SESSION_SECONDS - 1800:
+            break
+        episodes += _random_burst_group(rng, cursor)
+        cursor += 400
+    if rng.random() < 0.7:
+        episodes.append(Episode(_clock(rng.randint(7200, 10800)), "quiet", rng.randint(600, 2400), 0.3))
+    episodes.sort(key=lambda e: e.start)
+    return DayScript(session_date, seed, open_price, tuple(_drop_overlaps(episodes)))
+
+
+def _random_burst_group(rng: random.Random, at_s: int) -> list[Episode]:
+    burst_s = rng.randint(40, 120)
+    group = [Episode(_clock(at_s), "burst", burst_s, round(rng.uniform(0.15, 0.45), 3))]
+    follow = rng.choice(("pullback", "fade", "grind", "chop"))
+    strength = {"pullback": 0.35, "fade": 0.2, "grind": 0.15, "chop": 1.0}[follow]
+    group.append(Episode(_clock(at_s + burst_s), follow, rng.randint(60, 240), strength))
+    return group
+
+
+def _drop_overlaps(episodes: list[Episode]) -> list[Episode]:
+    kept: list[Episode] = []
+    end = -1
+    for episode in episodes:
+        start = _seconds_from_open(episode.start)
+        if start >= end:
+            kept.append(episode)
+            end = start + episode.seconds
+    return kept
+
+
+def _clock(seconds_from_open: int) -> datetime.time:
+    total = 9 * 3600 + 30 * 60 + seconds_from_open
+    return datetime.time(total // 3600, total % 3600 // 60, total % 60)
+
+
+def _seconds_from_open(at: datetime.time) -> int:
+    return at.hour * 3600 + at.minute * 60 + at.second - (9 * 3600 + 30 * 60)
+
+
+def session_open_ms(day: datetime.date) -> int:
+    """Unix ms of 09:30 New York time on `day`."""
+    return int(datetime.datetime.combine(day, datetime.time(9, 30), NY).timestamp() * 1000)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-second regime arrays
+
+
+@dataclass(frozen=True, slots=True)
+class _Regime:
+    drift: np.ndarray
+    rw_scale: np.ndarray
+    ou_scale: np.ndarray
+    volume: np.ndarray
+    gap_prob: np.ndarray
+    pull: np.ndarray
+    guarded: np.ndarray
+
+
+def intraday_volume_shape(n: int = SESSION_SECONDS) -> np.ndarray:
+    """U-shaped relative volume per second of the session, mean 1: heavy open and close, light midday."""
+    hours = np.arange(n) / 3600.0
+    left = 6.5 - hours
+    shape = 0.62 + 2.4 * np.exp(-hours / 0.3) + 0.55 * np.exp(-left / 0.35) + 0.3 * np.exp(-left / 1.6)
+    return shape / shape.mean()
+
+
+def _regime(script: DayScript) -> _Regime:
+    n = SESSION_SECONDS
+    regime = _Regime(
+        drift=np.zeros(n),
+        rw_scale=np.ones(n),
+        ou_scale=np.ones(n),
+        volume=intraday_volume_shape(n),
+        gap_prob=np.zeros(n),
+        pull=np.zeros(n),
+        guarded=np.ones(n, dtype=bool),
+    )
+    for episode in script.episodes:
+        start = _seconds_from_open(episode.start)
+        stop = min(n, start + episode.seconds)
+        if 0 <= start < stop:
+            _apply_episode(regime, episode, start, stop)
+    return regime
+
+
+def _apply_episode(regime: _Regime, episode: Episode, start: int, stop: int) -> None:
+    span = slice(start, stop)
+    u = (np.arange(stop - start) + 0.5) / (stop - start)
+    move = episode.strength / 100.0
+    kind = episode.kind
+    if kind == "burst":
+        weights = 0.5 + 0.5 * np.sin(np.pi * u)
+        regime.drift[span] = move * weights / weights.sum()
+        regime.volume[span] *= 3.5 + 3.0 * np.sin(np.pi * u)
+        regime.rw_scale[span] = 1.3
+        regime.ou_scale[span] = 1.1
+        regime.guarded[span] = False
+    elif kind == "pullback":
+        regime.drift[span] = -move * _flush_weights(stop - start)
+        regime.volume[span] *= np.where(np.arange(stop - start) < _flush_seconds(stop - start), 3.5, 2.0)
+        regime.rw_scale[span] = 1.1
+    elif kind == "fade":
+        regime.drift[span] = -move / (stop - start)
+        regime.volume[span] *= 0.85
+        regime.rw_scale[span] = 0.25
+        regime.ou_scale[span] = 0.5
+    elif kind == "grind":
+        # Quiet enough that the drift keeps every close near or above the trailing VWAP.
+        regime.drift[span] = move / (stop - start)
+        regime.rw_scale[span] = 0.12
+        regime.ou_scale[span] = 0.4
+    elif kind == "chop":
+        regime.rw_scale[span] = 0.8 * episode.strength
+        regime.ou_scale[span] = 1.6 * episode.strength
+        regime.pull[span] = 0.02
+        regime.volume[span] *= 1.1
+    else:
+        regime.rw_scale[span] = 0.35
+        regime.ou_scale[span] = 0.4
+        regime.volume[span] *= episode.strength
+        regime.gap_prob[span] = 0.3
+
+
+def _flush_seconds(length: int) -> int:
+    return int(min(8, max(3, round(0.15 * length))))
+
+
+def _flush_weights(length: int) -> np.ndarray:
+    """55% of a pullback happens in its first few seconds, the rest decays over the remainder."""
+    flush = _flush_seconds(length)
+    weights = np.zeros(length)
+    weights[:flush] = 0.55 / flush
+    rest = length - flush
+    if rest > 0:
+        tail = np.exp(-np.arange(rest) / max(1.0, rest / 3.0))
+        weights[flush:] = 0.45 * tail / tail.sum()
+    else:
+        weights *= 1.0 / 0.55
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# The accidental-signal guard: the §4 entry features, incrementally
+
+
+class _EntryWatch:
+    """Tracks the §4 entry features per bar so non-burst seconds can be kept from signalling."""
+
+    def __init__(self, rules: Rules) -> None:
+        self._rules = rules
+        self._vwap_bars: deque[tuple[int, float, float]] = deque()
+        self._pv = 0.0
+        self._v = 0.0
+        self._vwap_series: deque[tuple[int, float]] = deque()
+        self._closes: deque[tuple[int, float]] = deque()
+        self._volumes: deque[tuple[int, float]] = deque()
+        self._sorted_volumes: list[float] = []
+
+    def surge_line(self, s: int) -> float | None:
+        """The volume percentile a bar starting at second `s` must beat, or None with too few bars."""
+        self._evict(s)
+        if len(self._sorted_volumes) < self._rules.volume_min_bars:
+            return None
+        return _percentile(self._sorted_volumes, self._rules.volume_percentile)
+
+    def looks_like_momentum(self, s: int, close: float, vw: float, v: float) -> bool:
+        """Close above the rolling VWAP, VWAP rising and positive slope, each with a little slack."""
+        self._evict(s)
+        pv, vol = self._pv + vw * v, self._v + v
+        vwap = pv / vol if vol > 0 else close
+        if close <= vwap - 0.006:
+            return False
+        window = self._rules.vwap_rising_seconds
+        points = [(x, y) for x, y in self._vwap_series if x > s - window] + [(s, vwap)]
+        if len(points) < self._rules.vwap_rising_min_points or _slope(points) <= -1e-7:
+            return False
+        closes = [(x, y) for x, y in self._closes if x > s - self._rules.momentum_window_seconds]
+        closes.append((s, close))
+        return len(closes) >= 2 and _slope(closes) > -1e-7
+
+    def add(self, s: int, close: float, vw: float, v: float) -> None:
+        """Take in a bar (after any trimming)."""
+        self._evict(s)
+        self._vwap_bars.append((s, vw * v, v))
+        self._pv += vw * v
+        self._v += v
+        vwap = self._pv / self._v if self._v > 0 else close
+        _push_window(self._vwap_series, (s, vwap), s - self._rules.vwap_rising_seconds)
+        _push_window(self._closes, (s, close), s - self._rules.momentum_window_seconds)
+        self._volumes.append((s, v))
+        bisect.insort(self._sorted_volumes, v)
+
+    def _evict(self, s: int) -> None:
+        """Drop what leaves the windows of a bar starting at `s`: VWAP (s-60, s], volume (s-1200, s)."""
+        while self._vwap_bars and self._vwap_bars[0][0] <= s - self._rules.vwap_window_seconds:
+            _, old_pv, old_v = self._vwap_bars.popleft()
+            self._pv -= old_pv
+            self._v -= old_v
+        horizon = s - self._rules.volume_window_seconds
+        while self._volumes and self._volumes[0][0] <= horizon:
+            _, old = self._volumes.popleft()
+            del self._sorted_volumes[bisect.bisect_left(self._sorted_volumes, old)]
+
+
+def _push_window(window: deque[tuple[int, float]], item: tuple[int, float], horizon: int) -> None:
+    window.append(item)
+    while window and window[0][0] <= horizon:
+        window.popleft()
+
+
+def _percentile(sorted_values: list[float], pct: float) -> float:
+    rank = pct / 100.0 * (len(sorted_values) - 1)
+    lo = int(rank)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (rank - lo)
+
+
+def _slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope; x is shifted to the last point to keep the sums small."""
+    x0 = points[-1][0]
+    n = len(points)
+    sx = sy = sxx = sxy = 0.0
+    for x, y in points:
+        x -= x0
+        sx += x
+        sy += y
+        sxx += x * x
+        sxy += x * y
+    den = n * sxx - sx * sx
+    return (n * sxy - sx * sy) / den if den else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bars
+
+
+@dataclass(frozen=True, slots=True)
+class _Bars:
+    """One symbol's per-second bars as parallel arrays (index = seconds since the open)."""
+
+    sym: str
+    present: np.ndarray
+    o: np.ndarray
+    h: np.ndarray
+    l: np.ndarray  # noqa: E741 - Polygon's own field name
+    c: np.ndarray
+    vw: np.ndarray
+    v: np.ndarray
+    av: np.ndarray
+    a: np.ndarray
+    n: np.ndarray
+    official_open: float
+
+
+@dataclass(frozen=True, slots=True)
+class _BarDraws:
+    """Pre-drawn random numbers for one symbol, so the draw order never depends on the path.
+
+    Plain lists: the per-second loops index them one at a time, which is slow on numpy scalars.
+    """
+
+    rw: list[float]
+    ou: list[float]
+    vol: list[float]
+    gap: list[float]
+    block: list[float]
+    block_size: list[float]
+    wick_up: list[float]  # in dollars: 0, 1 or 2 ticks
+    wick_down: list[float]
+    vw_pos: list[float]
+    vw_out: list[float]
+    trade_size: list[float]
+    extra: list[float]
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, n: int) -> _BarDraws:
+        return cls(
+            rw=rng.standard_normal(n).tolist(),
+            ou=rng.standard_normal(n).tolist(),
+            vol=rng.standard_normal(n).tolist(),
+            gap=rng.random(n).tolist(),
+            block=rng.random(n).tolist(),
+            block_size=rng.uniform(6.0, 20.0, n).tolist(),
+            wick_up=_wick_ticks(rng.random(n)),
+            wick_down=_wick_ticks(rng.random(n)),
+            vw_pos=rng.random(n).tolist(),
+            vw_out=rng.random(n).tolist(),
+            trade_size=rng.uniform(60.0, 180.0, n).tolist(),
+            extra=rng.random(n).tolist(),
+        )
+
+
+def _iwm_bars(
+    script: DayScript, regime: _Regime, draws: _BarDraws, rng: np.random.Generator
+) -> tuple[_Bars, np.ndarray]:
+    """IWM bars and the underlying price level per second (the path without microstructure noise)."""
+    n = SESSION_SECONDS
+    drift, rw_scale, ou_scale = regime.drift.tolist(), regime.rw_scale.tolist(), regime.ou_scale.tolist()
+    pull, gap_prob, guarded = regime.pull.tolist(), regime.gap_prob.tolist(), regime.guarded.tolist()
+    base_volume = (IWM_MEAN_VOLUME * regime.volume).tolist()
+    columns: list[list[float]] = [[0.0] * n for _ in range(6)]
+    present = [False] * n
+    levels = [0.0] * n
+    watch = _EntryWatch(Rules())
+    level = anchor = script.open_price
+    noise = log_vol = 0.0
+    prev_close = script.open_price
+    gap_run = 0
+    for i in range(n):
+        if pull[i] == 0.0:
+            anchor = level
+        level *= math.exp(drift[i] + RW_SIGMA * rw_scale[i] * draws.rw[i])
+        level += pull[i] * (anchor - level)
+        noise = OU_PHI * noise + OU_SIGMA * ou_scale[i] * draws.ou[i]
+        log_vol = 0.6 * log_vol + 0.4 * draws.vol[i]
+        levels[i] = level
+        if draws.gap[i] < gap_prob[i] and gap_run < MAX_GAP_SECONDS:
+            gap_run += 1
+            continue
+        gap_run = 0
+        close = _cents(level * (1.0 + noise))
+        o, h, lo, vw = _bar_prices(prev_close, close, draws, i)
+        v = _bar_volume(base_volume[i], log_vol, draws, i, guarded[i])
+        if guarded[i]:
+            v = _trim_accidental_surge(watch, i, close, vw, v)
+        watch.add(i, close, vw, v)
+        present[i] = True
+        for column, value in zip(columns, (o, h, lo, close, vw, v), strict=True):
+            column[i] = value
+        prev_close = close
+    o_, h_, l_, c_, vw_, v_ = (np.asarray(column) for column in columns)
+    bars = _finish_bars("IWM", np.asarray(present), o_, h_, l_, c_, vw_, v_, draws, rng, 650_000.0)
+    return bars, np.asarray(levels)
+
+
+def _trim_accidental_surge(watch: _EntryWatch, i: int, close: float, vw: float, v: float) -> float:
+    line = watch.surge_line(i)
+    if line is None or v <= GUARD_TRIM * line:
+        return v
+    if not watch.looks_like_momentum(i, close, vw, v):
+        return v
+    return float(max(1, math.floor(GUARD_TRIM * line)))
+
+
+def _bar_volume(base: float, log_vol: float, draws: _BarDraws, i: int, guarded: bool) -> float:
+    # Log-AR(1) noise (sd 0.5) clusters volume; rare block prints add a heavy tail outside bursts.
+    v = base * math.exp(log_vol - 0.125)
+    if guarded and draws.block[i] < 0.002:
+        v *= draws.block_size[i]
+    return float(max(1, int(v)))
+
+
+def _bar_prices(
+    prev_close: float, close: float, draws: _BarDraws, i: int
+) -> tuple[float, float, float, float]:
+    o = prev_close
+    h = _cents(max(o, close) + draws.wick_up[i])
+    lo = _cents(min(o, close) - draws.wick_down[i])
+    vw = lo + (h - lo) * (0.25 + 0.5 * draws.vw_pos[i])
+    if draws.vw_out[i] < 0.004:
+        # Odd lots can print outside the bar's range (polygon.md §2.4).
+        vw = h + 0.003 if draws.vw_out[i] < 0.002 else lo - 0.003
+    return o, h, lo, _round4(vw)
+
+
+def _wick_ticks(u: np.ndarray) -> list[float]:
+    """Most seconds trade inside open-close; some reach one or two ticks beyond."""
+    return np.where(u < 0.6, 0.0, np.where(u < 0.9, 0.01, 0.02)).tolist()
+
+
+def _finish_bars(
+    sym: str,
+    present: np.ndarray,
+    o: np.ndarray,
+    h: np.ndarray,
+    lo: np.ndarray,
+    c: np.ndarray,
+    vw: np.ndarray,
+    v: np.ndarray,
+    draws: _BarDraws,
+    rng: np.random.Generator,
+    premarket_volume: float,
+) -> _Bars:
+    """Day VWAP (`a`), cumulative volume (`av`) with premarket trades, trade counts."""
+    first = int(np.argmax(present))
+    pre_volume = float(int(premarket_volume * rng.uniform(0.8, 1.2)))
+    pre_vwap = o[first] * (1.0 + rng.normal(0.0, 0.001))
+    # Some trades update volume but not the bar (polygon.md §2.5): av grows a little faster than Σv.
+    extra = np.where(present, np.floor(v * 0.02 * np.asarray(draws.extra)), 0.0)
+    av = pre_volume + np.cumsum(v + extra)
+    a = (pre_volume * pre_vwap + np.cumsum(vw * v)) / (pre_volume + np.cumsum(v))
+    trades = np.maximum(1, np.round(v / np.asarray(draws.trade_size)))
+    return _Bars(sym, present, o, h, lo, c, vw, v, av, np.round(a, 4), trades, float(o[first]))
+
+
+def _spy_bars(
+    script: DayScript, iwm_levels: np.ndarray, regime: _Regime, draws: _BarDraws, rng: np.random.Generator
+) -> _Bars:
+    n = SESSION_SECONDS
+    shape = intraday_volume_shape(n)
+    spy_open = _cents(665.0 * math.exp(rng.normal(0.0, 0.01)))
+    iwm_returns = np.diff(np.log(iwm_levels), prepend=math.log(script.open_price))
+    log_level = np.cumsum(SPY_BETA * iwm_returns + SPY_IDIO_SIGMA * np.asarray(draws.rw))
+    noise = _ar1(np.asarray(draws.ou) * OU_SIGMA * 0.8, OU_PHI)
+    closes = np.round(spy_open * np.exp(log_level) * (1.0 + noise), 2)
+    log_vol = _ar1(np.asarray(draws.vol) * 0.4, 0.6)
+    surge = 1.0 + 0.3 * (regime.volume / shape - 1.0)
+    volumes = np.maximum(1.0, np.floor(SPY_MEAN_VOLUME * shape * surge * np.exp(log_vol - 0.125)))
+    close_list = closes.tolist()
+    prev = [spy_open, *close_list[:-1]]
+    rows = [_bar_prices(prev[i], close_list[i], draws, i) for i in range(n)]
+    opens, highs, lows, vws = (np.asarray(col) for col in zip(*rows, strict=True))
+    present = np.ones(n, dtype=bool)
+    return _finish_bars("SPY", present, opens, highs, lows, closes, vws, volumes, draws, rng, 2_800_000.0)
+
+
+def _ar1(shocks: np.ndarray, phi: float) -> np.ndarray:
+    out = np.empty_like(shocks)
+    acc = 0.0
+    for i, shock in enumerate(shocks.tolist()):
+        acc = phi * acc + shock
+        out[i] = acc
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Option pricing
+
+
+def norm_cdf(x: float) -> float:
+    """Standard normal CDF by math.erf."""
+    return 0.5 * (1.0 + math.erf(x / SQRT2))
+
+
+def atm_vol(elapsed_fraction: float) -> float:
+    """ATM implied volatility: ~0.34 at the open, rising to ~0.48 into the close."""
+    frac = min(1.0, max(0.0, elapsed_fraction))
+    return 0.34 + 0.14 * frac * frac
+
+
+def smile_vol(strike: float, spot: float, t_years: float, atm: float) -> float:
+    """Implied volatility with a smile in standardised moneyness (higher away from the money)."""
+    m = math.log(strike / spot) / (atm * math.sqrt(t_years))
+    m = min(6.0, max(-6.0, m))
+    return atm * (1.0 + 0.035 * m * m - 0.02 * m)
+
+
+class CallValue(NamedTuple):
+    """Black-Scholes value and greeks of a call (r = 0); theta per day, vega per vol point.
+
+    A NamedTuple rather than a frozen dataclass: a demo tape builds a hundred thousand of them.
+    """
+
+    price: float
+    delta: float
+    gamma: float
+    theta: float
+    vega: float
+
+
+def bs_call(spot: float, strike: float, t_years: float, sigma: float) -> CallValue:
+    """Black-Scholes call with r = 0."""
+    root_t = math.sqrt(t_years)
+    sd = sigma * root_t
+    d1 = (math.log(spot / strike) + 0.5 * sd * sd) / sd
+    nd1 = norm_cdf(d1)
+    price = spot * nd1 - strike * norm_cdf(d1 - sd)
+    density = INV_SQRT_2PI * math.exp(-0.5 * d1 * d1)
+    return CallValue(
+        price=max(0.0, price),
+        delta=nd1,
+        gamma=density / (spot * sd),
+        theta=-spot * density * sigma / (2.0 * root_t) / 365.0,
+        vega=spot * density * root_t / 100.0,
+    )
+
+
+def occ_ticker(root: str, expiry: datetime.date, strike: float) -> str:
+    """`O:IWM251002C00243000` for a call."""
+    return f"O:{root}{expiry:%y%m%d}C{round(strike * 1000):08d}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Contract:
+    strike: float
+    expiry: datetime.date
+    ticker: str
+    open_interest: int
+    volume_scale: float
+    trap: str = ""
+
+
+class _OptionBook:
+    """Same-day IWM calls priced off the synthetic spot path; pure function of (script, time)."""
+
+    def __init__(self, market: SyntheticMarket, spot_by_second: np.ndarray, volume_shape: np.ndarray) -> None:
+        self._market = market
+        self._seed = market.script.seed
+        self._day = market.script.session_date
+        self._spot = spot_by_second
+        self._volume_shape = volume_shape
+        low = math.floor(float(spot_by_second.min())) - STRIKE_MARGIN
+        high = math.ceil(float(spot_by_second.max())) + STRIKE_MARGIN
+        self._contracts: dict[tuple[float, datetime.date, str], _Contract] = {}
+        self._last_moment: tuple[tuple[int, datetime.date] | None, tuple[float, float, float]] = (
+            None,
+            (0, 0, 0),
+        )
+        self._cum_volume: dict[tuple[float, datetime.date], np.ndarray] = {}
+        self._minute_stats: dict[tuple[float, datetime.date], _MinuteStats] = {}
+        self.listed = tuple(self._contract(float(k), self._day, "") for k in range(low, high + 1))
+
+    @property
+    def session_open_ms(self) -> int:
+        """The session's opening instant (Unix ms)."""
+        return self._market.session_open_ms
+
+    def _contract(self, strike: float, expiry: datetime.date, trap: str) -> _Contract:
+        key = (strike, expiry, trap)
+        if key not in self._contracts:
+            self._contracts[key] = self._new_contract(strike, expiry, trap)
+        return self._contracts[key]
+
+    def _new_contract(self, strike: float, expiry: datetime.date, trap: str) -> _Contract:
+        rng = random.Random(f"oi:{self._seed}:{strike}:{expiry}")
+        whole = strike == int(strike)
+        centre = float(self._spot[0])
+        interest = 150 + 4500 * math.exp(-(((strike - centre) / 6.0) ** 2)) * rng.uniform(0.6, 1.4)
+        scale = (1.0 if whole else 0.25) * (1.0 if expiry == self._day else 0.3)
+        ticker = occ_ticker(self._market.underlying, expiry, strike)
+        return _Contract(strike, expiry, ticker, int(interest * (1.0 if whole else 0.3)), scale, trap)
+
+    def contract_by_ticker(self, ticker: str) -> _Contract:
+        root = f"O:{self._market.underlying}"
+        body = ticker[len(root) :] if ticker.startswith(root) else ""
+        if len(body) != 15 or body[6] != "C" or not body[:6].isdigit() or not body[7:].isdigit():
+            raise KeyError(ticker)
+        expiry = datetime.datetime.strptime(body[:6], "%y%m%d").date()
+        strike = int(body[7:]) / 1000.0
+        if expiry < self._day or strike * 2 != int(strike * 2):
+            raise KeyError(ticker)
+        return self._contract(strike, expiry, "")
+
+    def chain(self, at_ms: int) -> list[_Contract]:
+        """Every call the chain request returns at `at_ms`, with this snapshot's traps, ticker order."""
+        spot = self._market.spot_at(at_ms)
+        t_years = self._t_years(at_ms, self._day)
+        atm = atm_vol(self._elapsed_fraction(at_ms))
+        contracts = list(self.listed) + self._traps(spot, t_years, atm)
+        if 0 <= at_ms - self._market.session_open_ms - OTHER_EXPIRY_AT_S * 1000 < 10_000:
+            contracts.append(self._other_expiry(spot, at_ms, atm))
+        return sorted(contracts, key=lambda c: c.ticker)
+
+    def _traps(self, spot: float, t_years: float, atm: float) -> list[_Contract]:
+        """Half-dollar strikes around the 0.40 delta point, each with one defect for the selector."""
+        halves = [math.floor(spot) + 0.5 + j for j in range(-4, 5)]
+        deltas = [bs_call(spot, k, t_years, smile_vol(k, spot, t_years, atm)).delta for k in halves]
+        wide = min(range(len(halves)), key=lambda j: abs(deltas[j] - 0.40))
+        plan = {0: "wide", 1: "stale", -1: "crossed", -2: "no_greeks"}
+        return [self._contract(halves[wide] + offset, self._day, trap) for offset, trap in plan.items()]
+
+    def _other_expiry(self, spot: float, at_ms: int, atm: float) -> _Contract:
+        expiry = self._day + datetime.timedelta(days=3 if self._day.weekday() == 4 else 1)
+        t_years = self._t_years(at_ms, expiry)
+        strikes = [math.floor(spot) + j for j in range(0, 4)]
+        deltas = [bs_call(spot, k, t_years, smile_vol(k, spot, t_years, atm)).delta for k in strikes]
+        best = min(range(len(strikes)), key=lambda j: abs(deltas[j] - 0.40))
+        return self._contract(float(strikes[best]), expiry, "")
+
+    def _t_years(self, at_ms: int, expiry: datetime.date) -> float:
+        close_ms = self._market.session_close_ms + (expiry - self._day).days * 86_400_000
+        # A floor of one second keeps prices finite at and after the bell.
+        return max(1.0, (close_ms - at_ms) / 1000.0) / YEAR_SECONDS
+
+    def _elapsed_fraction(self, at_ms: int) -> float:
+        return (at_ms - self._market.session_open_ms) / (SESSION_SECONDS * 1000.0)
+
+    def value(self, contract: _Contract, at_ms: int) -> tuple[CallValue, float, float]:
+        """(value, implied volatility, spot) of a contract at `at_ms`."""
+        spot, t_years, atm = self._moment(at_ms, contract.expiry)
+        sigma = smile_vol(contract.strike, spot, t_years, atm)
+        return bs_call(spot, contract.strike, t_years, sigma), sigma, spot
+
+    def _moment(self, at_ms: int, expiry: datetime.date) -> tuple[float, float, float]:
+        """(spot, T, ATM vol) at `at_ms`; the last answer is kept since a snapshot asks ~30 times."""
+        key = (at_ms, expiry)
+        if self._last_moment[0] != key:
+            spot = self._market.spot_at(at_ms)
+            moment = (spot, self._t_years(at_ms, expiry), atm_vol(self._elapsed_fraction(at_ms)))
+            self._last_moment = (key, moment)
+        return self._last_moment[1]
+
+    def day_volume(self, contract: _Contract, at_ms: int) -> int:
+        """Contracts traded today up to `at_ms`, busiest near the money, following the stock's U shape."""
+        key = (contract.strike, contract.expiry)
+        if key not in self._cum_volume:
+            width = np.maximum(0.8, self._spot * 0.004)
+            rate = 1.1 * self._volume_shape * np.exp(-0.5 * ((contract.strike - self._spot) / width) ** 2)
+            self._cum_volume[key] = np.cumsum(rate * contract.volume_scale)
+        index = (at_ms - self._market.session_open_ms) // 1000
+        if index <= 0:
+            return 0
+        return int(self._cum_volume[key][min(index, SESSION_SECONDS) - 1])
+
+    def minute_stats(self, contract: _Contract) -> _MinuteStats:
+        key = (contract.strike, contract.expiry)
+        if key not in self._minute_stats:
+            self._minute_stats[key] = self._build_minute_stats(contract)
+        return self._minute_stats[key]
+
+    def _build_minute_stats(self, contract: _Contract) -> _MinuteStats:
+        open_ms = self._market.session_open_ms
+        marks = [_cents(self.value(contract, open_ms + m * 60_000)[0].price) for m in range(390)]
+        volumes = [self.day_volume(contract, open_ms + (m + 1) * 60_000) for m in range(390)]
+        traded = np.diff(np.asarray(volumes, dtype=float), prepend=0.0)
+        first = int(np.argmax(traded > 0)) if traded.any() else 0
+        prices = np.asarray(marks)
+        prices[:first] = prices[first]
+        prev_spot = self._market.script.open_price * 0.998
+        prev_t = self._t_years(open_ms - 63_000_000, contract.expiry)
+        previous = bs_call(prev_spot, contract.strike, prev_t, 0.28).price
+        return _MinuteStats(
+            marks=marks,
+            first_traded=first,
+            high=np.maximum.accumulate(prices).tolist(),
+            low=np.minimum.accumulate(prices).tolist(),
+            pv=np.cumsum(prices * traded).tolist(),
+            volume=np.cumsum(traded).tolist(),
+            previous_close=max(0.01, _cents(previous)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _MinuteStats:
+    marks: list[float]
+    first_traded: int
+    high: list[float]
+    low: list[float]
+    pv: list[float]
+    volume: list[float]
+    previous_close: float
+
+
+def _cents(x: float) -> float:
+    """Round to cents; float(int) / 100 prints as the short decimal, and beats round() by ~6x."""
+    return math.floor(x * 100.0 + 0.5) / 100.0
+
+
+def _round4(x: float) -> float:
+    return math.floor(x * 10_000.0 + 0.5) / 10_000.0
+
+
+def _round5(x: float) -> float:
+    return math.floor(x * 100_000.0 + 0.5) / 100_000.0
+
+
+def _tick(price: float) -> float:
+    return 0.01 if price < 3.0 else 0.05
+
+
+def quote_for(theo: float, liquid: bool) -> tuple[float, float]:
+    """A penny-wide (nickel above $3) market around `theo`; zero bid when it is worth under half a cent."""
+    tick = _tick(theo)
+    width = tick * (1 if liquid else 2)
+    if theo < 0.005:
+        return 0.0, _cents(width)
+    bid = max(0.0, math.floor((theo - width / 2) / tick + 0.5) * tick)
+    return _cents(bid), _cents(bid + width)
+
+
+def _request_id(*parts: object) -> str:
+    return hashlib.md5(":".join(str(p) for p in parts).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The market
+
+
+class SyntheticMarket:
+    """One synthetic session as a model: every answer is a pure function of the script and the time."""
+
+    def __init__(self, script: DayScript, *, underlying: str = "IWM", benchmark: str = "SPY") -> None:
+        self.script = script
+        self.underlying = underlying
+        self.benchmark = benchmark
+        self.session_open_ms = session_open_ms(script.session_date)
+        self.session_close_ms = self.session_open_ms + SESSION_SECONDS * 1000
+        rng = np.random.default_rng(script.seed)
+        regime = _regime(script)
+        iwm_draws = _BarDraws.draw(rng, SESSION_SECONDS)
+        spy_draws = _BarDraws.draw(rng, SESSION_SECONDS)
+        iwm, levels = _iwm_bars(script, regime, iwm_draws, rng)
+        spy = _spy_bars(script, levels, regime, spy_draws, rng)
+        self._bars = {underlying: iwm, benchmark: spy}
+        self._wire = {sym: _wire_rows(bars, self.session_open_ms) for sym, bars in self._bars.items()}
+        self._latency = rng.integers(150, 401, size=(SESSION_SECONDS, 2)).tolist()
+        self._framing = rng.integers(0, 4, size=SESSION_SECONDS).tolist()
+        self._spot = _forward_fill(iwm.c, iwm.present, iwm.official_open)
+        self._spot_index = np.maximum.accumulate(
+            np.where(iwm.present, np.arange(SESSION_SECONDS), 0)
+        ).tolist()
+        self._spot_list = self._spot.tolist()
+        self._options = _OptionBook(self, self._spot, intraday_volume_shape())
+
+    def spot_at(self, ms: int) -> float:
+        """The underlying's last close at `ms`: the close of the newest second that has ended by then."""
+        index = (ms - self.session_open_ms) // 1000 - 1
+        if index < 0:
+            return self._bars[self.underlying].official_open
+        return self._spot_list[min(index, SESSION_SECONDS - 1)]
+
+    def bars(self, sym: str) -> list[dict[str, Any]]:
+        """The `A` events of one symbol, in time order (wire dicts)."""
+        return [_a_event(sym, row) for row in self._wire[sym] if row is not None]
+
+    def ws_frames(self) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """(receive ms, frame) for every data frame of the session, all symbols, in time order.
+
+        Bars arrive 150-400 ms after their second ends. The two symbols' bars of one second share a
+        frame half the time and otherwise come in two frames; either symbol may come first.
+        """
+        first, second = self._wire[self.underlying], self._wire[self.benchmark]
+        for i in range(SESSION_SECONDS):
+            end_ms = self.session_open_ms + (i + 1) * 1000
+            events = [
+                _a_event(sym, row)
+                for sym, row in ((self.underlying, first[i]), (self.benchmark, second[i]))
+                if row is not None
+            ]
+            yield from _frames_of_second(events, end_ms, self._latency[i], self._framing[i])
+
+    def chain_pages(
+        self,
+        at_ms: int,
+        *,
+        page_size: int = 250,
+        strike_gte: float | None = None,
+        strike_lte: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """The chain snapshot request's response bodies at `at_ms`; each page but the last has next_url."""
+        contracts = [
+            c
+            for c in self._options.chain(at_ms)
+            if (strike_gte is None or c.strike >= strike_gte)
+            and (strike_lte is None or c.strike <= strike_lte)
+        ]
+        draws = _draws(self.script.seed, at_ms, rows=len(contracts))
+        results = [self._result(c, at_ms, row) for c, row in zip(contracts, draws, strict=True)]
+        chunks = [results[i : i + page_size] for i in range(0, len(results), page_size)] or [[]]
+        query = chain_query(self.script.session_date, strike_gte, strike_lte)
+        pages = []
+        for number, chunk in enumerate(chunks, start=1):
+            page: dict[str, Any] = {
+                "results": chunk,
+                "status": "OK",
+                "request_id": _request_id("chain", self.script.seed, at_ms, number),
+            }
+            if number < len(chunks):
+                page["next_url"] = (
+                    f"{REST_BASE}/v3/snapshot/options/{self.underlying}?{query}&cursor=p{number + 1}"
+                )
+            pages.append(page)
+        return pages
+
+    def contract_snapshot(self, ticker: str, at_ms: int) -> dict[str, Any]:
+        """The `/v3/snapshot/options/IWM/{ticker}` body; KeyError for a ticker this market does not list."""
+        contract = self._options.contract_by_ticker(ticker)
+        salt = int(_request_id(ticker)[:8], 16)
+        return {
+            "request_id": _request_id("contract", self.script.seed, ticker, at_ms),
+            "results": self._result(contract, at_ms, _draws(self.script.seed, at_ms, salt, rows=1)[0]),
+            "status": "OK",
+        }
+
+    def aggs(self, sym: str, from_ms: int, to_ms: int) -> dict[str, Any]:
+        """The `/v2/aggs/ticker/{sym}/range/1/second/{from}/{to}` body (t = window start, inclusive range)."""
+        results = [
+            {k: row[k] for k in ("v", "vw", "o", "c", "h", "l")} | {"t": row["s"], "n": row["n"]}
+            for row in self._wire[sym]
+            if row is not None and from_ms <= row["s"] <= to_ms
+        ]
+        return _aggs_body(sym, results, _request_id("aggs", self.script.seed, sym, from_ms, to_ms))
+
+    def minute_aggs(self, sym: str, day: datetime.date) -> dict[str, Any]:
+        """The `/v2/aggs/ticker/{sym}/range/1/minute/{day}/{day}` body, for the volume profile.
+
+        The session day itself is aggregated from its own bars. An earlier weekday is a plain synthetic
+        day (no bursts) with pre- and post-market minutes, like the real endpoint. Weekends and later
+        days have no results.
+        """
+        request_id = _request_id("minute", self.script.seed, sym, day)
+        if day > self.script.session_date or day.weekday() >= 5:
+            return _aggs_body(sym, [], request_id)
+        if day == self.script.session_date:
+            return _aggs_body(sym, _minutes_from_bars(self._wire[sym]), request_id)
+        return _aggs_body(sym, _past_minutes(self, sym, day), request_id)
+
+    def spot_time_ms(self, ms: int) -> int:
+        """When the underlying price `spot_at(ms)` was set: the end of its bar (the open before any)."""
+        index = (ms - self.session_open_ms) // 1000 - 1
+        if index < 0:
+            return self.session_open_ms
+        return self.session_open_ms + (self._spot_index[min(index, SESSION_SECONDS - 1)] + 1) * 1000
+
+    def _result(self, contract: _Contract, at_ms: int, draws: list[int]) -> dict[str, Any]:
+        return _contract_result(self, self._options, contract, at_ms, draws)
+
+
+def chain_query(
+    session_date: datetime.date, strike_gte: float | None = None, strike_lte: float | None = None
+) -> str:
+    """The chain request's query string (what the daemon asks for)."""
+    query = f"expiration_date={session_date.isoformat()}&contract_type=call&limit=250"
+    if strike_gte is not None:
+        query += f"&strike_price.gte={strike_gte:g}"
+    if strike_lte is not None:
+        query += f"&strike_price.lte={strike_lte:g}"
+    return query
+
+
+def _forward_fill(values: np.ndarray, present: np.ndarray, first: float) -> np.ndarray:
+    index = np.where(present, np.arange(len(values)), -1)
+    index = np.maximum.accumulate(index)
+    return np.where(index >= 0, values[np.maximum(index, 0)], first)
+
+
+def _wire_rows(bars: _Bars, open_ms: int) -> list[dict[str, Any] | None]:
+    """Per second, the bar's wire fields (None for a second without trades)."""
+    cols = {
+        name: getattr(bars, name).tolist()
+        for name in ("present", "o", "h", "l", "c", "vw", "v", "av", "a", "n")
+    }
+    op = bars.official_open
+    rows: list[dict[str, Any] | None] = []
+    for i in range(SESSION_SECONDS):
+        if not cols["present"][i]:
+            rows.append(None)
+            continue
+        v = int(cols["v"][i])
+        trades = int(cols["n"][i])
+        rows.append(
+            {
+                "v": v,
+                "av": int(cols["av"][i]),
+                "op": op,
+                "vw": cols["vw"][i],
+                "o": cols["o"][i],
+                "c": cols["c"][i],
+                "h": cols["h"][i],
+                "l": cols["l"][i],
+                "a": cols["a"][i],
+                "z": max(1, v // trades),
+                "s": open_ms + i * 1000,
+                "n": trades,
+            }
+        )
+    return rows
+
+
+def _a_event(sym: str, row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ev": "A",
+        "sym": sym,
+        "v": row["v"],
+        "av": row["av"],
+        "op": row["op"],
+        "vw": row["vw"],
+        "o": row["o"],
+        "c": row["c"],
+        "h": row["h"],
+        "l": row["l"],
+        "a": row["a"],
+        "z": row["z"],
+        "s": row["s"],
+        "e": row["s"] + 1000,
+    }
+
+
+def _frames_of_second(
+    events: list[dict[str, Any]], end_ms: int, latency: list[int], framing: int
+) -> list[tuple[int, list[dict[str, Any]]]]:
+    """framing 0/1: one frame (either order); 2/3: one frame per symbol (either order)."""
+    if not events:
+        return []
+    if framing % 2 == 1:
+        events = events[::-1]
+    first_t = end_ms + min(latency)
+    if len(events) == 1 or framing < 2:
+        return [(first_t, events)]
+    return [(first_t, [events[0]]), (max(first_t + 1, end_ms + max(latency)), [events[1]])]
+
+
+def _aggs_body(sym: str, results: list[dict[str, Any]], request_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "ticker": sym,
+        "queryCount": len(results),
+        "resultsCount": len(results),
+        "adjusted": True,
+    }
+    if results:
+        body["results"] = results
+    body |= {"status": "OK", "request_id": request_id, "count": len(results)}
+    return body
+
+
+def _minutes_from_bars(rows: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    minutes: list[dict[str, Any]] = []
+    for start in range(0, SESSION_SECONDS, 60):
+        bars = [row for row in rows[start : start + 60] if row is not None]
+        if not bars:
+            continue
+        volume = sum(b["v"] for b in bars)
+        minutes.append(
+            {
+                "v": volume,
+                "vw": _round4(sum(b["vw"] * b["v"] for b in bars) / volume),
+                "o": bars[0]["o"],
+                "c": bars[-1]["c"],
+                "h": max(b["h"] for b in bars),
+                "l": min(b["l"] for b in bars),
+                "t": bars[0]["s"] - bars[0]["s"] % 60_000,
+                "n": sum(b["n"] for b in bars),
+            }
+        )
+    return minutes
+
+
+def _past_minutes(market: SyntheticMarket, sym: str, day: datetime.date) -> list[dict[str, Any]]:
+    """A plain day: U-shaped minute volume with noise, a random-walk price, thin extended hours."""
+    rng = np.random.default_rng(int(_request_id("past", market.script.seed, sym, day)[:12], 16))
+    is_underlying = sym == market.underlying
+    mean_volume = (IWM_MEAN_VOLUME if is_underlying else SPY_MEAN_VOLUME) * 60.0
+    back = max(1, (market.script.session_date - day).days)
+    base_price = market.spot_at(market.session_open_ms) if is_underlying else 665.0
+    price = base_price * math.exp(rng.normal(0.0, 0.012 * math.sqrt(back)))
+    day_factor = math.exp(rng.normal(0.0, 0.15))
+    shape = intraday_volume_shape().reshape(390, 60).mean(axis=1)
+    midnight_ms = int(datetime.datetime.combine(day, datetime.time(0, 0), NY).timestamp() * 1000)
+    minutes = []
+    for minute_of_day in range(4 * 60, 20 * 60):
+        rth = 570 <= minute_of_day < 960
+        relative = shape[minute_of_day - 570] if rth else 0.015
+        if not rth and rng.random() < 0.4:
+            continue
+        volume = max(1, int(mean_volume * day_factor * relative * math.exp(rng.normal(-0.03, 0.25))))
+        step = price * rng.normal(0.0, 0.0006 if rth else 0.0003)
+        o, c = price, price + step
+        price = c
+        minutes.append(
+            {
+                "v": volume,
+                "vw": _round4((o + c) / 2),
+                "o": _cents(o),
+                "c": _cents(c),
+                "h": _cents(max(o, c) + abs(rng.normal(0.0, 0.02))),
+                "l": _cents(min(o, c) - abs(rng.normal(0.0, 0.02))),
+                "t": midnight_ms + minute_of_day * 60_000,
+                "n": max(1, volume // 120),
+            }
+        )
+    return minutes
+
+
+def _contract_result(
+    market: SyntheticMarket, book: _OptionBook, contract: _Contract, at_ms: int, draws: list[int]
+) -> dict[str, Any]:
+    """One `results[i]` object of polygon.md §3.2, keys in the vendor's (alphabetical) order.
+
+    `draws` are six uniform integers in [0, 10**6) that jitter sizes and timestamps.
+    """
+    if contract.trap == "stale":
+        quote_ms = at_ms - STALE_QUOTE_MS - draws[0] % 1000
+    else:
+        quote_ms = at_ms - 50 - draws[0] % 2450
+    value, sigma, spot = book.value(contract, quote_ms if contract.trap == "stale" else at_ms)
+    bid, ask = _trap_quote(contract.trap, value)
+    midpoint = _round4((bid + ask) / 2)
+    volume = book.day_volume(contract, at_ms)
+    result: dict[str, Any] = {
+        "break_even_price": _round4(contract.strike + midpoint),
+        "day": _day_bar(book, contract, at_ms, volume, midpoint, draws),
+        "details": {
+            "contract_type": "call",
+            "exercise_style": "american",
+            "expiration_date": contract.expiry.isoformat(),
+            "shares_per_contract": 100,
+            "strike_price": int(contract.strike) if contract.strike.is_integer() else contract.strike,
+            "ticker": contract.ticker,
+        },
+    }
+    if contract.trap == "no_greeks":
+        result["greeks"] = {}
+    else:
+        result["greeks"] = {
+            "delta": _round5(value.delta),
+            "gamma": _round5(value.gamma),
+            "theta": _round5(value.theta),
+            "vega": _round5(value.vega),
+        }
+        result["implied_volatility"] = _round5(sigma)
+    result["last_quote"] = {
+        "ask": ask,
+        "ask_size": 10 + draws[1] % 291,
+        "bid": bid,
+        "bid_size": 10 + draws[2] % 291,
+        "last_updated": quote_ms * 1_000_000 + draws[3],
+        "midpoint": midpoint,
+        "timeframe": "REAL-TIME",
+    }
+    result["open_interest"] = contract.open_interest
+    result["underlying_asset"] = {
+        "change_to_break_even": _round4(contract.strike + midpoint - spot),
+        "last_updated": (market.spot_time_ms(at_ms)) * 1_000_000 + draws[4],
+        "price": spot,
+        "ticker": market.underlying,
+        "timeframe": "REAL-TIME",
+    }
+    return result
+
+
+def _trap_quote(trap: str, value: CallValue) -> tuple[float, float]:
+    theo = value.price
+    if trap == "wide":
+        width = max(0.05, _cents(0.10 * theo))
+        bid = max(0.01, _cents(theo - width / 2))
+        return bid, _cents(bid + width)
+    if trap == "crossed":
+        bid = max(0.03, _cents(theo + 0.01))
+        return bid, _cents(bid - 0.02)
+    return quote_for(theo, 0.05 <= value.delta <= 0.95)
+
+
+def _day_bar(
+    book: _OptionBook, contract: _Contract, at_ms: int, volume: int, close: float, draws: list[int]
+) -> dict[str, Any]:
+    """The contract's day bar so far; `{}` until it has traded (as the vendor sends)."""
+    if volume <= 0:
+        return {}
+    stats = book.minute_stats(contract)
+    minute = max(0, min(389, (at_ms - book.session_open_ms) // 60_000 - 1))
+    close = _cents(close)
+    traded = stats.volume[minute]
+    previous = stats.previous_close
+    return {
+        "change": _cents(close - previous),
+        "change_percent": _round4((close - previous) / previous * 100.0),
+        "close": close,
+        "high": max(stats.high[minute], close),
+        "last_updated": (at_ms - draws[5] % 20_000) * 1_000_000 + draws[3],
+        "low": min(stats.low[minute], close),
+        "open": stats.marks[stats.first_traded],
+        "previous_close": previous,
+        "volume": volume,
+        "vwap": _round4(stats.pv[minute] / traded) if traded > 0 else close,
+    }
+
+
+def _draws(*seed: int, rows: int) -> list[list[int]]:
+    """`rows` x 6 uniform integers in [0, 10**6), a pure function of `seed` (hash-derived: cheap per page)."""
+    digest = hashlib.shake_128(repr(seed).encode()).digest(rows * 6 * 4)
+    return (np.frombuffer(digest, dtype="<u4") % 1_000_000).reshape(rows, 6).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tapes
+
+
+def handshake_frames(
+    connected_ms: int, underlying: str, benchmark: str
+) -> list[tuple[int, list[dict[str, Any]]]]:
+    """The status frames a real recording starts with: connected, auth_success, subscribed."""
+    return [
+        (connected_ms, [{"ev": "status", "status": "connected", "message": "Connected Successfully"}]),
+        (connected_ms + 142, [{"ev": "status", "status": "auth_success", "message": "authenticated"}]),
+        (
+            connected_ms + 297,
+            [
+                {"ev": "status", "status": "success", "message": f"subscribed to: A.{underlying}"},
+                {"ev": "status", "status": "success", "message": f"subscribed to: A.{benchmark}"},
+            ],
+        ),
+    ]
+
+
+def write_tape(market: SyntheticMarket, path: Path, *, chain_every_s: int = 10, page_size: int = 20) -> Path:
+    """Render the session as a tape: handshake, every bar frame, a paged chain every `chain_every_s` s.
+
+    An existing file at `path` is replaced. The chain is recorded as the daemon polls it: page 1 at
+    `.../options/IWM?expiration_date=...&contract_type=call&limit=250`, then each `next_url`'s path.
+    """
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    start_ms = market.session_open_ms - 2000
+    ws = [
+        (t, "ws", frame) for t, frame in handshake_frames(start_ms + 120, market.underlying, market.benchmark)
+    ]
+    streams = (
+        iter(ws),
+        ((t, "ws", frame) for t, frame in market.ws_frames()),
+        _chain_lines(market, chain_every_s, page_size),
+    )
+    # Level 1: a synthetic day is ~70 MB of JSON; speed matters more than the last few MB here.
+    with TapeWriter(
+        path, underlying=market.underlying, benchmark=market.benchmark, start_ms=start_ms, compresslevel=1
+    ) as writer:
+        for t, kind, item in heapq.merge(*streams, key=lambda line: line[0]):
+            if kind == "ws":
+                writer.write_ws(t, item)
+            else:
+                rest_path, body = item
+                writer.write_rest(t, rest_path, 200, body)
+    return path
+
+
+def _chain_lines(market: SyntheticMarket, every_s: int, page_size: int) -> Iterator[tuple[int, str, Any]]:
+    first_path = f"/v3/snapshot/options/{market.underlying}?{chain_query(market.script.session_date)}"
+    for at_ms in range(market.session_open_ms, market.session_close_ms, every_s * 1000):
+        rng = random.Random(f"latency:{market.script.seed}:{at_ms}")
+        t = at_ms + rng.randint(90, 260)
+        rest_path = first_path
+        for page in market.chain_pages(at_ms, page_size=page_size):
+            yield t, "rest", (rest_path, page)
+            if "next_url" in page:
+                rest_path = page["next_url"][len(REST_BASE) :]
+                t += rng.randint(40, 140)
+
+
+def build_demo_tape(path: Path) -> Path:
+    """Write the bundled demo day's tape to `path`."""
+    return write_tape(SyntheticMarket(demo_script()), path)

@@ -1,0 +1,387 @@
+"""Tapes: one gzip'd JSON-lines recording per session day (DESIGN section 6).
+
+Layout of a tape: line 1 is `{"t": ms, "meta": {"format": "tape/1", ...}}`; every other line is a
+WebSocket frame `{"t": ms, "ws": [...]}` or a REST answer `{"t": ms, "rest": path, "status": int,
+"body": {...}}`, stamped with its receive time.
+
+Durability: the writer buffers lines in memory and `flush()` writes them as one complete gzip member,
+then fsyncs. The file is therefore always a run of complete members plus, after a kill -9 in the middle
+of a write, at most one torn member at the end. Reopening a writer cuts that torn tail off before
+appending, so a later member is never hidden behind a damaged one. `gzip.open` reads multi-member files.
+
+NaN: lines are written as strict JSON. A payload that really holds NaN or Infinity (a vendor bug) is
+written with the non-standard `NaN` token instead of being altered, so replay hands the parser exactly
+what the live parser saw and the value is counted as invalid downstream, the same way in both.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import os
+import re
+import zlib
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+TAPE_FORMAT = "tape/1"
+TAPE_SUFFIX = ".jsonl.gz"
+GZIP_MAGIC = b"\x1f\x8b\x08"
+# Large buffers become a member on their own so memory stays bounded between durable flushes.
+AUTO_MEMBER_BYTES = 8 * 1024 * 1024
+READ_CHUNK = 256 * 1024
+_TAPE_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
+
+
+@dataclass(frozen=True, slots=True)
+class TapeLine:
+    """One readable tape line.
+
+    `payload` is the meta dict, the decoded WebSocket frame (or the raw text of a frame that was not
+    JSON, so the replay parser counts it as a bad frame exactly as live did), or the REST body.
+    """
+
+    line_no: int
+    t: int
+    kind: str
+    payload: object
+    path: str | None = None
+    status: int | None = None
+
+
+def tape_path(data_dir: Path, session_date: datetime.date) -> Path:
+    """Where the tape of one session day lives: `DATA_DIR/tapes/YYYY-MM-DD.jsonl.gz`."""
+    return Path(data_dir) / "tapes" / f"{session_date.isoformat()}{TAPE_SUFFIX}"
+
+
+def prune_tapes(tapes_dir: Path, keep_days: int, today: datetime.date) -> list[Path]:
+    """Delete tapes more than `keep_days` calendar days older than `today`; return them, oldest first.
+
+    Only files named `YYYY-MM-DD.jsonl.gz` are considered, so nothing else in the folder is touched.
+    Today's tape is never deleted (age 0), even with `keep_days` 0.
+    """
+    tapes_dir = Path(tapes_dir)
+    if not tapes_dir.is_dir():
+        return []
+    deleted = []
+    for path in sorted(tapes_dir.iterdir()):
+        day = _tape_date(path.name)
+        if day is not None and (today - day).days > keep_days and path.is_file():
+            path.unlink()
+            deleted.append(path)
+    return deleted
+
+
+def _tape_date(name: str) -> datetime.date | None:
+    match = _TAPE_NAME.match(name)
+    if not match:
+        return None
+    try:
+        return datetime.date.fromisoformat(match.group(1))
+    except ValueError:
+        return None
+
+
+def strip_api_key(path: str) -> str:
+    """Remove every `apiKey=...` query parameter from a request path, keeping the rest byte for byte."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    kept = [part for part in query.split("&") if part.partition("=")[0].lower() != "apikey"]
+    return f"{base}?{'&'.join(kept)}" if kept else base
+
+
+def encode_line(record: dict[str, Any]) -> bytes:
+    """One compact JSON line; strict JSON unless the data itself holds NaN/Infinity (see module doc)."""
+    try:
+        text = json.dumps(record, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(record, separators=(",", ":"), allow_nan=True)
+    return text.encode("utf-8") + b"\n"
+
+
+class TapeWriter:
+    """Appends lines to one day's tape. Use as a context manager; `flush()` is the durable point."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        underlying: str,
+        benchmark: str,
+        start_ms: int,
+        compresslevel: int = 6,
+    ) -> None:
+        self.path = Path(path)
+        self._compresslevel = compresslevel
+        self._buffer: list[bytes] = []
+        self._buffered_bytes = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        has_content = _truncate_to_complete_members(self.path) > 0
+        self._file = open(self.path, "ab")  # noqa: SIM115 - owned for the writer's lifetime
+        if created:
+            _fsync_dir(self.path.parent)
+        if not has_content:
+            meta = {"format": TAPE_FORMAT, "underlying": underlying, "benchmark": benchmark}
+            self._append({"t": start_ms, "meta": meta})
+
+    def __enter__(self) -> TapeWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has run."""
+        return self._file.closed
+
+    def write_ws(self, t: int, frame: list[Any] | str) -> None:
+        """Record one WebSocket text frame received at `t` (ms). Text that is not JSON is kept raw."""
+        if isinstance(frame, str):
+            try:
+                decoded: Any = json.loads(frame)
+            except ValueError:
+                self._append({"t": t, "ws_raw": frame})
+                return
+            self._append({"t": t, "ws": decoded})
+            return
+        self._append({"t": t, "ws": frame})
+
+    def write_rest(self, t: int, path: str, status: int, body: object) -> None:
+        """Record one REST answer received at `t` (ms); the API key is stripped from the path and next_url."""
+        self._append(
+            {"t": t, "rest": strip_api_key(path), "status": status, "body": _strip_next_url_key(body)}
+        )
+
+    def flush(self) -> None:
+        """Write everything buffered as one gzip member and fsync: a crash after this loses none of it."""
+        self._check_open()
+        self._write_member()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """Flush and close; calling it again does nothing."""
+        if self._file.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._file.close()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self._check_open()
+        line = encode_line(record)
+        self._buffer.append(line)
+        self._buffered_bytes += len(line)
+        if self._buffered_bytes >= AUTO_MEMBER_BYTES:
+            self._write_member()
+
+    def _write_member(self) -> None:
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        self._buffered_bytes = 0
+        # mtime=0 keeps tapes of the same input byte-identical.
+        self._file.write(gzip.compress(data, compresslevel=self._compresslevel, mtime=0))
+
+    def _check_open(self) -> None:
+        if self._file.closed:
+            raise ValueError(f"tape {self.path} is closed")
+
+
+def _strip_next_url_key(body: object) -> object:
+    if isinstance(body, dict) and isinstance(body.get("next_url"), str):
+        cleaned = strip_api_key(body["next_url"])
+        if cleaned != body["next_url"]:
+            return {**body, "next_url": cleaned}
+    return body
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _truncate_to_complete_members(path: Path) -> int:
+    """Cut a torn trailing gzip member off `path`; return the size of what is kept (0 if no file)."""
+    if not path.exists():
+        return 0
+    keep = _complete_members_end(path)
+    if keep != path.stat().st_size:
+        os.truncate(path, keep)
+    return keep
+
+
+def _complete_members_end(path: Path) -> int:
+    """Byte offset just past the last gzip member that decompresses completely from the start."""
+    end = 0
+    pos = 0
+    decomp = None
+    with open(path, "rb") as fh:
+        while chunk := fh.read(READ_CHUNK):
+            data = chunk
+            while data:
+                if decomp is None:
+                    decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                try:
+                    decomp.decompress(data)
+                except zlib.error:
+                    return end
+                if not decomp.eof:
+                    pos += len(data)
+                    break
+                pos += len(data) - len(decomp.unused_data)
+                end = pos
+                data = decomp.unused_data
+                decomp = None
+    return end
+
+
+class TapeReader:
+    """Iterates a tape's readable lines; never raises on damaged content.
+
+    `bad_lines` counts, for the latest iteration, lines that are not JSON objects, lack an integer `t`,
+    or have no known shape, plus one for each damaged stretch of the gzip stream (such as a member torn
+    by a crash). `meta` is the first meta line's dict, read when the reader is made.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.bad_lines = 0
+        self.meta: dict[str, Any] | None = None
+        lines = iter(self)
+        first = next(lines, None)
+        lines.close()
+        if first is not None and first.kind == "meta" and isinstance(first.payload, dict):
+            self.meta = first.payload
+        self.bad_lines = 0
+
+    def __iter__(self) -> Generator[TapeLine, None, None]:
+        self.bad_lines = 0
+        line_no = 0
+        for raw in self._raw_lines():
+            line_no += 1
+            parsed = _parse_line(raw, line_no)
+            if parsed is None:
+                self.bad_lines += 1
+                continue
+            yield parsed
+
+    def _raw_lines(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as fh:
+            head = fh.read(len(GZIP_MAGIC))
+            fh.seek(0)
+            chunks = _gzip_chunks(fh, self._count_damage) if head == GZIP_MAGIC else _plain_chunks(fh)
+            pending = b""
+            for chunk in chunks:
+                if chunk is None:
+                    pending = b""
+                    continue
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                yield from (line for line in complete if line.strip())
+            if pending.strip():
+                yield pending
+
+    def _count_damage(self) -> None:
+        self.bad_lines += 1
+
+
+def _plain_chunks(fh: Any) -> Iterator[bytes | None]:
+    while chunk := fh.read(READ_CHUNK):
+        yield chunk
+
+
+def _gzip_chunks(fh: Any, on_damage: Any) -> Iterator[bytes | None]:
+    """Decompressed data of every member; `None` marks a damaged stretch (its partial line is dropped).
+
+    One damaged stretch is reported once, however many false gzip headers it takes to get past it.
+    """
+    data = fh.read(READ_CHUNK)
+    decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    started = damaged = False
+    while data:
+        try:
+            out = decomp.decompress(data)
+        except zlib.error:
+            if not damaged:
+                on_damage()
+            damaged = True
+            yield None
+            data = _resync(data[1:], fh)
+            decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            started = False
+            continue
+        started = True
+        if out:
+            yield out
+        if decomp.eof:
+            data = decomp.unused_data or fh.read(READ_CHUNK)
+            decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            started = damaged = False
+            continue
+        data = fh.read(READ_CHUNK)
+    if started and not damaged:
+        on_damage()
+        yield None
+
+
+def _resync(data: bytes, fh: Any) -> bytes:
+    """Skip to the next gzip header after a damaged stretch; empty when there is none."""
+    while True:
+        found = data.find(GZIP_MAGIC)
+        if found >= 0:
+            return data[found:]
+        more = fh.read(READ_CHUNK)
+        if not more:
+            return b""
+        data = data[-(len(GZIP_MAGIC) - 1) :] + more
+
+
+def _parse_line(raw: bytes, line_no: int) -> TapeLine | None:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    t = record.get("t")
+    if not isinstance(t, int) or isinstance(t, bool):
+        return None
+    return _shape_line(record, t, line_no)
+
+
+def _shape_line(record: dict[str, Any], t: int, line_no: int) -> TapeLine | None:
+    if "meta" in record:
+        return TapeLine(line_no, t, "meta", record["meta"]) if isinstance(record["meta"], dict) else None
+    if "ws" in record:
+        return TapeLine(line_no, t, "ws", record["ws"])
+    if "ws_raw" in record:
+        return TapeLine(line_no, t, "ws", record["ws_raw"]) if isinstance(record["ws_raw"], str) else None
+    if "rest" in record:
+        path, status = record["rest"], record.get("status")
+        if not isinstance(path, str) or not isinstance(status, int) or isinstance(status, bool):
+            return None
+        return TapeLine(line_no, t, "rest", record.get("body"), path=path, status=status)
+    return None

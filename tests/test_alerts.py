@@ -1,0 +1,507 @@
+"""The Pushover notifier over real sockets against the fake Pushover server, with a real journal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from alerts import Notifier, PushoverClient, SendResult, pushover_form, truncate
+from events import Alert
+from pnl_tracker import Journal, OutboxItem
+from sim.pushover_server import FakePushover
+
+TOKEN = "aTestAppTokenForTheFakeServer1"
+USER = "uTestUserKeyForTheFakeServer22"
+AT_MS = 1_759_415_400_123
+SENT_MS = 1_759_415_999_000
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def alert(n: int, *, priority: int = 0, title: str | None = None, message: str | None = None) -> Alert:
+    return Alert(
+        kind="BUY" if n % 2 else "SELL",
+        dedupe_key=f"K:{n}",
+        title=title or f"IWM 0DTE CALL — alert {n}",
+        message=message or f"message {n}\nline two",
+        priority=priority,
+        at_ms=AT_MS + n * 1_500,
+    )
+
+
+def outbox(journal: Journal) -> list[tuple[str, str, int, str | None, int | None]]:
+    """(dedupe_key, status, attempts, last_error, sent_ms) per outbox row."""
+    return [(r[1], r[7], r[8], r[9], r[10]) for r in journal.table_rows("outbox")]
+
+
+def titles(server: FakePushover) -> list[str]:
+    return [m.form["title"] for m in server.messages]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    j = Journal(tmp_path / "journal.sqlite3")
+    yield j
+    j.close()
+
+
+@pytest.fixture
+def server() -> Iterator[FakePushover]:
+    with FakePushover() as fake:
+        yield fake
+
+
+def make_client(server: FakePushover, timeout: float = 2.0, token: str = TOKEN) -> PushoverClient:
+    return PushoverClient(token, USER, server.url, timeout=timeout)
+
+
+def make_notifier(journal: Journal, client: PushoverClient | None, **kwargs: object) -> Notifier:
+    options: dict[object, object] = {"min_retry_s": 0.05, "max_retry_s": 0.2} | kwargs
+    return Notifier(journal, client, clock_ms=lambda: SENT_MS, **options)  # type: ignore[arg-type]
+
+
+@contextmanager
+def running(notifier: Notifier) -> Iterator[threading.Thread]:
+    stop = threading.Event()
+    thread = threading.Thread(target=notifier.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        notifier.wake()
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+
+
+class StepClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_happy_path_sends_in_outbox_order_with_exact_fields(journal: Journal, server: FakePushover) -> None:
+    journal.record([alert(1), alert(2, priority=1), alert(3)])
+    notifier = make_notifier(journal, make_client(server))
+
+    with capture_logs() as logs:
+        assert notifier.drain_once() == 3
+
+    assert [m.form for m in server.messages] == [
+        {
+            "token": TOKEN,
+            "user": USER,
+            "title": f"IWM 0DTE CALL — alert {n}",
+            "message": f"message {n}\nline two",
+            "priority": str(priority),
+            "timestamp": str((AT_MS + n * 1_500) // 1000),
+        }
+        for n, priority in ((1, 0), (2, 1), (3, 0))
+    ]
+    assert [m.form["timestamp"] for m in server.messages] == ["1759415401", "1759415403", "1759415404"]
+    assert outbox(journal) == [(f"K:{n}", "sent", 1, None, SENT_MS) for n in (1, 2, 3)]
+    sent = [e for e in logs if e["event"] == "pushover_sent"]
+    assert [(e["dedupe_key"], e["remaining"], e["status"]) for e in sent] == [
+        ("K:1", "9999", 200),
+        ("K:2", "9998", 200),
+        ("K:3", "9997", 200),
+    ]
+    assert [e["request_id"] for e in sent] == [m.request_id for m in server.messages]
+    assert notifier.drain_once() == 0
+    assert server.requests == 3
+
+
+def test_emergency_priority_carries_retry_and_expire(journal: Journal, server: FakePushover) -> None:
+    journal.record([alert(1, priority=2)])
+
+    assert make_notifier(journal, make_client(server)).drain_once() == 1
+
+    form = server.messages[0].form
+    assert (form["priority"], form["retry"], form["expire"]) == ("2", "60", "3600")
+
+
+def test_long_title_and_message_are_truncated_with_an_ellipsis(
+    journal: Journal, server: FakePushover
+) -> None:
+    long_message = "".join(chr(ord("a") + i % 26) for i in range(2_000))
+    journal.record([alert(1, title="T" * 300, message=long_message)])
+
+    assert make_notifier(journal, make_client(server)).drain_once() == 1
+
+    form = server.messages[0].form
+    assert len(form["message"]) == 1024
+    assert form["message"] == long_message[:1023] + "…"
+    assert form["title"] == "T" * 249 + "…"
+    assert truncate("x" * 1024, 1024) == "x" * 1024
+
+
+def test_server_errors_are_retried_in_order_exactly_once_each(journal: Journal, server: FakePushover) -> None:
+    server.fail_with(500, seconds=1.5)
+    journal.record([alert(1), alert(2), alert(3)])
+    notifier = make_notifier(journal, make_client(server), min_retry_s=0.2, max_retry_s=0.4)
+
+    with running(notifier):
+        for _ in range(20):
+            notifier.wake()  # new alerts arriving during the outage must not shorten the back-off
+            time.sleep(0.02)
+        wait_until(lambda: journal.pending_count() == 0)
+
+    assert titles(server) == [f"IWM 0DTE CALL — alert {n}" for n in (1, 2, 3)]
+    history = server.history
+    failed = [i for i, seen in enumerate(history) if seen.status == 500]
+    assert failed and all(history[i].form["title"] == "IWM 0DTE CALL — alert 1" for i in failed)
+    gaps = [history[i + 1].received_at - history[i].received_at for i in failed]
+    assert min(gaps) >= 0.2
+    first = outbox(journal)[0]
+    assert first[:3] == ("K:1", "sent", len(failed) + 1)
+    assert [row[1:3] for row in outbox(journal)[1:]] == [("sent", 1), ("sent", 1)]
+
+
+def test_backoff_doubles_from_the_minimum_and_is_capped(journal: Journal, server: FakePushover) -> None:
+    server.fail_with(500, count=3)
+    journal.record([alert(1)])
+    clock = StepClock()
+    notifier = make_notifier(journal, make_client(server), min_retry_s=5.0, max_retry_s=12.0, monotonic=clock)
+
+    assert notifier.drain_once() == 0
+    for expected_delay in (5.0, 10.0, 12.0):
+        assert notifier.retry_in_s() == expected_delay
+        requests = server.requests
+        clock.now += expected_delay - 0.001
+        assert notifier.drain_once() == 0
+        assert server.requests == requests
+        clock.now += 0.001
+        notifier.drain_once()
+        assert server.requests == requests + 1
+
+    assert titles(server) == ["IWM 0DTE CALL — alert 1"]
+    assert notifier.retry_in_s() is None
+    assert outbox(journal) == [("K:1", "sent", 4, None, SENT_MS)]
+
+
+@pytest.mark.parametrize("status", [400, 429])
+def test_client_errors_are_never_retried_and_the_next_alert_goes(
+    journal: Journal, server: FakePushover, status: int
+) -> None:
+    server.fail_with(status, count=1)
+    journal.record([alert(1), alert(2)])
+    notifier = make_notifier(journal, make_client(server))
+
+    with capture_logs() as logs:
+        assert notifier.drain_once() == 1
+        assert notifier.drain_once() == 0
+
+    assert server.requests == 2
+    assert [seen.status for seen in server.history] == [status, 200]
+    assert titles(server) == ["IWM 0DTE CALL — alert 2"]
+    rows = outbox(journal)
+    assert rows[0][:3] == ("K:1", "failed", 1)
+    assert rows[0][3] is not None and rows[0][3].startswith(f"HTTP {status}: ")
+    assert rows[1] == ("K:2", "sent", 1, None, SENT_MS)
+    rejected = [e for e in logs if e["event"] == "pushover_rejected"]
+    assert [(e["dedupe_key"], e["status"]) for e in rejected] == [("K:1", status)]
+    assert rejected[0]["request_id"] == server.history[0].request_id
+    assert rejected[0]["remaining"] == ("0" if status == 429 else "10000")
+    assert notifier.disabled_reason is None
+
+
+def test_unauthorised_disables_sending_and_keeps_alerts_pending(
+    journal: Journal, server: FakePushover
+) -> None:
+    server.fail_with(401)
+    journal.record([alert(1), alert(2), alert(3)])
+    notifier = make_notifier(journal, make_client(server))
+
+    with capture_logs() as logs:
+        assert notifier.drain_once() == 0
+        with running(notifier):
+            notifier.wake()
+            time.sleep(0.2)
+        assert notifier.flush(0.2) == 0
+
+    assert server.requests == 1
+    assert journal.pending_count() == 3
+    assert [row[:3] for row in outbox(journal)] == [
+        ("K:1", "pending", 1),
+        ("K:2", "pending", 0),
+        ("K:3", "pending", 0),
+    ]
+    assert (
+        notifier.disabled_reason == "Pushover refused the credentials: HTTP 401: application token is invalid"
+    )
+    disabled = [e for e in logs if e["event"] == "pushover_disabled"]
+    assert len(disabled) == 1
+    assert disabled[0]["log_level"] == "critical"
+    assert disabled[0]["pending"] == 3
+    assert disabled[0]["token"] == "aTes…(30 chars)"
+
+
+def test_invalid_token_rejected_by_validation_also_disables(journal: Journal, server: FakePushover) -> None:
+    journal.record([alert(1), alert(2)])
+    notifier = make_notifier(journal, make_client(server, token="short"))
+
+    assert notifier.drain_once() == 0
+
+    assert [seen.status for seen in server.history] == [400]
+    assert (
+        notifier.disabled_reason == "Pushover refused the credentials: HTTP 400: application token is invalid"
+    )
+    assert journal.pending_count() == 2
+
+
+def test_timeouts_are_retried_until_the_server_answers(journal: Journal, server: FakePushover) -> None:
+    server.stall(1.0)
+    journal.record([alert(1), alert(2)])
+    notifier = make_notifier(journal, make_client(server, timeout=0.3), min_retry_s=0.1, max_retry_s=0.1)
+
+    with capture_logs() as logs:
+        assert notifier.drain_once() == 0
+        with running(notifier):
+            wait_until(lambda: journal.pending_count() == 0)
+
+    assert titles(server) == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
+    retries = [e for e in logs if e["event"] == "pushover_retry"]
+    assert (retries[0]["dedupe_key"], retries[0]["error"], retries[0]["status"]) == (
+        "K:1",
+        "timeout (ReadTimeout)",
+        None,
+    )
+    # A retry landing just before the stall ends is held less than the timeout and answered 503.
+    assert all(e["dedupe_key"] == "K:1" for e in retries)
+    assert all(e["error"].startswith("timeout (") or e["error"] == "HTTP 503: stalled" for e in retries)
+    assert outbox(journal)[0][:3] == ("K:1", "sent", len(retries) + 1)
+    assert server.requests == len(retries) + 2
+
+
+def test_without_keys_alerts_go_to_log_only_and_are_marked_sent(journal: Journal) -> None:
+    journal.record([alert(1), alert(2)])
+    seen: list[OutboxItem] = []
+    notifier = make_notifier(journal, None, log_only=seen.append)
+
+    assert notifier.drain_once() == 2
+
+    assert [(i.dedupe_key, i.title, i.at_ms) for i in seen] == [
+        ("K:1", "IWM 0DTE CALL — alert 1", AT_MS + 1_500),
+        ("K:2", "IWM 0DTE CALL — alert 2", AT_MS + 3_000),
+    ]
+    assert outbox(journal) == [("K:1", "sent", 1, None, SENT_MS), ("K:2", "sent", 1, None, SENT_MS)]
+
+
+def test_default_log_only_writes_title_and_message(journal: Journal) -> None:
+    journal.record([alert(1)])
+
+    with capture_logs() as logs:
+        assert make_notifier(journal, None).drain_once() == 1
+
+    assert [(e["event"], e["title"], e["message"]) for e in logs] == [
+        ("alert", "IWM 0DTE CALL — alert 1", "message 1\nline two")
+    ]
+
+
+def test_flush_delivers_after_an_outage_within_its_deadline(journal: Journal, server: FakePushover) -> None:
+    server.fail_with(500, count=2)
+    journal.record([alert(1), alert(2)])
+    notifier = make_notifier(journal, make_client(server))
+
+    assert notifier.flush(5.0) == 2
+
+    assert titles(server) == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
+    assert journal.pending_count() == 0
+
+
+def test_flush_gives_up_at_its_deadline_leaving_alerts_pending(
+    journal: Journal, server: FakePushover
+) -> None:
+    server.fail_with(503)
+    journal.record([alert(1)])
+    notifier = make_notifier(journal, make_client(server), min_retry_s=0.1, max_retry_s=0.1)
+
+    assert notifier.flush(0.35) == 0
+
+    assert 1 <= server.requests <= 5
+    assert outbox(journal)[0][:3] == ("K:1", "pending", server.requests)
+
+
+def test_network_errors_are_retryable_and_never_show_the_keys(journal: Journal) -> None:
+    closed = FakePushover()
+    url = closed.url
+    closed.stop()
+    client = PushoverClient(TOKEN, USER, url, timeout=1.0)
+    journal.record([alert(1)])
+    item = journal.pending()[0]
+
+    result = client.send(item)
+
+    assert (result.ok, result.retry, result.status, result.request_id, result.remaining) == (
+        False,
+        True,
+        None,
+        None,
+        None,
+    )
+    assert result.error.startswith("ConnectError: ")
+    assert TOKEN not in repr(client) and USER not in repr(client)
+    assert "aTes…(30 chars)" in repr(client)
+
+
+def test_secrets_never_appear_in_logs_or_errors(journal: Journal, server: FakePushover) -> None:
+    journal.record([alert(n) for n in range(1, 6)])
+    server.fail_with(500, count=1)
+    notifier = make_notifier(journal, make_client(server))
+    results: list[SendResult] = []
+
+    with capture_logs() as logs:
+        notifier.flush(5.0)
+        server.fail_with(429, count=1)
+        journal.record([alert(6), alert(7)])
+        notifier.drain_once()
+        server.fail_with(401)
+        journal.record([alert(8)])
+        notifier.drain_once()
+        results.append(make_client(server).send(journal.pending()[0]))
+
+    text = repr(logs) + repr(results) + repr(journal.table_rows("outbox")) + repr(notifier.disabled_reason)
+    assert {e["event"] for e in logs} >= {
+        "pushover_sent",
+        "pushover_retry",
+        "pushover_rejected",
+        "pushover_disabled",
+    }
+    assert TOKEN not in text and USER not in text
+
+
+def test_echoed_keys_in_an_error_body_are_masked(journal: Journal) -> None:
+    def echo_keys(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"status": 0, "errors": [request.content.decode()], "request": "r-1"})
+
+    client = PushoverClient(
+        TOKEN, USER, "http://pushover.invalid/1/messages.json", transport=httpx.MockTransport(echo_keys)
+    )
+    journal.record([alert(1)])
+
+    result = client.send(journal.pending()[0])
+
+    assert (result.ok, result.retry, result.status, result.request_id) == (False, False, 400, "r-1")
+    assert TOKEN not in result.error and USER not in result.error
+    assert "token=aTes…(30 chars)" in result.error
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (httpx.Response(200, json={"status": 1, "request": "r"}), (True, False, False)),
+        (httpx.Response(200, json={"status": 0, "errors": ["x"], "request": "r"}), (False, False, False)),
+        (httpx.Response(200, text="<html>gateway</html>"), (False, True, False)),
+        (httpx.Response(502, text="<html>bad gateway</html>"), (False, True, False)),
+        (httpx.Response(503, json={"status": 0, "errors": ["down"]}), (False, True, False)),
+        (httpx.Response(302, headers={"Location": "/elsewhere"}), (False, True, False)),
+        (httpx.Response(404, json={"status": 0, "errors": ["not found"]}), (False, False, False)),
+        (
+            httpx.Response(
+                400, json={"status": 0, "user": "invalid", "errors": ["user identifier is not a valid user"]}
+            ),
+            (False, False, True),
+        ),
+        (
+            httpx.Response(400, json={"status": 0, "errors": ["device name is invalid"]}),
+            (False, False, False),
+        ),
+        (httpx.Response(401, text="unauthorised"), (False, False, True)),
+    ],
+)
+def test_answers_are_classified_like_pushover_asks(
+    journal: Journal, response: httpx.Response, expected: tuple[bool, bool, bool]
+) -> None:
+    client = PushoverClient(
+        TOKEN,
+        USER,
+        "http://pushover.invalid/1/messages.json",
+        transport=httpx.MockTransport(lambda _r: response),
+    )
+    journal.record([alert(1)])
+
+    result = client.send(journal.pending()[0])
+
+    assert (result.ok, result.retry, result.credentials_invalid) == expected
+
+
+def test_form_for_an_item_is_exact() -> None:
+    item = OutboxItem(7, "SELL:t1", "SELL", "title", "body", 1, 1_759_415_400_999, 0)
+
+    assert pushover_form(item, TOKEN, USER) == {
+        "token": TOKEN,
+        "user": USER,
+        "title": "title",
+        "message": "body",
+        "priority": "1",
+        "timestamp": "1759415400",
+    }
+
+
+def test_fake_server_validates_like_pushover(server: FakePushover) -> None:
+    with httpx.Client() as http:
+        blank = http.post(server.url, data={"token": TOKEN, "user": USER, "message": ""})
+        emergency = http.post(
+            server.url, data={"token": TOKEN, "user": USER, "message": "m", "priority": "2"}
+        )
+        ok = http.post(server.url, json={"token": TOKEN, "user": USER, "message": "json body"})
+
+    assert (blank.status_code, blank.json()["errors"], blank.json()["message"]) == (
+        400,
+        ["message cannot be blank"],
+        "cannot be blank",
+    )
+    assert emergency.status_code == 400
+    assert emergency.json()["retry"] == "invalid" and emergency.json()["expire"] == "invalid"
+    assert (ok.status_code, ok.json()["status"], ok.headers["X-Limit-App-Remaining"]) == (200, 1, "9999")
+    assert [m.form["message"] for m in server.messages] == ["json body"]
+    assert server.requests == 3
+
+
+def test_fake_server_runs_alone_from_the_command_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sim.pushover_server", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert done.returncode == 0
+    assert "--fail-500-for" in done.stdout and "--port" in done.stdout
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sim.pushover_server", "--port", "0", "--fail-500-for", "30"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()
+        url = banner.rsplit(" ", 1)[-1].strip()
+        answer = httpx.post(url, data={"token": TOKEN, "user": USER, "message": "m"}, timeout=5)
+        assert banner.startswith("fake Pushover listening on http://127.0.0.1:")
+        assert answer.status_code == 500
+        assert process.stdout.readline() == "500 priority=0 title=''\n"
+    finally:
+        process.terminate()
+        process.wait(timeout=5)

@@ -1,0 +1,545 @@
+"""The live Polygon clients (stream and REST) against the fake Polygon server over real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import queue
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from events import FeedStatus
+from feed import FeedDecoder
+from pipeline import Received
+from polygon_client import Backoff, PolygonRest, PolygonStream, RestAnswer
+from sim.polygon_server import FakePolygon, RecordedMarket
+
+START_MS = 1_759_411_800_000  # 2025-10-02 09:30 New York
+SESSION_DATE = datetime.date(2025, 10, 2)
+KEY = "testkey"
+SECRET = "sekret-KEY-0123456789"
+SPEED = 200.0
+SECONDS = 3600
+STRIKES = range(220, 261)
+WAIT_S = 5.0
+TINY_BACKOFF = Backoff(initial_s=0.01, max_s=0.02)
+
+
+def a_event(sym: str, start_ms: int, close: float) -> dict:
+    return {
+        "ev": "A",
+        "sym": sym,
+        "v": 100,
+        "av": 1000,
+        "vw": close,
+        "o": close,
+        "c": close,
+        "h": close,
+        "l": close,
+        "a": close,
+        "z": 1,
+        "s": start_ms,
+        "e": start_ms + 1000,
+    }
+
+
+def option_result(strike: int) -> dict:
+    ticker = f"O:IWM251002C{strike * 1000:08d}"
+    return {
+        "details": {
+            "contract_type": "call",
+            "expiration_date": "2025-10-02",
+            "strike_price": strike,
+            "ticker": ticker,
+        },
+        "last_quote": {"bid": 1.0, "ask": 1.1, "bid_size": 20, "ask_size": 20},
+    }
+
+
+def tiny_market() -> RecordedMarket:
+    """One bar per second for IWM and SPY (one frame each second) and one chain of 41 strikes."""
+    frames = [
+        (
+            START_MS + i * 1000 + 200,
+            [a_event("IWM", START_MS + i * 1000, 240.0), a_event("SPY", START_MS + i * 1000, 600.0)],
+        )
+        for i in range(SECONDS)
+    ]
+    return RecordedMarket(frames, chains=[(START_MS - 60_000, [option_result(k) for k in STRIKES])])
+
+
+MARKET = tiny_market()
+BAR_STARTS = [START_MS + i * 1000 for i in range(SECONDS)]
+
+
+class Inbox:
+    """What the stream put, collected on the test thread; waits are bounded."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[object] = queue.Queue()
+        self.items: list[object] = []
+
+    def put(self, item: object) -> None:
+        self.queue.put(item)
+
+    def wait_for(self, predicate: Callable[[list[object]], bool], timeout: float = WAIT_S) -> list[object]:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.items):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"condition not met; last items: {self.items[-6:]!r}")
+            with contextlib.suppress(queue.Empty):
+                self.items.append(self.queue.get(timeout=min(remaining, 0.05)))
+        return self.items
+
+
+class MaxRng(random.Random):
+    """Always the longest jittered wait, so a test's gap has a known lower bound."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def statuses(items: list[object]) -> list[FeedStatus]:
+    return [item for item in items if isinstance(item, FeedStatus)]
+
+
+def reasons(items: list[object]) -> list[str]:
+    return [status.reason for status in statuses(items)]
+
+
+def after_last_status(items: list[object]) -> list[object]:
+    last = max(i for i, item in enumerate(items) if isinstance(item, FeedStatus))
+    return items[last + 1 :]
+
+
+def frames(items: list[object]) -> list[Received]:
+    return [item for item in items if isinstance(item, Received)]
+
+
+def data_frames(items: list[object]) -> list[Received]:
+    return [item for item in frames(items) if '"ev":"A"' in item.payload]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakePolygon]:
+    with FakePolygon(MARKET, api_key=KEY, start_ms=START_MS, speed=SPEED) as server:
+        yield server
+
+
+@pytest.fixture
+def streams() -> Iterator[list[PolygonStream]]:
+    started: list[PolygonStream] = []
+    yield started
+    for stream in started:
+        stream.stop(timeout=5.0)
+
+
+def start_stream(streams: list[PolygonStream], url: str, inbox: Inbox, **kwargs: object) -> PolygonStream:
+    kwargs.setdefault("clock_ms", lambda: 42_000)
+    kwargs.setdefault("backoff", TINY_BACKOFF)
+    kwargs.setdefault("rng", random.Random(7))
+    api_key = str(kwargs.pop("api_key", KEY))
+    stream = PolygonStream(url, api_key, ["IWM", "SPY"], inbox.put, **kwargs)  # type: ignore[arg-type]
+    streams.append(stream)
+    stream.start()
+    return stream
+
+
+def test_backoff_is_immediate_first_then_capped_exponential_with_full_jitter() -> None:
+    backoff = Backoff(initial_s=1.0, max_s=60.0, factor=2.0)
+    assert backoff.delay(0, random.Random(1)) == 0.0
+    assert [backoff.ceiling(n) for n in range(1, 9)] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert backoff.ceiling(100_000) == 60.0
+    rng = random.Random(5)
+    delays = [backoff.delay(n, rng) for n in range(1, 200)]
+    assert all(0.0 <= d <= backoff.ceiling(n) for n, d in zip(range(1, 200), delays, strict=True))
+    assert delays == [backoff.delay(n, r) for r in [random.Random(5)] for n in range(1, 200)]
+    assert len(set(delays)) == len(delays)
+
+
+def test_stream_authenticates_subscribes_and_stamps_every_frame(fake: FakePolygon, streams: list) -> None:
+    inbox = Inbox()
+    stream = start_stream(streams, fake.ws_url, inbox)
+    items = inbox.wait_for(lambda items: len(data_frames(items)) >= 3)
+
+    assert fake.auth_attempts == 1
+    assert fake.subscriptions == ["A.IWM,A.SPY"]
+    assert items[:4] == [
+        Received(42_000, "ws", '[{"ev":"status","status":"auth_success","message":"authenticated"}]'),
+        FeedStatus(42_000, True, "auth_success"),
+        Received(42_000, "ws", '[{"ev":"status","status":"success","message":"subscribed to: A.IWM"}]'),
+        Received(42_000, "ws", '[{"ev":"status","status":"success","message":"subscribed to: A.SPY"}]'),
+    ]
+    assert all(item.t == 42_000 and item.kind == "ws" for item in frames(items))
+    first = json.loads(data_frames(items)[0].payload)
+    assert [(event["ev"], event["sym"]) for event in first] == [("A", "IWM"), ("A", "SPY")]
+    assert first[0]["s"] in BAR_STARTS
+    assert stream.connected is True
+    assert stream.last_frame_ms == 42_000
+    assert stream.reconnects == 0
+    stream.stop()
+    assert stream.connected is False
+
+
+def test_stream_with_a_wrong_key_reports_auth_failed_once_and_retries_slowly(
+    fake: FakePolygon, streams: list
+) -> None:
+    inbox = Inbox()
+    failed = '[{"ev":"status","status":"auth_failed","message":"authentication failed"}]'
+    with capture_logs() as logs:
+        stream = start_stream(streams, fake.ws_url, inbox, api_key=SECRET, auth_failed_wait_s=0.3)
+        items = inbox.wait_for(lambda items: [f.payload for f in frames(items)].count(failed) >= 2)
+        stream.stop()
+
+    assert statuses(items) == [FeedStatus(42_000, False, "auth_failed")]
+    assert all(item.payload == failed for item in frames(items))
+    waits = [entry for entry in logs if entry["event"] == "stream_reconnect_wait"]
+    assert waits and all(entry["wait_s"] >= 0.3 for entry in waits)
+    assert fake.subscriptions == []
+    assert fake.auth_attempts >= 2
+    assert stream.connected is False
+    assert SECRET not in repr(logs) and SECRET not in repr(items)
+
+
+def test_stream_reconnects_after_a_drop_resubscribes_and_backfills_the_gap(
+    fake: FakePolygon, streams: list
+) -> None:
+    inbox = Inbox()
+    calls: list[tuple[int, int]] = []
+    backfilled: list[RestAnswer] = []
+    rest = PolygonRest(fake.rest_url, KEY, clock_ms=fake.now_ms)
+
+    def backfill(gap_from: int, gap_to: int) -> None:
+        calls.append((gap_from, gap_to))
+        inbox.put("backfill")
+        # Bars arrive after their second ends, so the caller reaches back a little before the last frame.
+        backfilled.extend(rest.aggs("IWM", 1, "second", str(gap_from - 5000), str(gap_to)))
+
+    stream = start_stream(
+        streams,
+        fake.ws_url,
+        inbox,
+        clock_ms=fake.now_ms,
+        backfill=backfill,
+        backoff=Backoff(initial_s=0.1, max_s=0.1, factor=1.0),
+        rng=MaxRng(),
+        healthy_after_s=3600.0,
+    )
+    inbox.wait_for(lambda items: len(data_frames(items)) >= 5)
+    fake.drop_connections()
+    items = inbox.wait_for(
+        lambda items: len(data_frames(items[items.index("backfill") :] if "backfill" in items else [])) >= 2
+    )
+    rest.close()
+
+    down = next(i for i, item in enumerate(items) if isinstance(item, FeedStatus) and not item.connected)
+    assert items[down].reason == "disconnected: connection lost"
+    last_before = frames(items[:down])[-1]
+    ((gap_from, gap_to),) = calls
+    assert gap_from == last_before.t
+    assert gap_to > gap_from
+    after = items[down + 1 :]
+    assert isinstance(after[0], Received) and "auth_success" in after[0].payload
+    assert isinstance(after[1], FeedStatus) and after[1].reason == "auth_success"
+    assert after[2] == "backfill"
+    assert isinstance(after[3], Received) and after[3].payload.endswith('"subscribed to: A.IWM"}]')
+    assert after[3].t >= gap_to
+    assert fake.subscriptions == ["A.IWM,A.SPY", "A.IWM,A.SPY"]
+    assert stream.reconnects == 1
+    assert [answer.status for answer in backfilled] == [200]
+    got = [bar["t"] for bar in backfilled[0].body["results"]]
+    assert got == sorted(got)
+    assert set(s for s in BAR_STARTS if gap_from - 5000 <= s <= gap_to - 1000) <= set(got)
+    assert all(gap_from - 5000 <= s <= gap_to for s in got)
+
+
+def test_stream_max_connections_waits_and_keeps_the_backoff_counter(fake: FakePolygon, streams: list) -> None:
+    fake.max_connections_next()
+    fake.max_connections_next()
+    inbox = Inbox()
+    with capture_logs() as logs:
+        stream = start_stream(streams, fake.ws_url, inbox, clock_ms=fake.now_ms, max_connections_wait_s=0.3)
+        items = inbox.wait_for(lambda items: reasons(items).count("auth_success") >= 3)
+        stream.stop()
+
+    assert reasons(items) == [
+        "auth_success",
+        "max_connections",
+        "auth_success",
+        "max_connections",
+        "auth_success",
+    ]
+    payloads = [item.payload for item in frames(items)]
+    assert sum('"status":"max_connections"' in payload for payload in payloads) == 2
+    waits = [entry for entry in logs if entry["event"] == "stream_reconnect_wait"]
+    # The auth_success in between did not reset the attempt counter: 1, then 2.
+    assert [entry["attempt"] for entry in waits] == [1, 2]
+    assert all(entry["wait_s"] >= 0.3 for entry in waits)
+    assert fake.ws_connections == 3
+    assert stream.reconnects == 2
+
+
+def test_stream_passes_garbage_frames_through_unchanged(fake: FakePolygon, streams: list) -> None:
+    garbage = ["not json at all", '{"ev":"A","sym":"IWM"}', '[{"ev":"A","sym":"IWM","s":"x"}]', "[1,2"]
+    inbox = Inbox()
+    stream = start_stream(streams, fake.ws_url, inbox, clock_ms=fake.now_ms)
+    inbox.wait_for(lambda items: len(data_frames(items)) >= 2)
+    fake.send_garbage(garbage)
+
+    def garbage_then_data(items: list[object]) -> bool:
+        payloads = [item.payload for item in frames(items)]
+        return garbage[-1] in payloads and '"ev":"A","sym":"IWM","v"' in payloads[-1]
+
+    items = inbox.wait_for(garbage_then_data)
+    payloads = [item.payload for item in frames(items)]
+    first = payloads.index(garbage[0])
+    assert payloads[first : first + len(garbage)] == garbage
+    assert reasons(items) == ["auth_success"]
+    assert stream.connected is True
+    decoder = FeedDecoder("IWM", "SPY")
+    assert [decoder.ws(0, payload) for payload in garbage] == [[], [], [], []]
+    assert decoder.counters.bad_frames == len(garbage)
+
+
+def test_stream_reconnects_after_a_clean_close_once_the_server_is_back(streams: list) -> None:
+    inbox = Inbox()
+    first = FakePolygon(MARKET, api_key=KEY, start_ms=START_MS, speed=SPEED).start()
+    port = urlsplit(first.ws_url).port
+    try:
+        start_stream(streams, first.ws_url, inbox, backoff=Backoff(initial_s=0.02, max_s=0.05))
+        inbox.wait_for(lambda items: reasons(items) == ["auth_success"])
+    finally:
+        first.stop()
+    inbox.wait_for(lambda items: len(reasons(items)) == 2)
+    with FakePolygon(MARKET, api_key=KEY, start_ms=START_MS, speed=SPEED, ws_port=port) as second:
+        items = inbox.wait_for(
+            lambda items: len(reasons(items)) == 3 and bool(data_frames(after_last_status(items)))
+        )
+        assert second.subscriptions == ["A.IWM,A.SPY"]
+    found = reasons(items)
+    assert found[0] == "auth_success" and found[2] == "auth_success"
+    assert found[1].startswith("disconnected: closed 1001")
+
+
+def test_stream_stop_before_any_server_answers_returns_promptly() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    inbox = Inbox()
+    stream = PolygonStream(f"ws://127.0.0.1:{port}/stocks", KEY, ["IWM"], inbox.put, clock_ms=lambda: 1)
+    stream.start()
+    stream.stop(timeout=5.0)
+    assert stream.connected is False
+    assert statuses(list(inbox.queue.queue)) == []
+
+
+def test_stream_needs_a_symbol() -> None:
+    with pytest.raises(ValueError, match="at least one symbol"):
+        PolygonStream("ws://127.0.0.1:1/stocks", KEY, [], lambda item: None, clock_ms=lambda: 0)
+
+
+def rest_client(fake: FakePolygon, sleeps: list[float], **kwargs: object) -> PolygonRest:
+    kwargs.setdefault("clock_ms", lambda: 7)
+    return PolygonRest(fake.rest_url, str(kwargs.pop("api_key", KEY)), sleep=sleeps.append, **kwargs)  # type: ignore[arg-type]
+
+
+def test_rest_chain_pages_follow_next_url_until_the_last_page(fake: FakePolygon) -> None:
+    sleeps: list[float] = []
+    with rest_client(fake, sleeps) as rest:
+        answers = rest.chain_pages("IWM", SESSION_DATE, spot=240.4, strike_window=15.0, limit=10)
+
+    first = "/v3/snapshot/options/IWM?expiration_date=2025-10-02&contract_type=call&limit=10"
+    assert answers[0].path == f"{first}&strike_price.gte=225&strike_price.lte=256"
+    assert [answer.status for answer in answers] == [200, 200, 200, 200]
+    assert all(answer.path.startswith("/v3/snapshot/options/IWM?cursor=") for answer in answers[1:])
+    assert [answer.path for answer in answers] == fake.rest_requests
+    assert [len(answer.body["results"]) for answer in answers] == [10, 10, 10, 2]
+    assert ["next_url" in answer.body for answer in answers] == [True, True, True, False]
+    tickers = [result["details"]["ticker"] for answer in answers for result in answer.body["results"]]
+    assert tickers == [f"O:IWM251002C{k * 1000:08d}" for k in range(225, 257)]
+    assert all(answer.received_ms == 7 for answer in answers)
+    assert sleeps == []
+
+
+def test_rest_chain_without_spot_has_no_strike_filter(fake: FakePolygon) -> None:
+    with rest_client(fake, []) as rest:
+        answers = rest.chain_pages("IWM", SESSION_DATE, spot=None)
+    assert [answer.path for answer in answers] == [
+        "/v3/snapshot/options/IWM?expiration_date=2025-10-02&contract_type=call&limit=250"
+    ]
+    assert len(answers[0].body["results"]) == len(STRIKES)
+
+
+def test_rest_paging_uses_only_the_path_and_query_of_next_url() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if b"cursor" in request.url.query:
+            return httpx.Response(200, json={"status": "OK", "results": []})
+        next_url = f"https://api.massive.com/v3/snapshot/options/IWM?cursor=abc&apiKey={SECRET}"
+        return httpx.Response(200, json={"status": "OK", "results": [], "next_url": next_url})
+
+    rest = PolygonRest("http://fake.test", SECRET, clock_ms=lambda: 1, transport=httpx.MockTransport(handler))
+    answers = rest.chain_pages("IWM", SESSION_DATE, spot=None)
+    assert [str(request.url) for request in seen] == [
+        "http://fake.test/v3/snapshot/options/IWM?expiration_date=2025-10-02&contract_type=call&limit=250",
+        "http://fake.test/v3/snapshot/options/IWM?cursor=abc",
+    ]
+    assert all(request.headers["Authorization"] == f"Bearer {SECRET}" for request in seen)
+    assert [answer.path for answer in answers] == [
+        "/v3/snapshot/options/IWM?expiration_date=2025-10-02&contract_type=call&limit=250",
+        "/v3/snapshot/options/IWM?cursor=abc",
+    ]
+
+
+def test_rest_chain_paging_stops_at_a_failed_page(fake: FakePolygon) -> None:
+    sleeps: list[float] = []
+    with rest_client(fake, sleeps) as rest:
+        fake.fail_rest(403, path_prefix="/v3/snapshot/options/IWM?cursor=")
+        answers = rest.chain_pages("IWM", SESSION_DATE, spot=None, limit=10)
+    assert [answer.status for answer in answers] == [200, 403]
+    assert sleeps == []
+
+
+def test_rest_429_is_retried_after_retry_after(fake: FakePolygon) -> None:
+    sleeps: list[float] = []
+    fake.fail_rest(429, count=2, retry_after=7)
+    with rest_client(fake, sleeps) as rest:
+        answer = rest.contract("IWM", "O:IWM251002C00240000")
+        assert rest.requests == 3
+        assert rest.last_error is None
+    assert answer.status == 200
+    assert answer.path == "/v3/snapshot/options/IWM/O:IWM251002C00240000"
+    assert answer.body["results"]["details"]["strike_price"] == 240
+    assert sleeps == [7.0, 7.0]
+    assert fake.rest_requests == [answer.path] * 3
+
+
+def test_rest_retry_after_longer_than_the_cap_returns_the_429(fake: FakePolygon) -> None:
+    sleeps: list[float] = []
+    fake.fail_rest(429, retry_after=120)
+    with rest_client(fake, sleeps, retry_cap_s=30.0) as rest:
+        answer = rest.get("/v3/snapshot/options/IWM")
+    assert answer.status == 429
+    assert sleeps == []
+
+
+def test_rest_500_storm_backs_off_and_returns_the_last_answer(fake: FakePolygon) -> None:
+    sleeps: list[float] = []
+    fake.fail_rest(500)
+    with rest_client(fake, sleeps, max_attempts=4, retry_base_s=1.0) as rest:
+        answer = rest.get("/v3/snapshot/options/IWM?limit=5")
+        assert rest.requests == 4
+        assert rest.last_error == "HTTP 500: Internal Server Error"
+    assert answer.status == 500
+    assert answer.body["error"] == "Internal Server Error"
+    assert sleeps == [1.0, 2.0, 4.0]
+
+
+def test_rest_back_off_is_capped(fake: FakePolygon) -> None:
+    sleeps: list[float] = []
+    fake.fail_rest(503)
+    with rest_client(fake, sleeps, max_attempts=5, retry_base_s=10.0, retry_cap_s=15.0) as rest:
+        assert rest.get("/v3/snapshot/options/IWM").status == 503
+    assert sleeps == [10.0, 15.0, 15.0, 15.0]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_rest_auth_and_plan_errors_are_returned_at_once(fake: FakePolygon, status: int) -> None:
+    sleeps: list[float] = []
+    fake.fail_rest(status)
+    with rest_client(fake, sleeps) as rest:
+        answer = rest.get("/v3/snapshot/options/IWM")
+        assert rest.requests == 1
+    assert answer.status == status
+    assert sleeps == []
+
+
+def test_rest_wrong_key_and_unknown_route_are_not_retried(fake: FakePolygon) -> None:
+    sleeps: list[float] = []
+    with rest_client(fake, sleeps, api_key="not-the-key") as rest:
+        denied = rest.get("/v3/snapshot/options/IWM")
+        assert rest.last_error == "HTTP 401: Unknown API Key"
+    with rest_client(fake, sleeps) as rest:
+        missing = rest.get("/v9/nothing/here")
+    assert (denied.status, denied.body["error"]) == (401, "Unknown API Key")
+    assert missing.status == 404
+    assert sleeps == []
+    assert len(fake.rest_requests) == 2
+
+
+def test_rest_timeouts_are_retried(fake: FakePolygon) -> None:
+    sleeps: list[float] = []
+    fake.delay_rest(1.0, count=2)
+    with rest_client(fake, sleeps, timeout_s=0.2) as rest:
+        answer = rest.get("/v3/snapshot/options/IWM")
+    assert answer.status == 200
+    assert sleeps == [1.0, 2.0]
+    assert len(fake.rest_requests) == 3
+
+
+def test_rest_timeouts_to_the_end_give_a_599_answer(fake: FakePolygon) -> None:
+    sleeps: list[float] = []
+    fake.delay_rest(1.0)
+    with rest_client(fake, sleeps, timeout_s=0.1, max_attempts=2) as rest:
+        answer = rest.get("/v3/snapshot/options/IWM")
+        assert rest.last_error is not None and rest.last_error.startswith("HTTP 599: timeout: ReadTimeout")
+    assert answer.status == 599
+    assert answer.body["error"].startswith("timeout: ReadTimeout")
+    assert answer.received_ms == 7
+    assert sleeps == [1.0]
+
+
+def test_rest_network_errors_are_retried_then_answered_599() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sleeps: list[float] = []
+    with PolygonRest(f"http://127.0.0.1:{port}", KEY, clock_ms=lambda: 3, sleep=sleeps.append) as rest:
+        answer = rest.get("/v3/snapshot/options/IWM")
+    assert answer.status == 599
+    assert answer.body["error"].startswith("network error: ConnectError")
+    assert sleeps == [1.0, 2.0, 4.0]
+
+
+def test_rest_aggs_path_and_paging() -> None:
+    frm, to = START_MS, START_MS + 99_000
+    later = FakePolygon(MARKET, api_key=KEY, start_ms=START_MS + 600_000, speed=SPEED)
+    with later, rest_client(later, []) as rest:
+        answers = rest.aggs("SPY", 1, "second", str(frm), str(to), limit=40)
+    assert answers[0].path == f"/v2/aggs/ticker/SPY/range/1/second/{frm}/{to}?adjusted=true&sort=asc&limit=40"
+    assert [answer.body["resultsCount"] for answer in answers] == [40, 40, 20]
+    starts = [bar["t"] for answer in answers for bar in answer.body["results"]]
+    assert starts == BAR_STARTS[:100]
+
+
+def test_the_key_never_appears_in_paths_logs_or_errors() -> None:
+    sleeps: list[float] = []
+    with FakePolygon(MARKET, api_key=SECRET, start_ms=START_MS, speed=SPEED) as keyed, capture_logs() as logs:
+        with PolygonRest(keyed.rest_url, SECRET, clock_ms=lambda: 1, sleep=sleeps.append) as rest:
+            ok = rest.get(f"/v3/snapshot/options/IWM?apiKey={SECRET}&limit=5")
+            keyed.fail_rest(500)
+            failed = rest.get(f"/v3/snapshot/options/IWM?limit=5&apiKey={SECRET}")
+            last_error = rest.last_error
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with PolygonRest(f"http://127.0.0.1:{port}", SECRET, clock_ms=lambda: 1, sleep=sleeps.append) as rest:
+            unreachable = rest.get(f"/x?apiKey={SECRET}")
+    assert ok.status == 200 and ok.path == "/v3/snapshot/options/IWM?limit=5"
+    assert failed.status == 500 and failed.path == "/v3/snapshot/options/IWM?limit=5"
+    assert unreachable.status == 599 and unreachable.path == "/x"
+    assert keyed.rest_requests[0] == "/v3/snapshot/options/IWM?limit=5"
+    evidence = repr((ok, failed, unreachable, last_error, logs, keyed.rest_requests))
+    assert SECRET not in evidence
+    assert any(entry["event"] == "rest_retry" for entry in logs)

@@ -1,0 +1,512 @@
+"""The fake Polygon server: WebSocket protocol, REST routes, auth, paging, faults and market sources."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from events import ChainSnapshot
+from feed import FeedDecoder
+from polygon_client import PolygonRest
+from sim.market import SyntheticMarket, demo_script
+from sim.polygon_server import FakePolygon, RecordedMarket, SyntheticSource
+from tape import TapeWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+START_MS = 1_759_411_800_000  # 2025-10-02 09:30 New York
+KEY = "testkey"
+SPEED = 200.0
+RECV_S = 5.0
+CHAIN_PATH = "/v3/snapshot/options/IWM"
+CONNECTED = '[{"ev":"status","status":"connected","message":"Connected Successfully"}]'
+AUTH_SUCCESS = '[{"ev":"status","status":"auth_success","message":"authenticated"}]'
+AUTH_FAILED = '[{"ev":"status","status":"auth_failed","message":"authentication failed"}]'
+
+
+class ManualWall:
+    """A wall clock that moves only when told, so REST answers depend on an exact simulated now."""
+
+    def __init__(self) -> None:
+        self.value = 1000.0
+
+    def __call__(self) -> float:
+        return self.value
+
+
+def a_event(sym: str, start_ms: int, close: float) -> dict:
+    return {"ev": "A", "sym": sym, "v": 10, "vw": close, "o": close, "c": close, "h": close, "l": close,
+            "a": close, "av": 100, "z": 1, "s": start_ms, "e": start_ms + 1000}  # fmt: skip
+
+
+def option(strike: float, *, expiry: str = "2025-10-02", kind: str = "call", bid: float = 1.0) -> dict:
+    letter = "C" if kind == "call" else "P"
+    ticker = f"O:IWM{expiry[2:4]}{expiry[5:7]}{expiry[8:10]}{letter}{round(strike * 1000):08d}"
+    details = {"contract_type": kind, "expiration_date": expiry, "strike_price": strike, "ticker": ticker}
+    return {"details": details, "last_quote": {"bid": bid, "ask": bid + 0.1}}
+
+
+DAY_BEFORE_MS = START_MS - 86_400_000
+FRAMES = [
+    (
+        START_MS + i * 1000 + 200,
+        [a_event("IWM", START_MS + i * 1000, 240.0), a_event("SPY", START_MS + i * 1000, 600.0)],
+    )
+    for i in range(1200)
+]
+FIRST_CHAIN = [option(k) for k in range(230, 251)] + [
+    option(240, kind="put"),
+    option(240, expiry="2025-10-03"),
+]
+SECOND_CHAIN = [option(k, bid=2.0) for k in range(230, 251)]
+MARKET = RecordedMarket(
+    FRAMES,
+    chains=[(START_MS, FIRST_CHAIN), (START_MS + 60_000, SECOND_CHAIN)],
+    contracts=[(START_MS + 30_000, option(245, bid=9.0))],
+    minute_bars=[("IWM", {"t": DAY_BEFORE_MS + m * 60_000, "v": 500 + m, "o": 1, "h": 1, "l": 1, "c": 1})
+                 for m in range(390)],
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_market() -> SyntheticMarket:
+    return SyntheticMarket(demo_script())
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    """One client for the module: building an SSL context for each request is slow."""
+    with httpx.Client(timeout=5.0) as client:
+        yield client
+
+
+@pytest.fixture
+def wall() -> ManualWall:
+    return ManualWall()
+
+
+@pytest.fixture
+def fake(wall: ManualWall) -> Iterator[FakePolygon]:
+    """A fake whose simulated clock stands at START_MS + 10 s until the test moves `wall`."""
+    with FakePolygon(MARKET, api_key=KEY, start_ms=START_MS + 10_000, speed=1.0, wall=wall) as server:
+        yield server
+
+
+@pytest.fixture
+def live() -> Iterator[FakePolygon]:
+    """A fake on the real clock at high speed, for streaming."""
+    with FakePolygon(
+        MARKET, api_key=KEY, start_ms=START_MS + 100_000, speed=SPEED, auth_timeout_s=0.2
+    ) as server:
+        yield server
+
+
+def get(http: httpx.Client, fake: FakePolygon, path: str, *, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    return http.get(fake.rest_url + path, headers=headers)
+
+
+def follow(http: httpx.Client, fake: FakePolygon, path: str) -> list[dict]:
+    bodies = []
+    next_path: str | None = path
+    while next_path is not None and len(bodies) < 50:
+        response = get(http, fake, next_path)
+        assert response.status_code == 200, response.text
+        bodies.append(response.json())
+        next_url = bodies[-1].get("next_url")
+        next_path = next_url[len(fake.rest_url) :] if next_url else None
+    return bodies
+
+
+def tickers(bodies: list[dict]) -> list[str]:
+    return [result["details"]["ticker"] for body in bodies for result in body.get("results", [])]
+
+
+def test_rest_requires_the_key_by_header_or_query(http: httpx.Client, fake: FakePolygon) -> None:
+    missing = get(http, fake, CHAIN_PATH, key=None)
+    wrong = get(http, fake, CHAIN_PATH, key="nope")
+    by_query = get(http, fake, f"{CHAIN_PATH}?apiKey={KEY}&limit=1", key=None)
+    by_header = get(http, fake, f"{CHAIN_PATH}?limit=1")
+    assert (missing.status_code, missing.json()["error"]) == (401, "API Key was not provided")
+    assert (wrong.status_code, wrong.json()["error"]) == (401, "Unknown API Key")
+    assert wrong.json()["status"] == "ERROR"
+    assert (by_query.status_code, by_header.status_code) == (200, 200)
+    assert fake.rest_requests == [CHAIN_PATH, CHAIN_PATH, f"{CHAIN_PATH}?limit=1", f"{CHAIN_PATH}?limit=1"]
+
+
+def test_rest_unknown_routes_are_404(http: httpx.Client, fake: FakePolygon) -> None:
+    for path in ("/v3/snapshot/options/SPY", "/v2/aggs/ticker/IWM/range/5/minute/1/2", "/v1/nothing"):
+        response = get(http, fake, path)
+        assert (response.status_code, response.json()["status"]) == (404, "NOT_FOUND"), path
+
+
+def test_chain_filters_by_expiry_type_and_strike_and_sorts_by_ticker(
+    http: httpx.Client, fake: FakePolygon
+) -> None:
+    query = (
+        "expiration_date=2025-10-02&contract_type=call&limit=250&strike_price.gte=235&strike_price.lte=238.5"
+    )
+    body = get(http, fake, f"{CHAIN_PATH}?{query}").json()
+    assert tickers([body]) == [f"O:IWM251002C00{k}000" for k in (235, 236, 237, 238)]
+    assert "next_url" not in body
+    everything = get(http, fake, f"{CHAIN_PATH}?limit=250").json()
+    assert len(everything["results"]) == len(FIRST_CHAIN)
+    puts = get(http, fake, f"{CHAIN_PATH}?contract_type=put").json()
+    assert tickers([puts]) == ["O:IWM251002P00240000"]
+    other_day = get(http, fake, f"{CHAIN_PATH}?expiration_date=2025-10-03").json()
+    assert tickers([other_day]) == ["O:IWM251003C00240000"]
+    assert get(
+        http, fake, f"{CHAIN_PATH}?strike_price=240&contract_type=call&expiration_date=2025-10-02"
+    ).json()["results"] == [option(240)]
+
+
+def test_chain_default_limit_is_10_and_bad_params_are_400(http: httpx.Client, fake: FakePolygon) -> None:
+    assert len(get(http, fake, CHAIN_PATH).json()["results"]) == 10
+    assert (
+        get(http, fake, f"{CHAIN_PATH}?limit=9999").json()["results"]
+        == get(http, fake, f"{CHAIN_PATH}?limit=250").json()["results"]
+    )
+    for query in ("limit=0", "limit=x", "strike_price.gte=abc", "cursor=garbage"):
+        response = get(http, fake, f"{CHAIN_PATH}?{query}")
+        assert (response.status_code, response.json()["status"]) == (400, "ERROR"), query
+
+
+def test_chain_pages_through_next_url_at_one_instant(
+    http: httpx.Client, fake: FakePolygon, wall: ManualWall
+) -> None:
+    first = get(http, fake, f"{CHAIN_PATH}?expiration_date=2025-10-02&contract_type=call&limit=8").json()
+    assert first["next_url"].startswith(f"{fake.rest_url}{CHAIN_PATH}?cursor=")
+    assert "expiration_date" not in first["next_url"]
+    wall.value += 120  # the second chain is now out; the pages keep the first request's instant
+    rest = follow(http, fake, first["next_url"][len(fake.rest_url) :])
+    pages = [first, *rest]
+    assert [len(page["results"]) for page in pages] == [8, 8, 5]
+    assert tickers(pages) == [f"O:IWM251002C00{k}000" for k in range(230, 251)]
+    assert {result["last_quote"]["bid"] for page in pages for result in page["results"]} == {1.0}
+    fresh = get(http, fake, f"{CHAIN_PATH}?expiration_date=2025-10-02&limit=250").json()
+    assert {result["last_quote"]["bid"] for result in fresh["results"]} == {2.0}
+
+
+def test_chain_before_any_recorded_chain_is_empty(http: httpx.Client, wall: ManualWall) -> None:
+    with FakePolygon(MARKET, api_key=KEY, start_ms=START_MS - 1, wall=wall) as early:
+        assert get(http, early, CHAIN_PATH).json()["results"] == []
+
+
+def test_contract_snapshot_prefers_a_recorded_snapshot_then_the_chain(
+    http: httpx.Client, fake: FakePolygon, wall: ManualWall
+) -> None:
+    path = f"{CHAIN_PATH}/O:IWM251002C00245000"
+    assert get(http, fake, path).json()["results"]["last_quote"]["bid"] == 1.0
+    wall.value += 25  # now START + 35 s: the recorded single-contract snapshot of START + 30 s applies
+    body = get(http, fake, path).json()
+    assert (body["status"], body["results"]["last_quote"]["bid"]) == ("OK", 9.0)
+    missing = get(http, fake, f"{CHAIN_PATH}/O:IWM251002C00999000")
+    assert missing.status_code == 404
+
+
+def test_second_aggs_only_hold_bars_whose_second_has_ended(http: httpx.Client, fake: FakePolygon) -> None:
+    # The simulated now is START + 10 s, so bars starting at START .. START + 9 s are complete.
+    body = get(http, fake, f"/v2/aggs/ticker/IWM/range/1/second/{START_MS}/{START_MS + 60_000}").json()
+    assert [bar["t"] for bar in body["results"]] == [START_MS + i * 1000 for i in range(10)]
+    assert body["results"][0] == {
+        "v": 10,
+        "vw": 240.0,
+        "o": 240.0,
+        "c": 240.0,
+        "h": 240.0,
+        "l": 240.0,
+        "t": START_MS,
+    }
+    assert (body["ticker"], body["resultsCount"], body["status"], body["adjusted"]) == ("IWM", 10, "OK", True)
+    by_day = get(
+        http, fake, "/v2/aggs/ticker/SPY/range/1/second/2025-10-02/2025-10-02?sort=desc&limit=3"
+    ).json()
+    assert [bar["t"] for bar in by_day["results"]] == [START_MS + i * 1000 for i in (9, 8, 7)]
+    rest = follow(http, fake, by_day["next_url"][len(fake.rest_url) :])
+    assert [bar["t"] for body in rest for bar in body["results"]] == [
+        START_MS + i * 1000 for i in range(6, -1, -1)
+    ]
+
+
+def test_aggs_without_bars_leave_results_out_and_bad_dates_are_400(
+    http: httpx.Client, fake: FakePolygon
+) -> None:
+    empty = get(http, fake, "/v2/aggs/ticker/IWM/range/1/second/2025-10-01/2025-10-01").json()
+    assert "results" not in empty and empty["resultsCount"] == 0
+    assert get(http, fake, "/v2/aggs/ticker/IWM/range/1/second/2025-13-01/2025-10-02").status_code == 400
+
+
+def test_minute_aggs_of_a_past_day_by_date(http: httpx.Client, fake: FakePolygon) -> None:
+    body = get(http, fake, "/v2/aggs/ticker/IWM/range/1/minute/2025-10-01/2025-10-01?limit=50000").json()
+    assert [bar["v"] for bar in body["results"]] == [500 + m for m in range(390)]
+    assert (
+        get(http, fake, "/v2/aggs/ticker/SPY/range/1/minute/2025-10-01/2025-10-01").json()["resultsCount"]
+        == 0
+    )
+
+
+def test_rest_faults_by_count_prefix_and_time(
+    http: httpx.Client, fake: FakePolygon, wall: ManualWall
+) -> None:
+    fake.fail_rest(429, count=2, retry_after=3, path_prefix="/v2/")
+    assert get(http, fake, CHAIN_PATH).status_code == 200
+    limited = get(http, fake, "/v2/aggs/ticker/IWM/range/1/second/1/2")
+    assert (limited.status_code, limited.headers["Retry-After"]) == (429, "3")
+    assert limited.json()["status"] == "ERROR"
+    assert get(http, fake, "/v2/aggs/ticker/IWM/range/1/second/1/2").status_code == 429
+    assert get(http, fake, "/v2/aggs/ticker/IWM/range/1/second/1/2").status_code == 200
+    fake.fail_rest(500, seconds=5.0)
+    assert get(http, fake, CHAIN_PATH).status_code == 500
+    wall.value += 5.0
+    assert get(http, fake, CHAIN_PATH).status_code == 200
+    fake.fail_rest(403)
+    forbidden = get(http, fake, CHAIN_PATH)
+    assert (forbidden.status_code, forbidden.json()["status"]) == (403, "NOT_AUTHORIZED")
+    fake.heal()
+    assert get(http, fake, CHAIN_PATH).status_code == 200
+
+
+def test_the_demo_day_through_the_real_rest_client(demo_market: SyntheticMarket) -> None:
+    market = demo_market
+    at_ms = market.session_open_ms + 3600_000
+    with (
+        FakePolygon(SyntheticSource(market), api_key=KEY, start_ms=at_ms, wall=ManualWall()) as fake,
+        PolygonRest(fake.rest_url, KEY, clock_ms=fake.now_ms) as rest,
+    ):
+        spot = market.spot_at(at_ms)
+        answers = rest.chain_pages("IWM", datetime.date(2025, 10, 2), spot=spot, limit=10)
+        ticker = answers[0].body["results"][0]["details"]["ticker"]
+        contract = rest.contract("IWM", ticker)
+        seconds = rest.aggs("IWM", 1, "second", str(at_ms - 60_000), str(at_ms))
+        minutes = rest.aggs("IWM", 1, "minute", "2025-10-01", "2025-10-01")
+    expected = market.chain_pages(at_ms, strike_gte=int(spot - 15), strike_lte=int(spot + 15) + 1)
+    assert all(answer.status == 200 for answer in [*answers, contract, *seconds, *minutes])
+    assert len(answers) > 1
+    assert sorted(tickers([a.body for a in answers])) == sorted(tickers(expected))
+    decoder = FeedDecoder("IWM", "SPY")
+    events = [
+        event
+        for answer in answers
+        for event in decoder.rest(answer.received_ms, answer.path, 200, answer.body)
+    ]
+    assert len(events) == 1 and isinstance(events[0], ChainSnapshot)
+    assert len(events[0].quotes) == len(tickers(expected))
+    assert contract.body["results"] == market.contract_snapshot(ticker, at_ms)["results"]
+    assert seconds[0].body["results"] == market.aggs("IWM", at_ms - 60_000, at_ms - 1000)["results"]
+    assert minutes[0].body["results"] == market.minute_aggs("IWM", datetime.date(2025, 10, 1))["results"]
+
+
+def recv_json(ws: ClientConnection) -> object:
+    return json.loads(ws.recv(timeout=RECV_S))
+
+
+def open_ws(fake: FakePolygon, key: str = KEY) -> ClientConnection:
+    ws = connect(fake.ws_url, open_timeout=RECV_S)
+    assert ws.recv(timeout=RECV_S) == CONNECTED
+    ws.send(json.dumps({"action": "auth", "params": key}))
+    return ws
+
+
+def subscribe(ws: ClientConnection, params: str) -> list[object]:
+    ws.send(json.dumps({"action": "subscribe", "params": params}))
+    return [recv_json(ws) for _ in params.split(",")]
+
+
+def test_ws_wrong_key_gets_auth_failed_then_close(live: FakePolygon) -> None:
+    with open_ws(live, key="wrong") as ws:
+        assert ws.recv(timeout=RECV_S) == AUTH_FAILED
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=RECV_S)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert (live.auth_attempts, live.ws_connections, live.subscriptions) == (1, 1, [])
+
+
+def test_ws_without_auth_times_out(live: FakePolygon) -> None:
+    with connect(live.ws_url, open_timeout=RECV_S) as ws:
+        assert ws.recv(timeout=RECV_S) == CONNECTED
+        assert recv_json(ws) == [
+            {"ev": "status", "status": "auth_timeout", "message": "No authentication request received."}
+        ]
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=RECV_S)
+
+
+def test_ws_other_paths_are_refused(live: FakePolygon) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        connect(live.ws_url.replace("/stocks", "/options"), open_timeout=RECV_S)
+    assert refused.value.response.status_code == 404
+
+
+def test_ws_streams_subscribed_symbols_from_now_on(live: FakePolygon) -> None:
+    with open_ws(live) as ws:
+        assert ws.recv(timeout=RECV_S) == AUTH_SUCCESS
+        assert subscribe(ws, "A.IWM") == [
+            [{"ev": "status", "status": "success", "message": "subscribed to: A.IWM"}]
+        ]
+        received = [recv_json(ws) for _ in range(3)]
+        ws.send(json.dumps({"action": "subscribe", "params": "A.SPY"}))
+        ws.send(json.dumps({"action": "unsubscribe", "params": "A.IWM"}))
+        later = [recv_json(ws) for _ in range(8)]
+    assert all(len(frame) == 1 and frame[0]["sym"] == "IWM" for frame in received)
+    starts = [frame[0]["s"] for frame in received]
+    assert starts[0] >= START_MS + 99_000  # nothing from before the subscription's instant
+    assert starts == list(range(starts[0], starts[0] + 3000, 1000))
+    assert {"ev": "status", "status": "success", "message": "subscribed to: A.SPY"} in [f[0] for f in later]
+    unsubscribed = later.index([{"ev": "status", "status": "success", "message": "unsubscribed to: A.IWM"}])
+    assert all(event.get("sym") == "SPY" for frame in later[unsubscribed + 1 :] for event in frame)
+    assert live.subscriptions == ["A.IWM", "A.SPY"]
+
+
+def test_ws_garbage_goes_out_verbatim_before_data(live: FakePolygon) -> None:
+    with open_ws(live) as ws:
+        ws.recv(timeout=RECV_S)
+        subscribe(ws, "A.IWM,A.SPY")
+        recv_json(ws)
+        live.send_garbage(["{not json", "[1,2"])
+        texts = [ws.recv(timeout=RECV_S) for _ in range(3)]
+        # Data frames sent before the garbage may still be queued on the client: read on to it.
+        for _ in range(2000):
+            if texts[-3] == "{not json":
+                break
+            texts.append(ws.recv(timeout=RECV_S))
+    assert texts[-3:-1] == ["{not json", "[1,2"]
+    assert json.loads(texts[-1])[0]["ev"] == "A"
+    assert all(json.loads(text)[0]["ev"] == "A" for text in texts[:-3])
+
+
+def test_ws_drop_connections_closes_abnormally(live: FakePolygon) -> None:
+    with open_ws(live) as ws:
+        ws.recv(timeout=RECV_S)
+        subscribe(ws, "A.IWM")
+        recv_json(ws)
+        live.drop_connections()
+        with pytest.raises(ConnectionClosedError) as dropped:
+            for _ in range(1000):
+                ws.recv(timeout=RECV_S)
+    assert dropped.value.rcvd is None
+
+
+def test_ws_max_connections_after_subscribe_then_close(live: FakePolygon) -> None:
+    live.max_connections_next()
+    with open_ws(live) as ws:
+        assert ws.recv(timeout=RECV_S) == AUTH_SUCCESS
+        assert subscribe(ws, "A.IWM,A.SPY") == [
+            [{"ev": "status", "status": "success", "message": "subscribed to: A.IWM"}],
+            [{"ev": "status", "status": "success", "message": "subscribed to: A.SPY"}],
+        ]
+        refusal = recv_json(ws)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=RECV_S)
+    assert isinstance(refusal, list) and refusal[0]["status"] == "max_connections"
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    with open_ws(live) as again:  # only the next connection was refused
+        again.recv(timeout=RECV_S)
+        subscribe(again, "A.IWM")
+        assert recv_json(again)[0]["ev"] == "A"
+    assert live.ws_connections == 2
+
+
+def test_ws_serves_the_demo_day_frames_unchanged(demo_market: SyntheticMarket) -> None:
+    market = demo_market
+    first_two = []
+    for item in market.ws_frames():
+        first_two.append(item)
+        if len(first_two) == 2:
+            break
+    wall = ManualWall()
+    source = SyntheticSource(market)
+    fake = FakePolygon(source, api_key=KEY, start_ms=market.session_open_ms - 2000, speed=1000.0, wall=wall)
+    with fake, open_ws(fake) as ws:
+        ws.recv(timeout=RECV_S)
+        subscribe(ws, "A.IWM,A.SPY")
+        wall.value += 0.005  # subscribed while the clock stood still; now let 5 simulated seconds pass
+        got = [recv_json(ws) for _ in range(2)]
+    assert got == [frame for _, frame in first_two]
+
+
+def write_tape(path: Path) -> None:
+    with TapeWriter(path, underlying="IWM", benchmark="SPY", start_ms=START_MS) as tape:
+        tape.write_ws(START_MS + 1200, json.dumps([a_event("IWM", START_MS, 240.0)]))
+        tape.write_ws(START_MS + 1300, "{garbage")
+        tape.write_rest(
+            START_MS + 1500, f"{CHAIN_PATH}?limit=2", 200, {"results": FIRST_CHAIN[:2], "next_url": "x"}
+        )
+        tape.write_rest(START_MS + 1600, f"{CHAIN_PATH}?cursor=x", 200, {"results": FIRST_CHAIN[2:3]})
+        tape.write_ws(START_MS + 2200, [a_event("IWM", START_MS + 1000, 241.0)])
+        tape.write_rest(
+            START_MS + 3000, f"{CHAIN_PATH}?limit=2", 200, {"results": SECOND_CHAIN[:2], "next_url": "x"}
+        )
+        tape.write_rest(START_MS + 3100, f"{CHAIN_PATH}?cursor=x", 500, {"error": "boom"})
+        tape.write_rest(
+            START_MS + 3200, f"{CHAIN_PATH}/O:IWM251002C00230000", 200, {"results": option(230, bid=5.0)}
+        )
+        minute = {"t": START_MS - 86_400_000, "v": 7, "o": 1, "h": 1, "l": 1, "c": 1}
+        tape.write_rest(
+            START_MS + 3300,
+            "/v2/aggs/ticker/IWM/range/1/minute/2025-10-01/2025-10-01",
+            200,
+            {"results": [minute]},
+        )
+
+
+def test_recorded_market_from_a_tape(tmp_path: Path) -> None:
+    path = tmp_path / "2025-10-02.jsonl.gz"
+    write_tape(path)
+    recorded = RecordedMarket.from_tape(path)
+    assert recorded.first_frame_ms == START_MS + 1200
+    assert [t for t, _ in recorded.ws_frames()] == [START_MS + 1200, START_MS + 1300, START_MS + 2200]
+    assert list(recorded.ws_frames())[1][1] == "{garbage"
+    assert recorded.chain_results(START_MS + 1599) == []
+    assert recorded.chain_results(START_MS + 1600) == FIRST_CHAIN[:3]
+    assert recorded.chain_results(START_MS + 9999) == FIRST_CHAIN[:3]  # the later chain never completed
+    assert recorded.contract_result("O:IWM251002C00230000", START_MS + 2000) == FIRST_CHAIN[0]
+    assert recorded.contract_result("O:IWM251002C00230000", START_MS + 3200) == option(230, bid=5.0)
+    assert [bar["c"] for bar in recorded.second_bars("IWM", START_MS, START_MS + 1000)] == [240.0, 241.0]
+    assert [bar["v"] for bar in recorded.minute_bars("IWM", 0, START_MS)] == [7]
+    wall = ManualWall()
+    fake = FakePolygon(recorded, api_key=KEY, start_ms=START_MS, speed=1000.0, wall=wall)
+    with fake, open_ws(fake) as ws:
+        ws.recv(timeout=RECV_S)
+        subscribe(ws, "A.IWM")
+        wall.value += 0.005
+        texts = [ws.recv(timeout=RECV_S) for _ in range(3)]
+    assert texts[1] == "{garbage"
+    assert [json.loads(texts[i])[0]["c"] for i in (0, 2)] == [240.0, 241.0]
+
+
+def test_cli_help_and_serving_the_demo_day() -> None:
+    help_run = subprocess.run(
+        [sys.executable, "-m", "sim.polygon_server", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert help_run.returncode == 0
+    assert help_run.stdout.startswith("usage: python -m sim.polygon_server")
+    ports = ["--ws-port", "0", "--rest-port", "0"]
+    clock = ["--speed", "60", "--start", "2025-10-02T10:00:00-04:00"]
+    command = [sys.executable, "-m", "sim.polygon_server", *ports, *clock, "--key", "clikey"]
+    with subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as server:
+        try:
+            lines = [server.stdout.readline() for _ in range(4)]  # type: ignore[union-attr]
+            assert lines[0].startswith("fake Polygon serving from 2025-10-02T10:00:00-04:00 at speed 60")
+            rest_url = lines[2].strip().removeprefix("POLYGON_REST_URL=")
+            response = httpx.get(
+                f"{rest_url}{CHAIN_PATH}?limit=3", headers={"Authorization": "Bearer clikey"}
+            )
+            assert response.status_code == 200 and len(response.json()["results"]) == 3
+            assert "clikey" not in "".join(lines)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)

@@ -1,0 +1,144 @@
+"""Replays of the demo day: determinism, resume after a stop, and bad tape lines."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+from builders import calendar
+from config import Rules
+from events import Alert
+from pnl_tracker import Journal
+from replay import replay_tape
+
+RULES = Rules()
+
+
+def run(tape: Path, journal_path: Path) -> tuple[list[Alert], Journal]:
+    sent: list[Alert] = []
+    journal = Journal(journal_path)
+    replay_tape(
+        tape,
+        rules=RULES,
+        calendar=calendar(RULES),
+        journal=journal,
+        on_alerts=sent.extend,
+        on_log=lambda _log: None,
+    )
+    return sent, journal
+
+
+def raw_lines(tape: Path) -> list[str]:
+    with gzip.open(tape, "rt") as handle:
+        return handle.read().splitlines()
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
+def test_demo_day_is_deterministic(demo_tape, tmp_path):
+    first, j1 = run(demo_tape, tmp_path / "a.sqlite3")
+    second, j2 = run(demo_tape, tmp_path / "b.sqlite3")
+    assert [a.message for a in first] == [a.message for a in second]
+    assert [a.kind for a in first].count("BUY") >= 2
+    for table in ("positions", "trades", "outbox", "meta"):
+        assert j1.table_rows(table) == j2.table_rows(table)
+
+
+def test_demo_has_two_round_trips_with_two_exit_reasons(demo_tape, tmp_path):
+    alerts, journal = run(demo_tape, tmp_path / "j.sqlite3")
+    trades = journal.trades()
+    assert len(trades) >= 2 and len({t.reason for t in trades}) >= 2
+    kinds = [a.kind for a in alerts if a.kind in ("BUY", "SELL")]
+    assert kinds == ["BUY", "SELL"] * len(trades)
+    sell = next(a for a in alerts if a.kind == "SELL")
+    for field in ("Reason: ", "vs VWAP", "Peak $", "→ Now $", "P&L: ", "LIFETIME: ", "W-"):
+        assert field in sell.message
+
+
+def buy_line_numbers(lines: list[str], journal: Journal) -> int:
+    """A line number at which the demo day holds an open position (just after the second entry)."""
+    second_entry_ms = journal.table_rows("positions")[1][8]
+    return next(i for i, line in enumerate(lines) if json.loads(line)["t"] > second_entry_ms + 3_000)
+
+
+def test_resume_after_a_stop_gives_the_same_trades_and_no_duplicate_alert(demo_tape, tmp_path):
+    one_pass, whole = run(demo_tape, tmp_path / "whole.sqlite3")
+    lines = raw_lines(demo_tape)
+    cut = buy_line_numbers(lines, whole)
+    half = write_lines(tmp_path / "half" / demo_tape.name, lines[:cut])
+
+    first_part, journal = run(half, tmp_path / "split.sqlite3")
+    open_position = journal.restored_state("2025-10-02").position
+    assert open_position is not None
+    peak_at_stop = open_position.peak
+    journal.close()
+
+    rest, journal = run(demo_tape, tmp_path / "split.sqlite3")
+    assert [a.dedupe_key for a in first_part + rest] == [a.dedupe_key for a in one_pass]
+    assert [a.message for a in first_part + rest] == [a.message for a in one_pass]
+    assert journal.table_rows("trades") == whole.table_rows("trades")
+    assert journal.outbox_rows() == whole.outbox_rows()
+    trade = next(t for t in journal.trades() if t.trade_id == open_position.trade_id)
+    assert trade.peak >= peak_at_stop
+
+
+def corrupt(lines: list[str]) -> list[str]:
+    """The clean tape with bad lines slipped in after the first few hundred lines."""
+    out = list(lines[:300])
+    t = json.loads(lines[299])["t"]
+    original = next(json.loads(line) for line in lines[1:300] if '"ev":"A"' in line and '"IWM"' in line)
+    resent = {"t": t, "ws": original["ws"]}
+    bad_prices = [
+        {"ev": "A", "sym": "IWM", "v": 100, "o": float("nan"), "h": 1, "l": 1, "c": 1, "s": 0, "e": 1000},
+        {"ev": "A", "sym": "IWM", "v": 100, "o": -1, "h": -1, "l": -1, "c": -1, "s": 1, "e": 1001},
+        {"ev": "A", "sym": "IWM", "v": "lots", "o": 1, "h": 1, "l": 1, "c": 1, "s": 2, "e": 1002},
+        {"ev": "A", "sym": "QQQ", "v": 100, "o": 500, "h": 500, "l": 500, "c": 500, "s": 3, "e": 1003},
+    ]
+    out += [
+        '{"t": ' + str(t) + ', "ws": [{"ev": "A", "sym": "IW',  # truncated JSON
+        json.dumps({"t": "yesterday", "ws": []}),  # wrong type
+        json.dumps({"t": t, "ws": bad_prices}),
+        json.dumps(resent),  # a re-sent bar
+        json.dumps({"t": t, "mystery": 1}),  # unknown shape
+    ]
+    return out + lines[300:]
+
+
+def test_bad_lines_are_counted_and_skipped_with_the_same_decisions(demo_tape, tmp_path):
+    clean, _ = run(demo_tape, tmp_path / "clean.sqlite3")
+    dirty_tape = write_lines(tmp_path / "dirty" / demo_tape.name, corrupt(raw_lines(demo_tape)))
+    sent: list[Alert] = []
+    result = replay_tape(
+        dirty_tape,
+        rules=RULES,
+        calendar=calendar(RULES),
+        journal=Journal(tmp_path / "d.sqlite3"),
+        on_alerts=sent.extend,
+        on_log=lambda _log: None,
+    )
+    assert [a.message for a in sent] == [a.message for a in clean]
+    assert result.bad_lines == 3
+    assert result.feed.bad_events == 3 and result.feed.ignored_events >= 1
+    assert result.late_bars >= 1
+
+
+def test_truncated_tape_tail_replays_what_it_can(demo_tape, tmp_path):
+    data = demo_tape.read_bytes()
+    cut = tmp_path / "cut" / demo_tape.name
+    cut.parent.mkdir()
+    cut.write_bytes(data[: len(data) // 2])
+    result = replay_tape(
+        cut,
+        rules=RULES,
+        calendar=calendar(RULES),
+        journal=None,
+        on_alerts=lambda _a: None,
+        on_log=lambda _log: None,
+    )
+    assert result.lines > 1000 and result.bad_lines >= 1
