@@ -393,8 +393,7 @@ class Engine:
     def _mark_from_chain(self, chain: ChainSnapshot, actions: list[Action]) -> None:
         if self.position is None:
             return
-        ticker = self.position.ticker
-        quote = next((q for q in chain.quotes if q.ticker == ticker), None)
+        quote = chain.quote_for(self.position.ticker)
         if quote is not None:
             self._mark_from_quote(quote, actions)
 

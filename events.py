@@ -6,6 +6,7 @@ Every value here is immutable. Events carry the receive time that becomes the en
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,10 +54,18 @@ class OptionQuote:
 
 @dataclass(frozen=True, slots=True)
 class ChainSnapshot:
-    """A complete same-day chain (all pages), stamped with the receive time of its last page."""
+    """A complete same-day chain (all pages), stamped with the receive time of its last page.
+
+    `quotes` may be a lazy collection (see `feed.LazyChain`): most snapshots are never looked at,
+    so they are only parsed when an entry signal or an open position needs them.
+    """
 
     received_ms: int
-    quotes: tuple[OptionQuote, ...]
+    quotes: Iterable[OptionQuote]
+
+    def quote_for(self, ticker: str) -> OptionQuote | None:
+        """The quote of one contract, if the chain has it."""
+        return next((q for q in self.quotes if q.ticker == ticker), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +116,7 @@ def event_time(event: Event) -> int:
     return event.received_ms
 
 
-AlertKind = Literal[
-    "BUY", "SELL", "START", "STALL", "RECOVERED", "CRITICAL_LOSS", "FEED_ERROR", "SUMMARY"
-]
+AlertKind = Literal["BUY", "SELL", "START", "STALL", "RECOVERED", "CRITICAL_LOSS", "FEED_ERROR", "SUMMARY"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,11 +8,13 @@ REST path and assembles paged chains.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from events import ChainSnapshot, ContractSnapshot, Event, OptionQuote, VolumeProfile
 from market_calendar import minute_of_day, ny_date
+from tape import RawJson
 from polygon_client import (
     StatusMessage,
     parse_aggs_page,
@@ -42,7 +44,7 @@ class FeedDecoder:
         self.underlying = underlying
         self.symbols = frozenset({underlying, benchmark})
         self.counters = FeedCounters()
-        self._pages: list[OptionQuote] = []
+        self._pages: list[object] = []
         self._chain_prefix = f"/v3/snapshot/options/{underlying}"
         self._profile_days: dict[str, dict[int, float]] = {}
 
@@ -70,7 +72,7 @@ class FeedDecoder:
         if route == self._chain_prefix:
             return self._chain_page(received_ms, body)
         if route.startswith(self._chain_prefix + "/"):
-            quote = parse_contract_snapshot(body)
+            quote = parse_contract_snapshot(body_of(body))
             if quote is None:
                 self.counters.bad_quotes += 1
                 return []
@@ -80,13 +82,11 @@ class FeedDecoder:
         return []
 
     def _chain_page(self, received_ms: int, body: object) -> list[Event]:
-        page = parse_chain_page(body)
-        self.counters.bad_quotes += page.bad
-        self._pages.extend(page.quotes)
-        if page.next_url:
+        self._pages.append(body)
+        if next_url_of(body):
             return []
-        quotes, self._pages = tuple(self._pages), []
-        return [ChainSnapshot(received_ms, quotes)]
+        pages, self._pages = tuple(self._pages), []
+        return [ChainSnapshot(received_ms, LazyChain(pages))]
 
     def _aggs(self, received_ms: int, route: str, body: object) -> list[Event]:
         # /v2/aggs/ticker/{sym}/range/{mult}/{span}/{from}/{to}
@@ -95,7 +95,7 @@ class FeedDecoder:
             return []
         sym, multiplier, span = parts[4], parts[6], parts[7]
         if span == "second" and sym in self.symbols:
-            page = parse_aggs_page(body, sym, int(multiplier) * 1000, received_ms)
+            page = parse_aggs_page(body_of(body), sym, int(multiplier) * 1000, received_ms)
             self.counters.bad_events += page.bad
             return list(page.bars)
         if span == "minute" and sym == self.underlying:
@@ -104,7 +104,7 @@ class FeedDecoder:
 
     def _profile_page(self, received_ms: int, body: object) -> list[Event]:
         """Minute aggregates of past sessions → a per-minute-of-day average volume profile."""
-        page = parse_aggs_page(body, self.underlying, 60_000, received_ms)
+        page = parse_aggs_page(body_of(body), self.underlying, 60_000, received_ms)
         totals: dict[int, float] = {}
         days: set[str] = set()
         for bar in page.bars:
@@ -113,3 +113,43 @@ class FeedDecoder:
         today = ny_date(received_ms).isoformat()
         minutes = {minute: total / len(days) for minute, total in totals.items()} if days else {}
         return [VolumeProfile(received_ms, today, len(days), minutes)]
+
+
+def body_of(body: object) -> object:
+    """A REST body as Python values, decoding a tape's still-encoded body on first use."""
+    return body.value() if isinstance(body, RawJson) else body
+
+
+def next_url_of(body: object) -> str | None:
+    """A chain page's `next_url` without decoding the whole page when it is still raw text."""
+    if isinstance(body, RawJson):
+        return body.top_level_string("next_url")
+    value = body.get("next_url") if isinstance(body, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+class LazyChain:
+    """The quotes of a paged chain, parsed on first use and then kept."""
+
+    __slots__ = ("_pages", "_quotes", "bad")
+
+    def __init__(self, pages: tuple[object, ...]) -> None:
+        self._pages = pages
+        self._quotes: tuple[OptionQuote, ...] | None = None
+        self.bad = 0
+
+    def _parsed(self) -> tuple[OptionQuote, ...]:
+        if self._quotes is None:
+            quotes: list[OptionQuote] = []
+            for body in self._pages:
+                page = parse_chain_page(body_of(body))
+                quotes.extend(page.quotes)
+                self.bad += page.bad
+            self._quotes, self._pages = tuple(quotes), ()
+        return self._quotes
+
+    def __iter__(self) -> Iterator[OptionQuote]:
+        return iter(self._parsed())
+
+    def __len__(self) -> int:
+        return len(self._parsed())

@@ -52,7 +52,9 @@ def saved_line(journal: Journal | None, tape_name: str) -> int:
 class Pacer:
     """Sleeps so that tape time passes `speed` times faster than wall time (None: as fast as possible)."""
 
-    def __init__(self, speed: float | None, sleep: Callable[[float], None], clock: Callable[[], float]) -> None:
+    def __init__(
+        self, speed: float | None, sleep: Callable[[float], None], clock: Callable[[], float]
+    ) -> None:
         self.speed, self.sleep, self.clock = speed, sleep, clock
         self._origin: tuple[int, float] | None = None
 
@@ -86,7 +88,7 @@ def replay_tape(
     pipeline = Pipeline(
         engine, journal, FeedDecoder(rules.underlying, rules.benchmark), on_alerts=on_alerts, on_log=on_log
     )
-    reader = TapeReader(path)
+    reader = TapeReader(path, lazy_bodies=True)
     tape_name = Path(path).name
     resume_after = saved_line(journal, tape_name)
     pipeline.warming = resume_after > 0

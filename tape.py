@@ -263,11 +263,13 @@ class TapeReader:
 
     `bad_lines` counts, for the latest iteration, lines that are not JSON objects, lack an integer `t`,
     or have no known shape, plus one for each damaged stretch of the gzip stream (such as a member torn
-    by a crash). `meta` is the first meta line's dict, read when the reader is made.
+    by a crash). `meta` is the first meta line's dict, read when the reader is made. With
+    `lazy_bodies`, REST bodies come as `RawJson` and are decoded only if someone asks.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, lazy_bodies: bool = False) -> None:
         self.path = Path(path)
+        self.lazy_bodies = lazy_bodies
         self.bad_lines = 0
         self.meta: dict[str, Any] | None = None
         lines = iter(self)
@@ -282,7 +284,7 @@ class TapeReader:
         line_no = 0
         for raw in self._raw_lines():
             line_no += 1
-            parsed = _parse_line(raw, line_no)
+            parsed = _parse_line(raw, line_no, self.lazy_bodies)
             if parsed is None:
                 self.bad_lines += 1
                 continue
@@ -359,7 +361,58 @@ def _resync(data: bytes, fh: Any) -> bytes:
         data = data[-(len(GZIP_MAGIC) - 1) :] + more
 
 
-def _parse_line(raw: bytes, line_no: int) -> TapeLine | None:
+class RawJson:
+    """A REST body still in its JSON text: most chain pages are never looked at, so decode on use.
+
+    `value()` decodes once (None when the text is not valid JSON).
+    """
+
+    __slots__ = ("_text", "_value", "_decoded")
+
+    def __init__(self, text: bytes) -> None:
+        self._text = text
+        self._value: object = None
+        self._decoded = False
+
+    def value(self) -> object:
+        if not self._decoded:
+            try:
+                self._value = json.loads(self._text)
+            except ValueError:
+                self._value = None
+            self._decoded, self._text = True, b""
+        return self._value
+
+    def top_level_string(self, key: str) -> str | None:
+        """A string field found by text search (exact for the writer's compact, key-escaped output)."""
+        if self._decoded:
+            value = self._value.get(key) if isinstance(self._value, dict) else None
+            return value if isinstance(value, str) and value else None
+        match = re.search(rb'"' + re.escape(key.encode()) + rb'":"((?:[^"\\]|\\.)*)"', self._text)
+        return json.loads(b'"' + match.group(1) + b'"') if match else None
+
+
+_BODY_KEY = b',"body":'
+
+
+def _split_rest_line(raw: bytes) -> tuple[bytes, bytes] | None:
+    """Our writer puts `body` last: split it off so the (large) body is decoded only when needed."""
+    if not raw.startswith(b'{"t":') or b'"rest":' not in raw[:64]:
+        return None
+    at = raw.find(_BODY_KEY)
+    end = raw.rstrip()
+    if at < 0 or not end.endswith(b"}"):
+        return None
+    return raw[:at] + b"}", end[at + len(_BODY_KEY) : -1]
+
+
+def _parse_line(raw: bytes, line_no: int, lazy_bodies: bool = False) -> TapeLine | None:
+    split = _split_rest_line(raw) if lazy_bodies else None
+    if split is not None:
+        line = _parse_line(split[0], line_no)
+        if line is None or line.kind != "rest":
+            return None
+        return TapeLine(line_no, line.t, "rest", RawJson(split[1]), path=line.path, status=line.status)
     try:
         record = json.loads(raw)
     except ValueError:
