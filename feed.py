@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 
 from events import ChainSnapshot, ContractSnapshot, Event, OptionQuote, VolumeProfile
 from market_calendar import minute_of_day, ny_date
-from tape import RawJson
 from polygon_client import (
     StatusMessage,
     parse_aggs_page,
@@ -22,6 +21,7 @@ from polygon_client import (
     parse_contract_snapshot,
     parse_ws_frame,
 )
+from tape import RawJson
 
 
 @dataclass(slots=True)

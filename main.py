@@ -17,9 +17,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python main.py", description="IWM 0DTE momentum alerts (alert-only; never trades)."
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--demo", action="store_true", help="replay the bundled synthetic day, print every alert")
+    mode.add_argument(
+        "--demo", action="store_true", help="replay the bundled synthetic day, print every alert"
+    )
     mode.add_argument("--replay", metavar="TAPE", type=Path, help="replay a recorded tape through the engine")
     parser.add_argument("--speed", default="max", help="replay speed: a factor (e.g. 10) or 'max' (default)")
+    mode.add_argument(
+        "--pause", action="store_true", help="stop new entries in the running daemon (exits go on)"
+    )
+    mode.add_argument("--resume", action="store_true", help="allow new entries again")
     parser.add_argument("--notify", action="store_true", help="with --replay: also send alerts to Pushover")
     return parser.parse_args(argv)
 
@@ -54,8 +60,54 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format, secrets_of(settings))
     if args.replay:
         return run_replay(settings, args.replay, parse_speed(args.speed), notify=args.notify)
-    print("The live daemon is not built yet. Try: python main.py --demo", file=sys.stderr)
-    return EXIT_CONFIG
+    if args.pause or args.resume:
+        return set_pause(settings, paused=args.pause)
+    return run_live(settings)
+
+
+def set_pause(settings: Settings, *, paused: bool) -> int:
+    """The kill switch is a file under DATA_DIR that the running daemon checks every turn."""
+    from daemon import PAUSE_FILE
+
+    flag = settings.data_dir / PAUSE_FILE
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    if paused:
+        flag.write_text("entries paused by `python main.py --pause`\n")
+        print(f"Entries paused ({flag}). Exits and SELL alerts continue. Undo: python main.py --resume")
+    else:
+        flag.unlink(missing_ok=True)
+        print("Entries allowed again.")
+    return EXIT_OK
+
+
+def run_live(settings: Settings) -> int:
+    """The live daemon until SIGTERM/SIGINT (exit 0) or the watchdog (exit 3)."""
+    import signal
+    import threading
+
+    from clock import SimClock, WallClock, parse_instant
+    from daemon import Daemon
+
+    if not settings.polygon_api_key:
+        print(
+            "POLYGON_API_KEY (or MASSIVE_API_KEY) is not set, so the live daemon cannot start.\n"
+            "Try the offline demo: python main.py --demo",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        clock = (
+            SimClock(parse_instant(settings.sim_clock_start), settings.sim_clock_speed)
+            if settings.sim_clock_start
+            else WallClock()
+        )
+    except ValueError as exc:
+        print(f"SIM_CLOCK_START={settings.sim_clock_start!r}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return Daemon(settings, clock, stop=stop).run()
 
 
 def run_replay(settings: Settings, tape: Path, speed: float | None, *, notify: bool) -> int:
@@ -78,15 +130,28 @@ def run_replay(settings: Settings, tape: Path, speed: float | None, *, notify: b
 
     rules = settings.rules
     calendar = MarketCalendar(rules, settings.market_closed_dates)
-    result = replay_tape(tape, rules=rules, calendar=calendar, journal=journal, on_alerts=log_alerts, speed=speed)
-    log.info("replay_done", lines=result.lines, bad_lines=result.bad_lines, resumed_after=result.resumed_after,
-             bad_events=result.feed.bad_events, late_bars=result.late_bars)
+    result = replay_tape(
+        tape, rules=rules, calendar=calendar, journal=journal, on_alerts=log_alerts, speed=speed
+    )
+    log.info(
+        "replay_done",
+        lines=result.lines,
+        bad_lines=result.bad_lines,
+        resumed_after=result.resumed_after,
+        bad_events=result.feed.bad_events,
+        late_bars=result.late_bars,
+    )
     journal.close()
     return EXIT_OK
 
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:
-    return (settings.polygon_api_key, settings.pushover_token, settings.pushover_user_key, settings.heartbeat_url)
+    return (
+        settings.polygon_api_key,
+        settings.pushover_token,
+        settings.pushover_user_key,
+        settings.heartbeat_url,
+    )
 
 
 if __name__ == "__main__":

@@ -1,21 +1,43 @@
-"""Polygon/Massive market data: pure parsers from wire JSON to events.
+"""Polygon/Massive market data: pure parsers from wire JSON to events, and the live clients.
 
 The `parse_*` functions do no I/O. Live and replay feed them the same inputs (a WebSocket frame's
 text or its decoded array, a REST body), so a tape reproduces the live day. Bad input is counted
 and dropped, never raised: a parser only says how much it could not use. Numbers are passed on as
 JSON gave them (int or float), after checking that they are finite and in range.
+
+The live half speaks the wire protocol itself (websockets, httpx; not the vendor SDK):
+`PolygonStream` reads the stocks WebSocket on its own thread, stamps every frame and hands it on
+unparsed, and reconnects forever; `PolygonRest` fetches chain and contract snapshots and aggregates
+with timeouts, retries of transient failures and `next_url` paging. The API key travels only in the
+auth message and the `Authorization` header; it never appears in a path, a log line or an error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import json
+import math
+import random
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from events import Bar, OptionQuote
+import httpx
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from events import Bar, FeedStatus, OptionQuote
+
+if TYPE_CHECKING:
+    from pipeline import Received
 
 _FLOAT_MAX = sys.float_info.max
 _NUMBER_TYPES = frozenset({int, float})
@@ -377,3 +399,494 @@ def error_text(body: object) -> str:
     if type(body) is str:
         return _short(body.strip())
     return _short(repr(body))
+
+
+STREAM_OPEN_TIMEOUT_S = 5.0
+STREAM_CLOSE_TIMEOUT_S = 2.0
+AUTH_REPLY_TIMEOUT_S = 10.0
+HEALTHY_AFTER_S = 30.0
+NETWORK_ERROR_STATUS = 599
+# 413/429/499/5xx are what the official SDK retries; 413 makes no sense for a GET, so it is left out.
+RETRYABLE_STATUSES = frozenset({429, 499, *range(500, 600)})
+MAX_PAGES = 200
+_BODY_TEXT_LIMIT = 2000
+_STATUS_MARK = '"status"'
+_STATUS_MARK_BYTES = b'"status"'
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential back-off with full jitter and an immediate first retry."""
+
+    initial_s: float = 1.0
+    max_s: float = 60.0
+    factor: float = 2.0
+
+    def ceiling(self, attempt: int) -> float:
+        """The longest wait before attempt `attempt` (0 for the first)."""
+        if attempt <= 0:
+            return 0.0
+        try:
+            grown = self.initial_s * self.factor ** (attempt - 1)
+        except OverflowError:
+            return self.max_s
+        return min(self.max_s, grown)
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before attempt `attempt`: 0.0 for attempt 0, else uniform in [0, ceiling]."""
+        ceiling = self.ceiling(attempt)
+        return rng.uniform(0.0, ceiling) if ceiling > 0 else 0.0
+
+
+DEFAULT_BACKOFF = Backoff()
+
+
+def _received_type() -> type[Received]:
+    """`pipeline.Received`, imported late because pipeline imports this module (through feed)."""
+    from pipeline import Received
+
+    return Received
+
+
+def _frame_statuses(frame: str | bytes) -> tuple[StatusMessage, ...]:
+    """The status events of a frame; data frames are recognised by a substring test and not parsed."""
+    marker = _STATUS_MARK if isinstance(frame, str) else _STATUS_MARK_BYTES
+    if marker not in frame:
+        return ()
+    return parse_ws_frame(frame, 0, frozenset()).statuses
+
+
+def _auth_outcome(statuses: tuple[StatusMessage, ...]) -> str | None:
+    """The auth result the frame carries (auth_success, auth_failed, auth_timeout), else None."""
+    for status in statuses:
+        if status.status in ("auth_success", "auth_failed", "auth_timeout"):
+            return status.status
+        # Older servers said {"status": "error", "message": "authentication failed"}.
+        if status.status == "error" and "auth" in status.message.lower():
+            return "auth_failed"
+    return None
+
+
+def _close_text(exc: ConnectionClosed) -> str:
+    """Why a socket closed, e.g. "closed 1008 max_connections" or "connection lost"."""
+    close = exc.rcvd or exc.sent
+    if close is None:
+        return "connection lost"
+    reason = f" {close.reason[:80]}" if close.reason else ""
+    return f"closed {close.code}{reason}"
+
+
+def _exception_text(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:120]}" if text else type(exc).__name__
+
+
+class PolygonStream:
+    """Reads the stocks WebSocket on its own thread and hands every frame, stamped, to `put`.
+
+    Every frame from the auth reply on is put unparsed as `Received(t, "ws", text)`, status frames
+    included, so the decoder and the tape see what arrived. The stream also puts a `FeedStatus` on
+    auth_success, auth_failed, max_connections and when an authenticated socket goes down (never the
+    same status twice in a row). It reconnects forever, clean closes included, with `backoff`; the
+    attempt counter is reset only once a socket has stayed up and delivered data for 30 s, so a
+    `max_connections` flap between two daemons on one key cannot become a hot loop. After a drop it
+    calls `backfill(last frame ms, now ms)` on a worker thread before subscribing again.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        symbols: Sequence[str],
+        put: Callable[[object], None],
+        *,
+        clock_ms: Callable[[], int],
+        backfill: Callable[[int, int], None] | None = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        rng: random.Random | None = None,
+        max_connections_wait_s: float = 60.0,
+        auth_failed_wait_s: float = 60.0,
+        healthy_after_s: float = HEALTHY_AFTER_S,
+        open_timeout_s: float = STREAM_OPEN_TIMEOUT_S,
+    ) -> None:
+        if not symbols:
+            raise ValueError("PolygonStream needs at least one symbol")
+        self.url = url
+        self.connected = False
+        self.reconnects = 0
+        self.last_frame_ms: int | None = None
+        self._api_key = api_key
+        self._topics = ",".join(f"A.{sym}" for sym in symbols)
+        self._put = put
+        self._clock_ms = clock_ms
+        self._backfill = backfill
+        self._backoff = backoff
+        self._rng = rng if rng is not None else random.Random()
+        self._max_connections_wait_s = max_connections_wait_s
+        self._auth_failed_wait_s = auth_failed_wait_s
+        self._healthy_after_ms = round(healthy_after_s * 1000)
+        self._open_timeout_s = open_timeout_s
+        self._received = _received_type()
+        self._attempt = 0
+        self._gap_from_ms: int | None = None
+        self._last_status: tuple[bool, str] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._log = structlog.get_logger("polygon_stream")
+
+    def start(self) -> None:
+        """Connect on a daemon thread and stay connected until stop()."""
+        if self._thread is not None:
+            raise RuntimeError("PolygonStream.start() was already called")
+        self._thread = threading.Thread(target=self._run, name="polygon-stream", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the socket and end the thread, waiting up to `timeout` seconds for it."""
+        self._stopping.set()
+        with self._lock:
+            loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already finished
+                loop.call_soon_threadsafe(task.cancel)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.connected = False
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception:
+            self._log.exception("stream_thread_failed")
+
+    async def _main(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+        try:
+            await self._reconnect_forever()
+        except asyncio.CancelledError:
+            self._log.info("stream_stopped")
+
+    async def _reconnect_forever(self) -> None:
+        floor_s = 0.0
+        first = True
+        while not self._stopping.is_set():
+            wait_s = max(self._backoff.delay(self._attempt, self._rng), floor_s)
+            if wait_s > 0:
+                self._log.info("stream_reconnect_wait", wait_s=round(wait_s, 3), attempt=self._attempt)
+                await asyncio.sleep(wait_s)
+            if not first:
+                self.reconnects += 1
+            first = False
+            self._attempt += 1
+            floor_s = await self._connection()
+
+    async def _connection(self) -> float:
+        """One socket from dial to close; returns the least wait before the next dial."""
+        ws: ClientConnection | None = None
+        try:
+            async with connect(
+                self.url, open_timeout=self._open_timeout_s, close_timeout=STREAM_CLOSE_TIMEOUT_S
+            ) as ws:
+                return await self._converse(ws)
+        except asyncio.CancelledError:
+            if ws is not None:
+                # stop() may land inside the close handshake; the loop is about to end, so drop the socket.
+                ws.transport.abort()
+            raise
+        except ConnectionClosed as exc:
+            why = _close_text(exc)
+        except TimeoutError:
+            why = "timed out"
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            why = f"connect failed: {_exception_text(exc)}"
+        except Exception as exc:
+            # A bug in one connection must not end the stream for the day: log it and dial again.
+            self._log.exception("stream_connection_failed")
+            why = f"error: {type(exc).__name__}"
+        self._went_down(why)
+        return 0.0
+
+    async def _converse(self, ws: ClientConnection) -> float:
+        """Greeting, auth, gap backfill, subscribe, then read until the socket ends."""
+        async with asyncio.timeout(AUTH_REPLY_TIMEOUT_S):
+            await ws.recv()  # the "connected" greeting
+            await ws.send(json.dumps({"action": "auth", "params": self._api_key}))
+            outcome = await self._auth_reply(ws)
+        if outcome == "auth_failed":
+            self._log.error("stream_auth_failed", retry_in_s=self._auth_failed_wait_s)
+            self._report(False, "auth_failed")
+            return self._auth_failed_wait_s
+        if outcome != "auth_success":
+            self._log.warning("stream_auth_not_confirmed", status=outcome)
+            return 0.0
+        self.connected = True
+        self._report(True, "auth_success")
+        await self._fill_gap()
+        await ws.send(json.dumps({"action": "subscribe", "params": self._topics}))
+        self._gap_from_ms = None
+        self._log.info("stream_subscribed", topics=self._topics, reconnects=self.reconnects)
+        return await self._read(ws)
+
+    async def _auth_reply(self, ws: ClientConnection) -> str:
+        while True:
+            frame = await ws.recv()
+            self._put_frame(frame)
+            outcome = _auth_outcome(_frame_statuses(frame))
+            if outcome is not None:
+                return outcome
+
+    async def _fill_gap(self) -> None:
+        """Let the caller fetch the seconds missed while down, before live data resumes."""
+        gap_from = self._gap_from_ms
+        if gap_from is None or self._backfill is None:
+            return
+        gap_to = self._clock_ms()
+        if gap_to <= gap_from:
+            return
+        self._log.info("stream_backfill", gap_from_ms=gap_from, gap_to_ms=gap_to)
+        try:
+            await asyncio.to_thread(self._backfill, gap_from, gap_to)
+        except Exception:
+            self._log.exception("stream_backfill_failed")
+
+    async def _read(self, ws: ClientConnection) -> float:
+        """The hot loop: stamp, put, and watch only for `max_connections`."""
+        up_since = self._clock_ms()
+        healthy = False
+        try:
+            while True:
+                frame = await ws.recv()
+                t = self._put_frame(frame)
+                statuses = _frame_statuses(frame)
+                if any(status.status == "max_connections" for status in statuses):
+                    return self._max_connections()
+                if not healthy and not statuses and t - up_since >= self._healthy_after_ms:
+                    healthy = True
+                    self._attempt = 0
+        finally:
+            self._gap_from_ms = self.last_frame_ms
+
+    def _max_connections(self) -> float:
+        self._log.error("stream_max_connections", retry_in_s=self._max_connections_wait_s)
+        self.connected = False
+        self._report(False, "max_connections")
+        return self._max_connections_wait_s
+
+    def _put_frame(self, frame: str | bytes) -> int:
+        t = self._clock_ms()
+        self.last_frame_ms = t
+        self._put(self._received(t, "ws", frame))
+        return t
+
+    def _went_down(self, why: str) -> None:
+        self._log.warning("stream_down", why=why, attempt=self._attempt)
+        if self.connected:
+            self.connected = False
+            self._report(False, f"disconnected: {why}")
+
+    def _report(self, connected: bool, reason: str) -> None:
+        status = (connected, reason)
+        if status == self._last_status:
+            return
+        self._last_status = status
+        self._put(FeedStatus(self._clock_ms(), connected, reason))
+
+
+@dataclass(frozen=True, slots=True)
+class RestAnswer:
+    """One REST answer as received. `path` is path and query without any API key."""
+
+    path: str
+    status: int
+    body: object
+    received_ms: int
+
+
+def _strip_api_key(path: str) -> str:
+    """`path` without `apiKey=` query parameters (the key travels in a header, never in a path)."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    kept = [part for part in query.split("&") if part.partition("=")[0].lower() != "apikey"]
+    return f"{base}?{'&'.join(kept)}" if kept else base
+
+
+def _next_path(body: object) -> str | None:
+    """The path and query of a page's `next_url`, to be asked of our own base URL like the SDK does."""
+    if type(body) is not dict:
+        return None
+    url = _next_url(body)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if not parts.path:
+        return None
+    return _strip_api_key(f"{parts.path}?{parts.query}" if parts.query else parts.path)
+
+
+def _decode_body(content: bytes) -> object:
+    """JSON when the body is JSON, else its text (cut short); None when empty."""
+    if not content.strip():
+        return None
+    try:
+        return json.loads(content)
+    except ValueError:
+        return content.decode("utf-8", errors="replace")[:_BODY_TEXT_LIMIT]
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """A Retry-After header given in seconds; None when absent or an HTTP date."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+class PolygonRest:
+    """Polygon REST over httpx: chain and contract snapshots, aggregates, `next_url` paging.
+
+    Every request has a timeout. 429 (honouring Retry-After), 5xx, timeouts and network errors are
+    retried with capped exponential back-off; other answers (401, 403, 404, ...) come back at once.
+    Nothing is raised for HTTP or network failures: a network failure is answered as status 599 with
+    `{"error": ...}`. Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        clock_ms: Callable[[], int],
+        transport: httpx.BaseTransport | None = None,
+        timeout_s: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+        max_attempts: int = 4,
+        retry_base_s: float = 1.0,
+        retry_cap_s: float = 30.0,
+    ) -> None:
+        self.requests = 0
+        self.last_error: str | None = None
+        self._api_key = api_key
+        self._clock_ms = clock_ms
+        self._sleep = sleep
+        self._max_attempts = max(1, max_attempts)
+        self._retry_base_s = retry_base_s
+        self._retry_cap_s = retry_cap_s
+        self._lock = threading.Lock()
+        self._client = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
+            timeout=timeout_s,
+            transport=transport,
+        )
+        self._log = structlog.get_logger("polygon_rest")
+
+    def __enter__(self) -> PolygonRest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+    def get(self, path_and_query: str) -> RestAnswer:
+        """GET one path, retrying transient failures; returns the last answer when attempts run out."""
+        path = _strip_api_key(path_and_query)
+        attempt = 1
+        while True:
+            answer, retry_after = self._fetch(path)
+            wait_s = self._retry_wait(answer.status, retry_after, attempt)
+            if wait_s is None:
+                return self._settle(answer)
+            self._log.warning(
+                "rest_retry", path=path, status=answer.status, attempt=attempt, wait_s=round(wait_s, 3)
+            )
+            self._sleep(wait_s)
+            attempt += 1
+
+    def chain_pages(
+        self,
+        underlying: str,
+        session_date: datetime.date,
+        *,
+        spot: float | None,
+        strike_window: float = 15.0,
+        limit: int = 250,
+    ) -> list[RestAnswer]:
+        """Every page of today's call chain, within `strike_window` of `spot` when it is known.
+
+        Stops at the first non-200 page and returns what was fetched; the last answer tells which.
+        """
+        query = f"expiration_date={session_date.isoformat()}&contract_type=call&limit={limit}"
+        if spot is not None:
+            low = max(0, math.floor(spot - strike_window))
+            query += f"&strike_price.gte={low}&strike_price.lte={math.ceil(spot + strike_window)}"
+        return self._pages(f"/v3/snapshot/options/{underlying}?{query}")
+
+    def contract(self, underlying: str, ticker: str) -> RestAnswer:
+        """The snapshot of one option contract, e.g. ("IWM", "O:IWM251002C00242000")."""
+        return self.get(f"/v3/snapshot/options/{underlying}/{ticker}")
+
+    def aggs(
+        self, sym: str, multiplier: int, span: str, from_: str, to: str, *, limit: int = 50000
+    ) -> list[RestAnswer]:
+        """Aggregates of `sym` from `from_` to `to` (YYYY-MM-DD or Unix ms), every page."""
+        path = f"/v2/aggs/ticker/{sym}/range/{multiplier}/{span}/{from_}/{to}"
+        return self._pages(f"{path}?adjusted=true&sort=asc&limit={limit}")
+
+    def _pages(self, path: str) -> list[RestAnswer]:
+        answers: list[RestAnswer] = []
+        next_path: str | None = path
+        while next_path is not None and len(answers) < MAX_PAGES:
+            answer = self.get(next_path)
+            answers.append(answer)
+            next_path = _next_path(answer.body) if answer.status == 200 else None
+        return answers
+
+    def _fetch(self, path: str) -> tuple[RestAnswer, float | None]:
+        with self._lock:
+            self.requests += 1
+        try:
+            response = self._client.get(path)
+        except httpx.TimeoutException as exc:
+            return self._network_failure(path, "timeout", exc), None
+        except httpx.RequestError as exc:
+            return self._network_failure(path, "network error", exc), None
+        answer = RestAnswer(path, response.status_code, _decode_body(response.content), self._clock_ms())
+        return answer, _retry_after_s(response.headers.get("retry-after"))
+
+    def _network_failure(self, path: str, kind: str, exc: Exception) -> RestAnswer:
+        error = self._redact(f"{kind}: {_exception_text(exc)}")
+        return RestAnswer(path, NETWORK_ERROR_STATUS, {"error": error}, self._clock_ms())
+
+    def _retry_wait(self, status: int, retry_after: float | None, attempt: int) -> float | None:
+        """Seconds before the next attempt, or None to return this answer."""
+        if status not in RETRYABLE_STATUSES or attempt >= self._max_attempts:
+            return None
+        if retry_after is not None:
+            # Retrying sooner than asked only earns more 429s; a longer ask is left to the caller's cadence.
+            return retry_after if retry_after <= self._retry_cap_s else None
+        return min(self._retry_cap_s, self._retry_base_s * 2 ** (attempt - 1))
+
+    def _settle(self, answer: RestAnswer) -> RestAnswer:
+        if answer.status == 200:
+            self.last_error = None
+            return answer
+        self.last_error = self._redact(f"HTTP {answer.status}: {error_text(answer.body)}")
+        self._log.warning("rest_failed", path=answer.path, status=answer.status, error=self.last_error)
+        return answer
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text

@@ -19,7 +19,7 @@ volume trimmed below the surge line: random data is full of accidental momentum 
 must show the scripted trades, not noise. Bursts are the only place where the §4 entry conditions meet.
 
 Option prices are Black-Scholes (r = 0, T = seconds to the 16:00 close / (365 * 86400)) with an ATM
-volatility that rises into the close and a smile in standardised moneyness. The ATM level (~0.34-0.44)
+volatility that rises into the close and a smile in standardised moneyness. The ATM level (~0.34-0.48)
 is what real IWM 0DTE premiums imply with this calendar-time T; the 0.18 of the brief would price a
 10:00 ATM call near $0.45 and leave the 0.30-0.45 delta band empty most of the afternoon.
 """
@@ -146,7 +146,7 @@ def random_script(session_date: datetime.date, seed: int) -> DayScript:
 
 def _random_burst_group(rng: random.Random, at_s: int) -> list[Episode]:
     burst_s = rng.randint(40, 120)
-    group = [Episode(_clock(at_s), "burst", burst_s, round(rng.uniform(0.15, 0.45), 3))]
+    group = [Episode(_clock(at_s), "burst", burst_s, round(rng.uniform(0.12, 0.35), 3))]
     follow = rng.choice(("pullback", "fade", "grind", "chop"))
     strength = {"pullback": 0.35, "fade": 0.2, "grind": 0.15, "chop": 1.0}[follow]
     group.append(Episode(_clock(at_s + burst_s), follow, rng.randint(60, 240), strength))
@@ -176,10 +176,6 @@ def _seconds_from_open(at: datetime.time) -> int:
 def session_open_ms(day: datetime.date) -> int:
     """Unix ms of 09:30 New York time on `day`."""
     return int(datetime.datetime.combine(day, datetime.time(9, 30), NY).timestamp() * 1000)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Per-second regime arrays
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,10 +272,6 @@ def _flush_weights(length: int) -> np.ndarray:
     return weights
 
 
-# ---------------------------------------------------------------------------------------------------
-# The accidental-signal guard: the §4 entry features, incrementally
-
-
 class _EntryWatch:
     """Tracks the §4 entry features per bar so non-burst seconds can be kept from signalling."""
 
@@ -367,15 +359,10 @@ def _slope(points: list[tuple[int, float]]) -> float:
     return (n * sxy - sx * sy) / den if den else 0.0
 
 
-# ---------------------------------------------------------------------------------------------------
-# Bars
-
-
 @dataclass(frozen=True, slots=True)
 class _Bars:
     """One symbol's per-second bars as parallel arrays (index = seconds since the open)."""
 
-    sym: str
     present: np.ndarray
     o: np.ndarray
     h: np.ndarray
@@ -466,7 +453,7 @@ def _iwm_bars(
             column[i] = value
         prev_close = close
     o_, h_, l_, c_, vw_, v_ = (np.asarray(column) for column in columns)
-    bars = _finish_bars("IWM", np.asarray(present), o_, h_, l_, c_, vw_, v_, draws, rng, 650_000.0)
+    bars = _finish_bars(np.asarray(present), o_, h_, l_, c_, vw_, v_, draws, rng, 650_000.0)
     return bars, np.asarray(levels)
 
 
@@ -506,7 +493,6 @@ def _wick_ticks(u: np.ndarray) -> list[float]:
 
 
 def _finish_bars(
-    sym: str,
     present: np.ndarray,
     o: np.ndarray,
     h: np.ndarray,
@@ -527,7 +513,7 @@ def _finish_bars(
     av = pre_volume + np.cumsum(v + extra)
     a = (pre_volume * pre_vwap + np.cumsum(vw * v)) / (pre_volume + np.cumsum(v))
     trades = np.maximum(1, np.round(v / np.asarray(draws.trade_size)))
-    return _Bars(sym, present, o, h, lo, c, vw, v, av, np.round(a, 4), trades, float(o[first]))
+    return _Bars(present, o, h, lo, c, vw, v, av, np.round(a, 4), trades, float(o[first]))
 
 
 def _spy_bars(
@@ -548,7 +534,7 @@ def _spy_bars(
     rows = [_bar_prices(prev[i], close_list[i], draws, i) for i in range(n)]
     opens, highs, lows, vws = (np.asarray(col) for col in zip(*rows, strict=True))
     present = np.ones(n, dtype=bool)
-    return _finish_bars("SPY", present, opens, highs, lows, closes, vws, volumes, draws, rng, 2_800_000.0)
+    return _finish_bars(present, opens, highs, lows, closes, vws, volumes, draws, rng, 2_800_000.0)
 
 
 def _ar1(shocks: np.ndarray, phi: float) -> np.ndarray:
@@ -558,10 +544,6 @@ def _ar1(shocks: np.ndarray, phi: float) -> np.ndarray:
         acc = phi * acc + shock
         out[i] = acc
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Option pricing
 
 
 def norm_cdf(x: float) -> float:
@@ -626,6 +608,18 @@ class _Contract:
     volume_scale: float
     trap: str = ""
 
+    @property
+    def details(self) -> dict[str, Any]:
+        """The `details` object of the vendor's result."""
+        return {
+            "contract_type": "call",
+            "exercise_style": "american",
+            "expiration_date": self.expiry.isoformat(),
+            "shares_per_contract": 100,
+            "strike_price": int(self.strike) if self.strike.is_integer() else self.strike,
+            "ticker": self.ticker,
+        }
+
 
 class _OptionBook:
     """Same-day IWM calls priced off the synthetic spot path; pure function of (script, time)."""
@@ -665,7 +659,10 @@ class _OptionBook:
         interest = 150 + 4500 * math.exp(-(((strike - centre) / 6.0) ** 2)) * rng.uniform(0.6, 1.4)
         scale = (1.0 if whole else 0.25) * (1.0 if expiry == self._day else 0.3)
         ticker = occ_ticker(self._market.underlying, expiry, strike)
-        return _Contract(strike, expiry, ticker, int(interest * (1.0 if whole else 0.3)), scale, trap)
+        # Half-dollar strikes are thinner, but keep open interest above the selector's floor so each
+        # trap is rejected for its own defect only.
+        open_interest = int(interest) if whole else max(120, int(interest * 0.3))
+        return _Contract(strike, expiry, ticker, open_interest, scale, trap)
 
     def contract_by_ticker(self, ticker: str) -> _Contract:
         root = f"O:{self._market.underlying}"
@@ -721,11 +718,16 @@ class _OptionBook:
     def _moment(self, at_ms: int, expiry: datetime.date) -> tuple[float, float, float]:
         """(spot, T, ATM vol) at `at_ms`; the last answer is kept since a snapshot asks ~30 times."""
         key = (at_ms, expiry)
-        if self._last_moment[0] != key:
-            spot = self._market.spot_at(at_ms)
-            moment = (spot, self._t_years(at_ms, expiry), atm_vol(self._elapsed_fraction(at_ms)))
-            self._last_moment = (key, moment)
-        return self._last_moment[1]
+        last_key, last_moment = self._last_moment
+        if last_key == key:
+            return last_moment
+        moment = (
+            self._market.spot_at(at_ms),
+            self._t_years(at_ms, expiry),
+            atm_vol(self._elapsed_fraction(at_ms)),
+        )
+        self._last_moment = (key, moment)
+        return moment
 
     def day_volume(self, contract: _Contract, at_ms: int) -> int:
         """Contracts traded today up to `at_ms`, busiest near the money, following the stock's U shape."""
@@ -807,10 +809,6 @@ def quote_for(theo: float, liquid: bool) -> tuple[float, float]:
 
 def _request_id(*parts: object) -> str:
     return hashlib.md5(":".join(str(p) for p in parts).encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------
-# The market
 
 
 class SyntheticMarket:
@@ -940,7 +938,7 @@ class SyntheticMarket:
         return self.session_open_ms + (self._spot_index[min(index, SESSION_SECONDS - 1)] + 1) * 1000
 
     def _result(self, contract: _Contract, at_ms: int, draws: list[int]) -> dict[str, Any]:
-        return _contract_result(self, self._options, contract, at_ms, draws)
+        return _contract_result(self, self._options, contract, at_ms, draws, self.spot_time_ms(at_ms))
 
 
 def chain_query(
@@ -1099,7 +1097,12 @@ def _past_minutes(market: SyntheticMarket, sym: str, day: datetime.date) -> list
 
 
 def _contract_result(
-    market: SyntheticMarket, book: _OptionBook, contract: _Contract, at_ms: int, draws: list[int]
+    market: SyntheticMarket,
+    book: _OptionBook,
+    contract: _Contract,
+    at_ms: int,
+    draws: list[int],
+    spot_ms: int,
 ) -> dict[str, Any]:
     """One `results[i]` object of polygon.md §3.2, keys in the vendor's (alphabetical) order.
 
@@ -1116,14 +1119,7 @@ def _contract_result(
     result: dict[str, Any] = {
         "break_even_price": _round4(contract.strike + midpoint),
         "day": _day_bar(book, contract, at_ms, volume, midpoint, draws),
-        "details": {
-            "contract_type": "call",
-            "exercise_style": "american",
-            "expiration_date": contract.expiry.isoformat(),
-            "shares_per_contract": 100,
-            "strike_price": int(contract.strike) if contract.strike.is_integer() else contract.strike,
-            "ticker": contract.ticker,
-        },
+        "details": contract.details,
     }
     if contract.trap == "no_greeks":
         result["greeks"] = {}
@@ -1147,7 +1143,7 @@ def _contract_result(
     result["open_interest"] = contract.open_interest
     result["underlying_asset"] = {
         "change_to_break_even": _round4(contract.strike + midpoint - spot),
-        "last_updated": (market.spot_time_ms(at_ms)) * 1_000_000 + draws[4],
+        "last_updated": spot_ms * 1_000_000 + draws[4],
         "price": spot,
         "ticker": market.underlying,
         "timeframe": "REAL-TIME",
@@ -1198,10 +1194,6 @@ def _draws(*seed: int, rows: int) -> list[list[int]]:
     return (np.frombuffer(digest, dtype="<u4") % 1_000_000).reshape(rows, 6).tolist()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Tapes
-
-
 def handshake_frames(
     connected_ms: int, underlying: str, benchmark: str
 ) -> list[tuple[int, list[dict[str, Any]]]]:
@@ -1219,11 +1211,19 @@ def handshake_frames(
     ]
 
 
-def write_tape(market: SyntheticMarket, path: Path, *, chain_every_s: int = 10, page_size: int = 20) -> Path:
+def write_tape(
+    market: SyntheticMarket,
+    path: Path,
+    *,
+    chain_every_s: int = 10,
+    page_size: int = 20,
+    end_ms: int | None = None,
+) -> Path:
     """Render the session as a tape: handshake, every bar frame, a paged chain every `chain_every_s` s.
 
     An existing file at `path` is replaced. The chain is recorded as the daemon polls it: page 1 at
     `.../options/IWM?expiration_date=...&contract_type=call&limit=250`, then each `next_url`'s path.
+    `end_ms` stops the recording early (lines received before it), for short tapes in tests.
     """
     path = Path(path)
     path.unlink(missing_ok=True)
@@ -1241,6 +1241,8 @@ def write_tape(market: SyntheticMarket, path: Path, *, chain_every_s: int = 10, 
         path, underlying=market.underlying, benchmark=market.benchmark, start_ms=start_ms, compresslevel=1
     ) as writer:
         for t, kind, item in heapq.merge(*streams, key=lambda line: line[0]):
+            if end_ms is not None and t >= end_ms:
+                break
             if kind == "ws":
                 writer.write_ws(t, item)
             else:

@@ -345,24 +345,25 @@ def test_ws_other_paths_are_refused(live: FakePolygon) -> None:
     assert refused.value.response.status_code == 404
 
 
-def test_ws_streams_subscribed_symbols_from_now_on(live: FakePolygon) -> None:
-    with open_ws(live) as ws:
+def test_ws_streams_subscribed_symbols_from_now_on(wall: ManualWall) -> None:
+    def status(message: str) -> list[dict]:
+        return [{"ev": "status", "status": "success", "message": message}]
+
+    fake = FakePolygon(MARKET, api_key=KEY, start_ms=START_MS + 100_000, speed=1000.0, wall=wall)
+    with fake, open_ws(fake) as ws:
         assert ws.recv(timeout=RECV_S) == AUTH_SUCCESS
-        assert subscribe(ws, "A.IWM") == [
-            [{"ev": "status", "status": "success", "message": "subscribed to: A.IWM"}]
-        ]
-        received = [recv_json(ws) for _ in range(3)]
+        assert subscribe(ws, "A.IWM") == [status("subscribed to: A.IWM")]
+        wall.value += 0.0025  # 2.5 simulated seconds: the frames of 100.2 s, 101.2 s and 102.2 s are due
+        first = [recv_json(ws) for _ in range(3)]
         ws.send(json.dumps({"action": "subscribe", "params": "A.SPY"}))
         ws.send(json.dumps({"action": "unsubscribe", "params": "A.IWM"}))
-        later = [recv_json(ws) for _ in range(8)]
-    assert all(len(frame) == 1 and frame[0]["sym"] == "IWM" for frame in received)
-    starts = [frame[0]["s"] for frame in received]
-    assert starts[0] >= START_MS + 99_000  # nothing from before the subscription's instant
-    assert starts == list(range(starts[0], starts[0] + 3000, 1000))
-    assert {"ev": "status", "status": "success", "message": "subscribed to: A.SPY"} in [f[0] for f in later]
-    unsubscribed = later.index([{"ev": "status", "status": "success", "message": "unsubscribed to: A.IWM"}])
-    assert all(event.get("sym") == "SPY" for frame in later[unsubscribed + 1 :] for event in frame)
-    assert live.subscriptions == ["A.IWM", "A.SPY"]
+        statuses = [recv_json(ws) for _ in range(2)]
+        wall.value += 0.002
+        then = [recv_json(ws) for _ in range(2)]
+    assert first == [[a_event("IWM", START_MS + s * 1000, 240.0)] for s in (100, 101, 102)]
+    assert statuses == [status("subscribed to: A.SPY"), status("unsubscribed to: A.IWM")]
+    assert then == [[a_event("SPY", START_MS + s * 1000, 600.0)] for s in (103, 104)]
+    assert fake.subscriptions == ["A.IWM", "A.SPY"]
 
 
 def test_ws_garbage_goes_out_verbatim_before_data(live: FakePolygon) -> None:

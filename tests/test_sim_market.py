@@ -2,13 +2,13 @@
 
 The entry check and the small reference trader here are written from DESIGN §4 on purpose, without
 importing signals.py or engine.py, so they cross-check the generator rather than share its bugs.
+`demo_tape` is the session fixture of conftest.py (the demo day's tape, built once).
 """
 
 from __future__ import annotations
 
 import datetime
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,20 +37,8 @@ def market() -> SyntheticMarket:
     return SyntheticMarket(demo_script())
 
 
-@pytest.fixture(scope="module")
-def demo_tape(market: SyntheticMarket, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    started = time.perf_counter()
-    path = write_tape(market, tmp_path_factory.mktemp("tape") / "2025-10-02.jsonl.gz")
-    print(f"demo tape built in {time.perf_counter() - started:.2f} s ({path.stat().st_size / 1e6:.1f} MB)")
-    return path
-
-
 def _ms(at: datetime.time) -> int:
     return OPEN_MS + ((at.hour - 9) * 3600 + (at.minute - 30) * 60 + at.second) * 1000
-
-
-# ---------------------------------------------------------------------------------------------------
-# Scripts and session
 
 
 def test_demo_script_is_a_thursday_with_four_bursts_after_0940() -> None:
@@ -82,10 +70,6 @@ def test_random_scripts_are_reproducible_and_varied() -> None:
     assert sum(e.kind == "burst" for e in first.episodes) >= 3
     starts = [e.start for e in first.episodes]
     assert starts == sorted(starts)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Bars and frames
 
 
 def test_bars_have_the_wire_shape_and_never_zero_volume(market: SyntheticMarket) -> None:
@@ -195,10 +179,6 @@ def test_minute_aggs_give_a_profile_for_past_weekdays_only(market: SyntheticMark
 def _minute_of_day(ms: int) -> int:
     at = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone(datetime.timedelta(hours=-4)))
     return at.hour * 60 + at.minute
-
-
-# ---------------------------------------------------------------------------------------------------
-# Chain snapshots
 
 
 def _results(pages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -342,84 +322,158 @@ def test_contract_snapshot_matches_the_chain(market: SyntheticMarket) -> None:
         market.contract_snapshot("O:SPY251002C00240000", at)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Determinism and the tape
+@pytest.fixture(scope="module")
+def market_again() -> SyntheticMarket:
+    return SyntheticMarket(demo_script())
 
 
-def test_same_seed_gives_the_same_market_and_another_seed_does_not(market: SyntheticMarket) -> None:
-    again = SyntheticMarket(demo_script())
-    assert again.bars("IWM") == market.bars("IWM") and again.bars("SPY") == market.bars("SPY")
-    assert list(again.ws_frames())[:500] == list(market.ws_frames())[:500]
+def test_same_seed_gives_the_same_market_and_tape_bytes(
+    market: SyntheticMarket, market_again: SyntheticMarket, tmp_path: Path
+) -> None:
+    assert market_again.bars("IWM") == market.bars("IWM") and market_again.bars("SPY") == market.bars("SPY")
     at = _ms(datetime.time(12, 0))
-    assert again.chain_pages(at, page_size=20) == market.chain_pages(at, page_size=20)
-    other = SyntheticMarket(DayScript(DAY, 1, 240.12, demo_script().episodes))
-    assert other.bars("IWM") != market.bars("IWM")
-
-
-def test_same_script_writes_the_same_tape_bytes(tmp_path: Path) -> None:
-    script = DayScript(DAY, 5, 231.5, ())
-    first = write_tape(SyntheticMarket(script), tmp_path / "a.jsonl.gz", chain_every_s=600)
-    second = write_tape(SyntheticMarket(script), tmp_path / "b.jsonl.gz", chain_every_s=600)
+    assert market_again.chain_pages(at, page_size=20) == market.chain_pages(at, page_size=20)
+    end = _ms(datetime.time(9, 40))
+    first = write_tape(market, tmp_path / "a.jsonl.gz", end_ms=end)
+    second = write_tape(market_again, tmp_path / "b.jsonl.gz", end_ms=end)
     assert first.read_bytes() == second.read_bytes()
-
-
-def test_demo_tape_reads_back_in_the_documented_format(demo_tape: Path) -> None:
-    reader = TapeReader(demo_tape)
-    assert reader.meta == {"format": "tape/1", "underlying": "IWM", "benchmark": "SPY"}
-    lines = list(reader)
-    assert reader.bad_lines == 0
-    assert [line.t for line in lines] == sorted(line.t for line in lines)
-    statuses = [line.payload[0]["status"] for line in lines[1:4]]
-    assert statuses == ["connected", "auth_success", "success"]
-    rest = [line for line in lines if line.kind == "rest"]
-    assert len(rest) == 2 * 2340 and all(line.status == 200 for line in rest)
-    assert rest[0].path == CHAIN_PATH and rest[1].path == f"{CHAIN_PATH}&cursor=p2"
-    assert rest[0].payload["next_url"].endswith(rest[1].path) and "next_url" not in rest[1].payload
-    assert rest[0].t < rest[1].t < rest[0].t + 1000
-    bars = sum(len(line.payload) for line in lines if line.kind == "ws" and line.payload[0]["ev"] == "A")
-    assert bars == 22235 + 23400
-
-
-# ---------------------------------------------------------------------------------------------------
-# §4 by brute force: entry conditions, and a small reference trader over the demo tape
+    assert max(line.t for line in TapeReader(first)) < end
 
 
 @dataclass(frozen=True, slots=True)
-class _Series:
+class _Quote:
+    ticker: str
+    expiry: str
+    delta: float | None
+    bid: float
+    ask: float
+    min_size: int
+    volume: int
+    open_interest: int
+    quote_ms: float
+
+
+@dataclass(slots=True)
+class _DemoReplay:
+    """One pass over the demo tape: what the format test checks and the events the trader needs."""
+
+    meta: dict[str, Any] | None
+    bad_lines: int = 0
+    times: list[int] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    rest: list[tuple[int, str | None, int | None, str | None]] = field(default_factory=list)
+    bar_events: int = 0
+    events: list[tuple[int, str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def demo_replay(demo_tape: Path) -> _DemoReplay:
+    reader = TapeReader(demo_tape)
+    replay = _DemoReplay(reader.meta)
+    pages: list[_Quote] = []
+    for line in reader:
+        replay.times.append(line.t)
+        if line.kind == "ws":
+            _take_frame(replay, line.t, line.payload)
+        elif line.kind == "rest":
+            replay.rest.append((line.t, line.path, line.status, line.payload.get("next_url")))
+            pages += [_quote(r) for r in line.payload["results"]]
+            if "next_url" not in line.payload:
+                replay.events.append((line.t, "chain", pages))
+                pages = []
+    replay.bad_lines = reader.bad_lines
+    return replay
+
+
+def _take_frame(replay: _DemoReplay, t: int, frame: list[dict[str, Any]]) -> None:
+    for event in frame:
+        if event["ev"] == "status":
+            replay.statuses.append(event["status"])
+        elif event["ev"] == "A":
+            replay.bar_events += 1
+            if event["sym"] == "IWM":
+                replay.events.append((t, "bar", event["s"]))
+
+
+def _quote(result: dict[str, Any]) -> _Quote:
+    q = result["last_quote"]
+    return _Quote(
+        ticker=result["details"]["ticker"],
+        expiry=result["details"]["expiration_date"],
+        delta=result["greeks"].get("delta"),
+        bid=q["bid"],
+        ask=q["ask"],
+        min_size=min(q["bid_size"], q["ask_size"]),
+        volume=result["day"].get("volume", 0),
+        open_interest=result["open_interest"],
+        quote_ms=q["last_updated"] / 1e6,
+    )
+
+
+def test_demo_tape_reads_back_in_the_documented_format(
+    market: SyntheticMarket, demo_replay: _DemoReplay
+) -> None:
+    assert demo_replay.meta == {"format": "tape/1", "underlying": "IWM", "benchmark": "SPY"}
+    assert demo_replay.bad_lines == 0
+    assert demo_replay.times == sorted(demo_replay.times)
+    assert demo_replay.statuses == ["connected", "auth_success", "success", "success"]
+    rest = demo_replay.rest
+    assert len(rest) == 2 * 2340 and all(status == 200 for _, _, status, _ in rest)
+    assert rest[0][1] == CHAIN_PATH and rest[1][1] == f"{CHAIN_PATH}&cursor=p2"
+    assert rest[0][3] == f"https://api.massive.com{CHAIN_PATH}&cursor=p2" and rest[1][3] is None
+    assert rest[0][0] < rest[1][0] < rest[0][0] + 1000
+    assert demo_replay.bar_events == len(market.bars("IWM")) + len(market.bars("SPY"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Features:
+    """DESIGN §4 entry features of every IWM bar, computed directly from the windows' definitions."""
+
     s: np.ndarray
     c: np.ndarray
-    v: np.ndarray
     vwap: np.ndarray
+    entry: np.ndarray
 
 
-def _series(bars: list[dict[str, Any]]) -> _Series:
+def _features(bars: list[dict[str, Any]]) -> _Features:
     s = np.array([b["s"] for b in bars], dtype=np.int64) // 1000
     c = np.array([b["c"] for b in bars])
     v = np.array([b["v"] for b in bars], dtype=float)
-    pv = np.concatenate(([0.0], np.cumsum(np.array([b["vw"] for b in bars]) * v)))
-    cv = np.concatenate(([0.0], np.cumsum(v)))
-    first = np.searchsorted(s, s - 60, side="right")
     last = np.arange(len(s)) + 1
-    return _Series(s, c, v, (pv[last] - pv[first]) / (cv[last] - cv[first]))
+    vwap = _window_sum(s, np.array([b["vw"] for b in bars]) * v, 60) / _window_sum(s, v, 60)
+    first30 = np.searchsorted(s, s - 30, side="right")
+    points = last - first30
+    rising = (points >= 10) & (_window_slope(s, vwap, 30) > 0)
+    momentum = (points >= 2) & (_window_slope(s, c, 30) > 0)
+    candidates = np.flatnonzero((c > vwap) & rising & momentum)
+    entry = np.zeros(len(s), dtype=bool)
+    for j in candidates:
+        previous = v[np.searchsorted(s, s[j] - 1200, side="right") : j]
+        entry[j] = len(previous) >= 60 and v[j] > np.percentile(previous, 95)
+    return _Features(s, c, vwap, entry)
 
 
-def _slope(x: np.ndarray, y: np.ndarray) -> float:
-    xc = x - x.mean()
-    return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+def _window_sum(s: np.ndarray, values: np.ndarray, seconds: int) -> np.ndarray:
+    """Sum over bars with start in (s - seconds, s], for every bar."""
+    prefix = np.concatenate(([0.0], np.cumsum(values)))
+    return prefix[np.arange(len(s)) + 1] - prefix[np.searchsorted(s, s - seconds, side="right")]
 
 
-def _entry(series: _Series, j: int) -> bool:
-    """Close > 60-s VWAP, VWAP rising over 30 s (>= 10 points), volume > p95 of 1200 s, momentum > 0."""
-    s, c = series.s, series.c
-    if not c[j] > series.vwap[j]:
-        return False
-    lo = np.searchsorted(s, s[j] - 30, side="right")
-    if j + 1 - lo < 10 or not _slope(s[lo : j + 1], series.vwap[lo : j + 1]) > 0:
-        return False
-    if not _slope(s[lo : j + 1], c[lo : j + 1]) / c[lo : j + 1].mean() * 100 > 0:
-        return False
-    previous = series.v[np.searchsorted(s, s[j] - 1200, side="right") : j]
-    return len(previous) >= 60 and series.v[j] > np.percentile(previous, 95)
+def _window_slope(s: np.ndarray, y: np.ndarray, seconds: int) -> np.ndarray:
+    """Least-squares slope of y against s over (s - seconds, s]; x and y shifted to keep sums small."""
+    x = (s - s[0]).astype(float)
+    y = y - y[0]
+    n = _window_sum(s, np.ones(len(s)), seconds)
+    sx, sy = _window_sum(s, x, seconds), _window_sum(s, y, seconds)
+    sxx, sxy = _window_sum(s, x * x, seconds), _window_sum(s, x * y, seconds)
+    den = n * sxx - sx * sx
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, (n * sxy - sx * sy) / den, 0.0)
+
+
+@pytest.fixture(scope="module")
+def features(market: SyntheticMarket) -> _Features:
+    return _features(market.bars("IWM"))
 
 
 def _burst_spans(script: DayScript) -> list[tuple[int, int]]:
@@ -428,21 +482,37 @@ def _burst_spans(script: DayScript) -> list[tuple[int, int]]:
     ]
 
 
-def test_entry_conditions_all_hold_inside_every_demo_burst(market: SyntheticMarket) -> None:
-    series = _series(market.bars("IWM"))
+def test_window_features_agree_with_a_direct_computation(
+    features: _Features, market: SyntheticMarket
+) -> None:
+    bars = market.bars("IWM")
+    j = int(np.searchsorted(features.s, _ms(datetime.time(11, 12, 30)) // 1000))
+    window = [b for b in bars if features.s[j] - 60 < b["s"] // 1000 <= features.s[j]]
+    assert features.vwap[j] == pytest.approx(
+        sum(b["vw"] * b["v"] for b in window) / sum(b["v"] for b in window)
+    )
+    closes = [(b["s"] // 1000, b["c"]) for b in bars if features.s[j] - 30 < b["s"] // 1000 <= features.s[j]]
+    xs, ys = np.array([x for x, _ in closes], float), np.array([y for _, y in closes])
+    direct = ((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum()
+    assert _window_slope(features.s, features.c, 30)[j] == pytest.approx(direct, rel=1e-6)
+
+
+def test_entry_conditions_all_hold_inside_every_demo_burst(features: _Features) -> None:
     for start, stop in _burst_spans(demo_script()):
-        inside = np.flatnonzero((series.s >= start) & (series.s < stop))
-        firing = [j for j in inside if _entry(series, j)]
-        assert len(firing) >= 10, f"burst at {start} fires on {len(firing)} bars"
+        inside = (features.s >= start) & (features.s < stop)
+        assert features.entry[inside].sum() >= 10, (
+            f"burst at {start} fires on {features.entry[inside].sum()} bars"
+        )
 
 
-def test_entry_conditions_never_hold_outside_the_bursts(market: SyntheticMarket) -> None:
-    series = _series(market.bars("IWM"))
-    spans = _burst_spans(demo_script())
-    window = (_ms(datetime.time(9, 35)) // 1000, _ms(datetime.time(15, 30)) // 1000)
-    candidates = np.flatnonzero((series.s >= window[0]) & (series.s < window[1]) & (series.c > series.vwap))
-    outside = [j for j in candidates if not any(a <= series.s[j] < b for a, b in spans)]
-    assert [series.s[j] for j in outside if _entry(series, j)] == []
+def test_entry_conditions_never_hold_outside_the_bursts(features: _Features) -> None:
+    outside = np.ones(len(features.s), dtype=bool)
+    for start, stop in _burst_spans(demo_script()):
+        outside &= (features.s < start) | (features.s >= stop)
+    in_window = (features.s >= _ms(datetime.time(9, 35)) // 1000) & (
+        features.s < _ms(datetime.time(15, 30)) // 1000
+    )
+    assert features.s[features.entry & outside & in_window].tolist() == []
 
 
 @dataclass(slots=True)
@@ -461,35 +531,35 @@ class _Position:
 class _Trader:
     """DESIGN §4 with default Rules, reduced to what the demo needs (greeks deltas, one contract)."""
 
-    series: _Series
+    features: _Features
     trades: list[tuple[str, str, float, float]] = field(default_factory=list)
-    chain: list[dict[str, Any]] | None = None
+    chain: list[_Quote] | None = None
     chain_ms: int = 0
     position: _Position | None = None
     last_exit_ms: int = -(10**15)
     losses_in_a_row: int = 0
 
     def on_bar(self, t: int, j: int) -> None:
+        f = self.features
         if self.position is not None:
-            below = self.series.c[j] < self.series.vwap[j]
-            if not below:
+            if f.c[j] >= f.vwap[j]:
                 self.position.below_since = None
             elif self.position.below_since is None:
                 self.position.below_since = t
             self.position.last_bar = j
             self.check_exit(t)
-        elif self.may_enter(t) and _entry(self.series, j):
+        elif self.may_enter(t) and f.entry[j]:
             self.enter(t)
 
-    def on_chain(self, t: int, results: list[dict[str, Any]]) -> None:
-        self.chain, self.chain_ms = results, t
-        if self.position is None:
+    def on_chain(self, t: int, quotes: list[_Quote]) -> None:
+        self.chain, self.chain_ms = quotes, t
+        p = self.position
+        if p is None:
             return
-        for r in results:
-            q = r["last_quote"]
-            if r["details"]["ticker"] == self.position.ticker and q["bid"] > 0 and q["ask"] >= q["bid"]:
-                self.position.mark, self.position.bid = (q["bid"] + q["ask"]) / 2, q["bid"]
-                self.position.peak = max(self.position.peak, self.position.mark)
+        for q in quotes:
+            if q.ticker == p.ticker and q.bid > 0 and q.ask >= q.bid:
+                p.mark, p.bid = (q.bid + q.ask) / 2, q.bid
+                p.peak = max(p.peak, p.mark)
         self.check_exit(t)
 
     def may_enter(self, t: int) -> bool:
@@ -499,18 +569,18 @@ class _Trader:
         return in_window and fresh and allowed
 
     def enter(self, t: int) -> None:
-        choice = _select(self.chain or [], t)
-        if choice is not None:
-            q = choice["last_quote"]
-            mid = (q["bid"] + q["ask"]) / 2
-            self.position = _Position(choice["details"]["ticker"], q["ask"], t, mid, q["bid"], mid)
+        q = _select(self.chain or [], t)
+        if q is not None:
+            mid = (q.bid + q.ask) / 2
+            self.position = _Position(q.ticker, q.ask, t, mid, q.bid, mid)
 
     def check_exit(self, t: int) -> None:
         p = self.position
         if p is None:
             return
+        f = self.features
         giveback = (p.peak - p.mark) / p.peak
-        under = p.last_bar is not None and self.series.c[p.last_bar] < self.series.vwap[p.last_bar]
+        under = p.last_bar is not None and f.c[p.last_bar] < f.vwap[p.last_bar]
         reasons = [
             (t >= _ms(datetime.time(15, 55)), "Time stop"),
             (p.mark <= p.entry * 0.85, "Stop loss"),
@@ -526,55 +596,42 @@ class _Trader:
             self.position, self.last_exit_ms = None, t
 
 
-def _select(results: list[dict[str, Any]], t: int) -> dict[str, Any] | None:
+def _select(quotes: list[_Quote], t: int) -> _Quote | None:
     ranked = []
-    for r in results:
-        q, delta = r["last_quote"], r["greeks"].get("delta")
-        if r["details"]["expiration_date"] != "2025-10-02" or delta is None or not 0.30 <= delta <= 0.45:
+    for q in quotes:
+        if q.expiry != "2025-10-02" or q.delta is None or not 0.30 <= q.delta <= 0.45:
             continue
-        if not (q["bid"] > 0 and q["ask"] >= q["bid"] and min(q["bid_size"], q["ask_size"]) >= 10):
+        if not (q.bid > 0 and q.ask >= q.bid and q.min_size >= 10):
             continue
-        mid = (q["bid"] + q["ask"]) / 2
-        spread = (q["ask"] - q["bid"]) / mid * 100
-        volume = r["day"].get("volume", 0)
-        fresh = t - q["last_updated"] / 1e6 <= 30_000
-        if spread <= 4 and volume >= 100 and r["open_interest"] >= 100 and fresh:
-            ranked.append((-volume * mid, spread, abs(delta - 0.375), r["details"]["ticker"], r))
+        mid = (q.bid + q.ask) / 2
+        spread = (q.ask - q.bid) / mid * 100
+        if spread <= 4 and q.volume >= 100 and q.open_interest >= 100 and t - q.quote_ms <= 30_000:
+            ranked.append((-q.volume * mid, spread, abs(q.delta - 0.375), q.ticker, q))
     return min(ranked, key=lambda row: row[:4])[4] if ranked else None
 
 
 def _clock(ms: int) -> str:
-    return datetime.datetime.fromtimestamp(
-        ms / 1000, datetime.timezone(datetime.timedelta(hours=-4))
-    ).strftime("%H:%M:%S")
+    at = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone(datetime.timedelta(hours=-4)))
+    return at.strftime("%H:%M:%S")
 
 
-def _replay(path: Path, series: _Series) -> Iterator[tuple[int, str, Any]]:
-    """Tape lines as engine events, with a tick at every whole second that passes."""
-    index = {int(s) * 1000: j for j, s in enumerate(series.s)}
-    pages: list[dict[str, Any]] = []
-    last_tick = None
-    for line in TapeReader(path):
-        if last_tick is not None:
-            for tick in range(last_tick + 1000, line.t - line.t % 1000 + 1, 1000):
+def _with_ticks(events: list[tuple[int, str, Any]]) -> Iterator[tuple[int, str, Any]]:
+    """The replay's event order: each line's events, and a tick at every whole second between lines."""
+    previous = None
+    for t, kind, item in events:
+        if previous is not None:
+            for tick in range(previous - previous % 1000 + 1000, t + 1, 1000):
                 yield tick, "tick", None
-        last_tick = line.t - line.t % 1000
-        if line.kind == "ws":
-            for event in line.payload:
-                if event.get("ev") == "A" and event["sym"] == "IWM":
-                    yield line.t, "bar", index[event["s"]]
-        elif line.kind == "rest":
-            pages.append(line.payload)
-            if "next_url" not in line.payload:
-                yield line.t, "chain", [r for page in pages for r in page["results"]]
-                pages = []
+        previous = t
+        yield t, kind, item
 
 
-def test_demo_tape_trades_once_per_exit_rule(market: SyntheticMarket, demo_tape: Path) -> None:
-    trader = _Trader(_series(market.bars("IWM")))
-    for t, kind, item in _replay(demo_tape, trader.series):
+def test_demo_tape_trades_once_per_exit_rule(features: _Features, demo_replay: _DemoReplay) -> None:
+    trader = _Trader(features)
+    index = {int(s) * 1000: j for j, s in enumerate(features.s)}
+    for t, kind, item in _with_ticks(demo_replay.events):
         if kind == "bar":
-            trader.on_bar(t, item)
+            trader.on_bar(t, index[item])
         elif kind == "chain":
             trader.on_chain(t, item)
         else:
