@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 from datetime import date, time
 
 from config import Rules

@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import date
 
 from builders import at, bar, burst_bars, chain, contract, engine, quote
+
 from config import Rules
 from events import Alert, ClosePosition, Log, OpenPosition, Tick, UpdatePosition
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import time
 
 from builders import at, bar, burst_bars, chain, contract, engine, quote
+
 from config import Rules
 from events import Alert, Log, OpenPosition, VolumeProfile
 from market_calendar import minute_of_day

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from builders import calendar
+
 from config import Rules
 from events import Alert
 from pnl_tracker import Journal
