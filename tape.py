@@ -227,6 +227,11 @@ def _truncate_to_complete_members(path: Path) -> int:
     """Cut a torn trailing gzip member off `path`; return the size of what is kept (0 if no file)."""
     if not path.exists():
         return 0
+    with open(path, "rb") as fh:
+        head = fh.read(len(GZIP_MAGIC))
+    if head and not GZIP_MAGIC.startswith(head):
+        # Never cut a file that is not a gzip tape (a plain .jsonl, a wrong path): refuse instead.
+        raise ValueError(f"{path} exists and is not a gzip tape")
     keep = _complete_members_end(path)
     if keep != path.stat().st_size:
         os.truncate(path, keep)

@@ -25,7 +25,7 @@ from sim.market import (
     random_script,
     write_tape,
 )
-from tape import TapeReader
+from tape import RawJson, TapeReader
 
 DAY = datetime.date(2025, 10, 2)
 OPEN_MS = 1759411800000  # 2025-10-02 09:30 EDT
@@ -366,20 +366,44 @@ class _DemoReplay:
     events: list[tuple[int, str, Any]] = field(default_factory=list)
 
 
+class _Chain:
+    """One chain snapshot's pages, decoded on first use (most are never looked at)."""
+
+    def __init__(self, pages: list[Any]) -> None:
+        self._pages = pages
+        self._quotes: list[_Quote] | None = None
+
+    def quotes(self) -> list[_Quote]:
+        if self._quotes is None:
+            self._quotes = [_quote(r) for page in self._pages for r in _body(page)["results"]]
+        return self._quotes
+
+
+def _body(payload: Any) -> dict[str, Any]:
+    return payload.value() if isinstance(payload, RawJson) else payload
+
+
+def _next_url(payload: Any) -> str | None:
+    if isinstance(payload, RawJson):
+        return payload.top_level_string("next_url")
+    return payload.get("next_url")
+
+
 @pytest.fixture(scope="module")
 def demo_replay(demo_tape: Path) -> _DemoReplay:
-    reader = TapeReader(demo_tape)
+    reader = TapeReader(demo_tape, lazy_bodies=True)
     replay = _DemoReplay(reader.meta)
-    pages: list[_Quote] = []
+    pages: list[Any] = []
     for line in reader:
         replay.times.append(line.t)
         if line.kind == "ws":
             _take_frame(replay, line.t, line.payload)
         elif line.kind == "rest":
-            replay.rest.append((line.t, line.path, line.status, line.payload.get("next_url")))
-            pages += [_quote(r) for r in line.payload["results"]]
-            if "next_url" not in line.payload:
-                replay.events.append((line.t, "chain", pages))
+            next_url = _next_url(line.payload)
+            replay.rest.append((line.t, line.path, line.status, next_url))
+            pages.append(line.payload)
+            if next_url is None:
+                replay.events.append((line.t, "chain", _Chain(pages)))
                 pages = []
     replay.bad_lines = reader.bad_lines
     return replay
@@ -533,7 +557,7 @@ class _Trader:
 
     features: _Features
     trades: list[tuple[str, str, float, float]] = field(default_factory=list)
-    chain: list[_Quote] | None = None
+    chain: _Chain | None = None
     chain_ms: int = 0
     position: _Position | None = None
     last_exit_ms: int = -(10**15)
@@ -551,12 +575,12 @@ class _Trader:
         elif self.may_enter(t) and f.entry[j]:
             self.enter(t)
 
-    def on_chain(self, t: int, quotes: list[_Quote]) -> None:
-        self.chain, self.chain_ms = quotes, t
+    def on_chain(self, t: int, chain: _Chain) -> None:
+        self.chain, self.chain_ms = chain, t
         p = self.position
         if p is None:
             return
-        for q in quotes:
+        for q in chain.quotes():
             if q.ticker == p.ticker and q.bid > 0 and q.ask >= q.bid:
                 p.mark, p.bid = (q.bid + q.ask) / 2, q.bid
                 p.peak = max(p.peak, p.mark)
@@ -569,7 +593,7 @@ class _Trader:
         return in_window and fresh and allowed
 
     def enter(self, t: int) -> None:
-        q = _select(self.chain or [], t)
+        q = _select(self.chain.quotes() if self.chain else [], t)
         if q is not None:
             mid = (q.bid + q.ask) / 2
             self.position = _Position(q.ticker, q.ask, t, mid, q.bid, mid)

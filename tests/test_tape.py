@@ -198,6 +198,15 @@ def test_a_file_with_no_complete_member_starts_over_with_meta(tmp_path: Path) ->
     assert reader.bad_lines == 0
 
 
+def test_writer_refuses_to_append_to_a_file_that_is_not_a_gzip_tape(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(b'{"t":1,"ws":[]}\n')
+    with pytest.raises(ValueError, match="not a gzip tape"):
+        _writer(path)
+    assert path.read_bytes() == b'{"t":1,"ws":[]}\n'
+    assert [line.t for line in TapeReader(path)] == [1]
+
+
 def test_bad_lines_are_counted_and_skipped(tmp_path: Path) -> None:
     rows = [
         '{"t":1,"meta":{"format":"tape/1","underlying":"IWM","benchmark":"SPY"}}',
