@@ -26,7 +26,7 @@ class Received:
     """One item as it arrived: a ws frame or a REST answer, stamped with its receive time."""
 
     t: int
-    kind: str  # "ws" | "rest"
+    kind: str  # "ws" | "rest" | "control"
     payload: object
     path: str = ""
     status: int = 200
@@ -63,12 +63,23 @@ class Pipeline:
     def handle(self, item: Received, cursor: str | None = None) -> None:
         """Decode one received item and run its events (ticks for the seconds before it first)."""
         self.advance_to(item.t)
+        if item.kind == "control":
+            self._control(item)
+            return
         if item.kind == "ws":
             events: Iterable[Event] = self.decoder.ws(item.t, item.payload)  # type: ignore[arg-type]
         else:
             events = self.decoder.rest(item.t, item.path, item.status, item.payload)
         for event in events:
             self.run(event, cursor)
+
+    def _control(self, item: Received) -> None:
+        """Operator actions recorded on the tape: today only the pause switch."""
+        payload = item.payload if isinstance(item.payload, dict) else {}
+        if isinstance(payload.get("paused"), bool):
+            for log in self.engine.set_paused(payload["paused"]):
+                if not self.warming and isinstance(log, Log):
+                    self.on_log(log)
 
     def advance_to(self, now_ms: int) -> None:
         """Tick every whole second in (last tick, now_ms]."""

@@ -37,6 +37,8 @@ def received_from(line: TapeLine) -> Received | None:
         return Received(line.t, "ws", line.payload)
     if line.kind == "rest":
         return Received(line.t, "rest", line.payload, line.path or "", line.status or 0)
+    if line.kind == "control":
+        return Received(line.t, "control", line.payload)
     return None
 
 

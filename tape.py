@@ -158,6 +158,10 @@ class TapeWriter:
             return
         self._append({"t": t, "ws": frame})
 
+    def write_control(self, t: int, control: dict[str, Any]) -> None:
+        """Record an operator action that changes decisions (the pause switch), so replays reproduce it."""
+        self._append({"t": t, "control": control})
+
     def write_rest(self, t: int, path: str, status: int, body: object) -> None:
         """Record one REST answer received at `t` (ms); the API key is stripped from the path and next_url."""
         self._append(
@@ -437,6 +441,12 @@ def _shape_line(record: dict[str, Any], t: int, line_no: int) -> TapeLine | None
         return TapeLine(line_no, t, "ws", record["ws"])
     if "ws_raw" in record:
         return TapeLine(line_no, t, "ws", record["ws_raw"]) if isinstance(record["ws_raw"], str) else None
+    if "control" in record:
+        return (
+            TapeLine(line_no, t, "control", record["control"])
+            if isinstance(record["control"], dict)
+            else None
+        )
     if "rest" in record:
         path, status = record["rest"], record.get("status")
         if not isinstance(path, str) or not isinstance(status, int) or isinstance(status, bool):

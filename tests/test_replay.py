@@ -143,3 +143,49 @@ def test_truncated_tape_tail_replays_what_it_can(demo_tape, tmp_path):
         on_log=lambda _log: None,
     )
     assert result.lines > 1000 and result.bad_lines >= 1
+
+
+def replay_with(tape: Path, rules: Rules, journal_path: Path) -> tuple[list[Alert], list, Journal]:
+    sent: list[Alert] = []
+    logs: list = []
+    journal = Journal(journal_path)
+    replay_tape(
+        tape,
+        rules=rules,
+        calendar=calendar(rules),
+        journal=journal,
+        on_alerts=sent.extend,
+        on_log=logs.append,
+    )
+    return sent, logs, journal
+
+
+def blocked_rules(logs: list) -> set[str]:
+    return {log.fields["rule"] for log in logs if log.event == "entry_blocked"}
+
+
+def test_protections_trip_in_a_replay(demo_tape, tmp_path):
+    from dataclasses import replace
+
+    cases = {
+        "max_trades_per_day": (replace(RULES, max_trades_per_day=2), 2),
+        "max_consecutive_losses": (replace(RULES, max_consecutive_losses=1), 1),
+        "daily_loss_limit": (replace(RULES, daily_loss_limit=20.0), 1),
+    }
+    for rule, (rules, trades) in cases.items():
+        _, logs, journal = replay_with(demo_tape, rules, tmp_path / f"{rule}.sqlite3")
+        assert len(journal.trades()) == trades, rule
+        assert rule in blocked_rules(logs)
+
+
+def test_a_recorded_pause_blocks_entries_and_the_sell_still_goes_out(demo_tape, tmp_path):
+    _, whole = run(demo_tape, tmp_path / "whole.sqlite3")
+    second_entry_ms = whole.table_rows("positions")[1][8]
+    lines = raw_lines(demo_tape)
+    cut = next(i for i, line in enumerate(lines) if json.loads(line)["t"] > second_entry_ms)
+    pause = json.dumps({"t": json.loads(lines[cut])["t"], "control": {"paused": True}})
+    paused_tape = write_lines(tmp_path / "paused" / demo_tape.name, lines[:cut] + [pause] + lines[cut:])
+    sent, logs, journal = replay_with(paused_tape, RULES, tmp_path / "paused.sqlite3")
+    assert [a.kind for a in sent if a.kind in ("BUY", "SELL")] == ["BUY", "SELL", "BUY", "SELL"]
+    assert len(journal.trades()) == 2
+    assert "paused" in blocked_rules(logs)
