@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -114,36 +114,51 @@ def run_demo(out: TextIO) -> int:
         )
         print_summary(out, journal, result, printer)
         journal.close()
+        show_guard_rails(out, tape, rules)
     return 0
 
 
-def print_summary(out: TextIO, journal: Journal, result: ReplayResult, printer: DemoPrinter) -> None:
-    trades = journal.trades()
-    wins = sum(1 for t in trades if t.pnl_dollars > 0)
-    total = round(sum(t.pnl_dollars for t in trades), 2)
-    reasons = Counter(t.reason for t in trades)
-    rate = f"{wins / len(trades) * 100:.1f}%" if trades else "n/a"
-    state = journal.restored_state("")
-    print("Summary", file=out)
+GUARD_RAILS = (
+    ("MAX_TRADES_PER_DAY=2", {"max_trades_per_day": 2}),
+    ("MAX_CONSECUTIVE_LOSSES=1", {"max_consecutive_losses": 1}),
+    ("DAILY_LOSS_LIMIT=20", {"daily_loss_limit": 20.0}),
+)
+
+
+def show_guard_rails(out: TextIO, tape: Path, rules: Rules) -> None:
+    """Replay the day under tighter protections and show the first signal each one stops."""
     print(
-        f"  trades {len(trades)} | win rate {rate} ({wins}W-{len(trades) - wins}L) | P&L {money(total)}"
-        f" | lifetime {money(state.lifetime.pnl)}",
-        file=out,
+        "\nGuard rails: the same day under tighter limits (entries stop; exits and SELLs never do)", file=out
     )
-    print(f"  exits: {', '.join(f'{r} {n}' for r, n in reasons.most_common()) or 'none'}", file=out)
-    for t in trades:
-        print(
-            f"  {t.trade_id} {t.ticker} entry ${t.entry_price:.2f} exit ${t.exit_price:.2f}"
-            f" {money(t.pnl_dollars)} ({t.pnl_percent:+.1f}%) {t.reason}",
-            file=out,
+    calendar = MarketCalendar(rules)
+    for label, changes in GUARD_RAILS:
+        rule = next(iter(changes))
+        kinds, first = first_block(tape, replace(rules, **changes), calendar, rule)
+        stop = (
+            f"first blocked signal at {first['time']} ({first['value']} vs {first['limit']})"
+            if first
+            else "no block"
         )
-    if printer.blocked:
-        print(
-            f"  signals blocked: {', '.join(f'{r} {n}' for r, n in printer.blocked.most_common())}", file=out
-        )
-    feed = result.feed
-    print(
-        f"  tape: {result.lines} lines, {result.bars} IWM bars, {feed.bad_events} bad events,"
-        f" {result.late_bars} late bars, {result.bad_lines} bad lines",
-        file=out,
+        print(f"  {label}: {kinds.count('BUY')} BUY / {kinds.count('SELL')} SELL; {stop}", file=out)
+
+
+def first_block(
+    tape: Path, rules: Rules, calendar: MarketCalendar, rule: str
+) -> tuple[list[str], dict[str, object] | None]:
+    """The alert kinds of a replay under `rules` and the fields of the first signal `rule` blocked."""
+    kinds: list[str] = []
+    blocked: list[dict[str, object]] = []
+
+    def keep_block(log: Log) -> None:
+        if log.event == "entry_blocked" and log.fields["rule"] == rule:
+            blocked.append(log.fields)
+
+    replay_tape(
+        tape,
+        rules=rules,
+        calendar=calendar,
+        journal=None,
+        on_alerts=lambda alerts: kinds.extend(a.kind for a in alerts),
+        on_log=keep_block,
     )
+    return kinds, (blocked[0] if blocked else None)
