@@ -162,3 +162,35 @@ def first_block(
         on_log=keep_block,
     )
     return kinds, (blocked[0] if blocked else None)
+
+
+def print_summary(out: TextIO, journal: Journal, result: ReplayResult, printer: DemoPrinter) -> None:
+    trades = journal.trades()
+    wins = sum(1 for t in trades if t.pnl_dollars > 0)
+    total = round(sum(t.pnl_dollars for t in trades), 2)
+    reasons = Counter(t.reason for t in trades)
+    rate = f"{wins / len(trades) * 100:.1f}%" if trades else "n/a"
+    state = journal.restored_state("")
+    print("Summary", file=out)
+    print(
+        f"  trades {len(trades)} | win rate {rate} ({wins}W-{len(trades) - wins}L) | P&L {money(total)}"
+        f" | lifetime {money(state.lifetime.pnl)}",
+        file=out,
+    )
+    print(f"  exits: {', '.join(f'{r} {n}' for r, n in reasons.most_common()) or 'none'}", file=out)
+    for t in trades:
+        print(
+            f"  {t.trade_id} {t.ticker} entry ${t.entry_price:.2f} exit ${t.exit_price:.2f}"
+            f" {money(t.pnl_dollars)} ({t.pnl_percent:+.1f}%) {t.reason}",
+            file=out,
+        )
+    if printer.blocked:
+        print(
+            f"  signals blocked: {', '.join(f'{r} {n}' for r, n in printer.blocked.most_common())}", file=out
+        )
+    feed = result.feed
+    print(
+        f"  tape: {result.lines} lines, {result.bars} IWM bars, {feed.bad_events} bad events,"
+        f" {result.late_bars} late bars, {result.bad_lines} bad lines",
+        file=out,
+    )
