@@ -24,6 +24,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -481,6 +482,19 @@ def _exception_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:120]}" if text else type(exc).__name__
 
 
+def _raised_at(exc: BaseException) -> str:
+    """Where an exception was raised, e.g. "feed.py:42 in ws".
+
+    Unexpected errors are logged with this instead of a traceback: rendered tracebacks carry frame
+    locals, and a frame that sent the auth message holds the API key.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
+
+
 class PolygonStream:
     """Reads the stocks WebSocket on its own thread and hands every frame, stamped, to `put`.
 
@@ -559,8 +573,8 @@ class PolygonStream:
     def _run(self) -> None:
         try:
             asyncio.run(self._main())
-        except Exception:
-            self._log.exception("stream_thread_failed")
+        except Exception as exc:
+            self._log_unexpected("stream_thread_failed", exc)
 
     async def _main(self) -> None:
         with self._lock:
@@ -608,7 +622,7 @@ class PolygonStream:
             why = f"connect failed: {_exception_text(exc)}"
         except Exception as exc:
             # A bug in one connection must not end the stream for the day: log it and dial again.
-            self._log.exception("stream_connection_failed")
+            self._log_unexpected("stream_connection_failed", exc)
             why = f"error: {type(exc).__name__}"
         self._went_down(why)
         return 0.0
@@ -653,8 +667,8 @@ class PolygonStream:
         self._log.info("stream_backfill", gap_from_ms=gap_from, gap_to_ms=gap_to)
         try:
             await asyncio.to_thread(self._backfill, gap_from, gap_to)
-        except Exception:
-            self._log.exception("stream_backfill_failed")
+        except Exception as exc:
+            self._log_unexpected("stream_backfill_failed", exc)
 
     async def _read(self, ws: ClientConnection) -> float:
         """The hot loop: stamp, put, and watch only for `max_connections`."""
@@ -690,6 +704,10 @@ class PolygonStream:
         if self.connected:
             self.connected = False
             self._report(False, f"disconnected: {why}")
+
+    def _log_unexpected(self, event: str, exc: Exception) -> None:
+        error = _exception_text(exc).replace(self._api_key, "***") if self._api_key else _exception_text(exc)
+        self._log.error(event, error=error, at=_raised_at(exc))
 
     def _report(self, connected: bool, reason: str) -> None:
         status = (connected, reason)

@@ -543,3 +543,29 @@ def test_the_key_never_appears_in_paths_logs_or_errors() -> None:
     evidence = repr((ok, failed, unreachable, last_error, logs, keyed.rest_requests))
     assert SECRET not in evidence
     assert any(entry["event"] == "rest_retry" for entry in logs)
+
+
+def test_a_failing_backfill_is_logged_without_the_key_and_streaming_resumes(streams: list) -> None:
+    inbox = Inbox()
+
+    def backfill(gap_from: int, gap_to: int) -> None:
+        inbox.put("backfill")
+        raise RuntimeError(f"REST down, key {SECRET}")
+
+    with FakePolygon(MARKET, api_key=SECRET, start_ms=START_MS, speed=SPEED) as fake, capture_logs() as logs:
+        stream = start_stream(
+            streams, fake.ws_url, inbox, api_key=SECRET, clock_ms=fake.now_ms, backfill=backfill
+        )
+        inbox.wait_for(lambda items: len(data_frames(items)) >= 2)
+        fake.drop_connections()
+        inbox.wait_for(
+            lambda items: "backfill" in items and bool(data_frames(items[items.index("backfill") :]))
+        )
+        stream.stop()
+        assert fake.subscriptions == ["A.IWM,A.SPY", "A.IWM,A.SPY"]
+    failures = [entry for entry in logs if entry["event"] == "stream_backfill_failed"]
+    assert [entry["error"] for entry in failures] == ["RuntimeError: REST down, key ***"]
+    assert failures[0]["at"].startswith("test_polygon_live.py:") and failures[0]["at"].endswith(
+        " in backfill"
+    )
+    assert SECRET not in repr(logs)

@@ -1,0 +1,997 @@
+"""A fake Polygon/Massive on 127.0.0.1: the stocks WebSocket and the REST endpoints the daemon uses.
+
+It serves a `MarketSource` (the synthetic demo day, a recorded tape, or hand-made data) paced by a
+simulated clock that starts at `start_ms` and runs `speed` times as fast as the wall. The WebSocket
+speaks the real handshake (connected, auth, subscribe) and streams each frame when its receive time
+has come; REST answers are computed from the source at the simulated now. Fault switches drop
+sockets, inject garbage frames, fail or hold REST answers and provoke `max_connections`.
+
+Run it alone with `python -m sim.polygon_server --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import bisect
+import contextlib
+import datetime
+import json
+import operator
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+from zoneinfo import ZoneInfo
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from tape import TapeReader, strip_api_key
+
+NY = ZoneInfo("America/New_York")
+WS_PATH = "/stocks"
+AUTH_TIMEOUT_S = 10.0
+CHAIN_DEFAULT_LIMIT, CHAIN_MAX_LIMIT = 10, 250
+AGGS_DEFAULT_LIMIT, AGGS_MAX_LIMIT = 5000, 50000
+SPAN_MS = {"second": 1000, "minute": 60_000}
+MAX_RANGE_DAYS = 400
+SHUTDOWN_POLL_S = 0.05
+MAX_CONNECTIONS_MESSAGE = (
+    "Maximum number of websocket connections exceeded. You have reached the connection limit for "
+    "your account. Please contact support at https://massive.com/contact to increase your limit."
+)
+FAILURE_BODIES: dict[int, dict[str, str]] = {
+    401: {"status": "ERROR", "error": "Unknown API Key"},
+    403: {
+        "status": "NOT_AUTHORIZED",
+        "message": "You are not entitled to this data. Please upgrade your plan at https://massive.com/pricing",
+    },
+    429: {
+        "status": "ERROR",
+        "error": "You've exceeded the maximum requests per minute, please wait or upgrade your "
+        "subscription to continue. https://massive.com/pricing",
+    },
+    500: {"status": "ERROR", "error": "Internal Server Error"},
+}
+_AGGS_ROUTE = re.compile(
+    r"/v2/aggs/ticker/(?P<sym>[^/]+)/range/(?P<mult>\d+)/(?P<span>[a-z]+)/(?P<from>[^/]+)/(?P<to>[^/]+)"
+)
+
+Frame = list[Any] | str
+
+
+class MarketSource(Protocol):
+    """What the fake serves. Times are Unix ms; bars are REST-shaped dicts with `t` = window start."""
+
+    underlying: str
+
+    def ws_frames(self) -> Iterable[tuple[int, Frame]]:
+        """(receive ms, frame) in time order; a str frame is sent verbatim."""
+        ...
+
+    def chain_results(self, at_ms: int) -> list[dict]:
+        """Every chain snapshot result as of `at_ms` (the server filters and pages)."""
+        ...
+
+    def contract_result(self, ticker: str, at_ms: int) -> dict | None:
+        """One contract's snapshot result as of `at_ms`, None when unknown."""
+        ...
+
+    def second_bars(self, sym: str, from_ms: int, to_ms: int) -> list[dict]:
+        """1-second REST bars with `t` in [from_ms, to_ms] (the server hides those not yet complete)."""
+        ...
+
+    def minute_bars(self, sym: str, from_ms: int, to_ms: int) -> list[dict]:
+        """1-minute REST bars with `t` in [from_ms, to_ms]."""
+        ...
+
+
+class SyntheticSource:
+    """A MarketSource over `sim.market.SyntheticMarket` (anything with its methods)."""
+
+    def __init__(self, market: Any) -> None:
+        self.market = market
+        self.underlying: str = market.underlying
+
+    def ws_frames(self) -> Iterable[tuple[int, Frame]]:
+        return self.market.ws_frames()
+
+    def chain_results(self, at_ms: int) -> list[dict]:
+        pages = self.market.chain_pages(at_ms, page_size=CHAIN_MAX_LIMIT)
+        return [result for page in pages for result in page.get("results", [])]
+
+    def contract_result(self, ticker: str, at_ms: int) -> dict | None:
+        try:
+            return self.market.contract_snapshot(ticker, at_ms).get("results")
+        except KeyError:
+            return None
+
+    def second_bars(self, sym: str, from_ms: int, to_ms: int) -> list[dict]:
+        try:
+            return self.market.aggs(sym, from_ms, to_ms).get("results", [])
+        except KeyError:
+            return []
+
+    def minute_bars(self, sym: str, from_ms: int, to_ms: int) -> list[dict]:
+        bars: list[dict] = []
+        for day in _ny_days(from_ms, to_ms):
+            try:
+                results = self.market.minute_aggs(sym, day).get("results", [])
+            except KeyError:
+                return []
+            bars.extend(bar for bar in results if from_ms <= bar["t"] <= to_ms)
+        return bars
+
+
+class RecordedMarket:
+    """A MarketSource from recorded or hand-made data.
+
+    Frames are served at their receive times. A chain request is answered with the latest chain
+    recorded at or before now, a contract request with the latest snapshot of that contract (else
+    its entry in that chain). Second bars come from the frames' `A` events (a re-sent second
+    replaces the earlier one) and from `second_bars`; minute bars from `minute_bars`.
+    """
+
+    def __init__(
+        self,
+        frames: Iterable[tuple[int, Frame]],
+        *,
+        underlying: str = "IWM",
+        chains: Iterable[tuple[int, list[dict]]] = (),
+        contracts: Iterable[tuple[int, dict]] = (),
+        second_bars: Iterable[tuple[str, dict]] = (),
+        minute_bars: Iterable[tuple[str, dict]] = (),
+    ) -> None:
+        self.underlying = underlying
+        self._frames = sorted(frames, key=lambda item: item[0])
+        self._chains = sorted(chains, key=lambda item: item[0])
+        self._chain_times = [t for t, _ in self._chains]
+        self._contracts: dict[str, list[tuple[int, dict]]] = {}
+        for t, result in sorted(contracts, key=lambda item: item[0]):
+            self._contracts.setdefault(_result_ticker(result), []).append((t, result))
+        self._seconds: dict[str, dict[int, dict]] = {}
+        for _, frame in self._frames:
+            for sym, bar in _rest_bars_of_frame(frame):
+                self._seconds.setdefault(sym, {})[bar["t"]] = bar
+        for sym, bar in second_bars:
+            self._seconds.setdefault(sym, {})[bar["t"]] = bar
+        self._minutes: dict[str, dict[int, dict]] = {}
+        for sym, bar in minute_bars:
+            self._minutes.setdefault(sym, {})[bar["t"]] = bar
+
+    @classmethod
+    def from_tape(cls, path: Path, *, underlying: str | None = None) -> RecordedMarket:
+        """Read a tape (section 6 of the design): ws lines, complete chains, contracts and aggs."""
+        reader = TapeReader(path)
+        meta = reader.meta or {}
+        underlying = underlying or str(meta.get("underlying") or "IWM")
+        recording = _TapeRecording(f"/v3/snapshot/options/{underlying}")
+        for line in reader:
+            recording.add(line.t, line.kind, line.payload, line.path, line.status)
+        return cls(
+            recording.frames,
+            underlying=underlying,
+            chains=recording.chains,
+            contracts=recording.contracts,
+            second_bars=recording.second_bars,
+            minute_bars=recording.minute_bars,
+        )
+
+    @property
+    def first_frame_ms(self) -> int | None:
+        """The receive time of the first frame, a natural start for the simulated clock."""
+        return self._frames[0][0] if self._frames else None
+
+    def ws_frames(self) -> Iterable[tuple[int, Frame]]:
+        return iter(self._frames)
+
+    def chain_results(self, at_ms: int) -> list[dict]:
+        index = bisect.bisect_right(self._chain_times, at_ms) - 1
+        return list(self._chains[index][1]) if index >= 0 else []
+
+    def contract_result(self, ticker: str, at_ms: int) -> dict | None:
+        recorded = [result for t, result in self._contracts.get(ticker, []) if t <= at_ms]
+        if recorded:
+            return recorded[-1]
+        return next((r for r in self.chain_results(at_ms) if _result_ticker(r) == ticker), None)
+
+    def second_bars(self, sym: str, from_ms: int, to_ms: int) -> list[dict]:
+        return _bars_between(self._seconds.get(sym, {}), from_ms, to_ms)
+
+    def minute_bars(self, sym: str, from_ms: int, to_ms: int) -> list[dict]:
+        return _bars_between(self._minutes.get(sym, {}), from_ms, to_ms)
+
+
+@dataclass(slots=True)
+class _TapeRecording:
+    """Collects a tape's lines into what RecordedMarket needs; pages of one chain are joined."""
+
+    chain_route: str
+    frames: list[tuple[int, Frame]] = field(default_factory=list)
+    chains: list[tuple[int, list[dict]]] = field(default_factory=list)
+    contracts: list[tuple[int, dict]] = field(default_factory=list)
+    second_bars: list[tuple[str, dict]] = field(default_factory=list)
+    minute_bars: list[tuple[str, dict]] = field(default_factory=list)
+    pending: list[dict] = field(default_factory=list)
+
+    def add(self, t: int, kind: str, payload: object, path: str | None, status: int | None) -> None:
+        if kind == "ws" and isinstance(payload, list | str):
+            self.frames.append((t, payload))
+        elif kind == "rest" and path is not None:
+            self._add_rest(t, urlsplit(path).path, payload if status == 200 else None)
+
+    def _add_rest(self, t: int, route: str, body: object) -> None:
+        if route == self.chain_route:
+            self._add_chain_page(t, body)
+            return
+        if not isinstance(body, dict):
+            return
+        if route.startswith(self.chain_route + "/") and isinstance(body.get("results"), dict):
+            self.contracts.append((t, body["results"]))
+            return
+        match = _AGGS_ROUTE.fullmatch(route)
+        if match is None or match["mult"] != "1" or not isinstance(body.get("results"), list):
+            return
+        target = self.second_bars if match["span"] == "second" else self.minute_bars
+        if match["span"] in SPAN_MS:
+            target.extend((match["sym"], bar) for bar in body["results"] if _is_rest_bar(bar))
+
+    def _add_chain_page(self, t: int, body: object) -> None:
+        if not isinstance(body, dict):
+            self.pending = []  # a failed page voids the chain, as in the live decoder
+            return
+        results = body.get("results")
+        if isinstance(results, list):
+            self.pending.extend(result for result in results if isinstance(result, dict))
+        if not body.get("next_url"):
+            self.chains.append((t, self.pending))
+            self.pending = []
+
+
+def _is_rest_bar(bar: object) -> bool:
+    return isinstance(bar, dict) and type(bar.get("t")) is int
+
+
+def _result_ticker(result: dict) -> str:
+    details = result.get("details")
+    return str(details.get("ticker", "")) if isinstance(details, dict) else ""
+
+
+def _rest_bars_of_frame(frame: Frame) -> Iterable[tuple[str, dict]]:
+    """The `A` events of a frame as (sym, REST-shaped 1-second bar)."""
+    if not isinstance(frame, list):
+        return
+    for event in frame:
+        if isinstance(event, dict) and event.get("ev") == "A" and type(event.get("s")) is int:
+            bar = {key: event[key] for key in ("v", "vw", "o", "c", "h", "l") if key in event}
+            yield str(event.get("sym")), {**bar, "t": event["s"]}
+
+
+def _bars_between(bars: Mapping[int, dict], from_ms: int, to_ms: int) -> list[dict]:
+    return [bars[t] for t in sorted(bars) if from_ms <= t <= to_ms]
+
+
+def _ny_days(from_ms: int, to_ms: int) -> list[datetime.date]:
+    """The New York calendar days from `from_ms` to `to_ms`, at most MAX_RANGE_DAYS of them."""
+    first = datetime.datetime.fromtimestamp(from_ms / 1000, NY).date()
+    last = datetime.datetime.fromtimestamp(to_ms / 1000, NY).date()
+    count = min((last - first).days + 1, MAX_RANGE_DAYS)
+    return [first + datetime.timedelta(days=n) for n in range(max(0, count))]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One REST answer of the fake."""
+
+    status: int
+    body: object
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(slots=True)
+class _RestFault:
+    status: int
+    remaining: int | None
+    until: float | None
+    path_prefix: str
+    retry_after: int | None
+
+
+@dataclass(slots=True)
+class _RestHold:
+    seconds: float
+    remaining: int | None
+    path_prefix: str
+
+
+@dataclass(slots=True, eq=False)
+class _Client:
+    """One WebSocket client: its topics and the event that wakes its streamer early."""
+
+    ws: ServerConnection
+    poke: asyncio.Event
+    topics: set[str] = field(default_factory=set)
+
+
+class FakePolygon:
+    """The fake vendor. Sockets are bound on construction (so the URLs are known); served from start()."""
+
+    def __init__(
+        self,
+        source: MarketSource,
+        *,
+        api_key: str = "testkey",
+        start_ms: int,
+        speed: float = 1.0,
+        host: str = "127.0.0.1",
+        ws_port: int = 0,
+        rest_port: int = 0,
+        wall: Callable[[], float] = time.monotonic,
+        auth_timeout_s: float = AUTH_TIMEOUT_S,
+    ) -> None:
+        if not speed > 0:
+            raise ValueError("speed must be positive")
+        self.source = source
+        self.rest_requests: list[str] = []
+        self.ws_connections = 0
+        self.auth_attempts = 0
+        self.subscriptions: list[str] = []
+        self._api_key = api_key
+        self._start_ms = start_ms
+        self._speed = speed
+        self._wall = wall
+        self._wall0 = wall()
+        self._auth_timeout_s = auth_timeout_s
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._garbage: list[str] = []
+        self._max_connections_pending = 0
+        self._fault: _RestFault | None = None
+        self._hold: _RestHold | None = None
+        self._frames: list[tuple[int, Frame]] = []
+        self._frame_times: list[int] = []
+        self._clients: set[_Client] = set()
+        self._ws_sock = socket.create_server((host, ws_port))
+        self._ws_loop: asyncio.AbstractEventLoop | None = None
+        self._ws_done: asyncio.Event | None = None
+        self._ws_ready = threading.Event()
+        self._ws_thread: threading.Thread | None = None
+        self._rest_server = _RestServer((host, rest_port), self)
+        self._rest_thread: threading.Thread | None = None
+        self.ws_url = f"ws://{host}:{self._ws_sock.getsockname()[1]}{WS_PATH}"
+        self.rest_url = f"http://{host}:{self._rest_server.server_address[1]}"
+
+    def __enter__(self) -> FakePolygon:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> FakePolygon:
+        """Load the source's frames and serve both protocols on daemon threads; returns self."""
+        self._frames = sorted(self.source.ws_frames(), key=lambda item: item[0])
+        self._frame_times = [t for t, _ in self._frames]
+        self._ws_thread = threading.Thread(target=self._run_ws, name="fake-polygon-ws", daemon=True)
+        self._ws_thread.start()
+        if not self._ws_ready.wait(5.0):
+            raise RuntimeError("the fake Polygon WebSocket server did not start")
+        self._rest_thread = threading.Thread(
+            target=self._rest_server.serve_forever,
+            args=(SHUTDOWN_POLL_S,),
+            name="fake-polygon-rest",
+            daemon=True,
+        )
+        self._rest_thread.start()
+        # The simulated clock starts now, after loading, so no simulated time is lost to it.
+        self._wall0 = self._wall()
+        return self
+
+    def stop(self) -> None:
+        """Close every connection and stop both servers."""
+        self._stopping.set()
+        loop, done = self._ws_loop, self._ws_done
+        if loop is not None and done is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(done.set)
+        if self._ws_thread is not None:
+            self._ws_thread.join(5.0)
+        else:
+            self._ws_sock.close()
+        if self._rest_thread is not None:
+            self._rest_server.shutdown()
+            self._rest_thread.join(5.0)
+        self._rest_server.server_close()
+        self._rest_server.close_connections()
+
+    def now_ms(self) -> int:
+        """The simulated clock: start_ms + (wall() - wall0) * 1000 * speed."""
+        return self._start_ms + int((self._wall() - self._wall0) * 1000 * self._speed)
+
+    def drop_connections(self) -> None:
+        """Close every WebSocket connection now, abnormally (no close frame)."""
+        loop = self._ws_loop
+        if loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._abort_clients(), loop).result(timeout=5.0)
+
+    def send_garbage(self, frames: list[str]) -> None:
+        """Send these frames verbatim before the next data frame (to the first client to stream)."""
+        with self._lock:
+            self._garbage.extend(frames)
+        self._poke_clients()
+
+    def fail_rest(
+        self,
+        status: int,
+        *,
+        count: int | None = None,
+        seconds: float | None = None,
+        path_prefix: str = "/",
+        retry_after: int | None = None,
+    ) -> None:
+        """Answer `status` to the next `count` requests, or to all for `seconds`, else until heal().
+
+        Only requests whose path starts with `path_prefix` fail; `retry_after` adds that header.
+        """
+        until = None if seconds is None else self._wall() + seconds
+        with self._lock:
+            self._fault = _RestFault(status, count, until, path_prefix, retry_after)
+
+    def delay_rest(self, seconds: float, *, count: int | None = None, path_prefix: str = "/") -> None:
+        """Hold the next `count` matching requests `seconds` before answering (all until heal() if None)."""
+        with self._lock:
+            self._hold = _RestHold(seconds, count, path_prefix)
+
+    def max_connections_next(self) -> None:
+        """The next connection gets a `max_connections` status after its subscribe, then is closed."""
+        with self._lock:
+            self._max_connections_pending += 1
+
+    def heal(self) -> None:
+        """Clear every REST fault and hold, pending garbage and pending max_connections."""
+        with self._lock:
+            self._fault = self._hold = None
+            self._garbage.clear()
+            self._max_connections_pending = 0
+
+    def _run_ws(self) -> None:
+        asyncio.run(self._serve_ws())
+
+    async def _serve_ws(self) -> None:
+        self._ws_loop = asyncio.get_running_loop()
+        self._ws_done = asyncio.Event()
+        async with serve(
+            self._handle_ws, sock=self._ws_sock, process_request=_only_stocks_path, close_timeout=1.0
+        ):
+            self._ws_ready.set()
+            await self._ws_done.wait()
+
+    async def _handle_ws(self, ws: ServerConnection) -> None:
+        client = _Client(ws, asyncio.Event())
+        with self._lock:
+            self.ws_connections += 1
+            self._clients.add(client)
+        try:
+            if await self._authenticate(ws):
+                await self._serve_client(client)
+        except ConnectionClosed:
+            pass
+        finally:
+            with self._lock:
+                self._clients.discard(client)
+
+    async def _authenticate(self, ws: ServerConnection) -> bool:
+        await ws.send(_status_frame("connected", "Connected Successfully"))
+        try:
+            async with asyncio.timeout(self._auth_timeout_s):
+                message = await ws.recv()
+        except TimeoutError:
+            await ws.send(_status_frame("auth_timeout", "No authentication request received."))
+            await ws.close(1008, "authentication timeout")
+            return False
+        request = _decode_action(message)
+        if request.get("action") == "auth":
+            with self._lock:
+                self.auth_attempts += 1
+        if request.get("action") != "auth" or request.get("params") != self._api_key:
+            await ws.send(_status_frame("auth_failed", "authentication failed"))
+            await ws.close(1008, "authentication failed")
+            return False
+        await ws.send(_status_frame("auth_success", "authenticated"))
+        return True
+
+    async def _serve_client(self, client: _Client) -> None:
+        """Read the client's requests; stream data on a task from its first subscribe."""
+        streamer: asyncio.Task[None] | None = None
+        try:
+            async for message in client.ws:
+                request = _decode_action(message)
+                params = request.get("params")
+                if not isinstance(params, str):
+                    continue
+                if request.get("action") == "subscribe":
+                    since_ms = self.now_ms()
+                    if not await self._subscribe(client, params):
+                        return
+                    streamer = streamer or asyncio.create_task(self._stream(client, since_ms))
+                elif request.get("action") == "unsubscribe":
+                    await self._unsubscribe(client, params)
+        finally:
+            if streamer is not None:
+                streamer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await streamer
+
+    async def _subscribe(self, client: _Client, params: str) -> bool:
+        """Confirm each topic; False when this connection is to be refused with max_connections."""
+        topics = [topic.strip() for topic in params.split(",") if topic.strip()]
+        with self._lock:
+            self.subscriptions.append(params)
+            refuse = self._max_connections_pending > 0
+            self._max_connections_pending -= refuse
+        for topic in topics:
+            await client.ws.send(_status_frame("success", f"subscribed to: {topic}"))
+        if refuse:
+            await client.ws.send(_status_frame("max_connections", MAX_CONNECTIONS_MESSAGE))
+            await client.ws.close(1008, "max_connections")
+            return False
+        client.topics.update(topics)
+        client.poke.set()
+        return True
+
+    async def _unsubscribe(self, client: _Client, params: str) -> None:
+        for topic in (topic.strip() for topic in params.split(",") if topic.strip()):
+            client.topics.discard(topic)
+            await client.ws.send(_status_frame("success", f"unsubscribed to: {topic}"))
+
+    async def _stream(self, client: _Client, since_ms: int) -> None:
+        """Send each frame received from `since_ms` on when its receive time comes; garbage goes first."""
+        index = bisect.bisect_left(self._frame_times, since_ms)
+        while True:
+            client.poke.clear()
+            for text in self._take_garbage():
+                await client.ws.send(text)
+            if index >= len(self._frames):
+                await client.poke.wait()
+                continue
+            t, frame = self._frames[index]
+            wait_s = (t - self.now_ms()) / 1000 / self._speed
+            if wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await client.poke.wait()
+                continue
+            text = _frame_text(frame, client.topics)
+            if text is not None:
+                await client.ws.send(text)
+            index += 1
+
+    def _take_garbage(self) -> list[str]:
+        with self._lock:
+            taken, self._garbage = self._garbage, []
+        return taken
+
+    def _poke_clients(self) -> None:
+        loop = self._ws_loop
+        if loop is None:
+            return
+
+        def poke_all() -> None:
+            for client in list(self._clients):
+                client.poke.set()
+
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(poke_all)
+
+    async def _abort_clients(self) -> None:
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
+            client.ws.transport.abort()
+
+    def answer_rest(self, raw_path: str, authorization: str | None) -> Reply:
+        """The answer to one GET: authentication, injected faults, then the route."""
+        path = strip_api_key(raw_path)
+        with self._lock:
+            self.rest_requests.append(path)
+        self._hold_if_asked(path)
+        parts = urlsplit(raw_path)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        denied = self._check_key(authorization, query)
+        if denied is not None:
+            return denied
+        forced = self._forced_failure(path)
+        if forced is not None:
+            return forced
+        try:
+            return self._route(parts.path, query, self.now_ms())
+        except ValueError as exc:
+            return Reply(400, {"status": "ERROR", "request_id": _request_id(), "error": str(exc)})
+
+    def _check_key(self, authorization: str | None, query: dict[str, list[str]]) -> Reply | None:
+        scheme, _, token = (authorization or "").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" else None
+        key = key or (query.get("apiKey") or [None])[-1]
+        if not key:
+            return Reply(
+                401, {"status": "ERROR", "request_id": _request_id(), "error": "API Key was not provided"}
+            )
+        if key != self._api_key:
+            return Reply(401, {"status": "ERROR", "request_id": _request_id(), "error": "Unknown API Key"})
+        return None
+
+    def _hold_if_asked(self, path: str) -> None:
+        with self._lock:
+            hold = self._hold
+            if hold is None or not path.startswith(hold.path_prefix):
+                return
+            if hold.remaining is not None:
+                hold.remaining -= 1
+                if hold.remaining <= 0:
+                    self._hold = None
+        self._stopping.wait(hold.seconds)
+
+    def _forced_failure(self, path: str) -> Reply | None:
+        with self._lock:
+            fault = self._fault
+            if fault is None or not path.startswith(fault.path_prefix):
+                return None
+            if fault.until is not None and self._wall() >= fault.until:
+                self._fault = None
+                return None
+            if fault.remaining is not None:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self._fault = None
+        body = {
+            **FAILURE_BODIES.get(fault.status, {"status": "ERROR", "error": f"simulated HTTP {fault.status}"})
+        }
+        body["request_id"] = _request_id()
+        headers = (("Retry-After", str(fault.retry_after)),) if fault.retry_after is not None else ()
+        return Reply(fault.status, body, headers)
+
+    def _route(self, route: str, query: dict[str, list[str]], now_ms: int) -> Reply:
+        chain_route = f"/v3/snapshot/options/{self.source.underlying}"
+        if route == chain_route:
+            return self._chain(route, query, now_ms)
+        if route.startswith(chain_route + "/"):
+            return self._contract(unquote(route[len(chain_route) + 1 :]), now_ms)
+        match = _AGGS_ROUTE.fullmatch(route)
+        if match is not None and match["mult"] == "1" and match["span"] in SPAN_MS:
+            return self._aggs(route, match, query, now_ms)
+        return _not_found("Not found")
+
+    def _chain(self, route: str, query: dict[str, list[str]], now_ms: int) -> Reply:
+        params, at_ms, offset = self._paging_state(query, now_ms)
+        limit = _limit(params.get("limit"), CHAIN_DEFAULT_LIMIT, CHAIN_MAX_LIMIT)
+        chosen = _filter_chain(self.source.chain_results(at_ms), params)
+        body: dict[str, Any] = {
+            "status": "OK",
+            "request_id": _request_id(),
+            "results": chosen[offset : offset + limit],
+        }
+        if offset + limit < len(chosen):
+            body["next_url"] = self._next_url(route, params, at_ms, offset + limit)
+        return Reply(200, body)
+
+    def _contract(self, ticker: str, now_ms: int) -> Reply:
+        result = self.source.contract_result(ticker, now_ms)
+        if result is None:
+            return _not_found(f"Contract {ticker} not found")
+        return Reply(200, {"status": "OK", "request_id": _request_id(), "results": result})
+
+    def _aggs(self, route: str, match: re.Match[str], query: dict[str, list[str]], now_ms: int) -> Reply:
+        params, at_ms, offset = self._paging_state(query, now_ms)
+        limit = _limit(params.get("limit"), AGGS_DEFAULT_LIMIT, AGGS_MAX_LIMIT)
+        sym, span = match["sym"], match["span"]
+        from_ms, to_ms = _range_start_ms(match["from"]), _range_end_ms(match["to"])
+        fetch = self.source.second_bars if span == "second" else self.source.minute_bars
+        # Only bars whose window has closed on the simulated clock exist yet.
+        bars = [bar for bar in fetch(sym, from_ms, to_ms) if bar["t"] + SPAN_MS[span] <= at_ms]
+        bars.sort(key=lambda bar: bar["t"], reverse=params.get("sort") == "desc")
+        page = bars[offset : offset + limit]
+        body: dict[str, Any] = {
+            "ticker": sym,
+            "queryCount": len(page),
+            "resultsCount": len(page),
+            "adjusted": params.get("adjusted", "true") != "false",
+            "status": "OK",
+            "request_id": _request_id(),
+            "count": len(page),
+        }
+        if page:
+            body["results"] = page  # the real API leaves `results` out when there are none
+        if offset + limit < len(bars):
+            body["next_url"] = self._next_url(route, params, at_ms, offset + limit)
+        return Reply(200, body)
+
+    def _paging_state(self, query: dict[str, list[str]], now_ms: int) -> tuple[dict[str, str], int, int]:
+        """(filters, as-of ms, offset): from the cursor on later pages, else from the query at now."""
+        cursor = (query.get("cursor") or [None])[-1]
+        if cursor is None:
+            params = {key: values[-1] for key, values in query.items() if key != "apiKey"}
+            return params, now_ms, 0
+        state = _decode_cursor(cursor)
+        return state["q"], state["at"], state["offset"]
+
+    def _next_url(self, route: str, params: dict[str, str], at_ms: int, offset: int) -> str:
+        # Like the real API: the cursor carries every filter, so next_url needs nothing else.
+        return f"{self.rest_url}{route}?cursor={_encode_cursor({'q': params, 'at': at_ms, 'offset': offset})}"
+
+
+class _RestServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], fake: FakePolygon) -> None:
+        super().__init__(address, _RestHandler)
+        self.fake = fake
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+
+    def track(self, connection: socket.socket, alive: bool) -> None:
+        with self._connections_lock:
+            if alive:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
+
+    def close_connections(self) -> None:
+        """Drop keep-alive connections so no client waits on a stopped server."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+
+class _RestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _RestServer
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes; without this, Nagle + delayed ACK add ~40 ms per answer.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.track(self.connection, True)
+
+    def finish(self) -> None:
+        self.server.track(self.connection, False)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._send(self.server.fake.answer_rest(self.path, self.headers.get("Authorization")))
+
+    def _send(self, reply: Reply) -> None:
+        payload = json.dumps(reply.body, separators=(",", ":")).encode()
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+        except OSError:
+            # The client gave up (timed out) while the answer was held back.
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+        return
+
+
+def _only_stocks_path(connection: ServerConnection, request: Request) -> Response | None:
+    """Refuse the WebSocket upgrade on any path but /stocks, as the real cluster URL would."""
+    if urlsplit(request.path).path == WS_PATH:
+        return None
+    return connection.respond(404, "Not Found\n")
+
+
+def _status_frame(status: str, message: str) -> str:
+    return json.dumps([{"ev": "status", "status": status, "message": message}], separators=(",", ":"))
+
+
+def _decode_action(message: str | bytes) -> dict[str, Any]:
+    try:
+        decoded = json.loads(message)
+    except ValueError:
+        return {}
+    return decoded if isinstance(decoded, dict) else {}
+
+
+def _wanted(event: object, topics: set[str]) -> bool:
+    if not isinstance(event, dict):
+        return True
+    ev = event.get("ev")
+    return f"{ev}.*" in topics or f"{ev}.{event.get('sym')}" in topics
+
+
+def _frame_text(frame: Frame, topics: set[str]) -> str | None:
+    """The frame as sent to a client with these topics; None when nothing in it is wanted."""
+    if isinstance(frame, str):
+        return frame
+    events = [event for event in frame if _wanted(event, topics)]
+    return json.dumps(events, separators=(",", ":")) if events else None
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _not_found(message: str) -> Reply:
+    return Reply(404, {"status": "NOT_FOUND", "request_id": _request_id(), "message": message})
+
+
+def _limit(raw: str | None, default: int, maximum: int) -> int:
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"invalid limit {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"invalid limit {raw!r}")
+    return min(value, maximum)
+
+
+def _number(params: Mapping[str, str], key: str) -> float | None:
+    raw = params.get(key)
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"invalid {key} {raw!r}") from None
+
+
+_STRIKE_FILTERS: dict[str, Callable[[float, float], bool]] = {
+    "strike_price": operator.eq,
+    "strike_price.gte": operator.ge,
+    "strike_price.gt": operator.gt,
+    "strike_price.lte": operator.le,
+    "strike_price.lt": operator.lt,
+}
+
+
+def _filter_chain(results: list[dict], params: Mapping[str, str]) -> list[dict]:
+    """The chain results that match the query's filters, sorted by ticker like the real default."""
+    expiry = params.get("expiration_date")
+    contract_type = params.get("contract_type")
+    bounds = [
+        (test, bound) for key, test in _STRIKE_FILTERS.items() if (bound := _number(params, key)) is not None
+    ]
+    chosen = []
+    for result in results:
+        details = result.get("details") if isinstance(result.get("details"), dict) else {}
+        strike = details.get("strike_price")
+        if expiry is not None and details.get("expiration_date") != expiry:
+            continue
+        if contract_type is not None and details.get("contract_type") != contract_type:
+            continue
+        if bounds and not (isinstance(strike, int | float) and all(test(strike, b) for test, b in bounds)):
+            continue
+        chosen.append(result)
+    chosen.sort(key=_result_ticker)
+    return chosen
+
+
+def _encode_cursor(state: dict[str, Any]) -> str:
+    raw = json.dumps(state, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> dict[str, Any]:
+    """The paging state in a cursor; ValueError when it is not one of ours."""
+    try:
+        state = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if isinstance(state["q"], dict) and type(state["at"]) is int and type(state["offset"]) is int:
+            return state
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise ValueError("invalid cursor")
+
+
+def _range_start_ms(text: str) -> int:
+    """An aggs `from`: Unix ms, or a YYYY-MM-DD day taken from its New York midnight."""
+    if text.isdigit():
+        return int(text)
+    return _ny_midnight_ms(_parse_day(text))
+
+
+def _range_end_ms(text: str) -> int:
+    """An aggs `to` (inclusive): Unix ms, or the last ms of a YYYY-MM-DD New York day."""
+    if text.isdigit():
+        return int(text)
+    return _ny_midnight_ms(_parse_day(text) + datetime.timedelta(days=1)) - 1
+
+
+def _parse_day(text: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"invalid date {text!r}: use YYYY-MM-DD or Unix ms") from None
+
+
+def _ny_midnight_ms(day: datetime.date) -> int:
+    return int(datetime.datetime.combine(day, datetime.time(0), NY).timestamp() * 1000)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sim.polygon_server",
+        description="A fake Polygon/Massive (stocks WebSocket + REST): the synthetic demo day or a tape.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--ws-port", type=int, default=8765, help="WebSocket port, 0 for any (default 8765)")
+    parser.add_argument("--rest-port", type=int, default=8766, help="REST port, 0 for any (default 8766)")
+    parser.add_argument("--key", default="testkey", help="the API key clients must present (default testkey)")
+    parser.add_argument(
+        "--speed", type=float, default=1.0, help="simulated seconds per wall second (default 1)"
+    )
+    parser.add_argument(
+        "--start",
+        help="ISO-8601 instant the simulated clock starts at (default: session open or first tape frame)",
+    )
+    parser.add_argument(
+        "--tape", type=Path, help="serve this recorded tape instead of the synthetic demo day"
+    )
+    return parser.parse_args(argv)
+
+
+def _source_and_start(args: argparse.Namespace) -> tuple[MarketSource, int]:
+    start_ms = None if args.start is None else _iso_ms(args.start)
+    if args.tape is not None:
+        recorded = RecordedMarket.from_tape(args.tape)
+        return recorded, start_ms if start_ms is not None else (recorded.first_frame_ms or 0)
+    from sim.market import SyntheticMarket, demo_script
+
+    market = SyntheticMarket(demo_script())
+    return SyntheticSource(market), start_ms if start_ms is not None else market.session_open_ms
+
+
+def _iso_ms(text: str) -> int:
+    instant = datetime.datetime.fromisoformat(text)
+    if instant.tzinfo is None:
+        instant = instant.replace(tzinfo=NY)
+    return int(instant.timestamp() * 1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until interrupted; prints the settings that point the daemon here (never the key)."""
+    args = parse_args(argv)
+    source, start_ms = _source_and_start(args)
+    fake = FakePolygon(
+        source,
+        api_key=args.key,
+        start_ms=start_ms,
+        speed=args.speed,
+        host=args.host,
+        ws_port=args.ws_port,
+        rest_port=args.rest_port,
+    )
+    start_iso = datetime.datetime.fromtimestamp(start_ms / 1000, NY).isoformat()
+    with fake:
+        print(f"fake Polygon serving from {start_iso} at speed {args.speed:g}", flush=True)
+        print(f"  POLYGON_WS_URL={fake.ws_url}", flush=True)
+        print(f"  POLYGON_REST_URL={fake.rest_url}", flush=True)
+        print(f"  SIM_CLOCK_START={start_iso} SIM_CLOCK_SPEED={args.speed:g}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
