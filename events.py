@@ -106,6 +106,20 @@ class VolumeProfile:
     minutes: dict[int, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One raw item as it arrived (ws frame, REST answer, operator control), stamped with its receive time.
+
+    Producers put these on the engine's queue; the engine thread decodes them into the events above.
+    """
+
+    t: int
+    kind: str  # "ws" | "rest" | "control"
+    payload: object
+    path: str = ""
+    status: int = 200
+
+
 Event = Bar | ChainSnapshot | ContractSnapshot | Tick | FeedStatus | VolumeProfile
 
 

@@ -8,28 +8,16 @@ stall checks fire even when no data arrives.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import structlog
 
 from engine import Engine
-from events import Action, Alert, Event, Log, Tick
+from events import Action, Alert, Event, Log, Received, Tick
 from feed import FeedDecoder
 from pnl_tracker import Journal, JournalError
 
 AlertSink = Callable[[list[Alert]], None]
 LogSink = Callable[[Log], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    """One item as it arrived: a ws frame or a REST answer, stamped with its receive time."""
-
-    t: int
-    kind: str  # "ws" | "rest" | "control"
-    payload: object
-    path: str = ""
-    status: int = 200
 
 
 def structlog_sink(log: Log) -> None:

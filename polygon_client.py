@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -35,10 +35,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from events import Bar, FeedStatus, OptionQuote
-
-if TYPE_CHECKING:
-    from pipeline import Received
+from events import Bar, FeedStatus, OptionQuote, Received
 
 _FLOAT_MAX = sys.float_info.max
 _NUMBER_TYPES = frozenset({int, float})
@@ -442,13 +439,6 @@ class Backoff:
 DEFAULT_BACKOFF = Backoff()
 
 
-def _received_type() -> type[Received]:
-    """`pipeline.Received`, imported late because pipeline imports this module (through feed)."""
-    from pipeline import Received
-
-    return Received
-
-
 def _frame_statuses(frame: str | bytes) -> tuple[StatusMessage, ...]:
     """The status events of a frame; data frames are recognised by a substring test and not parsed."""
     marker = _STATUS_MARK if isinstance(frame, str) else _STATUS_MARK_BYTES
@@ -540,7 +530,6 @@ class PolygonStream:
         self._auth_failed_wait_s = auth_failed_wait_s
         self._healthy_after_ms = round(healthy_after_s * 1000)
         self._open_timeout_s = open_timeout_s
-        self._received = _received_type()
         self._attempt = 0
         self._gap_from_ms: int | None = None
         self._last_status: tuple[bool, str] | None = None
@@ -696,7 +685,7 @@ class PolygonStream:
     def _put_frame(self, frame: str | bytes) -> int:
         t = self._clock_ms()
         self.last_frame_ms = t
-        self._put(self._received(t, "ws", frame))
+        self._put(Received(t, "ws", frame))
         return t
 
     def _went_down(self, why: str) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from config import Rules
 from engine import Engine, SessionSource
+from events import Received
 from feed import FeedCounters, FeedDecoder
 from market_calendar import ny_date
-from pipeline import AlertSink, LogSink, Pipeline, Received, structlog_sink
+from pipeline import AlertSink, LogSink, Pipeline, structlog_sink
 from pnl_tracker import Journal
 from tape import TapeLine, TapeReader
 

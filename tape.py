@@ -115,6 +115,7 @@ class TapeWriter:
         benchmark: str,
         start_ms: int,
         compresslevel: int = 6,
+        extra_meta: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path)
         self._compresslevel = compresslevel
@@ -127,7 +128,9 @@ class TapeWriter:
         if created:
             _fsync_dir(self.path.parent)
         if not has_content:
-            meta = {"format": TAPE_FORMAT, "underlying": underlying, "benchmark": benchmark}
+            meta: dict[str, Any] = {"format": TAPE_FORMAT, "underlying": underlying, "benchmark": benchmark}
+            # Labels such as `"reconstructed": true` ride along; the three keys above always win.
+            meta |= {k: v for k, v in (extra_meta or {}).items() if k not in meta}
             self._append({"t": start_ms, "meta": meta})
 
     def __enter__(self) -> TapeWriter:

@@ -16,9 +16,8 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from events import FeedStatus
+from events import FeedStatus, Received
 from feed import FeedDecoder
-from pipeline import Received
 from polygon_client import Backoff, PolygonRest, PolygonStream, RestAnswer
 from sim.polygon_server import FakePolygon, RecordedMarket
 
