@@ -113,6 +113,7 @@ class Engine:
         self.paused = False
         self.counters = Counters()
         self._stall_alerted = False
+        self._watching_since = 0
         self._feed_connected = True
 
     def _reset_market_state(self) -> None:
@@ -183,11 +184,13 @@ class Engine:
         self._day_end_ms = ny_ms(day + timedelta(days=1), time(0))
         new_date = day.isoformat()
         self._session = session
+        self._watching_since = self._watching_since or now
         if new_date == self._session_date:
             return
         self._session_date = new_date
         self._reset_market_state()
         self.day, self.opened_today, self._stall_alerted = DayRecord(), 0, False
+        self._watching_since = now
         if self.position is not None and self.position.session_date != new_date:
             self._close(self.position, "Time stop", now, actions)
         actions.append(Log("session_day", {"date": new_date, "trading": session is not None}))
@@ -492,9 +495,9 @@ class Engine:
             actions.append(self._system_alert("STALL", text, PRIORITY_HIGH))
 
     def bar_age_s(self, now: int) -> float:
-        """Seconds since the last IWM bar (or since the open, before the first bar of the day)."""
+        """Seconds since the last IWM bar, or since the open (or since we started watching, if later)."""
         session = self._session
-        reference = self.last_iwm_ms or 0
+        reference = max(self.last_iwm_ms or 0, self._watching_since)
         if session is not None:
             reference = max(reference, session.open_ms)
         return max(0.0, (now - reference) / 1000)

@@ -1,0 +1,110 @@
+"""The live daemon end to end over real sockets: fake Polygon (WS + REST) and fake Pushover on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import time as clock_time
+from pathlib import Path
+
+import pytest
+
+from builders import at
+from clock import SimClock
+from config import Rules, Settings
+from daemon import Daemon
+from market_calendar import MarketCalendar
+from pnl_tracker import Journal
+from replay import replay_tape
+from sim.market import SyntheticMarket, demo_script
+from sim.polygon_server import FakePolygon, SyntheticSource
+from sim.pushover_server import FakePushover
+
+API_KEY = "testkey1234"
+TOKEN = "a" * 30
+USER = "u" * 30
+SPEED = 40.0
+
+
+@pytest.fixture(scope="module")
+def market() -> SyntheticMarket:
+    return SyntheticMarket(demo_script())
+
+
+def settings_for(polygon: FakePolygon, pushover: FakePushover, data_dir: Path, **changes: object) -> Settings:
+    return Settings(
+        rules=Rules(),
+        polygon_api_key=API_KEY,
+        polygon_ws_url=polygon.ws_url,
+        polygon_rest_url=polygon.rest_url,
+        pushover_token=TOKEN,
+        pushover_user_key=USER,
+        pushover_api_url=pushover.url,
+        data_dir=data_dir,
+        **changes,
+    )
+
+
+def run_daemon(settings: Settings, clock: SimClock, until, timeout_s: float = 60.0) -> Daemon:
+    """Run the daemon in a thread until `until()` holds (or the timeout), then stop it cleanly."""
+    stop = threading.Event()
+    daemon = Daemon(settings, clock, stop=stop)
+    thread = threading.Thread(target=daemon.run, name="daemon-under-test")
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not until():
+        time.sleep(0.05)
+    stop.set()
+    thread.join(15)
+    assert not thread.is_alive(), "daemon did not stop within 15 s"
+    return daemon
+
+
+def kinds(pushover: FakePushover) -> list[str]:
+    return [m.form["title"].rsplit("— ", 1)[-1] for m in pushover.messages]
+
+
+def test_live_rehearsal_sends_buy_then_sell_as_the_replay_of_its_own_tape(market, tmp_path):
+    start = at(10, 0)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(start, SPEED)
+        settings = settings_for(polygon, pushover, tmp_path)
+        run_daemon(settings, clock, until=lambda: "SELL" in kinds(pushover))
+    sent = kinds(pushover)
+    assert sent[0] == "START" and sent[1:3] == ["BUY", "SELL"]
+    live = {m.form["title"]: m.form["message"] for m in pushover.messages[1:3]}
+
+    replayed = []
+    tape = tmp_path / "tapes" / "2025-10-02.jsonl.gz"
+    rules = Rules()
+    replay_tape(
+        tape,
+        rules=rules,
+        calendar=MarketCalendar(rules),
+        journal=Journal(tmp_path / "r.sqlite3"),
+        on_alerts=replayed.extend,
+        on_log=lambda _l: None,
+    )
+    assert [(a.title, a.message) for a in replayed[:2]] == list(live.items())
+    timestamps = [int(m.form["timestamp"]) for m in pushover.messages[1:3]]
+    assert timestamps == [a.at_ms // 1000 for a in replayed[:2]]
+
+
+def test_holiday_idles_without_connecting(market, tmp_path):
+    christmas_morning = at(9, 0, 0, day=__import__("datetime").date(2025, 12, 25))
+    with (
+        FakePushover() as pushover,
+        FakePolygon(
+            SyntheticSource(market), api_key=API_KEY, start_ms=christmas_morning, speed=SPEED
+        ) as polygon,
+    ):
+        clock = SimClock(christmas_morning, SPEED)
+        settings = settings_for(polygon, pushover, tmp_path)
+        started = time.monotonic()
+        run_daemon(settings, clock, until=lambda: time.monotonic() - started > 3.0)
+        assert polygon.ws_connections == 0 and polygon.rest_requests == []
+    assert kinds(pushover) == ["START"]
+    assert clock_time(9) < clock_time(10)
