@@ -39,6 +39,7 @@ from tape import TapeReader, TapeWriter, prune_tapes, tape_path
 EXIT_WATCHDOG = 3
 CONNECT_BEFORE_OPEN_MS = 5 * 60_000
 TICK_GRACE_MS = 100
+TAPE_FLUSH_SECONDS = 5.0
 BACKFILL_REACH_BACK_MS = 5_000
 PAUSE_FILE = "PAUSE"
 log = structlog.get_logger("daemon")
@@ -76,6 +77,7 @@ class Daemon:
         self.health: Snapshot = {"status": "closed", "version": VERSION}
         self.last_turn = time.monotonic()
         self._health_at = 0.0
+        self._flushed_at = time.monotonic()
         self.tape: TapeWriter | None = None
         self.tape_day: date | None = None
         self.stream: PolygonStream | None = None
@@ -171,6 +173,18 @@ class Daemon:
         self.interest = Interest(position.ticker if position else None, spot)
         if time.monotonic() - self._health_at >= 1.0:
             self.health, self._health_at = self._snapshot(), time.monotonic()
+        if self.tape is not None and time.monotonic() - self._flushed_at >= TAPE_FLUSH_SECONDS:
+            self._flush_tape()
+
+    def _flush_tape(self) -> None:
+        """A durable point for the recording: a crash loses at most the last few seconds of tape."""
+        self._flushed_at = time.monotonic()
+        try:
+            assert self.tape is not None
+            self.tape.flush()
+        except OSError as exc:
+            log.error("tape_flush_failed", error=str(exc), note="recording paused; trading unaffected")
+            self.tape = None
 
     def _record(self, item: Received) -> None:
         if not self.settings.record:

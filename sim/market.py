@@ -12,7 +12,12 @@ episodes:
 - "fade": a slow, steady bleed of `strength` percent on light volume;
 - "grind": a slow, steady rise of `strength` percent (the close-out drift of the late trade);
 - "chop": noisy sideways trading, `strength` times the normal noise;
-- "quiet": thin trading at `strength` times normal volume, with seconds that have no trades.
+- "quiet": thin trading at `strength` times normal volume, with seconds that have no trades;
+- "lead": the benchmark (SPY) rises `strength` percent while the underlying trades sideways.
+
+An episode's `volume` scales its volume on top of that (a burst at 0.25 is a surge against a quiet
+stretch that is still light for the time of day). A `DayScript` may also hold pause windows: the
+tape records the operator's pause switch at their ends, so a replay sees it at the same instants.
 
 Outside bursts, a second whose volume would be a surge while the price also looks like momentum gets its
 volume trimmed below the surge line: random data is full of accidental momentum signals, and the demo
@@ -41,12 +46,12 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from config import Rules
+from config import Rules, parse_blackouts
 from tape import TapeWriter
 
 NY = ZoneInfo("America/New_York")
 SESSION_SECONDS = 23400
-EPISODE_KINDS = frozenset({"burst", "pullback", "fade", "grind", "chop", "quiet"})
+EPISODE_KINDS = frozenset({"burst", "pullback", "fade", "grind", "chop", "quiet", "lead"})
 REST_BASE = "https://api.massive.com"
 YEAR_SECONDS = 365 * 86400
 SQRT2 = math.sqrt(2.0)
@@ -65,6 +70,11 @@ STRIKE_MARGIN = 12
 STALE_QUOTE_MS = 300_000
 OTHER_EXPIRY_AT_S = 1800
 GUARD_TRIM = 0.85
+PROFILE_DAYS = 10
+PROFILE_FETCH_AT = datetime.time(9, 20)
+# The demo runs with this ENTRY_BLACKOUTS setting; the demo day has a signal inside it.
+DEMO_BLACKOUTS = "12:00-12:30"
+DEMO_ENTRY_BLACKOUTS = parse_blackouts(DEMO_BLACKOUTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +85,15 @@ class Episode:
     kind: str
     seconds: int
     strength: float
+    volume: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in EPISODE_KINDS:
             raise ValueError(f"unknown episode kind {self.kind!r}; expected one of {sorted(EPISODE_KINDS)}")
         if self.seconds <= 0:
             raise ValueError("an episode lasts at least one second")
+        if self.volume <= 0:
+            raise ValueError("an episode's volume scale must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +104,12 @@ class DayScript:
     seed: int
     open_price: float
     episodes: tuple[Episode, ...]
+    pauses: tuple[tuple[datetime.time, datetime.time], ...] = ()
+
+    def __post_init__(self) -> None:
+        for start, end in self.pauses:
+            if not start < end:
+                raise ValueError(f"a pause must end after it starts: {start}-{end}")
 
 
 def demo_script() -> DayScript:
@@ -187,6 +206,7 @@ class _Regime:
     gap_prob: np.ndarray
     pull: np.ndarray
     guarded: np.ndarray
+    spy_drift: np.ndarray
 
 
 def intraday_volume_shape(n: int = SESSION_SECONDS) -> np.ndarray:
@@ -207,6 +227,7 @@ def _regime(script: DayScript) -> _Regime:
         gap_prob=np.zeros(n),
         pull=np.zeros(n),
         guarded=np.ones(n, dtype=bool),
+        spy_drift=np.zeros(n),
     )
     for episode in script.episodes:
         start = _seconds_from_open(episode.start)
@@ -247,11 +268,16 @@ def _apply_episode(regime: _Regime, episode: Episode, start: int, stop: int) -> 
         regime.ou_scale[span] = 1.6 * episode.strength
         regime.pull[span] = 0.02
         regime.volume[span] *= 1.1
+    elif kind == "lead":
+        regime.spy_drift[span] = move / (stop - start)
+        regime.rw_scale[span] = 0.5
+        regime.ou_scale[span] = 0.7
     else:
         regime.rw_scale[span] = 0.35
         regime.ou_scale[span] = 0.4
         regime.volume[span] *= episode.strength
         regime.gap_prob[span] = 0.3
+    regime.volume[span] *= episode.volume
 
 
 def _flush_seconds(length: int) -> int:
@@ -523,7 +549,7 @@ def _spy_bars(
     shape = intraday_volume_shape(n)
     spy_open = _cents(665.0 * math.exp(rng.normal(0.0, 0.01)))
     iwm_returns = np.diff(np.log(iwm_levels), prepend=math.log(script.open_price))
-    log_level = np.cumsum(SPY_BETA * iwm_returns + SPY_IDIO_SIGMA * np.asarray(draws.rw))
+    log_level = np.cumsum(SPY_BETA * iwm_returns + SPY_IDIO_SIGMA * np.asarray(draws.rw) + regime.spy_drift)
     noise = _ar1(np.asarray(draws.ou) * OU_SIGMA * 0.8, OU_PHI)
     closes = np.round(spy_open * np.exp(log_level) * (1.0 + noise), 2)
     log_vol = _ar1(np.asarray(draws.vol) * 0.4, 0.6)
@@ -930,6 +956,23 @@ class SyntheticMarket:
             return _aggs_body(sym, _minutes_from_bars(self._wire[sym]), request_id)
         return _aggs_body(sym, _past_minutes(self, sym, day), request_id)
 
+    def profile_answer(self, days: int) -> tuple[str, dict[str, Any]]:
+        """The REST path and body of the underlying's minute aggregates over the previous `days` weekdays."""
+        weekdays = _previous_weekdays(self.script.session_date, days)
+        path = (
+            f"/v2/aggs/ticker/{self.underlying}/range/1/minute/{weekdays[0].isoformat()}/"
+            f"{weekdays[-1].isoformat()}?adjusted=true&sort=asc&limit=50000"
+        )
+        results = [
+            row for day in weekdays for row in self.minute_aggs(self.underlying, day).get("results", [])
+        ]
+        request_id = _request_id("profile", self.script.seed, self.underlying, days)
+        return path, _aggs_body(self.underlying, results, request_id)
+
+    def ms_at(self, at: datetime.time) -> int:
+        """Unix ms of New York wall-clock time `at` on the session day."""
+        return self.session_open_ms + _seconds_from_open(at) * 1000
+
     def spot_time_ms(self, ms: int) -> int:
         """When the underlying price `spot_at(ms)` was set: the end of its bar (the open before any)."""
         index = (ms - self.session_open_ms) // 1000 - 1
@@ -951,6 +994,16 @@ def chain_query(
     if strike_lte is not None:
         query += f"&strike_price.lte={strike_lte:g}"
     return query
+
+
+def _previous_weekdays(day: datetime.date, count: int) -> list[datetime.date]:
+    """The `count` weekdays before `day`, oldest first."""
+    days: list[datetime.date] = []
+    while len(days) < count:
+        day -= datetime.timedelta(days=1)
+        if day.weekday() < 5:
+            days.append(day)
+    return days[::-1]
 
 
 def _forward_fill(values: np.ndarray, present: np.ndarray, first: float) -> np.ndarray:
@@ -1108,11 +1161,9 @@ def _contract_result(
 
     `draws` are six uniform integers in [0, 10**6) that jitter sizes and timestamps.
     """
-    if contract.trap == "stale":
-        quote_ms = at_ms - STALE_QUOTE_MS - draws[0] % 1000
-    else:
-        quote_ms = at_ms - 50 - draws[0] % 2450
-    value, sigma, spot = book.value(contract, quote_ms if contract.trap == "stale" else at_ms)
+    stale = contract.trap == "stale"
+    quote_ms = at_ms - STALE_QUOTE_MS - draws[0] % 1000 if stale else at_ms - 50 - draws[0] % 2450
+    value, sigma, spot = book.value(contract, quote_ms if stale else at_ms)
     bid, ask = _trap_quote(contract.trap, value)
     midpoint = _round4((bid + ask) / 2)
     volume = book.day_volume(contract, at_ms)
@@ -1218,21 +1269,29 @@ def write_tape(
     chain_every_s: int = 10,
     page_size: int = 20,
     end_ms: int | None = None,
+    profile_days: int = PROFILE_DAYS,
 ) -> Path:
     """Render the session as a tape: handshake, every bar frame, a paged chain every `chain_every_s` s.
 
     An existing file at `path` is replaced. The chain is recorded as the daemon polls it: page 1 at
     `.../options/IWM?expiration_date=...&contract_type=call&limit=250`, then each `next_url`'s path.
+    Before the open (at `PROFILE_FETCH_AT`) comes the minute aggregates of the previous `profile_days`
+    weekdays, the relative-volume profile (0: none); the script's pauses are recorded as control lines.
     `end_ms` stops the recording early (lines received before it), for short tapes in tests.
     """
     path = Path(path)
     path.unlink(missing_ok=True)
-    start_ms = market.session_open_ms - 2000
+    connect_ms = market.session_open_ms - 2000
+    profile = [_profile_line(market, profile_days)] if profile_days > 0 else []
+    start_ms = min([connect_ms] + [t - 1000 for t, _, _ in profile])
     ws = [
-        (t, "ws", frame) for t, frame in handshake_frames(start_ms + 120, market.underlying, market.benchmark)
+        (t, "ws", frame)
+        for t, frame in handshake_frames(connect_ms + 120, market.underlying, market.benchmark)
     ]
     streams = (
+        iter(profile),
         iter(ws),
+        iter(_control_lines(market)),
         ((t, "ws", frame) for t, frame in market.ws_frames()),
         _chain_lines(market, chain_every_s, page_size),
     )
@@ -1243,12 +1302,34 @@ def write_tape(
         for t, kind, item in heapq.merge(*streams, key=lambda line: line[0]):
             if end_ms is not None and t >= end_ms:
                 break
-            if kind == "ws":
-                writer.write_ws(t, item)
-            else:
-                rest_path, body = item
-                writer.write_rest(t, rest_path, 200, body)
+            _write_line(writer, t, kind, item)
     return path
+
+
+def _write_line(writer: TapeWriter, t: int, kind: str, item: Any) -> None:
+    if kind == "ws":
+        writer.write_ws(t, item)
+    elif kind == "control":
+        writer.write_control(t, item)
+    else:
+        rest_path, body = item
+        writer.write_rest(t, rest_path, 200, body)
+
+
+def _control_lines(market: SyntheticMarket) -> list[tuple[int, str, Any]]:
+    """The pause switch at each end of the script's pause windows."""
+    lines: list[tuple[int, str, Any]] = []
+    for start, end in market.script.pauses:
+        lines.append((market.ms_at(start), "control", {"paused": True}))
+        lines.append((market.ms_at(end), "control", {"paused": False}))
+    return sorted(lines, key=lambda line: line[0])
+
+
+def _profile_line(market: SyntheticMarket, days: int) -> tuple[int, str, Any]:
+    """The daemon's pre-open volume-profile request, answered at `PROFILE_FETCH_AT`."""
+    rest_path, body = market.profile_answer(days)
+    latency = random.Random(f"profile:{market.script.seed}").randint(150, 450)
+    return market.ms_at(PROFILE_FETCH_AT) + latency, "rest", (rest_path, body)
 
 
 def _chain_lines(market: SyntheticMarket, every_s: int, page_size: int) -> Iterator[tuple[int, str, Any]]:
