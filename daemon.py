@@ -81,7 +81,12 @@ class Daemon:
         self.tape: TapeWriter | None = None
         self.tape_day: date | None = None
         self.stream: PolygonStream | None = None
-        self.rest = PolygonRest(settings.polygon_rest_url, settings.polygon_api_key, clock_ms=clock.now_ms)
+        self.rest = PolygonRest(
+            settings.polygon_rest_url,
+            settings.polygon_api_key,
+            clock_ms=clock.now_ms,
+            sleep=lambda seconds: self.stop.wait(seconds * clock.sleep_scale()),
+        )
 
     def _pushover_client(self) -> PushoverClient | None:
         s = self.settings

@@ -107,3 +107,60 @@ def test_holiday_idles_without_connecting(market, tmp_path):
         run_daemon(settings, clock, until=lambda: time.monotonic() - started > 3.0)
         assert polygon.ws_connections == 0 and polygon.rest_requests == []
     assert kinds(pushover) == ["START"]
+
+
+def test_socket_dropped_mid_position_reconnects_backfills_and_still_sells(market, tmp_path):
+    start = at(10, 2)
+    with FakePushover() as pushover, FakePolygon(
+        SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED
+    ) as polygon:
+        clock = SimClock(start, SPEED)
+        dropped = []
+
+        def drop_once_holding() -> bool:
+            if "BUY" in kinds(pushover) and not dropped:
+                polygon.drop_connections()
+                dropped.append(polygon.now_ms())
+            return "SELL" in kinds(pushover)
+
+        daemon = run_daemon(settings_for(polygon, pushover, tmp_path), clock, until=drop_once_holding)
+        backfills = [p for p in polygon.rest_requests if "/range/1/second/" in p]
+        assert dropped and polygon.ws_connections >= 2
+        assert polygon.subscriptions.count("A.IWM,A.SPY") >= 2 or len(polygon.subscriptions) >= 2
+        assert backfills, "no REST backfill after the reconnect"
+    assert kinds(pushover).count("BUY") == 1 and kinds(pushover).count("SELL") == 1
+    assert daemon.engine.counters.late_bars >= 0
+
+
+def test_garbage_frames_are_counted_and_the_daemon_goes_on(market, tmp_path):
+    start = at(10, 2)
+    with FakePushover() as pushover, FakePolygon(
+        SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED
+    ) as polygon:
+        polygon.send_garbage(["not json at all", '{"ev": "A"}', '[{"ev": "XQ", "sym": "IWM"}]', "[1, 2]"])
+        clock = SimClock(start, SPEED)
+        daemon = run_daemon(settings_for(polygon, pushover, tmp_path), clock, until=lambda: "BUY" in kinds(pushover))
+    counters = daemon.pipeline.decoder.counters
+    assert counters.bad_frames >= 2 and counters.ignored_events >= 1 and counters.bad_events >= 2
+    assert "BUY" in kinds(pushover)
+
+
+def test_chain_storm_blocks_entries_until_the_chain_recovers(market, tmp_path):
+    from structlog.testing import capture_logs
+
+    start, storm_end = at(10, 2), at(10, 6, 40)  # the storm covers the first burst (10:06:25)
+    with FakePushover() as pushover, FakePolygon(
+        SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED
+    ) as polygon:
+        polygon.fail_rest(500, seconds=(storm_end - start) / 1000 / SPEED, path_prefix="/v3/snapshot/options")
+        clock = SimClock(start, SPEED)
+        with capture_logs() as logs:
+            daemon = run_daemon(
+                settings_for(polygon, pushover, tmp_path), clock, until=lambda: clock.now_ms() > at(10, 7, 30)
+            )
+    blocked = [e for e in logs if e.get("event") == "entry_blocked"]
+    assert blocked and {e["rule"] for e in blocked} <= {"chain_missing", "chain_stale"}
+    retries = [e for e in logs if e.get("event") == "rest_retry" and "/v3/snapshot/options" in e.get("path", "")]
+    assert [e["wait_s"] for e in retries[:3]] == [1.0, 2.0, 4.0]
+    assert "BUY" not in kinds(pushover)
+    assert daemon.engine.chain is not None and daemon.engine.chain.received_ms > storm_end
