@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -111,9 +116,10 @@ def test_holiday_idles_without_connecting(market, tmp_path):
 
 def test_socket_dropped_mid_position_reconnects_backfills_and_still_sells(market, tmp_path):
     start = at(10, 2)
-    with FakePushover() as pushover, FakePolygon(
-        SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED
-    ) as polygon:
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
         clock = SimClock(start, SPEED)
         dropped = []
 
@@ -134,12 +140,15 @@ def test_socket_dropped_mid_position_reconnects_backfills_and_still_sells(market
 
 def test_garbage_frames_are_counted_and_the_daemon_goes_on(market, tmp_path):
     start = at(10, 2)
-    with FakePushover() as pushover, FakePolygon(
-        SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED
-    ) as polygon:
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
         polygon.send_garbage(["not json at all", '{"ev": "A"}', '[{"ev": "XQ", "sym": "IWM"}]', "[1, 2]"])
         clock = SimClock(start, SPEED)
-        daemon = run_daemon(settings_for(polygon, pushover, tmp_path), clock, until=lambda: "BUY" in kinds(pushover))
+        daemon = run_daemon(
+            settings_for(polygon, pushover, tmp_path), clock, until=lambda: "BUY" in kinds(pushover)
+        )
     counters = daemon.pipeline.decoder.counters
     assert counters.bad_frames >= 2 and counters.ignored_events >= 1 and counters.bad_events >= 2
     assert "BUY" in kinds(pushover)
@@ -149,9 +158,10 @@ def test_chain_storm_blocks_entries_until_the_chain_recovers(market, tmp_path):
     from structlog.testing import capture_logs
 
     start, storm_end = at(10, 2), at(10, 6, 40)  # the storm covers the first burst (10:06:25)
-    with FakePushover() as pushover, FakePolygon(
-        SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED
-    ) as polygon:
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
         polygon.fail_rest(500, seconds=(storm_end - start) / 1000 / SPEED, path_prefix="/v3/snapshot/options")
         clock = SimClock(start, SPEED)
         with capture_logs() as logs:
@@ -160,7 +170,107 @@ def test_chain_storm_blocks_entries_until_the_chain_recovers(market, tmp_path):
             )
     blocked = [e for e in logs if e.get("event") == "entry_blocked"]
     assert blocked and {e["rule"] for e in blocked} <= {"chain_missing", "chain_stale"}
-    retries = [e for e in logs if e.get("event") == "rest_retry" and "/v3/snapshot/options" in e.get("path", "")]
+    retries = [
+        e for e in logs if e.get("event") == "rest_retry" and "/v3/snapshot/options" in e.get("path", "")
+    ]
     assert [e["wait_s"] for e in retries[:3]] == [1.0, 2.0, 4.0]
     assert "BUY" not in kinds(pushover)
     assert daemon.engine.chain is not None and daemon.engine.chain.received_ms > storm_end
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(polygon: FakePolygon, pushover: FakePushover, data_dir: Path, log_path: Path) -> subprocess.Popen:
+    """`python main.py` in rehearsal mode against the fakes, its clock started at the fake's now."""
+    started = datetime.fromtimestamp(polygon.now_ms() / 1000, tz=UTC).isoformat()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY"))},
+        "PYTHON_DOTENV_DISABLED": "1",
+        "POLYGON_API_KEY": API_KEY,
+        "POLYGON_WS_URL": polygon.ws_url,
+        "POLYGON_REST_URL": polygon.rest_url,
+        "PUSHOVER_TOKEN": TOKEN,
+        "PUSHOVER_USER_KEY": USER,
+        "PUSHOVER_API_URL": pushover.url,
+        "DATA_DIR": str(data_dir),
+        "SIM_CLOCK_START": started,
+        "SIM_CLOCK_SPEED": str(SLOW),
+        "LOG_FORMAT": "json",
+    }
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py")], cwd=data_dir, env=env, stdout=log, stderr=log
+    )
+
+
+def wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+SLOW = 20.0
+
+
+def open_position_peak(journal_path: Path) -> float | None:
+    db = sqlite3.connect(journal_path)
+    try:
+        row = db.execute("SELECT peak FROM positions WHERE open=1").fetchone()
+    finally:
+        db.close()
+    return None if row is None else row[0]
+
+
+def test_kill_9_mid_position_then_restart_sells_once_and_never_buys_twice(market, tmp_path):
+    log_path = tmp_path / "daemon.log"
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 3), speed=SLOW) as polygon,
+    ):
+        first = launch(polygon, pushover, tmp_path, log_path)
+        try:
+            assert wait_for(lambda: "BUY" in kinds(pushover), 60), "no BUY from the first process"
+        finally:
+            first.kill()
+            first.wait(10)
+        peak_at_kill = open_position_peak(tmp_path / "journal.sqlite3")
+        assert peak_at_kill is not None, "the BUY's position is not in the journal"
+        second = launch(polygon, pushover, tmp_path, log_path)
+        try:
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60), "no SELL after the restart"
+            time.sleep(1.0)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(15)
+    sent = kinds(pushover)
+    assert sent.count("BUY") == 1 and sent.count("SELL") == 1 and sent.count("START") == 2
+    start_texts = [m.form["message"] for m in pushover.messages if m.form["title"].endswith("START")]
+    assert "Holding O:IWM" in start_texts[1]
+    db = sqlite3.connect(tmp_path / "journal.sqlite3")
+    (peak,) = db.execute("SELECT peak FROM trades").fetchone()
+    assert peak >= peak_at_kill
+    output = log_path.read_text()
+    for secret in (API_KEY, TOKEN, USER):
+        assert secret not in output
+
+
+def test_sigterm_exits_0_within_10_seconds(market, tmp_path):
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 3), speed=SLOW) as polygon,
+    ):
+        process = launch(polygon, pushover, tmp_path, tmp_path / "daemon.log")
+        try:
+            assert wait_for(lambda: "START" in kinds(pushover) and polygon.ws_connections >= 1, 60)
+            asked = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(10)
+            took = time.monotonic() - asked
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert code == 0 and took < 10
