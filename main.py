@@ -111,9 +111,14 @@ def run_live(settings: Settings) -> int:
 
 
 def run_replay(settings: Settings, tape: Path, speed: float | None, *, notify: bool) -> int:
-    """Replay a tape into DATA_DIR/replay.sqlite3 (never the live journal); alerts to the log."""
+    """Replay a tape into DATA_DIR/replay.sqlite3 (never the live journal).
+
+    Alerts go through that journal's outbox like live ones: to the log, and to Pushover with `notify`.
+    """
     import structlog
 
+    from alerts import Notifier, PushoverClient
+    from clock import WallClock
     from market_calendar import MarketCalendar
     from pnl_tracker import Journal
     from replay import replay_tape
@@ -121,18 +126,29 @@ def run_replay(settings: Settings, tape: Path, speed: float | None, *, notify: b
     if not tape.is_file():
         print(f"No such tape: {tape}", file=sys.stderr)
         return EXIT_CONFIG
+    if notify and not (settings.pushover_token and settings.pushover_user_key):
+        print("--notify needs PUSHOVER_TOKEN and PUSHOVER_USER_KEY.", file=sys.stderr)
+        return EXIT_CONFIG
     log = structlog.get_logger("replay")
     journal = Journal(settings.data_dir / "replay.sqlite3")
-
-    def log_alerts(alerts: list) -> None:
-        for alert in alerts:
-            log.info("alert", kind=alert.kind, title=alert.title, message=alert.message)
-
+    client = (
+        PushoverClient(settings.pushover_token, settings.pushover_user_key, settings.pushover_api_url)
+        if notify
+        else None
+    )
+    notifier = Notifier(journal, client, clock_ms=WallClock().now_ms)
     rules = settings.rules
     calendar = MarketCalendar(rules, settings.market_closed_dates)
     result = replay_tape(
-        tape, rules=rules, calendar=calendar, journal=journal, on_alerts=log_alerts, speed=speed
+        tape,
+        rules=rules,
+        calendar=calendar,
+        journal=journal,
+        on_alerts=lambda _alerts: notifier.drain_once(),
+        speed=speed,
     )
+    if notify:
+        notifier.flush(deadline_s=60.0)
     log.info(
         "replay_done",
         lines=result.lines,
@@ -140,6 +156,8 @@ def run_replay(settings: Settings, tape: Path, speed: float | None, *, notify: b
         resumed_after=result.resumed_after,
         bad_events=result.feed.bad_events,
         late_bars=result.late_bars,
+        trades=len(journal.trades()),
+        still_pending=journal.pending_count(),
     )
     journal.close()
     return EXIT_OK

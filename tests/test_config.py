@@ -107,3 +107,21 @@ def test_live_mode_without_key_exits_2_and_points_to_demo(tmp_path):
         timeout=60,
     )
     assert done.returncode == 2 and "--demo" in done.stderr
+
+
+def test_replay_cli_logs_alerts_and_uses_its_own_journal(demo_tape, tmp_path):
+    env = {**os.environ, "PYTHON_DOTENV_DISABLED": "1", "DATA_DIR": str(tmp_path), "LOG_FORMAT": "json"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--replay", str(demo_tape)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        done.stderr.count("IWM 0DTE CALL — BUY") >= 2 or done.stderr.count("IWM 0DTE CALL \\u2014 BUY") >= 2
+    )
+    assert (tmp_path / "replay.sqlite3").is_file() and not (tmp_path / "journal.sqlite3").exists()
+    assert '"still_pending": 0' in done.stderr
