@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 MESSAGES_PATH = "/1/messages.json"
+VALIDATE_PATH = "/1/users/validate.json"
 MONTHLY_LIMIT = 10_000
 KEY_PATTERN = re.compile(r"[A-Za-z0-9]{30}")
 TITLE_LIMIT = 250
@@ -79,10 +80,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
-        if self.path.split("?")[0] != MESSAGES_PATH:
+        route = self.path.split("?")[0]
+        form = parse_form(raw, self.headers.get("Content-Type", ""))
+        if route == VALIDATE_PATH:
+            self._answer(validate_keys(form))
+            return
+        if route != MESSAGES_PATH:
             self._answer(Reply(404, {"status": 0, "errors": ["not found"]}))
             return
-        form = parse_form(raw, self.headers.get("Content-Type", ""))
         self._answer(self.server.fake._handle(form))
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -116,6 +121,16 @@ def parse_form(raw: bytes, content_type: str) -> dict[str, str]:
             return {}
         return {str(k): str(v) for k, v in decoded.items()} if isinstance(decoded, dict) else {}
     return {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True).items()}
+
+
+def validate_keys(form: dict[str, str]) -> Reply:
+    """`users/validate.json`: 200 with status 1 when token and user look valid, else 400 naming the bad one."""
+    errors = [
+        f"{name} is invalid" for name in ("token", "user") if not KEY_PATTERN.fullmatch(form.get(name, ""))
+    ]
+    if errors:
+        return Reply(400, {"status": 0, "errors": errors, "request": str(uuid.uuid4())})
+    return Reply(200, {"status": 1, "group": 0, "devices": ["phone"], "request": str(uuid.uuid4())})
 
 
 def validation_errors(form: dict[str, str]) -> tuple[list[str], dict[str, str]]:
