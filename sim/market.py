@@ -113,36 +113,60 @@ class DayScript:
 
 
 def demo_script() -> DayScript:
-    """The bundled demo day: four scripted trades, one per kind of exit.
+    """The bundled demo day: four scripted trades, one per kind of exit, and four blocked signals.
 
     10:06 a burst that fails at once (stop loss); 11:12 a burst that drifts below VWAP (VWAP
     persistence); 13:12 a burst flushed by a sharp pullback (hard giveback); 15:12 a late burst
     that grinds up into the close (time stop at 15:55). The late burst is as late as the default
     4% spread limit allows: by 15:20 a 0.30-0.45 delta call is worth well under $0.25 and a penny
     spread is already wider than 4%. A fade before it leaves the spot ~$0.30 under a strike, so
-    the band holds a contract when the burst fires.
+    the band holds a contract when the burst fires. The 13:12 burst trades heavily enough (1.5x a
+    burst's volume) to clear the relative-volume filter on its first signal bar.
+
+    Four more bursts are signals the entry rules stop, each at least 25 minutes from a trade:
+    10:43 inside the pause window 10:40-10:46; 11:42 after twenty quiet minutes, a surge against
+    them but light for the time of day (relative volume); 12:10 inside `DEMO_BLACKOUTS`; 14:10
+    right after SPY rallied 0.45% in four minutes while IWM went sideways (SPY leadership). The
+    10:43 and 12:10 bursts are light as well, so without the pause or the blackout the relative-volume
+    filter still stops them and the day keeps its four trades. Each blocked burst is followed by a
+    fade that gives back exactly what its stretch added (the last fade of each stretch is tuned to
+    the random walk's draws), so the path after it, and the four trades, are as without it.
     """
     t = datetime.time
+    light = 0.25
     episodes = (
         Episode(t(9, 48, 0), "chop", 600, 1.2),
         Episode(t(10, 6, 12), "burst", 25, 0.10),
         Episode(t(10, 6, 37), "pullback", 60, 0.45),
         Episode(t(10, 8, 0), "chop", 900, 1.0),
+        Episode(t(10, 23, 0), "quiet", 1200, 0.3),
+        Episode(t(10, 43, 0), "burst", 40, 0.10, light),
+        Episode(t(10, 43, 40), "fade", 180, 0.16789, 0.4),
         Episode(t(11, 12, 5), "burst", 80, 0.30),
         Episode(t(11, 13, 25), "chop", 40, 0.6),
         Episode(t(11, 14, 5), "fade", 150, 0.18),
-        Episode(t(11, 40, 0), "quiet", 2400, 0.3),
+        Episode(t(11, 20, 0), "quiet", 1320, 0.3),
+        Episode(t(11, 42, 0), "burst", 40, 0.10, light),
+        Episode(t(11, 42, 40), "fade", 180, 0.10, 0.4),
+        Episode(t(11, 45, 40), "quiet", 1460, 0.3),
+        Episode(t(12, 10, 0), "burst", 40, 0.10, light),
+        Episode(t(12, 10, 40), "fade", 180, 0.18742, 0.4),
+        Episode(t(12, 13, 40), "quiet", 380, 0.3),
         Episode(t(12, 30, 0), "chop", 1200, 1.0),
-        Episode(t(13, 12, 0), "burst", 100, 0.28),
+        Episode(t(13, 12, 0), "burst", 100, 0.28, 1.5),
         Episode(t(13, 13, 40), "chop", 42, 0.5),
         Episode(t(13, 14, 22), "pullback", 70, 0.36),
         Episode(t(13, 30, 0), "quiet", 1500, 0.35),
+        Episode(t(14, 6, 0), "lead", 240, 0.45),
+        Episode(t(14, 10, 0), "burst", 40, 0.12),
+        Episode(t(14, 10, 40), "fade", 180, 0.18141),
         Episode(t(14, 20, 0), "chop", 2160, 1.0),
         Episode(t(14, 56, 0), "fade", 600, 0.12),
         Episode(t(15, 12, 0), "burst", 80, 0.16),
         Episode(t(15, 13, 20), "grind", 2800, 0.14),
     )
-    return DayScript(datetime.date(2025, 10, 2), 20251002, 240.12, episodes)
+    pauses = ((t(10, 40), t(10, 46)),)
+    return DayScript(datetime.date(2025, 10, 2), 20251002, 240.12, episodes, pauses)
 
 
 def random_script(session_date: datetime.date, seed: int) -> DayScript:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from builders import at
+
 from sim.market import SyntheticMarket, demo_script
 from sim.polygon_server import FakePolygon, SyntheticSource
 from sim.pushover_server import FakePushover

@@ -2,6 +2,7 @@
 
 The entry check and the small reference trader here are written from DESIGN §4 on purpose, without
 importing signals.py or engine.py, so they cross-check the generator rather than share its bugs.
+One test then replays the demo tape through the real engine and checks that it agrees.
 `demo_tape` is the session fixture of conftest.py (the demo day's tape, built once).
 """
 
@@ -9,19 +10,28 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from builders import calendar
 
+from config import Rules
+from events import Alert, Log
+from pnl_tracker import Journal
+from replay import replay_tape
 from sim.market import (
+    DEMO_ENTRY_BLACKOUTS,
+    IWM_MEAN_VOLUME,
     DayScript,
     Episode,
     SyntheticMarket,
     demo_script,
+    intraday_volume_shape,
     random_script,
     write_tape,
 )
@@ -30,6 +40,22 @@ from tape import RawJson, TapeReader
 DAY = datetime.date(2025, 10, 2)
 OPEN_MS = 1759411800000  # 2025-10-02 09:30 EDT
 CHAIN_PATH = "/v3/snapshot/options/IWM?expiration_date=2025-10-02&contract_type=call&limit=250"
+PROFILE_PATH = "/v2/aggs/ticker/IWM/range/1/minute/2025-09-18/2025-10-01?adjusted=true&sort=asc&limit=50000"
+TRADES = [
+    ("10:06", "Stop loss"),
+    ("11:12", "VWAP persistence"),
+    ("13:12", "Hard giveback"),
+    ("15:12", "Time stop"),
+]
+# Minute of each blocked signal -> the rule that stops it. The 15:12 burst's first bars come before its
+# relative volume has built up to 1.5x (no contract would qualify on them anyway); it trades at 15:12:20.
+BLOCKED = {
+    "10:43": "paused",
+    "11:42": "relative_volume",
+    "12:10": "entry_blackout",
+    "14:10": "spy_leadership",
+    "15:12": "relative_volume",
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +67,44 @@ def _ms(at: datetime.time) -> int:
     return OPEN_MS + ((at.hour - 9) * 3600 + (at.minute - 30) * 60 + at.second) * 1000
 
 
-def test_demo_script_is_a_thursday_with_four_bursts_after_0940() -> None:
+def test_demo_script_is_a_thursday_with_four_trading_and_four_blocked_bursts() -> None:
     script = demo_script()
     assert script.session_date == DAY and DAY.weekday() == 3
     bursts = [e.start for e in script.episodes if e.kind == "burst"]
+    t = datetime.time
     assert bursts == [
-        datetime.time(10, 6, 12),
-        datetime.time(11, 12, 5),
-        datetime.time(13, 12),
-        datetime.time(15, 12),
+        t(10, 6, 12),
+        t(10, 43),
+        t(11, 12, 5),
+        t(11, 42),
+        t(12, 10),
+        t(13, 12),
+        t(14, 10),
+        t(15, 12),
     ]
+    assert script.pauses == ((t(10, 40), t(10, 46)),)
+    blackouts = ((t(12), t(12, 30)),)
+    assert blackouts == DEMO_ENTRY_BLACKOUTS
+    starts = [e.start for e in script.episodes]
+    assert starts == sorted(starts)
+
+
+def test_blocked_bursts_keep_25_minutes_from_the_trading_ones() -> None:
+    def minutes(at: datetime.time) -> int:
+        return at.hour * 60 + at.minute
+
+    trading = [minutes(datetime.time.fromisoformat(f"{hhmm}:00")) for hhmm, _ in TRADES]
+    bursts = [minutes(e.start) for e in demo_script().episodes if e.kind == "burst"]
+    blocked = [m for m in bursts if m not in trading]
+    assert len(blocked) == 4
+    assert all(abs(b - t) >= 25 for b in blocked for t in trading)
+
+
+def test_episode_volume_and_pauses_are_checked() -> None:
+    with pytest.raises(ValueError, match="volume scale"):
+        Episode(datetime.time(10), "burst", 10, 0.1, 0.0)
+    with pytest.raises(ValueError, match="pause must end after it starts"):
+        DayScript(DAY, 1, 240.0, (), ((datetime.time(11), datetime.time(10)),))
 
 
 def test_session_bounds_are_0930_to_1600_new_york(market: SyntheticMarket) -> None:
@@ -364,6 +418,9 @@ class _DemoReplay:
     rest: list[tuple[int, str | None, int | None, str | None]] = field(default_factory=list)
     bar_events: int = 0
     events: list[tuple[int, str, Any]] = field(default_factory=list)
+    controls: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    profile_days: int = 0
+    profile: dict[int, float] = field(default_factory=dict)
 
 
 class _Chain:
@@ -398,15 +455,34 @@ def demo_replay(demo_tape: Path) -> _DemoReplay:
         replay.times.append(line.t)
         if line.kind == "ws":
             _take_frame(replay, line.t, line.payload)
+        elif line.kind == "control":
+            replay.controls.append((line.t, line.payload))
+            replay.events.append((line.t, "control", line.payload["paused"]))
         elif line.kind == "rest":
             next_url = _next_url(line.payload)
             replay.rest.append((line.t, line.path, line.status, next_url))
+            if line.path and line.path.startswith("/v2/aggs/"):
+                replay.profile_days, replay.profile = _profile(_body(line.payload)["results"])
+                continue
             pages.append(line.payload)
             if next_url is None:
                 replay.events.append((line.t, "chain", _Chain(pages)))
                 pages = []
     replay.bad_lines = reader.bad_lines
     return replay
+
+
+def _profile(minutes: list[dict[str, Any]]) -> tuple[int, dict[int, float]]:
+    """Per minute of day, the average volume over the distinct days present (DESIGN §4's profile)."""
+    days = {_day_of(m["t"]) for m in minutes}
+    totals: dict[int, float] = {}
+    for m in minutes:
+        totals[_minute_of_day(m["t"])] = totals.get(_minute_of_day(m["t"]), 0.0) + m["v"]
+    return len(days), {minute: total / len(days) for minute, total in totals.items()}
+
+
+def _day_of(ms: int) -> datetime.date:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone(datetime.timedelta(hours=-4))).date()
 
 
 def _take_frame(replay: _DemoReplay, t: int, frame: list[dict[str, Any]]) -> None:
@@ -441,12 +517,30 @@ def test_demo_tape_reads_back_in_the_documented_format(
     assert demo_replay.bad_lines == 0
     assert demo_replay.times == sorted(demo_replay.times)
     assert demo_replay.statuses == ["connected", "auth_success", "success", "success"]
-    rest = demo_replay.rest
+    profile, rest = demo_replay.rest[0], demo_replay.rest[1:]
+    assert profile[1] == PROFILE_PATH and profile[2] == 200 and profile[0] < _ms(datetime.time(9, 21))
+    assert demo_replay.times[1] == profile[0]
     assert len(rest) == 2 * 2340 and all(status == 200 for _, _, status, _ in rest)
     assert rest[0][1] == CHAIN_PATH and rest[1][1] == f"{CHAIN_PATH}&cursor=p2"
     assert rest[0][3] == f"https://api.massive.com{CHAIN_PATH}&cursor=p2" and rest[1][3] is None
     assert rest[0][0] < rest[1][0] < rest[0][0] + 1000
     assert demo_replay.bar_events == len(market.bars("IWM")) + len(market.bars("SPY"))
+    assert demo_replay.controls == [
+        (_ms(datetime.time(10, 40)), {"paused": True}),
+        (_ms(datetime.time(10, 46)), {"paused": False}),
+    ]
+
+
+def test_demo_tape_carries_a_normal_u_shaped_ten_day_profile(demo_replay: _DemoReplay) -> None:
+    assert demo_replay.profile_days == 10
+    profile = np.array([demo_replay.profile[minute] for minute in range(570, 960)])
+    normal = IWM_MEAN_VOLUME * 60 * intraday_volume_shape().reshape(390, 60).mean(axis=1)
+    assert 0.9 < profile.sum() / normal.sum() < 1.1
+    assert np.all(np.abs(profile / normal - 1) < 0.35)
+    assert (
+        profile[:15].mean() > 2.5 * profile[150:240].mean()
+        and profile[-15:].mean() > 1.5 * profile[150:240].mean()
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +549,7 @@ class _Features:
 
     s: np.ndarray
     c: np.ndarray
+    v: np.ndarray
     vwap: np.ndarray
     entry: np.ndarray
 
@@ -474,7 +569,7 @@ def _features(bars: list[dict[str, Any]]) -> _Features:
     for j in candidates:
         previous = v[np.searchsorted(s, s[j] - 1200, side="right") : j]
         entry[j] = len(previous) >= 60 and v[j] > np.percentile(previous, 95)
-    return _Features(s, c, vwap, entry)
+    return _Features(s, c, v, vwap, entry)
 
 
 def _window_sum(s: np.ndarray, values: np.ndarray, seconds: int) -> np.ndarray:
@@ -551,17 +646,59 @@ class _Position:
     last_bar: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Filters:
+    """DESIGN §4 entry filters at every IWM bar, computed directly (nan: no reading, so no block).
+
+    `spy_lead`: SPY's change over the 300 s window (as of the previous second) minus IWM's, in points;
+    `relative_volume`: the last 60 s of IWM volume over the profile's average for the bar's minute.
+    """
+
+    spy_lead: np.ndarray
+    relative_volume: np.ndarray
+
+
+def _filters(features: _Features, spy_bars: list[dict[str, Any]], profile: dict[int, float]) -> _Filters:
+    s = features.s
+    spy_s = np.array([b["s"] for b in spy_bars], dtype=np.int64) // 1000
+    spy_c = np.array([b["c"] for b in spy_bars])
+    lead = _change(spy_s, spy_c, s - 1) - _change(s, features.c, s)
+    minutes = 570 + (s - OPEN_MS // 1000) // 60
+    expected = np.array([profile.get(int(minute), np.nan) for minute in minutes])
+    return _Filters(lead, _window_sum(s, features.v, 60) / expected)
+
+
+def _change(s: np.ndarray, c: np.ndarray, as_of: np.ndarray) -> np.ndarray:
+    """Percent change from the latest bar at or before `as_of - 300` s to the latest at or before `as_of`."""
+    now = np.searchsorted(s, as_of, side="right") - 1
+    then = np.searchsorted(s, as_of - 300, side="right") - 1
+    return np.where((now >= 0) & (then >= 0), (c[now] / c[then] - 1.0) * 100.0, np.nan)
+
+
+@pytest.fixture(scope="module")
+def filters(features: _Features, market: SyntheticMarket, demo_replay: _DemoReplay) -> _Filters:
+    return _filters(features, market.bars("SPY"), demo_replay.profile)
+
+
 @dataclass(slots=True)
 class _Trader:
-    """DESIGN §4 with default Rules, reduced to what the demo needs (greeks deltas, one contract)."""
+    """DESIGN §4 with default Rules, reduced to what the demo needs (greeks deltas, one contract).
+
+    `blocked` lists (time, rule) of every entry signal a rule stopped, first rule in the engine's order.
+    """
 
     features: _Features
+    filters: _Filters
+    blackouts: tuple[tuple[datetime.time, datetime.time], ...] = ()
     trades: list[tuple[str, str, float, float]] = field(default_factory=list)
+    blocked: list[tuple[str, str]] = field(default_factory=list)
     chain: _Chain | None = None
     chain_ms: int = 0
     position: _Position | None = None
     last_exit_ms: int = -(10**15)
     losses_in_a_row: int = 0
+    day_pnl: float = 0.0
+    paused: bool = False
 
     def on_bar(self, t: int, j: int) -> None:
         f = self.features
@@ -572,8 +709,12 @@ class _Trader:
                 self.position.below_since = t
             self.position.last_bar = j
             self.check_exit(t)
-        elif self.may_enter(t) and f.entry[j]:
-            self.enter(t)
+        elif f.entry[j]:
+            rule = self.block(t, j)
+            if rule is None:
+                self.enter(t)
+            else:
+                self.blocked.append((_clock(t), rule))
 
     def on_chain(self, t: int, chain: _Chain) -> None:
         self.chain, self.chain_ms = chain, t
@@ -586,11 +727,22 @@ class _Trader:
                 p.peak = max(p.peak, p.mark)
         self.check_exit(t)
 
-    def may_enter(self, t: int) -> bool:
-        in_window = _ms(datetime.time(9, 35)) <= t < _ms(datetime.time(15, 30))
-        fresh = self.chain is not None and t - self.chain_ms <= 60_000
-        allowed = len(self.trades) < 4 and self.losses_in_a_row < 2 and t - self.last_exit_ms >= 60_000
-        return in_window and fresh and allowed
+    def block(self, t: int, j: int) -> str | None:
+        """The first rule that stops an entry signal at `t` (bar `j`), in the engine's order; None if none."""
+        clock = datetime.time.fromisoformat(_clock(t))
+        checks = (
+            (not datetime.time(9, 35) <= clock < datetime.time(15, 30), "entry_window"),
+            (self.chain is None or t - self.chain_ms > 60_000, "chain_stale"),
+            (t - self.last_exit_ms < 60_000, "cooldown"),
+            (self.paused, "paused"),
+            (len(self.trades) >= 4, "max_trades_per_day"),
+            (self.losses_in_a_row >= 2, "max_consecutive_losses"),
+            (self.day_pnl <= -300, "daily_loss_limit"),
+            (any(start <= clock < end for start, end in self.blackouts), "entry_blackout"),
+            (self.filters.spy_lead[j] > 0.20, "spy_leadership"),
+            (self.filters.relative_volume[j] < 1.5, "relative_volume"),
+        )
+        return next((rule for hit, rule in checks if hit), None)
 
     def enter(self, t: int) -> None:
         q = _select(self.chain.quotes() if self.chain else [], t)
@@ -617,6 +769,7 @@ class _Trader:
             pnl = round((p.bid - p.entry) * 100, 2)
             self.trades.append((_clock(p.entry_ms), reason, pnl, round(p.peak / p.entry - 1, 3)))
             self.losses_in_a_row = self.losses_in_a_row + 1 if pnl <= 0 else 0
+            self.day_pnl += pnl
             self.position, self.last_exit_ms = None, t
 
 
@@ -650,23 +803,88 @@ def _with_ticks(events: list[tuple[int, str, Any]]) -> Iterator[tuple[int, str, 
         yield t, kind, item
 
 
-def test_demo_tape_trades_once_per_exit_rule(features: _Features, demo_replay: _DemoReplay) -> None:
-    trader = _Trader(features)
-    index = {int(s) * 1000: j for j, s in enumerate(features.s)}
+def _trade(trader: _Trader, demo_replay: _DemoReplay, *, pauses: bool) -> _Trader:
+    """Run the reference trader over the demo tape's events; `pauses=False` ignores the control lines."""
+    index = {int(s) * 1000: j for j, s in enumerate(trader.features.s)}
     for t, kind, item in _with_ticks(demo_replay.events):
         if kind == "bar":
             trader.on_bar(t, index[item])
         elif kind == "chain":
             trader.on_chain(t, item)
+        elif kind == "control":
+            trader.paused = item and pauses
         else:
             trader.check_exit(t)
+    return trader
+
+
+def _rules_by_minute(blocked: list[tuple[str, str]]) -> dict[str, set[str]]:
+    by_minute: dict[str, set[str]] = {}
+    for at, rule in blocked:
+        by_minute.setdefault(at[:5], set()).add(rule)
+    return by_minute
+
+
+def test_demo_tape_trades_once_per_exit_rule(
+    features: _Features, filters: _Filters, demo_replay: _DemoReplay
+) -> None:
+    trader = _trade(_Trader(features, filters, DEMO_ENTRY_BLACKOUTS), demo_replay, pauses=True)
     print(trader.trades)
-    assert [(entry[:5], reason) for entry, reason, _, _ in trader.trades] == [
-        ("10:06", "Stop loss"),
-        ("11:12", "VWAP persistence"),
-        ("13:12", "Hard giveback"),
-        ("15:12", "Time stop"),
-    ]
+    assert [(entry[:5], reason) for entry, reason, _, _ in trader.trades] == TRADES
     peaks = [peak for _, _, _, peak in trader.trades]
     assert peaks[0] < 0.15 and all(0.2 <= peak <= 0.75 for peak in peaks[1:])
     assert [pnl > 0 for _, _, pnl, _ in trader.trades] == [False, True, True, True]
+    assert _rules_by_minute(trader.blocked) == {minute: {rule} for minute, rule in BLOCKED.items()}
+
+
+def test_without_pause_or_blackout_the_light_bursts_fall_to_relative_volume(
+    features: _Features, filters: _Filters, demo_replay: _DemoReplay
+) -> None:
+    """A rehearsal against the fake Polygon has no pause switch and no blackout: still the same four trades."""
+    trader = _trade(_Trader(features, filters), demo_replay, pauses=False)
+    assert [(entry[:5], reason) for entry, reason, _, _ in trader.trades] == TRADES
+    expected = {minute: {rule} for minute, rule in BLOCKED.items()}
+    expected |= {"10:43": {"relative_volume"}, "12:10": {"relative_volume"}}
+    assert _rules_by_minute(trader.blocked) == expected
+
+
+def test_trading_bursts_pass_both_filters_and_blocked_ones_miss_by_a_margin(
+    features: _Features, filters: _Filters
+) -> None:
+    def at(hhmmss: str) -> int:
+        return int(np.searchsorted(features.s, _ms(datetime.time.fromisoformat(hhmmss)) // 1000))
+
+    for entry in ("10:06:24", "11:12:24", "13:12:09", "15:12:19"):
+        assert filters.spy_lead[at(entry)] <= 0.20 and filters.relative_volume[at(entry)] >= 1.5, entry
+    for start, end in (("10:43:00", "10:43:40"), ("11:42:00", "11:42:40"), ("12:10:00", "12:10:40")):
+        assert np.nanmax(filters.relative_volume[at(start) : at(end)]) < 1.3
+    assert np.nanmin(filters.spy_lead[at("14:10:00") : at("14:10:40")]) > 0.35
+
+
+def test_the_engine_blocks_each_demo_signal_by_its_rule_and_keeps_the_four_trades(
+    demo_tape: Path, tmp_path: Path
+) -> None:
+    rules = replace(Rules(), entry_blackouts=DEMO_ENTRY_BLACKOUTS)
+    alerts: list[Alert] = []
+    logs: list[Log] = []
+    journal = Journal(tmp_path / "demo.sqlite3")
+    replay_tape(
+        demo_tape,
+        rules=rules,
+        calendar=calendar(rules),
+        journal=journal,
+        on_alerts=alerts.extend,
+        on_log=logs.append,
+    )
+    trades = journal.trades()
+    journal.close()
+    blocked = [
+        (str(log.fields["time"]), str(log.fields["rule"])) for log in logs if log.event == "entry_blocked"
+    ]
+    assert _rules_by_minute(blocked) == {minute: {rule} for minute, rule in BLOCKED.items()}
+    assert [(_clock(t.entry_ms)[:5], t.reason) for t in trades] == TRADES
+    buys = [a for a in alerts if a.kind == "BUY"]
+    assert len(buys) == 4
+    for buy in buys:
+        lag, ratio = re.search(r"by ([-+]\d+\.\d+) pts; relative_volume (\d+\.\d+)x", buy.message).groups()
+        assert float(lag) <= 0.20 and float(ratio) >= 1.5
