@@ -1,0 +1,158 @@
+"""Frame received -> Pushover request started, through the live path. Prints figures; asserts nothing.
+
+The live pieces run as in the daemon: a queue, the engine thread (decode, engine, SQLite journal
+with synchronous=FULL), and the notifier thread posting to the fake Pushover on 127.0.0.1. A
+producer feeds 100 scripted bursts; each burst's last bar triggers a BUY and a contract snapshot
+right after it triggers a stop-loss SELL. For every alert the clock runs from the moment its
+triggering item is put on the queue to the moment the HTTP request to Pushover starts.
+
+Run: python bench/live_latency.py [--round-trips 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from datetime import date, time as clock_time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from alerts import Notifier, PushoverClient  # noqa: E402
+from config import Rules  # noqa: E402
+from engine import Engine  # noqa: E402
+from events import Received  # noqa: E402
+from feed import FeedDecoder  # noqa: E402
+from market_calendar import MarketCalendar, ny_ms  # noqa: E402
+from pipeline import Pipeline  # noqa: E402
+from pnl_tracker import Journal  # noqa: E402
+from sim.pushover_server import FakePushover  # noqa: E402
+
+DAY = date(2025, 10, 2)
+TICKER = "O:IWM251002C00242000"
+CHAIN_PATH = "/v3/snapshot/options/IWM?expiration_date=2025-10-02&contract_type=call&limit=250"
+
+
+def bar_frame(start_ms: int, close: float, volume: float) -> str:
+    event = {"ev": "A", "sym": "IWM", "v": volume, "av": 1, "op": 240.0, "vw": close, "o": close, "c": close,
+             "h": close, "l": close, "a": close, "z": 1, "s": start_ms, "e": start_ms + 1000}  # fmt: skip
+    return json.dumps([event])
+
+
+def option_result(at_ms: int, bid: float, ask: float) -> dict:
+    return {
+        "details": {"contract_type": "call", "expiration_date": DAY.isoformat(), "strike_price": 242.0,
+                    "ticker": TICKER},
+        "greeks": {"delta": 0.38}, "implied_volatility": 0.2, "open_interest": 1000, "day": {"volume": 5000},
+        "last_quote": {"bid": bid, "ask": ask, "bid_size": 50, "ask_size": 50, "last_updated": at_ms * 1_000_000},
+    }  # fmt: skip
+
+
+def round_trip(first_ms: int) -> tuple[list[Received], Received, Received]:
+    """Warm-up items, the BUY trigger (last ramp bar) and the SELL trigger (a stop-loss quote)."""
+    items = [
+        Received(first_ms + i * 1000 + 200, "ws", bar_frame(first_ms + i * 1000, 240.0, 100))
+        for i in range(100)
+    ]
+    for j in range(1, 20):
+        start = first_ms + (99 + j) * 1000
+        items.append(Received(start + 1200, "ws", bar_frame(start, round(240.0 + 0.01 * j, 2), 100)))
+    chain_at = first_ms + 115_000
+    items.append(
+        Received(chain_at, "rest", {"results": [option_result(chain_at, 1.00, 1.02)]}, CHAIN_PATH, 200)
+    )
+    items.sort(key=lambda item: item.t)
+    last = first_ms + 119_000
+    buy = Received(last + 1200, "ws", bar_frame(last, 240.2, 500))
+    sell_at = last + 3000
+    sell = Received(
+        sell_at, "rest", {"results": option_result(sell_at, 0.80, 0.82)}, f"/v3/snapshot/options/IWM/{TICKER}"
+    )
+    return items, buy, sell
+
+
+class StampingTransport(httpx.HTTPTransport):
+    """Records when each Pushover request starts (the end of the measured path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[float] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.started.append(time.perf_counter())
+        return super().handle_request(request)
+
+
+def engine_loop(pipeline: Pipeline, inbox: queue.Queue, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            item = inbox.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        pipeline.handle(item)
+        inbox.task_done()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--round-trips", type=int, default=100)
+    args = parser.parse_args()
+    rules = replace(
+        Rules(),
+        max_trades_per_day=0,
+        max_consecutive_losses=0,
+        daily_loss_limit=0.0,
+        critical_loss_threshold=-1e12,
+    )
+    with tempfile.TemporaryDirectory() as tmp, FakePushover() as pushover:
+        journal = Journal(Path(tmp) / "bench.sqlite3")
+        transport = StampingTransport()
+        client = PushoverClient("a" * 30, "u" * 30, pushover.url, transport=transport)
+        notifier = Notifier(journal, client, clock_ms=lambda: 0)
+        engine = Engine(rules, MarketCalendar(rules))
+        pipeline = Pipeline(engine, journal, FeedDecoder("IWM", "SPY"), on_alerts=lambda _a: notifier.wake(),
+                            on_log=lambda _l: None)  # fmt: skip
+        inbox: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        threads = [threading.Thread(target=engine_loop, args=(pipeline, inbox, stop), daemon=True),
+                   threading.Thread(target=notifier.run, args=(stop,), daemon=True)]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        put_at: list[float] = []
+        first = ny_ms(DAY, clock_time(9, 40))
+        for n in range(args.round_trips):
+            items, buy, sell = round_trip(first + n * 130_000)
+            for item in items:
+                inbox.put(item)
+            for trigger in (buy, sell):
+                inbox.join()
+                expected = len(transport.started) + 1
+                while len(pushover.history) < len(put_at):  # the previous alert's request has completed
+                    time.sleep(0.0005)
+                time.sleep(0.002)
+                put_at.append(time.perf_counter())
+                inbox.put(trigger)
+                while len(transport.started) < expected:
+                    time.sleep(0.0002)
+        time.sleep(0.2)
+        stop.set()
+        latencies = [(s - p) * 1000 for p, s in zip(put_at, transport.started, strict=False)]
+        journal.close()
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))]
+    print(f"alerts measured: {len(latencies)} ({len(pushover.messages)} accepted by the fake Pushover)")
+    print(f"frame received -> Pushover request started: p50 {statistics.median(latencies):.2f} ms, "
+          f"p99 {p99:.2f} ms, max {latencies[-1]:.2f} ms")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
