@@ -20,7 +20,8 @@ import tempfile
 import threading
 import time
 from dataclasses import replace
-from datetime import date, time as clock_time
+from datetime import date
+from datetime import time as clock_time
 from pathlib import Path
 
 import httpx
