@@ -505,3 +505,20 @@ def test_fake_server_runs_alone_from_the_command_line() -> None:
     finally:
         process.terminate()
         process.wait(timeout=5)
+
+
+def test_pushover_down_for_30_seconds_with_production_delays_delivers_each_alert_once(
+    journal: Journal, server: FakePushover
+) -> None:
+    """The real 5 s minimum retry and a 30 s outage: every alert arrives afterwards, once, in order."""
+    journal.record([alert(n) for n in range(1, 6)])
+    server.fail_with(500, seconds=30.0)
+    notifier = Notifier(journal, make_client(server), clock_ms=lambda: SENT_MS)
+    with running(notifier):
+        journal.record([alert(6)])
+        notifier.wake()
+        wait_until(lambda: len(server.messages) == 6, timeout=75.0)
+    assert titles(server) == [f"IWM 0DTE CALL — alert {n}" for n in range(1, 7)]
+    failed_at = [m.received_at for m in server.history if m.status == 500]
+    assert all(later - earlier >= 5.0 for earlier, later in zip(failed_at, failed_at[1:], strict=False))
+    assert [row[1] for row in outbox(journal)] == ["sent"] * 6
