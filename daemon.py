@@ -11,6 +11,7 @@ the process with status 3 when the engine thread stops turning, so the superviso
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -32,13 +33,14 @@ from health import VERSION, HealthServer, Heartbeat, Snapshot, health_status
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
 from pipeline import Pipeline
 from pnl_tracker import Journal
-from polygon_client import PolygonRest, PolygonStream
+from polygon_client import PolygonRest, PolygonStream, RestAnswer
 from replay import received_from
 from tape import TapeReader, TapeWriter, prune_tapes, tape_path
 
 EXIT_WATCHDOG = 3
 CONNECT_BEFORE_OPEN_MS = 5 * 60_000
 TICK_GRACE_MS = 100
+PROFILE_META = "volume_profile"
 TAPE_FLUSH_SECONDS = 5.0
 BACKFILL_REACH_BACK_MS = 5_000
 PAUSE_FILE = "PAUSE"
@@ -70,7 +72,9 @@ class Daemon:
         self.pipeline = Pipeline(
             self.engine,
             self.journal,
-            FeedDecoder(self.rules.underlying, self.rules.benchmark),
+            FeedDecoder(
+                self.rules.underlying, self.rules.benchmark, profile_days=self.rules.volume_profile_days
+            ),
             on_alerts=lambda _alerts: self.notifier.wake(),
         )
         self.interest = Interest(None, None)
@@ -334,14 +338,37 @@ class Daemon:
         self._put_answers(answers)
 
     def _fetch_profile(self, session_date: date) -> None:
-        """Minute volumes of the previous sessions, once a day, for the relative-volume filter."""
+        """Minute volumes of the previous sessions, for the relative-volume filter: fetched once a day.
+
+        The answers are kept in the journal, so a restart on the same day reuses them; either way they
+        pass through the queue and onto the tape, so a replay sees the same profile.
+        """
+        cached = self._cached_profile(session_date)
+        if cached is not None:
+            self._put_answers(cached)
+            return
         start = session_date - timedelta(days=self.rules.volume_profile_days * 2 + 5)
         end = session_date - timedelta(days=1)
-        self._put_answers(
-            self.rest.aggs(self.rules.underlying, 1, "minute", start.isoformat(), end.isoformat())
-        )
+        answers = self.rest.aggs(self.rules.underlying, 1, "minute", start.isoformat(), end.isoformat())
+        if answers and all(answer.status == 200 for answer in answers):
+            stored = [{"path": a.path, "body": a.body} for a in answers]
+            self.journal.set_meta(
+                PROFILE_META, json.dumps({"date": session_date.isoformat(), "answers": stored})
+            )
+        self._put_answers(answers)
 
-    def _put_answers(self, answers: list) -> None:
+    def _cached_profile(self, session_date: date) -> list[RestAnswer] | None:
+        raw = self.journal.meta(PROFILE_META)
+        if not raw:
+            return None
+        cached = json.loads(raw)
+        if cached.get("date") != session_date.isoformat():
+            return None
+        now = self.clock.now_ms()
+        log.info("volume_profile_reused", date=cached["date"])
+        return [RestAnswer(a["path"], 200, a["body"], now) for a in cached["answers"]]
+
+    def _put_answers(self, answers: list[RestAnswer]) -> None:
         for answer in answers:
             self.queue.put(Received(answer.received_ms, "rest", answer.body, answer.path, answer.status))
 

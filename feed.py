@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from events import ChainSnapshot, ContractSnapshot, Event, OptionQuote, VolumeProfile
+from events import Bar, ChainSnapshot, ContractSnapshot, Event, OptionQuote, VolumeProfile
 from market_calendar import minute_of_day, ny_date
 from polygon_client import (
     StatusMessage,
@@ -40,8 +40,10 @@ class FeedCounters:
 class FeedDecoder:
     """Turns ws frames and REST answers into events; keeps the pages of a chain until its last one."""
 
-    def __init__(self, underlying: str, benchmark: str) -> None:
+    def __init__(self, underlying: str, benchmark: str, *, profile_days: int = 10) -> None:
         self.underlying = underlying
+        self.profile_days = profile_days
+        self._profile_bars: list[Bar] = []
         self.symbols = frozenset({underlying, benchmark})
         self.counters = FeedCounters()
         self._pages: list[object] = []
@@ -103,16 +105,26 @@ class FeedDecoder:
         return []
 
     def _profile_page(self, received_ms: int, body: object) -> list[Event]:
-        """Minute aggregates of past sessions → a per-minute-of-day average volume profile."""
+        """Minute aggregates of past sessions → the average volume per minute of day of the last N sessions."""
         page = parse_aggs_page(body_of(body), self.underlying, 60_000, received_ms)
+        self._profile_bars.extend(page.bars)
+        if page.next_url:
+            return []
+        bars, self._profile_bars = self._profile_bars, []
+        today = ny_date(received_ms)
+        by_day: dict[str, list[Bar]] = {}
+        for bar in bars:
+            day = ny_date(bar.start_ms)
+            if day < today:
+                by_day.setdefault(day.isoformat(), []).append(bar)
+        recent = sorted(by_day)[-self.profile_days :]
         totals: dict[int, float] = {}
-        days: set[str] = set()
-        for bar in page.bars:
-            totals[minute_of_day(bar.start_ms)] = totals.get(minute_of_day(bar.start_ms), 0.0) + bar.v
-            days.add(ny_date(bar.start_ms).isoformat())
-        today = ny_date(received_ms).isoformat()
-        minutes = {minute: total / len(days) for minute, total in totals.items()} if days else {}
-        return [VolumeProfile(received_ms, today, len(days), minutes)]
+        for day in recent:
+            for bar in by_day[day]:
+                minute = minute_of_day(bar.start_ms)
+                totals[minute] = totals.get(minute, 0.0) + bar.v
+        minutes = {minute: total / len(recent) for minute, total in totals.items()}
+        return [VolumeProfile(received_ms, today.isoformat(), len(recent), minutes)]
 
 
 def body_of(body: object) -> object:

@@ -89,7 +89,11 @@ def replay_tape(
     """Run every line of the tape at `path`; see the module docstring for resuming."""
     engine = engine or Engine(rules, calendar)
     pipeline = Pipeline(
-        engine, journal, FeedDecoder(rules.underlying, rules.benchmark), on_alerts=on_alerts, on_log=on_log
+        engine,
+        journal,
+        FeedDecoder(rules.underlying, rules.benchmark, profile_days=rules.volume_profile_days),
+        on_alerts=on_alerts,
+        on_log=on_log,
     )
     reader = TapeReader(path, lazy_bodies=True)
     tape_name = Path(path).name

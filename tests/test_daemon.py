@@ -50,18 +50,27 @@ def settings_for(polygon: FakePolygon, pushover: FakePushover, data_dir: Path, *
     )
 
 
-def run_daemon(settings: Settings, clock: SimClock, until, timeout_s: float = 60.0) -> Daemon:
-    """Run the daemon in a thread until `until()` holds (or the timeout), then stop it cleanly."""
+def start_daemon(settings: Settings, clock: SimClock) -> tuple[Daemon, threading.Event, threading.Thread]:
     stop = threading.Event()
     daemon = Daemon(settings, clock, stop=stop)
     thread = threading.Thread(target=daemon.run, name="daemon-under-test")
     thread.start()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not until():
-        time.sleep(0.05)
+    return daemon, stop, thread
+
+
+def stop_daemon(stop: threading.Event, thread: threading.Thread) -> None:
     stop.set()
     thread.join(15)
     assert not thread.is_alive(), "daemon did not stop within 15 s"
+
+
+def run_daemon(settings: Settings, clock: SimClock, until, timeout_s: float = 60.0) -> Daemon:
+    """Run the daemon in a thread until `until()` holds (or the timeout), then stop it cleanly."""
+    daemon, stop, thread = start_daemon(settings, clock)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not until():
+        time.sleep(0.05)
+    stop_daemon(stop, thread)
     return daemon
 
 
@@ -274,3 +283,23 @@ def test_sigterm_exits_0_within_10_seconds(market, tmp_path):
             if process.poll() is None:
                 process.kill()
     assert code == 0 and took < 10
+
+
+def test_volume_profile_is_fetched_once_a_day_and_reused_after_a_restart(market, tmp_path):
+    start = at(9, 40)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        settings = settings_for(polygon, pushover, tmp_path)
+        profiles = []
+        for clock_start in (start, None):
+            clock = SimClock(clock_start or polygon.now_ms(), SPEED)
+            daemon, stop, thread = start_daemon(settings, clock)
+            assert wait_for(lambda d=daemon: d.engine.profile is not None, 30), "no volume profile"
+            profiles.append(daemon.engine.profile)
+            stop_daemon(stop, thread)
+        minute_requests = [p for p in polygon.rest_requests if "/range/1/minute/" in p]
+    assert len(minute_requests) == 1
+    assert profiles[0].minutes and profiles[1].minutes == profiles[0].minutes
+    assert profiles[0].days == 10
