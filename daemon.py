@@ -85,6 +85,7 @@ class Daemon:
         self.tape: TapeWriter | None = None
         self.tape_day: date | None = None
         self.stream: PolygonStream | None = None
+        self.health_server: HealthServer | None = None
         self.rest = PolygonRest(
             settings.polygon_rest_url,
             settings.polygon_api_key,
@@ -112,7 +113,7 @@ class Daemon:
         if self.settings.heartbeat_url:
             heartbeat = Heartbeat(self.settings.heartbeat_url)
             threads.append(threading.Thread(target=self._heartbeat_loop, args=(heartbeat,), daemon=True))
-        health_server = self._start_health_server()
+        health_server = self.health_server = self._start_health_server()
         for thread in threads:
             thread.start()
         try:

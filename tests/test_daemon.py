@@ -303,3 +303,37 @@ def test_volume_profile_is_fetched_once_a_day_and_reused_after_a_restart(market,
     assert len(minute_requests) == 1
     assert profiles[0].minutes and profiles[1].minutes == profiles[0].minutes
     assert profiles[0].days == 10
+
+
+def test_health_endpoint_of_the_running_daemon(market, tmp_path):
+    import json
+    import urllib.request
+
+    start = at(10, 2)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        settings = settings_for(polygon, pushover, tmp_path, health_port=0)
+        daemon, stop, thread = start_daemon(settings, SimClock(start, SPEED))
+        try:
+            assert wait_for(lambda: daemon.health_server is not None and daemon.health.get("conditions"), 30)
+            assert wait_for(lambda: daemon.health.get("ws_connected") is True, 10)
+            url = f"http://127.0.0.1:{daemon.health_server.port}/health"
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                status, body = answer.status, json.loads(answer.read())
+        finally:
+            stop_daemon(stop, thread)
+    assert status == 200 and body["status"] == "ok" and body["market_open"] is True
+    for key in (
+        "last_bar_age_s",
+        "chain_age_s",
+        "position",
+        "outbox_pending",
+        "late_bars",
+        "bad_frames",
+        "version",
+    ):
+        assert key in body
+    assert "volume_surge" in body["conditions"] and "spy_leadership" in body["conditions"]
+    assert API_KEY not in json.dumps(body)

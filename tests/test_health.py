@@ -1,0 +1,71 @@
+"""Health: the snapshot served over real HTTP, 503 when stalled, and the heartbeat ping."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from health import HealthServer, Heartbeat, health_status
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_status_words():
+    assert health_status(market_open=False, stalled=True) == "closed"
+    assert health_status(market_open=True, stalled=False) == "ok"
+    assert health_status(market_open=True, stalled=True) == "stalled"
+
+
+def test_health_endpoint_serves_the_latest_snapshot_and_503_when_stalled():
+    snapshot = {"status": "ok", "market_open": True, "late_bars": 0}
+    server = HealthServer("127.0.0.1", 0, lambda: snapshot).start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/health"
+        assert get(url) == (200, snapshot)
+        snapshot = {"status": "stalled", "market_open": True, "late_bars": 3}
+        assert get(url) == (503, snapshot)
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=5)
+        assert missing.value.code == 404
+    finally:
+        server.stop()
+
+
+class _Counter(BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).hits.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *_args: object) -> None:
+        return
+
+
+def test_heartbeat_pings_at_most_once_per_interval_and_only_when_healthy():
+    _Counter.hits = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Counter)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        beat = Heartbeat(f"http://127.0.0.1:{server.server_address[1]}/ping/abc", interval_s=60)
+        beat.maybe_ping(1000.0, healthy=True)
+        beat.maybe_ping(1030.0, healthy=True)
+        beat.maybe_ping(1061.0, healthy=False)
+        beat.maybe_ping(1062.0, healthy=True)
+        assert _Counter.hits == ["/ping/abc", "/ping/abc"] and beat.pings == 2
+    finally:
+        server.shutdown()
