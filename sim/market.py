@@ -1307,7 +1307,7 @@ def write_tape(
     path.unlink(missing_ok=True)
     connect_ms = market.session_open_ms - 2000
     profile = [_profile_line(market, profile_days)] if profile_days > 0 else []
-    start_ms = min([connect_ms] + [t - 1000 for t, _, _ in profile])
+    start_ms = market.ms_at(PROFILE_FETCH_AT) if profile else connect_ms
     ws = [
         (t, "ws", frame)
         for t, frame in handshake_frames(connect_ms + 120, market.underlying, market.benchmark)
