@@ -16,10 +16,10 @@ from typing import TextIO
 from alert_text import money
 from config import Rules
 from events import Alert, Log
-from market_calendar import MarketCalendar
+from market_calendar import MarketCalendar, ny_datetime
 from pnl_tracker import Journal
 from replay import ReplayResult, replay_tape
-from sim.market import build_demo_tape
+from sim.market import DEMO_BLACKOUTS, DEMO_ENTRY_BLACKOUTS, build_demo_tape
 
 ALERT_ICONS = {"BUY": "🟢", "SELL": "🔴"}
 CONDITIONS_EVERY_MINUTES = 30
@@ -40,7 +40,7 @@ class DemoPrinter:
         self.finish_notes()
         for alert in alerts:
             icon = ALERT_ICONS.get(alert.kind, "⚠️")
-            print(f"\n{icon} {alert.title}", file=self.out)
+            print(f"{icon} {alert.title}", file=self.out)
             for line in alert.message.splitlines():
                 print(f"   {line}", file=self.out)
             print(file=self.out)
@@ -55,6 +55,10 @@ class DemoPrinter:
             self.blocked[str(log.fields["rule"])] += 1
             text = f"blocked by {log.fields['rule']} ({log.fields['value']} vs {log.fields['limit']})"
             self._note(log.fields["time"], str(log.fields["rule"]), text)
+        elif log.event in ("entries_paused", "entries_resumed"):
+            self.finish_notes()
+            words = "paused (python main.py --pause)" if log.event == "entries_paused" else "resumed"
+            print(f"   [{ny_datetime(int(log.fields['at_ms'])):%H:%M:%S}] entries {words}", file=self.out)
         elif log.event == "no_contract":
             self.no_contract += 1
             self._note(log.fields["time"], "no_contract", f"but {log.fields['why']}")
@@ -94,12 +98,17 @@ def condensed_conditions(f: dict[str, object]) -> str:
 
 def run_demo(out: TextIO) -> int:
     """Build the demo tape, replay it, print everything; returns the exit status."""
-    rules = Rules()
+    rules = replace(Rules(), entry_blackouts=DEMO_ENTRY_BLACKOUTS)
     print(
         "IWM 0DTE Momentum Alerter — demo: a synthetic session (fixed seed) through the real engine.",
         file=out,
     )
-    print("Alert-only. Nothing is sent to Pushover and nothing is traded.\n", file=out)
+    print("Alert-only. Nothing is sent to Pushover and nothing is traded.", file=out)
+    print(
+        f"Default rules, plus ENTRY_BLACKOUTS={DEMO_BLACKOUTS} to show the blackout; the tape pauses entries"
+        " 10:40-10:46 as `python main.py --pause` would.\n",
+        file=out,
+    )
     with tempfile.TemporaryDirectory(prefix="iwm-demo-") as tmp:
         tape = build_demo_tape(Path(tmp) / "demo.jsonl.gz")
         journal = Journal(Path(tmp) / "demo.sqlite3")

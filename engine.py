@@ -84,6 +84,7 @@ class FilterReading:
     name: str
     value: str
     blocks: bool
+    limit: str = ""
 
 
 @dataclass(slots=True)
@@ -171,8 +172,9 @@ class Engine:
             self._check_exit(now, actions)
         return actions
 
-    def set_paused(self, paused: bool) -> list[Action]:
+    def set_paused(self, paused: bool, at_ms: int = 0) -> list[Action]:
         """The kill switch: entries stop at once; exits and SELL alerts carry on."""
+        self._now = max(self._now, at_ms)
         if paused == self.paused:
             return []
         self.paused = paused
@@ -237,7 +239,7 @@ class Engine:
     def _try_entry(self, bar: Bar, features: Features, actions: list[Action]) -> None:
         block = self._entry_block(bar)
         readings = self.filter_readings()
-        block = block or next((Block(r.name, r.value, "threshold") for r in readings if r.blocks), None)
+        block = block or next((Block(r.name, r.value, r.limit) for r in readings if r.blocks), None)
         if block is not None:
             fields = {
                 "time": self._clock_text(),
@@ -301,20 +303,25 @@ class Engine:
         if iwm is None or spy is None:
             return FilterReading("spy_leadership", "n/a (no history)", False)
         lag = spy - iwm
-        blocks = lag > self.rules.spy_iwm_lag_threshold
-        return FilterReading("spy_leadership", f"IWM lags SPY by {lag:+.2f} pts", blocks)
+        limit = self.rules.spy_iwm_lag_threshold
+        return FilterReading(
+            "spy_leadership", f"IWM lags SPY by {lag:+.2f} pts", lag > limit, f"{limit:.2f} pts max"
+        )
 
     def _relative_volume_reading(self) -> FilterReading:
         required = self.rules.relative_volume_required
         profile = self.profile
         if self.last is None or profile is None or not profile.minutes:
-            return FilterReading("relative_volume", "unavailable", required)
+            return FilterReading("relative_volume", "unavailable", required, "a volume profile (required)")
         average = profile.minutes.get(minute_of_day(self.last.start_ms))
         if not average:
-            return FilterReading("relative_volume", "unavailable for this minute", required)
+            return FilterReading(
+                "relative_volume", "unavailable for this minute", required, "a volume profile (required)"
+            )
         expected = average * self.rules.relative_volume_window_seconds / 60
         ratio = self.last.window_volume / expected
-        return FilterReading("relative_volume", f"{ratio:.2f}x", ratio < self.rules.relative_volume_min)
+        minimum = self.rules.relative_volume_min
+        return FilterReading("relative_volume", f"{ratio:.2f}x", ratio < minimum, f"{minimum:.2f}x min")
 
     def _open(
         self,

@@ -65,7 +65,7 @@ class Pipeline:
         """Operator actions recorded on the tape: today only the pause switch."""
         payload = item.payload if isinstance(item.payload, dict) else {}
         if isinstance(payload.get("paused"), bool):
-            for log in self.engine.set_paused(payload["paused"]):
+            for log in self.engine.set_paused(payload["paused"], item.t):
                 if not self.warming and isinstance(log, Log):
                     self.on_log(log)
 
