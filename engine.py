@@ -193,8 +193,6 @@ class Engine:
         self._reset_market_state()
         self.day, self.opened_today, self._stall_alerted = DayRecord(), 0, False
         self._watching_since = now
-        if self.position is not None and self.position.session_date != new_date:
-            self._close(self.position, "Time stop", now, actions)
         actions.append(Log("session_day", {"date": new_date, "trading": session is not None}))
 
     def _on_bar(self, bar: Bar, actions: list[Action]) -> None:
@@ -429,7 +427,13 @@ class Engine:
 
     def _check_exit(self, now: int, actions: list[Action]) -> None:
         position = self.position
-        if position is None or self._session is None:
+        if position is None:
+            return
+        if position.session_date != self._session_date:
+            # Left open by a previous day (the daemon was down at its time stop): close it at once.
+            self._close(position, "Time stop", now, actions)
+            return
+        if self._session is None:
             return
         decision = check_exit(
             position,

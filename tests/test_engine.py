@@ -230,3 +230,17 @@ def test_critical_loss_alert_once_per_crossing():
     actions = feed(eng, [contract(ENTRY_BAR_START + 3000, bid=0.80, ask=0.82)])
     kinds = [a.kind for a in actions if isinstance(a, Alert)]
     assert kinds == ["SELL", "CRITICAL_LOSS"]
+
+
+def test_a_position_left_open_by_a_previous_day_is_closed_at_once_after_a_restore():
+    eng = entered_engine()
+    stale = eng.position
+    restored = engine()
+    from engine import RestoredState
+    from risk_manager import DayRecord, Lifetime
+
+    restored.restore(RestoredState(stale, DayRecord(), 0, None, Lifetime(), False), "2025-10-03")
+    actions = restored.on_event(Tick(at(9, 0, 0, date(2025, 10, 3))))
+    (close,) = closes(actions)
+    assert (close.trade_id, close.reason, close.exit_price) == (stale.trade_id, "Time stop", stale.bid)
+    assert restored.position is None and restored.day.trades == 0
