@@ -1,0 +1,422 @@
+"""Backtests: statistics, sweeps equal single runs, no look-ahead, history reconstruction, charts."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import gzip
+import io
+import json
+import math
+import struct
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from builders import calendar
+
+from backtest import (
+    Io,
+    compute_stats,
+    fetch_history,
+    main,
+    parse_sweep,
+    resolve_settings,
+    run_backtest,
+    run_day,
+    run_sweep,
+    sweep_cells,
+)
+from config import Rules
+from contract_selector import SECONDS_PER_YEAR, bs_call_price, select_contract
+from market_calendar import ny_ms
+from pnl_tracker import Journal, TradeRow
+from polygon_client import occ_ticker, parse_chain_page
+from sim.market import DayScript, Episode, SyntheticMarket, write_tape
+from tape import TapeReader
+
+RULES = Rules()
+T = datetime.time
+
+
+def short_script(day: datetime.date, seed: int) -> DayScript:
+    """An hour of market with three scripted bursts, so a short tape holds several round trips."""
+    return DayScript(
+        day,
+        seed,
+        240.0,
+        (
+            Episode(T(9, 45), "chop", 300, 1.0),
+            Episode(T(9, 52), "burst", 60, 0.25),
+            Episode(T(9, 53), "pullback", 90, 0.35),
+            Episode(T(10, 2), "burst", 80, 0.3),
+            Episode(T(10, 3, 20), "fade", 150, 0.2),
+            Episode(T(10, 12), "burst", 70, 0.28),
+            Episode(T(10, 13, 10), "grind", 300, 0.15),
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def short_tapes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two short synthetic days (09:28 to 10:25), built once for the module."""
+    folder = tmp_path_factory.mktemp("short")
+    tapes = []
+    for day, seed in ((datetime.date(2025, 10, 6), 11), (datetime.date(2025, 10, 7), 12)):
+        market = SyntheticMarket(short_script(day, seed))
+        path = folder / f"{day.isoformat()}.jsonl.gz"
+        tapes.append(write_tape(market, path, end_ms=ny_ms(day, T(10, 25))))
+    return tapes
+
+
+def journal() -> Journal:
+    return Journal(Path(":memory:"))
+
+
+def trade(n: int, pnl: float, reason: str) -> TradeRow:
+    return TradeRow(
+        f"2025-10-02-{n:02d}",
+        "2025-10-02",
+        "O:IWM251002C00242000",
+        1,
+        1.0,
+        1.0 + pnl / 100,
+        n * 1000,
+        n * 1000 + 500,
+        reason,
+        1.5,
+        pnl,
+        pnl,
+    )
+
+
+def test_statistics_of_a_hand_made_trade_list():
+    trades = [
+        trade(1, 50.0, "VWAP persistence"),
+        trade(2, -20.0, "Stop loss"),
+        trade(3, 30.0, "Hard giveback"),
+        trade(4, -40.0, "Stop loss"),
+        trade(5, 0.0, "Time stop"),
+        trade(6, 25.0, "VWAP persistence"),
+    ]
+    stats = compute_stats(trades)
+    assert (stats.trades, stats.wins, stats.losses) == (6, 3, 3)
+    assert stats.win_rate_pct == 50.0
+    assert stats.avg_win == 35.0  # (50 + 30 + 25) / 3
+    assert stats.avg_loss == -20.0  # (-20 - 40 + 0) / 3: a $0.00 trade is a loss
+    assert stats.expectancy == 7.5  # 45 / 6
+    assert stats.profit_factor == pytest.approx(105 / 60, abs=1e-12)
+    assert stats.max_drawdown == 40.0  # equity 50, 30, 60, 20, 20, 45: peak 60 down to 20
+    assert stats.total_pnl == 45.0
+    assert stats.exits_by_reason == {
+        "Stop loss": 2,
+        "VWAP persistence": 2,
+        "Hard giveback": 1,
+        "Time stop": 1,
+    }
+    assert list(stats.exits_by_reason) == ["Stop loss", "VWAP persistence", "Hard giveback", "Time stop"]
+
+
+def test_statistics_without_losses_or_trades():
+    only_wins = compute_stats([trade(1, 10.0, "Time stop"), trade(2, 5.5, "Time stop")])
+    assert only_wins.profit_factor == math.inf
+    assert only_wins.avg_loss is None and only_wins.max_drawdown == 0.0 and only_wins.total_pnl == 15.5
+    empty = compute_stats([])
+    assert (empty.trades, empty.win_rate_pct, empty.profit_factor, empty.expectancy) == (0, None, None, None)
+    drawdown_from_start = compute_stats([trade(1, -12.5, "Stop loss"), trade(2, 2.5, "Time stop")])
+    assert drawdown_from_start.max_drawdown == 12.5
+
+
+def test_sweep_cells_are_the_grid_in_order_each_validated():
+    axes = parse_sweep(["MAX_GIVEBACK_PERCENT=25, 35", "VWAP_EXIT_BLOCKS=1,2"])
+    cells = sweep_cells(axes, {"STOP_LOSS_PERCENT": "12"}, environ={"STOP_LOSS_PERCENT": "99"}, env_file=None)
+    assert [c.params for c in cells] == [
+        (("MAX_GIVEBACK_PERCENT", "25"), ("VWAP_EXIT_BLOCKS", "1")),
+        (("MAX_GIVEBACK_PERCENT", "25"), ("VWAP_EXIT_BLOCKS", "2")),
+        (("MAX_GIVEBACK_PERCENT", "35"), ("VWAP_EXIT_BLOCKS", "1")),
+        (("MAX_GIVEBACK_PERCENT", "35"), ("VWAP_EXIT_BLOCKS", "2")),
+    ]
+    assert [(c.rules.max_giveback_percent, c.rules.vwap_exit_blocks) for c in cells] == [
+        (25.0, 1),
+        (25.0, 2),
+        (35.0, 1),
+        (35.0, 2),
+    ]
+    assert {c.rules.stop_loss_percent for c in cells} == {12.0}, "--set beats the environment"
+
+
+def test_each_sweep_cell_equals_its_single_run(short_tapes):
+    cells = sweep_cells(
+        parse_sweep(["MAX_GIVEBACK_PERCENT=35", "VWAP_EXIT_BLOCKS=1,2"]), {}, environ={}, env_file=None
+    )
+    ranked = run_sweep(short_tapes, cells, workers=2)
+    assert [r.params for r in ranked] == [cells[0].params, cells[1].params], "ranked by total P&L"
+    assert ranked[0].stats.total_pnl > ranked[1].stats.total_pnl, "the grid matters on these days"
+    rules_of = {c.params: c.rules for c in cells}
+    for cell in ranked:
+        # Exit rules do not move the sessions' cut-offs, so the default rules' calendar is the same calendar.
+        single = run_backtest(short_tapes, rules_of[cell.params], calendar=calendar(RULES))
+        assert cell.trades == single.trades
+        assert cell.stats == compute_stats(single.trades)
+        assert {t.session_date for t in cell.trades} == {"2025-10-06", "2025-10-07"}
+
+
+def raw_lines(tape: Path) -> list[str]:
+    with gzip.open(tape, "rt") as handle:
+        return handle.read().splitlines()
+
+
+def test_decisions_on_any_prefix_equal_the_full_day_up_to_the_cut(short_tapes, tmp_path):
+    tape = short_tapes[0]
+    full = run_day(tape, RULES, calendar(RULES), journal())
+    assert len(full.trades) >= 2
+    lines = raw_lines(tape)
+    times = [json.loads(line)["t"] for line in lines]
+    first, second = full.trades[0], full.trades[1]
+    cuts = [first.entry_ms + 1, (first.entry_ms + first.exit_ms) // 2, second.entry_ms + 2_500]
+    for n, cut in enumerate(cuts):
+        keep = sum(1 for t in times if t < cut)
+        prefix = tmp_path / f"cut{n}" / tape.name
+        prefix.parent.mkdir()
+        with gzip.open(prefix, "wt") as handle:
+            handle.write("\n".join(lines[:keep]) + "\n")
+        last_t = times[keep - 1]
+        part = run_day(prefix, RULES, calendar(RULES), journal())
+        assert part.alerts == tuple(a for a in full.alerts if a.at_ms <= last_t)
+        assert part.trades == tuple(t for t in full.trades if t.exit_ms <= last_t)
+        assert part.prices == full.prices[: len(part.prices)]
+        assert any(a.kind == "BUY" for a in part.alerts)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_cli_writes_the_report_with_charts_of_the_expected_size(short_tapes, tmp_path):
+    out = tmp_path / "report"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = main(
+        [str(short_tapes[0].parent), "--out", str(out)], Io(stdout, stderr, environ={}, env_file=None)
+    )
+    assert status == 0
+    printed = stdout.getvalue()
+    assert "entry at the ask, exit at the bid" in printed and "2025-10-07" in printed
+    assert "days [####################] 2/2" in stderr.getvalue()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["entry_fill"] == "ask" and summary["exit_fill"] == "bid"
+    assert summary["reconstructed"] is False
+    assert [d["session_date"] for d in summary["days"]] == ["2025-10-06", "2025-10-07"]
+    rows = list(csv.DictReader((out / "trades.csv").open()))
+    assert summary["stats"]["trades"] == len(rows) == sum(d["trades"] for d in summary["days"]) > 0
+    assert summary["stats"]["total_pnl"] == round(sum(float(r["pnl_dollars"]) for r in rows), 2)
+    assert {r["session_date"] for r in rows} <= {"2025-10-06", "2025-10-07"}
+    assert png_size(out / "equity.png") == (1000, 400)
+    for day in ("2025-10-06", "2025-10-07"):
+        chart = out / f"day-{day}.png"
+        assert png_size(chart) == (1200, 700) and chart.stat().st_size > 10_000
+
+
+def test_cli_refuses_unknown_rules_and_bad_cells(short_tapes, tmp_path):
+    err = io.StringIO()
+    quiet = Io(io.StringIO(), err, environ={}, env_file=None)
+    assert main([str(short_tapes[0]), "--set", "NOT_A_RULE=1"], quiet) == 2
+    assert "NOT_A_RULE: not a rule" in err.getvalue()
+    assert main([str(short_tapes[0]), "--sweep", "MAX_GIVEBACK_PERCENT=10,30"], quiet) == 2
+    assert "cell MAX_GIVEBACK_PERCENT=10: TIGHTEN_GIVEBACK_PERCENT must not exceed" in err.getvalue()
+    assert main([str(short_tapes[0]), str(short_tapes[0])], quiet) == 2
+    assert "one run takes one tape per day" in err.getvalue()
+
+
+HISTORY_DAY = datetime.date(2025, 10, 6)
+API_KEY = "testkey123"
+STRIKES = range(232, 249)
+OPTION_VOL = 0.35
+
+
+class FakeHistory:
+    """Polygon history for 09:30-10:00 of one day: stock second aggs, the contracts reference, option minutes."""
+
+    def __init__(self) -> None:
+        self.market = SyntheticMarket(short_script(HISTORY_DAY, 21))
+        self.open_ms = self.market.session_open_ms
+        self.end_ms = self.open_ms + 30 * 60_000
+        self.close_ms = self.open_ms + 23_400_000
+        self.contracts = [
+            {
+                "cfi": "OCASPS",
+                "contract_type": "call",
+                "exercise_style": "american",
+                "expiration_date": HISTORY_DAY.isoformat(),
+                "shares_per_contract": 100,
+                "strike_price": strike,
+                "ticker": occ_ticker("IWM", HISTORY_DAY, "call", strike),
+                "underlying_ticker": "IWM",
+            }
+            for strike in STRIKES
+        ]
+        self.minutes = {c["ticker"]: self._minutes(c["strike_price"]) for c in self.contracts}
+        self.requests: list[str] = []
+        self.rate_limited = False
+
+    def _minutes(self, strike: float) -> list[dict]:
+        bars = []
+        for i, start in enumerate(range(self.open_ms, self.end_ms, 60_000)):
+            end = start + 60_000
+            years = (self.close_ms - end) / 1000 / SECONDS_PER_YEAR
+            close = round(bs_call_price(self.market.spot_at(end), strike, years, OPTION_VOL), 2)
+            close = max(close, 0.01)
+            bars.append(
+                {"v": 150 + i, "vw": close, "o": close, "c": close, "h": close, "l": close, "t": start}
+            )
+        return bars
+
+    def answer(self, path: str) -> tuple[int, dict, dict[str, str]]:
+        self.requests.append(path)
+        parts = urlsplit(path)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        if parts.path == "/v3/reference/options/contracts":
+            if not self.rate_limited:
+                self.rate_limited = True
+                return (
+                    429,
+                    {"status": "ERROR", "error": "You've exceeded the maximum requests"},
+                    {"Retry-After": "2"},
+                )
+            return 200, self._page(parts.path, query, self.contracts, 5), {}
+        segments = parts.path.split("/")
+        if parts.path.startswith("/v2/aggs/ticker/") and len(segments) == 10:
+            sym, span = segments[4], segments[7]
+            if span == "second":
+                rows = self.market.aggs(sym, self.open_ms, self.end_ms - 1).get("results", [])
+                return 200, self._page(parts.path, query, rows, 1000), {}
+            if sym.startswith("O:"):
+                return 200, {"status": "OK", "results": self.minutes.get(sym, []), "ticker": sym}, {}
+            return 200, {"status": "OK", "resultsCount": 0, "ticker": sym}, {}
+        return 404, {"status": "NOT_FOUND"}, {}
+
+    def _page(self, path: str, query: dict, rows: list, size: int) -> dict:
+        start = int(query.get("cursor", "0"))
+        body = {"status": "OK", "request_id": f"r{start}", "results": rows[start : start + size]}
+        if start + size < len(rows):
+            body["next_url"] = f"https://api.polygon.io{path}?cursor={start + size}"
+        return body
+
+
+@pytest.fixture(scope="module")
+def history_server() -> Iterator[tuple[str, FakeHistory]]:
+    history = FakeHistory()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.headers.get("Authorization") != f"Bearer {API_KEY}":
+                status, body, headers = 401, {"status": "ERROR", "error": "Unknown API Key"}, {}
+            else:
+                status, body, headers = history.answer(self.path)
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", history
+    server.shutdown()
+    server.server_close()
+
+
+def test_fetch_rebuilds_a_day_from_rest_history_and_it_replays(history_server, tmp_path):
+    url, history = history_server
+    env = {"POLYGON_API_KEY": API_KEY, "POLYGON_REST_URL": url, "DATA_DIR": str(tmp_path / "data")}
+    sleeps: list[float] = []
+    stdout = io.StringIO()
+    cli = Io(stdout, io.StringIO(), environ=env, env_file=None, sleep=sleeps.append)
+    args = ["--fetch", HISTORY_DAY.isoformat(), "--out", str(tmp_path / "report"), "--no-charts"]
+    assert main(args, cli) == 0
+    assert sleeps == [2.0], "the 429 was retried after its Retry-After"
+    paths = [urlsplit(p).path for p in history.requests]
+    assert paths.count("/v2/aggs/ticker/IWM/range/1/second/2025-10-06/2025-10-06") == 2, "two pages"
+    assert paths.count("/v3/reference/options/contracts") == 1 + 4, "one 429, then four pages"
+    assert sum(p.startswith("/v2/aggs/ticker/O:IWM251006C") for p in paths) == len(STRIKES)
+
+    tape = tmp_path / "data" / "history" / "2025-10-06.jsonl.gz"
+    assert TapeReader(tape).meta["reconstructed"] is True
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["reconstructed"] is True and summary["reconstructed_days"] == ["2025-10-06"]
+    assert "reconstructed" in stdout.getvalue()
+
+    day = run_day(tape, RULES, calendar(RULES), journal())
+    assert day.bad_lines == 0 and day.reconstructed
+    assert day.bars == len(history.market.aggs("IWM", history.open_ms, history.end_ms - 1)["results"])
+    assert day.chains == (23_400 + 300) // 10, "a chain every 10 s from 09:25 to the close"
+    check_no_look_ahead(tape, history)
+
+    requests_before, first_build = len(history.requests), tape.read_bytes()
+    settings = resolve_settings({}, environ=env, env_file=None)
+    quiet = io.StringIO()
+    assert fetch_history(settings, HISTORY_DAY, HISTORY_DAY, progress_stream=quiet) == [tape], "kept"
+    tape.unlink()
+    assert fetch_history(settings, HISTORY_DAY, HISTORY_DAY, progress_stream=quiet) == [tape]
+    assert len(history.requests) == requests_before, "rebuilt from the per-day cache: nothing asked again"
+    assert tape.read_bytes() == first_build
+
+
+def check_no_look_ahead(tape: Path, history: FakeHistory) -> None:
+    """Bars arrive after their second; each quote is the close of the newest minute that had ended."""
+    selectable = 0
+    for line in TapeReader(tape):
+        if line.kind == "ws":
+            assert all(event["e"] <= line.t for event in line.payload)
+            continue
+        if line.kind != "rest" or not line.path.startswith("/v3/snapshot/options/IWM?"):
+            continue
+        at_ms = line.t - 300
+        for result in line.payload["results"]:
+            quote = result.get("last_quote")
+            minutes = history.minutes[result["details"]["ticker"]]
+            newest = [m for m in minutes if m["t"] + 60_000 <= at_ms]
+            if quote is None:
+                assert not newest or at_ms - newest[-1]["t"] - 60_000 >= 5 * 60_000
+                continue
+            assert quote["midpoint"] == newest[-1]["c"]
+            assert quote["last_updated"] == at_ms * 1_000_000
+        if at_ms == history.open_ms + 15 * 60_000:
+            chain = parse_chain_page(line.payload).quotes
+            spot = history.market.spot_at(line.t - 1250)
+            choice = select_contract(
+                chain,
+                rules=RULES,
+                session_date="2025-10-06",
+                now_ms=line.t,
+                spot=spot,
+                session_close_ms=history.close_ms,
+            )
+            selectable += choice.chosen is not None
+    assert selectable == 1, "default rules find a contract in a reconstructed chain"
+
+
+def test_fetch_stops_at_a_rejected_key(history_server, tmp_path):
+    url, history = history_server
+    env = {"POLYGON_API_KEY": "wrongkey99", "POLYGON_REST_URL": url, "DATA_DIR": str(tmp_path / "data")}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    args = ["--fetch", "2025-10-06", "--to", "2025-10-08", "--out", str(tmp_path / "report")]
+    assert main(args, Io(stdout, stderr, environ=env, env_file=None, sleep=lambda _s: None)) == 1
+    assert (
+        "2025-10-06: not rebuilt: /v2/aggs/ticker/IWM/range/1/second/2025-10-06/2025-10-06"
+        in stdout.getvalue()
+    )
+    assert "HTTP 401 Unknown API Key" in stdout.getvalue()
+    assert "2025-10-07" not in stdout.getvalue(), "a rejected key stops the fetch"
+    assert not (tmp_path / "data" / "history").exists()
