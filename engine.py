@@ -149,7 +149,8 @@ class Engine:
 
     def on_event(self, event: Event) -> list[Action]:
         """Handle one event and return the decisions it caused, in order."""
-        now = max(self._now, event_time(event))
+        t = event.received_ms if type(event) is Bar else event_time(event)
+        now = t if t > self._now else self._now
         self._now = now
         actions: list[Action] = []
         if now >= self._day_end_ms:

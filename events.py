@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Bar:
-    """One per-second aggregate (`A` event) of a stock."""
+class Bar(NamedTuple):
+    """One per-second aggregate (`A` event) of a stock.
+
+    An immutable NamedTuple rather than a frozen dataclass: ~45,000 are built per session, and a
+    tuple is several times cheaper to build.
+    """
 
     sym: str
     start_ms: int
