@@ -67,7 +67,10 @@ class ChainSnapshot:
     quotes: Iterable[OptionQuote]
 
     def quote_for(self, ticker: str) -> OptionQuote | None:
-        """The quote of one contract, if the chain has it."""
+        """The quote of one contract, if the chain has it (a lazy chain parses only that one)."""
+        find = getattr(self.quotes, "find", None)
+        if find is not None:
+            return find(ticker)
         return next((q for q in self.quotes if q.ticker == ticker), None)
 
 

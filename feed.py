@@ -19,6 +19,7 @@ from polygon_client import (
     parse_aggs_page,
     parse_chain_page,
     parse_contract_snapshot,
+    parse_option_result,
     parse_ws_frame,
 )
 from tape import RawJson
@@ -162,6 +163,19 @@ class LazyChain:
 
     def __iter__(self) -> Iterator[OptionQuote]:
         return iter(self._parsed())
+
+    def find(self, ticker: str) -> OptionQuote | None:
+        """One contract's quote, parsing only that contract when the pages are still raw."""
+        if self._quotes is not None:
+            return next((q for q in self._quotes if q.ticker == ticker), None)
+        for body in self._pages:
+            page = body_of(body)
+            results = page.get("results") if isinstance(page, dict) else None
+            for result in results if isinstance(results, list) else ():
+                details = result.get("details") if isinstance(result, dict) else None
+                if isinstance(details, dict) and details.get("ticker") == ticker:
+                    return parse_option_result(result)
+        return None
 
     def __len__(self) -> int:
         return len(self._parsed())
