@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -37,6 +37,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from sim.jsonhttp import JsonHandler, Reply
 from tape import TapeReader, strip_api_key
 
 NY = ZoneInfo("America/New_York")
@@ -288,15 +289,6 @@ def _ny_days(from_ms: int, to_ms: int) -> list[datetime.date]:
     last = datetime.datetime.fromtimestamp(to_ms / 1000, NY).date()
     count = min((last - first).days + 1, MAX_RANGE_DAYS)
     return [first + datetime.timedelta(days=n) for n in range(max(0, count))]
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One REST answer of the fake."""
-
-    status: int
-    body: object
-    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -757,16 +749,11 @@ class _RestServer(ThreadingHTTPServer):
                 connection.shutdown(socket.SHUT_RDWR)
 
 
-class _RestHandler(BaseHTTPRequestHandler):
-    # Headers and body are separate writes: without TCP_NODELAY, Nagle plus delayed ACK adds ~40 ms.
-    disable_nagle_algorithm = True
-    protocol_version = "HTTP/1.1"
+class _RestHandler(JsonHandler):
     server: _RestServer
 
     def setup(self) -> None:
         super().setup()
-        # Headers and body go out in two writes; without this, Nagle + delayed ACK add ~40 ms per answer.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.track(self.connection, True)
 
     def finish(self) -> None:
@@ -775,24 +762,7 @@ class _RestHandler(BaseHTTPRequestHandler):
             super().finish()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._send(self.server.fake.answer_rest(self.path, self.headers.get("Authorization")))
-
-    def _send(self, reply: Reply) -> None:
-        payload = json.dumps(reply.body, separators=(",", ":")).encode()
-        try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            for name, value in reply.headers:
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:
-            # The client gave up (timed out) while the answer was held back.
-            self.close_connection = True
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
-        return
+        self.send_reply(self.server.fake.answer_rest(self.path, self.headers.get("Authorization")))
 
 
 def _only_stocks_path(connection: ServerConnection, request: Request) -> Response | None:

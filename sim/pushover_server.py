@@ -17,10 +17,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs
+
+from sim.jsonhttp import JsonHandler, Reply
 
 MESSAGES_PATH = "/1/messages.json"
 VALIDATE_PATH = "/1/users/validate.json"
@@ -49,13 +51,6 @@ class ReceivedMessage:
     request_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    status: int
-    body: dict[str, Any]
-    headers: tuple[tuple[str, str], ...] = ()
-
-
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -64,10 +59,8 @@ class _Server(ThreadingHTTPServer):
         self.fake = fake
 
 
-class _Handler(BaseHTTPRequestHandler):
-    # Headers and body are separate writes: without TCP_NODELAY, Nagle plus delayed ACK adds ~40 ms.
-    disable_nagle_algorithm = True
-    protocol_version = "HTTP/1.1"
+class _Handler(JsonHandler):
+    content_type = "application/json; charset=utf-8"
     server: _Server
 
     def setup(self) -> None:
@@ -85,32 +78,15 @@ class _Handler(BaseHTTPRequestHandler):
         route = self.path.split("?")[0]
         form = parse_form(raw, self.headers.get("Content-Type", ""))
         if route == VALIDATE_PATH:
-            self._answer(validate_keys(form))
+            self.send_reply(validate_keys(form))
             return
         if route != MESSAGES_PATH:
-            self._answer(Reply(404, {"status": 0, "errors": ["not found"]}))
+            self.send_reply(Reply(404, {"status": 0, "errors": ["not found"]}))
             return
-        self._answer(self.server.fake._handle(form))
+        self.send_reply(self.server.fake._handle(form))
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._answer(Reply(405, {"status": 0, "errors": ["use POST"]}))
-
-    def _answer(self, reply: Reply) -> None:
-        payload = json.dumps(reply.body).encode()
-        try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(payload)))
-            for name, value in reply.headers:
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:
-            # The client gave up (timed out) while the answer was held back.
-            self.close_connection = True
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
-        return
+        self.send_reply(Reply(405, {"status": 0, "errors": ["use POST"]}))
 
 
 def parse_form(raw: bytes, content_type: str) -> dict[str, str]:
