@@ -36,6 +36,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from events import Bar, FeedStatus, OptionQuote, Received
+from tape import strip_api_key
 
 _FLOAT_MAX = sys.float_info.max
 _NUMBER_TYPES = frozenset({int, float})
@@ -716,15 +717,6 @@ class RestAnswer:
     received_ms: int
 
 
-def _strip_api_key(path: str) -> str:
-    """`path` without `apiKey=` query parameters (the key travels in a header, never in a path)."""
-    base, sep, query = path.partition("?")
-    if not sep:
-        return path
-    kept = [part for part in query.split("&") if part.partition("=")[0].lower() != "apikey"]
-    return f"{base}?{'&'.join(kept)}" if kept else base
-
-
 def _next_path(body: object) -> str | None:
     """The path and query of a page's `next_url`, to be asked of our own base URL like the SDK does."""
     if type(body) is not dict:
@@ -735,7 +727,7 @@ def _next_path(body: object) -> str | None:
     parts = urlsplit(url)
     if not parts.path:
         return None
-    return _strip_api_key(f"{parts.path}?{parts.query}" if parts.query else parts.path)
+    return strip_api_key(f"{parts.path}?{parts.query}" if parts.query else parts.path)
 
 
 def _decode_body(content: bytes) -> object:
@@ -810,7 +802,7 @@ class PolygonRest:
 
     def get(self, path_and_query: str) -> RestAnswer:
         """GET one path, retrying transient failures; returns the last answer when attempts run out."""
-        path = _strip_api_key(path_and_query)
+        path = strip_api_key(path_and_query)
         attempt = 1
         while True:
             answer, retry_after = self._fetch(path)
