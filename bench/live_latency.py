@@ -39,6 +39,7 @@ from pnl_tracker import Journal  # noqa: E402
 from sim.pushover_server import FakePushover  # noqa: E402
 
 DAY = date(2025, 10, 2)
+SWITCH_INTERVAL_S = float(__import__("os").environ.get("BENCH_SWITCH_INTERVAL", "0.005"))
 TICKER = "O:IWM251002C00242000"
 CHAIN_PATH = "/v3/snapshot/options/IWM?expiration_date=2025-10-02&contract_type=call&limit=250"
 
@@ -107,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--round-trips", type=int, default=100)
     args = parser.parse_args()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     rules = replace(
         Rules(),
         max_trades_per_day=0,
