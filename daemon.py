@@ -41,6 +41,8 @@ EXIT_WATCHDOG = 3
 CONNECT_BEFORE_OPEN_MS = 5 * 60_000
 TICK_GRACE_MS = 100
 PROFILE_META = "volume_profile"
+REFUSED_RETRY_SECONDS = 60.0
+REFUSALS = {401: "unauthorized", 403: "not_entitled"}
 TAPE_FLUSH_SECONDS = 5.0
 BACKFILL_REACH_BACK_MS = 5_000
 PAUSE_FILE = "PAUSE"
@@ -86,6 +88,7 @@ class Daemon:
         self.tape_day: date | None = None
         self.stream: PolygonStream | None = None
         self.health_server: HealthServer | None = None
+        self._rest_refused: str | None = None
         self.rest = PolygonRest(
             settings.polygon_rest_url,
             settings.polygon_api_key,
@@ -326,13 +329,20 @@ class Daemon:
                     self._fetch_profile(session.date)
                     profile_day = session.date
                 if now >= next_chain:
-                    next_chain = now + int(self.settings.chain_poll_seconds * 1000)
+                    next_chain = now + self._chain_interval_ms()
                     self._poll_chain(session.date)
                 ticker = self.interest.ticker
                 if ticker and now >= next_contract:
                     next_contract = now + int(self.rules.position_poll_seconds * 1000)
                     self._put_answers([self.rest.contract(self.rules.underlying, ticker)])
             self.stop.wait(0.2 * self.clock.sleep_scale())
+
+    def _chain_interval_ms(self) -> int:
+        """CHAIN_POLL_SECONDS, or a slow retry while the key or plan is refused (a 401 won't heal in 10 s)."""
+        seconds = self.settings.chain_poll_seconds
+        if self._rest_refused is not None:
+            seconds = max(seconds, REFUSED_RETRY_SECONDS)
+        return int(seconds * 1000)
 
     def _poll_chain(self, session_date: date) -> None:
         answers = self.rest.chain_pages(self.rules.underlying, session_date, spot=self.interest.spot)
@@ -371,7 +381,24 @@ class Daemon:
 
     def _put_answers(self, answers: list[RestAnswer]) -> None:
         for answer in answers:
+            self._note_access(answer)
             self.queue.put(Received(answer.received_ms, "rest", answer.body, answer.path, answer.status))
+
+    def _note_access(self, answer: RestAnswer) -> None:
+        """One FEED ERROR when REST starts refusing the key (401) or the plan (403), one line when it heals."""
+        refused = REFUSALS.get(answer.status)
+        if refused == self._rest_refused or (refused is None and answer.status != 200):
+            return
+        self._rest_refused = refused
+        if refused is not None:
+            log.error(
+                "rest_refused", status=answer.status, reason=refused, retry_every_s=REFUSED_RETRY_SECONDS
+            )
+            self.queue.put(
+                FeedStatus(answer.received_ms, bool(self.stream and self.stream.connected), refused)
+            )
+        else:
+            log.info("rest_access_restored")
 
     def _watchdog_loop(self) -> None:
         limit = self.settings.watchdog_seconds

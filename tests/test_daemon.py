@@ -337,3 +337,21 @@ def test_health_endpoint_of_the_running_daemon(market, tmp_path):
         assert key in body
     assert "volume_surge" in body["conditions"] and "spy_leadership" in body["conditions"]
     assert API_KEY not in json.dumps(body)
+
+
+def test_rest_refusing_the_key_sends_one_feed_error_and_retries_slowly(market, tmp_path):
+    start = at(10, 2)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        polygon.fail_rest(401, seconds=300 / SPEED, path_prefix="/v3/snapshot/options")
+        clock = SimClock(start, SPEED)
+        daemon = run_daemon(
+            settings_for(polygon, pushover, tmp_path), clock, until=lambda: clock.now_ms() > at(10, 6)
+        )
+        chain_calls = [p for p in polygon.rest_requests if p.startswith("/v3/snapshot/options/IWM?")]
+    feed_errors = [m for m in pushover.messages if "FEED ERROR" in m.form["title"]]
+    assert len(feed_errors) == 1 and "unauthorized" in feed_errors[0].form["message"]
+    assert 2 <= len(chain_calls) <= 6  # every 60 s while refused, not every 10 s (no retries of a 401)
+    assert daemon.engine.chain is None or daemon.engine.chain.received_ms >= start + 300_000
