@@ -125,3 +125,17 @@ def test_replay_cli_logs_alerts_and_uses_its_own_journal(demo_tape, tmp_path):
     )
     assert (tmp_path / "replay.sqlite3").is_file() and not (tmp_path / "journal.sqlite3").exists()
     assert '"still_pending": 0' in done.stderr
+
+
+def test_pause_and_resume_switch_the_file_the_daemon_watches(tmp_path):
+    env = {**os.environ, "PYTHON_DOTENV_DISABLED": "1", "DATA_DIR": str(tmp_path)}
+    paused = subprocess.run([sys.executable, str(ROOT / "main.py"), "--pause"], env=env, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert (
+        paused.returncode == 0
+        and (tmp_path / "PAUSE").is_file()
+        and "Exits and SELL alerts continue" in paused.stdout
+    )
+    resumed = subprocess.run([sys.executable, str(ROOT / "main.py"), "--resume"], env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert resumed.returncode == 0 and not (tmp_path / "PAUSE").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import sqlite3
@@ -355,3 +356,23 @@ def test_rest_refusing_the_key_sends_one_feed_error_and_retries_slowly(market, t
     assert len(feed_errors) == 1 and "unauthorized" in feed_errors[0].form["message"]
     assert 2 <= len(chain_calls) <= 6  # every 60 s while refused, not every 10 s (no retries of a 401)
     assert daemon.engine.chain is None or daemon.engine.chain.received_ms >= start + 300_000
+
+
+def test_the_pause_file_stops_entries_in_the_running_daemon_and_is_taped(market, tmp_path):
+    from structlog.testing import capture_logs
+
+    start = at(10, 2)
+    (tmp_path / "PAUSE").write_text("paused\n")
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(start, SPEED)
+        with capture_logs() as logs:
+            run_daemon(
+                settings_for(polygon, pushover, tmp_path), clock, until=lambda: clock.now_ms() > at(10, 7)
+            )
+    assert "BUY" not in kinds(pushover)
+    assert "paused" in {e.get("rule") for e in logs if e.get("event") == "entry_blocked"}
+    tape_lines = gzip.open(tmp_path / "tapes" / "2025-10-02.jsonl.gz", "rt").read()
+    assert '"control":{"paused":true}' in tape_lines
