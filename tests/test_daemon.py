@@ -374,5 +374,6 @@ def test_the_pause_file_stops_entries_in_the_running_daemon_and_is_taped(market,
             )
     assert "BUY" not in kinds(pushover)
     assert "paused" in {e.get("rule") for e in logs if e.get("event") == "entry_blocked"}
-    tape_lines = gzip.open(tmp_path / "tapes" / "2025-10-02.jsonl.gz", "rt").read()
+    with gzip.open(tmp_path / "tapes" / "2025-10-02.jsonl.gz", "rt") as tape:
+        tape_lines = tape.read()
     assert '"control":{"paused":true}' in tape_lines
