@@ -366,7 +366,7 @@ def run_day(
     pipeline = Pipeline(
         engine,
         journal,
-        FeedDecoder(rules.underlying, rules.benchmark),
+        FeedDecoder.for_rules(rules),
         on_alerts=alerts.extend,
         on_log=lambda log: _count_blocked(blocked, log),
     )

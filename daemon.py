@@ -74,9 +74,7 @@ class Daemon:
         self.pipeline = Pipeline(
             self.engine,
             self.journal,
-            FeedDecoder(
-                self.rules.underlying, self.rules.benchmark, profile_days=self.rules.volume_profile_days
-            ),
+            FeedDecoder.for_rules(self.rules),
             on_alerts=lambda _alerts: self.notifier.wake(),
         )
         self.interest = Interest(None, None)

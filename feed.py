@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from config import Rules
 from events import Bar, ChainSnapshot, ContractSnapshot, Event, OptionQuote, VolumeProfile
 from market_calendar import minute_of_day, ny_date
 from polygon_client import (
@@ -50,6 +51,11 @@ class FeedDecoder:
         self._pages: list[object] = []
         self._chain_prefix = f"/v3/snapshot/options/{underlying}"
         self._profile_days: dict[str, dict[int, float]] = {}
+
+    @classmethod
+    def for_rules(cls, rules: Rules) -> FeedDecoder:
+        """The decoder the engine with these rules needs (symbols, profile length)."""
+        return cls(rules.underlying, rules.benchmark, profile_days=rules.volume_profile_days)
 
     def ws(self, received_ms: int, payload: str | bytes | list) -> list[Event]:
         """One WebSocket frame → its bars (status messages are kept in the counters)."""

@@ -91,7 +91,7 @@ def replay_tape(
     pipeline = Pipeline(
         engine,
         journal,
-        FeedDecoder(rules.underlying, rules.benchmark, profile_days=rules.volume_profile_days),
+        FeedDecoder.for_rules(rules),
         on_alerts=on_alerts,
         on_log=on_log,
     )

@@ -28,7 +28,7 @@ from tape import TapeReader  # noqa: E402
 
 
 def decoded_bars(tape: Path, rules: Rules) -> list[Bar]:
-    decoder = FeedDecoder(rules.underlying, rules.benchmark)
+    decoder = FeedDecoder.for_rules(rules)
     bars: list[Bar] = []
     for line in TapeReader(tape):
         item = received_from(line)
@@ -48,8 +48,14 @@ def time_bars(bars: list[Bar], rules: Rules, calendar: MarketCalendar) -> float:
 def time_day(tape: Path, rules: Rules, calendar: MarketCalendar, folder: Path, run: int) -> float:
     journal = Journal(folder / f"bench-{run}.sqlite3")
     started = time.perf_counter()
-    replay_tape(tape, rules=rules, calendar=calendar, journal=journal, on_alerts=lambda _a: None,
-                on_log=lambda _l: None)
+    replay_tape(
+        tape,
+        rules=rules,
+        calendar=calendar,
+        journal=journal,
+        on_alerts=lambda _a: None,
+        on_log=lambda _l: None,
+    )
     elapsed = time.perf_counter() - started
     journal.close()
     return elapsed
@@ -69,9 +75,13 @@ def main() -> None:
         day_times = [time_day(tape, rules, calendar, folder, run) for run in range(args.repeat)]
     best = min(bar_times)
     print(f"bar events: {len(bars):,} (IWM + SPY)")
-    print(f"engine, bar events only: best {len(bars) / best:,.0f} bars/s ({best * 1e6 / len(bars):.1f} us/bar)")
-    print(f"whole day with chains, ticks, decoding and journal: best {min(day_times):.2f} s, "
-          f"runs {', '.join(f'{t:.2f}' for t in day_times)}")
+    print(
+        f"engine, bar events only: best {len(bars) / best:,.0f} bars/s ({best * 1e6 / len(bars):.1f} us/bar)"
+    )
+    print(
+        f"whole day with chains, ticks, decoding and journal: best {min(day_times):.2f} s, "
+        f"runs {', '.join(f'{t:.2f}' for t in day_times)}"
+    )
 
 
 if __name__ == "__main__":

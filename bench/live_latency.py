@@ -122,7 +122,7 @@ def main() -> None:
         client = PushoverClient("a" * 30, "u" * 30, pushover.url, transport=transport)
         notifier = Notifier(journal, client, clock_ms=lambda: 0)
         engine = Engine(rules, MarketCalendar(rules))
-        pipeline = Pipeline(engine, journal, FeedDecoder("IWM", "SPY"), on_alerts=lambda _a: notifier.wake(),
+        pipeline = Pipeline(engine, journal, FeedDecoder.for_rules(rules), on_alerts=lambda _a: notifier.wake(),
                             on_log=lambda _l: None)  # fmt: skip
         inbox: queue.Queue = queue.Queue()
         stop = threading.Event()
