@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -60,8 +61,16 @@ class Interest:
 class Daemon:
     """Owns the threads; `run()` blocks until `stop` is set, then shuts down in order."""
 
-    def __init__(self, settings: Settings, clock: Clock, *, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        *,
+        stop: threading.Event | None = None,
+        exit_process: Callable[[int], None] = os._exit,
+    ) -> None:
         self.settings = settings
+        self._exit_process = exit_process
         self.rules = settings.rules
         self.clock = clock
         self.stop = stop or threading.Event()
@@ -399,12 +408,17 @@ class Daemon:
             log.info("rest_access_restored")
 
     def _watchdog_loop(self) -> None:
+        """Exit the process (status 3) when the engine thread has not turned for WATCHDOG_SECONDS.
+
+        A hung process is invisible to Render, which restarts only processes that exit.
+        """
         limit = self.settings.watchdog_seconds
         while not self.stop.wait(1.0):
             stuck = time.monotonic() - self.last_turn
             if stuck > limit:
                 log.critical("watchdog_exit", stuck_s=round(stuck, 1), limit_s=limit)
-                os._exit(EXIT_WATCHDOG)
+                self._exit_process(EXIT_WATCHDOG)
+                return
 
     def _start_health_server(self) -> HealthServer | None:
         port = self.settings.health_port

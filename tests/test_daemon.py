@@ -377,3 +377,19 @@ def test_the_pause_file_stops_entries_in_the_running_daemon_and_is_taped(market,
     with gzip.open(tmp_path / "tapes" / "2025-10-02.jsonl.gz", "rt") as tape:
         tape_lines = tape.read()
     assert '"control":{"paused":true}' in tape_lines
+
+
+def test_watchdog_exits_3_when_the_engine_thread_stops_turning(market, tmp_path):
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 2), speed=SPEED) as polygon,
+    ):
+        exits: list[int] = []
+        settings = settings_for(polygon, pushover, tmp_path, watchdog_seconds=5.0)
+        daemon = Daemon(settings, SimClock(at(10, 2), SPEED), exit_process=exits.append)
+        daemon.last_turn = time.monotonic() - 6.0  # as if the engine loop had hung six seconds ago
+        watchdog = threading.Thread(target=daemon._watchdog_loop)
+        watchdog.start()
+        watchdog.join(10)
+        daemon.journal.close()
+    assert exits == [3]
