@@ -25,8 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backtest import (  # noqa: E402
-    SpreadModel,
-    build_history_day,
     build_synthetic_tapes,
     day_chart,
     parse_sweep,
@@ -39,6 +37,7 @@ from backtest import (  # noqa: E402
 )
 from config import Rules  # noqa: E402
 from contract_selector import SECONDS_PER_YEAR, bs_call_price  # noqa: E402
+from history import SpreadModel, build_history_day  # noqa: E402
 from market_calendar import MarketCalendar  # noqa: E402
 from pnl_tracker import Journal  # noqa: E402
 from polygon_client import RestAnswer, occ_ticker  # noqa: E402
