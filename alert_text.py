@@ -111,7 +111,9 @@ def sell_message(position: Position, ctx: SellContext) -> str:
     )
 
 
-def exit_rules_text(stop_loss: float, giveback: float, tighten: float, persistence_s: int, stop_at: str) -> str:
+def exit_rules_text(
+    stop_loss: float, giveback: float, tighten: float, persistence_s: int, stop_at: str
+) -> str:
     return (
         f"stop -{stop_loss:g}% | giveback {giveback:g}% ({tighten:g}% below VWAP) | "
         f"below VWAP {persistence_s}s | time stop {stop_at}"

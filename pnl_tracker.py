@@ -160,7 +160,9 @@ class Journal:
         ).fetchone()
         if row is None:
             raise sqlite3.IntegrityError(f"close of unknown trade {action.trade_id}")
-        self._db.execute("UPDATE positions SET open=0, peak=? WHERE trade_id=?", (action.peak, action.trade_id))
+        self._db.execute(
+            "UPDATE positions SET open=0, peak=? WHERE trade_id=?", (action.peak, action.trade_id)
+        )
         self._db.execute(
             "INSERT INTO trades VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
@@ -192,7 +194,8 @@ class Journal:
         with self._lock:
             position = self._open_position()
             today = self._db.execute(
-                "SELECT pnl_dollars FROM trades WHERE session_date=? ORDER BY exit_ms, trade_id", (session_date,)
+                "SELECT pnl_dollars FROM trades WHERE session_date=? ORDER BY exit_ms, trade_id",
+                (session_date,),
             ).fetchall()
             opened = self._db.execute(
                 "SELECT COUNT(*) FROM positions WHERE session_date=?", (session_date,)
@@ -263,11 +266,12 @@ class Journal:
     def outbox_rows(self) -> list[tuple[str, str, str, str]]:
         """Every outbox row as (dedupe_key, kind, title, message), oldest first."""
         with self._lock:
-            return self._db.execute("SELECT dedupe_key, kind, title, message FROM outbox ORDER BY id").fetchall()
+            return self._db.execute(
+                "SELECT dedupe_key, kind, title, message FROM outbox ORDER BY id"
+            ).fetchall()
 
     def table_rows(self, table: str) -> list[tuple[object, ...]]:
         """All rows of one table in key order: for comparing two journals."""
         order = {"positions": "trade_id", "trades": "trade_id", "outbox": "id", "meta": "key"}[table]
         with self._lock:
             return self._db.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
-
