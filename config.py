@@ -164,7 +164,10 @@ def parse_dates(raw: str) -> tuple[date, ...]:
 
 
 def _parse_number(raw: str, kind: type, lo: float | None, hi: float | None) -> float | int:
-    value = int(raw) if kind is int else float(raw)
+    try:
+        value = int(raw) if kind is int else float(raw)
+    except ValueError:
+        raise ValueError("expected a whole number" if kind is int else "expected a number") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("expected a finite number")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -184,12 +187,7 @@ def _parse_value(annotation: str, raw: str, meta: Mapping[str, Any]) -> Any:
     }
     if annotation in ("int", "float"):
         kind = int if annotation == "int" else float
-        try:
-            return _parse_number(raw.strip(), kind, meta.get("lo"), meta.get("hi"))
-        except ValueError as exc:
-            if "between" in str(exc) or "finite" in str(exc):
-                raise
-            raise ValueError(f"expected {'a whole number' if kind is int else 'a number'}") from exc
+        return _parse_number(raw.strip(), kind, meta.get("lo"), meta.get("hi"))
     return parsers[annotation](raw)
 
 
