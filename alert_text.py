@@ -118,3 +118,22 @@ def exit_rules_text(
         f"stop -{stop_loss:g}% | giveback {giveback:g}% ({tighten:g}% below VWAP) | "
         f"below VWAP {persistence_s}s | time stop {stop_at}"
     )
+
+
+FEED_ERROR_TEXT = {
+    "auth_failed": "The stream refused the API key (auth_failed). Check POLYGON_API_KEY; retrying slowly.",
+    "max_connections": (
+        "Polygon closed the stream: another connection uses this key (max_connections). Run one daemon per "
+        "key; backing off at least 60 s."
+    ),
+    "unauthorized": "REST refused the API key (HTTP 401). Check POLYGON_API_KEY; polling once a minute.",
+    "not_entitled": (
+        "Your Polygon plan does not include this data (HTTP 403), so no chain: entries are blocked. "
+        "Polling once a minute."
+    ),
+}
+
+
+def feed_error_text(reason: str) -> str:
+    """What a FEED ERROR alert says for a feed status reason."""
+    return FEED_ERROR_TEXT.get(reason, f"Market data feed: {reason}.")

@@ -19,6 +19,7 @@ from alert_text import (
     buy_message,
     buy_title,
     exit_rules_text,
+    feed_error_text,
     money,
     sell_message,
     sell_title,
@@ -115,7 +116,6 @@ class Engine:
         self.counters = Counters()
         self._stall_alerted = False
         self._watching_since = 0
-        self._feed_connected = True
 
     def _reset_market_state(self) -> None:
         self.features = FeatureEngine(self.rules)
@@ -519,12 +519,9 @@ class Engine:
         return bool(session and session.is_open(now) and self.bar_age_s(now) >= self.rules.stall_seconds)
 
     def _on_feed_status(self, status: FeedStatus, actions: list[Action]) -> None:
-        self._feed_connected = status.connected
         actions.append(Log("feed_status", {"connected": status.connected, "reason": status.reason}))
         if status.reason in FEED_ERROR_REASONS:
-            actions.append(
-                self._system_alert("FEED_ERROR", f"Market data feed: {status.reason}.", PRIORITY_HIGH)
-            )
+            actions.append(self._system_alert("FEED_ERROR", feed_error_text(status.reason), PRIORITY_HIGH))
 
     def _system_alert(self, kind: str, text: str, priority: int) -> Alert:
         minute = ny_datetime(self._now).strftime("%Y-%m-%dT%H:%M")

@@ -353,7 +353,7 @@ def test_rest_refusing_the_key_sends_one_feed_error_and_retries_slowly(market, t
         )
         chain_calls = [p for p in polygon.rest_requests if p.startswith("/v3/snapshot/options/IWM?")]
     feed_errors = [m for m in pushover.messages if "FEED ERROR" in m.form["title"]]
-    assert len(feed_errors) == 1 and "unauthorized" in feed_errors[0].form["message"]
+    assert len(feed_errors) == 1 and "HTTP 401" in feed_errors[0].form["message"]
     assert 2 <= len(chain_calls) <= 6  # every 60 s while refused, not every 10 s (no retries of a 401)
     assert daemon.engine.chain is None or daemon.engine.chain.received_ms >= start + 300_000
 

@@ -244,3 +244,17 @@ def test_a_position_left_open_by_a_previous_day_is_closed_at_once_after_a_restor
     (close,) = closes(actions)
     assert (close.trade_id, close.reason, close.exit_price) == (stale.trade_id, "Time stop", stale.bid)
     assert restored.position is None and restored.day.trades == 0
+
+
+def test_feed_errors_alert_once_a_minute_with_advice():
+    from events import FeedStatus
+
+    eng = engine()
+    first = eng.on_event(FeedStatus(START, False, "max_connections"))
+    again = eng.on_event(FeedStatus(START + 5_000, False, "max_connections"))
+    (alert,) = [a for a in first if isinstance(a, Alert)]
+    assert alert.dedupe_key == "FEED_ERROR:2025-10-02T10:00" and "one daemon per key" in alert.message
+    assert [a.dedupe_key for a in again if isinstance(a, Alert)] == ["FEED_ERROR:2025-10-02T10:00"]
+    assert not [
+        a for a in eng.on_event(FeedStatus(START + 6_000, True, "auth_success")) if isinstance(a, Alert)
+    ]
