@@ -18,8 +18,15 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-REQUIRED_PACKAGES = ("exchange_calendars", "websockets", "httpx", "tenacity", "structlog", "dotenv", "numpy",
-                     "pandas", "matplotlib")  # fmt: skip
+REQUIRED_PACKAGES = (
+    "exchange_calendars",
+    "websockets",
+    "httpx",
+    "structlog",
+    "dotenv",
+    "numpy",
+    "matplotlib",
+)
 MIN_FREE_BYTES = 1 << 30
 
 
