@@ -100,3 +100,29 @@ def test_outbox_states(tmp_path):
     journal.mark_sent(first.id, 3_000)
     journal.mark_failed(second.id, "HTTP 400")
     assert journal.pending() == [] and journal.pending_count() == 0
+
+
+def test_a_journal_that_refuses_writes_fails_loudly_and_the_alert_still_goes_out(tmp_path):
+    """A write failure (disk full, read-only file; simulated with query_only) loses no alert."""
+    from builders import at, burst_bars, chain, engine, quote
+    from structlog.testing import capture_logs
+
+    from feed import FeedDecoder
+    from pipeline import Pipeline
+
+    journal = Journal(tmp_path / "j.sqlite3")
+    journal._db.execute("PRAGMA query_only=1")
+    delivered: list[Alert] = []
+    pipeline = Pipeline(
+        engine(), journal, FeedDecoder("IWM", "SPY"), on_alerts=delivered.extend, on_log=lambda _l: None
+    )
+    start = at(10, 0)
+    with capture_logs() as logs:
+        pipeline.run(chain(start + 110_000, quote()))
+        for bar in burst_bars(start):
+            pipeline.run(bar)
+    assert [a.kind for a in delivered] == ["BUY"]
+    assert pipeline.journal_failures == 1
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["journal_write_failed"]
+    journal._db.execute("PRAGMA query_only=0")
+    assert journal.outbox_rows() == [] and journal.restored_state("2025-10-02").position is None
