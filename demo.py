@@ -40,16 +40,16 @@ class DemoPrinter:
         self.finish_notes()
         for alert in alerts:
             icon = ALERT_ICONS.get(alert.kind, "⚠️")
-            print(f"{icon} {alert.title}", file=self.out)
+            print(f"\n{icon} {alert.title}", file=self.out)
             for line in alert.message.splitlines():
                 print(f"   {line}", file=self.out)
-            print(file=self.out)
 
     def log(self, log: Log) -> None:
         if log.event == "signal_conditions":
             self.minute_lines += 1
             if (self.minute_lines - 1) % CONDITIONS_EVERY_MINUTES == 0:
                 self.finish_notes()
+                print(file=self.out)
                 print(condensed_conditions(log.fields), file=self.out)
         elif log.event == "entry_blocked":
             self.blocked[str(log.fields["rule"])] += 1
@@ -88,7 +88,7 @@ def condensed_conditions(f: dict[str, object]) -> str:
         return "n/a" if value is None else f"{value}{unit}"
 
     return (
-        f"[{f['time']}] Signal conditions: IWM {f['close']} vs VWAP {f['vwap']} above={yes(f['above_vwap'])}"
+        f"[{f['time']}] Signal conditions: IWM {f['close']:.2f} vs VWAP {f['vwap']:.2f} above={yes(f['above_vwap'])}"
         f" | VWAP rising={yes(f['vwap_rising'])} | vol {f['volume']:g} > p95 {shown(f['volume_threshold'])}"
         f"={yes(f['volume_surge'])} | momentum {shown(f['momentum_pct_s'], '%/s')}"
         f" | chain age {shown(f['chain_age_s'], 's')} | leadership {f.get('spy_leadership')}"
@@ -106,7 +106,7 @@ def run_demo(out: TextIO) -> int:
     print("Alert-only. Nothing is sent to Pushover and nothing is traded.", file=out)
     print(
         f"Default rules, plus ENTRY_BLACKOUTS={DEMO_BLACKOUTS} to show the blackout; the tape pauses entries"
-        " 10:40-10:46 as `python main.py --pause` would.\n",
+        " 10:40-10:46 as `python main.py --pause` would.",
         file=out,
     )
     with tempfile.TemporaryDirectory(prefix="iwm-demo-") as tmp:
@@ -180,7 +180,7 @@ def print_summary(out: TextIO, journal: Journal, result: ReplayResult, printer: 
     reasons = Counter(t.reason for t in trades)
     rate = f"{wins / len(trades) * 100:.1f}%" if trades else "n/a"
     state = journal.restored_state("")
-    print("Summary", file=out)
+    print("\nSummary", file=out)
     print(
         f"  trades {len(trades)} | win rate {rate} ({wins}W-{len(trades) - wins}L) | P&L {money(total)}"
         f" | lifetime {money(state.lifetime.pnl)}",
