@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -40,7 +40,6 @@ from tape import TapeReader, TapeWriter, prune_tapes, tape_path
 
 EXIT_WATCHDOG = 3
 CONNECT_BEFORE_OPEN_MS = 5 * 60_000
-TICK_GRACE_MS = 100
 PROFILE_META = "volume_profile"
 REFUSED_RETRY_SECONDS = 60.0
 REFUSALS = {401: "unauthorized", 403: "not_entitled"}
@@ -167,6 +166,12 @@ class Daemon:
         return bool(self.settings.pushover_token and self.settings.pushover_user_key)
 
     def _engine_loop(self) -> None:
+        """Take items in queue order, each stamped with the engine's clock as it is taken.
+
+        One thread reads the clock for both the ticks and the items, so the tape (which records those
+        stamps) replays to the very same sequence of ticks and events: a replay of a live day makes the
+        live day's decisions to the millisecond, whatever the threads' timing was.
+        """
         pause_file = self.settings.data_dir / PAUSE_FILE
         while not self.stop.is_set():
             self.last_turn = time.monotonic()
@@ -174,12 +179,14 @@ class Daemon:
                 item = self.queue.get(timeout=0.05)
             except queue.Empty:
                 item = None
+            now = self.clock.now_ms()
             if isinstance(item, Received):
-                self._record(item)
-                self.pipeline.handle(item)
+                stamped = replace(item, t=now)
+                self._record(stamped)
+                self.pipeline.handle(stamped)
             elif isinstance(item, FeedStatus):
-                self.pipeline.run(item)
-            self.pipeline.advance_to(self.clock.now_ms() - TICK_GRACE_MS)
+                self.pipeline.run(replace(item, received_ms=now))
+            self.pipeline.advance_to(now)
             self._after_turn(pause_file)
 
     def _after_turn(self, pause_file: Path) -> None:
