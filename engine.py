@@ -7,6 +7,7 @@ live, in replay, in the demo and in backtests and makes the same decisions on th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import time, timedelta
 from typing import Protocol
@@ -351,21 +352,7 @@ class Engine:
             bid=quote.bid,
         )
         self.position = position
-        actions.append(
-            OpenPosition(
-                trade_id=trade_id,
-                session_date=self._session_date,
-                ticker=quote.ticker,
-                strike=quote.strike,
-                expiry=quote.expiry,
-                contracts=position.contracts,
-                entry_price=position.entry_price,
-                entry_mark=position.entry_mark,
-                entry_ms=self._now,
-                delta=position.delta,
-                iv=position.iv,
-            )
-        )
+        actions.append(open_action(position))
         context = BuyContext(
             underlying=self.rules.underlying,
             close=features.close,
@@ -562,6 +549,11 @@ class Engine:
         for reading in self.filter_readings():
             fields[reading.name] = reading.value + (" (blocks)" if reading.blocks else "")
         return fields
+
+
+def open_action(position: Position) -> OpenPosition:
+    """The durable record of a new position: its entry fields (peak and mark start at the entry mark)."""
+    return OpenPosition(**{f.name: getattr(position, f.name) for f in dataclasses.fields(OpenPosition)})
 
 
 def position_fields(position: Position | None) -> dict[str, object] | None:
