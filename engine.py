@@ -43,9 +43,9 @@ from events import (
     Tick,
     UpdatePosition,
     VolumeProfile,
-    event_time,
 )
 from market_calendar import Session, minute_of_day, ny_datetime, ny_ms
+from market_state import MarketCounters, MarketState
 from risk_manager import (
     Block,
     DayRecord,
@@ -57,7 +57,7 @@ from risk_manager import (
     track_vwap,
     with_mark,
 )
-from signals import FeatureEngine, Features, RateOfChange
+from signals import Features
 
 CRITICAL_LATCH = "critical_loss_latched"
 FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
@@ -89,24 +89,23 @@ class FilterReading:
     limit: str = ""
 
 
-@dataclass(slots=True)
-class Counters:
-    late_bars: int = 0
-    bars: int = 0
-    chains: int = 0
-
-
 class Engine:
-    """One state machine for the whole trading day; see module docstring."""
+    """One state machine for the whole trading day; see module docstring.
 
-    def __init__(self, rules: Rules, calendar: SessionSource) -> None:
+    The engine owns its `MarketState` unless one is passed in: then the caller applies each event
+    to that shared market first and hands the engine only the events `wants` says can matter.
+    """
+
+    def __init__(self, rules: Rules, calendar: SessionSource, market: MarketState | None = None) -> None:
         self.rules = rules
         self._calendar = calendar
+        self._owns_market = market is None
+        self.market = MarketState(rules) if market is None else market
         self._now = 0
         self._day_end_ms = 0
         self._session: Session | None = None
         self._session_date = ""
-        self._reset_market_state()
+        self._logged_minute = -1
         self.position: Position | None = None
         self.day = DayRecord()
         self.opened_today = 0
@@ -114,21 +113,28 @@ class Engine:
         self.lifetime = Lifetime()
         self._critical_latched = False
         self.paused = False
-        self.counters = Counters()
         self._stall_alerted = False
         self._watching_since = 0
 
-    def _reset_market_state(self) -> None:
-        self.features = FeatureEngine(self.rules)
-        self._iwm_roc = RateOfChange(self.rules.leadership_window_seconds)
-        self._spy_roc = RateOfChange(self.rules.leadership_window_seconds)
-        self._newest: dict[str, int] = {}
-        self.last: Features | None = None
-        self.last_bar: Bar | None = None
-        self.last_iwm_ms: int | None = None
-        self.chain: ChainSnapshot | None = None
-        self.profile: VolumeProfile | None = None
-        self._logged_minute = -1
+    @property
+    def last(self) -> Features | None:
+        return self.market.last
+
+    @property
+    def last_bar(self) -> Bar | None:
+        return self.market.last_bar
+
+    @property
+    def chain(self) -> ChainSnapshot | None:
+        return self.market.chain
+
+    @property
+    def profile(self) -> VolumeProfile | None:
+        return self.market.profile
+
+    @property
+    def counters(self) -> MarketCounters:
+        return self.market.counters
 
     @property
     def now_ms(self) -> int:
@@ -148,27 +154,32 @@ class Engine:
         self.lifetime = state.lifetime
         self._critical_latched = state.critical_latched
 
+    def wants(self, fresh: Features | None) -> bool:
+        """Whether the event the shared market just applied (`fresh`: its new bar's features) can
+        change this engine's trades: only while a position is open, or on a bar whose entry
+        conditions hold. Every other event only feeds the market, logs or market-wide alerts."""
+        return self.position is not None or (fresh is not None and self._conditions_hold(fresh))
+
     def on_event(self, event: Event) -> list[Action]:
         """Handle one event and return the decisions it caused, in order."""
-        t = event.received_ms if type(event) is Bar else event_time(event)
-        now = t if t > self._now else self._now
+        market = self.market
+        fresh = market.apply(event) if self._owns_market else market.fresh
+        now = market.now_ms if market.now_ms > self._now else self._now
         self._now = now
         actions: list[Action] = []
         if now >= self._day_end_ms:
             self._roll_day(now, actions)
-        if isinstance(event, Bar):
-            self._on_bar(event, actions)
-        elif isinstance(event, ChainSnapshot):
-            self.chain = event
-            self.counters.chains += 1
-            self._mark_from_chain(event, actions)
-        elif isinstance(event, ContractSnapshot):
-            self._mark_from_quote(event.quote, actions)
-        elif isinstance(event, FeedStatus):
-            self._on_feed_status(event, actions)
-        elif isinstance(event, VolumeProfile):
-            self.profile = event
-        elif isinstance(event, Tick):
+        kind = type(event)
+        if kind is Bar:
+            if fresh is not None:
+                self._on_bar(event, fresh, actions)  # type: ignore[arg-type]
+        elif kind is ChainSnapshot:
+            self._mark_from_chain(event, actions)  # type: ignore[arg-type]
+        elif kind is ContractSnapshot:
+            self._mark_from_quote(event.quote, actions)  # type: ignore[union-attr]
+        elif kind is FeedStatus:
+            self._on_feed_status(event, actions)  # type: ignore[arg-type]
+        elif kind is Tick:
             self._check_stall(now, actions)
         if self.position is not None:
             self._check_exit(now, actions)
@@ -192,27 +203,13 @@ class Engine:
         if new_date == self._session_date:
             return
         self._session_date = new_date
-        self._reset_market_state()
         self.day, self.opened_today, self._stall_alerted = DayRecord(), 0, False
         self._watching_since = now
         actions.append(Log("session_day", {"date": new_date, "trading": session is not None}))
 
-    def _on_bar(self, bar: Bar, actions: list[Action]) -> None:
-        newest = self._newest.get(bar.sym)
-        if newest is not None and bar.start_ms <= newest:
-            self.counters.late_bars += 1
-            return
-        self._newest[bar.sym] = bar.start_ms
-        if bar.sym == self.rules.benchmark:
-            self._spy_roc.update(bar.start_ms, bar.c)
-            return
-        if bar.sym != self.rules.underlying:
-            return
-        self.counters.bars += 1
-        features = self.features.update(bar)
-        self._iwm_roc.update(bar.start_ms, bar.c)
-        self.last, self.last_bar = features, bar
-        self._note_bar_arrival(bar, actions)
+    def _on_bar(self, bar: Bar, features: Features, actions: list[Action]) -> None:
+        """A new underlying bar, already absorbed by the market: follow the position, try an entry."""
+        self._note_bar_arrival(actions)
         if self.position is not None:
             self._follow_vwap(features, actions)
             self._check_exit(self._now, actions)
@@ -220,11 +217,10 @@ class Engine:
             self._try_entry(bar, features, actions)
         self._log_minute(bar, features, actions)
 
-    def _note_bar_arrival(self, bar: Bar, actions: list[Action]) -> None:
+    def _note_bar_arrival(self, actions: list[Action]) -> None:
         if self._stall_alerted:
             self._stall_alerted = False
             actions.append(self._system_alert("RECOVERED", "Bars are flowing again; entries resume.", 0))
-        self.last_iwm_ms = bar.received_ms
 
     def _follow_vwap(self, features: Features, actions: list[Action]) -> None:
         assert self.position is not None
@@ -297,9 +293,7 @@ class Engine:
     def _leadership_reading(self) -> FilterReading:
         if self.last is None:
             return FilterReading("spy_leadership", "n/a", False)
-        start = self.last.start_ms
-        # SPY as of the previous second, so the order of same-second IWM and SPY bars cannot matter.
-        iwm, spy = self._iwm_roc.percent(start), self._spy_roc.percent(start - 1000)
+        iwm, spy = self.market.leadership_percents()
         if iwm is None or spy is None:
             return FilterReading("spy_leadership", "n/a (no history)", False)
         lag = spy - iwm
@@ -496,7 +490,7 @@ class Engine:
     def bar_age_s(self, now: int) -> float:
         """Seconds since the last IWM bar, or since the open (or since we started watching, if later)."""
         session = self._session
-        reference = max(self.last_iwm_ms or 0, self._watching_since)
+        reference = max(self.market.last_iwm_ms or 0, self._watching_since)
         if session is not None:
             reference = max(reference, session.open_ms)
         return max(0.0, (now - reference) / 1000)
