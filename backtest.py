@@ -36,16 +36,16 @@ from typing import Any, TextIO
 
 from alert_text import money
 from config import ConfigError, Rules, Settings, load_settings
+from day_runner import SweepDay, day_is_independent, engine_pipeline, feed_day, run_cells_on_day
 from engine import Engine, SessionSource
 from events import Alert, Log
-from feed import FeedDecoder
 from history import fetch_history
 from market_calendar import MarketCalendar, ny_date, ny_datetime
-from pipeline import Pipeline
+from market_state import MarketState
 from pnl_tracker import Journal, TradeRow
 from progress import Progress
-from replay import received_from
 from tape import TapeReader
+from tape_cache import load_decoded
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 FILLS_NOTE = (
@@ -57,6 +57,7 @@ RECONSTRUCTED_NOTE = (
     "(approximate)"
 )
 SAMPLE_EVERY_MS = 10_000
+TRADE_ALERTS = frozenset({"BUY", "SELL"})
 RULE_NAMES = tuple(f.name.upper() for f in fields(Rules))
 
 SYNTHETIC_FIRST_DAY = datetime.date(2025, 1, 2)
@@ -290,47 +291,40 @@ def run_day(
     journal: Journal,
     *,
     sample_every_ms: int | None = SAMPLE_EVERY_MS,
+    cache_dir: Path | None = None,
 ) -> DayResult:
-    """Replay one tape through a fresh engine, as `replay_tape` does, writing decisions to `journal`.
+    """Run one tape through a fresh engine (see `day_runner`), writing its decisions to `journal`.
 
-    The journal's state (lifetime, an open position of an earlier day) is adopted at the first line, as
-    a replay adopts it. With `sample_every_ms` the chart series are recorded as well.
+    The journal's state (lifetime, an open position of an earlier day) is adopted first, as a replay
+    adopts it. With `sample_every_ms` the chart series are recorded as well; with `cache_dir` the
+    decoded tape is cached there (`tape_cache`).
     """
-    engine = Engine(rules, calendar)
     alerts: list[Alert] = []
     blocked: Counter[str] = Counter()
-    pipeline = Pipeline(
-        engine,
+    market = MarketState(rules)
+    pipeline = engine_pipeline(
+        rules,
+        calendar,
+        market,
         journal,
-        FeedDecoder.for_rules(rules),
         on_alerts=alerts.extend,
         on_log=lambda log: _count_blocked(blocked, log),
     )
+    engine = pipeline.engine
     recorder = SeriesRecorder(sample_every_ms) if sample_every_ms else None
-    reader = TapeReader(tape, lazy_bodies=True)
+    decoded = load_decoded(tape, rules, cache_dir)
     known = {t.trade_id for t in journal.trades()}
-    first_t: int | None = None
-    for line in reader:
-        if first_t is None:
-            first_t = line.t
-            session_date = ny_date(line.t).isoformat()
-            engine.restore(journal.restored_state(session_date), session_date)
-        item = received_from(line)
-        if item is None:
-            continue
-        pipeline.handle(item)
-        if recorder is not None:
-            recorder.observe(engine)
+    feed_day(decoded, market, [pipeline], (lambda: recorder.observe(engine)) if recorder else None)
     return DayResult(
         tape=str(tape),
-        session_date=ny_date(first_t).isoformat() if first_t is not None else "",
-        reconstructed=bool((reader.meta or {}).get("reconstructed")),
+        session_date=decoded.session_date,
+        reconstructed=decoded.reconstructed,
         trades=tuple(t for t in journal.trades() if t.trade_id not in known),
-        alerts=tuple(alerts),
+        alerts=tuple(a for a in alerts if a.kind in TRADE_ALERTS),
         blocked=tuple(sorted(blocked.items())),
-        bars=engine.counters.bars,
-        chains=engine.counters.chains,
-        bad_lines=reader.bad_lines,
+        bars=market.counters.bars,
+        chains=market.counters.chains,
+        bad_lines=decoded.bad_lines,
         open_at_end=engine.position.trade_id if engine.position is not None else None,
         prices=tuple(recorder.prices) if recorder else (),
         marks=tuple(recorder.marks) if recorder else (),
@@ -370,6 +364,7 @@ def run_backtest(
     closed_dates: Iterable[datetime.date] = (),
     sample_every_ms: int | None = SAMPLE_EVERY_MS,
     progress: Progress | None = None,
+    cache_dir: Path | None = None,
 ) -> BacktestResult:
     """Run the days in order, one fresh engine each, one journal for the run."""
     calendar = calendar or MarketCalendar(rules, closed_dates)
@@ -377,7 +372,9 @@ def run_backtest(
     try:
         days = []
         for tape in tapes:
-            day = run_day(Path(tape), rules, calendar, journal, sample_every_ms=sample_every_ms)
+            day = run_day(
+                Path(tape), rules, calendar, journal, sample_every_ms=sample_every_ms, cache_dir=cache_dir
+            )
             days.append(day)
             if progress is not None:
                 progress.step(f"{day.session_date} {len(day.trades)} trades {money(day.pnl)}")
@@ -461,9 +458,16 @@ def blocked_totals(days: Sequence[DayResult]) -> dict[str, int]:
     return dict(totals.most_common())
 
 
-def run_cell(tapes: Sequence[Path], cell: Cell, closed_dates: tuple[datetime.date, ...] = ()) -> CellResult:
-    """One sweep cell: exactly a single run with the cell's rules, without the chart series."""
-    result = run_backtest(tapes, cell.rules, closed_dates=closed_dates, sample_every_ms=None)
+def run_cell(
+    tapes: Sequence[Path],
+    cell: Cell,
+    closed_dates: tuple[datetime.date, ...] = (),
+    cache_dir: Path | None = None,
+) -> CellResult:
+    """One sweep cell run alone: exactly a single run with the cell's rules, without the chart series."""
+    result = run_backtest(
+        tapes, cell.rules, closed_dates=closed_dates, sample_every_ms=None, cache_dir=cache_dir
+    )
     return CellResult(cell.params, result.trades, compute_stats(result.trades))
 
 
@@ -480,18 +484,43 @@ def run_sweep(
     workers: int,
     closed_dates: tuple[datetime.date, ...] = (),
     progress: Progress | None = None,
+    cache_dir: Path | None = None,
 ) -> list[CellResult]:
-    """Every cell over every day in a process pool; results ranked by `rank_key` (stable for ties)."""
-    order = {cell.params: i for i, cell in enumerate(cells)}
-    results: list[CellResult] = []
+    """Every cell over every day; results ranked by `rank_key` (stable for ties).
+
+    One pool task per day runs all the cells over it in one pass (`sweep.run_cells_on_day`). A cell
+    whose days turn out not to be independent (a position left open overnight, a cooldown reaching
+    into the next day) is re-run over all days in order, exactly as a single run.
+    """
+    rules = [cell.rules for cell in cells]
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(run_cell, list(tapes), cell, closed_dates) for cell in cells]
+        futures = {
+            pool.submit(run_cells_on_day, Path(tape), rules, closed_dates, cache_dir): i
+            for i, tape in enumerate(tapes)
+        }
+        days: list[SweepDay] = [SweepDay("", 0, ())] * len(tapes)
         for future in as_completed(futures):
-            result = future.result()
-            results.append(result)
+            days[futures[future]] = day = future.result()
             if progress is not None:
-                progress.step(" ".join(f"{n}={v}" for n, v in result.params))
+                progress.step(day.session_date)
+        joined = [_joined_cell(days, index, cell) for index, cell in enumerate(cells)]
+        dependent = [cell for cell, result in zip(cells, joined, strict=True) if result is None]
+        reruns = [pool.submit(run_cell, list(tapes), cell, closed_dates, cache_dir) for cell in dependent]
+        results = [j for j in joined if j is not None] + [future.result() for future in reruns]
+    order = {cell.params: i for i, cell in enumerate(cells)}
     return sorted(results, key=lambda r: (*rank_key(r), order[r.params]))
+
+
+def _joined_cell(days: Sequence[SweepDay], index: int, cell: Cell) -> CellResult | None:
+    """A cell's days put together, or None when a day depended on the ones before it."""
+    cell_days = [day.cells[index] for day in days]
+    for i in range(1, len(days)):
+        if not day_is_independent(cell_days[:i], days[i].first_ms, cell.rules):
+            return None
+    trades = tuple(
+        sorted((t for day in cell_days for t in day.trades), key=lambda t: (t.exit_ms, t.trade_id))
+    )
+    return CellResult(cell.params, trades, compute_stats(trades))
 
 
 def synthetic_dates(
@@ -1045,7 +1074,7 @@ def run_sweep_command(
     args: argparse.Namespace,
     io: Io,
 ) -> int:
-    progress = Progress("sweep cells", len(cells), stream=io.err)
+    progress = Progress("sweep days", len(tapes), stream=io.err)
     results = run_sweep(
         tapes, cells, workers=args.workers, closed_dates=settings.market_closed_dates, progress=progress
     )

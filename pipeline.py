@@ -20,6 +20,13 @@ AlertSink = Callable[[list[Alert]], None]
 LogSink = Callable[[Log], None]
 
 
+def seconds_to_tick(last_second: int | None, now_ms: int) -> range:
+    """The whole seconds in (last_second, now_ms] a Tick must fill; none before the first item."""
+    if last_second is None:
+        return range(0)
+    return range(last_second + 1, now_ms // 1000 + 1)
+
+
 def structlog_sink(log: Log) -> None:
     """Default log sink: one structured line per engine log action (signal lines at debug)."""
     logger = structlog.get_logger("engine")
@@ -52,7 +59,7 @@ class Pipeline:
         """Decode one received item and run its events (ticks for the seconds before it first)."""
         self.advance_to(item.t)
         if item.kind == "control":
-            self._control(item)
+            self.control(item.t, item.payload)
             return
         if item.kind == "ws":
             events: Iterable[Event] = self.decoder.ws(item.t, item.payload)  # type: ignore[arg-type]
@@ -61,23 +68,20 @@ class Pipeline:
         for event in events:
             self.run(event, cursor)
 
-    def _control(self, item: Received) -> None:
+    def control(self, t: int, payload: object) -> None:
         """Operator actions recorded on the tape: today only the pause switch."""
-        payload = item.payload if isinstance(item.payload, dict) else {}
-        if isinstance(payload.get("paused"), bool):
-            for log in self.engine.set_paused(payload["paused"], item.t):
+        paused = payload.get("paused") if isinstance(payload, dict) else None
+        if isinstance(paused, bool):
+            for log in self.engine.set_paused(paused, t):
                 if not self.warming and isinstance(log, Log):
                     self.on_log(log)
 
     def advance_to(self, now_ms: int) -> None:
         """Tick every whole second in (last tick, now_ms]."""
+        for second in seconds_to_tick(self.last_second, now_ms):
+            self.run(Tick(second * 1000))
         second = now_ms // 1000
-        if self.last_second is None:
-            self.last_second = second
-            return
-        for s in range(self.last_second + 1, second + 1):
-            self.run(Tick(s * 1000))
-        self.last_second = max(self.last_second, second)
+        self.last_second = second if self.last_second is None else max(self.last_second, second)
 
     def run(self, event: Event, cursor: str | None = None) -> list[Action]:
         """One event through the engine; durable actions to the journal; new alerts to the sink."""

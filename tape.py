@@ -28,6 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import orjson
+
 TAPE_FORMAT = "tape/1"
 TAPE_SUFFIX = ".jsonl.gz"
 GZIP_MAGIC = b"\x1f\x8b\x08"
@@ -373,23 +375,48 @@ def _resync(data: bytes, fh: Any) -> bytes:
         data = data[-(len(GZIP_MAGIC) - 1) :] + more
 
 
+def loads_json(text: bytes) -> Any:
+    """JSON text to values: orjson (several times faster on a day's 60 MB), stdlib json when orjson refuses.
+
+    The fallback keeps the stdlib's exact reading of what orjson rejects (NaN literals, integers
+    beyond 64 bits), so the faster parser never changes what a tape means.
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 class RawJson:
     """A REST body still in its JSON text: most chain pages are never looked at, so decode on use.
 
-    `value()` decodes once (None when the text is not valid JSON).
+    `value()` decodes once (None when the text is not valid JSON). Pickled (by `tape_cache`) with
+    its text compressed, and unpickled still compressed: it is inflated only when first used.
     """
 
-    __slots__ = ("_text", "_value", "_decoded")
+    __slots__ = ("_text", "_value", "_decoded", "_packed")
 
-    def __init__(self, text: bytes) -> None:
+    def __init__(self, text: bytes, *, packed: bool = False) -> None:
         self._text = text
         self._value: object = None
         self._decoded = False
+        self._packed = packed
+
+    def __reduce__(self) -> tuple[object, ...]:
+        if self._decoded:
+            return (_decoded_json, (self._value,))
+        text = self._text if self._packed else zlib.compress(self._text, 1)
+        return (_packed_json, (text,))
+
+    def _unpack(self) -> bytes:
+        if self._packed:
+            self._text, self._packed = zlib.decompress(self._text), False
+        return self._text
 
     def value(self) -> object:
         if not self._decoded:
             try:
-                self._value = json.loads(self._text)
+                self._value = loads_json(self._unpack())
             except ValueError:
                 self._value = None
             self._decoded, self._text = True, b""
@@ -400,8 +427,18 @@ class RawJson:
         if self._decoded:
             value = self._value.get(key) if isinstance(self._value, dict) else None
             return value if isinstance(value, str) and value else None
-        match = re.search(rb'"' + re.escape(key.encode()) + rb'":"((?:[^"\\]|\\.)*)"', self._text)
+        match = re.search(rb'"' + re.escape(key.encode()) + rb'":"((?:[^"\\]|\\.)*)"', self._unpack())
         return json.loads(b'"' + match.group(1) + b'"') if match else None
+
+
+def _packed_json(text: bytes) -> RawJson:
+    return RawJson(text, packed=True)
+
+
+def _decoded_json(value: object) -> RawJson:
+    raw = RawJson(b"")
+    raw._value, raw._decoded = value, True
+    return raw
 
 
 _BODY_KEY = b',"body":'
@@ -426,7 +463,7 @@ def _parse_line(raw: bytes, line_no: int, lazy_bodies: bool = False) -> TapeLine
             return None
         return TapeLine(line_no, line.t, "rest", RawJson(split[1]), path=line.path, status=line.status)
     try:
-        record = json.loads(raw)
+        record = loads_json(raw)
     except ValueError:
         return None
     if not isinstance(record, dict):

@@ -1,0 +1,160 @@
+"""Engines over a decoded day: the market absorbs each event once; each engine gets what it wants.
+
+Backtests (single runs and sweep cells alike) run here. A `MarketState` absorbs every event of the
+day once, and any number of engines share it. Each engine is a full `Engine` behind its own
+`Pipeline` and journal, but is handed only the events `Engine.wants`: while it holds a position,
+every event; while flat, only bars whose entry conditions hold. The events it skips could only
+feed the market (already done, once) or produce log lines and market-wide alerts (stall, feed
+errors), never a trade; tests check the trades and BUY/SELL alerts against the full replay path.
+
+A sweep runs all its cells over one day in one pass, one pool task per day, each cell from an
+empty journal. `day_is_independent` says when that equals carrying the earlier days' journal (no
+position left open, no cooldown reaching into the day); the caller re-runs the other cells in order.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from config import Rules
+from engine import Engine, SessionSource
+from events import Alert, Event, Log, Tick
+from feed import FeedDecoder
+from market_calendar import MarketCalendar
+from market_state import MarketState, market_key, market_rules
+from pipeline import Pipeline, seconds_to_tick
+from pnl_tracker import Journal, TradeRow
+from tape_cache import DecodedTape, decoder_key, load_decoded
+
+
+@dataclass(frozen=True, slots=True)
+class CellDay:
+    """One cell's outcome on one day, run from an empty journal."""
+
+    trades: tuple[TradeRow, ...]
+    open_at_end: bool
+    last_exit_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepDay:
+    """Every cell's outcome on one tape, in the order the rules were given."""
+
+    session_date: str
+    first_ms: int
+    cells: tuple[CellDay, ...]
+
+
+def engine_pipeline(
+    rules: Rules,
+    calendar: SessionSource,
+    market: MarketState,
+    journal: Journal,
+    *,
+    on_alerts: Callable[[list[Alert]], None] | None = None,
+    on_log: Callable[[Log], None] | None = None,
+) -> Pipeline:
+    """An engine reading `market`, behind a pipeline that journals its decisions."""
+    engine = Engine(rules, calendar, market=market)
+    return Pipeline(
+        engine,
+        journal,
+        FeedDecoder.for_rules(rules),
+        on_alerts=on_alerts or _ignore,
+        on_log=on_log or _ignore,
+    )
+
+
+def _ignore(_: list[Alert] | Log) -> None:
+    """Sweeps keep trades only: alert texts and log lines of the cells are dropped."""
+
+
+def feed_day(
+    decoded: DecodedTape,
+    market: MarketState,
+    pipelines: Sequence[Pipeline],
+    after_line: Callable[[], None] | None = None,
+) -> None:
+    """Every line of the day to the market and the pipelines, ticks first, as `Pipeline.handle` orders them.
+
+    Each engine adopts its journal's state first, as a replay does at a tape's first line.
+    """
+    for pipeline in pipelines:
+        assert pipeline.journal is not None
+        state = pipeline.journal.restored_state(decoded.session_date)
+        pipeline.engine.restore(state, decoded.session_date)
+    last_second: int | None = None
+    for t, kind, body in decoded.lines:
+        for second in seconds_to_tick(last_second, t):
+            _dispatch(Tick(second * 1000), market, pipelines)
+        last_second = t // 1000 if last_second is None else max(last_second, t // 1000)
+        if kind == "control":
+            for pipeline in pipelines:
+                pipeline.control(t, body)
+        else:
+            for event in body:  # type: ignore[attr-defined]
+                _dispatch(event, market, pipelines)
+        if after_line is not None:
+            after_line()
+
+
+def _dispatch(event: Event, market: MarketState, pipelines: Sequence[Pipeline]) -> None:
+    fresh = market.apply(event)
+    for pipeline in pipelines:
+        if pipeline.engine.wants(fresh):
+            pipeline.run(event)
+
+
+def run_cells_on_day(
+    tape: Path,
+    rules: Sequence[Rules],
+    closed_dates: Iterable[datetime.date] = (),
+    cache_dir: Path | None = None,
+) -> SweepDay:
+    """Every rule set over one tape from empty journals; cells with equal market rules share a market."""
+    closed = tuple(closed_dates)
+    groups: dict[tuple[object, ...], tuple[MarketState, list[Pipeline]]] = {}
+    pipelines = []
+    for cell_rules in rules:
+        key = market_key(cell_rules)
+        if key not in groups:
+            groups[key] = (MarketState(market_rules(cell_rules)), [])
+        market, members = groups[key]
+        calendar = MarketCalendar(cell_rules, closed)
+        pipeline = engine_pipeline(cell_rules, calendar, market, Journal(Path(":memory:")))
+        members.append(pipeline)
+        pipelines.append(pipeline)
+    decoded: DecodedTape | None = None
+    copies: dict[tuple[object, ...], DecodedTape] = {}
+    for market, members in groups.values():
+        key = decoder_key(market.rules)
+        if key not in copies:
+            copies[key] = load_decoded(tape, market.rules, cache_dir)
+        decoded = copies[key]
+        feed_day(decoded, market, members)
+    first_ms = decoded.lines[0][0] if decoded and decoded.lines else 0
+    session_date = decoded.session_date if decoded else ""
+    return SweepDay(session_date, first_ms, tuple(_cell_day(p) for p in pipelines))
+
+
+def _cell_day(pipeline: Pipeline) -> CellDay:
+    assert pipeline.journal is not None
+    trades = tuple(pipeline.journal.trades())
+    pipeline.journal.close()
+    engine = pipeline.engine
+    return CellDay(trades, engine.position is not None, engine.last_exit_ms)
+
+
+def day_is_independent(previous: Sequence[CellDay], day_first_ms: int, rules: Rules) -> bool:
+    """Whether a day run from an empty journal equals running it after `previous` days (in order).
+
+    Trades depend on earlier days only through a position still open at a day's end and through
+    the cooldown after the latest exit; the lifetime P&L only changes alert texts.
+    """
+    if any(day.open_at_end for day in previous):
+        return False
+    exits = [day.last_exit_ms for day in previous if day.last_exit_ms is not None]
+    return not exits or max(exits) + rules.cooldown_seconds * 1000 <= day_first_ms

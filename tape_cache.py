@@ -1,0 +1,147 @@
+"""Tapes decoded once into engine events and cached, so re-runs and sweeps skip gzip, JSON and parsing.
+
+Decoding a full day's tape (about 60 MB of JSON) costs several times what the engine spends on it.
+`load_decoded` keeps the decoder's output for every line in a cache file and reads that instead
+on the next run. Chain pages stay raw JSON, compressed, and are inflated only when a chain is used.
+
+The cache file is a pickle: it is written and read only by this program, under DATA_DIR; never
+put one there from elsewhere. Its name carries a key of everything the output depends on: the
+tape file (path, size, modification time), the decoder's rules, the Python version and the source
+of the decoding modules, so editing a parser makes every cached tape stale. A file that cannot be
+read is rebuilt; a cache that cannot be written (disk full, read-only) is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from config import Rules
+from events import Event
+from feed import FeedDecoder
+from market_calendar import ny_date
+from replay import received_from
+from tape import TapeReader
+
+HERE = Path(__file__).resolve().parent
+DECODING_MODULES = ("events.py", "feed.py", "polygon_client.py", "tape.py", "replay.py", "tape_cache.py")
+SUFFIX = ".decoded"
+
+# One decoded line: (receive stamp, "events", tuple of events) or (receive stamp, "control", payload).
+DecodedLine = tuple[int, str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedTape:
+    """Every line of a tape (the meta line aside) as the engine thread would decode it."""
+
+    session_date: str
+    reconstructed: bool
+    bad_lines: int
+    lines: tuple[DecodedLine, ...]
+
+
+def decode_tape(tape: Path, rules: Rules) -> DecodedTape:
+    """Read and decode a whole tape with the live decoder for `rules` (no cache)."""
+    decoder = FeedDecoder.for_rules(rules)
+    reader = TapeReader(tape, lazy_bodies=True)
+    lines: list[DecodedLine] = []
+    first_t: int | None = None
+    for line in reader:
+        first_t = line.t if first_t is None else first_t
+        item = received_from(line)
+        if item is None:
+            continue
+        if item.kind == "control":
+            lines.append((item.t, "control", item.payload))
+            continue
+        if item.kind == "ws":
+            events: list[Event] = decoder.ws(item.t, item.payload)  # type: ignore[arg-type]
+        else:
+            events = decoder.rest(item.t, item.path, item.status, item.payload)
+        lines.append((item.t, "events", tuple(events)))
+    session_date = ny_date(first_t).isoformat() if first_t is not None else ""
+    reconstructed = bool((reader.meta or {}).get("reconstructed"))
+    return DecodedTape(session_date, reconstructed, reader.bad_lines, tuple(lines))
+
+
+def load_decoded(tape: Path, rules: Rules, cache_dir: Path | None) -> DecodedTape:
+    """The decoded tape, from `cache_dir` when it holds a current copy (None: always decode)."""
+    if cache_dir is None:
+        return decode_tape(tape, rules)
+    path = cache_path(tape, rules, cache_dir)
+    cached = _read(path)
+    if cached is not None:
+        return cached
+    decoded = decode_tape(tape, rules)
+    _write(path, decoded)
+    return decoded
+
+
+def decoder_key(rules: Rules) -> tuple[object, ...]:
+    """The rules the decoder reads: equal keys decode a tape identically."""
+    return (rules.underlying, rules.benchmark, rules.volume_profile_days)
+
+
+def cache_path(tape: Path, rules: Rules, cache_dir: Path) -> Path:
+    """Where the decoded copy of `tape` for these rules lives; see the module docstring for the key."""
+    stat = tape.stat()
+    parts = [
+        str(tape.resolve()),
+        str(stat.st_size),
+        str(stat.st_mtime_ns),
+        repr(decoder_key(rules)),
+        sys.version,
+        _code_fingerprint(),
+    ]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"{tape.name.split('.')[0]}-{key}{SUFFIX}"
+
+
+def _code_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in DECODING_MODULES:
+        digest.update((HERE / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _read(path: Path) -> DecodedTape | None:
+    try:
+        with open(path, "rb") as handle:
+            value = _unpickle_without_gc(handle.read())
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # any damage at all: the tape is the truth, decode it again
+        structlog.get_logger("tape_cache").warning("cache_unreadable", path=str(path), error=repr(exc))
+        return None
+    return value if isinstance(value, DecodedTape) else None
+
+
+def _unpickle_without_gc(data: bytes) -> object:
+    """Unpickle with the cyclic GC paused: the load allocates ~100k objects and none is garbage yet."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return pickle.loads(data)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _write(path: Path, decoded: DecodedTape) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as handle:
+            pickle.dump(decoded, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        structlog.get_logger("tape_cache").warning("cache_not_written", path=str(path), error=str(exc))
