@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gc
 import hashlib
 import itertools
 import json
@@ -45,7 +46,7 @@ from market_state import MarketState
 from pnl_tracker import Journal, TradeRow
 from progress import Progress
 from tape import TapeReader
-from tape_cache import load_decoded
+from tape_cache import cache_path, ensure_decoded, load_decoded
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 FILLS_NOTE = (
@@ -58,6 +59,7 @@ RECONSTRUCTED_NOTE = (
 )
 SAMPLE_EVERY_MS = 10_000
 TRADE_ALERTS = frozenset({"BUY", "SELL"})
+BATCH_GC_THRESHOLDS = (100_000, 20, 100)
 RULE_NAMES = tuple(f.name.upper() for f in fields(Rules))
 
 SYNTHETIC_FIRST_DAY = datetime.date(2025, 1, 2)
@@ -175,6 +177,16 @@ class CellResult:
     params: tuple[tuple[str, str], ...]
     trades: tuple[TradeRow, ...]
     stats: Stats
+
+
+def use_batch_gc() -> None:
+    """Collect cyclic garbage less often in backtest processes (the CLI and pool workers).
+
+    A run holds a day's ~200k decoded objects and builds tens of thousands of feature tuples; with
+    CPython's default thresholds the collector re-scans them over and over, though the engine makes
+    almost no reference cycles. Measured: about a fifth of a day's run time.
+    """
+    gc.set_threshold(*BATCH_GC_THRESHOLDS)
 
 
 def parse_assignments(raw: Iterable[str]) -> dict[str, str]:
@@ -493,7 +505,7 @@ def run_sweep(
     into the next day) is re-run over all days in order, exactly as a single run.
     """
     rules = [cell.rules for cell in cells]
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, workers), initializer=use_batch_gc) as pool:
         futures = {
             pool.submit(run_cells_on_day, Path(tape), rules, closed_dates, cache_dir): i
             for i, tape in enumerate(tapes)
@@ -567,7 +579,7 @@ def build_synthetic_tapes(
     Path(folder).mkdir(parents=True, exist_ok=True)
     missing = [d for d in days if not (Path(folder) / f"{d.isoformat()}.jsonl.gz").is_file()]
     if missing:
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        with ProcessPoolExecutor(max_workers=max(1, workers), initializer=use_batch_gc) as pool:
             futures = {pool.submit(build_synthetic_tape, d, seed, Path(folder)): d for d in missing}
             for future in as_completed(futures):
                 future.result()
@@ -904,7 +916,8 @@ EXAMPLES = """examples:
   python backtest.py --fetch 2025-10-02 --to 2025-10-31
 
 Synthetic tapes are kept under DATA_DIR/synthetic/seed-S/, reconstructed ones under DATA_DIR/history/
-(raw REST answers under DATA_DIR/cache/DATE/, so an interrupted --fetch resumes)."""
+(raw REST answers under DATA_DIR/cache/DATE/, so an interrupted --fetch resumes). Every tape run is
+decoded once into DATA_DIR/decoded/ (about 15 MB per full day), which re-runs and sweeps read instead."""
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -947,6 +960,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=Path("report"), help="report folder (default ./report)")
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="decode every tape afresh; read and write nothing in DATA_DIR/decoded",
+    )
     args = parser.parse_args(list(argv))
     sources = sum([bool(args.tapes), args.synthetic is not None, args.fetch is not None])
     if sources != 1:
@@ -995,6 +1013,25 @@ def main(argv: Sequence[str] | None = None, io: Io | None = None) -> int:
     if cells:
         return run_sweep_command(tapes, cells, settings, overrides, args, io)
     return run_single_command(tapes, settings, overrides, args, io)
+
+
+def decode_in_pool(tapes: Sequence[Path], rules: Rules, cache_dir: Path, workers: int, err: TextIO) -> None:
+    """Decode the tapes not yet cached on every core, so the (sequential) run only reads the cache."""
+    missing = [t for t in tapes if not cache_path(Path(t), rules, cache_dir).is_file()]
+    if len(missing) < 2:
+        return
+    progress = Progress("decoding tapes", len(missing), stream=err)
+    with ProcessPoolExecutor(max_workers=workers, initializer=use_batch_gc) as pool:
+        futures = {pool.submit(ensure_decoded, Path(t), rules, cache_dir): t for t in missing}
+        for future in as_completed(futures):
+            future.result()
+            progress.step(Path(futures[future]).name)
+    progress.close()
+
+
+def decoded_dir(settings: Settings, args: argparse.Namespace) -> Path | None:
+    """Where decoded tapes are cached (None with --no-cache)."""
+    return None if args.no_cache else Path(settings.data_dir) / "decoded"
 
 
 def _print_problems(title: str, problems: Sequence[str], err: TextIO) -> None:
@@ -1052,8 +1089,17 @@ def expand_tapes(paths: Iterable[Path]) -> list[Path]:
 def run_single_command(
     tapes: Sequence[Path], settings: Settings, overrides: Mapping[str, str], args: argparse.Namespace, io: Io
 ) -> int:
+    cache_dir = decoded_dir(settings, args)
+    if cache_dir is not None and args.workers > 1:
+        decode_in_pool(tapes, settings.rules, cache_dir, args.workers, io.err)
     progress = Progress("days", len(tapes), stream=io.err)
-    result = run_backtest(tapes, settings.rules, closed_dates=settings.market_closed_dates, progress=progress)
+    result = run_backtest(
+        tapes,
+        settings.rules,
+        closed_dates=settings.market_closed_dates,
+        progress=progress,
+        cache_dir=cache_dir,
+    )
     progress.close()
     source = source_of(args)
     charts = not args.no_charts
@@ -1076,7 +1122,12 @@ def run_sweep_command(
 ) -> int:
     progress = Progress("sweep days", len(tapes), stream=io.err)
     results = run_sweep(
-        tapes, cells, workers=args.workers, closed_dates=settings.market_closed_dates, progress=progress
+        tapes,
+        cells,
+        workers=args.workers,
+        closed_dates=settings.market_closed_dates,
+        progress=progress,
+        cache_dir=decoded_dir(settings, args),
     )
     progress.close()
     print(f"Sweep: {len(cells)} cells x {len(tapes)} day(s). {FILLS_NOTE}", file=io.out)
@@ -1090,4 +1141,5 @@ if __name__ == "__main__":
     from logs import configure_logging
 
     configure_logging("WARNING", "console")
+    use_batch_gc()
     sys.exit(main())

@@ -378,8 +378,9 @@ def _resync(data: bytes, fh: Any) -> bytes:
 def loads_json(text: bytes) -> Any:
     """JSON text to values: orjson (several times faster on a day's 60 MB), stdlib json when orjson refuses.
 
-    The fallback keeps the stdlib's exact reading of what orjson rejects (NaN literals, integers
-    beyond 64 bits), so the faster parser never changes what a tape means.
+    The fallback keeps the stdlib's reading of what orjson rejects (NaN and Infinity literals,
+    integers beyond the float range). One difference stays: orjson reads an integer beyond 64 bits
+    as a float; no field the feed gives us holds such a number.
     """
     try:
         return orjson.loads(text)

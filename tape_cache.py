@@ -13,6 +13,7 @@ read is rebuilt; a cache that cannot be written (disk full, read-only) is skippe
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import os
@@ -90,6 +91,14 @@ def decoder_key(rules: Rules) -> tuple[object, ...]:
     return (rules.underlying, rules.benchmark, rules.volume_profile_days)
 
 
+def ensure_decoded(tape: Path, rules: Rules, cache_dir: Path) -> Path:
+    """Decode `tape` into the cache unless a copy for these rules is there already; returns its path."""
+    path = cache_path(tape, rules, cache_dir)
+    if not path.is_file():
+        _write(path, decode_tape(tape, rules))
+    return path
+
+
 def cache_path(tape: Path, rules: Rules, cache_dir: Path) -> Path:
     """Where the decoded copy of `tape` for these rules lives; see the module docstring for the key."""
     stat = tape.stat()
@@ -116,7 +125,7 @@ def _read(path: Path) -> DecodedTape | None:
     try:
         with open(path, "rb") as handle:
             value = _unpickle_without_gc(handle.read())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except Exception as exc:  # any damage at all: the tape is the truth, decode it again
         structlog.get_logger("tape_cache").warning("cache_unreadable", path=str(path), error=repr(exc))
@@ -143,5 +152,6 @@ def _write(path: Path, decoded: DecodedTape) -> None:
             pickle.dump(decoded, handle, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(partial, path)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink()
         structlog.get_logger("tape_cache").warning("cache_not_written", path=str(path), error=str(exc))

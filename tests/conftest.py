@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import sys
 from pathlib import Path
 
@@ -12,6 +13,11 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
+from market_calendar import ny_ms  # noqa: E402
+from sim.market import DayScript, Episode, SyntheticMarket, write_tape  # noqa: E402
+
+T = datetime.time
+
 
 @pytest.fixture(scope="session")
 def demo_tape(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -19,3 +25,33 @@ def demo_tape(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sim.market import build_demo_tape
 
     return build_demo_tape(tmp_path_factory.mktemp("demo") / "2025-10-02.jsonl.gz")
+
+
+def short_script(day: datetime.date, seed: int) -> DayScript:
+    """An hour of market with three scripted bursts, so a short tape holds several round trips."""
+    return DayScript(
+        day,
+        seed,
+        240.0,
+        (
+            Episode(T(9, 45), "chop", 300, 1.0),
+            Episode(T(9, 52), "burst", 60, 0.25),
+            Episode(T(9, 53), "pullback", 90, 0.35),
+            Episode(T(10, 2), "burst", 80, 0.3),
+            Episode(T(10, 3, 20), "fade", 150, 0.2),
+            Episode(T(10, 12), "burst", 70, 0.28),
+            Episode(T(10, 13, 10), "grind", 300, 0.15),
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def short_tapes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two short synthetic days (09:28 to 10:25), built once per test session."""
+    folder = tmp_path_factory.mktemp("short")
+    tapes = []
+    for day, seed in ((datetime.date(2025, 10, 6), 11), (datetime.date(2025, 10, 7), 12)):
+        market = SyntheticMarket(short_script(day, seed))
+        path = folder / f"{day.isoformat()}.jsonl.gz"
+        tapes.append(write_tape(market, path, end_ms=ny_ms(day, T(10, 25))))
+    return tapes

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from builders import calendar
+from conftest import short_script
 
 from backtest import (
     Io,
@@ -32,44 +33,12 @@ from backtest import (
 )
 from config import Rules
 from contract_selector import SECONDS_PER_YEAR, bs_call_price, select_contract
-from market_calendar import ny_ms
 from pnl_tracker import Journal, TradeRow
 from polygon_client import occ_ticker, parse_chain_page
-from sim.market import DayScript, Episode, SyntheticMarket, write_tape
+from sim.market import SyntheticMarket
 from tape import TapeReader
 
 RULES = Rules()
-T = datetime.time
-
-
-def short_script(day: datetime.date, seed: int) -> DayScript:
-    """An hour of market with three scripted bursts, so a short tape holds several round trips."""
-    return DayScript(
-        day,
-        seed,
-        240.0,
-        (
-            Episode(T(9, 45), "chop", 300, 1.0),
-            Episode(T(9, 52), "burst", 60, 0.25),
-            Episode(T(9, 53), "pullback", 90, 0.35),
-            Episode(T(10, 2), "burst", 80, 0.3),
-            Episode(T(10, 3, 20), "fade", 150, 0.2),
-            Episode(T(10, 12), "burst", 70, 0.28),
-            Episode(T(10, 13, 10), "grind", 300, 0.15),
-        ),
-    )
-
-
-@pytest.fixture(scope="module")
-def short_tapes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two short synthetic days (09:28 to 10:25), built once for the module."""
-    folder = tmp_path_factory.mktemp("short")
-    tapes = []
-    for day, seed in ((datetime.date(2025, 10, 6), 11), (datetime.date(2025, 10, 7), 12)):
-        market = SyntheticMarket(short_script(day, seed))
-        path = folder / f"{day.isoformat()}.jsonl.gz"
-        tapes.append(write_tape(market, path, end_ms=ny_ms(day, T(10, 25))))
-    return tapes
 
 
 def journal() -> Journal:
@@ -200,10 +169,12 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_cli_writes_the_report_with_charts_of_the_expected_size(short_tapes, tmp_path):
     out = tmp_path / "report"
     stdout, stderr = io.StringIO(), io.StringIO()
-    status = main(
-        [str(short_tapes[0].parent), "--out", str(out)], Io(stdout, stderr, environ={}, env_file=None)
-    )
+    environ = {"DATA_DIR": str(tmp_path / "data")}
+    args = [str(short_tapes[0].parent), "--out", str(out), "--workers", "2"]
+    status = main(args, Io(stdout, stderr, environ=environ, env_file=None))
     assert status == 0
+    assert "decoding tapes [####################] 2/2" in stderr.getvalue()
+    assert len(list((tmp_path / "data" / "decoded").glob("*.decoded"))) == 2
     printed = stdout.getvalue()
     assert "entry at the ask, exit at the bid" in printed and "2025-10-07" in printed
     assert "days [####################] 2/2" in stderr.getvalue()
@@ -219,6 +190,13 @@ def test_cli_writes_the_report_with_charts_of_the_expected_size(short_tapes, tmp
     for day in ("2025-10-06", "2025-10-07"):
         chart = out / f"day-{day}.png"
         assert png_size(chart) == (1200, 700) and chart.stat().st_size > 10_000
+
+    again = tmp_path / "again"
+    rerun_err = io.StringIO()
+    args = [str(short_tapes[0].parent), "--out", str(again), "--no-charts"]
+    assert main(args, Io(io.StringIO(), rerun_err, environ=environ, env_file=None)) == 0
+    assert "decoding tapes" not in rerun_err.getvalue(), "the second run reads the cached decoded tapes"
+    assert (again / "trades.csv").read_text() == (out / "trades.csv").read_text()
 
 
 def test_cli_refuses_unknown_rules_and_bad_cells(short_tapes, tmp_path):

@@ -1,0 +1,77 @@
+"""The backtest path (shared market, engines fed only what can matter) against the full replay path."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from builders import calendar
+
+from backtest import Cell, compute_stats, run_backtest, run_day, run_sweep
+from config import Rules
+from day_runner import CellDay, day_is_independent, run_cells_on_day
+from events import Alert
+from pnl_tracker import Journal
+from replay import replay_tape
+
+RULES = Rules()
+
+
+def replayed(tapes: list[Path], rules: Rules) -> tuple[tuple, list[Alert]]:
+    """The tapes through `replay_tape`: every event to one full engine per tape, one journal for all."""
+    journal = Journal(Path(":memory:"))
+    alerts: list[Alert] = []
+    for tape in tapes:
+        replay_tape(
+            tape,
+            rules=rules,
+            calendar=calendar(rules),
+            journal=journal,
+            on_alerts=alerts.extend,
+            on_log=print,
+        )
+    return tuple(journal.trades()), [a for a in alerts if a.kind in ("BUY", "SELL")]
+
+
+def test_a_backtest_makes_the_trades_and_alerts_of_a_full_replay(short_tapes, capsys):
+    for rules in (RULES, dataclasses.replace(RULES, max_giveback_percent=40.0, stop_loss_percent=10.0)):
+        trades, alerts = replayed(short_tapes, rules)
+        capsys.readouterr()
+        result = run_backtest(short_tapes, rules, calendar=calendar(rules))
+        assert result.trades == trades and len(trades) >= 4
+        assert [a for day in result.days for a in day.alerts] == alerts
+        sells = [a for a in alerts if a.kind == "SELL"]
+        assert len(sells) >= 4 and all("LIFETIME: " in a.message for a in sells)
+
+
+def test_cells_with_different_signal_rules_get_their_own_market(short_tapes):
+    variants = [
+        dataclasses.replace(RULES, vwap_window_seconds=window, max_giveback_percent=giveback)
+        for window in (60, 120)
+        for giveback in (30.0, 40.0)
+    ]
+    day = run_cells_on_day(short_tapes[0], variants)
+    singles = [run_day(short_tapes[0], r, calendar(r), Journal(Path(":memory:"))).trades for r in variants]
+    assert [cell.trades for cell in day.cells] == singles
+    assert singles[0] != singles[2], "the VWAP window changes the signals on this day"
+
+
+def test_a_cooldown_reaching_into_the_next_day_reruns_the_cell_in_order(short_tapes):
+    slow = dataclasses.replace(RULES, cooldown_seconds=86_400.0)
+    cells = [Cell((("COOLDOWN_SECONDS", "86400"),), slow), Cell((("COOLDOWN_SECONDS", "60"),), RULES)]
+    ranked = {r.params: r for r in run_sweep(short_tapes, cells, workers=2)}
+    for cell in cells:
+        single = run_backtest(short_tapes, cell.rules, calendar=calendar(cell.rules))
+        assert ranked[cell.params].trades == single.trades
+        assert ranked[cell.params].stats == compute_stats(single.trades)
+    day_two_alone = run_cells_on_day(short_tapes[1], [slow]).cells[0].trades
+    day_two_after_day_one = [t for t in ranked[cells[0].params].trades if t.session_date == "2025-10-07"]
+    assert list(day_two_alone) != day_two_after_day_one, "day two depends on day one's last exit"
+
+
+def test_when_a_day_is_independent_of_the_days_before_it():
+    flat = CellDay((), open_at_end=False, last_exit_ms=1_000_000)
+    assert day_is_independent([], 0, RULES)
+    assert day_is_independent([flat], 1_000_000 + 60_000, RULES)
+    assert not day_is_independent([flat], 1_000_000 + 59_999, RULES), "still cooling down"
+    assert not day_is_independent([CellDay((), open_at_end=True, last_exit_ms=None), flat], 10**12, RULES)

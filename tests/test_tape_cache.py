@@ -1,0 +1,102 @@
+"""Decoded tapes: cached once, read back equal; stale, damaged or unwritable caches lose nothing."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+from builders import calendar
+from structlog.testing import capture_logs
+
+from backtest import run_day
+from config import Rules
+from events import Bar, ChainSnapshot, Event
+from pnl_tracker import Journal
+from tape import RawJson, loads_json
+from tape_cache import DecodedTape, cache_path, decode_tape, load_decoded
+
+RULES = Rules()
+
+
+def trades_of(tape: Path, cache_dir: Path | None) -> tuple:
+    return run_day(tape, RULES, calendar(RULES), Journal(Path(":memory:")), cache_dir=cache_dir).trades
+
+
+def events_of(decoded: DecodedTape) -> list[Event]:
+    return [e for _t, kind, events in decoded.lines if kind == "events" for e in events]  # type: ignore[attr-defined]
+
+
+def test_a_cached_tape_reads_back_as_it_was_decoded(short_tapes, tmp_path):
+    tape = short_tapes[0]
+    fresh = decode_tape(tape, RULES)
+    first = load_decoded(tape, RULES, tmp_path)
+    path = cache_path(tape, RULES, tmp_path)
+    assert path.is_file() and list(tmp_path.iterdir()) == [path]
+    written = path.stat().st_mtime_ns
+    cached = load_decoded(tape, RULES, tmp_path)
+    assert path.stat().st_mtime_ns == written, "the second load only reads"
+    assert (cached.session_date, cached.bad_lines, len(cached.lines)) == (
+        fresh.session_date,
+        fresh.bad_lines,
+        len(fresh.lines),
+    )
+    assert first.session_date == "2025-10-06" and len(cached.lines) > 3000
+    assert [e for e in events_of(cached) if type(e) is Bar] == [e for e in events_of(fresh) if type(e) is Bar]
+    chains = [e for e in events_of(cached) if type(e) is ChainSnapshot]
+    fresh_chains = [e for e in events_of(fresh) if type(e) is ChainSnapshot]
+    assert [c.received_ms for c in chains] == [c.received_ms for c in fresh_chains] and len(chains) > 100
+    assert list(chains[-1].quotes) == list(fresh_chains[-1].quotes) != []
+    assert trades_of(tape, tmp_path) == trades_of(tape, None) != ()
+
+
+def test_the_cache_key_follows_the_tape_and_the_decoder_rules(short_tapes, tmp_path):
+    tape = tmp_path / "copy.jsonl.gz"
+    tape.write_bytes(short_tapes[0].read_bytes())
+    before = cache_path(tape, RULES, tmp_path)
+    assert cache_path(tape, Rules(volume_profile_days=5), tmp_path) != before
+    assert cache_path(tape, Rules(max_giveback_percent=40.0), tmp_path) == before, "exit rules do not decode"
+    os.utime(tape, ns=(1, 1))
+    assert cache_path(tape, RULES, tmp_path) != before, "a rewritten tape is decoded again"
+
+
+def test_a_damaged_cache_file_is_decoded_again(short_tapes, tmp_path):
+    tape = short_tapes[0]
+    path = cache_path(tape, RULES, tmp_path)
+    path.write_bytes(b"not a pickle at all")
+    with capture_logs() as logs:
+        assert trades_of(tape, tmp_path) == trades_of(tape, None)
+    assert [entry["event"] for entry in logs] == ["cache_unreadable"]
+    assert path.read_bytes() != b"not a pickle at all", "the damaged copy was replaced"
+    assert len(load_decoded(tape, RULES, tmp_path).lines) == len(decode_tape(tape, RULES).lines)
+
+
+def test_an_unwritable_cache_is_skipped_and_the_run_goes_on(short_tapes, tmp_path):
+    blocker = tmp_path / "decoded"
+    blocker.write_text("a file where the cache folder should be")
+    with capture_logs() as logs:
+        decoded = load_decoded(short_tapes[0], RULES, blocker)
+    assert decoded.session_date == "2025-10-06" and blocker.read_text().startswith("a file")
+    assert [entry["event"] for entry in logs] == ["cache_not_written"]
+
+
+def test_raw_json_pickles_compressed_and_inflates_only_when_read():
+    text = b'{"results":[{"ticker":"O:IWM251006C00240000"}],"next_url":"https://x/page2"}'
+    packed = pickle.dumps(RawJson(text))
+    assert len(packed) < len(text) + 200 and text not in packed
+    restored = pickle.loads(packed)
+    assert restored.top_level_string("next_url") == "https://x/page2"
+    assert restored.value() == {
+        "results": [{"ticker": "O:IWM251006C00240000"}],
+        "next_url": "https://x/page2",
+    }
+    decoded = pickle.loads(pickle.dumps(restored))
+    assert decoded.value() == restored.value()
+
+
+def test_loads_json_reads_what_the_stdlib_reads():
+    assert loads_json(b'{"a":[1,2.5,"x"]}') == {"a": [1, 2.5, "x"]}
+    nan = loads_json(b'{"v": NaN}')["v"]
+    assert nan != nan, "orjson refuses NaN; the stdlib fallback keeps its reading"
+    beyond_float = b'{"big": 1' + b"0" * 400 + b"}"
+    assert loads_json(beyond_float)["big"] == 10**400
