@@ -37,12 +37,11 @@ from typing import Any, TextIO
 
 from alert_text import money
 from config import ConfigError, Rules, Settings, load_settings
-from day_runner import SweepDay, day_is_independent, engine_pipeline, feed_day, run_cells_on_day
+from day_runner import SweepDay, day_is_independent, day_market, engine_pipeline, feed_day, run_cells_on_day
 from engine import Engine, SessionSource
 from events import Alert, Log
 from history import fetch_history
 from market_calendar import MarketCalendar, ny_date, ny_datetime
-from market_state import MarketState
 from pnl_tracker import Journal, TradeRow
 from progress import Progress
 from tape import TapeReader
@@ -313,7 +312,7 @@ def run_day(
     """
     alerts: list[Alert] = []
     blocked: Counter[str] = Counter()
-    market = MarketState(rules)
+    market, save_features = day_market(tape, rules, cache_dir)
     pipeline = engine_pipeline(
         rules,
         calendar,
@@ -327,6 +326,7 @@ def run_day(
     decoded = load_decoded(tape, rules, cache_dir)
     known = {t.trade_id for t in journal.trades()}
     feed_day(decoded, market, [pipeline], (lambda: recorder.observe(engine)) if recorder else None)
+    save_features()
     return DayResult(
         tape=str(tape),
         session_date=decoded.session_date,

@@ -27,7 +27,8 @@ from market_calendar import MarketCalendar
 from market_state import MarketState, market_key, market_rules
 from pipeline import Pipeline, seconds_to_tick
 from pnl_tracker import Journal, TradeRow
-from tape_cache import DecodedTape, decoder_key, load_decoded
+from signals import FeatureEngine, Features, RecordedFeatures, RecordingFeatures
+from tape_cache import DecodedTape, decoder_key, features_path, load_decoded, read_features, write_features
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,28 @@ class SweepDay:
     session_date: str
     first_ms: int
     cells: tuple[CellDay, ...]
+
+
+def day_market(tape: Path, rules: Rules, cache_dir: Path | None) -> tuple[MarketState, Callable[[], None]]:
+    """A market for one day and a `save` to call once the whole day has gone through it.
+
+    With a cache, the features come from an earlier run over the same decoded tape under the same
+    market rules when there was one; otherwise they are computed, recorded and `save` caches them.
+    """
+    if cache_dir is None:
+        return MarketState(rules), _nothing_to_save
+    path = features_path(tape, rules, cache_dir)
+    recorded = read_features(path)
+    if recorded is not None:
+        served = RecordedFeatures(recorded)
+        return MarketState(rules, lambda: served), _nothing_to_save
+    computed: list[Features] = []
+    market = MarketState(rules, lambda: RecordingFeatures(FeatureEngine(rules), computed))
+    return market, lambda: write_features(path, computed)
+
+
+def _nothing_to_save() -> None:
+    """The features came from the cache (or there is none)."""
 
 
 def engine_pipeline(
@@ -116,25 +139,26 @@ def run_cells_on_day(
 ) -> SweepDay:
     """Every rule set over one tape from empty journals; cells with equal market rules share a market."""
     closed = tuple(closed_dates)
-    groups: dict[tuple[object, ...], tuple[MarketState, list[Pipeline]]] = {}
+    groups: dict[tuple[object, ...], tuple[MarketState, Callable[[], None], list[Pipeline]]] = {}
     pipelines = []
     for cell_rules in rules:
         key = market_key(cell_rules)
         if key not in groups:
-            groups[key] = (MarketState(market_rules(cell_rules)), [])
-        market, members = groups[key]
+            groups[key] = (*day_market(tape, market_rules(cell_rules), cache_dir), [])
+        market, _save, members = groups[key]
         calendar = MarketCalendar(cell_rules, closed)
         pipeline = engine_pipeline(cell_rules, calendar, market, Journal(Path(":memory:")))
         members.append(pipeline)
         pipelines.append(pipeline)
     decoded: DecodedTape | None = None
     copies: dict[tuple[object, ...], DecodedTape] = {}
-    for market, members in groups.values():
+    for market, save, members in groups.values():
         key = decoder_key(market.rules)
         if key not in copies:
             copies[key] = load_decoded(tape, market.rules, cache_dir)
         decoded = copies[key]
         feed_day(decoded, market, members)
+        save()
     first_ms = decoded.lines[0][0] if decoded and decoded.lines else 0
     session_date = decoded.session_date if decoded else ""
     return SweepDay(session_date, first_ms, tuple(_cell_day(p) for p in pipelines))

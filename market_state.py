@@ -8,12 +8,13 @@ many exit or gate variants are tried; each cell's `Engine` keeps only its own tr
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import time, timedelta
 
 from config import Rules
 from events import Bar, ChainSnapshot, Event, Tick, VolumeProfile
 from market_calendar import ny_datetime, ny_ms
-from signals import FeatureEngine, Features, RateOfChange
+from signals import FeatureEngine, Features, FeatureSource, RateOfChange
 
 # The rules a MarketState reads (directly, through FeatureEngine, or through the feed decoder the
 # same rules build). Everything else is trading or gate logic and may differ between cells that
@@ -59,8 +60,10 @@ class MarketState:
     else None: an engine sharing this state reads it instead of applying the event again.
     """
 
-    def __init__(self, rules: Rules) -> None:
+    def __init__(self, rules: Rules, feature_source: Callable[[], FeatureSource] | None = None) -> None:
+        """`feature_source` makes the features source of each day (default: a fresh `FeatureEngine`)."""
         self.rules = rules
+        self._new_features = feature_source or (lambda: FeatureEngine(rules))
         self._underlying = rules.underlying
         self._benchmark = rules.benchmark
         self.now_ms = 0
@@ -70,7 +73,7 @@ class MarketState:
         self._reset_day()
 
     def _reset_day(self) -> None:
-        self.features = FeatureEngine(self.rules)
+        self.features = self._new_features()
         self.iwm_roc = RateOfChange(self.rules.leadership_window_seconds)
         self.spy_roc = RateOfChange(self.rules.leadership_window_seconds)
         self._newest: dict[str, int] = {}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 from config import Rules
 from events import Bar
@@ -384,3 +385,46 @@ class RateOfChange:
     def _close_at(self, ms: int) -> float | None:
         index = bisect_right(self._starts, ms) - 1
         return None if index < 0 else self._closes[index]
+
+
+class FeatureSource(Protocol):
+    """What a market needs of its features: one `Features` per new bar, in order."""
+
+    def update(self, bar: Bar) -> Features: ...
+
+
+class RecordingFeatures:
+    """A FeatureEngine that also appends every result to `into` (to be served again later)."""
+
+    def __init__(self, engine: FeatureEngine, into: list[Features]) -> None:
+        self._engine = engine
+        self._into = into
+
+    def update(self, bar: Bar) -> Features:
+        features = self._engine.update(bar)
+        self._into.append(features)
+        return features
+
+
+class RecordedFeatures:
+    """Features a FeatureEngine computed from the same bars before, served again in order.
+
+    Each bar must be the one the features were computed for (same start and close); anything else
+    means the recording belongs to other bars, and is refused rather than served.
+    """
+
+    def __init__(self, recorded: Sequence[Features]) -> None:
+        self._recorded = recorded
+        self._next = 0
+
+    def update(self, bar: Bar) -> Features:
+        index = self._next
+        if index >= len(self._recorded):
+            raise ValueError(f"no recorded features left for the bar at {bar.start_ms}")
+        features = self._recorded[index]
+        if features.start_ms != bar.start_ms or features.close != bar.c:
+            raise ValueError(
+                f"recorded features of the bar at {features.start_ms} offered for {bar.start_ms}"
+            )
+        self._next = index + 1
+        return features

@@ -3,11 +3,13 @@
 Decoding a full day's tape (about 60 MB of JSON) costs several times what the engine spends on it.
 `load_decoded` keeps the decoder's output for every line in a cache file and reads that instead
 on the next run. Chain pages stay raw JSON, compressed, and are inflated only when a chain is used.
+The features the market computed from a decoded tape are cached the same way (`features_path`),
+keyed also by the market rules, so a re-run that changes only exit or gate rules reads them too.
 
 The cache file is a pickle: it is written and read only by this program, under DATA_DIR; never
 put one there from elsewhere. Its name carries a key of everything the output depends on: the
 tape file (path, size, modification time), the decoder's rules, the Python version and the source
-of the decoding modules, so editing a parser makes every cached tape stale. A file that cannot be
+of the decoding (or feature) modules, so editing a parser makes every cached tape stale. A file that cannot be
 read is rebuilt; a cache that cannot be written (disk full, read-only) is skipped with a warning.
 """
 
@@ -28,12 +30,16 @@ from config import Rules
 from events import Event
 from feed import FeedDecoder
 from market_calendar import ny_date
+from market_state import market_key
 from replay import received_from
+from signals import Features
 from tape import TapeReader
 
 HERE = Path(__file__).resolve().parent
 DECODING_MODULES = ("events.py", "feed.py", "polygon_client.py", "tape.py", "replay.py", "tape_cache.py")
+FEATURE_MODULES = ("signals.py", "market_state.py")
 SUFFIX = ".decoded"
+FEATURES_SUFFIX = ".features"
 
 # One decoded line: (receive stamp, "events", tuple of events) or (receive stamp, "control", payload).
 DecodedLine = tuple[int, str, object]
@@ -79,7 +85,7 @@ def load_decoded(tape: Path, rules: Rules, cache_dir: Path | None) -> DecodedTap
         return decode_tape(tape, rules)
     path = cache_path(tape, rules, cache_dir)
     cached = _read(path)
-    if cached is not None:
+    if isinstance(cached, DecodedTape):
         return cached
     decoded = decode_tape(tape, rules)
     _write(path, decoded)
@@ -114,14 +120,33 @@ def cache_path(tape: Path, rules: Rules, cache_dir: Path) -> Path:
     return Path(cache_dir) / f"{tape.name.split('.')[0]}-{key}{SUFFIX}"
 
 
-def _code_fingerprint() -> str:
+def features_path(tape: Path, rules: Rules, cache_dir: Path) -> Path:
+    """Where the features computed from the decoded `tape` under these market rules are cached."""
+    decoded = cache_path(tape, rules, cache_dir)
+    parts = [decoded.name, repr(market_key(rules)), _code_fingerprint(FEATURE_MODULES)]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+    return decoded.with_name(f"{tape.name.split('.')[0]}-{key}{FEATURES_SUFFIX}")
+
+
+def read_features(path: Path) -> list[Features] | None:
+    """The cached features at `path`, or None (missing or unreadable: compute them again)."""
+    value = _read(path)
+    return value if isinstance(value, list) else None
+
+
+def write_features(path: Path, features: list[Features]) -> None:
+    """Cache a day's features (skipped with a warning when the cache cannot be written)."""
+    _write(path, features)
+
+
+def _code_fingerprint(modules: tuple[str, ...] = DECODING_MODULES) -> str:
     digest = hashlib.sha256()
-    for name in DECODING_MODULES:
+    for name in modules:
         digest.update((HERE / name).read_bytes())
     return digest.hexdigest()
 
 
-def _read(path: Path) -> DecodedTape | None:
+def _read(path: Path) -> object:
     try:
         with open(path, "rb") as handle:
             value = _unpickle_without_gc(handle.read())
@@ -130,7 +155,7 @@ def _read(path: Path) -> DecodedTape | None:
     except Exception as exc:  # any damage at all: the tape is the truth, decode it again
         structlog.get_logger("tape_cache").warning("cache_unreadable", path=str(path), error=repr(exc))
         return None
-    return value if isinstance(value, DecodedTape) else None
+    return value
 
 
 def _unpickle_without_gc(data: bytes) -> object:
@@ -144,12 +169,12 @@ def _unpickle_without_gc(data: bytes) -> object:
             gc.enable()
 
 
-def _write(path: Path, decoded: DecodedTape) -> None:
+def _write(path: Path, value: object) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as handle:
-            pickle.dump(decoded, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(value, handle, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(partial, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
