@@ -133,13 +133,6 @@ class Received:
 Event = Bar | ChainSnapshot | ContractSnapshot | Tick | FeedStatus | VolumeProfile
 
 
-def event_time(event: Event) -> int:
-    """The engine time (Unix ms) an event carries."""
-    if isinstance(event, Tick):
-        return event.now_ms
-    return event.received_ms
-
-
 AlertKind = Literal["BUY", "SELL", "START", "STALL", "RECOVERED", "CRITICAL_LOSS", "FEED_ERROR", "SUMMARY"]
 
 

@@ -6,15 +6,17 @@ import os
 import pickle
 from pathlib import Path
 
-from builders import calendar
+import pytest
+from builders import at, burst_bars, calendar
 from structlog.testing import capture_logs
 
 from backtest import run_day
 from config import Rules
 from events import Bar, ChainSnapshot, Event
 from pnl_tracker import Journal
+from signals import FeatureEngine, Features, RecordedFeatures, RecordingFeatures
 from tape import RawJson, loads_json
-from tape_cache import DecodedTape, cache_path, decode_tape, load_decoded
+from tape_cache import DecodedTape, cache_path, decode_tape, features_path, load_decoded
 
 RULES = Rules()
 
@@ -100,3 +102,32 @@ def test_loads_json_reads_what_the_stdlib_reads():
     assert nan != nan, "orjson refuses NaN; the stdlib fallback keeps its reading"
     beyond_float = b'{"big": 1' + b"0" * 400 + b"}"
     assert loads_json(beyond_float)["big"] == 10**400
+
+
+def test_features_are_cached_per_market_rules_and_served_back_exactly(short_tapes, tmp_path):
+    tape = short_tapes[1]
+    assert trades_of(tape, tmp_path) == trades_of(tape, None) != ()
+    path = features_path(tape, RULES, tmp_path)
+    recorded = pickle.loads(path.read_bytes())
+    assert len(recorded) > 3000 and recorded == sorted(recorded, key=lambda f: f.start_ms)
+    written = path.stat().st_mtime_ns
+    assert trades_of(tape, tmp_path) == trades_of(tape, None)
+    assert path.stat().st_mtime_ns == written, "the re-run read the features"
+    assert features_path(tape, Rules(stop_loss_percent=10.0), tmp_path) == path, "exit rules share features"
+    assert features_path(tape, Rules(vwap_window_seconds=90), tmp_path) != path
+
+
+def test_recorded_features_refuse_a_bar_they_were_not_computed_for():
+    bars = burst_bars(at(10, 0))
+    engine = FeatureEngine(RULES)
+    recorded: list[Features] = []
+    recording = RecordingFeatures(engine, recorded)
+    for b in bars[:5]:
+        recording.update(b)
+    served = RecordedFeatures(recorded)
+    assert [served.update(b) for b in bars[:4]] == recorded[:4]
+    with pytest.raises(ValueError, match="offered for"):
+        served.update(bars[5])
+    served.update(bars[4])
+    with pytest.raises(ValueError, match="no recorded features left"):
+        served.update(bars[5])
