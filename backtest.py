@@ -4,12 +4,13 @@
     python backtest.py --synthetic N [--seed S]  N seeded synthetic sessions
     python backtest.py --fetch FROM [--to TO]    rebuild past sessions from Polygon REST, then test them
 
-Each day gets a fresh `Engine` fed by the same `Pipeline` and `FeedDecoder` as the live daemon and
-`--replay`; one in-memory journal spans the run, so the lifetime P&L accumulates from day to day.
-Fills are the live alerts' prices: entry at the ask, exit at the bid.
+Each day gets a fresh `Engine` behind the same `Pipeline` and journal code as the live daemon and
+`--replay`, fed by `day_runner` from the tape decoded once by the live `FeedDecoder` (`tape_cache`);
+one in-memory journal spans the run, so the lifetime P&L accumulates from day to day. Fills are the
+live alerts' prices: entry at the ask, exit at the bid.
 
-`--sweep NAME=V1,V2` (repeatable) runs the grid of rule variants over every day in a process pool.
-A cell runs exactly what a single run with those settings runs, so its trades are identical.
+`--sweep NAME=V1,V2` (repeatable) runs the grid of rule variants over every day in a process pool,
+one task per day with all cells in one pass. A cell's trades are those of a single run with its settings.
 
 `--fetch` reconstructs what the daemon would have recorded (see `history.py`); such tapes say
 `"reconstructed": true` in their meta line and every report built on them says so.
@@ -500,7 +501,7 @@ def run_sweep(
 ) -> list[CellResult]:
     """Every cell over every day; results ranked by `rank_key` (stable for ties).
 
-    One pool task per day runs all the cells over it in one pass (`sweep.run_cells_on_day`). A cell
+    One pool task per day runs all the cells over it in one pass (`day_runner.run_cells_on_day`). A cell
     whose days turn out not to be independent (a position left open overnight, a cooldown reaching
     into the next day) is re-run over all days in order, exactly as a single run.
     """
