@@ -25,7 +25,7 @@ from events import Alert, Event, Log, Tick
 from feed import FeedDecoder
 from market_calendar import MarketCalendar
 from market_state import MarketState, market_key, market_rules
-from pipeline import Pipeline, seconds_to_tick
+from pipeline import Pipeline, TickSchedule
 from pnl_tracker import Journal, TradeRow
 from signals import FeatureEngine, Features, RecordedFeatures, RecordingFeatures
 from tape_cache import DecodedTape, decoder_key, features_path, load_decoded, read_features, write_features
@@ -109,11 +109,10 @@ def feed_day(
         assert pipeline.journal is not None
         state = pipeline.journal.restored_state(decoded.session_date)
         pipeline.engine.restore(state, decoded.session_date)
-    last_second: int | None = None
+    ticks = TickSchedule()
     for t, kind, body in decoded.lines:
-        for second in seconds_to_tick(last_second, t):
+        for second in ticks.due(t):
             _dispatch(Tick(second * 1000), market, pipelines)
-        last_second = t // 1000 if last_second is None else max(last_second, t // 1000)
         if kind == "control":
             for pipeline in pipelines:
                 pipeline.control(t, body)

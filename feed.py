@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from config import Rules
-from events import Bar, ChainSnapshot, ContractSnapshot, Event, OptionQuote, VolumeProfile
+from events import Bar, ChainSnapshot, ContractSnapshot, Event, OptionQuote, Received, VolumeProfile
 from market_calendar import minute_of_day, ny_date
 from polygon_client import (
     StatusMessage,
@@ -56,6 +56,12 @@ class FeedDecoder:
     def for_rules(cls, rules: Rules) -> FeedDecoder:
         """The decoder the engine with these rules needs (symbols, profile length)."""
         return cls(rules.underlying, rules.benchmark, profile_days=rules.volume_profile_days)
+
+    def decode(self, item: Received) -> list[Event]:
+        """One received data item (a ws frame or a REST answer; not a control line) → its events."""
+        if item.kind == "ws":
+            return self.ws(item.t, item.payload)  # type: ignore[arg-type]
+        return self.rest(item.t, item.path, item.status, item.payload)
 
     def ws(self, received_ms: int, payload: str | bytes | list) -> list[Event]:
         """One WebSocket frame → its bars (status messages are kept in the counters)."""

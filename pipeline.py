@@ -7,7 +7,7 @@ stall checks fire even when no data arrives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import structlog
 
@@ -20,11 +20,23 @@ AlertSink = Callable[[list[Alert]], None]
 LogSink = Callable[[Log], None]
 
 
-def seconds_to_tick(last_second: int | None, now_ms: int) -> range:
-    """The whole seconds in (last_second, now_ms] a Tick must fill; none before the first item."""
-    if last_second is None:
-        return range(0)
-    return range(last_second + 1, now_ms // 1000 + 1)
+class TickSchedule:
+    """The whole seconds Ticks must fill as items arrive: those after the latest item's second, up to
+    and including the new item's; none before the first item."""
+
+    __slots__ = ("_last_second",)
+
+    def __init__(self) -> None:
+        self._last_second: int | None = None
+
+    def due(self, now_ms: int) -> range:
+        """The seconds to tick before an item stamped `now_ms` (then counted as ticked)."""
+        second, last = now_ms // 1000, self._last_second
+        if last is None:
+            self._last_second = second
+            return range(0)
+        self._last_second = max(last, second)
+        return range(last + 1, second + 1)
 
 
 def structlog_sink(log: Log) -> None:
@@ -51,7 +63,7 @@ class Pipeline:
         self.decoder = decoder
         self.on_alerts = on_alerts
         self.on_log = on_log
-        self.last_second: int | None = None
+        self._ticks = TickSchedule()
         self.journal_failures = 0
         self.warming = False
 
@@ -61,11 +73,7 @@ class Pipeline:
         if item.kind == "control":
             self.control(item.t, item.payload)
             return
-        if item.kind == "ws":
-            events: Iterable[Event] = self.decoder.ws(item.t, item.payload)  # type: ignore[arg-type]
-        else:
-            events = self.decoder.rest(item.t, item.path, item.status, item.payload)
-        for event in events:
+        for event in self.decoder.decode(item):
             self.run(event, cursor)
 
     def control(self, t: int, payload: object) -> None:
@@ -78,10 +86,8 @@ class Pipeline:
 
     def advance_to(self, now_ms: int) -> None:
         """Tick every whole second in (last tick, now_ms]."""
-        for second in seconds_to_tick(self.last_second, now_ms):
+        for second in self._ticks.due(now_ms):
             self.run(Tick(second * 1000))
-        second = now_ms // 1000
-        self.last_second = second if self.last_second is None else max(self.last_second, second)
 
     def run(self, event: Event, cursor: str | None = None) -> list[Action]:
         """One event through the engine; durable actions to the journal; new alerts to the sink."""

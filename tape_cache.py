@@ -16,6 +16,7 @@ read is rebuilt; a cache that cannot be written (disk full, read-only) is skippe
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import os
@@ -27,7 +28,6 @@ from pathlib import Path
 import structlog
 
 from config import Rules
-from events import Event
 from feed import FeedDecoder
 from market_calendar import ny_date
 from market_state import market_key
@@ -68,12 +68,8 @@ def decode_tape(tape: Path, rules: Rules) -> DecodedTape:
             continue
         if item.kind == "control":
             lines.append((item.t, "control", item.payload))
-            continue
-        if item.kind == "ws":
-            events: list[Event] = decoder.ws(item.t, item.payload)  # type: ignore[arg-type]
         else:
-            events = decoder.rest(item.t, item.path, item.status, item.payload)
-        lines.append((item.t, "events", tuple(events)))
+            lines.append((item.t, "events", tuple(decoder.decode(item))))
     session_date = ny_date(first_t).isoformat() if first_t is not None else ""
     reconstructed = bool((reader.meta or {}).get("reconstructed"))
     return DecodedTape(session_date, reconstructed, reader.bad_lines, tuple(lines))
@@ -139,7 +135,9 @@ def write_features(path: Path, features: list[Features]) -> None:
     _write(path, features)
 
 
+@functools.cache
 def _code_fingerprint(modules: tuple[str, ...] = DECODING_MODULES) -> str:
+    """A hash of the modules' source, read once per process (every cache lookup needs it)."""
     digest = hashlib.sha256()
     for name in modules:
         digest.update((HERE / name).read_bytes())
