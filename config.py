@@ -17,7 +17,9 @@ from datetime import date, time
 from pathlib import Path
 from typing import Any
 
-SECRET_NAMES = frozenset({"POLYGON_API_KEY", "PUSHOVER_TOKEN", "PUSHOVER_USER_KEY", "HEARTBEAT_URL"})
+SECRET_NAMES = frozenset(
+    {"POLYGON_API_KEY", "PUSHOVER_TOKEN", "PUSHOVER_USER_KEY", "HEARTBEAT_URL", "ALERT_FALLBACK_URLS"}
+)
 
 
 def _num(default: float, lo: float | None = None, hi: float | None = None) -> Any:
@@ -96,6 +98,8 @@ class Settings:
     sim_clock_start: str = ""
     sim_clock_speed: float = _num(1.0, 0.01, 100000)
     market_closed_dates: tuple[date, ...] = ()
+    stream_silence_seconds: float = _num(15.0, 1, 3600)
+    alert_fallback_urls: tuple[str, ...] = field(default=(), repr=False)
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
@@ -103,6 +107,7 @@ class Settings:
             name: mask(getattr(self, name))
             for name in ("polygon_api_key", "pushover_token", "pushover_user_key", "heartbeat_url")
         }
+        secrets["alert_fallback_urls"] = tuple(mask(url) for url in self.alert_fallback_urls)
         return f"Settings({shown | secrets})"
 
 
@@ -159,6 +164,15 @@ def parse_bool(raw: str) -> bool:
     raise ValueError("expected 1/0, true/false, yes/no")
 
 
+def parse_urls(raw: str) -> tuple[str, ...]:
+    """Comma-separated URLs (Apprise notation such as `ntfy://topic`, `tgram://bot/chat`)."""
+    urls = tuple(p.strip() for p in raw.split(",") if p.strip())
+    for url in urls:
+        if "://" not in url:
+            raise ValueError("expected comma-separated URLs such as ntfy://topic or mailto://user:pass@host")
+    return urls
+
+
 def parse_dates(raw: str) -> tuple[date, ...]:
     return tuple(date.fromisoformat(p.strip()) for p in raw.split(",") if p.strip())
 
@@ -183,6 +197,7 @@ def _parse_value(annotation: str, raw: str, meta: Mapping[str, Any]) -> Any:
         "Path": lambda r: Path(r.strip()),
         "tuple[tuple[time, time], ...]": parse_blackouts,
         "tuple[date, ...]": parse_dates,
+        "tuple[str, ...]": parse_urls,
         "int | None": lambda r: int(r) if r.strip() else None,
     }
     if annotation in ("int", "float"):

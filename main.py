@@ -169,6 +169,7 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
         settings.pushover_token,
         settings.pushover_user_key,
         settings.heartbeat_url,
+        *settings.alert_fallback_urls,
     )
 
 

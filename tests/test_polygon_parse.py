@@ -25,9 +25,8 @@ from polygon_client import (
     to_ms,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "polygon"
-if not FIXTURES.is_dir():
-    raise RuntimeError(f"Polygon fixtures not found at {FIXTURES}: the parser tests need them")
+# Copied from the team's shared fixtures (provenance: fixtures/polygon/SOURCES.md); the repository owns them.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "polygon"
 
 MC_MOCKS = "massive-com_client-python/test_rest/mocks"
 MC_CHAIN = f"{MC_MOCKS}/v3/snapshot/options/AAPL.json"
