@@ -8,6 +8,7 @@ naming every bad variable, its (masked) value and what is expected.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -20,6 +21,12 @@ from typing import Any
 SECRET_NAMES = frozenset(
     {"POLYGON_API_KEY", "PUSHOVER_TOKEN", "PUSHOVER_USER_KEY", "HEARTBEAT_URL", "ALERT_FALLBACK_URLS"}
 )
+
+OPEN, CLOSE = time(9, 30), time(16, 0)  # the regular session, New York time
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TICKER = re.compile(r"[A-Z.]{1,10}")
+# Variables that no field is named after but that the loader reads all the same.
+EXTRA_NAMES = frozenset({"MASSIVE_API_KEY"})
 
 
 def _num(default: float, lo: float | None = None, hi: float | None = None) -> Any:
@@ -221,14 +228,73 @@ def _read_fields(cls: type, env: Mapping[str, str], problems: list[str]) -> dict
     return values
 
 
-def _cross_checks(rules: Rules, settings: Settings) -> list[str]:
+def _normalised(values: dict[str, Any]) -> dict[str, Any]:
+    """Case-fold the values whose case carries no meaning: tickers and log levels upper, log format lower."""
+    for name in ("underlying", "benchmark", "log_level"):
+        if name in values:
+            values[name] = values[name].upper()
+    if "log_format" in values:
+        values["log_format"] = values["log_format"].lower()
+    return values
+
+
+def _hhmm(value: time) -> str:
+    """HH:MM (HH:MM:SS when it has seconds), as the user wrote it."""
+    return value.isoformat(timespec="seconds" if value.second else "minutes")
+
+
+def _time_checks(rules: Rules) -> list[str]:
+    """The entry window and the time stop must fit, in order, inside the regular session."""
+    first, last, stop_at = rules.no_entry_before, rules.no_entry_after, rules.hard_time_stop
+    before, after, stop = _hhmm(first), _hhmm(last), _hhmm(stop_at)
+    opens, closes = "(the market opens 09:30)", "(the market closes 16:00)"
+    checks = [
+        (first < OPEN, f"NO_ENTRY_BEFORE={before}: expected 09:30 or later {opens}"),
+        (first >= last, f"NO_ENTRY_BEFORE={before}: expected earlier than NO_ENTRY_AFTER={after}"),
+        (last > CLOSE, f"NO_ENTRY_AFTER={after}: expected 16:00 or earlier {closes}"),
+        (last > stop_at, f"NO_ENTRY_AFTER={after}: expected no later than HARD_TIME_STOP={stop}"),
+        (stop_at <= OPEN, f"HARD_TIME_STOP={stop}: expected later than 09:30 {opens}"),
+        (stop_at > CLOSE, f"HARD_TIME_STOP={stop}: expected 16:00 or earlier {closes}"),
+        (stop_at <= first, f"HARD_TIME_STOP={stop}: expected later than NO_ENTRY_BEFORE={before}"),
+    ]
+    return [message for failed, message in checks if failed]
+
+
+def _symbol_checks(rules: Rules) -> list[str]:
+    """Tickers are upper-cased on reading; here they must look like one and name two instruments."""
+    problems = [
+        f"{name}={value!r}: expected a ticker of 1-10 letters or dots, such as {example}"
+        for name, value, example in (
+            ("UNDERLYING", rules.underlying, "IWM"),
+            ("BENCHMARK", rules.benchmark, "SPY"),
+        )
+        if not TICKER.fullmatch(value)
+    ]
+    if rules.underlying and rules.underlying == rules.benchmark:
+        problems.append(
+            f"BENCHMARK={rules.benchmark!r}: expected a different ticker from UNDERLYING={rules.underlying!r}"
+            " (the leadership filter compares the two)"
+        )
+    return problems
+
+
+def _logging_checks(settings: Settings) -> list[str]:
     problems = []
+    if settings.log_level not in LOG_LEVELS:
+        expected = f"expected one of {', '.join(LOG_LEVELS)} (any case)"
+        problems.append(f"LOG_LEVEL={settings.log_level!r}: {expected}")
+    if settings.log_format not in ("", "console", "json"):
+        problems.append(f"LOG_FORMAT={settings.log_format!r}: expected console or json (or empty: console on a"
+                        " terminal, json otherwise)")  # fmt: skip
+    return problems
+
+
+def _cross_checks(rules: Rules, settings: Settings) -> list[str]:
+    problems = _time_checks(rules) + _symbol_checks(rules) + _logging_checks(settings)
     if rules.delta_min > rules.delta_max:
         problems.append(
             f"DELTA_MIN={rules.delta_min} > DELTA_MAX={rules.delta_max}: the band must be min <= max"
         )
-    if rules.no_entry_before >= rules.no_entry_after:
-        problems.append("NO_ENTRY_BEFORE must be earlier than NO_ENTRY_AFTER")
     if rules.tighten_giveback_percent > rules.max_giveback_percent:
         problems.append("TIGHTEN_GIVEBACK_PERCENT must not exceed MAX_GIVEBACK_PERCENT")
     for name in ("pushover_token", "pushover_user_key"):
@@ -237,8 +303,6 @@ def _cross_checks(rules: Rules, settings: Settings) -> list[str]:
             problems.append(f"{name.upper()}={mask(value)}: expected 30 letters and digits")
     if settings.polygon_api_key and not re.fullmatch(r"[A-Za-z0-9_\-]{8,128}", settings.polygon_api_key):
         problems.append(f"POLYGON_API_KEY={mask(settings.polygon_api_key)}: malformed key")
-    if settings.log_format not in ("", "console", "json"):
-        problems.append(f"LOG_FORMAT={settings.log_format!r}: expected console or json")
     if settings.health_port is not None and not 0 <= settings.health_port <= 65535:
         problems.append(f"HEALTH_PORT={settings.health_port}: expected a port 0-65535")
     return problems
@@ -250,12 +314,38 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
     if not env.get("POLYGON_API_KEY") and env.get("MASSIVE_API_KEY"):
         env["POLYGON_API_KEY"] = env["MASSIVE_API_KEY"]
     problems: list[str] = []
-    rules = Rules(**_read_fields(Rules, env, problems))
-    settings = Settings(rules=rules, **_read_fields(Settings, env, problems))
+    rules = Rules(**_normalised(_read_fields(Rules, env, problems)))
+    settings = Settings(rules=rules, **_normalised(_read_fields(Settings, env, problems)))
     problems += _cross_checks(rules, settings)
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def known_names() -> frozenset[str]:
+    """Every variable a setting reads: the field names of `Rules` and `Settings` upper-cased, and the aliases."""
+    names = {f.name.upper() for cls in (Rules, Settings) for f in fields(cls) if f.name != "rules"}
+    return frozenset(names | EXTRA_NAMES)
+
+
+def unknown_keys(env_file: str | Path | None = ".env") -> list[str]:
+    """One warning per key of `env_file` that no setting reads, naming the nearest known variable.
+
+    Only the file is looked at: the process environment holds many unrelated variables.
+    """
+    if env_file is None or not Path(env_file).is_file():
+        return []
+    from dotenv import dotenv_values
+
+    known = known_names()
+    warnings = []
+    for key in dotenv_values(env_file):
+        if key in known:
+            continue
+        nearest = difflib.get_close_matches(key.upper(), sorted(known), n=1)
+        hint = f"; did you mean {nearest[0]}?" if nearest else " (see .env.example for every variable)"
+        warnings.append(f"warning: {Path(env_file).name} sets {key}, which no setting reads{hint}")
+    return warnings
 
 
 def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, str] | None = None) -> Settings:

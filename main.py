@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from config import ConfigError, Settings, load_settings
+from config import ConfigError, Settings, load_settings, unknown_keys
 from logs import configure_logging
 
 EXIT_OK, EXIT_CONFIG = 0, 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -21,7 +25,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--demo", action="store_true", help="replay the bundled synthetic day, print every alert"
     )
     mode.add_argument("--replay", metavar="TAPE", type=Path, help="replay a recorded tape through the engine")
-    parser.add_argument("--speed", default="max", help="replay speed: a factor (e.g. 10) or 'max' (default)")
+    parser.add_argument(
+        "--speed",
+        default="max",
+        type=parse_speed,
+        help="replay speed: a positive factor (e.g. 10) or 'max' (default)",
+    )
     mode.add_argument(
         "--pause", action="store_true", help="stop new entries in the running daemon (exits go on)"
     )
@@ -31,15 +40,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def parse_speed(raw: str) -> float | None:
-    if raw == "max":
+    """`--speed`: None for 'max', else a positive finite factor. argparse turns the error into exit 2."""
+    if raw.strip().lower() == "max":
         return None
-    speed = float(raw)
-    if not speed > 0:
-        raise ValueError("speed must be positive or 'max'")
+    try:
+        speed = float(raw)
+    except ValueError:
+        speed = math.nan
+    if not (math.isfinite(speed) and speed > 0):
+        raise argparse.ArgumentTypeError(f"{raw!r} is neither a positive number (such as 10) nor 'max'")
     return speed
 
 
 def load_or_exit() -> Settings:
+    """Settings from `.env` and the environment; warn about `.env` keys no setting reads; exit 2 on a bad one."""
+    for warning in unknown_keys(".env"):
+        print(warning, file=sys.stderr)
     try:
         return load_settings()
     except ConfigError as exc:
@@ -59,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_or_exit()
     configure_logging(settings.log_level, settings.log_format, secrets_of(settings))
     if args.replay:
-        return run_replay(settings, args.replay, parse_speed(args.speed), notify=args.notify)
+        return run_replay(settings, args.replay, args.speed, notify=args.notify)
     if args.pause or args.resume:
         return set_pause(settings, paused=args.pause)
     return run_live(settings)
@@ -173,5 +189,20 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
     )
 
 
+def quiet_on_closed_stdout(run: Callable[[], int]) -> int:
+    """Run the command line; a reader that closes stdout early (`| head -1`) ends the run quietly.
+
+    The Python docs' recipe: point stdout at /dev/null so the interpreter's final flush cannot raise
+    again, and exit as a Unix tool killed by SIGPIPE would (141 = 128 + 13), which a shell pipeline
+    ignores unless `pipefail` is set.
+    """
+    try:
+        return run()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_on_closed_stdout(main))

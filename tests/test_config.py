@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from config import ConfigError, Rules, Settings, load_settings, settings_from_env
+from config import ConfigError, Rules, Settings, known_names, load_settings, settings_from_env, unknown_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "azGDORePK8gMaC0QOYAMyEEuzJnyUi"
@@ -139,3 +139,96 @@ def test_pause_and_resume_switch_the_file_the_daemon_watches(tmp_path):
     resumed = subprocess.run([sys.executable, str(ROOT / "main.py"), "--resume"], env=env, capture_output=True,
                              text=True, timeout=60)  # fmt: skip
     assert resumed.returncode == 0 and not (tmp_path / "PAUSE").exists()
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"HARD_TIME_STOP": "09:00"}, "HARD_TIME_STOP=09:00: expected later than 09:30"),
+        ({"HARD_TIME_STOP": "09:00"}, "HARD_TIME_STOP=09:00: expected later than NO_ENTRY_BEFORE=09:35"),
+        ({"HARD_TIME_STOP": "16:05"}, "HARD_TIME_STOP=16:05: expected 16:00 or earlier"),
+        ({"NO_ENTRY_AFTER": "16:30"}, "NO_ENTRY_AFTER=16:30: expected 16:00 or earlier"),
+        ({"NO_ENTRY_AFTER": "15:58"}, "NO_ENTRY_AFTER=15:58: expected no later than HARD_TIME_STOP=15:55"),
+        ({"NO_ENTRY_BEFORE": "09:00"}, "NO_ENTRY_BEFORE=09:00: expected 09:30 or later"),
+        ({"NO_ENTRY_BEFORE": "15:40"}, "NO_ENTRY_BEFORE=15:40: expected earlier than NO_ENTRY_AFTER=15:30"),
+        (
+            {"NO_ENTRY_AFTER": "16:00:30", "HARD_TIME_STOP": "16:00"},
+            "NO_ENTRY_AFTER=16:00:30: expected 16:00",
+        ),
+        ({"BENCHMARK": "iwm"}, "BENCHMARK='IWM': expected a different ticker from UNDERLYING='IWM'"),
+        ({"UNDERLYING": ""}, "UNDERLYING='': expected a ticker of 1-10 letters or dots"),
+        ({"BENCHMARK": "SPY 500"}, "BENCHMARK='SPY 500': expected a ticker"),
+        ({"UNDERLYING": "ABCDEFGHIJK"}, "UNDERLYING='ABCDEFGHIJK': expected a ticker"),
+        (
+            {"LOG_LEVEL": "CHATTY"},
+            "LOG_LEVEL='CHATTY': expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT='xml': expected console or json"),
+    ],
+)
+def test_times_symbols_and_logging_are_checked_with_what_is_expected(env, expected):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(env)
+    assert any(problem.startswith(expected) for problem in caught.value.problems), caught.value.problems
+
+
+def test_every_contradiction_is_listed_at_once():
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(
+            {"HARD_TIME_STOP": "09:00", "NO_ENTRY_AFTER": "16:30", "UNDERLYING": "", "LOG_LEVEL": "CHATTY"}
+        )
+    named = {problem.split("=")[0] for problem in caught.value.problems}
+    assert named == {"HARD_TIME_STOP", "NO_ENTRY_AFTER", "UNDERLYING", "LOG_LEVEL"}
+
+
+def test_edges_of_the_session_are_accepted_and_case_is_normalised():
+    s = settings_from_env(
+        {
+            "NO_ENTRY_BEFORE": "09:30",
+            "NO_ENTRY_AFTER": "16:00",
+            "HARD_TIME_STOP": "16:00",
+            "UNDERLYING": " brk.b ",
+            "BENCHMARK": "qqq",
+            "LOG_LEVEL": "warning",
+            "LOG_FORMAT": "JSON",
+        }
+    )
+    assert (s.rules.no_entry_before, s.rules.no_entry_after, s.rules.hard_time_stop) == (
+        time(9, 30),
+        time(16),
+        time(16),
+    )
+    assert (s.rules.underlying, s.rules.benchmark, s.log_level, s.log_format) == (
+        "BRK.B",
+        "QQQ",
+        "WARNING",
+        "json",
+    )
+
+
+def test_unknown_dotenv_keys_name_the_nearest_variable(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "STOP_LOS_PERCENT=10\nCONTRACTS=2\nMASSIVE_API_KEY=abcdefghijkl\nlog_level=debug\nZZZ_QQQ=1\n"
+    )
+    assert unknown_keys(env_file) == [
+        "warning: .env sets STOP_LOS_PERCENT, which no setting reads; did you mean STOP_LOSS_PERCENT?",
+        "warning: .env sets log_level, which no setting reads; did you mean LOG_LEVEL?",
+        "warning: .env sets ZZZ_QQQ, which no setting reads (see .env.example for every variable)",
+    ]
+    # The misspelled key is ignored, not applied: the default stop stays.
+    assert load_settings(env_file, environ={}).rules.stop_loss_percent == 15.0
+
+
+def test_unknown_keys_ignore_the_process_environment_and_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("STOP_LOS_PERCENT", "10")
+    assert unknown_keys(tmp_path / "absent.env") == [] and unknown_keys(None) == []
+    (tmp_path / ".env").write_text("CONTRACTS=2\n")
+    assert unknown_keys(tmp_path / ".env") == []
+
+
+def test_known_names_cover_every_field_and_the_massive_alias():
+    names = known_names()
+    assert {"STOP_LOSS_PERCENT", "LOG_LEVEL", "POLYGON_API_KEY", "MASSIVE_API_KEY", "UNDERLYING"} <= names
+    assert "RULES" not in names
+    assert len(names) == len(fields(Rules)) + len(fields(Settings)) - 1 + 1

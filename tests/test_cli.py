@@ -1,0 +1,103 @@
+"""The command line as a person types it: bad values end in argparse's usage line (exit 2), bad settings
+list every problem (exit 2), `.env` typos are named, and a closed stdout ends the run quietly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from main import EXIT_BROKEN_PIPE, parse_args, parse_speed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """main.py in a fresh process, without the caller's keys or `.env`, plus `env`."""
+    base = {k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY"))}
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env={**base, **env},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+@pytest.mark.parametrize("raw, expected", [("max", None), ("MAX", None), ("10", 10.0), ("0.5", 0.5)])
+def test_speed_accepts_max_and_positive_factors(raw, expected):
+    assert parse_speed(raw) == expected
+    assert parse_args(["--replay", "t.jsonl.gz", "--speed", raw]).speed == expected
+
+
+def test_speed_defaults_to_max():
+    assert parse_args(["--replay", "t.jsonl.gz"]).speed is None
+
+
+@pytest.mark.parametrize("raw", ["fast", "0", "-3", "nan", "inf", ""])
+def test_bad_speed_exits_2_with_the_usage_line(raw, capsys):
+    with pytest.raises(SystemExit) as caught:
+        parse_args(["--replay", "t.jsonl.gz", "--speed", raw])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python main.py") and "argument --speed" in err and "'max'" in err
+
+
+def test_speed_fast_in_a_real_process_is_a_usage_error_not_a_traceback(tmp_path):
+    done = run_main(["--replay", "x.jsonl.gz", "--speed", "fast"], tmp_path)
+    assert done.returncode == 2
+    assert "usage: python main.py" in done.stderr and "Traceback" not in done.stderr
+    assert "'fast' is neither a positive number" in done.stderr
+
+
+def test_replay_of_a_missing_tape_exits_2(tmp_path):
+    done = run_main(["--replay", str(tmp_path / "nope.jsonl.gz")], tmp_path, DATA_DIR=str(tmp_path / "d"))
+    assert done.returncode == 2 and "nope.jsonl.gz" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_log_level_and_contradicting_settings_exit_2_listing_each(tmp_path):
+    done = run_main([], tmp_path, LOG_LEVEL="CHATTY", LOG_FORMAT="xml", HARD_TIME_STOP="09:00",
+                    NO_ENTRY_AFTER="16:30", UNDERLYING="SPY", BENCHMARK="spy")  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("  - ")]
+    named = {line[4:].split("=")[0] for line in lines}
+    assert named == {"LOG_LEVEL", "LOG_FORMAT", "HARD_TIME_STOP", "NO_ENTRY_AFTER", "BENCHMARK"}
+    assert "LOG_LEVEL='CHATTY': expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL" in done.stderr
+
+
+def test_lower_case_log_level_is_accepted(tmp_path):
+    done = run_main(["--pause"], tmp_path, LOG_LEVEL="debug", DATA_DIR=str(tmp_path / "d"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "d" / "PAUSE").is_file()
+
+
+def test_misspelled_dotenv_key_is_named_with_the_nearest_variable(tmp_path):
+    (tmp_path / ".env").write_text(f"STOP_LOS_PERCENT=10\nDATA_DIR={tmp_path / 'd'}\n")
+    done = run_main(["--pause"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (
+        "warning: .env sets STOP_LOS_PERCENT, which no setting reads; did you mean STOP_LOSS_PERCENT?"
+        in done.stderr
+    )
+    assert "DATA_DIR" not in done.stderr and (tmp_path / "d" / "PAUSE").is_file()
+
+
+def test_demo_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    # Unbuffered, so the second line already meets the closed pipe (buffered, the demo's 8 kB
+    # of text could all fit in one write made before the reader goes away).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--demo"], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=120)
+    assert first.startswith(b"IWM 0DTE Momentum Alerter")
+    assert code == EXIT_BROKEN_PIPE == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_demo_piped_into_head_prints_one_line_and_no_traceback(tmp_path):
+    script = f"set -o pipefail; PYTHONUNBUFFERED=1 '{sys.executable}' '{ROOT / 'main.py'}' --demo | head -1"
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith("IWM 0DTE Momentum Alerter")
+    assert done.returncode == 141 and done.stderr == ""
