@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import httpx
 import structlog
@@ -21,7 +21,7 @@ import structlog
 from config import mask
 
 if TYPE_CHECKING:
-    from pnl_tracker import Journal, OutboxItem
+    from pnl_tracker import OutboxItem
 
 TITLE_LIMIT = 250
 MESSAGE_LIMIT = 1024
@@ -33,6 +33,12 @@ LOW_QUOTA_WARNING = 1000
 ERROR_TEXT_LIMIT = 300
 BATCH_SIZE = 50
 STOP_POLL_S = 0.5
+# Pushover usually answers in well under a second; a slow answer is still an answer, so reads may take
+# 20 s before the request counts as timed out (and then it may have been delivered).
+SEND_TIMEOUT = httpx.Timeout(20.0, connect=5.0)
+DOWN_BEFORE_FALLBACK_S = 60.0
+QUOTA_RETRY_S = 300.0
+MAX_TIMEOUTS = 2
 
 _CREDENTIAL_ERROR = re.compile(r"\b(token|user)\b.*\b(invalid|not a valid)\b", re.IGNORECASE)
 
@@ -54,6 +60,8 @@ class SendResult:
     request_id: str | None
     remaining: str | None
     credentials_invalid: bool = False
+    timed_out: bool = False
+    quota_exhausted: bool = False
 
 
 def truncate(text: str, limit: int) -> str:
@@ -130,7 +138,7 @@ class PushoverClient:
         api_url: str,
         *,
         transport: httpx.BaseTransport | None = None,
-        timeout: float = 10.0,
+        timeout: httpx.Timeout | float = SEND_TIMEOUT,
     ) -> None:
         self._token = token
         self._user = user
@@ -154,13 +162,15 @@ class PushoverClient:
         try:
             response = self._http.post(self._api_url, data=pushover_form(item, self._token, self._user))
         except httpx.TimeoutException as exc:
-            return self._failure(f"timeout ({type(exc).__name__})")
+            # A read timeout may come after Pushover took the message: the caller must not retry blindly.
+            read = isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout)
+            return self._failure(f"timeout ({type(exc).__name__})", timed_out=read)
         except httpx.HTTPError as exc:
             return self._failure(f"{type(exc).__name__}: {exc}")
         return self._classify(response)
 
-    def _failure(self, error: str) -> SendResult:
-        return SendResult(False, True, None, self._scrub(error), None, None)
+    def _failure(self, error: str, *, timed_out: bool = False) -> SendResult:
+        return SendResult(False, True, None, self._scrub(error), None, None, timed_out=timed_out)
 
     def _classify(self, response: httpx.Response) -> SendResult:
         status = response.status_code
@@ -179,6 +189,7 @@ class PushoverClient:
             retry=_should_retry(status, body),
             error=self._scrub(_error_text(status, body)),
             credentials_invalid=credentials_rejected(status, body),
+            quota_exhausted=status == 429,
             **common,
         )
 
@@ -188,6 +199,20 @@ class PushoverClient:
             if secret:
                 text = text.replace(secret, mask(secret))
         return truncate(text, ERROR_TEXT_LIMIT)
+
+
+class Outbox(Protocol):
+    """What the notifier drains: the journal's outbox, or the live daemon's in-memory one."""
+
+    def pending(self, limit: int = ...) -> list[OutboxItem]: ...
+
+    def pending_count(self) -> int: ...
+
+    def mark_sent(self, item_id: int, sent_ms: int) -> None: ...
+
+    def mark_attempt(self, item_id: int, error: str) -> None: ...
+
+    def mark_failed(self, item_id: int, error: str) -> None: ...
 
 
 def log_alert(item: OutboxItem) -> None:
@@ -201,19 +226,71 @@ def wait_on(event: threading.Event, timeout: float) -> bool:
 
 
 Outcome = Literal["sent", "failed", "stop"]
+Route = Literal["pushover", "fallback", "hold"]
+
+
+class FallbackChannel(Protocol):
+    """A second way to reach the phone (ALERT_FALLBACK_URLS), used when Pushover cannot deliver."""
+
+    name: str
+
+    def send(self, item: OutboxItem) -> SendResult: ...
+
+
+class AppriseFallback:
+    """Every service Apprise knows (ntfy, Telegram, e-mail, ...), from a list of Apprise URLs."""
+
+    name = "fallback"
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        import apprise  # imported only when a fallback is configured: it loads many plugins
+
+        self._apprise = apprise.Apprise()
+        self._secrets = tuple(urls)
+        refused = [url for url in urls if not self._apprise.add(url)]
+        if refused:
+            shown = ", ".join(mask(url) for url in refused)
+            raise ValueError(f"ALERT_FALLBACK_URLS: Apprise does not understand {shown}")
+
+    def send(self, item: OutboxItem) -> SendResult:
+        """Send one alert through every fallback URL; ok when Apprise reports success."""
+        try:
+            ok = bool(self._apprise.notify(title=item.title, body=item.message))
+        except Exception as exc:  # a plugin bug must not take the notifier down
+            return SendResult(False, True, None, self._scrub(f"{type(exc).__name__}: {exc}"), None, None)
+        return SendResult(ok, not ok, None, "" if ok else "fallback refused or unreachable", None, None)
+
+    def _scrub(self, text: str) -> str:
+        for url in self._secrets:
+            text = text.replace(url, mask(url))
+        return truncate(text, ERROR_TEXT_LIMIT)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryHealth:
+    """What `/health` says about the way to the phone. `blocked`: alerts cannot reach the phone now."""
+
+    channel: str
+    problem: str | None
+    blocked: bool
 
 
 class Notifier:
-    """Drains the journal outbox in order, at-least-once, on its own thread.
+    """Drains an outbox in order on its own thread: each alert reaches the phone once.
 
     A retryable failure stops the drain so that nothing overtakes the failed item (a BUY must never
     arrive after its SELL); the same item is retried after an exponential back-off between
     `min_retry_s` and `max_retry_s`, measured on `monotonic`. `clock_ms` stamps `sent_ms`.
+
+    Bounded trouble: a request that timed out may have been delivered, so it is tried at most
+    `MAX_TIMEOUTS` times, then the queue moves on. A 429 (the app's monthly quota is used up) holds the
+    queue and retries every `QUOTA_RETRY_S`. With a `fallback`, alerts go that way instead while Pushover
+    refuses the keys, is out of quota, has been down for `DOWN_BEFORE_FALLBACK_S`, or timed out twice.
     """
 
     def __init__(
         self,
-        journal: Journal,
+        journal: Outbox,
         client: PushoverClient | None,
         *,
         clock_ms: Callable[[], int],
@@ -222,12 +299,18 @@ class Notifier:
         wait: Callable[[threading.Event, float], bool] | None = None,
         log_only: Callable[[OutboxItem], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        fallback: FallbackChannel | None = None,
+        down_before_fallback_s: float = DOWN_BEFORE_FALLBACK_S,
+        quota_retry_s: float = QUOTA_RETRY_S,
     ) -> None:
         self._journal = journal
         self._client = client
+        self._fallback = fallback
         self._clock_ms = clock_ms
         self._min_retry_s = min_retry_s
         self._max_retry_s = max(max_retry_s, min_retry_s)
+        self._down_before_fallback_s = down_before_fallback_s
+        self._quota_retry_s = quota_retry_s
         self._wait = wait or wait_on
         self._log_only = log_only or log_alert
         self._monotonic = monotonic
@@ -236,12 +319,45 @@ class Notifier:
         self._drain_lock = threading.Lock()
         self._failures = 0
         self._retry_at: float | None = None
+        self._down_since: float | None = None
+        self._quota_until: float | None = None
+        self._timeouts: dict[str, int] = {}
         self._disabled_reason: str | None = None
+        self.last_turn = monotonic()
 
     @property
     def disabled_reason(self) -> str | None:
-        """Why sending stopped for the rest of the process (bad token or user key), else None."""
+        """Why sending through Pushover stopped for the rest of the process (bad keys), else None."""
         return self._disabled_reason
+
+    def health(self) -> DeliveryHealth:
+        """Which channel alerts take now and what, if anything, is wrong with Pushover."""
+        if self._client is None:
+            return DeliveryHealth("log", None, False)
+        problem = self._problem()
+        if problem is None:
+            return DeliveryHealth("pushover", None, False)
+        if self._fallback is not None:
+            return DeliveryHealth("fallback", problem, False)
+        return DeliveryHealth("pushover", problem, self._cannot_deliver())
+
+    def _problem(self) -> str | None:
+        if self._disabled_reason is not None:
+            return self._disabled_reason
+        if self._quota_until is not None:
+            return "Pushover message quota used up (HTTP 429): alerts held until it is reset or raised"
+        down = self._down_for_s()
+        if down is not None:
+            return f"Pushover failing for {down:.0f} s"
+        return None
+
+    def _cannot_deliver(self) -> bool:
+        down = self._down_for_s()
+        long_down = down is not None and down >= self._down_before_fallback_s
+        return self._disabled_reason is not None or self._quota_until is not None or long_down
+
+    def _down_for_s(self) -> float | None:
+        return None if self._down_since is None else self._monotonic() - self._down_since
 
     def wake(self) -> None:
         """Ask the notifier thread to drain now (after the engine commits new alerts, or on stop)."""
@@ -254,13 +370,11 @@ class Notifier:
         return max(0.0, self._retry_at - self._monotonic())
 
     def drain_once(self) -> int:
-        """Send every pending item in order until one must be retried; return how many were sent.
+        """Send every pending item in order until one must wait; return how many were sent.
 
-        Returns 0 at once while backing off or disabled, so a wake() never shortens the retry delay.
+        Returns 0 at once while Pushover must be waited for, so a wake() never shortens the retry delay.
         """
         with self._drain_lock:
-            if self._disabled_reason is not None or self._backing_off():
-                return 0
             sent = 0
             while batch := self._journal.pending(BATCH_SIZE):
                 for item in batch:
@@ -277,6 +391,7 @@ class Notifier:
         `stop` is noticed within STOP_POLL_S, or at once if wake() follows stop.set().
         """
         while not stop.is_set():
+            self.last_turn = self._monotonic()
             self._wake.clear()
             self._drain_guarded()
             if stop.is_set():
@@ -295,15 +410,20 @@ class Notifier:
         while True:
             sent += self._drain_guarded()
             remaining = end - self._monotonic()
-            if self._disabled_reason is not None or remaining <= 0 or self._journal.pending_count() == 0:
+            if remaining <= 0 or self._journal.pending_count() == 0 or self._refused_without_fallback():
                 return sent
             self._wait(pause, min(remaining, self.retry_in_s() or STOP_POLL_S))
+
+    def _refused_without_fallback(self) -> bool:
+        # Waiting out a shutdown deadline cannot help while Pushover refuses and nothing else can send.
+        refused = self._disabled_reason is not None or self._quota_until is not None
+        return refused and self._fallback is None
 
     def _drain_guarded(self) -> int:
         try:
             return self.drain_once()
         except Exception:
-            # A journal error must not kill the thread; back off as after a failed send.
+            # An outbox error must not kill the thread; back off as after a failed send.
             log.exception("notifier_drain_failed")
             self._schedule_retry()
             return 0
@@ -312,38 +432,122 @@ class Notifier:
         until_retry = self.retry_in_s()
         return STOP_POLL_S if until_retry is None else min(STOP_POLL_S, until_retry)
 
-    def _backing_off(self) -> bool:
-        return self._retry_at is not None and self._monotonic() < self._retry_at
+    def _route(self) -> Route:
+        """Where the next item goes: Pushover, the fallback, or nowhere yet."""
+        now = self._monotonic()
+        out_of_quota = self._quota_until is not None and now < self._quota_until
+        refused = self._disabled_reason is not None or out_of_quota
+        if refused:
+            return "fallback" if self._fallback is not None else "hold"
+        if self._retry_at is not None and now < self._retry_at:
+            down = self._down_for_s()
+            if self._fallback is not None and down is not None and down >= self._down_before_fallback_s:
+                return "fallback"
+            return "hold"
+        return "pushover"
 
     def _deliver(self, item: OutboxItem) -> Outcome:
         if self._client is None:
             self._log_only(item)
             self._journal.mark_sent(item.id, self._clock_ms())
             return "sent"
+        route = self._route()
+        if route == "hold":
+            return "stop"
+        if route == "fallback":
+            return self._via_fallback(item)
+        return self._via_pushover(item)
+
+    def _via_pushover(self, item: OutboxItem) -> Outcome:
+        assert self._client is not None
         result = self._client.send(item)
         if result.ok:
             self._on_sent(item, result)
             return "sent"
         if result.credentials_invalid:
             self._disable(item, result)
-            return "stop"
+            return self._via_fallback(item) if self._fallback is not None else "stop"
+        if result.quota_exhausted:
+            self._on_quota(item, result)
+            return self._via_fallback(item) if self._fallback is not None else "stop"
+        if result.timed_out and self._timed_out_too_often(item):
+            return self._give_up_after_timeouts(item, result)
         if result.retry:
             self._on_retryable(item, result)
             return "stop"
         self._on_rejected(item, result)
         return "failed"
 
+    def _via_fallback(self, item: OutboxItem) -> Outcome:
+        assert self._fallback is not None
+        result = self._fallback.send(item)
+        if not result.ok:
+            delay = self._schedule_retry()
+            log.error(
+                "fallback_failed", error=result.error, retry_in_s=round(delay, 3), **_fields(item, result)
+            )
+            return "stop"
+        self._journal.mark_sent(item.id, self._clock_ms())
+        log.warning("alert_sent_by_fallback", reason=self._problem(), **_fields(item, result))
+        return "sent"
+
     def _on_sent(self, item: OutboxItem, result: SendResult) -> None:
         self._journal.mark_sent(item.id, self._clock_ms())
+        if self._down_since is not None:
+            log.info("pushover_recovered", down_s=round(self._monotonic() - self._down_since, 1))
         self._failures = 0
         self._retry_at = None
+        self._down_since = None
+        self._quota_until = None
+        self._timeouts.pop(item.dedupe_key, None)
         log.info("pushover_sent", **_fields(item, result))
         _warn_if_quota_low(result.remaining)
 
     def _on_retryable(self, item: OutboxItem, result: SendResult) -> None:
         self._journal.mark_attempt(item.id, result.error)
+        if self._down_since is None:
+            self._down_since = self._monotonic()
         delay = self._schedule_retry()
         log.warning("pushover_retry", retry_in_s=round(delay, 3), error=result.error, **_fields(item, result))
+
+    def _timed_out_too_often(self, item: OutboxItem) -> bool:
+        count = self._timeouts.get(item.dedupe_key, 0) + 1
+        self._timeouts[item.dedupe_key] = count
+        return count >= MAX_TIMEOUTS
+
+    def _give_up_after_timeouts(self, item: OutboxItem, result: SendResult) -> Outcome:
+        # Each timed-out request may have reached the phone; a third try risks a third copy.
+        self._timeouts.pop(item.dedupe_key, None)
+        if self._down_since is None:
+            self._down_since = self._monotonic()
+        if self._fallback is not None:
+            log.warning("pushover_timed_out_twice", action="sending by the fallback", **_fields(item, result))
+            return self._via_fallback(item)
+        self._journal.mark_failed(
+            item.id, f"{result.error}; timed out {MAX_TIMEOUTS} times, may have arrived"
+        )
+        log.error(
+            "pushover_timed_out_twice",
+            action="moving on: the alert may or may not have reached the phone",
+            **_fields(item, result),
+        )
+        return "failed"
+
+    def _on_quota(self, item: OutboxItem, result: SendResult) -> None:
+        self._journal.mark_attempt(item.id, result.error)
+        first = self._quota_until is None
+        self._quota_until = self._monotonic() + self._quota_retry_s
+        if first:
+            log.critical(
+                "pushover_quota_exhausted",
+                meaning="Pushover's monthly message limit for this app is used up; it resets on the 1st",
+                action=(
+                    "alerts go by ALERT_FALLBACK_URLS"
+                    if self._fallback is not None
+                    else "alerts are held and retried every 5 min; raise the limit or set ALERT_FALLBACK_URLS"
+                ),
+                **_fields(item, result),
+            )
 
     def _on_rejected(self, item: OutboxItem, result: SendResult) -> None:
         self._journal.mark_failed(item.id, result.error)
@@ -356,10 +560,15 @@ class Notifier:
         self._journal.mark_attempt(item.id, result.error)
         self._disabled_reason = f"Pushover refused the credentials: {result.error}"
         keys = self._client.masked_keys() if self._client is not None else {}
+        action = (
+            "alerts go by ALERT_FALLBACK_URLS; fix PUSHOVER_TOKEN / PUSHOVER_USER_KEY and restart"
+            if self._fallback is not None
+            else "fix PUSHOVER_TOKEN / PUSHOVER_USER_KEY and restart; alerts stay queued until then"
+        )
         log.critical(
             "pushover_disabled",
             reason=self._disabled_reason,
-            action="fix PUSHOVER_TOKEN / PUSHOVER_USER_KEY and restart; alerts stay queued until then",
+            action=action,
             pending=self._journal.pending_count(),
             **keys,
             **_fields(item, result),

@@ -78,18 +78,33 @@ class TradeRow:
 class Journal:
     """One SQLite file. Thread-safe: a lock serialises the engine's writes and the notifier's."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0, check: bool = False) -> None:
+        """Open (or create) the journal at `path`.
+
+        `busy_timeout_s` is how long a write waits for another process's lock; the live daemon uses a
+        short one so its engine thread never freezes behind a backup or a DB browser. `check` runs
+        SQLite's quick_check first, so a damaged file is refused at start, not at the first trade.
+        """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s
+            )
+            if check:
+                self._quick_check()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
+
+    def _quick_check(self) -> None:
+        verdict = self._db.execute("PRAGMA quick_check").fetchone()
+        if verdict is None or verdict[0] != "ok":
+            raise JournalError(f"journal {self.path} is damaged: {verdict[0] if verdict else 'no answer'}")
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -119,10 +134,17 @@ class Journal:
                     self._set_meta("cursor", cursor)
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                self._rollback()
                 raise JournalError(f"journal write failed, decision not recorded: {exc}") from exc
         return inserted
+
+    def _rollback(self) -> None:
+        # A failed ROLLBACK (the disk vanished) must not hide the error that caused it.
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
     def _apply(self, action: Action) -> bool:
         if isinstance(action, Alert):
@@ -179,7 +201,10 @@ class Journal:
 
     def set_meta(self, key: str, value: str) -> None:
         with self._lock:
-            self._set_meta(key, value)
+            try:
+                self._set_meta(key, value)
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal write failed, meta {key} not recorded: {exc}") from exc
 
     def meta(self, key: str) -> str | None:
         with self._lock:
@@ -244,6 +269,22 @@ class Journal:
     def pending_count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM outbox WHERE status='pending'").fetchone()[0]
+
+    def dedupe_keys(self) -> set[str]:
+        """Every dedupe key the outbox has ever held: what must never be sent again."""
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT dedupe_key FROM outbox")}
+
+    def mark_outcome(self, dedupe_key: str, status: str, error: str | None, sent_ms: int | None) -> None:
+        """Record a delivery outcome by dedupe key (the in-memory outbox knows alerts by key)."""
+        with self._lock:
+            try:
+                self._db.execute(
+                    "UPDATE outbox SET status=?, attempts=attempts+1, last_error=?, sent_ms=? WHERE dedupe_key=?",
+                    (status, error, sent_ms, dedupe_key),
+                )
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal write failed, outcome of {dedupe_key} not recorded: {exc}") from exc
 
     def mark_sent(self, item_id: int, sent_ms: int) -> None:
         self._update_outbox(item_id, "sent", None, sent_ms)

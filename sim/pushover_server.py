@@ -185,6 +185,7 @@ class FakePushover:
         self._fail_count: int | None = None
         self._fail_until: float | None = None
         self._stall_until: float | None = None
+        self._slow_s = 0.0
 
     def __enter__(self) -> FakePushover:
         return self.start()
@@ -245,6 +246,15 @@ class FakePushover:
         with self._lock:
             self._fail_status = self._fail_count = self._fail_until = self._stall_until = None
 
+    def slow(self, seconds: float) -> None:
+        """Take `seconds` to answer each request, accepting it as usual (0 restores prompt answers).
+
+        Like the real service on a bad day: the message is delivered at arrival, the answer comes late,
+        so a client that gives up early and sends again causes a duplicate, which tests can count.
+        """
+        with self._lock:
+            self._slow_s = seconds
+
     def stall(self, seconds: float) -> None:
         """Hold every request that arrives in the next `seconds` until then, and answer it 503.
 
@@ -267,6 +277,9 @@ class FakePushover:
         with self._lock:
             self._history.append(ReceivedMessage(form, arrived, status, request_id))
             remaining = 0 if status == 429 else self._remaining
+            slow_s = self._slow_s
+        if slow_s > 0:
+            self._stopping.wait(slow_s)
         self._say(f"{status} priority={form.get('priority', '0')} title={form.get('title', '')!r}")
         return Reply(status, body, limit_headers(remaining))
 

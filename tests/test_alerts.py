@@ -198,7 +198,7 @@ def test_backoff_doubles_from_the_minimum_and_is_capped(journal: Journal, server
     assert outbox(journal) == [("K:1", "sent", 4, None, SENT_MS)]
 
 
-@pytest.mark.parametrize("status", [400, 429])
+@pytest.mark.parametrize("status", [400, 413])
 def test_client_errors_are_never_retried_and_the_next_alert_goes(
     journal: Journal, server: FakePushover, status: int
 ) -> None:
@@ -220,7 +220,7 @@ def test_client_errors_are_never_retried_and_the_next_alert_goes(
     rejected = [e for e in logs if e["event"] == "pushover_rejected"]
     assert [(e["dedupe_key"], e["status"]) for e in rejected] == [("K:1", status)]
     assert rejected[0]["request_id"] == server.history[0].request_id
-    assert rejected[0]["remaining"] == ("0" if status == 429 else "10000")
+    assert rejected[0]["remaining"] == "10000"
     assert notifier.disabled_reason is None
 
 
@@ -268,28 +268,153 @@ def test_invalid_token_rejected_by_validation_also_disables(journal: Journal, se
     assert journal.pending_count() == 2
 
 
-def test_timeouts_are_retried_until_the_server_answers(journal: Journal, server: FakePushover) -> None:
+def test_a_timed_out_alert_is_tried_twice_then_the_queue_moves_on(journal: Journal, server: FakePushover) -> None:
     server.stall(1.0)
     journal.record([alert(1), alert(2)])
-    notifier = make_notifier(journal, make_client(server, timeout=0.3), min_retry_s=0.1, max_retry_s=0.1)
+    notifier = make_notifier(journal, make_client(server, timeout=0.3), min_retry_s=0.05, max_retry_s=0.05)
 
     with capture_logs() as logs:
-        assert notifier.drain_once() == 0
         with running(notifier):
             wait_until(lambda: journal.pending_count() == 0)
 
+    # alert 1 timed out twice (it may have arrived: no third copy); alert 2 went once the stall was over
+    first = [m for m in server.history if m.form["title"].endswith("alert 1")]
+    assert len(first) == 2
+    assert titles(server) == ["IWM 0DTE CALL — alert 2"]
+    rows = outbox(journal)
+    assert rows[0][:2] == ("K:1", "failed") and "may have arrived" in (rows[0][3] or "")
+    assert rows[1][:2] == ("K:2", "sent")
+    gave_up = [e for e in logs if e["event"] == "pushover_timed_out_twice"]
+    assert [e["dedupe_key"] for e in gave_up] == ["K:1"]
+
+
+def test_a_slow_answer_within_the_timeout_is_delivered_once(journal: Journal, server: FakePushover) -> None:
+    server.slow(0.5)
+    journal.record([alert(1), alert(2)])
+    notifier = make_notifier(journal, make_client(server, timeout=2.0))
+
+    assert notifier.drain_once() == 2
+
     assert titles(server) == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
-    retries = [e for e in logs if e["event"] == "pushover_retry"]
-    assert (retries[0]["dedupe_key"], retries[0]["error"], retries[0]["status"]) == (
-        "K:1",
-        "timeout (ReadTimeout)",
-        None,
-    )
-    # A retry landing just before the stall ends is held less than the timeout and answered 503.
-    assert all(e["dedupe_key"] == "K:1" for e in retries)
-    assert all(e["error"].startswith("timeout (") or e["error"] == "HTTP 503: stalled" for e in retries)
-    assert outbox(journal)[0][:3] == ("K:1", "sent", len(retries) + 1)
-    assert server.requests == len(retries) + 2
+    assert server.requests == 2
+
+
+def test_quota_exhausted_holds_the_queue_says_so_once_and_retries_later(
+    journal: Journal, server: FakePushover
+) -> None:
+    server.fail_with(429, count=2)
+    journal.record([alert(1), alert(2)])
+    clock = StepClock()
+    notifier = make_notifier(journal, make_client(server), monotonic=clock, quota_retry_s=300.0)
+
+    with capture_logs() as logs:
+        assert notifier.drain_once() == 0
+        assert notifier.drain_once() == 0  # held: no request while the quota is out
+        assert server.requests == 1
+        health = notifier.health()
+        clock.now += 300.0
+        assert notifier.drain_once() == 0  # still 429 on the retry
+        clock.now += 300.0
+        assert notifier.drain_once() == 2
+
+    assert health.blocked and "429" in (health.problem or "")
+    assert titles(server) == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
+    assert [e["event"] for e in logs].count("pushover_quota_exhausted") == 1
+    assert [r[1] for r in outbox(journal)] == ["sent", "sent"]
+    assert notifier.health().problem is None
+
+
+def test_quota_exhausted_sends_by_the_fallback_in_order(journal: Journal, server: FakePushover) -> None:
+    from alerts import AppriseFallback
+    from sim.webhook_server import FakeWebhook
+
+    server.fail_with(429)
+    journal.record([alert(1), alert(2), alert(3)])
+    with FakeWebhook() as hook:
+        notifier = make_notifier(journal, make_client(server), fallback=AppriseFallback([hook.apprise_url]))
+        with capture_logs() as logs:
+            assert notifier.drain_once() == 3
+        posts = [p.body["title"] for p in hook.posts]
+
+    assert posts == [f"IWM 0DTE CALL — alert {n}" for n in (1, 2, 3)]
+    assert server.requests == 1  # Pushover asked once, then left alone while out of quota
+    assert notifier.health().channel == "fallback" and not notifier.health().blocked
+    assert [e["event"] for e in logs].count("alert_sent_by_fallback") == 3
+    assert [r[1] for r in outbox(journal)] == ["sent", "sent", "sent"]
+
+
+def test_bad_keys_with_a_fallback_keep_alerts_flowing(journal: Journal, server: FakePushover) -> None:
+    from alerts import AppriseFallback
+    from sim.webhook_server import FakeWebhook
+
+    server.fail_with(401)
+    journal.record([alert(1), alert(2)])
+    with FakeWebhook() as hook:
+        notifier = make_notifier(journal, make_client(server), fallback=AppriseFallback([hook.apprise_url]))
+        assert notifier.drain_once() == 2
+        posts = [p.body["message"] for p in hook.posts]
+
+    assert posts == ["message 1\nline two", "message 2\nline two"]
+    assert notifier.disabled_reason is not None
+
+
+def test_pushover_down_over_a_minute_switches_to_the_fallback(journal: Journal, server: FakePushover) -> None:
+    from alerts import AppriseFallback
+    from sim.webhook_server import FakeWebhook
+
+    server.fail_with(500)
+    journal.record([alert(1), alert(2)])
+    clock = StepClock()
+    with FakeWebhook() as hook:
+        notifier = make_notifier(
+            journal,
+            make_client(server),
+            fallback=AppriseFallback([hook.apprise_url]),
+            monotonic=clock,
+            min_retry_s=5.0,
+            max_retry_s=5.0,
+        )
+        assert notifier.drain_once() == 0
+        clock.now += 30.0
+        assert notifier.drain_once() == 0  # down for 30 s: Pushover retried, nothing by the fallback
+        assert hook.posts == []
+        clock.now += 31.0
+        assert notifier.drain_once() == 0  # the retry fails too, 61 s down: the held item may go the other way
+        clock.now += 1.0
+        assert notifier.drain_once() == 2
+        posts = [p.body["title"] for p in hook.posts]
+
+    assert posts == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
+    assert titles(server) == []
+
+
+def test_the_fallback_failing_holds_the_queue_and_nothing_is_lost(journal: Journal, server: FakePushover) -> None:
+    from alerts import AppriseFallback
+    from sim.webhook_server import FakeWebhook
+
+    server.fail_with(429)
+    journal.record([alert(1), alert(2)])
+    clock = StepClock()
+    with FakeWebhook() as hook:
+        hook.fail_with(500)
+        notifier = make_notifier(
+            journal, make_client(server), fallback=AppriseFallback([hook.apprise_url]), monotonic=clock
+        )
+        assert notifier.drain_once() == 0
+        hook.fail_with(None)
+        clock.now += 1.0
+        assert notifier.drain_once() == 2
+        posts = [p.body["title"] for p in hook.posts]
+
+    assert posts == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
+
+
+def test_fallback_urls_apprise_cannot_read_are_refused_with_masked_text() -> None:
+    from alerts import AppriseFallback
+
+    with pytest.raises(ValueError) as refused:
+        AppriseFallback(["notaurl-secretsecret"])
+    assert "secretsecret" not in str(refused.value)
 
 
 def test_without_keys_alerts_go_to_log_only_and_are_marked_sent(journal: Journal) -> None:
@@ -371,9 +496,13 @@ def test_secrets_never_appear_in_logs_or_errors(journal: Journal, server: FakePu
 
     with capture_logs() as logs:
         notifier.flush(5.0)
-        server.fail_with(429, count=1)
+        server.fail_with(400, count=1)
         journal.record([alert(6), alert(7)])
         notifier.drain_once()
+        server.fail_with(429, count=1)
+        journal.record([alert(9)])
+        notifier.drain_once()
+        notifier = make_notifier(journal, make_client(server))
         server.fail_with(401)
         journal.record([alert(8)])
         notifier.drain_once()
@@ -384,6 +513,7 @@ def test_secrets_never_appear_in_logs_or_errors(journal: Journal, server: FakePu
         "pushover_sent",
         "pushover_retry",
         "pushover_rejected",
+        "pushover_quota_exhausted",
         "pushover_disabled",
     }
     assert TOKEN not in text and USER not in text

@@ -1,0 +1,256 @@
+"""The live alert path's memory: a decision reaches the phone even while the journal cannot be written.
+
+`WriteBehindJournal` stands between the engine thread and the SQLite journal. Each decision is still
+written in one transaction before its alerts are handed on; when that write fails (disk full, another
+process holding a lock, a read-only file) the decision is kept in memory, in order, and written as soon
+as the journal accepts writes again. Its alerts go out either way: a lost SELL costs more than a P&L row
+written late. Freshness (is this alert new?) is decided in memory from the dedupe keys the journal held
+at start plus every key seen since, so a failing journal can neither lose nor repeat an alert.
+
+`MemoryOutbox` is the notifier's queue in the live daemon: alerts in decision order, seeded at start
+with what the journal still had pending. Delivery outcomes are remembered here and written behind, so a
+failed "mark sent" never makes the notifier send the same alert again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import structlog
+
+from events import Action, Alert, Log, SetMeta, UpdatePosition
+from pnl_tracker import Journal, JournalError, OutboxItem
+
+RETRY_EVERY_S = 1.0
+log = structlog.get_logger("journal")
+
+
+@dataclass(frozen=True, slots=True)
+class JournalHealth:
+    """What `/health` says about the journal: failing since when, and how much is waiting to be written."""
+
+    failing: bool
+    since_ms: int | None
+    backlog: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    dedupe_key: str
+    status: str
+    error: str | None
+    sent_ms: int | None
+
+
+class WriteBehindJournal:
+    """The journal for the live daemon: `record` never raises and never blocks for long.
+
+    `on_failing(error)` is called once when writes start failing, `on_recovered(written)` once when the
+    backlog has been written; both run on the thread that noticed (keep them cheap: enqueue, log).
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        clock_ms: Callable[[], int],
+        on_failing: Callable[[str], None] = lambda _error: None,
+        on_recovered: Callable[[int], None] = lambda _written: None,
+        retry_every_s: float = RETRY_EVERY_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.journal = journal
+        self._known = journal.dedupe_keys()
+        self._clock_ms = clock_ms
+        self._on_failing = on_failing
+        self._on_recovered = on_recovered
+        self._retry_every_s = retry_every_s
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._decisions: list[tuple[list[Action], str | None]] = []
+        self._outcomes: list[_Outcome] = []
+        self._since_ms: int | None = None
+        self._last_error: str | None = None
+        self._retry_at = 0.0
+        self._written_while_failing = 0
+
+    def record(self, actions: Sequence[Action], cursor: str | None = None) -> list[Alert]:
+        """Write one decision (now, or later if the journal refuses); return its alerts new to the outbox."""
+        durable = [a for a in actions if not isinstance(a, Log)]
+        if not durable:
+            return []
+        with self._lock:
+            fresh = self._fresh_alerts(durable)
+            self._queue_decision(durable, cursor)
+            self._write_if_due()
+        return fresh
+
+    def set_meta(self, key: str, value: str) -> None:
+        """A meta value, written like a decision (so it waits its turn behind earlier ones)."""
+        self.record([SetMeta(key, value)])
+
+    def mark(self, dedupe_key: str, status: str, error: str | None, sent_ms: int | None) -> None:
+        """Record a delivery outcome, now or once the journal accepts writes again."""
+        with self._lock:
+            self._outcomes.append(_Outcome(dedupe_key, status, error, sent_ms))
+            self._write_if_due()
+
+    def catch_up(self) -> None:
+        """Retry the backlog if one is waiting and its retry time has come (called every engine turn)."""
+        if self._since_ms is None:
+            return
+        with self._lock:
+            self._write_if_due()
+
+    def health(self) -> JournalHealth:
+        """The journal's state for `/health` and the status view."""
+        with self._lock:
+            backlog = len(self._decisions) + len(self._outcomes)
+            return JournalHealth(self._since_ms is not None, self._since_ms, backlog, self._last_error)
+
+    def _fresh_alerts(self, durable: list[Action]) -> list[Alert]:
+        fresh = []
+        for action in durable:
+            if isinstance(action, Alert) and action.dedupe_key not in self._known:
+                self._known.add(action.dedupe_key)
+                fresh.append(action)
+        return fresh
+
+    def _queue_decision(self, durable: list[Action], cursor: str | None) -> None:
+        # While failing, consecutive mark updates of the held position replace each other: only the last
+        # peak and mark matter, and a day of failing writes must not grow memory per quote.
+        if self._decisions and cursor is None and _only_updates(durable):
+            previous, previous_cursor = self._decisions[-1]
+            if previous_cursor is None and _only_updates(previous) and _same_trade(previous, durable):
+                self._decisions[-1] = (durable, None)
+                return
+        self._decisions.append((durable, cursor))
+
+    def _write_if_due(self) -> None:
+        if self._since_ms is not None and self._monotonic() < self._retry_at:
+            return
+        try:
+            self._write_backlog()
+        except JournalError as exc:
+            self._note_failure(str(exc))
+            return
+        if self._since_ms is not None:
+            self._note_recovery()
+
+    def _write_backlog(self) -> None:
+        while self._decisions:
+            actions, cursor = self._decisions[0]
+            self.journal.record(actions, cursor)
+            self._decisions.pop(0)
+            self._written_while_failing += self._since_ms is not None
+        while self._outcomes:
+            outcome = self._outcomes[0]
+            self.journal.mark_outcome(outcome.dedupe_key, outcome.status, outcome.error, outcome.sent_ms)
+            self._outcomes.pop(0)
+
+    def _note_failure(self, error: str) -> None:
+        self._retry_at = self._monotonic() + self._retry_every_s
+        self._last_error = error
+        if self._since_ms is not None:
+            return
+        self._since_ms = self._clock_ms()
+        self._written_while_failing = 0
+        log.critical(
+            "journal_failing",
+            error=error,
+            note="alerts still go out; decisions are kept in memory and written when the journal recovers",
+        )
+        self._on_failing(error)
+
+    def _note_recovery(self) -> None:
+        written = self._written_while_failing
+        log.warning("journal_recovered", written=written, failing_since_ms=self._since_ms)
+        self._since_ms = None
+        self._last_error = None
+        self._on_recovered(written)
+
+
+def _only_updates(actions: list[Action]) -> bool:
+    return all(isinstance(a, UpdatePosition) for a in actions)
+
+
+def _same_trade(first: list[Action], second: list[Action]) -> bool:
+    ids = {a.trade_id for a in (*first, *second) if isinstance(a, UpdatePosition)}
+    return len(ids) == 1
+
+
+class MemoryOutbox:
+    """The notifier's queue: pending alerts in decision order, in memory; outcomes written behind.
+
+    It offers the notifier the journal's outbox interface (`pending`, `mark_sent`, ...), with ids of its
+    own: an alert that never reached the journal still has its place in the queue.
+    """
+
+    def __init__(self, outcomes: WriteBehindJournal, seed: Iterable[OutboxItem] = ()) -> None:
+        self._outcomes = outcomes
+        self._lock = threading.Lock()
+        self._items: dict[int, OutboxItem] = {}
+        self._next_id = 1
+        self.last_sent: OutboxItem | None = None
+        self.last_sent_ms: int | None = None
+        for item in seed:
+            self._append(item)
+
+    def add(self, alerts: Sequence[Alert]) -> None:
+        """Queue alerts the engine decided on (already known to be fresh)."""
+        with self._lock:
+            for alert in alerts:
+                self._append(
+                    OutboxItem(
+                        0,
+                        alert.dedupe_key,
+                        alert.kind,
+                        alert.title,
+                        alert.message,
+                        alert.priority,
+                        alert.at_ms,
+                        0,
+                    )
+                )
+
+    def pending(self, limit: int = 50) -> list[OutboxItem]:
+        """Unsent alerts in the order they were decided."""
+        with self._lock:
+            return list(self._items.values())[:limit]
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def mark_sent(self, item_id: int, sent_ms: int) -> None:
+        item = self._finish(item_id)
+        if item is not None:
+            self.last_sent, self.last_sent_ms = item, sent_ms
+            self._outcomes.mark(item.dedupe_key, "sent", None, sent_ms)
+
+    def mark_attempt(self, item_id: int, error: str) -> None:
+        """A failed attempt that will be retried: the item keeps its place."""
+        with self._lock:
+            item = self._items.get(item_id)
+            if item is None:
+                return
+            self._items[item_id] = replace(item, attempts=item.attempts + 1)
+        self._outcomes.mark(item.dedupe_key, "pending", error, None)
+
+    def mark_failed(self, item_id: int, error: str) -> None:
+        """A permanent failure: never retried."""
+        item = self._finish(item_id)
+        if item is not None:
+            self._outcomes.mark(item.dedupe_key, "failed", error, None)
+
+    def _append(self, item: OutboxItem) -> None:
+        self._items[self._next_id] = replace(item, id=self._next_id)
+        self._next_id += 1
+
+    def _finish(self, item_id: int) -> OutboxItem | None:
+        with self._lock:
+            return self._items.pop(item_id, None)
