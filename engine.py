@@ -150,7 +150,8 @@ class Engine:
         self.position = state.position
         self.day = state.day
         self.opened_today = state.opened_today
-        self.last_exit_ms = state.last_exit_ms
+        # The cooldown belongs to a day: an exit on another day (replays run days in any order) is ignored.
+        self.last_exit_ms = same_day_exit(state.last_exit_ms, session_date)
         self.lifetime = state.lifetime
         self._critical_latched = state.critical_latched
 
@@ -204,6 +205,7 @@ class Engine:
             return
         self._session_date = new_date
         self.day, self.opened_today, self._stall_alerted = DayRecord(), 0, False
+        self.last_exit_ms = None  # the cooldown never reaches across days
         self._watching_since = now
         actions.append(Log("session_day", {"date": new_date, "trading": session is not None}))
 
@@ -275,8 +277,10 @@ class Engine:
         chain_age = (now - self.chain.received_ms) / 1000
         if chain_age > rules.chain_max_age_seconds:
             return Block("chain_stale", f"{chain_age:.1f}s", f"{rules.chain_max_age_seconds:g}s")
-        if self.last_exit_ms is not None and now - self.last_exit_ms < rules.cooldown_seconds * 1000:
-            waited = (now - self.last_exit_ms) / 1000
+        waited_ms = None if self.last_exit_ms is None else now - self.last_exit_ms
+        # A negative wait means the exit lies ahead of `now` (another day's): it never blocks.
+        if waited_ms is not None and 0 <= waited_ms < rules.cooldown_seconds * 1000:
+            waited = waited_ms / 1000
             return Block("cooldown", f"{waited:.1f}s", f"{rules.cooldown_seconds:g}s")
         return protection_block(
             self.day,
@@ -543,6 +547,13 @@ class Engine:
         for reading in self.filter_readings():
             fields[reading.name] = reading.value + (" (blocks)" if reading.blocks else "")
         return fields
+
+
+def same_day_exit(last_exit_ms: int | None, session_date: str) -> int | None:
+    """`last_exit_ms` when it falls on `session_date` (New York), else None: cooldowns are per day."""
+    if last_exit_ms is None or ny_datetime(last_exit_ms).date().isoformat() != session_date:
+        return None
+    return last_exit_ms
 
 
 def open_action(position: Position) -> OpenPosition:

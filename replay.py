@@ -1,25 +1,43 @@
 """Replay a tape through the full engine, resuming where a previous replay into the same journal stopped.
 
 Engine time is each line's receive stamp `t`; a Tick fills each whole second between lines. When
-the journal's cursor points into this tape, the lines up to it are replayed only to rebuild the
-features (their decisions are already in the journal), then the journal's state is adopted.
+the journal already holds this tape up to some line (its cursor points into it, or an earlier replay
+of a tape of this name finished), the lines up to it are replayed only to rebuild the features (their
+decisions are already in the journal), then the journal's state is adopted.
+
+Days replay in any order into one journal: the lifetime adds up, while what belongs to a day (the
+cooldown, the day record, an open position) never reaches into another day's replay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from alert_text import money
 from config import Rules
 from engine import Engine, SessionSource
 from events import Received
 from feed import FeedCounters, FeedDecoder
 from market_calendar import ny_date
 from pipeline import AlertSink, LogSink, Pipeline, structlog_sink
-from pnl_tracker import Journal
+from pnl_tracker import Journal, TradeRow
 from tape import TapeLine, TapeReader
+
+# Meta key prefix: the last line of a tape (by file name) that a finished replay went through.
+REPLAYED_PREFIX = "replayed:"
+
+
+class NotATape(ValueError):
+    """The file yields no valid tape line (not JSON lines, empty, or a gzip of something else)."""
+
+    def __init__(self, path: Path, bad_lines: int) -> None:
+        super().__init__(f"{path} is not a tape: no valid tape line in it ({bad_lines} unreadable)")
+        self.path = path
+        self.bad_lines = bad_lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +48,8 @@ class ReplayResult:
     feed: FeedCounters
     late_bars: int
     bars: int
+    last_line: int = 0  # the tape's last valid line number
+    new_lines: int = 0  # valid lines after `resumed_after`: 0 when the journal already held them all
 
 
 def received_from(line: TapeLine) -> Received | None:
@@ -44,12 +64,28 @@ def received_from(line: TapeLine) -> Received | None:
 
 
 def saved_line(journal: Journal | None, tape_name: str) -> int:
-    """The last tape line whose decisions the journal already holds (0 if none)."""
-    cursor = journal.meta("cursor") if journal is not None else None
-    if not cursor:
+    """The last tape line whose decisions the journal already holds (0 if none).
+
+    The cursor names the tape of the latest decision; the `replayed:` mark remembers every tape a
+    replay went through to its end, so going back to an earlier day's tape is not replayed twice.
+    """
+    if journal is None:
         return 0
+    cursor = journal.meta("cursor") or ""
     name, _, line_no = cursor.rpartition(":")
-    return int(line_no) if name == tape_name and line_no.isdigit() else 0
+    at_cursor = int(line_no) if name == tape_name and line_no.isdigit() else 0
+    finished = journal.meta(REPLAYED_PREFIX + tape_name) or ""
+    return max(at_cursor, int(finished) if finished.isdigit() else 0)
+
+
+def check_tape(path: Path) -> None:
+    """Raise NotATape unless the file at `path` holds at least one valid tape line."""
+    reader = TapeReader(path)
+    if reader.meta is not None:
+        return  # the usual case, known from the first line alone
+    for _line in reader:
+        return
+    raise NotATape(Path(path), reader.bad_lines)
 
 
 class Pacer:
@@ -86,7 +122,11 @@ def replay_tape(
     clock: Callable[[], float] = time.monotonic,
     engine: Engine | None = None,
 ) -> ReplayResult:
-    """Run every line of the tape at `path`; see the module docstring for resuming."""
+    """Run every line of the tape at `path`; see the module docstring for resuming.
+
+    Raises NotATape when the file holds no valid tape line.
+    """
+    check_tape(path)
     engine = engine or Engine(rules, calendar)
     pipeline = Pipeline(
         engine,
@@ -100,10 +140,13 @@ def replay_tape(
     resume_after = saved_line(journal, tape_name)
     pipeline.warming = resume_after > 0
     pacer = Pacer(speed, sleep, clock)
-    lines = 0
+    lines = new_lines = last_line = 0
     adopted = False
     for line in reader:
         lines += 1
+        last_line = line.line_no
+        if line.line_no > resume_after:
+            new_lines += 1
         if not adopted and line.line_no > resume_after:
             _adopt_journal(engine, journal, line.t)
             pipeline.warming, adopted = False, True
@@ -113,6 +156,8 @@ def replay_tape(
         if not pipeline.warming:
             pacer.wait_for(item.t)
         pipeline.handle(item, cursor=f"{tape_name}:{line.line_no}")
+    if journal is not None and last_line > resume_after:
+        journal.set_meta(REPLAYED_PREFIX + tape_name, str(last_line))
     return ReplayResult(
         lines=lines,
         bad_lines=reader.bad_lines,
@@ -120,6 +165,8 @@ def replay_tape(
         feed=pipeline.decoder.counters,
         late_bars=engine.counters.late_bars,
         bars=engine.counters.bars,
+        last_line=last_line,
+        new_lines=new_lines,
     )
 
 
@@ -127,4 +174,118 @@ def _adopt_journal(engine: Engine, journal: Journal | None, t: int) -> None:
     if journal is None:
         return
     session_date = ny_date(t).isoformat()
-    engine.restore(journal.restored_state(session_date), session_date)
+    state = journal.restored_state(session_date)
+    if state.position is not None and state.position.session_date > session_date:
+        # Left open by a LATER day's replay: it is not this day's to follow or close (closing it now
+        # would put its exit before its entry). It stays open in the journal for that day.
+        state = dataclasses.replace(state, position=None)
+    engine.restore(state, session_date)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """What ONE replay run did (not the whole journal), plus the journal's lifetime after it."""
+
+    tape: str
+    journal: str
+    lines: int
+    bad_lines: int
+    resumed_after: int
+    new_lines: int
+    trades: int
+    wins: int
+    losses: int
+    pnl: float
+    lifetime_pnl: float
+    lifetime_wins: int
+    lifetime_losses: int
+    open_position: str | None
+    pending_alerts: int
+    moved_aside: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready fields, `event: replay_summary` first so a script can pick the line out."""
+        return {
+            "event": "replay_summary",
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+        }
+
+
+def is_win(pnl_dollars: float) -> bool:
+    """A trade that made money; a flat trade counts as a loss, as in the journal's lifetime record."""
+    return pnl_dollars > 0
+
+
+def summarize_run(
+    result: ReplayResult,
+    *,
+    tape: Path,
+    journal: Journal,
+    known_before: Iterable[str],
+    moved_aside: Path | None = None,
+) -> RunSummary:
+    """This run's trades are those the journal holds now and did not hold before it (`known_before`)."""
+    known = set(known_before)
+    every = journal.trades()
+    mine = [t for t in every if t.trade_id not in known]
+    position = journal.restored_state("").position
+    return RunSummary(
+        tape=str(tape),
+        journal=str(journal.path),
+        lines=result.lines,
+        bad_lines=result.bad_lines,
+        resumed_after=result.resumed_after,
+        new_lines=result.new_lines,
+        trades=len(mine),
+        wins=sum(is_win(t.pnl_dollars) for t in mine),
+        losses=sum(not is_win(t.pnl_dollars) for t in mine),
+        pnl=_total(mine),
+        lifetime_pnl=_total(every),
+        lifetime_wins=sum(is_win(t.pnl_dollars) for t in every),
+        lifetime_losses=sum(not is_win(t.pnl_dollars) for t in every),
+        open_position=None if position is None else position.trade_id,
+        pending_alerts=journal.pending_count(),
+        moved_aside=None if moved_aside is None else str(moved_aside),
+    )
+
+
+def _total(trades: list[TradeRow]) -> float:
+    return round(sum(t.pnl_dollars for t in trades), 2)
+
+
+def resume_note(tape: Path, resumed_after: int, new_lines: int | None = None) -> str | None:
+    """The plain words for a tape the journal already holds (None when it held none of it)."""
+    if resumed_after <= 0:
+        return None
+    held = f"The replay journal already holds this tape ({Path(tape).name}) up to line {resumed_after}"
+    if new_lines is None:
+        done = "replaying only the lines after it"
+    elif new_lines == 0:
+        done = "nothing left to do, no line after it"
+    else:
+        done = f"resumed after it and replayed the {new_lines} lines that followed"
+    return (
+        f"{held}: {done}. To replay it from the start on a new journal: "
+        f"python3 main.py --replay {tape} --fresh"
+    )
+
+
+def render_summary(summary: RunSummary) -> str:
+    """The readable block printed at the end of a replay on a terminal."""
+    record = f"{summary.wins}W-{summary.losses}L"
+    lifetime = f"{summary.lifetime_wins}W-{summary.lifetime_losses}L"
+    lines = [
+        f"Replay of {summary.tape}",
+        f"  lines read        {summary.lines} ({summary.bad_lines} unreadable)",
+        f"  this run          {summary.trades} trades, {record}, P&L {money(summary.pnl)}",
+        f"  lifetime          {money(summary.lifetime_pnl)}, {lifetime}",
+        f"  open position     {summary.open_position or 'none'}",
+        f"  alerts pending    {summary.pending_alerts}",
+        f"  journal           {summary.journal}",
+    ]
+    note = resume_note(Path(summary.tape), summary.resumed_after, summary.new_lines)
+    if note:
+        lines.append(f"  note              {note}")
+    if summary.moved_aside:
+        lines.append(f"  --fresh           the previous journal was moved to {summary.moved_aside}")
+    return "\n".join(lines)

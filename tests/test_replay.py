@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+from datetime import timedelta
 from pathlib import Path
 
-from builders import calendar
+from builders import DAY, at, bar, calendar, chain, engine, quote
 
 from config import Rules
 from events import Alert
@@ -189,3 +190,69 @@ def test_a_recorded_pause_blocks_entries_and_the_sell_still_goes_out(demo_tape, 
     assert [a.kind for a in sent if a.kind in ("BUY", "SELL")] == ["BUY", "SELL", "BUY", "SELL"]
     assert len(journal.trades()) == 2
     assert "paused" in blocked_rules(logs)
+
+
+def replay_into(tape: Path, journal: Journal, logs: list | None = None):
+    """One replay into an open journal, logs collected in `logs` when given."""
+    return replay_tape(
+        tape,
+        rules=RULES,
+        calendar=calendar(RULES),
+        journal=journal,
+        on_alerts=lambda _alerts: None,
+        on_log=(logs.append if logs is not None else lambda _log: None),
+    )
+
+
+def trade_facts(trades) -> list[tuple]:
+    """What a trade is, apart from where the journal keeps it."""
+    return [(t.trade_id, t.ticker, t.entry_price, t.exit_price, t.entry_ms, t.exit_ms, t.reason, t.pnl_dollars)
+            for t in trades]  # fmt: skip
+
+
+def test_days_replay_in_reverse_order_into_one_journal_as_on_fresh_ones(short_tapes, tmp_path):
+    early, late = short_tapes
+    fresh = {}
+    for tape in short_tapes:
+        fresh_journal = Journal(tmp_path / f"fresh-{tape.name}.sqlite3")
+        replay_into(tape, fresh_journal)
+        fresh[tape.name] = fresh_journal.trades()
+    assert fresh[early.name] and fresh[late.name]
+
+    shared = Journal(tmp_path / "shared.sqlite3")
+    replay_into(late, shared)
+    logs: list = []
+    replay_into(early, shared, logs)
+    day = early.name[:10]
+    early_trades = [t for t in shared.trades() if t.session_date == day]
+    assert trade_facts(early_trades) == trade_facts(fresh[early.name])
+    blocks = [log.fields for log in logs if log.event == "entry_blocked" and log.fields["rule"] == "cooldown"]
+    assert all(not str(b["value"]).startswith("-") for b in blocks), blocks
+    every = fresh[early.name] + fresh[late.name]
+    lifetime = shared.restored_state(day).lifetime
+    assert lifetime.pnl == round(sum(t.pnl_dollars for t in every), 2)
+    assert lifetime.wins + lifetime.losses == len(every)
+    for trade in shared.trades():
+        assert trade.exit_ms >= trade.entry_ms, trade
+
+
+def test_a_later_days_exit_never_blocks_an_earlier_day_and_the_wait_is_never_negative():
+    from engine import RestoredState, same_day_exit
+    from risk_manager import DayRecord, Lifetime
+
+    next_day_exit = at(10, 0, day=DAY + timedelta(days=1))
+    assert same_day_exit(next_day_exit, DAY.isoformat()) is None
+    assert same_day_exit(at(9, 50), DAY.isoformat()) == at(9, 50)
+    eng = engine(RULES)
+    state = RestoredState(None, DayRecord(), 0, next_day_exit, Lifetime(12.0, 1, 0), False)
+    eng.restore(state, DAY.isoformat())
+    assert eng.last_exit_ms is None and eng.lifetime.pnl == 12.0
+    # Set directly (as a journal of an older program would): a future exit still never blocks.
+    eng.last_exit_ms = next_day_exit
+    eng.on_event(chain(at(10, 0), quote(at(10, 0))))
+    eng.on_event(bar(at(10, 0), 220.0))
+    block = eng._entry_block(eng.last_bar)
+    assert block is None or block.rule != "cooldown"
+    eng.last_exit_ms = at(9, 59, 30)
+    block = eng._entry_block(eng.last_bar)
+    assert block is not None and block.rule == "cooldown" and block.value == "31.2s"
