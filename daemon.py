@@ -7,15 +7,22 @@ clock ─────────┘
 Producers only stamp what they receive and enqueue it. The engine thread decodes, records the raw
 item to the tape and runs the engine, so the tape's order is the engine's order. A watchdog exits
 the process with status 3 when the engine thread stops turning, so the supervisor restarts it.
+
+Fault tolerance (README "Durability"): every other thread runs under a `Supervisor` that restarts it
+after an error and reports it once; an alert the engine decided on goes out even while the journal or
+the tape cannot be written (`delivery.py`); one daemon per DATA_DIR (`instance_lock.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import sqlite3
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
@@ -23,19 +30,22 @@ from pathlib import Path
 
 import structlog
 
-from alert_text import PRIORITY_NORMAL, money
-from alerts import Notifier, PushoverClient
+from alert_text import PRIORITY_HIGH, PRIORITY_NORMAL, money
+from alerts import AppriseFallback, Notifier, PushoverClient
 from clock import Clock
 from config import Settings
+from delivery import MemoryOutbox, WriteBehindJournal
 from engine import Engine, position_fields
 from events import Alert, FeedStatus, Received
 from feed import FeedDecoder
 from health import VERSION, HealthServer, Heartbeat, Snapshot, health_status
+from instance_lock import InstanceLock
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
 from pipeline import Pipeline
-from pnl_tracker import Journal
+from pnl_tracker import Journal, JournalError
 from polygon_client import PolygonRest, PolygonStream, RestAnswer
 from replay import received_from
+from supervisor import Supervisor, WorkerHealth, error_text
 from tape import TapeReader, TapeWriter, prune_tapes, tape_path
 
 EXIT_WATCHDOG = 3
@@ -44,9 +54,28 @@ PROFILE_META = "volume_profile"
 REFUSED_RETRY_SECONDS = 60.0
 REFUSALS = {401: "unauthorized", 403: "not_entitled"}
 TAPE_FLUSH_SECONDS = 5.0
+TAPE_RETRY_SECONDS = 300.0
 BACKFILL_REACH_BACK_MS = 5_000
 PAUSE_FILE = "PAUSE"
+HEARTBEAT_STATUSES = frozenset({"ok", "closed", "degraded"})
+# The live journal must never hold the engine thread for seconds behind another process's lock.
+JOURNAL_BUSY_TIMEOUT_S = 0.1
+CHAIN_POLL_STALE_MIN_S = 60.0
+CHAIN_POLL_STALE_FACTOR = 6
+THREAD_STALE_S = 180.0
 log = structlog.get_logger("daemon")
+
+
+@dataclass(frozen=True, slots=True)
+class SystemNotice:
+    """A SYSTEM alert raised off the engine thread (a crashed thread, the journal, the tape).
+
+    It travels through the queue so that the engine thread commits it like any other alert.
+    """
+
+    kind: str
+    text: str
+    priority: int = PRIORITY_HIGH
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,16 +104,38 @@ class Daemon:
         self.stop = stop or threading.Event()
         self.calendar = MarketCalendar(self.rules, settings.market_closed_dates)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(settings.data_dir / "journal.sqlite3")
+        self.instance_lock = InstanceLock(settings.data_dir).acquire()
+        try:
+            self.journal = Journal(
+                settings.data_dir / "journal.sqlite3", busy_timeout_s=JOURNAL_BUSY_TIMEOUT_S, check=True
+            )
+            self.writer = WriteBehindJournal(
+                self.journal,
+                clock_ms=clock.now_ms,
+                on_failing=self._journal_failing,
+                on_recovered=self._journal_recovered,
+            )
+            self.outbox = MemoryOutbox(self.writer, self.journal.pending(1_000_000))
+        except BaseException:
+            self.instance_lock.release()
+            raise
         self.engine = Engine(self.rules, self.calendar)
         self.queue: queue.Queue[object] = queue.Queue()
-        self.notifier = Notifier(self.journal, self._pushover_client(), clock_ms=clock.now_ms)
+        self.notifier = Notifier(
+            self.outbox, self._pushover_client(), clock_ms=clock.now_ms, fallback=self._fallback()
+        )
         self.pipeline = Pipeline(
             self.engine,
-            self.journal,
+            self.writer,
             FeedDecoder.for_rules(self.rules),
-            on_alerts=lambda _alerts: self.notifier.wake(),
+            on_alerts=self._on_alerts,
         )
+        self.supervisor = Supervisor(self.stop, on_crash=self._thread_crashed)
+        self.engine_errors = 0
+        self.tape_problem: str | None = None
+        self._tape_retry_at = 0.0
+        self._tape_alerted_day: date | None = None
+        self._last_chain_poll = time.monotonic()
         self.interest = Interest(None, None)
         self.health: Snapshot = {"status": "closed", "version": VERSION}
         self.last_turn = time.monotonic()
@@ -102,6 +153,30 @@ class Daemon:
             sleep=lambda seconds: self.stop.wait(seconds * clock.sleep_scale()),
         )
 
+    def _fallback(self) -> AppriseFallback | None:
+        urls = self.settings.alert_fallback_urls
+        return AppriseFallback(urls) if urls else None
+
+    def _on_alerts(self, alerts: list[Alert]) -> None:
+        self.outbox.add(alerts)
+        self.notifier.wake()
+
+    def _journal_failing(self, error: str) -> None:
+        text = (
+            f"The journal cannot be written ({error[:120]}). Alerts still go out and the position is "
+            "followed in memory, but the P&L record is at risk until it recovers: free disk space or "
+            "close whatever holds the database."
+        )
+        self.queue.put(SystemNotice("JOURNAL_FAILING", text, PRIORITY_HIGH))
+
+    def _journal_recovered(self, written: int) -> None:
+        text = f"The journal is writable again; {written} held decision(s) written."
+        self.queue.put(SystemNotice("JOURNAL_RECOVERED", text, PRIORITY_NORMAL))
+
+    def _thread_crashed(self, name: str, error: str) -> None:
+        text = f"The {name} thread failed ({error}). It restarts by itself; check the logs if this repeats."
+        self.queue.put(SystemNotice("SYSTEM", text, PRIORITY_HIGH))
+
     def _pushover_client(self) -> PushoverClient | None:
         s = self.settings
         if not (s.pushover_token and s.pushover_user_key):
@@ -111,40 +186,48 @@ class Daemon:
 
     def run(self) -> int:
         """Start every thread, run until stopped; returns the exit status."""
-        self._warm_up_and_restore()
-        self._announce_start()
-        threads = [
-            threading.Thread(target=self.notifier.run, args=(self.stop,), name="notifier", daemon=True),
-            threading.Thread(target=self._poll_loop, name="poller", daemon=True),
-            threading.Thread(target=self._session_loop, name="session", daemon=True),
-            threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True),
-        ]
-        if self.settings.heartbeat_url:
-            heartbeat = Heartbeat(self.settings.heartbeat_url)
-            threads.append(threading.Thread(target=self._heartbeat_loop, args=(heartbeat,), daemon=True))
-        health_server = self.health_server = self._start_health_server()
-        for thread in threads:
-            thread.start()
         try:
+            self._warm_up_and_restore()
+            self._announce_start()
+            self._start_threads()
             self._engine_loop()
         finally:
-            self._shutdown(health_server)
+            self._shutdown(self.health_server)
         return 0
+
+    def _start_threads(self) -> None:
+        spawn = self.supervisor.spawn
+        spawn("notifier", lambda: self.notifier.run(self.stop), stale_after_s=THREAD_STALE_S)
+        spawn("poller", self._poll_loop, stale_after_s=THREAD_STALE_S)
+        spawn("session", self._session_loop, stale_after_s=THREAD_STALE_S)
+        spawn("watchdog", self._watchdog_loop, stale_after_s=THREAD_STALE_S)
+        if self.settings.heartbeat_url:
+            heartbeat = Heartbeat(self.settings.heartbeat_url)
+            spawn("heartbeat", lambda: self._heartbeat_loop(heartbeat), stale_after_s=THREAD_STALE_S)
+        self.health_server = self._start_health_server()
 
     def _warm_up_and_restore(self) -> None:
         """Rebuild today's features from today's tape (if any), then adopt the journal's trading state."""
         today = ny_date(self.clock.now_ms())
         path = tape_path(self.settings.data_dir, today)
         if path.is_file():
-            self.pipeline.warming = True
+            self._warm_up_from(path)
+        self.engine.restore(self.journal.restored_state(today.isoformat()), today.isoformat())
+        if self.engine.position is not None:
+            log.info("position_resumed", **(position_fields(self.engine.position) or {}))
+
+    def _warm_up_from(self, path: Path) -> None:
+        """Replay today's tape with decisions discarded; a damaged tape only costs warm-up, never the start."""
+        self.pipeline.warming = True
+        try:
             for line in TapeReader(path, lazy_bodies=True):
                 item = received_from(line)
                 if item is not None:
                     self.pipeline.handle(item)
+        except Exception as exc:
+            log.error("warm_up_failed", tape=str(path), error=error_text(exc), note="features start cold")
+        finally:
             self.pipeline.warming = False
-        self.engine.restore(self.journal.restored_state(today.isoformat()), today.isoformat())
-        if self.engine.position is not None:
-            log.info("position_resumed", **(position_fields(self.engine.position) or {}))
 
     def _announce_start(self) -> None:
         now = self.clock.now_ms()
@@ -158,8 +241,7 @@ class Daemon:
         )
         minute = ny_datetime(now).strftime("%Y-%m-%dT%H:%M")
         title = f"{self.rules.underlying} alerter — START"
-        self.journal.record([Alert("START", f"START:{minute}", title, text, PRIORITY_NORMAL, now)])
-        self.notifier.wake()
+        self.pipeline.deliver([Alert("START", f"START:{minute}", title, text, PRIORITY_NORMAL, now)])
 
     @property
     def notifier_enabled(self) -> bool:
@@ -179,15 +261,37 @@ class Daemon:
                 item = self.queue.get(timeout=0.05)
             except queue.Empty:
                 item = None
-            now = self.clock.now_ms()
-            if isinstance(item, Received):
-                stamped = replace(item, t=now)
-                self._record(stamped)
-                self.pipeline.handle(stamped)
-            elif isinstance(item, FeedStatus):
-                self.pipeline.run(replace(item, received_ms=now))
-            self.pipeline.advance_to(now)
-            self._after_turn(pause_file)
+            try:
+                self._turn(item, self.clock.now_ms(), pause_file)
+            except Exception as exc:
+                self._engine_error(exc)
+
+    def _turn(self, item: object, now: int, pause_file: Path) -> None:
+        if isinstance(item, Received):
+            stamped = replace(item, t=now)
+            self._record(stamped)
+            self.pipeline.handle(stamped)
+        elif isinstance(item, FeedStatus):
+            self.pipeline.run(replace(item, received_ms=now))
+        elif isinstance(item, SystemNotice):
+            self._deliver_notice(item, now)
+        self.pipeline.advance_to(now)
+        self._after_turn(pause_file)
+
+    def _engine_error(self, exc: Exception) -> None:
+        """An item the engine could not handle is skipped: one bad input must not stop the day."""
+        self.engine_errors += 1
+        trace = "".join(traceback.format_exception(exc)[-12:])
+        log.error("engine_item_failed", error=error_text(exc), count=self.engine_errors, traceback=trace)
+        if self.engine_errors == 1:
+            text = f"An input could not be handled ({error_text(exc)}) and was skipped; trading continues."
+            self._deliver_notice(SystemNotice("SYSTEM", text, PRIORITY_NORMAL), self.clock.now_ms())
+
+    def _deliver_notice(self, notice: SystemNotice, now: int) -> None:
+        minute = ny_datetime(now).strftime("%Y-%m-%dT%H:%M")
+        title = f"{self.rules.underlying} alerter — {notice.kind.replace('_', ' ')}"
+        key = f"{notice.kind}:{minute}"
+        self.pipeline.deliver([Alert(notice.kind, key, title, notice.text, notice.priority, now)])
 
     def _after_turn(self, pause_file: Path) -> None:
         paused = pause_file.exists()
@@ -198,6 +302,7 @@ class Daemon:
         position = self.engine.position
         spot = self.engine.last.close if self.engine.last else None
         self.interest = Interest(position.ticker if position else None, spot)
+        self.writer.catch_up()
         if time.monotonic() - self._health_at >= 1.0:
             self.health, self._health_at = self._snapshot(), time.monotonic()
         if self.tape is not None and time.monotonic() - self._flushed_at >= TAPE_FLUSH_SECONDS:
@@ -209,37 +314,71 @@ class Daemon:
         try:
             assert self.tape is not None
             self.tape.flush()
-        except OSError as exc:
-            log.error("tape_flush_failed", error=str(exc), note="recording paused; trading unaffected")
-            self.tape = None
+        except Exception as exc:
+            self._tape_failed("tape_flush_failed", exc)
 
     def _record(self, item: Received) -> None:
-        if not self.settings.record:
+        """Write the item to today's tape; the tape failing never touches the trading path."""
+        if not self.settings.record or self._tape_resting(item.t):
             return
+        try:
+            self._write_tape(item)
+        except Exception as exc:
+            self._tape_failed("tape_write_failed", exc)
+            return
+        if self.tape_problem is not None:
+            log.warning("tape_recovered", after=self.tape_problem, note="the tape has a gap")
+            self.tape_problem = None
+
+    def _tape_resting(self, t: int) -> bool:
+        """After a failure, recording rests until TAPE_RETRY_SECONDS have passed (or a new day starts)."""
+        if self.tape_problem is None or self.tape_day != ny_date(t):
+            return False
+        return time.monotonic() < self._tape_retry_at
+
+    def _write_tape(self, item: Received) -> None:
         day = ny_date(item.t)
         if self.tape is None or self.tape_day != day:
             self._rotate_tape(day, item.t)
         assert self.tape is not None
-        try:
-            if item.kind == "ws":
-                self.tape.write_ws(item.t, item.payload)  # type: ignore[arg-type]
-            elif item.kind == "control":
-                self.tape.write_control(item.t, item.payload)  # type: ignore[arg-type]
-            else:
-                self.tape.write_rest(item.t, item.path, item.status, item.payload)
-        except OSError as exc:
-            log.error("tape_write_failed", error=str(exc), note="recording paused; trading unaffected")
-            self.tape = None
+        if item.kind == "ws":
+            self.tape.write_ws(item.t, item.payload)  # type: ignore[arg-type]
+        elif item.kind == "control":
+            self.tape.write_control(item.t, item.payload)  # type: ignore[arg-type]
+        else:
+            self.tape.write_rest(item.t, item.path, item.status, item.payload)
+
+    def _tape_failed(self, event: str, exc: Exception) -> None:
+        """Pause recording, say so once a day (log and alert), retry later; trading goes on."""
+        first = self.tape_problem is None and self._tape_alerted_day != self.tape_day
+        self.tape_problem = error_text(exc)
+        self._tape_retry_at = time.monotonic() + TAPE_RETRY_SECONDS
+        log.error(event, error=self.tape_problem, retry_in_s=TAPE_RETRY_SECONDS, note="trading unaffected")
+        tape, self.tape = self.tape, None
+        if tape is not None:
+            with contextlib.suppress(Exception):
+                tape.close()
+        if first:
+            self._tape_alerted_day = self.tape_day
+            text = (
+                f"Recording of today's feed stopped ({self.tape_problem}); retried every "
+                f"{TAPE_RETRY_SECONDS:.0f} s. Alerts and trading are unaffected."
+            )
+            self._deliver_notice(SystemNotice("TAPE_FAILING", text, PRIORITY_NORMAL), self.clock.now_ms())
 
     def _rotate_tape(self, day: date, t: int) -> None:
-        if self.tape is not None:
-            self.tape.close()
+        old, self.tape = self.tape, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close()
+        if self.tape_day != day:
+            self.tape_problem = None
+        self.tape_day = day
         path = tape_path(self.settings.data_dir, day)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tape = TapeWriter(
             path, underlying=self.rules.underlying, benchmark=self.rules.benchmark, start_ms=t
         )
-        self.tape_day = day
         removed = prune_tapes(path.parent, self.settings.record_retention_days, day)
         if removed:
             log.info("tapes_pruned", count=len(removed))
@@ -250,21 +389,76 @@ class Daemon:
         session = engine.session
         market_open = bool(session and session.is_open(now))
         chain = engine.chain
+        failing, degraded = self._problems()
+        counters = self.pipeline.decoder.counters
         return {
-            "status": health_status(market_open=market_open, stalled=engine.is_stalled(now)),
+            "status": health_status(
+                market_open=market_open, stalled=engine.is_stalled(now), failing=failing, degraded=degraded
+            ),
             "market_open": market_open,
             "ws_connected": bool(self.stream and self.stream.connected),
             "last_bar_age_s": round(engine.bar_age_s(now), 1),
             "chain_age_s": None if chain is None else round((now - chain.received_ms) / 1000, 1),
             "position": position_fields(engine.position),
-            "outbox_pending": self.journal.pending_count(),
+            "outbox_pending": self.outbox.pending_count(),
             "late_bars": engine.counters.late_bars,
-            "bad_frames": self.pipeline.decoder.counters.bad_frames
-            + self.pipeline.decoder.counters.bad_events,
+            "bad_frames": counters.bad_frames + counters.bad_events,
             "paused": engine.paused,
             "conditions": engine.conditions(engine.last) if engine.last else None,
+            "problems": failing + degraded,
+            "threads": {w.name: self._worker_fields(w) for w in self.supervisor.health()},
+            "journal": self._journal_fields(),
+            "alerts": self._delivery_fields(),
+            "tape": {"recording": self.tape is not None, "problem": self.tape_problem},
+            "engine_errors": self.engine_errors,
             "version": VERSION,
         }
+
+    def _problems(self) -> tuple[list[str], list[str]]:
+        """What stops the daemon doing its job (failing), and what it works around (degraded)."""
+        failing = self.supervisor.problems()
+        if self.stream is not None and not self.stream.alive:
+            failing.append("the stream thread is not running")
+        chain_problem = self._chain_poll_problem()
+        if chain_problem:
+            failing.append(chain_problem)
+        delivery = self.notifier.health()
+        degraded = []
+        if delivery.problem:
+            (failing if delivery.blocked else degraded).append(delivery.problem)
+        journal = self.writer.health()
+        if journal.failing:
+            degraded.append(f"journal failing ({journal.last_error}); {journal.backlog} write(s) held in memory")
+        if self.tape_problem is not None:
+            degraded.append(f"tape not recording ({self.tape_problem})")
+        return failing, degraded
+
+    def _chain_poll_problem(self) -> str | None:
+        """Chain polls must keep coming in session: without them no entry can be priced or exit marked."""
+        now = self.clock.now_ms()
+        session = self.calendar.session_at(now)
+        if session is None or not session.open_ms <= now < session.close_ms:
+            return None
+        limit_s = max(CHAIN_POLL_STALE_MIN_S, CHAIN_POLL_STALE_FACTOR * self._chain_interval_ms() / 1000)
+        quiet_s = (time.monotonic() - self._last_chain_poll) / self.clock.sleep_scale()
+        return f"no chain poll for {quiet_s:.0f} s" if quiet_s > limit_s else None
+
+    @staticmethod
+    def _worker_fields(worker: WorkerHealth) -> dict[str, object]:
+        return {
+            "alive": worker.alive,
+            "last_turn_s": worker.beat_age_s,
+            "restarts": worker.restarts,
+            "last_error": worker.last_error,
+        }
+
+    def _journal_fields(self) -> dict[str, object]:
+        journal = self.writer.health()
+        return {"failing": journal.failing, "held_writes": journal.backlog, "error": journal.last_error}
+
+    def _delivery_fields(self) -> dict[str, object]:
+        delivery = self.notifier.health()
+        return {"channel": delivery.channel, "problem": delivery.problem, "blocked": delivery.blocked}
 
     def _session_loop(self) -> None:
         """Connect the stream a few minutes before each open, disconnect after the close, idle between."""
@@ -293,10 +487,20 @@ class Daemon:
 
     def _sleep_until(self, target_ms: int) -> None:
         while not self.stop.is_set():
+            self.supervisor.beat("session")
+            self._keep_stream_alive()
             remaining = target_ms - self.clock.now_ms()
             if remaining <= 0:
                 return
             self.stop.wait(min(remaining / 1000 * self.clock.sleep_scale(), 5.0))
+
+    def _keep_stream_alive(self) -> None:
+        """A stream whose thread ended (it should not) is replaced, so the session never runs blind."""
+        stream = self.stream
+        if stream is not None and not stream.alive and not self.stop.is_set():
+            log.error("stream_thread_gone", action="starting a new stream")
+            self.stream = None
+            self._connect()
 
     def _connect(self) -> None:
         if self.stream is not None:
@@ -309,9 +513,17 @@ class Daemon:
             self.queue.put,
             clock_ms=self.clock.now_ms,
             backfill=self._backfill,
+            silence_s=self._silence_limit_s,
         )
         self.stream.start()
         log.info("stream_started")
+
+    def _silence_limit_s(self) -> float | None:
+        """Wall seconds of silence after which an open socket is replaced; None outside the session."""
+        session = self.calendar.session_at(self.clock.now_ms())
+        if session is None or not session.is_open(self.clock.now_ms()):
+            return None
+        return self.settings.stream_silence_seconds * self.clock.sleep_scale()
 
     def _disconnect(self) -> None:
         stream, self.stream = self.stream, None
@@ -335,9 +547,12 @@ class Daemon:
         next_chain = next_contract = 0
         profile_day: date | None = None
         while not self.stop.is_set():
+            self.supervisor.beat("poller")
             now = self.clock.now_ms()
             session = self.calendar.session_at(now)
             live = session is not None and session.open_ms - CONNECT_BEFORE_OPEN_MS <= now < session.close_ms
+            if not live:
+                self._last_chain_poll = time.monotonic()  # nothing is due outside the session
             if live and session is not None:
                 if profile_day != session.date:
                     self._fetch_profile(session.date)
@@ -360,6 +575,7 @@ class Daemon:
 
     def _poll_chain(self, session_date: date) -> None:
         answers = self.rest.chain_pages(self.rules.underlying, session_date, spot=self.interest.spot)
+        self._last_chain_poll = time.monotonic()
         self._put_answers(answers)
 
     def _fetch_profile(self, session_date: date) -> None:
@@ -377,21 +593,23 @@ class Daemon:
         answers = self.rest.aggs(self.rules.underlying, 1, "minute", start.isoformat(), end.isoformat())
         if answers and all(answer.status == 200 for answer in answers):
             stored = [{"path": a.path, "body": a.body} for a in answers]
-            self.journal.set_meta(
-                PROFILE_META, json.dumps({"date": session_date.isoformat(), "answers": stored})
-            )
+            self.writer.set_meta(PROFILE_META, json.dumps({"date": session_date.isoformat(), "answers": stored}))
         self._put_answers(answers)
 
     def _cached_profile(self, session_date: date) -> list[RestAnswer] | None:
-        raw = self.journal.meta(PROFILE_META)
-        if not raw:
+        """Today's profile answers from the journal; None when absent, stale or unreadable (fetch again)."""
+        try:
+            raw = self.journal.meta(PROFILE_META)
+            cached = json.loads(raw) if raw else None
+            if not isinstance(cached, dict) or cached.get("date") != session_date.isoformat():
+                return None
+            now = self.clock.now_ms()
+            answers = [RestAnswer(a["path"], 200, a["body"], now) for a in cached["answers"]]
+        except (JournalError, sqlite3.Error, ValueError, RecursionError, KeyError, TypeError) as exc:
+            log.warning("volume_profile_cache_unreadable", error=error_text(exc), action="fetching it again")
             return None
-        cached = json.loads(raw)
-        if cached.get("date") != session_date.isoformat():
-            return None
-        now = self.clock.now_ms()
-        log.info("volume_profile_reused", date=cached["date"])
-        return [RestAnswer(a["path"], 200, a["body"], now) for a in cached["answers"]]
+        log.info("volume_profile_reused", date=session_date.isoformat())
+        return answers
 
     def _put_answers(self, answers: list[RestAnswer]) -> None:
         for answer in answers:
@@ -421,6 +639,7 @@ class Daemon:
         """
         limit = self.settings.watchdog_seconds
         while not self.stop.wait(1.0):
+            self.supervisor.beat("watchdog")
             stuck = time.monotonic() - self.last_turn
             if stuck > limit:
                 log.critical("watchdog_exit", stuck_s=round(stuck, 1), limit_s=limit)
@@ -436,16 +655,37 @@ class Daemon:
         return server
 
     def _heartbeat_loop(self, heartbeat: Heartbeat) -> None:
+        """Ping the dead-man switch only while the daemon can do its job, so its silence pages the user."""
         while not self.stop.wait(5.0):
-            heartbeat.maybe_ping(time.monotonic(), self.health.get("status") != "stalled")
+            self.supervisor.beat("heartbeat")
+            heartbeat.maybe_ping(time.monotonic(), self.health.get("status") in HEARTBEAT_STATUSES)
 
     def _shutdown(self, health_server: HealthServer | None) -> None:
+        """Stop in order; each step is guarded so a failing one (a full disk) never skips the rest."""
         log.info("shutting_down")
-        self._disconnect()
-        self.notifier.flush(deadline_s=5.0)
-        if self.tape is not None:
-            self.tape.close()
-        if health_server is not None:
-            health_server.stop()
-        self.journal.close()
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("stream", self._disconnect),
+            ("notifier", lambda: self.notifier.flush(deadline_s=5.0)),
+            ("tape", self._close_tape),
+            ("health", lambda: health_server.stop() if health_server is not None else None),
+            ("journal", self._close_journal),
+        ]
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                log.error("shutdown_step_failed", step=name, error=error_text(exc))
+        self.instance_lock.release()
         log.info("stopped")
+
+    def _close_tape(self) -> None:
+        tape, self.tape = self.tape, None
+        if tape is not None:
+            tape.close()
+
+    def _close_journal(self) -> None:
+        self.writer.catch_up(now=True)
+        held = self.writer.health().backlog
+        if held:
+            log.error("journal_writes_lost_at_stop", held=held, note="the tapes still hold the day")
+        self.journal.close()

@@ -99,11 +99,13 @@ class WriteBehindJournal:
             self._outcomes.append(_Outcome(dedupe_key, status, error, sent_ms))
             self._write_if_due()
 
-    def catch_up(self) -> None:
-        """Retry the backlog if one is waiting and its retry time has come (called every engine turn)."""
+    def catch_up(self, *, now: bool = False) -> None:
+        """Retry the backlog if one waits and its retry time has come (every engine turn), or `now`."""
         if self._since_ms is None:
             return
         with self._lock:
+            if now:
+                self._retry_at = 0.0
             self._write_if_due()
 
     def health(self) -> JournalHealth:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -15,14 +15,30 @@ VERSION = "1.0.0"
 Snapshot = dict[str, Any]
 
 
-def health_status(*, market_open: bool, stalled: bool) -> str:
-    if not market_open:
-        return "closed"
-    return "stalled" if stalled else "ok"
+UNHEALTHY = frozenset({"stalled", "failing"})
+
+
+def health_status(
+    *, market_open: bool, stalled: bool, failing: Sequence[str] = (), degraded: Sequence[str] = ()
+) -> str:
+    """One word for the daemon's state, worst first.
+
+    failing: it cannot do its job (a thread down, no chain polls in session, alerts cannot reach the
+    phone); stalled: no bars in session; degraded: it works around a problem (journal, tape, Pushover
+    with a fallback); closed: outside the session; ok.
+    """
+    if failing:
+        return "failing"
+    if market_open and stalled:
+        return "stalled"
+    if degraded:
+        return "degraded"
+    return "ok" if market_open else "closed"
 
 
 def http_status_for(snapshot: Snapshot) -> int:
-    return 503 if snapshot.get("status") == "stalled" else 200
+    """503 while the daemon cannot do its job, so a probe or dead-man switch notices."""
+    return 503 if snapshot.get("status") in UNHEALTHY else 200
 
 
 class HealthServer:

@@ -36,10 +36,20 @@ def configure_logging(level: str = "INFO", fmt: str = "", secrets: tuple[str, ..
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_secrets(secrets),
     ]
+    # Tracebacks never show frame locals: a frame that holds an API key would print it.
     renderer = (
-        [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False, use_rich=False)
+            ),
+            structlog.processors.JSONRenderer(),
+        ]
         if use_json
-        else [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        else [
+            structlog.dev.ConsoleRenderer(
+                colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+            )
+        ]
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -7,7 +7,8 @@ stall checks fire even when no data arrives.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import structlog
 
@@ -18,6 +19,12 @@ from pnl_tracker import Journal, JournalError
 
 AlertSink = Callable[[list[Alert]], None]
 LogSink = Callable[[Log], None]
+
+
+class DecisionLog(Protocol):
+    """Where decisions are made durable: the SQLite `Journal`, or the live daemon's write-behind one."""
+
+    def record(self, actions: Sequence[Action], cursor: str | None = None) -> list[Alert]: ...
 
 
 class TickSchedule:
@@ -52,7 +59,7 @@ class Pipeline:
     def __init__(
         self,
         engine: Engine,
-        journal: Journal | None,
+        journal: Journal | DecisionLog | None,
         decoder: FeedDecoder,
         *,
         on_alerts: AlertSink,
@@ -99,6 +106,10 @@ class Pipeline:
                 self.on_log(action)
         self._commit(actions, cursor)
         return actions
+
+    def deliver(self, alerts: list[Alert]) -> None:
+        """Alerts decided outside the engine (START, SYSTEM): journaled, then handed on like the engine's."""
+        self._commit(list(alerts), None)
 
     def _commit(self, actions: list[Action], cursor: str | None) -> None:
         alerts = [a for a in actions if isinstance(a, Alert)]

@@ -3,7 +3,10 @@
 The `parse_*` functions do no I/O. Live and replay feed them the same inputs (a WebSocket frame's
 text or its decoded array, a REST body), so a tape reproduces the live day. Bad input is counted
 and dropped, never raised: a parser only says how much it could not use. Numbers are passed on as
-JSON gave them (int or float), after checking that they are finite and in range.
+JSON gave them (int or float), after checking that they are finite and in range. Absurd values
+count as invalid: a stock price above MAX_STOCK_PRICE or a volume above MAX_VOLUME makes a bar
+bad; an option bid or ask above MAX_OPTION_PRICE, an implied volatility above MAX_IV, or a size,
+volume or open interest above MAX_VOLUME is treated like a missing value.
 
 The live half speaks the wire protocol itself (websockets, httpx; not the vendor SDK):
 `PolygonStream` reads the stocks WebSocket on its own thread, stamps every frame and hands it on
@@ -39,6 +42,12 @@ from events import Bar, FeedStatus, OptionQuote, Received
 from tape import strip_api_key
 
 _FLOAT_MAX = sys.float_info.max
+# Bounds past which a number is a vendor bug, not a market: the dearest US stock trades near 1e6,
+# an option premium is below its underlying, IWM trades ~3e7 shares a day, an IV of 100 is 10,000%.
+MAX_STOCK_PRICE = 1e7
+MAX_OPTION_PRICE = 1e5
+MAX_VOLUME = 1e12
+MAX_IV = 100.0
 _NUMBER_TYPES = frozenset({int, float})
 _ERROR_TEXT_LIMIT = 200
 _OCC_PATTERN = re.compile(r"O:(?P<root>[A-Z0-9.]+?)(?P<yymmdd>\d{6})(?P<cp>[CP])(?P<strike>\d{8})")
@@ -106,22 +115,50 @@ def _amount(x: Any) -> float | None:
     return None
 
 
+def _stock_price(x: Any) -> float | None:
+    """A stock price: a number in (0, MAX_STOCK_PRICE] as given, else None (NaN fails every comparison)."""
+    if type(x) in _NUMBER_TYPES and 0 < x <= MAX_STOCK_PRICE:
+        return x
+    return None
+
+
+def _volume(x: Any) -> float | None:
+    """A share or contract count in [0, MAX_VOLUME] as given, else None."""
+    if type(x) in _NUMBER_TYPES and 0 <= x <= MAX_VOLUME:
+        return x
+    return None
+
+
+def _option_price(x: Any) -> float | None:
+    """An option bid or ask in [0, MAX_OPTION_PRICE] as given, else None (a zero bid is a real quote)."""
+    if type(x) in _NUMBER_TYPES and 0 <= x <= MAX_OPTION_PRICE:
+        return x
+    return None
+
+
+def _iv(x: Any) -> float | None:
+    """An implied volatility in [0, MAX_IV] as given, else None."""
+    if type(x) in _NUMBER_TYPES and 0 <= x <= MAX_IV:
+        return x
+    return None
+
+
 def _bar_from_fields(
     d: dict, sym: str, start_ms: int, end_ms: int, received_ms: int, with_day: bool
 ) -> Bar | None:
     """Validate the OHLCV fields shared by WS `A` events and REST aggs; None when the bar is unusable."""
-    o = _price(d.get("o"))
-    h = _price(d.get("h"))
-    lo = _price(d.get("l"))
-    c = _price(d.get("c"))
-    v = _amount(d.get("v"))
+    o = _stock_price(d.get("o"))
+    h = _stock_price(d.get("h"))
+    lo = _stock_price(d.get("l"))
+    c = _stock_price(d.get("c"))
+    v = _volume(d.get("v"))
     if o is None or h is None or lo is None or c is None or v is None:
         return None
     vw = d.get("vw")
-    if vw is not None and _price(vw) is None:
+    if vw is not None and _stock_price(vw) is None:
         return None
-    day_vwap = _price(d.get("a")) if with_day else None
-    day_volume = _amount(d.get("av")) if with_day else None
+    day_vwap = _stock_price(d.get("a")) if with_day else None
+    day_volume = _volume(d.get("av")) if with_day else None
     return Bar(sym, start_ms, end_ms, o, h, lo, c, v, vw, day_vwap, day_volume, received_ms)
 
 
@@ -228,7 +265,7 @@ def _iso_date(x: object) -> str | None:
 def _contract_identity(details: dict) -> tuple[str, float, str, str] | None:
     """(ticker, strike, expiry, right) from `details`, or None when any of them is unusable."""
     ticker = details.get("ticker")
-    strike = _price(details.get("strike_price"))
+    strike = _stock_price(details.get("strike_price"))
     expiry = _iso_date(details.get("expiration_date"))
     contract_type = details.get("contract_type")
     right = contract_type.lower() if type(contract_type) is str else None
@@ -242,9 +279,10 @@ def _contract_identity(details: dict) -> tuple[str, float, str, str] | None:
 def parse_option_result(result: object) -> OptionQuote | None:
     """One options snapshot result (chain element or single-contract `results`) as an OptionQuote.
 
-    None when the contract cannot be identified. Market fields may be missing or `{}`: missing or
-    invalid numbers become None (sizes, volume and open interest 0). Crossed or zero-bid quotes are
-    kept as given; the contract selector rejects them with a reason.
+    None when the contract cannot be identified. Market fields may be missing or `{}`: missing,
+    invalid or absurd numbers (see the module doc) become None (sizes, volume and open interest 0).
+    Crossed or zero-bid quotes are kept as given; the contract selector rejects them with a reason,
+    and a position is never marked with them.
     """
     if type(result) is not dict:
         return None
@@ -259,15 +297,15 @@ def parse_option_result(result: object) -> OptionQuote | None:
         expiry=expiry,
         right=right,
         delta=_delta(_sub(result, "greeks").get("delta")),
-        iv=_amount(result.get("implied_volatility")),
-        bid=_amount(quote.get("bid")),
-        ask=_amount(quote.get("ask")),
-        bid_size=_amount(quote.get("bid_size")) or 0.0,
-        ask_size=_amount(quote.get("ask_size")) or 0.0,
-        volume=_amount(_sub(result, "day").get("volume")) or 0.0,
-        open_interest=_amount(result.get("open_interest")) or 0.0,
+        iv=_iv(result.get("implied_volatility")),
+        bid=_option_price(quote.get("bid")),
+        ask=_option_price(quote.get("ask")),
+        bid_size=_volume(quote.get("bid_size")) or 0.0,
+        ask_size=_volume(quote.get("ask_size")) or 0.0,
+        volume=_volume(_sub(result, "day").get("volume")) or 0.0,
+        open_interest=_volume(result.get("open_interest")) or 0.0,
         quote_ms=to_ms(quote.get("last_updated")),
-        underlying_price=_price(_sub(result, "underlying_asset").get("price")),
+        underlying_price=_stock_price(_sub(result, "underlying_asset").get("price")),
     )
 
 
@@ -407,7 +445,11 @@ HEALTHY_AFTER_S = 30.0
 NETWORK_ERROR_STATUS = 599
 # 413/429/499/5xx are what the official SDK retries; 413 makes no sense for a GET, so it is left out.
 RETRYABLE_STATUSES = frozenset({429, 499, *range(500, 600)})
+# Aggregates may take many pages; a chain within the strike window is one page of 250, so a chain
+# poll that needs more than MAX_CHAIN_PAGES is following a broken or hostile next_url.
 MAX_PAGES = 200
+MAX_CHAIN_PAGES = 20
+_UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 _BODY_TEXT_LIMIT = 2000
 _STATUS_MARK = '"status"'
 _STATUS_MARK_BYTES = b'"status"'
@@ -486,6 +528,10 @@ def _raised_at(exc: BaseException) -> str:
     return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
 
 
+class StreamSilent(Exception):
+    """An open socket delivered nothing for too long during the session."""
+
+
 class PolygonStream:
     """Reads the stocks WebSocket on its own thread and hands every frame, stamped, to `put`.
 
@@ -513,6 +559,7 @@ class PolygonStream:
         auth_failed_wait_s: float = 60.0,
         healthy_after_s: float = HEALTHY_AFTER_S,
         open_timeout_s: float = STREAM_OPEN_TIMEOUT_S,
+        silence_s: Callable[[], float | None] = lambda: None,
     ) -> None:
         if not symbols:
             raise ValueError("PolygonStream needs at least one symbol")
@@ -531,6 +578,9 @@ class PolygonStream:
         self._auth_failed_wait_s = auth_failed_wait_s
         self._healthy_after_ms = round(healthy_after_s * 1000)
         self._open_timeout_s = open_timeout_s
+        self._silence_s = silence_s
+        self.silent_reconnects = 0
+        self.thread_restarts = 0
         self._attempt = 0
         self._gap_from_ms: int | None = None
         self._last_status: tuple[bool, str] | None = None
@@ -560,11 +610,23 @@ class PolygonStream:
             self._thread.join(timeout)
         self.connected = False
 
+    @property
+    def alive(self) -> bool:
+        """True while the stream's thread runs (it ends only after stop())."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except Exception as exc:
-            self._log_unexpected("stream_thread_failed", exc)
+        # The event loop itself failing (a bug, a library surprise) must not end the day's stream:
+        # start a fresh loop after a pause, as after a dropped socket.
+        while not self._stopping.is_set():
+            try:
+                asyncio.run(self._main())
+                return
+            except Exception as exc:
+                self._log_unexpected("stream_thread_failed", exc)
+                self.connected = False
+                self.thread_restarts += 1
+                self._stopping.wait(self._backoff.delay(min(self.thread_restarts, 10), self._rng))
 
     async def _main(self) -> None:
         with self._lock:
@@ -606,6 +668,8 @@ class PolygonStream:
             raise
         except ConnectionClosed as exc:
             why = _close_text(exc)
+        except StreamSilent as exc:
+            why = str(exc)
         except TimeoutError:
             why = "timed out"
         except (OSError, InvalidHandshake, InvalidURI) as exc:
@@ -661,12 +725,12 @@ class PolygonStream:
             self._log_unexpected("stream_backfill_failed", exc)
 
     async def _read(self, ws: ClientConnection) -> float:
-        """The hot loop: stamp, put, and watch only for `max_connections`."""
+        """The hot loop: stamp, put, and watch only for `max_connections` and silence."""
         up_since = self._clock_ms()
         healthy = False
         try:
             while True:
-                frame = await ws.recv()
+                frame = await self._next_frame(ws)
                 t = self._put_frame(frame)
                 statuses = _frame_statuses(frame)
                 if any(status.status == "max_connections" for status in statuses):
@@ -676,6 +740,22 @@ class PolygonStream:
                     self._attempt = 0
         finally:
             self._gap_from_ms = self.last_frame_ms
+
+    async def _next_frame(self, ws: ClientConnection) -> str | bytes:
+        """The next frame; a socket that stays open but silent past `silence_s()` is given up on.
+
+        Pings keep a dead feed's socket open for ever, so silence, not the socket, says the feed is gone.
+        """
+        limit = self._silence_s()
+        if limit is None:
+            return await ws.recv()
+        try:
+            async with asyncio.timeout(limit):
+                return await ws.recv()
+        except TimeoutError:
+            self.silent_reconnects += 1
+            self._log.warning("stream_silent", silent_s=round(limit, 3), action="reconnecting")
+            raise StreamSilent(f"silent for {limit:.1f} s") from None
 
     def _max_connections(self) -> float:
         self._log.error("stream_max_connections", retry_in_s=self._max_connections_wait_s)
@@ -718,26 +798,41 @@ class RestAnswer:
 
 
 def _next_path(body: object) -> str | None:
-    """The path and query of a page's `next_url`, to be asked of our own base URL like the SDK does."""
+    """The path and query of a page's `next_url`, to be asked of our own base URL like the SDK does.
+
+    None when there is none, and when it is not a URL we would send (see `unsafe_next_url`).
+    """
     if type(body) is not dict:
         return None
     url = _next_url(body)
-    if url is None:
+    if url is None or unsafe_next_url(body):
         return None
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an invalid IPv6 host
+        return None
     if not parts.path:
         return None
     return strip_api_key(f"{parts.path}?{parts.query}" if parts.query else parts.path)
 
 
 def _decode_body(content: bytes) -> object:
-    """JSON when the body is JSON, else its text (cut short); None when empty."""
+    """JSON when the body is JSON, else its text (cut short); None when empty.
+
+    A body nested too deep to decode (RecursionError) is not JSON as far as we are concerned.
+    """
     if not content.strip():
         return None
     try:
         return json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         return content.decode("utf-8", errors="replace")[:_BODY_TEXT_LIMIT]
+
+
+def unsafe_next_url(body: object) -> bool:
+    """True when a page's `next_url` holds a control character or whitespace: never a URL to follow."""
+    url = _next_url(body) if type(body) is dict else None
+    return url is not None and _UNSAFE_URL_CHAR.search(url) is not None
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -756,8 +851,11 @@ class PolygonRest:
 
     Every request has a timeout. 429 (honouring Retry-After), 5xx, timeouts and network errors are
     retried with capped exponential back-off; other answers (401, 403, 404, ...) come back at once.
-    Nothing is raised for HTTP or network failures: a network failure is answered as status 599 with
-    `{"error": ...}`. Safe to share between threads.
+    Nothing is ever raised: a network failure, an invalid URL (a control character in a `next_url`)
+    or any unexpected error is answered as status 599 with `{"error": ...}`. Paging follows at most
+    MAX_CHAIN_PAGES pages of a chain (MAX_PAGES of aggregates), never a next_url with a control
+    character or whitespace, and never a path already asked in the same paging (a cycle). Safe to
+    share between threads.
     """
 
     def __init__(
@@ -801,7 +899,19 @@ class PolygonRest:
         self._client.close()
 
     def get(self, path_and_query: str) -> RestAnswer:
-        """GET one path, retrying transient failures; returns the last answer when attempts run out."""
+        """GET one path, retrying transient failures; returns the last answer when attempts run out.
+
+        Never raises: anything unexpected is a 599 answer with `{"error": ...}` and a log line.
+        """
+        try:
+            return self._get(path_and_query)
+        except Exception as exc:
+            path = path_and_query if isinstance(path_and_query, str) else repr(path_and_query)
+            failure = self._network_failure(strip_api_key(path), "unexpected error", exc)
+            self._log.error("rest_unexpected", path=failure.path, error=failure.body, at=_raised_at(exc))
+            return self._settle(failure)
+
+    def _get(self, path_and_query: str) -> RestAnswer:
         path = strip_api_key(path_and_query)
         attempt = 1
         while True:
@@ -832,7 +942,7 @@ class PolygonRest:
         if spot is not None:
             low = max(0, math.floor(spot - strike_window))
             query += f"&strike_price.gte={low}&strike_price.lte={math.ceil(spot + strike_window)}"
-        return self._pages(f"/v3/snapshot/options/{underlying}?{query}")
+        return self._pages(f"/v3/snapshot/options/{underlying}?{query}", MAX_CHAIN_PAGES)
 
     def contract(self, underlying: str, ticker: str) -> RestAnswer:
         """The snapshot of one option contract, e.g. ("IWM", "O:IWM251002C00242000")."""
@@ -843,16 +953,38 @@ class PolygonRest:
     ) -> list[RestAnswer]:
         """Aggregates of `sym` from `from_` to `to` (YYYY-MM-DD or Unix ms), every page."""
         path = f"/v2/aggs/ticker/{sym}/range/{multiplier}/{span}/{from_}/{to}"
-        return self._pages(f"{path}?adjusted=true&sort=asc&limit={limit}")
+        return self._pages(f"{path}?adjusted=true&sort=asc&limit={limit}", MAX_PAGES)
 
-    def _pages(self, path: str) -> list[RestAnswer]:
+    def _pages(self, path: str, max_pages: int) -> list[RestAnswer]:
+        """Follow `next_url` from `path`; stops at a failure, the page cap, a bad URL or a cycle."""
         answers: list[RestAnswer] = []
+        asked = {strip_api_key(path)}
         next_path: str | None = path
-        while next_path is not None and len(answers) < MAX_PAGES:
+        while next_path is not None:
             answer = self.get(next_path)
             answers.append(answer)
-            next_path = _next_path(answer.body) if answer.status == 200 else None
+            next_path = self._follow(answer, asked, len(answers), max_pages)
         return answers
+
+    def _follow(self, answer: RestAnswer, asked: set[str], pages: int, max_pages: int) -> str | None:
+        """The next path to ask, or None with one warning when paging must stop early."""
+        if answer.status != 200 or type(answer.body) is not dict or _next_url(answer.body) is None:
+            return None
+        if unsafe_next_url(answer.body):
+            self._log.warning("rest_paging_stopped", path=answer.path, reason="unsafe_next_url")
+            return None
+        next_path = _next_path(answer.body)
+        if next_path is None:
+            self._log.warning("rest_paging_stopped", path=answer.path, reason="unusable_next_url")
+            return None
+        if next_path in asked:
+            self._log.warning("rest_paging_stopped", path=answer.path, reason="cycle", pages=pages)
+            return None
+        if pages >= max_pages:
+            self._log.warning("rest_paging_stopped", path=answer.path, reason="page_cap", pages=pages)
+            return None
+        asked.add(next_path)
+        return next_path
 
     def _fetch(self, path: str) -> tuple[RestAnswer, float | None]:
         with self._lock:
@@ -863,6 +995,9 @@ class PolygonRest:
             return self._network_failure(path, "timeout", exc), None
         except httpx.RequestError as exc:
             return self._network_failure(path, "network error", exc), None
+        except (httpx.InvalidURL, httpx.HTTPError) as exc:
+            # A URL httpx refuses (control characters) fails the same way every time: no retry.
+            return self._network_failure(path, "invalid request", exc), math.inf
         answer = RestAnswer(path, response.status_code, _decode_body(response.content), self._clock_ms())
         return answer, _retry_after_s(response.headers.get("retry-after"))
 
@@ -876,12 +1011,18 @@ class PolygonRest:
             return None
         if retry_after is not None:
             # Retrying sooner than asked only earns more 429s; a longer ask is left to the caller's cadence.
+            # (An infinite wait is how _fetch says a failure can never heal by retrying.)
             return retry_after if retry_after <= self._retry_cap_s else None
         return min(self._retry_cap_s, self._retry_base_s * 2 ** (attempt - 1))
 
     def _settle(self, answer: RestAnswer) -> RestAnswer:
-        if answer.status == 200:
+        if answer.status == 200 and type(answer.body) is dict:
             self.last_error = None
+            return answer
+        if answer.status == 200:
+            # Not JSON (or nested too deep to decode): the feed decoder counts it as a failed answer.
+            self.last_error = self._redact(f"HTTP 200 without a JSON object: {error_text(answer.body)}")
+            self._log.warning("rest_bad_body", path=answer.path, error=self.last_error)
             return answer
         self.last_error = self._redact(f"HTTP {answer.status}: {error_text(answer.body)}")
         self._log.warning("rest_failed", path=answer.path, status=answer.status, error=self.last_error)
