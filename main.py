@@ -36,7 +36,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     mode.add_argument("--resume", action="store_true", help="allow new entries again")
     parser.add_argument("--notify", action="store_true", help="with --replay: also send alerts to Pushover")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="with --replay: move the replay journal aside (kept as .bak) and start a new one",
+    )
+    mode.add_argument(
+        "--status", action="store_true", help="today's session, position, trades, P&L and alerts"
+    )
+    parser.add_argument("--json", action="store_true", help="with --status: one JSON object instead of text")
+    args = parser.parse_args(argv)
+    if args.fresh and not args.replay:
+        parser.error("--fresh goes with --replay TAPE")
+    if args.json and not args.status:
+        parser.error("--json goes with --status")
+    return args
 
 
 def parse_speed(raw: str) -> float | None:
@@ -75,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_or_exit()
     configure_logging(settings.log_level, settings.log_format, secrets_of(settings))
     if args.replay:
-        return run_replay(settings, args.replay, args.speed, notify=args.notify)
+        return run_replay(settings, args.replay, args.speed, notify=args.notify, fresh=args.fresh)
+    if args.status:
+        return run_status(settings, as_json=args.json)
     if args.pause or args.resume:
         return set_pause(settings, paused=args.pause)
     return run_live(settings)
@@ -126,27 +142,56 @@ def run_live(settings: Settings) -> int:
     return Daemon(settings, clock, stop=stop).run()
 
 
-def run_replay(settings: Settings, tape: Path, speed: float | None, *, notify: bool) -> int:
+def run_replay(
+    settings: Settings, tape: Path, speed: float | None, *, notify: bool, fresh: bool = False
+) -> int:
     """Replay a tape into DATA_DIR/replay.sqlite3 (never the live journal).
 
     Alerts go through that journal's outbox like live ones: to the log, and to Pushover with `notify`.
+    `fresh` moves the old replay journal aside first. The run ends with a summary of THIS run on
+    stdout: a readable block on a terminal, else one JSON line. A file with no tape line exits 2.
     """
+    import json
+
     import structlog
 
     from alerts import Notifier, PushoverClient
     from clock import WallClock
     from market_calendar import MarketCalendar
     from pnl_tracker import Journal
-    from replay import replay_tape
+    from replay import (
+        NotATape,
+        check_tape,
+        move_aside,
+        render_summary,
+        replay_tape,
+        resume_note,
+        saved_line,
+        summarize_run,
+    )
 
     if not tape.is_file():
         print(f"No such tape: {tape}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        check_tape(tape)
+    except NotATape as exc:
+        print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
     if notify and not (settings.pushover_token and settings.pushover_user_key):
         print("--notify needs PUSHOVER_TOKEN and PUSHOVER_USER_KEY.", file=sys.stderr)
         return EXIT_CONFIG
     log = structlog.get_logger("replay")
-    journal = Journal(settings.data_dir / "replay.sqlite3")
+    journal_path = settings.data_dir / "replay.sqlite3"
+    moved = move_aside(journal_path) if fresh else None
+    if fresh:
+        old = f"previous replay journal moved to {moved}" if moved else "there was no replay journal"
+        print(f"--fresh: {old}; starting a new one at {journal_path}", file=sys.stderr)
+    journal = Journal(journal_path)
+    known_before = [t.trade_id for t in journal.trades()]
+    note = resume_note(tape, saved_line(journal, tape.name))
+    if note:
+        print(note, file=sys.stderr)
     client = (
         PushoverClient(settings.pushover_token, settings.pushover_user_key, settings.pushover_api_url)
         if notify
@@ -165,6 +210,7 @@ def run_replay(settings: Settings, tape: Path, speed: float | None, *, notify: b
     )
     if notify:
         notifier.flush(deadline_s=60.0)
+    summary = summarize_run(result, tape=tape, journal=journal, known_before=known_before, moved_aside=moved)
     log.info(
         "replay_done",
         lines=result.lines,
@@ -172,10 +218,55 @@ def run_replay(settings: Settings, tape: Path, speed: float | None, *, notify: b
         resumed_after=result.resumed_after,
         bad_events=result.feed.bad_events,
         late_bars=result.late_bars,
-        trades=len(journal.trades()),
-        still_pending=journal.pending_count(),
+        trades=summary.trades,
+        still_pending=summary.pending_alerts,
     )
     journal.close()
+    text = render_summary(summary) if sys.stdout.isatty() else json.dumps(summary.as_dict())
+    print(text, flush=True)
+    return EXIT_OK
+
+
+def run_status(settings: Settings, *, as_json: bool) -> int:
+    """Print today's view of the live journal (read-only): text, or one JSON object with `as_json`.
+
+    Works while the daemon runs and on a stopped one; without a journal it says so and exits 0.
+    The clock is the daemon's: SIM_CLOCK_START, when set, is "now" (rehearsals, tests).
+    """
+    import json
+
+    from clock import SimClock, WallClock, parse_instant
+    from daemon import PAUSE_FILE
+    from market_calendar import MarketCalendar, ny_date
+    from status import build_status, fetch_health, render_status, status_dict, tape_age_s
+
+    try:
+        clock = (
+            SimClock(parse_instant(settings.sim_clock_start), settings.sim_clock_speed)
+            if settings.sim_clock_start
+            else WallClock()
+        )
+    except ValueError as exc:
+        print(f"SIM_CLOCK_START={settings.sim_clock_start!r}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    now_ms = clock.now_ms()
+    port = settings.health_port
+    age = tape_age_s(settings.data_dir / "tapes", ny_date(now_ms).isoformat())
+    note = "HEALTH_PORT is not set, so the running daemon's feed health cannot be read"
+    if port:
+        note = f"nothing answers on {settings.health_host}:{port}/health (daemon stopped?)"
+    if age is not None:
+        note += f"; today's tape was last written {age:.0f}s ago"
+    status = build_status(
+        settings.data_dir / "journal.sqlite3",
+        rules=settings.rules,
+        calendar=MarketCalendar(settings.rules, settings.market_closed_dates),
+        now_ms=now_ms,
+        pause_file=settings.data_dir / PAUSE_FILE,
+        health=(lambda: fetch_health(settings.health_host, port)) if port else (lambda: None),
+        feed_note=note,
+    )
+    print(json.dumps(status_dict(status)) if as_json else render_status(status))
     return EXIT_OK
 
 

@@ -51,6 +51,7 @@ class MarketCounters:
     late_bars: int = 0
     bars: int = 0
     chains: int = 0
+    bars_today: int = 0  # underlying bars since the New York date last changed (the 5-minute pulse)
 
 
 class MarketState:
@@ -108,6 +109,7 @@ class MarketState:
         self._day_end_ms = ny_ms(day + timedelta(days=1), time(0))
         if not first:
             self._reset_day()
+            self.counters.bars_today = 0
 
     def _on_bar(self, bar: Bar) -> Features | None:
         newest = self._newest.get(bar.sym)
@@ -121,6 +123,7 @@ class MarketState:
         if bar.sym != self._underlying:
             return None
         self.counters.bars += 1
+        self.counters.bars_today += 1
         features = self.features.update(bar)
         self.iwm_roc.update(bar.start_ms, bar.c)
         self.last, self.last_bar, self.last_iwm_ms = features, bar, bar.received_ms

@@ -289,3 +289,26 @@ def render_summary(summary: RunSummary) -> str:
     if summary.moved_aside:
         lines.append(f"  --fresh           the previous journal was moved to {summary.moved_aside}")
     return "\n".join(lines)
+
+
+def move_aside(journal_path: Path, *, now: Callable[[], float] = time.time) -> Path | None:
+    """Rename the journal (and its -wal/-shm files) to `<name>.<UTC timestamp>.bak`; None if there was none.
+
+    Kept rather than deleted: a replay journal may hold weeks of replays someone wants to compare.
+    """
+    journal_path = Path(journal_path)
+    if not journal_path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now()))
+    target = journal_path.with_name(f"{journal_path.name}.{stamp}.bak")
+    serial = 1
+    while target.exists():
+        serial += 1
+        target = journal_path.with_name(f"{journal_path.name}.{stamp}-{serial}.bak")
+    # The WAL first: a journal renamed without its WAL would be read without its latest commits.
+    for suffix in ("-wal", "-shm"):
+        side = journal_path.with_name(journal_path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    journal_path.rename(target)
+    return target
