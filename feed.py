@@ -4,18 +4,26 @@ The live daemon and the replay both hand every received item to one `FeedDecoder
 thread, so the tape's order is the engine's order and a replay walks exactly the live code path.
 Parsing itself lives in `polygon_client` (pure `parse_*` functions); this module only routes by
 REST path and assembles paged chains.
+
+Hostile input is counted, never raised: a 200 answer whose body is not a JSON object counts as a
+failed answer; the pages of a chain poll that stopped before its last page (page cap, a cyclic or
+unusable `next_url`, a failure) are discarded when the next poll's first page (a path without a
+`cursor` parameter) arrives, counted in `abandoned_chains`, and pending pages never exceed
+MAX_CHAIN_PAGES. A contract snapshot whose bid/ask cannot mark a position is counted in
+`unusable_quotes` (the engine already refuses to mark or select with it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from config import Rules
 from events import Bar, ChainSnapshot, ContractSnapshot, Event, OptionQuote, Received, VolumeProfile
 from market_calendar import minute_of_day, ny_date
 from polygon_client import (
+    MAX_CHAIN_PAGES,
     StatusMessage,
     parse_aggs_page,
     parse_chain_page,
@@ -36,6 +44,8 @@ class FeedCounters:
     ignored_events: int = 0
     rest_errors: int = 0
     bad_quotes: int = 0
+    unusable_quotes: int = 0
+    abandoned_chains: int = 0
     statuses: list[StatusMessage] = field(default_factory=list)
 
 
@@ -77,9 +87,15 @@ class FeedDecoder:
         return list(parsed.bars)
 
     def rest(self, received_ms: int, path: str, status: int, body: object) -> list[Event]:
-        """One REST answer → events. A non-200 answer drops any partial chain: the previous chain stays."""
-        route = urlsplit(path).path
-        if status != 200:
+        """One REST answer → events. A failed answer drops any partial chain: the previous chain stays.
+
+        Failed means a status other than 200, or a 200 whose body is not a JSON object.
+        """
+        parts = urlsplit(path)
+        route = parts.path
+        if route == self._chain_prefix and _first_page(parts.query):
+            self._abandon_pending()
+        if status != 200 or not is_json_object(body):
             self.counters.rest_errors += 1
             if route == self._chain_prefix:
                 self._pages.clear()
@@ -87,23 +103,38 @@ class FeedDecoder:
         if route == self._chain_prefix:
             return self._chain_page(received_ms, body)
         if route.startswith(self._chain_prefix + "/"):
-            quote = parse_contract_snapshot(body_of(body))
-            if quote is None:
-                self.counters.bad_quotes += 1
-                return []
-            return [ContractSnapshot(received_ms, quote)]
+            return self._contract(received_ms, body)
         if route.startswith("/v2/aggs/ticker/"):
-            return self._aggs(received_ms, route, body)
+            return self._aggs(received_ms, route, body, _first_page(parts.query))
         return []
 
+    def _abandon_pending(self) -> None:
+        """A new chain poll begins: pages an earlier poll left unfinished can never complete."""
+        if self._pages:
+            self._pages.clear()
+            self.counters.abandoned_chains += 1
+
+    def _contract(self, received_ms: int, body: object) -> list[Event]:
+        quote = parse_contract_snapshot(body_of(body))
+        if quote is None:
+            self.counters.bad_quotes += 1
+            return []
+        if not quote_is_usable(quote):
+            self.counters.unusable_quotes += 1
+        return [ContractSnapshot(received_ms, quote)]
+
     def _chain_page(self, received_ms: int, body: object) -> list[Event]:
+        if len(self._pages) >= MAX_CHAIN_PAGES:
+            # More pages than any poll asks for: they cannot be one chain, so none of them is kept.
+            self._pages.clear()
+            self.counters.abandoned_chains += 1
         self._pages.append(body)
         if next_url_of(body):
             return []
         pages, self._pages = tuple(self._pages), []
         return [ChainSnapshot(received_ms, LazyChain(pages))]
 
-    def _aggs(self, received_ms: int, route: str, body: object) -> list[Event]:
+    def _aggs(self, received_ms: int, route: str, body: object, first_page: bool) -> list[Event]:
         # /v2/aggs/ticker/{sym}/range/{mult}/{span}/{from}/{to}
         parts = route.split("/")
         if len(parts) < 10:
@@ -114,6 +145,8 @@ class FeedDecoder:
             self.counters.bad_events += page.bad
             return list(page.bars)
         if span == "minute" and sym == self.underlying:
+            if first_page:
+                self._profile_bars = []  # an earlier fetch that stopped early never completes
             return self._profile_page(received_ms, body)
         return []
 
@@ -138,6 +171,23 @@ class FeedDecoder:
                 totals[minute] = totals.get(minute, 0.0) + bar.v
         minutes = {minute: total / len(recent) for minute, total in totals.items()}
         return [VolumeProfile(received_ms, today.isoformat(), len(recent), minutes)]
+
+
+def _first_page(query: str) -> bool:
+    """A request path's query that starts a paging (later pages carry the vendor's `cursor`)."""
+    return "cursor" not in query or "cursor" not in parse_qs(query, keep_blank_values=True)
+
+
+def is_json_object(body: object) -> bool:
+    """Whether a REST body is a JSON object, without decoding a tape's still-encoded body."""
+    if isinstance(body, RawJson):
+        return body.is_object()
+    return isinstance(body, dict)
+
+
+def quote_is_usable(quote: OptionQuote) -> bool:
+    """Whether a contract's quote can mark a position: bid > 0 and ask >= bid (the parser bounds both)."""
+    return quote.bid is not None and quote.ask is not None and 0 < quote.bid <= quote.ask
 
 
 def body_of(body: object) -> object:

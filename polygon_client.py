@@ -108,13 +108,6 @@ def _price(x: Any) -> float | None:
     return None
 
 
-def _amount(x: Any) -> float | None:
-    """A finite number >= 0 as given (int or float), else None."""
-    if type(x) in _NUMBER_TYPES and 0 <= x <= _FLOAT_MAX:
-        return x
-    return None
-
-
 def _stock_price(x: Any) -> float | None:
     """A stock price: a number in (0, MAX_STOCK_PRICE] as given, else None (NaN fails every comparison)."""
     if type(x) in _NUMBER_TYPES and 0 < x <= MAX_STOCK_PRICE:

@@ -12,10 +12,20 @@ appending, so a later member is never hidden behind a damaged one. `gzip.open` r
 NaN: lines are written as strict JSON. A payload that really holds NaN or Infinity (a vendor bug) is
 written with the non-standard `NaN` token instead of being altered, so replay hands the parser exactly
 what the live parser saw and the value is counted as invalid downstream, the same way in both.
+
+Hostile input: the writer never raises for what the data is, only OSError for the disk. A frame that
+cannot be re-encoded (nested too deep) is kept as its raw text (`ws_raw`), a binary frame that is not
+JSON as base64 (`ws_bin`), so replay hands the parser what live got and counts it the same way. A line
+over MAX_RECORD_BYTES becomes a short `oversize` placeholder that replays as a bad line. The reader
+never holds more than MAX_LINE_BYTES of one line (a gzip member inflating to gigabytes without a
+newline is discarded up to the next newline and counted as one bad line) and never raises on a line
+nested too deep to decode.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import gzip
 import json
@@ -36,6 +46,13 @@ GZIP_MAGIC = b"\x1f\x8b\x08"
 # Large buffers become a member on their own so memory stays bounded between durable flushes.
 AUTO_MEMBER_BYTES = 8 * 1024 * 1024
 READ_CHUNK = 256 * 1024
+# Inflated output is taken in slices of this size, so a gzip bomb never lands in memory at once.
+INFLATE_CHUNK = 1024 * 1024
+# The longest line the writer records (a full chain page is well under 1 MB; a day of 1-second
+# aggregates in one REST page about 5 MB); longer becomes an `oversize` placeholder.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+# The longest line the reader holds; longer is dropped up to its newline and counted as one bad line.
+MAX_LINE_BYTES = 32 * 1024 * 1024
 _TAPE_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
 
 
@@ -98,11 +115,18 @@ def strip_api_key(path: str) -> str:
 
 
 def encode_line(record: dict[str, Any]) -> bytes:
-    """One compact JSON line; strict JSON unless the data itself holds NaN/Infinity (see module doc)."""
+    """One compact JSON line; strict JSON unless the data itself holds NaN/Infinity (see module doc).
+
+    Raises ValueError (never RecursionError) when the record is nested too deep to encode, and
+    TypeError when it holds something JSON has no form for.
+    """
     try:
-        text = json.dumps(record, separators=(",", ":"), allow_nan=False)
-    except ValueError:
-        text = json.dumps(record, separators=(",", ":"), allow_nan=True)
+        try:
+            text = json.dumps(record, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            text = json.dumps(record, separators=(",", ":"), allow_nan=True)
+    except RecursionError:
+        raise ValueError("record nested too deep to encode") from None
     return text.encode("utf-8") + b"\n"
 
 
@@ -123,6 +147,8 @@ class TapeWriter:
         self._compresslevel = compresslevel
         self._buffer: list[bytes] = []
         self._buffered_bytes = 0
+        # Items recorded raw (`ws_raw`/`ws_bin` because they could not be re-encoded) or as `oversize`.
+        self.raw_lines = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         has_content = _truncate_to_complete_members(self.path) > 0
@@ -151,27 +177,67 @@ class TapeWriter:
         """True once `close()` has run."""
         return self._file.closed
 
-    def write_ws(self, t: int, frame: list[Any] | str) -> None:
-        """Record one WebSocket text frame received at `t` (ms). Text that is not JSON is kept raw."""
-        if isinstance(frame, str):
-            try:
-                decoded: Any = json.loads(frame)
-            except ValueError:
-                self._append({"t": t, "ws_raw": frame})
-                return
-            self._append({"t": t, "ws": decoded})
+    def write_ws(self, t: int, frame: list[Any] | str | bytes) -> None:
+        """Record one WebSocket frame received at `t` (ms): text, binary, or an already decoded array.
+
+        Raises only OSError (the disk). Whatever the data, the line replays to the parser's same
+        verdict as live: JSON is stored decoded; text that is not JSON or is nested too deep to
+        re-encode is stored as its text (`ws_raw`); a binary frame is read as live reads it
+        (`json.loads` of the bytes) and, when that fails, stored as base64 (`ws_bin`) and replayed
+        as those bytes. Anything stored raw or as a placeholder is counted in `raw_lines`.
+        """
+        if isinstance(frame, (bytes, bytearray)):
+            self._write_binary(t, bytes(frame))
+        elif isinstance(frame, str):
+            self._write_text(t, frame)
+        elif not self._try_append({"t": t, "ws": frame}):
+            # An array nobody can re-encode has no text to fall back to: a placeholder replays as bad.
+            self._append_placeholder(t, "ws", None)
+
+    def _write_text(self, t: int, frame: str) -> None:
+        try:
+            decoded: Any = json.loads(frame)
+        except (ValueError, RecursionError):
+            self._append_raw({"t": t, "ws_raw": frame}, "ws")
             return
-        self._append({"t": t, "ws": frame})
+        if not self._try_append({"t": t, "ws": decoded}):
+            self._append_raw({"t": t, "ws_raw": frame}, "ws")
+
+    def _write_binary(self, t: int, frame: bytes) -> None:
+        try:
+            # The call the live parser makes on bytes, so the stored form cannot disagree with it.
+            decoded: Any = json.loads(frame)
+        except (ValueError, RecursionError):
+            try:
+                text = frame.decode("utf-8")
+            except UnicodeDecodeError:
+                self._append_raw({"t": t, "ws_bin": _b64(frame)}, "ws")
+                return
+            # UTF-8 that is not JSON fails as text exactly as it failed as bytes.
+            self._append_raw({"t": t, "ws_raw": text}, "ws")
+            return
+        if not self._try_append({"t": t, "ws": decoded}):
+            # Decoded live but too deep to re-encode: the bytes themselves replay to the same result.
+            self._append_raw({"t": t, "ws_bin": _b64(frame)}, "ws")
 
     def write_control(self, t: int, control: dict[str, Any]) -> None:
-        """Record an operator action that changes decisions (the pause switch), so replays reproduce it."""
-        self._append({"t": t, "control": control})
+        """Record an operator action that changes decisions (the pause switch), so replays reproduce it.
+
+        Raises only OSError; a payload that cannot be encoded becomes a placeholder (see `raw_lines`).
+        """
+        if not self._try_append({"t": t, "control": control}):
+            self._append_placeholder(t, "control", None)
 
     def write_rest(self, t: int, path: str, status: int, body: object) -> None:
-        """Record one REST answer received at `t` (ms); the API key is stripped from the path and next_url."""
-        self._append(
-            {"t": t, "rest": strip_api_key(path), "status": status, "body": _strip_next_url_key(body)}
-        )
+        """Record one REST answer received at `t` (ms); the API key is stripped from the path and next_url.
+
+        Raises only OSError. A body nested too deep to encode, or a line over MAX_RECORD_BYTES, is
+        recorded as an `oversize` placeholder naming the path and status, which replays as a bad line.
+        """
+        clean = strip_api_key(path) if isinstance(path, str) else str(path)
+        record = {"t": t, "rest": clean, "status": status, "body": _strip_next_url_key(body)}
+        if not self._try_append(record):
+            self._append_placeholder(t, "rest", clean)
 
     def flush(self) -> None:
         """Write everything buffered as one gzip member and fsync: a crash after this loses none of it."""
@@ -189,9 +255,42 @@ class TapeWriter:
         finally:
             self._file.close()
 
+    def _try_append(self, record: dict[str, Any]) -> bool:
+        """Append the record; False when it cannot be encoded (too deep, not JSON-able)."""
+        self._check_open()
+        try:
+            line = encode_line(record)
+        except (ValueError, TypeError):
+            return False
+        if len(line) > MAX_RECORD_BYTES:
+            self._append_placeholder(record["t"], _kind_of(record), record.get("rest"), len(line))
+            return True
+        self._add_line(line)
+        return True
+
+    def _append_raw(self, record: dict[str, Any], kind: str) -> None:
+        """A raw record (text or base64) always encodes; only its size can still refuse it."""
+        self.raw_lines += 1
+        line = encode_line(record)
+        if len(line) > MAX_RECORD_BYTES:
+            self.raw_lines -= 1  # the placeholder counts it
+            self._append_placeholder(record["t"], kind, None, len(line))
+            return
+        self._add_line(line)
+
+    def _append_placeholder(self, t: int, kind: str, path: str | None, size: int | None = None) -> None:
+        """A short line that says what was not recorded; the reader counts it as a bad line."""
+        self.raw_lines += 1
+        note: dict[str, Any] = {"kind": kind, "bytes": size}
+        if path is not None:
+            note["path"] = path[:500]
+        self._add_line(encode_line({"t": t, "oversize": note}))
+
     def _append(self, record: dict[str, Any]) -> None:
         self._check_open()
-        line = encode_line(record)
+        self._add_line(encode_line(record))
+
+    def _add_line(self, line: bytes) -> None:
         self._buffer.append(line)
         self._buffered_bytes += len(line)
         if self._buffered_bytes >= AUTO_MEMBER_BYTES:
@@ -209,6 +308,14 @@ class TapeWriter:
     def _check_open(self) -> None:
         if self._file.closed:
             raise ValueError(f"tape {self.path} is closed")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _kind_of(record: dict[str, Any]) -> str:
+    return next((key for key in ("ws", "rest", "control") if key in record), "line")
 
 
 def _strip_next_url_key(body: object) -> object:
@@ -259,7 +366,10 @@ def _complete_members_end(path: Path) -> int:
                 if decomp is None:
                     decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 try:
-                    decomp.decompress(data)
+                    # Output is thrown away in bounded slices: a member may inflate to gigabytes.
+                    out = decomp.decompress(data, INFLATE_CHUNK)
+                    while not decomp.eof and (decomp.unconsumed_tail or len(out) >= INFLATE_CHUNK):
+                        out = decomp.decompress(decomp.unconsumed_tail, INFLATE_CHUNK)
                 except zlib.error:
                     return end
                 if not decomp.eof:
@@ -309,19 +419,49 @@ class TapeReader:
             head = fh.read(len(GZIP_MAGIC))
             fh.seek(0)
             chunks = _gzip_chunks(fh, self._count_damage) if head == GZIP_MAGIC else _plain_chunks(fh)
-            pending = b""
-            for chunk in chunks:
-                if chunk is None:
-                    pending = b""
-                    continue
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                yield from (line for line in complete if line.strip())
-            if pending.strip():
-                yield pending
+            yield from _split_lines(chunks, self._count_damage)
 
     def _count_damage(self) -> None:
         self.bad_lines += 1
+
+
+def _split_lines(chunks: Iterator[bytes | None], on_bad: Any) -> Iterator[bytes]:
+    """Non-blank lines of the chunks, none longer than MAX_LINE_BYTES (a longer one is one bad line).
+
+    A line is gathered as a list of pieces (joined once), so a long line costs linear time; once it
+    passes the cap its pieces are dropped and the rest of it is skipped up to the next newline.
+    """
+    parts: list[bytes] = []
+    size = 0
+    skipping = False
+    for chunk in chunks:
+        if chunk is None:  # a damaged stretch: its partial line is gone (counted by the chunker)
+            parts, size, skipping = [], 0, False
+            continue
+        pieces = chunk.split(b"\n")
+        for piece in pieces[:-1]:
+            if skipping:
+                skipping = False
+            elif size + len(piece) > MAX_LINE_BYTES:
+                on_bad()
+            else:
+                line = b"".join((*parts, piece)) if parts else piece
+                if line.strip():
+                    yield line
+            parts, size = [], 0
+        tail = pieces[-1]
+        if skipping or not tail:
+            continue
+        if size + len(tail) > MAX_LINE_BYTES:
+            on_bad()
+            parts, size, skipping = [], 0, True
+        else:
+            parts.append(tail)
+            size += len(tail)
+    if parts and not skipping:
+        line = b"".join(parts)
+        if line.strip():
+            yield line
 
 
 def _plain_chunks(fh: Any) -> Iterator[bytes | None]:
@@ -336,10 +476,11 @@ def _gzip_chunks(fh: Any, on_damage: Any) -> Iterator[bytes | None]:
     """
     data = fh.read(READ_CHUNK)
     decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    started = damaged = False
-    while data:
+    started = damaged = more_out = False
+    while data or more_out:
         try:
-            out = decomp.decompress(data)
+            # Bounded output: a member of compressed zeros can inflate a thousandfold.
+            out = decomp.decompress(data, INFLATE_CHUNK)
         except zlib.error:
             if not damaged:
                 on_damage()
@@ -347,7 +488,7 @@ def _gzip_chunks(fh: Any, on_damage: Any) -> Iterator[bytes | None]:
             yield None
             data = _resync(data[1:], fh)
             decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            started = False
+            started = more_out = False
             continue
         started = True
         if out:
@@ -355,9 +496,11 @@ def _gzip_chunks(fh: Any, on_damage: Any) -> Iterator[bytes | None]:
         if decomp.eof:
             data = decomp.unused_data or fh.read(READ_CHUNK)
             decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            started = damaged = False
+            started = damaged = more_out = False
             continue
-        data = fh.read(READ_CHUNK)
+        # A full slice may leave output inside zlib even when all input was taken: ask again first.
+        more_out = len(out) >= INFLATE_CHUNK
+        data = decomp.unconsumed_tail or (b"" if more_out else fh.read(READ_CHUNK))
     if started and not damaged:
         on_damage()
         yield None
@@ -380,12 +523,16 @@ def loads_json(text: bytes) -> Any:
 
     The fallback keeps the stdlib's reading of what orjson rejects (NaN and Infinity literals,
     integers beyond the float range). One difference stays: orjson reads an integer beyond 64 bits
-    as a float; no field the feed gives us holds such a number.
+    as a float; no field the feed gives us holds such a number. Raises only ValueError: text nested
+    deeper than either parser goes (orjson stops at 1024, the stdlib at the recursion limit) too.
     """
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deep") from None
 
 
 class RawJson:
@@ -415,13 +562,20 @@ class RawJson:
         return self._text
 
     def value(self) -> object:
+        """The decoded body; None when the text is not JSON (or nested too deep to decode)."""
         if not self._decoded:
             try:
                 self._value = loads_json(self._unpack())
-            except ValueError:
+            except (ValueError, RecursionError, zlib.error):
                 self._value = None
             self._decoded, self._text = True, b""
         return self._value
+
+    def is_object(self) -> bool:
+        """Whether the body is a JSON object, judged by its first character until it is decoded."""
+        if self._decoded:
+            return isinstance(self._value, dict)
+        return self._unpack().lstrip()[:1] == b"{"
 
     def top_level_string(self, key: str) -> str | None:
         """A string field found by text search (exact for the writer's compact, key-escaped output)."""
@@ -475,6 +629,16 @@ def _parse_line(raw: bytes, line_no: int, lazy_bodies: bool = False) -> TapeLine
     return _shape_line(record, t, line_no)
 
 
+def _binary_line(encoded: object, t: int, line_no: int) -> TapeLine | None:
+    """A binary frame that was not JSON, replayed as the very bytes live received."""
+    if not isinstance(encoded, str):
+        return None
+    try:
+        return TapeLine(line_no, t, "ws", base64.b64decode(encoded, validate=True))
+    except (binascii.Error, ValueError):
+        return None
+
+
 def _shape_line(record: dict[str, Any], t: int, line_no: int) -> TapeLine | None:
     if "meta" in record:
         return TapeLine(line_no, t, "meta", record["meta"]) if isinstance(record["meta"], dict) else None
@@ -482,6 +646,8 @@ def _shape_line(record: dict[str, Any], t: int, line_no: int) -> TapeLine | None
         return TapeLine(line_no, t, "ws", record["ws"])
     if "ws_raw" in record:
         return TapeLine(line_no, t, "ws", record["ws_raw"]) if isinstance(record["ws_raw"], str) else None
+    if "ws_bin" in record:
+        return _binary_line(record["ws_bin"], t, line_no)
     if "control" in record:
         return (
             TapeLine(line_no, t, "control", record["control"])

@@ -4,7 +4,8 @@ It serves a `MarketSource` (the synthetic demo day, a recorded tape, or hand-mad
 simulated clock that starts at `start_ms` and runs `speed` times as fast as the wall. The WebSocket
 speaks the real handshake (connected, auth, subscribe) and streams each frame when its receive time
 has come; REST answers are computed from the source at the simulated now. Fault switches drop
-sockets, inject garbage frames, fail or hold REST answers and provoke `max_connections`.
+sockets, inject garbage frames (text or binary), fail or hold REST answers, provoke `max_connections`,
+silence the stream on an open socket, and make chain answers hostile (a forced `next_url`, a raw body).
 
 Run it alone with `python -m sim.polygon_server --help`.
 """
@@ -347,7 +348,10 @@ class FakePolygon:
         self._auth_timeout_s = auth_timeout_s
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._garbage: list[str] = []
+        self._garbage: list[str | bytes] = []
+        self._chain_next_url: str | None = None
+        self._chain_body: bytes | None = None
+        self._silent = False
         self._max_connections_pending = 0
         self._fault: _RestFault | None = None
         self._hold: _RestHold | None = None
@@ -419,8 +423,11 @@ class FakePolygon:
             return
         asyncio.run_coroutine_threadsafe(self._abort_clients(), loop).result(timeout=5.0)
 
-    def send_garbage(self, frames: list[str]) -> None:
-        """Send these frames verbatim before the next data frame (to the first client to stream)."""
+    def send_garbage(self, frames: list[str | bytes]) -> None:
+        """Send these frames verbatim before the next data frame (to the first client to stream).
+
+        A str goes as a text frame, bytes as a binary frame.
+        """
         with self._lock:
             self._garbage.extend(frames)
         self._poke_clients()
@@ -452,12 +459,38 @@ class FakePolygon:
         with self._lock:
             self._max_connections_pending += 1
 
+    def chain_next_url(self, url: str | None) -> None:
+        """While set, every chain snapshot page carries this `next_url` (None: normal paging again).
+
+        For a self-pointing `next_url`, or one with control characters.
+        """
+        with self._lock:
+            self._chain_next_url = url
+
+    def chain_body_override(self, raw: bytes | None) -> None:
+        """While set, chain snapshot requests are answered 200 with these raw bytes (None: normal)."""
+        with self._lock:
+            self._chain_body = raw
+
+    def silence(self, on: bool) -> None:
+        """A stalled feed: while on, open sockets stay up and answer pings but get no data frames.
+
+        The frames due meanwhile are skipped; turned off, streaming resumes from the current clock.
+        """
+        with self._lock:
+            self._silent = on
+        self._poke_clients()
+
     def heal(self) -> None:
-        """Clear every REST fault and hold, pending garbage and pending max_connections."""
+        """Clear every REST fault and hold, pending garbage and max_connections, chain overrides, silence."""
         with self._lock:
             self._fault = self._hold = None
             self._garbage.clear()
             self._max_connections_pending = 0
+            self._chain_next_url = self._chain_body = None
+            silent, self._silent = self._silent, False
+        if silent:
+            self._poke_clients()
 
     def _run_ws(self) -> None:
         asyncio.run(self._serve_ws())
@@ -554,6 +587,11 @@ class FakePolygon:
         index = bisect.bisect_left(self._frame_times, since_ms)
         while True:
             client.poke.clear()
+            if self._silent:
+                await client.poke.wait()
+                # What fell due while silent is lost, as from a feed that stalled.
+                index = max(index, bisect.bisect_left(self._frame_times, self.now_ms()))
+                continue
             for text in self._take_garbage():
                 await client.ws.send(text)
             if index >= len(self._frames):
@@ -667,6 +705,12 @@ class FakePolygon:
         return _not_found("Not found")
 
     def _chain(self, route: str, query: dict[str, list[str]], now_ms: int) -> Reply:
+        with self._lock:
+            raw_body, forced_next = self._chain_body, self._chain_next_url
+        if raw_body is not None:
+            return Reply(200, raw_body)
+        if forced_next is not None and "cursor" in query:
+            query = {key: value for key, value in query.items() if key != "cursor"}  # a page not ours
         params, at_ms, offset = self._paging_state(query, now_ms)
         limit = _limit(params.get("limit"), CHAIN_DEFAULT_LIMIT, CHAIN_MAX_LIMIT)
         chosen = _filter_chain(self.source.chain_results(at_ms), params)
@@ -677,6 +721,8 @@ class FakePolygon:
         }
         if offset + limit < len(chosen):
             body["next_url"] = self._next_url(route, params, at_ms, offset + limit)
+        if forced_next is not None:
+            body["next_url"] = forced_next
         return Reply(200, body)
 
     def _contract(self, ticker: str, now_ms: int) -> Reply:
@@ -762,7 +808,22 @@ class _RestHandler(JsonHandler):
             super().finish()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self.send_reply(self.server.fake.answer_rest(self.path, self.headers.get("Authorization")))
+        reply = self.server.fake.answer_rest(self.path, self.headers.get("Authorization"))
+        if isinstance(reply.body, bytes):
+            self._send_raw(reply)
+        else:
+            self.send_reply(reply)
+
+    def _send_raw(self, reply: Reply) -> None:
+        """A body sent byte for byte (a hostile one), labelled JSON like every other answer."""
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", self.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+            self.end_headers()
+            self.wfile.write(reply.body)
+        except OSError:
+            self.close_connection = True
 
 
 def _only_stocks_path(connection: ServerConnection, request: Request) -> Response | None:
@@ -779,7 +840,7 @@ def _status_frame(status: str, message: str) -> str:
 def _decode_action(message: str | bytes) -> dict[str, Any]:
     try:
         decoded = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return decoded if isinstance(decoded, dict) else {}
 

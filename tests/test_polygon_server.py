@@ -511,3 +511,85 @@ def test_cli_help_and_serving_the_demo_day() -> None:
         finally:
             server.terminate()
             server.wait(timeout=10)
+
+
+def test_chain_next_url_forces_every_chain_page_to_point_there(http: httpx.Client, fake: FakePolygon) -> None:
+    looping = f"{fake.rest_url}{CHAIN_PATH}?cursor=loop"
+    fake.chain_next_url(looping)
+    first = get(http, fake, f"{CHAIN_PATH}?expiration_date=2025-10-02&limit=250").json()
+    again = get(http, fake, looping[len(fake.rest_url) :])
+    contract = get(http, fake, f"{CHAIN_PATH}/O:IWM251002C00245000").json()
+    fake.chain_next_url("http://x/v3?cursor=a\x00b")
+    control = get(http, fake, CHAIN_PATH).json()
+    fake.chain_next_url(None)
+    normal = get(http, fake, f"{CHAIN_PATH}?expiration_date=2025-10-02&limit=250").json()
+    assert first["next_url"] == looping and len(first["results"]) == 22
+    assert again.status_code == 200 and again.json()["next_url"] == looping
+    assert "next_url" not in contract
+    assert control["next_url"] == "http://x/v3?cursor=a\x00b"
+    assert "next_url" not in normal and len(normal["results"]) == 22
+
+
+def test_chain_body_override_sends_raw_bytes_on_chain_routes_only(http: httpx.Client, fake: FakePolygon) -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    fake.chain_body_override(nested)
+    chain = get(http, fake, f"{CHAIN_PATH}?expiration_date=2025-10-02")
+    contract = get(http, fake, f"{CHAIN_PATH}/O:IWM251002C00245000")
+    fake.chain_body_override(None)
+    healed = get(http, fake, CHAIN_PATH)
+    assert (chain.status_code, chain.content) == (200, nested)
+    assert chain.headers["Content-Type"] == "application/json"
+    assert contract.status_code == 200 and contract.json()["results"]["last_quote"]["bid"] == 1.0
+    assert healed.status_code == 200 and healed.json()["status"] == "OK"
+
+
+def test_heal_clears_the_chain_overrides(http: httpx.Client, fake: FakePolygon) -> None:
+    fake.chain_body_override(b"nope")
+    fake.chain_next_url(f"{fake.rest_url}{CHAIN_PATH}")
+    fake.heal()
+    body = get(http, fake, f"{CHAIN_PATH}?limit=250").json()
+    assert body["status"] == "OK" and "next_url" not in body
+
+
+def test_ws_binary_garbage_goes_out_as_binary_frames(live: FakePolygon) -> None:
+    with open_ws(live) as ws:
+        ws.recv(timeout=RECV_S)
+        subscribe(ws, "A.IWM")
+        recv_json(ws)
+        live.send_garbage([b"\xff\xfe\x00garbage", "[1,2"])
+        received = [ws.recv(timeout=RECV_S) for _ in range(2)]
+        for _ in range(2000):
+            if received[-2] == b"\xff\xfe\x00garbage":
+                break
+            received.append(ws.recv(timeout=RECV_S))
+    assert received[-2:] == [b"\xff\xfe\x00garbage", "[1,2"]
+    assert all(isinstance(frame, str) for frame in received[:-2])
+
+
+def drain(ws: ClientConnection, quiet_s: float) -> list[str | bytes]:
+    """Every frame until none arrives for `quiet_s`."""
+    frames: list[str | bytes] = []
+    while True:
+        try:
+            frames.append(ws.recv(timeout=quiet_s))
+        except TimeoutError:
+            return frames
+
+
+def test_ws_silence_keeps_the_socket_open_and_answering_pings_but_sends_nothing(live: FakePolygon) -> None:
+    with open_ws(live) as ws:
+        ws.recv(timeout=RECV_S)
+        subscribe(ws, "A.IWM")
+        recv_json(ws)
+        live.silence(True)
+        drain(ws, 0.3)  # frames already on their way when the switch flipped
+        silent_from = live.now_ms()
+        quiet = drain(ws, 1.0)  # 200 simulated seconds of a stalled feed
+        pong = ws.ping().wait(RECV_S)
+        resumed_at = live.now_ms()
+        live.silence(False)
+        after = json.loads(ws.recv(timeout=RECV_S))
+    assert quiet == [] and pong
+    assert resumed_at - silent_from >= 150_000
+    # Nothing of what fell due while silent is sent late: streaming resumes from the clock.
+    assert after[0]["s"] >= resumed_at - 1000
