@@ -151,10 +151,14 @@ class TapeWriter:
         self.raw_lines = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
-        has_content = _truncate_to_complete_members(self.path) > 0
+        kept, ends_line = _truncate_to_complete_members(self.path)
+        has_content = kept > 0
         self._file = open(self.path, "ab")  # noqa: SIM115 - owned for the writer's lifetime
         if created:
             _fsync_dir(self.path.parent)
+        if not ends_line:
+            # A line left open by a foreign member must not swallow the first line appended.
+            self._add_line(b"\n")
         if not has_content:
             meta: dict[str, Any] = {"format": TAPE_FORMAT, "underlying": underlying, "benchmark": benchmark}
             # Labels such as `"reconstructed": true` ride along; the three keys above always win.
@@ -339,26 +343,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _truncate_to_complete_members(path: Path) -> int:
-    """Cut a torn trailing gzip member off `path`; return the size of what is kept (0 if no file)."""
+def _truncate_to_complete_members(path: Path) -> tuple[int, bool]:
+    """Cut a torn trailing gzip member off `path`.
+
+    Returns the size of what is kept (0 if no file) and whether its content ends a line.
+    """
     if not path.exists():
-        return 0
+        return 0, True
     with open(path, "rb") as fh:
         head = fh.read(len(GZIP_MAGIC))
     if head and not GZIP_MAGIC.startswith(head):
         # Never cut a file that is not a gzip tape (a plain .jsonl, a wrong path): refuse instead.
         raise ValueError(f"{path} exists and is not a gzip tape")
-    keep = _complete_members_end(path)
+    keep, ends_line = _complete_members_end(path)
     if keep != path.stat().st_size:
         os.truncate(path, keep)
-    return keep
+    return keep, ends_line
 
 
-def _complete_members_end(path: Path) -> int:
-    """Byte offset just past the last gzip member that decompresses completely from the start."""
+def _complete_members_end(path: Path) -> tuple[int, bool]:
+    """Byte offset just past the last gzip member that decompresses completely from the start,
+    and whether the content up to there ends with a newline (True when there is none)."""
     end = 0
     pos = 0
     decomp = None
+    last = kept_last = b"\n"
     with open(path, "rb") as fh:
         while chunk := fh.read(READ_CHUNK):
             data = chunk
@@ -368,18 +377,20 @@ def _complete_members_end(path: Path) -> int:
                 try:
                     # Output is thrown away in bounded slices: a member may inflate to gigabytes.
                     out = decomp.decompress(data, INFLATE_CHUNK)
+                    last = out[-1:] or last
                     while not decomp.eof and (decomp.unconsumed_tail or len(out) >= INFLATE_CHUNK):
                         out = decomp.decompress(decomp.unconsumed_tail, INFLATE_CHUNK)
+                        last = out[-1:] or last
                 except zlib.error:
-                    return end
+                    return end, kept_last == b"\n"
                 if not decomp.eof:
                     pos += len(data)
                     break
                 pos += len(data) - len(decomp.unused_data)
-                end = pos
+                end, kept_last = pos, last
                 data = decomp.unused_data
                 decomp = None
-    return end
+    return end, kept_last == b"\n"
 
 
 class TapeReader:

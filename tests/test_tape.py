@@ -281,3 +281,199 @@ def test_prune_deletes_only_tapes_older_than_the_retention(tmp_path: Path) -> No
     )
     assert prune_tapes(tmp_path, 0, datetime.date(2025, 10, 2)) == [tmp_path / "2025-09-12.jsonl.gz"]
     assert prune_tapes(tmp_path / "missing", 5, datetime.date(2025, 10, 2)) == []
+
+
+# Hostile input: the writer raises only OSError, the reader never raises and stays bounded.
+
+DEEP_TEXT = "[" * 50_000 + "]" * 50_000
+BAR_FRAME = '[{"ev":"A","sym":"IWM","v":100,"o":240,"h":240,"l":240,"c":240,"s":1,"e":1001}]'
+HOSTILE_FRAMES: list[str | bytes] = [
+    b"\xff\xfe\x00not utf-8",  # binary, not UTF-8: kept as bytes
+    b"\x80" + BAR_FRAME.encode(),  # binary, invalid UTF-8 start
+    BAR_FRAME.encode(),  # binary but UTF-8 JSON: read like the text frame
+    "\ufeff[]".encode(),  # UTF-8 with a BOM: json.loads of bytes accepts it (stored decoded)
+    "[]".encode("utf-16"),  # UTF-16 JSON: json.loads of bytes detects it
+    b"not json but utf-8",
+    DEEP_TEXT,  # nested 50k deep: RecursionError in the parser, counted bad
+    DEEP_TEXT.encode(),
+    "[" * 990 + "]" * 990,  # decodes; re-encoding may hit the recursion limit (then kept as text)
+    BAR_FRAME,
+]
+
+
+def test_hostile_frames_are_recorded_and_replay_to_the_live_counters(tmp_path: Path) -> None:
+    from events import Received
+    from feed import FeedDecoder
+
+    path = tmp_path / "hostile.jsonl.gz"
+    live = FeedDecoder("IWM", "SPY")
+    with _writer(path) as writer:
+        for n, frame in enumerate(HOSTILE_FRAMES):
+            live.ws(START + n, frame)
+            writer.write_ws(START + n, frame)
+        raw_lines = writer.raw_lines
+    replayed = FeedDecoder("IWM", "SPY")
+    reader = TapeReader(path)
+    for line in reader:
+        if line.kind == "ws":
+            replayed.decode(Received(line.t, "ws", line.payload))
+    assert reader.bad_lines == 0
+    assert replayed.counters == live.counters
+    assert live.counters.frames == len(HOSTILE_FRAMES) and live.counters.bad_frames >= 6
+    # The two non-UTF-8 frames, the non-JSON text, both 50k-deep ones; maybe the 990-deep one.
+    assert raw_lines in (5, 6)
+
+
+def test_binary_frames_are_stored_as_text_when_utf8_json_and_base64_otherwise(tmp_path: Path) -> None:
+    path = tmp_path / "binary.jsonl.gz"
+    with _writer(path) as writer:
+        writer.write_ws(START + 1, BAR_FRAME.encode())
+        writer.write_ws(START + 2, b"\xff\x00")
+        writer.write_ws(START + 3, bytearray(b"plain text"))
+        assert writer.raw_lines == 2
+    with gzip.open(path, "rt") as fh:
+        stored = [json.loads(line) for line in fh.read().splitlines()[1:]]
+    assert stored == [
+        {"t": START + 1, "ws": json.loads(BAR_FRAME)},
+        {"t": START + 2, "ws_bin": "/wA="},
+        {"t": START + 3, "ws_raw": "plain text"},
+    ]
+    assert [line.payload for line in TapeReader(path)][1:] == [json.loads(BAR_FRAME), b"\xff\x00", "plain text"]
+
+
+def nested_list(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_rest_body_too_deep_to_encode_becomes_a_placeholder_that_replays_as_a_bad_line(
+    tmp_path: Path,
+) -> None:
+    from tape import encode_line
+
+    deep = nested_list(100_000)
+    with pytest.raises(ValueError):
+        encode_line({"t": 1, "body": deep})
+    path = tmp_path / "deep.jsonl.gz"
+    with _writer(path) as writer:
+        writer.write_rest(START + 1, "/v3/snapshot/options/IWM?apiKey=SECRET", 200, {"results": deep})
+        writer.write_control(START + 2, {"paused": True, "odd": nested_list(5_000)})
+        writer.write_ws(START + 3, nested_list(5_000))
+        writer.write_rest(START + 4, "/v3/snapshot/options/IWM", 200, {"results": []})
+        assert writer.raw_lines == 3
+    reader = TapeReader(path)
+    lines = list(reader)
+    assert reader.bad_lines == 3
+    assert [(line.kind, line.t) for line in lines] == [("meta", START), ("rest", START + 4)]
+    with gzip.open(path, "rt") as fh:
+        assert "SECRET" not in fh.read()
+
+
+def test_a_line_over_the_record_cap_is_a_short_placeholder(tmp_path: Path) -> None:
+    from tape import MAX_RECORD_BYTES
+
+    path = tmp_path / "big.jsonl.gz"
+    huge = "x" * (MAX_RECORD_BYTES + 1)
+    with _writer(path) as writer:
+        writer.write_rest(START + 1, "/v2/aggs/ticker/IWM/range/1/second/1/2", 200, {"results": huge})
+        writer.write_ws(START + 2, huge)  # not JSON: raw text, but too long even so
+        writer.write_ws(START + 3, "[]")
+        assert writer.raw_lines == 2
+    assert path.stat().st_size < 100_000
+    reader = TapeReader(path)
+    lines = list(reader)
+    assert reader.bad_lines == 2 and [line.t for line in lines] == [START, START + 3]
+    with gzip.open(path, "rt") as fh:
+        placeholder = json.loads(fh.read().splitlines()[1])
+    assert placeholder["oversize"]["kind"] == "rest" and placeholder["oversize"]["bytes"] > MAX_RECORD_BYTES
+
+
+def test_decoding_never_raises_recursion_error() -> None:
+    from tape import RawJson, loads_json
+
+    deep = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(ValueError):
+        loads_json(deep)
+    raw = RawJson(deep)
+    assert raw.is_object() is False and raw.value() is None
+    assert RawJson(b'{"a":1}').is_object() and not RawJson(b'"text"').is_object()
+
+
+def append_member(path: Path, data: bytes) -> None:
+    with path.open("ab") as fh:
+        fh.write(gzip.compress(data, mtime=0))
+
+
+def test_a_line_nested_200k_deep_is_one_bad_line_and_reading_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "deep-line.jsonl.gz"
+    with _writer(path) as writer:
+        writer.write_ws(START + 1, "[]")
+    deep = b"[" * 200_000 + b"]" * 200_000
+    append_member(path, b'{"t":1759415400002,"ws":' + deep + b"}\n")
+    append_member(path, b'{"t":1759415400003,"rest":"/v3/snapshot/options/IWM","status":200,"body":' + deep + b"}\n")
+    append_member(path, b'{"t":1759415400004,"ws":[]}\n')
+    plain = TapeReader(path)
+    plain_lines = list(plain)
+    lazy = TapeReader(path, lazy_bodies=True)
+    lazy_lines = list(lazy)
+    assert plain.bad_lines == 2 and [line.t for line in plain_lines] == [START, START + 1, START + 4]
+    # Lazily, the REST line is read (its body is decoded on use, to None: a failed answer downstream).
+    assert lazy.bad_lines == 1 and [line.t for line in lazy_lines] == [START, START + 1, START + 3, START + 4]
+    assert lazy_lines[2].payload.value() is None
+
+
+def write_gzip_bomb(path: Path, megabytes: int) -> None:
+    """One member that inflates to `megabytes` MiB of b"x" without a newline, written in slices."""
+    block = b"x" * (1 << 20)
+    with path.open("ab") as fh, gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=9, mtime=0) as gz:
+        for _ in range(megabytes):
+            gz.write(block)
+
+
+def test_a_gzip_member_inflating_to_200_mb_without_a_newline_is_one_bad_line_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    import tracemalloc
+
+    from tape import MAX_LINE_BYTES
+
+    path = tmp_path / "bomb.jsonl.gz"
+    with _writer(path) as writer:
+        writer.write_ws(START + 1, "[]")
+    append_member(path, b'{"t":1759415400002,"ws":[')  # a line the bomb's bytes then run on from
+    write_gzip_bomb(path, 200)
+    append_member(path, b'\n{"t":1759415400003,"ws":[]}\n{"t":1759415400004,"ws":[]}\n')
+    assert path.stat().st_size < 1_000_000
+    tracemalloc.start()
+    try:
+        reader = TapeReader(path)
+        lines = list(reader)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [line.t for line in lines] == [START, START + 1, START + 3, START + 4]
+    assert reader.bad_lines == 1
+    assert peak < 2 * MAX_LINE_BYTES + 16 * 2**20 < 200 * 2**20
+
+
+def test_reopening_a_tape_with_a_gzip_bomb_keeps_it_and_stays_bounded(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "bomb.jsonl.gz"
+    with _writer(path) as writer:
+        writer.write_ws(START + 1, "[]")
+    write_gzip_bomb(path, 100)
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        with _writer(path) as writer:
+            writer.write_ws(START + 2, "[]")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20
+    assert path.stat().st_size > size  # the complete bomb member was kept, the new line appended
+    reader = TapeReader(path)
+    assert [line.t for line in reader] == [START, START + 1, START + 2] and reader.bad_lines == 1
