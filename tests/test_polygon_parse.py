@@ -958,3 +958,81 @@ def test_error_text_is_short() -> None:
     assert len(text) == 200
     assert text.endswith("...")
     assert text.startswith("{'status': 'ERROR', 'detail': 'xxx")
+
+
+# Absurd numbers: counted (bars) or unusable (quotes), never passed on
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"c": 1e7 + 1},
+        {"h": 5e300},
+        {"o": float("inf")},
+        {"l": -0.01},
+        {"vw": 2e7},
+        {"v": 1e12 + 1},
+        {"v": float("nan")},
+    ],
+    ids=repr,
+)
+def test_absurd_bar_numbers_make_the_bar_bad_in_frames_and_rest_pages(changes: dict) -> None:
+    events = [a_event(start=1_000_000), a_event(start=2_000_000, **changes)]
+    frame = parse_ws_frame(json.dumps(events), RECEIVED_MS, IWM_SPY)
+    good_agg = {"o": 242.0, "h": 242.05, "l": 241.99, "c": 242.03, "v": 1500, "t": 5_000}
+    page = parse_aggs_page({"results": [good_agg, {**good_agg, "t": 6_000, **changes}]}, "IWM", 1000, 9)
+    assert frame == ParsedFrame((iwm_bar(1_000_000),), (), 1, 0)
+    assert len(page.bars) == 1 and page.bad == 1
+
+
+def test_bounds_are_inclusive_and_session_fields_over_them_become_none() -> None:
+    from polygon_client import MAX_STOCK_PRICE, MAX_VOLUME
+
+    at_bounds = a_event(start=1_000_000, o=MAX_STOCK_PRICE, h=MAX_STOCK_PRICE, v=MAX_VOLUME, a=2e7, av=2e12)
+    (bar,) = parse_ws_frame(json.dumps([at_bounds]), RECEIVED_MS, IWM_SPY).bars
+    assert (bar.o, bar.v, bar.day_vwap, bar.day_volume) == (MAX_STOCK_PRICE, MAX_VOLUME, None, None)
+
+
+@pytest.mark.parametrize(
+    ("bid", "ask"),
+    [(1e5 + 1, 1e5 + 2), (1.0, 1e9), (float("nan"), 1.1), (1.0, float("inf")), (-1.0, 1.1), (1.0, -1.1)],
+    ids=repr,
+)
+def test_absurd_option_prices_become_none_and_the_quote_is_unusable(bid: float, ask: float) -> None:
+    from feed import quote_is_usable
+
+    quote = parse_option_result(chain_result(last_quote={"bid": bid, "ask": ask, "bid_size": 5, "ask_size": 6}))
+    assert quote is not None and (quote.bid is None or quote.ask is None)
+    assert not quote_is_usable(quote)
+
+
+def test_crossed_zero_and_valid_quotes_for_marking() -> None:
+    from feed import quote_is_usable
+
+    def usable(bid: float, ask: float) -> bool:
+        quote = parse_option_result(chain_result(last_quote={"bid": bid, "ask": ask}))
+        assert quote is not None
+        return quote_is_usable(quote)
+
+    assert usable(1.0, 1.1) and usable(1e5, 1e5)
+    assert not usable(1.2, 1.1) and not usable(0, 0.05)
+
+
+def test_absurd_iv_sizes_and_underlying_price_become_none_or_zero() -> None:
+    result = chain_result(
+        implied_volatility=101.0,
+        last_quote={"bid": 1.08, "ask": 1.12, "bid_size": 1e13, "ask_size": 40},
+        open_interest=1e13,
+        underlying_asset={"price": 1e8},
+    )
+    quote = parse_option_result(result)
+    assert quote is not None
+    assert (quote.iv, quote.bid_size, quote.open_interest, quote.underlying_price) == (None, 0.0, 0.0, None)
+    assert (quote.bid, quote.ask, quote.ask_size) == (1.08, 1.12, 40)
+
+
+def test_a_frame_nested_too_deep_is_one_bad_frame_as_text_and_bytes() -> None:
+    deep = "[" * 50_000 + "]" * 50_000
+    assert parse_ws_frame(deep, RECEIVED_MS, IWM_SPY) == ParsedFrame((), (), 1, 0)
+    assert parse_ws_frame(deep.encode(), RECEIVED_MS, IWM_SPY) == ParsedFrame((), (), 1, 0)
+    assert parse_ws_frame(b"\xff\xfe\x00", RECEIVED_MS, IWM_SPY) == ParsedFrame((), (), 1, 0)
