@@ -222,8 +222,12 @@ def run_replay(
         still_pending=summary.pending_alerts,
     )
     journal.close()
-    text = render_summary(summary) if sys.stdout.isatty() else json.dumps(summary.as_dict())
-    print(text, flush=True)
+    if sys.stdout.isatty():
+        print(render_summary(summary), flush=True)
+        return EXIT_OK
+    if summary.note():
+        print(summary.note(), file=sys.stderr)  # the JSON line holds it too; a person reads stderr
+    print(json.dumps(summary.as_dict()), flush=True)
     return EXIT_OK
 
 

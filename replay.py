@@ -208,7 +208,12 @@ class RunSummary:
         return {
             "event": "replay_summary",
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            "note": self.note(),
         }
+
+    def note(self) -> str | None:
+        """The plain words when the journal already held (part of) this tape, else None."""
+        return resume_note(Path(self.tape), self.resumed_after, self.new_lines)
 
 
 def is_win(pnl_dollars: float) -> bool:
@@ -283,7 +288,7 @@ def render_summary(summary: RunSummary) -> str:
         f"  alerts pending    {summary.pending_alerts}",
         f"  journal           {summary.journal}",
     ]
-    note = resume_note(Path(summary.tape), summary.resumed_after, summary.new_lines)
+    note = summary.note()
     if note:
         lines.append(f"  note              {note}")
     if summary.moved_aside:

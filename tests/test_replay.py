@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from builders import DAY, at, bar, calendar, chain, engine, quote
 
 from config import Rules
 from events import Alert
 from pnl_tracker import Journal
-from replay import replay_tape
+from replay import NotATape, check_tape, move_aside, replay_tape
 
 RULES = Rules()
 
@@ -256,3 +260,142 @@ def test_a_later_days_exit_never_blocks_an_earlier_day_and_the_wait_is_never_neg
     eng.last_exit_ms = at(9, 59, 30)
     block = eng._entry_block(eng.last_bar)
     assert block is not None and block.rule == "cooldown" and block.value == "31.2s"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def replay_cli(args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
+    """`main.py --replay ...` in a fresh process (stdout a pipe, so the summary is one JSON line)."""
+    base = {
+        k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY", "DATA_DIR"))
+    }
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), "--replay", *args], cwd=data_dir.parent,
+                          env={**base, "DATA_DIR": str(data_dir)}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def summary_of(done: subprocess.CompletedProcess) -> dict:
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    summary = json.loads(lines[0])
+    assert summary["event"] == "replay_summary"
+    return summary
+
+
+def test_cli_summaries_count_this_run_and_the_lifetime_adds_up_in_any_order(short_tapes, tmp_path):
+    early, late = short_tapes
+    data_dir = tmp_path / "data"
+    second_day = summary_of(replay_cli([str(late)], data_dir))
+    first_day = summary_of(replay_cli([str(early)], data_dir))
+    journal = Journal(data_dir / "replay.sqlite3")
+    by_day = {
+        day: [t for t in journal.trades() if t.session_date == day] for day in ("2025-10-06", "2025-10-07")
+    }
+    for summary, day in ((second_day, "2025-10-07"), (first_day, "2025-10-06")):
+        trades = by_day[day]
+        assert summary["trades"] == len(trades) > 0
+        assert summary["pnl"] == round(sum(t.pnl_dollars for t in trades), 2)
+        assert summary["wins"] == sum(t.pnl_dollars > 0 for t in trades)
+        assert summary["wins"] + summary["losses"] == len(trades)
+    assert second_day["lifetime_pnl"] == second_day["pnl"]
+    assert first_day["lifetime_pnl"] == round(first_day["pnl"] + second_day["pnl"], 2)
+    assert first_day["lifetime_wins"] == first_day["wins"] + second_day["wins"]
+    # The later day's tape ends with a position open; the earlier day left it alone.
+    assert second_day["open_position"] == first_day["open_position"] == "2025-10-07-03"
+
+
+def test_the_same_tape_again_says_so_names_fresh_and_fresh_starts_over(short_tapes, tmp_path):
+    tape = short_tapes[0]
+    data_dir = tmp_path / "data"
+    first = summary_of(replay_cli([str(tape)], data_dir))
+    assert first["trades"] > 0 and first["resumed_after"] == 0
+    again = replay_cli([str(tape)], data_dir)
+    summary = summary_of(again)
+    last = first["lines"]
+    assert f"already holds this tape ({tape.name}) up to line {last}" in again.stderr
+    assert "nothing left to do" in again.stderr and "nothing left to do" in summary["note"]
+    assert f"--replay {tape} --fresh" in again.stderr
+    assert summary["resumed_after"] == last and summary["new_lines"] == 0
+    assert summary["trades"] == 0 and summary["pnl"] == 0 and summary["lifetime_pnl"] == first["lifetime_pnl"]
+
+    fresh = replay_cli([str(tape), "--fresh"], data_dir)
+    summary = summary_of(fresh)
+    backups = sorted(data_dir.glob("replay.sqlite3.*.bak"))
+    assert len(backups) == 1 and f"previous replay journal moved to {backups[0]}" in fresh.stderr
+    assert summary["moved_aside"] == str(backups[0])
+    assert summary["resumed_after"] == 0 and (summary["trades"], summary["pnl"]) == (
+        first["trades"],
+        first["pnl"],
+    )
+    assert summary["lifetime_pnl"] == first["pnl"]
+    kept = Journal(backups[0])
+    assert len(kept.trades()) == first["trades"]
+
+
+def test_the_terminal_summary_is_a_readable_block(short_tapes, tmp_path):
+    import pty
+
+    data_dir = tmp_path / "data"
+    summary_of(replay_cli([str(short_tapes[0])], data_dir))
+    base = {
+        k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY", "DATA_DIR"))
+    }
+    leader, follower = pty.openpty()
+    done = subprocess.run([sys.executable, str(ROOT / "main.py"), "--replay", str(short_tapes[0])],
+                          cwd=tmp_path, env={**base, "DATA_DIR": str(data_dir)}, stdout=follower,
+                          stderr=subprocess.PIPE, timeout=300)  # fmt: skip
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    text = out.decode()
+    assert done.returncode == 0
+    assert text.startswith(f"Replay of {short_tapes[0]}") and "{" not in text
+    assert "this run          0 trades, 0W-0L" in text and "nothing left to do" in text and "--fresh" in text
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("text.jsonl.gz", b"this is not a tape\nnor is this\n"),
+        ("empty.jsonl.gz", b""),
+        ("garbage.jsonl.gz", gzip.compress(b"\x00\x01garbage\nmore garbage\n")),
+        ("torn.jsonl.gz", gzip.compress(b'{"t": 1, "ws": []}\n' * 50)[:20]),
+    ],
+)
+def test_a_file_with_no_tape_line_exits_2_naming_it(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(NotATape):
+        check_tape(path)
+    data_dir = tmp_path / "data"
+    done = replay_cli([str(path)], data_dir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{path} is not a tape" in done.stderr and done.stdout == ""
+    assert not (data_dir / "replay.sqlite3").exists()
+
+
+def test_move_aside_keeps_the_journal_with_its_wal(tmp_path):
+    path = tmp_path / "replay.sqlite3"
+    journal = Journal(path)
+    journal.set_meta("marker", "kept")
+    wal = path.with_name(path.name + "-wal")
+    assert wal.exists()  # still open: the commit may live only in the WAL
+    moved = move_aside(path, now=lambda: 1_759_760_000.0)
+    journal.close()
+    assert moved == tmp_path / "replay.sqlite3.20251006T141320Z.bak"
+    assert not path.exists() and not wal.exists()
+    assert Journal(moved).meta("marker") == "kept"
+    assert move_aside(path) is None
+    Journal(path).close()
+    second = move_aside(path, now=lambda: 1_759_760_000.0)
+    assert second == tmp_path / "replay.sqlite3.20251006T141320Z-2.bak"
