@@ -107,6 +107,24 @@ class Settings:
     market_closed_dates: tuple[date, ...] = ()
     stream_silence_seconds: float = _num(15.0, 1, 3600)
     alert_fallback_urls: tuple[str, ...] = field(default=(), repr=False)
+    # Pushover priority (-2..2) and sound per alert kind; defaults mirror alert_text.DEFAULT_DELIVERY.
+    # A sound is one of alert_text.PUSHOVER_SOUNDS ("none" = silent) or empty for the phone's default.
+    alert_priority_buy: int = _num(1, -2, 2)
+    alert_sound_buy: str = "cashregister"
+    alert_priority_sell: int = _num(1, -2, 2)
+    alert_sound_sell: str = "siren"
+    alert_priority_start: int = _num(0, -2, 2)
+    alert_sound_start: str = ""
+    alert_priority_stall: int = _num(0, -2, 2)
+    alert_sound_stall: str = ""
+    alert_priority_recovered: int = _num(0, -2, 2)
+    alert_sound_recovered: str = ""
+    alert_priority_feed_error: int = _num(0, -2, 2)
+    alert_sound_feed_error: str = ""
+    alert_priority_critical_loss: int = _num(2, -2, 2)
+    alert_sound_critical_loss: str = "persistent"
+    alert_priority_summary: int = _num(0, -2, 2)
+    alert_sound_summary: str = ""
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}

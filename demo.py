@@ -11,9 +11,9 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from alert_text import money
+from alert_text import block_text, fixed, momentum_text, money, rule_words
 from config import Rules
 from events import Alert, Log
 from market_calendar import MarketCalendar, ny_datetime
@@ -53,7 +53,9 @@ class DemoPrinter:
                 print(condensed_conditions(log.fields), file=self.out)
         elif log.event == "entry_blocked":
             self.blocked[str(log.fields["rule"])] += 1
-            text = f"blocked by {log.fields['rule']} ({log.fields['value']} vs {log.fields['limit']})"
+            text = "blocked by " + block_text(
+                str(log.fields["rule"]), str(log.fields["value"]), str(log.fields["limit"])
+            )
             self._note(log.fields["time"], str(log.fields["rule"]), text)
         elif log.event in ("entries_paused", "entries_resumed"):
             self.finish_notes()
@@ -78,21 +80,22 @@ class DemoPrinter:
         self._last_note, self._repeats = "", 0
 
 
-def condensed_conditions(f: dict[str, object]) -> str:
-    """One short line of the minute's signal conditions."""
+def condensed_conditions(f: dict[str, Any]) -> str:
+    """One short line of the minute's signal conditions, in words and fixed-point numbers."""
 
     def yes(flag: object) -> str:
         return "yes" if flag else "no"
 
-    def shown(value: object, unit: str = "") -> str:
-        return "n/a" if value is None else f"{value}{unit}"
-
+    threshold = f["volume_threshold"]
+    p95 = ", no p95 yet" if threshold is None else f" vs p95 {threshold:,.0f}"
+    chain_age = "n/a" if f["chain_age_s"] is None else f"{fixed(f['chain_age_s'], 1)}s"
     return (
-        f"[{f['time']}] Signal conditions: IWM {f['close']:.2f} vs VWAP {f['vwap']:.2f} above={yes(f['above_vwap'])}"
-        f" | VWAP rising={yes(f['vwap_rising'])} | vol {f['volume']:g} > p95 {shown(f['volume_threshold'])}"
-        f"={yes(f['volume_surge'])} | momentum {shown(f['momentum_pct_s'], '%/s')}"
-        f" | chain age {shown(f['chain_age_s'], 's')} | leadership {f.get('spy_leadership')}"
-        f" | rel. volume {f.get('relative_volume')}"
+        f"[{f['time']}] Signal conditions: IWM ${f['close']:.2f} vs VWAP ${f['vwap']:.2f}"
+        f" (above: {yes(f['above_vwap'])}) | VWAP rising: {yes(f['vwap_rising'])}"
+        f" | volume {f['volume']:,.0f}{p95} (surge: {yes(f['volume_surge'])})"
+        f" | momentum {momentum_text(f['momentum_pct_s'])} | chain age {chain_age}"
+        f" | {rule_words('spy_leadership')}: {f.get('spy_leadership')}"
+        f" | {rule_words('relative_volume')}: {f.get('relative_volume')}"
     )
 
 
@@ -195,7 +198,8 @@ def print_summary(out: TextIO, journal: Journal, result: ReplayResult, printer: 
         )
     if printer.blocked:
         print(
-            f"  signals blocked: {', '.join(f'{r} {n}' for r, n in printer.blocked.most_common())}", file=out
+            f"  signals blocked: {', '.join(f'{rule_words(r)} {n}' for r, n in printer.blocked.most_common())}",
+            file=out,
         )
     feed = result.feed
     print(

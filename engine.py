@@ -13,15 +13,18 @@ from datetime import time, timedelta
 from typing import Protocol
 
 from alert_text import (
-    PRIORITY_HIGH,
-    PRIORITY_NORMAL,
     BuyContext,
+    Overrides,
     SellContext,
     buy_message,
     buy_title,
-    exit_rules_text,
+    exit_lines,
+    exit_trigger,
     feed_error_text,
+    leadership_text,
     money,
+    priority_for,
+    rule_words,
     sell_message,
     sell_title,
 )
@@ -96,8 +99,16 @@ class Engine:
     to that shared market first and hands the engine only the events `wants` says can matter.
     """
 
-    def __init__(self, rules: Rules, calendar: SessionSource, market: MarketState | None = None) -> None:
+    def __init__(
+        self,
+        rules: Rules,
+        calendar: SessionSource,
+        market: MarketState | None = None,
+        alert_overrides: Overrides | None = None,
+    ) -> None:
         self.rules = rules
+        # ALERT_PRIORITY_<KIND> settings (alert_text.delivery_overrides); None: the default table.
+        self._alert_overrides = alert_overrides
         self._calendar = calendar
         self._owns_market = market is None
         self.market = MarketState(rules) if market is None else market
@@ -222,7 +233,7 @@ class Engine:
     def _note_bar_arrival(self, actions: list[Action]) -> None:
         if self._stall_alerted:
             self._stall_alerted = False
-            actions.append(self._system_alert("RECOVERED", "Bars are flowing again; entries resume.", 0))
+            actions.append(self._system_alert("RECOVERED", "Bars are flowing again; entries resume."))
 
     def _follow_vwap(self, features: Features, actions: list[Action]) -> None:
         assert self.position is not None
@@ -302,9 +313,7 @@ class Engine:
             return FilterReading("spy_leadership", "n/a (no history)", False)
         lag = spy - iwm
         limit = self.rules.spy_iwm_lag_threshold
-        return FilterReading(
-            "spy_leadership", f"IWM lags SPY by {lag:+.2f} pts", lag > limit, f"{limit:.2f} pts max"
-        )
+        return FilterReading("spy_leadership", leadership_text(lag), lag > limit, f"{limit:.2f} pts max")
 
     def _relative_volume_reading(self) -> FilterReading:
         required = self.rules.relative_volume_required
@@ -356,33 +365,27 @@ class Engine:
             close=features.close,
             rolling_vwap=features.rolling_vwap,
             day_vwap=bar.day_vwap,
-            momentum_pct_per_sec=features.momentum_pct_per_sec or 0.0,
+            momentum_pct_per_sec=features.momentum_pct_per_sec,
             volume_z=features.volume_z,
+            bid=quote.bid,
             mid=chosen.mid,
             spread_pct=chosen.spread_pct,
             bid_size=quote.bid_size,
             ask_size=quote.ask_size,
             delta_source=chosen.delta_source,
-            filters="; ".join(f"{r.name} {r.value}" for r in readings),
-            exit_rules=self._exit_rules_text(),
+            filters="; ".join(f"{rule_words(r.name)}: {r.value}" for r in readings),
+            exit_rules=self._exit_lines(position),
         )
         message = buy_message(position, context)
-        actions.append(
-            Alert(
-                "BUY", f"BUY:{trade_id}", buy_title(self.rules.underlying), message, PRIORITY_HIGH, self._now
-            )
-        )
+        title = buy_title(self.rules.underlying)
+        actions.append(Alert("BUY", f"BUY:{trade_id}", title, message, self._priority("BUY"), self._now))
 
-    def _exit_rules_text(self) -> str:
-        rules = self.rules
+    def _exit_lines(self, position: Position) -> str:
         stop_at = ny_datetime(self._session.time_stop_ms).strftime("%H:%M") if self._session else "n/a"
-        return exit_rules_text(
-            rules.stop_loss_percent,
-            rules.max_giveback_percent,
-            rules.tighten_giveback_percent,
-            rules.vwap_exit_blocks * rules.vwap_block_seconds,
-            stop_at,
-        )
+        return exit_lines(position, self.rules, stop_at)
+
+    def _priority(self, kind: str) -> int:
+        return priority_for(kind, self._alert_overrides)
 
     def _mark_from_chain(self, chain: ChainSnapshot, actions: list[Action]) -> None:
         if self.position is None:
@@ -455,17 +458,12 @@ class Engine:
             pnl_dollars=dollars,
             pnl_percent=percent,
             lifetime=self.lifetime,
+            trigger=exit_trigger(reason, position, self.rules),
         )
         message = sell_message(position, context)
+        title = sell_title(self.rules.underlying)
         actions.append(
-            Alert(
-                "SELL",
-                f"SELL:{position.trade_id}",
-                sell_title(self.rules.underlying),
-                message,
-                PRIORITY_HIGH,
-                now,
-            )
+            Alert("SELL", f"SELL:{position.trade_id}", title, message, self._priority("SELL"), now)
         )
         self._check_critical_loss(actions)
 
@@ -476,7 +474,7 @@ class Engine:
             self._critical_latched = True
             actions.append(SetMeta(CRITICAL_LATCH, "1"))
             text = f"Lifetime P&L {money(self.lifetime.pnl)} is at or below {money(threshold)}."
-            actions.append(self._system_alert("CRITICAL_LOSS", text, PRIORITY_HIGH))
+            actions.append(self._system_alert("CRITICAL_LOSS", text))
         elif not below and self._critical_latched:
             self._critical_latched = False
             actions.append(SetMeta(CRITICAL_LATCH, "0"))
@@ -489,7 +487,7 @@ class Engine:
         if age_s >= self.rules.stall_alert_seconds:
             self._stall_alerted = True
             text = f"No {self.rules.underlying} bar for {age_s:.0f}s. Entries paused; exits still checked."
-            actions.append(self._system_alert("STALL", text, PRIORITY_HIGH))
+            actions.append(self._system_alert("STALL", text))
 
     def bar_age_s(self, now: int) -> float:
         """Seconds since the last IWM bar, or since the open (or since we started watching, if later)."""
@@ -506,12 +504,12 @@ class Engine:
     def _on_feed_status(self, status: FeedStatus, actions: list[Action]) -> None:
         actions.append(Log("feed_status", {"connected": status.connected, "reason": status.reason}))
         if status.reason in FEED_ERROR_REASONS:
-            actions.append(self._system_alert("FEED_ERROR", feed_error_text(status.reason), PRIORITY_HIGH))
+            actions.append(self._system_alert("FEED_ERROR", feed_error_text(status.reason)))
 
-    def _system_alert(self, kind: str, text: str, priority: int) -> Alert:
+    def _system_alert(self, kind: str, text: str) -> Alert:
         minute = ny_datetime(self._now).strftime("%Y-%m-%dT%H:%M")
         title = f"{self.rules.underlying} alerter — {kind.replace('_', ' ')}"
-        return Alert(kind, f"{kind}:{minute}", title, text, priority or PRIORITY_NORMAL, self._now)
+        return Alert(kind, f"{kind}:{minute}", title, text, self._priority(kind), self._now)
 
     def _log_minute(self, bar: Bar, f: Features, actions: list[Action]) -> None:
         minute = bar.start_ms // 60_000

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import date
 
-from builders import at, bar, burst_bars, chain, contract, engine, quote
+from builders import at, bar, burst_bars, calendar, chain, contract, engine, quote
 
 from config import Rules
+from engine import Engine
 from events import Alert, ClosePosition, Log, OpenPosition, Tick, UpdatePosition
 
 START = at(10, 0)
@@ -78,11 +79,17 @@ def test_buy_alert_and_open_position_carry_the_ask_and_mid():
         "Exp 2025-10-02",
         "Strike $242",
         "Spread 2.0%",
-        "Size 50 x 50",
+        "bid 1.00 × ask 1.02 | size 50 × 50 (bid × ask)",
         "Volume Z",
-        "Momentum",
+        "Momentum +",
+        "Filters: SPY leadership: n/a (no history); relative volume: unavailable",
+        # 1.02 x 0.85 and 1.01 x 0.70 / 0.80: the rules' exact levels, on the mid
+        "Stop $0.867 (-15% of entry): sells when the mid is at or below it",
+        "Giveback exit 30% off peak (now $0.707); 20% while IWM is below VWAP (now $0.808)",
+        "Also exits after 60s below VWAP | time stop 15:55",
     ):
         assert text in alert.message
+    assert alert.priority == 1 and "e-0" not in alert.message and "_" not in alert.message
 
 
 def test_no_entry_without_a_fresh_chain():
@@ -126,11 +133,32 @@ def test_stop_loss_sells_at_the_bid_with_pnl_and_lifetime():
     assert sell.dedupe_key == "SELL:2025-10-02-01"
     for text in (
         "Reason: Stop loss",
+        "Trigger $0.867 (15% off the $1.02 entry), marked $0.86",
         "Peak $1.01 → Now $0.86",
         "P&L: -16.7% (-$17.00)",
         "LIFETIME: -$17.00 | 0W-1L (0.0%)",
     ):
         assert text in sell.message
+    assert "gapped" not in sell.message and sell.priority == 1
+
+
+def stop_sell_at(bid: float, ask: float) -> Alert:
+    eng = entered_engine()  # entry at the 1.02 ask: the stop is a mid at or below 0.867
+    actions = feed(eng, [contract(ENTRY_BAR_START + 3000, bid=bid, ask=ask)])
+    assert [c.reason for c in closes(actions)] == ["Stop loss"]
+    return next(a for a in actions if isinstance(a, Alert) and a.kind == "SELL")
+
+
+def test_a_stop_sell_says_the_mark_gapped_only_when_far_past_the_trigger():
+    # "Far": more than 2 points of the 1.02 entry (0.0204) and more than a cent below 0.867.
+    near = stop_sell_at(bid=0.84, ask=0.86)  # mid 0.85: 0.017 past
+    far = stop_sell_at(bid=0.84, ask=0.85)  # mid 0.845: 0.022 past
+    deep = stop_sell_at(bid=0.60, ask=0.62)  # the -34.9 % kind of exit
+    assert "Trigger $0.867 (15% off the $1.02 entry), marked $0.85" in near.message
+    assert "gapped" not in near.message
+    gap = "The mark gapped past the stop between two quotes ($0.867 trigger, marked {})"
+    assert gap.format("$0.845") in far.message
+    assert gap.format("$0.61") in deep.message and "P&L: -41.2% (-$42.00)" in deep.message
 
 
 def test_hard_giveback_after_a_new_peak_persists_the_peak():
@@ -145,6 +173,9 @@ def test_hard_giveback_after_a_new_peak_persists_the_peak():
         2.0,
         37.0,
     )
+    (sell,) = [a for a in actions if isinstance(a, Alert)]
+    assert "Trigger $1.40 (30% off the $2.00 peak), marked $1.40" in sell.message
+    assert "Peak $2.00 → Now $1.40" in sell.message and "P&L: +36.3% (+$37.00)" in sell.message
 
 
 def test_time_stop_fires_on_a_tick_without_data():
@@ -196,10 +227,10 @@ def test_stall_alert_once_and_recovered_once():
     feed(eng, [bar(START, 240.0)])
     actions = feed(eng, [Tick(START + 1200 + s * 1000) for s in range(1, 40)])
     stalls = [a for a in actions if isinstance(a, Alert)]
-    assert [a.kind for a in stalls] == ["STALL"]
+    assert [(a.kind, a.priority) for a in stalls] == [("STALL", 0)]
     assert eng.is_stalled(START + 10_000)
     back = feed(eng, [bar(START + 41_000, 240.0)])
-    assert [a.kind for a in back if isinstance(a, Alert)] == ["RECOVERED"]
+    assert [(a.kind, a.priority) for a in back if isinstance(a, Alert)] == [("RECOVERED", 0)]
 
 
 def test_early_close_moves_entry_cut_off_and_time_stop():
@@ -228,8 +259,20 @@ def test_critical_loss_alert_once_per_crossing():
     rules = replace(Rules(), critical_loss_threshold=-10.0)
     eng = entered_engine(rules)
     actions = feed(eng, [contract(ENTRY_BAR_START + 3000, bid=0.80, ask=0.82)])
-    kinds = [a.kind for a in actions if isinstance(a, Alert)]
-    assert kinds == ["SELL", "CRITICAL_LOSS"]
+    kinds = [(a.kind, a.priority) for a in actions if isinstance(a, Alert)]
+    assert kinds == [("SELL", 1), ("CRITICAL_LOSS", 2)]  # the critical loss is an emergency
+
+
+def test_alert_priorities_follow_the_overrides():
+    rules = replace(Rules(), critical_loss_threshold=-10.0)
+    overrides = {"ALERT_PRIORITY_BUY": 2, "ALERT_PRIORITY_SELL": 0, "ALERT_PRIORITY_CRITICAL_LOSS": 1}
+    eng = Engine(rules, calendar(rules), alert_overrides=overrides)
+    feed(eng, [chain(START + 110_000, quote())])
+    bought = [a for a in feed(eng, burst_bars(START)) if isinstance(a, Alert)]
+    sold = [
+        a for a in feed(eng, [contract(ENTRY_BAR_START + 3000, bid=0.80, ask=0.82)]) if isinstance(a, Alert)
+    ]
+    assert [(a.kind, a.priority) for a in bought + sold] == [("BUY", 2), ("SELL", 0), ("CRITICAL_LOSS", 1)]
 
 
 def test_a_position_left_open_by_a_previous_day_is_closed_at_once_after_a_restore():
@@ -254,6 +297,7 @@ def test_feed_errors_alert_once_a_minute_with_advice():
     again = eng.on_event(FeedStatus(START + 5_000, False, "max_connections"))
     (alert,) = [a for a in first if isinstance(a, Alert)]
     assert alert.dedupe_key == "FEED_ERROR:2025-10-02T10:00" and "one daemon per key" in alert.message
+    assert alert.priority == 0
     assert [a.dedupe_key for a in again if isinstance(a, Alert)] == ["FEED_ERROR:2025-10-02T10:00"]
     assert not [
         a for a in eng.on_event(FeedStatus(START + 6_000, True, "auth_success")) if isinstance(a, Alert)

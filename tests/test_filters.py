@@ -30,7 +30,7 @@ def test_leadership_blocks_just_outside_the_lag_threshold():
     inside = leadership_after(spy_end=501.0, iwm_end=200.002)  # SPY +0.200 %, IWM +0.001 %: lag 0.199
     outside = leadership_after(spy_end=501.0, iwm_end=199.998)  # lag 0.201
     assert (inside.blocks, outside.blocks) == (False, True)
-    assert inside.value == "IWM lags SPY by +0.20 pts"
+    assert inside.value == "IWM lags SPY by 0.20 pts"
 
 
 def test_leadership_is_the_same_whichever_symbol_arrives_first_in_a_second():

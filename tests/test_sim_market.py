@@ -886,5 +886,10 @@ def test_the_engine_blocks_each_demo_signal_by_its_rule_and_keeps_the_four_trade
     buys = [a for a in alerts if a.kind == "BUY"]
     assert len(buys) == 4
     for buy in buys:
-        lag, ratio = re.search(r"by ([-+]\d+\.\d+) pts; relative_volume (\d+\.\d+)x", buy.message).groups()
-        assert float(lag) <= 0.20 and float(ratio) >= 1.5
+        found = re.search(
+            r"IWM (lags|leads|level with) SPY(?: by)? \(?(\d+\.\d+) pts\)?; relative volume: (\d+\.\d+)x",
+            buy.message,
+        )
+        way, pts, ratio = found.groups()
+        lag = float(pts) if way == "lags" else -float(pts)
+        assert lag <= 0.20 and float(ratio) >= 1.5
