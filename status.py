@@ -159,9 +159,11 @@ def exit_triggers(entry: float, mark: float, peak: float, rules: Rules) -> tuple
 
 
 def price_text(value: float) -> str:
-    """A price with cents, or with the half-cent a mid can have: `0.52`, `0.945`."""
-    text = f"{value:.3f}"
-    return text[:-1] if text.endswith("0") else text
+    """A price to the cent, with more places only when it has them: `0.52`, `0.945`, `0.6685`."""
+    text = f"{value:.4f}"
+    while text.endswith("0") and len(text.partition(".")[2]) > 2:
+        text = text[:-1]
+    return text
 
 
 def _distance(mark: float, price: float) -> float:

@@ -181,6 +181,16 @@ def test_a_position_written_by_engine_actions_near_its_stop_names_the_stop(tmp_p
     assert position["pnl_dollars"] == -5.0 and status["paused"] is True
 
 
+def test_price_text_keeps_the_places_a_price_has():
+    assert [price_text(v) for v in (0.52, 0.945, 0.6685, 2.0, 0.1)] == [
+        "0.52",
+        "0.945",
+        "0.6685",
+        "2.00",
+        "0.10",
+    ]
+
+
 def test_exit_triggers_order_and_prices():
     near_stop = exit_triggers(2.00, 1.80, 2.10, RULES)
     assert [(t.rule, t.price) for t in near_stop] == [("Stop loss", 1.7), ("Hard giveback", 1.47)]
