@@ -8,9 +8,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from config import ConfigError, Settings, load_settings, unknown_keys
 from logs import configure_logging
+
+if TYPE_CHECKING:
+    import threading
+
+    from clock import Clock
+    from daemon import Daemon
 
 EXIT_OK, EXIT_CONFIG = 0, 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
@@ -118,7 +125,6 @@ def run_live(settings: Settings) -> int:
     import threading
 
     from clock import SimClock, WallClock, parse_instant
-    from daemon import Daemon
 
     if not settings.polygon_api_key:
         print(
@@ -137,9 +143,59 @@ def run_live(settings: Settings) -> int:
         print(f"SIM_CLOCK_START={settings.sim_clock_start!r}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP (a closed terminal, some supervisors) stops cleanly like SIGTERM: the tape is flushed.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
-    return Daemon(settings, clock, stop=stop).run()
+    daemon = start_daemon_or_explain(settings, clock, stop)
+    return EXIT_CONFIG if daemon is None else daemon.run()
+
+
+def start_daemon_or_explain(settings: Settings, clock: Clock, stop: threading.Event) -> Daemon | None:
+    """Build the daemon; a second daemon, a bad journal or bad fallback URLs end start-up with a paragraph."""
+    from daemon import Daemon  # noqa: F811 - the runtime import; the name is typed above
+    from instance_lock import AlreadyRunning
+    from pnl_tracker import JournalError
+
+    try:
+        return Daemon(settings, clock, stop=stop)
+    except AlreadyRunning as exc:
+        print(f"Not started: {exc}.", file=sys.stderr)
+    except JournalError as exc:
+        print(bad_journal_advice(settings.data_dir / "journal.sqlite3", exc), file=sys.stderr)
+        notify_cannot_start(settings, "the journal cannot be opened; see the daemon's log")
+    except ValueError as exc:
+        print(f"Not started: {exc}.", file=sys.stderr)
+    return None
+
+
+def bad_journal_advice(path: Path, exc: Exception) -> str:
+    """One paragraph: what is wrong with the journal, which file, and what to do."""
+    return (
+        f"Not started: the journal {path} cannot be used ({exc}). It holds the open position, the trades "
+        "and the lifetime P&L, so the daemon will not guess. Move it aside (for example "
+        f"`mv {path} {path}.bad`) and start again: a new journal is created, and the recorded tapes under "
+        f"{path.parent / 'tapes'} still hold the day for `python main.py --replay`. If the file came from a "
+        "newer version of this program, run that version instead."
+    )
+
+
+def notify_cannot_start(settings: Settings, reason: str) -> None:
+    """Best effort: tell the phone the daemon is down, since no alert can follow."""
+    if not (settings.pushover_token and settings.pushover_user_key):
+        return
+    import time
+
+    from alerts import PushoverClient
+    from pnl_tracker import OutboxItem
+
+    title = f"{settings.rules.underlying} alerter — NOT STARTED"
+    now_ms = time.time_ns() // 1_000_000
+    item = OutboxItem(0, "NOT_STARTED", "SYSTEM", title, f"The daemon did not start: {reason}.", 1, now_ms, 0)
+    client = PushoverClient(settings.pushover_token, settings.pushover_user_key, settings.pushover_api_url)
+    try:
+        client.send(item)
+    finally:
+        client.close()
 
 
 def run_replay(

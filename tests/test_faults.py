@@ -1,0 +1,357 @@
+"""The alert path under faults (issue 9): the real daemon against the fakes on 127.0.0.1.
+
+Each test asserts what reached the fake Pushover (or the fallback webhook): every BUY and SELL of the
+day exactly once, in order, and the daemon still running; or, for a second daemon or a bad journal,
+a refusal with exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from builders import at
+from test_daemon import (
+    API_KEY,
+    SPEED,
+    kinds,
+    launch,
+    settings_for,
+    start_daemon,
+    stop_daemon,
+    wait_for,
+)
+
+from clock import SimClock
+from daemon import Daemon
+from sim.market import SyntheticMarket, demo_script
+from sim.polygon_server import FakePolygon, SyntheticSource
+from sim.pushover_server import FakePushover
+from sim.webhook_server import FakeWebhook
+from supervisor import Supervisor
+from tape import TapeReader
+
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE_BUY = at(10, 6, 0)  # the demo day's first burst fires its BUY at about 10:06:25
+
+
+@pytest.fixture(scope="module")
+def market() -> SyntheticMarket:
+    return SyntheticMarket(demo_script())
+
+
+def trades_of(kinds_sent: list[str]) -> list[str]:
+    return [k for k in kinds_sent if k in ("BUY", "SELL")]
+
+
+@contextmanager
+def daemon_running(settings, clock: SimClock) -> Iterator[tuple[Daemon, threading.Thread]]:
+    daemon, stop, thread = start_daemon(settings, clock)
+    try:
+        yield daemon, thread
+    finally:
+        stop_daemon(stop, thread)
+
+
+def refuse_writes(daemon: Daemon, refuse: bool = True) -> None:
+    """A real SQLite refusal on the daemon's own connection ("attempt to write a readonly database"),
+    as a read-only file gives. Disk full (SQLITE_FULL) is exercised in test_delivery.py."""
+    with daemon.journal._lock:
+        daemon.journal._db.execute(f"PRAGMA query_only={int(refuse)}")
+
+
+def journal_rows(path: Path, sql: str) -> list[tuple]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def test_journal_refusing_writes_from_before_the_buy_to_after_the_sell_loses_and_repeats_nothing(
+    market, tmp_path
+):
+    start = at(10, 0)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(start, SPEED)
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread):
+            assert wait_for(lambda: clock.now_ms() >= BEFORE_BUY, 30)
+            assert "BUY" not in kinds(pushover)
+            refuse_writes(daemon)
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+            during = daemon._snapshot()
+            trades_during = journal_rows(tmp_path / "journal.sqlite3", "SELECT * FROM trades")
+            refuse_writes(daemon, False)
+            assert wait_for(lambda: not daemon.writer.health().failing, 10)
+            assert wait_for(lambda: "JOURNAL RECOVERED" in kinds(pushover), 10), (kinds(pushover), during)
+            assert thread.is_alive()
+    sent = kinds(pushover)
+    assert trades_of(sent) == ["BUY", "SELL"]
+    assert sent.count("JOURNAL FAILING") == 1 and sent.index("JOURNAL FAILING") < sent.index("SELL")
+    assert during["status"] == "degraded" and during["journal"]["failing"] is True
+    assert trades_during == []
+    trades = journal_rows(tmp_path / "journal.sqlite3", "SELECT trade_id, reason FROM trades")
+    outbox = journal_rows(tmp_path / "journal.sqlite3", "SELECT kind, status FROM outbox ORDER BY id")
+    assert len(trades) == 1
+    assert [row for row in outbox if row[0] in ("BUY", "SELL")] == [("BUY", "sent"), ("SELL", "sent")]
+    assert journal_rows(tmp_path / "journal.sqlite3", "SELECT COUNT(*) FROM positions WHERE open=1") == [(0,)]
+
+
+def test_a_lock_held_by_another_process_never_freezes_the_engine_or_loses_an_alert(market, tmp_path):
+    start = at(10, 0)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(start, SPEED)
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread):
+            assert wait_for(lambda: clock.now_ms() >= BEFORE_BUY, 30)
+            holder = sqlite3.connect(tmp_path / "journal.sqlite3", isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")  # a backup or a DB browser holding the write lock
+            try:
+                assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+                assert daemon.writer.health().failing
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+            assert wait_for(lambda: not daemon.writer.health().failing, 10)
+            assert thread.is_alive()
+    sent = kinds(pushover)
+    assert trades_of(sent) == ["BUY", "SELL"]
+    assert "STALL" not in sent  # the engine thread never sat out SQLite's busy timeout
+    assert len(journal_rows(tmp_path / "journal.sqlite3", "SELECT * FROM trades")) == 1
+
+
+def test_journal_failing_while_an_alert_waits_for_pushover_never_resends_it(market, tmp_path):
+    start = at(10, 0)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(start, SPEED)
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread):
+            assert wait_for(lambda: "START" in kinds(pushover) and clock.now_ms() >= BEFORE_BUY, 30)
+            pushover.fail_with(500)
+            assert wait_for(lambda: daemon.engine.position is not None, 60)
+            refuse_writes(daemon)  # "mark sent" of the BUY will fail
+            pushover.recover()
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+            time.sleep(12 * 0.5)  # longer than the notifier's retry delays: a resend would show now
+            assert thread.is_alive()
+    sent = kinds(pushover)
+    assert trades_of(sent) == ["BUY", "SELL"]
+
+
+def test_a_silent_socket_is_replaced_and_the_day_goes_on(market, tmp_path):
+    start = at(10, 0)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(start, SPEED)
+        polygon.silence(True)  # the socket opens, answers pings, sends nothing
+        settings = settings_for(polygon, pushover, tmp_path, stream_silence_seconds=15.0)
+        with daemon_running(settings, clock) as (daemon, thread):
+            assert wait_for(lambda: polygon.ws_connections >= 1, 20)
+            assert wait_for(lambda: clock.now_ms() >= at(10, 1, 0), 20)
+            polygon.silence(False)
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+            assert thread.is_alive()
+            reconnects = daemon.stream.silent_reconnects if daemon.stream else 0
+    assert polygon.ws_connections >= 2 and reconnects >= 1
+    assert trades_of(kinds(pushover)) == ["BUY", "SELL"]
+
+
+def test_pushover_out_of_quota_sends_by_the_fallback_and_health_says_degraded(market, tmp_path):
+    start = at(10, 0)
+    with (
+        FakePushover() as pushover,
+        FakeWebhook() as hook,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        pushover.fail_with(429)
+        clock = SimClock(start, SPEED)
+        settings = settings_for(polygon, pushover, tmp_path, alert_fallback_urls=(hook.apprise_url,))
+        with daemon_running(settings, clock) as (daemon, thread):
+            assert wait_for(lambda: any(p.body["title"].endswith("SELL") for p in hook.posts), 60)
+            health = daemon._snapshot()
+            assert thread.is_alive()
+        titles = [p.body["title"].rsplit("— ", 1)[-1] for p in hook.posts]
+    assert trades_of(titles) == ["BUY", "SELL"]
+    assert pushover.messages == []
+    assert health["status"] == "degraded" and health["alerts"]["channel"] == "fallback"
+
+
+def test_pushover_out_of_quota_without_a_fallback_holds_alerts_and_says_failing(market, tmp_path):
+    start = at(10, 0)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        pushover.fail_with(429)
+        clock = SimClock(start, SPEED)
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread):
+            assert wait_for(lambda: daemon.engine.position is not None, 60)
+            assert wait_for(lambda: daemon._snapshot()["status"] == "failing", 5)
+            health = daemon._snapshot()
+            held = daemon.outbox.pending_count()
+            assert thread.is_alive()
+    assert pushover.requests == 1  # asked once; then held, not hammered, not dropped
+    assert held >= 2  # START and BUY still queued for when the quota returns
+    assert any("429" in problem for problem in health["problems"])
+
+
+def test_pushover_answering_after_12_seconds_delivers_each_alert_once(market, tmp_path):
+    start = at(10, 0)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        pushover.slow(12.0)
+        clock = SimClock(start, SPEED)
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread):
+            assert wait_for(lambda: "SELL" in kinds(pushover), 90), kinds(pushover)
+            assert thread.is_alive()
+            pushover.slow(0.0)
+    sent = kinds(pushover)
+    assert trades_of(sent) == ["BUY", "SELL"] and sent.count("START") == 1
+
+
+def test_a_crashing_thread_is_restarted_reported_once_and_shown_in_health():
+    crashes: list[tuple[str, str]] = []
+    stop = threading.Event()
+    runs = []
+
+    def flaky() -> None:
+        runs.append(time.monotonic())
+        if len(runs) <= 3:
+            raise RecursionError("maximum recursion depth exceeded")
+        stop.wait()
+
+    supervisor = Supervisor(
+        stop, on_crash=lambda name, error: crashes.append((name, error)), backoff_first_s=0.05
+    )
+    supervisor.spawn("poller", flaky, stale_after_s=60)
+    assert wait_for(lambda: len(runs) >= 2, 5)
+    while_down = supervisor.problems()
+    assert wait_for(lambda: len(runs) == 4, 5)
+    health = supervisor.health()
+    stop.set()
+    supervisor.join(5)
+    assert crashes == [("poller", "RecursionError: maximum recursion depth exceeded")]
+    assert health[0].restarts == 3 and health[0].alive
+    assert runs[2] - runs[1] > runs[1] - runs[0]  # the back-off grows
+    assert while_down == [] or "poller" in while_down[0]
+
+
+def test_every_thread_is_listed_in_health_and_a_dead_one_is_failing(market, tmp_path):
+    start = at(10, 0)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(start, SPEED)
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread):
+            assert wait_for(lambda: "threads" in daemon.health, 10)
+            names = set(daemon.health["threads"])
+            worker = daemon.supervisor._workers["poller"]
+            worker.down, worker.last_error = True, "RuntimeError: test"
+            assert wait_for(lambda: daemon.health["status"] == "failing", 5)
+            worker.down = False
+    assert {"notifier", "poller", "session", "watchdog"} <= names
+
+
+def test_a_second_daemon_on_the_same_data_dir_exits_2_naming_the_first(market, tmp_path):
+    start = at(10, 0)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        first = launch(polygon, pushover, tmp_path, tmp_path / "first.log")
+        try:
+            assert wait_for(lambda: "START" in kinds(pushover), 60)
+            second = launch(polygon, pushover, tmp_path, tmp_path / "second.log")
+            code = second.wait(30)
+            assert first.poll() is None
+        finally:
+            first.send_signal(signal.SIGTERM)
+            first.wait(15)
+    said = (tmp_path / "second.log").read_text()
+    assert code == 2
+    assert f"PID {first.pid}" in said
+    assert kinds(pushover).count("START") == 1
+
+
+def test_sighup_stops_like_sigterm_and_flushes_the_tape(market, tmp_path):
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 3), speed=20.0) as polygon,
+    ):
+        process = launch(polygon, pushover, tmp_path, tmp_path / "daemon.log")
+        try:
+            assert wait_for(lambda: "START" in kinds(pushover) and polygon.ws_connections >= 1, 60)
+            time.sleep(1.0)
+            process.send_signal(signal.SIGHUP)
+            code = process.wait(10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    tapes = list((tmp_path / "tapes").glob("*.jsonl.gz"))
+    assert code == 0
+    assert tapes and sum(1 for line in TapeReader(tapes[0]) if line.kind == "ws") > 0
+
+
+def run_main(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY"))}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py")],
+        cwd=tmp_path,
+        env={**clean, "PYTHON_DOTENV_DISABLED": "1", "POLYGON_API_KEY": API_KEY, "DATA_DIR": str(tmp_path)}
+        | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def make_journal_with_a_trade(path: Path) -> None:
+    from pnl_tracker import Journal
+
+    Journal(path).close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO meta VALUES ('k', ?)", ("x" * 20000,))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "newer"])
+def test_a_bad_journal_at_start_exits_2_with_advice(tmp_path, damage):
+    path = tmp_path / "journal.sqlite3"
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database, just some bytes " * 100)
+    else:
+        make_journal_with_a_trade(path)
+        if damage == "truncated":
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2 + 100])
+        else:
+            db = sqlite3.connect(path)
+            db.execute("PRAGMA user_version=99")
+            db.close()
+    result = run_main(tmp_path, SIM_CLOCK_START="2025-10-02T10:00:00-04:00")
+    said = result.stderr
+    assert result.returncode == 2, said
+    assert "Traceback" not in said
+    assert str(path) in said and "Move it aside" in said and "tapes" in said
