@@ -1,0 +1,125 @@
+"""The write-behind journal and the in-memory outbox against a real SQLite file that runs out of room."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from delivery import MemoryOutbox, WriteBehindJournal
+from events import Alert, ClosePosition, OpenPosition, UpdatePosition
+from pnl_tracker import Journal
+
+BIG = "x" * 20_000  # needs overflow pages, so a capped file cannot take it
+
+
+def alert(key: str, message: str = "text") -> Alert:
+    return Alert(key.split(":")[0], key, f"title {key}", message, 1, 1_759_415_400_000)
+
+
+def opened(trade_id: str = "2025-10-02-01") -> OpenPosition:
+    return OpenPosition(trade_id, "2025-10-02", "O:IWM251002C00243000", 243.0, "2025-10-02", 1, 1.5, 1.45,
+                        1_759_415_400_000, 0.4, 0.3)  # fmt: skip
+
+
+def closed(trade_id: str = "2025-10-02-01") -> ClosePosition:
+    return ClosePosition(trade_id, 1.8, 1_759_415_500_000, "Hard giveback", 2.0, 30.0, 20.0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.failing: list[str] = []
+        self.recovered: list[int] = []
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[Journal, WriteBehindJournal, Recorder]:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    seen = Recorder()
+    writer = WriteBehindJournal(
+        journal,
+        clock_ms=lambda: 1_759_415_400_000,
+        on_failing=seen.failing.append,
+        on_recovered=seen.recovered.append,
+        retry_every_s=0.0,
+    )
+    yield journal, writer, seen
+    journal.close()
+
+
+def disk_full(journal: Journal, full: bool = True) -> None:
+    """SQLITE_FULL for real: the file may not grow past its size (or may again)."""
+    pages = journal._db.execute("PRAGMA page_count").fetchone()[0]
+    journal._db.execute(f"PRAGMA max_page_count={pages if full else 1073741823}")
+
+
+def test_a_full_disk_keeps_decisions_in_order_and_writes_them_when_room_returns(parts) -> None:
+    journal, writer, seen = parts
+    disk_full(journal)
+
+    first = writer.record([opened(), alert("BUY:1", BIG)])
+    second = writer.record([closed(), alert("SELL:1", BIG)])
+    held = writer.health()
+
+    assert [a.dedupe_key for a in first + second] == ["BUY:1", "SELL:1"]
+    assert held.failing and held.backlog == 2 and "full" in (held.last_error or "")
+    assert len(seen.failing) == 1 and journal.trades() == []
+
+    writer.mark("BUY:1", "sent", None, 111)
+    disk_full(journal, False)
+    writer.catch_up(now=True)
+
+    assert not writer.health().failing and writer.health().backlog == 0
+    assert seen.recovered == [2]
+    assert [t.trade_id for t in journal.trades()] == ["2025-10-02-01"]
+    rows = [(r[1], r[7], r[10]) for r in journal.table_rows("outbox")]
+    assert rows == [("BUY:1", "sent", 111), ("SELL:1", "pending", None)]
+
+
+def test_an_alert_is_fresh_once_whether_or_not_the_journal_takes_it(parts) -> None:
+    journal, writer, _seen = parts
+    assert writer.record([alert("STALL:10:05")]) != []
+    disk_full(journal)
+    assert writer.record([alert("STALL:10:05"), alert("BUY:1", BIG)]) == [alert("BUY:1", BIG)]
+    assert writer.record([alert("BUY:1", BIG)]) == []
+
+
+def test_keys_already_in_the_journal_at_start_are_never_fresh(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.record([alert("SELL:1")])
+    writer = WriteBehindJournal(journal, clock_ms=lambda: 0)
+    assert writer.record([alert("SELL:1")]) == []
+    journal.close()
+
+
+def test_mark_updates_while_failing_coalesce_to_the_latest(parts) -> None:
+    journal, writer, _seen = parts
+    writer.record([opened()])
+    disk_full(journal)
+    writer.record([alert("X:1", BIG)])
+    for peak in (1.5, 1.6, 1.7, 1.8):
+        writer.record([UpdatePosition("2025-10-02-01", peak, peak, None)])
+    assert writer.health().backlog == 2
+    disk_full(journal, False)
+    writer.catch_up(now=True)
+    assert journal.restored_state("2025-10-02").position.peak == 1.8
+
+
+def test_the_memory_outbox_keeps_order_and_writes_outcomes_behind(parts) -> None:
+    journal, writer, _seen = parts
+    journal.record([alert("START:1")])
+    outbox = MemoryOutbox(writer, journal.pending())
+    outbox.add(writer.record([alert("BUY:1"), alert("SELL:1")]))
+
+    items = outbox.pending()
+    assert [i.dedupe_key for i in items] == ["START:1", "BUY:1", "SELL:1"]
+    outbox.mark_attempt(items[0].id, "HTTP 500")
+    assert outbox.pending()[0].attempts == 1
+    outbox.mark_sent(items[0].id, 5)
+    outbox.mark_failed(items[1].id, "HTTP 400")
+    outbox.mark_sent(items[0].id, 6)  # a second outcome for a finished item changes nothing
+
+    assert [i.dedupe_key for i in outbox.pending()] == ["SELL:1"]
+    statuses = {r[1]: (r[7], r[8]) for r in journal.table_rows("outbox")}
+    assert statuses == {"START:1": ("sent", 2), "BUY:1": ("failed", 1), "SELL:1": ("pending", 0)}
+    assert outbox.last_sent is not None and outbox.last_sent.dedupe_key == "START:1"
