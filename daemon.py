@@ -45,6 +45,7 @@ from pipeline import Pipeline
 from pnl_tracker import Journal, JournalError
 from polygon_client import PolygonRest, PolygonStream, RestAnswer
 from replay import received_from
+from status import session_pulse
 from supervisor import Supervisor, WorkerHealth, error_text
 from tape import TapeReader, TapeWriter, prune_tapes, tape_path
 
@@ -55,6 +56,7 @@ REFUSED_RETRY_SECONDS = 60.0
 REFUSALS = {401: "unauthorized", 403: "not_entitled"}
 TAPE_FLUSH_SECONDS = 5.0
 TAPE_RETRY_SECONDS = 300.0
+PULSE_SECONDS = 300
 BACKFILL_REACH_BACK_MS = 5_000
 PAUSE_FILE = "PAUSE"
 HEARTBEAT_STATUSES = frozenset({"ok", "closed", "degraded"})
@@ -134,6 +136,7 @@ class Daemon:
         self.engine_errors = 0
         self.tape_problem: str | None = None
         self._tape_retry_at = 0.0
+        self._pulse_slot: int | None = None
         self._tape_alerted_day: date | None = None
         self._last_chain_poll = time.monotonic()
         self.interest = Interest(None, None)
@@ -303,10 +306,29 @@ class Daemon:
         spot = self.engine.last.close if self.engine.last else None
         self.interest = Interest(position.ticker if position else None, spot)
         self.writer.catch_up()
+        self._maybe_pulse()
         if time.monotonic() - self._health_at >= 1.0:
             self.health, self._health_at = self._snapshot(), time.monotonic()
         if self.tape is not None and time.monotonic() - self._flushed_at >= TAPE_FLUSH_SECONDS:
             self._flush_tape()
+
+    def _maybe_pulse(self) -> None:
+        """A sign of life at INFO every PULSE_SECONDS of session: what the daemon sees and what blocks entries."""
+        now = self.clock.now_ms()
+        slot = now // (PULSE_SECONDS * 1000)
+        session = self.engine.session
+        if slot == self._pulse_slot or session is None or not session.is_open(now):
+            return
+        self._pulse_slot = slot
+        log.info("session_pulse", **session_pulse(self.engine, now), **self._pulse_health())
+
+    def _pulse_health(self) -> dict[str, object]:
+        problems = self.health.get("problems") or []
+        return {
+            "status": self.health.get("status"),
+            "problems": problems,
+            "pending": self.outbox.pending_count(),
+        }
 
     def _flush_tape(self) -> None:
         """A durable point for the recording: a crash loses at most the last few seconds of tape."""
@@ -428,7 +450,9 @@ class Daemon:
             (failing if delivery.blocked else degraded).append(delivery.problem)
         journal = self.writer.health()
         if journal.failing:
-            degraded.append(f"journal failing ({journal.last_error}); {journal.backlog} write(s) held in memory")
+            degraded.append(
+                f"journal failing ({journal.last_error}); {journal.backlog} write(s) held in memory"
+            )
         if self.tape_problem is not None:
             degraded.append(f"tape not recording ({self.tape_problem})")
         return failing, degraded
@@ -593,7 +617,9 @@ class Daemon:
         answers = self.rest.aggs(self.rules.underlying, 1, "minute", start.isoformat(), end.isoformat())
         if answers and all(answer.status == 200 for answer in answers):
             stored = [{"path": a.path, "body": a.body} for a in answers]
-            self.writer.set_meta(PROFILE_META, json.dumps({"date": session_date.isoformat(), "answers": stored}))
+            self.writer.set_meta(
+                PROFILE_META, json.dumps({"date": session_date.isoformat(), "answers": stored})
+            )
         self._put_answers(answers)
 
     def _cached_profile(self, session_date: date) -> list[RestAnswer] | None:

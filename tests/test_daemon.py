@@ -396,3 +396,23 @@ def test_watchdog_exits_3_when_the_engine_thread_stops_turning(market, tmp_path)
         watchdog.join(10)
         daemon.journal.close()
     assert exits == [3]
+
+
+def test_an_info_pulse_every_five_minutes_of_session_says_what_the_daemon_sees(market, tmp_path):
+    from structlog.testing import capture_logs
+
+    start = at(10, 3)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(start, SPEED)
+        with capture_logs() as logs:
+            run_daemon(
+                settings_for(polygon, pushover, tmp_path), clock, until=lambda: clock.now_ms() > at(10, 10, 5)
+            )
+    pulses = [e for e in logs if e.get("event") == "session_pulse"]
+    assert [e["time"][:5] for e in pulses] == ["10:03", "10:05", "10:10"]
+    last = pulses[-1]
+    assert last["log_level"] == "info" and last["bars_today"] > 300
+    assert last["last_close"] is not None and last["chain_age_s"] is not None and last["status"] == "ok"
