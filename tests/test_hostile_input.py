@@ -1,0 +1,395 @@
+"""Hostile input on every path is counted and skipped, never fatal.
+
+The REST client and the feed decoder against the fake Polygon over real sockets, the running daemon
+(in-process, against FakePolygon and FakePushover) fed binary frames, deeply nested frames and
+bodies, and broken or self-pointing `next_url`s, and `main.py --replay` of a tape holding a line
+nested 200k deep and a gzip member that inflates to 200 MB without a newline.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from builders import DAY, at
+from structlog.testing import capture_logs
+
+from clock import SimClock
+from config import Rules, Settings
+from daemon import Daemon
+from events import ChainSnapshot, ContractSnapshot, Received
+from feed import FeedDecoder
+from polygon_client import MAX_CHAIN_PAGES, MAX_PAGES, NETWORK_ERROR_STATUS, PolygonRest
+from sim.market import SyntheticMarket, demo_script, write_tape
+from sim.polygon_server import FakePolygon, SyntheticSource
+from sim.pushover_server import FakePushover
+from tape import TapeReader, TapeWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "testkey1234"
+TOKEN = "a" * 30
+USER = "u" * 30
+SPEED = 40.0
+CHAIN = "/v3/snapshot/options/IWM"
+FIRST_PAGE = f"{CHAIN}?expiration_date=2025-10-02&contract_type=call&limit=250"
+NESTED_TEXT = "[" * 50_000 + "]" * 50_000
+NESTED_BODY = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.fixture(scope="module")
+def market() -> SyntheticMarket:
+    return SyntheticMarket(demo_script())
+
+
+@pytest.fixture
+def polygon(market: SyntheticMarket):
+    with FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 0), speed=1.0) as fake:
+        yield fake
+
+
+@pytest.fixture
+def rest(polygon: FakePolygon):
+    with PolygonRest(polygon.rest_url, API_KEY, clock_ms=polygon.now_ms, sleep=lambda _s: None) as client:
+        yield client
+
+
+def paging_stops(logs: list[dict]) -> list[str]:
+    return [e["reason"] for e in logs if e.get("event") == "rest_paging_stopped"]
+
+
+# The REST client never raises and never follows a hostile next_url
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\n", "\r", " ", "\t", "\x7f", "\x85"], ids=repr)
+def test_a_next_url_with_a_control_character_or_space_stops_the_paging(
+    polygon: FakePolygon, rest: PolygonRest, bad: str
+) -> None:
+    polygon.chain_next_url(f"{polygon.rest_url}{CHAIN}?cursor=a{bad}b")
+    with capture_logs() as logs:
+        answers = rest.chain_pages("IWM", DAY, spot=240.0)
+    assert [a.status for a in answers] == [200]
+    assert len(polygon.rest_requests) == 1
+    assert paging_stops(logs) == ["unsafe_next_url"]
+
+
+def test_a_url_httpx_refuses_is_answered_599_at_once_without_the_key(
+    polygon: FakePolygon, rest: PolygonRest
+) -> None:
+    with capture_logs() as logs:
+        refused = rest.get(f"{CHAIN}?cursor=a\x00b")
+        odd_scheme = rest.get("ftp://example.invalid/x")
+        not_a_path = rest.get(None)  # type: ignore[arg-type]
+    assert refused.status == NETWORK_ERROR_STATUS and "InvalidURL" in refused.body["error"]
+    assert odd_scheme.status == NETWORK_ERROR_STATUS and "UnsupportedProtocol" in odd_scheme.body["error"]
+    assert not_a_path.status == NETWORK_ERROR_STATUS and "unexpected error" in not_a_path.body["error"]
+    assert polygon.rest_requests == []
+    retried = [e["path"] for e in logs if e.get("event") == "rest_retry"]
+    assert all(path.startswith("ftp:") for path in retried)  # a refused URL is never retried
+    assert any(e.get("event") == "rest_unexpected" for e in logs)
+    assert API_KEY not in repr(logs) and API_KEY not in repr([refused, odd_scheme, not_a_path])
+
+
+def test_a_body_nested_100k_deep_is_a_failed_answer_not_a_crash(polygon: FakePolygon, rest: PolygonRest) -> None:
+    polygon.chain_body_override(NESTED_BODY)
+    answers = rest.chain_pages("IWM", DAY, spot=240.0)
+    (answer,) = answers
+    decoder = FeedDecoder("IWM", "SPY")
+    events = decoder.rest(answer.received_ms, answer.path, answer.status, answer.body)
+    assert answer.status == 200 and isinstance(answer.body, str) and len(answer.body) <= 2000
+    assert rest.last_error is not None and rest.last_error.startswith("HTTP 200 without a JSON object")
+    assert events == [] and decoder.counters.rest_errors == 1
+
+
+def test_a_self_pointing_next_url_stops_at_the_first_repeat(polygon: FakePolygon, rest: PolygonRest) -> None:
+    polygon.chain_next_url(f"{polygon.rest_url}{CHAIN}?cursor=self")
+    with capture_logs() as logs:
+        looping = rest.chain_pages("IWM", DAY, spot=240.0)
+    requests_looping = len(polygon.rest_requests)
+    first = rest.chain_pages("IWM", DAY, spot=None)[0]
+    polygon.chain_next_url(f"{polygon.rest_url}{first.path}")  # the first page pointing at itself
+    with capture_logs() as own_logs:
+        itself = rest.chain_pages("IWM", DAY, spot=None)
+    assert [a.status for a in looping] == [200, 200] and requests_looping == 2
+    assert len(itself) == 1
+    assert paging_stops(logs) == ["cycle"] and paging_stops(own_logs) == ["cycle"]
+
+
+def test_a_chain_poll_follows_at_most_max_chain_pages_and_aggregates_more(
+    polygon: FakePolygon, rest: PolygonRest
+) -> None:
+    with capture_logs() as logs:
+        chain = rest.chain_pages("IWM", DAY, spot=None, limit=1)
+        seconds = rest.aggs("IWM", 1, "second", str(at(9, 30)), str(at(9, 40)), limit=1)
+    assert len(chain) == MAX_CHAIN_PAGES and chain[-1].body.get("next_url")
+    assert len(seconds) == MAX_PAGES > MAX_CHAIN_PAGES
+    assert paging_stops(logs) == ["page_cap", "page_cap"]
+
+
+# The feed decoder: abandoned polls leave nothing behind, live and replayed alike
+
+
+def chain_results(market: SyntheticMarket, count: int) -> list[dict]:
+    return market.chain_pages(at(10, 0), page_size=250)[0]["results"][:count]
+
+
+def replayed(answers: list[tuple[str, int, object]], tmp_path: Path) -> FeedDecoder:
+    """The decoder after the tape of these answers is read back as --replay and the warm-up read it."""
+    path = tmp_path / "answers.jsonl.gz"
+    with TapeWriter(path, underlying="IWM", benchmark="SPY", start_ms=at(10, 0)) as writer:
+        for n, (rest_path, status, body) in enumerate(answers):
+            writer.write_rest(at(10, 0) + n, rest_path, status, body)
+    decoder = FeedDecoder("IWM", "SPY")
+    for line in TapeReader(path, lazy_bodies=True):
+        if line.kind == "rest":
+            decoder.decode(Received(line.t, "rest", line.payload, line.path or "", line.status or 0))
+    return decoder
+
+
+def decode_all(decoder: FeedDecoder, answers: list[tuple[str, int, object]]) -> list[object]:
+    events: list[object] = []
+    for n, (rest_path, status, body) in enumerate(answers):
+        events.extend(decoder.rest(at(10, 0) + n, rest_path, status, body))
+    return events
+
+
+def test_abandoned_chain_polls_are_discarded_by_the_next_first_page(
+    market: SyntheticMarket, tmp_path: Path
+) -> None:
+    results = chain_results(market, 4)
+    looping = {"status": "OK", "results": results, "next_url": "https://api.massive.com/v3/x?cursor=self"}
+    answers: list[tuple[str, int, object]] = []
+    for _ in range(100):  # a self-pointing next_url: each poll stops after two pages
+        answers += [(FIRST_PAGE, 200, looping), (f"{CHAIN}?cursor=self", 200, looping)]
+    answers.append((FIRST_PAGE, 200, {"status": "OK", "results": results[:3]}))
+    live = FeedDecoder("IWM", "SPY")
+    events = decode_all(live, answers)
+    again = replayed(answers, tmp_path)
+    (chain,) = events
+    assert isinstance(chain, ChainSnapshot) and len(chain.quotes) == 3
+    assert live.counters.abandoned_chains == 100
+    assert again.counters == live.counters
+
+
+def test_pending_chain_pages_never_exceed_the_cap(market: SyntheticMarket, tmp_path: Path) -> None:
+    results = chain_results(market, 30)
+    page_results = [results[n % len(results)] for n in range(46)]
+    answers: list[tuple[str, int, object]] = [
+        (f"{CHAIN}?cursor=p{n}", 200, {"results": [page_results[n]], "next_url": f"https://x/v3?cursor=p{n + 1}"})
+        for n in range(45)
+    ]
+    answers.append((f"{CHAIN}?cursor=p45", 200, {"results": [page_results[45]]}))
+    live = FeedDecoder("IWM", "SPY")
+    (chain,) = decode_all(live, answers)
+    assert live.counters.abandoned_chains == 2
+    # Pages 1-20 and 21-40 were dropped; the chain holds pages 41 to 46.
+    assert [q.ticker for q in chain.quotes] == [r["details"]["ticker"] for r in page_results[40:46]]
+    assert replayed(answers, tmp_path).counters == live.counters
+
+
+def test_a_200_without_a_json_object_is_a_failed_answer_live_and_replayed(
+    market: SyntheticMarket, tmp_path: Path
+) -> None:
+    results = chain_results(market, 2)
+    text = NESTED_BODY.decode()[:2000]  # what the client keeps of a body it cannot decode
+    answers: list[tuple[str, int, object]] = [
+        (FIRST_PAGE, 200, {"results": results[:1], "next_url": "https://x/v3?cursor=p2"}),
+        (f"{CHAIN}?cursor=p2", 200, text),
+        (f"{CHAIN}/{results[0]['details']['ticker']}", 200, text),
+        ("/v2/aggs/ticker/IWM/range/1/second/1/2?adjusted=true", 200, None),
+        (FIRST_PAGE, 200, {"results": results}),
+    ]
+    live = FeedDecoder("IWM", "SPY")
+    events = decode_all(live, answers)
+    assert live.counters.rest_errors == 3 and live.counters.abandoned_chains == 0
+    assert len(events) == 1 and len(events[0].quotes) == 2
+    assert replayed(answers, tmp_path).counters == live.counters
+
+
+def test_a_contract_quote_too_absurd_to_mark_is_counted(market: SyntheticMarket) -> None:
+    result = chain_results(market, 1)[0]
+    absurd = {**result, "last_quote": {**result["last_quote"], "bid": 1e6, "ask": 1e6 + 1}}
+    decoder = FeedDecoder("IWM", "SPY")
+    (event,) = decoder.rest(at(10, 0), f"{CHAIN}/{result['details']['ticker']}", 200, {"results": absurd})
+    assert isinstance(event, ContractSnapshot) and event.quote.bid is None and event.quote.ask is None
+    assert decoder.counters.unusable_quotes == 1
+
+
+# The running daemon: every hostile input is skipped, the day's BUY and SELL go out once each
+
+
+def settings_for(polygon: FakePolygon, pushover: FakePushover, data_dir: Path) -> Settings:
+    return Settings(
+        rules=Rules(),
+        polygon_api_key=API_KEY,
+        polygon_ws_url=polygon.ws_url,
+        polygon_rest_url=polygon.rest_url,
+        pushover_token=TOKEN,
+        pushover_user_key=USER,
+        pushover_api_url=pushover.url,
+        data_dir=data_dir,
+    )
+
+
+def kinds(pushover: FakePushover) -> list[str]:
+    return [m.form["title"].rsplit("— ", 1)[-1] for m in pushover.messages]
+
+
+def run_until_sell(
+    settings: Settings, clock: SimClock, pushover: FakePushover, on_poll: Callable[[], None], timeout_s: float = 90.0
+) -> tuple[Daemon, bool]:
+    """Run the daemon in a thread until the SELL went out; returns it and whether it was still running."""
+    stop = threading.Event()
+    daemon = Daemon(settings, clock, stop=stop)
+    thread = threading.Thread(target=daemon.run, name="daemon-under-test")
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and thread.is_alive() and "SELL" not in kinds(pushover):
+        on_poll()
+        time.sleep(0.05)
+    time.sleep(0.5)  # a second SELL, if any, would go out now
+    alive = thread.is_alive()
+    stop.set()
+    thread.join(15)
+    assert not thread.is_alive(), "daemon did not stop within 15 s"
+    return daemon, alive
+
+
+def healer(clock: SimClock, heal_at_ms: int | None, heal: Callable[[], None]) -> Callable[[], None]:
+    healed: list[int] = []
+
+    def poll() -> None:
+        if heal_at_ms is not None and not healed and clock.now_ms() >= heal_at_ms:
+            heal()
+            healed.append(clock.now_ms())
+
+    return poll
+
+
+FAULTS: dict[str, tuple[Callable[[FakePolygon], None], int | None, Callable[[FakePolygon], None]]] = {
+    "binary_frame": (lambda p: p.send_garbage([b"\xff\xfe\x00 a binary frame"]), None, lambda p: None),
+    "nested_text_frame": (lambda p: p.send_garbage([NESTED_TEXT]), None, lambda p: None),
+    "control_char_next_url": (
+        lambda p: p.chain_next_url(f"{p.rest_url}{CHAIN}?cursor=a\x00b"),
+        30,
+        lambda p: p.chain_next_url(None),
+    ),
+    "nested_chain_body": (lambda p: p.chain_body_override(NESTED_BODY), 30, lambda p: p.chain_body_override(None)),
+    "self_pointing_next_url": (
+        lambda p: p.chain_next_url(f"{p.rest_url}{CHAIN}?cursor=self"),
+        60,
+        lambda p: p.chain_next_url(None),
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_the_daemon_skips_hostile_input_and_sends_buy_then_sell_once(
+    market: SyntheticMarket, tmp_path: Path, fault: str
+) -> None:
+    inject, heal_after_s, heal = FAULTS[fault]
+    start = at(10, 0)
+    heal_at = None if heal_after_s is None else start + heal_after_s * 1000
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        inject(polygon)
+        clock = SimClock(start, SPEED)
+        with capture_logs() as logs:
+            heal_when_due = healer(clock, heal_at, lambda: heal(polygon))
+            settings = settings_for(polygon, pushover, tmp_path)
+            daemon, alive = run_until_sell(settings, clock, pushover, heal_when_due)
+        requests = list(polygon.rest_requests)
+    sent = kinds(pushover)
+    counters = daemon.pipeline.decoder.counters
+    assert alive, "the daemon stopped by itself"
+    assert [k for k in sent if k in ("BUY", "SELL")] == ["BUY", "SELL"], sent
+    assert "SYSTEM" not in sent and daemon.engine_errors == 0 and daemon.tape_problem is None
+    assert not [e for e in logs if e.get("log_level") == "critical"]
+    chain_requests = [p for p in requests if p.startswith(f"{CHAIN}?")]
+    print(f"{fault}: {len(requests)} REST requests, {len(chain_requests)} chain pages")
+    tape = TapeReader(tmp_path / "tapes" / "2025-10-02.jsonl.gz")
+    payloads = [line.payload for line in tape if line.kind == "ws"]
+    assert tape.bad_lines == 0
+    if fault == "binary_frame":
+        assert b"\xff\xfe\x00 a binary frame" in payloads and counters.bad_frames >= 1
+    elif fault == "nested_text_frame":
+        assert NESTED_TEXT in payloads and counters.bad_frames >= 1
+    elif fault == "control_char_next_url":
+        assert "unsafe_next_url" in paging_stops(logs) and counters.abandoned_chains >= 1
+        assert not any("\x00" in p for p in requests)
+    elif fault == "nested_chain_body":
+        assert counters.rest_errors >= 1
+        assert any(e.get("event") == "rest_bad_body" for e in logs)
+    else:
+        looped = [p for p in requests if "cursor=self" in p]
+        # One repeat ends each poll: at most one looping page per poll, polls every 10 s for 60 s.
+        assert 1 <= len(looped) <= 10 and counters.abandoned_chains >= 1
+        assert len(chain_requests) < 120
+    assert daemon.engine.chain is not None
+    if heal_at is not None:
+        assert daemon.engine.chain.received_ms > heal_at
+
+
+# --replay of a tape with a line nested 200k deep and a gzip bomb in the middle
+
+
+def replay_trades(tape: Path, data_dir: Path) -> tuple[subprocess.CompletedProcess, list[tuple]]:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY"))},
+        "PYTHON_DOTENV_DISABLED": "1",
+        "DATA_DIR": str(data_dir),
+        "LOG_FORMAT": "json",
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--replay", str(tape)],
+        cwd=data_dir,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    db = sqlite3.connect(data_dir / "replay.sqlite3")
+    try:
+        rows = db.execute("SELECT * FROM trades ORDER BY exit_ms").fetchall()
+    finally:
+        db.close()
+    return done, rows
+
+
+def test_replay_of_a_tape_with_a_deep_line_and_a_gzip_bomb_makes_the_same_trades(
+    market: SyntheticMarket, tmp_path: Path
+) -> None:
+    clean = write_tape(market, tmp_path / "clean" / "2025-10-02.jsonl.gz", end_ms=at(10, 20))
+    with gzip.open(clean, "rb") as fh:
+        lines = fh.read().splitlines(keepends=True)
+    middle = len(lines) // 2
+    hostile = tmp_path / "hostile" / "2025-10-02.jsonl.gz"
+    hostile.parent.mkdir()
+    with hostile.open("wb") as fh:
+        fh.write(gzip.compress(b"".join(lines[:middle]), mtime=0))
+        deep = b"[" * 200_000 + b"]" * 200_000
+        fh.write(gzip.compress(b'{"t":' + str(at(9, 45)).encode() + b',"ws":' + deep + b"}\n", mtime=0))
+        with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=9, mtime=0) as bomb:
+            block = b"x" * (1 << 20)
+            for _ in range(200):  # 200 MB of one line without a newline
+                bomb.write(block)
+        fh.write(gzip.compress(b"\n" + b"".join(lines[middle:]), mtime=0))
+    assert hostile.stat().st_size < clean.stat().st_size + 1_000_000
+    reader = TapeReader(hostile)
+    assert sum(1 for _ in reader) == len(lines) and reader.bad_lines == 2
+    clean_run, clean_trades = replay_trades(clean, clean.parent)
+    hostile_run, hostile_trades = replay_trades(hostile, hostile.parent)
+    assert clean_run.returncode == 0, clean_run.stderr.decode()[-2000:]
+    assert hostile_run.returncode == 0, hostile_run.stderr.decode()[-2000:]
+    assert clean_trades and hostile_trades == clean_trades
+    summaries = [line for line in hostile_run.stdout.decode().splitlines() if '"replay_summary"' in line]
+    assert summaries and json.loads(summaries[-1])["bad_lines"] == 2
