@@ -71,8 +71,8 @@ def truncate(text: str, limit: int) -> str:
     return text[: limit - len(ELLIPSIS)] + ELLIPSIS
 
 
-def pushover_form(item: OutboxItem, token: str, user: str) -> dict[str, str]:
-    """The form fields of one messages.json request for an outbox item."""
+def pushover_form(item: OutboxItem, token: str, user: str, sound: str | None = None) -> dict[str, str]:
+    """The form fields of one messages.json request for an outbox item (`sound`: a Pushover sound name)."""
     form = {
         "token": token,
         "user": user,
@@ -82,6 +82,8 @@ def pushover_form(item: OutboxItem, token: str, user: str) -> dict[str, str]:
         # The decision's engine time, so a retried or replayed alert shows when it was decided.
         "timestamp": str(item.at_ms // 1000),
     }
+    if sound:
+        form["sound"] = sound
     if item.priority == EMERGENCY_PRIORITY:
         form["retry"] = str(EMERGENCY_RETRY_S)
         form["expire"] = str(EMERGENCY_EXPIRE_S)
@@ -139,7 +141,9 @@ class PushoverClient:
         *,
         transport: httpx.BaseTransport | None = None,
         timeout: httpx.Timeout | float = SEND_TIMEOUT,
+        sound_for: Callable[[str], str | None] = lambda _kind: None,
     ) -> None:
+        self._sound_for = sound_for
         self._token = token
         self._user = user
         self._api_url = api_url
@@ -160,7 +164,8 @@ class PushoverClient:
     def send(self, item: OutboxItem) -> SendResult:
         """POST one outbox item; classify the answer. Never raises for HTTP or network failures."""
         try:
-            response = self._http.post(self._api_url, data=pushover_form(item, self._token, self._user))
+            form = pushover_form(item, self._token, self._user, self._sound_for(item.kind))
+            response = self._http.post(self._api_url, data=form)
         except httpx.TimeoutException as exc:
             # A read timeout may come after Pushover took the message: the caller must not retry blindly.
             read = isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import structlog
 
-from alert_text import PRIORITY_HIGH, PRIORITY_NORMAL, money
+from alert_text import PRIORITY_HIGH, PRIORITY_NORMAL, delivery_overrides, money, sound_for
 from alerts import AppriseFallback, Notifier, PushoverClient
 from clock import Clock
 from config import Settings
@@ -185,7 +185,13 @@ class Daemon:
         if not (s.pushover_token and s.pushover_user_key):
             log.warning("pushover_not_configured", note="alerts go to the log only")
             return None
-        return PushoverClient(s.pushover_token, s.pushover_user_key, s.pushover_api_url)
+        overrides = delivery_overrides(s)
+        return PushoverClient(
+            s.pushover_token,
+            s.pushover_user_key,
+            s.pushover_api_url,
+            sound_for=lambda kind: sound_for(kind, overrides),
+        )
 
     def run(self) -> int:
         """Start every thread, run until stopped; returns the exit status."""

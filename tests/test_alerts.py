@@ -652,3 +652,17 @@ def test_pushover_down_for_30_seconds_with_production_delays_delivers_each_alert
     failed_at = [m.received_at for m in server.history if m.status == 500]
     assert all(later - earlier >= 5.0 for earlier, later in zip(failed_at, failed_at[1:], strict=False))
     assert [row[1] for row in outbox(journal)] == ["sent"] * 6
+
+
+def test_each_kind_carries_its_sound(journal: Journal, server: FakePushover) -> None:
+    from alert_text import sound_for
+
+    journal.record([alert(1), alert(2)])
+    client = PushoverClient(TOKEN, USER, server.url, sound_for=lambda kind: sound_for(kind, {}))
+    notifier = make_notifier(journal, client)
+    assert notifier.drain_once() == 2
+    assert [(m.form["title"][-7:], m.form.get("sound")) for m in server.messages] == [
+        ("alert 1", sound_for("BUY")),
+        ("alert 2", sound_for("SELL")),
+    ]
+    assert sound_for("BUY") and sound_for("BUY") != sound_for("SELL")
