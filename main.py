@@ -214,7 +214,7 @@ def run_replay(
     from alerts import Notifier, PushoverClient
     from clock import WallClock
     from market_calendar import MarketCalendar
-    from pnl_tracker import Journal
+    from pnl_tracker import Journal, JournalError
     from replay import (
         NotATape,
         check_tape,
@@ -243,7 +243,14 @@ def run_replay(
     if fresh:
         old = f"previous replay journal moved to {moved}" if moved else "there was no replay journal"
         print(f"--fresh: {old}; starting a new one at {journal_path}", file=sys.stderr)
-    journal = Journal(journal_path)
+    try:
+        journal = Journal(journal_path, check=True)
+    except JournalError as exc:
+        print(
+            f"{exc}. Start this replay on a new journal with --fresh (the old one is kept aside).",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     known_before = [t.trade_id for t in journal.trades()]
     note = resume_note(tape, saved_line(journal, tape.name))
     if note:

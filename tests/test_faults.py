@@ -355,3 +355,17 @@ def test_a_bad_journal_at_start_exits_2_with_advice(tmp_path, damage):
     assert result.returncode == 2, said
     assert "Traceback" not in said
     assert str(path) in said and "Move it aside" in said and "tapes" in said
+
+
+def test_a_replay_into_a_damaged_replay_journal_exits_2_and_names_fresh(tmp_path, short_tapes):
+    (tmp_path / "replay.sqlite3").write_bytes(b"not a database at all " * 50)
+    clean = {k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY"))}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--replay", str(short_tapes[0])],
+        env={**clean, "PYTHON_DOTENV_DISABLED": "1", "DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "replay.sqlite3" in result.stderr and "--fresh" in result.stderr
