@@ -328,7 +328,6 @@ class Notifier:
         self._quota_until: float | None = None
         self._timeouts: dict[str, int] = {}
         self._disabled_reason: str | None = None
-        self.last_turn = monotonic()
 
     @property
     def disabled_reason(self) -> str | None:
@@ -390,13 +389,14 @@ class Notifier:
                         sent += 1
             return sent
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, beat: Callable[[], None] = lambda: None) -> None:
         """Drain, then wait for wake() or the retry delay; return when `stop` is set.
 
-        `stop` is noticed within STOP_POLL_S, or at once if wake() follows stop.set().
+        `stop` is noticed within STOP_POLL_S, or at once if wake() follows stop.set(). `beat` is called
+        on every turn, so a supervisor can tell a waiting notifier from a stuck one.
         """
         while not stop.is_set():
-            self.last_turn = self._monotonic()
+            beat()
             self._wake.clear()
             self._drain_guarded()
             if stop.is_set():

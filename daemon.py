@@ -206,7 +206,12 @@ class Daemon:
 
     def _start_threads(self) -> None:
         spawn = self.supervisor.spawn
-        spawn("notifier", lambda: self.notifier.run(self.stop), stale_after_s=THREAD_STALE_S)
+        beat = self.supervisor.beat
+        spawn(
+            "notifier",
+            lambda: self.notifier.run(self.stop, lambda: beat("notifier")),
+            stale_after_s=THREAD_STALE_S,
+        )
         spawn("poller", self._poll_loop, stale_after_s=THREAD_STALE_S)
         spawn("session", self._session_loop, stale_after_s=THREAD_STALE_S)
         spawn("watchdog", self._watchdog_loop, stale_after_s=THREAD_STALE_S)

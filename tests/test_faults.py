@@ -265,7 +265,10 @@ def test_every_thread_is_listed_in_health_and_a_dead_one_is_failing(market, tmp_
         clock = SimClock(start, SPEED)
         with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread):
             assert wait_for(lambda: "threads" in daemon.health, 10)
-            names = set(daemon.health["threads"])
+            time.sleep(6.0)
+            threads = daemon._snapshot()["threads"]
+            names = set(threads)
+            assert all(t["alive"] and t["last_turn_s"] < 6.0 for t in threads.values()), threads
             worker = daemon.supervisor._workers["poller"]
             worker.down, worker.last_error = True, "RuntimeError: test"
             assert wait_for(lambda: daemon.health["status"] == "failing", 5)
