@@ -323,6 +323,9 @@ def _cross_checks(rules: Rules, settings: Settings) -> list[str]:
         problems.append(f"POLYGON_API_KEY={mask(settings.polygon_api_key)}: malformed key")
     if settings.health_port is not None and not 0 <= settings.health_port <= 65535:
         problems.append(f"HEALTH_PORT={settings.health_port}: expected a port 0-65535")
+    from alert_text import delivery_overrides, delivery_problems  # alert_text imports config
+
+    problems += delivery_problems(delivery_overrides(settings))
     return problems
 
 

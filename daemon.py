@@ -30,7 +30,7 @@ from pathlib import Path
 
 import structlog
 
-from alert_text import PRIORITY_HIGH, PRIORITY_NORMAL, delivery_overrides, money, sound_for
+from alert_text import PRIORITY_HIGH, PRIORITY_NORMAL, delivery_overrides, money, priority_for, sound_for
 from alerts import AppriseFallback, Notifier, PushoverClient
 from clock import Clock
 from config import Settings
@@ -121,7 +121,7 @@ class Daemon:
         except BaseException:
             self.instance_lock.release()
             raise
-        self.engine = Engine(self.rules, self.calendar)
+        self.engine = Engine(self.rules, self.calendar, alert_overrides=delivery_overrides(settings))
         self.queue: queue.Queue[object] = queue.Queue()
         self.notifier = Notifier(
             self.outbox, self._pushover_client(), clock_ms=clock.now_ms, fallback=self._fallback()
@@ -255,7 +255,8 @@ class Daemon:
         )
         minute = ny_datetime(now).strftime("%Y-%m-%dT%H:%M")
         title = f"{self.rules.underlying} alerter — START"
-        self.pipeline.deliver([Alert("START", f"START:{minute}", title, text, PRIORITY_NORMAL, now)])
+        priority = priority_for("START", delivery_overrides(self.settings))
+        self.pipeline.deliver([Alert("START", f"START:{minute}", title, text, priority, now)])
 
     @property
     def notifier_enabled(self) -> bool:

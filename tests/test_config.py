@@ -232,3 +232,11 @@ def test_known_names_cover_every_field_and_the_massive_alias():
     assert {"STOP_LOSS_PERCENT", "LOG_LEVEL", "POLYGON_API_KEY", "MASSIVE_API_KEY", "UNDERLYING"} <= names
     assert "RULES" not in names
     assert len(names) == len(fields(Rules)) + len(fields(Settings)) - 1 + 1
+
+
+def test_an_unknown_pushover_sound_stops_start_up():
+    from config import ConfigError, settings_from_env
+
+    with pytest.raises(ConfigError) as refused:
+        settings_from_env({"ALERT_SOUND_SELL": "kazoo"})
+    assert any(p.startswith("ALERT_SOUND_SELL='kazoo'") for p in refused.value.problems)
