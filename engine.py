@@ -14,6 +14,7 @@ from typing import Protocol
 
 from alert_text import (
     BuyContext,
+    DayTrade,
     Overrides,
     SellContext,
     buy_message,
@@ -27,6 +28,8 @@ from alert_text import (
     rule_words,
     sell_message,
     sell_title,
+    summary_message,
+    summary_title,
 )
 from config import Rules
 from contract_selector import Candidate, quote_mid, select_contract
@@ -63,6 +66,7 @@ from risk_manager import (
 from signals import Features
 
 CRITICAL_LATCH = "critical_loss_latched"
+PEAK_SAVE_MS = 1000
 FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
 
 
@@ -80,6 +84,7 @@ class RestoredState:
     last_exit_ms: int | None
     lifetime: Lifetime
     critical_latched: bool
+    trades_today: tuple[DayTrade, ...] = ()  # the day's closed trades, for the close's summary
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,21 @@ class FilterReading:
     value: str
     blocks: bool
     limit: str = ""
+
+
+@dataclass(slots=True)
+class MarkCounters:
+    """Quotes of the held contract by what became of them: setting the mark per source, or ignored."""
+
+    chain: int = 0
+    rest: int = 0
+    stream: int = 0
+    invalid: int = 0
+    stale: int = 0
+
+    def count(self, source: str) -> None:
+        """One quote from `source` ("chain", "rest" or "stream") set the mark."""
+        setattr(self, source, getattr(self, source) + 1)
 
 
 class Engine:
@@ -114,6 +134,7 @@ class Engine:
         self.market = MarketState(rules) if market is None else market
         self._now = 0
         self._day_end_ms = 0
+        self._summary_due_ms = 0
         self._session: Session | None = None
         self._session_date = ""
         self._logged_minute = -1
@@ -126,6 +147,13 @@ class Engine:
         self.paused = False
         self._stall_alerted = False
         self._watching_since = 0
+        self.trades_today: tuple[DayTrade, ...] = ()
+        self._summarised_date = ""
+        self.marks = MarkCounters()
+        self.mark_source: str | None = None
+        self._mark_quote_ms: int | None = None
+        self._peak_saved_ms = 0
+        self._peak_dirty = False
 
     @property
     def last(self) -> Features | None:
@@ -165,6 +193,8 @@ class Engine:
         self.last_exit_ms = same_day_exit(state.last_exit_ms, session_date)
         self.lifetime = state.lifetime
         self._critical_latched = state.critical_latched
+        self.trades_today = state.trades_today
+        self._mark_quote_ms = None  # the journal keeps no quote time: the next valid quote sets the mark
 
     def wants(self, fresh: Features | None) -> bool:
         """Whether the event the shared market just applied (`fresh`: its new bar's features) can
@@ -188,13 +218,16 @@ class Engine:
         elif kind is ChainSnapshot:
             self._mark_from_chain(event, actions)  # type: ignore[arg-type]
         elif kind is ContractSnapshot:
-            self._mark_from_quote(event.quote, actions)  # type: ignore[union-attr]
+            self._mark_from_quote(event.quote, event.source, actions)  # type: ignore[union-attr]
         elif kind is FeedStatus:
             self._on_feed_status(event, actions)  # type: ignore[arg-type]
         elif kind is Tick:
             self._check_stall(now, actions)
         if self.position is not None:
+            self._save_peak_if_due(actions)
             self._check_exit(now, actions)
+        if now >= self._summary_due_ms:
+            self._summarise_day(actions)
         return actions
 
     def set_paused(self, paused: bool, at_ms: int = 0) -> list[Action]:
@@ -212,10 +245,13 @@ class Engine:
         new_date = day.isoformat()
         self._session = session
         self._watching_since = self._watching_since or now
+        # No session (weekend, holiday): no summary that day.
+        self._summary_due_ms = session.close_ms if session is not None else self._day_end_ms
         if new_date == self._session_date:
             return
         self._session_date = new_date
         self.day, self.opened_today, self._stall_alerted = DayRecord(), 0, False
+        self.trades_today = ()
         self.last_exit_ms = None  # the cooldown never reaches across days
         self._watching_since = now
         actions.append(Log("session_day", {"date": new_date, "trading": session is not None}))
@@ -359,6 +395,9 @@ class Engine:
             bid=quote.bid,
         )
         self.position = position
+        self._mark_quote_ms = quote.quote_ms
+        self._peak_saved_ms, self._peak_dirty = self._now, False
+        self.mark_source = "chain"
         actions.append(open_action(position))
         context = BuyContext(
             underlying=self.rules.underlying,
@@ -392,24 +431,43 @@ class Engine:
             return
         quote = chain.quote_for(self.position.ticker)
         if quote is not None:
-            self._mark_from_quote(quote, actions)
+            self._mark_from_quote(quote, "chain", actions)
 
-    def _mark_from_quote(self, quote: OptionQuote, actions: list[Action]) -> None:
+    def _mark_from_quote(self, quote: OptionQuote, source: str, actions: list[Action]) -> None:
+        """The mark rule: a valid quote of the held contract, from any source, that is not older than
+        the quote behind the current mark sets the mark (its mid) and the exit bid (its bid); the peak
+        follows. Invalid and older quotes are counted and change nothing."""
         position = self.position
         if position is None or quote.ticker != position.ticker:
             return
         mid = quote_mid(quote)
         if mid is None:
+            self.marks.invalid += 1
             return
+        quote_ms, current_ms = quote.quote_ms, self._mark_quote_ms
+        if quote_ms is not None and current_ms is not None and quote_ms < current_ms:
+            self.marks.stale += 1
+            return
+        if quote_ms is not None:
+            self._mark_quote_ms = quote_ms
+        self.marks.count(source)
+        self.mark_source = source
         assert quote.bid is not None
         moved = with_mark(position, mid, quote.bid)
-        if moved.peak != position.peak:
-            self._set_position(moved, actions)
-        else:
-            self.position = moved
+        self._peak_dirty = self._peak_dirty or moved.peak != position.peak
+        self.position = moved
+
+    def _save_peak_if_due(self, actions: list[Action]) -> None:
+        # A streamed contract can quote hundreds of times a second: the peak is written at most once
+        # a second of engine time; the SELL's close carries the final peak in its own transaction.
+        if self._peak_dirty and self._now - self._peak_saved_ms >= PEAK_SAVE_MS:
+            assert self.position is not None
+            self._set_position(self.position, actions)
 
     def _set_position(self, position: Position, actions: list[Action]) -> None:
         self.position = position
+        self._peak_dirty = False
+        self._peak_saved_ms = self._now
         actions.append(
             UpdatePosition(position.trade_id, position.peak, position.mark, position.below_vwap_since_ms)
         )
@@ -444,6 +502,7 @@ class Engine:
         self.position, self.last_exit_ms = None, now
         if position.session_date == self._session_date:
             self.day = self.day.after_trade(dollars)
+            self.trades_today += (day_trade(position, exit_price, now, reason, dollars, percent),)
         self.lifetime = self.lifetime.after_trade(dollars)
         actions.append(
             ClosePosition(position.trade_id, exit_price, now, reason, position.peak, dollars, percent)
@@ -466,6 +525,18 @@ class Engine:
             Alert("SELL", f"SELL:{position.trade_id}", title, message, self._priority("SELL"), now)
         )
         self._check_critical_loss(actions)
+
+    def _summarise_day(self, actions: list[Action]) -> None:
+        """The close's SUMMARY alert, once per session day (a restart's repeat is dropped by the
+        outbox's unique dedupe key)."""
+        self._summary_due_ms = self._day_end_ms
+        if not self.rules.daily_summary or self._summarised_date == self._session_date:
+            return
+        self._summarised_date = self._session_date
+        message = summary_message(self._session_date, self.trades_today, self.lifetime)
+        title = summary_title(self.rules.underlying)
+        key = f"SUMMARY:{self._session_date}"
+        actions.append(Alert("SUMMARY", key, title, message, self._priority("SUMMARY"), self._now))
 
     def _check_critical_loss(self, actions: list[Action]) -> None:
         threshold = self.rules.critical_loss_threshold
@@ -552,6 +623,23 @@ def same_day_exit(last_exit_ms: int | None, session_date: str) -> int | None:
     if last_exit_ms is None or ny_datetime(last_exit_ms).date().isoformat() != session_date:
         return None
     return last_exit_ms
+
+
+def day_trade(
+    position: Position, exit_price: float, exit_ms: int, reason: str, dollars: float, percent: float
+) -> DayTrade:
+    """A closed position as the daily summary lists it."""
+    return DayTrade(
+        position.trade_id,
+        position.ticker,
+        position.entry_ms,
+        exit_ms,
+        position.entry_price,
+        exit_price,
+        reason,
+        dollars,
+        percent,
+    )
 
 
 def open_action(position: Position) -> OpenPosition:

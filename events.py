@@ -80,10 +80,12 @@ class ChainSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class ContractSnapshot:
-    """The single-contract snapshot polled while a position is open."""
+    """One contract's quote on its own: the single-contract REST snapshot polled while a position is
+    open (`source` "rest"), or a `Q` event of the options stream (`source` "stream")."""
 
     received_ms: int
     quote: OptionQuote
+    source: str = "rest"
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ class FeedCounters:
     ignored_events: int = 0
     rest_errors: int = 0
     bad_quotes: int = 0
+    stream_quotes: int = 0
     unusable_quotes: int = 0
     abandoned_chains: int = 0
     statuses: list[StatusMessage] = field(default_factory=list)
@@ -84,6 +85,9 @@ class FeedDecoder:
         if parsed.statuses:
             counters.statuses.extend(parsed.statuses)
             del counters.statuses[:-20]
+        if parsed.quotes:
+            counters.stream_quotes += len(parsed.quotes)
+            return [*parsed.bars, *(ContractSnapshot(received_ms, q, "stream") for q in parsed.quotes)]
         return list(parsed.bars)
 
     def rest(self, received_ms: int, path: str, status: int, body: object) -> list[Event]:

@@ -72,6 +72,7 @@ class ParsedFrame:
     statuses: tuple[StatusMessage, ...]
     bad: int
     ignored: int
+    quotes: tuple[OptionQuote, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,45 +191,84 @@ def _status_from_event(d: dict) -> StatusMessage | None:
 def parse_ws_frame(payload: str | bytes | list, received_ms: int, symbols: frozenset[str]) -> ParsedFrame:
     """Parse one WebSocket frame (raw text, or the decoded array as stored in tapes).
 
-    `A` events of `symbols` become bars, status events become `StatusMessage`s. `A` events of other
-    symbols and other event types are counted in `ignored`. Invalid events are counted in `bad` and
-    dropped without affecting their neighbours; a frame that is not a JSON array is `bad=1` alone.
+    `A` events of `symbols` become bars, `Q` events of option contracts (the options cluster) become
+    quotes, status events become `StatusMessage`s. `A` events of other symbols, stock `Q` events and
+    other event types are counted in `ignored`. Invalid events are counted in `bad` and dropped without
+    affecting their neighbours; a frame that is not a JSON array is `bad=1` alone.
     """
     events = _decode_frame(payload)
     if events is None:
         return _BAD_FRAME
     bars: list[Bar] = []
     statuses: list[StatusMessage] = []
+    quotes: list[OptionQuote] = []
     bad = 0
     ignored = 0
     for d in events:
-        if type(d) is not dict:
-            bad += 1
-            continue
-        ev = d.get("ev")
+        ev = d.get("ev") if type(d) is dict else None
         if ev == "A":
-            sym = d.get("sym")
-            if type(sym) is not str:
-                bad += 1
-            elif sym not in symbols:
-                ignored += 1
-            else:
-                bar = _bar_from_a_event(d, sym, received_ms)
-                if bar is None:
-                    bad += 1
-                else:
-                    bars.append(bar)
+            item: object = _a_event_item(d, symbols, received_ms)
+            target: list = bars
+        elif ev == "Q":
+            item, target = _quote_from_q_event(d), quotes
         elif ev == "status":
-            status = _status_from_event(d)
-            if status is None:
-                bad += 1
-            else:
-                statuses.append(status)
-        elif type(ev) is str:
+            item, target = _status_from_event(d), statuses
+        else:
+            item, target = (_IGNORED if type(ev) is str else None), bars
+        if item is None:
+            bad += 1
+        elif item is _IGNORED or item is _STOCK_QUOTE:
             ignored += 1
         else:
-            bad += 1
-    return ParsedFrame(tuple(bars), tuple(statuses), bad, ignored)
+            target.append(item)
+    return ParsedFrame(tuple(bars), tuple(statuses), bad, ignored, tuple(quotes))
+
+
+_STOCK_QUOTE = OptionQuote("", 0.0, "", "", None, None, None, None, 0.0, 0.0, 0.0, 0.0, None)
+_IGNORED = object()
+
+
+def _a_event_item(d: dict, symbols: frozenset[str], received_ms: int) -> object:
+    """An `A` event as a Bar; `_IGNORED` for a symbol nobody asked for; None when invalid."""
+    sym = d.get("sym")
+    if type(sym) is not str:
+        return None
+    if sym not in symbols:
+        return _IGNORED
+    return _bar_from_a_event(d, sym, received_ms)
+
+
+def _quote_from_q_event(d: dict) -> OptionQuote | None:
+    """An options-cluster `Q` event as an OptionQuote (no greeks); `_STOCK_QUOTE` for a stock's quote.
+
+    None when the event is unusable: a malformed contract, a missing SIP time. Prices are kept as given
+    within their bounds (a crossed or zero-bid quote is a real message); the engine ignores invalid ones.
+    """
+    sym = d.get("sym")
+    if type(sym) is not str:
+        return None
+    if not sym.startswith("O:"):
+        return _STOCK_QUOTE
+    identity = parse_occ_ticker(sym)
+    quote_ms = to_ms(d.get("t"))
+    if identity is None or quote_ms is None:
+        return None
+    _root, expiry, right, strike = identity
+    return OptionQuote(
+        ticker=sym,
+        strike=strike,
+        expiry=expiry.isoformat(),
+        right=right,
+        delta=None,
+        iv=None,
+        bid=_option_price(d.get("bp")),
+        ask=_option_price(d.get("ap")),
+        bid_size=_volume(d.get("bs")) or 0.0,
+        ask_size=_volume(d.get("as")) or 0.0,
+        volume=0.0,
+        open_interest=0.0,
+        quote_ms=quote_ms,
+    )
 
 
 def _sub(obj: dict, key: str) -> dict:

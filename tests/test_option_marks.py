@@ -1,0 +1,123 @@
+"""The mark rule with streamed quotes (issue 11): any source, newest valid quote by its own time wins.
+
+A `Q` event of the options stream, a chain snapshot and the single-contract snapshot all move the mark;
+an invalid or older quote changes nothing and is counted. Exits fire on the quote that crosses the
+trigger, at that quote's bid. The peak is written at most once a second; the SELL carries the final one.
+"""
+
+from __future__ import annotations
+
+from builders import TICKER, burst_bars, chain, engine, quote
+from test_engine import ENTRY_BAR_START, START, closes, feed, opened
+
+from events import ContractSnapshot, Tick, UpdatePosition
+from feed import FeedDecoder
+from polygon_client import parse_ws_frame
+
+ENTRY = 1.02  # the ask paid; the stop is a mid at or below 0.867, the hard giveback 30 % off the peak
+
+
+def q_event(t: int, bid: float, ask: float, sym: str = TICKER) -> dict:
+    return {
+        "ev": "Q",
+        "sym": sym,
+        "bx": 302,
+        "ax": 313,
+        "bp": bid,
+        "ap": ask,
+        "bs": 12,
+        "as": 30,
+        "t": t,
+        "q": 1,
+    }
+
+
+def streamed(received_ms: int, bid: float, ask: float, quote_ms: int | None = None) -> ContractSnapshot:
+    """What the decoder makes of one `Q` event received at `received_ms`."""
+    frame = [q_event(quote_ms if quote_ms is not None else received_ms - 5, bid, ask)]
+    (event,) = FeedDecoder("IWM", "SPY").ws(received_ms, frame)
+    assert isinstance(event, ContractSnapshot) and event.source == "stream"
+    return event
+
+
+def holding():
+    eng = engine()
+    feed(eng, [chain(START + 110_000, quote())])
+    assert len(opened(feed(eng, burst_bars(START)))) == 1
+    return eng
+
+
+def test_a_q_event_parses_to_a_quote_of_its_contract():
+    parsed = parse_ws_frame([q_event(1_759_415_400_123, 1.42, 1.45)], 0, frozenset({"IWM"}))
+    (q,) = parsed.quotes
+    assert (q.ticker, q.strike, q.expiry, q.right, q.bid, q.ask, q.bid_size, q.ask_size, q.quote_ms) == (
+        TICKER, 242.0, "2025-10-02", "call", 1.42, 1.45, 12, 30, 1_759_415_400_123,
+    )  # fmt: skip
+    stock = parse_ws_frame([{"ev": "Q", "sym": "IWM", "bp": 1, "ap": 2, "t": 1}], 0, frozenset({"IWM"}))
+    broken = parse_ws_frame(
+        [{"ev": "Q", "sym": "O:IWMX", "t": 1}, {"ev": "Q", "sym": TICKER}], 0, frozenset()
+    )
+    assert (stock.quotes, stock.ignored) == ((), 1) and (broken.quotes, broken.bad) == ((), 2)
+
+
+def test_a_stop_loss_between_two_snapshots_fires_on_the_streamed_quote_at_its_bid():
+    eng = holding()
+    t = ENTRY_BAR_START + 2000
+    assert closes(feed(eng, [streamed(t, 0.95, 0.97), streamed(t + 300, 0.90, 0.92)])) == []
+    actions = feed(eng, [streamed(t + 600, 0.86, 0.87)])  # mid 0.865: the first quote past the stop
+    (close,) = closes(actions)
+    assert (close.reason, close.exit_price, close.exit_ms) == ("Stop loss", 0.86, t + 600)
+    assert eng.marks.stream == 3 and eng.position is None
+
+
+def test_a_hard_giveback_from_a_peak_seen_only_on_the_stream():
+    eng = holding()
+    t = ENTRY_BAR_START + 2000
+    feed(eng, [streamed(t, 1.59, 1.61)])  # a peak of 1.60 that no snapshot shows
+    assert closes(feed(eng, [streamed(t + 200, 1.13, 1.15)])) == []  # 28 % off the peak
+    (close,) = closes(feed(eng, [streamed(t + 400, 1.11, 1.13)]))  # mid 1.12: 30 % off 1.60
+    assert (close.reason, close.exit_price, close.peak) == ("Hard giveback", 1.11, 1.6)
+
+
+def test_invalid_crossed_zero_bid_and_older_quotes_change_nothing():
+    eng = holding()
+    t = ENTRY_BAR_START + 2000
+    feed(eng, [streamed(t, 1.20, 1.22)])
+    before = eng.position
+    ignored = [
+        streamed(t + 100, 0.0, 0.50),  # zero bid
+        streamed(t + 200, 0.90, 0.80),  # crossed
+        streamed(t + 300, 0.50, 0.52, quote_ms=t - 1000),  # older than the quote behind the mark
+        ContractSnapshot(t + 400, quote(bid=0.5, ask=0.52, quote_ms=t - 500)),  # an older REST snapshot
+    ]
+    actions = feed(eng, ignored)
+    assert closes(actions) == [] and eng.position == before
+    assert (eng.marks.invalid, eng.marks.stale) == (2, 2)
+    newer = feed(eng, [ContractSnapshot(t + 500, quote(bid=0.5, ask=0.52, quote_ms=t + 450))])
+    assert [c.reason for c in closes(newer)] == ["Stop loss"]  # a newer REST quote counts like any other
+
+
+def test_a_chain_snapshot_older_than_the_streamed_mark_is_ignored():
+    eng = holding()
+    t = ENTRY_BAR_START + 2000
+    feed(eng, [streamed(t, 1.30, 1.32)])
+    feed(eng, [chain(t + 1000, quote(bid=0.5, ask=0.52, quote_ms=t - 3000))])
+    assert eng.position.mark == 1.31 and eng.marks.stale == 1
+
+
+def test_a_quote_storm_writes_the_peak_at_most_once_a_second_and_the_sell_carries_the_last():
+    eng = holding()
+    t = ENTRY_BAR_START + 2000
+    events = []
+    for i in range(600):  # 3 s of a rising contract at 200 quotes a second
+        price = round(1.02 + 0.001 * i, 3)
+        events.append(streamed(t + i * 5, price, price + 0.02))
+        if i % 200 == 199:
+            events.append(Tick(t + i * 5 + 1))
+    actions = feed(eng, events)
+    updates = [a for a in actions if isinstance(a, UpdatePosition)]
+    assert 1 <= len(updates) <= 4
+    assert all(b.peak > a.peak for a, b in zip(updates, updates[1:], strict=False))
+    (close,) = closes(feed(eng, [streamed(t + 3500, 1.0, 1.02)]))
+    assert close.peak == round(1.02 + 0.001 * 599 + 0.01, 3)
+    assert close.peak > updates[-1].peak  # the last second of peak rides on the SELL, not on an fsync
