@@ -6,7 +6,9 @@ rounds to zero prints without a sign (`0.00`, `$0.00`), so the phone never shows
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import datetime
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 from config import Rules
@@ -348,6 +350,68 @@ def sell_message(position: Position, ctx: SellContext) -> str:
             f"{clock_text(ctx.exit_ms)} | trade {position.trade_id}",
         )
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DayTrade:
+    """One closed trade of the session day, as the daily summary lists it."""
+
+    trade_id: str
+    ticker: str
+    entry_ms: int
+    exit_ms: int
+    entry_price: float
+    exit_price: float
+    reason: str
+    pnl_dollars: float
+    pnl_percent: float
+
+
+# Trade lines a summary lists before "... and N more": Pushover cuts a message at 1024 characters, and the
+# totals come first so a long day never loses them.
+SUMMARY_TRADE_LINES = 10
+_OCC_TICKER = re.compile(r"(?:O:)?[A-Z.]+\d{6}([CP])(\d{8})")
+
+
+def contract_label(ticker: str) -> str:
+    """`O:IWM251002C00243500` -> `243.5C` (strike and right); any other ticker as it is."""
+    match = _OCC_TICKER.fullmatch(ticker)
+    if match is None:
+        return ticker
+    return f"{int(match.group(2)) / 1000:g}{match.group(1)}"
+
+
+def summary_title(underlying: str) -> str:
+    return f"{underlying} 0DTE — DAILY SUMMARY"
+
+
+def trade_line(number: int, trade: DayTrade) -> str:
+    """`1. 243C 10:06→10:12 $1.45→$1.60 +10.3% (+$15.00) Hard giveback`."""
+    held = f"{ny_datetime(trade.entry_ms):%H:%M}→{ny_datetime(trade.exit_ms):%H:%M}"
+    prices = f"${trade.entry_price:.2f}→${trade.exit_price:.2f}"
+    result = f"{signed_pct(trade.pnl_percent)} ({money(trade.pnl_dollars)})"
+    return f"{number}. {contract_label(trade.ticker)} {held} {prices} {result} {trade.reason}"
+
+
+def summary_message(session_date: str, trades: Sequence[DayTrade], lifetime: Lifetime) -> str:
+    """The close's summary: the day's count, P&L and W-L, the lifetime record, then one line per trade."""
+    day = Lifetime()
+    for trade in trades:
+        day = day.after_trade(trade.pnl_dollars)
+    weekday = datetime.date.fromisoformat(session_date).strftime("%a")
+    count = f"{len(trades)} trade{'' if len(trades) == 1 else 's'}"
+    lines = [
+        f"{session_date} ({weekday}): {count}",
+        f"Day P&L: {money(day.pnl)} | {day.record()}",
+        f"LIFETIME: {money(lifetime.pnl)} | {lifetime.record()}",
+    ]
+    shown = trades[:SUMMARY_TRADE_LINES]
+    lines += [trade_line(n, trade) for n, trade in enumerate(shown, start=1)]
+    if len(trades) > len(shown):
+        lines.append(f"... and {len(trades) - len(shown)} more")
+    if not trades:
+        lines.append("No trades today.")
+    return "\n".join(lines)
 
 
 FEED_ERROR_TEXT = {

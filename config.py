@@ -79,6 +79,9 @@ class Rules:
     stall_alert_seconds: float = _num(30.0, 1, 86400)
     underlying: str = "IWM"
     benchmark: str = "SPY"
+    # Not a trading rule, but the engine decides the close's SUMMARY alert, and every engine (live,
+    # replay, demo) is built from Rules: here it reaches them all without new wiring. 0 opts out.
+    daily_summary: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,8 @@ class Settings:
     polygon_api_key: str = field(default="", repr=False)
     polygon_ws_url: str = "wss://socket.massive.com/stocks"
     polygon_rest_url: str = "https://api.massive.com"
+    polygon_options_ws_url: str = "wss://socket.massive.com/options"
+    options_stream: str = "auto"
     pushover_token: str = field(default="", repr=False)
     pushover_user_key: str = field(default="", repr=False)
     pushover_api_url: str = "https://api.pushover.net/1/messages.json"
@@ -304,6 +309,8 @@ def _logging_checks(settings: Settings) -> list[str]:
     if settings.log_format not in ("", "console", "json"):
         problems.append(f"LOG_FORMAT={settings.log_format!r}: expected console or json (or empty: console on a"
                         " terminal, json otherwise)")  # fmt: skip
+    if settings.options_stream not in ("auto", "off"):
+        problems.append(f"OPTIONS_STREAM={settings.options_stream!r}: expected auto or off")
     return problems
 
 

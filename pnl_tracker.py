@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from alert_text import DayTrade
 from engine import CRITICAL_LATCH, RestoredState
 from events import Action, Alert, ClosePosition, Log, OpenPosition, SetMeta, UpdatePosition
 from risk_manager import DayRecord, Lifetime, Position
@@ -219,7 +220,8 @@ class Journal:
         with self._lock:
             position = self._open_position()
             today = self._db.execute(
-                "SELECT pnl_dollars FROM trades WHERE session_date=? ORDER BY exit_ms, trade_id",
+                "SELECT trade_id, ticker, entry_ms, exit_ms, entry_price, exit_price, reason, pnl_dollars,"
+                " pnl_percent FROM trades WHERE session_date=? ORDER BY exit_ms, trade_id",
                 (session_date,),
             ).fetchall()
             opened = self._db.execute(
@@ -231,9 +233,10 @@ class Journal:
                 " COALESCE(SUM(pnl_dollars <= 0), 0) FROM trades"
             ).fetchone()
             critical = self._meta(CRITICAL_LATCH)
+        trades_today = tuple(DayTrade(*row) for row in today)
         day = DayRecord()
-        for (trade_pnl,) in today:
-            day = day.after_trade(trade_pnl)
+        for trade in trades_today:
+            day = day.after_trade(trade.pnl_dollars)
         return RestoredState(
             position=position,
             day=day,
@@ -241,6 +244,7 @@ class Journal:
             last_exit_ms=last_exit,
             lifetime=Lifetime(round(pnl, 2), wins, losses),
             critical_latched=critical == "1",
+            trades_today=trades_today,
         )
 
     def _open_position(self) -> Position | None:

@@ -10,11 +10,14 @@ from builders import at
 from alert_text import (
     DEFAULT_DELIVERY,
     PUSHOVER_SOUNDS,
+    SUMMARY_TRADE_LINES,
     BuyContext,
+    DayTrade,
     ExitTrigger,
     SellContext,
     block_text,
     buy_message,
+    contract_label,
     delivery_for,
     delivery_overrides,
     delivery_problems,
@@ -31,6 +34,8 @@ from alert_text import (
     sell_message,
     signed_pct,
     sound_for,
+    summary_message,
+    summary_title,
     trigger_text,
 )
 from config import ConfigError, Rules, Settings, settings_from_env
@@ -292,3 +297,46 @@ def test_a_priority_outside_pushovers_range_stops_start_up(raw: str):
     with pytest.raises(ConfigError) as caught:
         settings_from_env({"ALERT_PRIORITY_BUY": raw})
     assert caught.value.problems[0].startswith(f"ALERT_PRIORITY_BUY={raw!r}")
+
+
+# The daily summary
+
+
+def day_trade(n: int, pnl: float, percent: float, reason: str, ticker: str = POSITION.ticker) -> DayTrade:
+    entry_ms = at(10, 6 + n * 10, 25)
+    exit_price = round(1.45 + pnl / 100, 2)
+    return DayTrade(f"2025-10-02-{n:02d}", ticker, entry_ms, entry_ms + 400_000, 1.45, exit_price, reason, pnl, percent)
+
+
+def test_summary_lists_each_trade_under_the_day_and_lifetime_totals():
+    trades = [day_trade(1, 37.0, 25.52, "Hard giveback"), day_trade(2, -22.0, -15.17, "Stop loss")]
+    text = summary_message("2025-10-02", trades, Lifetime(140.5, 6, 3))
+    assert summary_title("IWM") == "IWM 0DTE — DAILY SUMMARY"
+    assert text == "\n".join(
+        (
+            "2025-10-02 (Thu): 2 trades",
+            "Day P&L: +$15.00 | 1W-1L (50.0%)",
+            "LIFETIME: +$140.50 | 6W-3L (66.7%)",
+            "1. 243C 10:16→10:23 $1.45→$1.82 +25.5% (+$37.00) Hard giveback",
+            "2. 243C 10:26→10:33 $1.45→$1.23 -15.2% (-$22.00) Stop loss",
+        )
+    )
+
+
+def test_a_flat_trade_counts_as_a_loss_and_a_long_day_keeps_its_totals_within_pushovers_limit():
+    trades = [day_trade(n % 3, 0.0 if n == 0 else 5.0, 3.45, "VWAP persistence") for n in range(40)]
+    text = summary_message("2025-10-03", trades, Lifetime(195.0, 39, 1))
+    lines = text.splitlines()
+    assert lines[:3] == [
+        "2025-10-03 (Fri): 40 trades",
+        "Day P&L: +$195.00 | 39W-1L (97.5%)",
+        "LIFETIME: +$195.00 | 39W-1L (97.5%)",
+    ]
+    assert len(lines) == 3 + SUMMARY_TRADE_LINES + 1 and lines[-1] == "... and 30 more"
+    assert len(text) <= 1024
+
+
+def test_contract_labels_are_strike_and_right_and_other_tickers_pass_through():
+    assert contract_label("O:IWM251002C00243000") == "243C"
+    assert contract_label("O:IWM251002P00243500") == "243.5P"
+    assert contract_label("SOMETHING") == "SOMETHING"

@@ -302,3 +302,88 @@ def test_feed_errors_alert_once_a_minute_with_advice():
     assert not [
         a for a in eng.on_event(FeedStatus(START + 6_000, True, "auth_success")) if isinstance(a, Alert)
     ]
+
+
+# The daily summary at the close
+
+
+def summaries(actions):
+    return [a for a in actions if isinstance(a, Alert) and a.kind == "SUMMARY"]
+
+
+STOPPED_DAY_SUMMARY = "\n".join(
+    (
+        "2025-10-02 (Thu): 1 trade",
+        "Day P&L: -$17.00 | 0W-1L (0.0%)",
+        "LIFETIME: -$17.00 | 0W-1L (0.0%)",
+        "1. 242C 10:02→10:02 $1.02→$0.85 -16.7% (-$17.00) Stop loss",
+    )
+)
+
+
+def test_the_summary_goes_out_once_on_the_first_event_at_the_close():
+    eng = entered_engine()
+    feed(eng, [contract(ENTRY_BAR_START + 3000, bid=0.85, ask=0.87)])
+    assert not summaries(feed(eng, [Tick(at(15, 59, 59))]))
+    (summary,) = summaries(eng.on_event(Tick(at(16, 0))))
+    assert (summary.dedupe_key, summary.title, summary.priority) == (
+        "SUMMARY:2025-10-02",
+        "IWM 0DTE — DAILY SUMMARY",
+        0,
+    )
+    assert summary.message == STOPPED_DAY_SUMMARY and summary.at_ms == at(16, 0)
+    assert not summaries(feed(eng, [Tick(at(16, 0, s)) for s in range(1, 30)] + [Tick(at(23, 59, 59))]))
+
+
+def test_the_summary_fires_from_ticks_alone_on_a_day_without_data():
+    eng = engine()
+    assert not summaries(feed(eng, [Tick(at(15, 59, 58)), Tick(at(15, 59, 59))]))
+    (summary,) = summaries(eng.on_event(Tick(at(16, 0, 1))))
+    assert summary.message == "\n".join(
+        (
+            "2025-10-02 (Thu): 0 trades",
+            "Day P&L: $0.00 | 0W-0L (n/a)",
+            "LIFETIME: $0.00 | 0W-0L (n/a)",
+            "No trades today.",
+        )
+    )
+
+
+def test_the_summary_follows_the_early_close_and_skips_days_without_a_session():
+    early = engine()
+    day = date(2025, 11, 28)
+    assert not summaries(early.on_event(Tick(at(12, 59, 59, day))))
+    assert [a.dedupe_key for a in summaries(early.on_event(Tick(at(13, 0, 0, day))))] == ["SUMMARY:2025-11-28"]
+    christmas = engine()
+    ticks = [Tick(at(h, 0, 0, date(2025, 12, 25))) for h in (15, 16, 17, 23)]
+    assert not summaries(feed(christmas, ticks))
+
+
+def test_daily_summary_0_sends_none():
+    from config import settings_from_env
+
+    rules = settings_from_env({"DAILY_SUMMARY": "0"}).rules
+    assert rules.daily_summary is False and Rules().daily_summary is True
+    eng = engine(rules)
+    assert not summaries(feed(eng, [Tick(at(15, 59, 59)), Tick(at(16, 0)), Tick(at(17, 0))]))
+
+
+def test_a_restart_after_the_close_repeats_the_summary_only_for_the_outbox_to_drop_it(tmp_path):
+    from pathlib import Path
+
+    from pnl_tracker import Journal
+
+    journal = Journal(Path(tmp_path / "journal.sqlite3"))
+    eng = engine()
+    journal.record(feed(eng, [chain(START + 110_000, quote()), *burst_bars(START)]))
+    journal.record(feed(eng, [contract(ENTRY_BAR_START + 3000, bid=0.85, ask=0.87)]))
+    first = journal.record(eng.on_event(Tick(at(16, 0))))
+    assert [a.dedupe_key for a in first] == ["SUMMARY:2025-10-02"]
+
+    restarted = engine()
+    restarted.restore(journal.restored_state("2025-10-02"), "2025-10-02")
+    again = restarted.on_event(Tick(at(16, 20)))
+    (repeat,) = summaries(again)
+    assert repeat.message == STOPPED_DAY_SUMMARY  # the day's trades come back from the journal
+    assert journal.record(again) == []  # the outbox's unique key keeps it from going out twice
+    assert [row[0] for row in journal.outbox_rows()].count("SUMMARY:2025-10-02") == 1
