@@ -45,6 +45,15 @@ from history import fetch_history
 from market_calendar import MarketCalendar, ny_date, ny_datetime
 from pnl_tracker import Journal, TradeRow
 from progress import Progress
+from report_charts import (
+    Level,
+    MarkPoint,
+    PricePoint,
+    day_chart,
+    equity_chart,
+    equity_curve,
+    max_drawdown,
+)
 from tape import TapeReader
 from tape_cache import cache_path, ensure_decoded, load_decoded
 
@@ -63,40 +72,6 @@ BATCH_GC_THRESHOLDS = (100_000, 20, 100)
 RULE_NAMES = tuple(f.name.upper() for f in fields(Rules))
 
 SYNTHETIC_FIRST_DAY = datetime.date(2025, 1, 2)
-
-# Chart sizes in pixels (width, height) at CHART_DPI; the PNGs come out exactly this size.
-CHART_DPI = 100
-EQUITY_PX = (1000, 400)
-DAY_PX = (1200, 700)
-
-
-@dataclass(frozen=True, slots=True)
-class PricePoint:
-    """IWM's close and rolling VWAP as the engine saw them after a bar (downsampled)."""
-
-    t_ms: int
-    close: float
-    vwap: float
-
-
-@dataclass(frozen=True, slots=True)
-class MarkPoint:
-    """The held option's mark whenever it changed."""
-
-    t_ms: int
-    trade_id: str
-    mark: float
-
-
-@dataclass(frozen=True, slots=True)
-class Level:
-    """IWM's last close at the moment a trade opened or closed, for chart markers."""
-
-    trade_id: str
-    kind: str  # "entry" | "exit"
-    t_ms: int
-    close: float
-
 
 @dataclass(frozen=True, slots=True)
 class DayResult:
@@ -395,24 +370,6 @@ def run_backtest(
     finally:
         journal.close()
     return BacktestResult(rules, tuple(days), trades)
-
-
-def equity_curve(trades: Sequence[TradeRow]) -> list[float]:
-    """Cumulative closed-trade P&L after each trade (in the order given)."""
-    equity, total = [], 0.0
-    for trade in trades:
-        total = round(total + trade.pnl_dollars, 2)
-        equity.append(total)
-    return equity
-
-
-def max_drawdown(equity: Sequence[float]) -> float:
-    """Largest fall from a running peak of the equity curve, which starts at 0 before the first trade."""
-    peak, worst = 0.0, 0.0
-    for value in equity:
-        peak = max(peak, value)
-        worst = max(worst, peak - value)
-    return round(worst, 2)
 
 
 def compute_stats(trades: Sequence[TradeRow]) -> Stats:
@@ -739,93 +696,6 @@ def write_trades_csv(path: Path, result: BacktestResult) -> None:
                     int(t.session_date in rebuilt),
                 ]
             )
-
-
-def _figure(size_px: tuple[int, int]) -> Any:
-    """A matplotlib Figure of exactly `size_px` at CHART_DPI, without pyplot's global state (Agg canvas)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(size_px[0] / CHART_DPI, size_px[1] / CHART_DPI), dpi=CHART_DPI)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def equity_chart(path: Path, trades: Sequence[TradeRow], *, reconstructed: bool = False) -> Path:
-    """The closed-trade equity curve (step per trade) with its drawdown shaded."""
-    figure = _figure(EQUITY_PX)
-    ax = figure.add_subplot(1, 1, 1)
-    equity = [0.0, *equity_curve(trades)]
-    x = list(range(len(equity)))
-    peaks = list(itertools.accumulate(equity, max))
-    ax.plot(x, equity, color="tab:blue", marker="o", markersize=3, linewidth=1.2, label="equity")
-    ax.fill_between(x, equity, peaks, color="tab:red", alpha=0.25, label="drawdown")
-    ax.axhline(0, color="grey", linewidth=0.8)
-    note = " (reconstructed data)" if reconstructed else ""
-    stats = compute_stats(trades)
-    ax.set_title(
-        _plain_text(
-            f"Closed-trade equity{note}: {len(trades)} trades, total {money(stats.total_pnl)},"
-            f" max drawdown {money(-stats.max_drawdown)}"
-        )
-    )
-    ax.set_xlabel("trade #")
-    ax.set_ylabel("P&L ($)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
-    figure.tight_layout()
-    figure.savefig(path, dpi=CHART_DPI)
-    return path
-
-
-def _plain_text(text: str) -> str:
-    """Escape dollar signs, which matplotlib would otherwise read as maths."""
-    return text.replace("$", r"\$")
-
-
-def _clock(ms: int) -> datetime.datetime:
-    return ny_datetime(ms).replace(tzinfo=None)
-
-
-def day_chart(path: Path, day: DayResult) -> Path:
-    """IWM with its rolling VWAP and the entries/exits (top); each trade's option mark (bottom)."""
-    from matplotlib.dates import DateFormatter
-
-    figure = _figure(DAY_PX)
-    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    times = [_clock(p.t_ms) for p in day.prices]
-    top.plot(times, [p.close for p in day.prices], color="black", linewidth=0.8, label="IWM close")
-    top.plot(times, [p.vwap for p in day.prices], color="tab:orange", linewidth=0.8, label="rolling VWAP")
-    for kind, marker, color in (("entry", "^", "tab:green"), ("exit", "v", "tab:red")):
-        levels = [lv for lv in day.levels if lv.kind == kind and math.isfinite(lv.close)]
-        x, y = [_clock(lv.t_ms) for lv in levels], [lv.close for lv in levels]
-        top.scatter(x, y, marker=marker, s=60, color=color, zorder=3, label=kind)
-    _option_axis(bottom, day)
-    label = " — reconstructed data" if day.reconstructed else ""
-    top.set_title(_plain_text(f"{day.session_date}: {len(day.trades)} trade(s), P&L {money(day.pnl)}{label}"))
-    top.set_ylabel("IWM ($)")
-    top.legend(loc="upper left", fontsize="small")
-    top.grid(alpha=0.3)
-    bottom.xaxis.set_major_formatter(DateFormatter("%H:%M"))
-    figure.tight_layout()
-    figure.savefig(path, dpi=CHART_DPI)
-    return path
-
-
-def _option_axis(ax: Any, day: DayResult) -> None:
-    for trade in day.trades:
-        points = [m for m in day.marks if m.trade_id == trade.trade_id]
-        if points:
-            x, y = [_clock(m.t_ms) for m in points], [m.mark for m in points]
-            ax.step(x, y, where="post", linewidth=1, label=f"{trade.trade_id} {trade.ticker} mark")
-        ax.scatter([_clock(trade.entry_ms)], [trade.entry_price], marker="^", color="tab:green", zorder=3)
-        ax.scatter([_clock(trade.exit_ms)], [trade.exit_price], marker="v", color="tab:red", zorder=3)
-    if not day.trades:
-        ax.text(0.5, 0.5, "no trades", transform=ax.transAxes, ha="center", va="center", color="grey")
-    ax.set_ylabel("option mark ($)\n▲ ask in, ▼ bid out")
-    ax.grid(alpha=0.3)
-    if day.trades:
-        ax.legend(loc="upper left", fontsize="small")
 
 
 def write_report(
