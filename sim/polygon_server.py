@@ -70,7 +70,8 @@ _AGGS_ROUTE = re.compile(
     r"/v2/aggs/ticker/(?P<sym>[^/]+)/range/(?P<mult>\d+)/(?P<span>[a-z]+)/(?P<from>[^/]+)/(?P<to>[^/]+)"
 )
 
-Frame = list[Any] | str
+# A str frame is sent verbatim as text, bytes (a taped binary frame) as a binary frame.
+Frame = list[Any] | str | bytes
 
 
 class MarketSource(Protocol):
@@ -228,7 +229,7 @@ class _TapeRecording:
     pending: list[dict] = field(default_factory=list)
 
     def add(self, t: int, kind: str, payload: object, path: str | None, status: int | None) -> None:
-        if kind == "ws" and isinstance(payload, list | str):
+        if kind == "ws" and isinstance(payload, list | str | bytes):
             self.frames.append((t, payload))
         elif kind == "rest" and path is not None:
             self._add_rest(t, urlsplit(path).path, payload if status == 200 else None)
@@ -852,9 +853,9 @@ def _wanted(event: object, topics: set[str]) -> bool:
     return f"{ev}.*" in topics or f"{ev}.{event.get('sym')}" in topics
 
 
-def _frame_text(frame: Frame, topics: set[str]) -> str | None:
+def _frame_text(frame: Frame, topics: set[str]) -> str | bytes | None:
     """The frame as sent to a client with these topics; None when nothing in it is wanted."""
-    if isinstance(frame, str):
+    if isinstance(frame, str | bytes):
         return frame
     events = [event for event in frame if _wanted(event, topics)]
     return json.dumps(events, separators=(",", ":")) if events else None

@@ -593,3 +593,19 @@ def test_ws_silence_keeps_the_socket_open_and_answering_pings_but_sends_nothing(
     assert resumed_at - silent_from >= 150_000
     # Nothing of what fell due while silent is sent late: streaming resumes from the clock.
     assert after[0]["s"] >= resumed_at - 1000
+
+
+def test_recorded_market_serves_a_taped_binary_frame_as_binary(tmp_path: Path) -> None:
+    path = tmp_path / "2025-10-02.jsonl.gz"
+    with TapeWriter(path, underlying="IWM", benchmark="SPY", start_ms=START_MS) as tape:
+        tape.write_ws(START_MS + 1200, [a_event("IWM", START_MS, 240.0)])
+        tape.write_ws(START_MS + 1300, b"\xff\xfe\x00binary")
+    recorded = RecordedMarket.from_tape(path)
+    wall = ManualWall()
+    fake = FakePolygon(recorded, api_key=KEY, start_ms=START_MS, speed=1000.0, wall=wall)
+    with fake, open_ws(fake) as ws:
+        ws.recv(timeout=RECV_S)
+        subscribe(ws, "A.IWM")
+        wall.value += 0.005
+        frames = [ws.recv(timeout=RECV_S) for _ in range(2)]
+    assert json.loads(frames[0])[0]["c"] == 240.0 and frames[1] == b"\xff\xfe\x00binary"
