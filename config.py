@@ -92,7 +92,7 @@ class Settings:
     polygon_api_key: str = field(default="", repr=False)
     polygon_ws_url: str = "wss://socket.massive.com/stocks"
     polygon_rest_url: str = "https://api.massive.com"
-    polygon_options_ws_url: str = "wss://socket.massive.com/options"
+    polygon_options_ws_url: str = ""
     options_stream: str = "auto"
     pushover_token: str = field(default="", repr=False)
     pushover_user_key: str = field(default="", repr=False)

@@ -41,6 +41,7 @@ from feed import FeedDecoder
 from health import VERSION, HealthServer, Heartbeat, Snapshot, health_status
 from instance_lock import InstanceLock
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
+from options_feed import OptionsFeed, OptionsStatus
 from pipeline import Pipeline
 from pnl_tracker import Journal, JournalError
 from polygon_client import PolygonRest, PolygonStream, RestAnswer
@@ -147,6 +148,8 @@ class Daemon:
         self.tape: TapeWriter | None = None
         self.tape_day: date | None = None
         self.stream: PolygonStream | None = None
+        self.options = OptionsFeed(settings, clock, self.queue.put, self._options_notice)
+        self.queue_depth_max = 0
         self.health_server: HealthServer | None = None
         self._rest_refused: str | None = None
         self.rest = PolygonRest(
@@ -276,6 +279,7 @@ class Daemon:
                 item = self.queue.get(timeout=0.05)
             except queue.Empty:
                 item = None
+            self.queue_depth_max = max(self.queue_depth_max, self.queue.qsize())
             try:
                 self._turn(item, self.clock.now_ms(), pause_file)
             except Exception as exc:
@@ -290,6 +294,8 @@ class Daemon:
             self.pipeline.run(replace(item, received_ms=now))
         elif isinstance(item, SystemNotice):
             self._deliver_notice(item, now)
+        elif isinstance(item, OptionsStatus):
+            self.options.on_status(item.status)
         self.pipeline.advance_to(now)
         self._after_turn(pause_file)
 
@@ -317,12 +323,22 @@ class Daemon:
         position = self.engine.position
         spot = self.engine.last.close if self.engine.last else None
         self.interest = Interest(position.ticker if position else None, spot)
+        self._follow_marks()
         self.writer.catch_up()
         self._maybe_pulse()
         if time.monotonic() - self._health_at >= 1.0:
             self.health, self._health_at = self._snapshot(), time.monotonic()
         if self.tape is not None and time.monotonic() - self._flushed_at >= TAPE_FLUSH_SECONDS:
             self._flush_tape()
+
+    def _follow_marks(self) -> None:
+        """Stream the held contract's quotes; judge whether the stream is delivering them."""
+        now, marks = self.clock.now_ms(), self.engine.marks
+        self.options.follow(self.interest.ticker, now, marks.stream)
+        self.options.check(now, marks.stream, self.engine.mark_quote_ms)
+
+    def _options_notice(self, text: str) -> None:
+        self._deliver_notice(SystemNotice("FEED", text, PRIORITY_NORMAL), self.clock.now_ms())
 
     def _maybe_pulse(self) -> None:
         """A sign of life at INFO every PULSE_SECONDS of session: what the daemon sees and what blocks entries."""
@@ -445,6 +461,9 @@ class Daemon:
             "alerts": self._delivery_fields(),
             "tape": {"recording": self.tape is not None, "problem": self.tape_problem},
             "engine_errors": self.engine_errors,
+            "marks": self._marks_fields(),
+            "queue_depth": self.queue.qsize(),
+            "queue_depth_max": self.queue_depth_max,
             "version": VERSION,
         }
 
@@ -486,6 +505,17 @@ class Daemon:
             "last_turn_s": worker.beat_age_s,
             "restarts": worker.restarts,
             "last_error": worker.last_error,
+        }
+
+    def _marks_fields(self) -> dict[str, object]:
+        marks = self.engine.marks
+        counts = {"chain": marks.chain, "rest": marks.rest, "stream": marks.stream}
+        ignored = {"invalid": marks.invalid, "older": marks.stale}
+        return {
+            "source": self.engine.mark_source,
+            "quotes": counts,
+            "ignored": ignored,
+            **self.options.health(),
         }
 
     def _journal_fields(self) -> dict[str, object]:
@@ -552,6 +582,7 @@ class Daemon:
             silence_s=self._silence_limit_s,
         )
         self.stream.start()
+        self.options.start()
         log.info("stream_started")
 
     def _silence_limit_s(self) -> float | None:
@@ -562,6 +593,7 @@ class Daemon:
         return self.settings.stream_silence_seconds * self.clock.sleep_scale()
 
     def _disconnect(self) -> None:
+        self.options.stop()
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.stop()

@@ -180,6 +180,11 @@ class Engine:
         return self._now
 
     @property
+    def mark_quote_ms(self) -> int | None:
+        """The quote time behind the held position's mark (None when unknown)."""
+        return self._mark_quote_ms
+
+    @property
     def session(self) -> Session | None:
         return self._session
 

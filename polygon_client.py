@@ -561,6 +561,12 @@ def _raised_at(exc: BaseException) -> str:
     return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
 
 
+def _refuses_subscription(status: StatusMessage) -> bool:
+    """A status frame saying a subscription was not allowed (the plan lacks that data)."""
+    text = status.message.lower()
+    return status.status in ("error", "auth_failed") and ("not authorized" in text or "not entitled" in text)
+
+
 class StreamSilent(Exception):
     """An open socket delivered nothing for too long during the session."""
 
@@ -575,6 +581,10 @@ class PolygonStream:
     attempt counter is reset only once a socket has stayed up and delivered data for 30 s, so a
     `max_connections` flap between two daemons on one key cannot become a hot loop. After a drop it
     calls `backfill(last frame ms, now ms)` on a worker thread before subscribing again.
+
+    The same class reads the options cluster: give it `topics` (e.g. `Q.O:IWM...`) instead of stock
+    symbols and change them at any time with `set_topics`; a refused subscription is reported as a
+    `FeedStatus` with reason "subscription_refused".
     """
 
     def __init__(
@@ -593,15 +603,20 @@ class PolygonStream:
         healthy_after_s: float = HEALTHY_AFTER_S,
         open_timeout_s: float = STREAM_OPEN_TIMEOUT_S,
         silence_s: Callable[[], float | None] = lambda: None,
+        topics: Sequence[str] | None = None,
     ) -> None:
-        if not symbols:
+        if not symbols and topics is None:
             raise ValueError("PolygonStream needs at least one symbol")
         self.url = url
         self.connected = False
         self.reconnects = 0
         self.last_frame_ms: int | None = None
         self._api_key = api_key
-        self._topics = ",".join(f"A.{sym}" for sym in symbols)
+        self._topics: tuple[str, ...] = (
+            tuple(topics) if topics is not None else tuple(f"A.{s}" for s in symbols)
+        )
+        self._subscribed: frozenset[str] = frozenset()
+        self._ws: ClientConnection | None = None
         self._put = put
         self._clock_ms = clock_ms
         self._backfill = backfill
@@ -613,6 +628,7 @@ class PolygonStream:
         self._open_timeout_s = open_timeout_s
         self._silence_s = silence_s
         self.silent_reconnects = 0
+        self.last_error: str | None = None
         self.thread_restarts = 0
         self._attempt = 0
         self._gap_from_ms: int | None = None
@@ -730,10 +746,42 @@ class PolygonStream:
         self.connected = True
         self._report(True, "auth_success")
         await self._fill_gap()
-        await ws.send(json.dumps({"action": "subscribe", "params": self._topics}))
+        self._ws, self._subscribed = ws, frozenset()
+        await self._sync_topics()
         self._gap_from_ms = None
-        self._log.info("stream_subscribed", topics=self._topics, reconnects=self.reconnects)
         return await self._read(ws)
+
+    def set_topics(self, topics: Sequence[str]) -> None:
+        """Subscribe to exactly `topics` from now on (thread-safe; applied at once when connected)."""
+        with self._lock:
+            self._topics = tuple(topics)
+            loop = self._loop
+        if loop is not None and self.connected:
+            with contextlib.suppress(RuntimeError):  # the loop has just ended: the next dial subscribes
+                asyncio.run_coroutine_threadsafe(self._sync_topics(), loop)
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """The topics the stream wants (subscribed once connected)."""
+        return self._topics
+
+    async def _sync_topics(self) -> None:
+        """Send the subscribe and unsubscribe messages that make the socket's topics the wanted ones."""
+        ws = self._ws
+        if ws is None:
+            return
+        wanted = frozenset(self._topics)
+        dropped, added = self._subscribed - wanted, wanted - self._subscribed
+        try:
+            if dropped:
+                await ws.send(json.dumps({"action": "unsubscribe", "params": ",".join(sorted(dropped))}))
+            if added:
+                await ws.send(json.dumps({"action": "subscribe", "params": ",".join(sorted(added))}))
+        except ConnectionClosed:
+            return  # the reconnect subscribes afresh
+        self._subscribed = wanted
+        if added or dropped:
+            self._log.info("stream_subscribed", topics=",".join(sorted(wanted)), reconnects=self.reconnects)
 
     async def _auth_reply(self, ws: ClientConnection) -> str:
         while True:
@@ -768,6 +816,9 @@ class PolygonStream:
                 statuses = _frame_statuses(frame)
                 if any(status.status == "max_connections" for status in statuses):
                     return self._max_connections()
+                if any(_refuses_subscription(status) for status in statuses):
+                    self._log.error("stream_subscription_refused", topics=",".join(self._topics))
+                    self._report(True, "subscription_refused")
                 if not healthy and not statuses and t - up_since >= self._healthy_after_ms:
                     healthy = True
                     self._attempt = 0
@@ -803,6 +854,7 @@ class PolygonStream:
         return t
 
     def _went_down(self, why: str) -> None:
+        self.last_error = why
         self._log.warning("stream_down", why=why, attempt=self._attempt)
         if self.connected:
             self.connected = False

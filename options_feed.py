@@ -1,0 +1,180 @@
+"""The held contract's quotes from the options cluster, and whether the marks can count on them.
+
+From the BUY to the SELL the daemon subscribes `Q.<held contract>` on its own connection to the options
+cluster (`POLYGON_OPTIONS_WS_URL`); the frames go through the engine queue and onto the tape like the
+stocks stream's, so a replay sees the same quotes. REST polling never stops: it is the fallback. When
+the stream cannot help (auth refused on the options cluster, a refused subscription, a dropped socket,
+or no quote while the REST snapshots show the contract quoting) the marks come from REST exactly as
+without a stream; one FEED alert says which, another says when quotes stream again.
+
+Everything here runs on the engine thread except the stream's own thread, whose status changes reach
+the engine thread through the queue as `OptionsStatus` items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from clock import Clock
+from config import Settings
+from events import FeedStatus
+from polygon_client import PolygonStream
+
+# No quote on the stream for this long after subscribing, while a REST quote newer than the
+# subscription exists, means the plan does not stream options quotes.
+NO_QUOTES_AFTER_MS = 15_000
+log = structlog.get_logger("options_feed")
+
+PROBLEMS = {
+    "auth_failed": "the options cluster refused the key (plan without options quotes?)",
+    "subscription_refused": "the options cluster refused the quote subscription (plan without quotes?)",
+    "max_connections": "another connection to the options cluster uses this key",
+}
+
+
+def options_url(settings: Settings) -> str:
+    """POLYGON_OPTIONS_WS_URL, else the stocks stream's URL with its cluster path changed to /options
+    (wss://socket.massive.com/stocks -> .../options; delayed.massive.com likewise), so a daemon pointed
+    at another host (a rehearsal, a proxy) never dials the real vendor behind the user's back."""
+    if settings.polygon_options_ws_url:
+        return settings.polygon_options_ws_url
+    base = settings.polygon_ws_url.rstrip("/")
+    return base.removesuffix("/stocks") + "/options"
+
+
+@dataclass(frozen=True, slots=True)
+class OptionsStatus:
+    """A status change of the options stream, on its way to the engine thread."""
+
+    status: FeedStatus
+
+
+class OptionsFeed:
+    """Subscribes the held contract's quotes and tells when marks fall back to REST.
+
+    `put` takes the stream's frames (the engine queue); `notify(text)` raises a FEED alert.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        put: Callable[[object], None],
+        notify: Callable[[str], None],
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._put = put
+        self._notify = notify
+        self.stream: PolygonStream | None = None
+        self._ticker: str | None = None
+        self._since_ms = 0
+        self._count_at_subscribe = 0
+        self._seen_stream = 0
+        self.problem: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """OPTIONS_STREAM=auto (the default)."""
+        return self._settings.options_stream == "auto"
+
+    def start(self) -> None:
+        """Connect to the options cluster (once per session, beside the stocks stream)."""
+        if not self.enabled or self.stream is not None:
+            return
+        self.stream = PolygonStream(
+            options_url(self._settings),
+            self._settings.polygon_api_key,
+            (),
+            self._from_stream,
+            clock_ms=self._clock.now_ms,
+            topics=self._topics(),
+        )
+        self.stream.start()
+        log.info("options_stream_started")
+
+    def stop(self) -> None:
+        """Disconnect (after the close)."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.stop()
+
+    def follow(self, ticker: str | None, now_ms: int, stream_quotes: int) -> None:
+        """Stream exactly the held contract (none while flat); `stream_quotes` is the engine's count."""
+        if ticker == self._ticker:
+            return
+        self._ticker = ticker
+        self._since_ms, self._count_at_subscribe = now_ms, stream_quotes
+        if self.stream is not None:
+            self.stream.set_topics(self._topics())
+
+    def on_status(self, status: FeedStatus) -> None:
+        """A status change of the stream (engine thread). Only a held contract's marks can suffer."""
+        if status.reason == "auth_success" or self._ticker is None:
+            log.info("options_stream_status", reason=status.reason, holding=self._ticker)
+            return  # a connection is not yet a quote: recovery is judged by quotes arriving
+        if status.reason.startswith("disconnected"):
+            self._fall_back(
+                f"the options stream disconnected ({status.reason.removeprefix('disconnected: ')})"
+            )
+            return
+        problem = PROBLEMS.get(status.reason)
+        if problem is not None:
+            self._fall_back(problem)
+
+    def check(self, now_ms: int, stream_quotes: int, mark_quote_ms: int | None) -> None:
+        """Judge the stream from what the engine saw (engine thread, every turn)."""
+        if stream_quotes > self._seen_stream:
+            self._seen_stream = stream_quotes
+            self._restored()
+            return
+        if self._ticker is None or self.stream is None or self.problem is not None:
+            return
+        quiet = stream_quotes == self._count_at_subscribe and now_ms - self._since_ms >= NO_QUOTES_AFTER_MS
+        rest_newer = mark_quote_ms is not None and mark_quote_ms > self._since_ms
+        if not (quiet and rest_newer):
+            return
+        if self.stream.connected:
+            self._fall_back("no quote on the options stream while REST shows the contract quoting")
+        else:
+            self._fall_back(f"cannot connect to the options cluster ({self.stream.last_error or 'no answer'})")
+
+    def health(self) -> dict[str, object]:
+        """The marks' stream side for `/health`."""
+        if not self.enabled:
+            state = "off"
+        elif self.problem is not None:
+            state = f"fallback to REST: {self.problem}"
+        elif self.stream is not None and self.stream.connected:
+            state = "streaming" if self._ticker else "connected (nothing held)"
+        else:
+            state = "not connected"
+        return {"options_stream": state, "subscribed": self._ticker}
+
+    def _topics(self) -> list[str]:
+        return [f"Q.{self._ticker}"] if self._ticker else []
+
+    def _from_stream(self, item: object) -> None:
+        self._put(OptionsStatus(item) if isinstance(item, FeedStatus) else item)
+
+    def _fall_back(self, problem: str) -> None:
+        if self.problem is not None:
+            return
+        self.problem = problem
+        log.warning("marks_from_rest", reason=problem)
+        poll = self._settings.rules.position_poll_seconds
+        self._notify(
+            f"Options quotes are not streaming: {problem}. Marks come from REST polls (the held contract "
+            f"every {poll:g} s, the chain every {self._settings.chain_poll_seconds:g} s), so exits may fire "
+            "late on a fast move."
+        )
+
+    def _restored(self) -> None:
+        if self.problem is None:
+            return
+        log.info("marks_streaming_again", after=self.problem)
+        self.problem = None
+        self._notify("Options quotes are streaming again: marks follow every quote of the held contract.")
