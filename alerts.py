@@ -39,6 +39,10 @@ SEND_TIMEOUT = httpx.Timeout(20.0, connect=5.0)
 DOWN_BEFORE_FALLBACK_S = 60.0
 QUOTA_RETRY_S = 300.0
 MAX_TIMEOUTS = 2
+# Pushover takes one image per message, at most this many bytes (reference/platform.md section 2).
+ATTACHMENT_LIMIT = 5_242_880
+ATTACHMENT_NAME = "chart.png"
+ATTACHMENT_TYPE = "image/png"
 
 _CREDENTIAL_ERROR = re.compile(r"\b(token|user)\b.*\b(invalid|not a valid)\b", re.IGNORECASE)
 
@@ -142,8 +146,12 @@ class PushoverClient:
         transport: httpx.BaseTransport | None = None,
         timeout: httpx.Timeout | float = SEND_TIMEOUT,
         sound_for: Callable[[str], str | None] = lambda _kind: None,
+        attachment_for: Callable[[OutboxItem], bytes | None] | None = None,
     ) -> None:
+        """`attachment_for`, when given, is asked for each item's image (PNG bytes, or None for none);
+        with an image the request goes as multipart/form-data with the image as `attachment`."""
         self._sound_for = sound_for
+        self._attachment_for = attachment_for
         self._token = token
         self._user = user
         self._api_url = api_url
@@ -163,9 +171,11 @@ class PushoverClient:
 
     def send(self, item: OutboxItem) -> SendResult:
         """POST one outbox item; classify the answer. Never raises for HTTP or network failures."""
+        form = pushover_form(item, self._token, self._user, self._sound_for(item.kind))
+        image = self._attachment(item)
+        files = None if image is None else {"attachment": (ATTACHMENT_NAME, image, ATTACHMENT_TYPE)}
         try:
-            form = pushover_form(item, self._token, self._user, self._sound_for(item.kind))
-            response = self._http.post(self._api_url, data=form)
+            response = self._http.post(self._api_url, data=form, files=files)
         except httpx.TimeoutException as exc:
             # A read timeout may come after Pushover took the message: the caller must not retry blindly.
             read = isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout)
@@ -173,6 +183,21 @@ class PushoverClient:
         except httpx.HTTPError as exc:
             return self._failure(f"{type(exc).__name__}: {exc}")
         return self._classify(response)
+
+    def _attachment(self, item: OutboxItem) -> bytes | None:
+        """The item's image, or None: an image that cannot be made, or that Pushover would refuse
+        (a 4xx is never retried), costs the image only, never the alert."""
+        if self._attachment_for is None:
+            return None
+        try:
+            image = self._attachment_for(item)
+        except Exception as exc:  # a chart bug must not keep the text from the phone
+            log.warning("attachment_failed", kind=item.kind, dedupe_key=item.dedupe_key, error=repr(exc)[:200])
+            return None
+        if image is not None and len(image) > ATTACHMENT_LIMIT:
+            log.warning("attachment_too_large", dedupe_key=item.dedupe_key, size=len(image), limit=ATTACHMENT_LIMIT)
+            return None
+        return image
 
     def _failure(self, error: str, *, timed_out: bool = False) -> SendResult:
         return SendResult(False, True, None, self._scrub(error), None, None, timed_out=timed_out)

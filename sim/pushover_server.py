@@ -1,13 +1,16 @@
 """A fake Pushover messages API on 127.0.0.1, for tests and rehearsals.
 
 It validates requests the way Pushover does (30-character keys, message required, length limits,
-emergency retry/expire), answers with Pushover-shaped JSON and quota headers, and can be told to
-fail or stall. Run it alone with `python -m sim.pushover_server --port 8787`.
+emergency retry/expire, one image attachment of at most 5,242,880 bytes, sent as a multipart file
+`attachment` or as `attachment_base64` with `attachment_type`), answers with Pushover-shaped JSON
+and quota headers, and can be told to fail or stall. Run it alone with `python -m sim.pushover_server --port 8787`.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import contextlib
 import json
 import re
@@ -17,6 +20,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from email import policy
+from email.parser import BytesParser
 from http.server import ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -30,6 +35,7 @@ MONTHLY_LIMIT = 10_000
 KEY_PATTERN = re.compile(r"[A-Za-z0-9]{30}")
 TITLE_LIMIT = 250
 MESSAGE_LIMIT = 1024
+ATTACHMENT_LIMIT = 5_242_880
 STALLED_STATUS = 503
 SHUTDOWN_POLL_S = 0.05
 
@@ -49,6 +55,16 @@ class ReceivedMessage:
     received_at: float
     status: int = 200
     request_id: str = ""
+    attachment: bytes | None = None
+    attachment_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """The image of a request: its bytes and the content type the client gave."""
+
+    data: bytes
+    content_type: str
 
 
 class _Server(ThreadingHTTPServer):
@@ -76,14 +92,14 @@ class _Handler(JsonHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
         route = self.path.split("?")[0]
-        form = parse_form(raw, self.headers.get("Content-Type", ""))
+        form, attachment = parse_request(raw, self.headers.get("Content-Type", ""))
         if route == VALIDATE_PATH:
             self.send_reply(validate_keys(form))
             return
         if route != MESSAGES_PATH:
             self.send_reply(Reply(404, {"status": 0, "errors": ["not found"]}))
             return
-        self.send_reply(self.server.fake._handle(form))
+        self.send_reply(self.server.fake._handle(form, attachment))
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self.send_reply(Reply(405, {"status": 0, "errors": ["use POST"]}))
@@ -99,6 +115,44 @@ def parse_form(raw: bytes, content_type: str) -> dict[str, str]:
             return {}
         return {str(k): str(v) for k, v in decoded.items()} if isinstance(decoded, dict) else {}
     return {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True).items()}
+
+
+def parse_request(raw: bytes, content_type: str) -> tuple[dict[str, str], Attachment | None]:
+    """A messages request's fields and its image, from any body Pushover takes: form-encoded, JSON, or
+    multipart/form-data (the image as the file part `attachment`). `attachment_base64` with
+    `attachment_type` is decoded into the image as well; undecodable base64 gives empty image bytes."""
+    if content_type.lower().startswith("multipart/form-data"):
+        form, attachment = parse_multipart(raw, content_type)
+    else:
+        form, attachment = parse_form(raw, content_type), None
+    encoded = form.pop("attachment_base64", None)
+    if encoded is not None and attachment is None:
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            data = b""
+        attachment = Attachment(data, form.get("attachment_type", ""))
+    return form, attachment
+
+
+def parse_multipart(raw: bytes, content_type: str) -> tuple[dict[str, str], Attachment | None]:
+    """A multipart/form-data body: text parts as fields (last value wins), the `attachment` part as the image."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", errors="replace")
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + raw)
+    form: dict[str, str] = {}
+    attachment = None
+    if not message.is_multipart():
+        return form, None
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(payload, bytes):
+            continue
+        if name == "attachment":
+            attachment = Attachment(payload, part.get_content_type())
+        else:
+            form[name] = payload.decode(part.get_content_charset() or "utf-8", errors="replace")
+    return form, attachment
 
 
 def validate_keys(form: dict[str, str]) -> Reply:
@@ -127,6 +181,19 @@ def validation_errors(form: dict[str, str]) -> tuple[list[str], dict[str, str]]:
         errors.append("timestamp is invalid")
         fields["timestamp"] = "invalid"
     return errors, fields
+
+
+def attachment_errors(attachment: Attachment | None, fields: dict[str, str]) -> list[str]:
+    """Pushover's limit: one image of at most ATTACHMENT_LIMIT bytes."""
+    if attachment is None:
+        return []
+    if len(attachment.data) > ATTACHMENT_LIMIT:
+        fields["attachment"] = "invalid"
+        return [f"attachment is too large ({ATTACHMENT_LIMIT} bytes maximum)"]
+    if not attachment.content_type.startswith("image/"):
+        fields["attachment"] = "invalid"
+        return ["attachment must be an image"]
+    return []
 
 
 def _message_errors(form: dict[str, str], fields: dict[str, str]) -> list[str]:
@@ -264,7 +331,7 @@ class FakePushover:
         with self._lock:
             self._stall_until = time.monotonic() + seconds
 
-    def _handle(self, form: dict[str, str]) -> Reply:
+    def _handle(self, form: dict[str, str], attachment: Attachment | None = None) -> Reply:
         arrived = time.monotonic()
         request_id = str(uuid.uuid4())
         with self._lock:
@@ -273,9 +340,10 @@ class FakePushover:
             self._stopping.wait(stall_until - arrived)
             status, body = STALLED_STATUS, {"status": 0, "errors": ["stalled"], "request": request_id}
         else:
-            status, body = self._decide(form, arrived, request_id)
+            status, body = self._decide(form, attachment, arrived, request_id)
+        data, kind = (attachment.data, attachment.content_type) if attachment is not None else (None, None)
         with self._lock:
-            self._history.append(ReceivedMessage(form, arrived, status, request_id))
+            self._history.append(ReceivedMessage(form, arrived, status, request_id, data, kind))
             remaining = 0 if status == 429 else self._remaining
             slow_s = self._slow_s
         if slow_s > 0:
@@ -283,11 +351,14 @@ class FakePushover:
         self._say(f"{status} priority={form.get('priority', '0')} title={form.get('title', '')!r}")
         return Reply(status, body, limit_headers(remaining))
 
-    def _decide(self, form: dict[str, str], arrived: float, request_id: str) -> tuple[int, dict[str, Any]]:
+    def _decide(
+        self, form: dict[str, str], attachment: Attachment | None, arrived: float, request_id: str
+    ) -> tuple[int, dict[str, Any]]:
         forced = self._forced_status(arrived)
         if forced is not None:
             return forced, failure_body(forced, request_id)
         errors, fields = validation_errors(form)
+        errors += attachment_errors(attachment, fields)
         if errors:
             return 400, {**fields, "errors": errors, "status": 0, "request": request_id}
         with self._lock:

@@ -666,3 +666,117 @@ def test_each_kind_carries_its_sound(journal: Journal, server: FakePushover) -> 
         ("alert 2", sound_for("SELL")),
     ]
     assert sound_for("BUY") and sound_for("BUY") != sound_for("SELL")
+
+
+# Attachments: the daily summary's chart
+
+
+def summary_alert() -> Alert:
+    return Alert("SUMMARY", "SUMMARY:2025-10-02", "IWM 0DTE — DAILY SUMMARY", "2025-10-02 (Thu): 0 trades", 0, AT_MS)
+
+
+def small_chart_png() -> bytes:
+    """A real day chart from report_charts, drawn small: 300 x 200 px."""
+    from dataclasses import dataclass
+
+    from report_charts import PricePoint, day_chart_png
+
+    @dataclass(frozen=True, slots=True)
+    class Day:
+        session_date: str = "2025-10-02"
+        reconstructed: bool = False
+        trades: tuple = ()
+        prices: tuple = tuple(PricePoint(AT_MS + s * 10_000, 240 + s / 100, 240 + s / 200) for s in range(30))
+        marks: tuple = ()
+        levels: tuple = ()
+        pnl: float = 0.0
+
+    return day_chart_png(Day(), (300, 200), 50)
+
+
+def decoded_size(png: bytes) -> tuple[int, int]:
+    """(width, height) as matplotlib decodes the image."""
+    import io
+
+    from matplotlib.image import imread
+
+    pixels = imread(io.BytesIO(png), format="png")
+    return pixels.shape[1], pixels.shape[0]
+
+
+def test_an_attachment_goes_as_multipart_with_the_png_intact_and_every_field_kept(
+    journal: Journal, server: FakePushover
+) -> None:
+    png = small_chart_png()
+    journal.record([alert(1), summary_alert()])
+    asked: list[str] = []
+
+    def chart_for(item: OutboxItem) -> bytes | None:
+        asked.append(item.kind)
+        return png if item.kind == "SUMMARY" else None
+
+    client = PushoverClient(TOKEN, USER, server.url, attachment_for=chart_for)
+    assert make_notifier(journal, client).drain_once() == 2
+    buy, summary = server.messages
+    assert asked == ["BUY", "SUMMARY"]
+    assert (buy.attachment, buy.attachment_type) == (None, None)
+    assert summary.form == {
+        "token": TOKEN,
+        "user": USER,
+        "title": "IWM 0DTE — DAILY SUMMARY",
+        "message": "2025-10-02 (Thu): 0 trades",
+        "priority": "0",
+        "timestamp": str(AT_MS // 1000),
+    }
+    assert summary.attachment == png and summary.attachment_type == "image/png"
+    assert summary.attachment[:8] == b"\x89PNG\r\n\x1a\n"
+    assert decoded_size(summary.attachment) == (300, 200)
+
+
+@pytest.mark.parametrize("failure", ["raises", "returns None", "too large"])
+def test_a_chart_that_fails_still_sends_the_text(journal: Journal, server: FakePushover, failure: str) -> None:
+    import alerts
+
+    def chart_for(item: OutboxItem) -> bytes | None:
+        if failure == "raises":
+            raise RuntimeError("no chart today")
+        return None if failure == "returns None" else b"\x89PNG" + bytes(alerts.ATTACHMENT_LIMIT)
+
+    journal.record([summary_alert()])
+    client = PushoverClient(TOKEN, USER, server.url, attachment_for=chart_for)
+    with capture_logs() as logs:
+        assert make_notifier(journal, client).drain_once() == 1
+    (message,) = server.messages
+    assert message.form["title"] == "IWM 0DTE — DAILY SUMMARY" and message.attachment is None
+    assert outbox(journal) == [("SUMMARY:2025-10-02", "sent", 1, None, SENT_MS)]
+    warned = {e["event"] for e in logs if e["log_level"] == "warning"}
+    expected = {"raises": {"attachment_failed"}, "returns None": set(), "too large": {"attachment_too_large"}}
+    assert warned == expected[failure]
+
+
+def test_fake_server_takes_one_image_up_to_pushovers_limit(server: FakePushover) -> None:
+    import base64
+
+    from sim.pushover_server import ATTACHMENT_LIMIT
+
+    fields = {"token": TOKEN, "user": USER, "message": "with image"}
+
+    def image(size: int, kind: str = "image/png") -> dict[str, tuple[str, bytes, str]]:
+        return {"attachment": ("a.png", bytes(size), kind)}
+
+    with httpx.Client() as http:
+        at_limit = http.post(server.url, data=fields, files=image(ATTACHMENT_LIMIT))
+        over = http.post(server.url, data=fields, files=image(ATTACHMENT_LIMIT + 1))
+        not_image = http.post(server.url, data=fields, files=image(4, "text/plain"))
+        encoded = http.post(
+            server.url,
+            data=fields | {"attachment_base64": base64.b64encode(b"\x89PNG!").decode(), "attachment_type": "image/png"},
+        )
+    assert at_limit.status_code == 200 and encoded.status_code == 200
+    assert (over.status_code, over.json()["attachment"]) == (400, "invalid")
+    assert over.json()["errors"] == [f"attachment is too large ({ATTACHMENT_LIMIT} bytes maximum)"]
+    assert not_image.status_code == 400
+    first, last = server.messages
+    assert len(first.attachment or b"") == ATTACHMENT_LIMIT and first.form == fields
+    assert (last.attachment, last.attachment_type) == (b"\x89PNG!", "image/png")
+    assert "attachment_base64" not in last.form
