@@ -47,6 +47,7 @@ from pnl_tracker import Journal, JournalError
 from polygon_client import PolygonRest, PolygonStream, RestAnswer
 from replay import received_from
 from status import session_pulse
+from summary_chart import summary_attachment
 from supervisor import Supervisor, WorkerHealth, error_text
 from tape import TapeReader, TapeWriter, prune_tapes, tape_path
 
@@ -194,6 +195,7 @@ class Daemon:
             s.pushover_user_key,
             s.pushover_api_url,
             sound_for=lambda kind: sound_for(kind, overrides),
+            attachment_for=summary_attachment(s),
         )
 
     def run(self) -> int:
