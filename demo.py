@@ -21,7 +21,7 @@ from pnl_tracker import Journal
 from replay import ReplayResult, replay_tape
 from sim.market import DEMO_BLACKOUTS, DEMO_ENTRY_BLACKOUTS, build_demo_tape
 
-ALERT_ICONS = {"BUY": "🟢", "SELL": "🔴"}
+ALERT_ICONS = {"BUY": "🟢", "SELL": "🔴", "SUMMARY": "📊"}
 CONDITIONS_EVERY_MINUTES = 30
 
 

@@ -33,6 +33,9 @@ def test_demo_prints_round_trips_blocked_signals_summary_and_guard_rails(demo_ru
         assert f"signal blocked by {rule}" in text
     assert "entries paused (python main.py --pause)" in text and "entries resumed" in text
     assert "trades 4 | win rate 75.0% (3W-1L) | P&L +$6.00 | lifetime +$6.00" in text
+    summary = text[text.index("📊 IWM 0DTE — DAILY SUMMARY") :]
+    assert "Day P&L: +$6.00 | 3W-1L (75.0%)" in summary
+    assert "4. 239C 15:12→15:55 $0.28→$0.42 +50.0% (+$14.00) Time stop" in summary
     assert "MAX_TRADES_PER_DAY=2: 2 BUY / 2 SELL" in text
     assert "MAX_CONSECUTIVE_LOSSES=1: 1 BUY / 1 SELL" in text
     assert "DAILY_LOSS_LIMIT=20: 1 BUY / 1 SELL" in text
