@@ -33,12 +33,16 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import gzip
 import hashlib
 import heapq
+import json
 import math
+import os
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -75,6 +79,29 @@ PROFILE_FETCH_AT = datetime.time(9, 20)
 # The demo runs with this ENTRY_BLACKOUTS setting; the demo day has a signal inside it.
 DEMO_BLACKOUTS = "12:00-12:30"
 DEMO_ENTRY_BLACKOUTS = parse_blackouts(DEMO_BLACKOUTS)
+# Streamed option quotes (issue 11): checked every quarter second, emitted only when bid or ask changes.
+STREAM_CHECK_MS = 250
+STREAM_BAND_MIDDLE = 0.375  # the middle of the default 0.30-0.45 delta band
+STREAM_KEEP_DELTA = (0.10, 0.90)
+STREAM_CONNECT_BEFORE_OPEN_MS = 1500
+STREAM_SUBSCRIBE_AFTER_MS = 1000  # after a chain snapshot's instant: its pages have arrived by then
+STREAM_LATENCY_MS = (15, 60)
+OPTION_EXCHANGES = (300, 301, 302, 303, 304, 307, 308, 309, 312, 313, 315, 316, 319, 322, 323, 325)
+# What the demo tape streams: the four calls nearest the band (and any held one while its delta lasts).
+DEMO_STREAM_QUOTES = 4
+# The first day `build_stream_days` builds (the benchmark's synthetic days with streamed quotes).
+STREAM_DAYS_FIRST = datetime.date(2025, 1, 2)
+
+
+class StreamQuote(NamedTuple):
+    """One contract's quote on the options stream: prices rounded as the chain's, sizes, exchange ids."""
+
+    bid: float
+    ask: float
+    bid_size: int
+    ask_size: int
+    bid_exchange: int
+    ask_exchange: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +142,8 @@ class DayScript:
 def demo_script() -> DayScript:
     """The bundled demo day: four scripted trades, one per kind of exit, and four blocked signals.
 
-    10:06 a burst that fails at once (stop loss); 11:12 a burst that drifts below VWAP (VWAP
+    10:06 a burst that fails at once (stop loss): it tops out five seconds after the entry, low enough
+    that the streamed marks meet the stop before the 20% giveback below VWAP; 11:12 a burst that drifts below VWAP (VWAP
     persistence); 13:12 a burst flushed by a sharp pullback (hard giveback); 15:12 a late burst
     that grinds up into the close (time stop at 15:55). The late burst is as late as the default
     4% spread limit allows: by 15:20 a 0.30-0.45 delta call is worth well under $0.25 and a penny
@@ -136,8 +164,8 @@ def demo_script() -> DayScript:
     light = 0.25
     episodes = (
         Episode(t(9, 48, 0), "chop", 600, 1.2),
-        Episode(t(10, 6, 12), "burst", 25, 0.10),
-        Episode(t(10, 6, 37), "pullback", 60, 0.45),
+        Episode(t(10, 6, 12), "burst", 18, 0.072),
+        Episode(t(10, 6, 30), "pullback", 67, 0.422),
         Episode(t(10, 8, 0), "chop", 900, 1.0),
         Episode(t(10, 23, 0), "quiet", 1200, 0.3),
         Episode(t(10, 43, 0), "burst", 40, 0.10, light),
@@ -779,6 +807,26 @@ class _OptionBook:
         self._last_moment = (key, moment)
         return moment
 
+    def deltas(self, at_ms: int) -> list[tuple[_Contract, float]]:
+        """The day's listed calls (the chain without its traps) with their deltas at `at_ms`."""
+        return [(contract, self.value(contract, at_ms)[0].delta) for contract in self.listed]
+
+    def quotes_with_spot(
+        self, contracts: list[_Contract], at_ms: int, spot: float
+    ) -> list[tuple[float, float]]:
+        """(bid, ask) of each contract at `at_ms` with the underlying at `spot`, rounded as the chain's.
+
+        With `spot = spot_at(at_ms)` this is exactly the chain's quote of a contract without a trap.
+        """
+        atm = atm_vol(self._elapsed_fraction(at_ms))
+        quotes = []
+        for contract in contracts:
+            t_years = self._t_years(at_ms, contract.expiry)
+            sigma = smile_vol(contract.strike, spot, t_years, atm)
+            value = bs_call(spot, contract.strike, t_years, sigma)
+            quotes.append(quote_for(value.price, 0.05 <= value.delta <= 0.95))
+        return quotes
+
     def day_volume(self, contract: _Contract, at_ms: int) -> int:
         """Contracts traded today up to `at_ms`, busiest near the money, following the stock's U shape."""
         key = (contract.strike, contract.expiry)
@@ -857,6 +905,23 @@ def quote_for(theo: float, liquid: bool) -> tuple[float, float]:
     return _cents(bid), _cents(bid + width)
 
 
+def _ticker_salt(ticker: str) -> int:
+    return int(_request_id(ticker)[:8], 16)
+
+
+def _quote_extras(seed: int, salt: int, at_ms: int) -> tuple[int, int, int, int]:
+    """(bid size, ask size, bid exchange, ask exchange) of a streamed quote: a pure function of its inputs."""
+    # Tuples of ints hash the same in every process (only str hashing is salted).
+    mix = hash((seed, salt, at_ms)) & 0xFFFF_FFFF
+    exchanges = len(OPTION_EXCHANGES)
+    return (
+        10 + mix % 291,
+        10 + (mix >> 9) % 291,
+        OPTION_EXCHANGES[(mix >> 18) % exchanges],
+        OPTION_EXCHANGES[(mix >> 23) % exchanges],
+    )
+
+
 def _request_id(*parts: object) -> str:
     return hashlib.md5(":".join(str(p) for p in parts).encode()).hexdigest()
 
@@ -887,12 +952,59 @@ class SyntheticMarket:
         self._spot_list = self._spot.tolist()
         self._options = _OptionBook(self, self._spot, intraday_volume_shape())
 
+    @property
+    def option_book(self) -> _OptionBook:
+        """The option model behind the chain, the contract snapshots and the streamed quotes."""
+        return self._options
+
     def spot_at(self, ms: int) -> float:
         """The underlying's last close at `ms`: the close of the newest second that has ended by then."""
         index = (ms - self.session_open_ms) // 1000 - 1
         if index < 0:
             return self._bars[self.underlying].official_open
         return self._spot_list[min(index, SESSION_SECONDS - 1)]
+
+    def live_spot(self, ms: int) -> float:
+        """The underlying as its trades move it: `spot_at` at each whole second, and within second i a
+        straight line from the previous close to second i's close.
+
+        Option quotes follow the underlying between bars (a bar arrives only after its second ends), so
+        streamed quotes move every quarter second while the chain, taken at whole seconds, is unchanged.
+        """
+        offset = ms - self.session_open_ms
+        index, into = divmod(offset, 1000)
+        if index < 0 or index >= SESSION_SECONDS or into == 0:
+            return self.spot_at(ms)
+        before = self.spot_at(ms - into)
+        return before + (self._spot_list[index] - before) * (into / 1000.0)
+
+    def stream_quote(self, ticker: str, at_ms: int) -> StreamQuote:
+        """A contract's quote on the options stream at `at_ms` (KeyError for a ticker not listed).
+
+        The chain's quote at whole seconds, moving with `live_spot` between them; sizes and exchanges
+        are a pure function of (seed, ticker, at_ms).
+        """
+        contract = self._options.contract_by_ticker(ticker)
+        ((bid, ask),) = self._options.quotes_with_spot([contract], at_ms, self.live_spot(at_ms))
+        return StreamQuote(bid, ask, *_quote_extras(self.script.seed, _ticker_salt(ticker), at_ms))
+
+    def stream_set(self, at_ms: int, count: int, held: Iterable[str] = ()) -> list[str]:
+        """The contracts a daemon streams after the chain snapshot of `at_ms`, in ticker order.
+
+        The `count` listed calls whose delta is nearest the middle of the delta band, and of `held`
+        (the ones streamed until now) those whose delta stays within `STREAM_KEEP_DELTA`: a contract
+        bought from the band keeps its quotes while it moves, as a held contract does live.
+        """
+        if count <= 0:
+            return []
+        deltas = self._options.deltas(at_ms)
+        middle = STREAM_BAND_MIDDLE
+        nearest = sorted(deltas, key=lambda item: (abs(item[1] - middle), item[0].strike))[:count]
+        chosen = {contract.ticker for contract, _ in nearest}
+        kept = set(held)
+        low, high = STREAM_KEEP_DELTA
+        chosen.update(c.ticker for c, delta in deltas if c.ticker in kept and low <= delta <= high)
+        return sorted(chosen)
 
     def bars(self, sym: str) -> list[dict[str, Any]]:
         """The `A` events of one symbol, in time order (wire dicts)."""
@@ -1286,6 +1398,105 @@ def handshake_frames(
     ]
 
 
+def options_handshake_frames(connected_ms: int) -> list[tuple[int, list[dict[str, Any]]]]:
+    """The options cluster's greeting and auth reply; its subscriptions follow the chain snapshots."""
+    return [
+        (connected_ms, [_status("connected", "Connected Successfully")]),
+        (connected_ms + 131, [_status("auth_success", "authenticated")]),
+    ]
+
+
+def _status(status: str, message: str) -> dict[str, Any]:
+    return {"ev": "status", "status": status, "message": message}
+
+
+def q_event(ticker: str, quote: StreamQuote, t_ms: int, sequence: int) -> dict[str, Any]:
+    """A `Q` event of the options cluster (polygon.md section 2.7), keys in the vendor's order."""
+    return {
+        "ev": "Q",
+        "sym": ticker,
+        "bx": quote.bid_exchange,
+        "ax": quote.ask_exchange,
+        "bp": quote.bid,
+        "ap": quote.ask,
+        "bs": quote.bid_size,
+        "as": quote.ask_size,
+        "c": 1,
+        "i": [],
+        "t": t_ms,
+        "q": sequence,
+    }
+
+
+@dataclass(slots=True)
+class _Streamed:
+    """A subscribed contract on the tape: its last emitted (bid, ask) and its sequence number."""
+
+    contract: _Contract
+    salt: int
+    sequence: int
+    last: tuple[float, float] | None = None
+
+
+def _stream_quote_lines(
+    market: SyntheticMarket, count: int, chain_every_s: int
+) -> Iterator[tuple[int, str, Any]]:
+    """The options stream of a daemon that follows `stream_set` after each chain snapshot.
+
+    Handshake before the open; one second after each snapshot's instant the changes of the set as
+    subscription status frames; then every `STREAM_CHECK_MS` a frame of the `Q` events of the
+    subscribed contracts whose bid or ask changed (a new subscription's first quote included).
+    """
+    rng = random.Random(f"quotes:{market.script.seed}")
+    for t, frame in options_handshake_frames(market.session_open_ms - STREAM_CONNECT_BEFORE_OPEN_MS):
+        yield t, "ws", frame
+    book, seed = market.option_book, market.script.seed
+    held: dict[str, _Streamed] = {}
+    sequences: dict[str, int] = {}
+    every_ms = chain_every_s * 1000
+    for at_ms in range(market.session_open_ms, market.session_close_ms, every_ms):
+        change_ms = at_ms + STREAM_SUBSCRIBE_AFTER_MS
+        statuses = _resubscribe(market, held, market.stream_set(at_ms, count, held), sequences)
+        if statuses:
+            yield change_ms, "ws", statuses
+        window_end = min(change_ms + every_ms, market.session_close_ms)
+        streamed = list(held.values())
+        contracts = [item.contract for item in streamed]
+        for check_ms in range(change_ms, window_end, STREAM_CHECK_MS):
+            quotes = book.quotes_with_spot(contracts, check_ms, market.live_spot(check_ms))
+            events = []
+            for item, quote in zip(streamed, quotes, strict=True):
+                if quote == item.last:
+                    continue
+                item.last = quote
+                item.sequence += 1
+                extras = _quote_extras(seed, item.salt, check_ms)
+                events.append(
+                    q_event(item.contract.ticker, StreamQuote(*quote, *extras), check_ms, item.sequence)
+                )
+            if events:
+                yield check_ms + rng.randint(*STREAM_LATENCY_MS), "ws", events
+
+
+def _resubscribe(
+    market: SyntheticMarket, held: dict[str, _Streamed], wanted: list[str], sequences: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Bring `held` to `wanted`; the status events the cluster answers (unsubscribed first)."""
+    statuses = [_status("success", f"unsubscribed to: Q.{ticker}") for ticker in held if ticker not in wanted]
+    for ticker in [ticker for ticker in held if ticker not in wanted]:
+        sequences[ticker] = held.pop(ticker).sequence
+    for ticker in wanted:
+        if ticker in held:
+            continue
+        salt = _ticker_salt(ticker)
+        contract = market.option_book.contract_by_ticker(ticker)
+        # The sequence goes on from where it stopped: `q` never repeats for a contract.
+        sequence = sequences.setdefault(ticker, 100_000 + salt % 900_000)
+        held[ticker] = _Streamed(contract, salt, sequence)
+        statuses.append(_status("success", f"subscribed to: Q.{ticker}"))
+    return statuses
+
+
 def write_tape(
     market: SyntheticMarket,
     path: Path,
@@ -1294,6 +1505,7 @@ def write_tape(
     page_size: int = 20,
     end_ms: int | None = None,
     profile_days: int = PROFILE_DAYS,
+    stream_quotes: int = 0,
 ) -> Path:
     """Render the session as a tape: handshake, every bar frame, a paged chain every `chain_every_s` s.
 
@@ -1301,6 +1513,9 @@ def write_tape(
     `.../options/IWM?expiration_date=...&contract_type=call&limit=250`, then each `next_url`'s path.
     Before the open (at `PROFILE_FETCH_AT`) comes the minute aggregates of the previous `profile_days`
     weekdays, the relative-volume profile (0: none); the script's pauses are recorded as control lines.
+    `stream_quotes` > 0 adds the options cluster as ws lines (handshake, subscriptions, `Q` events) for
+    the contracts of `SyntheticMarket.stream_set(at, stream_quotes, ...)` after each chain snapshot;
+    0 writes the tape without it, byte for byte as before streamed quotes existed.
     `end_ms` stops the recording early (lines received before it), for short tapes in tests.
     """
     path = Path(path)
@@ -1319,6 +1534,8 @@ def write_tape(
         ((t, "ws", frame) for t, frame in market.ws_frames()),
         _chain_lines(market, chain_every_s, page_size),
     )
+    if stream_quotes > 0:
+        streams += (_stream_quote_lines(market, stream_quotes, chain_every_s),)
     # Level 1: a synthetic day is ~70 MB of JSON; speed matters more than the last few MB here.
     with TapeWriter(
         path, underlying=market.underlying, benchmark=market.benchmark, start_ms=start_ms, compresslevel=1
@@ -1369,6 +1586,116 @@ def _chain_lines(market: SyntheticMarket, every_s: int, page_size: int) -> Itera
                 t += rng.randint(40, 140)
 
 
-def build_demo_tape(path: Path) -> Path:
-    """Write the bundled demo day's tape to `path`."""
-    return write_tape(SyntheticMarket(demo_script()), path)
+def stream_day_dates(count: int, first: datetime.date = STREAM_DAYS_FIRST) -> list[datetime.date]:
+    """`count` consecutive regular (not early-close) XNYS sessions from `first`: a synthetic day is 6.5 h."""
+    from market_calendar import MarketCalendar  # exchange_calendars only for those who build days
+
+    calendar = MarketCalendar(Rules())
+    days: list[datetime.date] = []
+    day = first - datetime.timedelta(days=1)
+    while len(days) < count:
+        session = calendar.next_session(day)
+        day = session.date
+        if not session.early_close:
+            days.append(day)
+    return days
+
+
+def stream_day_seed(seed: int, day: datetime.date) -> int:
+    """The noise seed of one day: the market seeds its draws with it, so days must not share one."""
+    return int.from_bytes(hashlib.sha256(f"stream:{seed}:{day.isoformat()}".encode()).digest()[:4], "big")
+
+
+def build_stream_day(
+    day: datetime.date, seed: int, folder: Path, *, stream_quotes: int = DEMO_STREAM_QUOTES
+) -> Path:
+    """The tape of `random_script(day, ...)` with `stream_quotes` streamed contracts, at `folder/<day>.jsonl.gz`.
+
+    An existing tape there is reused (the name carries no parameters: one folder per setting).
+    """
+    path = Path(folder) / f"{day.isoformat()}.jsonl.gz"
+    if path.is_file():
+        return path
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    market = SyntheticMarket(random_script(day, stream_day_seed(seed, day)))
+    write_tape(market, partial, stream_quotes=stream_quotes)
+    os.replace(partial, path)
+    return path
+
+
+def build_stream_days(
+    folder: Path,
+    count: int,
+    seed: int,
+    *,
+    first: datetime.date = STREAM_DAYS_FIRST,
+    stream_quotes: int = DEMO_STREAM_QUOTES,
+    workers: int = 1,
+) -> list[Path]:
+    """Build (or reuse) `count` seeded synthetic full days with streamed quotes; their tapes in date order.
+
+    Same (count, seed, first, stream_quotes): same tapes, byte for byte. `workers` > 1 builds them in a
+    process pool (a day takes about 4.5 s). `without_stream_quotes` gives each one's REST-only twin.
+    """
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    days = stream_day_dates(count, first)
+    if workers <= 1:
+        return [build_stream_day(day, seed, folder, stream_quotes=stream_quotes) for day in days]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [
+            pool.submit(build_stream_day, day, seed, Path(folder), stream_quotes=stream_quotes)
+            for day in days
+        ]
+        return [future.result() for future in futures]
+
+
+def without_stream_quotes(src: Path, dst: Path) -> Path:
+    """Write the REST-only twin of tape `src` to `dst`: every `Q` event and `Q.` subscription status gone.
+
+    A line that held nothing else is dropped; every other line is copied byte for byte, so a replay of
+    the twin sees what a daemon without the options stream recorded (the options cluster's
+    connected/auth lines stay: status frames change no decision). Returns `dst`.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    partial = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
+    with gzip.open(src, "rb") as source, gzip.GzipFile(partial, "wb", compresslevel=1, mtime=0) as target:
+        for line in source:
+            kept = _without_quotes(line)
+            if kept is not None:
+                target.write(kept)
+    os.replace(partial, dst)
+    return dst
+
+
+def _without_quotes(line: bytes) -> bytes | None:
+    """The line without its options-stream events; None when nothing else was in it."""
+    if b'"ws"' not in line or (b'"Q"' not in line and b"Q.O:" not in line):
+        return line  # the cheap test: most lines are bars and chain pages
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    frame = record.get("ws") if isinstance(record, dict) else None
+    if not isinstance(frame, list):
+        return line
+    kept = [event for event in frame if not _is_stream_quote_event(event)]
+    if len(kept) == len(frame):
+        return line
+    if not kept:
+        return None
+    return json.dumps({**record, "ws": kept}, separators=(",", ":")).encode() + b"\n"
+
+
+def _is_stream_quote_event(event: object) -> bool:
+    if not isinstance(event, dict):
+        return False
+    if event.get("ev") == "Q":
+        return True
+    message = event.get("message")
+    return event.get("ev") == "status" and isinstance(message, str) and "subscribed to: Q." in message
+
+
+def build_demo_tape(path: Path, *, stream_quotes: int = DEMO_STREAM_QUOTES) -> Path:
+    """Write the bundled demo day's tape to `path`, with the options stream of `stream_quotes` contracts."""
+    return write_tape(SyntheticMarket(demo_script()), path, stream_quotes=stream_quotes)
