@@ -112,6 +112,11 @@ def run_demo(out: TextIO) -> int:
         " 10:40-10:46 as `python main.py --pause` would.",
         file=out,
     )
+    print(
+        "The held contract's quotes stream as the options cluster sends them (Q events), so each exit fires on"
+        " the quote that crosses its trigger, at that quote's bid.",
+        file=out,
+    )
     with tempfile.TemporaryDirectory(prefix="iwm-demo-") as tmp:
         tape = build_demo_tape(Path(tmp) / "demo.jsonl.gz")
         journal = Journal(Path(tmp) / "demo.sqlite3")
@@ -133,7 +138,7 @@ def run_demo(out: TextIO) -> int:
 GUARD_RAILS = (
     ("MAX_TRADES_PER_DAY=2", {"max_trades_per_day": 2}),
     ("MAX_CONSECUTIVE_LOSSES=1", {"max_consecutive_losses": 1}),
-    ("DAILY_LOSS_LIMIT=20", {"daily_loss_limit": 20.0}),
+    ("DAILY_LOSS_LIMIT=10", {"daily_loss_limit": 10.0}),
 )
 
 

@@ -22,7 +22,7 @@ def test_demo_prints_round_trips_blocked_signals_summary_and_guard_rails(demo_ru
     status, text = demo_run
     assert status == 0
     assert text.count("IWM 0DTE CALL — BUY") == 4 and text.count("IWM 0DTE CALL — SELL") == 4
-    for reason in ("Stop loss", "VWAP persistence", "Hard giveback", "Time stop"):
+    for reason in ("Stop loss", "VWAP persistence", "VWAP giveback", "Time stop"):
         assert f"Reason: {reason}" in text
     for rule in (
         "the pause switch",
@@ -32,13 +32,13 @@ def test_demo_prints_round_trips_blocked_signals_summary_and_guard_rails(demo_ru
     ):
         assert f"signal blocked by {rule}" in text
     assert "entries paused (python main.py --pause)" in text and "entries resumed" in text
-    assert "trades 4 | win rate 75.0% (3W-1L) | P&L +$6.00 | lifetime +$6.00" in text
+    assert "trades 4 | win rate 75.0% (3W-1L) | P&L +$31.00 | lifetime +$31.00" in text
     summary = text[text.index("📊 IWM 0DTE — DAILY SUMMARY") :]
-    assert "Day P&L: +$6.00 | 3W-1L (75.0%)" in summary
-    assert "4. 239C 15:12→15:55 $0.28→$0.42 +50.0% (+$14.00) Time stop" in summary
+    assert "Day P&L: +$31.00 | 3W-1L (75.0%)" in summary
+    assert "4. 239C 15:12→15:55 $0.28→$0.43 +53.6% (+$15.00) Time stop" in summary
     assert "MAX_TRADES_PER_DAY=2: 2 BUY / 2 SELL" in text
     assert "MAX_CONSECUTIVE_LOSSES=1: 1 BUY / 1 SELL" in text
-    assert "DAILY_LOSS_LIMIT=20: 1 BUY / 1 SELL" in text
+    assert "DAILY_LOSS_LIMIT=10: 1 BUY / 1 SELL" in text
     assert 5 <= text.count("Signal conditions") <= 20  # condensed, not one line a minute
 
 
@@ -50,19 +50,20 @@ def test_demo_text_has_no_rough_edges_and_the_first_trade_states_its_levels(demo
     for name in ("spy_leadership", "relative_volume", "entry_blackout", "p95 n/a", "=no", "=yes", " x "):
         assert name not in text
     assert (
-        "signals blocked: entry blackout 34, relative volume 33, SPY leadership 31, pause switch 20" in text
+        "signals blocked: relative volume 34, entry blackout 34, SPY leadership 32, pause switch 20" in text
     )
     first_buy = text[text.index("IWM 0DTE CALL — BUY") : text.index("IWM 0DTE CALL — SELL")]
     for line in (
         "Entry ~$0.63 (ask) | Mid $0.625 | Spread 1.6%",
         "bid 0.62 × ask 0.63 | size 153 × 70 (bid × ask) | Contracts 1",
-        "Filters: SPY leadership: IWM leads SPY by 0.04 pts; relative volume: 2.12x",
+        "Filters: SPY leadership: IWM leads SPY by 0.04 pts; relative volume: 2.18x",
         "Stop $0.5355 (-15% of entry): sells when the mid is at or below it",
         "Giveback exit 30% off peak (now $0.4375); 20% while IWM is below VWAP (now $0.50)",
     ):
         assert line in first_buy
     first_sell = text[text.index("IWM 0DTE CALL — SELL") :]
     first_sell = first_sell[: first_sell.index("trade 2025-10-02-01")]
-    assert "The mark gapped past the stop between two quotes ($0.5355 trigger, marked $0.415)" in first_sell
-    assert "P&L: -34.9% (-$22.00)" in first_sell
+    # The streamed quotes catch the stop where it is crossed (before streaming: marked $0.415, -34.9 %).
+    assert "Trigger $0.5355 (15% off the $0.63 entry), marked $0.535" in first_sell
+    assert "gapped" not in first_sell and "P&L: -15.9% (-$10.00)" in first_sell
     assert "momentum +0.00003%/s" in text and "volume 12,690, no p95 yet (surge: no)" in text
