@@ -1,4 +1,4 @@
-"""A fake Polygon/Massive on 127.0.0.1: the stocks WebSocket and the REST endpoints the daemon uses.
+"""A fake Polygon/Massive on 127.0.0.1: the stocks and options WebSockets and the REST endpoints the daemon uses.
 
 It serves a `MarketSource` (the synthetic demo day, a recorded tape, or hand-made data) paced by a
 simulated clock that starts at `start_ms` and runs `speed` times as fast as the wall. The WebSocket
@@ -6,6 +6,11 @@ speaks the real handshake (connected, auth, subscribe) and streams each frame wh
 has come; REST answers are computed from the source at the simulated now. Fault switches drop
 sockets, inject garbage frames (text or binary), fail or hold REST answers, provoke `max_connections`,
 silence the stream on an open socket, and make chain answers hostile (a forced `next_url`, a raw body).
+
+The options cluster (polygon.md section 2.7) is served on the same port at `/options`: the same
+handshake, `Q.<contract>` subscriptions, and a `Q` event whenever a subscribed contract's bid or ask
+changes (checked every `QUOTE_CHECK_MS` of simulated time, from the source's `option_quote`). Its own
+switches refuse auth or subscriptions, silence it, drop it, or storm it with quotes.
 
 Run it alone with `python -m sim.polygon_server --help`.
 """
@@ -20,17 +25,19 @@ import contextlib
 import datetime
 import json
 import operator
+import random
 import re
 import socket
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo
 
@@ -43,6 +50,15 @@ from tape import TapeReader, strip_api_key
 
 NY = ZoneInfo("America/New_York")
 WS_PATH = "/stocks"
+OPTIONS_PATH = "/options"
+QUOTE_CHECK_MS = 250
+MAX_QUOTE_CONTRACTS = 1000  # per options connection (polygon.md section 2.7)
+MAX_EVENTS_PER_FRAME = 500
+# Waits on the simulated clock are re-checked at least this often, so a moved wall is noticed.
+MAX_QUOTE_WAIT_S = 0.05
+# Checks more than this far behind the simulated clock are skipped, not replayed in a burst.
+CATCH_UP_MS = 10_000
+MAX_STORM_BATCH = 5000
 AUTH_TIMEOUT_S = 10.0
 CHAIN_DEFAULT_LIMIT, CHAIN_MAX_LIMIT = 10, 250
 AGGS_DEFAULT_LIMIT, AGGS_MAX_LIMIT = 5000, 50000
@@ -74,6 +90,17 @@ _AGGS_ROUTE = re.compile(
 Frame = list[Any] | str | bytes
 
 
+class BookQuote(NamedTuple):
+    """A contract's quote at an instant, as the options stream sends it."""
+
+    bid: float
+    ask: float
+    bid_size: int
+    ask_size: int
+    bid_exchange: int = 313
+    ask_exchange: int = 313
+
+
 class MarketSource(Protocol):
     """What the fake serves. Times are Unix ms; bars are REST-shaped dicts with `t` = window start."""
 
@@ -89,6 +116,10 @@ class MarketSource(Protocol):
 
     def contract_result(self, ticker: str, at_ms: int) -> dict | None:
         """One contract's snapshot result as of `at_ms`, None when unknown."""
+        ...
+
+    def option_quote(self, ticker: str, at_ms: int) -> BookQuote | None:
+        """The contract's quote on the options stream at `at_ms` (the same model as its snapshot), or None."""
         ...
 
     def second_bars(self, sym: str, from_ms: int, to_ms: int) -> list[dict]:
@@ -117,6 +148,13 @@ class SyntheticSource:
     def contract_result(self, ticker: str, at_ms: int) -> dict | None:
         try:
             return self.market.contract_snapshot(ticker, at_ms).get("results")
+        except KeyError:
+            return None
+
+    def option_quote(self, ticker: str, at_ms: int) -> BookQuote | None:
+        """`SyntheticMarket.stream_quote`: the snapshot's quote at whole seconds, moving with the spot between."""
+        try:
+            return BookQuote(*self.market.stream_quote(ticker, at_ms))
         except KeyError:
             return None
 
@@ -172,6 +210,12 @@ class RecordedMarket:
         self._minutes: dict[str, dict[int, dict]] = {}
         for sym, bar in minute_bars:
             self._minutes.setdefault(sym, {})[bar["t"]] = bar
+        self._quotes: dict[str, list[tuple[int, BookQuote]]] = {}
+        for _, frame in self._frames:
+            for sym, t, quote in _quotes_of_frame(frame):
+                self._quotes.setdefault(sym, []).append((t, quote))
+        for series in self._quotes.values():
+            series.sort(key=lambda item: item[0])
 
     @classmethod
     def from_tape(cls, path: Path, *, underlying: str | None = None) -> RecordedMarket:
@@ -208,6 +252,16 @@ class RecordedMarket:
         if recorded:
             return recorded[-1]
         return next((r for r in self.chain_results(at_ms) if _result_ticker(r) == ticker), None)
+
+    def option_quote(self, ticker: str, at_ms: int) -> BookQuote | None:
+        """The newest of the contract's taped `Q` events and its snapshot's `last_quote`, by quote time."""
+        series = self._quotes.get(ticker, [])
+        index = bisect.bisect_right(series, at_ms, key=operator.itemgetter(0)) - 1
+        streamed = series[index] if index >= 0 else None
+        snapshot = _snapshot_quote(self.contract_result(ticker, at_ms))
+        if streamed is None or (snapshot is not None and snapshot[0] > streamed[0]):
+            return snapshot[1] if snapshot is not None else None
+        return streamed[1]
 
     def second_bars(self, sym: str, from_ms: int, to_ms: int) -> list[dict]:
         return _bars_between(self._seconds.get(sym, {}), from_ms, to_ms)
@@ -281,6 +335,39 @@ def _rest_bars_of_frame(frame: Frame) -> Iterable[tuple[str, dict]]:
             yield str(event.get("sym")), {**bar, "t": event["s"]}
 
 
+def _quotes_of_frame(frame: Frame) -> Iterable[tuple[str, int, BookQuote]]:
+    """The valid option `Q` events of a frame as (contract, quote ms, quote)."""
+    if not isinstance(frame, list):
+        return
+    for event in frame:
+        if not isinstance(event, dict) or event.get("ev") != "Q" or type(event.get("t")) is not int:
+            continue
+        fields = [event.get(key) for key in ("bp", "ap", "bs", "as")]
+        if str(event.get("sym", "")).startswith("O:") and all(_is_number(x) for x in fields):
+            bid, ask, bid_size, ask_size = fields
+            yield event["sym"], event["t"], BookQuote(bid, ask, int(bid_size), int(ask_size))
+
+
+def _snapshot_quote(result: dict | None) -> tuple[int, BookQuote] | None:
+    """(quote ms, quote) of a snapshot result's `last_quote`, None when it has no usable one."""
+    quote = result.get("last_quote") if isinstance(result, dict) else None
+    if not isinstance(quote, dict):
+        return None
+    bid, ask = quote.get("bid"), quote.get("ask")
+    if not (_is_number(bid) and _is_number(ask)):
+        return None
+    # Hand-made results may leave out sizes and time: one lot each, older than any streamed quote.
+    sizes = [quote.get(key) for key in ("bid_size", "ask_size")]
+    bid_size, ask_size = (int(x) if _is_number(x) else 1 for x in sizes)
+    updated = quote.get("last_updated")
+    quote_ms = int(updated) // 1_000_000 if _is_number(updated) else -1
+    return quote_ms, BookQuote(bid, ask, bid_size, ask_size)
+
+
+def _is_number(x: object) -> bool:
+    return type(x) in (int, float) and x == x  # noqa: PLR0124 - NaN is the one value unequal to itself
+
+
 def _bars_between(bars: Mapping[int, dict], from_ms: int, to_ms: int) -> list[dict]:
     return [bars[t] for t in sorted(bars) if from_ms <= t <= to_ms]
 
@@ -311,11 +398,38 @@ class _RestHold:
 
 @dataclass(slots=True, eq=False)
 class _Client:
-    """One WebSocket client: its topics and the event that wakes its streamer early."""
+    """One WebSocket client: its cluster, its topics and the event that wakes its streamer early."""
 
     ws: ServerConnection
     poke: asyncio.Event
     topics: set[str] = field(default_factory=set)
+    cluster: str = WS_PATH
+    quotes: dict[str, _QuoteState] = field(default_factory=dict)
+    storm: _QuoteStorm | None = None
+    storm_index: int = 0
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+
+@dataclass(slots=True)
+class _QuoteState:
+    """What an options client last got for one contract: (bid, ask), sequence number, quote time."""
+
+    sequence: int
+    last: tuple[float, float] | None = None
+    last_t: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _QuoteStorm:
+    """`rate_per_s` quotes per contract per simulated second in [start_ms, end_ms)."""
+
+    rate_per_s: float
+    start_ms: int
+    end_ms: int
+
+    def at(self, index: int) -> float:
+        """The simulated instant of the storm's `index`-th quote of each contract."""
+        return self.start_ms + index * 1000.0 / self.rate_per_s
 
 
 class FakePolygon:
@@ -341,6 +455,9 @@ class FakePolygon:
         self.ws_connections = 0
         self.auth_attempts = 0
         self.subscriptions: list[str] = []
+        self.options_connections = 0
+        self.options_auth_attempts = 0
+        self.options_subscriptions: list[str] = []
         self._api_key = api_key
         self._start_ms = start_ms
         self._speed = speed
@@ -353,6 +470,10 @@ class FakePolygon:
         self._chain_next_url: str | None = None
         self._chain_body: bytes | None = None
         self._silent = False
+        self._options_entitled = True
+        self._options_refuse = False
+        self._options_silent = False
+        self._storm: _QuoteStorm | None = None
         self._max_connections_pending = 0
         self._fault: _RestFault | None = None
         self._hold: _RestHold | None = None
@@ -367,6 +488,7 @@ class FakePolygon:
         self._rest_server = _RestServer((host, rest_port), self)
         self._rest_thread: threading.Thread | None = None
         self.ws_url = f"ws://{host}:{self._ws_sock.getsockname()[1]}{WS_PATH}"
+        self.options_ws_url = f"ws://{host}:{self._ws_sock.getsockname()[1]}{OPTIONS_PATH}"
         self.rest_url = f"http://{host}:{self._rest_server.server_address[1]}"
 
     def __enter__(self) -> FakePolygon:
@@ -418,11 +540,53 @@ class FakePolygon:
         return self._start_ms + int((self._wall() - self._wall0) * 1000 * self._speed)
 
     def drop_connections(self) -> None:
-        """Close every WebSocket connection now, abnormally (no close frame)."""
+        """Close every stocks WebSocket connection now, abnormally (no close frame).
+
+        The options cluster's connections stay up: `drop_options_connections` drops those.
+        """
+        self._drop(WS_PATH)
+
+    def drop_options_connections(self) -> None:
+        """Close every options-cluster connection now, abnormally (no close frame)."""
+        self._drop(OPTIONS_PATH)
+
+    def options_entitled(self, on: bool) -> None:
+        """Off: the options cluster answers every auth with `auth_failed` and closes (a plan without it)."""
+        with self._lock:
+            self._options_entitled = on
+
+    def options_refuse_subscriptions(self, on: bool) -> None:
+        """On: a `Q.` subscribe gets `{"ev":"status","status":"error","message":"not authorized: Q.O:..."}`
+        and no quotes (a plan whose options data has no quotes). Subscriptions made before stay."""
+        with self._lock:
+            self._options_refuse = on
+
+    def options_silent(self, on: bool) -> None:
+        """On: options sockets stay up and answer pings but get no `Q` events (quotes due meanwhile are
+        lost; turned off, each contract's next quote is its current one if it changed meanwhile)."""
+        with self._lock:
+            self._options_silent = on
+        self._poke_clients()
+
+    def quote_storm(self, rate_per_s: float, seconds: float) -> None:
+        """For `seconds` of simulated time from now, every subscribed contract gets `rate_per_s` `Q` events
+        per simulated second: the model's quote jittered by a cent either way, quote times increasing.
+
+        Simulated time: at speed 1 that is per wall second; a faster clock storms faster in wall time.
+        The change-driven quotes pause meanwhile and resume after it with the model's quote.
+        """
+        if not rate_per_s > 0 or not seconds > 0:
+            raise ValueError("a quote storm needs a positive rate and duration")
+        now = self.now_ms()
+        with self._lock:
+            self._storm = _QuoteStorm(rate_per_s, now, now + round(seconds * 1000))
+        self._poke_clients()
+
+    def _drop(self, cluster: str) -> None:
         loop = self._ws_loop
         if loop is None:
             return
-        asyncio.run_coroutine_threadsafe(self._abort_clients(), loop).result(timeout=5.0)
+        asyncio.run_coroutine_threadsafe(self._abort_clients(cluster), loop).result(timeout=5.0)
 
     def send_garbage(self, frames: list[str | bytes]) -> None:
         """Send these frames verbatim before the next data frame (to the first client to stream).
@@ -483,13 +647,16 @@ class FakePolygon:
         self._poke_clients()
 
     def heal(self) -> None:
-        """Clear every REST fault and hold, pending garbage and max_connections, chain overrides, silence."""
+        """Clear every REST fault and hold, pending garbage and max_connections, chain overrides, silence,
+        and the options cluster's switches (entitled again, subscriptions allowed, not silent, no storm)."""
         with self._lock:
             self._fault = self._hold = None
             self._garbage.clear()
             self._max_connections_pending = 0
             self._chain_next_url = self._chain_body = None
-            silent, self._silent = self._silent, False
+            silent, self._silent = self._silent or self._options_silent, False
+            self._options_entitled, self._options_refuse, self._options_silent = True, False, False
+            self._storm = None
         if silent:
             self._poke_clients()
 
@@ -500,18 +667,25 @@ class FakePolygon:
         self._ws_loop = asyncio.get_running_loop()
         self._ws_done = asyncio.Event()
         async with serve(
-            self._handle_ws, sock=self._ws_sock, process_request=_only_stocks_path, close_timeout=1.0
+            self._handle_ws, sock=self._ws_sock, process_request=_only_cluster_paths, close_timeout=1.0
         ):
             self._ws_ready.set()
             await self._ws_done.wait()
 
     async def _handle_ws(self, ws: ServerConnection) -> None:
-        client = _Client(ws, asyncio.Event())
+        cluster = OPTIONS_PATH if ws.request is not None and _path_of(ws.request) == OPTIONS_PATH else WS_PATH
+        client = _Client(ws, asyncio.Event(), cluster=cluster)
         with self._lock:
-            self.ws_connections += 1
+            if cluster == OPTIONS_PATH:
+                self.options_connections += 1
+            else:
+                self.ws_connections += 1
             self._clients.add(client)
         try:
-            if await self._authenticate(ws):
+            if cluster == OPTIONS_PATH:
+                if await self._authenticate_options(ws):
+                    await self._serve_options_client(client)
+            elif await self._authenticate(ws):
                 await self._serve_client(client)
         except ConnectionClosed:
             pass
@@ -519,7 +693,14 @@ class FakePolygon:
             with self._lock:
                 self._clients.discard(client)
 
-    async def _authenticate(self, ws: ServerConnection) -> bool:
+    async def _authenticate_options(self, ws: ServerConnection) -> bool:
+        with self._lock:
+            entitled = self._options_entitled
+        return await self._authenticate(ws, entitled=entitled, options=True)
+
+    async def _authenticate(
+        self, ws: ServerConnection, *, entitled: bool = True, options: bool = False
+    ) -> bool:
         await ws.send(_status_frame("connected", "Connected Successfully"))
         try:
             async with asyncio.timeout(self._auth_timeout_s):
@@ -531,8 +712,11 @@ class FakePolygon:
         request = _decode_action(message)
         if request.get("action") == "auth":
             with self._lock:
-                self.auth_attempts += 1
-        if request.get("action") != "auth" or request.get("params") != self._api_key:
+                if options:
+                    self.options_auth_attempts += 1
+                else:
+                    self.auth_attempts += 1
+        if not entitled or request.get("action") != "auth" or request.get("params") != self._api_key:
             await ws.send(_status_frame("auth_failed", "authentication failed"))
             await ws.close(1008, "authentication failed")
             return False
@@ -610,6 +794,135 @@ class FakePolygon:
                 await client.ws.send(text)
             index += 1
 
+    async def _serve_options_client(self, client: _Client) -> None:
+        """Read the options client's requests; stream quotes on a task from its first subscribe."""
+        streamer: asyncio.Task[None] | None = None
+        try:
+            async for message in client.ws:
+                request = _decode_action(message)
+                params = request.get("params")
+                if not isinstance(params, str):
+                    continue
+                if request.get("action") == "subscribe":
+                    await self._subscribe_quotes(client, params)
+                    streamer = streamer or asyncio.create_task(self._stream_quotes(client))
+                elif request.get("action") == "unsubscribe":
+                    await self._unsubscribe_quotes(client, params)
+        finally:
+            if streamer is not None:
+                streamer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await streamer
+
+    async def _subscribe_quotes(self, client: _Client, params: str) -> None:
+        """Confirm each topic, or refuse it (not authorized, or past the contract limit)."""
+        with self._lock:
+            self.options_subscriptions.append(params)
+            refuse = self._options_refuse
+        for topic in _split_topics(params):
+            quoted = topic.startswith("Q.")
+            if quoted and refuse and topic not in client.topics:
+                await client.ws.send(_status_frame("error", f"not authorized: {topic}"))
+                continue
+            if quoted and topic not in client.topics and _quote_topics(client) >= MAX_QUOTE_CONTRACTS:
+                limit = f"at most {MAX_QUOTE_CONTRACTS} contracts per connection"
+                await client.ws.send(_status_frame("error", f"{limit}; not subscribed: {topic}"))
+                continue
+            # Other channels (A., T., AM.) are confirmed but this fake streams only quotes.
+            client.topics.add(topic)
+            await client.ws.send(_status_frame("success", f"subscribed to: {topic}"))
+        client.poke.set()
+
+    async def _unsubscribe_quotes(self, client: _Client, params: str) -> None:
+        for topic in _split_topics(params):
+            client.topics.discard(topic)
+            state = client.quotes.get(topic[2:])
+            if state is not None:
+                state.last = None  # subscribed again, it starts with its current quote
+            await client.ws.send(_status_frame("success", f"unsubscribed to: {topic}"))
+
+    async def _stream_quotes(self, client: _Client) -> None:
+        """Send each subscribed contract's quote whenever it changes, checked at the first subscription
+        and then at every multiple of QUOTE_CHECK_MS of simulated time (a new subscription's current
+        quote first); during a storm, the storm's quotes instead. Checks that fall due while silent or
+        while the loop lags are skipped."""
+        next_check = self.now_ms()
+        while True:
+            client.poke.clear()
+            now = self.now_ms()
+            with self._lock:
+                silent, storm = self._options_silent, self._storm
+            if silent:
+                await self._wait_quotes(client, MAX_QUOTE_WAIT_S)
+                next_check = self.now_ms()
+                continue
+            if storm is not client.storm:
+                client.storm, client.storm_index = storm, 0
+            if now - next_check > CATCH_UP_MS:
+                next_check = now
+            tickers = sorted(topic[2:] for topic in client.topics if topic.startswith("Q."))
+            moments: list[tuple[float, bool]] = []
+            while next_check <= now:
+                if storm is None or not storm.start_ms <= next_check < storm.end_ms:
+                    moments.append((next_check, False))
+                # After the first check (at the subscription) the checks keep to the clock's 250 ms grid.
+                next_check += QUOTE_CHECK_MS - next_check % QUOTE_CHECK_MS
+            moments += self._storm_moments(client, now)
+            moments.sort(key=operator.itemgetter(0))
+            events = [
+                event for at, stormy in moments for event in self._quotes_at(client, tickers, at, stormy)
+            ]
+            for start in range(0, len(events), MAX_EVENTS_PER_FRAME):
+                await client.ws.send(
+                    json.dumps(events[start : start + MAX_EVENTS_PER_FRAME], separators=(",", ":"))
+                )
+            due = float(next_check)
+            if storm is not None and storm.at(client.storm_index) < storm.end_ms:
+                due = min(due, storm.at(client.storm_index))
+            await self._wait_quotes(client, (due - self.now_ms()) / 1000 / self._speed)
+
+    def _storm_moments(self, client: _Client, now: int) -> list[tuple[float, bool]]:
+        """The storm's instants due by `now` not yet sent to this client (a bounded batch)."""
+        storm = client.storm
+        moments: list[tuple[float, bool]] = []
+        while storm is not None and len(moments) < MAX_STORM_BATCH:
+            at = storm.at(client.storm_index)
+            if at > now or at >= storm.end_ms:
+                break
+            moments.append((at, True))
+            client.storm_index += 1
+        return moments
+
+    def _quotes_at(
+        self, client: _Client, tickers: list[str], at: float, stormy: bool
+    ) -> list[dict[str, Any]]:
+        """The Q events of one instant: each contract's changed quote, or in a storm a jittered one."""
+        events = []
+        check_ms = int(at)
+        for ticker in tickers:
+            quote = self.source.option_quote(
+                ticker, check_ms - check_ms % QUOTE_CHECK_MS if stormy else check_ms
+            )
+            if quote is None:
+                continue
+            state = client.quotes.setdefault(ticker, _QuoteState(_first_sequence(ticker)))
+            if stormy:
+                quote = _jittered(quote, client.rng.choice((-0.01, 0.0, 0.01)))
+            elif (quote.bid, quote.ask) == state.last:
+                continue
+            events.append(_q_event(ticker, quote, check_ms, state))
+        return events
+
+    async def _wait_quotes(self, client: _Client, seconds: float) -> None:
+        """Sleep up to `seconds` (at most MAX_QUOTE_WAIT_S, so a moved wall is seen), woken by a poke."""
+        seconds = min(seconds, MAX_QUOTE_WAIT_S)
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await client.poke.wait()
+
     def _take_garbage(self) -> list[str]:
         with self._lock:
             taken, self._garbage = self._garbage, []
@@ -627,9 +940,9 @@ class FakePolygon:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(poke_all)
 
-    async def _abort_clients(self) -> None:
+    async def _abort_clients(self, cluster: str) -> None:
         with self._lock:
-            clients = list(self._clients)
+            clients = [client for client in self._clients if client.cluster == cluster]
         for client in clients:
             client.ws.transport.abort()
 
@@ -827,15 +1140,60 @@ class _RestHandler(JsonHandler):
             self.close_connection = True
 
 
-def _only_stocks_path(connection: ServerConnection, request: Request) -> Response | None:
-    """Refuse the WebSocket upgrade on any path but /stocks, as the real cluster URL would."""
-    if urlsplit(request.path).path == WS_PATH:
+def _only_cluster_paths(connection: ServerConnection, request: Request) -> Response | None:
+    """Refuse the WebSocket upgrade on any path but /stocks and /options, as the real cluster URLs would."""
+    if _path_of(request) in (WS_PATH, OPTIONS_PATH):
         return None
     return connection.respond(404, "Not Found\n")
 
 
+def _path_of(request: Request) -> str:
+    return urlsplit(request.path).path
+
+
 def _status_frame(status: str, message: str) -> str:
     return json.dumps([{"ev": "status", "status": status, "message": message}], separators=(",", ":"))
+
+
+def _split_topics(params: str) -> list[str]:
+    return [topic.strip() for topic in params.split(",") if topic.strip()]
+
+
+def _quote_topics(client: _Client) -> int:
+    return sum(topic.startswith("Q.") for topic in client.topics)
+
+
+def _first_sequence(ticker: str) -> int:
+    """Where a contract's sequence numbers start: any stable number will do, the same for every client."""
+    return 100_000 + zlib.crc32(ticker.encode()) % 900_000
+
+
+def _jittered(quote: BookQuote, shift: float) -> BookQuote:
+    """The quote moved by `shift` (a cent either way or none), kept uncrossed and never below zero."""
+    bid = round(max(0.0, quote.bid + shift), 2)
+    ask = round(max(bid + 0.01, quote.ask + shift), 2)
+    return quote._replace(bid=bid, ask=ask)
+
+
+def _q_event(ticker: str, quote: BookQuote, at_ms: int, state: _QuoteState) -> dict[str, Any]:
+    """A `Q` event of the options cluster (polygon.md section 2.7); quote times never go back."""
+    state.sequence += 1
+    state.last = (quote.bid, quote.ask)
+    state.last_t = max(at_ms, state.last_t + 1)
+    return {
+        "ev": "Q",
+        "sym": ticker,
+        "bx": quote.bid_exchange,
+        "ax": quote.ask_exchange,
+        "bp": quote.bid,
+        "ap": quote.ask,
+        "bs": quote.bid_size,
+        "as": quote.ask_size,
+        "c": 1,
+        "i": [],
+        "t": state.last_t,
+        "q": state.sequence,
+    }
 
 
 def _decode_action(message: str | bytes) -> dict[str, Any]:
@@ -966,7 +1324,7 @@ def _ny_midnight_ms(day: datetime.date) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sim.polygon_server",
-        description="A fake Polygon/Massive (stocks WebSocket + REST): the synthetic demo day or a tape.",
+        description="A fake Polygon/Massive (stocks and options WebSockets + REST): the demo day or a tape.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--ws-port", type=int, default=8765, help="WebSocket port, 0 for any (default 8765)")
@@ -1021,6 +1379,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fake Polygon serving from {start_iso} at speed {args.speed:g}", flush=True)
         print(f"  POLYGON_WS_URL={fake.ws_url}", flush=True)
         print(f"  POLYGON_REST_URL={fake.rest_url}", flush=True)
+        print(f"  POLYGON_OPTIONS_WS_URL={fake.options_ws_url}", flush=True)
         print(f"  SIM_CLOCK_START={start_iso} SIM_CLOCK_SPEED={args.speed:g}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()

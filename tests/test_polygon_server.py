@@ -6,8 +6,10 @@ import datetime
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +18,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from events import ChainSnapshot
 from feed import FeedDecoder
-from polygon_client import PolygonRest
+from polygon_client import PolygonRest, parse_ws_frame
 from sim.market import SyntheticMarket, demo_script
 from sim.polygon_server import FakePolygon, RecordedMarket, SyntheticSource
 from tape import TapeWriter
@@ -340,9 +342,11 @@ def test_ws_without_auth_times_out(live: FakePolygon) -> None:
 
 
 def test_ws_other_paths_are_refused(live: FakePolygon) -> None:
-    with pytest.raises(InvalidStatus) as refused:
-        connect(live.ws_url.replace("/stocks", "/options"), open_timeout=RECV_S)
-    assert refused.value.response.status_code == 404
+    for path in ("/crypto", "/", "/options/x", "/stocksoptions"):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(live.ws_url.replace("/stocks", path), open_timeout=RECV_S)
+        assert refused.value.response.status_code == 404, path
+    assert (live.ws_connections, live.options_connections) == (0, 0)
 
 
 def test_ws_streams_subscribed_symbols_from_now_on(wall: ManualWall) -> None:
@@ -500,9 +504,14 @@ def test_cli_help_and_serving_the_demo_day() -> None:
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as server:
         try:
-            lines = [server.stdout.readline() for _ in range(4)]  # type: ignore[union-attr]
+            lines = [server.stdout.readline() for _ in range(5)]  # type: ignore[union-attr]
             assert lines[0].startswith("fake Polygon serving from 2025-10-02T10:00:00-04:00 at speed 60")
             rest_url = lines[2].strip().removeprefix("POLYGON_REST_URL=")
+            stocks_url = lines[1].strip().removeprefix("POLYGON_WS_URL=")
+            assert (
+                lines[3].strip()
+                == "POLYGON_OPTIONS_WS_URL=" + stocks_url.removesuffix("/stocks") + "/options"
+            )
             response = httpx.get(
                 f"{rest_url}{CHAIN_PATH}?limit=3", headers={"Authorization": "Bearer clikey"}
             )
@@ -530,7 +539,9 @@ def test_chain_next_url_forces_every_chain_page_to_point_there(http: httpx.Clien
     assert "next_url" not in normal and len(normal["results"]) == 22
 
 
-def test_chain_body_override_sends_raw_bytes_on_chain_routes_only(http: httpx.Client, fake: FakePolygon) -> None:
+def test_chain_body_override_sends_raw_bytes_on_chain_routes_only(
+    http: httpx.Client, fake: FakePolygon
+) -> None:
     nested = b"[" * 100_000 + b"]" * 100_000
     fake.chain_body_override(nested)
     chain = get(http, fake, f"{CHAIN_PATH}?expiration_date=2025-10-02")
@@ -609,3 +620,274 @@ def test_recorded_market_serves_a_taped_binary_frame_as_binary(tmp_path: Path) -
         wall.value += 0.005
         frames = [ws.recv(timeout=RECV_S) for _ in range(2)]
     assert json.loads(frames[0])[0]["c"] == 240.0 and frames[1] == b"\xff\xfe\x00binary"
+
+
+# The options cluster (polygon.md section 2.7): same port, path /options.
+
+PULLBACK_MS = START_MS + (36 * 60 + 31) * 1000  # 10:06:31, one second into the demo's first pullback
+NEAR, FAR = "O:IWM251002C00241000", "O:IWM251002C00242000"
+
+
+def open_options(fake: FakePolygon, key: str = KEY) -> ClientConnection:
+    ws = connect(fake.options_ws_url, open_timeout=RECV_S)
+    assert ws.recv(timeout=RECV_S) == CONNECTED
+    ws.send(json.dumps({"action": "auth", "params": key}))
+    return ws
+
+
+def authed_options(fake: FakePolygon) -> ClientConnection:
+    ws = open_options(fake)
+    assert ws.recv(timeout=RECV_S) == AUTH_SUCCESS
+    return ws
+
+
+def q_events(frames: list[str | bytes]) -> list[dict]:
+    return [event for frame in frames for event in json.loads(frame) if event["ev"] == "Q"]
+
+
+def quotes_for(ws: ClientConnection, wall_s: float) -> list[dict]:
+    """The Q events received over `wall_s` wall seconds (status frames are not expected meanwhile)."""
+    deadline = time.monotonic() + wall_s
+    events: list[dict] = []
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            events += q_events([ws.recv(timeout=left)])
+        except TimeoutError:
+            break
+    return events
+
+
+def status(state: str, message: str) -> list[dict]:
+    return [{"ev": "status", "status": state, "message": message}]
+
+
+def demo_fake(
+    market: SyntheticMarket, *, start_ms: int = PULLBACK_MS, speed: float = 10.0, **kw: Any
+) -> FakePolygon:
+    return FakePolygon(SyntheticSource(market), api_key=KEY, start_ms=start_ms, speed=speed, **kw)
+
+
+def test_options_handshake_subscribe_and_first_quotes_are_the_snapshots(
+    demo_market: SyntheticMarket, http: httpx.Client
+) -> None:
+    wall = ManualWall()  # the clock stands at a whole second: streamed and snapshot quotes must agree
+    with demo_fake(demo_market, wall=wall) as fake, authed_options(fake) as ws:
+        ws.send(json.dumps({"action": "subscribe", "params": f"Q.{NEAR}, Q.{FAR}"}))
+        confirmations = [recv_json(ws) for _ in range(2)]
+        first = q_events([ws.recv(timeout=RECV_S)])
+        snapshots = {
+            t: get(http, fake, f"{CHAIN_PATH}/{t}").json()["results"]["last_quote"] for t in (NEAR, FAR)
+        }
+    assert confirmations == [
+        status("success", f"subscribed to: Q.{NEAR}"),
+        status("success", f"subscribed to: Q.{FAR}"),
+    ]
+    assert (
+        fake.options_connections,
+        fake.ws_connections,
+        fake.options_auth_attempts,
+        fake.auth_attempts,
+    ) == (1, 0, 1, 0)
+    assert fake.options_subscriptions == [f"Q.{NEAR}, Q.{FAR}"] and fake.subscriptions == []
+    assert [event["sym"] for event in first] == [NEAR, FAR]
+    for event in first:
+        assert list(event) == ["ev", "sym", "bx", "ax", "bp", "ap", "bs", "as", "c", "i", "t", "q"]
+        assert event["t"] == PULLBACK_MS
+        assert (event["bp"], event["ap"]) == (snapshots[event["sym"]]["bid"], snapshots[event["sym"]]["ask"])
+    assert fake.options_ws_url == fake.ws_url.removesuffix("/stocks") + "/options"
+
+
+def test_options_quotes_move_between_chain_snapshots_and_only_on_change(demo_market: SyntheticMarket) -> None:
+    with demo_fake(demo_market) as fake, authed_options(fake) as ws:
+        subscribe(ws, f"Q.{NEAR},Q.{FAR}")
+        events = quotes_for(ws, 0.8)  # ~8 simulated seconds of a sharp pullback
+    for ticker in (NEAR, FAR):
+        mine = [event for event in events if event["sym"] == ticker]
+        assert len(mine) >= 5, ticker
+        times = [event["t"] for event in mine]
+        assert times == sorted(set(times)) and [e["q"] for e in mine] == sorted({e["q"] for e in mine})
+        assert all(t % 250 == 0 for t in times[1:])  # after the first, a check every 250 ms of the fake clock
+        for earlier, later in zip(mine, mine[1:], strict=False):
+            assert (earlier["bp"], earlier["ap"]) != (later["bp"], later["ap"])
+        for event in mine:
+            model = demo_market.stream_quote(ticker, event["t"])
+            assert (event["bp"], event["ap"]) == (model.bid, model.ask)
+    chain_quotes = {
+        demo_market.stream_quote(NEAR, PULLBACK_MS - 1000 + 10_000 * k)[:2] for k in range(3)
+    }  # the snapshots of 10:06:30, :40 and :50
+    between = [e for e in events if e["sym"] == NEAR and e["t"] % 10_000 != 0]
+    assert len({(e["bp"], e["ap"]) for e in between} - chain_quotes) >= 3
+
+
+def test_options_unsubscribe_stops_that_contract_only(demo_market: SyntheticMarket) -> None:
+    with demo_fake(demo_market) as fake, authed_options(fake) as ws:
+        subscribe(ws, f"Q.{NEAR},Q.{FAR}")
+        quotes_for(ws, 0.2)
+        ws.send(json.dumps({"action": "unsubscribe", "params": f"Q.{FAR}"}))
+        frames = []
+        while status("success", f"unsubscribed to: Q.{FAR}") != (frame := recv_json(ws)):
+            frames.append(frame)
+        after = quotes_for(ws, 0.5)
+    assert {event["sym"] for event in after} == {NEAR} and len(after) >= 3
+
+
+def test_options_not_entitled_answers_auth_failed_while_stocks_authenticate(
+    demo_market: SyntheticMarket,
+) -> None:
+    with demo_fake(demo_market, auth_timeout_s=1.0) as fake:
+        fake.options_entitled(False)
+        with open_options(fake) as ws:
+            assert ws.recv(timeout=RECV_S) == AUTH_FAILED
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=RECV_S)
+        with open_ws(fake) as stocks:
+            assert stocks.recv(timeout=RECV_S) == AUTH_SUCCESS
+        fake.options_entitled(True)
+        with authed_options(fake):
+            pass
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert (fake.options_auth_attempts, fake.options_connections, fake.auth_attempts) == (2, 2, 1)
+
+
+def test_options_refused_subscription_gets_an_error_status_and_no_quotes(
+    demo_market: SyntheticMarket,
+) -> None:
+    with demo_fake(demo_market) as fake, authed_options(fake) as ws:
+        fake.options_refuse_subscriptions(True)
+        ws.send(json.dumps({"action": "subscribe", "params": f"Q.{NEAR}"}))
+        refusal = ws.recv(timeout=RECV_S)
+        quiet = drain(ws, 0.4)
+        fake.heal()
+        subscribe(ws, f"Q.{FAR}")
+        healed = quotes_for(ws, 0.2)
+    assert json.loads(refusal) == status("error", f"not authorized: Q.{NEAR}")
+    parsed = parse_ws_frame(refusal, 0, frozenset())
+    assert [(s.status, s.message) for s in parsed.statuses] == [("error", f"not authorized: Q.{NEAR}")]
+    assert quiet == []
+    assert {event["sym"] for event in healed} == {FAR}
+
+
+def test_options_silent_keeps_the_socket_up_without_quotes(demo_market: SyntheticMarket) -> None:
+    with demo_fake(demo_market) as fake, authed_options(fake) as ws:
+        subscribe(ws, f"Q.{NEAR}")
+        assert quotes_for(ws, 0.2)
+        fake.options_silent(True)
+        drain(ws, 0.1)  # a frame already on its way
+        quiet = drain(ws, 0.5)
+        pong = ws.ping().wait(RECV_S)
+        resumed_at = fake.now_ms()
+        fake.options_silent(False)
+        after = quotes_for(ws, 0.5)
+    assert quiet == [] and pong
+    assert after and all(event["t"] >= resumed_at - 250 for event in after)
+
+
+def test_drop_options_connections_leaves_the_stocks_stream_and_the_reverse(
+    demo_market: SyntheticMarket,
+) -> None:
+    with demo_fake(demo_market) as fake, authed_options(fake) as options, open_ws(fake) as stocks:
+        stocks.recv(timeout=RECV_S)
+        subscribe(stocks, "A.IWM")
+        subscribe(options, f"Q.{NEAR}")
+        fake.drop_options_connections()
+        with pytest.raises(ConnectionClosedError):
+            drain(options, 1.0)
+        bars = [recv_json(stocks) for _ in range(3)]
+        with authed_options(fake) as again:
+            subscribe(again, f"Q.{NEAR}")
+            fake.drop_connections()
+            with pytest.raises(ConnectionClosedError):
+                drain(stocks, 1.0)
+            assert quotes_for(again, 0.3)
+    assert all(frame[0]["ev"] == "A" for frame in bars)  # type: ignore[index]
+    assert fake.options_connections == 2
+
+
+def test_quote_storm_sends_the_rate_for_the_duration(demo_market: SyntheticMarket) -> None:
+    wall = ManualWall()
+    with demo_fake(demo_market, wall=wall) as fake, authed_options(fake) as ws:
+        subscribe(ws, f"Q.{NEAR},Q.{FAR}")
+        quotes_for(ws, 0.1)  # the first quotes, at the standing clock
+        fake.quote_storm(200.0, 1.0)
+        wall.value += 0.1  # one simulated second at speed 10
+        events = quotes_for(ws, 0.5)
+    storm = [event for event in events if PULLBACK_MS <= event["t"] < PULLBACK_MS + 1000]
+    for ticker in (NEAR, FAR):
+        mine = [event for event in storm if event["sym"] == ticker]
+        assert len(mine) == 200, ticker
+        times = [event["t"] for event in mine]
+        assert times == sorted(set(times)) and times[-1] == PULLBACK_MS + 995
+        shifts = set()
+        for event in mine:
+            model = demo_market.stream_quote(ticker, event["t"] - event["t"] % 250)
+            shifts.add(round(event["bp"] - model.bid, 2))
+            assert event["ap"] > event["bp"] and round(event["ap"] - model.ask, 2) in (-0.01, 0.0, 0.01)
+        assert shifts == {-0.01, 0.0, 0.01}
+    # After the storm the model's own quote is sent again.
+    last = [event for event in events if event["sym"] == NEAR][-1]
+    assert last["t"] >= PULLBACK_MS + 1000
+    assert (last["bp"], last["ap"]) == demo_market.stream_quote(NEAR, last["t"])[:2]
+
+
+def test_quote_storm_is_paced_on_the_fake_clock(demo_market: SyntheticMarket) -> None:
+    with demo_fake(demo_market, speed=1.0) as fake, authed_options(fake) as ws:
+        subscribe(ws, f"Q.{NEAR}")
+        quotes_for(ws, 0.1)
+        before = fake.now_ms()
+        fake.quote_storm(100.0, 1.0)
+        after = fake.now_ms()
+        received: list[tuple[float, dict]] = []
+        deadline = time.monotonic() + 1.5
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                frame = ws.recv(timeout=left)
+            except TimeoutError:
+                break
+            received += [(time.monotonic(), event) for event in q_events([frame])]
+    storm = [(at, event) for at, event in received if before <= event["t"] < after + 1000]
+    assert 100 <= len(storm) <= 101  # (a change checked in the instant before the storm began)
+    assert storm[-1][0] - storm[0][0] >= 0.8  # spread over the second, not sent at once
+
+
+def test_options_contract_limit_per_connection() -> None:
+    tickers = [f"O:IWM251010C{k * 500:08d}" for k in range(1, 1002)]  # none in the chain: no quotes
+    with (
+        FakePolygon(MARKET, api_key=KEY, start_ms=START_MS, wall=ManualWall()) as fake,
+        authed_options(fake) as ws,
+    ):
+        ws.send(json.dumps({"action": "subscribe", "params": ",".join(f"Q.{t}" for t in tickers[:1000])}))
+        confirmed = [recv_json(ws) for _ in range(1000)]
+        ws.send(json.dumps({"action": "subscribe", "params": f"Q.{tickers[1000]}"}))
+        over = recv_json(ws)
+    assert confirmed[-1] == status("success", f"subscribed to: Q.{tickers[999]}")
+    assert over == status(
+        "error", f"at most 1000 contracts per connection; not subscribed: Q.{tickers[1000]}"
+    )
+
+
+def test_recorded_market_streams_taped_quotes_newer_than_its_snapshots() -> None:
+    ticker = "O:IWM251002C00240000"
+
+    def q(t: int, bid: float) -> dict:
+        return {"ev": "Q", "sym": ticker, "bx": 302, "ax": 313, "bp": bid, "ap": bid + 0.05, "bs": 5, "as": 7,
+                "c": 1, "i": [], "t": t, "q": t}  # fmt: skip
+
+    frames = [(START_MS + 2100, [q(START_MS + 2050, 1.2)]), (START_MS + 4100, [q(START_MS + 4050, 1.3)])]
+    chain = [
+        option(240, bid=1.0)
+        | {"last_quote": {"bid": 1.0, "ask": 1.1, "last_updated": (START_MS + 3000) * 10**6}}
+    ]
+    recorded = RecordedMarket(frames, chains=[(START_MS + 3000, chain)])
+    assert recorded.option_quote(ticker, START_MS + 2500)[:2] == (1.2, 1.25)
+    assert recorded.option_quote(ticker, START_MS + 3500)[:2] == (1.0, 1.1)  # the newer snapshot wins
+    assert recorded.option_quote(ticker, START_MS + 4500)[:4] == (1.3, 1.35, 5, 7)
+    assert recorded.option_quote("O:IWM251002C00999000", START_MS + 4500) is None
+    wall = ManualWall()
+    fake = FakePolygon(recorded, api_key=KEY, start_ms=START_MS + 2500, speed=1000.0, wall=wall)
+    with fake, authed_options(fake) as ws:
+        subscribe(ws, f"Q.{ticker}")
+        first = q_events([ws.recv(timeout=RECV_S)])
+        wall.value += 0.002  # two simulated seconds
+        later = quotes_for(ws, 0.3)
+    assert [(e["bp"], e["t"]) for e in first] == [(1.2, START_MS + 2500)]
+    assert [e["bp"] for e in later] == [1.0, 1.3]
