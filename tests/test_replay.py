@@ -175,7 +175,7 @@ def test_protections_trip_in_a_replay(demo_tape, tmp_path):
     cases = {
         "max_trades_per_day": (replace(RULES, max_trades_per_day=2), 2),
         "max_consecutive_losses": (replace(RULES, max_consecutive_losses=1), 1),
-        "daily_loss_limit": (replace(RULES, daily_loss_limit=20.0), 1),
+        "daily_loss_limit": (replace(RULES, daily_loss_limit=10.0), 1),
     }
     for rule, (rules, trades) in cases.items():
         _, logs, journal = replay_with(demo_tape, rules, tmp_path / f"{rule}.sqlite3")
