@@ -3,8 +3,10 @@
 The live pieces run as in the daemon: a queue, the engine thread (decode, engine, SQLite journal
 with synchronous=FULL), and the notifier thread posting to the fake Pushover on 127.0.0.1. A
 producer feeds 100 scripted bursts; each burst's last bar triggers a BUY and a contract snapshot
-right after it triggers a stop-loss SELL. For every alert the clock runs from the moment its
-triggering item is put on the queue to the moment the HTTP request to Pushover starts.
+right after it triggers a stop-loss SELL: on every other round trip that quote is a streamed `Q` event of
+the options cluster instead of a REST snapshot, and those SELLs are also reported on their own ("quote
+received -> SELL request started"). For every alert the clock runs from the moment its triggering item
+is put on the queue to the moment the HTTP request to Pushover starts.
 
 Run: python bench/live_latency.py [--round-trips 100]
 """
@@ -59,7 +61,14 @@ def option_result(at_ms: int, bid: float, ask: float) -> dict:
     }  # fmt: skip
 
 
-def round_trip(first_ms: int) -> tuple[list[Received], Received, Received]:
+def q_frame(at_ms: int, bid: float, ask: float, seq: int) -> str:
+    """One options-cluster frame with a quote of the held contract."""
+    event = {"ev": "Q", "sym": TICKER, "bx": 302, "ax": 313, "bp": bid, "ap": ask, "bs": 50, "as": 50,
+             "t": at_ms - 3, "q": seq}  # fmt: skip
+    return json.dumps([event])
+
+
+def round_trip(first_ms: int, streamed: bool) -> tuple[list[Received], Received, Received]:
     """Warm-up items, the BUY trigger (last ramp bar) and the SELL trigger (a stop-loss quote)."""
     items = [
         Received(first_ms + i * 1000 + 200, "ws", bar_frame(first_ms + i * 1000, 240.0, 100))
@@ -76,6 +85,8 @@ def round_trip(first_ms: int) -> tuple[list[Received], Received, Received]:
     last = first_ms + 119_000
     buy = Received(last + 1200, "ws", bar_frame(last, 240.2, 500))
     sell_at = last + 3000
+    if streamed:
+        return items, buy, Received(sell_at, "ws", q_frame(sell_at, 0.80, 0.82, first_ms))
     sell = Received(
         sell_at, "rest", {"results": option_result(sell_at, 0.80, 0.82)}, f"/v3/snapshot/options/IWM/{TICKER}"
     )
@@ -133,7 +144,7 @@ def main() -> None:
         put_at: list[float] = []
         first = ny_ms(DAY, clock_time(9, 40))
         for n in range(args.round_trips):
-            items, buy, sell = round_trip(first + n * 130_000)
+            items, buy, sell = round_trip(first + n * 130_000, streamed=n % 2 == 1)
             for item in items:
                 inbox.put(item)
             for trigger in (buy, sell):
@@ -150,11 +161,17 @@ def main() -> None:
         stop.set()
         latencies = [(s - p) * 1000 for p, s in zip(put_at, transport.started, strict=False)]
         journal.close()
-    latencies.sort()
-    p99 = latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))]
+    streamed_sells = latencies[3::4]  # round trips 1, 3, 5, ...: BUY then a SELL on a streamed quote
     print(f"alerts measured: {len(latencies)} ({len(pushover.messages)} accepted by the fake Pushover)")
-    print(f"frame received -> Pushover request started: p50 {statistics.median(latencies):.2f} ms, "
-          f"p99 {p99:.2f} ms, max {latencies[-1]:.2f} ms")  # fmt: skip
+    print(f"frame received -> Pushover request started: {figures(latencies)}")
+    print(f"quote received (Q event) -> SELL request started: {figures(streamed_sells)}")
+
+
+def figures(latencies: list[float]) -> str:
+    """p50, p99 and max of a list of milliseconds."""
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return f"p50 {statistics.median(ordered):.2f} ms, p99 {p99:.2f} ms, max {ordered[-1]:.2f} ms"
 
 
 if __name__ == "__main__":
