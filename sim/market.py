@@ -27,6 +27,12 @@ Option prices are Black-Scholes (r = 0, T = seconds to the 16:00 close / (365 * 
 volatility that rises into the close and a smile in standardised moneyness. The ATM level (~0.34-0.48)
 is what real IWM 0DTE premiums imply with this calendar-time T; the 0.18 of the brief would price a
 10:00 ATM call near $0.45 and leave the 0.30-0.45 delta band empty most of the afternoon.
+
+Streamed option quotes (the options cluster, issue 11) come from the same model: `stream_quote` is the
+chain's quote at whole seconds and, between them, the quote on a spot that moves in a straight line to
+the second's close (`live_spot`). `write_tape(stream_quotes=N)` records them for the contracts a daemon
+would stream; `build_stream_days` and `without_stream_quotes` give the exit-slippage benchmark its days
+and their REST-only twins.
 """
 
 from __future__ import annotations
