@@ -339,8 +339,8 @@ class Daemon:
         self.options.follow(self.interest.ticker, now, marks.stream)
         self.options.check(now, marks.stream, self.engine.mark_quote_ms)
 
-    def _options_notice(self, text: str) -> None:
-        self._deliver_notice(SystemNotice("FEED", text, PRIORITY_NORMAL), self.clock.now_ms())
+    def _options_notice(self, kind: str, text: str) -> None:
+        self._deliver_notice(SystemNotice(kind, text, PRIORITY_NORMAL), self.clock.now_ms())
 
     def _maybe_pulse(self) -> None:
         """A sign of life at INFO every PULSE_SECONDS of session: what the daemon sees and what blocks entries."""

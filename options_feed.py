@@ -55,7 +55,8 @@ class OptionsStatus:
 class OptionsFeed:
     """Subscribes the held contract's quotes and tells when marks fall back to REST.
 
-    `put` takes the stream's frames (the engine queue); `notify(text)` raises a FEED alert.
+    `put` takes the stream's frames (the engine queue); `notify(kind, text)` raises a FEED alert (kind
+    "FEED" when marks fall back to REST, "FEED_RESTORED" when quotes stream again).
     """
 
     def __init__(
@@ -63,7 +64,7 @@ class OptionsFeed:
         settings: Settings,
         clock: Clock,
         put: Callable[[object], None],
-        notify: Callable[[str], None],
+        notify: Callable[[str, str], None],
     ) -> None:
         self._settings = settings
         self._clock = clock
@@ -74,6 +75,7 @@ class OptionsFeed:
         self._since_ms = 0
         self._count_at_subscribe = 0
         self._seen_stream = 0
+        self._status_problem: str | None = None
         self.problem: str | None = None
 
     @property
@@ -110,20 +112,32 @@ class OptionsFeed:
         self._since_ms, self._count_at_subscribe = now_ms, stream_quotes
         if self.stream is not None:
             self.stream.set_topics(self._topics())
+        if ticker is not None:
+            self._judge_at_entry()
+
+    def _judge_at_entry(self) -> None:
+        """At the BUY, a stream already known not to work means REST marks from the first second."""
+        if self._status_problem is not None:
+            self._fall_back(self._status_problem)
+        elif self.stream is not None and not self.stream.connected and self.stream.last_error:
+            self._fall_back(f"cannot connect to the options cluster ({self.stream.last_error})")
 
     def on_status(self, status: FeedStatus) -> None:
-        """A status change of the stream (engine thread). Only a held contract's marks can suffer."""
-        if status.reason == "auth_success" or self._ticker is None:
-            log.info("options_stream_status", reason=status.reason, holding=self._ticker)
-            return  # a connection is not yet a quote: recovery is judged by quotes arriving
+        """A status change of the stream (engine thread). Only a held contract's marks can suffer: while
+        flat the problem is remembered and judged at the next BUY."""
+        log.info("options_stream_status", reason=status.reason, holding=self._ticker)
+        if status.reason == "auth_success":
+            self._status_problem = None
+            if self._ticker is None:
+                self._restored()  # nothing held: a working connection is all there is to judge
+            return  # while holding, a connection is not yet a quote: quotes arriving judge recovery
         if status.reason.startswith("disconnected"):
-            self._fall_back(
-                f"the options stream disconnected ({status.reason.removeprefix('disconnected: ')})"
-            )
-            return
-        problem = PROBLEMS.get(status.reason)
-        if problem is not None:
-            self._fall_back(problem)
+            why = status.reason.removeprefix("disconnected: ")
+            self._status_problem = f"the options stream disconnected ({why})"
+        else:
+            self._status_problem = PROBLEMS.get(status.reason, self._status_problem)
+        if self._ticker is not None and self._status_problem is not None:
+            self._fall_back(self._status_problem)
 
     def check(self, now_ms: int, stream_quotes: int, mark_quote_ms: int | None) -> None:
         """Judge the stream from what the engine saw (engine thread, every turn)."""
@@ -140,7 +154,9 @@ class OptionsFeed:
         if self.stream.connected:
             self._fall_back("no quote on the options stream while REST shows the contract quoting")
         else:
-            self._fall_back(f"cannot connect to the options cluster ({self.stream.last_error or 'no answer'})")
+            self._fall_back(
+                f"cannot connect to the options cluster ({self.stream.last_error or 'no answer'})"
+            )
 
     def health(self) -> dict[str, object]:
         """The marks' stream side for `/health`."""
@@ -167,9 +183,10 @@ class OptionsFeed:
         log.warning("marks_from_rest", reason=problem)
         poll = self._settings.rules.position_poll_seconds
         self._notify(
+            "FEED",
             f"Options quotes are not streaming: {problem}. Marks come from REST polls (the held contract "
             f"every {poll:g} s, the chain every {self._settings.chain_poll_seconds:g} s), so exits may fire "
-            "late on a fast move."
+            "late on a fast move.",
         )
 
     def _restored(self) -> None:
@@ -177,4 +194,7 @@ class OptionsFeed:
             return
         log.info("marks_streaming_again", after=self.problem)
         self.problem = None
-        self._notify("Options quotes are streaming again: marks follow every quote of the held contract.")
+        self._notify(
+            "FEED_RESTORED",
+            "Options quotes are streaming again: marks follow every quote of the held contract.",
+        )

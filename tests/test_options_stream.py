@@ -1,0 +1,189 @@
+"""The live daemon against both clusters of the fake Polygon (issue 11): streamed marks and their fallback."""
+
+from __future__ import annotations
+
+import pytest
+from builders import at
+from test_daemon import API_KEY, SPEED, kinds, settings_for, start_daemon, stop_daemon, wait_for
+
+from clock import SimClock
+from config import Rules
+from daemon import Daemon
+from market_calendar import MarketCalendar
+from pnl_tracker import Journal
+from replay import replay_tape
+from sim.market import SyntheticMarket, demo_script
+from sim.polygon_server import FakePolygon, SyntheticSource
+from sim.pushover_server import FakePushover
+from tape import TapeReader
+
+START = at(10, 0)
+
+
+@pytest.fixture(scope="module")
+def market() -> SyntheticMarket:
+    return SyntheticMarket(demo_script())
+
+
+def trades(pushover: FakePushover) -> list[str]:
+    return [k for k in kinds(pushover) if k in ("BUY", "SELL")]
+
+
+def feed_texts(pushover: FakePushover) -> list[str]:
+    return [m.form["message"] for m in pushover.messages if "— FEED" in m.form["title"]]
+
+
+def held_ticker(daemon: Daemon, seen: list[str]) -> bool:
+    position = daemon.engine.position
+    if position is not None and position.ticker not in seen:
+        seen.append(position.ticker)
+    return bool(seen)
+
+
+def test_the_held_contract_streams_from_buy_to_sell_and_the_replay_equals_the_live_alerts(market, tmp_path):
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=START, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(START, SPEED)
+        daemon, stop, thread = start_daemon(settings_for(polygon, pushover, tmp_path), clock)
+        held: list[str] = []
+        try:
+            assert wait_for(lambda: held_ticker(daemon, held), 40)
+            assert wait_for(lambda: daemon.engine.marks.stream > 0 or "SELL" in kinds(pushover), 20)
+            streamed = daemon.engine.marks.stream
+            assert wait_for(lambda: "SELL" in kinds(pushover), 40)
+            assert wait_for(
+                lambda: daemon.options.stream is not None and daemon.options.stream.topics == (), 10
+            )
+            marks = daemon._snapshot()["marks"]
+        finally:
+            stop_daemon(stop, thread)
+    assert streamed > 0 and trades(pushover) == ["BUY", "SELL"]
+    assert f"Q.{held[0]}" in polygon.options_subscriptions and feed_texts(pushover) == []
+    assert marks["quotes"]["stream"] >= streamed and marks["options_stream"].startswith("connected")
+    statuses = [
+        event.get("message", "")
+        for line in TapeReader(tmp_path / "tapes" / "2025-10-02.jsonl.gz")
+        if line.kind == "ws" and isinstance(line.payload, list)
+        for event in line.payload
+        if isinstance(event, dict) and event.get("ev") == "status"
+    ]
+    assert f"unsubscribed to: Q.{held[0]}" in statuses  # the fake's answer, as recorded on the tape
+    live = [m for m in pushover.messages if m.form["title"].endswith(("BUY", "SELL"))]
+    replayed = []
+    rules = Rules()
+    tape = tmp_path / "tapes" / "2025-10-02.jsonl.gz"
+    replay_tape(tape, rules=rules, calendar=MarketCalendar(rules), journal=Journal(tmp_path / "r.sqlite3"),
+                on_alerts=replayed.extend, on_log=lambda _l: None)  # fmt: skip
+    mirrored = [a for a in replayed if a.kind in ("BUY", "SELL")][: len(live)]
+    assert [(a.title, a.message, a.at_ms // 1000) for a in mirrored] == [
+        (m.form["title"], m.form["message"], int(m.form["timestamp"])) for m in live
+    ]
+
+
+@pytest.mark.parametrize("fault", ["not_entitled", "subscription_refused"])
+def test_a_plan_without_options_quotes_falls_back_to_rest_with_one_feed_alert(market, tmp_path, fault):
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=START, speed=SPEED) as polygon,
+    ):
+        if fault == "not_entitled":
+            polygon.options_entitled(False)
+        else:
+            polygon.options_refuse_subscriptions(True)
+        clock = SimClock(START, SPEED)
+        daemon, stop, thread = start_daemon(settings_for(polygon, pushover, tmp_path), clock)
+        try:
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+            assert wait_for(lambda: feed_texts(pushover) != [], 15)
+            marks = daemon._snapshot()["marks"]
+            assert thread.is_alive()
+        finally:
+            stop_daemon(stop, thread)
+    texts = feed_texts(pushover)
+    assert trades(pushover) == ["BUY", "SELL"] and len(texts) == 1
+    assert "Marks come from REST polls" in texts[0]
+    assert daemon.engine.marks.stream == 0 and marks["options_stream"].startswith("fallback to REST")
+
+
+def test_a_dropped_options_stream_falls_back_then_comes_back(market, tmp_path):
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=START, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(START, SPEED)
+        daemon, stop, thread = start_daemon(settings_for(polygon, pushover, tmp_path), clock)
+        try:
+            assert wait_for(lambda: daemon.engine.marks.stream > 0, 40)
+            before = polygon.options_connections
+            polygon.drop_options_connections()
+            assert wait_for(lambda: polygon.options_connections > before, 20)
+            assert wait_for(lambda: "SELL" in kinds(pushover), 40)
+            assert wait_for(lambda: any("streaming again" in t for t in feed_texts(pushover)), 20)
+        finally:
+            stop_daemon(stop, thread)
+    texts = feed_texts(pushover)
+    assert trades(pushover) == ["BUY", "SELL"]
+    assert len(texts) == 2 and "disconnected" in texts[0] and "streaming again" in texts[1]
+
+
+def test_a_quote_storm_keeps_the_queue_short_and_the_alerts_right(market, tmp_path):
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=START, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(START, SPEED)
+        daemon, stop, thread = start_daemon(settings_for(polygon, pushover, tmp_path), clock)
+        try:
+            assert wait_for(lambda: daemon.engine.position is not None, 40)
+            before = daemon.engine.marks.stream + daemon.engine.marks.stale
+            polygon.quote_storm(5.0, 600.0)  # 5 a clock second at 40x: 200 quotes a wall second
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60)
+            taken = daemon.engine.marks.stream + daemon.engine.marks.stale - before
+            depth = daemon.queue_depth_max
+        finally:
+            stop_daemon(stop, thread)
+    assert trades(pushover) == ["BUY", "SELL"]
+    assert taken > 0 and depth < 500
+
+
+def test_a_restart_mid_position_subscribes_the_held_contract_again(market, tmp_path):
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=START, speed=SPEED) as polygon,
+    ):
+        settings = settings_for(polygon, pushover, tmp_path)
+        daemon, stop, thread = start_daemon(settings, SimClock(START, SPEED))
+        held: list[str] = []
+        try:
+            assert wait_for(lambda: held_ticker(daemon, held), 40)
+        finally:
+            stop_daemon(stop, thread)
+        subscribed_before = polygon.options_subscriptions.count(f"Q.{held[0]}")
+        second, stop2, thread2 = start_daemon(settings, SimClock(polygon.now_ms(), SPEED))
+        try:
+            assert wait_for(lambda: second.engine.position is not None, 10)
+            assert second.engine.position.ticker == held[0]
+            assert wait_for(
+                lambda: polygon.options_subscriptions.count(f"Q.{held[0]}") > subscribed_before, 20
+            )
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60)
+        finally:
+            stop_daemon(stop2, thread2)
+    assert trades(pushover) == ["BUY", "SELL"]
+
+
+def test_options_stream_off_never_dials_the_options_cluster(market, tmp_path):
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=START, speed=SPEED) as polygon,
+    ):
+        settings = settings_for(polygon, pushover, tmp_path, options_stream="off")
+        daemon, stop, thread = start_daemon(settings, SimClock(START, SPEED))
+        try:
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60)
+        finally:
+            stop_daemon(stop, thread)
+    assert polygon.options_connections == 0 and feed_texts(pushover) == []
+    assert daemon.engine.marks.stream == 0 and trades(pushover) == ["BUY", "SELL"]
