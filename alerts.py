@@ -192,10 +192,14 @@ class PushoverClient:
         try:
             image = self._attachment_for(item)
         except Exception as exc:  # a chart bug must not keep the text from the phone
-            log.warning("attachment_failed", kind=item.kind, dedupe_key=item.dedupe_key, error=repr(exc)[:200])
+            log.warning(
+                "attachment_failed", kind=item.kind, dedupe_key=item.dedupe_key, error=repr(exc)[:200]
+            )
             return None
         if image is not None and len(image) > ATTACHMENT_LIMIT:
-            log.warning("attachment_too_large", dedupe_key=item.dedupe_key, size=len(image), limit=ATTACHMENT_LIMIT)
+            log.warning(
+                "attachment_too_large", dedupe_key=item.dedupe_key, size=len(image), limit=ATTACHMENT_LIMIT
+            )
             return None
         return image
 

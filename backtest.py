@@ -73,6 +73,7 @@ RULE_NAMES = tuple(f.name.upper() for f in fields(Rules))
 
 SYNTHETIC_FIRST_DAY = datetime.date(2025, 1, 2)
 
+
 @dataclass(frozen=True, slots=True)
 class DayResult:
     """One tape's outcome: its trades and alerts, and the series the charts need."""

@@ -288,7 +288,9 @@ class Journal:
                     (status, error, sent_ms, dedupe_key),
                 )
             except sqlite3.Error as exc:
-                raise JournalError(f"journal write failed, outcome of {dedupe_key} not recorded: {exc}") from exc
+                raise JournalError(
+                    f"journal write failed, outcome of {dedupe_key} not recorded: {exc}"
+                ) from exc
 
     def mark_sent(self, item_id: int, sent_ms: int) -> None:
         self._update_outbox(item_id, "sent", None, sent_ms)

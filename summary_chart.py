@@ -89,7 +89,9 @@ class SummaryChart:
             journal.close()
         png = day_chart_png(result, SUMMARY_PX, SUMMARY_DPI, self._rules.underlying)
         elapsed = round(time.monotonic() - started, 2)
-        log.info("summary_chart", date=day.isoformat(), bytes=len(png), trades=len(result.trades), seconds=elapsed)
+        log.info(
+            "summary_chart", date=day.isoformat(), bytes=len(png), trades=len(result.trades), seconds=elapsed
+        )
         return png
 
 

@@ -305,7 +305,9 @@ def test_a_priority_outside_pushovers_range_stops_start_up(raw: str):
 def day_trade(n: int, pnl: float, percent: float, reason: str, ticker: str = POSITION.ticker) -> DayTrade:
     entry_ms = at(10, 6 + n * 10, 25)
     exit_price = round(1.45 + pnl / 100, 2)
-    return DayTrade(f"2025-10-02-{n:02d}", ticker, entry_ms, entry_ms + 400_000, 1.45, exit_price, reason, pnl, percent)
+    return DayTrade(
+        f"2025-10-02-{n:02d}", ticker, entry_ms, entry_ms + 400_000, 1.45, exit_price, reason, pnl, percent
+    )
 
 
 def test_summary_lists_each_trade_under_the_day_and_lifetime_totals():

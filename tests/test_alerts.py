@@ -268,14 +268,15 @@ def test_invalid_token_rejected_by_validation_also_disables(journal: Journal, se
     assert journal.pending_count() == 2
 
 
-def test_a_timed_out_alert_is_tried_twice_then_the_queue_moves_on(journal: Journal, server: FakePushover) -> None:
+def test_a_timed_out_alert_is_tried_twice_then_the_queue_moves_on(
+    journal: Journal, server: FakePushover
+) -> None:
     server.stall(1.0)
     journal.record([alert(1), alert(2)])
     notifier = make_notifier(journal, make_client(server, timeout=0.3), min_retry_s=0.05, max_retry_s=0.05)
 
-    with capture_logs() as logs:
-        with running(notifier):
-            wait_until(lambda: journal.pending_count() == 0)
+    with capture_logs() as logs, running(notifier):
+        wait_until(lambda: journal.pending_count() == 0)
 
     # alert 1 timed out twice (it may have arrived: no third copy); alert 2 went once the stall was over
     first = [m for m in server.history if m.form["title"].endswith("alert 1")]
@@ -379,7 +380,9 @@ def test_pushover_down_over_a_minute_switches_to_the_fallback(journal: Journal, 
         assert notifier.drain_once() == 0  # down for 30 s: Pushover retried, nothing by the fallback
         assert hook.posts == []
         clock.now += 31.0
-        assert notifier.drain_once() == 0  # the retry fails too, 61 s down: the held item may go the other way
+        assert (
+            notifier.drain_once() == 0
+        )  # the retry fails too, 61 s down: the held item may go the other way
         clock.now += 1.0
         assert notifier.drain_once() == 2
         posts = [p.body["title"] for p in hook.posts]
@@ -388,7 +391,9 @@ def test_pushover_down_over_a_minute_switches_to_the_fallback(journal: Journal, 
     assert titles(server) == []
 
 
-def test_the_fallback_failing_holds_the_queue_and_nothing_is_lost(journal: Journal, server: FakePushover) -> None:
+def test_the_fallback_failing_holds_the_queue_and_nothing_is_lost(
+    journal: Journal, server: FakePushover
+) -> None:
     from alerts import AppriseFallback
     from sim.webhook_server import FakeWebhook
 
@@ -672,7 +677,9 @@ def test_each_kind_carries_its_sound(journal: Journal, server: FakePushover) -> 
 
 
 def summary_alert() -> Alert:
-    return Alert("SUMMARY", "SUMMARY:2025-10-02", "IWM 0DTE — DAILY SUMMARY", "2025-10-02 (Thu): 0 trades", 0, AT_MS)
+    return Alert(
+        "SUMMARY", "SUMMARY:2025-10-02", "IWM 0DTE — DAILY SUMMARY", "2025-10-02 (Thu): 0 trades", 0, AT_MS
+    )
 
 
 def small_chart_png() -> bytes:
@@ -734,7 +741,9 @@ def test_an_attachment_goes_as_multipart_with_the_png_intact_and_every_field_kep
 
 
 @pytest.mark.parametrize("failure", ["raises", "returns None", "too large"])
-def test_a_chart_that_fails_still_sends_the_text(journal: Journal, server: FakePushover, failure: str) -> None:
+def test_a_chart_that_fails_still_sends_the_text(
+    journal: Journal, server: FakePushover, failure: str
+) -> None:
     import alerts
 
     def chart_for(item: OutboxItem) -> bytes | None:
@@ -770,7 +779,8 @@ def test_fake_server_takes_one_image_up_to_pushovers_limit(server: FakePushover)
         not_image = http.post(server.url, data=fields, files=image(4, "text/plain"))
         encoded = http.post(
             server.url,
-            data=fields | {"attachment_base64": base64.b64encode(b"\x89PNG!").decode(), "attachment_type": "image/png"},
+            data=fields
+            | {"attachment_base64": base64.b64encode(b"\x89PNG!").decode(), "attachment_type": "image/png"},
         )
     assert at_limit.status_code == 200 and encoded.status_code == 200
     assert (over.status_code, over.json()["attachment"]) == (400, "invalid")

@@ -128,7 +128,9 @@ def test_rehearsal_sends_one_daily_summary_with_the_chart_attached_across_a_rest
         with FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=restart, speed=SPEED) as polygon:
             settings = settings_for(polygon, pushover, tmp_path)
             started = time.monotonic()
-            again = run_daemon(settings, SimClock(restart, SPEED), until=lambda: time.monotonic() - started > 3)
+            again = run_daemon(
+                settings, SimClock(restart, SPEED), until=lambda: time.monotonic() - started > 3
+            )
         assert again.engine.now_ms > restart + 60_000  # its engine ran well past the close
         assert [m.form["title"] for m in pushover.messages].count("IWM alerter — START") == 2
         assert len(summaries(pushover)) == 1

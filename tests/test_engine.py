@@ -353,7 +353,9 @@ def test_the_summary_follows_the_early_close_and_skips_days_without_a_session():
     early = engine()
     day = date(2025, 11, 28)
     assert not summaries(early.on_event(Tick(at(12, 59, 59, day))))
-    assert [a.dedupe_key for a in summaries(early.on_event(Tick(at(13, 0, 0, day))))] == ["SUMMARY:2025-11-28"]
+    assert [a.dedupe_key for a in summaries(early.on_event(Tick(at(13, 0, 0, day))))] == [
+        "SUMMARY:2025-11-28"
+    ]
     christmas = engine()
     ticks = [Tick(at(h, 0, 0, date(2025, 12, 25))) for h in (15, 16, 17, 23)]
     assert not summaries(feed(christmas, ticks))

@@ -98,7 +98,9 @@ def test_a_url_httpx_refuses_is_answered_599_at_once_without_the_key(
     assert API_KEY not in repr(logs) and API_KEY not in repr([refused, odd_scheme, not_a_path])
 
 
-def test_a_body_nested_100k_deep_is_a_failed_answer_not_a_crash(polygon: FakePolygon, rest: PolygonRest) -> None:
+def test_a_body_nested_100k_deep_is_a_failed_answer_not_a_crash(
+    polygon: FakePolygon, rest: PolygonRest
+) -> None:
     polygon.chain_body_override(NESTED_BODY)
     answers = rest.chain_pages("IWM", DAY, spot=240.0)
     (answer,) = answers
@@ -183,7 +185,11 @@ def test_pending_chain_pages_never_exceed_the_cap(market: SyntheticMarket, tmp_p
     results = chain_results(market, 30)
     page_results = [results[n % len(results)] for n in range(46)]
     answers: list[tuple[str, int, object]] = [
-        (f"{CHAIN}?cursor=p{n}", 200, {"results": [page_results[n]], "next_url": f"https://x/v3?cursor=p{n + 1}"})
+        (
+            f"{CHAIN}?cursor=p{n}",
+            200,
+            {"results": [page_results[n]], "next_url": f"https://x/v3?cursor=p{n + 1}"},
+        )
         for n in range(45)
     ]
     answers.append((f"{CHAIN}?cursor=p45", 200, {"results": [page_results[45]]}))
@@ -244,7 +250,11 @@ def kinds(pushover: FakePushover) -> list[str]:
 
 
 def run_until_sell(
-    settings: Settings, clock: SimClock, pushover: FakePushover, on_poll: Callable[[], None], timeout_s: float = 90.0
+    settings: Settings,
+    clock: SimClock,
+    pushover: FakePushover,
+    on_poll: Callable[[], None],
+    timeout_s: float = 90.0,
 ) -> tuple[Daemon, bool]:
     """Run the daemon in a thread until the SELL went out; returns it and whether it was still running."""
     stop = threading.Event()
@@ -282,7 +292,11 @@ FAULTS: dict[str, tuple[Callable[[FakePolygon], None], int | None, Callable[[Fak
         30,
         lambda p: p.chain_next_url(None),
     ),
-    "nested_chain_body": (lambda p: p.chain_body_override(NESTED_BODY), 30, lambda p: p.chain_body_override(None)),
+    "nested_chain_body": (
+        lambda p: p.chain_body_override(NESTED_BODY),
+        30,
+        lambda p: p.chain_body_override(None),
+    ),
     "self_pointing_next_url": (
         lambda p: p.chain_next_url(f"{p.rest_url}{CHAIN}?cursor=self"),
         60,

@@ -1001,7 +1001,9 @@ def test_bounds_are_inclusive_and_session_fields_over_them_become_none() -> None
 def test_absurd_option_prices_become_none_and_the_quote_is_unusable(bid: float, ask: float) -> None:
     from feed import quote_is_usable
 
-    quote = parse_option_result(chain_result(last_quote={"bid": bid, "ask": ask, "bid_size": 5, "ask_size": 6}))
+    quote = parse_option_result(
+        chain_result(last_quote={"bid": bid, "ask": ask, "bid_size": 5, "ask_size": 6})
+    )
     assert quote is not None and (quote.bid is None or quote.ask is None)
     assert not quote_is_usable(quote)
 

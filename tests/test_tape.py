@@ -338,7 +338,11 @@ def test_binary_frames_are_stored_as_text_when_utf8_json_and_base64_otherwise(tm
         {"t": START + 2, "ws_bin": "/wA="},
         {"t": START + 3, "ws_raw": "plain text"},
     ]
-    assert [line.payload for line in TapeReader(path)][1:] == [json.loads(BAR_FRAME), b"\xff\x00", "plain text"]
+    assert [line.payload for line in TapeReader(path)][1:] == [
+        json.loads(BAR_FRAME),
+        b"\xff\x00",
+        "plain text",
+    ]
 
 
 def nested_list(depth: int) -> list:
@@ -412,7 +416,9 @@ def test_a_line_nested_200k_deep_is_one_bad_line_and_reading_goes_on(tmp_path: P
         writer.write_ws(START + 1, "[]")
     deep = b"[" * 200_000 + b"]" * 200_000
     append_member(path, b'{"t":1759415400002,"ws":' + deep + b"}\n")
-    append_member(path, b'{"t":1759415400003,"rest":"/v3/snapshot/options/IWM","status":200,"body":' + deep + b"}\n")
+    append_member(
+        path, b'{"t":1759415400003,"rest":"/v3/snapshot/options/IWM","status":200,"body":' + deep + b"}\n"
+    )
     append_member(path, b'{"t":1759415400004,"ws":[]}\n')
     plain = TapeReader(path)
     plain_lines = list(plain)
