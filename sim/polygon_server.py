@@ -24,6 +24,7 @@ import bisect
 import contextlib
 import datetime
 import json
+import math
 import operator
 import random
 import re
@@ -63,6 +64,16 @@ AUTH_TIMEOUT_S = 10.0
 CHAIN_DEFAULT_LIMIT, CHAIN_MAX_LIMIT = 10, 250
 AGGS_DEFAULT_LIMIT, AGGS_MAX_LIMIT = 5000, 50000
 SPAN_MS = {"second": 1000, "minute": 60_000}
+QUOTES_ROUTE = "/v3/quotes/"
+QUOTES_DEFAULT_LIMIT, QUOTES_MAX_LIMIT = 1000, 50000
+CONTRACTS_ROUTE = "/v3/reference/options/contracts"
+CONTRACTS_DEFAULT_LIMIT, CONTRACTS_MAX_LIMIT = 10, 1000
+# Quote history (/v3/quotes): NBBO changes of a contract are a Poisson process of this mean rate per
+# second (so some seconds have several, many none), at ns times, during the regular session only.
+QUOTE_HISTORY_RATE_PER_S = 1.5
+QUOTE_HISTORY_MAX_PER_S = 16
+REGULAR_OPEN, REGULAR_CLOSE = datetime.time(9, 30), datetime.time(16, 0)
+NS_PER_MS, NS_PER_S = 1_000_000, 1_000_000_000
 MAX_RANGE_DAYS = 400
 SHUTDOWN_POLL_S = 0.05
 MAX_CONNECTIONS_MESSAGE = (
@@ -474,6 +485,8 @@ class FakePolygon:
         self._options_refuse = False
         self._options_silent = False
         self._storm: _QuoteStorm | None = None
+        self._quotes_entitled = True
+        self._quotes_page_cap = QUOTES_MAX_LIMIT
         self._max_connections_pending = 0
         self._fault: _RestFault | None = None
         self._hold: _RestHold | None = None
@@ -632,6 +645,45 @@ class FakePolygon:
         with self._lock:
             self._chain_next_url = url
 
+    def quotes_entitled(self, on: bool) -> None:
+        """Off: `/v3/quotes/...` answers 403 NOT_AUTHORIZED (a plan without option quotes)."""
+        with self._lock:
+            self._quotes_entitled = on
+
+    def quotes_page_cap(self, limit: int) -> None:
+        """Cap every `/v3/quotes` page at `limit` results (the real cap is 50000), so paging shows in tests."""
+        if limit < 1:
+            raise ValueError("a page holds at least one quote")
+        with self._lock:
+            self._quotes_page_cap = limit
+
+    def quote_history(
+        self, ticker: str, gte_ns: int, lt_ns: int, *, as_of_ms: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The `/v3/quotes` results of `ticker` with gte_ns <= sip_timestamp < lt_ns, oldest first.
+
+        Only quotes that have happened by `as_of_ms` (default: the simulated now) exist. Their times are a
+        seeded Poisson process per contract and second (`QUOTE_HISTORY_RATE_PER_S`), in the regular
+        session only; each quote is the source's `option_quote` at that instant, so the same question
+        always gets the same answer.
+        """
+        as_of = self.now_ms() if as_of_ms is None else as_of_ms
+        end_ns = min(lt_ns, as_of * NS_PER_MS + 1)
+        results: list[dict[str, Any]] = []
+        if end_ns <= gte_ns:
+            return results
+        for open_s, close_s in _regular_seconds(gte_ns // NS_PER_MS, (end_ns - 1) // NS_PER_MS):
+            first_s, last_s = max(open_s, gte_ns // NS_PER_S), min(close_s, (end_ns - 1) // NS_PER_S + 1)
+            for second in range(first_s, last_s):
+                for k, ns in enumerate(_quote_times(ticker, second)):
+                    if not gte_ns <= ns < end_ns:
+                        continue
+                    quote = self.source.option_quote(ticker, ns // NS_PER_MS)
+                    if quote is not None:
+                        sequence = _first_sequence(ticker) + (second - open_s) * QUOTE_HISTORY_MAX_PER_S + k
+                        results.append(_quote_result(quote, ns, sequence))
+        return results
+
     def chain_body_override(self, raw: bytes | None) -> None:
         """While set, chain snapshot requests are answered 200 with these raw bytes (None: normal)."""
         with self._lock:
@@ -657,6 +709,7 @@ class FakePolygon:
             silent, self._silent = self._silent or self._options_silent, False
             self._options_entitled, self._options_refuse, self._options_silent = True, False, False
             self._storm = None
+            self._quotes_entitled, self._quotes_page_cap = True, QUOTES_MAX_LIMIT
         if silent:
             self._poke_clients()
 
@@ -1016,7 +1069,54 @@ class FakePolygon:
         match = _AGGS_ROUTE.fullmatch(route)
         if match is not None and match["mult"] == "1" and match["span"] in SPAN_MS:
             return self._aggs(route, match, query, now_ms)
+        if route.startswith(QUOTES_ROUTE) and len(route) > len(QUOTES_ROUTE):
+            return self._quotes(route, unquote(route[len(QUOTES_ROUTE) :]), query, now_ms)
+        if route == CONTRACTS_ROUTE:
+            return self._contracts(route, query, now_ms)
         return _not_found("Not found")
+
+    def _quotes(self, route: str, ticker: str, query: dict[str, list[str]], now_ms: int) -> Reply:
+        """`GET /v3/quotes/{optionsTicker}` (polygon.md section 4.2): ns time bounds, sort/order, cursor paging."""
+        with self._lock:
+            entitled, cap = self._quotes_entitled, self._quotes_page_cap
+        if not entitled:
+            return Reply(403, {**FAILURE_BODIES[403], "request_id": _request_id()})
+        params, at_ms, offset = self._paging_state(query, now_ms)
+        limit = min(_limit(params.get("limit"), QUOTES_DEFAULT_LIMIT, QUOTES_MAX_LIMIT), cap)
+        if params.get("sort", "timestamp") != "timestamp":
+            raise ValueError(f"invalid sort {params['sort']!r}")
+        order = params.get("order", "desc")  # the real default is newest first
+        if order not in ("asc", "desc"):
+            raise ValueError(f"invalid order {order!r}")
+        gte_ns, lt_ns = _ns_bounds(params, at_ms)
+        quotes = self.quote_history(ticker, gte_ns, lt_ns, as_of_ms=at_ms)
+        if order == "desc":
+            quotes.reverse()
+        body: dict[str, Any] = {
+            "status": "OK",
+            "request_id": _request_id(),
+            "results": quotes[offset : offset + limit],
+        }
+        if offset + limit < len(quotes):
+            body["next_url"] = self._next_url(route, params, at_ms, offset + limit)
+        return Reply(200, body)
+
+    def _contracts(self, route: str, query: dict[str, list[str]], now_ms: int) -> Reply:
+        """`GET /v3/reference/options/contracts`: the contracts of the chain as of now, filtered and paged."""
+        params, at_ms, offset = self._paging_state(query, now_ms)
+        limit = _limit(params.get("limit"), CONTRACTS_DEFAULT_LIMIT, CONTRACTS_MAX_LIMIT)
+        wanted = params.get("underlying_ticker", self.source.underlying)
+        results = self.source.chain_results(at_ms) if wanted == self.source.underlying else []
+        chosen = _filter_chain(results, params)
+        rows = list({row["ticker"]: row for row in (_reference_row(r, wanted) for r in chosen)}.values())
+        body: dict[str, Any] = {
+            "status": "OK",
+            "request_id": _request_id(),
+            "results": rows[offset : offset + limit],
+        }
+        if offset + limit < len(rows):
+            body["next_url"] = self._next_url(route, params, at_ms, offset + limit)
+        return Reply(200, body)
 
     def _chain(self, route: str, query: dict[str, list[str]], now_ms: int) -> Reply:
         with self._lock:
@@ -1278,6 +1378,82 @@ def _filter_chain(results: list[dict], params: Mapping[str, str]) -> list[dict]:
         chosen.append(result)
     chosen.sort(key=_result_ticker)
     return chosen
+
+
+def _regular_seconds(from_ms: int, to_ms: int) -> list[tuple[int, int]]:
+    """(open, close) Unix seconds of the regular session of each New York day from `from_ms` to `to_ms`."""
+    sessions = []
+    for day in _ny_days(from_ms, to_ms):
+        if day.weekday() < 5:
+            open_at = datetime.datetime.combine(day, REGULAR_OPEN, NY)
+            close_at = datetime.datetime.combine(day, REGULAR_CLOSE, NY)
+            sessions.append((int(open_at.timestamp()), int(close_at.timestamp())))
+    return sessions
+
+
+def _quote_times(ticker: str, second: int) -> list[int]:
+    """The ns instants of a contract's NBBO changes within one Unix second: Poisson many, uniform in it.
+
+    Seeded by (ticker, second) alone, so any time range or page asks for the same instants.
+    """
+    rng = random.Random(f"nbbo:{ticker}:{second}")
+    count, product, floor = 0, rng.random(), math.exp(-QUOTE_HISTORY_RATE_PER_S)
+    while product > floor and count < QUOTE_HISTORY_MAX_PER_S:
+        count += 1
+        product *= rng.random()
+    return [second * NS_PER_S + offset for offset in sorted(rng.sample(range(NS_PER_S), count))]
+
+
+def _quote_result(quote: BookQuote, ns: int, sequence: int) -> dict[str, Any]:
+    """One `/v3/quotes` result (polygon.md section 4.2), keys in the vendor's order."""
+    return {
+        "ask_exchange": quote.ask_exchange,
+        "ask_price": quote.ask,
+        "ask_size": quote.ask_size,
+        "bid_exchange": quote.bid_exchange,
+        "bid_price": quote.bid,
+        "bid_size": quote.bid_size,
+        "sequence_number": sequence,
+        "sip_timestamp": ns,
+    }
+
+
+def _ns_bounds(params: Mapping[str, str], at_ms: int) -> tuple[int, int]:
+    """[gte, lt) in ns from `timestamp` (ns or YYYY-MM-DD) and its .gte/.gt/.lte/.lt forms; open ends: 0, as-of."""
+    low, high = 0, at_ms * NS_PER_MS + 1
+    day = params.get("timestamp")
+    if day is not None and not day.isdigit():
+        low = _ny_midnight_ms(_parse_day(day)) * NS_PER_MS
+        high = _ny_midnight_ms(_parse_day(day) + datetime.timedelta(days=1)) * NS_PER_MS
+    elif day is not None:
+        low, high = int(day), int(day) + 1
+    for key, shift, is_low in (("gte", 0, True), ("gt", 1, True), ("lt", 0, False), ("lte", 1, False)):
+        raw = params.get(f"timestamp.{key}")
+        if raw is None:
+            continue
+        if not raw.isdigit():
+            raise ValueError(f"invalid timestamp.{key} {raw!r}: use Unix ns")
+        if is_low:
+            low = max(low, int(raw) + shift)
+        else:
+            high = min(high, int(raw) + shift)
+    return low, high
+
+
+def _reference_row(result: dict, underlying: str) -> dict[str, Any]:
+    """A `/v3/reference/options/contracts` row from a chain result's details."""
+    details = result.get("details") if isinstance(result.get("details"), dict) else {}
+    return {
+        "cfi": "OCASPS",
+        "contract_type": details.get("contract_type"),
+        "exercise_style": details.get("exercise_style"),
+        "expiration_date": details.get("expiration_date"),
+        "primary_exchange": "BATO",
+        "shares_per_contract": details.get("shares_per_contract"),
+        "strike_price": details.get("strike_price"),
+        "ticker": _result_ticker(result),
+        "underlying_ticker": underlying,
+    }
 
 
 def _encode_cursor(state: dict[str, Any]) -> str:
