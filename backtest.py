@@ -513,15 +513,27 @@ def day_seed(seed: int, day: datetime.date) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{day.isoformat()}".encode()).digest()[:4], "big")
 
 
+def synthetic_folder(data_dir: Path, seed: int) -> Path:
+    """Where the synthetic days of `seed` are kept: one folder per version of the market model."""
+    from sim.market import MODEL_VERSION  # only synthetic runs need the model
+
+    return data_dir / "synthetic" / f"v{MODEL_VERSION}" / f"seed-{seed}"
+
+
 def build_synthetic_tape(day: datetime.date, seed: int, folder: Path) -> Path:
-    """The tape of one synthetic day (`random_script`), built once: an existing tape is reused."""
-    from sim.market import SyntheticMarket, random_script, write_tape  # only synthetic runs need the model
+    """The tape of one synthetic day (`random_script`), built once: an existing tape is reused.
+
+    It streams the options cluster's quotes of the contracts nearest the delta band, as a daemon with
+    the options stream records them, so marks and exits move within a second as they do live.
+    """
+    from sim import market as model  # only synthetic runs need the model
 
     path = Path(folder) / f"{day.isoformat()}.jsonl.gz"
     if path.is_file():
         return path
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    write_tape(SyntheticMarket(random_script(day, day_seed(seed, day))), partial)
+    market = model.SyntheticMarket(model.random_script(day, day_seed(seed, day)))
+    model.write_tape(market, partial, stream_quotes=model.DEMO_STREAM_QUOTES)
     os.replace(partial, path)
     return path
 
@@ -787,9 +799,10 @@ EXAMPLES = """examples:
   python backtest.py data/tapes/ --sweep MAX_GIVEBACK_PERCENT=20,30,40 --sweep STOP_LOSS_PERCENT=10,15,20
   python backtest.py --fetch 2025-10-02 --to 2025-10-31
 
-Synthetic tapes are kept under DATA_DIR/synthetic/seed-S/, reconstructed ones under DATA_DIR/history/
-(raw REST answers under DATA_DIR/cache/DATE/, so an interrupted --fetch resumes). Every tape run is
-decoded once into DATA_DIR/decoded/ (about 15 MB per full day), which re-runs and sweeps read instead."""
+Synthetic tapes are kept under DATA_DIR/synthetic/vM/seed-S/ (M: the market model's version),
+reconstructed ones under DATA_DIR/history/ (raw REST answers under DATA_DIR/cache/DATE/, so an
+interrupted --fetch resumes). Every tape run is decoded once into DATA_DIR/decoded/ (about 15 MB per
+full day), which re-runs and sweeps read instead."""
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -917,7 +930,7 @@ def collect_tapes(args: argparse.Namespace, settings: Settings, io: Io) -> list[
     if args.synthetic is not None:
         calendar = MarketCalendar(settings.rules, settings.market_closed_dates)
         days = synthetic_dates(args.synthetic, calendar)
-        folder = Path(settings.data_dir) / "synthetic" / f"seed-{args.seed}"
+        folder = synthetic_folder(Path(settings.data_dir), args.seed)
         progress = Progress("synthetic days", args.synthetic, stream=io.err)
         tapes = build_synthetic_tapes(days, args.seed, folder, workers=args.workers, progress=progress)
         progress.close()

@@ -28,6 +28,11 @@ volatility that rises into the close and a smile in standardised moneyness. The 
 is what real IWM 0DTE premiums imply with this calendar-time T; the 0.18 of the brief would price a
 10:00 ATM call near $0.45 and leave the 0.30-0.45 delta band empty most of the afternoon.
 
+Days of `random_script` carry a `Texture` (issue 12): bursts that fail as well as succeed, twice the
+noise, an implied volatility that walks around the ATM curve and jumps in fast markets, spreads that widen
+in fast markets and the last half hour, and the occasional one-second gap. `demo_script` has none, so the
+demo day is unchanged. sim/README.md describes the model and every parameter.
+
 Streamed option quotes (the options cluster, issue 11) come from the same model: `stream_quote` is the
 chain's quote at whole seconds and, between them, the quote on a spot that moves in a straight line to
 the second's close (`live_spot`). `write_tape(stream_quotes=N)` records them for the contracts a daemon
@@ -97,6 +102,11 @@ OPTION_EXCHANGES = (300, 301, 302, 303, 304, 307, 308, 309, 312, 313, 315, 316, 
 DEMO_STREAM_QUOTES = 4
 # The first day `build_stream_days` builds (the benchmark's synthetic days with streamed quotes).
 STREAM_DAYS_FIRST = datetime.date(2025, 1, 2)
+# Bumped whenever a seed's synthetic tape changes, so caches of tapes keyed by seed are not reused.
+MODEL_VERSION = 2
+# How a random day's burst ends (issue 12): drawn uniformly per burst; see sim/README.md.
+BURST_OUTCOMES = ("run", "stall", "reversal", "fade", "false_breakout", "shakeout")
+SPEED_WINDOW_S = 5
 
 
 class StreamQuote(NamedTuple):
@@ -130,14 +140,42 @@ class Episode:
 
 
 @dataclass(frozen=True, slots=True)
+class Texture:
+    """What makes a random day rough (issue 12): a moving implied volatility, spreads, gaps.
+
+    Speed is the underlying's move over the last `SPEED_WINDOW_S` seconds in units of its normal noise
+    (a z-score); a market is fast by `max(0, speed - fast_speed)`, remembered with `fast_memory_s`
+    decay. See sim/README.md for what each parameter does and why it has its value.
+    """
+
+    noise: float = 2.0  # random-walk and microstructure noise, times the smooth model's
+    iv_walk: float = 0.003  # per-second sd of the slow log-vol deviation (a random walk)
+    iv_revert_s: float = 900.0  # its mean-reversion time back to the ATM curve
+    iv_fast_push: float = 0.008  # log-vol added per second per unit of fast market
+    iv_crush_s: float = 90.0  # how fast that push decays once the market calms (the vol crush)
+    iv_bounds: tuple[float, float] = (-0.4, 0.6)  # the deviation's clip (log units)
+    fast_speed: float = 2.0
+    fast_memory_s: float = 10.0
+    spread_fast_ticks: float = 0.5  # extra spread ticks per unit of fast market (dithered)
+    spread_max_extra: int = 3
+    close_window_s: int = 1800  # the last 30 minutes quote one tick wider
+    gaps_mean: float = 1.5  # gaps per session (Poisson)
+    gap_dollars: tuple[float, float] = (0.10, 0.40)  # size of a gap, either way
+
+
+@dataclass(frozen=True, slots=True)
 class DayScript:
-    """Everything that determines a synthetic session: same script, same bytes."""
+    """Everything that determines a synthetic session: same script, same bytes.
+
+    `texture` None is the smooth model (the demo day); `random_script` days carry a `Texture`.
+    """
 
     session_date: datetime.date
     seed: int
     open_price: float
     episodes: tuple[Episode, ...]
     pauses: tuple[tuple[datetime.time, datetime.time], ...] = ()
+    texture: Texture | None = None
 
     def __post_init__(self) -> None:
         for start, end in self.pauses:
@@ -204,7 +242,10 @@ def demo_script() -> DayScript:
 
 
 def random_script(session_date: datetime.date, seed: int) -> DayScript:
-    """A plausible random day for backtests: 3-6 bursts, each followed by a pullback, fade or grind."""
+    """A plausible random day for backtests: 3-6 bursts that succeed or fail, with `Texture()`.
+
+    Each burst's outcome is drawn uniformly from `BURST_OUTCOMES` (see `_burst_group`).
+    """
     rng = random.Random(f"script:{session_date.isoformat()}:{seed}")
     open_price = _cents(240.0 * math.exp(rng.gauss(0.0, 0.04)))
     episodes: list[Episode] = []
@@ -213,20 +254,48 @@ def random_script(session_date: datetime.date, seed: int) -> DayScript:
         cursor += rng.randint(900, 3600)
         if cursor > SESSION_SECONDS - 1800:
             break
-        episodes += _random_burst_group(rng, cursor)
+        episodes += _burst_group(rng, cursor, rng.choice(BURST_OUTCOMES))
         cursor += 400
     if rng.random() < 0.7:
         episodes.append(Episode(_clock(rng.randint(7200, 10800)), "quiet", rng.randint(600, 2400), 0.3))
     episodes.sort(key=lambda e: e.start)
-    return DayScript(session_date, seed, open_price, tuple(_drop_overlaps(episodes)))
+    return DayScript(session_date, seed, open_price, tuple(_drop_overlaps(episodes)), texture=Texture())
 
 
-def _random_burst_group(rng: random.Random, at_s: int) -> list[Episode]:
-    burst_s = rng.randint(40, 120)
-    group = [Episode(_clock(at_s), "burst", burst_s, round(rng.uniform(0.12, 0.35), 3))]
-    follow = rng.choice(("pullback", "fade", "grind", "chop"))
-    strength = {"pullback": 0.35, "fade": 0.2, "grind": 0.15, "chop": 1.0}[follow]
-    group.append(Episode(_clock(at_s + burst_s), follow, rng.randint(60, 240), strength))
+def _burst_group(rng: random.Random, at_s: int, outcome: str) -> list[Episode]:
+    """A burst and what follows it, back to back from `at_s`.
+
+    run: a grind higher; stall: chop, then a slow bleed of part of the move; reversal: a pullback
+    back through the burst's start; fade: a slow bleed of about all of it; false_breakout: a short,
+    weak burst, a few seconds of chop, then a pullback well through its start; shakeout: a dip,
+    a second burst and a grind (a stop that is too tight sells the dip).
+    """
+    # A failing burst is short, at the pace of a lasting one: at the entry signal the two look alike.
+    fails = outcome not in ("run", "shakeout")
+    burst_s = rng.randint(15, 45) if fails else rng.randint(40, 120)
+    pace = rng.uniform(0.12, 0.35) / 80.0
+    strength = round(pace * (80 if not fails else burst_s), 3)
+    steps: list[tuple[str, int, float]] = [("burst", burst_s, strength)]
+    if outcome == "run":
+        steps.append(("grind", rng.randint(300, 1200), round(rng.uniform(0.10, 0.25), 3)))
+    elif outcome == "stall":
+        steps.append(("chop", rng.randint(120, 400), round(rng.uniform(0.8, 1.4), 2)))
+        steps.append(("fade", rng.randint(120, 300), round(strength * rng.uniform(0.3, 0.8), 3)))
+    elif outcome == "reversal":
+        steps.append(("pullback", rng.randint(60, 180), round(strength * rng.uniform(1.2, 2.0), 3)))
+    elif outcome == "fade":
+        steps.append(("fade", rng.randint(180, 480), round(strength * rng.uniform(0.8, 1.4), 3)))
+    elif outcome == "false_breakout":
+        steps.append(("chop", rng.randint(20, 60), 1.0))
+        steps.append(("pullback", rng.randint(60, 150), round(strength * rng.uniform(1.3, 2.5), 3)))
+    else:
+        steps.append(("pullback", rng.randint(20, 60), round(strength * rng.uniform(0.4, 0.8), 3)))
+        steps.append(("burst", rng.randint(40, 90), round(rng.uniform(0.12, 0.30), 3)))
+        steps.append(("grind", rng.randint(300, 900), round(rng.uniform(0.10, 0.20), 3)))
+    group = []
+    for kind, seconds, size in steps:
+        group.append(Episode(_clock(at_s), kind, seconds, size))
+        at_s += seconds
     return group
 
 
@@ -265,6 +334,7 @@ class _Regime:
     pull: np.ndarray
     guarded: np.ndarray
     spy_drift: np.ndarray
+    jump: np.ndarray  # a gap: log return added in one second (texture only)
 
 
 def intraday_volume_shape(n: int = SESSION_SECONDS) -> np.ndarray:
@@ -286,13 +356,34 @@ def _regime(script: DayScript) -> _Regime:
         pull=np.zeros(n),
         guarded=np.ones(n, dtype=bool),
         spy_drift=np.zeros(n),
+        jump=_gaps(script, n),
     )
     for episode in script.episodes:
         start = _seconds_from_open(episode.start)
         stop = min(n, start + episode.seconds)
         if 0 <= start < stop:
             _apply_episode(regime, episode, start, stop)
+    if script.texture is not None:
+        regime.rw_scale[:] *= script.texture.noise
+        regime.ou_scale[:] *= script.texture.noise
     return regime
+
+
+def _gaps(script: DayScript, n: int) -> np.ndarray:
+    """The texture's gaps: a Poisson number of one-second jumps of `gap_dollars` either way.
+
+    Drawn from their own generator so the bars' draws (and a day without texture) are unchanged.
+    """
+    jumps = np.zeros(n)
+    texture = script.texture
+    if texture is None:
+        return jumps
+    rng = np.random.default_rng([script.seed, 12, 1])
+    count = int(rng.poisson(texture.gaps_mean))
+    at = rng.integers(300, n - 600, size=count)
+    sizes = rng.uniform(*texture.gap_dollars, size=count) * rng.choice((-1.0, 1.0), size=count)
+    jumps[at] = np.log1p(sizes / script.open_price)
+    return jumps
 
 
 def _apply_episode(regime: _Regime, episode: Episode, start: int, stop: int) -> None:
@@ -505,6 +596,7 @@ def _iwm_bars(
     n = SESSION_SECONDS
     drift, rw_scale, ou_scale = regime.drift.tolist(), regime.rw_scale.tolist(), regime.ou_scale.tolist()
     pull, gap_prob, guarded = regime.pull.tolist(), regime.gap_prob.tolist(), regime.guarded.tolist()
+    jump = regime.jump.tolist()
     base_volume = (IWM_MEAN_VOLUME * regime.volume).tolist()
     columns: list[list[float]] = [[0.0] * n for _ in range(6)]
     present = [False] * n
@@ -518,6 +610,8 @@ def _iwm_bars(
         if pull[i] == 0.0:
             anchor = level
         level *= math.exp(drift[i] + RW_SIGMA * rw_scale[i] * draws.rw[i])
+        if jump[i]:
+            level *= math.exp(jump[i])
         level += pull[i] * (anchor - level)
         noise = OU_PHI * noise + OU_SIGMA * ou_scale[i] * draws.ou[i]
         log_vol = 0.6 * log_vol + 0.4 * draws.vol[i]
@@ -628,6 +722,39 @@ def _ar1(shocks: np.ndarray, phi: float) -> np.ndarray:
         acc = phi * acc + shock
         out[i] = acc
     return out
+
+
+def _texture_paths(script: DayScript, levels: np.ndarray) -> tuple[list[float] | None, list[int] | None]:
+    """Per second: the ATM volatility's factor and the spread's extra ticks (None, None without texture).
+
+    The log-vol deviation is a mean-reverting random walk pushed up while the market is fast; the
+    spread gains dithered ticks in fast markets and one tick in the last `close_window_s`.
+    """
+    texture = script.texture
+    if texture is None:
+        return None, None
+    n = len(levels)
+    rng = np.random.default_rng([script.seed, 12, 2])
+    shocks, dither = rng.standard_normal(n).tolist(), rng.random(n).tolist()
+    log_level = np.log(levels)
+    lagged = np.concatenate((np.full(SPEED_WINDOW_S, log_level[0]), log_level[:-SPEED_WINDOW_S]))
+    speed = np.abs(log_level - lagged) / (texture.noise * RW_SIGMA * math.sqrt(SPEED_WINDOW_S))
+    # log1p: a flush ten times as fast as a burst is not ten times as frightening to market makers.
+    over = np.log1p(np.maximum(0.0, speed - texture.fast_speed)).tolist()
+    keep = math.exp(-1.0 / texture.fast_memory_s)
+    revert, crush = 1.0 - 1.0 / texture.iv_revert_s, 1.0 - 1.0 / texture.iv_crush_s
+    low, high = texture.iv_bounds
+    close_from = n - texture.close_window_s
+    factors, extras = [1.0] * n, [0] * n
+    fast = slow = push = 0.0
+    for i in range(n):
+        fast = max(over[i], fast * keep)
+        slow = slow * revert + texture.iv_walk * shocks[i]
+        push = push * crush + texture.iv_fast_push * fast
+        factors[i] = math.exp(min(high, max(low, slow + push)))
+        extra = min(texture.spread_max_extra, int(texture.spread_fast_ticks * fast + dither[i]))
+        extras[i] = extra + (1 if i >= close_from else 0)
+    return factors, extras
 
 
 def norm_cdf(x: float) -> float:
@@ -763,7 +890,7 @@ class _OptionBook:
         """Every call the chain request returns at `at_ms`, with this snapshot's traps, ticker order."""
         spot = self._market.spot_at(at_ms)
         t_years = self._t_years(at_ms, self._day)
-        atm = atm_vol(self._elapsed_fraction(at_ms))
+        atm = self._atm(at_ms)
         contracts = list(self.listed) + self._traps(spot, t_years, atm)
         if 0 <= at_ms - self._market.session_open_ms - OTHER_EXPIRY_AT_S * 1000 < 10_000:
             contracts.append(self._other_expiry(spot, at_ms, atm))
@@ -793,6 +920,10 @@ class _OptionBook:
     def _elapsed_fraction(self, at_ms: int) -> float:
         return (at_ms - self._market.session_open_ms) / (SESSION_SECONDS * 1000.0)
 
+    def _atm(self, at_ms: int) -> float:
+        """The ATM volatility at `at_ms`: the day's curve times the texture's moving factor (1 without)."""
+        return atm_vol(self._elapsed_fraction(at_ms)) * self._market.iv_factor(at_ms)
+
     def value(self, contract: _Contract, at_ms: int) -> tuple[CallValue, float, float]:
         """(value, implied volatility, spot) of a contract at `at_ms`."""
         spot, t_years, atm = self._moment(at_ms, contract.expiry)
@@ -808,7 +939,7 @@ class _OptionBook:
         moment = (
             self._market.spot_at(at_ms),
             self._t_years(at_ms, expiry),
-            atm_vol(self._elapsed_fraction(at_ms)),
+            self._atm(at_ms),
         )
         self._last_moment = (key, moment)
         return moment
@@ -824,13 +955,14 @@ class _OptionBook:
 
         With `spot = spot_at(at_ms)` this is exactly the chain's quote of a contract without a trap.
         """
-        atm = atm_vol(self._elapsed_fraction(at_ms))
+        atm = self._atm(at_ms)
+        extra = self._market.spread_extra_ticks(at_ms)
         quotes = []
         for contract in contracts:
             t_years = self._t_years(at_ms, contract.expiry)
             sigma = smile_vol(contract.strike, spot, t_years, atm)
             value = bs_call(spot, contract.strike, t_years, sigma)
-            quotes.append(quote_for(value.price, 0.05 <= value.delta <= 0.95))
+            quotes.append(quote_for(value.price, 0.05 <= value.delta <= 0.95, extra))
         return quotes
 
     def day_volume(self, contract: _Contract, at_ms: int) -> int:
@@ -901,10 +1033,13 @@ def _tick(price: float) -> float:
     return 0.01 if price < 3.0 else 0.05
 
 
-def quote_for(theo: float, liquid: bool) -> tuple[float, float]:
-    """A penny-wide (nickel above $3) market around `theo`; zero bid when it is worth under half a cent."""
+def quote_for(theo: float, liquid: bool, extra_ticks: int = 0) -> tuple[float, float]:
+    """A penny-wide (nickel above $3) market around `theo`; zero bid when it is worth under half a cent.
+
+    `extra_ticks` widens it (the texture's fast markets and last half hour).
+    """
     tick = _tick(theo)
-    width = tick * (1 if liquid else 2)
+    width = tick * ((1 if liquid else 2) + extra_ticks)
     if theo < 0.005:
         return 0.0, _cents(width)
     bid = max(0.0, math.floor((theo - width / 2) / tick + 0.5) * tick)
@@ -946,6 +1081,7 @@ class SyntheticMarket:
         iwm_draws = _BarDraws.draw(rng, SESSION_SECONDS)
         spy_draws = _BarDraws.draw(rng, SESSION_SECONDS)
         iwm, levels = _iwm_bars(script, regime, iwm_draws, rng)
+        self._iv_factor, self._spread_extra = _texture_paths(script, levels)
         spy = _spy_bars(script, levels, regime, spy_draws, rng)
         self._bars = {underlying: iwm, benchmark: spy}
         self._wire = {sym: _wire_rows(bars, self.session_open_ms) for sym, bars in self._bars.items()}
@@ -969,6 +1105,24 @@ class SyntheticMarket:
         if index < 0:
             return self._bars[self.underlying].official_open
         return self._spot_list[min(index, SESSION_SECONDS - 1)]
+
+    def iv_factor(self, ms: int) -> float:
+        """The texture's multiplier of the ATM volatility at `ms` (1.0 without texture).
+
+        A step per second, taken like `spot_at` (the newest second that has ended), so a streamed quote
+        at a whole second is the chain's.
+        """
+        index = (ms - self.session_open_ms) // 1000 - 1
+        if self._iv_factor is None or index < 0:
+            return 1.0
+        return self._iv_factor[min(index, SESSION_SECONDS - 1)]
+
+    def spread_extra_ticks(self, ms: int) -> int:
+        """Ticks the texture adds to every quote's spread at `ms` (0 without texture), stepped as `iv_factor`."""
+        index = (ms - self.session_open_ms) // 1000 - 1
+        if self._spread_extra is None or index < 0:
+            return 0
+        return self._spread_extra[min(index, SESSION_SECONDS - 1)]
 
     def live_spot(self, ms: int) -> float:
         """The underlying as its trades move it: `spot_at` at each whole second, and within second i a
@@ -1306,7 +1460,7 @@ def _contract_result(
     stale = contract.trap == "stale"
     quote_ms = at_ms - STALE_QUOTE_MS - draws[0] % 1000 if stale else at_ms - 50 - draws[0] % 2450
     value, sigma, spot = book.value(contract, quote_ms if stale else at_ms)
-    bid, ask = _trap_quote(contract.trap, value)
+    bid, ask = _trap_quote(contract.trap, value, market.spread_extra_ticks(quote_ms if stale else at_ms))
     midpoint = _round4((bid + ask) / 2)
     volume = book.day_volume(contract, at_ms)
     result: dict[str, Any] = {
@@ -1344,7 +1498,7 @@ def _contract_result(
     return result
 
 
-def _trap_quote(trap: str, value: CallValue) -> tuple[float, float]:
+def _trap_quote(trap: str, value: CallValue, extra_ticks: int) -> tuple[float, float]:
     theo = value.price
     if trap == "wide":
         width = max(0.05, _cents(0.10 * theo))
@@ -1353,7 +1507,7 @@ def _trap_quote(trap: str, value: CallValue) -> tuple[float, float]:
     if trap == "crossed":
         bid = max(0.03, _cents(theo + 0.01))
         return bid, _cents(bid - 0.02)
-    return quote_for(theo, 0.05 <= value.delta <= 0.95)
+    return quote_for(theo, 0.05 <= value.delta <= 0.95, extra_ticks)
 
 
 def _day_bar(
