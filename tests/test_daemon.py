@@ -80,7 +80,7 @@ def kinds(pushover: FakePushover) -> list[str]:
 
 
 def test_live_rehearsal_sends_buy_then_sell_as_the_replay_of_its_own_tape(market, tmp_path):
-    start = at(10, 0)
+    start = at(10, 4)
     with (
         FakePushover() as pushover,
         FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,

@@ -80,7 +80,7 @@ def journal_rows(path: Path, sql: str) -> list[tuple]:
 def test_journal_refusing_writes_from_before_the_buy_to_after_the_sell_loses_and_repeats_nothing(
     market, tmp_path
 ):
-    start = at(10, 0)
+    start = at(10, 4)
     with (
         FakePushover() as pushover,
         FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
@@ -110,7 +110,7 @@ def test_journal_refusing_writes_from_before_the_buy_to_after_the_sell_loses_and
 
 
 def test_a_lock_held_by_another_process_never_freezes_the_engine_or_loses_an_alert(market, tmp_path):
-    start = at(10, 0)
+    start = at(10, 4)
     with (
         FakePushover() as pushover,
         FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
@@ -135,7 +135,7 @@ def test_a_lock_held_by_another_process_never_freezes_the_engine_or_loses_an_ale
 
 
 def test_journal_failing_while_an_alert_waits_for_pushover_never_resends_it(market, tmp_path):
-    start = at(10, 0)
+    start = at(10, 4)
     with (
         FakePushover() as pushover,
         FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
@@ -155,7 +155,7 @@ def test_journal_failing_while_an_alert_waits_for_pushover_never_resends_it(mark
 
 
 def test_a_silent_socket_is_replaced_and_the_day_goes_on(market, tmp_path):
-    start = at(10, 0)
+    start = at(10, 4)
     with (
         FakePushover() as pushover,
         FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
@@ -165,7 +165,7 @@ def test_a_silent_socket_is_replaced_and_the_day_goes_on(market, tmp_path):
         settings = settings_for(polygon, pushover, tmp_path, stream_silence_seconds=15.0)
         with daemon_running(settings, clock) as (daemon, thread):
             assert wait_for(lambda: polygon.ws_connections >= 1, 20)
-            assert wait_for(lambda: clock.now_ms() >= at(10, 1, 0), 20)
+            assert wait_for(lambda: clock.now_ms() >= at(10, 5, 0), 20)
             polygon.silence(False)
             assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
             assert thread.is_alive()
@@ -175,7 +175,7 @@ def test_a_silent_socket_is_replaced_and_the_day_goes_on(market, tmp_path):
 
 
 def test_pushover_out_of_quota_sends_by_the_fallback_and_health_says_degraded(market, tmp_path):
-    start = at(10, 0)
+    start = at(10, 4)
     with (
         FakePushover() as pushover,
         FakeWebhook() as hook,
@@ -195,7 +195,7 @@ def test_pushover_out_of_quota_sends_by_the_fallback_and_health_says_degraded(ma
 
 
 def test_pushover_out_of_quota_without_a_fallback_holds_alerts_and_says_failing(market, tmp_path):
-    start = at(10, 0)
+    start = at(10, 4)
     with (
         FakePushover() as pushover,
         FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
@@ -214,7 +214,7 @@ def test_pushover_out_of_quota_without_a_fallback_holds_alerts_and_says_failing(
 
 
 def test_pushover_answering_after_12_seconds_delivers_each_alert_once(market, tmp_path):
-    start = at(10, 0)
+    start = at(10, 4)
     with (
         FakePushover() as pushover,
         FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
@@ -259,7 +259,7 @@ def test_a_crashing_thread_is_restarted_reported_once_and_shown_in_health():
 
 
 def test_every_thread_is_listed_in_health_and_a_dead_one_is_failing(market, tmp_path):
-    start = at(10, 0)
+    start = at(10, 4)
     with (
         FakePushover() as pushover,
         FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
@@ -279,7 +279,7 @@ def test_every_thread_is_listed_in_health_and_a_dead_one_is_failing(market, tmp_
 
 
 def test_a_second_daemon_on_the_same_data_dir_exits_2_naming_the_first(market, tmp_path):
-    start = at(10, 0)
+    start = at(10, 4)
     with (
         FakePushover() as pushover,
         FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,

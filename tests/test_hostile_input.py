@@ -310,7 +310,7 @@ def test_the_daemon_skips_hostile_input_and_sends_buy_then_sell_once(
     market: SyntheticMarket, tmp_path: Path, fault: str
 ) -> None:
     inject, heal_after_s, heal = FAULTS[fault]
-    start = at(10, 0)
+    start = at(10, 4)
     heal_at = None if heal_after_s is None else start + heal_after_s * 1000
     with (
         FakePushover() as pushover,

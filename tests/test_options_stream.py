@@ -17,7 +17,7 @@ from sim.polygon_server import FakePolygon, SyntheticSource
 from sim.pushover_server import FakePushover
 from tape import TapeReader
 
-START = at(10, 0)
+START = at(10, 4)
 
 
 @pytest.fixture(scope="module")
