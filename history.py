@@ -1,9 +1,18 @@
 """History: rebuild the tape a past session would have produced, from Polygon REST history.
 
-IWM and SPY 1-second aggregates become WebSocket `A` frames; the day's 0DTE calls and their minute
-aggregates become chain snapshot bodies every CHAIN_POLL_SECONDS at the live poller's path. Options
-history has no quotes, so quotes are modelled (see `SpreadModel`); such tapes say
-`"reconstructed": true` in their meta line. Answers are cached per day, so a fetch resumes.
+IWM and SPY 1-second aggregates become WebSocket `A` frames; the day's 0DTE calls become chain
+snapshot bodies every CHAIN_POLL_SECONDS at the live poller's path. Each snapshot's quotes come from one
+of two methods, named in the tape's meta line as `"option_quotes"`:
+
+- `"nbbo"`: every NBBO change of each contract from `GET /v3/quotes/{optionsTicker}` (polygon.md
+  section 4.2); a snapshot shows the quote in force at its instant (the last at or before it), with its
+  sizes and its SIP time as `last_quote.last_updated`. A contract not quoted yet has no `last_quote`,
+  which the live parser reads as no bid: unusable for a choice or a mark, as live.
+- `"minute"`: a spread modelled around the newest minute bar's close (see `SpreadModel`), for plans
+  without option quotes (a 403 on /v3/quotes falls back to it for the whole fetch, saying so once).
+
+Either way IV and greeks are Black-Scholes from the mid, the `day` fields come from minute bars, and
+the tape says `"reconstructed": true`. Answers are cached per day, so a fetch resumes.
 """
 
 from __future__ import annotations
@@ -47,6 +56,14 @@ FETCH_MAX_ATTEMPTS = 8
 FETCH_RETRY_CAP_S = 120.0
 # A rejected key or plan cannot succeed on a later day; a 429 that outlasted the retries would only repeat.
 STOP_STATUSES = frozenset({401, 403, 429})
+# Option quote methods (the tape's meta "option_quotes").
+NBBO, MINUTE = "nbbo", "minute"
+QUOTES_LIMIT = 50_000
+NS_PER_MS = 1_000_000
+QUOTES_PLAN_MESSAGE = (
+    "your Polygon/Massive plan does not include option quotes (HTTP 403 on /v3/quotes): "
+    "these days are rebuilt from minute bars, an approximation"
+)
 
 
 class FetchError(RuntimeError):
@@ -55,6 +72,10 @@ class FetchError(RuntimeError):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
+
+
+class QuotesNotEntitled(FetchError):
+    """A 403 on /v3/quotes: the plan has no option quotes, so the fetch falls back to minute bars."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +192,14 @@ def contracts_path(underlying: str, day: datetime.date) -> str:
     return (
         f"/v3/reference/options/contracts?underlying_ticker={underlying}&expiration_date={day.isoformat()}"
         "&contract_type=call&expired=true&limit=1000"
+    )
+
+
+def quotes_path(ticker: str, gte_ns: int, lt_ns: int) -> str:
+    """Every NBBO change of a contract in [gte_ns, lt_ns), oldest first (polygon.md section 4.2)."""
+    return (
+        f"/v3/quotes/{ticker}?timestamp.gte={gte_ns}&timestamp.lt={lt_ns}"
+        f"&limit={QUOTES_LIMIT}&sort=timestamp&order=asc"
     )
 
 
@@ -348,11 +377,152 @@ class ChainContext:
     spot: float | None
     close_ms: int
     underlying: str
-    spread: SpreadModel
 
 
-def option_result(contract: Contract, series: MinuteSeries, ctx: ChainContext) -> dict[str, Any]:
-    """One `/v3/snapshot/options/{underlying}` result from the newest completed minute bar (≤ 5 min old)."""
+@dataclass(frozen=True, slots=True)
+class NbboQuote:
+    """One NBBO of a contract as `/v3/quotes` gives it; `ns` is its SIP time."""
+
+    ns: int
+    sequence: int
+    bid: float
+    ask: float
+    bid_size: float
+    ask_size: float
+    bid_exchange: int | None = None
+    ask_exchange: int | None = None
+
+
+def parse_quotes(rows: Iterable[dict]) -> list[NbboQuote]:
+    """The usable `/v3/quotes` results (int SIP time, numeric prices) in time order, then sequence order.
+
+    Crossed or zero-bid quotes are kept as given: the live parser keeps them and the selector rejects them.
+    """
+    quotes = []
+    for row in rows:
+        ns, bid, ask = row.get("sip_timestamp"), row.get("bid_price"), row.get("ask_price")
+        if type(ns) is not int or not _number(bid) or not _number(ask):
+            continue
+        sequence = row.get("sequence_number")
+        quotes.append(
+            NbboQuote(
+                ns,
+                sequence if type(sequence) is int else 0,
+                float(bid),  # type: ignore[arg-type]
+                float(ask),  # type: ignore[arg-type]
+                _size(row.get("bid_size")),
+                _size(row.get("ask_size")),
+                _exchange(row.get("bid_exchange")),
+                _exchange(row.get("ask_exchange")),
+            )
+        )
+    quotes.sort(key=lambda q: (q.ns, q.sequence))
+    return quotes
+
+
+def _size(x: object) -> float:
+    return x if _number(x) and x >= 0 else 0  # type: ignore[return-value,operator]
+
+
+def _exchange(x: object) -> int | None:
+    return x if type(x) is int else None
+
+
+def in_force(quotes: Sequence[NbboQuote], times_ms: Iterable[int]) -> dict[int, NbboQuote]:
+    """The quote in force at each instant: the last with SIP time at or before it (none before the first)."""
+    stamps = [q.ns for q in quotes]
+    found = {}
+    for t in times_ms:
+        i = bisect.bisect_right(stamps, t * NS_PER_MS) - 1
+        if i >= 0:
+            found[t] = quotes[i]
+    return found
+
+
+class QuoteSource(Protocol):
+    """Where a reconstructed snapshot's quote fields come from (one per method)."""
+
+    method: str
+
+    def fields(self, contract: Contract, series: MinuteSeries, ctx: ChainContext) -> dict[str, Any] | None:
+        """`last_quote`, IV, greeks and break-even of one result, or None when it has no quote."""
+        ...
+
+
+class MinuteQuotes:
+    """The minute method: a quote modelled around the newest completed minute bar, if at most 5 min old."""
+
+    method = MINUTE
+
+    def __init__(self, spread: SpreadModel) -> None:
+        self.spread = spread
+
+    def fields(self, contract: Contract, series: MinuteSeries, ctx: ChainContext) -> dict[str, Any] | None:
+        i = series.completed_at(ctx.at_ms)
+        if i is None or ctx.at_ms - series.ends[i] >= QUOTE_LOOKBACK_MS:
+            return None
+        return _quote_fields(contract, series, i, ctx, self.spread)
+
+
+class NbboQuotes:
+    """The nbbo method: the NBBO in force at each snapshot's instant, from `in_force` per contract.
+
+    IV is solved from the quote's mid at the first snapshot that sees the quote and kept while the quote
+    stands (as the minute method keeps a bar's), so an unchanged quote's volatility does not jitter.
+    """
+
+    method = NBBO
+
+    def __init__(self, book: Mapping[str, Mapping[int, NbboQuote]]) -> None:
+        self._book = book
+        self._ivs: dict[tuple[str, int, int], float | None] = {}
+
+    def fields(self, contract: Contract, series: MinuteSeries, ctx: ChainContext) -> dict[str, Any] | None:
+        quote = self._book.get(contract.ticker, {}).get(ctx.at_ms)
+        if quote is None:
+            return None  # not quoted yet: no last_quote, which the live parser reads as no bid
+        mid = round((quote.bid + quote.ask) / 2, 4)
+        fields: dict[str, Any] = {"break_even_price": round(contract.strike + mid, 4)}
+        fields |= _iv_fields(self._iv(contract, quote, mid, ctx), contract.strike, ctx)
+        last_quote: dict[str, Any] = {"ask": quote.ask}
+        if quote.ask_exchange is not None:
+            last_quote["ask_exchange"] = quote.ask_exchange
+        last_quote["ask_size"] = quote.ask_size
+        last_quote["bid"] = quote.bid
+        if quote.bid_exchange is not None:
+            last_quote["bid_exchange"] = quote.bid_exchange
+        last_quote |= {
+            "bid_size": quote.bid_size,
+            "last_updated": quote.ns,
+            "midpoint": mid,
+            "timeframe": "REAL-TIME",
+        }
+        fields["last_quote"] = last_quote
+        return fields
+
+    def _iv(self, contract: Contract, quote: NbboQuote, mid: float, ctx: ChainContext) -> float | None:
+        key = (contract.ticker, quote.ns, quote.sequence)
+        if key not in self._ivs:
+            spot, years = ctx.spot, _years_left(ctx)
+            unsolvable = spot is None or years <= 0 or mid <= 0
+            self._ivs[key] = None if unsolvable else implied_vol(mid, spot, contract.strike, years)
+        return self._ivs[key]
+
+
+def _iv_fields(iv: float | None, strike: float, ctx: ChainContext) -> dict[str, Any]:
+    """Greeks and IV when the IV was solvable and the session still runs, else nothing."""
+    if iv is None or ctx.spot is None or _years_left(ctx) <= 0:
+        return {}
+    return {
+        "greeks": _greeks(ctx.spot, strike, _years_left(ctx), iv),
+        "implied_volatility": round(iv, 5),
+    }
+
+
+def option_result(
+    contract: Contract, series: MinuteSeries, ctx: ChainContext, quotes: QuoteSource
+) -> dict[str, Any]:
+    """One `/v3/snapshot/options/{underlying}` result: the day from minute bars, the quote from `quotes`."""
     details = {
         "contract_type": "call",
         "exercise_style": "american",
@@ -363,8 +533,7 @@ def option_result(contract: Contract, series: MinuteSeries, ctx: ChainContext) -
     }
     i = series.completed_at(ctx.at_ms)
     result: dict[str, Any] = {"day": _day_bar(series, i), "details": details, "greeks": {}}
-    if i is not None and ctx.at_ms - series.ends[i] < QUOTE_LOOKBACK_MS:
-        result |= _quote_fields(contract, series, i, ctx)
+    result |= quotes.fields(contract, series, ctx) or {}
     result["open_interest"] = RECONSTRUCTED_OPEN_INTEREST
     if ctx.spot is not None:
         result["underlying_asset"] = {
@@ -376,15 +545,14 @@ def option_result(contract: Contract, series: MinuteSeries, ctx: ChainContext) -
     return dict(sorted(result.items()))  # the vendor's (alphabetical) key order
 
 
-def _quote_fields(contract: Contract, series: MinuteSeries, i: int, ctx: ChainContext) -> dict[str, Any]:
+def _quote_fields(
+    contract: Contract, series: MinuteSeries, i: int, ctx: ChainContext, spread: SpreadModel
+) -> dict[str, Any]:
     """The modelled quote around bar `i`'s close (the mid), its size and, when solvable, IV and greeks."""
     close = series.bars[i]["c"]
-    bid, ask = ctx.spread.quote(close)
+    bid, ask = spread.quote(close)
     fields: dict[str, Any] = {"break_even_price": round(contract.strike + close, 4)}
-    iv = series.implied_vol(i, contract.strike, ctx)
-    if iv is not None and ctx.spot is not None and _years_left(ctx) > 0:
-        fields["greeks"] = _greeks(ctx.spot, contract.strike, _years_left(ctx), iv)
-        fields["implied_volatility"] = round(iv, 5)
+    fields |= _iv_fields(series.implied_vol(i, contract.strike, ctx), contract.strike, ctx)
     fields["last_quote"] = {
         "ask": ask,
         "ask_size": series.bars[i]["v"],
@@ -422,6 +590,7 @@ def chain_lines(
     contracts: Sequence[Contract],
     minutes: Mapping[str, MinuteSeries],
     base_url: str,
+    quotes: QuoteSource,
 ) -> list[tuple[int, str, Any]]:
     """The chain poll at `ctx.at_ms` as tape lines: page 1 at the live path, then each next_url's path."""
     query = chain_query(day, ctx.spot)
@@ -429,7 +598,7 @@ def chain_lines(
     if ctx.spot is not None:
         low, high = max(0, math.floor(ctx.spot - STRIKE_WINDOW)), math.ceil(ctx.spot + STRIKE_WINDOW)
         contracts = [c for c in contracts if low <= c.strike <= high]
-    results = [option_result(c, minutes[c.ticker], ctx) for c in contracts if c.ticker in minutes]
+    results = [option_result(c, minutes[c.ticker], ctx, quotes) for c in contracts if c.ticker in minutes]
     chunks = [results[i : i + CHAIN_PAGE_LIMIT] for i in range(0, len(results), CHAIN_PAGE_LIMIT)] or [[]]
     lines, path, t = [], first, ctx.at_ms + CHAIN_LATENCY_MS
     for number, chunk in enumerate(chunks, start=1):
@@ -451,15 +620,29 @@ class DayHistory:
     profile: list[CachedAnswer]
     contracts: list[Contract]
     minutes: dict[str, list[dict]]
+    # nbbo method: per contract, the quote in force at each snapshot instant (None: the minute method).
+    nbbo: dict[str, dict[int, NbboQuote]] | None = None
+
+
+def snapshot_times(session: Session, poll_ms: int) -> range:
+    """The chain snapshot instants (ms): the daemon polls from the moment it connects, five minutes before
+    the open, to the close."""
+    return range(session.open_ms - CONNECT_BEFORE_OPEN_MS, session.close_ms, poll_ms)
 
 
 def fetch_day(
-    client: HistoryClient, day: datetime.date, rules: Rules, *, strike_margin: float = STRIKE_WINDOW + 1
+    client: HistoryClient,
+    day: datetime.date,
+    rules: Rules,
+    *,
+    strike_margin: float = STRIKE_WINDOW + 1,
+    snapshots: range | None = None,
 ) -> DayHistory:
     """Every request one reconstructed day needs (each cached).
 
     Only calls whose strike the chain window can reach (the day's IWM range ± the window) have their
-    minute bars fetched.
+    minute bars fetched and, given the snapshot instants (the nbbo method), their quotes from the first
+    snapshot to the close; QuotesNotEntitled when the plan has none.
     """
     iso = day.isoformat()
     iwm = clean_bars(results_of(client.pages(aggs_path(rules.underlying, 1, "second", iso, iso))))
@@ -474,7 +657,25 @@ def fetch_day(
         c.ticker: clean_bars(results_of(client.pages(aggs_path(c.ticker, 1, "minute", iso, iso))))
         for c in reachable
     }
-    return DayHistory(iwm, spy, profile, reachable, minutes)
+    if snapshots is None:
+        return DayHistory(iwm, spy, profile, reachable, minutes)
+    nbbo = {c.ticker: fetch_nbbo(client, c.ticker, snapshots) for c in reachable}
+    return DayHistory(iwm, spy, profile, reachable, minutes, nbbo)
+
+
+def fetch_nbbo(client: HistoryClient, ticker: str, snapshots: range) -> dict[int, NbboQuote]:
+    """One contract's quotes over the snapshots' span, reduced to the quote in force at each snapshot.
+
+    Reduced as soon as read: a liquid contract changes its NBBO tens of thousands of times a day.
+    """
+    path = quotes_path(ticker, snapshots.start * NS_PER_MS, snapshots.stop * NS_PER_MS)
+    try:
+        answers = client.pages(path)
+    except FetchError as exc:
+        if exc.status == 403:
+            raise QuotesNotEntitled(str(exc), exc.status) from exc
+        raise
+    return in_force(parse_quotes(results_of(answers)), snapshots)
 
 
 def reconstructed_lines(
@@ -486,19 +687,19 @@ def reconstructed_lines(
     base_url: str,
     spread: SpreadModel,
 ) -> Iterator[tuple[int, str, Any]]:
-    """Every line of the reconstructed tape, in receive-time order."""
+    """Every line of the reconstructed tape, in receive-time order (quotes by the history's method)."""
     connect_ms = session.open_ms - CONNECT_BEFORE_OPEN_MS
     streams = ((rules.underlying, history.iwm), (rules.benchmark, history.spy))
     frames = bar_frames(streams, session, connect_ms)
     spot = SpotSeries(frames, rules.underlying)
     minutes = {ticker: MinuteSeries(bars) for ticker, bars in history.minutes.items()}
     profile = [(connect_ms, "rest", (a.path, a.body)) for a in history.profile]
+    quotes = MinuteQuotes(spread) if history.nbbo is None else NbboQuotes(history.nbbo)
 
     def chains() -> Iterator[tuple[int, str, Any]]:
-        # The daemon polls from the moment it connects, five minutes before the open.
-        for at_ms in range(connect_ms, session.close_ms, poll_ms):
-            ctx = ChainContext(at_ms, spot.at(at_ms), session.close_ms, rules.underlying, spread)
-            yield from chain_lines(ctx, session.date, history.contracts, minutes, base_url)
+        for at_ms in snapshot_times(session, poll_ms):
+            ctx = ChainContext(at_ms, spot.at(at_ms), session.close_ms, rules.underlying)
+            yield from chain_lines(ctx, session.date, history.contracts, minutes, base_url, quotes)
 
     ws = ((t, "ws", frame) for t, frame in frames)
     return heapq.merge(iter(profile), ws, chains(), key=lambda line: line[0])
@@ -511,16 +712,18 @@ def write_reconstructed_tape(
     start_ms: int,
     rules: Rules,
     spread: SpreadModel,
+    option_quotes: str = MINUTE,
 ) -> Path:
-    """Write the lines as a tape labelled `"reconstructed": true`; atomic, so a tape that exists is whole."""
+    """Write the lines as a tape labelled `"reconstructed": true` and its quote method; atomic, so a tape
+    that exists is whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     partial.unlink(missing_ok=True)
     meta = {
         "reconstructed": True,
         "source": "polygon-rest",
-        "quotes": f"modelled: {spread.describe()}; sizes = the minute's volume; "
-        f"open interest = {RECONSTRUCTED_OPEN_INTEREST} (unknown)",
+        "option_quotes": option_quotes,
+        "quotes": _quotes_note(option_quotes, spread),
     }
     with TapeWriter(
         partial, underlying=rules.underlying, benchmark=rules.benchmark, start_ms=start_ms, extra_meta=meta
@@ -533,6 +736,24 @@ def write_reconstructed_tape(
                 writer.write_rest(t, rest_path, 200, body)
     os.replace(partial, path)
     return path
+
+
+def _quotes_note(option_quotes: str, spread: SpreadModel) -> str:
+    unknown = f"open interest = {RECONSTRUCTED_OPEN_INTEREST} (unknown)"
+    if option_quotes == NBBO:
+        return (
+            "NBBO from /v3/quotes: each snapshot shows the last quote at or before its instant "
+            "(last_updated = that quote's SIP time; a contract not quoted yet has no last_quote); "
+            f"IV and greeks Black-Scholes from the mid; day fields from minute bars; {unknown}"
+        )
+    return f"modelled: {spread.describe()}; sizes = the minute's volume; {unknown}"
+
+
+def option_quotes_of(meta: Mapping[str, Any] | None) -> str | None:
+    """A tape's quote method: "nbbo" or "minute" for a reconstructed tape (older ones are "minute"), else None."""
+    if not meta or not meta.get("reconstructed"):
+        return None
+    return NBBO if meta.get("option_quotes") == NBBO else MINUTE
 
 
 def history_tape_path(data_dir: Path, day: datetime.date) -> Path:
@@ -561,11 +782,14 @@ def fetch_history(
     spread: SpreadModel = SpreadModel(),  # noqa: B008 - frozen value
     progress_stream: TextIO | None = None,
     out: TextIO = sys.stdout,
+    option_quotes: str = NBBO,
 ) -> list[Path]:
     """Reconstructed tapes of every session in [first, last]: existing tapes are kept, the rest built.
 
-    Returns the tapes that exist afterwards, in date order. A 401/403, or a 429 that outlasted the
-    retries, stops the fetch; other failures skip the day. Cached answers are kept for the next attempt.
+    Quotes by `option_quotes`; a 403 on /v3/quotes (a plan without option quotes) says so once and
+    rebuilds that day and the rest from minute bars. Returns the tapes that exist afterwards, in date
+    order. Any other 401/403, or a 429 that outlasted the retries, stops the fetch; other failures skip
+    the day. Cached answers are kept for the next attempt.
     """
     rules = settings.rules
     sessions = session_days(MarketCalendar(rules, settings.market_closed_dates), first, last)
@@ -580,9 +804,14 @@ def fetch_history(
         max_attempts=FETCH_MAX_ATTEMPTS,
         retry_cap_s=FETCH_RETRY_CAP_S,
     ) as rest:
+        method = option_quotes
         for session in sessions:
             path = history_tape_path(settings.data_dir, session.date)
-            failure = None if path.is_file() else _try_build(rest, settings, session, path, spread)
+            failure = None if path.is_file() else _try_build(rest, settings, session, path, spread, method)
+            if isinstance(failure, QuotesNotEntitled):
+                print(QUOTES_PLAN_MESSAGE, file=out)
+                method = MINUTE  # for the whole fetch: the plan will not change between days
+                failure = _try_build(rest, settings, session, path, spread, method)
             if failure is not None:
                 print(f"{session.date}: not rebuilt: {failure}", file=out)
             if path.is_file():
@@ -595,28 +824,43 @@ def fetch_history(
 
 
 def _try_build(
-    rest: RestGet, settings: Settings, session: Session, path: Path, spread: SpreadModel
+    rest: RestGet, settings: Settings, session: Session, path: Path, spread: SpreadModel, method: str
 ) -> FetchError | None:
     try:
-        build_history_day(rest, settings, session, path, spread)
+        build_history_day(rest, settings, session, path, spread, option_quotes=method)
     except FetchError as exc:
         return exc
     return None
 
 
 def build_history_day(
-    rest: RestGet, settings: Settings, session: Session, path: Path, spread: SpreadModel
+    rest: RestGet,
+    settings: Settings,
+    session: Session,
+    path: Path,
+    spread: SpreadModel,
+    *,
+    option_quotes: str = MINUTE,
 ) -> Path:
-    """Fetch (or read from the cache) one day's history and write its reconstructed tape."""
+    """Fetch (or read from the cache) one day's history and write its reconstructed tape.
+
+    `option_quotes` is NBBO or MINUTE; QuotesNotEntitled when NBBO meets a plan without quotes.
+    """
+    if option_quotes not in (NBBO, MINUTE):
+        raise ValueError(f"unknown option quote method {option_quotes!r}")
     client = HistoryClient(rest, Path(settings.data_dir) / CACHE_DIR / session.date.isoformat())
-    history = fetch_day(client, session.date, settings.rules)
+    poll_ms = int(settings.chain_poll_seconds * 1000)
+    snapshots = snapshot_times(session, poll_ms) if option_quotes == NBBO else None
+    history = fetch_day(client, session.date, settings.rules, snapshots=snapshots)
     lines = reconstructed_lines(
         history,
         session,
         settings.rules,
-        poll_ms=int(settings.chain_poll_seconds * 1000),
+        poll_ms=poll_ms,
         base_url=settings.polygon_rest_url,
         spread=spread,
     )
     start_ms = session.open_ms - CONNECT_BEFORE_OPEN_MS
-    return write_reconstructed_tape(path, lines, start_ms=start_ms, rules=settings.rules, spread=spread)
+    return write_reconstructed_tape(
+        path, lines, start_ms=start_ms, rules=settings.rules, spread=spread, option_quotes=option_quotes
+    )

@@ -275,6 +275,8 @@ class FakeHistory:
             if sym.startswith("O:"):
                 return 200, {"status": "OK", "results": self.minutes.get(sym, []), "ticker": sym}, {}
             return 200, {"status": "OK", "resultsCount": 0, "ticker": sym}, {}
+        if parts.path.startswith("/v3/quotes/"):  # a plan without option quotes
+            return 403, {"status": "NOT_AUTHORIZED", "message": "You are not entitled to this data."}, {}
         return 404, {"status": "NOT_FOUND"}, {}
 
     def _page(self, path: str, query: dict, rows: list, size: int) -> dict:
@@ -328,9 +330,12 @@ def test_fetch_rebuilds_a_day_from_rest_history_and_it_replays(history_server, t
     assert paths.count("/v2/aggs/ticker/IWM/range/1/second/2025-10-06/2025-10-06") == 2, "two pages"
     assert paths.count("/v3/reference/options/contracts") == 1 + 4, "one 429, then four pages"
     assert sum(p.startswith("/v2/aggs/ticker/O:IWM251006C") for p in paths) == len(STRIKES)
+    assert sum(p.startswith("/v3/quotes/") for p in paths) == 1, "the 403 falls back at once"
+    assert stdout.getvalue().count("plan does not include option quotes") == 1
 
     tape = tmp_path / "data" / "history" / "2025-10-06.jsonl.gz"
     assert TapeReader(tape).meta["reconstructed"] is True
+    assert TapeReader(tape).meta["option_quotes"] == "minute"
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["reconstructed"] is True and summary["reconstructed_days"] == ["2025-10-06"]
     assert "reconstructed" in stdout.getvalue()
@@ -346,8 +351,9 @@ def test_fetch_rebuilds_a_day_from_rest_history_and_it_replays(history_server, t
     quiet = io.StringIO()
     assert fetch_history(settings, HISTORY_DAY, HISTORY_DAY, progress_stream=quiet) == [tape], "kept"
     tape.unlink()
-    assert fetch_history(settings, HISTORY_DAY, HISTORY_DAY, progress_stream=quiet) == [tape]
-    assert len(history.requests) == requests_before, "rebuilt from the per-day cache: nothing asked again"
+    assert fetch_history(settings, HISTORY_DAY, HISTORY_DAY, progress_stream=quiet, out=quiet) == [tape]
+    asked_again = [urlsplit(p).path for p in history.requests[requests_before:]]
+    assert asked_again == ["/v3/quotes/O:IWM251006C00232000"], "only the refused quotes are asked again"
     assert tape.read_bytes() == first_build
 
 
