@@ -14,6 +14,7 @@ failed "mark sent" never makes the notifier send the same alert again.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -146,7 +147,13 @@ class WriteBehindJournal:
     def _write_backlog(self) -> None:
         while self._decisions:
             actions, cursor = self._decisions[0]
-            self.journal.record(actions, cursor)
+            try:
+                self.journal.record(actions, cursor)
+            except JournalError as exc:
+                if not isinstance(exc.__cause__, sqlite3.IntegrityError):
+                    raise
+                # A decision the schema refuses will never be written; holding it would block the rest.
+                log.critical("journal_decision_dropped", error=str(exc), actions=len(actions))
             self._decisions.pop(0)
             self._written_while_failing += self._since_ms is not None
         while self._outcomes:

@@ -123,3 +123,12 @@ def test_the_memory_outbox_keeps_order_and_writes_outcomes_behind(parts) -> None
     statuses = {r[1]: (r[7], r[8]) for r in journal.table_rows("outbox")}
     assert statuses == {"START:1": ("sent", 2), "BUY:1": ("failed", 1), "SELL:1": ("pending", 0)}
     assert outbox.last_sent is not None and outbox.last_sent.dedupe_key == "START:1"
+
+
+def test_a_decision_the_schema_refuses_is_dropped_so_later_ones_are_written(parts) -> None:
+    journal, writer, seen = parts
+    writer.record([closed("never-opened"), alert("SELL:never-opened")])  # no such trade: never writable
+    writer.record([opened(), alert("BUY:1")])
+    assert not writer.health().failing and seen.failing == []
+    assert [r[1] for r in journal.table_rows("outbox")] == ["BUY:1"]
+    assert journal.restored_state("2025-10-02").position is not None
