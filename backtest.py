@@ -41,7 +41,7 @@ from config import ConfigError, Rules, Settings, load_settings
 from day_runner import SweepDay, day_is_independent, day_market, engine_pipeline, feed_day, run_cells_on_day
 from engine import Engine, SessionSource
 from events import Alert, Log
-from history import fetch_history
+from history import MINUTE, fetch_history, option_quotes_of
 from market_calendar import MarketCalendar, ny_date, ny_datetime
 from pnl_tracker import Journal, TradeRow
 from progress import Progress
@@ -63,9 +63,10 @@ FILLS_NOTE = (
     "P&L = (exit - entry) x 100 x CONTRACTS, rounded to cents."
 )
 RECONSTRUCTED_NOTE = (
-    "reconstructed from Polygon REST history: 1-second stock bars, option MINUTE bars with modelled quotes "
-    "(approximate)"
+    "reconstructed from Polygon REST history: 1-second stock bars, option quotes from the /v3/quotes NBBO "
+    "(nbbo) or modelled around minute bars (minute)"
 )
+MINUTE_NOTE = "minute-bar approximation: option quotes modelled around minute closes, not real bids and asks"
 SAMPLE_EVERY_MS = 10_000
 TRADE_ALERTS = frozenset({"BUY", "SELL"})
 BATCH_GC_THRESHOLDS = (100_000, 20, 100)
@@ -91,6 +92,7 @@ class DayResult:
     prices: tuple[PricePoint, ...] = ()
     marks: tuple[MarkPoint, ...] = ()
     levels: tuple[Level, ...] = ()
+    option_quotes: str | None = None  # a reconstructed day's quote method: "nbbo" or "minute"
 
     @property
     def pnl(self) -> float:
@@ -108,6 +110,11 @@ class BacktestResult:
     @property
     def reconstructed_days(self) -> tuple[str, ...]:
         return tuple(d.session_date for d in self.days if d.reconstructed)
+
+    @property
+    def minute_days(self) -> tuple[str, ...]:
+        """Reconstructed days whose option quotes were modelled from minute bars (an approximation)."""
+        return tuple(d.session_date for d in self.days if d.reconstructed and d.option_quotes == MINUTE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +325,7 @@ def run_day(
         prices=tuple(recorder.prices) if recorder else (),
         marks=tuple(recorder.marks) if recorder else (),
         levels=tuple(recorder.levels) if recorder else (),
+        option_quotes=option_quotes_of(TapeReader(tape).meta) if decoded.reconstructed else None,
     )
 
 
@@ -581,7 +589,16 @@ def data_label(result: BacktestResult, source: str = "tapes") -> str:
     """What the days are, saying "reconstructed" when any is."""
     label = f"{len(result.days)} day(s) of {source}"
     rebuilt = len(result.reconstructed_days)
-    return f"{label}; {rebuilt} {RECONSTRUCTED_NOTE}" if rebuilt else label
+    label = f"{label}; {rebuilt} {RECONSTRUCTED_NOTE}" if rebuilt else label
+    minute = result.minute_days
+    return f"{label}; {MINUTE_NOTE} on {len(minute)} day(s): {', '.join(minute)}" if minute else label
+
+
+def day_source(day: DayResult, run_source: str = "tapes") -> str:
+    """The per-day table's source: `reconstructed (nbbo|minute)`, `synthetic` or `tape`."""
+    if day.reconstructed:
+        return f"reconstructed ({day.option_quotes or MINUTE})"
+    return "synthetic" if run_source.startswith("synthetic") else "tape"
 
 
 def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str = "tapes") -> None:
@@ -609,11 +626,10 @@ def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str 
                 file=out,
             )
     print(f"\n{'date':<12}{'trades':>7}{'W-L':>7}{'P&L':>12}{'cumulative':>13}  source", file=out)
-    for row in day_rows(result.days):
-        source = "reconstructed" if row.reconstructed else "tape"
+    for row, day in zip(day_rows(result.days), result.days, strict=True):
         print(
             f"{row.session_date:<12}{row.trades:>7}{f'{row.wins}-{row.losses}':>7}"
-            f"{money(row.pnl):>12}{money(row.cumulative):>13}  {source}",
+            f"{money(row.pnl):>12}{money(row.cumulative):>13}  {day_source(day, source)}",
             file=out,
         )
 
@@ -635,12 +651,14 @@ def summary_json(
         "data": data_label(result, source),
         "reconstructed": bool(result.reconstructed_days),
         "reconstructed_days": list(result.reconstructed_days),
+        "minute_bar_approximation": bool(result.minute_days),
         "overrides": dict(overrides),
         "rules": {name.upper(): _plain(value) for name, value in asdict(result.rules).items()},
         "stats": stats_json(stats),
         "blocked_signal_bars": blocked_totals(result.days),
         "days": [
-            asdict(row) | _day_extra(day) for row, day in zip(day_rows(result.days), result.days, strict=True)
+            asdict(row) | _day_extra(day) | {"source": day_source(day, source)}
+            for row, day in zip(day_rows(result.days), result.days, strict=True)
         ],
     }
 

@@ -338,7 +338,10 @@ def test_fetch_rebuilds_a_day_from_rest_history_and_it_replays(history_server, t
     assert TapeReader(tape).meta["option_quotes"] == "minute"
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["reconstructed"] is True and summary["reconstructed_days"] == ["2025-10-06"]
-    assert "reconstructed" in stdout.getvalue()
+    assert summary["minute_bar_approximation"] is True and "minute-bar approximation" in summary["data"]
+    assert summary["days"][0]["source"] == "reconstructed (minute)"
+    assert "reconstructed (minute)" in stdout.getvalue()
+    assert "minute-bar approximation" in stdout.getvalue()
 
     day = run_day(tape, RULES, calendar(RULES), journal())
     assert day.bad_lines == 0 and day.reconstructed
