@@ -487,6 +487,8 @@ class FakePolygon:
         self._storm: _QuoteStorm | None = None
         self._quotes_entitled = True
         self._quotes_page_cap = QUOTES_MAX_LIMIT
+        # The last quote list served, so the later pages of one request do not build it again.
+        self._quote_list: tuple[tuple[str, int, int, int], list[dict[str, Any]]] | None = None
         self._max_connections_pending = 0
         self._fault: _RestFault | None = None
         self._hold: _RestHold | None = None
@@ -1089,9 +1091,17 @@ class FakePolygon:
         if order not in ("asc", "desc"):
             raise ValueError(f"invalid order {order!r}")
         gte_ns, lt_ns = _ns_bounds(params, at_ms)
-        quotes = self.quote_history(ticker, gte_ns, lt_ns, as_of_ms=at_ms)
+        key = (ticker, gte_ns, lt_ns, at_ms)
+        with self._lock:
+            last = self._quote_list
+        if last is not None and last[0] == key:
+            quotes = last[1]
+        else:
+            quotes = self.quote_history(ticker, gte_ns, lt_ns, as_of_ms=at_ms)
+            with self._lock:
+                self._quote_list = (key, quotes)
         if order == "desc":
-            quotes.reverse()
+            quotes = quotes[::-1]
         body: dict[str, Any] = {
             "status": "OK",
             "request_id": _request_id(),
