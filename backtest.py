@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -42,6 +42,7 @@ from day_runner import SweepDay, day_is_independent, day_market, engine_pipeline
 from engine import Engine, SessionSource
 from events import Alert, Log
 from history import MINUTE, fetch_history, option_quotes_of
+from holdout import Holdout, Split, parse_holdout, print_held_out, print_side_by_side, split_dates
 from market_calendar import MarketCalendar, ny_date, ny_datetime
 from pnl_tracker import Journal, TradeRow
 from progress import Progress
@@ -157,9 +158,16 @@ class Cell:
 
 @dataclass(frozen=True, slots=True)
 class CellResult:
+    """A cell's trades and statistics on the days it is ranked on (the in-sample days with --holdout).
+
+    With --holdout, `out_trades`/`out_stats` are a run of the cell over the held-out days alone.
+    """
+
     params: tuple[tuple[str, str], ...]
     trades: tuple[TradeRow, ...]
     stats: Stats
+    out_trades: tuple[TradeRow, ...] = ()
+    out_stats: Stats | None = None
 
 
 def use_batch_gc() -> None:
@@ -464,14 +472,20 @@ def run_sweep(
     closed_dates: tuple[datetime.date, ...] = (),
     progress: Progress | None = None,
     cache_dir: Path | None = None,
+    held_out: int = 0,
 ) -> list[CellResult]:
     """Every cell over every day; results ranked by `rank_key` (stable for ties).
 
     One pool task per day runs all the cells over it in one pass (`day_runner.run_cells_on_day`). A cell
     whose days turn out not to be independent (a position left open overnight, a cooldown reaching
     into the next day) is re-run over all days in order, exactly as a single run.
+
+    With `held_out` = K > 0 the last K tapes are out of sample: each cell is ranked on a run over the
+    other days alone (its `trades`, `stats`), and gets a run over the held-out days alone (`out_trades`,
+    `out_stats`), so nothing of a held-out day reaches the ranking.
     """
     rules = [cell.rules for cell in cells]
+    cut = len(tapes) - held_out
     with ProcessPoolExecutor(max_workers=max(1, workers), initializer=use_batch_gc) as pool:
         futures = {
             pool.submit(run_cells_on_day, Path(tape), rules, closed_dates, cache_dir): i
@@ -482,12 +496,34 @@ def run_sweep(
             days[futures[future]] = day = future.result()
             if progress is not None:
                 progress.step(day.session_date)
-        joined = [_joined_cell(days, index, cell) for index, cell in enumerate(cells)]
-        dependent = [cell for cell, result in zip(cells, joined, strict=True) if result is None]
-        reruns = [pool.submit(run_cell, list(tapes), cell, closed_dates, cache_dir) for cell in dependent]
-        results = [j for j in joined if j is not None] + [future.result() for future in reruns]
+        inside = _cells_over(pool, days[:cut], tapes[:cut], cells, closed_dates, cache_dir)
+        outside = (
+            _cells_over(pool, days[cut:], tapes[cut:], cells, closed_dates, cache_dir) if held_out else []
+        )
+    if outside:
+        inside = [
+            replace(r, out_trades=o.trades, out_stats=o.stats) for r, o in zip(inside, outside, strict=True)
+        ]
     order = {cell.params: i for i, cell in enumerate(cells)}
-    return sorted(results, key=lambda r: (*rank_key(r), order[r.params]))
+    return sorted(inside, key=lambda r: (*rank_key(r), order[r.params]))
+
+
+def _cells_over(
+    pool: ProcessPoolExecutor,
+    days: Sequence[SweepDay],
+    tapes: Sequence[Path],
+    cells: Sequence[Cell],
+    closed_dates: tuple[datetime.date, ...],
+    cache_dir: Path | None,
+) -> list[CellResult]:
+    """Each cell over `days` as one run of those days alone, in cell order (dependent cells re-run)."""
+    joined = [_joined_cell(days, index, cell) for index, cell in enumerate(cells)]
+    reruns = {
+        index: pool.submit(run_cell, list(tapes), cell, closed_dates, cache_dir)
+        for index, (cell, result) in enumerate(zip(cells, joined, strict=True))
+        if result is None
+    }
+    return [result if result is not None else reruns[index].result() for index, result in enumerate(joined)]
 
 
 def _joined_cell(days: Sequence[SweepDay], index: int, cell: Cell) -> CellResult | None:
@@ -737,12 +773,24 @@ def write_report(
     charts: bool = True,
     source: str = "tapes",
     progress_stream: TextIO | None = None,
+    split: Split | None = None,
 ) -> Stats:
-    """trades.csv, summary.json, equity.png and day-YYYY-MM-DD.png per day in `out_dir`."""
+    """trades.csv, summary.json, equity.png and day-YYYY-MM-DD.png per day in `out_dir`.
+
+    With a holdout `split`, summary.json also holds the in-sample and out-of-sample statistics.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = compute_stats(result.trades)
     write_trades_csv(out_dir / "trades.csv", result)
     summary = summary_json(result, stats, overrides, source)
+    if split is not None:
+        inside, outside = split_stats(result, split)
+        summary["holdout"] = {
+            "in_sample_days": list(split.in_sample),
+            "held_out_days": list(split.held_out),
+            "in_sample": stats_json(inside),
+            "out_of_sample": stats_json(outside),
+        }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if charts:
         equity_chart(out_dir / "equity.png", result.trades, reconstructed=bool(result.reconstructed_days))
@@ -750,10 +798,17 @@ def write_report(
         used: set[str] = set()
         for day in result.days:
             name = _unique(f"day-{day.session_date or 'unknown'}", used)
-            day_chart(out_dir / f"{name}.png", day)
+            day_chart(out_dir / f"{name}.png", day, result.rules)
             progress.step(day.session_date)
         progress.close()
     return stats
+
+
+def split_stats(result: BacktestResult, split: Split) -> tuple[Stats, Stats]:
+    """A single run's statistics on its in-sample and held-out days (a trade belongs to its entry day)."""
+    held = set(split.held_out)
+    inside = [t for t in result.trades if t.session_date not in held]
+    return compute_stats(inside), compute_stats([t for t in result.trades if t.session_date in held])
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -765,49 +820,96 @@ def _unique(name: str, used: set[str]) -> str:
     return candidate
 
 
-def print_sweep(results: Sequence[CellResult], out: TextIO) -> None:
-    """The ranked grid: best total P&L first, then profit factor."""
+def print_sweep(results: Sequence[CellResult], out: TextIO, split: Split | None = None) -> None:
+    """The ranked grid: best total P&L first, then profit factor.
+
+    With a holdout `split` the grid is ranked on the in-sample days; two more columns give each cell's
+    held-out trades and P&L, and the chosen cell (rank 1) follows with both parts side by side.
+    """
     if not results:
         return
     names = [name for name, _ in results[0].params]
     head = "".join(f"{n:>{max(len(n), 8) + 2}}" for n in names)
-    print(f"\n{'rank':>4}{head}{'trades':>8}{'win%':>8}{'PF':>7}{'max DD':>12}{'total P&L':>13}", file=out)
+    extra = f"  |{'OOS trades':>11}{'OOS P&L':>11}" if split else ""
+    print(
+        f"\n{'rank':>4}{head}{'trades':>8}{'win%':>8}{'PF':>7}{'max DD':>12}{'total P&L':>13}{extra}",
+        file=out,
+    )
     for rank, r in enumerate(results, start=1):
         cells = "".join(f"{v:>{max(len(n), 8) + 2}}" for n, v in r.params)
         s = r.stats
+        held = ""
+        if split and r.out_stats is not None:
+            held = f"  |{r.out_stats.trades:>11}{money(r.out_stats.total_pnl):>11}"
         print(
             f"{rank:>4}{cells}{s.trades:>8}{_pct(s.win_rate_pct):>8}{_factor(s.profit_factor):>7}"
-            f"{money(-s.max_drawdown):>12}{money(s.total_pnl):>13}",
+            f"{money(-s.max_drawdown):>12}{money(s.total_pnl):>13}{held}",
             file=out,
         )
+    if split and results[0].out_stats is not None:
+        print(file=out)
+        print_held_out(split, out)
+        chosen = " ".join(f"{n}={v}" for n, v in results[0].params)
+        print(f"Chosen on the in-sample days only (rank 1): {chosen}", file=out)
+        print_side_by_side(results[0].stats, results[0].out_stats, split, out)
+
+
+SWEEP_STATS = ("trades", "wins", "win_rate_pct", "profit_factor", "max_drawdown", "total_pnl")
+
+
+def _stats_columns(stats: Stats | None) -> list[object]:
+    if stats is None:
+        return [None] * len(SWEEP_STATS)
+    return [
+        _json_factor(stats.profit_factor) if n == "profit_factor" else getattr(stats, n) for n in SWEEP_STATS
+    ]
 
 
 def write_sweep(
-    out_dir: Path, results: Sequence[CellResult], days: int, overrides: Mapping[str, str]
+    out_dir: Path,
+    results: Sequence[CellResult],
+    days: int,
+    overrides: Mapping[str, str],
+    split: Split | None = None,
 ) -> None:
-    """sweep.csv (one row per cell, ranked) and sweep.json."""
+    """sweep.csv (one row per cell, ranked) and sweep.json.
+
+    With a holdout `split`, every statistic comes twice, `in_sample_*` (what the ranking used) and
+    `out_of_sample_*`, and sweep.json names the held-out days and the chosen cell.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [name for name, _ in results[0].params] if results else []
-    columns = ["rank", *names, "trades", "wins", "win_rate_pct", "profit_factor", "max_drawdown", "total_pnl"]
+    stats_names = list(SWEEP_STATS)
+    if split:
+        stats_names = [f"in_sample_{n}" for n in SWEEP_STATS] + [f"out_of_sample_{n}" for n in SWEEP_STATS]
     with open(out_dir / "sweep.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(columns)
+        writer.writerow(["rank", *names, *stats_names])
         for rank, r in enumerate(results, start=1):
-            s = r.stats
-            params = [v for _, v in r.params]
-            factor = _json_factor(s.profit_factor)
-            writer.writerow(
-                [rank, *params, s.trades, s.wins, s.win_rate_pct, factor, s.max_drawdown, s.total_pnl]
-            )
-    summary = {
-        "fills": FILLS_NOTE,
-        "days": days,
-        "overrides": dict(overrides),
-        "cells": [
+            held = _stats_columns(r.out_stats) if split else []
+            writer.writerow([rank, *(v for _, v in r.params), *_stats_columns(r.stats), *held])
+    summary: dict[str, Any] = {"fills": FILLS_NOTE, "days": days, "overrides": dict(overrides)}
+    if split:
+        summary["holdout"] = {
+            "in_sample_days": list(split.in_sample),
+            "held_out_days": list(split.held_out),
+            "ranked_on": "in_sample",
+            "chosen": dict(results[0].params) if results else None,
+        }
+        summary["cells"] = [
+            {
+                "rank": i,
+                "params": dict(r.params),
+                "in_sample": stats_json(r.stats),
+                "out_of_sample": stats_json(r.out_stats) if r.out_stats is not None else None,
+            }
+            for i, r in enumerate(results, start=1)
+        ]
+    else:
+        summary["cells"] = [
             {"rank": i, "params": dict(r.params), "stats": stats_json(r.stats)}
             for i, r in enumerate(results, start=1)
-        ],
-    }
+        ]
     (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
@@ -861,6 +963,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=os.cpu_count() or 1,
         help="processes for sweeps and for building synthetic days (default: every core)",
     )
+    parser.add_argument(
+        "--holdout",
+        type=parse_holdout,
+        metavar="K",
+        help="keep the last K days (or a fraction of them, e.g. 0.25) out of sample: a sweep ranks its cells"
+        " on the other days only and reports the chosen cell on both; a single run reports both parts",
+    )
     parser.add_argument("--out", type=Path, default=Path("report"), help="report folder (default ./report)")
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     parser.add_argument(
@@ -903,6 +1012,8 @@ def main(argv: Sequence[str] | None = None, io: Io | None = None) -> int:
     except ConfigError as exc:
         _print_problems("Settings problems (nothing run):", exc.problems, io.err)
         return EXIT_USAGE
+    if args.synthetic is not None and holdout_problem(args.holdout, args.synthetic, io.err):
+        return EXIT_USAGE
     tapes = collect_tapes(args, settings, io)
     if tapes is None:
         return EXIT_USAGE
@@ -913,9 +1024,32 @@ def main(argv: Sequence[str] | None = None, io: Io | None = None) -> int:
     if problems or not tapes:
         _print_problems("Tape problems (nothing run):", problems or ["no tapes to run"], io.err)
         return EXIT_USAGE
+    if holdout_problem(args.holdout, len(tapes), io.err):
+        return EXIT_USAGE
+    split = holdout_split(args.holdout, tapes)
     if cells:
-        return run_sweep_command(tapes, cells, settings, overrides, args, io)
-    return run_single_command(tapes, settings, overrides, args, io)
+        return run_sweep_command(tapes, cells, settings, overrides, args, io, split)
+    return run_single_command(tapes, settings, overrides, args, io, split)
+
+
+def holdout_problem(holdout: Holdout | None, days: int, err: TextIO) -> bool:
+    """Say so (and return True) when `--holdout` would leave no day in sample."""
+    if holdout is None:
+        return False
+    try:
+        holdout.days(days)
+    except ValueError as exc:
+        print(f"Holdout problem (nothing run): {exc}", file=err)
+        return True
+    return False
+
+
+def holdout_split(holdout: Holdout | None, tapes: Sequence[Path]) -> Split | None:
+    """The in-sample and held-out session dates of the tapes (None without --holdout)."""
+    if holdout is None:
+        return None
+    dates = [str(tape_date(Path(tape))) for tape in tapes]
+    return split_dates(dates, holdout.days(len(tapes)))
 
 
 def decode_in_pool(tapes: Sequence[Path], rules: Rules, cache_dir: Path, workers: int, err: TextIO) -> None:
@@ -990,7 +1124,12 @@ def expand_tapes(paths: Iterable[Path]) -> list[Path]:
 
 
 def run_single_command(
-    tapes: Sequence[Path], settings: Settings, overrides: Mapping[str, str], args: argparse.Namespace, io: Io
+    tapes: Sequence[Path],
+    settings: Settings,
+    overrides: Mapping[str, str],
+    args: argparse.Namespace,
+    io: Io,
+    split: Split | None = None,
 ) -> int:
     cache_dir = decoded_dir(settings, args)
     if cache_dir is not None and args.workers > 1:
@@ -1006,8 +1145,15 @@ def run_single_command(
     progress.close()
     source = source_of(args)
     charts = not args.no_charts
-    stats = write_report(args.out, result, overrides, charts=charts, source=source, progress_stream=io.err)
+    stats = write_report(
+        args.out, result, overrides, charts=charts, source=source, progress_stream=io.err, split=split
+    )
     print_report(result, stats, io.out, source)
+    if split is not None:
+        inside, outside = split_stats(result, split)
+        print(file=io.out)
+        print_held_out(split, io.out)
+        print_side_by_side(inside, outside, split, io.out)
     print(
         f"\nReport: {args.out}/ (trades.csv, summary.json{', charts' if not args.no_charts else ''})",
         file=io.out,
@@ -1022,6 +1168,7 @@ def run_sweep_command(
     overrides: Mapping[str, str],
     args: argparse.Namespace,
     io: Io,
+    split: Split | None = None,
 ) -> int:
     progress = Progress("sweep days", len(tapes), stream=io.err)
     results = run_sweep(
@@ -1031,11 +1178,18 @@ def run_sweep_command(
         closed_dates=settings.market_closed_dates,
         progress=progress,
         cache_dir=decoded_dir(settings, args),
+        held_out=len(split.held_out) if split else 0,
     )
     progress.close()
     print(f"Sweep: {len(cells)} cells x {len(tapes)} day(s). {FILLS_NOTE}", file=io.out)
-    print_sweep(results, io.out)
-    write_sweep(args.out, results, len(tapes), overrides)
+    if split:
+        print(
+            f"Ranked on the {len(split.in_sample)} in-sample day(s) only; OOS = the {len(split.held_out)}"
+            " held-out day(s), each cell run over them alone.",
+            file=io.out,
+        )
+    print_sweep(results, io.out, split)
+    write_sweep(args.out, results, len(tapes), overrides, split)
     print(f"\nReport: {args.out}/ (sweep.csv, sweep.json)", file=io.out)
     return EXIT_OK
 

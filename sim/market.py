@@ -262,6 +262,29 @@ def random_script(session_date: datetime.date, seed: int) -> DayScript:
     return DayScript(session_date, seed, open_price, tuple(_drop_overlaps(episodes)), texture=Texture())
 
 
+def outcome_script(
+    session_date: datetime.date,
+    seed: int,
+    outcomes: Iterable[str] = BURST_OUTCOMES,
+    *,
+    first: datetime.time = datetime.time(9, 45),
+    every_s: int = 480,
+) -> DayScript:
+    """A textured day whose bursts have the given outcomes, one every `every_s` from `first`.
+
+    The bursts' sizes and what follows them are drawn from the seed as in `random_script`; meant for
+    short tapes (tests), where a random day's first burst may come too late.
+    """
+    rng = random.Random(f"outcomes:{session_date.isoformat()}:{seed}")
+    start = _seconds_from_open(first)
+    episodes: list[Episode] = []
+    for n, outcome in enumerate(outcomes):
+        if outcome not in BURST_OUTCOMES:
+            raise ValueError(f"unknown burst outcome {outcome!r}; expected one of {BURST_OUTCOMES}")
+        episodes += _burst_group(rng, start + n * every_s, outcome)
+    return DayScript(session_date, seed, 240.0, tuple(_drop_overlaps(episodes)), texture=Texture())
+
+
 def _burst_group(rng: random.Random, at_s: int, outcome: str) -> list[Episode]:
     """A burst and what follows it, back to back from `at_s`.
 
