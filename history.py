@@ -7,7 +7,9 @@ of two methods, named in the tape's meta line as `"option_quotes"`:
 - `"nbbo"`: every NBBO change of each contract from `GET /v3/quotes/{optionsTicker}` (polygon.md
   section 4.2); a snapshot shows the quote in force at its instant (the last at or before it), with its
   sizes and its SIP time as `last_quote.last_updated`. A contract not quoted yet has no `last_quote`,
-  which the live parser reads as no bid: unusable for a choice or a mark, as live.
+  which the live parser reads as no bid: unusable for a choice or a mark, as live. The calls within
+  STREAM_STRIKE_WINDOW of the spot also get options-cluster `Q` lines, thinned to the last change of
+  each second (a liquid contract changes many times a second; one event per second bounds the tape).
 - `"minute"`: a spread modelled around the newest minute bar's close (see `SpreadModel`), for plans
   without option quotes (a 403 on /v3/quotes falls back to it for the whole fetch, saying so once).
 
@@ -60,6 +62,10 @@ STOP_STATUSES = frozenset({401, 403, 429})
 NBBO, MINUTE = "nbbo", "minute"
 QUOTES_LIMIT = 50_000
 NS_PER_MS = 1_000_000
+# Streamed quotes (nbbo method): `Q` lines for calls within this many dollars of the spot, one event per
+# contract and second (the last change of it), received this long after the second ends.
+STREAM_STRIKE_WINDOW = 5.0
+Q_LATENCY_MS = 40
 QUOTES_PLAN_MESSAGE = (
     "your Polygon/Massive plan does not include option quotes (HTTP 403 on /v3/quotes): "
     "these days are rebuilt from minute bars, an approximation"
@@ -624,8 +630,10 @@ class DayHistory:
     profile: list[CachedAnswer]
     contracts: list[Contract]
     minutes: dict[str, list[dict]]
-    # nbbo method: per contract, the quote in force at each snapshot instant (None: the minute method).
+    # nbbo method: per contract, the quote in force at each snapshot instant (None: the minute method),
+    # and the last quote of each second with a change, for the streamed `Q` lines.
     nbbo: dict[str, dict[int, NbboQuote]] | None = None
+    streamed: dict[str, list[NbboQuote]] | None = None
 
 
 def snapshot_times(session: Session, poll_ms: int) -> range:
@@ -663,12 +671,17 @@ def fetch_day(
     }
     if snapshots is None:
         return DayHistory(iwm, spy, profile, reachable, minutes)
-    nbbo = {c.ticker: fetch_nbbo(client, c.ticker, snapshots) for c in reachable}
-    return DayHistory(iwm, spy, profile, reachable, minutes, nbbo)
+    nbbo, streamed = {}, {}
+    for contract in reachable:
+        nbbo[contract.ticker], streamed[contract.ticker] = fetch_nbbo(client, contract.ticker, snapshots)
+    return DayHistory(iwm, spy, profile, reachable, minutes, nbbo, streamed)
 
 
-def fetch_nbbo(client: HistoryClient, ticker: str, snapshots: range) -> dict[int, NbboQuote]:
-    """One contract's quotes over the snapshots' span, reduced to the quote in force at each snapshot.
+def fetch_nbbo(
+    client: HistoryClient, ticker: str, snapshots: range
+) -> tuple[dict[int, NbboQuote], list[NbboQuote]]:
+    """One contract's quotes over the snapshots' span: the quote in force at each snapshot, and the last
+    quote of each second (`thin_to_seconds`).
 
     Reduced as soon as read: a liquid contract changes its NBBO tens of thousands of times a day.
     """
@@ -679,7 +692,52 @@ def fetch_nbbo(client: HistoryClient, ticker: str, snapshots: range) -> dict[int
         if exc.status == 403:
             raise QuotesNotEntitled(str(exc), exc.status) from exc
         raise
-    return in_force(parse_quotes(results_of(answers)), snapshots)
+    quotes = parse_quotes(results_of(answers))
+    return in_force(quotes, snapshots), thin_to_seconds(quotes)
+
+
+def thin_to_seconds(quotes: Sequence[NbboQuote]) -> list[NbboQuote]:
+    """The last quote of each second that has one, in time order (the stream's size bound: at most one
+    event per contract and second, the one in force when the second ends)."""
+    last: dict[int, NbboQuote] = {}
+    for quote in quotes:
+        last[quote.ns // 1_000_000_000] = quote
+    return [last[second] for second in sorted(last)]
+
+
+def q_lines(
+    streamed: Mapping[str, Sequence[NbboQuote]], contracts: Sequence[Contract], spot: SpotSeries
+) -> list[tuple[int, str, Any]]:
+    """Options-cluster `Q` lines: per second, the last change of each call within STREAM_STRIKE_WINDOW of
+    the spot (as the engine had it when the second ended), received Q_LATENCY_MS after the second ends.
+
+    A live daemon streams only contracts near its delta band and the one it holds; calls near the money
+    stand in for those, and the rest are left to the chain snapshots.
+    """
+    strikes = {c.ticker: c.strike for c in contracts}
+    by_second: dict[int, list[dict[str, Any]]] = {}
+    for ticker, quotes in streamed.items():
+        for quote in quotes:
+            second = quote.ns // 1_000_000_000
+            price = spot.at(second * 1000 + 1000)
+            if price is None or abs(strikes[ticker] - price) > STREAM_STRIKE_WINDOW:
+                continue
+            by_second.setdefault(second, []).append(_q_event(ticker, quote))
+    return [
+        ((second + 1) * 1000 + Q_LATENCY_MS, "ws", sorted(events, key=lambda e: (e["t"], e["sym"])))
+        for second, events in sorted(by_second.items())
+    ]
+
+
+def _q_event(ticker: str, quote: NbboQuote) -> dict[str, Any]:
+    """A `Q` event of the options cluster (polygon.md section 2.7) from one NBBO, in the vendor's key order."""
+    event: dict[str, Any] = {"ev": "Q", "sym": ticker}
+    if quote.bid_exchange is not None:
+        event["bx"] = quote.bid_exchange
+    if quote.ask_exchange is not None:
+        event["ax"] = quote.ask_exchange
+    event |= {"bp": quote.bid, "ap": quote.ask, "bs": quote.bid_size, "as": quote.ask_size}
+    return event | {"t": quote.ns // NS_PER_MS, "q": quote.sequence}
 
 
 def reconstructed_lines(
@@ -706,7 +764,10 @@ def reconstructed_lines(
             yield from chain_lines(ctx, session.date, history.contracts, minutes, base_url, quotes)
 
     ws = ((t, "ws", frame) for t, frame in frames)
-    return heapq.merge(iter(profile), ws, chains(), key=lambda line: line[0])
+    streams = [iter(profile), ws, chains()]
+    if history.streamed is not None:
+        streams.append(iter(q_lines(history.streamed, history.contracts, spot)))
+    return heapq.merge(*streams, key=lambda line: line[0])
 
 
 def write_reconstructed_tape(
@@ -748,7 +809,8 @@ def _quotes_note(option_quotes: str, spread: SpreadModel) -> str:
         return (
             "NBBO from /v3/quotes: each snapshot shows the last quote at or before its instant "
             "(last_updated = that quote's SIP time; a contract not quoted yet has no last_quote); "
-            f"IV and greeks Black-Scholes from the mid; day fields from minute bars; {unknown}"
+            f"IV and greeks Black-Scholes from the mid; day fields from minute bars; {unknown}; "
+            f"Q lines for calls within ${STREAM_STRIKE_WINDOW:g} of the spot, the last change of each second"
         )
     return f"modelled: {spread.describe()}; sizes = the minute's volume; {unknown}"
 

@@ -17,7 +17,8 @@ import pytest
 from conftest import short_script
 
 from backtest import Io, main, resolve_settings
-from history import CHAIN_LATENCY_MS, QUOTES_PLAN_MESSAGE, fetch_history
+from history import CHAIN_LATENCY_MS, QUOTES_PLAN_MESSAGE, STREAM_STRIKE_WINDOW, fetch_history
+from polygon_client import parse_ws_frame
 from sim.market import SyntheticMarket
 from sim.polygon_server import FakePolygon, SyntheticSource
 from tape import TapeReader
@@ -138,6 +139,45 @@ def test_every_snapshot_shows_the_nbbo_in_force_at_its_instant(fetched, market):
     assert snapshots == (23_400 + 300) // 10, "a snapshot every 10 s from 09:25 to the close"
     assert quoted > snapshots * 20, "most contracts quoted once the market opened"
     assert len(seen) > 50, "the quotes move"
+
+
+def test_streamed_q_lines_are_the_last_change_of_each_second_near_the_money(fetched, market):
+    fake, frames = fetched.fake, []
+    for line in TapeReader(fetched.tape):
+        if line.kind == "ws" and any(e.get("ev") == "Q" for e in line.payload):
+            assert all(e["ev"] == "Q" for e in line.payload)
+            frames.append((line.t, line.payload))
+    assert len(frames) > 600, "a Q frame for most seconds from 09:30 to 09:45"
+    history: dict[str, list[dict]] = {}
+    stamps: dict[str, list[int]] = {}
+    events = 0
+    for t, frame in frames:
+        second = (t - 1000) // 1000
+        assert second * 1000 + 1000 <= t, "sent only once its second has ended"
+        spot = market.spot_at(second * 1000)  # the engine's: the bar of the second before has arrived
+        for event in frame:
+            ticker, strike = event["sym"], int(event["sym"][-8:]) / 1000
+            assert abs(strike - spot) <= STREAM_STRIKE_WINDOW
+            if ticker not in history:
+                start_ns = (market.session_open_ms - 600_000) * 10**6
+                history[ticker] = fake.quote_history(ticker, start_ns, market.session_close_ms * 10**6)
+                stamps[ticker] = [q["sip_timestamp"] for q in history[ticker]]
+            i = bisect.bisect_left(stamps[ticker], (second + 1) * 10**9) - 1
+            assert i >= 0 and stamps[ticker][i] >= second * 10**9, "a change within the second"
+            last = history[ticker][i]
+            got = (event["bp"], event["ap"], event["bs"], event["as"], event["t"], event["q"])
+            assert got == (
+                last["bid_price"],
+                last["ask_price"],
+                last["bid_size"],
+                last["ask_size"],
+                last["sip_timestamp"] // 10**6,
+                last["sequence_number"],
+            )
+            assert parse_ws_frame(json.dumps([event]), t, frozenset({"IWM"})).quotes[0].bid == event["bp"]
+            events += 1
+    assert 5 <= len(history) <= 20, "the calls within $5 of the spot, not all 32 reachable"
+    assert events < sum(len(quotes) for quotes in history.values()), "thinned to one per second"
 
 
 def test_the_api_key_never_lands_in_a_tape_or_the_cache(fetched):
