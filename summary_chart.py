@@ -4,7 +4,8 @@
 the day's tape (`DATA_DIR/tapes/<date>.jsonl.gz`, the date taken from the dedupe key
 `SUMMARY:<date>`) through the backtest's day runner with the live rules, from an empty in-memory
 journal, and draws the backtest's day chart small: the underlying with its rolling VWAP and the
-entries and exits, the option mark beneath. Every other alert gets no image.
+entries and exits, a panel per trade beneath with its option mark and the live rules' levels. Every
+other alert gets no image.
 
 It runs on the notifier thread after the close, so a couple of seconds of replay and drawing cost
 nothing that matters. Without a tape (recording off, another machine's day) the summary goes out as
@@ -87,7 +88,7 @@ class SummaryChart:
             result = run_day(tape, self._rules, MarketCalendar(self._rules, self._closed_dates), journal)
         finally:
             journal.close()
-        png = day_chart_png(result, SUMMARY_PX, SUMMARY_DPI, self._rules.underlying)
+        png = day_chart_png(result, SUMMARY_PX, SUMMARY_DPI, self._rules.underlying, rules=self._rules)
         elapsed = round(time.monotonic() - started, 2)
         log.info(
             "summary_chart", date=day.isoformat(), bytes=len(png), trades=len(result.trades), seconds=elapsed
