@@ -173,9 +173,9 @@ def day_chart_png(
     return _png_bytes(day_figure(day, size_px, dpi, underlying, rules))
 
 
-# A day chart has a few flat colours and their anti-aliased edges: a palette of this many colours looks the
-# same and makes the PNG about a third of its full-colour size (the phone fetches the daily summary's).
-PNG_COLORS = 128
+# A day chart has a few flat colours and their anti-aliased edges: a full 8-bit palette keeps the markers'
+# exact colours and makes the PNG about a third of its full-colour size (the phone fetches the summary's).
+PNG_COLORS = 256
 
 
 def _png_bytes(figure: Any) -> bytes:
