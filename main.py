@@ -124,8 +124,6 @@ def run_live(settings: Settings) -> int:
     import signal
     import threading
 
-    from clock import SimClock, WallClock, parse_instant
-
     if not settings.polygon_api_key:
         print(
             "POLYGON_API_KEY (or MASSIVE_API_KEY) is not set, so the live daemon cannot start.\n"
@@ -133,14 +131,8 @@ def run_live(settings: Settings) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    try:
-        clock = (
-            SimClock(parse_instant(settings.sim_clock_start), settings.sim_clock_speed)
-            if settings.sim_clock_start
-            else WallClock()
-        )
-    except ValueError as exc:
-        print(f"SIM_CLOCK_START={settings.sim_clock_start!r}: {exc}", file=sys.stderr)
+    clock = clock_or_none(settings)
+    if clock is None:
         return EXIT_CONFIG
     stop = threading.Event()
     # SIGHUP (a closed terminal, some supervisors) stops cleanly like SIGTERM: the tape is flushed.
@@ -148,6 +140,19 @@ def run_live(settings: Settings) -> int:
         signal.signal(signum, lambda *_: stop.set())
     daemon = start_daemon_or_explain(settings, clock, stop)
     return EXIT_CONFIG if daemon is None else daemon.run()
+
+
+def clock_or_none(settings: Settings) -> Clock | None:
+    """The daemon's clock: the wall clock, or the rehearsal clock of SIM_CLOCK_START (None, said, if bad)."""
+    from clock import SimClock, WallClock, parse_instant
+
+    try:
+        if settings.sim_clock_start:
+            return SimClock(parse_instant(settings.sim_clock_start), settings.sim_clock_speed)
+        return WallClock()
+    except ValueError as exc:
+        print(f"SIM_CLOCK_START={settings.sim_clock_start!r}: {exc}", file=sys.stderr)
+        return None
 
 
 def start_daemon_or_explain(settings: Settings, clock: Clock, stop: threading.Event) -> Daemon | None:
@@ -302,19 +307,12 @@ def run_status(settings: Settings, *, as_json: bool) -> int:
     """
     import json
 
-    from clock import SimClock, WallClock, parse_instant
     from daemon import PAUSE_FILE
     from market_calendar import MarketCalendar, ny_date
     from status import build_status, fetch_health, render_status, status_dict, tape_age_s
 
-    try:
-        clock = (
-            SimClock(parse_instant(settings.sim_clock_start), settings.sim_clock_speed)
-            if settings.sim_clock_start
-            else WallClock()
-        )
-    except ValueError as exc:
-        print(f"SIM_CLOCK_START={settings.sim_clock_start!r}: {exc}", file=sys.stderr)
+    clock = clock_or_none(settings)
+    if clock is None:
         return EXIT_CONFIG
     now_ms = clock.now_ms()
     port = settings.health_port

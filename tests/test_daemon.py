@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -73,6 +75,16 @@ def run_daemon(settings: Settings, clock: SimClock, until, timeout_s: float = 60
         time.sleep(0.05)
     stop_daemon(stop, thread)
     return daemon
+
+
+@contextmanager
+def fakes(market: SyntheticMarket, start: int, speed: float = SPEED) -> Iterator[tuple]:
+    """The fake Pushover and Polygon (both clusters) on 127.0.0.1, with a rehearsal clock started at `start`."""
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=speed) as polygon,
+    ):
+        yield pushover, polygon, SimClock(start, speed)
 
 
 def kinds(pushover: FakePushover) -> list[str]:

@@ -23,6 +23,7 @@ from builders import at
 from test_daemon import (
     API_KEY,
     SPEED,
+    fakes,
     kinds,
     launch,
     settings_for,
@@ -82,21 +83,19 @@ def test_journal_refusing_writes_from_before_the_buy_to_after_the_sell_loses_and
 ):
     start = at(10, 4)
     with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+        fakes(market, start) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread),
     ):
-        clock = SimClock(start, SPEED)
-        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread):
-            assert wait_for(lambda: clock.now_ms() >= BEFORE_BUY, 30)
-            assert "BUY" not in kinds(pushover)
-            refuse_writes(daemon)
-            assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
-            during = daemon._snapshot()
-            trades_during = journal_rows(tmp_path / "journal.sqlite3", "SELECT * FROM trades")
-            refuse_writes(daemon, False)
-            assert wait_for(lambda: not daemon.writer.health().failing, 10)
-            assert wait_for(lambda: "JOURNAL RECOVERED" in kinds(pushover), 10), (kinds(pushover), during)
-            assert thread.is_alive()
+        assert wait_for(lambda: clock.now_ms() >= BEFORE_BUY, 30)
+        assert "BUY" not in kinds(pushover)
+        refuse_writes(daemon)
+        assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+        during = daemon._snapshot()
+        trades_during = journal_rows(tmp_path / "journal.sqlite3", "SELECT * FROM trades")
+        refuse_writes(daemon, False)
+        assert wait_for(lambda: not daemon.writer.health().failing, 10)
+        assert wait_for(lambda: "JOURNAL RECOVERED" in kinds(pushover), 10), (kinds(pushover), during)
+        assert thread.is_alive()
     sent = kinds(pushover)
     assert trades_of(sent) == ["BUY", "SELL"]
     assert sent.count("JOURNAL FAILING") == 1 and sent.index("JOURNAL FAILING") < sent.index("SELL")
@@ -112,22 +111,20 @@ def test_journal_refusing_writes_from_before_the_buy_to_after_the_sell_loses_and
 def test_a_lock_held_by_another_process_never_freezes_the_engine_or_loses_an_alert(market, tmp_path):
     start = at(10, 4)
     with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+        fakes(market, start) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread),
     ):
-        clock = SimClock(start, SPEED)
-        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread):
-            assert wait_for(lambda: clock.now_ms() >= BEFORE_BUY, 30)
-            holder = sqlite3.connect(tmp_path / "journal.sqlite3", isolation_level=None)
-            holder.execute("BEGIN IMMEDIATE")  # a backup or a DB browser holding the write lock
-            try:
-                assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
-                assert daemon.writer.health().failing
-            finally:
-                holder.execute("ROLLBACK")
-                holder.close()
-            assert wait_for(lambda: not daemon.writer.health().failing, 10)
-            assert thread.is_alive()
+        assert wait_for(lambda: clock.now_ms() >= BEFORE_BUY, 30)
+        holder = sqlite3.connect(tmp_path / "journal.sqlite3", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # a backup or a DB browser holding the write lock
+        try:
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+            assert daemon.writer.health().failing
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert wait_for(lambda: not daemon.writer.health().failing, 10)
+        assert thread.is_alive()
     sent = kinds(pushover)
     assert trades_of(sent) == ["BUY", "SELL"]
     assert "STALL" not in sent  # the engine thread never sat out SQLite's busy timeout
@@ -137,30 +134,24 @@ def test_a_lock_held_by_another_process_never_freezes_the_engine_or_loses_an_ale
 def test_journal_failing_while_an_alert_waits_for_pushover_never_resends_it(market, tmp_path):
     start = at(10, 4)
     with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+        fakes(market, start) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread),
     ):
-        clock = SimClock(start, SPEED)
-        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread):
-            assert wait_for(lambda: "START" in kinds(pushover) and clock.now_ms() >= BEFORE_BUY, 30)
-            pushover.fail_with(500)
-            assert wait_for(lambda: daemon.engine.position is not None, 60)
-            refuse_writes(daemon)  # "mark sent" of the BUY will fail
-            pushover.recover()
-            assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
-            time.sleep(3.0)  # a resend of the BUY would follow the SELL at once: the queue is empty now
-            assert thread.is_alive()
+        assert wait_for(lambda: "START" in kinds(pushover) and clock.now_ms() >= BEFORE_BUY, 30)
+        pushover.fail_with(500)
+        assert wait_for(lambda: daemon.engine.position is not None, 60)
+        refuse_writes(daemon)  # "mark sent" of the BUY will fail
+        pushover.recover()
+        assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+        time.sleep(3.0)  # a resend of the BUY would follow the SELL at once: the queue is empty now
+        assert thread.is_alive()
     sent = kinds(pushover)
     assert trades_of(sent) == ["BUY", "SELL"]
 
 
 def test_a_silent_socket_is_replaced_and_the_day_goes_on(market, tmp_path):
     start = at(10, 4)
-    with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
-    ):
-        clock = SimClock(start, SPEED)
+    with fakes(market, start) as (pushover, polygon, clock):
         polygon.silence(True)  # the socket opens, answers pings, sends nothing
         settings = settings_for(polygon, pushover, tmp_path, stream_silence_seconds=15.0)
         with daemon_running(settings, clock) as (daemon, thread):
@@ -215,11 +206,7 @@ def test_pushover_out_of_quota_without_a_fallback_holds_alerts_and_says_failing(
 
 def test_pushover_answering_after_12_seconds_delivers_each_alert_once(market, tmp_path):
     start = at(10, 4)
-    with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
-    ):
-        clock = SimClock(start, SPEED)
+    with fakes(market, start) as (pushover, polygon, clock):
         settings = settings_for(polygon, pushover, tmp_path, options_stream="off")
         with daemon_running(settings, clock) as (daemon, thread):
             assert wait_for(lambda: "START" in kinds(pushover) and clock.now_ms() >= BEFORE_BUY, 30)
@@ -263,20 +250,18 @@ def test_a_crashing_thread_is_restarted_reported_once_and_shown_in_health():
 def test_every_thread_is_listed_in_health_and_a_dead_one_is_failing(market, tmp_path):
     start = at(10, 4)
     with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+        fakes(market, start) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread),
     ):
-        clock = SimClock(start, SPEED)
-        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread):
-            assert wait_for(lambda: "threads" in daemon.health, 10)
-            time.sleep(6.0)
-            threads = daemon._snapshot()["threads"]
-            names = set(threads)
-            assert all(t["alive"] and t["last_turn_s"] < 6.0 for t in threads.values()), threads
-            worker = daemon.supervisor._workers["poller"]
-            worker.down, worker.last_error = True, "RuntimeError: test"
-            assert wait_for(lambda: daemon.health["status"] == "failing", 5)
-            worker.down = False
+        assert wait_for(lambda: "threads" in daemon.health, 10)
+        time.sleep(6.0)
+        threads = daemon._snapshot()["threads"]
+        names = set(threads)
+        assert all(t["alive"] and t["last_turn_s"] < 6.0 for t in threads.values()), threads
+        worker = daemon.supervisor._workers["poller"]
+        worker.down, worker.last_error = True, "RuntimeError: test"
+        assert wait_for(lambda: daemon.health["status"] == "failing", 5)
+        worker.down = False
     assert {"notifier", "poller", "session", "watchdog"} <= names
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from builders import at
-from test_daemon import API_KEY, SPEED, kinds, settings_for, start_daemon, stop_daemon, wait_for
+from test_daemon import API_KEY, SPEED, fakes, kinds, settings_for, start_daemon, stop_daemon, wait_for
 
 from clock import SimClock
 from config import Rules
@@ -41,11 +41,7 @@ def held_ticker(daemon: Daemon, seen: list[str]) -> bool:
 
 
 def test_the_held_contract_streams_from_buy_to_sell_and_the_replay_equals_the_live_alerts(market, tmp_path):
-    with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=START, speed=SPEED) as polygon,
-    ):
-        clock = SimClock(START, SPEED)
+    with fakes(market, START) as (pushover, polygon, clock):
         daemon, stop, thread = start_daemon(settings_for(polygon, pushover, tmp_path), clock)
         held: list[str] = []
         try:
@@ -108,11 +104,7 @@ def test_a_plan_without_options_quotes_falls_back_to_rest_with_one_feed_alert(ma
 
 
 def test_a_dropped_options_stream_falls_back_then_comes_back(market, tmp_path):
-    with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=START, speed=SPEED) as polygon,
-    ):
-        clock = SimClock(START, SPEED)
+    with fakes(market, START) as (pushover, polygon, clock):
         daemon, stop, thread = start_daemon(settings_for(polygon, pushover, tmp_path), clock)
         try:
             assert wait_for(lambda: daemon.engine.marks.stream > 0, 40)
@@ -129,11 +121,7 @@ def test_a_dropped_options_stream_falls_back_then_comes_back(market, tmp_path):
 
 
 def test_a_quote_storm_keeps_the_queue_short_and_the_alerts_right(market, tmp_path):
-    with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=START, speed=SPEED) as polygon,
-    ):
-        clock = SimClock(START, SPEED)
+    with fakes(market, START) as (pushover, polygon, clock):
         daemon, stop, thread = start_daemon(settings_for(polygon, pushover, tmp_path), clock)
         try:
             assert wait_for(lambda: daemon.engine.position is not None, 40)
