@@ -8,11 +8,11 @@ import shutil
 import threading
 import time
 from datetime import date
-from pathlib import Path
 
 import pytest
 from builders import at
 from structlog.testing import capture_logs
+from test_daemon import API_KEY, settings_for
 
 from clock import SimClock
 from config import Rules, Settings
@@ -23,9 +23,6 @@ from sim.polygon_server import FakePolygon, SyntheticSource
 from sim.pushover_server import FakePushover, ReceivedMessage
 from summary_chart import SUMMARY_PX, SummaryChart, summary_attachment, summary_date
 
-API_KEY = "testkey1234"
-TOKEN = "a" * 30
-USER = "u" * 30
 SPEED = 40.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DAY = date(2025, 10, 2)
@@ -69,19 +66,6 @@ def test_without_a_tape_there_is_no_chart_and_a_warning(tmp_path):
 def test_daily_summary_0_gives_the_daemon_no_chart_hook(tmp_path):
     assert summary_attachment(Settings(data_dir=tmp_path)) is not None
     assert summary_attachment(Settings(rules=Rules(daily_summary=False), data_dir=tmp_path)) is None
-
-
-def settings_for(polygon: FakePolygon, pushover: FakePushover, data_dir: Path) -> Settings:
-    return Settings(
-        rules=Rules(),
-        polygon_api_key=API_KEY,
-        polygon_ws_url=polygon.ws_url,
-        polygon_rest_url=polygon.rest_url,
-        pushover_token=TOKEN,
-        pushover_user_key=USER,
-        pushover_api_url=pushover.url,
-        data_dir=data_dir,
-    )
 
 
 def run_daemon(settings: Settings, clock: SimClock, until, timeout_s: float = 40) -> Daemon:

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 from builders import DAY, at
 from structlog.testing import capture_logs
+from test_daemon import API_KEY, settings_for
 
 from clock import SimClock
-from config import Rules, Settings
+from config import Settings
 from daemon import Daemon
 from events import ChainSnapshot, ContractSnapshot, Received
 from feed import FeedDecoder
@@ -35,9 +36,6 @@ from sim.pushover_server import FakePushover
 from tape import TapeReader, TapeWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-API_KEY = "testkey1234"
-TOKEN = "a" * 30
-USER = "u" * 30
 SPEED = 40.0
 CHAIN = "/v3/snapshot/options/IWM"
 FIRST_PAGE = f"{CHAIN}?expiration_date=2025-10-02&contract_type=call&limit=250"
@@ -230,19 +228,6 @@ def test_a_contract_quote_too_absurd_to_mark_is_counted(market: SyntheticMarket)
 
 
 # The running daemon: every hostile input is skipped, the day's BUY and SELL go out once each
-
-
-def settings_for(polygon: FakePolygon, pushover: FakePushover, data_dir: Path) -> Settings:
-    return Settings(
-        rules=Rules(),
-        polygon_api_key=API_KEY,
-        polygon_ws_url=polygon.ws_url,
-        polygon_rest_url=polygon.rest_url,
-        pushover_token=TOKEN,
-        pushover_user_key=USER,
-        pushover_api_url=pushover.url,
-        data_dir=data_dir,
-    )
 
 
 def kinds(pushover: FakePushover) -> list[str]:
