@@ -103,10 +103,11 @@ DEMO_STREAM_QUOTES = 4
 # The first day `build_stream_days` builds (the benchmark's synthetic days with streamed quotes).
 STREAM_DAYS_FIRST = datetime.date(2025, 1, 2)
 # Bumped whenever a seed's synthetic tape changes, so caches of tapes keyed by seed are not reused.
-MODEL_VERSION = 2
+MODEL_VERSION = 3
 # How a random day's burst ends (issue 12): drawn uniformly per burst; see sim/README.md.
 BURST_OUTCOMES = ("run", "stall", "reversal", "fade", "false_breakout", "shakeout")
 SPEED_WINDOW_S = 5
+SMOOTH_SKEW = 0.02  # the smile's tilt without texture (the demo day)
 
 
 class StreamQuote(NamedTuple):
@@ -161,6 +162,12 @@ class Texture:
     close_window_s: int = 1800  # the last 30 minutes quote one tick wider
     gaps_mean: float = 1.5  # gaps per session (Poisson)
     gap_dollars: tuple[float, float] = (0.10, 0.40)  # size of a gap, either way
+    skew: float = 0.10  # slope of the smile in standardised moneyness (the smooth model's is 0.02)
+    premium_median: float = 0.08  # a burst's call-IV premium (log-vol): the median of a lognormal
+    premium_sd: float = 0.7  # its log-sd: 10-90 % of bursts between ~0.03 and ~0.20
+    premium_cap: float = 0.35
+    premium_ramp_s: float = 5.0  # how fast market makers mark it in once a burst starts
+    premium_crush_s: tuple[float, float] = (30.0, 600.0)  # its decay time after the burst, log-uniform
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,10 +295,12 @@ def outcome_script(
 def _burst_group(rng: random.Random, at_s: int, outcome: str) -> list[Episode]:
     """A burst and what follows it, back to back from `at_s`.
 
-    run: a grind higher; stall: chop, then a slow bleed of part of the move; reversal: a pullback
-    back through the burst's start; fade: a slow bleed of about all of it; false_breakout: a short,
-    weak burst, a few seconds of chop, then a pullback well through its start; shakeout: a dip,
-    a second burst and a grind (a stop that is too tight sells the dip).
+    run: a grind higher that may pull back 25-50 % of its gain and then go on or not; stall: chop,
+    then a slow bleed of part of the move; reversal: a decline in one to three legs back through the
+    burst's start, which may bounce; fade: a slow bleed of part, all or more of it; false_breakout: a
+    short, weak burst, a few seconds of chop, then a decline like a reversal's; shakeout: a dip, a
+    second burst and a run (a stop that is too tight sells the dip). Depths are drawn log-uniformly
+    over wide ranges (`_depth`), so the option's drawdown spreads over 5-50 % of its entry price.
     """
     # A failing burst is short, at the pace of a lasting one: at the entry signal the two look alike.
     fails = outcome not in ("run", "shakeout")
@@ -300,26 +309,70 @@ def _burst_group(rng: random.Random, at_s: int, outcome: str) -> list[Episode]:
     strength = round(pace * (80 if not fails else burst_s), 3)
     steps: list[tuple[str, int, float]] = [("burst", burst_s, strength)]
     if outcome == "run":
-        steps.append(("grind", rng.randint(300, 1200), round(rng.uniform(0.10, 0.25), 3)))
+        steps += _run_steps(rng, strength)
     elif outcome == "stall":
         steps.append(("chop", rng.randint(120, 400), round(rng.uniform(0.8, 1.4), 2)))
-        steps.append(("fade", rng.randint(120, 300), round(strength * rng.uniform(0.3, 0.8), 3)))
+        steps.append(("fade", rng.randint(120, 300), _depth(rng, strength, 0.2, 1.5)))
     elif outcome == "reversal":
-        steps.append(("pullback", rng.randint(60, 180), round(strength * rng.uniform(1.2, 2.0), 3)))
+        steps += _decline_steps(rng, _depth(rng, strength, 0.5, 2.5))
     elif outcome == "fade":
-        steps.append(("fade", rng.randint(180, 480), round(strength * rng.uniform(0.8, 1.4), 3)))
+        steps.append(("fade", rng.randint(180, 480), _depth(rng, strength, 0.4, 2.0)))
     elif outcome == "false_breakout":
         steps.append(("chop", rng.randint(20, 60), 1.0))
-        steps.append(("pullback", rng.randint(60, 150), round(strength * rng.uniform(1.3, 2.5), 3)))
+        steps += _decline_steps(rng, _depth(rng, strength, 0.8, 2.5))
     else:
-        steps.append(("pullback", rng.randint(20, 60), round(strength * rng.uniform(0.4, 0.8), 3)))
+        steps.append(("pullback", rng.randint(20, 60), _depth(rng, strength, 0.3, 0.9)))
         steps.append(("burst", rng.randint(40, 90), round(rng.uniform(0.12, 0.30), 3)))
-        steps.append(("grind", rng.randint(300, 900), round(rng.uniform(0.10, 0.20), 3)))
+        steps += _run_steps(rng, 0.2)
     group = []
     for kind, seconds, size in steps:
         group.append(Episode(_clock(at_s), kind, seconds, size))
         at_s += seconds
     return group
+
+
+def _depth(rng: random.Random, strength: float, low: float, high: float) -> float:
+    """`strength` times a log-uniform factor in [low, high]: shallow and deep moves equally likely per octave."""
+    return round(strength * math.exp(rng.uniform(math.log(low), math.log(high))), 3)
+
+
+def _run_steps(rng: random.Random, gained: float) -> list[tuple[str, int, float]]:
+    """A run after a burst that gained `gained` %: a grind; then, six times in ten, a pullback of
+    25-50 % of the gain so far (a flush or a slow bleed), after which it goes on (half the time) or
+    bleeds away the rest."""
+    first = round(rng.uniform(0.08, 0.25), 3)
+    steps = [("grind", rng.randint(150, 600), first)]
+    if rng.random() >= 0.6:
+        return [*steps, ("grind", rng.randint(150, 600), round(rng.uniform(0.05, 0.15), 3))]
+    back = round((gained + first) * rng.uniform(0.25, 0.50), 3)
+    if rng.random() < 0.5:
+        steps.append(("pullback", rng.randint(30, 120), back))
+    else:
+        steps.append(("fade", rng.randint(60, 240), back))
+    if rng.random() < 0.5:
+        steps.append(("grind", rng.randint(150, 600), round(rng.uniform(0.08, 0.25), 3)))
+    else:
+        rest = gained + first - back
+        steps.append(("fade", rng.randint(120, 400), round(rest * rng.uniform(0.5, 1.2), 3)))
+    return steps
+
+
+def _decline_steps(rng: random.Random, depth: float) -> list[tuple[str, int, float]]:
+    """A decline of `depth` % in one to three legs with pauses of chop between them; four times in ten
+    it then bounces back 20-70 % of the way (a stop that was too tight sold the low)."""
+    legs = rng.randint(1, 3)
+    shares = [rng.uniform(0.3, 1.0) for _ in range(legs)]
+    steps: list[tuple[str, int, float]] = []
+    for n, share in enumerate(shares):
+        if n:
+            steps.append(("chop", rng.randint(20, 90), round(rng.uniform(0.6, 1.2), 2)))
+        size = round(depth * share / sum(shares), 3)
+        steps.append(
+            ("pullback", rng.randint(30, 120), size) if n == 0 else ("fade", rng.randint(40, 150), size)
+        )
+    if rng.random() < 0.4:
+        steps.append(("grind", rng.randint(60, 300), round(depth * rng.uniform(0.2, 0.7), 3)))
+    return steps
 
 
 def _drop_overlaps(episodes: list[Episode]) -> list[Episode]:
@@ -768,16 +821,52 @@ def _texture_paths(script: DayScript, levels: np.ndarray) -> tuple[list[float] |
     revert, crush = 1.0 - 1.0 / texture.iv_revert_s, 1.0 - 1.0 / texture.iv_crush_s
     low, high = texture.iv_bounds
     close_from = n - texture.close_window_s
+    premium = _burst_premium(script, texture, levels).tolist()
     factors, extras = [1.0] * n, [0] * n
     fast = slow = push = 0.0
     for i in range(n):
         fast = max(over[i], fast * keep)
         slow = slow * revert + texture.iv_walk * shocks[i]
         push = push * crush + texture.iv_fast_push * fast
-        factors[i] = math.exp(min(high, max(low, slow + push)))
+        factors[i] = math.exp(min(high, max(low, slow + push + premium[i])))
         extra = min(texture.spread_max_extra, int(texture.spread_fast_ticks * fast + dither[i]))
         extras[i] = extra + (1 if i >= close_from else 0)
     return factors, extras
+
+
+def _burst_premium(script: DayScript, texture: Texture, levels: np.ndarray) -> np.ndarray:
+    """Per second, the log-vol that buyers of calls add during each burst and take out after it.
+
+    Each burst draws a premium (lognormal, capped) and a crush time (log-uniform). Market makers
+    mark it in within the burst's first `premium_ramp_s` seconds, so a buyer who chases the burst
+    pays it. After the burst it is held in proportion to how much of the burst's move the
+    (noise-free) price still holds, so it comes out at once when the price falls back (a falling
+    spot cheapens the calls' volatility as well as their intrinsic value), and otherwise decays with
+    the crush time. Drawn from its own generator, in the order of the script's bursts.
+    """
+    n = len(levels)
+    out = np.zeros(n)
+    rng = np.random.default_rng([script.seed, 12, 3])
+    low, high = (math.log(x) for x in texture.premium_crush_s)
+    for episode in script.episodes:
+        if episode.kind != "burst":
+            continue
+        size = min(texture.premium_cap, texture.premium_median * math.exp(texture.premium_sd * rng.normal()))
+        crush_s = math.exp(rng.uniform(low, high))
+        start = _seconds_from_open(episode.start)
+        end = min(n, start + episode.seconds)
+        stop = min(n, end + int(5 * crush_s))
+        if not 0 <= start < end:
+            continue
+        move = levels[end - 1] - levels[start]
+        if move <= 0:
+            continue  # noise swamped the burst: nobody chased it
+        seconds = np.arange(start, stop)
+        held = np.clip((levels[start:stop] - levels[start]) / move, 0.0, 1.0)
+        ramp = np.minimum(1.0, (seconds - start + 1) / texture.premium_ramp_s)
+        decay = np.exp(-np.maximum(0, seconds - end) / crush_s)
+        out[start:stop] += size * np.where(seconds < end, ramp, held * decay)
+    return out
 
 
 def norm_cdf(x: float) -> float:
@@ -791,11 +880,15 @@ def atm_vol(elapsed_fraction: float) -> float:
     return 0.34 + 0.14 * frac * frac
 
 
-def smile_vol(strike: float, spot: float, t_years: float, atm: float) -> float:
-    """Implied volatility with a smile in standardised moneyness (higher away from the money)."""
+def smile_vol(strike: float, spot: float, t_years: float, atm: float, skew: float = SMOOTH_SKEW) -> float:
+    """Implied volatility with a smile in standardised moneyness (higher away from the money).
+
+    `skew` tilts it (lower for higher strikes). The smile is fixed in moneyness, so it moves with the
+    spot: when the spot drops, a call above it sits further up the tilted wing and its volatility falls.
+    """
     m = math.log(strike / spot) / (atm * math.sqrt(t_years))
     m = min(6.0, max(-6.0, m))
-    return atm * (1.0 + 0.035 * m * m - 0.02 * m)
+    return atm * (1.0 + 0.035 * m * m - skew * m)
 
 
 class CallValue(NamedTuple):
@@ -864,6 +957,8 @@ class _OptionBook:
         self._day = market.script.session_date
         self._spot = spot_by_second
         self._volume_shape = volume_shape
+        texture = market.script.texture
+        self._skew = SMOOTH_SKEW if texture is None else texture.skew
         low = math.floor(float(spot_by_second.min())) - STRIKE_MARGIN
         high = math.ceil(float(spot_by_second.max())) + STRIKE_MARGIN
         self._contracts: dict[tuple[float, datetime.date, str], _Contract] = {}
@@ -922,7 +1017,7 @@ class _OptionBook:
     def _traps(self, spot: float, t_years: float, atm: float) -> list[_Contract]:
         """Half-dollar strikes around the 0.40 delta point, each with one defect for the selector."""
         halves = [math.floor(spot) + 0.5 + j for j in range(-4, 5)]
-        deltas = [bs_call(spot, k, t_years, smile_vol(k, spot, t_years, atm)).delta for k in halves]
+        deltas = [bs_call(spot, k, t_years, self._smile(k, spot, t_years, atm)).delta for k in halves]
         wide = min(range(len(halves)), key=lambda j: abs(deltas[j] - 0.40))
         plan = {0: "wide", 1: "stale", -1: "crossed", -2: "no_greeks"}
         return [self._contract(halves[wide] + offset, self._day, trap) for offset, trap in plan.items()]
@@ -931,7 +1026,7 @@ class _OptionBook:
         expiry = self._day + datetime.timedelta(days=3 if self._day.weekday() == 4 else 1)
         t_years = self._t_years(at_ms, expiry)
         strikes = [math.floor(spot) + j for j in range(0, 4)]
-        deltas = [bs_call(spot, k, t_years, smile_vol(k, spot, t_years, atm)).delta for k in strikes]
+        deltas = [bs_call(spot, k, t_years, self._smile(k, spot, t_years, atm)).delta for k in strikes]
         best = min(range(len(strikes)), key=lambda j: abs(deltas[j] - 0.40))
         return self._contract(float(strikes[best]), expiry, "")
 
@@ -943,6 +1038,9 @@ class _OptionBook:
     def _elapsed_fraction(self, at_ms: int) -> float:
         return (at_ms - self._market.session_open_ms) / (SESSION_SECONDS * 1000.0)
 
+    def _smile(self, strike: float, spot: float, t_years: float, atm: float) -> float:
+        return smile_vol(strike, spot, t_years, atm, self._skew)
+
     def _atm(self, at_ms: int) -> float:
         """The ATM volatility at `at_ms`: the day's curve times the texture's moving factor (1 without)."""
         return atm_vol(self._elapsed_fraction(at_ms)) * self._market.iv_factor(at_ms)
@@ -950,7 +1048,7 @@ class _OptionBook:
     def value(self, contract: _Contract, at_ms: int) -> tuple[CallValue, float, float]:
         """(value, implied volatility, spot) of a contract at `at_ms`."""
         spot, t_years, atm = self._moment(at_ms, contract.expiry)
-        sigma = smile_vol(contract.strike, spot, t_years, atm)
+        sigma = self._smile(contract.strike, spot, t_years, atm)
         return bs_call(spot, contract.strike, t_years, sigma), sigma, spot
 
     def _moment(self, at_ms: int, expiry: datetime.date) -> tuple[float, float, float]:
@@ -983,7 +1081,7 @@ class _OptionBook:
         quotes = []
         for contract in contracts:
             t_years = self._t_years(at_ms, contract.expiry)
-            sigma = smile_vol(contract.strike, spot, t_years, atm)
+            sigma = self._smile(contract.strike, spot, t_years, atm)
             value = bs_call(spot, contract.strike, t_years, sigma)
             quotes.append(quote_for(value.price, 0.05 <= value.delta <= 0.95, extra))
         return quotes
