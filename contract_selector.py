@@ -33,12 +33,13 @@ SECONDS_PER_YEAR = 365 * 86400
 
 # Prices arrive as decimals that binary floats cannot hold exactly (1.96/2.04 is 4.000000000000004 %),
 # so inclusive limits and ranking ties are judged to this tolerance, far below any real difference.
-_TOLERANCE = 1e-9
+TOLERANCE = 1e-9
 _RANK_DECIMALS = 9
 
-_IV_LOW = 1e-4
-_IV_HIGH = 10.0
-_IV_TOLERANCE = 1e-8
+# The implied-volatility bracket and the bisection's tolerance, both in sigma (priced_chain relies on them).
+IV_LOW = 1e-4
+IV_HIGH = 10.0
+IV_TOLERANCE = 1e-8
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +104,7 @@ def select_contract(
     `spot` is the underlying's last close and `session_close_ms` the session close; both are used
     only to derive a Black-Scholes delta for quotes without greeks.
     """
-    context = _Context(rules, session_date, now_ms, _finite(spot), years_until(now_ms, session_close_ms))
+    context = _Context(rules, session_date, now_ms, finite(spot), years_until(now_ms, session_close_ms))
     survivors: list[Candidate] = []
     rejections: list[tuple[str, str]] = []
     considered = 0
@@ -114,13 +115,19 @@ def select_contract(
             rejections.append((quote.ticker, outcome))
         else:
             survivors.append(outcome)
-    chosen = min(survivors, key=lambda c: _rank_key(c, rules), default=None)
-    return Selection(chosen=chosen, considered=considered, rejections=tuple(rejections))
+    return Selection(
+        chosen=best_candidate(survivors, rules), considered=considered, rejections=tuple(rejections)
+    )
+
+
+def best_candidate(survivors: list[Candidate], rules: Rules) -> Candidate | None:
+    """The best-ranked survivor (the first of equals, in chain order), or None."""
+    return min(survivors, key=lambda c: _rank_key(c, rules), default=None)
 
 
 def quote_mid(quote: OptionQuote) -> float | None:
     """The mid of a valid quote (finite bid > 0 and finite ask >= bid), else None."""
-    bid, ask = _finite(quote.bid), _finite(quote.ask)
+    bid, ask = finite(quote.bid), finite(quote.ask)
     if bid is None or bid <= 0 or ask is None or ask < bid:
         return None
     return (bid + ask) / 2
@@ -136,7 +143,7 @@ def bs_call_price(spot: float, strike: float, t_years: float, sigma: float, r: f
     _check_bs_inputs(spot, strike, t_years, sigma, r)
     if t_years <= 0 or sigma == 0:
         return max(spot - strike * math.exp(-r * max(t_years, 0.0)), 0.0)
-    return _call_price(spot, strike, t_years, sigma, r)
+    return unchecked_call_price(spot, strike, t_years, sigma, r)
 
 
 def bs_call_delta(spot: float, strike: float, t_years: float, sigma: float, r: float = 0.0) -> float:
@@ -148,7 +155,7 @@ def bs_call_delta(spot: float, strike: float, t_years: float, sigma: float, r: f
             return 0.5
         return 1.0 if spot > discounted_strike else 0.0
     d1, _ = _d1_d2(spot, strike, t_years, sigma, r)
-    return _norm_cdf(d1)
+    return norm_cdf(d1)
 
 
 def implied_vol(price: float, spot: float, strike: float, t_years: float, r: float = 0.0) -> float | None:
@@ -158,59 +165,82 @@ def implied_vol(price: float, spot: float, strike: float, t_years: float, r: flo
     positive, T <= 0, the price is at or below the discounted intrinsic value, at or above the spot,
     or outside what the bracket can reach.
     """
-    inputs = (price, spot, strike, t_years, r)
-    if any(_finite(x) is None for x in inputs) or min(price, spot, strike, t_years) <= 0:
-        return None
-    intrinsic = max(spot - strike * math.exp(-r * t_years), 0.0)
-    if not intrinsic < price < spot:
+    if not iv_inputs_ok(price, spot, strike, t_years, r):
         return None
     return _bisect_increasing(
-        lambda sigma: _call_price(spot, strike, t_years, sigma, r) - price, _IV_LOW, _IV_HIGH, _IV_TOLERANCE
+        lambda sigma: unchecked_call_price(spot, strike, t_years, sigma, r) - price,
+        IV_LOW,
+        IV_HIGH,
+        IV_TOLERANCE,
     )
+
+
+def iv_inputs_ok(price: float, spot: float, strike: float, t_years: float, r: float = 0.0) -> bool:
+    """Whether `implied_vol` gets past its input checks (finite, positive, intrinsic < price < spot)."""
+    inputs = (price, spot, strike, t_years, r)
+    if any(finite(x) is None for x in inputs) or min(price, spot, strike, t_years) <= 0:
+        return False
+    intrinsic = max(spot - strike * math.exp(-r * t_years), 0.0)
+    return intrinsic < price < spot
 
 
 def _evaluate(quote: OptionQuote, context: _Context) -> Candidate | str:
     """A `Candidate`, or the first reason (in check order) the quote fails."""
-    reason = (
-        _identity_rejection(quote, context)
-        or _quote_rejection(quote, context)
-        or _liquidity_rejection(quote, context.rules)
-    )
+    reason = early_rejection(quote, context.session_date)
+    if reason is None and is_stale(quote.quote_ms, context.now_ms, context.rules):
+        reason = "stale_quote"
+    reason = reason or late_rejection(quote, context.rules)
     if reason:
         return reason
-    bid, ask = _finite_or_zero(quote.bid), _finite_or_zero(quote.ask)  # both checked finite above
-    mid = (bid + ask) / 2
-    greeks = _delta_from_greeks(quote) or _delta_from_black_scholes(quote, mid, context)
+    mid, spread_pct = mid_and_spread(quote)
+    greeks = greeks_delta(quote) or _delta_from_black_scholes(quote, mid, context)
     if greeks is None:
         return "no_delta"
     delta, source, iv = greeks
-    if not _within(delta, context.rules.delta_min, context.rules.delta_max):
+    if not in_band(delta, context.rules):
         return "delta_out_of_band"
-    return Candidate(quote, delta, source, iv, mid, _spread_percent(bid, ask))
+    return Candidate(quote, delta, source, iv, mid, spread_pct)
 
 
-def _identity_rejection(quote: OptionQuote, context: _Context) -> str | None:
+def mid_and_spread(quote: OptionQuote) -> tuple[float, float]:
+    """The mid and the spread in % of it, for a quote that passed `early_rejection` (finite bid > 0, ask >= bid)."""
+    bid, ask = _finite_or_zero(quote.bid), _finite_or_zero(quote.ask)
+    return (bid + ask) / 2, _spread_percent(bid, ask)
+
+
+def early_rejection(quote: OptionQuote, session_date: str) -> str | None:
+    """The first of not_call, wrong_expiry, no_bid and crossed the quote fails: the checks that come
+    before the quote's age and depend on neither the clock nor the rules."""
     if quote.right != "call":
         return "not_call"
-    if quote.expiry != context.session_date:
+    if quote.expiry != session_date:
         return "wrong_expiry"
-    return None
-
-
-def _quote_rejection(quote: OptionQuote, context: _Context) -> str | None:
-    bid, ask = _finite(quote.bid), _finite(quote.ask)
+    bid, ask = finite(quote.bid), finite(quote.ask)
     if bid is None or bid <= 0:
         return "no_bid"
     # A missing ask cannot satisfy ask >= bid, so it is reported the same way as a crossed one.
     if ask is None or ask < bid:
         return "crossed"
-    if quote.quote_ms is None or _quote_age_seconds(quote.quote_ms, context.now_ms) > (
-        context.rules.max_quote_age_seconds + _TOLERANCE
-    ):
-        return "stale_quote"
-    if _spread_percent(bid, ask) > context.rules.max_spread_percent + _TOLERANCE:
-        return "wide_spread"
     return None
+
+
+def is_stale(quote_ms: int | None, now_ms: int, rules: Rules) -> bool:
+    """Whether a quote stamped `quote_ms` (None: unknown) is too old at `now_ms` (stays so as time runs)."""
+    return quote_ms is None or _quote_age_seconds(quote_ms, now_ms) > rules.max_quote_age_seconds + TOLERANCE
+
+
+def late_rejection(quote: OptionQuote, rules: Rules) -> str | None:
+    """The first of wide_spread, low_volume, low_open_interest and thin_size a quote that passed
+    `early_rejection` fails: the checks after the quote's age, which depend on the rules only."""
+    bid, ask = _finite_or_zero(quote.bid), _finite_or_zero(quote.ask)
+    if _spread_percent(bid, ask) > rules.max_spread_percent + TOLERANCE:
+        return "wide_spread"
+    return _liquidity_rejection(quote, rules)
+
+
+def in_band(delta: float, rules: Rules) -> bool:
+    """Whether `delta` lies in the rules' delta band (inclusive, to `TOLERANCE`)."""
+    return _within(delta, rules.delta_min, rules.delta_max)
 
 
 def _liquidity_rejection(quote: OptionQuote, rules: Rules) -> str | None:
@@ -224,17 +254,24 @@ def _liquidity_rejection(quote: OptionQuote, rules: Rules) -> str | None:
     return None
 
 
-def _delta_from_greeks(quote: OptionQuote) -> tuple[float, str, float | None] | None:
-    delta = _finite(quote.delta)
+def greeks_delta(quote: OptionQuote) -> tuple[float, str, float | None] | None:
+    """(delta, "greeks", iv) from the vendor's greeks, or None when the quote has no finite delta."""
+    delta = finite(quote.delta)
     if delta is None:
         return None
-    return delta, "greeks", _finite(quote.iv)
+    return delta, "greeks", finite(quote.iv)
 
 
 def _delta_from_black_scholes(
     quote: OptionQuote, mid: float, context: _Context
 ) -> tuple[float, str, float | None] | None:
-    spot, strike, t_years = context.spot, _finite(quote.strike), context.t_years
+    return black_scholes_delta(finite(quote.strike), mid, context.spot, context.t_years)
+
+
+def black_scholes_delta(
+    strike: float | None, mid: float, spot: float | None, t_years: float
+) -> tuple[float, str, float | None] | None:
+    """(delta, "black_scholes", sigma) with sigma implied by `mid`, or None when there is no such sigma."""
     if spot is None or strike is None:
         return None
     # implied_vol also answers None for T <= 0, a mid at or below intrinsic and a mid at or above spot.
@@ -270,14 +307,14 @@ def _spread_percent(bid: float, ask: float) -> float:
 
 
 def _within(value: float, low: float, high: float) -> bool:
-    return low - _TOLERANCE <= value <= high + _TOLERANCE
+    return low - TOLERANCE <= value <= high + TOLERANCE
 
 
 def _at_least(value: float, limit: float) -> bool:
-    return value >= limit - _TOLERANCE
+    return value >= limit - TOLERANCE
 
 
-def _finite(value: object) -> float | None:
+def finite(value: object) -> float | None:
     """`value` as a float when it is a finite real number; None for None, NaN, inf and non-numbers."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -285,19 +322,21 @@ def _finite(value: object) -> float | None:
 
 
 def _finite_or_zero(value: object) -> float:
-    finite = _finite(value)
-    return 0.0 if finite is None else finite
+    value_or_none = finite(value)
+    return 0.0 if value_or_none is None else value_or_none
 
 
-def _norm_cdf(x: float) -> float:
+def norm_cdf(x: float) -> float:
+    """The standard normal CDF."""
     # erfc keeps relative precision in the lower tail, where 1 + erf(x) would cancel.
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
 
-def _call_price(spot: float, strike: float, t_years: float, sigma: float, r: float) -> float:
-    # Unchecked (T > 0, sigma > 0): the root finder calls this some 30 times per contract.
+def unchecked_call_price(spot: float, strike: float, t_years: float, sigma: float, r: float) -> float:
+    """`bs_call_price` without its checks, for T > 0 and sigma > 0: exactly what `implied_vol` evaluates."""
+    # Unchecked: the root finder calls this some 30 times per contract.
     d1, d2 = _d1_d2(spot, strike, t_years, sigma, r)
-    return spot * _norm_cdf(d1) - strike * math.exp(-r * t_years) * _norm_cdf(d2)
+    return spot * norm_cdf(d1) - strike * math.exp(-r * t_years) * norm_cdf(d2)
 
 
 def _d1_d2(spot: float, strike: float, t_years: float, sigma: float, r: float) -> tuple[float, float]:
@@ -307,7 +346,7 @@ def _d1_d2(spot: float, strike: float, t_years: float, sigma: float, r: float) -
 
 
 def _check_bs_inputs(spot: float, strike: float, t_years: float, sigma: float, r: float) -> None:
-    if any(_finite(x) is None for x in (spot, strike, t_years, sigma, r)):
+    if any(finite(x) is None for x in (spot, strike, t_years, sigma, r)):
         raise ValueError("Black-Scholes inputs must be finite numbers")
     if spot <= 0 or strike <= 0 or sigma < 0:
         raise ValueError("Black-Scholes needs spot > 0, strike > 0 and sigma >= 0")

@@ -32,7 +32,7 @@ from alert_text import (
     summary_title,
 )
 from config import Rules
-from contract_selector import Candidate, quote_mid, select_contract
+from contract_selector import Candidate, quote_mid
 from events import (
     Action,
     Alert,
@@ -52,6 +52,7 @@ from events import (
 )
 from market_calendar import Session, minute_of_day, ny_datetime, ny_ms
 from market_state import MarketCounters, MarketState
+from priced_chain import PricedChain, price_chain, select_priced
 from risk_manager import (
     Block,
     DayRecord,
@@ -154,6 +155,11 @@ class Engine:
         self._mark_quote_ms: int | None = None
         self._peak_saved_ms = 0
         self._peak_dirty = False
+        # The live daemon prices each chain as it arrives, off the BUY's critical path; replays and
+        # backtests, which never look at most chains, price one only when a selection needs it. The
+        # outcome is the same either way (priced_chain's docstring): only when the work is done differs.
+        self.price_chains_on_arrival = False
+        self._priced: tuple[ChainSnapshot, PricedChain] | None = None
 
     @property
     def last(self) -> Features | None:
@@ -222,6 +228,8 @@ class Engine:
                 self._on_bar(event, fresh, actions)  # type: ignore[arg-type]
         elif kind is ChainSnapshot:
             self._mark_from_chain(event, actions)  # type: ignore[arg-type]
+            if self.price_chains_on_arrival and self.position is None:
+                self._priced_chain(event)  # type: ignore[arg-type]
         elif kind is ContractSnapshot:
             self._mark_from_quote(event.quote, event.source, actions)  # type: ignore[union-attr]
         elif kind is FeedStatus:
@@ -300,10 +308,8 @@ class Engine:
             actions.append(Log("entry_blocked", fields))
             return
         assert self.chain is not None and self._session is not None
-        selection = select_contract(
-            self.chain.quotes,
-            rules=self.rules,
-            session_date=self._session_date,
+        selection = select_priced(
+            self._priced_chain(self.chain),
             now_ms=self._now,
             spot=features.close,
             session_close_ms=self._session.close_ms,
@@ -312,6 +318,22 @@ class Engine:
             actions.append(Log("no_contract", {"time": self._clock_text(), "why": selection.summary()}))
             return
         self._open(selection.chosen, bar, features, readings, actions)
+
+    def _priced_chain(self, chain: ChainSnapshot) -> PricedChain:
+        """`chain` priced for these rules and today's session, at the latest close; once per snapshot."""
+        cached = self._priced
+        if cached is not None and cached[0] is chain and cached[1].session_date == self._session_date:
+            return cached[1]
+        last = self.market.last
+        priced = price_chain(
+            chain.quotes,
+            rules=self.rules,
+            session_date=self._session_date,
+            spot=last.close if last is not None else None,
+            now_ms=self._now,
+        )
+        self._priced = (chain, priced)
+        return priced
 
     def _clock_text(self) -> str:
         return ny_datetime(self._now).strftime("%H:%M:%S")

@@ -8,13 +8,19 @@ the options cluster instead of a REST snapshot, and those SELLs are also reporte
 received -> SELL request started"). For every alert the clock runs from the moment its triggering item
 is put on the queue to the moment the HTTP request to Pushover starts.
 
-Run: python bench/live_latency.py [--round-trips 100]
+The chain is a realistic one: 250 same-day calls on strikes around the money (the chain poll asks for
+calls only), priced by Black-Scholes, and every other quote without greeks, so that the BUY's selection
+has to find those deltas from an implied volatility solved from the mid. The journal lives on the normal
+disk (under DATA_DIR, default ./data), not on a tmpfs, as the daemon's does.
+
+Run: python bench/live_latency.py [--round-trips 100] [--chain-quotes 250] [--data-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import statistics
 import sys
@@ -32,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alerts import Notifier, PushoverClient  # noqa: E402
 from config import Rules  # noqa: E402
+from contract_selector import bs_call_delta, bs_call_price, years_until  # noqa: E402
 from engine import Engine  # noqa: E402
 from events import Received  # noqa: E402
 from feed import FeedDecoder  # noqa: E402
@@ -41,8 +48,12 @@ from pnl_tracker import Journal  # noqa: E402
 from sim.pushover_server import FakePushover  # noqa: E402
 
 DAY = date(2025, 10, 2)
-SWITCH_INTERVAL_S = float(__import__("os").environ.get("BENCH_SWITCH_INTERVAL", "0.005"))
+SWITCH_INTERVAL_S = float(os.environ.get("BENCH_SWITCH_INTERVAL", "0.005"))
 TICKER = "O:IWM251002C00242000"
+HELD_STRIKE = 242.0
+CHAIN_SPOT = 240.15  # about where the ramp stands when the chain arrives
+CHAIN_SIGMA = 0.25
+STRIKE_STEP = 0.5
 CHAIN_PATH = "/v3/snapshot/options/IWM?expiration_date=2025-10-02&contract_type=call&limit=250"
 
 
@@ -53,12 +64,45 @@ def bar_frame(start_ms: int, close: float, volume: float) -> str:
 
 
 def option_result(at_ms: int, bid: float, ask: float) -> dict:
+    """The held contract as the REST snapshot shows it: greeks included, the biggest volume in the chain."""
     return {
         "details": {"contract_type": "call", "expiration_date": DAY.isoformat(), "strike_price": 242.0,
                     "ticker": TICKER},
         "greeks": {"delta": 0.38}, "implied_volatility": 0.2, "open_interest": 1000, "day": {"volume": 5000},
         "last_quote": {"bid": bid, "ask": ask, "bid_size": 50, "ask_size": 50, "last_updated": at_ms * 1_000_000},
     }  # fmt: skip
+
+
+def chain_result(at_ms: int, strike: float, t_years: float, with_greeks: bool, volume: int) -> dict:
+    """One call of the realistic chain, priced by Black-Scholes (a 2 % spread around the model price)."""
+    mid = max(bs_call_price(CHAIN_SPOT, strike, t_years, CHAIN_SIGMA), 0.01)
+    result: dict = {
+        "details": {"contract_type": "call", "expiration_date": DAY.isoformat(), "strike_price": strike,
+                    "ticker": f"O:IWM251002C{round(strike * 1000):08d}"},
+        "open_interest": 1000, "day": {"volume": volume},
+        "last_quote": {"bid": round(mid * 0.99, 4), "ask": round(mid * 1.01, 4), "bid_size": 50,
+                       "ask_size": 50, "last_updated": at_ms * 1_000_000},
+    }  # fmt: skip
+    if with_greeks:
+        result["greeks"] = {"delta": bs_call_delta(CHAIN_SPOT, strike, t_years, CHAIN_SIGMA)}
+        result["implied_volatility"] = CHAIN_SIGMA
+    return result
+
+
+def chain_results(at_ms: int, quotes: int, close_ms: int) -> list[dict]:
+    """`quotes` calls on strikes around the money, every other one without greeks; the held contract
+    (strike 242, greeks included) is among them and, with the largest notional in the delta band, wins."""
+    t_years = years_until(at_ms, close_ms)
+    first = HELD_STRIKE - STRIKE_STEP * (quotes // 2)
+    results = []
+    for n in range(quotes):
+        strike = round(first + n * STRIKE_STEP, 2)
+        if strike == HELD_STRIKE:
+            results.append(option_result(at_ms, 1.00, 1.02))
+        else:
+            # Volumes well below the held contract's 5000, so its notional stays the largest in the band.
+            results.append(chain_result(at_ms, strike, t_years, n % 2 == 1, 100 + 50 * (n % 7)))
+    return results
 
 
 def q_frame(at_ms: int, bid: float, ask: float, seq: int) -> str:
@@ -68,7 +112,9 @@ def q_frame(at_ms: int, bid: float, ask: float, seq: int) -> str:
     return json.dumps([event])
 
 
-def round_trip(first_ms: int, streamed: bool) -> tuple[list[Received], Received, Received]:
+def round_trip(
+    first_ms: int, streamed: bool, chain_quotes: int, close_ms: int
+) -> tuple[list[Received], Received, Received]:
     """Warm-up items, the BUY trigger (last ramp bar) and the SELL trigger (a stop-loss quote)."""
     items = [
         Received(first_ms + i * 1000 + 200, "ws", bar_frame(first_ms + i * 1000, 240.0, 100))
@@ -79,7 +125,9 @@ def round_trip(first_ms: int, streamed: bool) -> tuple[list[Received], Received,
         items.append(Received(start + 1200, "ws", bar_frame(start, round(240.0 + 0.01 * j, 2), 100)))
     chain_at = first_ms + 115_000
     items.append(
-        Received(chain_at, "rest", {"results": [option_result(chain_at, 1.00, 1.02)]}, CHAIN_PATH, 200)
+        Received(
+            chain_at, "rest", {"results": chain_results(chain_at, chain_quotes, close_ms)}, CHAIN_PATH, 200
+        )
     )
     items.sort(key=lambda item: item.t)
     last = first_ms + 119_000
@@ -118,6 +166,13 @@ def engine_loop(pipeline: Pipeline, inbox: queue.Queue, stop: threading.Event) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--round-trips", type=int, default=100)
+    parser.add_argument("--chain-quotes", type=int, default=250, help="calls in each chain snapshot")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("DATA_DIR") or "data"),
+        help="where the bench's journal is written (a temporary directory inside it); default DATA_DIR or ./data",
+    )
     args = parser.parse_args()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     rules = replace(
@@ -127,12 +182,15 @@ def main() -> None:
         daily_loss_limit=0.0,
         critical_loss_threshold=-1e12,
     )
-    with tempfile.TemporaryDirectory() as tmp, FakePushover() as pushover:
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.data_dir) as tmp, FakePushover() as pushover:
         journal = Journal(Path(tmp) / "bench.sqlite3")
         transport = StampingTransport()
         client = PushoverClient("a" * 30, "u" * 30, pushover.url, transport=transport)
         notifier = Notifier(journal, client, clock_ms=lambda: 0)
-        engine = Engine(rules, MarketCalendar(rules))
+        calendar = MarketCalendar(rules)
+        engine = Engine(rules, calendar)
+        engine.price_chains_on_arrival = True  # as the live daemon runs it (main.py)
         pipeline = Pipeline(engine, journal, FeedDecoder.for_rules(rules), on_alerts=lambda _a: notifier.wake(),
                             on_log=lambda _l: None)  # fmt: skip
         inbox: queue.Queue = queue.Queue()
@@ -143,8 +201,12 @@ def main() -> None:
             thread.start()
         put_at: list[float] = []
         first = ny_ms(DAY, clock_time(9, 40))
+        session = calendar.session(DAY)
+        assert session is not None
         for n in range(args.round_trips):
-            items, buy, sell = round_trip(first + n * 130_000, streamed=n % 2 == 1)
+            items, buy, sell = round_trip(
+                first + n * 130_000, n % 2 == 1, args.chain_quotes, session.close_ms
+            )
             for item in items:
                 inbox.put(item)
             for trigger in (buy, sell):
@@ -161,9 +223,16 @@ def main() -> None:
         stop.set()
         latencies = [(s - p) * 1000 for p, s in zip(put_at, transport.started, strict=False)]
         journal.close()
+    buys = latencies[0::2]  # the BUYs: the only alerts whose path runs the contract selection
+    sells = latencies[
+        1::2
+    ]  # no selection: what the rest of the path (decode, journal commit, notifier) costs
     streamed_sells = latencies[3::4]  # round trips 1, 3, 5, ...: BUY then a SELL on a streamed quote
+    print(f"chain: {args.chain_quotes} calls, every other one without greeks; journal under {args.data_dir}")
     print(f"alerts measured: {len(latencies)} ({len(pushover.messages)} accepted by the fake Pushover)")
     print(f"frame received -> Pushover request started: {figures(latencies)}")
+    print(f"  BUYs only (selection over the chain): {figures(buys)}")
+    print(f"  SELLs only (no selection): {figures(sells)}")
     print(f"quote received (Q event) -> SELL request started: {figures(streamed_sells)}")
 
 
