@@ -162,7 +162,7 @@ def start_daemon_or_explain(settings: Settings, clock: Clock, stop: threading.Ev
     from pnl_tracker import JournalError
 
     try:
-        return Daemon(settings, clock, stop=stop)
+        daemon = Daemon(settings, clock, stop=stop)
     except AlreadyRunning as exc:
         print(f"Not started: {exc}.", file=sys.stderr)
     except JournalError as exc:
@@ -170,6 +170,10 @@ def start_daemon_or_explain(settings: Settings, clock: Clock, stop: threading.Ev
         notify_cannot_start(settings, "the journal cannot be opened; see the daemon's log")
     except ValueError as exc:
         print(f"Not started: {exc}.", file=sys.stderr)
+    else:
+        # Live, each chain is priced as it arrives so that a BUY's selection does no root finding.
+        daemon.engine.price_chains_on_arrival = True
+        return daemon
     return None
 
 
