@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 from alert_text import money
 
 if TYPE_CHECKING:
-    from backtest import Stats
+    from backtest_report import Stats
 
 
 @dataclass(frozen=True, slots=True)

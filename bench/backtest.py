@@ -28,26 +28,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backtest import (  # noqa: E402
-    build_synthetic_tapes,
-    day_chart,
-    decode_in_pool,
-    parse_sweep,
-    resolve_settings,
-    run_backtest,
-    run_day,
-    run_sweep,
-    sweep_cells,
-    synthetic_dates,
-    use_batch_gc,
-)
+from backtest import build_synthetic_tapes, decode_in_pool, synthetic_dates  # noqa: E402
+from backtest_run import run_backtest, run_day, use_batch_gc  # noqa: E402
 from config import Rules  # noqa: E402
 from contract_selector import SECONDS_PER_YEAR, bs_call_price  # noqa: E402
 from history import SpreadModel, build_history_day  # noqa: E402
 from market_calendar import MarketCalendar  # noqa: E402
 from pnl_tracker import Journal  # noqa: E402
 from polygon_client import RestAnswer, occ_ticker  # noqa: E402
+from report_charts import day_chart  # noqa: E402
 from sim.market import SyntheticMarket, random_script  # noqa: E402
+from sweep import parse_sweep, resolve_settings, run_sweep, sweep_cells  # noqa: E402
 
 SEED = 7
 GRID = ["MAX_GIVEBACK_PERCENT=25,30,40", "STOP_LOSS_PERCENT=10,15,20"]

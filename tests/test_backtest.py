@@ -19,23 +19,16 @@ import pytest
 from builders import calendar
 from conftest import short_script
 
-from backtest import (
-    Io,
-    compute_stats,
-    fetch_history,
-    main,
-    parse_sweep,
-    resolve_settings,
-    run_backtest,
-    run_day,
-    run_sweep,
-    sweep_cells,
-)
+from backtest import Io, main
+from backtest_report import compute_stats
+from backtest_run import run_backtest, run_day
 from config import Rules
 from contract_selector import SECONDS_PER_YEAR, bs_call_price, select_contract
+from history import fetch_history
 from pnl_tracker import Journal, TradeRow
 from polygon_client import occ_ticker, parse_chain_page
 from sim.market import SyntheticMarket
+from sweep import parse_sweep, resolve_settings, run_sweep, sweep_cells
 from tape import TapeReader
 
 RULES = Rules()

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from backtest import Io, main, parse_sweep, run_sweep, sweep_cells
+from backtest import Io, main
 from holdout import parse_holdout
 from market_calendar import ny_ms
 from sim.market import DEMO_STREAM_QUOTES, SyntheticMarket, outcome_script, write_tape
+from sweep import parse_sweep, run_sweep, sweep_cells
 
 EXIT_GRID = ["STOP_LOSS_PERCENT=5,10,15", "MAX_GIVEBACK_PERCENT=20,25,30"]
 DAYS = (datetime.date(2025, 3, 3), datetime.date(2025, 3, 4), datetime.date(2025, 3, 5))

@@ -1,0 +1,431 @@
+"""Backtest statistics and reports: the printed tables, trades.csv, summary.json, charts, sweep.csv/json."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from alert_text import money
+from backtest_run import BacktestResult, DayResult
+from history import MINUTE
+from holdout import Split, print_held_out, print_side_by_side
+from market_calendar import ny_datetime
+from pnl_tracker import TradeRow
+from progress import Progress
+from report_charts import day_chart, equity_chart, equity_curve, max_drawdown
+
+if TYPE_CHECKING:
+    from sweep import CellResult
+
+FILLS_NOTE = (
+    "Fills as live: entry at the ask, exit at the bid (the prices the alerts quote); "
+    "P&L = (exit - entry) x 100 x CONTRACTS, rounded to cents."
+)
+RECONSTRUCTED_NOTE = (
+    "reconstructed from Polygon REST history: 1-second stock bars, option quotes from the /v3/quotes NBBO "
+    "(nbbo) or modelled around minute bars (minute)"
+)
+MINUTE_NOTE = "minute-bar approximation: option quotes modelled around minute closes, not real bids and asks"
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Statistics of a trade list. `profit_factor` is inf when nothing was lost, None without trades."""
+
+    trades: int
+    wins: int
+    losses: int
+    win_rate_pct: float | None
+    avg_win: float | None
+    avg_loss: float | None
+    expectancy: float | None
+    profit_factor: float | None
+    max_drawdown: float
+    total_pnl: float
+    exits_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DayRow:
+    """One line of the per-day table."""
+
+    session_date: str
+    trades: int
+    wins: int
+    losses: int
+    pnl: float
+    cumulative: float
+    reconstructed: bool
+
+
+def compute_stats(trades: Sequence[TradeRow]) -> Stats:
+    """Statistics of closed trades in exit order. A win is P&L > 0; a $0.00 trade is a loss (DESIGN 4)."""
+    pnls = [t.pnl_dollars for t in trades]
+    wins = [p for p in pnls if p > 0]
+    losses = [p for p in pnls if p <= 0]
+    gross_win, gross_loss = sum(wins), -sum(losses)
+    if not pnls:
+        factor = None
+    elif gross_loss > 0:
+        factor = gross_win / gross_loss
+    else:
+        factor = math.inf if gross_win > 0 else None
+    reasons = Counter(t.reason for t in trades)
+    return Stats(
+        trades=len(pnls),
+        wins=len(wins),
+        losses=len(losses),
+        win_rate_pct=100.0 * len(wins) / len(pnls) if pnls else None,
+        avg_win=round(gross_win / len(wins), 2) if wins else None,
+        avg_loss=round(-gross_loss / len(losses), 2) if losses else None,
+        expectancy=round(sum(pnls) / len(pnls), 2) if pnls else None,
+        profit_factor=factor,
+        max_drawdown=max_drawdown(equity_curve(trades)),
+        total_pnl=round(sum(pnls), 2),
+        exits_by_reason=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+    )
+
+
+def day_rows(days: Sequence[DayResult]) -> list[DayRow]:
+    """The per-day table with a running total."""
+    rows, cumulative = [], 0.0
+    for day in days:
+        wins = sum(1 for t in day.trades if t.pnl_dollars > 0)
+        cumulative = round(cumulative + day.pnl, 2)
+        rows.append(
+            DayRow(
+                day.session_date,
+                len(day.trades),
+                wins,
+                len(day.trades) - wins,
+                day.pnl,
+                cumulative,
+                day.reconstructed,
+            )
+        )
+    return rows
+
+
+def blocked_totals(days: Sequence[DayResult]) -> dict[str, int]:
+    """Bars whose entry signal was blocked, by rule, over all days."""
+    totals: Counter[str] = Counter()
+    for day in days:
+        totals.update(dict(day.blocked))
+    return dict(totals.most_common())
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}%"
+
+
+def _money_or_na(value: float | None) -> str:
+    return "n/a" if value is None else money(value)
+
+
+def _factor(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return "inf" if math.isinf(value) else f"{value:.2f}"
+
+
+def _json_factor(value: float | None) -> float | str | None:
+    return "inf" if value is not None and math.isinf(value) else value
+
+
+def data_label(result: BacktestResult, source: str = "tapes") -> str:
+    """What the days are, saying "reconstructed" when any is."""
+    label = f"{len(result.days)} day(s) of {source}"
+    rebuilt = len(result.reconstructed_days)
+    label = f"{label}; {rebuilt} {RECONSTRUCTED_NOTE}" if rebuilt else label
+    minute = result.minute_days
+    return f"{label}; {MINUTE_NOTE} on {len(minute)} day(s): {', '.join(minute)}" if minute else label
+
+
+def day_source(day: DayResult, run_source: str = "tapes") -> str:
+    """The per-day table's source: `reconstructed (nbbo|minute)`, `synthetic` or `tape`."""
+    if day.reconstructed:
+        return f"reconstructed ({day.option_quotes or MINUTE})"
+    return "synthetic" if run_source.startswith("synthetic") else "tape"
+
+
+def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str = "tapes") -> None:
+    """The header, statistics, exits by reason and the per-day table."""
+    print(f"Backtest: {data_label(result, source)}", file=out)
+    print(FILLS_NOTE, file=out)
+    print(
+        f"Trades {stats.trades} | win rate {_pct(stats.win_rate_pct)} ({stats.wins}W-{stats.losses}L)"
+        f" | avg win {_money_or_na(stats.avg_win)} | avg loss {_money_or_na(stats.avg_loss)}"
+        f" | expectancy {_money_or_na(stats.expectancy)}/trade",
+        file=out,
+    )
+    print(
+        f"Profit factor {_factor(stats.profit_factor)} | max drawdown {money(-stats.max_drawdown)}"
+        f" | total P&L {money(stats.total_pnl)}",
+        file=out,
+    )
+    exits = ", ".join(f"{reason} {n}" for reason, n in stats.exits_by_reason.items()) or "none"
+    print(f"Exits: {exits}", file=out)
+    for day in result.days:
+        if day.open_at_end:
+            print(
+                f"Note: {day.session_date} ends with {day.open_at_end} still open (the tape stops before the"
+                " time stop); the journal carries it into the next day.",
+                file=out,
+            )
+    print(f"\n{'date':<12}{'trades':>7}{'W-L':>7}{'P&L':>12}{'cumulative':>13}  source", file=out)
+    for row, day in zip(day_rows(result.days), result.days, strict=True):
+        print(
+            f"{row.session_date:<12}{row.trades:>7}{f'{row.wins}-{row.losses}':>7}"
+            f"{money(row.pnl):>12}{money(row.cumulative):>13}  {day_source(day, source)}",
+            file=out,
+        )
+
+
+def stats_json(stats: Stats) -> dict[str, Any]:
+    values = asdict(stats)
+    values["profit_factor"] = _json_factor(stats.profit_factor)
+    return values
+
+
+def summary_json(
+    result: BacktestResult, stats: Stats, overrides: Mapping[str, str], source: str = "tapes"
+) -> dict[str, Any]:
+    """Everything `summary.json` holds."""
+    return {
+        "fills": FILLS_NOTE,
+        "entry_fill": "ask",
+        "exit_fill": "bid",
+        "data": data_label(result, source),
+        "reconstructed": bool(result.reconstructed_days),
+        "reconstructed_days": list(result.reconstructed_days),
+        "minute_bar_approximation": bool(result.minute_days),
+        "overrides": dict(overrides),
+        "rules": {name.upper(): _plain(value) for name, value in asdict(result.rules).items()},
+        "stats": stats_json(stats),
+        "blocked_signal_bars": blocked_totals(result.days),
+        "days": [
+            asdict(row) | _day_extra(day) | {"source": day_source(day, source)}
+            for row, day in zip(day_rows(result.days), result.days, strict=True)
+        ],
+    }
+
+
+def _day_extra(day: DayResult) -> dict[str, Any]:
+    return {
+        "tape": day.tape,
+        "bars": day.bars,
+        "chains": day.chains,
+        "bad_lines": day.bad_lines,
+        "open_at_end": day.open_at_end,
+    }
+
+
+def _plain(value: object) -> object:
+    """Rule values as JSON: times as HH:MM:SS, tuples as lists."""
+    if isinstance(value, datetime.time):
+        return value.isoformat()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+TRADE_COLUMNS = (
+    "trade_id",
+    "session_date",
+    "ticker",
+    "contracts",
+    "entry_time",
+    "exit_time",
+    "entry_price",
+    "exit_price",
+    "peak",
+    "reason",
+    "pnl_dollars",
+    "pnl_percent",
+    "entry_ms",
+    "exit_ms",
+    "reconstructed",
+)
+
+
+def write_trades_csv(path: Path, result: BacktestResult) -> None:
+    """Every trade with New York entry and exit times; entry is the ask, exit the bid."""
+    rebuilt = set(result.reconstructed_days)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(TRADE_COLUMNS)
+        for t in result.trades:
+            writer.writerow(
+                [
+                    t.trade_id,
+                    t.session_date,
+                    t.ticker,
+                    t.contracts,
+                    ny_datetime(t.entry_ms).isoformat(timespec="seconds"),
+                    ny_datetime(t.exit_ms).isoformat(timespec="seconds"),
+                    f"{t.entry_price:.2f}",
+                    f"{t.exit_price:.2f}",
+                    f"{t.peak:.4f}",
+                    t.reason,
+                    f"{t.pnl_dollars:.2f}",
+                    f"{t.pnl_percent:.2f}",
+                    t.entry_ms,
+                    t.exit_ms,
+                    int(t.session_date in rebuilt),
+                ]
+            )
+
+
+def write_report(
+    out_dir: Path,
+    result: BacktestResult,
+    overrides: Mapping[str, str],
+    *,
+    charts: bool = True,
+    source: str = "tapes",
+    progress_stream: TextIO | None = None,
+    split: Split | None = None,
+) -> Stats:
+    """trades.csv, summary.json, equity.png and day-YYYY-MM-DD.png per day in `out_dir`.
+
+    With a holdout `split`, summary.json also holds the in-sample and out-of-sample statistics.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = compute_stats(result.trades)
+    write_trades_csv(out_dir / "trades.csv", result)
+    summary = summary_json(result, stats, overrides, source)
+    if split is not None:
+        inside, outside = split_stats(result, split)
+        summary["holdout"] = {
+            "in_sample_days": list(split.in_sample),
+            "held_out_days": list(split.held_out),
+            "in_sample": stats_json(inside),
+            "out_of_sample": stats_json(outside),
+        }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if charts:
+        equity_chart(out_dir / "equity.png", result.trades, reconstructed=bool(result.reconstructed_days))
+        progress = Progress("charts", len(result.days), stream=progress_stream)
+        used: set[str] = set()
+        for day in result.days:
+            name = _unique(f"day-{day.session_date or 'unknown'}", used)
+            day_chart(out_dir / f"{name}.png", day, result.rules)
+            progress.step(day.session_date)
+        progress.close()
+    return stats
+
+
+def split_stats(result: BacktestResult, split: Split) -> tuple[Stats, Stats]:
+    """A single run's statistics on its in-sample and held-out days (a trade belongs to its entry day)."""
+    held = set(split.held_out)
+    inside = [t for t in result.trades if t.session_date not in held]
+    return compute_stats(inside), compute_stats([t for t in result.trades if t.session_date in held])
+
+
+def _unique(name: str, used: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{name}-{n}"
+    used.add(candidate)
+    return candidate
+
+
+def print_sweep(results: Sequence[CellResult], out: TextIO, split: Split | None = None) -> None:
+    """The ranked grid: best total P&L first, then profit factor.
+
+    With a holdout `split` the grid is ranked on the in-sample days; two more columns give each cell's
+    held-out trades and P&L, and the chosen cell (rank 1) follows with both parts side by side.
+    """
+    if not results:
+        return
+    names = [name for name, _ in results[0].params]
+    head = "".join(f"{n:>{max(len(n), 8) + 2}}" for n in names)
+    extra = f"  |{'OOS trades':>11}{'OOS P&L':>11}" if split else ""
+    print(
+        f"\n{'rank':>4}{head}{'trades':>8}{'win%':>8}{'PF':>7}{'max DD':>12}{'total P&L':>13}{extra}",
+        file=out,
+    )
+    for rank, r in enumerate(results, start=1):
+        cells = "".join(f"{v:>{max(len(n), 8) + 2}}" for n, v in r.params)
+        s = r.stats
+        held = ""
+        if split and r.out_stats is not None:
+            held = f"  |{r.out_stats.trades:>11}{money(r.out_stats.total_pnl):>11}"
+        print(
+            f"{rank:>4}{cells}{s.trades:>8}{_pct(s.win_rate_pct):>8}{_factor(s.profit_factor):>7}"
+            f"{money(-s.max_drawdown):>12}{money(s.total_pnl):>13}{held}",
+            file=out,
+        )
+    if split and results[0].out_stats is not None:
+        print(file=out)
+        print_held_out(split, out)
+        chosen = " ".join(f"{n}={v}" for n, v in results[0].params)
+        print(f"Chosen on the in-sample days only (rank 1): {chosen}", file=out)
+        print_side_by_side(results[0].stats, results[0].out_stats, split, out)
+
+
+SWEEP_STATS = ("trades", "wins", "win_rate_pct", "profit_factor", "max_drawdown", "total_pnl")
+
+
+def _stats_columns(stats: Stats | None) -> list[object]:
+    if stats is None:
+        return [None] * len(SWEEP_STATS)
+    return [
+        _json_factor(stats.profit_factor) if n == "profit_factor" else getattr(stats, n) for n in SWEEP_STATS
+    ]
+
+
+def write_sweep(
+    out_dir: Path,
+    results: Sequence[CellResult],
+    days: int,
+    overrides: Mapping[str, str],
+    split: Split | None = None,
+) -> None:
+    """sweep.csv (one row per cell, ranked) and sweep.json.
+
+    With a holdout `split`, every statistic comes twice, `in_sample_*` (what the ranking used) and
+    `out_of_sample_*`, and sweep.json names the held-out days and the chosen cell.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [name for name, _ in results[0].params] if results else []
+    stats_names = list(SWEEP_STATS)
+    if split:
+        stats_names = [f"in_sample_{n}" for n in SWEEP_STATS] + [f"out_of_sample_{n}" for n in SWEEP_STATS]
+    with open(out_dir / "sweep.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["rank", *names, *stats_names])
+        for rank, r in enumerate(results, start=1):
+            held = _stats_columns(r.out_stats) if split else []
+            writer.writerow([rank, *(v for _, v in r.params), *_stats_columns(r.stats), *held])
+    summary: dict[str, Any] = {"fills": FILLS_NOTE, "days": days, "overrides": dict(overrides)}
+    if split:
+        summary["holdout"] = {
+            "in_sample_days": list(split.in_sample),
+            "held_out_days": list(split.held_out),
+            "ranked_on": "in_sample",
+            "chosen": dict(results[0].params) if results else None,
+        }
+        summary["cells"] = [
+            {
+                "rank": i,
+                "params": dict(r.params),
+                "in_sample": stats_json(r.stats),
+                "out_of_sample": stats_json(r.out_stats) if r.out_stats is not None else None,
+            }
+            for i, r in enumerate(results, start=1)
+        ]
+    else:
+        summary["cells"] = [
+            {"rank": i, "params": dict(r.params), "stats": stats_json(r.stats)}
+            for i, r in enumerate(results, start=1)
+        ]
+    (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,217 @@
+"""Sweeps: a grid of rule variants (cells) over every day, one task per day with all cells in one pass.
+
+A cell's trades are those of a single run with its settings: the per-day results are joined when the days
+are independent (`day_runner.day_is_independent`), and a cell whose days are not is re-run over all days in
+order. With a holdout, each cell is ranked on the in-sample days alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from backtest_report import Stats, compute_stats
+from backtest_run import run_backtest
+from config import ConfigError, Rules, Settings, load_settings
+from day_runner import SweepDay, day_is_independent, run_cells_on_day
+from executors import DayExecutor, PoolDays
+from pnl_tracker import TradeRow
+from progress import Progress
+
+RULE_NAMES = tuple(f.name.upper() for f in fields(Rules))
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """One point of a sweep grid: the swept values (environment names) and the rules they make."""
+
+    params: tuple[tuple[str, str], ...]
+    rules: Rules
+
+
+@dataclass(frozen=True, slots=True)
+class CellResult:
+    """A cell's trades and statistics on the days it is ranked on (the in-sample days with --holdout).
+
+    With --holdout, `out_trades`/`out_stats` are a run of the cell over the held-out days alone.
+    """
+
+    params: tuple[tuple[str, str], ...]
+    trades: tuple[TradeRow, ...]
+    stats: Stats
+    out_trades: tuple[TradeRow, ...] = ()
+    out_stats: Stats | None = None
+
+
+def parse_assignments(raw: Iterable[str]) -> dict[str, str]:
+    """`NAME=VALUE` strings to a dict; raise ConfigError naming each malformed one or unknown rule."""
+    values: dict[str, str] = {}
+    problems = []
+    for item in raw:
+        name, sep, value = item.partition("=")
+        name = name.strip().upper()
+        if not sep:
+            problems.append(f"{item!r}: expected NAME=VALUE")
+        elif name not in RULE_NAMES:
+            problems.append(f"{name}: not a rule; rules are {', '.join(RULE_NAMES)}")
+        else:
+            values[name] = value.strip()
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def parse_sweep(raw: Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """`NAME=V1,V2,...` strings to axes (name, values), in the order given."""
+    axes = []
+    for name, values in parse_assignments(raw).items():
+        choices = tuple(v.strip() for v in values.split(",") if v.strip())
+        if not choices:
+            raise ConfigError([f"--sweep {name}: no values"])
+        axes.append((name, choices))
+    return axes
+
+
+def resolve_settings(
+    overrides: Mapping[str, str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    env_file: str | Path | None = ".env",
+) -> Settings:
+    """The configured settings (`.env` and environment, as the daemon reads them) with rule overrides."""
+    base = dict(os.environ if environ is None else environ)
+    return load_settings(env_file, environ={**base, **overrides})
+
+
+def sweep_cells(
+    axes: Sequence[tuple[str, tuple[str, ...]]],
+    overrides: Mapping[str, str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    env_file: str | Path | None = ".env",
+) -> list[Cell]:
+    """Every combination of the axes, each validated like a start-up; ConfigError lists every bad cell."""
+    names = [name for name, _ in axes]
+    cells, problems = [], []
+    for combo in itertools.product(*(values for _, values in axes)):
+        params = tuple(zip(names, combo, strict=True))
+        try:
+            settings = resolve_settings({**overrides, **dict(params)}, environ=environ, env_file=env_file)
+        except ConfigError as exc:
+            label = " ".join(f"{n}={v}" for n, v in params)
+            problems += [f"cell {label}: {p}" for p in exc.problems]
+            continue
+        cells.append(Cell(params, settings.rules))
+    if problems:
+        raise ConfigError(problems)
+    return cells
+
+
+def run_cell(
+    tapes: Sequence[Path],
+    cache_dir: Path | None,
+    cell: Cell,
+    closed_dates: tuple[datetime.date, ...] = (),
+) -> CellResult:
+    """One sweep cell run alone: exactly a single run with the cell's rules, without the chart series.
+
+    A `DayExecutor` task: the tapes and the cache folder come first.
+    """
+    result = run_backtest(
+        tapes, cell.rules, closed_dates=closed_dates, sample_every_ms=None, cache_dir=cache_dir
+    )
+    return CellResult(cell.params, result.trades, compute_stats(result.trades))
+
+
+def cells_on_day(
+    tape: Path, cache_dir: Path | None, rules: Sequence[Rules], closed_dates: tuple[datetime.date, ...]
+) -> SweepDay:
+    """`day_runner.run_cells_on_day` as a `DayExecutor` task (the tape and the cache folder first)."""
+    return run_cells_on_day(tape, rules, closed_dates, cache_dir)
+
+
+def rank_key(result: CellResult) -> tuple[float, float]:
+    """Best first: total P&L, then profit factor (no trades ranks last)."""
+    factor = result.stats.profit_factor
+    return (-result.stats.total_pnl, -(factor if factor is not None else -1.0))
+
+
+def run_sweep(
+    tapes: Sequence[Path],
+    cells: Sequence[Cell],
+    *,
+    workers: int = 1,
+    closed_dates: tuple[datetime.date, ...] = (),
+    progress: Progress | None = None,
+    cache_dir: Path | None = None,
+    held_out: int = 0,
+    executor: DayExecutor | None = None,
+) -> list[CellResult]:
+    """Every cell over every day; results ranked by `rank_key` (stable for ties).
+
+    One task per day runs all the cells over it in one pass (`day_runner.run_cells_on_day`). A cell
+    whose days turn out not to be independent (a position left open overnight, a cooldown reaching
+    into the next day) is re-run over all days in order, exactly as a single run.
+
+    The tasks run on `executor` (which holds the same tapes, in order, and its own cache folder); without
+    one, on a local pool of `workers` processes reading `cache_dir`, closed at the end.
+
+    With `held_out` = K > 0 the last K tapes are out of sample: each cell is ranked on a run over the
+    other days alone (its `trades`, `stats`), and gets a run over the held-out days alone (`out_trades`,
+    `out_stats`), so nothing of a held-out day reaches the ranking.
+    """
+    if executor is None:
+        with PoolDays(tapes, workers, cache_dir) as pool:
+            return run_sweep(
+                tapes, cells, closed_dates=closed_dates, progress=progress, held_out=held_out, executor=pool
+            )
+    rules = [cell.rules for cell in cells]
+    cut = len(tapes) - held_out
+    days: list[SweepDay] = [SweepDay("", 0, ())] * len(tapes)
+    for index, day in executor.each_day(cells_on_day, range(len(tapes)), rules, closed_dates):
+        days[index] = day
+        if progress is not None:
+            progress.step(day.session_date)
+    inside = _cells_over(executor, days, range(cut), cells, closed_dates)
+    outside = _cells_over(executor, days, range(cut, len(tapes)), cells, closed_dates) if held_out else []
+    if outside:
+        inside = [
+            replace(r, out_trades=o.trades, out_stats=o.stats) for r, o in zip(inside, outside, strict=True)
+        ]
+    order = {cell.params: i for i, cell in enumerate(cells)}
+    return sorted(inside, key=lambda r: (*rank_key(r), order[r.params]))
+
+
+def _cells_over(
+    executor: DayExecutor,
+    days: Sequence[SweepDay],
+    indices: range,
+    cells: Sequence[Cell],
+    closed_dates: tuple[datetime.date, ...],
+) -> list[CellResult]:
+    """Each cell over the days at `indices` as one run of those days alone, in cell order.
+
+    Cells whose days depend on each other are re-run over those days, all at once on the executor.
+    """
+    chosen = [days[i] for i in indices]
+    joined = [_joined_cell(chosen, index, cell) for index, cell in enumerate(cells)]
+    dependent = [index for index, result in enumerate(joined) if result is None]
+    reruns = executor.over_days(run_cell, indices, [(cells[i], closed_dates) for i in dependent])
+    done = dict(zip(dependent, reruns, strict=True))
+    return [result if result is not None else done[index] for index, result in enumerate(joined)]
+
+
+def _joined_cell(days: Sequence[SweepDay], index: int, cell: Cell) -> CellResult | None:
+    """A cell's days put together, or None when a day depended on the ones before it."""
+    cell_days = [day.cells[index] for day in days]
+    for i in range(1, len(days)):
+        if not day_is_independent(cell_days[:i], days[i].first_ms, cell.rules):
+            return None
+    trades = tuple(
+        sorted((t for day in cell_days for t in day.trades), key=lambda t: (t.exit_ms, t.trade_id))
+    )
+    return CellResult(cell.params, trades, compute_stats(trades))
