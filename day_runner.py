@@ -15,19 +15,20 @@ position left open, no cooldown reaching into the day); the caller re-runs the o
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from config import Rules
 from engine import Engine, SessionSource
 from events import Alert, Event, Log, Tick
+from features_vector import PlannedFeatures
 from feed import FeedDecoder
 from market_calendar import MarketCalendar
 from market_state import MarketState, market_key, market_rules
 from pipeline import Pipeline, TickSchedule
 from pnl_tracker import Journal, TradeRow
-from signals import FeatureEngine, Features, RecordedFeatures, RecordingFeatures
+from signals import Features, RecordedFeatures, RecordingFeatures
 from tape_cache import DecodedTape, decoder_key, features_path, load_decoded, read_features, write_features
 
 
@@ -54,6 +55,7 @@ def day_market(tape: Path, rules: Rules, cache_dir: Path | None) -> tuple[Market
 
     With a cache, the features come from an earlier run over the same decoded tape under the same
     market rules when there was one; otherwise they are computed, recorded and `save` caches them.
+    Computed features are planned by `feed_day` from the whole decoded day (`features_vector`).
     """
     if cache_dir is None:
         return MarketState(rules), _nothing_to_save
@@ -63,7 +65,8 @@ def day_market(tape: Path, rules: Rules, cache_dir: Path | None) -> tuple[Market
         served = RecordedFeatures(recorded)
         return MarketState(rules, lambda: served), _nothing_to_save
     computed: list[Features] = []
-    market = MarketState(rules, lambda: RecordingFeatures(FeatureEngine(rules), computed))
+    planner = PlannedFeatures(rules)
+    market = MarketState(rules, lambda: RecordingFeatures(planner.source(), computed), planner=planner)
     return market, lambda: write_features(path, computed)
 
 
@@ -103,8 +106,10 @@ def feed_day(
 ) -> None:
     """Every line of the day to the market and the pipelines, ticks first, as `Pipeline.handle` orders them.
 
-    Each engine adopts its journal's state first, as a replay does at a tape's first line.
+    Each engine adopts its journal's state first, as a replay does at a tape's first line. The whole
+    day is known, so the market plans its features from it first (computed at once, served checked).
     """
+    market.precompute_features(day_events(decoded))
     for pipeline in pipelines:
         assert pipeline.journal is not None
         state = pipeline.journal.restored_state(decoded.session_date)
@@ -121,6 +126,13 @@ def feed_day(
                 _dispatch(event, market, pipelines)
         if after_line is not None:
             after_line()
+
+
+def day_events(decoded: DecodedTape) -> Iterator[Event]:
+    """Every event of a decoded day in order (control lines carry none)."""
+    for _t, kind, body in decoded.lines:
+        if kind != "control":
+            yield from body  # type: ignore[misc]
 
 
 def _dispatch(event: Event, market: MarketState, pipelines: Sequence[Pipeline]) -> None:

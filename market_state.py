@@ -8,13 +8,14 @@ many exit or gate variants are tried; each cell's `Engine` keeps only its own tr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import time, timedelta
 
 from config import Rules
 from events import Bar, ChainSnapshot, Event, Tick, VolumeProfile
+from features_vector import PlannedFeatures
 from market_calendar import ny_datetime, ny_ms
-from signals import FeatureEngine, Features, FeatureSource, RateOfChange
+from signals import Features, FeatureSource, RateOfChange
 
 # The rules a MarketState reads (directly, through FeatureEngine, or through the feed decoder the
 # same rules build). Everything else is trading or gate logic and may differ between cells that
@@ -61,10 +62,24 @@ class MarketState:
     else None: an engine sharing this state reads it instead of applying the event again.
     """
 
-    def __init__(self, rules: Rules, feature_source: Callable[[], FeatureSource] | None = None) -> None:
-        """`feature_source` makes the features source of each day (default: a fresh `FeatureEngine`)."""
+    def __init__(
+        self,
+        rules: Rules,
+        feature_source: Callable[[], FeatureSource] | None = None,
+        *,
+        planner: PlannedFeatures | None = None,
+    ) -> None:
+        """`feature_source` makes the features source of each day (default: `planner`'s sources).
+
+        `planner` is what `precompute_features` plans; without one, a planner of these rules whose
+        sources are the default. Until something is planned its sources compute every bar with a
+        `FeatureEngine`, exactly as a plain one would.
+        """
         self.rules = rules
-        self._new_features = feature_source or (lambda: FeatureEngine(rules))
+        self.planner = planner or PlannedFeatures(rules)
+        self._new_features = feature_source or self.planner.source
+        # A source of the caller's own (features read from a cache) leaves nothing to plan.
+        self._plans = feature_source is None or planner is not None
         self._underlying = rules.underlying
         self._benchmark = rules.benchmark
         self.now_ms = 0
@@ -104,12 +119,26 @@ class MarketState:
         return fresh
 
     def _roll_day(self) -> None:
-        day = ny_datetime(self.now_ms).date()
         first = self._day_end_ms == 0
-        self._day_end_ms = ny_ms(day + timedelta(days=1), time(0))
+        self._day_end_ms = day_end_ms(self.now_ms)
         if not first:
             self._reset_day()
             self.counters.bars_today = 0
+
+    def precompute_features(self, events: Iterable[Event]) -> None:
+        """The events this market will absorb next are known (a whole tape): plan their bars' features.
+
+        The planner computes each day's features at once at the day's first bar and serves them as
+        the bars arrive, each checked against the planned one; any other bar switches that day to
+        per-bar computing, so the features are the per-bar path's whatever the events turn out to be.
+        A day already under way keeps its source: only days starting after now are planned.
+        """
+        if not self._plans:
+            return
+        days = feature_days(events, self.rules, self._day_end_ms, self.now_ms, self._newest)
+        if days and self.last is not None and self._day_end_ms > 0:
+            days = [bars for bars in days if bars[0].received_ms >= self._day_end_ms]
+        self.planner.plan(days)
 
     def _on_bar(self, bar: Bar) -> Features | None:
         newest = self._newest.get(bar.sym)
@@ -138,3 +167,51 @@ class MarketState:
             return None, None
         start = self.last.start_ms
         return self.iwm_roc.percent(start), self.spy_roc.percent(start - 1000)
+
+
+def day_end_ms(now_ms: int) -> int:
+    """The next New York midnight after `now_ms`: where the market's day rolls."""
+    return ny_ms(ny_datetime(now_ms).date() + timedelta(days=1), time(0))
+
+
+def feature_days(
+    events: Iterable[Event],
+    rules: Rules,
+    day_end: int = 0,
+    now_ms: int = 0,
+    newest: dict[str, int] | None = None,
+) -> list[Sequence[Bar]]:
+    """The bars a MarketState would feed its features source, per day, for `events` in order.
+
+    `MarketState.apply` and `_on_bar` in one pass, without the features: the day rolls when the time
+    reaches the next New York midnight (ticks between lines never reach past the next line's stamp,
+    so only their empty days are missed, and empty days feed nothing), and a bar at or before its
+    symbol's newest start that day, the benchmark's and other symbols' bars never reach it.
+    `day_end`, `now_ms` and `newest` are the market's state before the events (a fresh market's
+    by default).
+    """
+    underlying, benchmark = rules.underlying, rules.benchmark
+    latest = dict(newest or {})
+    days: list[Sequence[Bar]] = []
+    today: list[Bar] = []
+    for event in events:
+        t = event.now_ms if type(event) is Tick else event.received_ms  # type: ignore[union-attr]
+        if t > now_ms:
+            now_ms = t
+        if now_ms >= day_end:
+            if day_end:
+                days.append(today)
+                today, latest = [], {}
+            day_end = day_end_ms(now_ms)
+        if type(event) is not Bar:
+            continue
+        sym = event.sym  # type: ignore[union-attr]
+        start = event.start_ms  # type: ignore[union-attr]
+        previous = latest.get(sym)
+        if previous is not None and start <= previous:
+            continue
+        latest[sym] = start
+        if sym != benchmark and sym == underlying:
+            today.append(event)  # type: ignore[arg-type]
+    days.append(today)
+    return [bars for bars in days if bars]

@@ -394,13 +394,14 @@ class FeatureSource(Protocol):
 
 
 class RecordingFeatures:
-    """A FeatureEngine that also appends every result to `into` (to be served again later)."""
+    """A features source (a FeatureEngine, planned features) that also appends every result to `into`."""
 
-    def __init__(self, engine: FeatureEngine, into: list[Features]) -> None:
+    def __init__(self, engine: FeatureSource, into: list[Features]) -> None:
         self._engine = engine
         self._into = into
 
     def update(self, bar: Bar) -> Features:
+        """The source's features of the bar, recorded on the way."""
         features = self._engine.update(bar)
         self._into.append(features)
         return features
