@@ -582,6 +582,7 @@ class Daemon:
             clock_ms=self.clock.now_ms,
             backfill=self._backfill,
             silence_s=self._silence_limit_s,
+            wait_scale=self.clock.sleep_scale(),
         )
         self.stream.start()
         self.options.start()

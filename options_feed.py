@@ -94,6 +94,7 @@ class OptionsFeed:
             self._from_stream,
             clock_ms=self._clock.now_ms,
             topics=self._topics(),
+            wait_scale=self._clock.sleep_scale(),
         )
         self.stream.start()
         log.info("options_stream_started")

@@ -604,6 +604,7 @@ class PolygonStream:
         open_timeout_s: float = STREAM_OPEN_TIMEOUT_S,
         silence_s: Callable[[], float | None] = lambda: None,
         topics: Sequence[str] | None = None,
+        wait_scale: float = 1.0,
     ) -> None:
         if not symbols and topics is None:
             raise ValueError("PolygonStream needs at least one symbol")
@@ -627,6 +628,8 @@ class PolygonStream:
         self._healthy_after_ms = round(healthy_after_s * 1000)
         self._open_timeout_s = open_timeout_s
         self._silence_s = silence_s
+        # Waits are market seconds: a simulated clock running 40x waits 40x less wall time.
+        self._wait_scale = wait_scale
         self.silent_reconnects = 0
         self.last_error: str | None = None
         self.thread_restarts = 0
@@ -692,7 +695,7 @@ class PolygonStream:
         floor_s = 0.0
         first = True
         while not self._stopping.is_set():
-            wait_s = max(self._backoff.delay(self._attempt, self._rng), floor_s)
+            wait_s = max(self._backoff.delay(self._attempt, self._rng), floor_s) * self._wait_scale
             if wait_s > 0:
                 self._log.info("stream_reconnect_wait", wait_s=round(wait_s, 3), attempt=self._attempt)
                 await asyncio.sleep(wait_s)

@@ -209,6 +209,21 @@ def test_stream_with_a_wrong_key_reports_auth_failed_once_and_retries_slowly(
     assert SECRET not in repr(logs) and SECRET not in repr(items)
 
 
+def test_stream_waits_are_market_seconds_scaled_by_the_clock(fake: FakePolygon, streams: list) -> None:
+    # A simulated day at 100x must not sit out 30 wall seconds (50 market minutes) after one refusal.
+    inbox = Inbox()
+    failed = '[{"ev":"status","status":"auth_failed","message":"authentication failed"}]'
+    with capture_logs() as logs:
+        stream = start_stream(
+            streams, fake.ws_url, inbox, api_key=SECRET, auth_failed_wait_s=30.0, wait_scale=0.01
+        )
+        inbox.wait_for(lambda items: [f.payload for f in frames(items)].count(failed) >= 3)
+        stream.stop()
+
+    waits = [entry["wait_s"] for entry in logs if entry["event"] == "stream_reconnect_wait"]
+    assert len(waits) >= 2 and all(0.3 <= wait <= 0.3 + TINY_BACKOFF.max_s for wait in waits)
+
+
 def test_stream_reconnects_after_a_drop_resubscribes_and_backfills_the_gap(
     fake: FakePolygon, streams: list
 ) -> None:
