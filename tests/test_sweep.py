@@ -52,13 +52,38 @@ def test_a_sweep_of_exit_rules_on_textured_days_gives_different_results(textured
         (dict(r.params)["STOP_LOSS_PERCENT"], dict(r.params)["MAX_GIVEBACK_PERCENT"]): r.stats for r in ranked
     }
     totals = {key: stats.total_pnl for key, stats in cell.items()}
-    # Every stop gives its own total: on the smooth market all nine cells were equal.
+    # On the smooth market all nine cells were equal; here each rule moves the total on its own.
+    assert len(set(totals.values())) >= 7, totals
+    for value in ("5", "10", "15"):
+        assert len({totals[(value, giveback)] for giveback in ("20", "25", "30")}) > 1, totals
+    for value in ("20", "25", "30"):
+        assert len({totals[(stop, value)] for stop in ("5", "10", "15")}) > 1, totals
     assert len({totals[(stop, "25")] for stop in ("5", "10", "15")}) == 3, totals
     assert {"Stop loss", "VWAP persistence"} <= set(cell[("5", "25")].exits_by_reason)
     # The giveback changes which rule sells: at 20 % the hard giveback fires before the VWAP giveback.
     assert cell[("10", "20")].exits_by_reason.get("Hard giveback", 0) > 0
     assert "Hard giveback" not in cell[("10", "30")].exits_by_reason
     assert any(stats.losses > 0 for stats in cell.values()) and any(stats.wins > 0 for stats in cell.values())
+
+
+def test_the_vwap_giveback_threshold_is_a_lever_of_its_own(textured):
+    # TIGHTEN_GIVEBACK decides most exits (a pullback takes the close under its 60 s VWAP within
+    # seconds), so its grid against the stop spreads the totals as widely as the stop's.
+    grid = ["STOP_LOSS_PERCENT=5,10,15", "TIGHTEN_GIVEBACK_PERCENT=10,20,30"]
+    ranked = run_sweep(
+        textured["days"], sweep_cells(parse_sweep(grid), {}, environ={}, env_file=None), workers=2
+    )
+    totals = {r.params: r.stats.total_pnl for r in ranked}
+    assert len(set(totals.values())) >= 6, totals
+    by_tighten = {
+        dict(p)["TIGHTEN_GIVEBACK_PERCENT"]: t
+        for p, t in totals.items()
+        if dict(p)["STOP_LOSS_PERCENT"] == "5"
+    }
+    assert len(set(by_tighten.values())) == 3, totals
+    exits = {r.params: r.stats.exits_by_reason for r in ranked}
+    # At 30 % it equals MAX_GIVEBACK, and the hard giveback, checked first, takes those exits.
+    assert all("VWAP giveback" in exits[p] for p in exits if dict(p)["TIGHTEN_GIVEBACK_PERCENT"] != "30")
 
 
 def test_held_out_days_never_reach_the_ranking(textured):
