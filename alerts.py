@@ -15,12 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import httpx
 import structlog
 
 from config import mask
 
 if TYPE_CHECKING:
+    import httpx
+
     from pnl_tracker import OutboxItem
 
 TITLE_LIMIT = 250
@@ -34,8 +35,10 @@ ERROR_TEXT_LIMIT = 300
 BATCH_SIZE = 50
 STOP_POLL_S = 0.5
 # Pushover usually answers in well under a second; a slow answer is still an answer, so reads may take
-# 20 s before the request counts as timed out (and then it may have been delivered).
-SEND_TIMEOUT = httpx.Timeout(20.0, connect=5.0)
+# 20 s before the request counts as timed out (and then it may have been delivered). Plain numbers, made
+# into an httpx.Timeout with the client: httpx is imported only by a process that sends.
+SEND_TIMEOUT_S = 20.0
+CONNECT_TIMEOUT_S = 5.0
 DOWN_BEFORE_FALLBACK_S = 60.0
 QUOTA_RETRY_S = 300.0
 MAX_TIMEOUTS = 2
@@ -144,18 +147,23 @@ class PushoverClient:
         api_url: str,
         *,
         transport: httpx.BaseTransport | None = None,
-        timeout: httpx.Timeout | float = SEND_TIMEOUT,
+        timeout: httpx.Timeout | float | None = None,
         sound_for: Callable[[str], str | None] = lambda _kind: None,
         attachment_for: Callable[[OutboxItem], bytes | None] | None = None,
     ) -> None:
         """`attachment_for`, when given, is asked for each item's image (PNG bytes, or None for none);
-        with an image the request goes as multipart/form-data with the image as `attachment`."""
+        with an image the request goes as multipart/form-data with the image as `attachment`.
+        `timeout` defaults to SEND_TIMEOUT_S per read and CONNECT_TIMEOUT_S to connect."""
+        import httpx  # here, not at the top: a command that never sends (--status, --replay without --notify) skips it
+
         self._sound_for = sound_for
         self._attachment_for = attachment_for
         self._token = token
         self._user = user
         self._api_url = api_url
         # One client, so bursts reuse one connection (Pushover allows at most two).
+        if timeout is None:
+            timeout = httpx.Timeout(SEND_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
         self._http = httpx.Client(transport=transport, timeout=timeout)
 
     def __repr__(self) -> str:
@@ -172,6 +180,8 @@ class PushoverClient:
     def send(self, item: OutboxItem) -> SendResult:
         """POST one outbox item; classify the answer. Never raises for HTTP or network failures."""
         form = pushover_form(item, self._token, self._user, self._sound_for(item.kind))
+        import httpx  # already loaded by __init__; a dictionary lookup here
+
         image = self._attachment(item)
         files = None if image is None else {"attachment": (ATTACHMENT_NAME, image, ATTACHMENT_TYPE)}
         try:

@@ -27,6 +27,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TICKER = re.compile(r"[A-Z.]{1,10}")
 # Variables that no field is named after but that the loader reads all the same.
 EXTRA_NAMES = frozenset({"MASSIVE_API_KEY"})
+# Names under DATA_DIR that several commands share. They live here, not with the code that acts on
+# them, so that a short command (`--status`, `--pause`) need not import the daemon (httpx, websockets).
+PAUSE_FILE = "PAUSE"  # present: the running daemon takes no new entries
+CALENDAR_CACHE_DIR = "calendar"  # market_calendar's per-year session tables
 
 
 def _num(default: float, lo: float | None = None, hi: float | None = None) -> Any:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from config import ConfigError, Settings, load_settings, unknown_keys
+from config import CALENDAR_CACHE_DIR, PAUSE_FILE, ConfigError, Settings, load_settings, unknown_keys
 from logs import configure_logging
 
 if TYPE_CHECKING:
@@ -106,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def set_pause(settings: Settings, *, paused: bool) -> int:
     """The kill switch is a file under DATA_DIR that the running daemon checks every turn."""
-    from daemon import PAUSE_FILE
-
     flag = settings.data_dir / PAUSE_FILE
     flag.parent.mkdir(parents=True, exist_ok=True)
     if paused:
@@ -271,7 +269,7 @@ def run_replay(
     )
     notifier = Notifier(journal, client, clock_ms=WallClock().now_ms)
     rules = settings.rules
-    calendar = MarketCalendar(rules, settings.market_closed_dates)
+    calendar = MarketCalendar(rules, settings.market_closed_dates, settings.data_dir / CALENDAR_CACHE_DIR)
     result = replay_tape(
         tape,
         rules=rules,
@@ -311,7 +309,6 @@ def run_status(settings: Settings, *, as_json: bool) -> int:
     """
     import json
 
-    from daemon import PAUSE_FILE
     from market_calendar import MarketCalendar, ny_date
     from status import build_status, fetch_health, render_status, status_dict, tape_age_s
 
@@ -329,7 +326,9 @@ def run_status(settings: Settings, *, as_json: bool) -> int:
     status = build_status(
         settings.data_dir / "journal.sqlite3",
         rules=settings.rules,
-        calendar=MarketCalendar(settings.rules, settings.market_closed_dates),
+        calendar=MarketCalendar(
+            settings.rules, settings.market_closed_dates, settings.data_dir / CALENDAR_CACHE_DIR
+        ),
         now_ms=now_ms,
         pause_file=settings.data_dir / PAUSE_FILE,
         health=(lambda: fetch_health(settings.health_host, port)) if port else (lambda: None),

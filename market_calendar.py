@@ -2,16 +2,26 @@
 
 Sessions come from exchange_calendars' XNYS calendar (holidays, 13:00 early closes). All wall-clock
 times are America/New_York; all instants are Unix milliseconds.
+
+Importing exchange_calendars brings in pandas and numpy (about 0.3 s, most of a short command's
+start-up), so it is imported only when session tables are built. A caller with a data directory
+passes `cache_dir`: each calendar year's table of session opens and closes is then kept there in a
+small JSON file, valid for the installed exchange_calendars version, and later processes read it
+instead of building. A missing, stale, corrupt or unwritable cache only costs the build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-from collections.abc import Iterable
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
-
-import exchange_calendars as xcals
 
 from config import Rules
 
@@ -24,6 +34,10 @@ REGULAR_CLOSE = datetime.time(16, 0)
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _ONE_MS = datetime.timedelta(milliseconds=1)
 _HOUR_MS = 3_600_000
+
+# Bump when the cache file's layout or meaning changes; files of another format are rebuilt.
+CACHE_FORMAT = 1
+CACHE_DISTRIBUTION = "exchange_calendars"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,23 +104,150 @@ def build_session(rules: Rules, day: datetime.date, open_ms: int, close_ms: int)
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Hours:
+    """The open and close (Unix ms) of one XNYS session: all a year table holds per date."""
+
+    open_ms: int
+    close_ms: int
+
+
+YearTable = Mapping[datetime.date, Hours]
+
+
+def build_year_tables(first_year: int, last_year: int) -> dict[int, YearTable]:
+    """XNYS sessions of the whole calendar years `first_year`..`last_year`, from exchange_calendars.
+
+    The only place that imports exchange_calendars (and with it pandas). Every year in the range
+    gets a table, and a date that is not in its year's table has no session.
+    """
+    import exchange_calendars as xcals
+
+    xnys = xcals.get_calendar("XNYS", start=f"{first_year}-01-01", end=f"{last_year}-12-31")
+    schedule = xnys.schedule
+    tables: dict[int, dict[datetime.date, Hours]] = {y: {} for y in range(first_year, last_year + 1)}
+    for label, open_ts, close_ts in zip(schedule.index, schedule["open"], schedule["close"], strict=True):
+        day = label.date()
+        tables[day.year][day] = Hours(open_ts.value // 1_000_000, close_ts.value // 1_000_000)
+    return dict(tables)
+
+
+def cache_key() -> str | None:
+    """What a cache file must carry to be used: the format and the installed exchange_calendars version.
+
+    Read from the distribution's metadata, which is cheap, because `exchange_calendars.__version__`
+    would need the very import the cache avoids. None (no caching) when the version cannot be read.
+    """
+    import importlib.metadata
+
+    try:
+        return f"{CACHE_FORMAT}/{importlib.metadata.version(CACHE_DISTRIBUTION)}"
+    except (importlib.metadata.PackageNotFoundError, ValueError, OSError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class CalendarCache:
+    """Year tables as JSON files `xnys-YYYY.json` in `folder`, valid only under `key`.
+
+    Never raises for the disk: a file that cannot be read or is not exactly what `write` wrote is a
+    miss, and a write that fails (read-only or full disk, missing parent) is skipped.
+    """
+
+    folder: Path
+    key: str
+
+    def path(self, year: int) -> Path:
+        """The file of `year`'s table."""
+        return self.folder / f"xnys-{year}.json"
+
+    def read(self, year: int) -> YearTable | None:
+        """The cached table of `year`, or None when it is missing, unreadable, corrupt or stale."""
+        try:
+            raw = json.loads(self.path(year).read_bytes())
+        except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+            return None
+        return table_from_json(raw, self.key, year)
+
+    def write(self, year: int, table: YearTable) -> None:
+        """Store `year`'s table atomically (a reader sees the old file or the new one, never half)."""
+        body = json.dumps(table_to_json(table, self.key, year), separators=(",", ":")).encode()
+        try:
+            # No `parents=True`: without its data directory a command (--status) creates nothing.
+            self.folder.mkdir(exist_ok=True)
+            fd, temp = tempfile.mkstemp(dir=self.folder, prefix=f".xnys-{year}.", suffix=".tmp")
+        except OSError:
+            return
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(body)
+            os.replace(temp, self.path(year))
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+
+
+def table_to_json(table: YearTable, key: str, year: int) -> dict[str, Any]:
+    """The cache file's content: the key, the year and [date, open_ms, close_ms] per session, in order."""
+    sessions = [[day.isoformat(), h.open_ms, h.close_ms] for day, h in sorted(table.items())]
+    return {"key": key, "year": year, "sessions": sessions}
+
+
+def table_from_json(raw: Any, key: str, year: int) -> YearTable | None:
+    """The table `table_to_json` wrote, or None for anything else (another key or year, bad values)."""
+    if not isinstance(raw, dict) or raw.get("key") != key or raw.get("year") != year:
+        return None
+    sessions = raw.get("sessions")
+    if not isinstance(sessions, list) or not sessions:
+        return None
+    table: dict[datetime.date, Hours] = {}
+    previous = datetime.date(year, 1, 1) - datetime.timedelta(days=1)
+    for entry in sessions:
+        found = _session_entry(entry, year)
+        if found is None or found[0] <= previous:  # dates strictly ascending, as written
+            return None
+        previous, hours = found
+        table[previous] = hours
+    return table
+
+
+def _session_entry(entry: Any, year: int) -> tuple[datetime.date, Hours] | None:
+    # Strict on purpose: a cache that is anything but what was written is rebuilt, never trusted.
+    if not isinstance(entry, list) or len(entry) != 3:
+        return None
+    iso, open_ms, close_ms = entry
+    if not (isinstance(iso, str) and type(open_ms) is int and type(close_ms) is int and open_ms < close_ms):
+        return None
+    try:
+        day = datetime.date.fromisoformat(iso)
+    except ValueError:
+        return None
+    if day.year != year or ny_date(open_ms) != day:
+        return None
+    return day, Hours(open_ms, close_ms)
+
+
 class MarketCalendar:
     """NYSE sessions by New York date, cached per date.
 
-    The XNYS calendar is built for 2015-01-01 through two years after construction. Outside that
+    The XNYS calendar covers 2015-01-01 through two years after construction. Outside that
     range every weekday is assumed to be a regular 09:30-16:00 session (no holidays, no early
     closes) so that far-future or old dates never crash. Dates in `closed_dates` (the
     MARKET_CLOSED_DATES override, for closures the calendar does not know yet) have no session.
+    `cache_dir` (for example DATA_DIR/calendar) keeps the built year tables for later processes;
+    without one they are built from exchange_calendars on first use.
     """
 
-    def __init__(self, rules: Rules, closed_dates: Iterable[datetime.date] = ()) -> None:
+    def __init__(
+        self, rules: Rules, closed_dates: Iterable[datetime.date] = (), cache_dir: Path | None = None
+    ) -> None:
         self._rules = rules
         self._closed = frozenset(closed_dates)
         self._start = CALENDAR_START
         self._end = _years_after(datetime.datetime.now(NEW_YORK).date(), CALENDAR_YEARS_AHEAD)
-        self._xnys = xcals.get_calendar("XNYS", start=self._start.isoformat(), end=self._end.isoformat())
-        self._first = self._xnys.first_session.date()
-        self._last = self._xnys.last_session.date()
+        self._cache_dir = cache_dir
+        # Filled on first use, so that constructing a calendar never imports exchange_calendars.
+        self._years: dict[int, YearTable] = {}
         self._sessions: dict[datetime.date, Session | None] = {}
         # (UTC hour number, session) of the last session_at call; one tuple so readers on other
         # threads never see the hour of one call paired with the session of another.
@@ -146,12 +287,29 @@ class MarketCalendar:
             return None
         if not self._start <= day <= self._end:
             return self._weekday_session(day)
-        if not self._first <= day <= self._last:
+        hours = self._year_table(day.year).get(day)
+        if hours is None:
             return None
-        if not self._xnys.is_session(day):
-            return None
-        open_ts, close_ts = self._xnys.session_open_close(day)
-        return build_session(self._rules, day, open_ts.value // 1_000_000, close_ts.value // 1_000_000)
+        return build_session(self._rules, day, hours.open_ms, hours.close_ms)
+
+    def _year_table(self, year: int) -> YearTable:
+        """`year`'s sessions: from memory, else from the cache, else built (every year of the range at once)."""
+        table = self._years.get(year)
+        if table is not None:
+            return table
+        key = cache_key() if self._cache_dir is not None else None
+        cache = None if key is None else CalendarCache(Path(self._cache_dir), key)
+        table = None if cache is None else cache.read(year)
+        if table is not None:
+            self._years[year] = table
+            return table
+        # One build serves the whole range: building exchange_calendars' calendar is the costly part.
+        built = build_year_tables(self._start.year, self._end.year)
+        if cache is not None:
+            for each, each_table in built.items():
+                cache.write(each, each_table)
+        self._years.update(built)
+        return built[year]
 
     def _weekday_session(self, day: datetime.date) -> Session | None:
         if day.weekday() >= 5:

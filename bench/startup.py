@@ -5,6 +5,10 @@ the normal disk (each replay gets its own, so none resumes another's journal); t
 the best, since other work on the machine only ever adds time. The replay's tape is a tiny one written with
 the project's own `TapeWriter`: a few IWM and SPY bars, so the figure is nearly all start-up.
 
+Each DATA_DIR starts with the market calendar's cache (DATA_DIR/calendar, written once by a first
+`--status`), as a DATA_DIR in use has it; the "cold" row runs without it, as the first command in a new
+DATA_DIR (or after an exchange_calendars upgrade) does, and so pays for exchange_calendars and pandas.
+
 Run: python bench/startup.py [--runs 5]
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from config import CALENDAR_CACHE_DIR  # noqa: E402
 from market_calendar import ny_ms  # noqa: E402
 from tape import TapeWriter  # noqa: E402
 
@@ -59,12 +65,25 @@ def wall_seconds(args: list[str], data_dir: Path) -> float:
     return elapsed
 
 
-def measure(label: str, args: list[str], base: Path, runs: int) -> None:
-    """Print the median and best of `runs` fresh processes of one command."""
+def warm_calendar_cache(base: Path) -> Path:
+    """The calendar cache folder one `--status` writes into a new DATA_DIR, to be copied into the others."""
+    data_dir = base / "warm-up"
+    data_dir.mkdir()
+    wall_seconds(["--status"], data_dir)
+    cache = data_dir / CALENDAR_CACHE_DIR
+    if not any(cache.glob("*.json")):
+        raise SystemExit(f"--status wrote no calendar cache under {cache}")
+    return cache
+
+
+def measure(label: str, args: list[str], base: Path, runs: int, calendar_cache: Path | None) -> None:
+    """Print the median and best of `runs` fresh processes of one command (DATA_DIR seeded with `calendar_cache`)."""
     times = []
     for n in range(runs):
-        data_dir = base / f"{label.replace(' ', '_')}-{n}"
+        data_dir = base / f"{label.replace(' ', '_').replace(',', '')}-{n}"
         data_dir.mkdir()
+        if calendar_cache is not None:
+            shutil.copytree(calendar_cache, data_dir / CALENDAR_CACHE_DIR)
         times.append(wall_seconds(args, data_dir))
     print(f"{label:<26} median {statistics.median(times):.3f} s, best {min(times):.3f} s ({runs} runs)")
 
@@ -76,6 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         base = Path(tmp)
         tape = write_tiny_tape(base / "tiny.jsonl.gz")
+        cache = warm_calendar_cache(base)
         commands = {
             "--help": ["--help"],
             "--demo --help": ["--demo", "--help"],
@@ -84,7 +104,9 @@ def main() -> None:
             "--replay tiny --speed max": ["--replay", str(tape), "--speed", "max"],
         }
         for label, command in commands.items():
-            measure(label, command, base, args.runs)
+            measure(label, command, base, args.runs, cache)
+        measure("--status, cold cache", ["--status"], base, args.runs, None)
+        measure("--replay tiny, cold cache", ["--replay", str(tape), "--speed", "max"], base, args.runs, None)
 
 
 if __name__ == "__main__":

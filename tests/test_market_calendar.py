@@ -1,12 +1,23 @@
 import datetime
+import errno
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
+import market_calendar
 from config import Rules
 from market_calendar import (
+    CALENDAR_START,
+    NEW_YORK,
+    CalendarCache,
     MarketCalendar,
     Session,
+    cache_key,
     minute_of_day,
     ny_date,
     ny_datetime,
@@ -172,3 +183,202 @@ def test_time_helpers() -> None:
     assert minute_of_day(utc_ms(2025, 11, 28, 14, 31) + 59_999) == 9 * 60 + 31
     assert ny_ms(D(2025, 10, 2), T(9, 30)) == 1759411800000
     assert ny_ms(D(2025, 11, 28), T(13, 0, 0, 1000)) == utc_ms(2025, 11, 28, 18, 0) + 1
+
+
+# --- the per-year cache of session tables -------------------------------------------------------------
+
+NEXT_YEAR = datetime.datetime.now(NEW_YORK).year + 1
+CACHED_YEAR = 2025
+
+
+def every_day(first: datetime.date, last: datetime.date) -> Iterator[datetime.date]:
+    day = first
+    while day <= last:
+        yield day
+        day += datetime.timedelta(days=1)
+
+
+def all_sessions(calendar: MarketCalendar) -> dict[datetime.date, Session | None]:
+    """Every date of 2015..next year (weekends, holidays and early closes included) and its session."""
+    return {day: calendar.session(day) for day in every_day(CALENDAR_START, D(NEXT_YEAR, 12, 31))}
+
+
+def direct_from_exchange_calendars(rules: Rules) -> dict[datetime.date, Session | None]:
+    """What the calendar gave before the cache existed: one exchange_calendars XNYS over its whole range."""
+    import exchange_calendars as xcals
+
+    end = market_calendar._years_after(datetime.datetime.now(NEW_YORK).date(), 2)
+    xnys = xcals.get_calendar("XNYS", start=CALENDAR_START.isoformat(), end=end.isoformat())
+    first, last = xnys.first_session.date(), xnys.last_session.date()
+    found: dict[datetime.date, Session | None] = {}
+    for day in every_day(CALENDAR_START, D(NEXT_YEAR, 12, 31)):
+        if not first <= day <= last or not xnys.is_session(day):
+            found[day] = None
+            continue
+        open_ts, close_ts = xnys.session_open_close(day)
+        found[day] = market_calendar.build_session(
+            rules, day, open_ts.value // 1_000_000, close_ts.value // 1_000_000
+        )
+    return found
+
+
+def no_build(*_args: Any) -> Any:
+    raise AssertionError("built from exchange_calendars although the cache should have answered")
+
+
+@pytest.fixture(scope="module")
+def uncached() -> dict[datetime.date, Session | None]:
+    return all_sessions(MarketCalendar(Rules()))
+
+
+@pytest.fixture
+def warm_cache(tmp_path: Path) -> Path:
+    """A cache folder filled by a first calendar, as the first command in a DATA_DIR leaves it."""
+    folder = tmp_path / "data" / "calendar"
+    folder.parent.mkdir()
+    MarketCalendar(Rules(), cache_dir=folder).session(D(CACHED_YEAR, 10, 2))
+    return folder
+
+
+def test_cache_gives_exactly_the_sessions_of_exchange_calendars(tmp_path, monkeypatch, uncached) -> None:
+    rules = Rules()
+    folder = tmp_path / "data" / "calendar"
+    folder.parent.mkdir()
+    cold = all_sessions(MarketCalendar(rules, cache_dir=folder))
+    years = range(CALENDAR_START.year, NEXT_YEAR + 1)
+    assert {p.name for p in folder.glob("*.json")} >= {f"xnys-{y}.json" for y in years}
+    monkeypatch.setattr(market_calendar, "build_year_tables", no_build)
+    warm = all_sessions(MarketCalendar(rules, cache_dir=folder))
+    monkeypatch.undo()
+    assert warm == cold == uncached == direct_from_exchange_calendars(rules)
+    for year in years:  # the range holds what matters: early closes and weekday holidays every year
+        sessions = [s for day, s in warm.items() if day.year == year]
+        assert any(s is not None and s.early_close for s in sessions), year
+        holidays = [d for d, s in warm.items() if d.year == year and d.weekday() < 5 and s is None]
+        assert len(holidays) >= 8, year
+    assert warm[D(2025, 11, 28)].early_close and warm[D(2025, 12, 25)] is None and warm[D(2025, 1, 9)] is None
+
+
+def test_cache_read_keeps_custom_cut_offs(warm_cache, monkeypatch) -> None:
+    # The cache holds opens and closes only; the cut-offs come from each calendar's own rules.
+    monkeypatch.setattr(market_calendar, "build_year_tables", no_build)
+    rules = Rules(no_entry_before=T(10, 0), no_entry_after=T(15, 0), hard_time_stop=T(15, 45))
+    s = MarketCalendar(rules, cache_dir=warm_cache).session(D(2025, 11, 28))
+    assert s is not None and s.time_stop_ms == utc_ms(2025, 11, 28, 17, 45)
+
+
+def rewrite(path: Path, edit: Callable[[dict], Any]) -> None:
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(body)))
+
+
+def swap_first_two(body: dict) -> dict:
+    body["sessions"][:2] = body["sessions"][1::-1]
+    return body
+
+
+CORRUPTIONS: dict[str, Callable[[Path], None]] = {
+    "not json": lambda p: p.write_bytes(b"\x00\x01 not json"),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:100]),
+    "empty file": lambda p: p.write_bytes(b""),
+    "a list": lambda p: p.write_text("[]"),
+    "deeply nested": lambda p: p.write_text("[" * 100_000),
+    "other key": lambda p: rewrite(p, lambda b: {**b, "key": "0/0.0"}),
+    "other year": lambda p: rewrite(p, lambda b: {**b, "year": CACHED_YEAR + 1}),
+    "no sessions": lambda p: rewrite(p, lambda b: {**b, "sessions": []}),
+    "float times": lambda p: rewrite(p, lambda b: {**b, "sessions": [[d, o + 0.5, c] for d, o, c in b["sessions"]]}),
+    "bool time": lambda p: rewrite(p, lambda b: {**b, "sessions": [[b["sessions"][0][0], True, 2]]}),
+    "bad date": lambda p: rewrite(p, lambda b: {**b, "sessions": [["2025-13-01", 1, 2]]}),
+    "open after close": lambda p: rewrite(p, lambda b: {**b, "sessions": [[d, c, o] for d, o, c in b["sessions"]]}),
+    "open on another day": lambda p: rewrite(
+        p, lambda b: {**b, "sessions": [[d, o + 86_400_000, c + 86_400_000] for d, o, c in b["sessions"]]}
+    ),
+    "out of order": lambda p: rewrite(p, swap_first_two),
+    "short entry": lambda p: rewrite(p, lambda b: {**b, "sessions": [e[:2] for e in b["sessions"]]}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_cache_is_rebuilt_and_rewritten(warm_cache, uncached, corruption) -> None:
+    path = warm_cache / f"xnys-{CACHED_YEAR}.json"
+    CORRUPTIONS[corruption](path)
+    key = cache_key()
+    assert key is not None and CalendarCache(warm_cache, key).read(CACHED_YEAR) is None
+    calendar = MarketCalendar(Rules(), cache_dir=warm_cache)
+    year = {d: s for d, s in uncached.items() if d.year == CACHED_YEAR}
+    assert {d: calendar.session(d) for d in year} == year
+    assert CalendarCache(warm_cache, key).read(CACHED_YEAR) is not None  # rewritten whole
+
+
+def test_cache_of_another_exchange_calendars_version_is_rebuilt(warm_cache, monkeypatch, uncached) -> None:
+    monkeypatch.setattr(market_calendar, "cache_key", lambda: "1/999.0")
+    calls = []
+    real_build = market_calendar.build_year_tables
+    monkeypatch.setattr(market_calendar, "build_year_tables", lambda *a: calls.append(a) or real_build(*a))
+    assert MarketCalendar(Rules(), cache_dir=warm_cache).session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
+    assert len(calls) == 1
+    assert json.loads((warm_cache / "xnys-2025.json").read_text())["key"] == "1/999.0"
+
+
+def test_a_directory_where_the_file_should_be_is_only_a_miss(tmp_path, uncached) -> None:
+    folder = tmp_path / "calendar"
+    (folder / f"xnys-{CACHED_YEAR}.json").mkdir(parents=True)
+    calendar = MarketCalendar(Rules(), cache_dir=folder)
+    assert calendar.session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
+    assert calendar.session(D(2025, 12, 25)) is None
+
+
+def test_cache_in_a_missing_data_dir_creates_nothing(tmp_path, uncached) -> None:
+    folder = tmp_path / "no-such-data-dir" / "calendar"
+    assert MarketCalendar(Rules(), cache_dir=folder).session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
+    assert not folder.parent.exists()
+
+
+def test_cache_under_a_file_never_raises(tmp_path, uncached) -> None:
+    (tmp_path / "data").write_text("a file, not a directory")
+    calendar = MarketCalendar(Rules(), cache_dir=tmp_path / "data" / "calendar")
+    assert calendar.session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
+
+
+@pytest.mark.parametrize("failing", ["mkstemp", "replace"])
+def test_read_only_or_full_disk_never_raises_and_leaves_no_temp_files(
+    tmp_path, monkeypatch, uncached, failing
+) -> None:
+    def read_only(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def disk_full(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "mkstemp":
+        monkeypatch.setattr(market_calendar.tempfile, "mkstemp", read_only)
+    else:
+        monkeypatch.setattr(market_calendar.os, "replace", disk_full)
+    folder = tmp_path / "calendar"
+    calendar = MarketCalendar(Rules(), cache_dir=folder)
+    assert calendar.session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
+def test_without_a_readable_version_there_is_no_cache(tmp_path, monkeypatch, uncached) -> None:
+    import importlib.metadata
+
+    def missing(_name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError("exchange_calendars")
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert cache_key() is None
+    folder = tmp_path / "calendar"
+    assert MarketCalendar(Rules(), cache_dir=folder).session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
+    assert not folder.exists()
+
+
+def test_cache_write_is_atomic_and_readable(tmp_path) -> None:
+    key = "1/test"
+    cache = CalendarCache(tmp_path, key)
+    table = {D(2025, 10, 2): market_calendar.Hours(utc_ms(2025, 10, 2, 13, 30), utc_ms(2025, 10, 2, 20, 0))}
+    cache.write(2025, table)
+    assert cache.read(2025) == table
+    assert CalendarCache(tmp_path, "1/other").read(2025) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["xnys-2025.json"]
+    assert os.stat(tmp_path / "xnys-2025.json").st_size < 200
