@@ -33,7 +33,7 @@ import structlog
 from alert_text import PRIORITY_HIGH, PRIORITY_NORMAL, delivery_overrides, money, priority_for, sound_for
 from alerts import AppriseFallback, Notifier, PushoverClient
 from clock import Clock
-from config import Settings
+from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings
 from delivery import MemoryOutbox, WriteBehindJournal
 from engine import Engine, position_fields
 from events import Alert, FeedStatus, Received
@@ -60,7 +60,6 @@ TAPE_FLUSH_SECONDS = 5.0
 TAPE_RETRY_SECONDS = 300.0
 PULSE_SECONDS = 300
 BACKFILL_REACH_BACK_MS = 5_000
-PAUSE_FILE = "PAUSE"
 HEARTBEAT_STATUSES = frozenset({"ok", "closed", "degraded"})
 # The live journal must never hold the engine thread for seconds behind another process's lock.
 JOURNAL_BUSY_TIMEOUT_S = 0.1
@@ -106,7 +105,9 @@ class Daemon:
         self.rules = settings.rules
         self.clock = clock
         self.stop = stop or threading.Event()
-        self.calendar = MarketCalendar(self.rules, settings.market_closed_dates)
+        self.calendar = MarketCalendar(
+            self.rules, settings.market_closed_dates, settings.data_dir / CALENDAR_CACHE_DIR
+        )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.instance_lock = InstanceLock(settings.data_dir).acquire()
         try:
