@@ -223,7 +223,7 @@ def run_backtest(
 ) -> BacktestResult:
     """Run the days in order, one fresh engine each, one journal for the run."""
     calendar = calendar or MarketCalendar(rules, closed_dates)
-    journal = Journal(Path(":memory:"))
+    journal = Journal(Path(":memory:"), synchronous="NORMAL")
     try:
         days = []
         for tape in tapes:
@@ -247,7 +247,7 @@ def day_alone(
     sample_every_ms: int | None,
 ) -> DayRun:
     """One day of a single run from an empty journal: a `DayExecutor` task (tape and cache folder first)."""
-    journal = Journal(Path(":memory:"))
+    journal = Journal(Path(":memory:"), synchronous="NORMAL")
     try:
         calendar = MarketCalendar(rules, closed_dates)
         return run_day_detail(

@@ -28,6 +28,7 @@ from market_calendar import MarketCalendar
 from market_state import MarketState, market_key, market_rules
 from pipeline import Pipeline, TickSchedule
 from pnl_tracker import Journal, TradeRow
+from replay import events_of
 from signals import Features, RecordedFeatures, RecordingFeatures
 from tape_cache import DecodedTape, decoder_key, features_path, load_decoded, read_features, write_features
 
@@ -130,9 +131,7 @@ def feed_day(
 
 def day_events(decoded: DecodedTape) -> Iterator[Event]:
     """Every event of a decoded day in order (control lines carry none)."""
-    for _t, kind, body in decoded.lines:
-        if kind != "control":
-            yield from body  # type: ignore[misc]
+    return events_of(decoded.lines)
 
 
 def _dispatch(event: Event, market: MarketState, pipelines: Sequence[Pipeline]) -> None:
@@ -158,7 +157,8 @@ def run_cells_on_day(
             groups[key] = (*day_market(tape, market_rules(cell_rules), cache_dir), [])
         market, _save, members = groups[key]
         calendar = MarketCalendar(cell_rules, closed)
-        pipeline = engine_pipeline(cell_rules, calendar, market, Journal(Path(":memory:")))
+        journal = Journal(Path(":memory:"), synchronous="NORMAL")  # a sweep's cells keep trades only
+        pipeline = engine_pipeline(cell_rules, calendar, market, journal)
         members.append(pipeline)
         pipelines.append(pipeline)
     decoded: DecodedTape | None = None

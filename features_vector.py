@@ -279,6 +279,11 @@ class PlannedFeatures:
         """Plan these days' bars (each day's bars in the order the market feeds them)."""
         self._days = {bar_key(bars[0]): bars for bars in days if bars}
 
+    @property
+    def planned_days(self) -> int:
+        """How many days the latest `plan` holds."""
+        return len(self._days)
+
     def source(self) -> FeatureSource:
         """A features source for one day (MarketState's `feature_source` factory)."""
         return _PlannedDay(self)

@@ -3,6 +3,8 @@
 Every decision of the engine is written in ONE transaction together with the alerts it caused,
 before any network call, so a crash at any instant loses nothing and sends nothing twice.
 WAL mode with synchronous=FULL: each commit survives power loss where storage honours fsync.
+Journals of replays and backtests may ask for synchronous=NORMAL instead (commits then reach the
+disk at WAL checkpoints, not at each commit): they can always be rebuilt from their tapes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from alert_text import DayTrade
 from engine import CRITICAL_LATCH, RestoredState
@@ -19,6 +22,11 @@ from events import Action, Alert, ClosePosition, Log, OpenPosition, SetMeta, Upd
 from risk_manager import DayRecord, Lifetime, Position
 
 SCHEMA_VERSION = 1
+
+# How hard a commit waits for the disk: FULL for the live journal (the truth after a crash),
+# NORMAL for journals that can be rebuilt from their tapes (replays, backtests).
+Synchronous = Literal["FULL", "NORMAL"]
+SYNCHRONOUS_MODES: tuple[Synchronous, ...] = get_args(Synchronous)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,6 +54,12 @@ CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(status, id);
 
 class JournalError(RuntimeError):
     """The journal cannot be used (newer schema, corrupt file, disk full)."""
+
+
+def _check_synchronous(mode: object) -> None:
+    """Refuse a mode other than FULL and NORMAL (it is put into a PRAGMA: never pass text through)."""
+    if mode not in SYNCHRONOUS_MODES:
+        raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {mode!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +93,23 @@ class TradeRow:
 class Journal:
     """One SQLite file. Thread-safe: a lock serialises the engine's writes and the notifier's."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0, check: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float = 5.0,
+        check: bool = False,
+        synchronous: Synchronous = "FULL",
+    ) -> None:
         """Open (or create) the journal at `path`.
 
         `busy_timeout_s` is how long a write waits for another process's lock; the live daemon uses a
         short one so its engine thread never freezes behind a backup or a DB browser. `check` runs
         SQLite's quick_check first, so a damaged file is refused at start, not at the first trade.
+        `synchronous` is FULL (the default, the live journal's) or NORMAL for a journal that can be
+        rebuilt from its tapes; anything else raises ValueError before the file is touched.
         """
+        _check_synchronous(synchronous)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -96,7 +120,7 @@ class Journal:
             if check:
                 self._quick_check()
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.Error as exc:
@@ -118,10 +142,28 @@ class Journal:
         with self._lock:
             self._db.close()
 
+    @property
+    def synchronous(self) -> Synchronous:
+        """The connection's synchronous mode as SQLite reports it."""
+        with self._lock:
+            level = self._db.execute("PRAGMA synchronous").fetchone()[0]
+        return "FULL" if level >= 2 else "NORMAL"
+
+    def set_synchronous(self, mode: Synchronous) -> None:
+        """Change how hard later commits wait for the disk (see the constructor); ValueError if unknown."""
+        _check_synchronous(mode)
+        with self._lock:
+            try:
+                self._db.execute(f"PRAGMA synchronous={mode}")
+            except sqlite3.Error as exc:
+                raise JournalError(f"cannot set synchronous={mode} on {self.path}: {exc}") from exc
+
     def record(self, actions: Sequence[Action], cursor: str | None = None) -> list[Alert]:
         """Apply one decision's actions atomically; return the alerts that are new to the outbox."""
         durable = [a for a in actions if not isinstance(a, Log)]
-        if not durable and cursor is None:
+        if not durable:
+            # Log lines are not journaled and the cursor only moves with a durable action, so an
+            # empty transaction would change nothing (a replay makes one every minute of bars).
             return []
         inserted: list[Alert] = []
         with self._lock:

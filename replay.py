@@ -7,28 +7,46 @@ decisions are already in the journal), then the journal's state is adopted.
 
 Days replay in any order into one journal: the lifetime adds up, while what belongs to a day (the
 cooldown, the day record, an open position) never reaches into another day's replay.
+
+At full speed (no pacing) the whole tape is decoded first, so the market can plan the day's
+features at once (`MarketState.precompute_features`, as backtests do); the decoded lines then go
+through the very same pipeline calls as a paced replay, which decodes line by line as it goes.
+Decoding is a function of the tape alone (the decoder never sees the engine), so the two orders
+give the same events, decisions and alerts. A replay's journal commits with synchronous=NORMAL:
+it can always be rebuilt from the tape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from alert_text import money
 from config import Rules
 from engine import Engine, SessionSource
-from events import Received
+from events import Event, Received
 from feed import FeedCounters, FeedDecoder
 from market_calendar import ny_date
 from pipeline import AlertSink, LogSink, Pipeline, structlog_sink
-from pnl_tracker import Journal, TradeRow
+from pnl_tracker import Journal, Synchronous, TradeRow
 from tape import TapeLine, TapeReader
 
 # Meta key prefix: the last line of a tape (by file name) that a finished replay went through.
 REPLAYED_PREFIX = "replayed:"
+
+# Cyclic GC thresholds while a whole tape is decoded and run at once: it holds a day of decoded
+# events and the engine makes almost no reference cycles, yet CPython's default thresholds re-scan
+# them over and over (measured: about a tenth of a full-day replay). The backtests' figure.
+REPLAY_GC_THRESHOLDS = (100_000, 20, 100)
+
+# One decoded tape line: (receive stamp, "events", tuple of events), (receive stamp, "control",
+# payload) or, for the meta line, (its stamp, "meta", its dict).
+DecodedLine = tuple[int, str, object]
 
 
 class NotATape(ValueError):
@@ -61,6 +79,42 @@ def received_from(line: TapeLine) -> Received | None:
     if line.kind == "control":
         return Received(line.t, "control", line.payload)
     return None
+
+
+@contextlib.contextmanager
+def fewer_collections() -> Iterator[None]:
+    """Run the body with REPLAY_GC_THRESHOLDS, then put the process's own thresholds back."""
+    previous = gc.get_threshold()
+    gc.set_threshold(*REPLAY_GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
+
+
+def decoded_lines(reader: TapeReader, decoder: FeedDecoder) -> Iterator[tuple[int, DecodedLine]]:
+    """Every valid line of a tape as (line number, decoded line), decoded in order as the live engine
+    thread decodes received items (the one decoding that replays, backtests and caches share)."""
+    ws = decoder.ws
+    for fields in reader.records():
+        line_no, t, kind, payload = fields[:4]
+        if kind == "ws":
+            # What `decoder.decode(received_from(line))` does with a frame, without the two
+            # objects per line in between (a full day has one frame a second).
+            yield line_no, (t, "events", tuple(ws(t, payload)))
+        elif kind == "rest":
+            item = received_from(TapeLine(*fields))
+            assert item is not None
+            yield line_no, (t, "events", tuple(decoder.decode(item)))
+        else:  # "control" and "meta": nothing to decode
+            yield line_no, (t, kind, payload)
+
+
+def events_of(lines: Iterable[DecodedLine]) -> Iterator[Event]:
+    """Every event of decoded lines in order (control and meta lines carry none)."""
+    for _t, kind, body in lines:
+        if kind == "events":
+            yield from body  # type: ignore[misc]
 
 
 def saved_line(journal: Journal | None, tape_name: str) -> int:
@@ -121,13 +175,20 @@ def replay_tape(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     engine: Engine | None = None,
+    fast: bool | None = None,
+    synchronous: Synchronous = "NORMAL",
 ) -> ReplayResult:
     """Run every line of the tape at `path`; see the module docstring for resuming.
 
-    Raises NotATape when the file holds no valid tape line.
+    `fast` decodes the whole tape first and plans its features (default: exactly when `speed` is
+    None, i.e. no pacing); False streams line by line. Both make the same decisions. The journal
+    commits with `synchronous` from here on (NORMAL: a replay's journal can be rebuilt from its
+    tape). Raises NotATape when the file holds no valid tape line.
     """
     check_tape(path)
     engine = engine or Engine(rules, calendar)
+    if journal is not None:
+        journal.set_synchronous(synchronous)
     pipeline = Pipeline(
         engine,
         journal,
@@ -136,38 +197,76 @@ def replay_tape(
         on_log=on_log,
     )
     reader = TapeReader(path, lazy_bodies=True)
+    lines: Iterable[tuple[int, DecodedLine]] = decoded_lines(reader, pipeline.decoder)
     tape_name = Path(path).name
     resume_after = saved_line(journal, tape_name)
-    pipeline.warming = resume_after > 0
     pacer = Pacer(speed, sleep, clock)
-    lines = new_lines = last_line = 0
-    adopted = False
-    for line in reader:
-        lines += 1
-        last_line = line.line_no
-        if line.line_no > resume_after:
-            new_lines += 1
-        if not adopted and line.line_no > resume_after:
-            _adopt_journal(engine, journal, line.t)
-            pipeline.warming, adopted = False, True
-        item = received_from(line)
-        if item is None:
-            continue
-        if not pipeline.warming:
-            pacer.wait_for(item.t)
-        pipeline.handle(item, cursor=f"{tape_name}:{line.line_no}")
-    if journal is not None and last_line > resume_after:
-        journal.set_meta(REPLAYED_PREFIX + tape_name, str(last_line))
+    whole_tape_first = fast if fast is not None else speed is None
+    if whole_tape_first:
+        with fewer_collections():
+            lines = list(lines)
+            engine.market.precompute_features(events_of(line for _no, line in lines))
+            counts = _run_lines(lines, pipeline, journal, tape_name, resume_after, pacer)
+    else:
+        counts = _run_lines(lines, pipeline, journal, tape_name, resume_after, pacer)
+    if journal is not None and counts.last_line > resume_after:
+        journal.set_meta(REPLAYED_PREFIX + tape_name, str(counts.last_line))
     return ReplayResult(
-        lines=lines,
+        lines=counts.lines,
         bad_lines=reader.bad_lines,
         resumed_after=resume_after,
         feed=pipeline.decoder.counters,
         late_bars=engine.counters.late_bars,
         bars=engine.counters.bars,
-        last_line=last_line,
-        new_lines=new_lines,
+        last_line=counts.last_line,
+        new_lines=counts.new_lines,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _LineCounts:
+    lines: int
+    new_lines: int
+    last_line: int
+
+
+def _run_lines(
+    lines: Iterable[tuple[int, DecodedLine]],
+    pipeline: Pipeline,
+    journal: Journal | None,
+    tape_name: str,
+    resume_after: int,
+    pacer: Pacer,
+) -> _LineCounts:
+    """Decoded lines through the pipeline as `Pipeline.handle` takes received items: the ticks of the
+    seconds before each line first, then its events (or its control). Lines up to `resume_after` only
+    warm the features; the journal's state is adopted at the first line after it."""
+    engine = pipeline.engine
+    pipeline.warming = resume_after > 0
+    advance_to, run = pipeline.advance_to, pipeline.run
+    count = new_lines = last_line = 0
+    adopted = False
+    for line_no, (t, kind, body) in lines:
+        count += 1
+        last_line = line_no
+        if line_no > resume_after:
+            new_lines += 1
+            if not adopted:
+                _adopt_journal(engine, journal, t)
+                pipeline.warming, adopted = False, True
+        if kind == "meta":
+            continue
+        if not pipeline.warming:
+            pacer.wait_for(t)
+        advance_to(t)
+        if kind == "control":
+            pipeline.control(t, body)
+            continue
+        if body:
+            cursor = f"{tape_name}:{line_no}"
+            for event in body:  # type: ignore[attr-defined]
+                run(event, cursor)
+    return _LineCounts(count, new_lines, last_line)
 
 
 def _adopt_journal(engine: Engine, journal: Journal | None, t: int) -> None:

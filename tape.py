@@ -72,6 +72,10 @@ class TapeLine:
     status: int | None = None
 
 
+# A readable line's fields in TapeLine's order: (line_no, t, kind, payload, path, status).
+LineFields = tuple[int, int, str, object, str | None, int | None]
+
+
 def tape_path(data_dir: Path, session_date: datetime.date) -> Path:
     """Where the tape of one session day lives: `DATA_DIR/tapes/YYYY-MM-DD.jsonl.gz`."""
     return Path(data_dir) / "tapes" / f"{session_date.isoformat()}{TAPE_SUFFIX}"
@@ -415,11 +419,22 @@ class TapeReader:
         self.bad_lines = 0
 
     def __iter__(self) -> Generator[TapeLine, None, None]:
+        records = self.records()
+        try:
+            for fields in records:
+                yield TapeLine(*fields)
+        finally:
+            records.close()  # closes the file at once when the caller stops early
+
+    def records(self) -> Generator[LineFields, None, None]:
+        """The readable lines as plain tuples in `TapeLine`'s field order: what iterating yields,
+        without a TapeLine per line (a full day's tape has tens of thousands of lines)."""
         self.bad_lines = 0
         line_no = 0
+        lazy = self.lazy_bodies
         for raw in self._raw_lines():
             line_no += 1
-            parsed = _parse_line(raw, line_no, self.lazy_bodies)
+            parsed = _parse_line(raw, line_no, lazy)
             if parsed is None:
                 self.bad_lines += 1
                 continue
@@ -621,53 +636,51 @@ def _split_rest_line(raw: bytes) -> tuple[bytes, bytes] | None:
     return raw[:at] + b"}", end[at + len(_BODY_KEY) : -1]
 
 
-def _parse_line(raw: bytes, line_no: int, lazy_bodies: bool = False) -> TapeLine | None:
+def _parse_line(raw: bytes, line_no: int, lazy_bodies: bool = False) -> LineFields | None:
     split = _split_rest_line(raw) if lazy_bodies else None
     if split is not None:
         line = _parse_line(split[0], line_no)
-        if line is None or line.kind != "rest":
+        if line is None or line[2] != "rest":
             return None
-        return TapeLine(line_no, line.t, "rest", RawJson(split[1]), path=line.path, status=line.status)
+        return (line_no, line[1], "rest", RawJson(split[1]), line[4], line[5])
     try:
         record = loads_json(raw)
     except ValueError:
         return None
-    if not isinstance(record, dict):
+    if type(record) is not dict:
         return None
     t = record.get("t")
-    if not isinstance(t, int) or isinstance(t, bool):
+    if type(t) is not int:  # bool is an int subclass, and not a stamp
         return None
     return _shape_line(record, t, line_no)
 
 
-def _binary_line(encoded: object, t: int, line_no: int) -> TapeLine | None:
+def _binary_line(encoded: object, t: int, line_no: int) -> LineFields | None:
     """A binary frame that was not JSON, replayed as the very bytes live received."""
     if not isinstance(encoded, str):
         return None
     try:
-        return TapeLine(line_no, t, "ws", base64.b64decode(encoded, validate=True))
+        return (line_no, t, "ws", base64.b64decode(encoded, validate=True), None, None)
     except (binascii.Error, ValueError):
         return None
 
 
-def _shape_line(record: dict[str, Any], t: int, line_no: int) -> TapeLine | None:
+def _shape_line(record: dict[str, Any], t: int, line_no: int) -> LineFields | None:
     if "meta" in record:
-        return TapeLine(line_no, t, "meta", record["meta"]) if isinstance(record["meta"], dict) else None
+        return (line_no, t, "meta", record["meta"], None, None) if isinstance(record["meta"], dict) else None
     if "ws" in record:
-        return TapeLine(line_no, t, "ws", record["ws"])
+        return (line_no, t, "ws", record["ws"], None, None)
     if "ws_raw" in record:
-        return TapeLine(line_no, t, "ws", record["ws_raw"]) if isinstance(record["ws_raw"], str) else None
+        raw = record["ws_raw"]
+        return (line_no, t, "ws", raw, None, None) if isinstance(raw, str) else None
     if "ws_bin" in record:
         return _binary_line(record["ws_bin"], t, line_no)
     if "control" in record:
-        return (
-            TapeLine(line_no, t, "control", record["control"])
-            if isinstance(record["control"], dict)
-            else None
-        )
+        control = record["control"]
+        return (line_no, t, "control", control, None, None) if isinstance(control, dict) else None
     if "rest" in record:
         path, status = record["rest"], record.get("status")
         if not isinstance(path, str) or not isinstance(status, int) or isinstance(status, bool):
             return None
-        return TapeLine(line_no, t, "rest", record.get("body"), path=path, status=status)
+        return (line_no, t, "rest", record.get("body"), path, status)
     return None

@@ -31,7 +31,7 @@ from config import Rules
 from feed import FeedDecoder
 from market_calendar import ny_date
 from market_state import market_key
-from replay import received_from
+from replay import DecodedLine, decoded_lines
 from signals import Features
 from tape import TapeReader
 
@@ -41,13 +41,13 @@ FEATURE_MODULES = ("signals.py", "market_state.py")
 SUFFIX = ".decoded"
 FEATURES_SUFFIX = ".features"
 
-# One decoded line: (receive stamp, "events", tuple of events) or (receive stamp, "control", payload).
-DecodedLine = tuple[int, str, object]
-
 
 @dataclass(frozen=True, slots=True)
 class DecodedTape:
-    """Every line of a tape (the meta line aside) as the engine thread would decode it."""
+    """Every line of a tape (the meta line aside) as the engine thread would decode it.
+
+    A line is (receive stamp, "events", tuple of events) or (receive stamp, "control", payload).
+    """
 
     session_date: str
     reconstructed: bool
@@ -57,19 +57,13 @@ class DecodedTape:
 
 def decode_tape(tape: Path, rules: Rules) -> DecodedTape:
     """Read and decode a whole tape with the live decoder for `rules` (no cache)."""
-    decoder = FeedDecoder.for_rules(rules)
     reader = TapeReader(tape, lazy_bodies=True)
     lines: list[DecodedLine] = []
     first_t: int | None = None
-    for line in reader:
-        first_t = line.t if first_t is None else first_t
-        item = received_from(line)
-        if item is None:
-            continue
-        if item.kind == "control":
-            lines.append((item.t, "control", item.payload))
-        else:
-            lines.append((item.t, "events", tuple(decoder.decode(item))))
+    for _line_no, line in decoded_lines(reader, FeedDecoder.for_rules(rules)):
+        first_t = line[0] if first_t is None else first_t
+        if line[1] != "meta":
+            lines.append(line)
     session_date = ny_date(first_t).isoformat() if first_t is not None else ""
     reconstructed = bool((reader.meta or {}).get("reconstructed"))
     return DecodedTape(session_date, reconstructed, reader.bad_lines, tuple(lines))

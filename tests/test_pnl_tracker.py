@@ -38,6 +38,66 @@ def test_wal_full_sync_and_schema_version(tmp_path):
     journal.close()
 
 
+def sync_level(journal: Journal) -> int:
+    """What SQLite says of the connection: 2 is FULL, 1 NORMAL."""
+    return journal._db.execute("PRAGMA synchronous").fetchone()[0]
+
+
+def test_the_live_daemon_s_journal_syncs_full(tmp_path):
+    from clock import SimClock
+    from config import Settings
+    from daemon import Daemon
+
+    daemon = Daemon(Settings(polygon_api_key="k", data_dir=tmp_path), SimClock(1_759_411_800_000, 1.0))
+    try:
+        assert sync_level(daemon.journal) == 2 and daemon.journal.synchronous == "FULL"
+    finally:
+        daemon.journal.close()
+        daemon.instance_lock.release()
+
+
+def test_synchronous_is_full_or_normal_and_nothing_else(tmp_path):
+    assert sync_level(Journal(tmp_path / "full.sqlite3")) == 2
+    normal = Journal(tmp_path / "normal.sqlite3", synchronous="NORMAL")
+    assert sync_level(normal) == 1 and normal.synchronous == "NORMAL"
+    normal.set_synchronous("FULL")
+    assert sync_level(normal) == 2
+    for bad in ("OFF", "full; DROP TABLE meta", 1):
+        with pytest.raises(ValueError, match="synchronous"):
+            Journal(tmp_path / "bad.sqlite3", synchronous=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="synchronous"):
+            normal.set_synchronous(bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "bad.sqlite3").exists()
+
+
+def test_a_replay_journal_syncs_normal_with_the_same_trades_and_alerts_as_full(demo_tape, tmp_path):
+    from builders import calendar
+
+    from config import Rules
+    from replay import replay_tape
+
+    runs = {}
+    for mode in ("FULL", None):  # None: the replay's default
+        journal = Journal(tmp_path / f"{mode}.sqlite3")  # made as main.py makes it: FULL
+        sent: list[Alert] = []
+        options = {} if mode is None else {"synchronous": mode}
+        replay_tape(
+            demo_tape,
+            rules=Rules(),
+            calendar=calendar(Rules()),
+            journal=journal,
+            on_alerts=sent.extend,
+            on_log=lambda _log: None,
+            **options,  # type: ignore[arg-type]
+        )
+        assert sync_level(journal) == (2 if mode == "FULL" else 1)
+        tables = [journal.table_rows(table) for table in ("positions", "trades", "outbox", "meta")]
+        runs[mode] = (sent, tables)
+        journal.close()
+    assert runs["FULL"] == runs[None]
+    assert [a.kind for a in runs[None][0]].count("SELL") >= 2
+
+
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "j.sqlite3"
     sqlite3.connect(path).execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
