@@ -89,10 +89,15 @@ def write_bars_tape(path: Path, bars: int, seed: int = 7) -> Path:
     return path
 
 
-def replay_seconds(tape: Path, folder: Path, run: int) -> float:
-    """Wall seconds of one `main.py --replay TAPE --speed max` process into a fresh DATA_DIR."""
+def replay_seconds(tape: Path, folder: Path, label: str) -> float:
+    """Wall seconds of one `main.py --replay TAPE --speed max` process into a fresh DATA_DIR.
+
+    Fresh for every run of every tape: the tiny and the full tape share a name, so one folder would
+    make the second a resumed replay, and the first would leave the second its calendar cache
+    (DATA_DIR/calendar), which is start-up the net figure must subtract, not hide.
+    """
     env = {k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY"))}
-    env["DATA_DIR"] = str(folder / f"data-{tape.stem}-{run}")
+    env["DATA_DIR"] = str(folder / f"data-{label}")
     command = [sys.executable, str(ROOT / "main.py"), "--replay", str(tape), "--speed", "max"]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, check=False)
@@ -221,7 +226,8 @@ def main() -> None:
         runs: dict[Path, list[float]] = {full: [], tiny: []}
         for run in range(args.repeat):  # interleaved, so a busy spell hits both alike
             for tape in (tiny, full):
-                runs[tape].append(replay_seconds(tape, folder, run))
+                label = f"{'full' if tape == full else 'tiny'}-{run}"
+                runs[tape].append(replay_seconds(tape, folder, label))
         net = min(runs[full]) - min(runs[tiny])
         replay_rate = (FULL_DAY_BARS - TINY_BARS) / net
         print(f"replay, full day ({FULL_DAY_BARS:,} IWM bars + as many SPY): "
