@@ -58,7 +58,7 @@ def day_features(bars: Sequence[Bar], rules: Rules) -> list[Features]:
         for slope, mean in zip(close_slopes, close_means, strict=True)
     ]
     thresholds, volume_bars, volume_zs = _volume_stats(
-        xs, volumes, rules.volume_window_seconds * 1000, rules.volume_percentile / 100, rules.volume_min_bars
+        x, volumes, rules.volume_window_seconds * 1000, rules.volume_percentile / 100, rules.volume_min_bars
     )
     window_volumes = _window_sums(
         x, np.array(volumes, dtype=np.float64), rules.relative_volume_window_seconds * 1000
@@ -204,59 +204,81 @@ def _trend(
 
 
 def _volume_stats(
-    xs: list[int], volumes: list[float], span_ms: int, quantile: float, min_bars: int
+    x: np.ndarray, volumes: list[float], span_ms: int, quantile: float, min_bars: int
 ) -> tuple[list[float | None], list[int], list[float]]:
     """`_VolumeWindow` over the bars: the percentile threshold, the count and the Z of each bar's
     volume against the previous bars in (x - span, x), by the engine's own steps."""
+    lows = _window_bounds(x, span_ms).tolist()
+    counts = (np.arange(len(lows)) - np.array(lows, dtype=np.int64)).tolist()
+    steps = _percentile_steps(max(counts, default=0), quantile)
     thresholds: list[float | None] = []
-    counts: list[int] = []
     zs: list[float] = []
+    add_threshold, add_z = thresholds.append, zs.append
     ordered: list[float] = []
+    sqrt = math.sqrt
     low = 0
     mean = m2 = 0.0
-    for i, x in enumerate(xs):
-        horizon = x - span_ms
-        while low < i and xs[low] <= horizon:
+    for i, volume in enumerate(volumes):
+        new_low = lows[i]
+        while low < new_low:
             old = volumes[low]
             low += 1
             del ordered[bisect_left(ordered, old)]
-            count = len(ordered)
+            count = i - low  # len(ordered)
             if count == 0:
                 mean = m2 = 0.0
                 continue
             mean_before = mean
             mean += (mean_before - old) / count
             m2 -= (old - mean) * (old - mean_before)
-        volume = volumes[i]
-        count = len(ordered)
-        threshold = None
-        z = 0.0
+        count = i - low
         if count >= min_bars:
-            threshold = _percentile(ordered, quantile)
-            if ordered[0] != ordered[-1]:
-                z = (volume - mean) / math.sqrt(max(m2, 0.0) / count)
-        thresholds.append(threshold)
-        counts.append(count)
-        zs.append(z)
+            add_threshold(_percentile(ordered, steps[count]))
+            # `max(m2, 0.0)`, keeping its answer for -0.0 and NaN.
+            add_z(
+                (volume - mean) / sqrt((0.0 if m2 < 0.0 else m2) / count)
+                if ordered[0] != ordered[-1]
+                else 0.0
+            )
+        else:
+            add_threshold(None)
+            add_z(0.0)
         insort(ordered, volume)
         delta = volume - mean
-        mean += delta / (i - low + 1)
+        mean += delta / (count + 1)
         m2 += delta * (volume - mean)
     return thresholds, counts, zs
 
 
-def _percentile(ordered: list[float], quantile: float) -> float:
+# Where numpy's linear quantile of `count` sorted values falls: (index below, gamma, 1 - gamma),
+# gamma -1.0 when it is the last value itself. A function of the count alone, so made once per count.
+PercentileStep = tuple[int, float, float]
+
+
+def _percentile_steps(most: int, quantile: float) -> list[PercentileStep]:
+    """The step of every count from 0 to `most` (count 0 has none: its entry is never read)."""
+    steps: list[PercentileStep] = [(0, -1.0, 0.0)]
+    for count in range(1, most + 1):
+        last = count - 1
+        virtual = last * quantile
+        if virtual >= last:
+            steps.append((last, -1.0, 0.0))
+        else:
+            below = int(virtual)
+            gamma = virtual - below
+            steps.append((below, gamma, 1 - gamma))
+    return steps
+
+
+def _percentile(ordered: list[float], step: PercentileStep) -> float:
     """`_VolumeWindow.percentile`: numpy's linear quantile by the same float steps."""
-    last = len(ordered) - 1
-    virtual = last * quantile
-    if virtual >= last:
-        return ordered[last]
-    below = int(virtual)
-    gamma = virtual - below
+    below, gamma, rest = step
     low = ordered[below]
+    if gamma < 0.0:
+        return low
     high = ordered[below + 1]
     if gamma >= 0.5:
-        return high - (high - low) * (1 - gamma)
+        return high - (high - low) * rest
     return low + (high - low) * gamma
 
 
