@@ -181,7 +181,8 @@ def replay_tape(
     """Run every line of the tape at `path`; see the module docstring for resuming.
 
     `fast` decodes the whole tape first and plans its features (default: exactly when `speed` is
-    None, i.e. no pacing); False streams line by line. Both make the same decisions. The journal
+    None, i.e. no pacing), holding the decoded day in memory as backtests do (chain pages stay raw
+    JSON text); False streams line by line. Both make the same decisions. The journal
     commits with `synchronous` from here on (NORMAL: a replay's journal can be rebuilt from its
     tape). Raises NotATape when the file holds no valid tape line.
     """
@@ -225,6 +226,8 @@ def replay_tape(
 
 @dataclass(frozen=True, slots=True)
 class _LineCounts:
+    """The valid lines a run went through, those after the journal's cursor, and the last one's number."""
+
     lines: int
     new_lines: int
     last_line: int
