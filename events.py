@@ -7,7 +7,8 @@ Every value here is immutable. Events carry the receive time that becomes the en
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Any, Literal, NamedTuple
 
 
@@ -54,6 +55,14 @@ class OptionQuote:
     quote_ms: int | None
     underlying_price: float | None = None
 
+    def __reduce__(self) -> tuple[type[OptionQuote], tuple[Any, ...]]:
+        # A constructor call loads ~1.5x faster than the dataclass default, and a decoded day's
+        # cache holds ~150k quotes: most of what a sweep spends reading it.
+        return (OptionQuote, _quote_values(self))
+
+
+_quote_values = attrgetter(*(f.name for f in fields(OptionQuote)))
+
 
 @dataclass(frozen=True, slots=True)
 class ChainSnapshot:
@@ -86,6 +95,10 @@ class ContractSnapshot:
     received_ms: int
     quote: OptionQuote
     source: str = "rest"
+
+    def __reduce__(self) -> tuple[type[ContractSnapshot], tuple[int, OptionQuote, str]]:
+        # As OptionQuote's: a day with the options stream caches ~80k of these.
+        return (ContractSnapshot, (self.received_ms, self.quote, self.source))
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -115,11 +117,13 @@ class Hours:
 YearTable = Mapping[datetime.date, Hours]
 
 
-def build_year_tables(first_year: int, last_year: int) -> dict[int, YearTable]:
+@functools.cache
+def build_year_tables(first_year: int, last_year: int) -> Mapping[int, YearTable]:
     """XNYS sessions of the whole calendar years `first_year`..`last_year`, from exchange_calendars.
 
     The only place that imports exchange_calendars (and with it pandas). Every year in the range
-    gets a table, and a date that is not in its year's table has no session.
+    gets a table, and a date that is not in its year's table has no session. Memoised (the tables
+    are read-only): a sweep makes a calendar per cell and day, and building costs ~50 ms each time.
     """
     import exchange_calendars as xcals
 
@@ -129,7 +133,7 @@ def build_year_tables(first_year: int, last_year: int) -> dict[int, YearTable]:
     for label, open_ts, close_ts in zip(schedule.index, schedule["open"], schedule["close"], strict=True):
         day = label.date()
         tables[day.year][day] = Hours(open_ts.value // 1_000_000, close_ts.value // 1_000_000)
-    return dict(tables)
+    return MappingProxyType({year: MappingProxyType(table) for year, table in tables.items()})
 
 
 def cache_key() -> str | None:
