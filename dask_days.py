@@ -50,11 +50,26 @@ def scheduler_address(flag: str | None, environ: dict[str, str] | os._Environ[st
     return flag or environ.get(ADDRESS_VARIABLE) or None
 
 
-def worker_cache_root() -> Path:
-    """This worker machine's cache: beside the workers' scratch folders, so it outlives one cluster."""
-    from distributed import get_worker
+class TapeMissing(Exception):
+    """A task got no bytes for a tape its worker does not hold (a worker that joined late, a cleared cache)."""
 
-    return Path(get_worker().local_directory).parent / CACHE_FOLDER
+
+def worker_cache_root(local_directory: str | None = None) -> Path:
+    """This worker machine's cache: beside the workers' scratch folders, so it outlives one cluster."""
+    if local_directory is None:
+        from distributed import get_worker
+
+        local_directory = get_worker().local_directory
+    return Path(local_directory).parent / CACHE_FOLDER
+
+
+def held_digests(dask_worker: Any) -> list[str]:
+    """The digests of the tapes this worker's machine holds (run on every worker by `Client.run`)."""
+    folder = worker_cache_root(dask_worker.local_directory) / "tapes"
+    try:
+        return sorted(entry.name for entry in folder.iterdir() if any(entry.iterdir()))
+    except OSError:
+        return []
 
 
 def worker_tape(ref: TapeRef, data: bytes | None) -> Path:
@@ -62,6 +77,8 @@ def worker_tape(ref: TapeRef, data: bytes | None) -> Path:
     path = worker_cache_root() / "tapes" / ref.digest / ref.name
     if path.is_file():
         return path
+    if data is None and ref.url is None:
+        raise TapeMissing(ref.digest)
     if data is None:
         import fsspec
 
@@ -104,52 +121,93 @@ def tape_ref(tape: Path | str, data: bytes | None) -> TapeRef:
 
 
 class DaskDays:
-    """A `DayExecutor` on a Dask cluster: tapes scattered once, tasks followed as they complete."""
+    """A `DayExecutor` on a Dask cluster: tapes shipped once, tasks followed as they complete.
+
+    A tape every worker's machine already holds (by content digest, from an earlier run) is not shipped
+    again; a task that lands on a worker without it fails with `TapeMissing` and is sent again with
+    the bytes.
+    """
 
     remote = True
 
     def __init__(self, client: Any, tapes: Sequence[Path | str], cache: bool, cluster: Any = None) -> None:
         self._client, self._cluster, self._cache = client, cluster, cache
-        blobs = [None if is_url(t) else Path(t).read_bytes() for t in tapes]
-        self.refs = [tape_ref(t, blob) for t, blob in zip(tapes, blobs, strict=True)]
-        local = [i for i, blob in enumerate(blobs) if blob is not None]
+        self._tapes = list(tapes)
+        # One tape in memory at a time: a year of tapes is gigabytes.
+        self.refs = [tape_ref(t, None if is_url(t) else Path(t).read_bytes()) for t in self._tapes]
+        self.data: list[Any] = [None] * len(self._tapes)
+        self.shipped = 0
+        held = self._held_everywhere()
+        self._ship(
+            [i for i, t in enumerate(self._tapes) if not is_url(t) and self.refs[i].digest not in held]
+        )
+
+    def _held_everywhere(self) -> set[str]:
+        """Digests every current worker's machine holds."""
+        with translated_errors():
+            answers = self._client.run(held_digests)
+        held = [set(digests) for digests in answers.values()]
+        return set.intersection(*held) if held else set()
+
+    def _ship(self, indices: Sequence[int]) -> None:
+        """Scatter the bytes of the local tapes at `indices` that are not on the cluster yet."""
+        todo = [i for i in indices if self.data[i] is None and not is_url(self._tapes[i])]
+        if not todo:
+            return
+        blobs = [Path(self._tapes[i]).read_bytes() for i in todo]
         with translated_errors():
             # hash=False: the digest is ours; Dask's own hashing of every tape would only add time
-            futures = client.scatter([blobs[i] for i in local], hash=False) if local else []
-        self.data: list[Any] = [None] * len(tapes)
-        for i, future in zip(local, futures, strict=True):
+            futures = self._client.scatter(blobs, hash=False)
+        for i, future in zip(todo, futures, strict=True):
             self.data[i] = future
+        self.shipped += len(todo)
+
+    def _submit_day(self, task: Callable[..., T], i: int, args: tuple[Any, ...]) -> Any:
+        with translated_errors():
+            return self._client.submit(
+                on_tape, task, self.refs[i], self.data[i], self._cache, *args, pure=False
+            )
 
     def each_day(self, task: Callable[..., T], indices: Sequence[int], *args: Any) -> Iterator[tuple[int, T]]:
         """See `executors.DayExecutor.each_day`."""
         from distributed import as_completed
 
+        futures = {self._submit_day(task, i, args): i for i in indices}
         with translated_errors():
-            futures = {
-                self._client.submit(
-                    on_tape, task, self.refs[i], self.data[i], self._cache, *args, pure=False
-                ): i
-                for i in indices
-            }
-            completed = iter(as_completed(futures))
+            completed = as_completed(futures)
         while True:
             with translated_errors():
                 future = next(completed, None)
             if future is None:
                 return
-            yield futures[future], _result(future)
+            i = futures.pop(future)
+            if _tape_was_missing(future):
+                self._ship([i])
+                again = self._submit_day(task, i, args)
+                futures[again] = i
+                completed.add(again)
+                continue
+            yield i, _result(future)
 
     def over_days(
         self, task: Callable[..., T], indices: Sequence[int], jobs: Sequence[tuple[Any, ...]]
     ) -> list[T]:
         """See `executors.DayExecutor.over_days`."""
-        refs = [self.refs[i] for i in indices]
-        data = [self.data[i] for i in indices]
-        with translated_errors():
-            futures = [
-                self._client.submit(on_tapes, task, refs, data, self._cache, *job, pure=False) for job in jobs
-            ]
-        return [_result(future) for future in futures]
+
+        def submit(job: tuple[Any, ...]) -> Any:
+            refs = [self.refs[i] for i in indices]
+            data = [self.data[i] for i in indices]
+            with translated_errors():
+                return self._client.submit(on_tapes, task, refs, data, self._cache, *job, pure=False)
+
+        futures = [submit(job) for job in jobs]
+        results = []
+        for job, future in zip(jobs, futures, strict=True):
+            if _tape_was_missing(future):
+                self._ship(indices)
+                future = submit(job)
+            results.append(_result(future))
+        return results
 
     def close(self) -> None:
         """Release the scattered tapes, disconnect, and stop a cluster started for the run."""
@@ -218,6 +276,13 @@ def translated_errors() -> Iterator[None]:
         raise ExecutorError(f"Dask cluster unreachable or lost: {_one_line(exc)}") from None
     except (KilledWorker, FutureCancelledError) as exc:
         raise ExecutorError(f"Dask worker lost: {_one_line(exc)}") from None
+
+
+def _tape_was_missing(future: Any) -> bool:
+    """Whether a task failed only because its worker had no copy of a tape (waits for the task)."""
+    with translated_errors():
+        exc = future.exception()  # None when the task succeeded
+    return isinstance(exc, TapeMissing)
 
 
 def _result(future: Any) -> Any:

@@ -124,3 +124,17 @@ def test_an_unreachable_scheduler_is_one_clear_line_and_exit_1(tapes, tmp_path):
     assert status == 1
     assert err.startswith("Error: Dask cluster unreachable or lost:") and err.count("\n") == 1, err
     assert "Traceback" not in err
+
+
+def test_tapes_the_workers_hold_are_not_shipped_again_and_a_lost_copy_is_resent(tapes, cluster, tmp_path):
+    cells = sweep_cells(parse_sweep(GRID[1::2]), {}, environ={}, env_file=None)
+    pool = [(r.params, r.trades, r.stats) for r in run_sweep(tapes, cells, workers=2)]
+    with Client(cluster) as client:
+        run_sweep(tapes, cells, executor=DaskDays(client, tapes, cache=False))  # the workers hold them now
+        again = DaskDays(client, tapes, cache=False)
+        assert again.shipped == 0
+        assert [(r.params, r.trades, r.stats) for r in run_sweep(tapes, cells, executor=again)] == pool
+        lost = DaskDays(client, tapes, cache=False)
+        shutil.rmtree(worker_cache(cluster) / "tapes")  # as a worker joining later would lack them
+        assert [(r.params, r.trades, r.stats) for r in run_sweep(tapes, cells, executor=lost)] == pool
+        assert lost.shipped == len(tapes)
