@@ -229,22 +229,29 @@ def connect(address: str, tapes: Sequence[Path | str], cache: bool) -> DaskDays:
     """A `DaskDays` on the scheduler at `address`, or on a fresh `LocalCluster` for `local:N`."""
     quiet_dask_logs()
     with translated_errors():
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
         cluster = None
         if address.startswith(LOCAL_PREFIX):
-            workers = local_workers(address)
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )
+            cluster = local_cluster(local_workers(address))
             client = Client(cluster)
         else:
             client = Client(address)
     return DaskDays(client, tapes, cache, cluster)
+
+
+def local_cluster(workers: int, local_directory: str | None = None) -> Any:
+    """A `LocalCluster` of `workers` single-threaded processes (a day task is pure Python: one core each)."""
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+        local_directory=local_directory,
+    )
 
 
 def local_workers(address: str) -> int:

@@ -11,7 +11,6 @@ Run: python bench/dask_sweep.py [--days 100] [--data data]
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -19,12 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed import Client, LocalCluster  # noqa: E402
+from distributed import Client  # noqa: E402
 
 from backtest import build_synthetic_tapes, synthetic_dates, synthetic_folder  # noqa: E402
 from backtest_run import use_batch_gc  # noqa: E402
 from config import Rules  # noqa: E402
-from dask_days import DaskDays  # noqa: E402
+from dask_days import DaskDays, local_cluster  # noqa: E402
 from executors import PoolDays  # noqa: E402
 from market_calendar import MarketCalendar  # noqa: E402
 from sweep import Cell, parse_sweep, run_sweep, sweep_cells  # noqa: E402
@@ -54,13 +53,7 @@ def pool_sweep(tapes: list[Path], cells: list[Cell], cache: Path) -> float:
 def dask_sweep(tapes: list[Path], cells: list[Cell], workers: int) -> tuple[float, float]:
     """Start-up and seconds of a warm sweep on a fresh local cluster of `workers` processes."""
     started = time.perf_counter()
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        silence_logs=logging.ERROR,
-    )
+    cluster = local_cluster(workers)
     client = Client(cluster)
     startup = time.perf_counter() - started
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import io
-import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from distributed import Client, LocalCluster
 
 from backtest import Io, main
 from backtest_report import write_sweep
-from dask_days import CACHE_FOLDER, DaskDays
+from dask_days import CACHE_FOLDER, DaskDays, local_cluster
 from market_calendar import ny_ms
 from sim.market import SyntheticMarket, write_tape
 from sweep import parse_sweep, run_sweep, sweep_cells
@@ -44,14 +43,7 @@ def tapes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Two single-threaded worker processes whose scratch (and so the tape cache) is a fresh folder."""
     scratch = tmp_path_factory.mktemp("scratch")
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        silence_logs=logging.ERROR,
-        local_directory=str(scratch),
-    ) as local:
+    with local_cluster(2, local_directory=str(scratch)) as local:
         yield local
 
 
