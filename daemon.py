@@ -150,6 +150,9 @@ class Daemon:
         self.tape: TapeWriter | None = None
         self.tape_day: date | None = None
         self.stream: PolygonStream | None = None
+        # The session thread connects and the main thread disconnects at shutdown: one lock, and no
+        # connection once stop is set, so no stream outlives the daemon.
+        self._stream_lock = threading.RLock()
         self.options = OptionsFeed(settings, clock, self.queue.put, self._options_notice)
         self.queue_depth_max = 0
         self.health_server: HealthServer | None = None
@@ -565,15 +568,19 @@ class Daemon:
 
     def _keep_stream_alive(self) -> None:
         """A stream whose thread ended (it should not) is replaced, so the session never runs blind."""
-        stream = self.stream
-        if stream is not None and not stream.alive and not self.stop.is_set():
-            log.error("stream_thread_gone", action="starting a new stream")
-            self.stream = None
-            self._connect()
+        with self._stream_lock:
+            stream = self.stream
+            if stream is not None and not stream.alive and not self.stop.is_set():
+                log.error("stream_thread_gone", action="starting a new stream")
+                self.stream = None
+                self._connect()
 
     def _connect(self) -> None:
-        if self.stream is not None:
-            return
+        with self._stream_lock:
+            if self.stream is None and not self.stop.is_set():
+                self._start_streams()
+
+    def _start_streams(self) -> None:
         symbols = (self.rules.underlying, self.rules.benchmark)
         self.stream = PolygonStream(
             self.settings.polygon_ws_url,
@@ -597,8 +604,9 @@ class Daemon:
         return self.settings.stream_silence_seconds * self.clock.sleep_scale()
 
     def _disconnect(self) -> None:
-        self.options.stop()
-        stream, self.stream = self.stream, None
+        with self._stream_lock:
+            self.options.stop()
+            stream, self.stream = self.stream, None
         if stream is not None:
             stream.stop()
             log.info("stream_stopped")
@@ -737,6 +745,7 @@ class Daemon:
     def _shutdown(self, health_server: HealthServer | None) -> None:
         """Stop in order; each step is guarded so a failing one (a full disk) never skips the rest."""
         log.info("shutting_down")
+        self.stop.set()  # a failed start ends here too: no thread may go on (or reconnect) after this
         steps: list[tuple[str, Callable[[], object]]] = [
             ("stream", self._disconnect),
             ("notifier", lambda: self.notifier.flush(deadline_s=5.0)),

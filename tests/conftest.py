@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +19,26 @@ from market_calendar import ny_ms  # noqa: E402
 from sim.market import DayScript, Episode, SyntheticMarket, write_tape  # noqa: E402
 
 T = datetime.time
+STREAM_THREAD = "polygon-stream"
+LEAK_GRACE_S = 10.0
+
+
+def _stream_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == STREAM_THREAD and t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def no_stream_outlives_its_test() -> object:
+    """A stream left dialling after its test ends is a daemon that failed to stop it (and its log lines
+    would leak into later tests' captured logs): fail the test that started it."""
+    before = _stream_threads()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE_S
+    leaked = _stream_threads() - before
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.05)
+        leaked = _stream_threads() - before
+    assert not leaked, f"{len(leaked)} stream thread(s) still running after the test"
 
 
 @pytest.fixture(scope="session")
