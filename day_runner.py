@@ -2,7 +2,7 @@
 
 Backtests (single runs and sweep cells alike) run here. A `MarketState` absorbs every event of the
 day once, and any number of engines share it. Each engine is a full `Engine` behind its own
-`Pipeline` and journal, but is handed only the events `Engine.wants`: while it holds a position,
+`Pipeline` and journal, but is handed only the events that can change its trades: while it holds a position,
 every event; while flat, only bars whose entry conditions hold. The events it skips could only
 feed the market (already done, once) or produce log lines and market-wide alerts (stall, feed
 errors), never a trade; tests check the trades and BUY/SELL alerts against the full replay path.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config import Rules
-from engine import Engine, SessionSource
+from engine import Engine, SessionSource, entry_conditions_hold
 from events import Alert, Event, Log, Tick
 from features_vector import PlannedFeatures
 from feed import FeedDecoder
@@ -28,9 +28,16 @@ from market_calendar import MarketCalendar
 from market_state import MarketState, market_key, market_rules
 from pipeline import Pipeline, TickSchedule
 from pnl_tracker import Journal, TradeRow
-from replay import events_of
 from signals import Features, RecordedFeatures, RecordingFeatures
-from tape_cache import DecodedTape, decoder_key, features_path, load_decoded, read_features, write_features
+from tape_cache import (
+    DecodedTape,
+    decoder_key,
+    features_path,
+    load_decoded,
+    read_features,
+    unpack_quotes,
+    write_features,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,29 +123,61 @@ def feed_day(
         state = pipeline.journal.restored_state(decoded.session_date)
         pipeline.engine.restore(state, decoded.session_date)
     ticks = TickSchedule()
+    holding = _any_holding(pipelines)
     for t, kind, body in decoded.lines:
+        if kind == "quotes":
+            if not holding and after_line is None:
+                # Flat engines take no quote and no tick (see `_dispatch`): the market takes the time.
+                ticks.due(t)
+                market.note_time(t)
+                continue
+            body = unpack_quotes(body)
+        ran = False
         for second in ticks.due(t):
-            _dispatch(Tick(second * 1000), market, pipelines)
+            ran |= _dispatch(Tick(second * 1000), market, pipelines)
         if kind == "control":
+            ran = True
             for pipeline in pipelines:
                 pipeline.control(t, body)
         else:
             for event in body:  # type: ignore[attr-defined]
-                _dispatch(event, market, pipelines)
+                ran |= _dispatch(event, market, pipelines)
         if after_line is not None:
             after_line()
+        if ran:
+            holding = _any_holding(pipelines)
+
+
+def _any_holding(pipelines: Sequence[Pipeline]) -> bool:
+    return any(pipeline.engine.position is not None for pipeline in pipelines)
 
 
 def day_events(decoded: DecodedTape) -> Iterator[Event]:
-    """Every event of a decoded day in order (control lines carry none)."""
-    return events_of(decoded.lines)
+    """What the features planner needs of a decoded day, in order: every event but the quotes, whose
+    lines stand as a Tick of their time (quotes feed no feature; their time can roll the day)."""
+    for t, kind, body in decoded.lines:
+        if kind == "events":
+            yield from body  # type: ignore[misc]
+        elif kind == "quotes":
+            yield Tick(t)
 
 
-def _dispatch(event: Event, market: MarketState, pipelines: Sequence[Pipeline]) -> None:
+def _dispatch(event: Event, market: MarketState, pipelines: Sequence[Pipeline]) -> bool:
+    """The market absorbs `event`; an engine gets it only if it can change that engine's trades:
+    a bar whose entry conditions hold (every engine), or anything while the engine holds a position.
+    Decided once per event, not per engine: a sweep day is ~150k events times every cell.
+    Returns whether any engine took the event (only then can a position have opened or closed)."""
     fresh = market.apply(event)
-    for pipeline in pipelines:
-        if pipeline.engine.wants(fresh):
+    if fresh is not None and entry_conditions_hold(fresh):
+        for pipeline in pipelines:
             pipeline.run(event)
+        return bool(pipelines)
+    ran = False
+    for pipeline in pipelines:
+        if pipeline.engine.position is not None:
+            pipeline.run(event)
+            ran = True
+    return ran
 
 
 def run_cells_on_day(

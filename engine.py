@@ -113,6 +113,11 @@ class MarkCounters:
         setattr(self, source, getattr(self, source) + 1)
 
 
+def entry_conditions_hold(f: Features) -> bool:
+    """The four entry conditions of a bar's features (the filters and blocks come after)."""
+    return f.above_vwap and f.vwap_rising and f.volume_surge and f.momentum_ok
+
+
 class Engine:
     """One state machine for the whole trading day; see module docstring.
 
@@ -207,12 +212,6 @@ class Engine:
         self.trades_today = state.trades_today
         self._mark_quote_ms = None  # the journal keeps no quote time: the next valid quote sets the mark
 
-    def wants(self, fresh: Features | None) -> bool:
-        """Whether the event the shared market just applied (`fresh`: its new bar's features) can
-        change this engine's trades: only while a position is open, or on a bar whose entry
-        conditions hold. Every other event only feeds the market, logs or market-wide alerts."""
-        return self.position is not None or (fresh is not None and self._conditions_hold(fresh))
-
     def on_event(self, event: Event) -> list[Action]:
         """Handle one event and return the decisions it caused, in order."""
         market = self.market
@@ -275,7 +274,7 @@ class Engine:
         if self.position is not None:
             self._follow_vwap(features, actions)
             self._check_exit(self._now, actions)
-        if self.position is None and self._conditions_hold(features):
+        if self.position is None and entry_conditions_hold(features):
             self._try_entry(bar, features, actions)
         self._log_minute(bar, features, actions)
 
@@ -289,10 +288,6 @@ class Engine:
         moved = track_vwap(self.position, close=features.close, vwap=features.rolling_vwap, now_ms=self._now)
         if moved is not self.position:
             self._set_position(moved, actions)
-
-    @staticmethod
-    def _conditions_hold(f: Features) -> bool:
-        return f.above_vwap and f.vwap_rising and f.volume_surge and f.momentum_ok
 
     def _try_entry(self, bar: Bar, features: Features, actions: list[Action]) -> None:
         block = self._entry_block(bar)

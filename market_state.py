@@ -118,6 +118,12 @@ class MarketState:
         self.fresh = fresh
         return fresh
 
+    def note_time(self, t_ms: int) -> None:
+        """An event that changes nothing in the market but its clock (an option quote), absorbed
+        without `apply`: the day rolls at the next applied event, as it would have here."""
+        if t_ms > self.now_ms:
+            self.now_ms = t_ms
+
     def _roll_day(self) -> None:
         first = self._day_end_ms == 0
         self._day_end_ms = day_end_ms(self.now_ms)

@@ -22,12 +22,14 @@ import hashlib
 import os
 import pickle
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from config import Rules
+from events import ContractSnapshot, Event
 from feed import FeedDecoder
 from market_calendar import ny_date
 from market_state import market_key
@@ -46,13 +48,35 @@ FEATURES_SUFFIX = ".features"
 class DecodedTape:
     """Every line of a tape (the meta line aside) as the engine thread would decode it.
 
-    A line is (receive stamp, "events", tuple of events) or (receive stamp, "control", payload).
+    A line is (receive stamp, "events", tuple of events), (receive stamp, "control", payload) or
+    (receive stamp, "quotes", packed events): a line of option quotes only, each stamped with the
+    line's time (the options stream's frames, about half of a day's lines). Engines without a
+    position skip those, so they stay packed (`unpack_quotes`) until one needs them: loading and
+    freeing a day's objects was the largest part of a warm sweep day.
     """
 
     session_date: str
     reconstructed: bool
     bad_lines: int
     lines: tuple[DecodedLine, ...]
+
+
+def only_quotes(t: int, events: Sequence[Event]) -> bool:
+    """Whether decoded events are option quotes only, each stamped with the line's time `t`."""
+    return bool(events) and all(type(e) is ContractSnapshot and e.received_ms == t for e in events)
+
+
+def pack_quotes(line: DecodedLine) -> DecodedLine:
+    """An events line of quotes only as a "quotes" line; any other line as it is."""
+    t, kind, body = line
+    if kind == "events" and only_quotes(t, body):  # type: ignore[arg-type]
+        return (t, "quotes", pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
+    return line
+
+
+def unpack_quotes(packed: object) -> tuple[Event, ...]:
+    """The events of a "quotes" line (written by `pack_quotes` in this program's own cache)."""
+    return pickle.loads(packed)  # type: ignore[arg-type]
 
 
 def decode_tape(tape: Path, rules: Rules) -> DecodedTape:
@@ -66,7 +90,8 @@ def decode_tape(tape: Path, rules: Rules) -> DecodedTape:
             lines.append(line)
     session_date = ny_date(first_t).isoformat() if first_t is not None else ""
     reconstructed = bool((reader.meta or {}).get("reconstructed"))
-    return DecodedTape(session_date, reconstructed, reader.bad_lines, tuple(lines))
+    packed = tuple(pack_quotes(line) for line in lines)
+    return DecodedTape(session_date, reconstructed, reader.bad_lines, packed)
 
 
 def load_decoded(tape: Path, rules: Rules, cache_dir: Path | None) -> DecodedTape:

@@ -77,3 +77,15 @@ def short_tapes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         path = folder / f"{day.isoformat()}.jsonl.gz"
         tapes.append(write_tape(market, path, end_ms=ny_ms(day, T(10, 25))))
     return tapes
+
+
+@pytest.fixture(scope="session")
+def short_stream_tapes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The short days of `short_tapes` with the options stream recorded (`Q` lines for 4 contracts)."""
+    folder = tmp_path_factory.mktemp("short-stream")
+    tapes = []
+    for day, seed in ((datetime.date(2025, 10, 6), 11), (datetime.date(2025, 10, 7), 12)):
+        market = SyntheticMarket(short_script(day, seed))
+        path = folder / f"{day.isoformat()}.jsonl.gz"
+        tapes.append(write_tape(market, path, end_ms=ny_ms(day, T(10, 25)), stream_quotes=4))
+    return tapes

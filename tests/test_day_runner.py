@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from pathlib import Path
 
 from builders import calendar
@@ -13,6 +14,7 @@ from day_runner import CellDay, day_is_independent, run_cells_on_day
 from events import Alert
 from pnl_tracker import Journal
 from replay import replay_tape
+from tape_cache import load_decoded
 
 RULES = Rules()
 
@@ -41,6 +43,29 @@ def test_a_backtest_makes_the_trades_and_alerts_of_a_full_replay(short_tapes):
         assert [a for day in result.days for a in day.alerts] == alerts
         sells = [a for a in alerts if a.kind == "SELL"]
         assert len(sells) >= 4 and all("LIFETIME: " in a.message for a in sells)
+
+
+def test_packed_quote_lines_give_every_cell_the_trades_of_a_full_replay(short_stream_tapes, tmp_path):
+    # Flat engines skip the options stream's lines (kept packed in the cache); a holding engine
+    # unpacks them. Both, with and without the cache, against every event to one full engine.
+    decoded = load_decoded(short_stream_tapes[0], RULES, tmp_path)
+    kinds = Counter(kind for _t, kind, _body in decoded.lines)
+    assert kinds["quotes"] > 1000 and kinds["events"] > 1000
+    variants = [
+        dataclasses.replace(RULES, stop_loss_percent=stop, max_giveback_percent=giveback)
+        for stop in (5.0, 15.0)
+        for giveback in (20.0, 35.0)
+    ]
+    for tape in short_stream_tapes:
+        expected = [replayed([tape], rules)[0] for rules in variants]
+        assert sum(len(trades) for trades in expected) >= 8
+        for cache_dir in (None, tmp_path):
+            day = run_cells_on_day(tape, variants, cache_dir=cache_dir)
+            assert [cell.trades for cell in day.cells] == expected
+    quote_times = [t for t, kind, _body in decoded.lines if kind == "quotes"]
+    held = [(trade.entry_ms, trade.exit_ms) for trade in replayed(short_stream_tapes[:1], RULES)[0]]
+    inside = [t for t in quote_times if any(entry < t < exit for entry, exit in held)]
+    assert len(inside) > 100, "holding engines unpack quote lines, not only flat ones skip them"
 
 
 def test_cells_with_different_signal_rules_get_their_own_market(short_tapes):
