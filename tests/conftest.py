@@ -67,25 +67,23 @@ def short_script(day: datetime.date, seed: int) -> DayScript:
     )
 
 
-@pytest.fixture(scope="session")
-def short_tapes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two short synthetic days (09:28 to 10:25), built once per test session."""
-    folder = tmp_path_factory.mktemp("short")
+def short_days(folder: Path, stream_quotes: int = 0) -> list[Path]:
+    """Two short synthetic days (09:28 to 10:25) as tapes in `folder`."""
     tapes = []
     for day, seed in ((datetime.date(2025, 10, 6), 11), (datetime.date(2025, 10, 7), 12)):
         market = SyntheticMarket(short_script(day, seed))
         path = folder / f"{day.isoformat()}.jsonl.gz"
-        tapes.append(write_tape(market, path, end_ms=ny_ms(day, T(10, 25))))
+        tapes.append(write_tape(market, path, end_ms=ny_ms(day, T(10, 25)), stream_quotes=stream_quotes))
     return tapes
+
+
+@pytest.fixture(scope="session")
+def short_tapes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two short synthetic days (09:28 to 10:25), built once per test session."""
+    return short_days(tmp_path_factory.mktemp("short"))
 
 
 @pytest.fixture(scope="session")
 def short_stream_tapes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The short days of `short_tapes` with the options stream recorded (`Q` lines for 4 contracts)."""
-    folder = tmp_path_factory.mktemp("short-stream")
-    tapes = []
-    for day, seed in ((datetime.date(2025, 10, 6), 11), (datetime.date(2025, 10, 7), 12)):
-        market = SyntheticMarket(short_script(day, seed))
-        path = folder / f"{day.isoformat()}.jsonl.gz"
-        tapes.append(write_tape(market, path, end_ms=ny_ms(day, T(10, 25)), stream_quotes=4))
-    return tapes
+    return short_days(tmp_path_factory.mktemp("short-stream"), stream_quotes=4)
