@@ -573,7 +573,7 @@ class Daemon:
             if stream is not None and not stream.alive and not self.stop.is_set():
                 log.error("stream_thread_gone", action="starting a new stream")
                 self.stream = None
-                self._connect()
+                self._start_streams()
 
     def _connect(self) -> None:
         with self._stream_lock:
