@@ -21,7 +21,7 @@ from pathlib import Path
 
 from config import Rules
 from engine import Engine, SessionSource, entry_conditions_hold
-from events import Alert, Event, Log, Tick
+from events import Alert, ContractSnapshot, Event, Log, Tick
 from features_vector import PlannedFeatures
 from feed import FeedDecoder
 from market_calendar import MarketCalendar
@@ -139,6 +139,8 @@ def feed_day(
             ran = True
             for pipeline in pipelines:
                 pipeline.control(t, body)
+        elif kind == "quotes":
+            ran |= _dispatch_quotes(body, market, pipelines)  # type: ignore[arg-type]
         else:
             for event in body:  # type: ignore[attr-defined]
                 ran |= _dispatch(event, market, pipelines)
@@ -177,6 +179,30 @@ def _dispatch(event: Event, market: MarketState, pipelines: Sequence[Pipeline]) 
         if pipeline.engine.position is not None:
             pipeline.run(event)
             ran = True
+    return ran
+
+
+def _dispatch_quotes(
+    quotes: Sequence[ContractSnapshot], market: MarketState, pipelines: Sequence[Pipeline]
+) -> bool:
+    """A line of option quotes (all stamped with the line's time): each holding engine gets the first,
+    which moves its clock, then only its own contract's. Exactly what every quote would do: at an
+    unchanged time, another contract's quote changes no mark, and the peak save, the exit check and
+    the summary it would run again have just run after the previous event."""
+    market.apply(quotes[0])  # the market takes only the time of a quote: the rest change nothing
+    ran = False
+    for pipeline in pipelines:
+        engine = pipeline.engine
+        if engine.position is None:
+            continue
+        ran = True
+        pipeline.run(quotes[0])
+        for event in quotes[1:]:
+            position = engine.position
+            if position is None:
+                break
+            if event.quote.ticker == position.ticker:
+                pipeline.run(event)
     return ran
 
 

@@ -59,6 +59,7 @@ from risk_manager import (
     Lifetime,
     Position,
     check_exit,
+    exit_quiet_until,
     pnl_of,
     protection_block,
     track_vwap,
@@ -165,6 +166,9 @@ class Engine:
         # outcome is the same either way (priced_chain's docstring): only when the work is done differs.
         self.price_chains_on_arrival = False
         self._priced: tuple[ChainSnapshot, PricedChain] | None = None
+        # (quiet until, position, features, session) of the last exit check that found no exit: a
+        # holding engine checks its exits at every event, and most change none of check_exit's inputs.
+        self._exit_quiet: tuple[int, Position, Features | None, Session] | None = None
 
     @property
     def last(self) -> Features | None:
@@ -502,17 +506,30 @@ class Engine:
             # Left open by a previous day (the daemon was down at its time stop): close it at once.
             self._close(position, "Time stop", now, actions)
             return
-        if self._session is None:
+        session, last = self._session, self.last
+        if session is None:
             return
+        quiet = self._exit_quiet
+        if (
+            quiet is not None
+            and now < quiet[0]
+            and quiet[1] is position
+            and quiet[2] is last
+            and quiet[3] is session
+        ):
+            return  # nothing check_exit reads has changed, and no time-based exit is due yet
         decision = check_exit(
             position,
             now_ms=now,
-            time_stop_ms=self._session.time_stop_ms,
-            last_close=self.last.close if self.last else None,
-            last_vwap=self.last.rolling_vwap if self.last else None,
+            time_stop_ms=session.time_stop_ms,
+            last_close=last.close if last else None,
+            last_vwap=last.rolling_vwap if last else None,
             rules=self.rules,
         )
-        if decision is not None:
+        if decision is None:
+            until = exit_quiet_until(position, time_stop_ms=session.time_stop_ms, rules=self.rules)
+            self._exit_quiet = (until, position, last, session)
+        else:
             actions.append(
                 Log("exit", {"trade_id": position.trade_id, "rule": decision.reason, "why": decision.detail})
             )

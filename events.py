@@ -32,6 +32,11 @@ class Bar(NamedTuple):
     day_volume: float | None
     received_ms: int
 
+    def __reduce__(self) -> tuple[object, tuple[type[Bar], tuple[object, ...]]]:
+        # Built by tuple.__new__ in C when a decoded day's cache (~47k bars) loads: a fifth faster
+        # than the NamedTuple default, which calls Bar.__new__, a Python function.
+        return (tuple.__new__, (Bar, tuple(self)))
+
 
 @dataclass(frozen=True, slots=True)
 class OptionQuote:

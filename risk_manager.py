@@ -61,7 +61,12 @@ class Block:
 
 
 def with_mark(position: Position, mid: float, bid: float) -> Position:
-    """The position after a new valid quote: mark, bid and (if higher) peak move."""
+    """The position after a new valid quote: mark, bid and (if higher) peak move.
+
+    A quote that moves nothing returns `position` itself, so callers can tell "unchanged" by identity.
+    """
+    if mid == position.mark and bid == position.bid and mid <= position.peak:
+        return position
     return replace(position, mark=mid, bid=bid, peak=max(position.peak, mid))
 
 
@@ -97,11 +102,27 @@ def check_exit(
     below_vwap = last_close is not None and last_vwap is not None and last_close < last_vwap
     if below_vwap and giveback >= rules.tighten_giveback_percent / 100 - PRICE_EPSILON:
         return ExitDecision("VWAP giveback", f"below VWAP and gave back {giveback:.1%}")
-    persistence_ms = rules.vwap_exit_blocks * rules.vwap_block_seconds * 1000
+    persistence_ms = vwap_persistence_ms(rules)
     since = position.below_vwap_since_ms
     if since is not None and now_ms - since >= persistence_ms:
         return ExitDecision("VWAP persistence", f"below VWAP for {(now_ms - since) / 1000:.0f}s")
     return None
+
+
+def exit_quiet_until(position: Position, *, time_stop_ms: int, rules: Rules) -> int:
+    """The first time a time-based exit rule can hold for this position, all else unchanged.
+
+    `check_exit` depends on the time only through the time stop and the VWAP persistence clock, both
+    reached by time passing; so after it finds no exit, the same inputs give no exit before this time.
+    """
+    if position.below_vwap_since_ms is None:
+        return time_stop_ms
+    return min(time_stop_ms, position.below_vwap_since_ms + vwap_persistence_ms(rules))
+
+
+def vwap_persistence_ms(rules: Rules) -> int:
+    """How long closes must stay below VWAP for the persistence exit."""
+    return rules.vwap_exit_blocks * rules.vwap_block_seconds * 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -347,14 +347,18 @@ class FeatureEngine:
 class RateOfChange:
     """Percent change of one symbol's close over a trailing window, for SPY leadership.
 
-    Bars older than needed are pruned as new ones arrive: queries are answered exactly for any
-    `as_of_ms` no earlier than the newest bar's start minus the window.
+    Queries are answered exactly for any `as_of_ms` no earlier than the newest bar's start minus the
+    window; earlier ones see only the bars such a window can need (the latest bar at or before the
+    newest start minus two windows, and every later one), as if older bars had been dropped at once.
+    They are dropped in batches: a bar costs two appends, not a prune (two bars a second all day).
     """
 
     def __init__(self, window_seconds: int) -> None:
         self._window_ms = window_seconds * 1000
-        self._starts: deque[int] = deque()
-        self._closes: deque[float] = deque()
+        self._starts: list[int] = []
+        self._closes: list[float] = []
+        # Bars before the latest one at or before this time are dropped (in batches, see `update`).
+        self._keep_from = -math.inf
 
     def update(self, start_ms: int, close: float) -> None:
         """Record a bar's close; starts must strictly increase."""
@@ -363,12 +367,14 @@ class RateOfChange:
             raise ValueError(f"bar start {start_ms} is not after the previous bar's")
         starts.append(start_ms)
         self._closes.append(close)
-        # Keep the latest bar at or before (start - 2 x window) so that a query one window
-        # behind the newest bar still finds its base.
-        keep_from = start_ms - 2 * self._window_ms
-        while len(starts) > 1 and starts[1] <= keep_from:
-            starts.popleft()
-            self._closes.popleft()
+        self._keep_from = keep_from = start_ms - 2 * self._window_ms
+        if starts[0] <= keep_from - 2 * self._window_ms:  # two windows of dropped bars: drop them
+            first = self._first_kept()
+            del starts[:first], self._closes[:first]
+
+    def _first_kept(self) -> int:
+        """Index of the latest bar at or before `_keep_from` (0 when there is none)."""
+        return max(bisect_right(self._starts, self._keep_from) - 1, 0)
 
     def percent(self, as_of_ms: int) -> float | None:
         """100 x (close now - close one window earlier) / close one window earlier, or None.
@@ -376,15 +382,16 @@ class RateOfChange:
         "Now" is the latest bar with start <= as_of_ms and "earlier" the latest bar with
         start <= as_of_ms - window; None if either is missing.
         """
-        now = self._close_at(as_of_ms)
-        then = self._close_at(as_of_ms - self._window_ms)
+        first = self._first_kept()
+        now = self._close_at(as_of_ms, first)
+        then = self._close_at(as_of_ms - self._window_ms, first)
         if now is None or then is None:
             return None
         return (now - then) / then * 100.0
 
-    def _close_at(self, ms: int) -> float | None:
+    def _close_at(self, ms: int, first: int) -> float | None:
         index = bisect_right(self._starts, ms) - 1
-        return None if index < 0 else self._closes[index]
+        return None if index < first else self._closes[index]
 
 
 class FeatureSource(Protocol):

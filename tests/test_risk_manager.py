@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from datetime import time
 
@@ -13,6 +14,7 @@ from risk_manager import (
     Lifetime,
     Position,
     check_exit,
+    exit_quiet_until,
     pnl_of,
     protection_block,
     track_vwap,
@@ -105,6 +107,37 @@ def test_mark_moves_peak_only_upwards():
     assert (pos.mark, pos.peak, pos.bid) == (1.30, 1.30, 1.29)
     pos = with_mark(pos, 1.10, 1.09)
     assert (pos.mark, pos.peak, pos.bid) == (1.10, 1.30, 1.09)
+
+
+def test_a_quote_that_moves_nothing_leaves_the_very_same_position():
+    pos = position(peak=1.20, mark=1.10, bid=1.08)
+    assert with_mark(pos, 1.10, 1.08) is pos
+    assert with_mark(pos, 1.10, 1.07) is not pos and with_mark(pos, 1.10, 1.07).bid == 1.07
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_exit_before_the_quiet_time_and_a_time_based_one_at_it(seed: int) -> None:
+    # The engine skips check_exit while nothing it reads has changed and the time is before
+    # exit_quiet_until: that must never skip an exit, nor wait past one.
+    rng = random.Random(seed)
+    for _ in range(300):
+        since = rng.choice((None, NOW - rng.randint(0, 400_000)))
+        pos = position(peak=1.2, mark=round(rng.uniform(0.9, 1.2), 2), below_vwap_since_ms=since)
+        close, vwap = rng.choice(((240.0, 239.0), (238.0, 239.0), (None, None)))
+        stop = NOW + rng.randint(0, 600_000)
+
+        def decided(now: int, pos: Position = pos, close=close, vwap=vwap, stop=stop) -> str | None:
+            found = check_exit(
+                pos, now_ms=now, time_stop_ms=stop, last_close=close, last_vwap=vwap, rules=RULES
+            )
+            return None if found is None else found.reason
+
+        if decided(NOW) is not None:
+            continue
+        quiet = exit_quiet_until(pos, time_stop_ms=stop, rules=RULES)
+        assert quiet > NOW
+        assert all(decided(now) is None for now in (NOW + 1, (NOW + quiet) // 2, quiet - 1))
+        assert decided(quiet) in ("Time stop", "VWAP persistence")
 
 
 def test_pnl_rounds_to_cents_and_percent_of_entry():

@@ -372,3 +372,42 @@ def test_rate_of_change_requires_increasing_starts() -> None:
     roc.update(BASE_MS, 100.0)
     with pytest.raises(ValueError):
         roc.update(BASE_MS, 100.0)
+
+
+class PrunedAtOnce:
+    """The rate of change with every unneeded bar dropped at each update: the semantics to keep."""
+
+    def __init__(self, window_seconds: int) -> None:
+        self.window_ms = window_seconds * 1000
+        self.bars: list[tuple[int, float]] = []
+
+    def update(self, start_ms: int, close: float) -> None:
+        self.bars.append((start_ms, close))
+        keep_from = start_ms - 2 * self.window_ms
+        while len(self.bars) > 1 and self.bars[1][0] <= keep_from:
+            del self.bars[0]
+
+    def percent(self, as_of_ms: int) -> float | None:
+        now, then = self.close_at(as_of_ms), self.close_at(as_of_ms - self.window_ms)
+        return None if now is None or then is None else (now - then) / then * 100.0
+
+    def close_at(self, ms: int) -> float | None:
+        seen = [close for start, close in self.bars if start <= ms]
+        return seen[-1] if seen else None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rate_of_change_dropping_in_batches_answers_as_dropping_at_once(seed: int) -> None:
+    rng = random.Random(seed)
+    window = rng.choice((1, 5, 30, 60))
+    batched, model = RateOfChange(window), PrunedAtOnce(window)
+    start = BASE_MS
+    for _ in range(3000):
+        start += rng.choice((1000, 1000, 1000, 2000, 7000, rng.randint(1, 400) * 1000))
+        close = round(100 + rng.gauss(0, 1), 2)
+        batched.update(start, close)
+        model.update(start, close)
+        for back in (0, 1, 999, window * 1000, window * 2000 + 1, window * 4000, 10 * window * 1000):
+            assert batched.percent(start - back) == model.percent(start - back)
+    # Batches keep memory bounded: at most about four windows of bars (one bar a second at most here).
+    assert len(batched._starts) <= 4 * window + 2
