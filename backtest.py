@@ -46,7 +46,7 @@ from backtest_report import (
     write_sweep,
 )
 from backtest_run import BacktestResult, DayResult, run_backtest, run_day, run_single, use_batch_gc
-from config import ConfigError, Settings
+from config import ConfigError, Settings, data_dir_problem
 from dask_days import is_url, scheduler_address
 from executors import DayExecutor, ExecutorError, PoolDays, decode_in_pool
 from history import fetch_history
@@ -311,6 +311,10 @@ def main(argv: Sequence[str] | None = None, io: Io | None = None) -> int:
         return EXIT_USAGE
     if args.synthetic is not None and holdout_problem(args.holdout, args.synthetic, io.err):
         return EXIT_USAGE
+    problem = data_dir_problem(Path(settings.data_dir)) if uses_data_dir(args) else None
+    if problem is not None:
+        _print_problems("Settings problems (nothing run):", [problem], io.err)
+        return EXIT_USAGE
     tapes = collect_tapes(args, settings, io)
     if tapes is None:
         return EXIT_USAGE
@@ -367,6 +371,11 @@ def holdout_split(holdout: Holdout | None, tapes: Sequence[Tape]) -> Split | Non
         return None
     dates = [str(tape_date(tape)) for tape in tapes]
     return split_dates(dates, holdout.days(len(tapes)))
+
+
+def uses_data_dir(args: argparse.Namespace) -> bool:
+    """Whether the run writes under DATA_DIR: synthetic days, fetched history or the decoded cache."""
+    return args.synthetic is not None or args.fetch is not None or not args.no_cache
 
 
 def decoded_dir(settings: Settings, args: argparse.Namespace) -> Path | None:

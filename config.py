@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from datetime import date, time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 SECRET_NAMES = frozenset(
     {"POLYGON_API_KEY", "PUSHOVER_TOKEN", "PUSHOVER_USER_KEY", "HEARTBEAT_URL", "ALERT_FALLBACK_URLS"}
@@ -208,7 +209,12 @@ def parse_urls(raw: str) -> tuple[str, ...]:
 
 
 def parse_dates(raw: str) -> tuple[date, ...]:
-    return tuple(date.fromisoformat(p.strip()) for p in raw.split(",") if p.strip())
+    try:
+        return tuple(date.fromisoformat(p.strip()) for p in raw.split(",") if p.strip())
+    except ValueError:
+        raise ValueError(
+            "expected dates as YYYY-MM-DD, comma-separated (e.g. 2025-11-27,2025-12-25)"
+        ) from None
 
 
 def _parse_number(raw: str, kind: type, lo: float | None, hi: float | None) -> float | int:
@@ -219,8 +225,19 @@ def _parse_number(raw: str, kind: type, lo: float | None, hi: float | None) -> f
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("expected a finite number")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"expected a number between {lo} and {hi}")
+        raise ValueError(f"expected {_range_text(lo, hi)}")
     return value
+
+
+def _range_text(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f"a number between {lo:g} and {hi:g}"
+    return f"a number at least {lo:g}" if lo is not None else f"a number at most {hi:g}"
+
+
+def _optional_int(raw: str) -> int | None:
+    """A whole number, or None for an empty value."""
+    return _parse_number(raw.strip(), int, None, None) if raw.strip() else None  # type: ignore[return-value]
 
 
 def _parse_value(annotation: str, raw: str, meta: Mapping[str, Any]) -> Any:
@@ -232,7 +249,7 @@ def _parse_value(annotation: str, raw: str, meta: Mapping[str, Any]) -> Any:
         "tuple[tuple[time, time], ...]": parse_blackouts,
         "tuple[date, ...]": parse_dates,
         "tuple[str, ...]": parse_urls,
-        "int | None": lambda r: int(r) if r.strip() else None,
+        "int | None": _optional_int,
     }
     if annotation in ("int", "float"):
         kind = int if annotation == "int" else float
@@ -334,10 +351,62 @@ def _cross_checks(rules: Rules, settings: Settings) -> list[str]:
         problems.append(f"POLYGON_API_KEY={mask(settings.polygon_api_key)}: malformed key")
     if settings.health_port is not None and not 0 <= settings.health_port <= 65535:
         problems.append(f"HEALTH_PORT={settings.health_port}: expected a port 0-65535")
+    problems += _endpoint_checks(settings) + _sim_clock_checks(settings)
     from alert_text import delivery_overrides, delivery_problems  # alert_text imports config
 
     problems += delivery_problems(delivery_overrides(settings))
     return problems
+
+
+# Each endpoint setting and the URL schemes it can use ("" allowed where the setting is optional).
+ENDPOINT_SCHEMES = {
+    "polygon_ws_url": ("wss", "ws"),
+    "polygon_rest_url": ("https", "http"),
+    "polygon_options_ws_url": ("wss", "ws", ""),
+    "pushover_api_url": ("https", "http"),
+    "heartbeat_url": ("https", "http", ""),
+}
+
+
+def _endpoint_checks(settings: Settings) -> list[str]:
+    """Every endpoint is a URL of a scheme it can use, with a host (secrets masked in the message)."""
+    problems = []
+    for name, schemes in ENDPOINT_SCHEMES.items():
+        value = getattr(settings, name)
+        if not value and "" in schemes:
+            continue
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.hostname:
+            shown = mask(value) if name == "heartbeat_url" else repr(value)
+            wanted = " or ".join(f"{scheme}://" for scheme in schemes if scheme)
+            problems.append(f"{name.upper()}={shown}: expected a URL starting with {wanted}, with a host")
+    return problems
+
+
+def _sim_clock_checks(settings: Settings) -> list[str]:
+    if not settings.sim_clock_start:
+        return []
+    from clock import parse_instant
+
+    try:
+        parse_instant(settings.sim_clock_start)
+    except ValueError:
+        return [f"SIM_CLOCK_START={settings.sim_clock_start!r}: expected an instant with its UTC offset,"
+                " e.g. 2025-10-02T09:25:00-04:00"]  # fmt: skip
+    return []
+
+
+def data_dir_problem(data_dir: Path) -> str | None:
+    """Create DATA_DIR if missing; None when it is a folder this process can write, else what is wrong."""
+    if data_dir.exists() and not data_dir.is_dir():
+        return f"DATA_DIR={str(data_dir)!r}: is a file, not a folder"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"DATA_DIR={str(data_dir)!r}: cannot be created as a folder ({exc.strerror or exc})"
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        return f"DATA_DIR={str(data_dir)!r}: this user cannot write in it"
+    return None
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:

@@ -10,7 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from config import CALENDAR_CACHE_DIR, PAUSE_FILE, ConfigError, Settings, load_settings, unknown_keys
+from config import (
+    CALENDAR_CACHE_DIR,
+    PAUSE_FILE,
+    ConfigError,
+    Settings,
+    data_dir_problem,
+    load_settings,
+    unknown_keys,
+)
 from logs import configure_logging
 
 if TYPE_CHECKING:
@@ -95,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(sys.stdout)
     settings = load_or_exit()
     configure_logging(settings.log_level, settings.log_format, secrets_of(settings))
+    problem = data_dir_problem(settings.data_dir)
+    if problem is not None and not args.status:  # --status reads what is there, and says what is not
+        print(f"Nothing started: {problem}.", file=sys.stderr)
+        return EXIT_CONFIG
     if args.replay:
         return run_replay(settings, args.replay, args.speed, notify=args.notify, fresh=args.fresh)
     if args.status:

@@ -400,3 +400,12 @@ def test_fetch_stops_at_a_rejected_key(history_server, tmp_path):
     assert "HTTP 401 Unknown API Key" in stdout.getvalue()
     assert "2025-10-07" not in stdout.getvalue(), "a rejected key stops the fetch"
     assert not (tmp_path / "data" / "history").exists()
+
+
+def test_an_unusable_data_dir_is_a_settings_problem_not_a_traceback(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder\n")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    environ = {"DATA_DIR": str(tmp_path / "a-file")}
+    status = main(["--synthetic", "1"], Io(stdout, stderr, environ=environ, env_file=None))
+    assert status == 2
+    assert "DATA_DIR=" in stderr.getvalue() and "is a file, not a folder" in stderr.getvalue()

@@ -101,3 +101,19 @@ def test_demo_piped_into_head_prints_one_line_and_no_traceback(tmp_path):
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.stdout.count("\n") == 1 and done.stdout.startswith("IWM 0DTE Momentum Alerter")
     assert done.returncode == 141 and done.stderr == ""
+
+
+@pytest.mark.parametrize("args", [[], ["--replay", "t.jsonl.gz"], ["--pause"]])
+@pytest.mark.parametrize("where", ["a-file", "a-file/data"])
+def test_an_unusable_data_dir_is_one_line_and_exit_2_not_a_traceback(tmp_path, args, where):
+    (tmp_path / "a-file").write_text("not a folder\n")
+    done = run_main(args, tmp_path, DATA_DIR=str(tmp_path / where), POLYGON_API_KEY="abcdefgh12345")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "DATA_DIR=" in done.stderr
+    assert "abcdefgh12345" not in done.stdout + done.stderr
+
+
+def test_status_makes_the_data_dir_so_its_calendar_cache_lasts(tmp_path):
+    done = run_main(["--status"], tmp_path, DATA_DIR=str(tmp_path / "fresh"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fresh" / "calendar").is_dir()

@@ -240,3 +240,55 @@ def test_an_unknown_pushover_sound_stops_start_up():
     with pytest.raises(ConfigError) as refused:
         settings_from_env({"ALERT_SOUND_SELL": "kazoo"})
     assert any(p.startswith("ALERT_SOUND_SELL='kazoo'") for p in refused.value.problems)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"DAILY_LOSS_LIMIT": "-300"}, "DAILY_LOSS_LIMIT='-300': expected a number at least 0"),
+        ({"MAX_GIVEBACK_PERCENT": "150"}, "MAX_GIVEBACK_PERCENT='150': expected a number between 0 and 100"),
+        ({"HEALTH_PORT": "abc"}, "HEALTH_PORT='abc': expected a whole number"),
+        ({"MARKET_CLOSED_DATES": "bad"}, "MARKET_CLOSED_DATES='bad': expected dates as YYYY-MM-DD"),
+        ({"SIM_CLOCK_START": "bad"}, "SIM_CLOCK_START='bad': expected an instant with its UTC offset"),
+        ({"SIM_CLOCK_START": "2025-10-02T09:25:00"}, "SIM_CLOCK_START='2025-10-02T09:25:00': expected an"),
+        (
+            {"PUSHOVER_API_URL": "notaurl"},
+            "PUSHOVER_API_URL='notaurl': expected a URL starting with https://",
+        ),
+        (
+            {"POLYGON_WS_URL": "https://x.test"},
+            "POLYGON_WS_URL='https://x.test': expected a URL starting with wss://",
+        ),
+        (
+            {"POLYGON_REST_URL": "http://"},
+            "POLYGON_REST_URL='http://': expected a URL starting with https://",
+        ),
+    ],
+)
+def test_a_bad_value_says_what_is_expected_in_plain_words(env, expected):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(env)
+    assert any(problem.startswith(expected) for problem in caught.value.problems), caught.value.problems
+    assert not any("None" in problem or "literal" in problem for problem in caught.value.problems)
+
+
+def test_a_bad_sim_clock_is_listed_with_the_other_problems_and_a_heartbeat_url_stays_masked():
+    secret = "hc-ping.example/very-secret-uuid"
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"SIM_CLOCK_START": "bad", "STOP_LOSS_PERCENT": "abc", "HEARTBEAT_URL": secret})
+    names = [problem.split("=")[0] for problem in caught.value.problems]
+    assert {"SIM_CLOCK_START", "STOP_LOSS_PERCENT", "HEARTBEAT_URL"} <= set(names)
+    assert not any(secret in problem for problem in caught.value.problems)
+
+
+def test_local_endpoints_and_empty_optional_ones_are_accepted():
+    settings = settings_from_env(
+        {
+            "POLYGON_WS_URL": "ws://127.0.0.1:8765/stocks",
+            "PUSHOVER_API_URL": "http://127.0.0.1:9/1/messages.json",
+            "POLYGON_OPTIONS_WS_URL": "",
+            "HEARTBEAT_URL": "",
+            "HEALTH_PORT": "",
+        }  # fmt: skip
+    )
+    assert settings.polygon_ws_url == "ws://127.0.0.1:8765/stocks" and settings.health_port is None
