@@ -41,6 +41,9 @@ SEND_TIMEOUT_S = 20.0
 CONNECT_TIMEOUT_S = 5.0
 DOWN_BEFORE_FALLBACK_S = 60.0
 QUOTA_RETRY_S = 300.0
+# A 403, or a 4xx page that is not Pushover's JSON (a proxy, a firewall, Pushover's block of an IP that
+# sent many bad requests): the whole service refuses for now, so the queue is held, not dropped.
+REFUSED_RETRY_S = 60.0
 MAX_TIMEOUTS = 2
 # Pushover takes one image per message, at most this many bytes (reference/platform.md section 2).
 ATTACHMENT_LIMIT = 5_242_880
@@ -69,6 +72,7 @@ class SendResult:
     credentials_invalid: bool = False
     timed_out: bool = False
     quota_exhausted: bool = False
+    refused_for_now: bool = False
 
 
 def truncate(text: str, limit: int) -> str:
@@ -128,6 +132,18 @@ def _error_text(status: int, body: dict[str, Any] | None) -> str:
         return f"HTTP {status} (no JSON body)"
     errors = _errors_of(body)
     return f"HTTP {status}: {'; '.join(errors)}" if errors else f"HTTP {status}"
+
+
+def _is_html(response: httpx.Response) -> bool:
+    content_type = response.headers.get("content-type", "")
+    return "html" in content_type.lower() or response.content.lstrip()[:1] == b"<"
+
+
+def refused_for_now(status: int, body: dict[str, Any] | None) -> bool:
+    """A 4xx that refuses the service rather than this message: 403, or a 4xx without Pushover's JSON."""
+    if not 400 <= status < 500 or status in (401, 429):
+        return False
+    return status == 403 or body is None
 
 
 def _should_retry(status: int, body: dict[str, Any] | None) -> bool:
@@ -226,6 +242,11 @@ class PushoverClient:
             "request_id": None if request_id is None else str(request_id),
             "remaining": remaining,
         }
+        if status == 200 and body is None and not _is_html(response):
+            # Pushover answers 200 only once it has taken the message: sending it again would repeat it.
+            # (An HTML page is someone else's, a captive portal or a gateway: that one is retried.)
+            log.warning("pushover_answer_unreadable", status=status, meaning="HTTP 200: counted as delivered")
+            return SendResult(ok=True, retry=False, error="", **common)
         if status == 200 and body is not None and body.get("status") == 1:
             return SendResult(ok=True, retry=False, error="", **common)
         return SendResult(
@@ -234,6 +255,7 @@ class PushoverClient:
             error=self._scrub(_error_text(status, body)),
             credentials_invalid=credentials_rejected(status, body),
             quota_exhausted=status == 429,
+            refused_for_now=refused_for_now(status, body),
             **common,
         )
 
@@ -328,8 +350,10 @@ class Notifier:
 
     Bounded trouble: a request that timed out may have been delivered, so it is tried at most
     `MAX_TIMEOUTS` times, then the queue moves on. A 429 (the app's monthly quota is used up) holds the
-    queue and retries every `QUOTA_RETRY_S`. With a `fallback`, alerts go that way instead while Pushover
-    refuses the keys, is out of quota, has been down for `DOWN_BEFORE_FALLBACK_S`, or timed out twice.
+    queue and retries every `QUOTA_RETRY_S`; a 403 or a 4xx page that is not Pushover's (a proxy, an IP
+    block) every `REFUSED_RETRY_S`. A 200 counts as delivered even when its body cannot be read. With a
+    `fallback`, alerts go that way instead while Pushover refuses the keys, is out of quota or refuses the
+    service, has been down for `DOWN_BEFORE_FALLBACK_S`, or timed out twice.
     """
 
     def __init__(
@@ -346,6 +370,7 @@ class Notifier:
         fallback: FallbackChannel | None = None,
         down_before_fallback_s: float = DOWN_BEFORE_FALLBACK_S,
         quota_retry_s: float = QUOTA_RETRY_S,
+        refused_retry_s: float = REFUSED_RETRY_S,
     ) -> None:
         self._journal = journal
         self._client = client
@@ -355,6 +380,7 @@ class Notifier:
         self._max_retry_s = max(max_retry_s, min_retry_s)
         self._down_before_fallback_s = down_before_fallback_s
         self._quota_retry_s = quota_retry_s
+        self._refused_retry_s = refused_retry_s
         self._wait = wait or wait_on
         self._log_only = log_only or log_alert
         self._monotonic = monotonic
@@ -364,7 +390,9 @@ class Notifier:
         self._failures = 0
         self._retry_at: float | None = None
         self._down_since: float | None = None
-        self._quota_until: float | None = None
+        # While Pushover refuses the service (quota used up, 403): until when, and what to say.
+        self._held_until: float | None = None
+        self._held_problem = ""
         self._timeouts: dict[str, int] = {}
         self._disabled_reason: str | None = None
 
@@ -387,8 +415,8 @@ class Notifier:
     def _problem(self) -> str | None:
         if self._disabled_reason is not None:
             return self._disabled_reason
-        if self._quota_until is not None:
-            return "Pushover message quota used up (HTTP 429): alerts held until it is reset or raised"
+        if self._held_until is not None:
+            return self._held_problem
         down = self._down_for_s()
         if down is not None:
             return f"Pushover failing for {down:.0f} s"
@@ -397,7 +425,7 @@ class Notifier:
     def _cannot_deliver(self) -> bool:
         down = self._down_for_s()
         long_down = down is not None and down >= self._down_before_fallback_s
-        return self._disabled_reason is not None or self._quota_until is not None or long_down
+        return self._disabled_reason is not None or self._held_until is not None or long_down
 
     def _down_for_s(self) -> float | None:
         return None if self._down_since is None else self._monotonic() - self._down_since
@@ -460,7 +488,7 @@ class Notifier:
 
     def _refused_without_fallback(self) -> bool:
         # Waiting out a shutdown deadline cannot help while Pushover refuses and nothing else can send.
-        refused = self._disabled_reason is not None or self._quota_until is not None
+        refused = self._disabled_reason is not None or self._held_until is not None
         return refused and self._fallback is None
 
     def _drain_guarded(self) -> int:
@@ -479,8 +507,8 @@ class Notifier:
     def _route(self) -> Route:
         """Where the next item goes: Pushover, the fallback, or nowhere yet."""
         now = self._monotonic()
-        out_of_quota = self._quota_until is not None and now < self._quota_until
-        refused = self._disabled_reason is not None or out_of_quota
+        held = self._held_until is not None and now < self._held_until
+        refused = self._disabled_reason is not None or held
         if refused:
             return "fallback" if self._fallback is not None else "hold"
         if self._retry_at is not None and now < self._retry_at:
@@ -514,6 +542,9 @@ class Notifier:
         if result.quota_exhausted:
             self._on_quota(item, result)
             return self._via_fallback(item) if self._fallback is not None else "stop"
+        if result.refused_for_now:
+            self._on_refused_for_now(item, result)
+            return self._via_fallback(item) if self._fallback is not None else "stop"
         if result.timed_out and self._timed_out_too_often(item):
             return self._give_up_after_timeouts(item, result)
         if result.retry:
@@ -542,7 +573,7 @@ class Notifier:
         self._failures = 0
         self._retry_at = None
         self._down_since = None
-        self._quota_until = None
+        self._held_until = None
         self._timeouts.pop(item.dedupe_key, None)
         log.info("pushover_sent", **_fields(item, result))
         _warn_if_quota_low(result.remaining)
@@ -577,11 +608,30 @@ class Notifier:
         )
         return "failed"
 
-    def _on_quota(self, item: OutboxItem, result: SendResult) -> None:
+    def _hold(self, item: OutboxItem, result: SendResult, retry_s: float, problem: str) -> bool:
+        """Keep the queue (this item first) for `retry_s`; whether this starts a hold."""
         self._journal.mark_attempt(item.id, result.error)
-        first = self._quota_until is None
-        self._quota_until = self._monotonic() + self._quota_retry_s
-        if first:
+        first = self._held_until is None
+        self._held_until = self._monotonic() + retry_s
+        self._held_problem = problem
+        return first
+
+    def _on_refused_for_now(self, item: OutboxItem, result: SendResult) -> None:
+        every = f"{self._refused_retry_s:.0f} s"
+        problem = f"Pushover refused the service ({result.error}): alerts held, retried every {every}"
+        if self._hold(item, result, self._refused_retry_s, problem):
+            log.critical(
+                "pushover_refused",
+                meaning="a 403 or a non-Pushover error page: a proxy, a firewall or an IP block, not this alert",
+                action="alerts go by ALERT_FALLBACK_URLS"
+                if self._fallback is not None
+                else "alerts are held",
+                **_fields(item, result),
+            )
+
+    def _on_quota(self, item: OutboxItem, result: SendResult) -> None:
+        problem = "Pushover message quota used up (HTTP 429): alerts held until it is reset or raised"
+        if self._hold(item, result, self._quota_retry_s, problem):
             log.critical(
                 "pushover_quota_exhausted",
                 meaning="Pushover's monthly message limit for this app is used up; it resets on the 1st",

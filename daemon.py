@@ -262,10 +262,10 @@ class Daemon:
             f"Alerter {VERSION} started. {held} Lifetime {money(lifetime.pnl)} {lifetime.record()}. "
             f"Pushover {pushover}."
         )
-        minute = ny_datetime(now).strftime("%Y-%m-%dT%H:%M")
         title = f"{self.rules.underlying} alerter — START"
         priority = priority_for("START", delivery_overrides(self.settings))
-        self.pipeline.deliver([Alert("START", f"START:{minute}", title, text, priority, now)])
+        # One key per start, to the millisecond: a restart within the same minute still announces itself.
+        self.pipeline.deliver([Alert("START", f"START:{now}", title, text, priority, now)])
 
     @property
     def notifier_enabled(self) -> bool:
@@ -458,7 +458,7 @@ class Daemon:
             "position": position_fields(engine.position),
             "outbox_pending": self.outbox.pending_count(),
             "late_bars": engine.counters.late_bars,
-            "bad_frames": counters.bad_frames + counters.bad_events,
+            "bad_frames": counters.bad_inputs(),
             "paused": engine.paused,
             "conditions": engine.conditions(engine.last) if engine.last else None,
             "problems": failing + degraded,

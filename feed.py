@@ -11,6 +11,10 @@ unusable `next_url`, a failure) are discarded when the next poll's first page (a
 `cursor` parameter) arrives, counted in `abandoned_chains`, and pending pages never exceed
 MAX_CHAIN_PAGES. A contract snapshot whose bid/ask cannot mark a position is counted in
 `unusable_quotes` (the engine already refuses to mark or select with it).
+
+A streamed bar stamped far ahead of the stream's usual lead over the receive clock is dropped and
+counted in `ahead_bars` (see `AheadGuard`): one bar stamped tomorrow would otherwise make every real
+bar after it "late" for the rest of the day.
 """
 
 from __future__ import annotations
@@ -47,7 +51,51 @@ class FeedCounters:
     stream_quotes: int = 0
     unusable_quotes: int = 0
     abandoned_chains: int = 0
+    bad_frame_events: int = 0  # the part of bad_events that lay in frames counted whole in bad_frames
+    ahead_bars: int = 0  # streamed bars dropped by the AheadGuard (also counted in bad_events)
     statuses: list[StatusMessage] = field(default_factory=list)
+
+    def bad_inputs(self) -> int:
+        """Frames dropped whole plus events dropped from frames otherwise kept: each bad input once."""
+        return self.bad_frames + self.bad_events - self.bad_frame_events
+
+
+# How far a streamed bar's start may run ahead of the stream's usual lead over the receive clock.
+MAX_LEAD_JUMP_MS = 10_000
+# This many such bars in a row are a new lead (the vendor's or this machine's clock was reset), not outliers.
+NEW_LEAD_BARS = 5
+
+
+class AheadGuard:
+    """Drops streamed bars stamped far ahead of where the stream's bars usually are.
+
+    The lead of a bar is its start minus its receive time: about -1 s live, -15 min on a delayed feed,
+    anything on a rehearsal whose server keeps its own clock; steady either way. A late bar only lowers
+    it, so the guard keeps each symbol's highest lead (0, the receive clock, before the first bar) and
+    drops a bar more than MAX_LEAD_JUMP_MS above it. NEW_LEAD_BARS such bars in a row are taken as the
+    new lead, so a reset clock, or a server on a clock of its own, costs a few bars.
+    """
+
+    __slots__ = ("_top", "_suspects")
+
+    def __init__(self) -> None:
+        self._top: dict[str, int] = {}
+        self._suspects: dict[str, int] = {}
+
+    def admits(self, bar: Bar) -> bool:
+        """Whether the bar is within reach of its symbol's usual lead (it then updates the lead)."""
+        lead, sym = bar.start_ms - bar.received_ms, bar.sym
+        top = self._top.get(sym, 0)
+        if lead <= top + MAX_LEAD_JUMP_MS:
+            self._top[sym] = lead if lead > top or sym not in self._top else top
+            self._suspects[sym] = 0
+            return True
+        suspects = self._suspects.get(sym, 0) + 1
+        if suspects < NEW_LEAD_BARS:
+            self._suspects[sym] = suspects
+            return False
+        self._top[sym], self._suspects[sym] = lead, 0
+        return True
 
 
 class FeedDecoder:
@@ -62,6 +110,7 @@ class FeedDecoder:
         self._pages: list[object] = []
         self._chain_prefix = f"/v3/snapshot/options/{underlying}"
         self._profile_days: dict[str, dict[int, float]] = {}
+        self._ahead = AheadGuard()
 
     @classmethod
     def for_rules(cls, rules: Rules) -> FeedDecoder:
@@ -79,16 +128,22 @@ class FeedDecoder:
         parsed = parse_ws_frame(payload, received_ms, self.symbols)
         counters = self.counters
         counters.frames += 1
-        counters.bad_frames += parsed.bad > 0 and not parsed.bars and not parsed.statuses
+        if parsed.bad > 0 and not parsed.bars and not parsed.statuses:
+            counters.bad_frames += 1
+            counters.bad_frame_events += parsed.bad
         counters.bad_events += parsed.bad
         counters.ignored_events += parsed.ignored
         if parsed.statuses:
             counters.statuses.extend(parsed.statuses)
             del counters.statuses[:-20]
+        bars = [bar for bar in parsed.bars if self._ahead.admits(bar)]
+        if len(bars) < len(parsed.bars):
+            counters.ahead_bars += len(parsed.bars) - len(bars)
+            counters.bad_events += len(parsed.bars) - len(bars)
         if parsed.quotes:
             counters.stream_quotes += len(parsed.quotes)
-            return [*parsed.bars, *(ContractSnapshot(received_ms, q, "stream") for q in parsed.quotes)]
-        return list(parsed.bars)
+            return [*bars, *(ContractSnapshot(received_ms, q, "stream") for q in parsed.quotes)]
+        return bars
 
     def rest(self, received_ms: int, path: str, status: int, body: object) -> list[Event]:
         """One REST answer → events. A failed answer drops any partial chain: the previous chain stays.

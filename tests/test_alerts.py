@@ -325,6 +325,31 @@ def test_quota_exhausted_holds_the_queue_says_so_once_and_retries_later(
     assert notifier.health().problem is None
 
 
+def test_a_403_holds_the_queue_says_so_once_and_delivers_each_alert_once_after(
+    journal: Journal, server: FakePushover
+) -> None:
+    server.fail_with(403, count=2)
+    journal.record([alert(1), alert(2)])
+    clock = StepClock()
+    notifier = make_notifier(journal, make_client(server), monotonic=clock, refused_retry_s=60.0)
+
+    with capture_logs() as logs:
+        assert notifier.drain_once() == 0
+        assert notifier.drain_once() == 0  # held: no request while refused
+        assert server.requests == 1
+        health = notifier.health()
+        clock.now += 60.0
+        assert notifier.drain_once() == 0  # still 403 on the retry
+        clock.now += 60.0
+        assert notifier.drain_once() == 2
+
+    assert health.blocked and "403" in (health.problem or "")
+    assert titles(server) == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
+    assert [e["event"] for e in logs].count("pushover_refused") == 1
+    assert [r[1] for r in outbox(journal)] == ["sent", "sent"]
+    assert notifier.health().problem is None
+
+
 def test_quota_exhausted_sends_by_the_fallback_in_order(journal: Journal, server: FakePushover) -> None:
     from alerts import AppriseFallback
     from sim.webhook_server import FakeWebhook
@@ -546,6 +571,11 @@ def test_echoed_keys_in_an_error_body_are_masked(journal: Journal) -> None:
         (httpx.Response(200, json={"status": 1, "request": "r"}), (True, False, False)),
         (httpx.Response(200, json={"status": 0, "errors": ["x"], "request": "r"}), (False, False, False)),
         (httpx.Response(200, text="<html>gateway</html>"), (False, True, False)),
+        (
+            httpx.Response(200, text="{not json", headers={"content-type": "application/json"}),
+            (True, False, False),
+        ),
+        (httpx.Response(200, content=b""), (True, False, False)),
         (httpx.Response(502, text="<html>bad gateway</html>"), (False, True, False)),
         (httpx.Response(503, json={"status": 0, "errors": ["down"]}), (False, True, False)),
         (httpx.Response(302, headers={"Location": "/elsewhere"}), (False, True, False)),
@@ -577,6 +607,32 @@ def test_answers_are_classified_like_pushover_asks(
     result = client.send(journal.pending()[0])
 
     assert (result.ok, result.retry, result.credentials_invalid) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "refused"),
+    [
+        (httpx.Response(403, json={"status": 0, "errors": ["forbidden"]}), True),
+        (httpx.Response(403, text="<html>blocked</html>"), True),
+        (httpx.Response(404, text="<html>not found</html>"), True),
+        (httpx.Response(404, json={"status": 0, "errors": ["not found"]}), False),
+        (httpx.Response(400, json={"status": 0, "errors": ["message cannot be blank"]}), False),
+        (httpx.Response(429, json={"status": 0, "errors": ["quota"]}), False),
+        (httpx.Response(401, text="unauthorised"), False),
+    ],
+)
+def test_a_403_or_a_foreign_4xx_page_refuses_the_service_not_the_alert(
+    journal: Journal, response: httpx.Response, refused: bool
+) -> None:
+    client = PushoverClient(
+        TOKEN,
+        USER,
+        "http://pushover.invalid/1/messages.json",
+        transport=httpx.MockTransport(lambda _r: response),
+    )
+    journal.record([alert(1)])
+    result = client.send(journal.pending()[0])
+    assert result.refused_for_now is refused and not result.ok
 
 
 def test_form_for_an_item_is_exact() -> None:

@@ -137,6 +137,24 @@ def test_holiday_idles_without_connecting(market, tmp_path):
     assert kinds(pushover) == ["START"]
 
 
+def test_a_restart_within_the_same_minute_still_sends_its_own_start(market, tmp_path):
+    start = at(10, 30)
+    with FakePushover() as pushover:
+        for offset_s in (0, 20):  # both starts fall in minute 10:30
+            polygon_start = start + offset_s * 1000
+            with FakePolygon(
+                SyntheticSource(market), api_key=API_KEY, start_ms=polygon_start, speed=1.0
+            ) as polygon:
+                settings = settings_for(polygon, pushover, tmp_path)
+                wanted = offset_s // 20 + 1
+                run_daemon(
+                    settings,
+                    SimClock(polygon_start, 1.0),
+                    until=lambda n=wanted: kinds(pushover).count("START") >= n,
+                )
+    assert kinds(pushover).count("START") == 2
+
+
 def test_socket_dropped_mid_position_reconnects_backfills_and_still_sells(market, tmp_path):
     start = at(10, 2)
     with (

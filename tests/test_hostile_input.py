@@ -269,8 +269,19 @@ def healer(clock: SimClock, heal_at_ms: int | None, heal: Callable[[], None]) ->
     return poll
 
 
+def bar_frame(start_ms: int, close: float = 242.0) -> str:
+    """One IWM `A` event as the stream sends it."""
+    return json.dumps([{"ev": "A", "sym": "IWM", "v": 500, "av": 90_000, "op": close, "vw": close, "o": close,
+                        "c": close, "h": close, "l": close, "a": close, "z": 10, "s": start_ms,
+                        "e": start_ms + 1000}])  # fmt: skip
+
+
+# A bar stamped a day ahead: were it taken, every real bar after it would be "late" all day.
+TOMORROWS_BAR = bar_frame(at(10, 4) + 86_400_000)
+
 FAULTS: dict[str, tuple[Callable[[FakePolygon], None], int | None, Callable[[FakePolygon], None]]] = {
     "binary_frame": (lambda p: p.send_garbage([b"\xff\xfe\x00 a binary frame"]), None, lambda p: None),
+    "bar_stamped_tomorrow": (lambda p: p.send_garbage([TOMORROWS_BAR]), None, lambda p: None),
     "nested_text_frame": (lambda p: p.send_garbage([NESTED_TEXT]), None, lambda p: None),
     "control_char_next_url": (
         lambda p: p.chain_next_url(f"{p.rest_url}{CHAIN}?cursor=a\x00b"),
@@ -321,6 +332,9 @@ def test_the_daemon_skips_hostile_input_and_sends_buy_then_sell_once(
     assert tape.bad_lines == 0
     if fault == "binary_frame":
         assert b"\xff\xfe\x00 a binary frame" in payloads and counters.bad_frames >= 1
+    elif fault == "bar_stamped_tomorrow":
+        assert json.loads(TOMORROWS_BAR) in payloads and counters.ahead_bars == 1
+        assert daemon.engine.counters.late_bars == 0, "no real bar was taken for late"
     elif fault == "nested_text_frame":
         assert NESTED_TEXT in payloads and counters.bad_frames >= 1
     elif fault == "control_char_next_url":
@@ -392,3 +406,32 @@ def test_replay_of_a_tape_with_a_deep_line_and_a_gzip_bomb_makes_the_same_trades
     assert clean_trades and hostile_trades == clean_trades
     summaries = [line for line in hostile_run.stdout.decode().splitlines() if '"replay_summary"' in line]
     assert summaries and json.loads(summaries[-1])["bad_lines"] == 2
+
+
+def bars_kept(decoder: FeedDecoder, leads_ms: list[int], first_ms: int = at(10, 4)) -> list[bool]:
+    """One frame per second, each holding one IWM bar starting `lead` ms from its receive time."""
+    kept = []
+    for i, lead in enumerate(leads_ms):
+        received = first_ms + i * 1000
+        kept.append(bool(decoder.ws(received, bar_frame(received + lead))))
+    return kept
+
+
+def test_a_bar_stamped_far_ahead_of_the_streams_usual_lead_is_dropped_once() -> None:
+    decoder = FeedDecoder("IWM", "SPY")
+    day = 86_400_000
+    assert bars_kept(decoder, [-1300, -1200, day, -1200, -60_000, -1100, 8000]) == [True, True, False, True, True,
+                                                                                      True, True]  # fmt: skip
+    assert decoder.counters.ahead_bars == 1 and decoder.counters.bad_inputs() == 1
+    # Before any bar the receive clock is the reference: a first bar stamped tomorrow is dropped too.
+    assert bars_kept(FeedDecoder("IWM", "SPY"), [day, -1200]) == [False, True]
+
+
+@pytest.mark.parametrize("lead_ms", [-15 * 60_000, 3 * 3_600_000])
+def test_a_steady_lead_of_any_size_is_the_streams_own_after_a_few_bars(lead_ms: int) -> None:
+    # A delayed feed runs 15 minutes behind; a rehearsal server may keep a clock hours ahead of ours.
+    kept = bars_kept(FeedDecoder("IWM", "SPY"), [lead_ms] * 12)
+    if lead_ms < 0:
+        assert all(kept)
+    else:
+        assert kept == [False] * 4 + [True] * 8

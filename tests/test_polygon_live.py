@@ -322,6 +322,10 @@ def test_stream_passes_garbage_frames_through_unchanged(fake: FakePolygon, strea
     decoder = FeedDecoder("IWM", "SPY")
     assert [decoder.ws(0, payload) for payload in garbage] == [[], [], [], []]
     assert decoder.counters.bad_frames == len(garbage)
+    assert decoder.counters.bad_inputs() == len(garbage), "each garbage frame counts once in /health"
+    good = '{"ev":"A","sym":"IWM","v":10,"av":10,"op":1,"vw":1,"o":1,"c":1,"h":1,"l":1,"a":1,"s":0,"e":1000}'
+    decoder.ws(2000, f'[{good}, {{"ev":"A","sym":"IWM","s":"x"}}, {{"ev":"A","sym":"IWM"}}]')
+    assert decoder.counters.bad_inputs() == len(garbage) + 2, "a kept frame's bad events count one by one"
 
 
 def test_stream_reconnects_after_a_clean_close_once_the_server_is_back(streams: list) -> None:
