@@ -45,7 +45,16 @@ from backtest_report import (
     write_report,
     write_sweep,
 )
-from backtest_run import BacktestResult, DayResult, run_backtest, run_day, run_single, use_batch_gc
+from backtest_run import (
+    BacktestResult,
+    DayResult,
+    init_pool_worker,
+    run_backtest,
+    run_day,
+    run_single,
+    use_batch_gc,
+)
+from cli_exit import run_quietly
 from config import ConfigError, Settings, data_dir_problem
 from dask_days import is_url, scheduler_address
 from executors import DayExecutor, ExecutorError, PoolDays, decode_in_pool
@@ -190,7 +199,7 @@ def build_synthetic_tapes(
     Path(folder).mkdir(parents=True, exist_ok=True)
     missing = [d for d in days if not (Path(folder) / f"{d.isoformat()}.jsonl.gz").is_file()]
     if missing:
-        with ProcessPoolExecutor(max_workers=max(1, workers), initializer=use_batch_gc) as pool:
+        with ProcessPoolExecutor(max_workers=max(1, workers), initializer=init_pool_worker) as pool:
             futures = {pool.submit(build_synthetic_tape, d, seed, Path(folder)): d for d in missing}
             for future in as_completed(futures):
                 future.result()
@@ -517,4 +526,4 @@ if __name__ == "__main__":
 
     configure_logging("WARNING", "console")
     use_batch_gc()
-    sys.exit(main())
+    sys.exit(run_quietly(main))

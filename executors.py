@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TextIO, TypeVar
 
-from backtest_run import use_batch_gc
+from backtest_run import init_pool_worker
 from config import Rules
 from progress import Progress
 from tape_cache import cache_path, ensure_decoded
@@ -59,7 +59,7 @@ class PoolDays:
     def __init__(self, tapes: Sequence[Path], workers: int, cache_dir: Path | None) -> None:
         self.tapes = [Path(tape) for tape in tapes]
         self.cache_dir = cache_dir
-        self._pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=use_batch_gc)
+        self._pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=init_pool_worker)
 
     def each_day(self, task: Callable[..., T], indices: Sequence[int], *args: Any) -> Iterator[tuple[int, T]]:
         """See `DayExecutor.each_day`."""
@@ -94,7 +94,7 @@ def decode_in_pool(tapes: Sequence[Path], rules: Rules, cache_dir: Path, workers
     if len(missing) < 2:
         return
     progress = Progress("decoding tapes", len(missing), stream=err)
-    with ProcessPoolExecutor(max_workers=workers, initializer=use_batch_gc) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=init_pool_worker) as pool:
         futures = {pool.submit(ensure_decoded, Path(t), rules, cache_dir): t for t in missing}
         for future in as_completed(futures):
             future.result()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cli_exit import run_quietly
 from config import (
     CALENDAR_CACHE_DIR,
     PAUSE_FILE,
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
     from daemon import Daemon
 
 EXIT_OK, EXIT_CONFIG = 0, 2
-EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -360,20 +358,5 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
     )
 
 
-def quiet_on_closed_stdout(run: Callable[[], int]) -> int:
-    """Run the command line; a reader that closes stdout early (`| head -1`) ends the run quietly.
-
-    The Python docs' recipe: point stdout at /dev/null so the interpreter's final flush cannot raise
-    again, and exit as a Unix tool killed by SIGPIPE would (141 = 128 + 13), which a shell pipeline
-    ignores unless `pipefail` is set.
-    """
-    try:
-        return run()
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
-
-
 if __name__ == "__main__":
-    sys.exit(quiet_on_closed_stdout(main))
+    sys.exit(run_quietly(main))

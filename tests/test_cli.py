@@ -4,13 +4,16 @@ list every problem (exit 2), `.env` typos are named, and a closed stdout ends th
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from main import EXIT_BROKEN_PIPE, parse_args, parse_speed
+from cli_exit import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
+from main import parse_args, parse_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +97,24 @@ def test_demo_into_a_pipe_closed_early_ends_quietly(tmp_path):
     assert first.startswith(b"IWM 0DTE Momentum Alerter")
     assert code == EXIT_BROKEN_PIPE == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["main.py", "--demo"], ["backtest.py", "--synthetic", "2", "--seed", "9", "--workers", "2"]],
+    ids=["demo", "backtest-with-a-pool"],
+)
+def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path, command):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DATA_DIR": str(tmp_path / "data")}
+    # Its own process group, as a terminal's foreground job: Ctrl-C reaches the pool workers too.
+    with subprocess.Popen([sys.executable, str(ROOT / command[0]), *command[1:]], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as proc:  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.readline() if command[0] == "main.py" else time.sleep(4.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED == 130, err
+    assert "Traceback" not in err.decode() and err.decode().strip().endswith("Interrupted.")
 
 
 def test_demo_piped_into_head_prints_one_line_and_no_traceback(tmp_path):
