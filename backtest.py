@@ -116,6 +116,17 @@ def _url_tape_date(url: str) -> datetime.date | None:
     return ny_date(int(json.loads(line)["t"])) if line.strip() else None
 
 
+def _no_first_line(tape: Tape) -> str:
+    """Why a tape has no first line: it is empty, or nothing in it is a tape line."""
+    if is_url(tape):
+        return "empty tape"
+    reader = TapeReader(Path(tape))
+    next(iter(reader), None)
+    if reader.bad_lines:
+        return f"not a tape: no valid tape line in it ({reader.bad_lines} unreadable)"
+    return "empty tape"
+
+
 def _exists(tape: Tape) -> bool:
     if is_url(tape):
         import fsspec
@@ -135,7 +146,7 @@ def check_distinct_days(tapes: Sequence[Tape]) -> list[str]:
             continue
         day = tape_date(path)
         if day is None:
-            problems.append(f"{path}: empty tape")
+            problems.append(f"{path}: {_no_first_line(path)}")
         elif day in seen:
             problems.append(f"{path} and {seen[day]} are both {day}; one run takes one tape per day")
         else:

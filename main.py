@@ -270,7 +270,7 @@ def run_replay(
         return EXIT_CONFIG
     known_before = [t.trade_id for t in journal.trades()]
     note = resume_note(tape, saved_line(journal, tape.name))
-    if note:
+    if note and speed is not None:  # a paced replay takes a while: say at once; the summary says it once more
         print(note, file=sys.stderr)
     client = (
         PushoverClient(settings.pushover_token, settings.pushover_user_key, settings.pushover_api_url)

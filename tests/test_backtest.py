@@ -409,3 +409,12 @@ def test_an_unusable_data_dir_is_a_settings_problem_not_a_traceback(tmp_path):
     status = main(["--synthetic", "1"], Io(stdout, stderr, environ=environ, env_file=None))
     assert status == 2
     assert "DATA_DIR=" in stderr.getvalue() and "is a file, not a folder" in stderr.getvalue()
+
+
+def test_a_file_that_is_not_a_tape_is_named_so_not_empty(tmp_path):
+    text = tmp_path / "notes.md"
+    text.write_text("# notes\nnot a tape line\n")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = main([str(text)], Io(stdout, stderr, environ={"DATA_DIR": str(tmp_path / "d")}, env_file=None))
+    assert status == 2
+    assert "notes.md: not a tape: no valid tape line in it (2 unreadable)" in stderr.getvalue()

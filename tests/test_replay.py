@@ -316,6 +316,7 @@ def test_the_same_tape_again_says_so_names_fresh_and_fresh_starts_over(short_tap
     last = first["lines"]
     assert f"already holds this tape ({tape.name}) up to line {last}" in again.stderr
     assert "nothing left to do" in again.stderr and "nothing left to do" in summary["note"]
+    assert again.stderr.count("already holds this tape") == 1, "one note, not two that disagree"
     assert f"--replay {tape} --fresh" in again.stderr
     assert summary["resumed_after"] == last and summary["new_lines"] == 0
     assert summary["trades"] == 0 and summary["pnl"] == 0 and summary["lifetime_pnl"] == first["lifetime_pnl"]
