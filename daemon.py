@@ -47,6 +47,7 @@ from pnl_tracker import Journal, JournalError
 from polygon_client import PolygonRest, PolygonStream, RestAnswer
 from replay import received_from
 from status import session_pulse
+from stream_watch import RECOVERED, SILENT, StreamWatch
 from summary_chart import summary_attachment
 from supervisor import Supervisor, WorkerHealth, error_text
 from tape import TapeReader, TapeWriter, prune_tapes, tape_path
@@ -155,6 +156,8 @@ class Daemon:
         self._stream_lock = threading.RLock()
         self.options = OptionsFeed(settings, clock, self.queue.put, self._options_notice)
         self.queue_depth_max = 0
+        # Two seconds after the engine's own STALL would go out, so that one silence makes one alert.
+        self.stream_watch = StreamWatch(int((self.rules.stall_alert_seconds + 2) * 1000), clock.now_ms())
         self.health_server: HealthServer | None = None
         self._rest_refused: str | None = None
         self.rest = PolygonRest(
@@ -295,7 +298,10 @@ class Daemon:
         if isinstance(item, Received):
             stamped = replace(item, t=now)
             self._record(stamped)
+            bars_before = self.engine.counters.bars
             self.pipeline.handle(stamped)
+            if stamped.kind == "ws" and self.engine.counters.bars > bars_before:
+                self._say_stream(self.stream_watch.on_stream_bar(now), now)
         elif isinstance(item, FeedStatus):
             self.pipeline.run(replace(item, received_ms=now))
         elif isinstance(item, SystemNotice):
@@ -303,7 +309,29 @@ class Daemon:
         elif isinstance(item, OptionsStatus):
             self.options.on_status(item.status)
         self.pipeline.advance_to(now)
+        said = self.engine.stall_alerted
+        self._say_stream(
+            self.stream_watch.check(now, self._open_session_ms(now), engine_stall_said=said), now
+        )
         self._after_turn(pause_file)
+
+    def _open_session_ms(self, now: int) -> int | None:
+        """The open of the session under way at `now`, or None outside one."""
+        session = self.calendar.session_at(now)
+        return session.open_ms if session is not None and session.is_open(now) else None
+
+    def _say_stream(self, change: str | None, now: int) -> None:
+        """A FEED_ERROR when the stream brings no bar though REST backfills do; a notice when it is back."""
+        if change == SILENT:
+            silent_s = (self.stream_watch.silent_for_ms(now, self._open_session_ms(now)) or 0) / 1000
+            text = (
+                f"No {self.rules.underlying} bar from the stream for {silent_s:.0f}s; bars come only from "
+                "REST backfills after each redial. Check the Polygon/Massive status page."
+            )
+            self._deliver_notice(SystemNotice("FEED_ERROR", text, PRIORITY_HIGH), now)
+        elif change == RECOVERED:
+            text = f"{self.rules.underlying} bars arrive by the stream again."
+            self._deliver_notice(SystemNotice("FEED_RECOVERED", text, PRIORITY_NORMAL), now)
 
     def _engine_error(self, exc: Exception) -> None:
         """An item the engine could not handle is skipped: one bad input must not stop the day."""
@@ -481,6 +509,10 @@ class Daemon:
         chain_problem = self._chain_poll_problem()
         if chain_problem:
             failing.append(chain_problem)
+        now = self.clock.now_ms()
+        stream_problem = self.stream_watch.problem(now, self._open_session_ms(now))
+        if stream_problem:
+            failing.append(stream_problem)
         delivery = self.notifier.health()
         degraded = []
         if delivery.problem:

@@ -171,6 +171,11 @@ class Engine:
         self._exit_quiet: tuple[int, Position, Features | None, Session] | None = None
 
     @property
+    def stall_alerted(self) -> bool:
+        """Whether a STALL alert went out for the current silence (RECOVERED not yet sent)."""
+        return self._stall_alerted
+
+    @property
     def last(self) -> Features | None:
         return self.market.last
 

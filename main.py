@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(sys.stdout)
     settings = load_or_exit()
     configure_logging(settings.log_level, settings.log_format, secrets_of(settings))
-    problem = data_dir_problem(settings.data_dir)
-    if problem is not None and not args.status:  # --status reads what is there, and says what is not
+    problem = None if args.status else data_dir_problem(settings.data_dir)  # --status only reads
+    if problem is not None:
         print(f"Nothing started: {problem}.", file=sys.stderr)
         return EXIT_CONFIG
     if args.replay:

@@ -132,9 +132,3 @@ def test_an_unusable_data_dir_is_one_line_and_exit_2_not_a_traceback(tmp_path, a
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "DATA_DIR=" in done.stderr
     assert "abcdefgh12345" not in done.stdout + done.stderr
-
-
-def test_status_makes_the_data_dir_so_its_calendar_cache_lasts(tmp_path):
-    done = run_main(["--status"], tmp_path, DATA_DIR=str(tmp_path / "fresh"))
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "fresh" / "calendar").is_dir()

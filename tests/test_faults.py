@@ -165,6 +165,31 @@ def test_a_silent_socket_is_replaced_and_the_day_goes_on(market, tmp_path):
     assert trades_of(kinds(pushover)) == ["BUY", "SELL"]
 
 
+def test_a_stream_that_stays_silent_while_backfills_bring_bars_is_said_once_and_its_return_too(
+    market, tmp_path
+):
+    # Each redial backfills the gap over REST, so the engine keeps getting bars: only the stream is gone.
+    start = at(10, 4)
+    with fakes(market, start) as (pushover, polygon, clock):
+        settings = settings_for(polygon, pushover, tmp_path, stream_silence_seconds=10.0)
+        with daemon_running(settings, clock) as (daemon, thread):
+            assert wait_for(lambda: polygon.ws_connections >= 1 and daemon.engine.counters.bars > 5, 20)
+            polygon.silence(True)
+            assert wait_for(lambda: "FEED ERROR" in kinds(pushover), 30), kinds(pushover)
+            assert wait_for(lambda: any("no bar from the stream" in p for p in daemon.health["problems"]), 10)
+            assert daemon.health["status"] == "failing"
+            polygon.silence(False)
+            assert wait_for(lambda: "FEED RECOVERED" in kinds(pushover), 30), kinds(pushover)
+            assert wait_for(lambda: not any("stream" in p for p in daemon.health["problems"]), 10)
+            assert thread.is_alive()
+    said = [k for k in kinds(pushover) if k.startswith("FEED")]
+    # Said once per silence: at 40x a wall-clock hiccup can be a second silence, never a repeat of one.
+    assert said[:2] == ["FEED ERROR", "FEED RECOVERED"] and said[::2] == ["FEED ERROR"] * len(said[::2])
+    assert said[1::2] == ["FEED RECOVERED"] * len(said[1::2])
+    error = next(m.form["message"] for m in pushover.messages if m.form["title"].endswith("FEED ERROR"))
+    assert "No IWM bar from the stream for 3" in error and "REST backfills" in error
+
+
 def test_pushover_out_of_quota_sends_by_the_fallback_and_health_says_degraded(market, tmp_path):
     start = at(10, 4)
     with (
