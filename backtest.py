@@ -55,7 +55,7 @@ from backtest_run import (
     use_batch_gc,
 )
 from cli_exit import run_quietly
-from config import ConfigError, Settings, data_dir_problem
+from config import ConfigError, Settings, data_dir_problem, unknown_keys
 from dask_days import is_url, scheduler_address
 from executors import DayExecutor, ExecutorError, PoolDays, decode_in_pool
 from history import fetch_history
@@ -321,6 +321,8 @@ def main(argv: Sequence[str] | None = None, io: Io | None = None) -> int:
     """The CLI; returns the exit status (2 for bad arguments or settings)."""
     io = io or Io(sys.stdout, sys.stderr)
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    for warning in unknown_keys(io.env_file):
+        print(warning, file=io.err)
     try:
         overrides = parse_assignments(args.set)
         axes = parse_sweep(args.sweep)

@@ -436,11 +436,9 @@ def unknown_keys(env_file: str | Path | None = ".env") -> list[str]:
     """
     if env_file is None or not Path(env_file).is_file():
         return []
-    from dotenv import dotenv_values
-
     known = known_names()
-    warnings = []
-    for key in dotenv_values(env_file):
+    warnings = _unreadable_lines(Path(env_file))
+    for key in _dotenv_values(env_file):
         if key in known:
             continue
         nearest = difflib.get_close_matches(key.upper(), sorted(known), n=1)
@@ -449,12 +447,36 @@ def unknown_keys(env_file: str | Path | None = ".env") -> list[str]:
     return warnings
 
 
+def _unreadable_lines(env_file: Path) -> list[str]:
+    """One warning per line of the file python-dotenv cannot parse (its text is not shown: it may hold a key)."""
+    from dotenv.parser import parse_stream
+
+    with open(env_file, encoding="utf-8", errors="replace") as stream:
+        bad = [binding.original.line for binding in parse_stream(stream) if binding.error]
+    return [
+        f"warning: {env_file.name} line {line} cannot be read (expected NAME=value); it is ignored"
+        for line in bad
+    ]
+
+
+def _dotenv_values(env_file: str | Path) -> dict[str, str | None]:
+    """The file's values, without python-dotenv's own log line per unreadable line (`unknown_keys` names them)."""
+    import logging
+
+    from dotenv import dotenv_values
+
+    dotenv_log = logging.getLogger("dotenv.main")
+    was_disabled, dotenv_log.disabled = dotenv_log.disabled, True
+    try:
+        return dotenv_values(env_file)
+    finally:
+        dotenv_log.disabled = was_disabled
+
+
 def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, str] | None = None) -> Settings:
     """Read `.env` (never overriding the real environment) and the environment into `Settings`."""
     merged: dict[str, str] = {}
     if env_file is not None and Path(env_file).is_file():
-        from dotenv import dotenv_values
-
-        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        merged.update({k: v for k, v in _dotenv_values(env_file).items() if v is not None})
     merged.update(os.environ if environ is None else environ)
     return settings_from_env(merged)

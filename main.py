@@ -59,8 +59,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="with --status: one JSON object instead of text")
     args = parser.parse_args(argv)
-    if args.fresh and not args.replay:
-        parser.error("--fresh goes with --replay TAPE")
+    speed_given = any(arg == "--speed" or arg.startswith("--speed=") for arg in argv)
+    for flag, given in (("--fresh", args.fresh), ("--notify", args.notify), ("--speed", speed_given)):
+        if given and not args.replay:
+            parser.error(f"{flag} goes with --replay TAPE")
     if args.json and not args.status:
         parser.error("--json goes with --status")
     return args

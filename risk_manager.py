@@ -95,7 +95,7 @@ def check_exit(
         return ExitDecision("Time stop", "session cut-off reached")
     stop_price = position.entry_price * (1 - rules.stop_loss_percent / 100)
     if position.mark <= stop_price + PRICE_EPSILON:
-        return ExitDecision("Stop loss", f"mark {position.mark:.2f} <= {stop_price:.2f}")
+        return ExitDecision("Stop loss", f"mark {position.mark:.4f} <= {stop_price:.4f}")
     giveback = position.giveback()
     if giveback >= rules.max_giveback_percent / 100 - PRICE_EPSILON:
         return ExitDecision("Hard giveback", f"gave back {giveback:.1%} of peak")

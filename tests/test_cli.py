@@ -132,3 +132,19 @@ def test_an_unusable_data_dir_is_one_line_and_exit_2_not_a_traceback(tmp_path, a
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "DATA_DIR=" in done.stderr
     assert "abcdefgh12345" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--status", "--notify"], "--notify"),
+        (["--status", "--speed", "10"], "--speed"),
+        (["--demo", "--speed=5"], "--speed"),
+        (["--fresh"], "--fresh"),
+    ],  # fmt: skip
+)
+def test_a_replay_flag_without_replay_is_a_usage_error_not_ignored(argv, flag, capsys):
+    with pytest.raises(SystemExit) as caught:
+        parse_args(argv)
+    assert caught.value.code == 2
+    assert f"{flag} goes with --replay TAPE" in capsys.readouterr().err

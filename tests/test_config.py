@@ -292,3 +292,16 @@ def test_local_endpoints_and_empty_optional_ones_are_accepted():
         }  # fmt: skip
     )
     assert settings.polygon_ws_url == "ws://127.0.0.1:8765/stocks" and settings.health_port is None
+
+
+def test_an_unreadable_dotenv_line_is_named_once_by_number_never_by_its_text(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("STOP_LOSS_PERCENT=15\nPUSHOVER_TOKEN azGDORePK8gMaC0QOYAMyEEuzJnyUi\nCONTRACTS=2\n")
+    warnings = unknown_keys(env_file)
+    assert warnings == ["warning: .env line 2 cannot be read (expected NAME=value); it is ignored"]
+    settings = load_settings(env_file, environ={})
+    assert settings.rules.stop_loss_percent == 15 and settings.rules.contracts == 2
+    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "d")}
+    command = [sys.executable, str(ROOT / "main.py"), "--status"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    assert done.stderr.count("line 2") == 1 and TOKEN not in done.stderr + done.stdout
