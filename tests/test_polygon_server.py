@@ -311,7 +311,8 @@ def recv_json(ws: ClientConnection) -> object:
 
 
 def open_ws(fake: FakePolygon, key: str = KEY) -> ClientConnection:
-    ws = connect(fake.ws_url, open_timeout=RECV_S)
+    # Entered at once (the caller's `with` closes it): websockets 15+ wants the context before any use.
+    ws = connect(fake.ws_url, open_timeout=RECV_S).__enter__()
     assert ws.recv(timeout=RECV_S) == CONNECTED
     ws.send(json.dumps({"action": "auth", "params": key}))
     return ws
@@ -629,7 +630,8 @@ NEAR, FAR = "O:IWM251002C00241000", "O:IWM251002C00242000"
 
 
 def open_options(fake: FakePolygon, key: str = KEY) -> ClientConnection:
-    ws = connect(fake.options_ws_url, open_timeout=RECV_S)
+    # Entered at once (the caller's `with` closes it): websockets 15+ wants the context before any use.
+    ws = connect(fake.options_ws_url, open_timeout=RECV_S).__enter__()
     assert ws.recv(timeout=RECV_S) == CONNECTED
     ws.send(json.dumps({"action": "auth", "params": key}))
     return ws
