@@ -58,7 +58,7 @@ from cli_exit import run_quietly
 from config import ConfigError, Settings, data_dir_problem, unknown_keys
 from dask_days import is_url, scheduler_address
 from executors import DayExecutor, ExecutorError, PoolDays, decode_in_pool
-from history import fetch_history
+from history import fetch_history, session_days
 from holdout import Holdout, Split, parse_holdout, print_held_out, print_side_by_side, split_dates
 from market_calendar import MarketCalendar, ny_date
 from progress import Progress
@@ -428,6 +428,18 @@ def collect_tapes(args: argparse.Namespace, settings: Settings, io: Io) -> list[
             )
             return None
         last = args.to or args.fetch
+        if last < args.fetch:
+            print(
+                f"--to {last} is before --fetch {args.fetch}: give the first day, then the last", file=io.err
+            )
+            return None
+        calendar = MarketCalendar(settings.rules, settings.market_closed_dates)
+        if not session_days(calendar, args.fetch, last):
+            print(
+                f"No trading session from {args.fetch} to {last} (weekends and holidays have none)",
+                file=io.err,
+            )
+            return None
         return fetch_history(
             settings,
             args.fetch,

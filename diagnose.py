@@ -147,7 +147,26 @@ def check_settings() -> tuple[list[Check], object | None]:
     except ConfigError as exc:
         failed = Check("settings", FAIL, "; ".join(exc.problems), "fix the variables named above (.env)")
         return [failed, *checks], None
+    fallback_problem = _fallback_problem(settings.alert_fallback_urls)
+    if fallback_problem is not None:
+        failed = Check(
+            "settings", FAIL, fallback_problem, "fix ALERT_FALLBACK_URLS (.env): see apprise's URL list"
+        )
+        return [failed, *checks], None
     return [Check("settings", OK, "every variable valid"), *checks], settings
+
+
+def _fallback_problem(urls: tuple[str, ...]) -> str | None:
+    """What the daemon would refuse in ALERT_FALLBACK_URLS at start (Apprise reads them), else None."""
+    if not urls:
+        return None
+    from alerts import AppriseFallback
+
+    try:
+        AppriseFallback(urls)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def check_keys(settings) -> list[Check]:  # noqa: ANN001 - config.Settings, imported lazily

@@ -418,3 +418,21 @@ def test_a_file_that_is_not_a_tape_is_named_so_not_empty(tmp_path):
     status = main([str(text)], Io(stdout, stderr, environ={"DATA_DIR": str(tmp_path / "d")}, env_file=None))
     assert status == 2
     assert "notes.md: not a tape: no valid tape line in it (2 unreadable)" in stderr.getvalue()
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["--fetch", "2025-10-02", "--to", "2025-10-01"], "--to 2025-10-01 is before --fetch 2025-10-02"),
+        (["--fetch", "2025-10-04", "--to", "2025-10-05"], "No trading session from 2025-10-04 to 2025-10-05"),
+    ],  # fmt: skip
+)
+def test_a_fetch_range_without_a_session_says_why_and_asks_nothing(tmp_path, argv, said):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    environ = {
+        "DATA_DIR": str(tmp_path / "d"),
+        "POLYGON_API_KEY": "abcdefgh1234",
+        "POLYGON_REST_URL": "http://127.0.0.1:9",
+    }
+    status = main(argv, Io(stdout, stderr, environ=environ, env_file=None, sleep=pytest.fail))
+    assert status == 2 and said in stderr.getvalue()

@@ -105,6 +105,23 @@ def test_bad_setting_is_named(tmp_path):
     assert done.returncode == 1 and "[FAIL] settings: DELTA_MIN=0.9 > DELTA_MAX=0.4" in done.stdout
 
 
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        (
+            {"ALERT_FALLBACK_URLS": "notascheme://secret-topic-x"},
+            "ALERT_FALLBACK_URLS: Apprise does not understand",
+        ),
+        ({"SIM_CLOCK_START": "bad"}, "SIM_CLOCK_START='bad'"),
+    ],  # fmt: skip
+)
+def test_what_the_daemon_refuses_at_start_diagnose_fails_too(tmp_path, env, named):
+    done = diagnose([], {"POLYGON_API_KEY": KEY, "DATA_DIR": str(tmp_path / "data"), **env}, tmp_path)
+    assert done.returncode == 1
+    assert "[FAIL] settings: " + named in done.stdout
+    assert "secret-topic-x" not in done.stdout + done.stderr
+
+
 def test_network_checks_pass_against_the_fakes(tmp_path):
     market = SyntheticMarket(demo_script())
     with (
