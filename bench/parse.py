@@ -7,6 +7,7 @@ given machine: `json.loads` alone, and constructing `events.Bar` alone.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -92,6 +93,7 @@ def report(label: str, seconds: float) -> None:
 
 def main() -> None:
     """Build the frames, then time text frames (live), pre-decoded frames (replay) and the floors."""
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and nothing else
     frames = synthetic_frames()
     decoded = [json.loads(frame) for frame in frames]
     print(f"{EVENTS:,} IWM A events in {len(frames):,} frames of {EVENTS_PER_FRAME}, best of {ROUNDS}")
