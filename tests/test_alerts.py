@@ -300,52 +300,36 @@ def test_a_slow_answer_within_the_timeout_is_delivered_once(journal: Journal, se
     assert server.requests == 2
 
 
-def test_quota_exhausted_holds_the_queue_says_so_once_and_retries_later(
-    journal: Journal, server: FakePushover
+@pytest.mark.parametrize(
+    ("status", "hold", "said"),
+    [
+        (429, {"quota_retry_s": 300.0}, "pushover_quota_exhausted"),
+        (403, {"refused_retry_s": 60.0}, "pushover_refused"),
+    ],
+)
+def test_a_refusal_of_the_service_holds_the_queue_says_so_once_and_delivers_each_alert_once_after(
+    journal: Journal, server: FakePushover, status: int, hold: dict[str, float], said: str
 ) -> None:
-    server.fail_with(429, count=2)
+    # 429: the monthly quota is used up; 403: a proxy, a firewall or an IP block. Neither is this alert's fault.
+    server.fail_with(status, count=2)
     journal.record([alert(1), alert(2)])
     clock = StepClock()
-    notifier = make_notifier(journal, make_client(server), monotonic=clock, quota_retry_s=300.0)
-
-    with capture_logs() as logs:
-        assert notifier.drain_once() == 0
-        assert notifier.drain_once() == 0  # held: no request while the quota is out
-        assert server.requests == 1
-        health = notifier.health()
-        clock.now += 300.0
-        assert notifier.drain_once() == 0  # still 429 on the retry
-        clock.now += 300.0
-        assert notifier.drain_once() == 2
-
-    assert health.blocked and "429" in (health.problem or "")
-    assert titles(server) == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
-    assert [e["event"] for e in logs].count("pushover_quota_exhausted") == 1
-    assert [r[1] for r in outbox(journal)] == ["sent", "sent"]
-    assert notifier.health().problem is None
-
-
-def test_a_403_holds_the_queue_says_so_once_and_delivers_each_alert_once_after(
-    journal: Journal, server: FakePushover
-) -> None:
-    server.fail_with(403, count=2)
-    journal.record([alert(1), alert(2)])
-    clock = StepClock()
-    notifier = make_notifier(journal, make_client(server), monotonic=clock, refused_retry_s=60.0)
+    notifier = make_notifier(journal, make_client(server), monotonic=clock, **hold)
+    (retry_s,) = hold.values()
 
     with capture_logs() as logs:
         assert notifier.drain_once() == 0
         assert notifier.drain_once() == 0  # held: no request while refused
         assert server.requests == 1
         health = notifier.health()
-        clock.now += 60.0
-        assert notifier.drain_once() == 0  # still 403 on the retry
-        clock.now += 60.0
+        clock.now += retry_s
+        assert notifier.drain_once() == 0  # still refused on the retry
+        clock.now += retry_s
         assert notifier.drain_once() == 2
 
-    assert health.blocked and "403" in (health.problem or "")
+    assert health.blocked and str(status) in (health.problem or "")
     assert titles(server) == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
-    assert [e["event"] for e in logs].count("pushover_refused") == 1
+    assert [e["event"] for e in logs].count(said) == 1
     assert [r[1] for r in outbox(journal)] == ["sent", "sent"]
     assert notifier.health().problem is None
 
