@@ -70,31 +70,43 @@ class AheadGuard:
     """Drops streamed bars stamped far ahead of where the stream's bars usually are.
 
     The lead of a bar is its start minus its receive time: about -1 s live, -15 min on a delayed feed,
-    anything on a rehearsal whose server keeps its own clock; steady either way. A late bar only lowers
-    it, so the guard keeps each symbol's highest lead (0, the receive clock, before the first bar) and
-    drops a bar more than MAX_LEAD_JUMP_MS above it. NEW_LEAD_BARS such bars in a row are taken as the
-    new lead, so a reset clock, or a server on a clock of its own, costs a few bars.
+    anything on a rehearsal whose server keeps its own clock; steady either way, and one clock for every
+    symbol of the stream. A late bar only lowers it, so the guard keeps the highest lead so far (0, the
+    receive clock, before the first bar) and drops a bar more than MAX_LEAD_JUMP_MS above it.
+    NEW_LEAD_BARS such bars in a row are taken as the new lead, so a reset clock, or a server on a clock
+    of its own, costs a few bars.
     """
 
     __slots__ = ("_top", "_suspects")
 
     def __init__(self) -> None:
-        self._top: dict[str, int] = {}
-        self._suspects: dict[str, int] = {}
+        self._top: int | None = None
+        self._suspects = 0
 
-    def admits(self, bar: Bar) -> bool:
-        """Whether the bar is within reach of its symbol's usual lead (it then updates the lead)."""
-        lead, sym = bar.start_ms - bar.received_ms, bar.sym
-        top = self._top.get(sym, 0)
-        if lead <= top + MAX_LEAD_JUMP_MS:
-            self._top[sym] = lead if lead > top or sym not in self._top else top
-            self._suspects[sym] = 0
+    def keep(self, bars: tuple[Bar, ...], received_ms: int) -> tuple[Bar, ...]:
+        """The bars of one frame that are within reach of the stream's lead (which they then move)."""
+        top = self._top
+        limit = (top or 0) + MAX_LEAD_JUMP_MS
+        highest = top
+        for bar in bars:
+            lead = bar.start_ms - received_ms
+            if lead > limit:
+                return tuple(bar for bar in bars if self._admits(bar.start_ms - received_ms))
+            if highest is None or lead > highest:
+                highest = lead
+        self._top, self._suspects = highest, 0
+        return bars
+
+    def _admits(self, lead: int) -> bool:
+        top = self._top
+        if lead <= (top or 0) + MAX_LEAD_JUMP_MS:
+            self._top = lead if top is None or lead > top else top
+            self._suspects = 0
             return True
-        suspects = self._suspects.get(sym, 0) + 1
-        if suspects < NEW_LEAD_BARS:
-            self._suspects[sym] = suspects
+        self._suspects += 1
+        if self._suspects < NEW_LEAD_BARS:
             return False
-        self._top[sym], self._suspects[sym] = lead, 0
+        self._top, self._suspects = lead, 0
         return True
 
 
@@ -136,14 +148,14 @@ class FeedDecoder:
         if parsed.statuses:
             counters.statuses.extend(parsed.statuses)
             del counters.statuses[:-20]
-        bars = [bar for bar in parsed.bars if self._ahead.admits(bar)]
+        bars = self._ahead.keep(parsed.bars, received_ms) if parsed.bars else parsed.bars
         if len(bars) < len(parsed.bars):
             counters.ahead_bars += len(parsed.bars) - len(bars)
             counters.bad_events += len(parsed.bars) - len(bars)
         if parsed.quotes:
             counters.stream_quotes += len(parsed.quotes)
             return [*bars, *(ContractSnapshot(received_ms, q, "stream") for q in parsed.quotes)]
-        return bars
+        return list(bars)
 
     def rest(self, received_ms: int, path: str, status: int, body: object) -> list[Event]:
         """One REST answer → events. A failed answer drops any partial chain: the previous chain stays.
