@@ -60,8 +60,10 @@ class FeedCounters:
         return self.bad_frames + self.bad_events - self.bad_frame_events
 
 
-# How far a streamed bar's start may run ahead of the stream's usual lead over the receive clock.
-MAX_LEAD_JUMP_MS = 10_000
+# How far a streamed bar's start may run ahead of the stream's usual lead over the receive clock. A minute:
+# a bar a minute ahead can cost at most a minute of bars, and a server that fast-forwards (a rehearsal
+# replaying bars faster than its clock) moves the lead by less than that from one frame to the next.
+MAX_LEAD_JUMP_MS = 60_000
 # This many such bars in a row are a new lead (the vendor's or this machine's clock was reset), not outliers.
 NEW_LEAD_BARS = 5
 
