@@ -125,12 +125,19 @@ def build_year_tables(first_year: int, last_year: int) -> Mapping[int, YearTable
     gets a table, and a date that is not in its year's table has no session. Memoised (the tables
     are read-only): a sweep makes a calendar per cell and day, and building costs ~50 ms each time.
     """
-    import exchange_calendars as xcals
+    import warnings
 
-    xnys = xcals.get_calendar("XNYS", start=f"{first_year}-01-01", end=f"{last_year}-12-31")
-    schedule = xnys.schedule
+    with warnings.catch_warnings():
+        # exchange_calendars' own use of pandas draws deprecation and performance notices (on stderr, at
+        # a daemon's start) that no user of this program can act on.
+        warnings.simplefilter("ignore")
+        import exchange_calendars as xcals
+
+        xnys = xcals.get_calendar("XNYS", start=f"{first_year}-01-01", end=f"{last_year}-12-31")
+        schedule = xnys.schedule
+        opens, closes = list(schedule["open"]), list(schedule["close"])
     tables: dict[int, dict[datetime.date, Hours]] = {y: {} for y in range(first_year, last_year + 1)}
-    for label, open_ts, close_ts in zip(schedule.index, schedule["open"], schedule["close"], strict=True):
+    for label, open_ts, close_ts in zip(schedule.index, opens, closes, strict=True):
         day = label.date()
         tables[day.year][day] = Hours(open_ts.value // 1_000_000, close_ts.value // 1_000_000)
     return MappingProxyType({year: MappingProxyType(table) for year, table in tables.items()})

@@ -240,6 +240,7 @@ def warm_cache(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pandas notices about exchange_calendars internals
 def test_cache_gives_exactly_the_sessions_of_exchange_calendars(tmp_path, monkeypatch, uncached) -> None:
     rules = Rules()
     folder = tmp_path / "data" / "calendar"
