@@ -339,6 +339,7 @@ class DeliveryHealth:
     channel: str
     problem: str | None
     blocked: bool
+    gave_up: str | None = None  # alerts this process stopped trying to send, and the last one's error
 
 
 class Notifier:
@@ -395,6 +396,7 @@ class Notifier:
         self._held_problem = ""
         self._timeouts: dict[str, int] = {}
         self._disabled_reason: str | None = None
+        self._gave_up: list[str] = []  # "KIND (error)" of each alert given up on, for /health
 
     @property
     def disabled_reason(self) -> str | None:
@@ -405,12 +407,18 @@ class Notifier:
         """Which channel alerts take now and what, if anything, is wrong with Pushover."""
         if self._client is None:
             return DeliveryHealth("log", None, False)
+        gave_up = self._gave_up_text()
         problem = self._problem()
         if problem is None:
-            return DeliveryHealth("pushover", None, False)
+            return DeliveryHealth("pushover", None, False, gave_up)
         if self._fallback is not None:
-            return DeliveryHealth("fallback", problem, False)
-        return DeliveryHealth("pushover", problem, self._cannot_deliver())
+            return DeliveryHealth("fallback", problem, False, gave_up)
+        return DeliveryHealth("pushover", problem, self._cannot_deliver(), gave_up)
+
+    def _gave_up_text(self) -> str | None:
+        if not self._gave_up:
+            return None
+        return f"{len(self._gave_up)} alert(s) not delivered, the last: {self._gave_up[-1]}"
 
     def _problem(self) -> str | None:
         if self._disabled_reason is not None:
@@ -601,6 +609,7 @@ class Notifier:
         self._journal.mark_failed(
             item.id, f"{result.error}; timed out {MAX_TIMEOUTS} times, may have arrived"
         )
+        self._gave_up.append(f"{item.kind} (timed out {MAX_TIMEOUTS} times, may have arrived)")
         log.error(
             "pushover_timed_out_twice",
             action="moving on: the alert may or may not have reached the phone",
@@ -645,6 +654,7 @@ class Notifier:
 
     def _on_rejected(self, item: OutboxItem, result: SendResult) -> None:
         self._journal.mark_failed(item.id, result.error)
+        self._gave_up.append(f"{item.kind} ({result.error})")
         log.error("pushover_rejected", error=result.error, **_fields(item, result))
         _warn_if_quota_low(result.remaining)
 

@@ -517,6 +517,8 @@ class Daemon:
         degraded = []
         if delivery.problem:
             (failing if delivery.blocked else degraded).append(delivery.problem)
+        if delivery.gave_up:
+            degraded.append(delivery.gave_up)
         journal = self.writer.health()
         if journal.failing:
             degraded.append(
@@ -562,7 +564,12 @@ class Daemon:
 
     def _delivery_fields(self) -> dict[str, object]:
         delivery = self.notifier.health()
-        return {"channel": delivery.channel, "problem": delivery.problem, "blocked": delivery.blocked}
+        return {
+            "channel": delivery.channel,
+            "problem": delivery.problem,
+            "blocked": delivery.blocked,
+            "not_delivered": delivery.gave_up,
+        }
 
     def _session_loop(self) -> None:
         """Connect the stream a few minutes before each open, disconnect after the close, idle between."""

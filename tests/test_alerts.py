@@ -619,6 +619,30 @@ def test_a_403_or_a_foreign_4xx_page_refuses_the_service_not_the_alert(
     assert result.refused_for_now is refused and not result.ok
 
 
+def test_an_alert_given_up_on_stays_in_health_with_its_error(journal: Journal) -> None:
+    answer = httpx.Response(
+        200, json={"status": 0, "errors": ["application is over its limit"], "request": "r"}
+    )
+    client = PushoverClient(
+        TOKEN,
+        USER,
+        "http://pushover.invalid/1/messages.json",
+        transport=httpx.MockTransport(lambda _r: answer),
+    )
+    journal.record([alert(1), alert(2)])
+    notifier = make_notifier(journal, client)
+    assert notifier.health().gave_up is None
+
+    assert notifier.drain_once() == 0
+
+    assert [r[1] for r in outbox(journal)] == ["failed", "failed"]  # Pushover: never repeat such a request
+    health = notifier.health()
+    assert health.problem is None and not health.blocked
+    assert (
+        health.gave_up == "2 alert(s) not delivered, the last: SELL (HTTP 200: application is over its limit)"
+    )
+
+
 def test_form_for_an_item_is_exact() -> None:
     item = OutboxItem(7, "SELL:t1", "SELL", "title", "body", 1, 1_759_415_400_999, 0)
 
