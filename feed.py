@@ -87,9 +87,8 @@ class AheadGuard:
 
     def keep(self, bars: tuple[Bar, ...], received_ms: int) -> tuple[Bar, ...]:
         """The bars of one frame that are within reach of the stream's lead (which they then move)."""
-        top = self._top
-        limit = (top or 0) + MAX_LEAD_JUMP_MS
-        highest = top
+        limit = self._limit()
+        highest = self._top
         for bar in bars:
             lead = bar.start_ms - received_ms
             if lead > limit:
@@ -99,9 +98,13 @@ class AheadGuard:
         self._top, self._suspects = highest, 0
         return bars
 
+    def _limit(self) -> int:
+        """The highest lead a bar may have: MAX_LEAD_JUMP_MS above the stream's (0 before any bar)."""
+        return (self._top or 0) + MAX_LEAD_JUMP_MS
+
     def _admits(self, lead: int) -> bool:
         top = self._top
-        if lead <= (top or 0) + MAX_LEAD_JUMP_MS:
+        if lead <= self._limit():
             self._top = lead if top is None or lead > top else top
             self._suspects = 0
             return True

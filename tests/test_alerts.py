@@ -549,6 +549,16 @@ def test_echoed_keys_in_an_error_body_are_masked(journal: Journal) -> None:
     assert "token=aTes…(30 chars)" in result.error
 
 
+def answering(response: httpx.Response) -> PushoverClient:
+    """A client whose every request gets `response` (no socket: the classification alone is under test)."""
+    return PushoverClient(
+        TOKEN,
+        USER,
+        "http://pushover.invalid/1/messages.json",
+        transport=httpx.MockTransport(lambda _r: response),
+    )
+
+
 @pytest.mark.parametrize(
     ("response", "expected"),
     [
@@ -580,12 +590,7 @@ def test_echoed_keys_in_an_error_body_are_masked(journal: Journal) -> None:
 def test_answers_are_classified_like_pushover_asks(
     journal: Journal, response: httpx.Response, expected: tuple[bool, bool, bool]
 ) -> None:
-    client = PushoverClient(
-        TOKEN,
-        USER,
-        "http://pushover.invalid/1/messages.json",
-        transport=httpx.MockTransport(lambda _r: response),
-    )
+    client = answering(response)
     journal.record([alert(1)])
 
     result = client.send(journal.pending()[0])
@@ -608,12 +613,7 @@ def test_answers_are_classified_like_pushover_asks(
 def test_a_403_or_a_foreign_4xx_page_refuses_the_service_not_the_alert(
     journal: Journal, response: httpx.Response, refused: bool
 ) -> None:
-    client = PushoverClient(
-        TOKEN,
-        USER,
-        "http://pushover.invalid/1/messages.json",
-        transport=httpx.MockTransport(lambda _r: response),
-    )
+    client = answering(response)
     journal.record([alert(1)])
     result = client.send(journal.pending()[0])
     assert result.refused_for_now is refused and not result.ok
@@ -623,12 +623,7 @@ def test_an_alert_given_up_on_stays_in_health_with_its_error(journal: Journal) -
     answer = httpx.Response(
         200, json={"status": 0, "errors": ["application is over its limit"], "request": "r"}
     )
-    client = PushoverClient(
-        TOKEN,
-        USER,
-        "http://pushover.invalid/1/messages.json",
-        transport=httpx.MockTransport(lambda _r: answer),
-    )
+    client = answering(answer)
     journal.record([alert(1), alert(2)])
     notifier = make_notifier(journal, client)
     assert notifier.health().gave_up is None
