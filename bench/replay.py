@@ -3,9 +3,11 @@
 1. bars/s net: the whole replay process on a full regular day (23,400 one-second IWM bars, each with
    its SPY benchmark bar in the same frame) minus the same command on a tiny tape, best of N runs,
    each into a fresh DATA_DIR.
-2. the naive per-bar recompute (every window recomputed from scratch at every bar, plain Python) over
+2. reading alone: inflating the full tape and parsing each line's JSON, nothing validated or decided
+   (the ceiling of any replay of that tape).
+3. the naive per-bar recompute (every window recomputed from scratch at every bar, plain Python) over
    the same bars, in bars/s, and the replay's multiple of it.
-3. where a replay's time goes: a cProfile of one replay process, by area, and its top 15 functions.
+4. where a replay's time goes: a cProfile of one replay process, by area, and its top 15 functions.
 
 Run from the repo root: python bench/replay.py [--repeat N] [--naive-rounds N] [--no-profile]
 """
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from config import Rules  # noqa: E402 - needs the repo root on sys.path
 from events import Bar  # noqa: E402
 from market_calendar import ny_ms  # noqa: E402
 from signals import SLOPE_NOISE, FeatureEngine, Features  # noqa: E402
-from tape import TapeWriter  # noqa: E402
+from tape import TapeWriter, loads_json  # noqa: E402
 
 DAY = datetime.date(2025, 10, 2)
 FULL_DAY_BARS = 23_400
@@ -192,6 +195,22 @@ def naive_check(bars: list[Bar], rules: Rules, naive: list[tuple[Any, ...]]) -> 
     return worst
 
 
+def read_floor_seconds(tape: Path, repeat: int) -> float:
+    """Best wall seconds to inflate the whole tape at once and parse every line's JSON, nothing more.
+
+    No validation, no bar, no feature, no decision: the least any replay that reads this tape in
+    Python must spend, so FULL_DAY_BARS over it is the ceiling of the replay's bars/s.
+    """
+    best = math.inf
+    for _ in range(repeat):
+        started = time.perf_counter()
+        text = zlib.decompress(tape.read_bytes(), 16 + zlib.MAX_WBITS)
+        records = [loads_json(line) for line in text.split(b"\n") if line]
+        best = min(best, time.perf_counter() - started)
+        assert len(records) > FULL_DAY_BARS  # the meta line and every frame
+    return best
+
+
 def profile_areas(tape: Path, folder: Path) -> tuple[dict[str, float], float, pstats.Stats]:
     """Seconds by area of one profiled replay process, its total, and the raw stats."""
     out = folder / "replay.prof"
@@ -234,6 +253,9 @@ def main() -> None:
               f"best {min(runs[full]):.3f} s; runs {', '.join(f'{t:.2f}' for t in runs[full])}")  # fmt: skip
         print(f"replay, tiny tape ({TINY_BARS} bars): best {min(runs[tiny]):.3f} s")
         print(f"replay net of start-up: {net:.3f} s = {replay_rate:,.0f} bars/s (target >= 250,000)")
+        floor = read_floor_seconds(full, args.repeat)
+        print(f"reading alone (inflate + JSON of every line, nothing decided): {floor:.3f} s = "
+              f"{FULL_DAY_BARS / floor:,.0f} bars/s, the ceiling of any replay of this tape")  # fmt: skip
         bars = decoded_bars(FULL_DAY_BARS)
         naive_times = []
         for _ in range(args.naive_rounds):
