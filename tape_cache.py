@@ -11,6 +11,11 @@ put one there from elsewhere. Its name carries a key of everything the output de
 tape file (path, size, modification time), the decoder's rules, the Python version and the source
 of the decoding (or feature) modules, so editing a parser makes every cached tape stale. A file that cannot be
 read is rebuilt; a cache that cannot be written (disk full, read-only) is skipped with a warning.
+
+Stale copies are removed, not left to fill the disk that the live journal may share: a name ends with
+its generation (`-g` and a digest of the Python version and the modules' source), and writing a copy
+removes the folder's copies of every other generation. Two checkouts of different code sharing one
+DATA_DIR therefore decode again after each other: a cost in time, never a wrong result.
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ def cache_path(tape: Path, rules: Rules, cache_dir: Path) -> Path:
         _code_fingerprint(),
     ]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"{tape.name.split('.')[0]}-{key}{SUFFIX}"
+    return Path(cache_dir) / f"{tape.name.split('.')[0]}-{key}{_generation(DECODING_MODULES)}{SUFFIX}"
 
 
 def features_path(tape: Path, rules: Rules, cache_dir: Path) -> Path:
@@ -140,7 +145,8 @@ def features_path(tape: Path, rules: Rules, cache_dir: Path) -> Path:
     decoded = cache_path(tape, rules, cache_dir)
     parts = [decoded.name, repr(market_key(rules)), _code_fingerprint(FEATURE_MODULES)]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
-    return decoded.with_name(f"{tape.name.split('.')[0]}-{key}{FEATURES_SUFFIX}")
+    generation = _generation(DECODING_MODULES + FEATURE_MODULES)
+    return decoded.with_name(f"{tape.name.split('.')[0]}-{key}{generation}{FEATURES_SUFFIX}")
 
 
 def read_features(path: Path) -> list[Features] | None:
@@ -161,6 +167,34 @@ def _code_fingerprint(modules: tuple[str, ...] = DECODING_MODULES) -> str:
     for name in modules:
         digest.update((HERE / name).read_bytes())
     return digest.hexdigest()
+
+
+@functools.cache
+def _generation(modules: tuple[str, ...]) -> str:
+    """The tag that ends the names of copies this Python and these modules' source write."""
+    digest = hashlib.sha256(f"{sys.version}\0{_code_fingerprint(modules)}".encode())
+    return f"-g{digest.hexdigest()[:10]}"
+
+
+def _remove_other_generations(path: Path) -> None:
+    """Remove the copies beside `path` (of its kind) that another generation wrote: nothing reads them."""
+    suffix = path.suffix
+    current = path.name[path.name.rindex("-g") :]
+    try:
+        stale = [
+            entry
+            for entry in path.parent.iterdir()
+            if entry.name.endswith(suffix)
+            and not entry.name.endswith(current)
+            and not entry.name.startswith(".")
+        ]
+    except OSError:
+        return
+    for entry in stale:
+        with contextlib.suppress(OSError):  # another process may remove it first
+            entry.unlink()
+    if stale:
+        structlog.get_logger("tape_cache").info("cache_pruned", folder=str(path.parent), files=len(stale))
 
 
 def _read(path: Path) -> object:
@@ -193,6 +227,7 @@ def _write(path: Path, value: object) -> None:
         with open(partial, "wb") as handle:
             pickle.dump(value, handle, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(partial, path)
+        _remove_other_generations(path)
     except OSError as exc:
         with contextlib.suppress(OSError):
             partial.unlink()

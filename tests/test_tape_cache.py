@@ -131,3 +131,39 @@ def test_recorded_features_refuse_a_bar_they_were_not_computed_for():
     served.update(bars[4])
     with pytest.raises(ValueError, match="no recorded features left"):
         served.update(bars[5])
+
+
+def test_writing_a_copy_removes_the_copies_other_code_wrote(short_tapes, tmp_path):
+    tape = short_tapes[0]
+    current = cache_path(tape, RULES, tmp_path)
+    stem = tape.name.split(".")[0]
+    stale = [
+        tmp_path / f"{stem}-0123456789abcdef0123.decoded",  # named before generations existed
+        tmp_path / f"{stem}-0123456789abcdef0123-g0000000000.decoded",
+        tmp_path / "2025-10-07-0123456789abcdef0123-g0000000000.decoded",  # another day, same old code
+    ]
+    kept = [
+        tmp_path
+        / f"{stem}-0123456789abcdef0123-g0000000000.features",  # another kind: its own writes prune it
+        tmp_path / f".{current.name}.999.partial",  # another process's copy being written
+        tmp_path / "notes.txt",
+    ]
+    for path in stale + kept:
+        path.write_bytes(b"old")
+    with capture_logs() as logs:
+        load_decoded(tape, RULES, tmp_path)
+    assert sorted(tmp_path.iterdir()) == sorted([current, *kept])
+    assert [(e["event"], e["files"]) for e in logs] == [("cache_pruned", 3)]
+    assert len(load_decoded(tape, RULES, tmp_path).lines) == len(decode_tape(tape, RULES).lines)
+
+
+def test_a_features_write_removes_features_of_other_code_only(short_tapes, tmp_path):
+    tape = short_tapes[1]
+    stem = tape.name.split(".")[0]
+    old_features = tmp_path / f"{stem}-0123456789abcdef0123-g0000000000.features"
+    old_features.write_bytes(b"old")
+    assert trades_of(tape, tmp_path) == trades_of(tape, None) != ()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(
+        [cache_path(tape, RULES, tmp_path).name, features_path(tape, RULES, tmp_path).name]
+    )
