@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
     from clock import Clock
     from daemon import Daemon
+    from pnl_tracker import Journal
+    from replay import ReplayResult, RunSummary
 
 EXIT_OK, EXIT_CONFIG = 0, 2
 
@@ -226,50 +228,19 @@ def run_replay(
     `fresh` moves the old replay journal aside first. The run ends with a summary of THIS run on
     stdout: a readable block on a terminal, else one JSON line. A file with no tape line exits 2.
     """
-    import json
-
-    import structlog
-
     from alerts import Notifier, PushoverClient
     from clock import WallClock
     from market_calendar import MarketCalendar
-    from pnl_tracker import Journal, JournalError
-    from replay import (
-        NotATape,
-        check_tape,
-        move_aside,
-        render_summary,
-        replay_tape,
-        resume_note,
-        saved_line,
-        summarize_run,
-    )
+    from replay import replay_tape, resume_note, saved_line, summarize_run
 
-    if not tape.is_file():
-        print(f"No such tape: {tape}", file=sys.stderr)
+    problem = replay_problem(settings, tape, notify=notify)
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        check_tape(tape)
-    except NotATape as exc:
-        print(str(exc), file=sys.stderr)
+    opened = open_replay_journal(settings.data_dir / "replay.sqlite3", fresh=fresh)
+    if opened is None:
         return EXIT_CONFIG
-    if notify and not (settings.pushover_token and settings.pushover_user_key):
-        print("--notify needs PUSHOVER_TOKEN and PUSHOVER_USER_KEY.", file=sys.stderr)
-        return EXIT_CONFIG
-    log = structlog.get_logger("replay")
-    journal_path = settings.data_dir / "replay.sqlite3"
-    moved = move_aside(journal_path) if fresh else None
-    if fresh:
-        old = f"previous replay journal moved to {moved}" if moved else "there was no replay journal"
-        print(f"--fresh: {old}; starting a new one at {journal_path}", file=sys.stderr)
-    try:
-        journal = Journal(journal_path, check=True)
-    except JournalError as exc:
-        print(
-            f"{exc}. Start this replay on a new journal with --fresh (the old one is kept aside).",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
+    journal, moved = opened
     known_before = [t.trade_id for t in journal.trades()]
     note = resume_note(tape, saved_line(journal, tape.name))
     if note and speed is not None:  # a paced replay takes a while: say at once; the summary says it once more
@@ -293,7 +264,54 @@ def run_replay(
     if notify:
         notifier.flush(deadline_s=60.0)
     summary = summarize_run(result, tape=tape, journal=journal, known_before=known_before, moved_aside=moved)
-    log.info(
+    journal.close()
+    return print_replay_summary(result, summary)
+
+
+def replay_problem(settings: Settings, tape: Path, *, notify: bool) -> str | None:
+    """Why this replay cannot start (no such file, not a tape, --notify without Pushover keys), or None."""
+    from replay import NotATape, check_tape
+
+    if not tape.is_file():
+        return f"No such tape: {tape}"
+    try:
+        check_tape(tape)
+    except NotATape as exc:
+        return str(exc)
+    if notify and not (settings.pushover_token and settings.pushover_user_key):
+        return "--notify needs PUSHOVER_TOKEN and PUSHOVER_USER_KEY."
+    return None
+
+
+def open_replay_journal(journal_path: Path, *, fresh: bool) -> tuple[Journal, Path | None] | None:
+    """The replay journal (moved aside first with `fresh`) and where the old one went; None (said on
+    stderr) when the journal cannot be used."""
+    from pnl_tracker import Journal, JournalError
+    from replay import move_aside
+
+    moved = move_aside(journal_path) if fresh else None
+    if fresh:
+        old = f"previous replay journal moved to {moved}" if moved else "there was no replay journal"
+        print(f"--fresh: {old}; starting a new one at {journal_path}", file=sys.stderr)
+    try:
+        return Journal(journal_path, check=True), moved
+    except JournalError as exc:
+        print(
+            f"{exc}. Start this replay on a new journal with --fresh (the old one is kept aside).",
+            file=sys.stderr,
+        )
+        return None
+
+
+def print_replay_summary(result: ReplayResult, summary: RunSummary) -> int:
+    """Log the run and print its summary: a readable block on a terminal, else one JSON line."""
+    import json
+
+    import structlog
+
+    from replay import render_summary
+
+    structlog.get_logger("replay").info(
         "replay_done",
         lines=result.lines,
         bad_lines=result.bad_lines,
@@ -303,7 +321,6 @@ def run_replay(
         trades=summary.trades,
         still_pending=summary.pending_alerts,
     )
-    journal.close()
     if sys.stdout.isatty():
         print(render_summary(summary), flush=True)
         return EXIT_OK
