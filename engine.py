@@ -69,6 +69,8 @@ from signals import Features
 
 CRITICAL_LATCH = "critical_loss_latched"
 PEAK_SAVE_MS = 1000
+# How far ahead of the engine clock a quote's stamp can hold back the quotes after it.
+QUOTE_AHEAD_MS = 2000
 FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
 
 
@@ -426,7 +428,7 @@ class Engine:
             bid=quote.bid,
         )
         self.position = position
-        self._mark_quote_ms = quote.quote_ms
+        self._mark_quote_ms = None if quote.quote_ms is None else self._capped_quote_ms(quote.quote_ms)
         self._peak_saved_ms, self._peak_dirty = self._now, False
         self.mark_source = "chain"
         actions.append(open_action(position))
@@ -480,13 +482,19 @@ class Engine:
             self.marks.stale += 1
             return
         if quote_ms is not None:
-            self._mark_quote_ms = quote_ms
+            self._mark_quote_ms = self._capped_quote_ms(quote_ms)
         self.marks.count(source)
         self.mark_source = source
         assert quote.bid is not None
         moved = with_mark(position, mid, quote.bid)
         self._peak_dirty = self._peak_dirty or moved.peak != position.peak
         self.position = moved
+
+    def _capped_quote_ms(self, quote_ms: int) -> int:
+        """The stamp later quotes of the held contract must not be older than. A quote stamped ahead of
+        the clock (a bad or skewed stamp) counts as stamped QUOTE_AHEAD_MS ahead at most: one stamp
+        from tomorrow must not make every real quote "older" and freeze the mark exits read."""
+        return min(quote_ms, self._now + QUOTE_AHEAD_MS)
 
     def _save_peak_if_due(self, actions: list[Action]) -> None:
         # A streamed contract can quote hundreds of times a second: the peak is written at most once

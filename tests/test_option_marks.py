@@ -97,6 +97,23 @@ def test_invalid_crossed_zero_bid_and_older_quotes_change_nothing():
     assert [c.reason for c in closes(newer)] == ["Stop loss"]  # a newer REST quote counts like any other
 
 
+def test_a_quote_stamped_tomorrow_cannot_freeze_the_mark_of_the_stop():
+    """One quote (streamed or REST) stamped a day ahead used to make every real quote after it
+    "older": the mark froze and the stop never fired."""
+    day_ms = 86_400_000
+    for ahead in (
+        streamed(ENTRY_BAR_START + 2000, 1.20, 1.22, quote_ms=ENTRY_BAR_START + 2000 + day_ms),
+        ContractSnapshot(ENTRY_BAR_START + 2000, quote(bid=1.2, ask=1.22, quote_ms=ENTRY_BAR_START + day_ms)),
+    ):
+        eng = holding()
+        assert closes(feed(eng, [ahead])) == [] and eng.position.mark == 1.21
+        t = ENTRY_BAR_START + 2000
+        assert closes(feed(eng, [streamed(t + 1000, 0.70, 0.72)])) == [], "within the 2 s a stamp may lead"
+        (close,) = closes(feed(eng, [streamed(t + 2500, 0.70, 0.72)]))
+        assert (close.reason, close.exit_price) == ("Stop loss", 0.7)
+        assert eng.marks.stale == 1
+
+
 def test_a_chain_snapshot_older_than_the_streamed_mark_is_ignored():
     eng = holding()
     t = ENTRY_BAR_START + 2000
