@@ -68,7 +68,12 @@ from risk_manager import (
 from signals import Features
 
 CRITICAL_LATCH = "critical_loss_latched"
+# A streamed contract can quote hundreds of times a second, and each save is an fsync: a new peak is
+# written at most once a second of engine time, a mark or bid that moved without a new peak at most
+# every MARK_SAVE_MS (a restart exits at the saved bid until a quote comes). The SELL's close carries
+# the final peak in its own transaction.
 PEAK_SAVE_MS = 1000
+MARK_SAVE_MS = 5000
 # How far ahead of the engine clock a quote's stamp can hold back the quotes after it.
 QUOTE_AHEAD_MS = 2000
 FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
@@ -161,8 +166,8 @@ class Engine:
         self.marks = MarkCounters()
         self.mark_source: str | None = None
         self._mark_quote_ms: int | None = None
-        self._peak_saved_ms = 0
-        self._peak_dirty = False
+        self._position_saved_ms = 0
+        self._position_save_due_ms: int | None = None  # when an unsaved change of the position is due
         # The live daemon prices each chain as it arrives, off the BUY's critical path; replays and
         # backtests, which never look at most chains, price one only when a selection needs it. The
         # outcome is the same either way (priced_chain's docstring): only when the work is done differs.
@@ -247,7 +252,7 @@ class Engine:
         elif kind is Tick:
             self._check_stall(now, actions)
         if self.position is not None:
-            self._save_peak_if_due(actions)
+            self._save_position_if_due(actions)
             self._check_exit(now, actions)
         if now >= self._summary_due_ms:
             self._summarise_day(actions)
@@ -429,7 +434,7 @@ class Engine:
         )
         self.position = position
         self._mark_quote_ms = None if quote.quote_ms is None else self._capped_quote_ms(quote.quote_ms)
-        self._peak_saved_ms, self._peak_dirty = self._now, False
+        self._position_saved_ms, self._position_save_due_ms = self._now, None
         self.mark_source = "chain"
         actions.append(open_action(position))
         context = BuyContext(
@@ -487,7 +492,8 @@ class Engine:
         self.mark_source = source
         assert quote.bid is not None
         moved = with_mark(position, mid, quote.bid)
-        self._peak_dirty = self._peak_dirty or moved.peak != position.peak
+        if moved is not position:
+            self._note_unsaved(moved.peak != position.peak)
         self.position = moved
 
     def _capped_quote_ms(self, quote_ms: int) -> int:
@@ -496,19 +502,25 @@ class Engine:
         from tomorrow must not make every real quote "older" and freeze the mark exits read."""
         return min(quote_ms, self._now + QUOTE_AHEAD_MS)
 
-    def _save_peak_if_due(self, actions: list[Action]) -> None:
-        # A streamed contract can quote hundreds of times a second: the peak is written at most once
-        # a second of engine time; the SELL's close carries the final peak in its own transaction.
-        if self._peak_dirty and self._now - self._peak_saved_ms >= PEAK_SAVE_MS:
+    def _note_unsaved(self, new_peak: bool) -> None:
+        due = self._position_saved_ms + (PEAK_SAVE_MS if new_peak else MARK_SAVE_MS)
+        pending = self._position_save_due_ms
+        self._position_save_due_ms = due if pending is None else min(pending, due)
+
+    def _save_position_if_due(self, actions: list[Action]) -> None:
+        due = self._position_save_due_ms
+        if due is not None and self._now >= due:
             assert self.position is not None
             self._set_position(self.position, actions)
 
     def _set_position(self, position: Position, actions: list[Action]) -> None:
         self.position = position
-        self._peak_dirty = False
-        self._peak_saved_ms = self._now
+        self._position_save_due_ms = None
+        self._position_saved_ms = self._now
         actions.append(
-            UpdatePosition(position.trade_id, position.peak, position.mark, position.below_vwap_since_ms)
+            UpdatePosition(
+                position.trade_id, position.peak, position.mark, position.below_vwap_since_ms, position.bid
+            )
         )
 
     def _check_exit(self, now: int, actions: list[Action]) -> None:

@@ -183,16 +183,21 @@ class OpenPosition:
     entry_ms: int
     delta: float
     iv: float | None
+    bid: float | None = None  # the entry quote's bid: the exit price known until the next quote
 
 
 @dataclass(frozen=True, slots=True)
 class UpdatePosition:
-    """The open position's durable follow-up state changed (new peak, VWAP-persistence clock)."""
+    """The open position's durable follow-up state changed (peak, mark and bid, VWAP-persistence clock).
+
+    `bid` None leaves the stored bid as it is.
+    """
 
     trade_id: str
     peak: float
     mark: float
     below_vwap_since_ms: int | None
+    bid: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

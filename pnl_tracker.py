@@ -204,13 +204,15 @@ class Journal:
                 (
                     action.trade_id, action.session_date, action.ticker, action.strike, action.expiry,
                     action.contracts, action.entry_price, action.entry_mark, action.entry_ms, action.delta,
-                    action.iv, action.entry_mark, action.entry_mark, action.entry_price,
+                    action.iv, action.entry_mark, action.entry_mark,
+                    action.entry_price if action.bid is None else action.bid,
                 ),
             )  # fmt: skip
         elif isinstance(action, UpdatePosition):
             self._db.execute(
-                "UPDATE positions SET peak=?, mark=?, below_vwap_since_ms=? WHERE trade_id=? AND open=1",
-                (action.peak, action.mark, action.below_vwap_since_ms, action.trade_id),
+                "UPDATE positions SET peak=?, mark=?, below_vwap_since_ms=?, bid=COALESCE(?, bid)"
+                " WHERE trade_id=? AND open=1",
+                (action.peak, action.mark, action.below_vwap_since_ms, action.bid, action.trade_id),
             )
         elif isinstance(action, ClosePosition):
             self._close(action)

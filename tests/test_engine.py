@@ -389,3 +389,27 @@ def test_a_restart_after_the_close_repeats_the_summary_only_for_the_outbox_to_dr
     assert repeat.message == STOPPED_DAY_SUMMARY  # the day's trades come back from the journal
     assert journal.record(again) == []  # the outbox's unique key keeps it from going out twice
     assert [row[0] for row in journal.outbox_rows()].count("SUMMARY:2025-10-02") == 1
+
+
+def test_a_restart_exits_at_the_last_saved_bid_not_at_the_entry_ask(tmp_path):
+    """The journal used to keep the entry ask as the bid and never the bid of later quotes: a restart
+    followed by an exit without a fresh quote (the time stop, a feed still dead) booked the entry
+    price as the exit and a P&L of zero."""
+    from pathlib import Path
+
+    from pnl_tracker import Journal
+
+    journal = Journal(Path(tmp_path / "journal.sqlite3"))
+    eng = engine()
+    journal.record(feed(eng, [chain(START + 110_000, quote()), *burst_bars(START)]))
+    assert journal.restored_state("2025-10-02").position.bid == eng.position.bid == 1.0  # the entry bid
+    t = ENTRY_BAR_START + 3000
+    journal.record(feed(eng, [contract(t, bid=0.90, ask=0.92)]))  # lower: no new peak, above the stop
+    assert journal.restored_state("2025-10-02").position.bid == 1.0, "a mark without a new peak waits"
+    saved = journal.record(feed(eng, [Tick(t + 5000)]))
+    assert saved == [] and journal.restored_state("2025-10-02").position.bid == 0.9
+
+    restarted = engine()
+    restarted.restore(journal.restored_state("2025-10-02"), "2025-10-02")
+    (close,) = closes(restarted.on_event(Tick(at(15, 55))))
+    assert (close.reason, close.exit_price, close.pnl_dollars) == ("Time stop", 0.9, -12.0)
