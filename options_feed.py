@@ -23,8 +23,9 @@ from config import Settings
 from events import FeedStatus
 from polygon_client import PolygonStream
 
-# No quote on the stream for this long after subscribing, while a REST quote newer than the
-# subscription exists, means the plan does not stream options quotes.
+# No quote on the stream for this long (since subscribing, or since its latest quote), while a REST
+# quote newer than that exists, means the stream is not delivering: no plan for it, or a socket that
+# went quiet while still open.
 NO_QUOTES_AFTER_MS = 15_000
 log = structlog.get_logger("options_feed")
 
@@ -73,8 +74,9 @@ class OptionsFeed:
         self.stream: PolygonStream | None = None
         self._ticker: str | None = None
         self._since_ms = 0
-        self._count_at_subscribe = 0
         self._seen_stream = 0
+        # The engine time of the latest streamed quote that set the mark, and that quote's own stamp.
+        self._last_streamed = (0, 0)
         self._status_problem: str | None = None
         self.problem: str | None = None
 
@@ -110,7 +112,7 @@ class OptionsFeed:
         if ticker == self._ticker:
             return
         self._ticker = ticker
-        self._since_ms, self._count_at_subscribe = now_ms, stream_quotes
+        self._since_ms = now_ms
         if self.stream is not None:
             self.stream.set_topics(self._topics())
         if ticker is not None:
@@ -144,12 +146,16 @@ class OptionsFeed:
         """Judge the stream from what the engine saw (engine thread, every turn)."""
         if stream_quotes > self._seen_stream:
             self._seen_stream = stream_quotes
+            self._last_streamed = (now_ms, mark_quote_ms if mark_quote_ms is not None else now_ms)
             self._restored()
             return
         if self._ticker is None or self.stream is None or self.problem is not None:
             return
-        quiet = stream_quotes == self._count_at_subscribe and now_ms - self._since_ms >= NO_QUOTES_AFTER_MS
-        rest_newer = mark_quote_ms is not None and mark_quote_ms > self._since_ms
+        heard_ms, stamp_ms = self._last_streamed
+        if heard_ms < self._since_ms:  # nothing streamed for this contract yet
+            heard_ms = stamp_ms = self._since_ms
+        quiet = now_ms - heard_ms >= NO_QUOTES_AFTER_MS
+        rest_newer = mark_quote_ms is not None and mark_quote_ms > stamp_ms
         if not (quiet and rest_newer):
             return
         if self.stream.connected:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from builders import at
 from test_daemon import API_KEY, SPEED, fakes, kinds, settings_for, start_daemon, stop_daemon, wait_for
@@ -118,6 +120,31 @@ def test_a_dropped_options_stream_falls_back_then_comes_back(market, tmp_path):
     texts = feed_texts(pushover)
     assert trades(pushover) == ["BUY", "SELL"]
     assert len(texts) == 2 and "disconnected" in texts[0] and "streaming again" in texts[1]
+
+
+def test_an_options_stream_gone_quiet_after_quoting_falls_back_then_comes_back(market, tmp_path):
+    """The socket stays up and answers pings but brings no quote while REST shows the contract quoting:
+    this used to count as streaming for as long as the position lasted. Wide exits keep it held."""
+    rules = Rules(
+        stop_loss_percent=90, max_giveback_percent=95, tighten_giveback_percent=95, vwap_exit_blocks=50
+    )
+    with fakes(market, START) as (pushover, polygon, clock):
+        settings = dataclasses.replace(settings_for(polygon, pushover, tmp_path), rules=rules)
+        daemon, stop, thread = start_daemon(settings, clock)
+        try:
+            assert wait_for(lambda: daemon.engine.marks.stream > 0, 40)
+            polygon.options_silent(True)
+            assert wait_for(lambda: feed_texts(pushover) != [], 30), kinds(pushover)
+            health = daemon._snapshot()["marks"]["options_stream"]
+            polygon.options_silent(False)
+            assert wait_for(lambda: len(feed_texts(pushover)) == 2, 30), feed_texts(pushover)
+            held = daemon.engine.position is not None
+        finally:
+            stop_daemon(stop, thread)
+    texts = feed_texts(pushover)
+    assert held and trades(pushover) == ["BUY"]
+    assert "no quote on the options stream while REST shows the contract quoting" in texts[0]
+    assert health.startswith("fallback to REST") and "streaming again" in texts[1]
 
 
 def test_a_quote_storm_keeps_the_queue_short_and_the_alerts_right(market, tmp_path):
