@@ -16,6 +16,7 @@ the tape cannot be written (`delivery.py`); one daemon per DATA_DIR (`instance_l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import queue
@@ -343,9 +344,12 @@ class Daemon:
             self._deliver_notice(SystemNotice("SYSTEM", text, PRIORITY_NORMAL), self.clock.now_ms())
 
     def _deliver_notice(self, notice: SystemNotice, now: int) -> None:
+        # The same words twice in a minute are one alert (a flapping cause); other words are another
+        # alert (two threads failing in one minute, an options fallback beside a stale mark).
         minute = ny_datetime(now).strftime("%Y-%m-%dT%H:%M")
         title = f"{self.rules.underlying} alerter — {notice.kind.replace('_', ' ')}"
-        key = f"{notice.kind}:{minute}"
+        words = hashlib.sha256(notice.text.encode()).hexdigest()[:8]
+        key = f"{notice.kind}:{minute}:{words}"
         self.pipeline.deliver([Alert(notice.kind, key, title, notice.text, notice.priority, now)])
 
     def _after_turn(self, pause_file: Path) -> None:

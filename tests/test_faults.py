@@ -272,6 +272,22 @@ def test_a_crashing_thread_is_restarted_reported_once_and_shown_in_health():
     assert while_down == [] or "poller" in while_down[0]
 
 
+def test_two_threads_failing_in_one_minute_are_two_alerts_and_a_repeat_is_one(market, tmp_path):
+    """A notice's key was its kind and minute: the second thread to fail in a minute was never said."""
+    with (
+        fakes(market, at(10, 4)) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread),
+    ):
+        assert wait_for(lambda: "START" in kinds(pushover), 10)
+        daemon._thread_crashed("poller", "RuntimeError: one")
+        daemon._thread_crashed("poller", "RuntimeError: one")
+        daemon._thread_crashed("notifier", "OSError: two")
+        assert wait_for(lambda: kinds(pushover).count("SYSTEM") >= 2, 10)
+        time.sleep(0.5)
+    texts = [m.form["message"] for m in pushover.messages if m.form["title"].endswith("SYSTEM")]
+    assert len(texts) == 2 and "poller" in texts[0] and "notifier" in texts[1]
+
+
 def test_every_thread_is_listed_in_health_and_a_dead_one_is_failing(market, tmp_path):
     start = at(10, 4)
     with (
