@@ -39,6 +39,8 @@ STOP_POLL_S = 0.5
 # into an httpx.Timeout with the client: httpx is imported only by a process that sends.
 SEND_TIMEOUT_S = 20.0
 CONNECT_TIMEOUT_S = 5.0
+# The whole request, however slowly Pushover (or a proxy in the way) trickles its answer.
+REQUEST_DEADLINE_S = 20.0
 DOWN_BEFORE_FALLBACK_S = 60.0
 QUOTA_RETRY_S = 300.0
 # A 403, or a 4xx page that is not Pushover's JSON (a proxy, a firewall, Pushover's block of an IP that
@@ -164,13 +166,17 @@ class PushoverClient:
         *,
         transport: httpx.BaseTransport | None = None,
         timeout: httpx.Timeout | float | None = None,
+        deadline_s: float = REQUEST_DEADLINE_S,
         sound_for: Callable[[str], str | None] = lambda _kind: None,
         attachment_for: Callable[[OutboxItem], bytes | None] | None = None,
     ) -> None:
         """`attachment_for`, when given, is asked for each item's image (PNG bytes, or None for none);
         with an image the request goes as multipart/form-data with the image as `attachment`.
-        `timeout` defaults to SEND_TIMEOUT_S per read and CONNECT_TIMEOUT_S to connect."""
+        `timeout` defaults to SEND_TIMEOUT_S per read and CONNECT_TIMEOUT_S to connect; without a
+        `transport` of the caller's, each whole request also ends within `deadline_s`."""
         import httpx  # here, not at the top: a command that never sends (--status, --replay without --notify) skips it
+
+        from http_deadline import DeadlineTransport
 
         self._sound_for = sound_for
         self._attachment_for = attachment_for
@@ -180,6 +186,7 @@ class PushoverClient:
         # One client, so bursts reuse one connection (Pushover allows at most two).
         if timeout is None:
             timeout = httpx.Timeout(SEND_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        transport = transport or DeadlineTransport(deadline_s, max_connections=2)
         self._http = httpx.Client(transport=transport, timeout=timeout)
 
     def __repr__(self) -> str:

@@ -39,6 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from events import Bar, FeedStatus, OptionQuote, Received
+from http_deadline import DeadlineTransport
 from tape import strip_api_key
 
 _FLOAT_MAX = sys.float_info.max
@@ -954,6 +955,7 @@ class PolygonRest:
         clock_ms: Callable[[], int],
         transport: httpx.BaseTransport | None = None,
         timeout_s: float = 10.0,
+        deadline_s: float = 15.0,
         sleep: Callable[[float], None] = time.sleep,
         max_attempts: int = 4,
         retry_base_s: float = 1.0,
@@ -972,7 +974,8 @@ class PolygonRest:
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
             timeout=timeout_s,
-            transport=transport,
+            # Each attempt ends within deadline_s even when the answer trickles in (http_deadline.py).
+            transport=transport or DeadlineTransport(deadline_s),
         )
         self._log = structlog.get_logger("polygon_rest")
 

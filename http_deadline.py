@@ -1,0 +1,186 @@
+"""An httpx transport whose every request ends by a deadline, however slowly the peer answers.
+
+httpx's timeouts bound each network operation (a connect, one read, one write), so a peer that sends
+one byte every few seconds keeps a request alive for ever: an alert queued behind it never goes out,
+a chain poll never ends (encode/httpx#1450; the maintainers place the fix in httpcore). This transport
+gives httpcore a network backend whose every connect, read and write gets at most what is left of
+the request's deadline; past it they raise httpcore's own timeouts, which reach the caller as the
+usual `httpx.ConnectTimeout`, `httpx.ReadTimeout` or `httpx.WriteTimeout`.
+
+The deadline belongs to the thread that sends (clients here are shared between threads), from the
+start of `handle_request` until its response is closed (httpx reads the body before `post` returns).
+Proxies from the environment are not used: the daemon talks to its two vendors directly.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import certifi
+import httpcore
+import httpx
+
+
+class DeadlineTransport(httpx.BaseTransport):
+    """Plain HTTP/1.1 over a connection pool; each request ends within `total_s` seconds."""
+
+    def __init__(
+        self,
+        total_s: float,
+        *,
+        max_connections: int = 10,
+        keepalive_expiry: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._total_s = total_s
+        self._monotonic = monotonic
+        self._local = threading.local()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl.create_default_context(cafile=certifi.where()),
+            max_connections=max_connections,
+            keepalive_expiry=keepalive_expiry,
+            network_backend=_DeadlineBackend(self._seconds_left),
+        )
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send `request` under a fresh deadline; the deadline ends when its response is closed."""
+        self._local.deadline = self._monotonic() + self._total_s
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,  # type: ignore[arg-type]
+            extensions=request.extensions,
+        )
+        try:
+            with httpx_errors(request):
+                response = self._pool.handle_request(core_request)
+        except BaseException:
+            self._local.deadline = None
+            raise
+        assert isinstance(response.stream, Iterable)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_Body(response.stream, request, self._end_deadline),
+            extensions=response.extensions,
+        )
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def _seconds_left(self) -> float | None:
+        deadline = getattr(self._local, "deadline", None)
+        return None if deadline is None else deadline - self._monotonic()
+
+    def _end_deadline(self) -> None:
+        self._local.deadline = None
+
+
+@contextmanager
+def httpx_errors(request: httpx.Request) -> Iterator[None]:
+    """httpcore's exceptions as the httpx exceptions of the same name (httpx's own mapping)."""
+    try:
+        yield
+    except httpcore.UnsupportedProtocol as exc:
+        raise httpx.UnsupportedProtocol(str(exc), request=request) from exc
+    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as exc:
+        kind = getattr(httpx, type(exc).__name__, httpx.TransportError)
+        raise kind(str(exc) or type(exc).__name__, request=request) from exc
+
+
+class _Body(httpx.SyncByteStream):
+    """The response body as httpcore streams it, with its errors as httpx's; closing ends the deadline."""
+
+    def __init__(self, stream: Iterable[bytes], request: httpx.Request, on_close: Callable[[], None]) -> None:
+        self._stream = stream
+        self._request = request
+        self._on_close = on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        with httpx_errors(self._request):
+            yield from self._stream
+
+    def close(self) -> None:
+        try:
+            if hasattr(self._stream, "close"):
+                self._stream.close()
+        finally:
+            self._on_close()
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's synchronous sockets, each operation bounded by what is left of the deadline."""
+
+    def __init__(self, seconds_left: Callable[[], float | None]) -> None:
+        self._inner = httpcore.SyncBackend()
+        self._seconds_left = seconds_left
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        bounded = bound(timeout, self._seconds_left(), httpcore.ConnectTimeout)
+        stream = self._inner.connect_tcp(host, port, bounded, local_address, socket_options)
+        return _DeadlineStream(stream, self._seconds_left)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        bounded = bound(timeout, self._seconds_left(), httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._inner.connect_unix_socket(path, bounded, socket_options), self._seconds_left
+        )
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream, seconds_left: Callable[[], float | None]) -> None:
+        self._inner = inner
+        self._seconds_left = seconds_left
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, bound(timeout, self._seconds_left(), httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, bound(timeout, self._seconds_left(), httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        bounded = bound(timeout, self._seconds_left(), httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._inner.start_tls(ssl_context, server_hostname, bounded), self._seconds_left
+        )
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+def bound(timeout: float | None, left: float | None, expired: type[Exception]) -> float | None:
+    """The timeout for one network operation: `timeout`, shortened to what is left of the deadline
+    (None: no deadline); raises `expired` once nothing is left."""
+    if left is None:
+        return timeout
+    if left <= 0:
+        raise expired("the request's deadline passed")
+    return left if timeout is None else min(timeout, left)

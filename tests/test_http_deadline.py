@@ -1,0 +1,134 @@
+"""Whole-request deadlines against a real socket that trickles its answer (issue 1's kind: a hung alert)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from alerts import PushoverClient
+from http_deadline import DeadlineTransport
+from pnl_tracker import OutboxItem
+
+BODY = b'{"status":1,"request":"r1"}'
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)
+
+
+@contextmanager
+def server(answer: bytes, *, trickle_from: int, gap_s: float) -> Iterator[tuple[str, list[int]]]:
+    """A one-thread HTTP peer: reads a request, sends `answer` whole up to `trickle_from`, then a byte
+    per `gap_s`; keeps the connection for the next request. Yields its URL and the requests seen."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                try:
+                    while not stop.is_set() and b"\r\n\r\n" in _read_request(conn):
+                        seen.append(1)
+                        conn.sendall(answer[:trickle_from])
+                        for i in range(trickle_from, len(answer)):
+                            if stop.wait(gap_s):
+                                return
+                            conn.sendall(answer[i : i + 1])
+                except OSError:
+                    continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/1/messages.json", seen
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lengths = [
+        v for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"
+    ]
+    length = int(lengths[0]) if lengths else 0
+    while len(rest) < length:
+        rest += conn.recv(65536)
+    return data
+
+
+def timed_post(client: httpx.Client, url: str) -> tuple[float, httpx.Response | Exception]:
+    started = time.monotonic()
+    try:
+        result: httpx.Response | Exception = client.post(url, data={"a": "1"})
+    except httpx.HTTPError as exc:
+        result = exc
+    return time.monotonic() - started, result
+
+
+@pytest.mark.parametrize("trickle_from", [len(HEAD), 3], ids=["body", "status-line"])
+def test_an_answer_trickled_a_byte_at_a_time_ends_at_the_deadline(trickle_from):
+    with (
+        server(HEAD + BODY, trickle_from=trickle_from, gap_s=0.15) as (url, _seen),
+        httpx.Client(transport=DeadlineTransport(1.0), timeout=30.0) as client,
+    ):
+        elapsed, result = timed_post(client, url)
+    assert isinstance(result, httpx.ReadTimeout), result
+    assert 0.9 <= elapsed < 2.5  # each read waited under the 30 s per-read timeout; the whole ended at 1 s
+
+
+def test_without_the_deadline_the_same_answer_outlives_it():
+    """The fault the transport exists for: httpx's own timeouts are per read."""
+    with (
+        server(HEAD + BODY, trickle_from=len(HEAD), gap_s=0.08) as (url, _seen),
+        httpx.Client(timeout=1.0) as client,
+    ):
+        elapsed, result = timed_post(client, url)
+    assert isinstance(result, httpx.Response) and result.json()["status"] == 1 and elapsed > 1.5
+
+
+def test_each_request_gets_its_own_deadline_on_a_reused_connection():
+    with (
+        server(HEAD + BODY, trickle_from=len(HEAD) + len(BODY) - 5, gap_s=0.12) as (url, seen),
+        httpx.Client(transport=DeadlineTransport(1.0), timeout=5.0) as client,
+    ):
+        results = [timed_post(client, url) for _ in range(3)]  # 0.6 s each: 1.8 s in all
+    assert [r.json()["request"] for _t, r in results] == ["r1", "r1", "r1"]  # type: ignore[union-attr]
+    assert len(seen) == 3
+
+
+def test_a_refused_connection_is_httpx_connect_error():
+    port = socket.create_server(("127.0.0.1", 0))
+    address = port.getsockname()[1]
+    port.close()
+    with httpx.Client(transport=DeadlineTransport(1.0)) as client:
+        _elapsed, result = timed_post(client, f"http://127.0.0.1:{address}/")
+    assert isinstance(result, httpx.ConnectError)
+
+
+def test_pushover_trickling_its_answer_costs_one_timed_out_try_not_the_notifier():
+    item = OutboxItem(7, "SELL:t1", "SELL", "title", "body", 1, 1_759_415_400_999, 0)
+    with server(HEAD + BODY, trickle_from=len(HEAD), gap_s=0.3) as (url, _seen):
+        client = PushoverClient("t" * 30, "u" * 30, url, deadline_s=1.0)
+        started = time.monotonic()
+        result = client.send(item)
+        elapsed = time.monotonic() - started
+        client.close()
+    assert (result.ok, result.retry, result.timed_out) == (False, True, True)
+    assert elapsed < 2.5 and "t" * 30 not in result.error
