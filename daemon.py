@@ -41,6 +41,7 @@ from events import Alert, FeedStatus, Received
 from feed import FeedDecoder
 from health import VERSION, HealthServer, Heartbeat, Snapshot, health_status
 from instance_lock import InstanceLock
+from mark_watch import FRESH, MarkWatch
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
 from options_feed import OptionsFeed, OptionsStatus
 from pipeline import Pipeline
@@ -61,6 +62,8 @@ REFUSALS = {401: "unauthorized", 403: "not_entitled"}
 TAPE_FLUSH_SECONDS = 5.0
 TAPE_RETRY_SECONDS = 300.0
 PULSE_SECONDS = 300
+# No valid quote of the held contract for this long: the price exits are blind (mark_watch.py).
+MARK_STALE_MS = 30_000
 BACKFILL_REACH_BACK_MS = 5_000
 HEARTBEAT_STATUSES = frozenset({"ok", "closed", "degraded"})
 # The live journal must never hold the engine thread for seconds behind another process's lock.
@@ -144,6 +147,7 @@ class Daemon:
         self._pulse_slot: int | None = None
         self._tape_alerted_day: date | None = None
         self._last_chain_poll = time.monotonic()
+        self._started_ms = clock.now_ms()
         self.interest = Interest(None, None)
         self.health: Snapshot = {"status": "closed", "version": VERSION}
         self.last_turn = time.monotonic()
@@ -159,6 +163,7 @@ class Daemon:
         self.queue_depth_max = 0
         # Two seconds after the engine's own STALL would go out, so that one silence makes one alert.
         self.stream_watch = StreamWatch(int((self.rules.stall_alert_seconds + 2) * 1000), clock.now_ms())
+        self.mark_watch = MarkWatch(MARK_STALE_MS)
         self.health_server: HealthServer | None = None
         self._rest_refused: str | None = None
         self.rest = PolygonRest(
@@ -370,10 +375,32 @@ class Daemon:
             self._flush_tape()
 
     def _follow_marks(self) -> None:
-        """Stream the held contract's quotes; judge whether the stream is delivering them."""
+        """Stream the held contract's quotes; judge whether the stream is delivering them, and whether
+        any valid quote still sets the mark."""
         now, marks = self.clock.now_ms(), self.engine.marks
         self.options.follow(self.interest.ticker, now, marks.stream)
         self.options.check(now, marks.stream, self.engine.mark_quote_ms)
+        said = self.mark_watch.check(now, self.interest.ticker, self.engine.mark_set_ms)
+        if said is not None:
+            self._say_mark(said, now)
+
+    def _say_mark(self, said: str, now: int) -> None:
+        ticker = self.mark_watch.ticker
+        if said == FRESH:
+            log.info("mark_fresh_again", ticker=ticker)
+            text = f"Valid quotes of {ticker} set the mark again: the stop and the giveback follow it."
+            self._deliver_notice(SystemNotice("FEED_RESTORED", text, PRIORITY_NORMAL), now)
+            return
+        marks, position = self.engine.marks, self.engine.position
+        age_s = (self.mark_watch.age_ms(now, self.engine.mark_set_ms) or 0) / 1000
+        log.warning("mark_stale", ticker=ticker, age_s=age_s, invalid=marks.invalid, older=marks.stale)
+        mark = money(position.mark) if position is not None else "n/a"
+        text = (
+            f"No valid quote of {ticker} for {age_s:.0f} s ({marks.invalid} invalid and {marks.stale} older "
+            f"quotes ignored; REST: {self.rest.last_error or 'no error'}). The stop and the giveback read "
+            f"the last mark, {mark}; the VWAP exit and the time stop still fire. Watch the contract yourself."
+        )
+        self._deliver_notice(SystemNotice("FEED", text, PRIORITY_HIGH), now)
 
     def _options_notice(self, kind: str, text: str) -> None:
         self._deliver_notice(SystemNotice(kind, text, PRIORITY_NORMAL), self.clock.now_ms())
@@ -530,6 +557,9 @@ class Daemon:
             )
         if self.tape_problem is not None:
             degraded.append(f"tape not recording ({self.tape_problem})")
+        mark_problem = self.mark_watch.problem(now, self.engine.mark_set_ms)
+        if mark_problem:
+            degraded.append(mark_problem)
         return failing, degraded
 
     def _chain_poll_problem(self) -> str | None:
@@ -540,7 +570,15 @@ class Daemon:
             return None
         limit_s = max(CHAIN_POLL_STALE_MIN_S, CHAIN_POLL_STALE_FACTOR * self._chain_interval_ms() / 1000)
         quiet_s = (time.monotonic() - self._last_chain_poll) / self.clock.sleep_scale()
-        return f"no chain poll for {quiet_s:.0f} s" if quiet_s > limit_s else None
+        if quiet_s > limit_s:
+            return f"no chain poll for {quiet_s:.0f} s"
+        # Polls that end but bring nothing (every one failing or timing out) are no better.
+        chain = self.engine.chain
+        since_ms = max(session.open_ms, self._started_ms) if chain is None else chain.received_ms
+        age_s = (now - since_ms) / 1000
+        if age_s > limit_s:
+            return f"no option chain for {age_s:.0f} s (REST: {self.rest.last_error or 'no answer'})"
+        return None
 
     @staticmethod
     def _worker_fields(worker: WorkerHealth) -> dict[str, object]:

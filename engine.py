@@ -166,6 +166,7 @@ class Engine:
         self.marks = MarkCounters()
         self.mark_source: str | None = None
         self._mark_quote_ms: int | None = None
+        self.mark_set_ms: int | None = None  # engine time a valid quote last set the held mark (or the entry)
         self._position_saved_ms = 0
         self._position_save_due_ms: int | None = None  # when an unsaved change of the position is due
         # The live daemon prices each chain as it arrives, off the BUY's critical path; replays and
@@ -227,6 +228,7 @@ class Engine:
         self._critical_latched = state.critical_latched
         self.trades_today = state.trades_today
         self._mark_quote_ms = None  # the journal keeps no quote time: the next valid quote sets the mark
+        self.mark_set_ms = None
 
     def on_event(self, event: Event) -> list[Action]:
         """Handle one event and return the decisions it caused, in order."""
@@ -434,6 +436,7 @@ class Engine:
         )
         self.position = position
         self._mark_quote_ms = None if quote.quote_ms is None else self._capped_quote_ms(quote.quote_ms)
+        self.mark_set_ms = self._now
         self._position_saved_ms, self._position_save_due_ms = self._now, None
         self.mark_source = "chain"
         actions.append(open_action(position))
@@ -488,6 +491,7 @@ class Engine:
             return
         if quote_ms is not None:
             self._mark_quote_ms = self._capped_quote_ms(quote_ms)
+        self.mark_set_ms = self._now
         self.marks.count(source)
         self.mark_source = source
         assert quote.bid is not None

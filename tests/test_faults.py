@@ -288,6 +288,21 @@ def test_two_threads_failing_in_one_minute_are_two_alerts_and_a_repeat_is_one(ma
     assert len(texts) == 2 and "poller" in texts[0] and "notifier" in texts[1]
 
 
+def test_chain_polls_that_all_fail_make_health_failing_until_a_chain_comes(market, tmp_path):
+    """Polls that end but bring no chain used to count as polls: /health said ok with no chain for minutes."""
+    with (
+        fakes(market, at(10, 4)) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread),
+    ):
+        assert wait_for(lambda: daemon.engine.chain is not None, 20)
+        polygon.fail_rest(500, path_prefix="/v3/snapshot/options")
+        assert wait_for(lambda: daemon.health.get("status") == "failing", 20), daemon.health
+        problems = daemon.health["problems"]
+        polygon.heal()
+        assert wait_for(lambda: daemon.health.get("status") in ("ok", "degraded"), 20), daemon.health
+    assert any(p.startswith("no option chain for") and "HTTP 500" in p for p in problems), problems
+
+
 def test_every_thread_is_listed_in_health_and_a_dead_one_is_failing(market, tmp_path):
     start = at(10, 4)
     with (

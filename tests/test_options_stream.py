@@ -147,6 +147,37 @@ def test_an_options_stream_gone_quiet_after_quoting_falls_back_then_comes_back(m
     assert health.startswith("fallback to REST") and "streaming again" in texts[1]
 
 
+def test_a_held_contract_without_any_valid_quote_is_said_once_in_health_and_when_quotes_return(
+    market, tmp_path
+):
+    """Stream silent and every REST poll failing: the stop and the giveback read an old mark. Health
+    used to say ok and nothing reached the phone."""
+    rules = Rules(
+        stop_loss_percent=90, max_giveback_percent=95, tighten_giveback_percent=95, vwap_exit_blocks=50
+    )
+    with fakes(market, START) as (pushover, polygon, clock):
+        settings = dataclasses.replace(settings_for(polygon, pushover, tmp_path), rules=rules)
+        daemon, stop, thread = start_daemon(settings, clock)
+        try:
+            assert wait_for(lambda: daemon.engine.marks.stream > 0, 40)
+            polygon.options_silent(True)
+            polygon.fail_rest(500, path_prefix="/v3/snapshot/options")
+            assert wait_for(lambda: any("No valid quote" in t for t in feed_texts(pushover)), 30)
+            # degraded for the mark, failing too once no chain has come for a minute (both are true)
+            assert wait_for(lambda: any("held contract" in p for p in daemon.health.get("problems", [])), 10)
+            problems, status = daemon.health["problems"], daemon.health["status"]
+            polygon.heal()
+            assert wait_for(lambda: any("set the mark again" in t for t in feed_texts(pushover)), 30)
+            held = daemon.engine.position is not None
+        finally:
+            stop_daemon(stop, thread)
+    stale = [t for t in feed_texts(pushover) if "No valid quote" in t]
+    assert held and trades(pushover) == ["BUY"] and len(stale) == 1
+    assert "the VWAP exit and the time stop still fire" in stale[0] and "HTTP 500" in stale[0]
+    assert any("no valid quote of the held contract" in p for p in problems), problems
+    assert status in ("degraded", "failing")
+
+
 def test_a_quote_storm_keeps_the_queue_short_and_the_alerts_right(market, tmp_path):
     with fakes(market, START) as (pushover, polygon, clock):
         daemon, stop, thread = start_daemon(settings_for(polygon, pushover, tmp_path), clock)

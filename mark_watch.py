@@ -1,0 +1,59 @@
+"""Whether the held contract's mark is fresh enough for the price exits to fire.
+
+The stop, the giveback and the tightened giveback read the mark, and only a valid quote of the held
+contract moves it: the stream, the contract's snapshot every POSITION_POLL_SECONDS, the chain. When
+no quote has set it for `alert_after_ms` while a position is held (every quote invalid, every poll
+failing or hanging), the price exits are blind; that is said once (a FEED alert, a degraded /health),
+and again when a valid quote sets the mark. The time stop and the VWAP exit do not read the mark.
+
+Pure: the daemon hands it the engine's times; nothing here reads a clock or sends anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STALE = "stale"
+FRESH = "fresh"
+
+
+@dataclass(slots=True)
+class MarkWatch:
+    """The held contract, since when it is watched, and whether its stale mark has been said."""
+
+    alert_after_ms: int
+    ticker: str | None = None
+    held_since_ms: int = 0
+    alerted: bool = False
+
+    def check(self, now_ms: int, ticker: str | None, mark_set_ms: int | None) -> str | None:
+        """STALE once when the held contract's mark has not moved for `alert_after_ms`; FRESH when a
+        quote sets it after that. `mark_set_ms` None: no quote since a restart (the watch's start counts)."""
+        if ticker != self.ticker:
+            self.ticker, self.held_since_ms, self.alerted = ticker, now_ms, False
+        age_ms = self.age_ms(now_ms, mark_set_ms)
+        if age_ms is None:
+            return None
+        if self.alerted and age_ms < self.alert_after_ms:
+            self.alerted = False
+            return FRESH
+        if not self.alerted and age_ms >= self.alert_after_ms:
+            self.alerted = True
+            return STALE
+        return None
+
+    def age_ms(self, now_ms: int, mark_set_ms: int | None) -> int | None:
+        """How long no quote has set the held contract's mark (None while flat)."""
+        if self.ticker is None:
+            return None
+        return max(0, now_ms - max(mark_set_ms or 0, self.held_since_ms))
+
+    def problem(self, now_ms: int, mark_set_ms: int | None) -> str | None:
+        """For /health while the stale mark has been said: what is wrong, in words."""
+        age_ms = self.age_ms(now_ms, mark_set_ms)
+        if not self.alerted or age_ms is None:
+            return None
+        return (
+            f"no valid quote of the held contract {self.ticker} for {age_ms / 1000:.0f} s: "
+            "the stop and the giveback read an old mark"
+        )
