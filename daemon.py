@@ -491,8 +491,13 @@ class Daemon:
         self.tape_day = day
         path = tape_path(self.settings.data_dir, day)
         path.parent.mkdir(parents=True, exist_ok=True)
+        settings = self.settings
         self.tape = TapeWriter(
-            path, underlying=self.rules.underlying, benchmark=self.rules.benchmark, start_ms=t
+            path,
+            underlying=self.rules.underlying,
+            benchmark=self.rules.benchmark,
+            start_ms=t,
+            secrets=(settings.polygon_api_key, settings.pushover_token, settings.pushover_user_key),
         )
         removed = prune_tapes(path.parent, self.settings.record_retention_days, day)
         if removed:

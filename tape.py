@@ -32,7 +32,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -45,6 +45,9 @@ TAPE_SUFFIX = ".jsonl.gz"
 GZIP_MAGIC = b"\x1f\x8b\x08"
 # Large buffers become a member on their own so memory stays bounded between durable flushes.
 AUTO_MEMBER_BYTES = 8 * 1024 * 1024
+# Secrets given to a TapeWriter are written as REDACTED; shorter ones could be ordinary words.
+MIN_SECRET_CHARS = 8
+REDACTED = b"***"
 READ_CHUNK = 256 * 1024
 # Inflated output is taken in slices of this size, so a gzip bomb never lands in memory at once.
 INFLATE_CHUNK = 1024 * 1024
@@ -110,12 +113,17 @@ def _tape_date(name: str) -> datetime.date | None:
 
 
 def strip_api_key(path: str) -> str:
-    """Remove every `apiKey=...` query parameter from a request path, keeping the rest byte for byte."""
+    """Remove every API-key query parameter (`apiKey`, `api_key`, `API-KEY`...) from a request path,
+    keeping the rest byte for byte."""
     base, sep, query = path.partition("?")
     if not sep:
         return path
-    kept = [part for part in query.split("&") if part.partition("=")[0].lower() != "apikey"]
+    kept = [part for part in query.split("&") if not _is_key_name(part.partition("=")[0])]
     return f"{base}?{'&'.join(kept)}" if kept else base
+
+
+def _is_key_name(name: str) -> bool:
+    return name.lower().replace("_", "").replace("-", "") == "apikey"
 
 
 def encode_line(record: dict[str, Any]) -> bytes:
@@ -146,8 +154,13 @@ class TapeWriter:
         start_ms: int,
         compresslevel: int = 6,
         extra_meta: dict[str, Any] | None = None,
+        secrets: Sequence[str] = (),
     ) -> None:
+        """`secrets` (the API key and the like) never reach the file: wherever a peer echoed one (an
+        error body, a status message, a link), it is written as `***`."""
         self.path = Path(path)
+        # JSON encodes letters and digits as themselves; short strings could be ordinary words.
+        self._secrets = tuple(secret.encode() for secret in secrets if len(secret) >= MIN_SECRET_CHARS)
         self._compresslevel = compresslevel
         self._buffer: list[bytes] = []
         self._buffered_bytes = 0
@@ -299,6 +312,9 @@ class TapeWriter:
         self._add_line(encode_line(record))
 
     def _add_line(self, line: bytes) -> None:
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, REDACTED)
         self._buffer.append(line)
         self._buffered_bytes += len(line)
         if self._buffered_bytes >= AUTO_MEMBER_BYTES:

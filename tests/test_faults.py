@@ -7,6 +7,8 @@ a refusal with exit status 2.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import signal
 import sqlite3
@@ -301,6 +303,21 @@ def test_chain_polls_that_all_fail_make_health_failing_until_a_chain_comes(marke
         polygon.heal()
         assert wait_for(lambda: daemon.health.get("status") in ("ok", "degraded"), 20), daemon.health
     assert any(p.startswith("no option chain for") and "HTTP 500" in p for p in problems), problems
+
+
+def test_a_peer_echoing_the_api_key_never_puts_it_on_the_tape(market, tmp_path):
+    echo = json.dumps([{"ev": "status", "status": "info", "message": f"your key {API_KEY} is fine"}])
+    with (
+        fakes(market, at(10, 4)) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread),
+    ):
+        assert wait_for(lambda: "START" in kinds(pushover), 10)
+        polygon.send_garbage([echo])
+        assert wait_for(
+            lambda: any("your key" in s.message for s in daemon.pipeline.decoder.counters.statuses), 10
+        )
+    text = gzip.decompress((tmp_path / "tapes" / "2025-10-02.jsonl.gz").read_bytes())
+    assert API_KEY.encode() not in text and b"your key *** is fine" in text
 
 
 def test_every_thread_is_listed_in_health_and_a_dead_one_is_failing(market, tmp_path):

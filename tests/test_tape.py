@@ -483,3 +483,26 @@ def test_reopening_a_tape_with_a_gzip_bomb_keeps_it_and_stays_bounded(tmp_path: 
     assert path.stat().st_size > size  # the complete bomb member was kept, the new line appended
     reader = TapeReader(path)
     assert [line.t for line in reader] == [START, START + 1, START + 2] and reader.bad_lines == 1
+
+
+def test_a_secret_a_peer_echoed_never_reaches_the_tape(tmp_path: Path) -> None:
+    """An audit found the API key on the tape: a 401 body and a status message echoing it, and a link
+    carrying it as `api_key=`. The writer knows the secrets and writes each as ***."""
+    key, token = "K" * 10 + "secretkey1234567890", "tokentokentoken12345"
+    path = tmp_path / "t.jsonl.gz"
+    with TapeWriter(path, underlying="IWM", benchmark="SPY", start_ms=1, secrets=(key, token, "")) as tape:
+        tape.write_ws(2, [{"ev": "status", "status": "auth_failed", "message": f"bad key {key}"}])
+        tape.write_ws(3, f"not json {token}")
+        tape.write_rest(
+            4, f"/v3/x?api_key={key}&cursor=p2", 401, {"error": f"key {key} unknown", "status": "ERR"}
+        )
+        tape.write_rest(
+            5, "/v3/y", 200, {"results": [], "next_url": f"https://h/v3/y?cursor=p3&API-KEY={key}"}
+        )
+    text = gzip.decompress(path.read_bytes())
+    assert key.encode() not in text and token.encode() not in text
+    lines = list(TapeReader(path))
+    assert [line.kind for line in lines] == ["meta", "ws", "ws", "rest", "rest"]
+    assert lines[1].payload[0]["message"] == "bad key ***" and lines[2].payload == "not json ***"
+    assert (lines[3].path, lines[3].payload["error"]) == ("/v3/x?cursor=p2", "key *** unknown")
+    assert lines[4].payload["next_url"] == "https://h/v3/y?cursor=p3"
