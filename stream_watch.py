@@ -5,6 +5,9 @@ and its stall clock (any bar) keeps resetting: a stream that never recovers woul
 with entries decided on bars 15 s old. This watch follows only streamed bars. When none has come for
 `alert_after_ms` in the session, it says so once (a FEED_ERROR alert, a failing /health), unless the
 engine has already sent a STALL for the same silence; it says so again when streamed bars return.
+While the engine's STALL stands the silence is said; once a backfill lifts it, the count starts again
+from there: a reconnect backfills before its first streamed bar, and an alert about the silence just
+ended would be stale.
 
 Pure: the daemon hands it its clock's time; nothing here reads a clock or sends anything.
 """
@@ -25,6 +28,7 @@ class StreamWatch:
     started_ms: int
     last_bar_ms: int | None = None
     alerted: bool = False
+    stall_said_ms: int = 0  # the latest time the engine's STALL stood for this silence
 
     def on_stream_bar(self, now_ms: int) -> str | None:
         """A streamed bar of the underlying arrived; RECOVERED when its absence had been said."""
@@ -36,8 +40,11 @@ class StreamWatch:
 
     def check(self, now_ms: int, session_open_ms: int | None, *, engine_stall_said: bool) -> str | None:
         """SILENT once, when no streamed bar has come for `alert_after_ms` of an open session."""
+        if engine_stall_said:
+            self.stall_said_ms = now_ms
+            return None
         silent_ms = self.silent_for_ms(now_ms, session_open_ms)
-        if self.alerted or silent_ms is None or silent_ms < self.alert_after_ms or engine_stall_said:
+        if self.alerted or silent_ms is None or silent_ms < self.alert_after_ms:
             return None
         self.alerted = True
         return SILENT
@@ -46,7 +53,7 @@ class StreamWatch:
         """How long the stream has brought no bar in this session (None outside the session)."""
         if session_open_ms is None:
             return None
-        since = max(self.last_bar_ms or 0, session_open_ms, self.started_ms)
+        since = max(self.last_bar_ms or 0, session_open_ms, self.started_ms, self.stall_said_ms)
         return max(0, now_ms - since)
 
     def problem(self, now_ms: int, session_open_ms: int | None) -> str | None:

@@ -27,7 +27,23 @@ def test_nothing_is_said_outside_the_session_or_while_the_engine_said_stall():
     assert watch.check(OPEN - 1, None, engine_stall_said=False) is None
     assert watch.check(OPEN + AFTER - 1, OPEN, engine_stall_said=False) is None, "counted from the open"
     assert watch.check(OPEN + AFTER, OPEN, engine_stall_said=True) is None
-    assert watch.check(OPEN + AFTER + 5000, OPEN, engine_stall_said=False) == SILENT
+    assert watch.check(OPEN + AFTER + 5000, OPEN, engine_stall_said=False) is None, (
+        "counted from the lifted STALL"
+    )
+    assert watch.check(OPEN + 2 * AFTER, OPEN, engine_stall_said=False) == SILENT, (
+        "backfills only, ever since"
+    )
+
+
+def test_a_reconnect_that_backfills_before_its_first_streamed_bar_says_nothing_stale():
+    """An audit saw STALL, then at the reconnect RECOVERED, FEED ERROR "no bar for 54 s" and FEED
+    RECOVERED in one second: the backfill lifted the STALL before the first streamed bar came."""
+    watch = StreamWatch(AFTER, started_ms=OPEN - 60_000)
+    watch.on_stream_bar(OPEN + 1000)
+    for t in range(OPEN + 31_000, OPEN + 53_000, 1000):  # the engine's STALL stands
+        assert watch.check(t, OPEN, engine_stall_said=True) is None
+    assert watch.check(OPEN + 53_500, OPEN, engine_stall_said=False) is None  # backfilled: STALL lifted
+    assert watch.on_stream_bar(OPEN + 54_000) is None  # the stream is back: nothing to recover from
 
 
 def test_a_daemon_started_mid_session_counts_from_its_start():
