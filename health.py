@@ -41,12 +41,26 @@ def http_status_for(snapshot: Snapshot) -> int:
     return 503 if snapshot.get("status") in UNHEALTHY else 200
 
 
+# Idle or slow clients are dropped after this long, and no more than MAX_CLIENTS are served at once:
+# each holds a thread and a file descriptor, and descriptors run out for the trading path's sockets too.
+CLIENT_TIMEOUT_S = 5.0
+MAX_CLIENTS = 16
+
+
 class HealthServer:
     """Serves the latest published snapshot as JSON; never touches the engine itself."""
 
-    def __init__(self, host: str, port: int, snapshot: Callable[[], Snapshot]) -> None:
-        handler = _handler_for(snapshot)
-        self._server = ThreadingHTTPServer((host, port), handler)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        snapshot: Callable[[], Snapshot],
+        *,
+        client_timeout_s: float = CLIENT_TIMEOUT_S,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
+        handler = _handler_for(snapshot, client_timeout_s)
+        self._server = _BoundedServer((host, port), handler, max_clients)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     @property
@@ -62,10 +76,37 @@ class HealthServer:
         self._server.server_close()
 
 
-def _handler_for(snapshot: Callable[[], Snapshot]) -> type[BaseHTTPRequestHandler]:
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per client, at most `max_clients` at once; a client beyond that is closed at once."""
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_clients: int
+    ) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_clients)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _handler_for(snapshot: Callable[[], Snapshot], timeout_s: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         # Headers and body are separate writes: without TCP_NODELAY, Nagle plus delayed ACK adds ~40 ms.
         disable_nagle_algorithm = True
+        timeout = timeout_s  # the socket's: an idle or trickling client is let go
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             if self.path.split("?")[0] != "/health":

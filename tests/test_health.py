@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +41,31 @@ def test_health_endpoint_serves_the_latest_snapshot_and_503_when_stalled():
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=5)
         assert missing.value.code == 404
     finally:
+        server.stop()
+
+
+def test_idle_clients_are_capped_and_let_go_so_they_cannot_exhaust_threads_or_descriptors():
+    """An audit held 249 idle connections open: each kept a thread and a descriptor for ever, and the
+    REST client then failed with `Too many open files`."""
+    snapshot = {"status": "ok"}
+    server = HealthServer("127.0.0.1", 0, lambda: snapshot, client_timeout_s=0.5, max_clients=4).start()
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]
+    try:
+        time.sleep(0.2)
+        served = sum("process_request_thread" in t.name for t in threading.enumerate())
+        refused = 0
+        for conn in idle:
+            conn.settimeout(2.0)
+            try:
+                refused += conn.recv(1) == b""  # closed by the server: beyond the cap, or idle too long
+            except OSError:
+                refused += 1
+        assert refused == 12, "every idle client was closed: 8 at once, 4 after the client timeout"
+        assert served <= 4
+        assert get(f"http://127.0.0.1:{server.port}/health") == (200, snapshot)
+    finally:
+        for conn in idle:
+            conn.close()
         server.stop()
 
 
