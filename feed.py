@@ -14,7 +14,9 @@ MAX_CHAIN_PAGES. A contract snapshot whose bid/ask cannot mark a position is cou
 
 A streamed bar stamped far ahead of the stream's usual lead over the receive clock is dropped and
 counted in `ahead_bars` (see `AheadGuard`): one bar stamped tomorrow would otherwise make every real
-bar after it "late" for the rest of the day.
+bar after it "late" for the rest of the day. A streamed bar priced more than MAX_PRICE_JUMP away from
+its symbol's last kept close is dropped and counted in `price_jumps` (see `PriceGuard`): one bad print
+at ten times the price made a BUY.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class FeedCounters:
     abandoned_chains: int = 0
     bad_frame_events: int = 0  # the part of bad_events that lay in frames counted whole in bad_frames
     ahead_bars: int = 0  # streamed bars dropped by the AheadGuard (also counted in bad_events)
+    price_jumps: int = 0  # streamed bars dropped by the PriceGuard (also counted in bad_events)
     statuses: list[StatusMessage] = field(default_factory=list)
 
     def bad_inputs(self) -> int:
@@ -115,6 +118,51 @@ class AheadGuard:
         return True
 
 
+# A streamed bar whose high or low lies further than this fraction from its symbol's last kept close is a
+# bad print: limit-up/limit-down bands (5 % of a 5-minute average for IWM and SPY, 10 % near the open and
+# the close) pause trading before such a move within a second.
+MAX_PRICE_JUMP = 0.05
+# This many such bars in a row are a new price level (a reopening after a pause), not bad prints.
+NEW_LEVEL_BARS = 5
+
+
+class PriceGuard:
+    """Drops streamed bars priced beyond MAX_PRICE_JUMP of their symbol's last kept close.
+
+    NEW_LEVEL_BARS such bars of a symbol in a row are taken as its new level, so a reopening after a
+    trading pause, or a first bar that was itself the bad print, costs a few bars.
+    """
+
+    __slots__ = ("_close", "_suspects")
+
+    def __init__(self) -> None:
+        self._close: dict[str, float] = {}
+        self._suspects: dict[str, int] = {}
+
+    def keep(self, bars: tuple[Bar, ...]) -> tuple[Bar, ...]:
+        """The bars of one frame that are within reach of their symbol's price (which they then move)."""
+        kept = [bar for bar in bars if self._admits(bar)]
+        return bars if len(kept) == len(bars) else tuple(kept)
+
+    def _admits(self, bar: Bar) -> bool:
+        sym = bar.sym
+        reference = self._close.get(sym)
+        if reference is None or (
+            reference * (1 - MAX_PRICE_JUMP) <= bar.l and bar.h <= reference * (1 + MAX_PRICE_JUMP)
+        ):
+            self._close[sym] = bar.c
+            if self._suspects:
+                self._suspects.pop(sym, None)
+            return True
+        suspects = self._suspects.get(sym, 0) + 1
+        if suspects < NEW_LEVEL_BARS:
+            self._suspects[sym] = suspects
+            return False
+        self._close[sym] = bar.c
+        del self._suspects[sym]
+        return True
+
+
 class FeedDecoder:
     """Turns ws frames and REST answers into events; keeps the pages of a chain until its last one."""
 
@@ -128,6 +176,7 @@ class FeedDecoder:
         self._chain_prefix = f"/v3/snapshot/options/{underlying}"
         self._profile_days: dict[str, dict[int, float]] = {}
         self._ahead = AheadGuard()
+        self._prices = PriceGuard()
 
     @classmethod
     def for_rules(cls, rules: Rules) -> FeedDecoder:
@@ -153,14 +202,24 @@ class FeedDecoder:
         if parsed.statuses:
             counters.statuses.extend(parsed.statuses)
             del counters.statuses[:-20]
-        bars = self._ahead.keep(parsed.bars, received_ms) if parsed.bars else parsed.bars
-        if len(bars) < len(parsed.bars):
-            counters.ahead_bars += len(parsed.bars) - len(bars)
-            counters.bad_events += len(parsed.bars) - len(bars)
+        bars = parsed.bars
+        if bars:
+            bars = self._guarded(bars, received_ms)
         if parsed.quotes:
             counters.stream_quotes += len(parsed.quotes)
             return [*bars, *(ContractSnapshot(received_ms, q, "stream") for q in parsed.quotes)]
         return list(bars)
+
+    def _guarded(self, bars: tuple[Bar, ...], received_ms: int) -> tuple[Bar, ...]:
+        """The streamed bars the AheadGuard and then the PriceGuard keep; the others counted."""
+        counters = self.counters
+        timely = self._ahead.keep(bars, received_ms)
+        priced = self._prices.keep(timely)
+        if len(priced) < len(bars):
+            counters.ahead_bars += len(bars) - len(timely)
+            counters.price_jumps += len(timely) - len(priced)
+            counters.bad_events += len(bars) - len(priced)
+        return priced
 
     def rest(self, received_ms: int, path: str, status: int, body: object) -> list[Event]:
         """One REST answer → events. A failed answer drops any partial chain: the previous chain stays.

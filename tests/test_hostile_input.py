@@ -276,12 +276,21 @@ def bar_frame(start_ms: int, close: float = 242.0) -> str:
                         "e": start_ms + 1000}])  # fmt: skip
 
 
+def bad_print_frame(now_ms: int) -> str:
+    """IWM at ten times its price for the second under way (whose real bar comes after it)."""
+    frame = json.loads(bar_frame(now_ms // 1000 * 1000, close=2420.0))
+    frame[0]["v"] = 90_000
+    return json.dumps(frame)
+
+
 # A bar stamped a day ahead: were it taken, every real bar after it would be "late" all day.
 TOMORROWS_BAR = bar_frame(at(10, 4) + 86_400_000)
 
 FAULTS: dict[str, tuple[Callable[[FakePolygon], None], int | None, Callable[[FakePolygon], None]]] = {
     "binary_frame": (lambda p: p.send_garbage([b"\xff\xfe\x00 a binary frame"]), None, lambda p: None),
     "bar_stamped_tomorrow": (lambda p: p.send_garbage([TOMORROWS_BAR]), None, lambda p: None),
+    # 60 s in, before the burst: a print at ten times the price, on heavy volume, for the second under way.
+    "bad_print": (lambda p: None, 60, lambda p: p.send_garbage([bad_print_frame(p.now_ms())])),
     "nested_text_frame": (lambda p: p.send_garbage([NESTED_TEXT]), None, lambda p: None),
     "control_char_next_url": (
         lambda p: p.chain_next_url(f"{p.rest_url}{CHAIN}?cursor=a\x00b"),
@@ -335,6 +344,13 @@ def test_the_daemon_skips_hostile_input_and_sends_buy_then_sell_once(
     elif fault == "bar_stamped_tomorrow":
         assert json.loads(TOMORROWS_BAR) in payloads and counters.ahead_bars == 1
         assert daemon.engine.counters.late_bars == 0, "no real bar was taken for late"
+    elif fault == "bad_print":
+        assert counters.price_jumps == 1 and daemon.engine.counters.late_bars == 0
+        assert any(isinstance(p, list) and p and p[0].get("c") == 2420.0 for p in payloads), (
+            "taped as received"
+        )
+        buy = next(m.form["message"] for m in pushover.messages if m.form["title"].endswith("BUY"))
+        assert "2420" not in buy and "2,420" not in buy
     elif fault == "nested_text_frame":
         assert NESTED_TEXT in payloads and counters.bad_frames >= 1
     elif fault == "control_char_next_url":
@@ -441,3 +457,29 @@ def test_a_steady_lead_of_any_size_is_the_streams_own_after_a_few_bars(lead_ms: 
         assert all(kept)
     else:
         assert kept == [False] * 4 + [True] * 8
+
+
+def iwm_bar_kept(decoder: FeedDecoder, second: int, close: float) -> bool:
+    received = at(10, 4) + second * 1000
+    frame = json.loads(bar_frame(received - 1200, close))
+    frame[0].update(h=close, l=close)
+    return bool(decoder.ws(received, frame))
+
+
+def test_a_print_beyond_the_price_band_is_dropped_and_five_in_a_row_are_a_new_level() -> None:
+    decoder = FeedDecoder("IWM", "SPY")
+    closes = [242.0, 242.1, 2420.0, 242.2, 255.0, 242.3]  # a bad print at 10x, a jump of 5.3 %
+    assert [iwm_bar_kept(decoder, i, c) for i, c in enumerate(closes)] == [
+        True,
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert decoder.counters.price_jumps == 2 and decoder.counters.bad_inputs() == 2
+    reopened = [iwm_bar_kept(decoder, 10 + i, 270.0 + i * 0.01) for i in range(7)]  # a reopening 11 % higher
+    assert reopened == [False] * 4 + [True] * 3
+    assert iwm_bar_kept(decoder, 20, 280.0) and iwm_bar_kept(decoder, 21, 266.1), (
+        "within 5 % of the last close"
+    )
