@@ -231,6 +231,7 @@ class Daemon:
             stale_after_s=THREAD_STALE_S,
         )
         spawn("poller", self._poll_loop, stale_after_s=THREAD_STALE_S)
+        spawn("marks", self._marks_poll_loop, stale_after_s=THREAD_STALE_S)
         spawn("session", self._session_loop, stale_after_s=THREAD_STALE_S)
         spawn("watchdog", self._watchdog_loop, stale_after_s=THREAD_STALE_S)
         if self.settings.heartbeat_url:
@@ -709,8 +710,8 @@ class Daemon:
                 self.queue.put(Received(answer.received_ms, "rest", answer.body, answer.path, answer.status))
 
     def _poll_loop(self) -> None:
-        """Chain every CHAIN_POLL_SECONDS in session; the held contract every POSITION_POLL_SECONDS."""
-        next_chain = next_contract = 0
+        """The chain every CHAIN_POLL_SECONDS in session (and the volume profile once a day)."""
+        next_chain = 0
         profile_day: date | None = None
         while not self.stop.is_set():
             self.supervisor.beat("poller")
@@ -726,10 +727,19 @@ class Daemon:
                 if now >= next_chain:
                     next_chain = now + self._chain_interval_ms()
                     self._poll_chain(session.date)
-                ticker = self.interest.ticker
-                if ticker and now >= next_contract:
-                    next_contract = now + int(self.rules.position_poll_seconds * 1000)
-                    self._put_answers([self.rest.contract(self.rules.underlying, ticker)])
+            self.stop.wait(0.2 * self.clock.sleep_scale())
+
+    def _marks_poll_loop(self) -> None:
+        """The held contract every POSITION_POLL_SECONDS, on a thread of its own: a chain poll that
+        hangs or retries for a minute must not hold back the quotes the exits read."""
+        next_contract = 0
+        while not self.stop.is_set():
+            self.supervisor.beat("marks")
+            now = self.clock.now_ms()
+            ticker = self.interest.ticker
+            if ticker and now >= next_contract:
+                next_contract = now + int(self.rules.position_poll_seconds * 1000)
+                self._put_answers([self.rest.contract(self.rules.underlying, ticker)])
             self.stop.wait(0.2 * self.clock.sleep_scale())
 
     def _chain_interval_ms(self) -> int:

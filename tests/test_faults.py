@@ -7,6 +7,7 @@ a refusal with exit status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -35,6 +36,7 @@ from test_daemon import (
 )
 
 from clock import SimClock
+from config import Rules
 from daemon import Daemon
 from sim.market import SyntheticMarket, demo_script
 from sim.polygon_server import FakePolygon, SyntheticSource
@@ -320,6 +322,26 @@ def test_a_peer_echoing_the_api_key_never_puts_it_on_the_tape(market, tmp_path):
     assert API_KEY.encode() not in text and b"your key *** is fine" in text
 
 
+def test_a_hanging_chain_poll_never_holds_back_the_held_contracts_quotes(market, tmp_path):
+    """The contract's poll waited behind the chain's: a chain answer that hung (then retried) for a
+    minute froze the mark, and the stop never fired. The held contract now polls on its own thread."""
+    rules = Rules(
+        stop_loss_percent=90, max_giveback_percent=95, tighten_giveback_percent=95, vwap_exit_blocks=50
+    )
+    with fakes(market, at(10, 4)) as (pushover, polygon, clock):
+        settings = dataclasses.replace(settings_for(polygon, pushover, tmp_path), rules=rules)
+        with daemon_running(settings, clock) as (daemon, _thread):
+            assert wait_for(lambda: daemon.engine.position is not None, 60), kinds(pushover)
+            polygon.options_silent(True)
+            polygon.delay_rest(120.0, path_prefix="/v3/snapshot/options/IWM?")
+            time.sleep(1.0)  # 40 s of engine time: the chain poll under way hangs
+            before = daemon.engine.marks.rest
+            polled = wait_for(lambda: daemon.engine.marks.rest >= before + 10, 10)
+            after = daemon.engine.marks.rest
+            polygon.heal()
+    assert polled, f"{after - before} contract quotes while the chain poll hung"
+
+
 def test_every_thread_is_listed_in_health_and_a_dead_one_is_failing(market, tmp_path):
     start = at(10, 4)
     with (
@@ -335,7 +357,7 @@ def test_every_thread_is_listed_in_health_and_a_dead_one_is_failing(market, tmp_
         worker.down, worker.last_error = True, "RuntimeError: test"
         assert wait_for(lambda: daemon.health["status"] == "failing", 5)
         worker.down = False
-    assert {"notifier", "poller", "session", "watchdog"} <= names
+    assert {"notifier", "poller", "marks", "session", "watchdog"} <= names
 
 
 def test_a_second_daemon_on_the_same_data_dir_exits_2_naming_the_first(market, tmp_path):
