@@ -119,9 +119,10 @@ class AheadGuard:
 
 
 # A streamed bar whose high or low lies further than this fraction from its symbol's last kept close is a
-# bad print: limit-up/limit-down bands (5 % of a 5-minute average for IWM and SPY, 10 % near the open and
-# the close) pause trading before such a move within a second.
-MAX_PRICE_JUMP = 0.05
+# bad print. Limit-up/limit-down bands (5 % of a 5-minute average for IWM and SPY, 10 % near the open and
+# the close) pause trading before a 5 % move; 3 % within one second is far beyond any real second of
+# either (the synthetic days' largest is 0.16 %), and a +5 % print made a BUY in an audit.
+MAX_PRICE_JUMP = 0.03
 # This many such bars in a row are a new price level (a reopening after a pause), not bad prints.
 NEW_LEVEL_BARS = 5
 
