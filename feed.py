@@ -125,6 +125,7 @@ class AheadGuard:
 MAX_PRICE_JUMP = 0.03
 # This many such bars in a row are a new price level (a reopening after a pause), not bad prints.
 NEW_LEVEL_BARS = 5
+_BAND_LOW, _BAND_HIGH = 1 - MAX_PRICE_JUMP, 1 + MAX_PRICE_JUMP
 
 
 class PriceGuard:
@@ -142,15 +143,23 @@ class PriceGuard:
 
     def keep(self, bars: tuple[Bar, ...]) -> tuple[Bar, ...]:
         """The bars of one frame that are within reach of their symbol's price (which they then move)."""
-        kept = [bar for bar in bars if self._admits(bar)]
-        return bars if len(kept) == len(bars) else tuple(kept)
+        # Two bars a second all day: the usual frame passes in this loop, without a call per bar.
+        closes, suspects = self._close, self._suspects
+        for i, bar in enumerate(bars):
+            reference = closes.get(bar.sym)
+            if reference is not None and not (
+                _BAND_LOW * reference <= bar.l and bar.h <= _BAND_HIGH * reference
+            ):
+                return bars[:i] + tuple(bar for bar in bars[i:] if self._admits(bar))
+            closes[bar.sym] = bar.c
+            if suspects:
+                suspects.pop(bar.sym, None)
+        return bars
 
     def _admits(self, bar: Bar) -> bool:
         sym = bar.sym
         reference = self._close.get(sym)
-        if reference is None or (
-            reference * (1 - MAX_PRICE_JUMP) <= bar.l and bar.h <= reference * (1 + MAX_PRICE_JUMP)
-        ):
+        if reference is None or (_BAND_LOW * reference <= bar.l and bar.h <= _BAND_HIGH * reference):
             self._close[sym] = bar.c
             if self._suspects:
                 self._suspects.pop(sym, None)
