@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import signal
@@ -65,6 +66,25 @@ def stop_daemon(stop: threading.Event, thread: threading.Thread) -> None:
     stop.set()
     thread.join(15)
     assert not thread.is_alive(), "daemon did not stop within 15 s"
+
+
+@contextmanager
+def daemon_running(settings: Settings, clock: SimClock) -> Iterator[tuple[Daemon, threading.Thread]]:
+    daemon, stop, thread = start_daemon(settings, clock)
+    try:
+        yield daemon, thread
+    finally:
+        stop_daemon(stop, thread)
+
+
+# Exits so wide that a position stays held while a test works on its marks.
+WIDE_EXITS = Rules(
+    stop_loss_percent=90, max_giveback_percent=95, tighten_giveback_percent=95, vwap_exit_blocks=50
+)
+
+
+def wide_exits(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, rules=WIDE_EXITS)
 
 
 def run_daemon(settings: Settings, clock: SimClock, until, timeout_s: float = 60.0) -> Daemon:

@@ -7,7 +7,6 @@ a refusal with exit status 2.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import os
@@ -17,8 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,17 +23,16 @@ from builders import at
 from test_daemon import (
     API_KEY,
     SPEED,
+    daemon_running,
     fakes,
     kinds,
     launch,
     settings_for,
-    start_daemon,
-    stop_daemon,
     wait_for,
+    wide_exits,
 )
 
 from clock import SimClock
-from config import Rules
 from daemon import Daemon
 from sim.market import SyntheticMarket, demo_script
 from sim.polygon_server import FakePolygon, SyntheticSource
@@ -56,15 +52,6 @@ def market() -> SyntheticMarket:
 
 def trades_of(kinds_sent: list[str]) -> list[str]:
     return [k for k in kinds_sent if k in ("BUY", "SELL")]
-
-
-@contextmanager
-def daemon_running(settings, clock: SimClock) -> Iterator[tuple[Daemon, threading.Thread]]:
-    daemon, stop, thread = start_daemon(settings, clock)
-    try:
-        yield daemon, thread
-    finally:
-        stop_daemon(stop, thread)
 
 
 def refuse_writes(daemon: Daemon, refuse: bool = True) -> None:
@@ -325,11 +312,8 @@ def test_a_peer_echoing_the_api_key_never_puts_it_on_the_tape(market, tmp_path):
 def test_a_hanging_chain_poll_never_holds_back_the_held_contracts_quotes(market, tmp_path):
     """The contract's poll waited behind the chain's: a chain answer that hung (then retried) for a
     minute froze the mark, and the stop never fired. The held contract now polls on its own thread."""
-    rules = Rules(
-        stop_loss_percent=90, max_giveback_percent=95, tighten_giveback_percent=95, vwap_exit_blocks=50
-    )
     with fakes(market, at(10, 4)) as (pushover, polygon, clock):
-        settings = dataclasses.replace(settings_for(polygon, pushover, tmp_path), rules=rules)
+        settings = wide_exits(settings_for(polygon, pushover, tmp_path))
         with daemon_running(settings, clock) as (daemon, _thread):
             assert wait_for(lambda: daemon.engine.position is not None, 60), kinds(pushover)
             polygon.options_silent(True)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from builders import at
-from test_daemon import API_KEY, SPEED, fakes, kinds, settings_for, start_daemon, stop_daemon, wait_for
+from test_daemon import (
+    API_KEY,
+    SPEED,
+    fakes,
+    kinds,
+    settings_for,
+    start_daemon,
+    stop_daemon,
+    wait_for,
+    wide_exits,
+)
 
 from clock import SimClock
 from config import Rules
@@ -125,11 +133,8 @@ def test_a_dropped_options_stream_falls_back_then_comes_back(market, tmp_path):
 def test_an_options_stream_gone_quiet_after_quoting_falls_back_then_comes_back(market, tmp_path):
     """The socket stays up and answers pings but brings no quote while REST shows the contract quoting:
     this used to count as streaming for as long as the position lasted. Wide exits keep it held."""
-    rules = Rules(
-        stop_loss_percent=90, max_giveback_percent=95, tighten_giveback_percent=95, vwap_exit_blocks=50
-    )
     with fakes(market, START) as (pushover, polygon, clock):
-        settings = dataclasses.replace(settings_for(polygon, pushover, tmp_path), rules=rules)
+        settings = wide_exits(settings_for(polygon, pushover, tmp_path))
         daemon, stop, thread = start_daemon(settings, clock)
         try:
             assert wait_for(lambda: daemon.engine.marks.stream > 0, 40)
@@ -152,11 +157,8 @@ def test_a_held_contract_without_any_valid_quote_is_said_once_in_health_and_when
 ):
     """Stream silent and every REST poll failing: the stop and the giveback read an old mark. Health
     used to say ok and nothing reached the phone."""
-    rules = Rules(
-        stop_loss_percent=90, max_giveback_percent=95, tighten_giveback_percent=95, vwap_exit_blocks=50
-    )
     with fakes(market, START) as (pushover, polygon, clock):
-        settings = dataclasses.replace(settings_for(polygon, pushover, tmp_path), rules=rules)
+        settings = wide_exits(settings_for(polygon, pushover, tmp_path))
         daemon, stop, thread = start_daemon(settings, clock)
         try:
             assert wait_for(lambda: daemon.engine.marks.stream > 0, 40)
