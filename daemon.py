@@ -668,6 +668,9 @@ class Daemon:
                 self._start_streams()
 
     def _start_streams(self) -> None:
+        # The stream's silence counts from its dial, as the engine's stall clock counts from its first
+        # event: counted from the daemon's construction, a slow start raised FEED ERROR before STALL.
+        self.stream_watch.started_ms = self.clock.now_ms()  # one int store, read by the engine thread
         symbols = (self.rules.underlying, self.rules.benchmark)
         self.stream = PolygonStream(
             self.settings.polygon_ws_url,
