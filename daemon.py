@@ -379,7 +379,7 @@ class Daemon:
         """Stream the held contract's quotes; judge whether the stream is delivering them, and whether
         any valid quote still sets the mark."""
         now, marks = self.clock.now_ms(), self.engine.marks
-        self.options.follow(self.interest.ticker, now, marks.stream)
+        self.options.follow(self.interest.ticker, now)
         self.options.check(now, marks.stream, self.engine.mark_quote_ms)
         said = self.mark_watch.check(now, self.interest.ticker, self.engine.mark_set_ms)
         if said is not None:

@@ -107,8 +107,8 @@ class OptionsFeed:
         if stream is not None:
             stream.stop()
 
-    def follow(self, ticker: str | None, now_ms: int, stream_quotes: int) -> None:
-        """Stream exactly the held contract (none while flat); `stream_quotes` is the engine's count."""
+    def follow(self, ticker: str | None, now_ms: int) -> None:
+        """Stream exactly the held contract (none while flat)."""
         if ticker == self._ticker:
             return
         self._ticker = ticker
