@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from builders import at
 from test_daemon import (
     API_KEY,
     SPEED,
+    daemon_running,
     fakes,
     kinds,
     settings_for,
@@ -48,6 +52,19 @@ def held_ticker(daemon: Daemon, seen: list[str]) -> bool:
     if position is not None and position.ticker not in seen:
         seen.append(position.ticker)
     return bool(seen)
+
+
+@contextmanager
+def holding_streamed_quotes(
+    market: SyntheticMarket, tmp_path
+) -> Iterator[tuple[FakePushover, FakePolygon, Daemon]]:
+    """A daemon with exits too wide to close, once its held contract's quotes stream."""
+    with (
+        fakes(market, START) as (pushover, polygon, clock),
+        daemon_running(wide_exits(settings_for(polygon, pushover, tmp_path)), clock) as (daemon, _thread),
+    ):
+        assert wait_for(lambda: daemon.engine.marks.stream > 0, 40)
+        yield pushover, polygon, daemon
 
 
 def test_the_held_contract_streams_from_buy_to_sell_and_the_replay_equals_the_live_alerts(market, tmp_path):
@@ -133,19 +150,13 @@ def test_a_dropped_options_stream_falls_back_then_comes_back(market, tmp_path):
 def test_an_options_stream_gone_quiet_after_quoting_falls_back_then_comes_back(market, tmp_path):
     """The socket stays up and answers pings but brings no quote while REST shows the contract quoting:
     this used to count as streaming for as long as the position lasted. Wide exits keep it held."""
-    with fakes(market, START) as (pushover, polygon, clock):
-        settings = wide_exits(settings_for(polygon, pushover, tmp_path))
-        daemon, stop, thread = start_daemon(settings, clock)
-        try:
-            assert wait_for(lambda: daemon.engine.marks.stream > 0, 40)
-            polygon.options_silent(True)
-            assert wait_for(lambda: feed_texts(pushover) != [], 30), kinds(pushover)
-            health = daemon._snapshot()["marks"]["options_stream"]
-            polygon.options_silent(False)
-            assert wait_for(lambda: len(feed_texts(pushover)) == 2, 30), feed_texts(pushover)
-            held = daemon.engine.position is not None
-        finally:
-            stop_daemon(stop, thread)
+    with holding_streamed_quotes(market, tmp_path) as (pushover, polygon, daemon):
+        polygon.options_silent(True)
+        assert wait_for(lambda: feed_texts(pushover) != [], 30), kinds(pushover)
+        health = daemon._snapshot()["marks"]["options_stream"]
+        polygon.options_silent(False)
+        assert wait_for(lambda: len(feed_texts(pushover)) == 2, 30), feed_texts(pushover)
+        held = daemon.engine.position is not None
     texts = feed_texts(pushover)
     assert held and trades(pushover) == ["BUY"]
     assert "no quote on the options stream while REST shows the contract quoting" in texts[0]
@@ -157,22 +168,16 @@ def test_a_held_contract_without_any_valid_quote_is_said_once_in_health_and_when
 ):
     """Stream silent and every REST poll failing: the stop and the giveback read an old mark. Health
     used to say ok and nothing reached the phone."""
-    with fakes(market, START) as (pushover, polygon, clock):
-        settings = wide_exits(settings_for(polygon, pushover, tmp_path))
-        daemon, stop, thread = start_daemon(settings, clock)
-        try:
-            assert wait_for(lambda: daemon.engine.marks.stream > 0, 40)
-            polygon.options_silent(True)
-            polygon.fail_rest(500, path_prefix="/v3/snapshot/options")
-            assert wait_for(lambda: any("No valid quote" in t for t in feed_texts(pushover)), 30)
-            # degraded for the mark, failing too once no chain has come for a minute (both are true)
-            assert wait_for(lambda: any("held contract" in p for p in daemon.health.get("problems", [])), 10)
-            problems, status = daemon.health["problems"], daemon.health["status"]
-            polygon.heal()
-            assert wait_for(lambda: any("set the mark again" in t for t in feed_texts(pushover)), 30)
-            held = daemon.engine.position is not None
-        finally:
-            stop_daemon(stop, thread)
+    with holding_streamed_quotes(market, tmp_path) as (pushover, polygon, daemon):
+        polygon.options_silent(True)
+        polygon.fail_rest(500, path_prefix="/v3/snapshot/options")
+        assert wait_for(lambda: any("No valid quote" in t for t in feed_texts(pushover)), 30)
+        # degraded for the mark, failing too once no chain has come for a minute (both are true)
+        assert wait_for(lambda: any("held contract" in p for p in daemon.health.get("problems", [])), 10)
+        problems, status = daemon.health["problems"], daemon.health["status"]
+        polygon.heal()
+        assert wait_for(lambda: any("set the mark again" in t for t in feed_texts(pushover)), 30)
+        held = daemon.engine.position is not None
     stale = [t for t in feed_texts(pushover) if "No valid quote" in t]
     assert held and trades(pushover) == ["BUY"] and len(stale) == 1
     assert "the VWAP exit and the time stop still fire" in stale[0] and "HTTP 500" in stale[0]
