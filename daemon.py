@@ -1,10 +1,11 @@
 """The live daemon: threads around one engine (DESIGN section 1).
 
 stream thread ─┐
-poller thread ─┼─► queue ─► engine thread (decode, tape, engine, journal) ─► notifier thread ─► Pushover
+poller thread ─┼─► inbox ─► engine thread (decode, tape, engine, journal) ─► notifier thread ─► Pushover
 clock ─────────┘
 
-Producers only stamp what they receive and enqueue it. The engine thread decodes, records the raw
+Producers only stamp what they receive and enqueue it (waiting while the engine is far behind,
+`engine_inbox.py`). The engine thread decodes, records the raw
 item to the tape and runs the engine, so the tape's order is the engine's order. A watchdog exits
 the process with status 3 when the engine thread stops turning, so the supervisor restarts it.
 
@@ -19,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -37,6 +37,7 @@ from clock import Clock
 from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings
 from delivery import MemoryOutbox, WriteBehindJournal
 from engine import Engine, position_fields
+from engine_inbox import EngineInbox
 from events import Alert, FeedStatus, Received
 from feed import FeedDecoder
 from health import VERSION, HealthServer, Heartbeat, Snapshot, health_status
@@ -130,7 +131,7 @@ class Daemon:
             self.instance_lock.release()
             raise
         self.engine = Engine(self.rules, self.calendar, alert_overrides=delivery_overrides(settings))
-        self.queue: queue.Queue[object] = queue.Queue()
+        self.inbox = EngineInbox(self.stop, on_held=self._engine_behind)
         self.notifier = Notifier(
             self.outbox, self._pushover_client(), clock_ms=clock.now_ms, fallback=self._fallback()
         )
@@ -159,8 +160,7 @@ class Daemon:
         # The session thread connects and the main thread disconnects at shutdown: one lock, and no
         # connection once stop is set, so no stream outlives the daemon.
         self._stream_lock = threading.RLock()
-        self.options = OptionsFeed(settings, clock, self.queue.put, self._options_notice)
-        self.queue_depth_max = 0
+        self.options = OptionsFeed(settings, clock, self.inbox.put_data, self._options_notice)
         # Two seconds after the engine's own STALL would go out, so that one silence makes one alert.
         self.stream_watch = StreamWatch(int((self.rules.stall_alert_seconds + 2) * 1000), clock.now_ms())
         self.mark_watch = MarkWatch(MARK_STALE_MS)
@@ -187,15 +187,23 @@ class Daemon:
             "followed in memory, but the P&L record is at risk until it recovers: free disk space or "
             "close whatever holds the database."
         )
-        self.queue.put(SystemNotice("JOURNAL_FAILING", text, PRIORITY_HIGH))
+        self.inbox.put(SystemNotice("JOURNAL_FAILING", text, PRIORITY_HIGH))
 
     def _journal_recovered(self, written: int) -> None:
         text = f"The journal is writable again; {written} held decision(s) written."
-        self.queue.put(SystemNotice("JOURNAL_RECOVERED", text, PRIORITY_NORMAL))
+        self.inbox.put(SystemNotice("JOURNAL_RECOVERED", text, PRIORITY_NORMAL))
+
+    def _engine_behind(self, depth: int) -> None:
+        # Said once per daemon: the counts on /health (queue_holds) show whether it goes on.
+        log.warning(
+            "engine_behind",
+            depth=depth,
+            action="producers wait for the engine thread; nothing is dropped (see queue_holds on /health)",
+        )
 
     def _thread_crashed(self, name: str, error: str) -> None:
         text = f"The {name} thread failed ({error}). It restarts by itself; check the logs if this repeats."
-        self.queue.put(SystemNotice("SYSTEM", text, PRIORITY_HIGH))
+        self.inbox.put(SystemNotice("SYSTEM", text, PRIORITY_HIGH))
 
     def _pushover_client(self) -> PushoverClient | None:
         s = self.settings
@@ -291,11 +299,7 @@ class Daemon:
         pause_file = self.settings.data_dir / PAUSE_FILE
         while not self.stop.is_set():
             self.last_turn = time.monotonic()
-            try:
-                item = self.queue.get(timeout=0.05)
-            except queue.Empty:
-                item = None
-            self.queue_depth_max = max(self.queue_depth_max, self.queue.qsize())
+            item = self.inbox.get(timeout=0.05)
             try:
                 self._turn(item, self.clock.now_ms(), pause_file)
             except Exception as exc:
@@ -533,8 +537,9 @@ class Daemon:
             "tape": {"recording": self.tape is not None, "problem": self.tape_problem},
             "engine_errors": self.engine_errors,
             "marks": self._marks_fields(),
-            "queue_depth": self.queue.qsize(),
-            "queue_depth_max": self.queue_depth_max,
+            "queue_depth": self.inbox.qsize(),
+            "queue_depth_max": self.inbox.depth_max,
+            "queue_holds": self.inbox.holds,
             "version": VERSION,
         }
 
@@ -676,7 +681,7 @@ class Daemon:
             self.settings.polygon_ws_url,
             self.settings.polygon_api_key,
             symbols,
-            self.queue.put,
+            self.inbox.put_data,
             clock_ms=self.clock.now_ms,
             backfill=self._backfill,
             silence_s=self._silence_limit_s,
@@ -710,7 +715,9 @@ class Daemon:
         start = gap_from_ms - BACKFILL_REACH_BACK_MS
         for sym in (self.rules.underlying, self.rules.benchmark):
             for answer in self.rest.aggs(sym, 1, "second", str(start), str(gap_to_ms)):
-                self.queue.put(Received(answer.received_ms, "rest", answer.body, answer.path, answer.status))
+                self.inbox.put_data(
+                    Received(answer.received_ms, "rest", answer.body, answer.path, answer.status)
+                )
 
     def _poll_loop(self) -> None:
         """The chain every CHAIN_POLL_SECONDS in session (and the volume profile once a day)."""
@@ -795,7 +802,7 @@ class Daemon:
     def _put_answers(self, answers: list[RestAnswer]) -> None:
         for answer in answers:
             self._note_access(answer)
-            self.queue.put(Received(answer.received_ms, "rest", answer.body, answer.path, answer.status))
+            self.inbox.put_data(Received(answer.received_ms, "rest", answer.body, answer.path, answer.status))
 
     def _note_access(self, answer: RestAnswer) -> None:
         """One FEED ERROR when REST starts refusing the key (401) or the plan (403), one line when it heals."""
@@ -807,7 +814,7 @@ class Daemon:
             log.error(
                 "rest_refused", status=answer.status, reason=refused, retry_every_s=REFUSED_RETRY_SECONDS
             )
-            self.queue.put(
+            self.inbox.put_data(
                 FeedStatus(answer.received_ms, bool(self.stream and self.stream.connected), refused)
             )
         else:

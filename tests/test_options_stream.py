@@ -194,7 +194,7 @@ def test_a_quote_storm_keeps_the_queue_short_and_the_alerts_right(market, tmp_pa
             polygon.quote_storm(5.0, 600.0)  # 5 a clock second at 40x: 200 quotes a wall second
             assert wait_for(lambda: "SELL" in kinds(pushover), 60)
             taken = daemon.engine.marks.stream + daemon.engine.marks.stale - before
-            depth = daemon.queue_depth_max
+            depth = daemon.inbox.depth_max
         finally:
             stop_daemon(stop, thread)
     assert trades(pushover) == ["BUY", "SELL"]
