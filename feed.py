@@ -221,7 +221,7 @@ class FeedDecoder:
         return list(bars)
 
     def _guarded(self, bars: tuple[Bar, ...], received_ms: int) -> tuple[Bar, ...]:
-        """The streamed bars the AheadGuard and then the PriceGuard keep; the others counted."""
+        """The bars (streamed or backfilled) the AheadGuard and then the PriceGuard keep; the others counted."""
         counters = self.counters
         timely = self._ahead.keep(bars, received_ms)
         priced = self._prices.keep(timely)
@@ -288,7 +288,8 @@ class FeedDecoder:
         if span == "second" and sym in self.symbols:
             page = parse_aggs_page(body_of(body), sym, int(multiplier) * 1000, received_ms)
             self.counters.bad_events += page.bad
-            return list(page.bars)
+            # Backfilled seconds pass the same guards as streamed ones: a bad print is bad either way.
+            return list(self._guarded(page.bars, received_ms)) if page.bars else []
         if span == "minute" and sym == self.underlying:
             if first_page:
                 self._profile_bars = []  # an earlier fetch that stopped early never completes

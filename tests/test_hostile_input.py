@@ -477,3 +477,18 @@ def test_a_print_beyond_the_price_band_is_dropped_and_five_in_a_row_are_a_new_le
     assert iwm_bar_kept(decoder, 20, 277.0) and iwm_bar_kept(decoder, 21, 269.0), (
         "within 3 % of the last close"
     )
+
+
+def test_a_backfilled_second_beyond_the_price_band_is_dropped_like_a_streamed_one() -> None:
+    decoder = FeedDecoder("IWM", "SPY")
+    start = at(10, 4)
+    assert iwm_bar_kept(decoder, 0, 242.0)
+    results = [
+        {"t": start + i * 1000, "o": c, "h": c, "l": c, "c": c, "v": 300, "vw": c, "n": 3}
+        for i, c in enumerate([242.1, 24.2, 242.2], start=1)
+    ]  # a tenth of the price in the middle second
+    path = f"/v2/aggs/ticker/IWM/range/1/second/{start}/{start + 4000}?adjusted=true&sort=asc&limit=50000"
+    body = {"ticker": "IWM", "status": "OK", "resultsCount": 3, "results": results}
+    bars = decoder.rest(start + 5000, path, 200, body)
+    assert [bar.c for bar in bars] == [242.1, 242.2]
+    assert decoder.counters.price_jumps == 1 and decoder.counters.bad_inputs() == 1
