@@ -311,27 +311,47 @@ class FallbackChannel(Protocol):
 
 
 class AppriseFallback:
-    """Every service Apprise knows (ntfy, Telegram, e-mail, ...), from a list of Apprise URLs."""
+    """Every service Apprise knows (ntfy, Telegram, e-mail, ...), from a list of Apprise URLs.
+
+    Each URL is its own channel: an alert that reached one of them has reached the phone, so a dead
+    second channel never makes the working one send the same alert again on the retry.
+    """
 
     name = "fallback"
 
     def __init__(self, urls: Sequence[str]) -> None:
         import apprise  # imported only when a fallback is configured: it loads many plugins
 
-        self._apprise = apprise.Apprise()
+        self._channels: list[tuple[str, Any]] = []
+        refused = []
+        for url in urls:
+            channel = apprise.Apprise()
+            if channel.add(url):
+                self._channels.append((mask(url), channel))
+            else:
+                refused.append(url)
         self._secrets = tuple(urls)
-        refused = [url for url in urls if not self._apprise.add(url)]
         if refused:
             shown = ", ".join(mask(url) for url in refused)
             raise ValueError(f"ALERT_FALLBACK_URLS: Apprise does not understand {shown}")
 
     def send(self, item: OutboxItem) -> SendResult:
-        """Send one alert through every fallback URL; ok when Apprise reports success."""
+        """Send one alert through every fallback URL; ok when at least one of them took it."""
+        failed = [shown for shown, channel in self._channels if not self._notify(channel, item)]
+        ok = len(failed) < len(self._channels)
+        if not failed:
+            return SendResult(True, False, None, "", None, None)
+        error = self._scrub(f"refused or unreachable: {', '.join(failed)}")
+        if ok:
+            log.warning("fallback_partly_failed", dedupe_key=item.dedupe_key, error=error)
+        return SendResult(ok, not ok, None, "" if ok else error, None, None)
+
+    def _notify(self, channel: Any, item: OutboxItem) -> bool:
         try:
-            ok = bool(self._apprise.notify(title=item.title, body=item.message))
+            return bool(channel.notify(title=item.title, body=item.message))
         except Exception as exc:  # a plugin bug must not take the notifier down
-            return SendResult(False, True, None, self._scrub(f"{type(exc).__name__}: {exc}"), None, None)
-        return SendResult(ok, not ok, None, "" if ok else "fallback refused or unreachable", None, None)
+            log.error("fallback_channel_error", error=self._scrub(f"{type(exc).__name__}: {exc}"))
+            return False
 
     def _scrub(self, text: str) -> str:
         for url in self._secrets:
@@ -404,6 +424,10 @@ class Notifier:
         self._timeouts: dict[str, int] = {}
         self._disabled_reason: str | None = None
         self._gave_up: list[str] = []  # "KIND (error)" of each alert given up on, for /health
+        # The fallback's own back-off: a failing fallback is retried on its schedule, not every turn.
+        self._fallback_failures = 0
+        self._fallback_retry_at: float | None = None
+        self._fallback_error: str | None = None
 
     @property
     def disabled_reason(self) -> str | None:
@@ -418,9 +442,12 @@ class Notifier:
         problem = self._problem()
         if problem is None:
             return DeliveryHealth("pushover", None, False, gave_up)
-        if self._fallback is not None:
+        if self._fallback is None:
+            return DeliveryHealth("pushover", problem, self._cannot_deliver(), gave_up)
+        if self._fallback_error is None:
             return DeliveryHealth("fallback", problem, False, gave_up)
-        return DeliveryHealth("pushover", problem, self._cannot_deliver(), gave_up)
+        problem = f"{problem}; the fallback is failing too ({self._fallback_error})"
+        return DeliveryHealth("fallback", problem, self._cannot_deliver(), gave_up)
 
     def _gave_up_text(self) -> str | None:
         if not self._gave_up:
@@ -525,13 +552,20 @@ class Notifier:
         held = self._held_until is not None and now < self._held_until
         refused = self._disabled_reason is not None or held
         if refused:
-            return "fallback" if self._fallback is not None else "hold"
+            return self._fallback_route(now)
         if self._retry_at is not None and now < self._retry_at:
             down = self._down_for_s()
-            if self._fallback is not None and down is not None and down >= self._down_before_fallback_s:
-                return "fallback"
+            if down is not None and down >= self._down_before_fallback_s:
+                return self._fallback_route(now)
             return "hold"
         return "pushover"
+
+    def _fallback_route(self, now: float) -> Route:
+        """The fallback, unless there is none or it failed and its retry time has not come."""
+        if self._fallback is None:
+            return "hold"
+        waiting = self._fallback_retry_at is not None and now < self._fallback_retry_at
+        return "hold" if waiting else "fallback"
 
     def _deliver(self, item: OutboxItem) -> Outcome:
         if self._client is None:
@@ -572,11 +606,16 @@ class Notifier:
         assert self._fallback is not None
         result = self._fallback.send(item)
         if not result.ok:
-            delay = self._schedule_retry()
+            self._schedule_retry()
+            self._fallback_failures += 1
+            delay = self._backoff_s(self._fallback_failures)
+            self._fallback_retry_at = self._monotonic() + delay
+            self._fallback_error = result.error
             log.error(
                 "fallback_failed", error=result.error, retry_in_s=round(delay, 3), **_fields(item, result)
             )
             return "stop"
+        self._fallback_failures, self._fallback_retry_at, self._fallback_error = 0, None, None
         self._journal.mark_sent(item.id, self._clock_ms())
         log.warning("alert_sent_by_fallback", reason=self._problem(), **_fields(item, result))
         return "sent"
@@ -687,11 +726,14 @@ class Notifier:
 
     def _schedule_retry(self) -> float:
         self._failures += 1
-        # The exponent is capped so hours of outage cannot overflow the float.
-        doublings = min(self._failures - 1, 32)
-        delay = min(self._max_retry_s, self._min_retry_s * 2**doublings)
+        delay = self._backoff_s(self._failures)
         self._retry_at = self._monotonic() + delay
         return delay
+
+    def _backoff_s(self, failures: int) -> float:
+        # The exponent is capped so hours of outage cannot overflow the float.
+        doublings = min(failures - 1, 32)
+        return min(self._max_retry_s, self._min_retry_s * 2**doublings)
 
 
 def _fields(item: OutboxItem, result: SendResult) -> dict[str, Any]:

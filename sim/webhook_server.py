@@ -56,6 +56,7 @@ class FakeWebhook:
         self._lock = threading.Lock()
         self._posts: list[WebhookPost] = []
         self._fail_status: int | None = None
+        self.requests = 0  # every post, accepted or failed
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> FakeWebhook:
@@ -94,6 +95,7 @@ class FakeWebhook:
 
     def _accept(self, path: str, body: dict[str, Any]) -> Reply:
         with self._lock:
+            self.requests += 1
             if self._fail_status is not None:
                 return Reply(self._fail_status, {"error": "simulated failure"})
             self._posts.append(WebhookPost(path, body))

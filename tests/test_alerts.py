@@ -415,12 +415,46 @@ def test_the_fallback_failing_holds_the_queue_and_nothing_is_lost(
             journal, make_client(server), fallback=AppriseFallback([hook.apprise_url]), monotonic=clock
         )
         assert notifier.drain_once() == 0
+        health = notifier.health()
         hook.fail_with(None)
-        clock.now += 1.0
+        for _ in range(5):  # idle turns before the fallback's retry time: no request, nothing sent
+            clock.now += 0.009
+            assert notifier.drain_once() == 0
+        assert hook.requests == 1
+        clock.now += 0.05
         assert notifier.drain_once() == 2
         posts = [p.body["title"] for p in hook.posts]
 
     assert posts == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
+    assert health.blocked and "fallback is failing too" in (health.problem or "")
+    assert not notifier.health().blocked and "failing too" not in (notifier.health().problem or "")
+
+
+def test_a_dead_second_fallback_never_repeats_an_alert_on_the_working_one(
+    journal: Journal, server: FakePushover
+) -> None:
+    from alerts import AppriseFallback
+    from sim.webhook_server import FakeWebhook
+
+    server.fail_with(429)
+    journal.record([alert(1), alert(2)])
+    clock = StepClock()
+    with FakeWebhook() as hook:
+        dead = "json://127.0.0.1:9/alerts"  # port 9 (discard) is closed here: connection refused
+        notifier = make_notifier(
+            journal, make_client(server), fallback=AppriseFallback([hook.apprise_url, dead]), monotonic=clock
+        )
+        with capture_logs() as logs:
+            assert notifier.drain_once() == 2
+            for _ in range(3):
+                clock.now += 1.0
+                notifier.drain_once()
+        posts = [p.body["title"] for p in hook.posts]
+
+    assert posts == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
+    partly = [e for e in logs if e["event"] == "fallback_partly_failed"]
+    assert len(partly) == 2 and partly[0]["error"].startswith("refused or unreachable: json")
+    assert [r[1] for r in outbox(journal)] == ["sent", "sent"]
 
 
 def test_fallback_urls_apprise_cannot_read_are_refused_with_masked_text() -> None:
