@@ -72,6 +72,7 @@ JOURNAL_BUSY_TIMEOUT_S = 0.1
 CHAIN_POLL_STALE_MIN_S = 60.0
 CHAIN_POLL_STALE_FACTOR = 6
 THREAD_STALE_S = 180.0
+HEALTH_RETRY_S = 30.0
 log = structlog.get_logger("daemon")
 
 
@@ -165,6 +166,8 @@ class Daemon:
         self.stream_watch = StreamWatch(int((self.rules.stall_alert_seconds + 2) * 1000), clock.now_ms())
         self.mark_watch = MarkWatch(MARK_STALE_MS)
         self.health_server: HealthServer | None = None
+        self._health_problem: str | None = None
+        self._stream_down_since_ms: int | None = None
         self._rest_refused: str | None = None
         self.rest = PolygonRest(
             settings.polygon_rest_url,
@@ -227,7 +230,7 @@ class Daemon:
             self._start_threads()
             self._engine_loop()
         finally:
-            self._shutdown(self.health_server)
+            self._shutdown()
         return 0
 
     def _start_threads(self) -> None:
@@ -245,7 +248,8 @@ class Daemon:
         if self.settings.heartbeat_url:
             heartbeat = Heartbeat(self.settings.heartbeat_url)
             spawn("heartbeat", lambda: self._heartbeat_loop(heartbeat), stale_after_s=THREAD_STALE_S)
-        self.health_server = self._start_health_server()
+        if self.settings.health_port is not None:
+            spawn("health", self._health_loop, stale_after_s=THREAD_STALE_S)
 
     def _warm_up_and_restore(self) -> None:
         """Rebuild today's features from today's tape (if any), then adopt the journal's trading state."""
@@ -511,7 +515,7 @@ class Daemon:
     def _snapshot(self) -> Snapshot:
         now = self.clock.now_ms()
         engine = self.engine
-        session = engine.session
+        session = self.calendar.session_at(now)  # the engine knows the session only from its first event
         market_open = bool(session and session.is_open(now))
         chain = engine.chain
         failing, degraded = self._problems()
@@ -566,12 +570,34 @@ class Daemon:
             degraded.append(
                 f"journal failing ({journal.last_error}); {journal.backlog} write(s) held in memory"
             )
+        if self._health_problem is not None:
+            degraded.append(self._health_problem)
+        down = self._stream_down_problem(now)
+        if down:
+            degraded.append(down)
         if self.tape_problem is not None:
             degraded.append(f"tape not recording ({self.tape_problem})")
         mark_problem = self.mark_watch.problem(now, self.engine.mark_set_ms)
         if mark_problem:
             degraded.append(mark_problem)
         return failing, degraded
+
+    def _stream_down_problem(self, now: int) -> str | None:
+        """In session, a stream that has not been connected for STREAM_SILENCE_SECONDS, in words.
+
+        Before the engine's STALL (and the stream watch's FEED ERROR) a refused dial is otherwise only in
+        the logs, while /health would say ok.
+        """
+        stream = self.stream
+        if (stream is not None and stream.connected) or self._open_session_ms(now) is None:
+            self._stream_down_since_ms = None
+            return None
+        since = self._stream_down_since_ms = self._stream_down_since_ms or now
+        down_s = (now - since) / 1000
+        if down_s < self.settings.stream_silence_seconds:
+            return None
+        error = stream.last_error if stream is not None else None
+        return f"stream not connected for {down_s:.0f} s" + (f" ({error})" if error else "")
 
     def _chain_poll_problem(self) -> str | None:
         """Chain polls must keep coming in session: without them no entry can be priced or exit marked."""
@@ -834,12 +860,30 @@ class Daemon:
                 self._exit_process(EXIT_WATCHDOG)
                 return
 
-    def _start_health_server(self) -> HealthServer | None:
-        port = self.settings.health_port
-        if port is None:
+    def _health_loop(self) -> None:
+        """Keep /health served: a port that cannot be bound (taken, an address not on this machine) is
+        said once (log and alert) and tried again every HEALTH_RETRY_S; the trading path never waits on it."""
+        while not self.stop.is_set():
+            self.supervisor.beat("health")
+            server = self.health_server
+            if server is None or not server.alive:
+                self.health_server = self._bind_health_server()
+            self.stop.wait(HEALTH_RETRY_S * self.clock.sleep_scale())
+
+    def _bind_health_server(self) -> HealthServer | None:
+        host, port = self.settings.health_host, self.settings.health_port
+        assert port is not None
+        try:
+            server = HealthServer(host, port, lambda: self.health).start()
+        except OSError as exc:
+            if self._health_problem is None:
+                self._health_problem = f"cannot serve /health on {host}:{port} ({exc.strerror or exc})"
+                log.error("health_unavailable", problem=self._health_problem, retry_every_s=HEALTH_RETRY_S)
+                text = f"The daemon {self._health_problem}; it trades and alerts as usual and retries."
+                self.inbox.put(SystemNotice("SYSTEM", text, PRIORITY_NORMAL))
             return None
-        server = HealthServer(self.settings.health_host, port, lambda: self.health).start()
-        log.info("health_listening", host=self.settings.health_host, port=server.port)
+        self._health_problem = None
+        log.info("health_listening", host=host, port=server.port)
         return server
 
     def _heartbeat_loop(self, heartbeat: Heartbeat) -> None:
@@ -848,7 +892,7 @@ class Daemon:
             self.supervisor.beat("heartbeat")
             heartbeat.maybe_ping(time.monotonic(), self.health.get("status") in HEARTBEAT_STATUSES)
 
-    def _shutdown(self, health_server: HealthServer | None) -> None:
+    def _shutdown(self) -> None:
         """Stop in order; each step is guarded so a failing one (a full disk) never skips the rest."""
         log.info("shutting_down")
         self.stop.set()  # a failed start ends here too: no thread may go on (or reconnect) after this
@@ -856,7 +900,7 @@ class Daemon:
             ("stream", self._disconnect),
             ("notifier", lambda: self.notifier.flush(deadline_s=5.0)),
             ("tape", self._close_tape),
-            ("health", lambda: health_server.stop() if health_server is not None else None),
+            ("health", lambda: self.health_server.stop() if self.health_server is not None else None),
             ("journal", self._close_journal),
         ]
         for name, step in steps:

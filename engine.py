@@ -634,6 +634,8 @@ class Engine:
         reference = max(self.market.last_iwm_ms or 0, self._watching_since)
         if session is not None:
             reference = max(reference, session.open_ms)
+        if reference == 0:  # before the first event: nothing has been missed yet
+            return 0.0
         return max(0.0, (now - reference) / 1000)
 
     def is_stalled(self, now: int) -> bool:

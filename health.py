@@ -67,6 +67,11 @@ class HealthServer:
     def port(self) -> int:
         return self._server.server_address[1]
 
+    @property
+    def alive(self) -> bool:
+        """Whether the serving thread still runs."""
+        return self._thread.is_alive()
+
     def start(self) -> HealthServer:
         self._thread.start()
         return self

@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -391,6 +392,66 @@ def test_health_endpoint_of_the_running_daemon(market, tmp_path):
         assert key in body
     assert "volume_surge" in body["conditions"] and "spy_leadership" in body["conditions"]
     assert API_KEY not in json.dumps(body)
+
+
+def test_a_health_port_already_taken_is_said_once_and_served_once_it_is_free(market, tmp_path):
+    import json
+    import socket
+    import urllib.request
+
+    blocker = socket.create_server(("127.0.0.1", 0))
+    port = blocker.getsockname()[1]
+    start = at(10, 2)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        settings = settings_for(polygon, pushover, tmp_path, health_port=port)
+        with daemon_running(settings, SimClock(start, SPEED)) as (daemon, _thread):
+
+            def said() -> list[str]:
+                return [m.form["message"] for m in pushover.messages if "/health" in m.form["message"]]
+
+            assert wait_for(lambda: said() and daemon.health.get("ws_connected"), 30), (
+                "health failure not said"
+            )
+            problems = daemon.health["problems"]
+            blocker.close()
+            assert wait_for(lambda: daemon.health_server is not None, 10), "the freed port was never bound"
+
+            def served_problems() -> list[str]:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                    return json.loads(answer.read())["problems"]
+
+            assert wait_for(lambda: not any("/health" in p for p in served_problems()), 10)
+            bars_then = daemon.engine.counters.bars
+            assert wait_for(lambda: daemon.engine.counters.bars > bars_then, 10), "the engine stopped"
+    assert len(said()) == 1 and f"127.0.0.1:{port}" in said()[0]
+    assert any("/health" in p for p in problems) and daemon.health["status"] != "failing"
+
+
+def test_a_stream_that_cannot_connect_is_on_health_from_the_first_seconds(market, tmp_path):
+    start = at(10, 2)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        closed = socket.create_server(("127.0.0.1", 0))
+        dead_url = f"ws://127.0.0.1:{closed.getsockname()[1]}/stocks"
+        closed.close()  # nothing listens there now: every dial is refused
+        settings = dataclasses.replace(settings_for(polygon, pushover, tmp_path), polygon_ws_url=dead_url)
+        with daemon_running(settings, SimClock(start, SPEED)) as (daemon, _thread):
+            first = dict(daemon.health)
+
+            def down() -> list[str]:
+                problems = daemon.health.get("problems", [])
+                return [p for p in problems if p.startswith("stream not connected")]
+
+            assert wait_for(down, 20), f"no stream problem on /health: {daemon.health.get('problems')}"
+            problem = down()[0]
+    assert first.get("last_bar_age_s", 0) < 3600, "an age counted from 1970 before the first event"
+    assert "refused" in problem.lower() or "connect" in problem.lower()
+    assert API_KEY not in problem
 
 
 def test_rest_refusing_the_key_sends_one_feed_error_and_retries_slowly(market, tmp_path):
