@@ -9,6 +9,8 @@ naming every bad variable, its (masked) value and what is expected.
 from __future__ import annotations
 
 import difflib
+import io
+import ipaddress
 import math
 import os
 import re
@@ -26,6 +28,9 @@ SECRET_NAMES = frozenset(
 OPEN, CLOSE = time(9, 30), time(16, 0)  # the regular session, New York time
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TICKER = re.compile(r"[A-Z.]{1,10}")
+# ASCII digits only: int() and float() also take other scripts' digits (`١٠`) and underscores (`1_000`).
+WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+DECIMAL_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # Variables that no field is named after but that the loader reads all the same.
 EXTRA_NAMES = frozenset({"MASSIVE_API_KEY"})
 # Names under DATA_DIR that several commands share. They live here, not with the code that acts on
@@ -169,7 +174,7 @@ def _shown(name: str, raw: str) -> str:
 
 def parse_clock(raw: str) -> time:
     """Parse `HH:MM` (or `HH:MM:SS`) New York wall-clock time."""
-    match = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", raw.strip())
+    match = re.fullmatch(r"([0-9]{1,2}):([0-9]{2})(?::([0-9]{2}))?", raw.strip())
     if not match:
         raise ValueError("expected HH:MM")
     hour, minute, second = (int(g) if g else 0 for g in match.groups())
@@ -218,10 +223,14 @@ def parse_dates(raw: str) -> tuple[date, ...]:
 
 
 def _parse_number(raw: str, kind: type, lo: float | None, hi: float | None) -> float | int:
+    expected = "expected a whole number" if kind is int else "expected a number"
+    if not (WHOLE_NUMBER if kind is int else DECIMAL_NUMBER).fullmatch(raw):
+        foreign = any(c == "_" or (c.isdigit() and not c.isascii()) for c in raw)
+        raise ValueError(f"{expected} in digits 0-9, without underscores" if foreign else expected)
     try:
         value = int(raw) if kind is int else float(raw)
-    except ValueError:
-        raise ValueError("expected a whole number" if kind is int else "expected a number") from None
+    except ValueError:  # more digits than int() converts
+        raise ValueError(expected) from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("expected a finite number")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -335,22 +344,71 @@ def _logging_checks(settings: Settings) -> list[str]:
     return problems
 
 
-def _cross_checks(rules: Rules, settings: Settings) -> list[str]:
-    problems = _time_checks(rules) + _symbol_checks(rules) + _logging_checks(settings)
-    if rules.delta_min > rules.delta_max:
+def _window_checks(rules: Rules) -> list[str]:
+    """Windows too short for the points they must hold: with one bar a second the entry could never fire."""
+    problems = []
+    rising, points = rules.vwap_rising_seconds, rules.vwap_rising_min_points
+    if points > rising:
+        # The slope window (now - VWAP_RISING_SECONDS, now] holds at most one VWAP point per second.
         problems.append(
-            f"DELTA_MIN={rules.delta_min} > DELTA_MAX={rules.delta_max}: the band must be min <= max"
+            f"VWAP_RISING_MIN_POINTS={points} > VWAP_RISING_SECONDS={rising}: the slope window holds at most"
+            f" {rising} points (one a second), so VWAP is never rising and no entry can fire"
         )
-    if rules.tighten_giveback_percent > rules.max_giveback_percent:
-        problems.append("TIGHTEN_GIVEBACK_PERCENT must not exceed MAX_GIVEBACK_PERCENT")
+    window, bars = rules.volume_window_seconds, rules.volume_min_bars
+    if bars >= window:
+        # The surge compares a bar with the bars before it in (now - VOLUME_WINDOW_SECONDS, now): one fewer.
+        problems.append(
+            f"VOLUME_MIN_BARS={bars} >= VOLUME_WINDOW_SECONDS={window}: the window holds at most {window - 1}"
+            " earlier bars (one a second), so no volume surge and no entry can fire"
+        )
+    return problems
+
+
+def _key_checks(settings: Settings, key_name: str) -> list[str]:
+    """The keys' shapes, reported under `key_name`: the variable the market data key was read from."""
+    problems = []
     for name in ("pushover_token", "pushover_user_key"):
         value = getattr(settings, name)
         if value and not re.fullmatch(r"[A-Za-z0-9]{30}", value):
             problems.append(f"{name.upper()}={mask(value)}: expected 30 letters and digits")
     if settings.polygon_api_key and not re.fullmatch(r"[A-Za-z0-9_\-]{8,128}", settings.polygon_api_key):
-        problems.append(f"POLYGON_API_KEY={mask(settings.polygon_api_key)}: malformed key")
+        problems.append(
+            f"{key_name}={mask(settings.polygon_api_key)}: malformed key"
+            " (expected 8-128 letters, digits, _ or -)"
+        )
+    return problems
+
+
+def _health_host_problem(host: str) -> str | None:
+    """HEALTH_HOST must be an address the health server can bind: IPv4 (it listens on IPv4 only) or localhost."""
+    expected = "expected an IPv4 address such as 127.0.0.1 (0.0.0.0 for every interface) or localhost"
+    if host.lower() == "localhost":
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"HEALTH_HOST={host!r}: {expected}"
+    if address.version != 4:
+        return f"HEALTH_HOST={host!r}: {expected}; the health server listens on IPv4 only"
+    return None
+
+
+def _cross_checks(rules: Rules, settings: Settings, key_name: str = "POLYGON_API_KEY") -> list[str]:
+    problems = _time_checks(rules) + _symbol_checks(rules) + _window_checks(rules) + _logging_checks(settings)
+    if rules.delta_min > rules.delta_max:
+        problems.append(
+            f"DELTA_MIN={rules.delta_min} > DELTA_MAX={rules.delta_max}: the band must be min <= max"
+        )
+    if rules.tighten_giveback_percent > rules.max_giveback_percent:
+        tighten, most = rules.tighten_giveback_percent, rules.max_giveback_percent
+        problems.append(
+            f"TIGHTEN_GIVEBACK_PERCENT must not exceed MAX_GIVEBACK_PERCENT ({tighten:g} > {most:g})"
+        )
+    problems += _key_checks(settings, key_name)
     if settings.health_port is not None and not 0 <= settings.health_port <= 65535:
         problems.append(f"HEALTH_PORT={settings.health_port}: expected a port 0-65535")
+    host_problem = _health_host_problem(settings.health_host)
+    problems += [host_problem] if host_problem else []
     problems += _endpoint_checks(settings) + _sim_clock_checks(settings)
     from alert_text import delivery_overrides, delivery_problems  # alert_text imports config
 
@@ -369,18 +427,55 @@ ENDPOINT_SCHEMES = {
 
 
 def _endpoint_checks(settings: Settings) -> list[str]:
-    """Every endpoint is a URL of a scheme it can use, with a host (secrets masked in the message)."""
+    """Every endpoint is a URL of a scheme it can use, with a host and a valid port (credentials masked)."""
     problems = []
     for name, schemes in ENDPOINT_SCHEMES.items():
         value = getattr(settings, name)
         if not value and "" in schemes:
             continue
-        parts = urlsplit(value)
-        if parts.scheme not in schemes or not parts.hostname:
-            shown = mask(value) if name == "heartbeat_url" else repr(value)
-            wanted = " or ".join(f"{scheme}://" for scheme in schemes if scheme)
-            problems.append(f"{name.upper()}={shown}: expected a URL starting with {wanted}, with a host")
+        problem = _endpoint_problem(value, schemes)
+        if problem is not None:
+            # The whole heartbeat URL is the secret (a ping UUID in its path); elsewhere only the credentials.
+            shown = mask(value) if name == "heartbeat_url" else repr(_redacted_url(value))
+            problems.append(f"{name.upper()}={shown}: {problem}")
     return problems
+
+
+def _endpoint_problem(value: str, schemes: tuple[str, ...]) -> str | None:
+    """What is wrong with one endpoint URL, or None. The text never quotes the value: it may hold a password."""
+    wanted = " or ".join(f"{scheme}://" for scheme in schemes if scheme)
+    expected = f"expected a URL starting with {wanted}, with a host"
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unbalanced [ or ] around the host, or a host that is not an address in []
+        return f"{expected} (this one cannot be parsed: check the [ ] around an IPv6 host)"
+    if parts.scheme not in schemes or not parts.hostname:
+        return expected
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or outside 0-65535 (httpx would wrap it round to another port)
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        return "expected a port from 1 to 65535 after the host (or none, for the scheme's default)"
+    return None
+
+
+def _redacted_url(value: str) -> str:
+    """The URL with its user:password and its query and fragment values replaced by `****`.
+
+    Works on the text rather than on `urlsplit`, which refuses some malformed URLs and splits others at a
+    `?`, `#` or `/` inside a password; everything up to the last `@` is taken as userinfo.
+    """
+    head, at, tail = value.rpartition("@")
+    if at:
+        scheme, sep, _ = head.partition("://")
+        value = f"{scheme}{sep}****@{tail}" if sep else f"****@{tail}"
+    rest, hash_mark, fragment = value.partition("#")
+    base, question, query = rest.partition("?")
+    masked = "&".join(
+        f"{part.partition('=')[0]}=****" if "=" in part else "****" for part in query.split("&") if part
+    )
+    return f"{base}{question}{masked}{hash_mark}{'****' if fragment else ''}"
 
 
 def _sim_clock_checks(settings: Settings) -> list[str]:
@@ -412,12 +507,14 @@ def data_dir_problem(data_dir: Path) -> str | None:
 def settings_from_env(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from a mapping; raise `ConfigError` listing every problem."""
     env = dict(env)
+    key_name = "POLYGON_API_KEY"
     if not env.get("POLYGON_API_KEY") and env.get("MASSIVE_API_KEY"):
         env["POLYGON_API_KEY"] = env["MASSIVE_API_KEY"]
+        key_name = "MASSIVE_API_KEY"  # a problem with the key names the variable the user set
     problems: list[str] = []
     rules = Rules(**_normalised(_read_fields(Rules, env, problems)))
     settings = Settings(rules=rules, **_normalised(_read_fields(Settings, env, problems)))
-    problems += _cross_checks(rules, settings)
+    problems += _cross_checks(rules, settings, key_name)
     if problems:
         raise ConfigError(problems)
     return settings
@@ -432,13 +529,18 @@ def known_names() -> frozenset[str]:
 def unknown_keys(env_file: str | Path | None = ".env") -> list[str]:
     """One warning per key of `env_file` that no setting reads, naming the nearest known variable.
 
-    Only the file is looked at: the process environment holds many unrelated variables.
+    Only the file is looked at: the process environment holds many unrelated variables. Never raises:
+    a file that cannot be read or decoded is `load_settings`'s to report.
     """
     if env_file is None or not Path(env_file).is_file():
         return []
+    try:
+        text = _dotenv_text(Path(env_file))
+    except OSError:
+        return []
     known = known_names()
-    warnings = _unreadable_lines(Path(env_file))
-    for key in _dotenv_values(env_file):
+    warnings = _unreadable_lines(Path(env_file), text)
+    for key in _dotenv_values(text):
         if key in known:
             continue
         nearest = difflib.get_close_matches(key.upper(), sorted(known), n=1)
@@ -447,20 +549,56 @@ def unknown_keys(env_file: str | Path | None = ".env") -> list[str]:
     return warnings
 
 
-def _unreadable_lines(env_file: Path) -> list[str]:
+def _dotenv_text(env_file: Path) -> str:
+    """The file's text. A byte that is not UTF-8 becomes a lone surrogate, which decoded text never holds:
+    the line can then be named (`_undecodable_lines`) rather than the whole file refused with a traceback.
+    """
+    return env_file.read_bytes().decode("utf-8", errors="surrogateescape")
+
+
+def _undecodable(text: str | None) -> bool:
+    """Whether `text` holds a byte `_dotenv_text` could not decode."""
+    return text is not None and any("\udc80" <= char <= "\udcff" for char in text)
+
+
+def _unreadable_lines(env_file: Path, text: str) -> list[str]:
     """One warning per line of the file python-dotenv cannot parse (its text is not shown: it may hold a key)."""
     from dotenv.parser import parse_stream
 
-    with open(env_file, encoding="utf-8", errors="replace") as stream:
-        bad = [binding.original.line for binding in parse_stream(stream) if binding.error]
+    bad = [binding.original.line for binding in parse_stream(io.StringIO(text)) if binding.error]
     return [
         f"warning: {env_file.name} line {line} cannot be read (expected NAME=value); it is ignored"
         for line in bad
     ]
 
 
-def _dotenv_values(env_file: str | Path) -> dict[str, str | None]:
-    """The file's values, without python-dotenv's own log line per unreadable line (`unknown_keys` names them)."""
+def _undecodable_lines(env_file: Path, text: str) -> list[str]:
+    """One problem per setting of the file whose name or value is not UTF-8 (a comment's bytes do no harm).
+
+    A problem, not a warning: the setting cannot be read as written, and falling back to its default
+    would trade on a value the user did not choose. The value is never shown: it may hold a key.
+    """
+    if not _undecodable(text):
+        return []
+    from dotenv.parser import parse_stream
+
+    problems = []
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.key is None or not (_undecodable(binding.key) or _undecodable(binding.value)):
+            continue
+        named = "" if _undecodable(binding.key) else f" ({binding.key})"
+        problems.append(
+            f"{env_file.name} line {binding.original.line}{named}: not valid UTF-8 text;"
+            " save the file as UTF-8 (the line is not shown: it may hold a key)"
+        )
+    return problems
+
+
+def _dotenv_values(text: str) -> dict[str, str | None]:
+    """The values of a `.env` text, less those holding undecodable bytes (`_undecodable_lines` names them).
+
+    python-dotenv's own log line per unreadable line is silenced: `unknown_keys` names those lines.
+    """
     import logging
 
     from dotenv import dotenv_values
@@ -468,15 +606,34 @@ def _dotenv_values(env_file: str | Path) -> dict[str, str | None]:
     dotenv_log = logging.getLogger("dotenv.main")
     was_disabled, dotenv_log.disabled = dotenv_log.disabled, True
     try:
-        return dotenv_values(env_file)
+        values = dotenv_values(stream=io.StringIO(text))
     finally:
         dotenv_log.disabled = was_disabled
+    # Interpolation (${NAME}) can carry a bad byte into another value: dropped as well, never printed.
+    return {k: v for k, v in values.items() if not (_undecodable(k) or _undecodable(v))}
 
 
 def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, str] | None = None) -> Settings:
-    """Read `.env` (never overriding the real environment) and the environment into `Settings`."""
+    """Read `.env` (never overriding the real environment) and the environment into `Settings`.
+
+    Raise `ConfigError` listing every problem, those of the file itself (unreadable, not UTF-8) first.
+    """
     merged: dict[str, str] = {}
+    problems: list[str] = []
     if env_file is not None and Path(env_file).is_file():
-        merged.update({k: v for k, v in _dotenv_values(env_file).items() if v is not None})
+        path = Path(env_file)
+        try:
+            text = _dotenv_text(path)
+        except OSError as exc:
+            problems.append(f"{path.name}: cannot be read ({exc.strerror or exc})")
+        else:
+            problems += _undecodable_lines(path, text)
+            merged.update({k: v for k, v in _dotenv_values(text).items() if v is not None})
     merged.update(os.environ if environ is None else environ)
-    return settings_from_env(merged)
+    try:
+        settings = settings_from_env(merged)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings

@@ -305,3 +305,260 @@ def test_an_unreadable_dotenv_line_is_named_once_by_number_never_by_its_text(tmp
     command = [sys.executable, str(ROOT / "main.py"), "--status"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
     assert done.stderr.count("line 2") == 1 and TOKEN not in done.stderr + done.stdout
+
+
+# --- Endpoints: every malformed URL listed (never a traceback), ports checked, credentials never shown ---
+
+ENDPOINTS = (
+    "POLYGON_REST_URL",
+    "POLYGON_WS_URL",
+    "POLYGON_OPTIONS_WS_URL",
+    "PUSHOVER_API_URL",
+    "HEARTBEAT_URL",
+)
+
+
+@pytest.mark.parametrize("name", ENDPOINTS)
+def test_an_unparseable_endpoint_is_listed_with_the_other_problems(name):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({name: "http://[::1", "DELTA_MAX": "two"})
+    named = {problem.split("=")[0] for problem in caught.value.problems}
+    assert named == {name, "DELTA_MAX"}, caught.value.problems
+
+
+def test_every_unparseable_endpoint_is_listed_at_once():
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({name: "ws://[::1" for name in ENDPOINTS})
+    assert sorted(problem.split("=")[0] for problem in caught.value.problems) == sorted(ENDPOINTS)
+
+
+def test_main_reports_an_unparseable_endpoint_with_exit_2_not_a_traceback(tmp_path):
+    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "d"), "POLYGON_REST_URL": "http://[::1"}
+    command = [sys.executable, str(ROOT / "main.py"), "--status"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "POLYGON_REST_URL='http://[::1': expected a URL" in done.stderr
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "0", "abc", "-1"])
+@pytest.mark.parametrize("name", ["POLYGON_REST_URL", "PUSHOVER_API_URL", "POLYGON_WS_URL"])
+def test_an_endpoint_port_outside_1_to_65535_is_refused(name, port):
+    scheme = "ws" if "WS" in name else "http"
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({name: f"{scheme}://127.0.0.1:{port}/x"})
+    assert caught.value.problems == [
+        f"{name}='{scheme}://127.0.0.1:{port}/x': expected a port from 1 to 65535 after the host"
+        " (or none, for the scheme's default)"
+    ]
+
+
+def test_endpoint_ports_at_the_edges_are_accepted():
+    settings = settings_from_env(
+        {"POLYGON_REST_URL": "http://127.0.0.1:1", "POLYGON_WS_URL": "ws://[::1]:65535/stocks"}
+    )
+    assert settings.polygon_rest_url == "http://127.0.0.1:1"
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("POLYGON_REST_URL", "htps://user:PLANTEDpw@api.massive.com"),
+        ("POLYGON_REST_URL", "https://PLANTEDuser@api.massive.com:99999"),
+        ("PUSHOVER_API_URL", "https//x?token=PLANTEDtok"),
+        ("PUSHOVER_API_URL", "https//x?a=1&token=PLANTEDtok&PLANTEDflag#PLANTEDfragment"),
+        ("POLYGON_WS_URL", "wss://user:PLANTED/pw@[::1"),
+        ("POLYGON_OPTIONS_WS_URL", "wss://user:PLANTED?pw@h:0/options"),
+        ("HEARTBEAT_URL", "hc-ping.example/PLANTED-uuid"),
+    ],
+)
+def test_credentials_in_an_endpoint_never_appear_in_the_problem(name, value):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({name: value, "STOP_LOSS_PERCENT": "abc"})
+    assert {problem.split("=")[0] for problem in caught.value.problems} == {name, "STOP_LOSS_PERCENT"}
+    assert "PLANTED" not in str(caught.value)
+
+
+def test_a_masked_endpoint_still_shows_its_shape():
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(
+            {"POLYGON_REST_URL": "htps://user:pw@api.massive.com", "PUSHOVER_API_URL": "https//x?token=t"}
+        )
+    shown = [problem.split(": ")[0] for problem in caught.value.problems]
+    assert shown == [
+        "POLYGON_REST_URL='htps://****@api.massive.com'",
+        "PUSHOVER_API_URL='https//x?token=****'",
+    ]
+
+
+# --- HEALTH_HOST ---
+
+
+@pytest.mark.parametrize("host", ["nan", "", "::1", "127.1", "example.com", "١٢٧.0.0.1"])
+def test_a_health_host_the_server_cannot_bind_is_refused(host):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"HEALTH_HOST": host})
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith(
+        f"HEALTH_HOST={host!r}: expected an IPv4 address such as 127.0.0.1"
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "localhost", "8.8.8.8"])
+def test_an_ipv4_health_host_or_localhost_is_accepted(host):
+    # 8.8.8.8 is well-formed but not this machine's: binding it fails at run time, not here.
+    assert settings_from_env({"HEALTH_HOST": host}).health_host == host
+
+
+# --- .env that is not UTF-8 ---
+
+
+def test_a_dotenv_value_that_is_not_utf8_is_a_config_problem_naming_the_line(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(
+        b"# caf\xe9: a comment's bytes do no harm\nCONTRACTS=2\nPUSHOVER_TOKEN=PLANT\xff\xfeED\n"
+    )
+    assert unknown_keys(env_file) == []  # never raises; the problem is load_settings'
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env_file, environ={"DELTA_MAX": "two"})
+    assert caught.value.problems[0] == (
+        ".env line 3 (PUSHOVER_TOKEN): not valid UTF-8 text; save the file as UTF-8"
+        " (the line is not shown: it may hold a key)"
+    )
+    assert caught.value.problems[1].startswith("DELTA_MAX='two'") and len(caught.value.problems) == 2
+    assert "PLANT" not in str(caught.value)
+
+
+def test_a_dotenv_name_that_is_not_utf8_is_named_by_its_line_only(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(b"CONTRACTS=2\nSTOP_\xffLOSS=10\n")
+    assert unknown_keys(env_file) == []
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env_file, environ={})
+    assert caught.value.problems == [
+        ".env line 2: not valid UTF-8 text; save the file as UTF-8 (the line is not shown: it may hold a key)"
+    ]
+
+
+def test_a_dotenv_with_only_a_non_utf8_comment_loads(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(b"# r\xe9glages\nCONTRACTS=3\n")
+    assert unknown_keys(env_file) == [] and load_settings(env_file, environ={}).rules.contracts == 3
+
+
+@pytest.mark.parametrize("script", ["main.py", "diagnose.py"])
+def test_main_and_diagnose_report_a_non_utf8_dotenv_without_a_traceback(tmp_path, script):
+    (tmp_path / ".env").write_bytes(b"CONTRACTS=2\nPUSHOVER_TOKEN=azGDORePK8gMaC0QOYAMyEEuzJnyU\xe9\n")
+    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "d")}
+    command = [sys.executable, str(ROOT / script), *(["--status"] if script == "main.py" else [])]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output and ".env line 2 (PUSHOVER_TOKEN): not valid UTF-8" in output
+    assert "azGDORePK8gMaC0QOYAMyEEuzJnyU" not in output
+    if script == "main.py":
+        assert done.returncode == 2
+
+
+# --- Messages name the variable and give the values ---
+
+
+def test_the_giveback_contradiction_gives_both_values():
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"TIGHTEN_GIVEBACK_PERCENT": "40", "MAX_GIVEBACK_PERCENT": "25.5"})
+    assert caught.value.problems == [
+        "TIGHTEN_GIVEBACK_PERCENT must not exceed MAX_GIVEBACK_PERCENT (40 > 25.5)"
+    ]
+
+
+@pytest.mark.parametrize("name", ["MASSIVE_API_KEY", "POLYGON_API_KEY"])
+def test_a_malformed_key_is_reported_under_the_variable_that_was_set(name):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({name: "bad key with spaces"})
+    assert [problem.split("=")[0] for problem in caught.value.problems] == [name]
+    assert "bad key with spaces" not in str(caught.value)
+
+
+# --- Windows that can never hold the points an entry needs ---
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (
+            {"VWAP_RISING_SECONDS": "10", "VWAP_RISING_MIN_POINTS": "11"},
+            "VWAP_RISING_MIN_POINTS=11 > VWAP_RISING_SECONDS=10: the slope window holds at most 10 points",
+        ),
+        (
+            {"VOLUME_WINDOW_SECONDS": "60", "VOLUME_MIN_BARS": "60"},
+            "VOLUME_MIN_BARS=60 >= VOLUME_WINDOW_SECONDS=60: the window holds at most 59 earlier bars",
+        ),
+        (
+            {"VOLUME_WINDOW_SECONDS": "30"},
+            "VOLUME_MIN_BARS=60 >= VOLUME_WINDOW_SECONDS=30: the window holds at most 29 earlier bars",
+        ),
+    ],
+)
+def test_a_window_too_short_for_its_minimum_is_refused(env, expected):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(env)
+    assert [problem.startswith(expected) for problem in caught.value.problems] == [True], (
+        caught.value.problems
+    )
+
+
+def test_the_window_limits_are_exactly_what_the_features_can_reach():
+    from events import Bar
+    from signals import FeatureEngine
+
+    env = {"VWAP_RISING_SECONDS": "10", "VWAP_RISING_MIN_POINTS": "10"}
+    rules = settings_from_env({**env, "VOLUME_WINDOW_SECONDS": "60", "VOLUME_MIN_BARS": "59"}).rules
+    features = FeatureEngine(rules)
+    seen = []
+    for i in range(120):  # one bar a second, rising, each with more volume than the last
+        price = 100 + i * 0.01
+        bar = Bar("IWM", i * 1000, i * 1000 + 1000, price, price, price, price, 1000 + i, None, None, None, 0)
+        seen.append(features.update(bar))
+    assert max(f.vwap_points for f in seen) == 10 and any(f.vwap_rising for f in seen)
+    assert max(f.volume_bars for f in seen) == 59 and any(f.volume_surge for f in seen)
+
+
+# --- Numbers: ASCII digits only ---
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"CONTRACTS": "١٠"}, "CONTRACTS='١٠': expected a whole number in digits 0-9, without underscores"),
+        ({"COOLDOWN_SECONDS": "1_000"}, "COOLDOWN_SECONDS='1_000': expected a number in digits 0-9"),
+        ({"HEALTH_PORT": "٨٠٨٠"}, "HEALTH_PORT='٨٠٨٠': expected a whole number in digits 0-9"),
+        ({"DELTA_MIN": "0.٣"}, "DELTA_MIN='0.٣': expected a number in digits 0-9"),
+        ({"NO_ENTRY_BEFORE": "٠٩:٤٥"}, "NO_ENTRY_BEFORE='٠٩:٤٥': expected HH:MM"),
+        ({"CHAIN_MAX_AGE_SECONDS": "inf"}, "CHAIN_MAX_AGE_SECONDS='inf': expected a number"),
+        ({"CHAIN_MAX_AGE_SECONDS": "1e999"}, "CHAIN_MAX_AGE_SECONDS='1e999': expected a finite number"),
+    ],
+)
+def test_numbers_take_ascii_digits_only(env, expected):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(env)
+    assert [problem.startswith(expected) for problem in caught.value.problems] == [True], (
+        caught.value.problems
+    )
+
+
+def test_plain_number_spellings_still_parse():
+    settings = settings_from_env(
+        {
+            "CONTRACTS": " +3 ",
+            "COOLDOWN_SECONDS": "1e2",
+            "DELTA_MIN": ".25",
+            "DELTA_MAX": "0.40",
+            "HEALTH_PORT": "8080",
+        }
+    )
+    rules = settings.rules
+    assert (rules.contracts, rules.cooldown_seconds, rules.delta_min, rules.delta_max) == (
+        3,
+        100.0,
+        0.25,
+        0.4,
+    )
+    assert settings.health_port == 8080
