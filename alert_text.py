@@ -431,3 +431,20 @@ FEED_ERROR_TEXT = {
 def feed_error_text(reason: str) -> str:
     """What a FEED ERROR alert says for a feed status reason."""
     return FEED_ERROR_TEXT.get(reason, f"Market data feed: {reason}.")
+
+
+REPEAT_TITLE_SUFFIX = " (possible repeat)"
+
+
+def possible_repeat(title: str, message: str, at_ms: int) -> tuple[str, str]:
+    """The title and message of an alert sent again after a send that got no answer.
+
+    Pushover may have taken the first request (the alerter was stopped, or the answer was lost), so the
+    phone may already show it: said in the title, where a glance sees it, so nobody acts twice.
+    """
+    decided = ny_datetime(at_ms).strftime("%H:%M:%S")
+    note = (
+        f"Possible repeat: an earlier send of this alert (decided {decided}) got no answer, so it may "
+        "already be on your phone. If it is, this is the same alert: do not act on it twice."
+    )
+    return title + REPEAT_TITLE_SUFFIX, f"{note}\n\n{message}"

@@ -12,11 +12,12 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 
+from alert_text import possible_repeat
 from config import mask
 
 if TYPE_CHECKING:
@@ -200,15 +201,20 @@ class PushoverClient:
         """Close the connection pool."""
         self._http.close()
 
-    def send(self, item: OutboxItem) -> SendResult:
-        """POST one outbox item; classify the answer. Never raises for HTTP or network failures."""
+    def send(self, item: OutboxItem, on_leaving: Callable[[], None] | None = None) -> SendResult:
+        """POST one outbox item; classify the answer. Never raises for HTTP or network failures.
+
+        `on_leaving` is called once the request's headers are on the wire, just before its body: from
+        then until the answer, Pushover may take the message though we never learn it did.
+        """
         form = pushover_form(item, self._token, self._user, self._sound_for(item.kind))
         import httpx  # already loaded by __init__; a dictionary lookup here
 
         image = self._attachment(item)
         files = None if image is None else {"attachment": (ATTACHMENT_NAME, image, ATTACHMENT_TYPE)}
+        extensions = {} if on_leaving is None else {"trace": _on_body_started(on_leaving)}
         try:
-            response = self._http.post(self._api_url, data=form, files=files)
+            response = self._http.post(self._api_url, data=form, files=files, extensions=extensions)
         except httpx.TimeoutException as exc:
             # A read timeout may come after Pushover took the message: the caller must not retry blindly.
             read = isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout)
@@ -274,6 +280,16 @@ class PushoverClient:
         return truncate(text, ERROR_TEXT_LIMIT)
 
 
+def _on_body_started(call: Callable[[], None]) -> Callable[[str, dict[str, Any]], None]:
+    """An httpcore trace hook that calls `call` when a request's body starts to go out."""
+
+    def trace(event: str, _info: dict[str, Any]) -> None:
+        if event.endswith("send_request_body.started"):
+            call()
+
+    return trace
+
+
 class Outbox(Protocol):
     """What the notifier drains: the journal's outbox, or the live daemon's in-memory one."""
 
@@ -283,7 +299,9 @@ class Outbox(Protocol):
 
     def mark_sent(self, item_id: int, sent_ms: int) -> None: ...
 
-    def mark_attempt(self, item_id: int, error: str) -> None: ...
+    def mark_attempt(self, item_id: int, error: str, *, maybe_sent: bool = False) -> None: ...
+
+    def mark_in_flight(self, item_id: int) -> None: ...
 
     def mark_failed(self, item_id: int, error: str) -> None: ...
 
@@ -568,6 +586,9 @@ class Notifier:
         return "hold" if waiting else "fallback"
 
     def _deliver(self, item: OutboxItem) -> Outcome:
+        if item.maybe_sent:
+            title, message = possible_repeat(item.title, item.message, item.at_ms)
+            item = replace(item, title=title, message=message)
         if self._client is None:
             self._log_only(item)
             self._journal.mark_sent(item.id, self._clock_ms())
@@ -581,7 +602,8 @@ class Notifier:
 
     def _via_pushover(self, item: OutboxItem) -> Outcome:
         assert self._client is not None
-        result = self._client.send(item)
+        left: list[bool] = []
+        result = self._client.send(item, lambda: self._leaving(item, left))
         if result.ok:
             self._on_sent(item, result)
             return "sent"
@@ -597,7 +619,8 @@ class Notifier:
         if result.timed_out and self._timed_out_too_often(item):
             return self._give_up_after_timeouts(item, result)
         if result.retry:
-            self._on_retryable(item, result)
+            # No HTTP answer to a request that left: it may have arrived; the retry says so.
+            self._on_retryable(item, result, maybe_sent=bool(left) and result.status is None)
             return "stop"
         self._on_rejected(item, result)
         return "failed"
@@ -632,8 +655,17 @@ class Notifier:
         log.info("pushover_sent", **_fields(item, result))
         _warn_if_quota_low(result.remaining)
 
-    def _on_retryable(self, item: OutboxItem, result: SendResult) -> None:
-        self._journal.mark_attempt(item.id, result.error)
+    def _leaving(self, item: OutboxItem, left: list[bool]) -> None:
+        """The request is on the wire: say so durably first (a crash before the answer must not make
+        the restart resend it as new). Runs inside the HTTP client, so it must never raise."""
+        left.append(True)
+        try:
+            self._journal.mark_in_flight(item.id)
+        except Exception as exc:
+            log.error("outbox_in_flight_not_recorded", dedupe_key=item.dedupe_key, error=str(exc)[:200])
+
+    def _on_retryable(self, item: OutboxItem, result: SendResult, *, maybe_sent: bool = False) -> None:
+        self._journal.mark_attempt(item.id, result.error, maybe_sent=maybe_sent)
         if self._down_since is None:
             self._down_since = self._monotonic()
         delay = self._schedule_retry()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from events import Action, Alert, Log, SetMeta, UpdatePosition
-from pnl_tracker import Journal, JournalError, OutboxItem
+from pnl_tracker import FAILED, IN_FLIGHT, PENDING, SENDING, SENT, Journal, JournalError, OutboxItem
 
 RETRY_EVERY_S = 1.0
 log = structlog.get_logger("journal")
@@ -239,22 +239,31 @@ class MemoryOutbox:
         item = self._finish(item_id)
         if item is not None:
             self.last_sent, self.last_sent_ms = item, sent_ms
-            self._outcomes.mark(item.dedupe_key, "sent", None, sent_ms)
+            self._outcomes.mark(item.dedupe_key, SENT, None, sent_ms)
 
-    def mark_attempt(self, item_id: int, error: str) -> None:
-        """A failed attempt that will be retried: the item keeps its place."""
+    def mark_attempt(self, item_id: int, error: str, *, maybe_sent: bool = False) -> None:
+        """A failed attempt that will be retried: the item keeps its place. `maybe_sent`: no answer
+        came, so the alert may have arrived and its next send says it may be a repeat."""
         with self._lock:
             item = self._items.get(item_id)
             if item is None:
                 return
-            self._items[item_id] = replace(item, attempts=item.attempts + 1)
-        self._outcomes.mark(item.dedupe_key, "pending", error, None)
+            self._items[item_id] = replace(item, attempts=item.attempts + 1, maybe_sent=maybe_sent)
+        self._outcomes.mark(item.dedupe_key, SENDING if maybe_sent else PENDING, error, None)
+
+    def mark_in_flight(self, item_id: int) -> None:
+        """A request with this alert is leaving; written at once, so a process killed before the answer
+        sends it again after the restart marked as a possible repeat, never as a silent duplicate."""
+        with self._lock:
+            item = self._items.get(item_id)
+        if item is not None:
+            self._outcomes.mark(item.dedupe_key, IN_FLIGHT, None, None)
 
     def mark_failed(self, item_id: int, error: str) -> None:
         """A permanent failure: never retried."""
         item = self._finish(item_id)
         if item is not None:
-            self._outcomes.mark(item.dedupe_key, "failed", error, None)
+            self._outcomes.mark(item.dedupe_key, FAILED, error, None)
 
     def _append(self, item: OutboxItem) -> None:
         self._items[self._next_id] = replace(item, id=self._next_id)

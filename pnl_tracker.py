@@ -52,6 +52,12 @@ CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(status, id);
 """
 
 
+_IN_FLIGHT_BY_KEY = "UPDATE outbox SET status=? WHERE dedupe_key=? AND status=?"
+_OUTCOME_BY_KEY = (
+    "UPDATE outbox SET status=?, attempts=attempts+1, last_error=?, sent_ms=? WHERE dedupe_key=?"
+)
+
+
 class JournalError(RuntimeError):
     """The journal cannot be used (newer schema, corrupt file, disk full)."""
 
@@ -60,6 +66,13 @@ def _check_synchronous(mode: object) -> None:
     """Refuse a mode other than FULL and NORMAL (it is put into a PRAGMA: never pass text through)."""
     if mode not in SYNCHRONOUS_MODES:
         raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {mode!r}")
+
+
+# Outbox statuses. SENDING: a request left with this alert and no answer came back (the process died
+# or the request timed out), so it may have reached the phone: it is sent again, marked as a possible
+# repeat. Both PENDING and SENDING are still to be delivered.
+PENDING, SENDING, SENT, FAILED = "pending", "sending", "sent", "failed"
+IN_FLIGHT = "in_flight"  # an outcome, not a status: a request is leaving now (PENDING becomes SENDING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +85,7 @@ class OutboxItem:
     priority: int
     at_ms: int
     attempts: int
+    maybe_sent: bool = False  # an earlier request got no answer: it may have reached the phone
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,15 +322,16 @@ class Journal:
         """Unsent alerts in the order they were decided."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, dedupe_key, kind, title, message, priority, at_ms, attempts FROM outbox"
-                " WHERE status='pending' ORDER BY id LIMIT ?",
-                (limit,),
+                "SELECT id, dedupe_key, kind, title, message, priority, at_ms, attempts, status=? FROM outbox"
+                " WHERE status IN (?, ?) ORDER BY id LIMIT ?",
+                (SENDING, PENDING, SENDING, limit),
             ).fetchall()
-        return [OutboxItem(*row) for row in rows]
+        return [OutboxItem(*row[:8], maybe_sent=bool(row[8])) for row in rows]
 
     def pending_count(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM outbox WHERE status='pending'").fetchone()[0]
+            query = "SELECT COUNT(*) FROM outbox WHERE status IN (?, ?)"
+            return self._db.execute(query, (PENDING, SENDING)).fetchone()[0]
 
     def dedupe_keys(self) -> set[str]:
         """Every dedupe key the outbox has ever held: what must never be sent again."""
@@ -324,28 +339,39 @@ class Journal:
             return {row[0] for row in self._db.execute("SELECT dedupe_key FROM outbox")}
 
     def mark_outcome(self, dedupe_key: str, status: str, error: str | None, sent_ms: int | None) -> None:
-        """Record a delivery outcome by dedupe key (the in-memory outbox knows alerts by key)."""
+        """Record a delivery outcome by dedupe key (the in-memory outbox knows alerts by key).
+
+        IN_FLIGHT is not an attempt's end but its start: a still pending alert becomes SENDING.
+        """
+        if status == IN_FLIGHT:
+            sql, params = _IN_FLIGHT_BY_KEY, (SENDING, dedupe_key, PENDING)
+        else:
+            sql, params = _OUTCOME_BY_KEY, (status, error, sent_ms, dedupe_key)
         with self._lock:
             try:
-                self._db.execute(
-                    "UPDATE outbox SET status=?, attempts=attempts+1, last_error=?, sent_ms=? WHERE dedupe_key=?",
-                    (status, error, sent_ms, dedupe_key),
-                )
+                self._db.execute(sql, params)
             except sqlite3.Error as exc:
                 raise JournalError(
                     f"journal write failed, outcome of {dedupe_key} not recorded: {exc}"
                 ) from exc
 
     def mark_sent(self, item_id: int, sent_ms: int) -> None:
-        self._update_outbox(item_id, "sent", None, sent_ms)
+        self._update_outbox(item_id, SENT, None, sent_ms)
 
-    def mark_attempt(self, item_id: int, error: str) -> None:
-        """A failed attempt that will be retried."""
-        self._update_outbox(item_id, "pending", error, None)
+    def mark_attempt(self, item_id: int, error: str, *, maybe_sent: bool = False) -> None:
+        """A failed attempt that will be retried; `maybe_sent` when no answer came (it may have arrived)."""
+        self._update_outbox(item_id, SENDING if maybe_sent else PENDING, error, None)
+
+    def mark_in_flight(self, item_id: int) -> None:
+        """A request with this alert is leaving: until its answer, the alert may have reached the phone."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE outbox SET status=? WHERE id=? AND status=?", (SENDING, item_id, PENDING)
+            )
 
     def mark_failed(self, item_id: int, error: str) -> None:
         """A permanent failure (4xx): never retried."""
-        self._update_outbox(item_id, "failed", error, None)
+        self._update_outbox(item_id, FAILED, error, None)
 
     def _update_outbox(self, item_id: int, status: str, error: str | None, sent_ms: int | None) -> None:
         with self._lock:

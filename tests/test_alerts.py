@@ -279,14 +279,57 @@ def test_a_timed_out_alert_is_tried_twice_then_the_queue_moves_on(
         wait_until(lambda: journal.pending_count() == 0)
 
     # alert 1 timed out twice (it may have arrived: no third copy); alert 2 went once the stall was over
-    first = [m for m in server.history if m.form["title"].endswith("alert 1")]
-    assert len(first) == 2
+    first = sorted(m.form["title"] for m in server.history if "alert 1" in m.form["title"])  # held alike
+    assert first == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 1 (possible repeat)"]
     assert titles(server) == ["IWM 0DTE CALL — alert 2"]
     rows = outbox(journal)
     assert rows[0][:2] == ("K:1", "failed") and "may have arrived" in (rows[0][3] or "")
     assert rows[1][:2] == ("K:2", "sent")
     gave_up = [e for e in logs if e["event"] == "pushover_timed_out_twice"]
     assert [e["dedupe_key"] for e in gave_up] == ["K:1"]
+
+
+def test_a_send_without_an_answer_is_retried_as_a_possible_repeat_and_an_answered_failure_is_not(
+    journal: Journal, server: FakePushover
+) -> None:
+    server.slow(1.0)  # takes the first message at once, answers after the client gave up
+    journal.record([alert(1)])
+    notifier = make_notifier(journal, make_client(server, timeout=0.3), min_retry_s=0.05, max_retry_s=0.05)
+    assert notifier.drain_once() == 0
+    assert journal.pending()[0].maybe_sent, "no answer: the journal must know it may have arrived"
+    server.slow(0.0)
+    server.fail_with(500, count=1)
+    time.sleep(0.1)
+    assert notifier.drain_once() == 0  # answered 500: certainly not delivered
+    assert not journal.pending()[0].maybe_sent
+    time.sleep(0.1)
+    assert notifier.drain_once() == 1
+
+    sent = [(m.status, m.form["title"]) for m in server.history]
+    assert sent == [
+        (200, "IWM 0DTE CALL — alert 1"),
+        (500, "IWM 0DTE CALL — alert 1 (possible repeat)"),
+        (200, "IWM 0DTE CALL — alert 1"),
+    ]
+
+
+def test_a_request_on_the_wire_is_recorded_before_its_answer_so_a_crash_cannot_make_it_new(
+    journal: Journal, server: FakePushover
+) -> None:
+    journal.record([alert(1), alert(2)])
+    server.slow(0.5)
+    seen: list[bool] = []
+    notifier = make_notifier(journal, make_client(server, timeout=2.0))
+    thread = threading.Thread(target=notifier.drain_once)
+    thread.start()
+    wait_until(lambda: server.requests == 1)
+    # While Pushover holds the answer, a second process opening the journal (a restart) sees it in flight.
+    reopened = Journal(journal.path)
+    seen = [item.maybe_sent for item in reopened.pending()]
+    reopened.close()
+    thread.join(5)
+    assert seen == [True, False]
+    assert journal.pending_count() == 0
 
 
 def test_a_slow_answer_within_the_timeout_is_delivered_once(journal: Journal, server: FakePushover) -> None:

@@ -320,6 +320,37 @@ def test_kill_9_mid_position_then_restart_sells_once_and_never_buys_twice(market
         assert secret not in output
 
 
+def test_kill_9_while_pushover_holds_the_buy_resends_it_once_marked_as_a_possible_repeat(market, tmp_path):
+    # Pushover has the BUY (it is on the phone) but its answer never reaches the killed process.
+    log_path = tmp_path / "daemon.log"
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 3), speed=SLOW) as polygon,
+    ):
+        first = launch(polygon, pushover, tmp_path, log_path)
+        try:
+            assert wait_for(lambda: "START" in kinds(pushover), 60), "no START from the first process"
+            pushover.slow(30.0)
+            assert wait_for(lambda: any("BUY" in m.form["title"] for m in pushover.history), 60), "no BUY"
+        finally:
+            first.kill()
+            first.wait(10)
+        pushover.slow(0.0)
+        second = launch(polygon, pushover, tmp_path, log_path)
+        try:
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60), "no SELL after the restart"
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(15)
+    sent = kinds(pushover)
+    assert sent.count("BUY") == 1 and sent.count("BUY (possible repeat)") == 1, sent
+    assert sent.count("SELL") == 1 and sent.index("BUY (possible repeat)") < sent.index("SELL")
+    repeat = next(m.form for m in pushover.messages if m.form["title"].endswith("(possible repeat)"))
+    original = next(m.form for m in pushover.messages if m.form["title"].endswith("— BUY"))
+    assert repeat["message"].startswith("Possible repeat:") and original["message"] in repeat["message"]
+    assert repeat["timestamp"] == original["timestamp"], "the repeat shows when the BUY was decided"
+
+
 def test_sigterm_exits_0_within_10_seconds(market, tmp_path):
     with (
         FakePushover() as pushover,
