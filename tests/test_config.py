@@ -33,7 +33,7 @@ def test_every_problem_is_reported_at_once_with_masked_secrets():
                 "DELTA_MIN": "abc",
                 "STOP_LOSS_PERCENT": "150",
                 "NO_ENTRY_BEFORE": "9am",
-                "PUSHOVER_TOKEN": "short-secret-value",
+                "PUSHOVER_TOKEN": "short-secret value",
                 "ENTRY_BLACKOUTS": "13:30-11:30",
                 "CONTRACTS": "1.5",
                 "CHAIN_MAX_AGE_SECONDS": "nan",
@@ -49,7 +49,7 @@ def test_every_problem_is_reported_at_once_with_masked_secrets():
         "PUSHOVER_TOKEN",
         "STOP_LOSS_PERCENT",
     ]
-    assert "short-secret-value" not in str(caught.value)
+    assert "short-secret value" not in str(caught.value)
     assert "shor…(18 chars)" in str(caught.value)
 
 
@@ -475,6 +475,21 @@ def test_a_malformed_key_is_reported_under_the_variable_that_was_set(name):
         settings_from_env({name: "bad key with spaces"})
     assert [problem.split("=")[0] for problem in caught.value.problems] == [name]
     assert "bad key with spaces" not in str(caught.value)
+
+
+@pytest.mark.parametrize("key", ["x", "test", "testkey", "tok-en_1", "azGDORePK8gMaC0QOYAMyEEuzJnyUi"])
+def test_any_key_a_service_could_issue_is_accepted_and_judged_by_the_service(key):
+    # Fakes and test plans use short keys; a wrong real key is refused by the service, said at run time.
+    settings = settings_from_env({"POLYGON_API_KEY": key, "PUSHOVER_TOKEN": key, "PUSHOVER_USER_KEY": key})
+    assert settings.polygon_api_key == settings.pushover_token == settings.pushover_user_key == key
+
+
+@pytest.mark.parametrize("key", ["two words", 'quo"te', "it's", "back\\slash", "caf\u00e9", "x" * 257])
+def test_a_key_no_service_could_issue_is_refused_without_showing_it(key):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"PUSHOVER_USER_KEY": key})
+    assert [p.split("=")[0] for p in caught.value.problems] == ["PUSHOVER_USER_KEY"]
+    assert key not in str(caught.value)
 
 
 # --- Windows that can never hold the points an entry needs ---
