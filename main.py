@@ -23,12 +23,16 @@ from logs import configure_logging
 if TYPE_CHECKING:
     import threading
 
+    from alerts import Notifier
     from clock import Clock
     from daemon import Daemon
     from pnl_tracker import Journal
     from replay import ReplayResult, RunSummary
 
-EXIT_OK, EXIT_CONFIG = 0, 2
+# 2: nothing was done (a usage or settings error, an unusable DATA_DIR or journal, another process in
+# the way). 1: a replay ran but its record or its alerts are incomplete (see its summary's problems).
+EXIT_OK, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2
+REPLAY_FLUSH_S = 60.0  # how long a --notify replay waits, at its end, for Pushover to take what is left
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -105,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(sys.stdout)
     settings = load_or_exit()
     configure_logging(settings.log_level, settings.log_format, secrets_of(settings))
-    problem = None if args.status else data_dir_problem(settings.data_dir)  # --status only reads
+    # --status only reads: it never creates DATA_DIR, but a DATA_DIR that cannot be a folder is said.
+    check = status_data_dir_problem if args.status else data_dir_problem
+    problem = check(settings.data_dir)
     if problem is not None:
-        print(f"Nothing started: {problem}.", file=sys.stderr)
+        print(f"{'No status' if args.status else 'Nothing started'}: {problem}.", file=sys.stderr)
         return EXIT_CONFIG
     if args.replay:
         return run_replay(settings, args.replay, args.speed, notify=args.notify, fresh=args.fresh)
@@ -118,17 +124,47 @@ def main(argv: list[str] | None = None) -> int:
     return run_live(settings)
 
 
+def status_data_dir_problem(data_dir: Path) -> str | None:
+    """Why DATA_DIR cannot hold a journal (it, or a folder above it, is a file), without creating it; else
+    None (a missing DATA_DIR is no problem for --status: it says there is no journal)."""
+    for folder in (data_dir, *data_dir.parents):
+        if folder.exists():
+            if folder.is_dir():
+                return None
+            where = "is a file" if folder == data_dir else f"is under {folder}, which is a file"
+            return f"DATA_DIR={str(data_dir)!r}: {where}, not a folder"
+    return None
+
+
 def set_pause(settings: Settings, *, paused: bool) -> int:
-    """The kill switch is a file under DATA_DIR that the running daemon checks every turn."""
+    """The kill switch is a file under DATA_DIR that the running daemon checks every turn.
+
+    A switch that cannot be set or cleared (PAUSE is a folder, the file system refuses) is one line on
+    stderr and exit 2, with the daemon's state unchanged.
+    """
     flag = settings.data_dir / PAUSE_FILE
-    flag.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        if paused:
+            flag.write_text("entries paused by `python main.py --pause`\n")
+        else:
+            flag.unlink(missing_ok=True)
+    except OSError as exc:
+        action = "pause entries" if paused else "allow entries again"
+        print(f"Could not {action}: {flag}: {exc.strerror or exc}{pause_hint(flag)}.", file=sys.stderr)
+        return EXIT_CONFIG
     if paused:
-        flag.write_text("entries paused by `python main.py --pause`\n")
         print(f"Entries paused ({flag}). Exits and SELL alerts continue. Undo: python main.py --resume")
     else:
-        flag.unlink(missing_ok=True)
         print("Entries allowed again.")
     return EXIT_OK
+
+
+def pause_hint(flag: Path) -> str:
+    """What to add when the switch is a folder: the daemon pauses while anything named PAUSE exists."""
+    if not flag.is_dir():
+        return ""
+    return " (the daemon counts anything named PAUSE as paused: remove that folder yourself)"
 
 
 def run_live(settings: Settings) -> int:
@@ -226,21 +262,47 @@ def run_replay(
 
     Alerts go through that journal's outbox like live ones: to the log, and to Pushover with `notify`.
     `fresh` moves the old replay journal aside first. The run ends with a summary of THIS run on
-    stdout: a readable block on a terminal, else one JSON line. A file with no tape line exits 2.
+    stdout: a readable block on a terminal, else one JSON line. A file with no tape line, or another
+    replay running into the same journal, exits 2 before the journal is touched; a run whose journal
+    refused writes, or whose alerts did not all reach Pushover, exits 1.
     """
-    from alerts import Notifier, PushoverClient
-    from clock import WallClock
-    from market_calendar import MarketCalendar
-    from replay import replay_tape, resume_note, saved_line, summarize_run
+    from instance_lock import AlreadyRunning, replay_lock
 
     problem = replay_problem(settings, tape, notify=notify)
     if problem is not None:
         print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    opened = open_replay_journal(settings.data_dir / "replay.sqlite3", fresh=fresh)
+    journal_path = settings.data_dir / "replay.sqlite3"
+    # Two replays into one journal write the same trades twice, and each reports the other's trades.
+    lock = replay_lock(journal_path)
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        print(f"Not started: {exc}.", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"Not started: cannot lock {lock.path}: {exc.strerror or exc}.", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return replay_locked(settings, tape, speed, journal_path, notify=notify, fresh=fresh)
+    finally:
+        lock.release()
+
+
+def replay_locked(
+    settings: Settings, tape: Path, speed: float | None, journal_path: Path, *, notify: bool, fresh: bool
+) -> int:
+    """`run_replay` once its journal's lock is held: open the journal, replay, flush, summarise."""
+    from alerts import Notifier, PushoverClient
+    from clock import WallClock
+    from market_calendar import MarketCalendar
+    from replay import failed_alerts, replay_tape, resume_note, saved_line, summarize_run
+
+    opened = open_replay_journal(journal_path, fresh=fresh)
     if opened is None:
         return EXIT_CONFIG
     journal, moved = opened
+    failed_before = failed_alerts(journal) if notify else None
     known_before = [t.trade_id for t in journal.trades()]
     note = resume_note(tape, saved_line(journal, tape.name))
     if note and speed is not None:  # a paced replay takes a while: say at once; the summary says it once more
@@ -262,10 +324,33 @@ def run_replay(
         speed=speed,
     )
     if notify:
-        notifier.flush(deadline_s=60.0)
-    summary = summarize_run(result, tape=tape, journal=journal, known_before=known_before, moved_aside=moved)
+        flush_to_pushover(notifier, journal)
+    summary = summarize_run(
+        result,
+        tape=tape,
+        journal=journal,
+        known_before=known_before,
+        moved_aside=moved,
+        failed_before=failed_before,
+    )
     journal.close()
     return print_replay_summary(result, summary)
+
+
+def flush_to_pushover(notifier: Notifier, journal: Journal) -> None:
+    """At the end of a --notify replay, give Pushover up to REPLAY_FLUSH_S to take what is still pending,
+    saying so first (a silent minute looks like a hang)."""
+    pending = journal.pending_count()
+    if pending == 0:
+        return
+    problem = notifier.health().problem
+    why = f" ({problem})" if problem else ""
+    print(
+        f"Waiting up to {REPLAY_FLUSH_S:.0f} s for Pushover to take {pending} pending alert(s){why}...",
+        file=sys.stderr,
+        flush=True,
+    )
+    notifier.flush(deadline_s=REPLAY_FLUSH_S)
 
 
 def replay_problem(settings: Settings, tape: Path, *, notify: bool) -> str | None:
@@ -320,36 +405,41 @@ def print_replay_summary(result: ReplayResult, summary: RunSummary) -> int:
         late_bars=result.late_bars,
         trades=summary.trades,
         still_pending=summary.pending_alerts,
+        journal_write_failures=summary.journal_write_failures,
+        undelivered_alerts=summary.undelivered_alerts,
     )
+    status = EXIT_INCOMPLETE if summary.problems() else EXIT_OK
     if sys.stdout.isatty():
         print(render_summary(summary), flush=True)
-        return EXIT_OK
+        return status
+    # The JSON line holds the note and the problems too; a person reads stderr.
     if summary.note():
-        print(summary.note(), file=sys.stderr)  # the JSON line holds it too; a person reads stderr
+        print(summary.note(), file=sys.stderr)
+    for problem in summary.problems():
+        print(f"Replay incomplete: {problem}.", file=sys.stderr)
     print(json.dumps(summary.as_dict()), flush=True)
-    return EXIT_OK
+    return status
 
 
 def run_status(settings: Settings, *, as_json: bool) -> int:
     """Print today's view of the live journal (read-only): text, or one JSON object with `as_json`.
 
     Works while the daemon runs and on a stopped one; without a journal it says so and exits 0.
-    The clock is the daemon's: SIM_CLOCK_START, when set, is "now" (rehearsals, tests).
+    A journal that cannot be read (corrupt, empty, busy) is shown as such, with what to do on stderr,
+    and exits 2 (with `as_json` the object's `journal_problem` says it). The clock is the daemon's:
+    SIM_CLOCK_START, when set, is "now" (rehearsals, tests).
     """
     import json
 
     from market_calendar import MarketCalendar, ny_date
-    from status import build_status, fetch_health, render_status, status_dict, tape_age_s
+    from status import build_status, render_status, status_dict, tape_age_s
 
     clock = clock_or_none(settings)
     if clock is None:
         return EXIT_CONFIG
     now_ms = clock.now_ms()
-    port = settings.health_port
+    snapshot, note = health_or_why(settings)
     age = tape_age_s(settings.data_dir / "tapes", ny_date(now_ms).isoformat())
-    note = "HEALTH_PORT is not set, so the running daemon's feed health cannot be read"
-    if port:
-        note = f"nothing answers on {settings.health_host}:{port}/health (daemon stopped?)"
     if age is not None:
         note += f"; today's tape was last written {age:.0f}s ago"
     status = build_status(
@@ -360,11 +450,30 @@ def run_status(settings: Settings, *, as_json: bool) -> int:
         ),
         now_ms=now_ms,
         pause_file=settings.data_dir / PAUSE_FILE,
-        health=(lambda: fetch_health(settings.health_host, port)) if port else (lambda: None),
+        health=lambda: snapshot,
         feed_note=note,
     )
     print(json.dumps(status_dict(status)) if as_json else render_status(status))
+    if status.journal_problem is not None:
+        print(status.journal_problem.advice, file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
+
+
+def health_or_why(settings: Settings) -> tuple[dict[str, object] | None, str]:
+    """The running daemon's /health snapshot, or None and why it cannot be had (the status's feed note)."""
+    port = settings.health_port
+    if port is None:
+        return None, "HEALTH_PORT is not set, so the running daemon's feed health cannot be read"
+    if port == 0:
+        # The daemon then binds a port the system picks and tells no one but its log.
+        return None, (
+            "HEALTH_PORT=0 makes the daemon listen on a port the system picks, which --status cannot "
+            "know; set a fixed HEALTH_PORT to read the running daemon's feed health"
+        )
+    from status import read_health
+
+    return read_health(settings.health_host, port)
 
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:

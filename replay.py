@@ -36,6 +36,10 @@ from pipeline import AlertSink, LogSink, Pipeline, structlog_sink
 from pnl_tracker import Journal, Synchronous, TradeRow
 from tape import TapeLine, TapeReader
 
+# The `status` column in `Journal.table_rows("outbox")` (id, dedupe_key, kind, title, message,
+# priority, at_ms, status, ...): the journal has no count of failed rows of its own.
+OUTBOX_STATUS_COLUMN = 7
+
 # Meta key prefix: the last line of a tape (by file name) that a finished replay went through.
 REPLAYED_PREFIX = "replayed:"
 
@@ -68,6 +72,7 @@ class ReplayResult:
     bars: int
     last_line: int = 0  # the tape's last valid line number
     new_lines: int = 0  # valid lines after `resumed_after`: 0 when the journal already held them all
+    journal_failures: int = 0  # decisions the journal refused (logged as journal_write_failed)
 
 
 def received_from(line: TapeLine) -> Received | None:
@@ -221,6 +226,7 @@ def replay_tape(
         bars=engine.counters.bars,
         last_line=counts.last_line,
         new_lines=counts.new_lines,
+        journal_failures=pipeline.journal_failures,
     )
 
 
@@ -304,6 +310,8 @@ class RunSummary:
     open_position: str | None
     pending_alerts: int
     moved_aside: str | None = None
+    journal_write_failures: int = 0
+    undelivered_alerts: int = 0  # with --notify: pending after the wait, or given up on in this run
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready fields, `event: replay_summary` first so a script can pick the line out."""
@@ -311,7 +319,24 @@ class RunSummary:
             "event": "replay_summary",
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
             "note": self.note(),
+            "problems": self.problems(),
         }
+
+    def problems(self) -> list[str]:
+        """What went wrong in this run, in plain words (empty when nothing did): a non-zero exit."""
+        found = []
+        if self.journal_write_failures:
+            found.append(
+                f"the replay journal refused {self.journal_write_failures} write(s) (journal_write_failed in "
+                f"the log): this run's decisions are not all in {self.journal}, so its trades and P&L above "
+                "are incomplete and their alerts were not sent"
+            )
+        if self.undelivered_alerts:
+            found.append(
+                f"{self.undelivered_alerts} alert(s) were not delivered to Pushover (pending ones stay in "
+                f"{self.journal} and go out with the next replay into it)"
+            )
+        return found
 
     def note(self) -> str | None:
         """The plain words when the journal already held (part of) this tape, else None."""
@@ -330,8 +355,13 @@ def summarize_run(
     journal: Journal,
     known_before: Iterable[str],
     moved_aside: Path | None = None,
+    failed_before: int | None = None,
 ) -> RunSummary:
-    """This run's trades are those the journal holds now and did not hold before it (`known_before`)."""
+    """This run's trades are those the journal holds now and did not hold before it (`known_before`).
+
+    `failed_before` (the journal's `failed_alerts` before the run) is given when alerts went to
+    Pushover: then the alerts still pending, and those given up on during the run, were not delivered.
+    """
     known = set(known_before)
     every = journal.trades()
     mine = [t for t in every if t.trade_id not in known]
@@ -353,7 +383,20 @@ def summarize_run(
         open_position=None if position is None else position.trade_id,
         pending_alerts=journal.pending_count(),
         moved_aside=None if moved_aside is None else str(moved_aside),
+        journal_write_failures=result.journal_failures,
+        undelivered_alerts=_undelivered(journal, failed_before),
     )
+
+
+def failed_alerts(journal: Journal) -> int:
+    """Outbox rows given up on for good (status 'failed': Pushover rejected them, or timed out twice)."""
+    return sum(1 for row in journal.table_rows("outbox") if row[OUTBOX_STATUS_COLUMN] == "failed")
+
+
+def _undelivered(journal: Journal, failed_before: int | None) -> int:
+    if failed_before is None:  # alerts went to the log: every one was "delivered"
+        return 0
+    return journal.pending_count() + max(0, failed_alerts(journal) - failed_before)
 
 
 def _total(trades: list[TradeRow]) -> float:
@@ -395,6 +438,7 @@ def render_summary(summary: RunSummary) -> str:
         lines.append(f"  note              {note}")
     if summary.moved_aside:
         lines.append(f"  --fresh           the previous journal was moved to {summary.moved_aside}")
+    lines += [f"  PROBLEM           {problem}" for problem in summary.problems()]
     return "\n".join(lines)
 
 

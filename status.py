@@ -25,6 +25,13 @@ from risk_manager import pnl_of
 HealthFetch = Callable[[], dict[str, Any] | None]
 CONDITION_NAMES = ("above_vwap", "vwap_rising", "volume_surge", "momentum_ok")
 
+# SQLite's primary result codes for a journal that is sound but cannot be read right now (busy,
+# locked, not openable, no permission, an I/O error): moving such a file aside would be bad advice.
+UNREADABLE_NOW = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM,
+     sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_NOMEM}
+)  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class SessionView:
@@ -94,8 +101,20 @@ class AlertsView:
 
 
 @dataclass(frozen=True, slots=True)
+class JournalProblem:
+    """Why the journal file could not be read, and `advice` on what to do. `kind`: "damaged" (not a
+    database: the daemon refuses to start on it), "no_tables" (an empty file or another program's
+    database: nothing is recorded in it) or "unreadable" (sound, perhaps, but not readable now)."""
+
+    kind: str
+    error: str
+    advice: str
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
-    """Everything `--status` shows; `journal_found` False means only session, pause and feed are known."""
+    """Everything `--status` shows; `journal_found` False, or a `journal_problem`, means only session,
+    pause and feed are known."""
 
     now: str
     journal: str
@@ -113,6 +132,7 @@ class Status:
     alerts: AlertsView | None = None
     feed: dict[str, Any] | None = None
     feed_note: str = ""
+    journal_problem: JournalProblem | None = None
 
 
 def clock_of(ms: int) -> str:
@@ -189,7 +209,8 @@ def build_status(
     """Read the journal at `journal_path` (read-only) and assemble the status at `now_ms`.
 
     `health` returns the running daemon's /health snapshot, or None when it cannot be had; then
-    `feed_note` says why.
+    `feed_note` says why. A journal file that cannot be read (corrupt, empty, not a journal, busy)
+    gives a status with `journal_problem` set and nothing from the journal, never an exception.
     """
     feed = health()
     base = Status(
@@ -204,11 +225,54 @@ def build_status(
     if not base.journal_found:
         return base
     today = ny_date(now_ms).isoformat()
-    db = connect_read_only(journal_path)
     try:
-        return dataclasses.replace(base, **_journal_fields(db, today, now_ms, rules, feed))
-    finally:
-        db.close()
+        db = connect_read_only(journal_path)
+        try:
+            return dataclasses.replace(base, **_journal_fields(db, today, now_ms, rules, feed))
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return dataclasses.replace(base, journal_problem=journal_problem(Path(journal_path), exc))
+
+
+def journal_problem(path: Path, exc: sqlite3.Error) -> JournalProblem:
+    """What is wrong with the journal at `path` that `exc` was raised reading, and what to do about it."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in UNREADABLE_NOW:
+        return JournalProblem(
+            "unreadable",
+            str(exc),
+            f"The journal {path} cannot be read now ({exc}). Check that this user may read it and its "
+            "folder, and try again in a moment; do not move it aside: it may be sound.",
+        )
+    tapes = (
+        f"The recorded tapes under {path.parent / 'tapes'} still hold the days for `python main.py --replay`."
+    )
+    empty = _size(path) == 0
+    if empty or "no such table" in str(exc):
+        # The daemon would start on it and create its tables: no refusal to predict, only an absence.
+        error = "the file is empty (0 bytes)" if empty else str(exc)
+        return JournalProblem(
+            "no_tables",
+            error,
+            f"The journal {path} holds no journal ({error}): no position, trade or P&L is recorded in it. "
+            "The daemon creates its tables in it when it starts; if the file belongs to something else, "
+            f"move it aside first (for example `mv {path} {path}.bad`). {tapes}",
+        )
+    return JournalProblem(
+        "damaged",
+        str(exc),
+        f"The journal {path} cannot be used ({exc}). It holds the open position, the trades and the "
+        "lifetime P&L, and the daemon will not start on it. Move it aside (for example "
+        f"`mv {path} {path}.bad`) and start the daemon again: a new journal is created. {tapes}",
+    )
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _journal_fields(
@@ -304,6 +368,11 @@ def render_status(status: Status) -> str:
         lines.append(f"Journal:   none at {status.journal} (the daemon has not run with this DATA_DIR)")
         lines.append(_feed_line(status))
         return "\n".join(lines)
+    if status.journal_problem is not None:
+        problem = status.journal_problem
+        lines.append(f"Journal:   CANNOT BE READ ({problem.kind}: {problem.error}) at {status.journal}")
+        lines.append(_feed_line(status))
+        return "\n".join(lines)
     lines += _position_lines(status.position)
     lines.append(f"Today:     {len(status.trades_today)} trades, {status.day_wins}W-{status.day_losses}L, "
                  f"P&L {money(status.day_pnl)}")  # fmt: skip
@@ -363,17 +432,39 @@ def _feed_line(status: Status) -> str:
     return "Feed:      " + ", ".join(f"{k} {feed.get(k)}" for k in fields if k in feed)
 
 
-def fetch_health(host: str, port: int, *, timeout_s: float = 1.0) -> dict[str, Any] | None:
-    """The running daemon's /health snapshot, or None when nothing answers (daemon stopped)."""
+def health_url(host: str, port: int) -> str:
+    """The URL of /health on `host`:`port`: a wildcard bind is asked on loopback, an IPv6 literal is
+    bracketed (`http://[::1]:8080/health`; unbracketed, its colons read as a port)."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}/health"
+
+
+def read_health(host: str, port: int, *, timeout_s: float = 1.0) -> tuple[dict[str, Any] | None, str]:
+    """The running daemon's /health snapshot, or None and why it could not be had (never raises)."""
     import httpx
 
-    target = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    url = health_url(host, port)
     try:
-        response = httpx.get(f"http://{target}:{port}/health", timeout=timeout_s)
+        response = httpx.get(url, timeout=timeout_s)
         body = response.json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    return body if isinstance(body, dict) else None
+    except httpx.ConnectError as exc:
+        return None, f"nothing answers on {url} ({exc or 'connection refused'}; daemon stopped?)"
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError, OSError) as exc:
+        # A bad HEALTH_HOST, a timeout, or something other than the daemon answering: said, not raised.
+        return None, f"{url} gave no health snapshot ({type(exc).__name__}: {exc})"
+    if not isinstance(body, dict):
+        return None, f"{url} answered {response.status_code} without a health snapshot"
+    return body, ""
+
+
+def fetch_health(host: str, port: int, *, timeout_s: float = 1.0) -> dict[str, Any] | None:
+    """The running daemon's /health snapshot, or None when it cannot be had (see `read_health` for why)."""
+    return read_health(host, port, timeout_s=timeout_s)[0]
 
 
 def tape_age_s(tapes_dir: Path, day: str, now: Callable[[], float] = time.time) -> float | None:

@@ -148,3 +148,13 @@ def test_a_replay_flag_without_replay_is_a_usage_error_not_ignored(argv, flag, c
         parse_args(argv)
     assert caught.value.code == 2
     assert f"{flag} goes with --replay TAPE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, action", [("--pause", "pause entries"), ("--resume", "allow entries again")])
+def test_pause_and_resume_that_cannot_touch_the_switch_exit_2_with_one_line(tmp_path, flag, action):
+    data_dir = tmp_path / "d"
+    (data_dir / "PAUSE").mkdir(parents=True)  # a folder where the switch file goes
+    done = run_main([flag], tmp_path, DATA_DIR=str(data_dir))
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"Could not {action}: {data_dir / 'PAUSE'}: Is a directory")
+    assert "remove that folder yourself" in done.stderr and (data_dir / "PAUSE").is_dir()

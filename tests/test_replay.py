@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from datetime import timedelta
@@ -15,8 +16,10 @@ from builders import DAY, at, bar, calendar, chain, engine, quote
 
 from config import Rules
 from events import Alert
+from instance_lock import replay_lock
 from pnl_tracker import Journal
 from replay import NotATape, check_tape, move_aside, replay_tape
+from sim.pushover_server import FakePushover
 
 RULES = Rules()
 
@@ -265,13 +268,13 @@ def test_a_later_days_exit_never_blocks_an_earlier_day_and_the_wait_is_never_neg
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def replay_cli(args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
-    """`main.py --replay ...` in a fresh process (stdout a pipe, so the summary is one JSON line)."""
+def replay_cli(args: list[str], data_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    """`main.py --replay ...` in a fresh process (stdout a pipe, so the summary is one JSON line), plus `env`."""
     base = {
         k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY", "DATA_DIR"))
     }
     return subprocess.run([sys.executable, str(ROOT / "main.py"), "--replay", *args], cwd=data_dir.parent,
-                          env={**base, "DATA_DIR": str(data_dir)}, capture_output=True, text=True,
+                          env={**base, "DATA_DIR": str(data_dir), **env}, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
 
 
@@ -400,3 +403,53 @@ def test_move_aside_keeps_the_journal_with_its_wal(tmp_path):
     Journal(path).close()
     second = move_aside(path, now=lambda: 1_759_760_000.0)
     assert second == tmp_path / "replay.sqlite3.20251006T141320Z-2.bak"
+
+
+def test_a_second_replay_into_the_same_journal_exits_2_naming_the_first_and_touches_nothing(
+    short_tapes, tmp_path
+):
+    data_dir = tmp_path / "data"
+    # This process stands for a replay under way: it holds the journal's lock as main.py does.
+    held = replay_lock(data_dir / "replay.sqlite3").acquire()
+    try:
+        done = replay_cli([str(short_tapes[0]), "--fresh"], data_dir)
+    finally:
+        held.release()
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    assert f"another replay (PID {os.getpid()}) is running on {data_dir}" in done.stderr
+    assert not (data_dir / "replay.sqlite3").exists() and "--fresh" not in done.stderr
+    first = summary_of(replay_cli([str(short_tapes[0])], data_dir))  # the lock is free again
+    assert first["trades"] > 0 and first["problems"] == []
+
+
+def test_a_replay_whose_journal_refuses_writes_says_so_and_exits_1(short_tapes, tmp_path):
+    data_dir = tmp_path / "data"
+    Journal(data_dir / "replay.sqlite3").close()
+    with sqlite3.connect(data_dir / "replay.sqlite3") as db:
+        # A real refusal from SQLite at the first BUY (as a UNIQUE conflict or a full disk would give).
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON positions BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    done = replay_cli([str(short_tapes[0])], data_dir)
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["journal_write_failures"] > 0 and "journal_write_failed" in done.stderr
+    assert len(summary["problems"]) == 1 and "refused" in summary["problems"][0]
+    assert f"Replay incomplete: the replay journal refused {summary['journal_write_failures']} write(s)" in (
+        done.stderr
+    )
+
+
+def test_notify_says_it_waits_for_pushover_and_exits_1_when_alerts_were_not_delivered(short_tapes, tmp_path):
+    data_dir = tmp_path / "data"
+    with FakePushover() as pushover:
+        pushover.fail_with(429)  # the monthly quota is used up: nothing can go out
+        done = replay_cli([str(short_tapes[0]), "--notify"], data_dir, PUSHOVER_TOKEN="a" * 30,
+                          PUSHOVER_USER_KEY="u" * 30, PUSHOVER_API_URL=pushover.url)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["undelivered_alerts"] == summary["pending_alerts"] > 0
+    assert (
+        f"Waiting up to 60 s for Pushover to take {summary['pending_alerts']} pending alert(s)" in done.stderr
+    )
+    assert f"Replay incomplete: {summary['undelivered_alerts']} alert(s) were not delivered" in done.stderr

@@ -23,7 +23,15 @@ from health import HealthServer
 from pnl_tracker import Journal
 from replay import replay_tape
 from risk_manager import Position
-from status import exit_triggers, price_text, session_pulse
+from status import (
+    exit_triggers,
+    fetch_health,
+    health_url,
+    journal_problem,
+    price_text,
+    read_health,
+    session_pulse,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = Rules()
@@ -288,3 +296,120 @@ def test_session_pulse_before_any_bar():
     pulse = session_pulse(eng, at(9, 30))
     assert pulse["bars_today"] == 0 and pulse["last_close"] is None
     assert pulse["blocked_by"] == ["no bar yet today"]
+
+
+def another_programs_database(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+
+
+@pytest.mark.parametrize(
+    "make, kind, error",
+    [
+        (lambda path: path.write_bytes(b""), "no_tables", "the file is empty (0 bytes)"),
+        (lambda path: path.write_bytes(bytes(range(256)) * 16), "damaged", "file is not a database"),
+        (another_programs_database, "no_tables", "no such table: trades"),
+    ],
+    ids=["empty", "random-bytes", "another-programs-database"],
+)
+def test_a_journal_that_cannot_be_read_is_said_with_what_to_do_and_exit_2(tmp_path, make, kind, error):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    journal = data_dir / "journal.sqlite3"
+    make(journal)
+    now = "2025-10-06T10:30:00-04:00"
+    text = run_main(["--status"], tmp_path, DATA_DIR=str(data_dir), SIM_CLOCK_START=now)
+    assert text.returncode == 2 and "Traceback" not in text.stderr
+    assert f"Journal:   CANNOT BE READ ({kind}: {error}) at {journal}" in text.stdout
+    assert "Session:   2025-10-06 OPEN" in text.stdout
+    assert f"({error})" in text.stderr and f"mv {journal} {journal}.bad" in text.stderr
+    said = "the daemon will not start on it" if kind == "damaged" else "The daemon creates its tables"
+    assert said in text.stderr
+    as_json = run_main(["--status", "--json"], tmp_path, DATA_DIR=str(data_dir), SIM_CLOCK_START=now)
+    assert as_json.returncode == 2 and "Traceback" not in as_json.stderr
+    status = json.loads(as_json.stdout)
+    assert status["journal_found"] is True and status["position"] is None and status["alerts"] is None
+    problem = status["journal_problem"]
+    assert problem["kind"] == kind and problem["error"] == error and f"{journal}.bad" in problem["advice"]
+
+
+def test_a_journal_sqlite_cannot_open_now_is_unreadable_not_to_be_moved_aside(tmp_path):
+    path = tmp_path / "gone" / "journal.sqlite3"
+    with pytest.raises(sqlite3.OperationalError) as caught:
+        sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True).execute("SELECT 1 FROM trades")
+    problem = journal_problem(path, caught.value)
+    assert problem.kind == "unreadable" and "do not move it aside" in problem.advice
+
+
+def test_a_readable_journal_has_no_journal_problem(closed_day):
+    status = status_json(closed_day, "2025-10-06T10:30:00-04:00")
+    assert status["journal_problem"] is None
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/data"])
+def test_a_data_dir_that_is_a_file_is_named_and_exits_2(tmp_path, where):
+    (tmp_path / "a-file").write_text("not a folder\n")
+    for args in (["--status"], ["--status", "--json"]):
+        done = run_main(args, tmp_path, DATA_DIR=str(tmp_path / where))
+        assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+        assert f"No status: DATA_DIR={str(tmp_path / where)!r}:" in done.stderr
+        expected = "which is a file, not a folder" if "/" in where else "is a file, not a folder"
+        assert expected in done.stderr
+
+
+def test_health_port_0_says_the_port_cannot_be_known(tmp_path):
+    status = status_json(tmp_path / "data", "2025-10-06T10:30:00-04:00", HEALTH_PORT="0")
+    assert status["feed"] is None and "HEALTH_PORT=0" in status["feed_note"]
+    assert "not set" not in status["feed_note"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_health_endpoint_that_cannot_answer_is_a_reason_never_an_exception():
+    port = free_port()
+    assert health_url("::1", 8080) == "http://[::1]:8080/health"
+    assert health_url("0.0.0.0", 8080) == "http://127.0.0.1:8080/health"
+    assert fetch_health("::1", port) is None  # unbracketed, httpx raised InvalidURL here
+    snapshot, why = read_health("127.0.0.1", port)
+    assert snapshot is None and f"nothing answers on http://127.0.0.1:{port}/health" in why
+    snapshot, why = read_health("999.1.1.1", port)
+    assert snapshot is None and "InvalidURL" in why
+
+
+def test_health_on_an_ipv6_loopback_is_read():
+    import http.server
+    import socket
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            body = json.dumps({"status": "ok"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):
+            pass
+
+    class Server6(http.server.HTTPServer):
+        address_family = socket.AF_INET6
+
+    try:
+        server = Server6(("::1", 0), Health)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert read_health("::1", server.server_address[1]) == ({"status": "ok"}, "")
+    finally:
+        server.shutdown()
+        server.server_close()
