@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from config import Rules
 from events import Bar, ChainSnapshot, ContractSnapshot, Event, OptionQuote, Received, VolumeProfile
@@ -37,7 +37,7 @@ from polygon_client import (
     parse_option_result,
     parse_ws_frame,
 )
-from tape import RawJson
+from tape import RawJson, request_path
 
 
 @dataclass(slots=True)
@@ -180,6 +180,7 @@ class FeedDecoder:
         self.underlying = underlying
         self.profile_days = profile_days
         self._profile_bars: list[Bar] = []
+        self._profile_next: str | None = None  # the path the pending profile page's next_url asks for
         self.symbols = frozenset({underlying, benchmark})
         self.counters = FeedCounters()
         self._pages: list[object] = []
@@ -238,7 +239,7 @@ class FeedDecoder:
         """
         parts = urlsplit(path)
         route = parts.path
-        if route == self._chain_prefix and _first_page(parts.query):
+        if route == self._chain_prefix and not _continues(self._pages, path):
             self._abandon_pending()
         if status != 200 or not is_json_object(body):
             self.counters.rest_errors += 1
@@ -250,7 +251,7 @@ class FeedDecoder:
         if route.startswith(self._chain_prefix + "/"):
             return self._contract(received_ms, body)
         if route.startswith("/v2/aggs/ticker/"):
-            return self._aggs(received_ms, route, body, _first_page(parts.query))
+            return self._aggs(received_ms, route, body, path != self._profile_next)
         return []
 
     def _abandon_pending(self) -> None:
@@ -300,6 +301,7 @@ class FeedDecoder:
         """Minute aggregates of past sessions → the average volume per minute of day of the last N sessions."""
         page = parse_aggs_page(body_of(body), self.underlying, 60_000, received_ms)
         self._profile_bars.extend(page.bars)
+        self._profile_next = request_path(page.next_url) if page.next_url else None
         if page.next_url:
             return []
         bars, self._profile_bars = self._profile_bars, []
@@ -319,9 +321,16 @@ class FeedDecoder:
         return [VolumeProfile(received_ms, today.isoformat(), len(recent), minutes)]
 
 
-def _first_page(query: str) -> bool:
-    """A request path's query that starts a paging (later pages carry the vendor's `cursor`)."""
-    return "cursor" not in query or "cursor" not in parse_qs(query, keep_blank_values=True)
+def _continues(pages: list[object], path: str) -> bool:
+    """Whether `path` is the page the last pending page's `next_url` asked for.
+
+    Judged by the link itself, not by its query's names: Polygon pages with `cursor`, but a server that
+    pages with `offset` or `page` is followed just as well.
+    """
+    if not pages:
+        return False
+    url = next_url_of(pages[-1])
+    return url is not None and request_path(url) == path
 
 
 def is_json_object(body: object) -> bool:

@@ -343,7 +343,10 @@ def _alerts_view(db: sqlite3.Connection, now_ms: int) -> AlertsView:
         "SELECT kind, title, sent_ms FROM outbox WHERE status='sent' AND sent_ms IS NOT NULL"
         " ORDER BY sent_ms DESC, id DESC LIMIT 1"
     ).fetchone()
-    pending, oldest = db.execute("SELECT COUNT(*), MIN(at_ms) FROM outbox WHERE status='pending'").fetchone()
+    # 'sending': a request left without an answer; still to be delivered (as a possible repeat).
+    pending, oldest = db.execute(
+        "SELECT COUNT(*), MIN(at_ms) FROM outbox WHERE status IN ('pending', 'sending')"
+    ).fetchone()
     failed = db.execute("SELECT COUNT(*) FROM outbox WHERE status='failed'").fetchone()[0]
     return AlertsView(
         last_sent_kind=None if last is None else last[0],

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -120,6 +121,18 @@ def strip_api_key(path: str) -> str:
         return path
     kept = [part for part in query.split("&") if not _is_key_name(part.partition("=")[0])]
     return f"{base}?{'&'.join(kept)}" if kept else base
+
+
+def request_path(url: str) -> str | None:
+    """The path and query a page's `next_url` asks for, without API keys: what the REST client asks of
+    its own base URL and what the tape records for that page. None when it is no URL (or has no path)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an invalid IPv6 host
+        return None
+    if not parts.path:
+        return None
+    return strip_api_key(f"{parts.path}?{parts.query}" if parts.query else parts.path)
 
 
 def _is_key_name(name: str) -> bool:

@@ -33,7 +33,7 @@ from polygon_client import MAX_CHAIN_PAGES, MAX_PAGES, NETWORK_ERROR_STATUS, Pol
 from sim.market import SyntheticMarket, demo_script, write_tape
 from sim.polygon_server import FakePolygon, SyntheticSource
 from sim.pushover_server import FakePushover
-from tape import TapeReader, TapeWriter
+from tape import TapeReader, TapeWriter, strip_api_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED = 40.0
@@ -165,7 +165,7 @@ def test_abandoned_chain_polls_are_discarded_by_the_next_first_page(
     market: SyntheticMarket, tmp_path: Path
 ) -> None:
     results = chain_results(market, 4)
-    looping = {"status": "OK", "results": results, "next_url": "https://api.massive.com/v3/x?cursor=self"}
+    looping = {"status": "OK", "results": results, "next_url": f"https://api.massive.com{CHAIN}?cursor=self"}
     answers: list[tuple[str, int, object]] = []
     for _ in range(100):  # a self-pointing next_url: each poll stops after two pages
         answers += [(FIRST_PAGE, 200, looping), (f"{CHAIN}?cursor=self", 200, looping)]
@@ -186,7 +186,7 @@ def test_pending_chain_pages_never_exceed_the_cap(market: SyntheticMarket, tmp_p
         (
             f"{CHAIN}?cursor=p{n}",
             200,
-            {"results": [page_results[n]], "next_url": f"https://x/v3?cursor=p{n + 1}"},
+            {"results": [page_results[n]], "next_url": f"https://x{CHAIN}?cursor=p{n + 1}"},
         )
         for n in range(45)
     ]
@@ -199,13 +199,33 @@ def test_pending_chain_pages_never_exceed_the_cap(market: SyntheticMarket, tmp_p
     assert replayed(answers, tmp_path).counters == live.counters
 
 
+@pytest.mark.parametrize("paging", ["cursor", "offset", "page"])
+def test_pages_are_joined_by_their_next_url_whatever_its_query_calls_the_position(
+    market: SyntheticMarket, tmp_path: Path, paging: str
+) -> None:
+    results = chain_results(market, 6)
+    pages = [results[0:2], results[2:4], results[4:6]]
+    paths = [FIRST_PAGE, f"{CHAIN}?{paging}=2&apiKey=SECRET", f"{CHAIN}?{paging}=4"]
+    answers: list[tuple[str, int, object]] = []
+    for n, page in enumerate(pages):
+        body: dict[str, object] = {"status": "OK", "results": page}
+        if n + 1 < len(pages):
+            body["next_url"] = f"https://api.massive.com{paths[n + 1]}"
+        answers.append((strip_api_key(paths[n]), 200, body))
+    live = FeedDecoder("IWM", "SPY")
+    (chain,) = decode_all(live, answers)
+    assert [q.ticker for q in chain.quotes] == [r["details"]["ticker"] for r in results]
+    assert live.counters.abandoned_chains == 0
+    assert replayed(answers, tmp_path).counters == live.counters
+
+
 def test_a_200_without_a_json_object_is_a_failed_answer_live_and_replayed(
     market: SyntheticMarket, tmp_path: Path
 ) -> None:
     results = chain_results(market, 2)
     text = NESTED_BODY.decode()[:2000]  # what the client keeps of a body it cannot decode
     answers: list[tuple[str, int, object]] = [
-        (FIRST_PAGE, 200, {"results": results[:1], "next_url": "https://x/v3?cursor=p2"}),
+        (FIRST_PAGE, 200, {"results": results[:1], "next_url": f"https://x{CHAIN}?cursor=p2"}),
         (f"{CHAIN}?cursor=p2", 200, text),
         (f"{CHAIN}/{results[0]['details']['ticker']}", 200, text),
         ("/v2/aggs/ticker/IWM/range/1/second/1/2?adjusted=true", 200, None),
