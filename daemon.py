@@ -60,6 +60,7 @@ CONNECT_BEFORE_OPEN_MS = 5 * 60_000
 PROFILE_META = "volume_profile"
 REFUSED_RETRY_SECONDS = 60.0
 REFUSALS = {401: "unauthorized", 403: "not_entitled"}
+REFUSED_WHAT = {"unauthorized": "API key (HTTP 401)", "not_entitled": "plan (HTTP 403: options not included)"}
 TAPE_FLUSH_SECONDS = 5.0
 TAPE_RETRY_SECONDS = 300.0
 PULSE_SECONDS = 300
@@ -605,6 +606,9 @@ class Daemon:
         session = self.calendar.session_at(now)
         if session is None or not session.open_ms <= now < session.close_ms:
             return None
+        if self._rest_refused is not None:
+            # Said at once: the slow retry while refused would otherwise stretch the limit below to minutes.
+            return f"Polygon REST refuses the {REFUSED_WHAT[self._rest_refused]}: no option chain, no entries"
         limit_s = max(CHAIN_POLL_STALE_MIN_S, CHAIN_POLL_STALE_FACTOR * self._chain_interval_ms() / 1000)
         quiet_s = (time.monotonic() - self._last_chain_poll) / self.clock.sleep_scale()
         if quiet_s > limit_s:
@@ -788,7 +792,7 @@ class Daemon:
     def _poll_chain(self, session_date: date) -> None:
         answers = self.rest.chain_pages(self.rules.underlying, session_date, spot=self.interest.spot)
         self._last_chain_poll = time.monotonic()
-        self._put_answers(answers)
+        self._put_answers(answers, judge_access=True)
 
     def _fetch_profile(self, session_date: date) -> None:
         """Minute volumes of the previous sessions, for the relative-volume filter: fetched once a day.
@@ -825,9 +829,12 @@ class Daemon:
         log.info("volume_profile_reused", date=session_date.isoformat())
         return answers
 
-    def _put_answers(self, answers: list[RestAnswer]) -> None:
+    def _put_answers(self, answers: list[RestAnswer], *, judge_access: bool = False) -> None:
+        """Answers to the engine; the chain's (`judge_access`) also say whether REST takes the key and
+        plan: a refused volume profile or contract snapshot must not claim that no chain comes."""
         for answer in answers:
-            self._note_access(answer)
+            if judge_access:
+                self._note_access(answer)
             self.inbox.put_data(Received(answer.received_ms, "rest", answer.body, answer.path, answer.status))
 
     def _note_access(self, answer: RestAnswer) -> None:

@@ -493,14 +493,35 @@ def test_rest_refusing_the_key_sends_one_feed_error_and_retries_slowly(market, t
     ):
         polygon.fail_rest(401, seconds=300 / SPEED, path_prefix="/v3/snapshot/options")
         clock = SimClock(start, SPEED)
-        daemon = run_daemon(
-            settings_for(polygon, pushover, tmp_path), clock, until=lambda: clock.now_ms() > at(10, 6)
-        )
+        seen: list[tuple[int, str, list[str]]] = []
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread):
+            while clock.now_ms() <= at(10, 6):
+                seen.append(
+                    (clock.now_ms(), daemon.health.get("status", ""), daemon.health.get("problems", []))
+                )
+                time.sleep(0.05)
         chain_calls = [p for p in polygon.rest_requests if p.startswith("/v3/snapshot/options/IWM?")]
     feed_errors = [m for m in pushover.messages if "FEED ERROR" in m.form["title"]]
     assert len(feed_errors) == 1 and "HTTP 401" in feed_errors[0].form["message"]
+    # /health fails within the first minute of the refusal, not after the slow retries stretched its limit
+    refused = [
+        t for t, status, problems in seen if status == "failing" and any("HTTP 401" in p for p in problems)
+    ]
+    assert refused and refused[0] < start + 60_000
     assert 2 <= len(chain_calls) <= 6  # every 60 s while refused, not every 10 s (no retries of a 401)
     assert daemon.engine.chain is None or daemon.engine.chain.received_ms >= start + 300_000
+
+
+def test_a_refused_volume_profile_is_no_feed_error_and_the_day_trades(market, tmp_path):
+    start = at(10, 3)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        polygon.fail_rest(403, seconds=3600, path_prefix="/v2/aggs/ticker/IWM/range/1/minute")
+        clock = SimClock(start, SPEED)
+        run_daemon(settings_for(polygon, pushover, tmp_path), clock, until=lambda: "BUY" in kinds(pushover))
+    assert "BUY" in kinds(pushover) and "FEED ERROR" not in kinds(pushover)
 
 
 def test_the_pause_file_stops_entries_in_the_running_daemon_and_is_taped(market, tmp_path):
