@@ -29,7 +29,11 @@ def run_quietly(run: Callable[[], int]) -> int:
 
     signal.signal(signal.SIGINT, on_interrupt)
     try:
-        return run()
+        status = run()
+        # Buffered output into a pipe is written here at the latest, where a closed pipe is still ours to
+        # handle; left to the interpreter's exit it costs a warning and status 120.
+        sys.stdout.flush()
+        return status
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

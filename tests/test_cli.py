@@ -117,6 +117,19 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path, command):
     assert "Traceback" not in err.decode() and err.decode().strip().endswith("Interrupted.")
 
 
+def test_buffered_output_into_a_pipe_already_closed_ends_quietly_with_141(tmp_path):
+    # Short, buffered output (the --status text fits one buffer) is written only when the process ends.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"DATA_DIR": str(tmp_path / "d")}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "main.py"), "--status"], cwd=tmp_path, env=env,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == EXIT_BROKEN_PIPE and done.stderr == ""
+
+
 def test_demo_piped_into_head_prints_one_line_and_no_traceback(tmp_path):
     script = f"set -o pipefail; PYTHONUNBUFFERED=1 '{sys.executable}' '{ROOT / 'main.py'}' --demo | head -1"
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
