@@ -95,6 +95,7 @@ class AggsPage:
 
 
 _BAD_FRAME = ParsedFrame((), (), 1, 0)
+A_EVENT_SPAN_MS = 1000  # an `A` event is a per-second aggregate
 
 
 def _price(x: Any) -> float | None:
@@ -158,12 +159,37 @@ def _bar_from_fields(
 
 
 def _bar_from_a_event(d: dict, sym: str, received_ms: int) -> Bar | None:
-    """A WS per-second aggregate (`ev: "A"`) as a Bar, or None when invalid."""
+    """A WS per-second aggregate (`ev: "A"`) as a Bar, or None when invalid.
+
+    `s`/`e` are window start and end in ms: ints >= 0, or floats with integral values (made ints).
+    A missing `e` is `s + 1000`, the end of the per-second window.
+    """
     s = d.get("s")
     e = d.get("e")
-    if type(s) is not int or type(e) is not int:
-        return None
+    # The vendor's own shape (two non-negative ints) costs two type tests and two comparisons;
+    # anything else takes the slower path below.
+    if type(s) is not int or type(e) is not int or s < 0 or e < 0:
+        s = _window_ms(s)
+        if s is None:
+            return None
+        e = s + A_EVENT_SPAN_MS if e is None else _window_ms(e)
+        if e is None:
+            return None
     return _bar_from_fields(d, sym, s, e, received_ms, True)
+
+
+def _window_ms(x: object) -> int | None:
+    """A window bound in ms: an int >= 0, or a finite integral float >= 0 as int; else None.
+
+    Ints stay ints so that a bar's start is the same key (features_vector.bar_key, the dedup by
+    (sym, s)) whichever way JSON wrote it. bool is refused (type(), not isinstance()); NaN and
+    infinities are not integral.
+    """
+    if type(x) is int:
+        return x if x >= 0 else None
+    if type(x) is float and x >= 0 and x.is_integer():
+        return int(x)
+    return None
 
 
 def _decode_frame(payload: str | bytes | list) -> list | None:
@@ -242,7 +268,10 @@ def _a_event_item(d: dict, symbols: frozenset[str], received_ms: int) -> object:
 def _quote_from_q_event(d: dict) -> OptionQuote | None:
     """An options-cluster `Q` event as an OptionQuote (no greeks); `_STOCK_QUOTE` for a stock's quote.
 
-    None when the event is unusable: a malformed contract, a missing SIP time. Prices are kept as given
+    None when the event is unusable: a malformed contract or a SIP time `t` that is there but unreadable.
+    A quote without `t` (absent or null; rare) is taken with `quote_ms` None, not the receive time: the
+    engine's mark rule then takes it without letting it displace a timed quote's order (README, "Marks
+    in real time"), where a receive time would be a stamp the vendor never gave. Prices are kept as given
     within their bounds (a crossed or zero-bid quote is a real message); the engine ignores invalid ones.
     """
     sym = d.get("sym")
@@ -251,8 +280,11 @@ def _quote_from_q_event(d: dict) -> OptionQuote | None:
     if not sym.startswith("O:"):
         return _STOCK_QUOTE
     identity = parse_occ_ticker(sym)
-    quote_ms = to_ms(d.get("t"))
-    if identity is None or quote_ms is None:
+    t = d.get("t")
+    quote_ms = None if t is None else to_ms(t)
+    # A garbled stamp is refused rather than treated as absent: taken untimed, it would slip past
+    # the order check that a real stamp would have failed.
+    if identity is None or (quote_ms is None and t is not None):
         return None
     _root, expiry, right, strike = identity
     return OptionQuote(
@@ -297,15 +329,32 @@ def _iso_date(x: object) -> str | None:
 
 
 def _contract_identity(details: dict) -> tuple[str, float, str, str] | None:
-    """(ticker, strike, expiry, right) from `details`, or None when any of them is unusable."""
+    """(ticker, strike, expiry, right) from `details`, or None when any of them is unusable.
+
+    A strike, expiration date or contract type that `details` lacks (absent or null) is read from
+    the OCC ticker, which encodes all three. A value that is there wins over the ticker, even when
+    they disagree, as before the ticker was read at all: the vendor documents `details.*` as the
+    contract's terms (polygon.md section 5: after corporate actions the ticker can differ), and a
+    value that is there but unusable still makes the result bad rather than being papered over.
+    """
     ticker = details.get("ticker")
-    strike = _stock_price(details.get("strike_price"))
-    expiry = _iso_date(details.get("expiration_date"))
-    contract_type = details.get("contract_type")
-    right = contract_type.lower() if type(contract_type) is str else None
-    if type(ticker) is not str or not ticker or strike is None or expiry is None:
+    if type(ticker) is not str or not ticker:
         return None
-    if right not in ("call", "put"):
+    raw_strike = details.get("strike_price")
+    raw_expiry = details.get("expiration_date")
+    contract_type = details.get("contract_type")
+    if raw_strike is None or raw_expiry is None or contract_type is None:
+        occ = parse_occ_ticker(ticker)
+        if occ is None:
+            return None
+        _root, occ_expiry, occ_right, occ_strike = occ
+        raw_strike = occ_strike if raw_strike is None else raw_strike
+        raw_expiry = occ_expiry.isoformat() if raw_expiry is None else raw_expiry
+        contract_type = occ_right if contract_type is None else contract_type
+    strike = _stock_price(raw_strike)
+    expiry = _iso_date(raw_expiry)
+    right = contract_type.lower() if type(contract_type) is str else None
+    if strike is None or expiry is None or right not in ("call", "put"):
         return None
     return ticker, strike, expiry, right
 
@@ -475,6 +524,9 @@ def error_text(body: object) -> str:
 STREAM_OPEN_TIMEOUT_S = 5.0
 STREAM_CLOSE_TIMEOUT_S = 2.0
 AUTH_REPLY_TIMEOUT_S = 10.0
+# The vendor greets at once; a server that does not (some fakes) is sent the auth after this many
+# market seconds anyway, rather than never.
+GREETING_WAIT_S = 2.0
 HEALTHY_AFTER_S = 30.0
 NETWORK_ERROR_STATUS = 599
 # 413/429/499/5xx are what the official SDK retries; 413 makes no sense for a GET, so it is left out.
@@ -575,8 +627,9 @@ class StreamSilent(Exception):
 class PolygonStream:
     """Reads the stocks WebSocket on its own thread and hands every frame, stamped, to `put`.
 
-    Every frame from the auth reply on is put unparsed as `Received(t, "ws", text)`, status frames
-    included, so the decoder and the tape see what arrived. The stream also puts a `FeedStatus` on
+    Every frame but the `connected` greeting is put unparsed as `Received(t, "ws", text)`, status
+    frames included, so the decoder and the tape see what arrived. The greeting is awaited briefly
+    (GREETING_WAIT_S, scaled); without one the auth is sent anyway. The stream also puts a `FeedStatus` on
     auth_success, auth_failed, max_connections and when an authenticated socket goes down (never the
     same status twice in a row). It reconnects forever, clean closes included, with `backoff`; the
     attempt counter is reset only once a socket has stayed up and delivered data for 30 s, so a
@@ -736,10 +789,16 @@ class PolygonStream:
 
     async def _converse(self, ws: ClientConnection) -> float:
         """Greeting, auth, gap backfill, subscribe, then read until the socket ends."""
-        async with asyncio.timeout(AUTH_REPLY_TIMEOUT_S):
-            await ws.recv()  # the "connected" greeting
-            await ws.send(json.dumps({"action": "auth", "params": self._api_key}))
-            outcome = await self._auth_reply(ws)
+        first = await self._first_frame(ws)
+        statuses = () if first is None else _frame_statuses(first)
+        if any(status.status == "max_connections" for status in statuses):
+            return self._max_connections()
+        # A server that authenticated us unasked has answered already; asking again could go unanswered.
+        outcome = _auth_outcome(statuses)
+        if outcome is None:
+            async with asyncio.timeout(AUTH_REPLY_TIMEOUT_S):
+                await ws.send(json.dumps({"action": "auth", "params": self._api_key}))
+                outcome = await self._auth_reply(ws)
         if outcome == "auth_failed":
             self._log.error("stream_auth_failed", retry_in_s=self._auth_failed_wait_s)
             self._report(False, "auth_failed")
@@ -786,6 +845,25 @@ class PolygonStream:
         self._subscribed = wanted
         if added or dropped:
             self._log.info("stream_subscribed", topics=",".join(sorted(wanted)), reconnects=self.reconnects)
+
+    async def _first_frame(self, ws: ClientConnection) -> str | bytes | None:
+        """The server's first frame when it is not the `connected` greeting, already put; else None.
+
+        The greeting is awaited GREETING_WAIT_S market seconds at most: a server that never greets
+        is sent the auth all the same. The greeting itself is not put (it never was); any other first
+        frame (data, a status) is put at once, stamped like every frame, so nothing that arrives is lost.
+        A greeting that comes late is read with the auth reply and put like any status frame.
+        """
+        try:
+            async with asyncio.timeout(GREETING_WAIT_S * self._wait_scale):
+                frame = await ws.recv()  # cancelling recv() loses no message (websockets guarantees it)
+        except TimeoutError:
+            self._log.info("stream_no_greeting", waited_s=round(GREETING_WAIT_S * self._wait_scale, 3))
+            return None
+        if any(status.status == "connected" for status in _frame_statuses(frame)):
+            return None
+        self._put_frame(frame)
+        return frame
 
     async def _auth_reply(self, ws: ClientConnection) -> str:
         while True:

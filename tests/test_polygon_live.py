@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import json
 import queue
 import random
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
@@ -15,10 +17,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from structlog.testing import capture_logs
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from events import FeedStatus, Received
 from feed import FeedDecoder
-from polygon_client import Backoff, PolygonRest, PolygonStream, RestAnswer
+from polygon_client import GREETING_WAIT_S, Backoff, PolygonRest, PolygonStream, RestAnswer
 from sim.polygon_server import FakePolygon, RecordedMarket
 
 START_MS = 1_759_411_800_000  # 2025-10-02 09:30 New York
@@ -358,6 +362,129 @@ def test_stream_stop_before_any_server_answers_returns_promptly() -> None:
     stream.stop(timeout=5.0)
     assert stream.connected is False
     assert statuses(list(inbox.queue.queue)) == []
+
+
+AUTH_SUCCESS = '[{"ev":"status","status":"auth_success","message":"authenticated"}]'
+GREETLESS_A = json.dumps([a_event("IWM", START_MS, 240.0)], separators=(",", ":"))
+EARLY_A = json.dumps([a_event("IWM", START_MS - 1000, 239.0)], separators=(",", ":"))
+
+
+class GreetlessServer:
+    """A tiny WebSocket server that never says "connected": it sends `opening` on connect (nothing by
+    default), answers the auth action with auth_success and a subscribe with one `A` frame."""
+
+    def __init__(self, opening: tuple[str, ...] = ()) -> None:
+        self.opening = opening
+        self.actions: list[tuple[float, dict]] = []  # (seconds after the connection opened, message)
+        self.connections = 0
+        self.url = ""
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    def __enter__(self) -> GreetlessServer:
+        self._thread.start()
+        assert self._ready.wait(5.0), "the greetless server did not start"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5.0)
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        async with serve(self._handler, "127.0.0.1", 0) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            self.url = f"ws://127.0.0.1:{port}/stocks"
+            self._ready.set()
+            await self._stop.wait()
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        opened = time.monotonic()
+        for frame in self.opening:
+            await ws.send(frame)
+        with contextlib.suppress(ConnectionClosed):  # stop() aborts the client's socket
+            async for message in ws:
+                action = json.loads(message)
+                self.actions.append((time.monotonic() - opened, action))
+                if action.get("action") == "auth":
+                    await ws.send(AUTH_SUCCESS)
+                elif action.get("action") == "subscribe":
+                    await ws.send(GREETLESS_A)
+
+
+def test_stream_without_a_greeting_authenticates_subscribes_and_delivers(streams: list) -> None:
+    # The greeting is awaited GREETING_WAIT_S market seconds: 0.1 wall seconds at wait_scale 0.05.
+    inbox = Inbox()
+    with GreetlessServer() as server, capture_logs() as logs:
+        stream = start_stream(streams, server.url, inbox, wait_scale=0.05)
+        items = inbox.wait_for(lambda items: len(data_frames(items)) >= 1)
+        stream.stop()
+
+    assert items == [
+        Received(42_000, "ws", AUTH_SUCCESS),
+        FeedStatus(42_000, True, "auth_success"),
+        Received(42_000, "ws", GREETLESS_A),
+    ]
+    assert [action for _, action in server.actions] == [
+        {"action": "auth", "params": KEY},
+        {"action": "subscribe", "params": "A.IWM,A.SPY"},
+    ]
+    auth_after_s = server.actions[0][0]
+    assert GREETING_WAIT_S * 0.05 * 0.9 <= auth_after_s < GREETING_WAIT_S, "scaled wait, then auth anyway"
+    assert server.connections == 1 and stream.reconnects == 0
+    assert [entry["waited_s"] for entry in logs if entry["event"] == "stream_no_greeting"] == [0.1]
+    (bar,) = FeedDecoder("IWM", "SPY").ws(START_MS + 1500, items[2].payload)
+    assert bar.start_ms == START_MS
+
+
+def test_stream_keeps_a_data_frame_sent_before_the_auth(streams: list) -> None:
+    # A server that streams before any greeting or auth: the frame is put, stamped, like any other.
+    inbox = Inbox()
+    with GreetlessServer(opening=(EARLY_A,)) as server:
+        stream = start_stream(streams, server.url, inbox)
+        items = inbox.wait_for(lambda items: len(data_frames(items)) >= 2)
+        stream.stop()
+
+    assert items == [
+        Received(42_000, "ws", EARLY_A),
+        Received(42_000, "ws", AUTH_SUCCESS),
+        FeedStatus(42_000, True, "auth_success"),
+        Received(42_000, "ws", GREETLESS_A),
+    ]
+    assert [action["action"] for _, action in server.actions] == ["auth", "subscribe"]
+    assert server.actions[0][0] < GREETING_WAIT_S, "a first frame ends the wait for a greeting"
+    decoder = FeedDecoder("IWM", "SPY")
+    assert [
+        bar.start_ms for frame in data_frames(items) for bar in decoder.ws(START_MS + 1500, frame.payload)
+    ] == [
+        START_MS - 1000,
+        START_MS,
+    ]
+
+
+def test_stream_honours_max_connections_and_auth_success_sent_first(streams: list) -> None:
+    max_connections = (
+        '[{"ev":"status","status":"max_connections","message":"Maximum number of connections exceeded."}]'
+    )
+    inbox = Inbox()
+    with GreetlessServer(opening=(max_connections,)) as refusing:
+        stream = start_stream(streams, refusing.url, inbox, max_connections_wait_s=30.0)
+        items = inbox.wait_for(lambda items: reasons(items) == ["max_connections"])
+        stream.stop()
+    assert items == [Received(42_000, "ws", max_connections), FeedStatus(42_000, False, "max_connections")]
+    assert refusing.actions == [], "no auth on a socket the server has refused"
+
+    inbox = Inbox()
+    with GreetlessServer(opening=(AUTH_SUCCESS,)) as eager:
+        stream = start_stream(streams, eager.url, inbox)
+        items = inbox.wait_for(lambda items: len(data_frames(items)) >= 1)
+        stream.stop()
+    assert reasons(items) == ["auth_success"]
+    assert [action["action"] for _, action in eager.actions] == ["subscribe"], "authenticated unasked"
 
 
 def test_stream_needs_a_symbol() -> None:

@@ -594,10 +594,20 @@ def test_empty_array_is_nothing() -> None:
         {"c": ...},
         {"v": ...},
         {"s": ...},
-        {"e": ...},
-        {"s": 1_759_415_401_000.0},
+        {"s": None},
+        {"s": 1_759_415_401_000.5},
+        {"e": 1_759_415_402_000.25},
+        {"s": float("nan")},
+        {"e": float("nan")},
+        {"s": float("inf")},
+        {"e": float("-inf")},
+        {"s": -1000},
+        {"e": -1},
+        {"s": -1000.0},
         {"e": "1759415402000"},
+        {"s": "1759415401000"},
         {"s": True},
+        {"e": False},
         {"vw": "242.0"},
         {"vw": 0},
         {"vw": -1.5},
@@ -611,6 +621,79 @@ def test_invalid_a_event_is_bad_and_neighbours_are_kept(changes: dict) -> None:
     events = [a_event(start=1_000_000), a_event(start=2_000_000, **changes), a_event(start=3_000_000)]
     frame = parse_ws_frame(json.dumps(events), RECEIVED_MS, IWM_SPY)
     assert frame == ParsedFrame((iwm_bar(1_000_000), iwm_bar(3_000_000)), (), 1, 0)
+
+
+def test_a_event_without_e_ends_one_second_after_s() -> None:
+    # A per-second aggregate's window is one second; `e` adds nothing `s` does not say (null is absent).
+    for changes in ({"e": ...}, {"e": None}):
+        frame = parse_ws_frame(json.dumps([a_event(start=2_000_000, **changes)]), RECEIVED_MS, IWM_SPY)
+        assert frame == ParsedFrame((iwm_bar(2_000_000),), (), 0, 0)
+    assert parse_ws_frame([a_event(start=0, e=...)], RECEIVED_MS, IWM_SPY).bars == (iwm_bar(0),)
+
+
+def test_a_event_window_written_as_integral_floats_becomes_ints() -> None:
+    s = 1_759_411_800_000
+    for changes in ({"s": float(s)}, {"e": float(s + 1000)}, {"s": float(s), "e": float(s + 1000)}):
+        text = json.dumps([a_event(start=s, **changes)])
+        assert ".0" in text  # the JSON really writes a float
+        (bar,) = parse_ws_frame(text, RECEIVED_MS, IWM_SPY).bars
+        assert bar == iwm_bar(s)
+        # Ints, so the bar is keyed (dedup by (sym, s), features_vector.bar_key) as the int frame's bar.
+        assert type(bar.start_ms) is int and type(bar.end_ms) is int
+    (bar,) = parse_ws_frame([a_event(start=s, s=float(s), e=...)], RECEIVED_MS, IWM_SPY).bars
+    assert (bar.start_ms, bar.end_ms, type(bar.end_ms)) == (s, s + 1000, int)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("key", ["s", "e"])
+def test_non_finite_window_literal_is_bad(key: str, literal: str) -> None:
+    marker = 123456.5
+    bad_event = json.dumps(a_event(start=2_000_000, **{key: marker})).replace(str(marker), literal)
+    text = f"[{json.dumps(a_event(start=1_000_000))},{bad_event}]"
+    assert parse_ws_frame(text, RECEIVED_MS, IWM_SPY) == ParsedFrame((iwm_bar(1_000_000),), (), 1, 0)
+
+
+def option_q_event(**changes: object) -> dict:
+    """A valid options-cluster `Q` event; `changes` overrides fields, and a value of ... removes one."""
+    event: dict = {
+        "ev": "Q",
+        "sym": "O:IWM251002C00242500",
+        "bx": 302,
+        "ax": 313,
+        "bp": 1.08,
+        "ap": 1.12,
+        "bs": 55,
+        "as": 40,
+        "t": 1_759_416_000_123,
+        "q": 7,
+    }
+    for key, value in changes.items():
+        if value is ...:
+            del event[key]
+        else:
+            event[key] = value
+    return event
+
+
+def streamed_quote(**changes: object) -> OptionQuote:
+    """The OptionQuote that `option_q_event()` must become, with `changes` applied."""
+    no_greeks = {"delta": None, "iv": None, "volume": 0.0, "open_interest": 0.0, "underlying_price": None}
+    return iwm_quote(**(no_greeks | changes))
+
+
+def test_option_q_event_without_a_time_is_taken_untimed() -> None:
+    # README "Marks in real time": a quote without a time of its own is taken, but cannot displace a
+    # timed one's order: quote_ms None (the engine never lets an untimed quote move its order stamp).
+    frame = parse_ws_frame(json.dumps([option_q_event(t=...), option_q_event(t=None)]), 9, frozenset())
+    assert frame == ParsedFrame((), (), 0, 0, (streamed_quote(quote_ms=None), streamed_quote(quote_ms=None)))
+    timed = parse_ws_frame([option_q_event()], 9, frozenset())
+    assert timed.quotes == (streamed_quote(),)
+
+
+@pytest.mark.parametrize("t", ["1759416000123", -5, 0, True, float("nan"), float("inf"), [1]], ids=repr)
+def test_option_q_event_with_an_unreadable_time_is_bad(t: object) -> None:
+    frame = parse_ws_frame([option_q_event(t=t), option_q_event()], 9, frozenset())
+    assert frame == ParsedFrame((), (), 1, 0, (streamed_quote(),))
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
@@ -766,17 +849,19 @@ def test_put_keeps_its_negative_delta() -> None:
         {"ticker": ...},
         {"ticker": ""},
         {"ticker": 12},
-        {"strike_price": ...},
         {"strike_price": "242.5"},
         {"strike_price": 0},
         {"strike_price": float("nan")},
-        {"expiration_date": ...},
         {"expiration_date": "2025/10/02"},
         {"expiration_date": "20251002"},
         {"expiration_date": "2025-02-30"},
-        {"contract_type": ...},
         {"contract_type": "other"},
-        {"contract_type": None},
+        {"contract_type": 1},
+        # Missing terms are read from the ticker only when it is an OCC ticker.
+        {"strike_price": ..., "ticker": "IWM-242.5-C"},
+        {"expiration_date": None, "ticker": "O:IWM251002C0024250"},
+        {"contract_type": ..., "ticker": "O:IWM251302C00242500"},
+        {"strike_price": ..., "ticker": "O:IWM251002C00000000"},
     ],
     ids=repr,
 )
@@ -792,6 +877,51 @@ def test_result_without_usable_identity_is_bad(details_changes: dict) -> None:
     assert parse_option_result(broken) is None
     page = parse_chain_page({"status": "OK", "results": [chain_result(), broken]})
     assert page == ChainPage((iwm_quote(),), None, 1)
+
+
+def with_details(**details_changes: object) -> dict:
+    """`chain_result()` with `details` fields replaced (a value of ... removes one)."""
+    result = chain_result()
+    details = dict(result["details"])
+    for key, value in details_changes.items():
+        if value is ...:
+            del details[key]
+        else:
+            details[key] = value
+    result["details"] = details
+    return result
+
+
+@pytest.mark.parametrize(
+    "details_changes",
+    [
+        {"strike_price": ...},
+        {"expiration_date": ...},
+        {"contract_type": ...},
+        {"strike_price": None, "contract_type": None},
+        {"strike_price": ..., "expiration_date": ..., "contract_type": ...},
+    ],
+    ids=repr,
+)
+def test_missing_contract_terms_are_read_from_the_occ_ticker(details_changes: dict) -> None:
+    result = with_details(**details_changes)
+    assert parse_option_result(result) == iwm_quote()
+    assert parse_chain_page({"results": [result]}) == ChainPage((iwm_quote(),), None, 0)
+    assert parse_contract_snapshot({"status": "OK", "results": result}) == iwm_quote()
+
+
+def test_only_the_ticker_and_a_put() -> None:
+    result = with_details(
+        ticker="O:IWM251002P00242500", strike_price=..., expiration_date=..., contract_type=...
+    )
+    assert parse_option_result(result) == iwm_quote(ticker="O:IWM251002P00242500", right="put")
+
+
+def test_details_that_are_there_win_over_a_ticker_that_disagrees() -> None:
+    # As before the ticker was ever read: details.* are the contract's terms (an adjusted contract's
+    # ticker can differ); the ticker only fills what details lack.
+    result = with_details(ticker="O:IWM251003P00250000", expiration_date=...)
+    assert parse_option_result(result) == iwm_quote(ticker="O:IWM251003P00250000", expiry="2025-10-03")
 
 
 def test_results_that_are_not_objects_or_lack_details_are_bad() -> None:
