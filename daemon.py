@@ -45,7 +45,7 @@ from instance_lock import InstanceLock
 from mark_watch import FRESH, MarkWatch
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
 from options_feed import OptionsFeed, OptionsStatus
-from pipeline import Pipeline
+from pipeline import STARTED, Pipeline
 from pnl_tracker import Journal, JournalError
 from polygon_client import PolygonRest, PolygonStream, RestAnswer
 from replay import received_from
@@ -227,6 +227,7 @@ class Daemon:
         """Start every thread, run until stopped; returns the exit status."""
         try:
             self._warm_up_and_restore()
+            self._note_start()
             self._announce_start()
             self._start_threads()
             self._engine_loop()
@@ -274,6 +275,12 @@ class Daemon:
             log.error("warm_up_failed", tape=str(path), error=error_text(exc), note="features start cold")
         finally:
             self.pipeline.warming = False
+
+    def _note_start(self) -> None:
+        """Record the (re)start on the tape and tell the engine, so replays see it at the same instant."""
+        item = Received(self.clock.now_ms(), "control", dict(STARTED))
+        self._record(item)
+        self.pipeline.handle(item)
 
     def _announce_start(self) -> None:
         now = self.clock.now_ms()

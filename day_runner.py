@@ -26,7 +26,7 @@ from features_vector import PlannedFeatures
 from feed import FeedDecoder
 from market_calendar import MarketCalendar
 from market_state import MarketState, market_key, market_rules
-from pipeline import Pipeline, TickSchedule
+from pipeline import Pipeline, TickSchedule, is_start
 from pnl_tracker import Journal, TradeRow
 from signals import Features, RecordedFeatures, RecordingFeatures
 from tape_cache import (
@@ -125,29 +125,37 @@ def feed_day(
     ticks = TickSchedule()
     holding = _any_holding(pipelines)
     for t, kind, body in decoded.lines:
-        if kind == "quotes":
-            if not holding and after_line is None:
-                # Flat engines take no quote and no tick (see `_dispatch`): the market takes the time.
-                ticks.due(t)
-                market.note_time(t)
-                continue
-            body = unpack_quotes(body)
-        ran = False
-        for second in ticks.due(t):
-            ran |= _dispatch(Tick(second * 1000), market, pipelines)
-        if kind == "control":
-            ran = True
-            for pipeline in pipelines:
-                pipeline.control(t, body)
-        elif kind == "quotes":
-            ran |= _dispatch_quotes(body, market, pipelines)  # type: ignore[arg-type]
-        else:
-            for event in body:  # type: ignore[attr-defined]
-                ran |= _dispatch(event, market, pipelines)
+        if kind == "quotes" and not holding and after_line is None:
+            # Flat engines take no quote and no tick (see `_dispatch`): the market takes the time.
+            ticks.due(t)
+            market.note_time(t)
+            continue
+        ran = _feed_line(t, kind, body, ticks, market, pipelines)
         if after_line is not None:
             after_line()
         if ran:
             holding = _any_holding(pipelines)
+
+
+def _feed_line(
+    t: int, kind: str, body: object, ticks: TickSchedule, market: MarketState, pipelines: Sequence[Pipeline]
+) -> bool:
+    """One line, the ticks of the seconds before it first; whether any engine took something."""
+    ran = False
+    if kind == "control" and is_start(body):
+        for pipeline in pipelines:
+            pipeline.engine.note_start(t)  # before the downtime's ticks, as `Pipeline.control_line`
+    for second in ticks.due(t):
+        ran |= _dispatch(Tick(second * 1000), market, pipelines)
+    if kind == "control":
+        for pipeline in pipelines:
+            pipeline.control(t, body)
+        return True
+    if kind == "quotes":
+        return _dispatch_quotes(unpack_quotes(body), market, pipelines) or ran  # type: ignore[arg-type]
+    for event in body:  # type: ignore[attr-defined]
+        ran |= _dispatch(event, market, pipelines)
+    return ran
 
 
 def _any_holding(pipelines: Sequence[Pipeline]) -> bool:

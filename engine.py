@@ -260,6 +260,11 @@ class Engine:
             self._summarise_day(actions)
         return actions
 
+    def note_start(self, at_ms: int) -> None:
+        """The daemon (re)started at `at_ms`: bars missing before it were its downtime, so the stall
+        clock counts from here (as it does from the first event of a day)."""
+        self._watching_since = max(self._watching_since, at_ms)
+
     def set_paused(self, paused: bool, at_ms: int = 0) -> list[Action]:
         """The kill switch: entries stop at once; exits and SELL alerts carry on."""
         self._now = max(self._now, at_ms)

@@ -46,6 +46,14 @@ class TickSchedule:
         return range(last + 1, second + 1)
 
 
+STARTED: dict[str, object] = {"started": True}  # the control line a daemon records when it (re)starts
+
+
+def is_start(payload: object) -> bool:
+    """Whether a control line's payload says the daemon (re)started."""
+    return isinstance(payload, dict) and payload.get("started") is True
+
+
 def structlog_sink(log: Log) -> None:
     """Default log sink: one structured line per engine log action (signal lines at debug)."""
     logger = structlog.get_logger("engine")
@@ -76,12 +84,24 @@ class Pipeline:
 
     def handle(self, item: Received, cursor: str | None = None) -> None:
         """Decode one received item and run its events (ticks for the seconds before it first)."""
-        self.advance_to(item.t)
         if item.kind == "control":
-            self.control(item.t, item.payload)
+            self.control_line(item.t, item.payload)
             return
+        self.advance_to(item.t)
         for event in self.decoder.decode(item):
             self.run(event, cursor)
+
+    def control_line(self, t: int, payload: object) -> None:
+        """A control line at `t`, with the ticks of the seconds before it.
+
+        A (re)start is noted before those ticks: they are the daemon's own downtime, which the START
+        alert already tells, not a silence of the feed (a STALL dated inside the downtime, then a
+        RECOVERED, was all a restart sent). The pause switch acts after them, at its instant.
+        """
+        if is_start(payload):
+            self.engine.note_start(t)
+        self.advance_to(t)
+        self.control(t, payload)
 
     def control(self, t: int, payload: object) -> None:
         """Operator actions recorded on the tape: today only the pause switch."""

@@ -267,10 +267,10 @@ def _run_lines(
             continue
         if not pipeline.warming:
             pacer.wait_for(t)
-        advance_to(t)
         if kind == "control":
-            pipeline.control(t, body)
+            pipeline.control_line(t, body)
             continue
+        advance_to(t)
         if body:
             cursor = f"{tape_name}:{line_no}"
             for event in body:  # type: ignore[attr-defined]

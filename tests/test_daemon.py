@@ -142,6 +142,40 @@ def test_live_rehearsal_sends_buy_then_sell_as_the_replay_of_its_own_tape(market
     assert [a.at_ms // 1000 for a in mirrored] == [int(m.form["timestamp"]) for m in live]
 
 
+def test_a_restart_after_a_minute_down_sends_no_stall_for_the_downtime_and_its_tape_replays_the_same(
+    market, tmp_path
+):
+    start = at(10, 2)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        settings = settings_for(polygon, pushover, tmp_path)
+        with daemon_running(settings, SimClock(start, SPEED)) as (daemon, _thread):
+            assert wait_for(lambda: daemon.engine.counters.bars > 20, 30)
+        stopped_ms = polygon.now_ms()
+        time.sleep(75 / SPEED)  # 75 market seconds down: more than STALL_ALERT_SECONDS
+        restarted_ms = polygon.now_ms()
+        with daemon_running(settings, SimClock(restarted_ms, SPEED)) as (daemon, _thread):
+            bars = daemon.engine.counters.bars
+            assert wait_for(lambda: daemon.engine.counters.bars > bars + 60, 30)
+    system = [(k, int(m.form["timestamp"])) for k, m in zip(kinds(pushover), pushover.messages, strict=True)
+              if k in ("STALL", "RECOVERED")]  # fmt: skip
+    assert kinds(pushover).count("START") == 2
+    assert not [t for k, t in system if stopped_ms // 1000 - 1 <= t <= restarted_ms // 1000 + 1], system
+    replayed: list = []
+    rules = Rules()
+    replay_tape(
+        tmp_path / "tapes" / "2025-10-02.jsonl.gz",
+        rules=rules,
+        calendar=MarketCalendar(rules),
+        journal=Journal(tmp_path / "r.sqlite3"),
+        on_alerts=replayed.extend,
+        on_log=lambda _l: None,
+    )
+    assert [(a.kind, a.at_ms // 1000) for a in replayed if a.kind in ("STALL", "RECOVERED")] == system
+
+
 def test_holiday_idles_without_connecting(market, tmp_path):
     christmas_morning = at(9, 0, 0, day=date(2025, 12, 25))
     with (
