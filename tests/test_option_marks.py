@@ -57,7 +57,10 @@ def test_a_q_event_parses_to_a_quote_of_its_contract():
     broken = parse_ws_frame(
         [{"ev": "Q", "sym": "O:IWMX", "t": 1}, {"ev": "Q", "sym": TICKER}], 0, frozenset()
     )
-    assert (stock.quotes, stock.ignored) == ((), 1) and (broken.quotes, broken.bad) == ((), 2)
+    assert (stock.quotes, stock.ignored) == ((), 1) and broken.bad == 1
+    # Without a time or prices it is still its contract's quote (taken untimed), and no mark can use it.
+    ((untimed,),) = [broken.quotes]
+    assert (untimed.ticker, untimed.bid, untimed.ask, untimed.quote_ms) == (TICKER, None, None, None)
 
 
 def test_a_stop_loss_between_two_snapshots_fires_on_the_streamed_quote_at_its_bid():
