@@ -31,7 +31,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -40,7 +39,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from events import Bar, FeedStatus, OptionQuote, Received
 from http_deadline import DeadlineTransport
-from tape import strip_api_key
+from tape import request_path, strip_api_key
 
 _FLOAT_MAX = sys.float_info.max
 # Bounds past which a number is a vendor bug, not a market: the dearest US stock trades near 1e6,
@@ -967,20 +966,15 @@ class RestAnswer:
 def _next_path(body: object) -> str | None:
     """The path and query of a page's `next_url`, to be asked of our own base URL like the SDK does.
 
-    None when there is none, and when it is not a URL we would send (see `unsafe_next_url`).
+    None when there is none, and when it is not a URL we would send (see `unsafe_next_url`). The same
+    `request_path` the feed decoder uses to join the pages, so a followed page is always recognised.
     """
     if type(body) is not dict:
         return None
     url = _next_url(body)
     if url is None or unsafe_next_url(body):
         return None
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. an invalid IPv6 host
-        return None
-    if not parts.path:
-        return None
-    return strip_api_key(f"{parts.path}?{parts.query}" if parts.query else parts.path)
+    return request_path(url)
 
 
 def _decode_body(content: bytes) -> object:
