@@ -74,6 +74,7 @@ CHAIN_POLL_STALE_MIN_S = 60.0
 CHAIN_POLL_STALE_FACTOR = 6
 THREAD_STALE_S = 180.0
 HEALTH_RETRY_S = 30.0
+DELAYED_FRESH_MS = 5_000  # a bar received this recently tells how late the feed runs
 log = structlog.get_logger("daemon")
 
 
@@ -169,6 +170,7 @@ class Daemon:
         self.health_server: HealthServer | None = None
         self._health_problem: str | None = None
         self._stream_down_since_ms: int | None = None
+        self._delayed_said_day: date | None = None
         self._rest_refused: str | None = None
         self.rest = PolygonRest(
             settings.polygon_rest_url,
@@ -388,6 +390,7 @@ class Daemon:
         self._maybe_pulse()
         if time.monotonic() - self._health_at >= 1.0:
             self.health, self._health_at = self._snapshot(), time.monotonic()
+            self._say_delayed_feed(self.clock.now_ms())
         if self.tape is not None and time.monotonic() - self._flushed_at >= TAPE_FLUSH_SECONDS:
             self._flush_tape()
 
@@ -583,12 +586,39 @@ class Daemon:
         down = self._stream_down_problem(now)
         if down:
             degraded.append(down)
+        delayed = self._delayed_feed_problem(now)
+        if delayed:
+            degraded.append(delayed)
         if self.tape_problem is not None:
             degraded.append(f"tape not recording ({self.tape_problem})")
         mark_problem = self.mark_watch.problem(now, self.engine.mark_set_ms)
         if mark_problem:
             degraded.append(mark_problem)
         return failing, degraded
+
+    def _delayed_feed_problem(self, now: int) -> str | None:
+        """Bars that arrive on time but are old (a delayed plan): every entry is blocked as feed_stale."""
+        bar = self.engine.last_bar
+        if bar is None or self._open_session_ms(now) is None or now - bar.received_ms > DELAYED_FRESH_MS:
+            return None
+        late_s = (bar.received_ms - bar.end_ms) / 1000
+        if late_s <= self.rules.stall_seconds:
+            return None
+        return (
+            f"bars arrive {late_s:.0f} s after their second (a delayed plan?): every entry is blocked, "
+            f"entries need bars under STALL_SECONDS={self.rules.stall_seconds:g} s old"
+        )
+
+    def _say_delayed_feed(self, now: int) -> None:
+        """Once a day, log and alert that a delayed feed can never enter (it keeps running, exits go on)."""
+        problem = self._delayed_feed_problem(now)
+        day = ny_date(now)
+        if problem is None or self._delayed_said_day == day:
+            return
+        self._delayed_said_day = day
+        log.error("feed_delayed", problem=problem, action="use the real-time stream (POLYGON_WS_URL)")
+        text = f"The stream's {problem}. This alerter needs a real-time plan; exits are still followed."
+        self.inbox.put(SystemNotice("FEED_ERROR", text, PRIORITY_HIGH))
 
     def _stream_down_problem(self, now: int) -> str | None:
         """In session, a stream that has not been connected for STREAM_SILENCE_SECONDS, in words.

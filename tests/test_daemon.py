@@ -519,6 +519,28 @@ def test_a_stream_that_cannot_connect_is_on_health_from_the_first_seconds(market
     assert API_KEY not in problem
 
 
+def test_a_delayed_feed_is_said_once_and_on_health_since_no_entry_can_fire(market, tmp_path):
+    start = at(10, 2)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        clock = SimClock(start + 15 * 60_000, SPEED)  # our clock 15 minutes ahead: every bar 900 s old
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread):
+
+            def delayed() -> list[str]:
+                return [p for p in daemon.health.get("problems", []) if p.startswith("bars arrive")]
+
+            assert wait_for(delayed, 30), daemon.health.get("problems")
+            bars = daemon.engine.counters.bars
+            assert wait_for(lambda: daemon.engine.counters.bars > bars + 120, 30)
+            problem = delayed()[0]
+    said = [m.form["message"] for m in pushover.messages if "delayed plan" in m.form["message"]]
+    assert len(said) == 1 and "FEED ERROR" in kinds(pushover)
+    assert "900 s" in problem or "899 s" in problem or "901 s" in problem
+    assert "BUY" not in kinds(pushover)
+
+
 def test_rest_refusing_the_key_sends_one_feed_error_and_retries_slowly(market, tmp_path):
     start = at(10, 2)
     with (
