@@ -151,7 +151,9 @@ class Settings:
             for name in ("polygon_api_key", "pushover_token", "pushover_user_key", "heartbeat_url")
         }
         secrets["alert_fallback_urls"] = tuple(mask(url) for url in self.alert_fallback_urls)
-        return f"Settings({shown | secrets})"
+        # A URL may carry credentials (user:password@, ?token=): shown redacted, like the keys.
+        endpoints = {name: _redacted_url(getattr(self, name)) for name in ENDPOINT_SCHEMES if name in shown}
+        return f"Settings({shown | endpoints | secrets})"
 
 
 class ConfigError(ValueError):

@@ -577,3 +577,15 @@ def test_plain_number_spellings_still_parse():
         0.4,
     )
     assert settings.health_port == 8080
+
+
+def test_the_settings_repr_never_shows_credentials_inside_an_endpoint_url():
+    settings = settings_from_env(
+        {
+            "POLYGON_REST_URL": "https://user:PLANTEDpw@api.massive.com",
+            "PUSHOVER_API_URL": "https://api.pushover.net/1/messages.json?token=PLANTEDtok",
+            "POLYGON_API_KEY": "PLANTEDkey123",
+        }
+    )
+    shown = repr(settings)
+    assert "PLANTED" not in shown and "api.massive.com" in shown and "messages.json" in shown
