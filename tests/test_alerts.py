@@ -281,7 +281,8 @@ def test_a_timed_out_alert_is_tried_twice_then_the_queue_moves_on(
     # alert 1 timed out twice (it may have arrived: no third copy); alert 2 went once the stall was over
     first = sorted(m.form["title"] for m in server.history if "alert 1" in m.form["title"])  # held alike
     assert first == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 1 (possible repeat)"]
-    assert titles(server) == ["IWM 0DTE CALL — alert 2"]
+    # Alert 2 may meet the stall's end too (a loaded machine): then its retry says it may repeat.
+    assert [t.removesuffix(" (possible repeat)") for t in titles(server)] == ["IWM 0DTE CALL — alert 2"]
     rows = outbox(journal)
     assert rows[0][:2] == ("K:1", "failed") and "may have arrived" in (rows[0][3] or "")
     assert rows[1][:2] == ("K:2", "sent")
