@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -312,6 +312,28 @@ def wait_for(predicate, timeout_s: float) -> bool:
 SLOW = 20.0
 
 
+def run_until(
+    process: subprocess.Popen,
+    until: Callable[[], bool],
+    what: str,
+    *,
+    kill: bool = False,
+    linger_s: float = 0.0,
+) -> None:
+    """Let a launched daemon run until `until()` holds (60 s at most), `linger_s` more, then end it:
+    SIGKILL when `kill` (a crash), else SIGTERM (a clean stop)."""
+    try:
+        assert wait_for(until, 60), f"no {what}"
+        time.sleep(linger_s)
+    finally:
+        if kill:
+            process.kill()
+            process.wait(10)
+        else:
+            process.send_signal(signal.SIGTERM)
+            process.wait(15)
+
+
 def open_position_peak(journal_path: Path) -> float | None:
     db = sqlite3.connect(journal_path)
     try:
@@ -328,20 +350,11 @@ def test_kill_9_mid_position_then_restart_sells_once_and_never_buys_twice(market
         FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 3), speed=SLOW) as polygon,
     ):
         first = launch(polygon, pushover, tmp_path, log_path)
-        try:
-            assert wait_for(lambda: "BUY" in kinds(pushover), 60), "no BUY from the first process"
-        finally:
-            first.kill()
-            first.wait(10)
+        run_until(first, lambda: "BUY" in kinds(pushover), "a BUY from the first process", kill=True)
         peak_at_kill = open_position_peak(tmp_path / "journal.sqlite3")
         assert peak_at_kill is not None, "the BUY's position is not in the journal"
         second = launch(polygon, pushover, tmp_path, log_path)
-        try:
-            assert wait_for(lambda: "SELL" in kinds(pushover), 60), "no SELL after the restart"
-            time.sleep(1.0)
-        finally:
-            second.send_signal(signal.SIGTERM)
-            second.wait(15)
+        run_until(second, lambda: "SELL" in kinds(pushover), "a SELL after the restart", linger_s=1.0)
     sent = kinds(pushover)
     assert sent.count("BUY") == 1 and sent.count("SELL") == 1 and sent.count("START") == 2
     start_texts = [m.form["message"] for m in pushover.messages if m.form["title"].endswith("START")]
@@ -371,11 +384,7 @@ def test_kill_9_while_pushover_holds_the_buy_resends_it_once_marked_as_a_possibl
             first.wait(10)
         pushover.slow(0.0)
         second = launch(polygon, pushover, tmp_path, log_path)
-        try:
-            assert wait_for(lambda: "SELL" in kinds(pushover), 60), "no SELL after the restart"
-        finally:
-            second.send_signal(signal.SIGTERM)
-            second.wait(15)
+        run_until(second, lambda: "SELL" in kinds(pushover), "a SELL after the restart")
     sent = kinds(pushover)
     assert sent.count("BUY") == 1 and sent.count("BUY (possible repeat)") == 1, sent
     assert sent.count("SELL") == 1 and sent.index("BUY (possible repeat)") < sent.index("SELL")
