@@ -225,8 +225,18 @@ def start_daemon_or_explain(settings: Settings, clock: Clock, stop: threading.Ev
     return None
 
 
+TRANSIENT_JOURNAL_ERRORS = ("locked", "disk is full", "readonly", "read-only", "disk i/o error")
+
+
 def bad_journal_advice(path: Path, exc: Exception) -> str:
     """One paragraph: what is wrong with the journal, which file, and what to do."""
+    if any(words in str(exc).lower() for words in TRANSIENT_JOURNAL_ERRORS):
+        # The file is sound: moving it aside would throw away the open position and the lifetime P&L.
+        return (
+            f"Not started: the journal {path} cannot be opened now ({exc}). Do not move it aside: it holds "
+            "the open position, the trades and the lifetime P&L. Free disk space, or close the program "
+            "holding it, or make it writable, then start again."
+        )
     return (
         f"Not started: the journal {path} cannot be used ({exc}). It holds the open position, the trades "
         "and the lifetime P&L, so the daemon will not guess. Move it aside (for example "

@@ -58,6 +58,9 @@ _OUTCOME_BY_KEY = (
 )
 
 
+JOURNAL_TABLES = frozenset({"meta", "positions", "trades", "outbox"})
+
+
 class JournalError(RuntimeError):
     """The journal cannot be used (newer schema, corrupt file, disk full)."""
 
@@ -149,8 +152,16 @@ class Journal:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise JournalError(f"journal schema {version} is newer than this program ({SCHEMA_VERSION})")
+        if version == SCHEMA_VERSION and self._has_every_table():
+            # Nothing to write: a journal that is locked, on a full disk or read-only still opens, and
+            # the daemon follows the position in memory while its writes are held (delivery.py).
+            return
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _has_every_table(self) -> bool:
+        names = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        return names >= JOURNAL_TABLES
 
     def close(self) -> None:
         with self._lock:

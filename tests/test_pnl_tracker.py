@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,21 @@ def test_a_journal_that_refuses_writes_fails_loudly_and_the_alert_still_goes_out
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["journal_write_failed"]
     journal._db.execute("PRAGMA query_only=0")
     assert journal.outbox_rows() == [] and journal.restored_state("2025-10-02").position is None
+
+
+def test_a_journal_whose_write_lock_another_process_holds_still_opens_and_reads(tmp_path: Path) -> None:
+    # A restart while a backup or a DB browser holds the write lock must not refuse to start (the
+    # daemon then follows the position in memory and writes when the lock is gone).
+    path = tmp_path / "journal.sqlite3"
+    Journal(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        reopened = Journal(path, busy_timeout_s=0.1, check=True)
+        assert reopened.pending() == [] and reopened.trades() == []
+        with pytest.raises(JournalError):
+            reopened.set_meta("k", "v")
+        reopened.close()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
