@@ -53,7 +53,7 @@ from status import session_pulse
 from stream_watch import RECOVERED, SILENT, StreamWatch
 from summary_chart import summary_attachment
 from supervisor import Supervisor, WorkerHealth, error_text
-from tape import TapeReader, TapeWriter, prune_tapes, tape_path
+from tape import TapeGone, TapeReader, TapeWriter, prune_tapes, tape_path
 
 EXIT_WATCHDOG = 3
 CONNECT_BEFORE_OPEN_MS = 5 * 60_000
@@ -487,8 +487,10 @@ class Daemon:
         """Pause recording, say so once a day (log and alert), retry later; trading goes on."""
         first = self.tape_problem is None and self._tape_alerted_day != self.tape_day
         self.tape_problem = error_text(exc)
-        self._tape_retry_at = time.monotonic() + TAPE_RETRY_SECONDS
-        log.error(event, error=self.tape_problem, retry_in_s=TAPE_RETRY_SECONDS, note="trading unaffected")
+        # A deleted file or folder can be made again at once; a full or refusing disk needs time.
+        retry_s = 0.0 if isinstance(exc, TapeGone) else TAPE_RETRY_SECONDS
+        self._tape_retry_at = time.monotonic() + retry_s
+        log.error(event, error=self.tape_problem, retry_in_s=retry_s, note="trading unaffected")
         tape, self.tape = self.tape, None
         if tape is not None:
             with contextlib.suppress(Exception):
@@ -499,6 +501,11 @@ class Daemon:
                 f"Recording of today's feed stopped ({self.tape_problem}); retried every "
                 f"{TAPE_RETRY_SECONDS:.0f} s. Alerts and trading are unaffected."
             )
+            if isinstance(exc, TapeGone):
+                text = (
+                    f"Today's tape was deleted while recording ({self.tape_problem}); recording goes on in a "
+                    f"new file, with a gap of up to {TAPE_FLUSH_SECONDS:.0f} s. Alerts and trading are unaffected."
+                )
             self._deliver_notice(SystemNotice("TAPE_FAILING", text, PRIORITY_NORMAL), self.clock.now_ms())
 
     def _rotate_tape(self, day: date, t: int) -> None:

@@ -155,6 +155,10 @@ def encode_line(record: dict[str, Any]) -> bytes:
     return text.encode("utf-8") + b"\n"
 
 
+class TapeGone(OSError):
+    """The tape's file is no longer at its path (deleted or replaced while it was being written)."""
+
+
 class TapeWriter:
     """Appends lines to one day's tape. Use as a context manager; `flush()` is the durable point."""
 
@@ -274,11 +278,24 @@ class TapeWriter:
             self._append_placeholder(t, "rest", clean)
 
     def flush(self) -> None:
-        """Write everything buffered as one gzip member and fsync: a crash after this loses none of it."""
+        """Write everything buffered as one gzip member and fsync: a crash after this loses none of it.
+
+        Raises TapeGone when the file was removed or replaced meanwhile (its folder or DATA_DIR deleted):
+        the writer would otherwise go on appending to a file nobody can read again.
+        """
         self._check_open()
         self._write_member()
         self._file.flush()
         os.fsync(self._file.fileno())
+        self._check_still_linked()
+
+    def _check_still_linked(self) -> None:
+        try:
+            linked = os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            linked = False
+        if not linked:
+            raise TapeGone(f"{self.path} was removed or replaced while it was being written")
 
     def close(self) -> None:
         """Flush and close; calling it again does nothing."""

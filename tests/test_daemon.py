@@ -176,6 +176,32 @@ def test_a_restart_after_a_minute_down_sends_no_stall_for_the_downtime_and_its_t
     assert [(a.kind, a.at_ms // 1000) for a in replayed if a.kind in ("STALL", "RECOVERED")] == system
 
 
+def test_a_tape_folder_deleted_while_recording_is_said_once_and_recording_goes_on(market, tmp_path):
+    import shutil
+
+    start = at(10, 2)
+    tape = tmp_path / "tapes" / "2025-10-02.jsonl.gz"
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+        daemon_running(settings_for(polygon, pushover, tmp_path), SimClock(start, SPEED)) as (
+            daemon,
+            _thread,
+        ),
+    ):
+        assert wait_for(lambda: tape.is_file() and daemon.engine.counters.bars > 10, 30)
+        shutil.rmtree(tmp_path / "tapes")
+        assert wait_for(lambda: "TAPE FAILING" in kinds(pushover), 30), "the deleted tape was not said"
+        assert wait_for(lambda: tape.is_file() and daemon.tape_problem is None, 30), "recording not resumed"
+        bars = daemon.engine.counters.bars
+        assert wait_for(lambda: daemon.engine.counters.bars > bars + 300, 30)
+    assert kinds(pushover).count("TAPE FAILING") == 1
+    said = next(m.form["message"] for m in pushover.messages if m.form["title"].endswith("TAPE FAILING"))
+    assert "deleted" in said and "new file" in said
+    with gzip.open(tape, "rt") as lines:
+        assert sum(1 for line in lines if '"ws"' in line) > 100, "the new file holds the frames since"
+
+
 def test_holiday_idles_without_connecting(market, tmp_path):
     christmas_morning = at(9, 0, 0, day=date(2025, 12, 25))
     with (
