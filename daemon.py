@@ -31,6 +31,7 @@ from pathlib import Path
 
 import structlog
 
+import journal_rescue
 from alert_text import PRIORITY_HIGH, PRIORITY_NORMAL, delivery_overrides, money, priority_for, sound_for
 from alerts import AppriseFallback, Notifier, PushoverClient
 from clock import Clock
@@ -74,6 +75,7 @@ CHAIN_POLL_STALE_MIN_S = 60.0
 CHAIN_POLL_STALE_FACTOR = 6
 THREAD_STALE_S = 180.0
 HEALTH_RETRY_S = 30.0
+STOP_JOURNAL_RETRY_S = 2.0  # at a stop, how long held journal writes are retried before a rescue file
 DELAYED_FRESH_MS = 5_000  # a bar received this recently tells how late the feed runs
 log = structlog.get_logger("daemon")
 
@@ -123,6 +125,7 @@ class Daemon:
             self.journal = Journal(
                 settings.data_dir / "journal.sqlite3", busy_timeout_s=JOURNAL_BUSY_TIMEOUT_S, check=True
             )
+            self._write_rescues()
             self.writer = WriteBehindJournal(
                 self.journal,
                 clock_ms=clock.now_ms,
@@ -967,9 +970,35 @@ class Daemon:
         if tape is not None:
             tape.close()
 
+    def _write_rescues(self) -> None:
+        """Decisions a stop could not write (journal_rescue.py) go into the journal before any state is
+        read from it; while it refuses them the daemon does not start (it would resume a closed trade)."""
+        for path, held in journal_rescue.load(journal_rescue.rescue_paths(self.settings.data_dir)):
+            try:
+                journal_rescue.write_to(self.journal, held)
+            except JournalError as exc:
+                raise JournalError(
+                    f"{exc}; {len(held)} write(s) held at the last stop wait in {path} and must be written first"
+                ) from exc
+            path.unlink()
+            log.warning("journal_rescue_written", path=str(path), writes=len(held))
+
     def _close_journal(self) -> None:
+        """Last tries of held writes (a lock is often let go in a moment), then a rescue file for the rest."""
+        deadline = time.monotonic() + STOP_JOURNAL_RETRY_S
         self.writer.catch_up(now=True)
-        held = self.writer.health().backlog
+        while self.writer.health().backlog and time.monotonic() < deadline:
+            time.sleep(0.2)
+            self.writer.catch_up(now=True)
+        held = self.writer.held()
         if held:
-            log.error("journal_writes_lost_at_stop", held=held, note="the tapes still hold the day")
+            path = journal_rescue.save(held, journal_rescue.rescue_paths(self.settings.data_dir))
+            if path is None:
+                log.critical(
+                    "journal_writes_lost_at_stop", held=len(held), note="no rescue file could be written"
+                )
+            else:
+                log.critical(
+                    "journal_writes_rescued", held=len(held), path=str(path), note="written at the next start"
+                )
         self.journal.close()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from events import Action, Alert, Log, SetMeta, UpdatePosition
+from journal_rescue import Held, Outcome
 from pnl_tracker import FAILED, IN_FLIGHT, PENDING, SENDING, SENT, Journal, JournalError, OutboxItem
 
 RETRY_EVERY_S = 1.0
@@ -37,14 +38,6 @@ class JournalHealth:
     since_ms: int | None
     backlog: int
     last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    dedupe_key: str
-    status: str
-    error: str | None
-    sent_ms: int | None
 
 
 class WriteBehindJournal:
@@ -73,7 +66,7 @@ class WriteBehindJournal:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._decisions: list[tuple[list[Action], str | None]] = []
-        self._outcomes: list[_Outcome] = []
+        self._outcomes: list[Outcome] = []
         self._since_ms: int | None = None
         self._last_error: str | None = None
         self._retry_at = 0.0
@@ -97,7 +90,7 @@ class WriteBehindJournal:
     def mark(self, dedupe_key: str, status: str, error: str | None, sent_ms: int | None) -> None:
         """Record a delivery outcome, now or once the journal accepts writes again."""
         with self._lock:
-            self._outcomes.append(_Outcome(dedupe_key, status, error, sent_ms))
+            self._outcomes.append(Outcome(dedupe_key, status, error, sent_ms))
             self._write_if_due()
 
     def catch_up(self, *, now: bool = False) -> None:
@@ -108,6 +101,12 @@ class WriteBehindJournal:
             if now:
                 self._retry_at = 0.0
             self._write_if_due()
+
+    def held(self) -> Held:
+        """What the journal has not taken yet (for a rescue file at shutdown), in write order."""
+        with self._lock:
+            decisions = tuple((tuple(actions), cursor) for actions, cursor in self._decisions)
+            return Held(decisions, tuple(self._outcomes))
 
     def health(self) -> JournalHealth:
         """The journal's state for `/health` and the status view."""

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import journal_rescue
 from delivery import MemoryOutbox, WriteBehindJournal
 from events import Alert, ClosePosition, OpenPosition, UpdatePosition
+from journal_rescue import rescue_paths
 from pnl_tracker import Journal
 
 BIG = "x" * 20_000  # needs overflow pages, so a capped file cannot take it
@@ -132,3 +134,36 @@ def test_a_decision_the_schema_refuses_is_dropped_so_later_ones_are_written(part
     assert not writer.health().failing and seen.failing == []
     assert [r[1] for r in journal.table_rows("outbox")] == ["BUY:1"]
     assert journal.restored_state("2025-10-02").position is not None
+
+
+def test_writes_held_at_a_stop_survive_in_a_rescue_file_and_are_written_in_order_at_the_next_start(
+    parts, tmp_path: Path
+) -> None:
+    journal, writer, _seen = parts
+    disk_full(journal)
+    writer.record([opened(), alert("BUY:1", BIG)])
+    writer.mark("BUY:1", "sent", None, 111)
+    writer.record([closed(), alert("SELL:1", BIG)])
+    first, spare = rescue_paths(tmp_path / "data")
+    first.mkdir(
+        parents=True
+    )  # a folder where the file should go: the data folder refuses, the spare takes it
+    try:
+        saved = journal_rescue.save(writer.held(), (first, spare))
+        assert saved == spare
+        disk_full(journal, False)
+        ((path, held),) = journal_rescue.load((first, spare))
+        journal_rescue.write_to(journal, held)
+    finally:
+        spare.unlink(missing_ok=True)
+    assert path == spare and len(held) == 3
+    assert [t.trade_id for t in journal.trades()] == ["2025-10-02-01"]
+    rows = [(r[1], r[7], r[10]) for r in journal.table_rows("outbox")]
+    assert rows == [("BUY:1", "sent", 111), ("SELL:1", "pending", None)]
+
+
+def test_an_unreadable_rescue_file_is_set_aside_and_said(tmp_path: Path) -> None:
+    path = tmp_path / "journal.rescue"
+    path.write_bytes(b"not a pickle")
+    assert journal_rescue.load((path,)) == []
+    assert not path.exists() and (tmp_path / "journal.rescue.bad").read_bytes() == b"not a pickle"

@@ -34,6 +34,7 @@ from test_daemon import (
 
 from clock import SimClock
 from daemon import Daemon
+from journal_rescue import rescue_paths
 from sim.market import SyntheticMarket, demo_script
 from sim.polygon_server import FakePolygon, SyntheticSource
 from sim.pushover_server import FakePushover
@@ -120,6 +121,43 @@ def test_a_lock_held_by_another_process_never_freezes_the_engine_or_loses_an_ale
     assert trades_of(sent) == ["BUY", "SELL"]
     assert "STALL" not in sent  # the engine thread never sat out SQLite's busy timeout
     assert len(journal_rows(tmp_path / "journal.sqlite3", "SELECT * FROM trades")) == 1
+
+
+@pytest.mark.parametrize("pushover_down", [False, True], ids=["after-the-sell", "alerts-unsent"])
+def test_a_stop_while_the_journal_refuses_keeps_its_writes_for_the_next_start(
+    market, tmp_path, pushover_down
+):
+    # A deploy while a backup holds the lock: the SELL (or, with Pushover down, the BUY and the SELL
+    # themselves) exist only in memory. Lost, the restart would resume the closed position.
+    start = at(10, 4)
+    rescue, spare = rescue_paths(tmp_path)
+    with fakes(market, start) as (pushover, polygon, clock):
+        settings = settings_for(polygon, pushover, tmp_path)
+        holder = sqlite3.connect(tmp_path / "journal.sqlite3", isolation_level=None)
+        with daemon_running(settings, clock) as (daemon, _thread):
+            assert wait_for(lambda: clock.now_ms() >= BEFORE_BUY, 30)
+            holder.execute("BEGIN IMMEDIATE")
+            if pushover_down:
+                pushover.fail_with(500)
+                assert wait_for(lambda: daemon.engine.trades_today, 60), "no trade closed"
+            else:
+                assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+        try:
+            assert rescue.is_file() and not spare.exists()
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        pushover.recover()
+        with daemon_running(settings, SimClock(polygon.now_ms(), SPEED)) as (daemon, _thread):
+            assert wait_for(lambda: kinds(pushover).count("START") == 2 and not rescue.exists(), 30)
+            assert wait_for(lambda: daemon.outbox.pending_count() == 0, 30)
+            time.sleep(0.5)
+            held_again = daemon.engine.position
+    assert trades_of(kinds(pushover)) == ["BUY", "SELL"]
+    assert held_again is None, "the restart resumed a position whose SELL was decided before the stop"
+    assert len(journal_rows(tmp_path / "journal.sqlite3", "SELECT * FROM trades")) == 1
+    outbox = journal_rows(tmp_path / "journal.sqlite3", "SELECT kind, status FROM outbox ORDER BY id")
+    assert [row for row in outbox if row[0] in ("BUY", "SELL")] == [("BUY", "sent"), ("SELL", "sent")]
 
 
 def test_journal_failing_while_an_alert_waits_for_pushover_never_resends_it(market, tmp_path):

@@ -1,0 +1,115 @@
+"""Decisions the journal still refused at shutdown, kept in a rescue file and written at the next start.
+
+While the journal cannot be written (disk full, a lock held, a read-only file) the live daemon keeps
+its decisions in memory (`delivery.WriteBehindJournal`). A stop in that state (a deploy, SIGTERM)
+would lose them: the restart would resume a position whose SELL was already sent, and send it again
+with other numbers, or forget a BUY and its alerts. So the held decisions and delivery outcomes are
+pickled to the first of `rescue_paths` that accepts them (the data folder, else the system's temporary
+folder, for a data disk that is full), and the next start writes them to the journal, in order, before
+it reads any state. The file is written and read only by this program (pickle: never put one there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sqlite3
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from events import Action
+from pnl_tracker import Journal, JournalError
+
+RESCUE_NAME = "journal.rescue"
+RESCUE_FORMAT = 1
+log = structlog.get_logger("journal")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A delivery outcome not yet written: the outbox row's key, status, error and send time."""
+
+    dedupe_key: str
+    status: str
+    error: str | None
+    sent_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What the journal has not taken yet, in the order it must be written."""
+
+    decisions: tuple[tuple[tuple[Action, ...], str | None], ...]
+    outcomes: tuple[Outcome, ...]
+
+    def __len__(self) -> int:
+        return len(self.decisions) + len(self.outcomes)
+
+
+def rescue_paths(data_dir: Path) -> tuple[Path, Path]:
+    """Where a rescue goes: beside the journal, else in the temporary folder under a name of DATA_DIR's."""
+    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+    return data_dir / RESCUE_NAME, Path(tempfile.gettempdir()) / f"iwm-alerter-{digest}.{RESCUE_NAME}"
+
+
+def save(held: Held, paths: Sequence[Path]) -> Path | None:
+    """Write `held` to the first path that takes it whole (temp file, fsync, rename); None if none does."""
+    data = pickle.dumps((RESCUE_FORMAT, held), protocol=pickle.HIGHEST_PROTOCOL)
+    for path in paths:
+        try:
+            _write_atomically(path, data)
+        except OSError as exc:
+            log.error("journal_rescue_not_written", path=str(path), error=str(exc))
+            continue
+        return path
+    return None
+
+
+def load(paths: Sequence[Path]) -> list[tuple[Path, Held]]:
+    """Every rescue found, oldest file first; an unreadable one is renamed `.bad` and said, not loaded."""
+    found = []
+    for path in sorted((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime):
+        try:
+            version, held = pickle.loads(path.read_bytes())  # noqa: S301 - our own file, see the docstring
+            if version != RESCUE_FORMAT or not isinstance(held, Held):
+                raise ValueError(f"not a rescue of format {RESCUE_FORMAT}")
+        except Exception as exc:
+            bad = path.with_name(path.name + ".bad")
+            path.replace(bad)
+            log.critical("journal_rescue_unreadable", path=str(path), moved_to=str(bad), error=str(exc))
+            continue
+        found.append((path, held))
+    return found
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        temporary.replace(path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_to(journal: Journal, held: Held) -> None:
+    """Write a rescue's decisions, then its outcomes, in order. A decision the schema refuses (already
+    there) is skipped, as the write-behind journal does; any other refusal raises JournalError."""
+    for actions, cursor in held.decisions:
+        try:
+            journal.record(list(actions), cursor)
+        except JournalError as exc:
+            if not isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise
+            log.warning("journal_rescue_decision_skipped", error=str(exc))
+    for outcome in held.outcomes:
+        journal.mark_outcome(outcome.dedupe_key, outcome.status, outcome.error, outcome.sent_ms)
