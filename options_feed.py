@@ -79,6 +79,10 @@ class OptionsFeed:
         self._last_streamed = (0, 0)
         self._status_problem: str | None = None
         self.problem: str | None = None
+        # At most one FEED (and its FEED RESTORED) per held contract: a stream that comes and goes (or a
+        # REST stamp that keeps looking newer) must not flood the phone; later episodes are logged.
+        self._said_for: str | None = None
+        self._said = False
 
     @property
     def enabled(self) -> bool:
@@ -187,7 +191,11 @@ class OptionsFeed:
         if self.problem is not None:
             return
         self.problem = problem
-        log.warning("marks_from_rest", reason=problem)
+        already_said = self._ticker is not None and self._said_for == self._ticker
+        log.warning("marks_from_rest", reason=problem, alerted=not already_said)
+        if already_said:
+            return
+        self._said_for, self._said = self._ticker, True
         poll = self._settings.rules.position_poll_seconds
         self._notify(
             "FEED",
@@ -199,8 +207,11 @@ class OptionsFeed:
     def _restored(self) -> None:
         if self.problem is None:
             return
-        log.info("marks_streaming_again", after=self.problem)
+        log.info("marks_streaming_again", after=self.problem, alerted=self._said)
         self.problem = None
+        if not self._said:
+            return
+        self._said = False
         self._notify(
             "FEED_RESTORED",
             "Options quotes are streaming again: marks follow every quote of the held contract.",

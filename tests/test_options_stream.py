@@ -240,3 +240,24 @@ def test_options_stream_off_never_dials_the_options_cluster(market, tmp_path):
             stop_daemon(stop, thread)
     assert polygon.options_connections == 0 and feed_texts(pushover) == []
     assert daemon.engine.marks.stream == 0 and trades(pushover) == ["BUY", "SELL"]
+
+
+def test_a_stream_that_comes_and_goes_while_one_contract_is_held_is_said_once_not_each_time(tmp_path):
+    from config import Settings
+    from events import FeedStatus
+    from options_feed import OptionsFeed
+
+    said: list[str] = []
+    feed = OptionsFeed(Settings(data_dir=tmp_path), SimClock(at(10, 6), 1.0), lambda _item: None,
+                       lambda kind, _text: said.append(kind))  # fmt: skip
+    feed.follow("O:IWM251002C00243000", at(10, 6))
+    for n in range(5):  # five drops, each followed by a streamed quote of the held contract
+        feed.on_status(FeedStatus(at(10, 6, n * 10), False, "disconnected: connection lost"))
+        assert feed.problem is not None
+        feed.check(at(10, 6, n * 10 + 5), n + 1, at(10, 6, n * 10 + 5))
+        assert feed.problem is None
+    assert said == ["FEED", "FEED_RESTORED"]
+    feed.follow(None, at(10, 8))
+    feed.follow("O:IWM251002C00244000", at(10, 9))  # the next position's contract is said again
+    feed.on_status(FeedStatus(at(10, 9, 5), False, "disconnected: connection lost"))
+    assert said == ["FEED", "FEED_RESTORED", "FEED"]
