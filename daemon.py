@@ -75,6 +75,7 @@ CHAIN_POLL_STALE_MIN_S = 60.0
 CHAIN_POLL_STALE_FACTOR = 6
 THREAD_STALE_S = 180.0
 HEALTH_RETRY_S = 30.0
+FILES_CHECK_SECONDS = 5.0  # how often the journal and lock files are checked to still be in place
 STOP_JOURNAL_RETRY_S = 2.0  # at a stop, how long held journal writes are retried before a rescue file
 DELAYED_FRESH_MS = 5_000  # a bar received this recently tells how late the feed runs
 log = structlog.get_logger("daemon")
@@ -160,6 +161,8 @@ class Daemon:
         self.last_turn = time.monotonic()
         self._health_at = 0.0
         self._flushed_at = time.monotonic()
+        self._files_checked_at = time.monotonic()
+        self._files_problem: str | None = None
         self.tape: TapeWriter | None = None
         self.tape_day: date | None = None
         self.stream: PolygonStream | None = None
@@ -396,6 +399,33 @@ class Daemon:
             self._say_delayed_feed(self.clock.now_ms())
         if self.tape is not None and time.monotonic() - self._flushed_at >= TAPE_FLUSH_SECONDS:
             self._flush_tape()
+        if time.monotonic() - self._files_checked_at >= FILES_CHECK_SECONDS:
+            self._check_data_files()
+
+    def _check_data_files(self) -> None:
+        """The journal and the lock file still where they belong: a DATA_DIR deleted under the running
+        daemon took the P&L record with it at the next stop, and let a second daemon start."""
+        self._files_checked_at = time.monotonic()
+        try:
+            problem = self.journal.relink_if_gone()
+            if self.instance_lock.relock_if_gone():
+                log.warning("instance_lock_taken_again", path=str(self.instance_lock.path))
+        except Exception as exc:
+            if self._files_problem is None:
+                self._files_problem = error_text(exc)
+                log.critical("journal_not_written_back", error=self._files_problem)
+                text = f"The journal's file is gone and could not be written back ({self._files_problem})."
+                self.inbox.put(SystemNotice("SYSTEM", text, PRIORITY_HIGH))
+            return
+        self._files_problem = None
+        if problem is not None:
+            log.critical("journal_written_back", problem=problem, path=str(self.journal.path))
+            text = (
+                f"{problem[0].upper()}{problem[1:]} while the daemon ran. Everything it held was written back "
+                f"to {self.journal.path}: trades, the open position and the lifetime P&L are intact. "
+                "Find what removed it."
+            )
+            self.inbox.put(SystemNotice("SYSTEM", text, PRIORITY_HIGH))
 
     def _follow_marks(self) -> None:
         """Stream the held contract's quotes; judge whether the stream is delivering them, and whether

@@ -61,6 +61,22 @@ class InstanceLock:
         self._fd = fd
         return self
 
+    def relock_if_gone(self) -> bool:
+        """Take the lock again on a new file when ours was deleted (DATA_DIR removed under a running
+        daemon): a lock on an unlinked file would let a second daemon start. Whether it had to."""
+        if self._fd is None:
+            return False
+        try:
+            linked = os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+        except FileNotFoundError:
+            linked = False
+        if linked:
+            return False
+        old, self._fd = self._fd, None
+        self.acquire()
+        os.close(old)
+        return True
+
     def release(self) -> None:
         """Let the next holder in (closing the file drops the lock)."""
         if self._fd is not None:

@@ -9,6 +9,7 @@ disk at WAL checkpoints, not at each commit): they can always be rebuilt from th
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -56,6 +57,26 @@ _IN_FLIGHT_BY_KEY = "UPDATE outbox SET status=? WHERE dedupe_key=? AND status=?"
 _OUTCOME_BY_KEY = (
     "UPDATE outbox SET status=?, attempts=attempts+1, last_error=?, sent_ms=? WHERE dedupe_key=?"
 )
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _set_aside(path: Path, problem: str) -> None:
+    """A file that replaced the journal (with its side files) is renamed `.replaced`, not lost."""
+    if "replaced" not in problem or not path.exists():
+        for suffix in ("-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        return
+    for suffix in ("", "-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.replace(path.with_name(f"{path.name}.replaced{suffix}"))
 
 
 JOURNAL_TABLES = frozenset({"meta", "positions", "trades", "outbox"})
@@ -130,18 +151,63 @@ class Journal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._busy_timeout_s = busy_timeout_s
         try:
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s
-            )
-            if check:
-                self._quick_check()
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            self._db = self._connect(synchronous, check=check)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
+        self._identity = _file_identity(self.path)
+
+    def _connect(self, synchronous: str, *, check: bool = False) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=self._busy_timeout_s
+        )
+        self._db = db
+        if check:
+            self._quick_check()
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+        return db
+
+    def relink_if_gone(self) -> str | None:
+        """When the journal's file or its WAL was deleted or replaced under this connection (DATA_DIR
+        removed, a stray `rm`), write everything the connection still sees back to the path and reopen
+        it there; what happened, in words, or None when all is in place. A file that replaced ours is
+        kept beside it (`.replaced`), never overwritten."""
+        problem = self._link_problem()
+        if problem is None:
+            return None
+        with self._lock:
+            synchronous = self._db.execute("PRAGMA synchronous").fetchone()[0]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            copy = self.path.with_name(self.path.name + ".relink")
+            copy.unlink(missing_ok=True)
+            try:
+                self._db.execute("VACUUM INTO ?", (str(copy),))
+            except sqlite3.Error as exc:
+                raise JournalError(
+                    f"journal {self.path}: {problem}, and it cannot be written back: {exc}"
+                ) from exc
+            self._db.close()
+            _set_aside(self.path, problem)
+            os.replace(copy, self.path)
+            self._connect("FULL" if synchronous >= 2 else "NORMAL")
+            self._identity = _file_identity(self.path)
+        return problem
+
+    def _link_problem(self) -> str | None:
+        identity = _file_identity(self.path)
+        if identity is None:
+            return "the journal file was deleted"
+        if identity != self._identity:
+            return "the journal file was replaced by another file"
+        if not self.path.with_name(self.path.name + "-wal").exists():
+            # The connection keeps its WAL open while it lives: a missing one was deleted, and the
+            # writes since the last checkpoint would vanish with this process.
+            return "the journal's -wal file was deleted"
+        return None
 
     def _quick_check(self) -> None:
         verdict = self._db.execute("PRAGMA quick_check").fetchone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -158,6 +159,34 @@ def test_a_stop_while_the_journal_refuses_keeps_its_writes_for_the_next_start(
     assert len(journal_rows(tmp_path / "journal.sqlite3", "SELECT * FROM trades")) == 1
     outbox = journal_rows(tmp_path / "journal.sqlite3", "SELECT kind, status FROM outbox ORDER BY id")
     assert [row for row in outbox if row[0] in ("BUY", "SELL")] == [("BUY", "sent"), ("SELL", "sent")]
+
+
+@pytest.mark.parametrize("removed", ["data-dir", "wal"])
+def test_journal_files_deleted_under_the_running_daemon_are_written_back_with_every_trade(
+    market, tmp_path, removed
+):
+    data = tmp_path / "data"
+    start = at(10, 4)
+    with (
+        fakes(market, start) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, data), clock) as (daemon, thread),
+    ):
+        assert wait_for(lambda: "BUY" in kinds(pushover), 60), kinds(pushover)
+        if removed == "data-dir":
+            shutil.rmtree(data)
+        else:
+            (data / "journal.sqlite3-wal").unlink()
+        assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+        assert wait_for(lambda: any("written back" in text for text in system_texts(pushover)), 20)
+        assert thread.is_alive() and (data / "daemon.lock").is_file()
+    assert trades_of(kinds(pushover)) == ["BUY", "SELL"]
+    assert len(journal_rows(data / "journal.sqlite3", "SELECT * FROM trades")) == 1
+    assert journal_rows(data / "journal.sqlite3", "SELECT COUNT(*) FROM positions WHERE open=1") == [(0,)]
+    assert [text for text in system_texts(pushover) if "written back" in text][0].startswith("The journal")
+
+
+def system_texts(pushover: FakePushover) -> list[str]:
+    return [m.form["message"] for m in pushover.messages if m.form["title"].endswith("SYSTEM")]
 
 
 def test_journal_failing_while_an_alert_waits_for_pushover_never_resends_it(market, tmp_path):
