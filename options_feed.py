@@ -27,6 +27,8 @@ from polygon_client import PolygonStream
 # quote newer than that exists, means the stream is not delivering: no plan for it, or a socket that
 # went quiet while still open.
 NO_QUOTES_AFTER_MS = 15_000
+# Twice that without any frame while holding: the socket itself is stuck, so it is redialled.
+OPTIONS_SILENCE_MS = 2 * NO_QUOTES_AFTER_MS
 log = structlog.get_logger("options_feed")
 
 PROBLEMS = {
@@ -101,9 +103,18 @@ class OptionsFeed:
             clock_ms=self._clock.now_ms,
             topics=self._topics(),
             wait_scale=self._clock.sleep_scale(),
+            silence_s=self._silence_limit_s,
         )
         self.stream.start()
         log.info("options_stream_started")
+
+    def _silence_limit_s(self) -> float | None:
+        """Wall seconds without a frame after which the options socket is redialled: only while a
+        contract is held. A socket that answers pings but brings no quote stays stuck for good, though
+        a new connection would deliver (read on the stream's thread: one attribute, no lock needed)."""
+        if self._ticker is None:
+            return None
+        return OPTIONS_SILENCE_MS / 1000 * self._clock.sleep_scale()
 
     def stop(self) -> None:
         """Disconnect (after the close)."""

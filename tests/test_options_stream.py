@@ -163,6 +163,19 @@ def test_an_options_stream_gone_quiet_after_quoting_falls_back_then_comes_back(m
     assert health.startswith("fallback to REST") and "streaming again" in texts[1]
 
 
+def test_a_stuck_options_socket_is_redialled_while_a_contract_is_held(market, tmp_path):
+    # Pings answered, no quote: only a new connection can bring quotes back (an audit's fake did).
+    with holding_streamed_quotes(market, tmp_path) as (pushover, polygon, daemon):
+        dialled = polygon.options_connections
+        polygon.options_silent(True)
+        assert wait_for(lambda: polygon.options_connections > dialled, 30), "never redialled"
+        polygon.options_silent(False)
+        ticker = daemon.engine.position.ticker if daemon.engine.position else None
+        assert wait_for(lambda: daemon.options.problem is None, 30), daemon.options.problem
+    assert ticker is not None and polygon.options_subscriptions.count(f"Q.{ticker}") >= 2
+    assert daemon.options.stream is None or daemon.options.stream.silent_reconnects >= 1
+
+
 def test_a_held_contract_without_any_valid_quote_is_said_once_in_health_and_when_quotes_return(
     market, tmp_path
 ):
