@@ -613,10 +613,21 @@ def _raised_at(exc: BaseException) -> str:
     return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
 
 
+# Words of a refused subscription. The vendor's exact wording is not documented (reference/polygon.md),
+# so an `error` status naming access, the plan or a channel counts; a false match costs one FEED alert.
+_REFUSAL_WORDS = ("not authorized", "not entitled", "entitle", "plan", "permission", "access", "upgrade",
+                  "not include", "doesn't include", "does not include", "subscri")  # fmt: skip
+_CHANNEL = re.compile(
+    r"\b(?:q|a|am|t)\.(?:o:)?[a-z]{1,6}"
+)  # a channel named in the refusal: Q.O:IWM..., A.IWM
+
+
 def _refuses_subscription(status: StatusMessage) -> bool:
     """A status frame saying a subscription was not allowed (the plan lacks that data)."""
+    if status.status not in ("error", "auth_failed"):
+        return False
     text = status.message.lower()
-    return status.status in ("error", "auth_failed") and ("not authorized" in text or "not entitled" in text)
+    return any(words in text for words in _REFUSAL_WORDS) or _CHANNEL.search(text) is not None
 
 
 class StreamSilent(Exception):

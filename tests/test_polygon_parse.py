@@ -1168,3 +1168,24 @@ def test_a_frame_nested_too_deep_is_one_bad_frame_as_text_and_bytes() -> None:
     assert parse_ws_frame(deep, RECEIVED_MS, IWM_SPY) == ParsedFrame((), (), 1, 0)
     assert parse_ws_frame(deep.encode(), RECEIVED_MS, IWM_SPY) == ParsedFrame((), (), 1, 0)
     assert parse_ws_frame(b"\xff\xfe\x00", RECEIVED_MS, IWM_SPY) == ParsedFrame((), (), 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "refused"),
+    [
+        ("error", "Your plan doesn't include options quotes: Q.O:IWM251002C00243000", True),
+        ("error", "You are not entitled to this data. Please upgrade your plan", True),
+        ("error", "not authorized: A.IWM", True),
+        ("error", "Q.O:IWM251002C00243000 is not available", True),
+        ("error", "bad request: unknown action", False),
+        ("success", "subscribed to: Q.O:IWM251002C00243000", False),
+        ("auth_failed", "authentication failed", False),
+    ],
+)
+def test_a_refused_subscription_is_known_by_more_than_one_wording(
+    status: str, message: str, refused: bool
+) -> None:
+    # The vendor's wording is undocumented: an error naming the plan, access or a channel is a refusal.
+    from polygon_client import StatusMessage, _refuses_subscription
+
+    assert _refuses_subscription(StatusMessage(status, message)) is refused
