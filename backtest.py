@@ -51,6 +51,7 @@ from backtest_run import (
     init_pool_worker,
     run_backtest,
     run_day,
+    run_part,
     run_single,
     use_batch_gc,
 )
@@ -284,7 +285,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--holdout",
         type=parse_holdout,
         metavar="K",
-        help="keep the last K days (or a fraction of them, e.g. 0.25) out of sample: a sweep ranks its cells"
+        help="keep the K latest dates (or a fraction of the days, e.g. 0.25) out of sample: a sweep ranks its cells"
         " on the other days only and reports the chosen cell on both; a single run reports both parts",
     )
     parser.add_argument("--out", type=Path, default=Path("report"), help="report folder (default ./report)")
@@ -349,6 +350,7 @@ def main(argv: Sequence[str] | None = None, io: Io | None = None) -> int:
         return EXIT_USAGE
     if holdout_problem(args.holdout, len(tapes), io.err):
         return EXIT_USAGE
+    tapes = in_date_order(tapes)
     split = holdout_split(args.holdout, tapes)
     address = scheduler_address(args.dask, os.environ if io.environ is None else io.environ)
     if address is None and any(is_url(tape) for tape in tapes):
@@ -387,8 +389,18 @@ def holdout_problem(holdout: Holdout | None, days: int, err: TextIO) -> bool:
     return False
 
 
+def in_date_order(tapes: Sequence[Tape]) -> list[Tape]:
+    """The tapes by session date (the date of each one's first line; all distinct, see `check_distinct_days`).
+
+    A backtest's days are a time series: a position or cooldown carries forward in time only, and
+    `--holdout` keeps the latest dates out, so the order given on the command line does not count.
+    """
+    dated = [(tape_date(tape) or datetime.date.min, index) for index, tape in enumerate(tapes)]
+    return [tapes[index] for _day, index in sorted(dated)]
+
+
 def holdout_split(holdout: Holdout | None, tapes: Sequence[Tape]) -> Split | None:
-    """The in-sample and held-out session dates of the tapes (None without --holdout)."""
+    """The in-sample and held-out session dates of the tapes, given in date order (None without --holdout)."""
     if holdout is None:
         return None
     dates = [str(tape_date(tape)) for tape in tapes]
@@ -495,14 +507,26 @@ def run_single_command(
         cache_dir=cache_dir,
     )
     progress.close()
+    held_out = None
+    if split is not None:
+        held_out = run_part(
+            executor, range(len(split.in_sample), len(tapes)), settings.rules, settings.market_closed_dates
+        )
     source = source_of(args)
     charts = not args.no_charts
     stats = write_report(
-        args.out, result, overrides, charts=charts, source=source, progress_stream=io.err, split=split
+        args.out,
+        result,
+        overrides,
+        charts=charts,
+        source=source,
+        progress_stream=io.err,
+        split=split,
+        held_out=held_out,
     )
     print_report(result, stats, io.out, source)
     if split is not None:
-        inside, outside = split_stats(result, split)
+        inside, outside = split_stats(result, split, held_out)
         print(file=io.out)
         print_held_out(split, io.out)
         print_side_by_side(inside, outside, split, io.out)

@@ -32,6 +32,10 @@ RECONSTRUCTED_NOTE = (
     "reconstructed from Polygon REST history: 1-second stock bars, option quotes from the /v3/quotes NBBO "
     "(nbbo) or modelled around minute bars (minute)"
 )
+HOLDOUT_RULE = (
+    "each part is a run of its days alone: a trade counts on the day it closed; a position open when the"
+    " in-sample days end counts in neither part"
+)
 MINUTE_NOTE = "minute-bar approximation: option quotes modelled around minute closes, not real bids and asks"
 
 
@@ -172,6 +176,8 @@ def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str 
     )
     exits = ", ".join(f"{reason} {n}" for reason, n in stats.exits_by_reason.items()) or "none"
     print(f"Exits: {exits}", file=out)
+    for warning in damaged_tape_warnings(result.days):
+        print(warning, file=out)
     for day in result.days:
         if day.open_at_end:
             print(
@@ -186,6 +192,25 @@ def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str 
             f"{money(row.pnl):>12}{money(row.cumulative):>13}  {day_source(day, source)}",
             file=out,
         )
+
+
+def damaged_tape_warnings(days: Sequence[DayResult]) -> list[str]:
+    """One line per tape with unreadable lines (a gzip cut short, a torn member): such a day may end early.
+
+    The run still counts it (exit status 0): its readable lines are real data, but its figures are
+    not a whole day's, so the report says so where the numbers are read.
+    """
+    return [
+        f"Warning: {Path(day.tape).name} ({day.session_date or 'no date'}) is damaged: {day.lines} line(s)"
+        f" read, {day.bad_lines} unreadable; its last line is at {_ny_time(day.last_ms)}, so this day may"
+        " be cut short."
+        for day in days
+        if day.bad_lines
+    ]
+
+
+def _ny_time(t_ms: int) -> str:
+    return ny_datetime(t_ms).strftime("%H:%M:%S") if t_ms else "n/a"
 
 
 def stats_json(stats: Stats) -> dict[str, Any]:
@@ -210,6 +235,7 @@ def summary_json(
         "rules": {name.upper(): _plain(value) for name, value in asdict(result.rules).items()},
         "stats": stats_json(stats),
         "blocked_signal_bars": blocked_totals(result.days),
+        "damaged_tapes": damaged_tape_warnings(result.days),
         "days": [
             asdict(row) | _day_extra(day) | {"source": day_source(day, source)}
             for row, day in zip(day_rows(result.days), result.days, strict=True)
@@ -222,6 +248,7 @@ def _day_extra(day: DayResult) -> dict[str, Any]:
         "tape": day.tape,
         "bars": day.bars,
         "chains": day.chains,
+        "lines": day.lines,
         "bad_lines": day.bad_lines,
         "open_at_end": day.open_at_end,
     }
@@ -255,8 +282,18 @@ TRADE_COLUMNS = (
 )
 
 
+def price_text(price: float) -> str:
+    """A fill or mark as it was, never rounded: cents when that is exact, else every digit.
+
+    Quotes can be sub-penny (the `minute` reconstruction's, for one), and the CSV's own prices must
+    give its P&L columns; money columns stay at cents, as the P&L is rounded.
+    """
+    cents = f"{price:.2f}"
+    return cents if float(cents) == price else repr(price)
+
+
 def write_trades_csv(path: Path, result: BacktestResult) -> None:
-    """Every trade with New York entry and exit times; entry is the ask, exit the bid."""
+    """Every trade with New York entry and exit times; entry is the ask, exit the bid (fills unrounded)."""
     rebuilt = set(result.reconstructed_days)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -270,9 +307,9 @@ def write_trades_csv(path: Path, result: BacktestResult) -> None:
                     t.contracts,
                     ny_datetime(t.entry_ms).isoformat(timespec="seconds"),
                     ny_datetime(t.exit_ms).isoformat(timespec="seconds"),
-                    f"{t.entry_price:.2f}",
-                    f"{t.exit_price:.2f}",
-                    f"{t.peak:.4f}",
+                    price_text(t.entry_price),
+                    price_text(t.exit_price),
+                    price_text(t.peak),
                     t.reason,
                     f"{t.pnl_dollars:.2f}",
                     f"{t.pnl_percent:.2f}",
@@ -292,20 +329,23 @@ def write_report(
     source: str = "tapes",
     progress_stream: TextIO | None = None,
     split: Split | None = None,
+    held_out: BacktestResult | None = None,
 ) -> Stats:
     """trades.csv, summary.json, equity.png and day-YYYY-MM-DD.png per day in `out_dir`.
 
-    With a holdout `split`, summary.json also holds the in-sample and out-of-sample statistics.
+    With a holdout `split`, summary.json also holds the in-sample and out-of-sample statistics
+    (`split_stats`; `held_out` is the run of the held-out days alone).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = compute_stats(result.trades)
     write_trades_csv(out_dir / "trades.csv", result)
     summary = summary_json(result, stats, overrides, source)
     if split is not None:
-        inside, outside = split_stats(result, split)
+        inside, outside = split_stats(result, split, held_out)
         summary["holdout"] = {
             "in_sample_days": list(split.in_sample),
             "held_out_days": list(split.held_out),
+            "rule": HOLDOUT_RULE,
             "in_sample": stats_json(inside),
             "out_of_sample": stats_json(outside),
         }
@@ -322,11 +362,27 @@ def write_report(
     return stats
 
 
-def split_stats(result: BacktestResult, split: Split) -> tuple[Stats, Stats]:
-    """A single run's statistics on its in-sample and held-out days (a trade belongs to its entry day)."""
-    held = set(split.held_out)
-    inside = [t for t in result.trades if t.session_date not in held]
-    return compute_stats(inside), compute_stats([t for t in result.trades if t.session_date in held])
+def split_stats(
+    result: BacktestResult, split: Split, held_out: BacktestResult | None = None
+) -> tuple[Stats, Stats]:
+    """A single run's statistics on its in-sample and held-out days, by the sweep's rule.
+
+    Each part is a run of its days alone (as `sweep.run_sweep` ranks and judges a cell): a trade
+    counts on the day it closed, as in the per-day table, and a position still open when the
+    in-sample days end counts in neither part, so no held-out price reaches the in-sample figures.
+    In sample: the trades closed on the in-sample days (the run's first days, so a run of them
+    alone). Held out: `held_out`, a run of the held-out days alone (`backtest_run.run_part`);
+    without it, the trades closed on those days (the same unless they depend on the days before).
+    """
+    inside = _closed_on(result, set(split.in_sample))
+    outside = held_out.trades if held_out is not None else _closed_on(result, set(split.held_out))
+    return compute_stats(inside), compute_stats(outside)
+
+
+def _closed_on(result: BacktestResult, dates: set[str]) -> list[TradeRow]:
+    """The run's trades (in exit order) that closed while one of the days of `dates` ran."""
+    ids = {t.trade_id for day in result.days if day.session_date in dates for t in day.trades}
+    return [t for t in result.trades if t.trade_id in ids]
 
 
 def _unique(name: str, used: set[str]) -> str:

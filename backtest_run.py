@@ -55,6 +55,8 @@ class DayResult:
     marks: tuple[MarkPoint, ...] = ()
     levels: tuple[Level, ...] = ()
     option_quotes: str | None = None  # a reconstructed day's quote method: "nbbo" or "minute"
+    lines: int = 0  # readable lines of the tape (its meta line aside): with `bad_lines`, says a tape is whole
+    last_ms: int = 0  # the receive stamp of its last readable line
 
     @property
     def pnl(self) -> float:
@@ -213,6 +215,8 @@ def run_day_detail(
         marks=tuple(recorder.marks) if recorder else (),
         levels=tuple(recorder.levels) if recorder else (),
         option_quotes=option_quotes_of(TapeReader(tape).meta) if decoded.reconstructed else None,
+        lines=len(decoded.lines),
+        last_ms=decoded.lines[-1][0] if decoded.lines else 0,
     )
     first_ms = decoded.lines[0][0] if decoded.lines else 0
     return DayRun(result, first_ms, engine.last_exit_ms)
@@ -275,6 +279,18 @@ def backtest_task(
     return run_backtest(
         tapes, rules, closed_dates=closed_dates, sample_every_ms=sample_every_ms, cache_dir=cache_dir
     )
+
+
+def run_part(
+    executor: DayExecutor, indices: Sequence[int], rules: Rules, closed_dates: Iterable[datetime.date] = ()
+) -> BacktestResult:
+    """The executor's days at `indices` run alone, in order, from an empty journal, without chart series.
+
+    A `--holdout` part of a single run, made as a sweep makes it (`sweep._cells_over`): the held-out
+    days never see a position or a cooldown the in-sample days left.
+    """
+    [part] = executor.over_days(backtest_task, indices, [(rules, tuple(closed_dates), None)])
+    return part
 
 
 def run_single(

@@ -14,6 +14,7 @@ position left open, no cooldown reaching into the day); the caller re-runs the o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -119,9 +120,7 @@ def feed_day(
     """
     market.precompute_features(day_events(decoded))
     for pipeline in pipelines:
-        assert pipeline.journal is not None
-        state = pipeline.journal.restored_state(decoded.session_date)
-        pipeline.engine.restore(state, decoded.session_date)
+        adopt_journal(pipeline, decoded.session_date)
     ticks = TickSchedule()
     holding = _any_holding(pipelines)
     for t, kind, body in decoded.lines:
@@ -135,6 +134,19 @@ def feed_day(
             after_line()
         if ran:
             holding = _any_holding(pipelines)
+
+
+def adopt_journal(pipeline: Pipeline, session_date: str) -> None:
+    """The engine takes its journal's state for `session_date`, as `replay._adopt_journal` does.
+
+    A position opened on a LATER session (tapes run out of date order) is not this day's to follow
+    or close: closing it now would put its exit before its entry. It stays open in the journal.
+    """
+    assert pipeline.journal is not None
+    state = pipeline.journal.restored_state(session_date)
+    if state.position is not None and state.position.session_date > session_date:
+        state = dataclasses.replace(state, position=None)
+    pipeline.engine.restore(state, session_date)
 
 
 def _feed_line(

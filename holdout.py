@@ -1,8 +1,10 @@
 """Out-of-sample days for backtests: `--holdout K` keeps the last days out of a sweep's ranking.
 
 K is a count of days (an integer >= 1) or a share of them (a fraction in (0, 1), rounded, at least one day).
-Either way at least one day stays in sample. The held-out days are always the *last* ones: a ranking chosen
-on earlier days is then judged on later ones, as it would be used. A sweep ranks its cells on the in-sample
+Either way at least one day stays in sample. The held-out days are always the *latest* dates (the CLI runs
+tapes in session-date order): a ranking chosen on earlier days is then judged on later ones, as it would be
+used. Each part is a run of its days alone, in a sweep and a single run alike: a trade counts on the day it
+closed, and a position open when the in-sample days end counts in neither part. A sweep ranks its cells on the in-sample
 days alone (each a run over those days only), and reports the chosen cell on both parts side by side; the
 held-out days never reach the ranking. Walk-forward windows (several train/test splits rolled forward) are
 not built.
@@ -62,14 +64,14 @@ def parse_holdout(text: str) -> Holdout:
 
 @dataclass(frozen=True, slots=True)
 class Split:
-    """Session dates in sample and held out, each in run order."""
+    """Session dates in sample and held out, each in run (date) order."""
 
     in_sample: tuple[str, ...]
     held_out: tuple[str, ...]
 
 
 def split_dates(dates: Sequence[str], held: int) -> Split:
-    """The last `held` dates held out, the rest in sample."""
+    """The last `held` dates held out, the rest in sample (`dates` in date order: the latest are held out)."""
     cut = len(dates) - held
     return Split(tuple(dates[:cut]), tuple(dates[cut:]))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -66,14 +67,33 @@ def parse_assignments(raw: Iterable[str]) -> dict[str, str]:
 
 
 def parse_sweep(raw: Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """`NAME=V1,V2,...` strings to axes (name, values), in the order given."""
+    """`NAME=V1,V2,...` strings to axes (name, values), in the order given.
+
+    A rule swept twice (`--sweep X=a,b --sweep X=c`) is refused, not merged: which list was meant is
+    the caller's to say, and keeping either silently would run a grid other than the one asked for.
+    """
+    items = list(raw)
+    repeated = _repeated_names(items)
+    if repeated:
+        raise ConfigError(
+            [
+                f"--sweep {name}: given {n} times; give each rule once, with all its values (NAME=V1,V2,...)"
+                for name, n in repeated.items()
+            ]
+        )
     axes = []
-    for name, values in parse_assignments(raw).items():
+    for name, values in parse_assignments(items).items():
         choices = tuple(v.strip() for v in values.split(",") if v.strip())
         if not choices:
             raise ConfigError([f"--sweep {name}: no values"])
         axes.append((name, choices))
     return axes
+
+
+def _repeated_names(items: Sequence[str]) -> dict[str, int]:
+    """Rule names that more than one `NAME=...` item assigns, with how often (case as the parser folds it)."""
+    counts = Counter(item.partition("=")[0].strip().upper() for item in items if "=" in item)
+    return {name: n for name, n in counts.items() if n > 1}
 
 
 def resolve_settings(

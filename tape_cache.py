@@ -8,7 +8,7 @@ keyed also by the market rules, so a re-run that changes only exit or gate rules
 
 The cache file is a pickle: it is written and read only by this program, under DATA_DIR; never
 put one there from elsewhere. Its name carries a key of everything the output depends on: the
-tape file (path, size, modification time), the decoder's rules, the Python version and the source
+tape's content (a SHA-256 of its bytes), the decoder's rules, the Python version and the source
 of the decoding (or feature) modules, so editing a parser makes every cached tape stale. A file that cannot be
 read is rebuilt; a cache that cannot be written (disk full, read-only) is skipped with a warning.
 
@@ -44,7 +44,16 @@ from tape import TapeReader
 
 HERE = Path(__file__).resolve().parent
 DECODING_MODULES = ("events.py", "feed.py", "polygon_client.py", "tape.py", "replay.py", "tape_cache.py")
-FEATURE_MODULES = ("signals.py", "market_state.py")
+# Everything the cached features are computed by (their input, the decoded tape, is keyed apart):
+# the per-bar engine, the whole-day planner, the market that feeds them bars and rolls their days (on
+# New York dates), and the day runner that plans, records and serves them. Rules are keyed by value.
+FEATURE_MODULES = (
+    "signals.py",
+    "features_vector.py",
+    "market_state.py",
+    "market_calendar.py",
+    "day_runner.py",
+)
 SUFFIX = ".decoded"
 FEATURES_SUFFIX = ".features"
 
@@ -127,17 +136,35 @@ def ensure_decoded(tape: Path, rules: Rules, cache_dir: Path) -> Path:
 
 def cache_path(tape: Path, rules: Rules, cache_dir: Path) -> Path:
     """Where the decoded copy of `tape` for these rules lives; see the module docstring for the key."""
-    stat = tape.stat()
     parts = [
-        str(tape.resolve()),
-        str(stat.st_size),
-        str(stat.st_mtime_ns),
+        content_digest(tape),
         repr(decoder_key(rules)),
         sys.version,
         _code_fingerprint(),
     ]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
     return Path(cache_dir) / f"{tape.name.split('.')[0]}-{key}{_generation(DECODING_MODULES)}{SUFFIX}"
+
+
+_DIGESTS: dict[tuple[object, ...], str] = {}
+
+
+def content_digest(tape: Path) -> str:
+    """The SHA-256 of the tape's bytes (as the Dask path names a shipped tape), once per file version.
+
+    Size and mtime alone would serve a stale copy for a tape replaced by another of the same size
+    with its mtime kept (cp -p, rsync -t, a restore). Hashing a full day (~13 MB gzip) takes ~11 ms,
+    against seconds to decode it. Within a process the digest is remembered per path, size, mtime,
+    inode and ctime: a replaced file changes its inode or ctime, which no copy tool can set.
+    """
+    stat = tape.stat()
+    version = (str(tape.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+    digest = _DIGESTS.get(version)
+    if digest is None:
+        with open(tape, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        _DIGESTS[version] = digest
+    return digest
 
 
 def features_path(tape: Path, rules: Rules, cache_dir: Path) -> Path:

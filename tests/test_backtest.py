@@ -20,8 +20,8 @@ from builders import calendar
 from conftest import short_script
 
 from backtest import Io, main
-from backtest_report import compute_stats
-from backtest_run import run_backtest, run_day
+from backtest_report import compute_stats, write_trades_csv
+from backtest_run import BacktestResult, run_backtest, run_day
 from config import Rules
 from contract_selector import SECONDS_PER_YEAR, bs_call_price, select_contract
 from history import fetch_history
@@ -436,3 +436,61 @@ def test_a_fetch_range_without_a_session_says_why_and_asks_nothing(tmp_path, arg
     }
     status = main(argv, Io(stdout, stderr, environ=environ, env_file=None, sleep=pytest.fail))
     assert status == 2 and said in stderr.getvalue()
+
+
+def test_tapes_run_in_session_date_order_and_holdout_keeps_the_latest_dates(short_tapes, tmp_path):
+    out = tmp_path / "report"
+    stdout = io.StringIO()
+    later_first = [str(short_tapes[1]), str(short_tapes[0])]
+    args = [*later_first, "--holdout", "1", "--out", str(out), "--no-cache", "--no-charts", "--workers", "1"]
+    assert main(args, Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0
+    assert (
+        "Held out: the last 1 of 2 day(s), 2025-10-07; in sample: 1 day(s), 2025-10-06" in stdout.getvalue()
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert [d["session_date"] for d in summary["days"]] == ["2025-10-06", "2025-10-07"]
+    assert summary["holdout"]["held_out_days"] == ["2025-10-07"]
+    in_order = run_backtest(short_tapes, RULES, calendar=calendar(RULES))
+    rows = list(csv.DictReader((out / "trades.csv").open()))
+    assert [r["trade_id"] for r in rows] == [t.trade_id for t in in_order.trades]
+
+
+def test_trades_csv_keeps_sub_penny_fills_so_its_prices_give_its_pnl(tmp_path):
+    fills = [(1.2345, 1.5678, 2), (0.4449, 0.3951, 1), (2.5, 2.75, 1)]
+    trades = []
+    for n, (entry, exit_, contracts) in enumerate(fills, start=1):
+        pnl = round((exit_ - entry) * 100 * contracts, 2)
+        percent = round((exit_ / entry - 1) * 100, 2)
+        trades.append(
+            TradeRow(f"2025-10-02-{n:02d}", "2025-10-02", "O:IWM251002C00242000", contracts, entry, exit_,
+                     n * 1000, n * 1000 + 500, "Stop loss", 1.61234, pnl, percent)
+        )  # fmt: skip
+    write_trades_csv(tmp_path / "trades.csv", BacktestResult(RULES, (), tuple(trades)))
+    rows = list(csv.DictReader((tmp_path / "trades.csv").open()))
+    for row, (entry, exit_, _contracts) in zip(rows, fills, strict=True):
+        assert (float(row["entry_price"]), float(row["exit_price"])) == (entry, exit_)
+        e, x, n = float(row["entry_price"]), float(row["exit_price"]), int(row["contracts"])
+        assert f"{(x - e) * 100 * n:.2f}" == row["pnl_dollars"], (
+            "money stays at cents, from the CSV's own fills"
+        )
+        assert f"{(x / e - 1) * 100:.2f}" == row["pnl_percent"]
+    assert rows[2]["entry_price"] == "2.50" and rows[0]["peak"] == "1.61234"
+
+
+def test_a_damaged_tape_is_named_in_the_report_with_its_lines(short_tapes, tmp_path):
+    data = short_tapes[0].read_bytes()
+    cut = tmp_path / "tapes" / short_tapes[0].name
+    cut.parent.mkdir()
+    cut.write_bytes(data[: len(data) * 2 // 3])  # a gzip cut short, as a copy interrupted mid-way
+    out, stdout = tmp_path / "report", io.StringIO()
+    args = [str(cut), str(short_tapes[1]), "--out", str(out), "--no-cache", "--no-charts", "--workers", "1"]
+    assert main(args, Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0, (
+        "still a run: the lines are data"
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    day = summary["days"][0]
+    assert day["bad_lines"] == 1 and day["lines"] > 100
+    warning = [line for line in stdout.getvalue().splitlines() if line.startswith("Warning:")]
+    assert len(warning) == 1 and summary["damaged_tapes"] == warning
+    assert warning[0].startswith(f"Warning: {cut.name} (2025-10-06) is damaged: {day['lines']} line(s) read,")
+    assert "1 unreadable" in warning[0] and "cut short" in warning[0]

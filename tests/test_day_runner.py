@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -100,3 +102,29 @@ def test_when_a_day_is_independent_of_the_days_before_it():
     assert day_is_independent([flat], 1_000_000 + 60_000, RULES)
     assert not day_is_independent([flat], 1_000_000 + 59_999, RULES), "still cooling down"
     assert not day_is_independent([CellDay((), open_at_end=True, last_exit_ms=None), flat], 10**12, RULES)
+
+
+def tape_cut_mid_trade(tape: Path, out: Path) -> Path:
+    """A copy of `tape` that stops halfway through its first trade: a position is open at its end."""
+    first = replayed([tape], RULES)[0][0]
+    cut = (first.entry_ms + first.exit_ms) // 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(tape, "rt") as source, gzip.open(out, "wt") as target:
+        for line in source:
+            record = json.loads(line)
+            if "meta" in record or record["t"] < cut:
+                target.write(line)
+    return out
+
+
+def test_tapes_out_of_date_order_run_as_their_replay_does(short_tapes, tmp_path):
+    # A later day's tape first leaves its position open; the earlier day must not close it (its exit
+    # would come before its entry): the replay path leaves it open, and so does the backtest.
+    later = tape_cut_mid_trade(short_tapes[1], tmp_path / "cut" / "2025-10-07.jsonl.gz")
+    tapes = [later, short_tapes[0]]
+    trades, alerts = replayed(tapes, RULES)
+    result = run_backtest(tapes, RULES, calendar=calendar(RULES))
+    assert result.days[0].open_at_end is not None
+    assert result.trades == trades and len(trades) >= 2
+    assert [a for day in result.days for a in day.alerts] == alerts
+    assert all(t.entry_ms < t.exit_ms and t.session_date == "2025-10-06" for t in result.days[1].trades)

@@ -10,8 +10,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+from test_day_runner import tape_cut_mid_trade
 
-from backtest import Io, main
+from backtest import Cell, Io, main
+from backtest_report import compute_stats, stats_json
+from backtest_run import run_backtest
+from config import ConfigError, Rules
 from holdout import parse_holdout
 from market_calendar import ny_ms
 from sim.market import DEMO_STREAM_QUOTES, SyntheticMarket, outcome_script, write_tape
@@ -183,3 +187,45 @@ def test_holdout_counts_round_a_fraction_and_keep_a_day_in_sample():
     assert parse_holdout("0.6").days(3) == 2, "1.8 days round to 2"
     with pytest.raises(ValueError, match="leaves none in sample"):
         parse_holdout("0.9").days(2)
+
+
+def test_single_run_holdout_splits_as_the_sweep_does(short_tapes, tmp_path):
+    # The in-sample day ends with a position open; the full run closes it on the held-out day. Each
+    # part is a run of its days alone (the sweep's rule), so that trade counts in neither part.
+    first = tape_cut_mid_trade(short_tapes[0], tmp_path / "tapes" / short_tapes[0].name)
+    tapes = [first, short_tapes[1]]
+    report, (cli, out, _) = tmp_path / "single", quiet()
+    args = [
+        *map(str, tapes),
+        "--holdout",
+        "1",
+        "--out",
+        str(report),
+        "--no-cache",
+        "--no-charts",
+        "--workers",
+        "1",
+    ]
+    assert main(args, cli) == 0
+    part = json.loads((report / "summary.json").read_text())["holdout"]
+    [swept] = run_sweep(tapes, [Cell((), Rules())], held_out=1)
+    assert part["in_sample"] == stats_json(swept.stats)
+    assert swept.out_stats is not None and part["out_of_sample"] == stats_json(swept.out_stats)
+    alone = run_backtest([first], Rules())
+    assert part["in_sample"] == stats_json(compute_stats(alone.trades)) and alone.days[0].open_at_end
+    carried = run_backtest(tapes, Rules()).days[1].trades
+    assert any(t.session_date == "2025-10-06" for t in carried), "the full run closes it on the held-out day"
+    assert "in sample" in out.getvalue() and part["rule"].startswith("each part is a run of its days alone")
+
+
+def test_a_rule_swept_twice_is_refused_not_silently_dropped(short_tapes):
+    with pytest.raises(ConfigError, match="STOP_LOSS_PERCENT: given 2 times"):
+        parse_sweep(["STOP_LOSS_PERCENT=10,20", "stop_loss_percent=30"])
+    assert parse_sweep(["STOP_LOSS_PERCENT=10,20", "MAX_GIVEBACK_PERCENT=30"]) == [
+        ("STOP_LOSS_PERCENT", ("10", "20")),
+        ("MAX_GIVEBACK_PERCENT", ("30",)),
+    ]
+    cli, out, err = quiet()
+    args = [str(short_tapes[0]), "--sweep", "STOP_LOSS_PERCENT=10,20", "--sweep", "STOP_LOSS_PERCENT=30"]
+    assert main([*args, "--no-cache"], cli) == 2
+    assert "--sweep STOP_LOSS_PERCENT: given 2 times" in err.getvalue() and out.getvalue() == ""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import gzip
+import io
 import os
 import pickle
 from pathlib import Path
@@ -16,9 +19,18 @@ from events import Bar, ChainSnapshot, Event
 from pnl_tracker import Journal
 from signals import FeatureEngine, Features, RecordedFeatures, RecordingFeatures
 from tape import RawJson, loads_json
-from tape_cache import DecodedTape, cache_path, decode_tape, features_path, load_decoded
+from tape_cache import (
+    DECODING_MODULES,
+    FEATURE_MODULES,
+    DecodedTape,
+    cache_path,
+    decode_tape,
+    features_path,
+    load_decoded,
+)
 
 RULES = Rules()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def trades_of(tape: Path, cache_dir: Path | None) -> tuple:
@@ -59,7 +71,7 @@ def test_the_cache_key_follows_the_tape_and_the_decoder_rules(short_tapes, tmp_p
     assert cache_path(tape, Rules(volume_profile_days=5), tmp_path) != before
     assert cache_path(tape, Rules(max_giveback_percent=40.0), tmp_path) == before, "exit rules do not decode"
     os.utime(tape, ns=(1, 1))
-    assert cache_path(tape, RULES, tmp_path) != before, "a rewritten tape is decoded again"
+    assert cache_path(tape, RULES, tmp_path) == before, "the key is the content: touching it decodes nothing"
 
 
 def test_a_damaged_cache_file_is_decoded_again(short_tapes, tmp_path):
@@ -167,3 +179,50 @@ def test_a_features_write_removes_features_of_other_code_only(short_tapes, tmp_p
     assert names == sorted(
         [cache_path(tape, RULES, tmp_path).name, features_path(tape, RULES, tmp_path).name]
     )
+
+
+def gzipped(data: bytes, pad: int) -> bytes:
+    """`data` gzipped with a file name of `pad` bytes in its header (the name only changes the size)."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="x" * pad, mode="wb", fileobj=buffer, mtime=0) as handle:
+        handle.write(data)
+    return buffer.getvalue()
+
+
+def test_a_tape_replaced_by_one_of_the_same_size_and_mtime_is_decoded_again(short_tapes, tmp_path):
+    # cp -p, rsync -t or a restore keep size and mtime: only the content tells the two tapes apart.
+    whole = gzip.decompress(short_tapes[0].read_bytes())
+    shorter = b"".join(whole.splitlines(keepends=True)[:-50])
+    before = gzipped(whole, 1)
+    after = gzipped(shorter, 1 + len(before) - len(gzipped(shorter, 1)))
+    assert len(after) == len(before) and after != before
+    tape, cache = tmp_path / "2025-10-06.jsonl.gz", tmp_path / "decoded"
+    tape.write_bytes(before)
+    os.utime(tape, ns=(1_700_000_000_000_000_000,) * 2)
+    stamp = (tape.stat().st_size, tape.stat().st_mtime_ns)
+    first = load_decoded(tape, RULES, cache)
+    tape.write_bytes(after)
+    os.utime(tape, ns=(1_700_000_000_000_000_000,) * 2)
+    assert (tape.stat().st_size, tape.stat().st_mtime_ns) == stamp
+    second = load_decoded(tape, RULES, cache)
+    assert len(second.lines) == len(decode_tape(tape, RULES).lines) < len(first.lines)
+    assert len(list(cache.glob("*.decoded"))) == 2
+
+
+def test_the_features_key_covers_every_module_that_computes_them():
+    # The modules that compute the features and all they import of this project: an edit of any
+    # must make cached features stale. Rules reach them as values (keyed by value, not config.py's
+    # source); events.py is keyed with the decoded tape; day_runner.py plans, records and serves them.
+    keyed = set(FEATURE_MODULES) | set(DECODING_MODULES) | {"config.py"}
+    todo, seen = ["features_vector.py", "signals.py", "market_state.py"], set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            if name == "config.py":
+                continue  # its settings validation is not what the features read: the `Rules` values
+            tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
+            found = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+            todo += [f"{module}.py" for module in found if (ROOT / f"{module}.py").is_file()]
+    assert "market_calendar.py" in seen and seen <= keyed, sorted(seen - keyed)
+    assert "day_runner.py" in FEATURE_MODULES
