@@ -14,7 +14,6 @@ position left open, no cooldown reaching into the day); the caller re-runs the o
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from market_calendar import MarketCalendar
 from market_state import MarketState, market_key, market_rules
 from pipeline import Pipeline, TickSchedule, is_start
 from pnl_tracker import Journal, TradeRow
+from replay import state_for_day
 from signals import Features, RecordedFeatures, RecordingFeatures
 from tape_cache import (
     DecodedTape,
@@ -143,10 +143,7 @@ def adopt_journal(pipeline: Pipeline, session_date: str) -> None:
     or close: closing it now would put its exit before its entry. It stays open in the journal.
     """
     assert pipeline.journal is not None
-    state = pipeline.journal.restored_state(session_date)
-    if state.position is not None and state.position.session_date > session_date:
-        state = dataclasses.replace(state, position=None)
-    pipeline.engine.restore(state, session_date)
+    pipeline.engine.restore(state_for_day(pipeline.journal, session_date), session_date)
 
 
 def _feed_line(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from alert_text import money
 from config import Rules
-from engine import Engine, SessionSource
+from engine import Engine, RestoredState, SessionSource
 from events import Event, Received
 from feed import FeedCounters, FeedDecoder
 from market_calendar import ny_date
@@ -282,12 +282,19 @@ def _adopt_journal(engine: Engine, journal: Journal | None, t: int) -> None:
     if journal is None:
         return
     session_date = ny_date(t).isoformat()
+    engine.restore(state_for_day(journal, session_date), session_date)
+
+
+def state_for_day(journal: Journal, session_date: str) -> RestoredState:
+    """The journal's trading state for a day replayed (or backtested) in any order.
+
+    A position left open by a LATER day is not this day's to follow or close (closing it now would put
+    its exit before its entry): it stays open in the journal for that day.
+    """
     state = journal.restored_state(session_date)
     if state.position is not None and state.position.session_date > session_date:
-        # Left open by a LATER day's replay: it is not this day's to follow or close (closing it now
-        # would put its exit before its entry). It stays open in the journal for that day.
         state = dataclasses.replace(state, position=None)
-    engine.restore(state, session_date)
+    return state
 
 
 @dataclass(frozen=True, slots=True)
