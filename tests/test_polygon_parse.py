@@ -91,6 +91,16 @@ RECEIVED_MS = 1_759_415_401_950
 IWM_SPY = frozenset({"IWM", "SPY"})
 
 
+def changed(record: dict, changes: dict[str, object]) -> dict:
+    """`record` with `changes` applied; a change to `...` removes that key."""
+    for key, value in changes.items():
+        if value is ...:
+            del record[key]
+        else:
+            record[key] = value
+    return record
+
+
 def fixture_text(relative: str) -> str:
     """The raw text of one fixture file."""
     return (FIXTURES / relative).read_text(encoding="utf-8")
@@ -119,12 +129,7 @@ def a_event(sym: str = "IWM", start: int = 1_759_415_400_000, **changes: object)
         "s": start,
         "e": start + 1000,
     }
-    for key, value in changes.items():
-        if value is ...:
-            del event[key]
-        else:
-            event[key] = value
-    return event
+    return changed(event, changes)
 
 
 def iwm_bar(s: int = 1_759_415_400_000, received_ms: int = RECEIVED_MS) -> Bar:
@@ -161,12 +166,7 @@ def chain_result(**changes: object) -> dict:
         "open_interest": 1800,
         "underlying_asset": {"price": 242.2, "ticker": "IWM", "change_to_break_even": 1.4},
     }
-    for key, value in changes.items():
-        if value is ...:
-            del result[key]
-        else:
-            result[key] = value
-    return result
+    return changed(result, changes)
 
 
 def iwm_quote(**changes: object) -> OptionQuote:
@@ -667,12 +667,7 @@ def option_q_event(**changes: object) -> dict:
         "t": 1_759_416_000_123,
         "q": 7,
     }
-    for key, value in changes.items():
-        if value is ...:
-            del event[key]
-        else:
-            event[key] = value
-    return event
+    return changed(event, changes)
 
 
 def streamed_quote(**changes: object) -> OptionQuote:
