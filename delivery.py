@@ -14,7 +14,6 @@ failed "mark sent" never makes the notifier send the same alert again.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,7 +22,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from events import Action, Alert, Log, SetMeta, UpdatePosition
-from journal_rescue import Held, Outcome
+from journal_rescue import Held, Outcome, write_decision
 from pnl_tracker import FAILED, IN_FLIGHT, PENDING, SENDING, SENT, Journal, JournalError, OutboxItem
 
 RETRY_EVERY_S = 1.0
@@ -146,13 +145,7 @@ class WriteBehindJournal:
     def _write_backlog(self) -> None:
         while self._decisions:
             actions, cursor = self._decisions[0]
-            try:
-                self.journal.record(actions, cursor)
-            except JournalError as exc:
-                if not isinstance(exc.__cause__, sqlite3.IntegrityError):
-                    raise
-                # A decision the schema refuses will never be written; holding it would block the rest.
-                log.critical("journal_decision_dropped", error=str(exc), actions=len(actions))
+            write_decision(self.journal, actions, cursor)
             self._decisions.pop(0)
             self._written_while_failing += self._since_ms is not None
         while self._outcomes:

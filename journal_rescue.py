@@ -102,14 +102,20 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def write_to(journal: Journal, held: Held) -> None:
-    """Write a rescue's decisions, then its outcomes, in order. A decision the schema refuses (already
-    there) is skipped, as the write-behind journal does; any other refusal raises JournalError."""
+    """Write a rescue's decisions, then its outcomes, in order, as the write-behind journal writes its
+    backlog; a refusal other than the schema's raises JournalError."""
     for actions, cursor in held.decisions:
-        try:
-            journal.record(list(actions), cursor)
-        except JournalError as exc:
-            if not isinstance(exc.__cause__, sqlite3.IntegrityError):
-                raise
-            log.warning("journal_rescue_decision_skipped", error=str(exc))
+        write_decision(journal, list(actions), cursor)
     for outcome in held.outcomes:
         journal.mark_outcome(outcome.dedupe_key, outcome.status, outcome.error, outcome.sent_ms)
+
+
+def write_decision(journal: Journal, actions: list[Action], cursor: str | None) -> None:
+    """One decision into the journal. A decision the schema refuses (an IntegrityError: already there,
+    or never writable) is dropped and said: holding it would block every later write."""
+    try:
+        journal.record(actions, cursor)
+    except JournalError as exc:
+        if not isinstance(exc.__cause__, sqlite3.IntegrityError):
+            raise
+        log.critical("journal_decision_dropped", error=str(exc), actions=len(actions))
