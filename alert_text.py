@@ -327,6 +327,13 @@ class SellContext:
     pnl_percent: float
     lifetime: Lifetime
     trigger: ExitTrigger | None = None
+    missed: bool = False  # the daemon was not running at the time stop; the trade is booked at it
+
+
+def missed_stop_text(exit_ms: int) -> str:
+    """The SELL line for a time stop the daemon missed: when it was due and what the exit price is."""
+    due = ny_datetime(exit_ms).strftime("%a %Y-%m-%d %H:%M ET")
+    return f"Late: the daemon was not running at the time stop ({due}); exit priced at the last bid it saw"
 
 
 def sell_message(position: Position, ctx: SellContext) -> str:
@@ -337,9 +344,11 @@ def sell_message(position: Position, ctx: SellContext) -> str:
     else:
         vs = f"{ctx.underlying}: no bar yet"
     trigger = () if ctx.trigger is None else (trigger_text(ctx.trigger, position.mark),)
+    late = (missed_stop_text(ctx.exit_ms),) if ctx.missed else ()
     return "\n".join(
         (
             f"Reason: {ctx.reason}",
+            *late,
             *trigger,
             vs,
             f"{position.ticker}",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from datetime import time, timedelta
+from datetime import date, time, timedelta
 from typing import Protocol
 
 from alert_text import (
@@ -536,9 +536,10 @@ class Engine:
         position = self.position
         if position is None:
             return
-        if position.session_date != self._session_date:
-            # Left open by a previous day (the daemon was down at its time stop): close it at once.
-            self._close(position, "Time stop", now, actions)
+        missed = self._missed_time_stop(position, now)
+        if missed is not None:
+            # The daemon was down (or stuck) at the time stop and the market has since shut.
+            self._close(position, "Time stop", now, actions, missed_ms=missed)
             return
         session, last = self._session, self.last
         if session is None:
@@ -569,16 +570,45 @@ class Engine:
             )
             self._close(position, decision.reason, now, actions)
 
-    def _close(self, position: Position, reason: str, now: int, actions: list[Action]) -> None:
+    def _missed_time_stop(self, position: Position, now: int) -> int | None:
+        """The time stop the position should have exited at, when the engine sees it only after its
+        session's close (a restart that evening or on a later day); None otherwise.
+
+        A position of an earlier day whose session the calendar does not know is closed at `now`.
+        """
+        if position.session_date == self._session_date:
+            session = self._session
+            if session is None or now < session.close_ms:
+                return None
+            return min(session.time_stop_ms, now)
+        try:
+            held_date = date.fromisoformat(position.session_date)
+        except ValueError:
+            return now
+        held = self._calendar.session_at(ny_ms(held_date, time(12)))
+        return now if held is None else min(held.time_stop_ms, now)
+
+    def _close(
+        self,
+        position: Position,
+        reason: str,
+        now: int,
+        actions: list[Action],
+        *,
+        missed_ms: int | None = None,
+    ) -> None:
+        """Close at the last bid. `missed_ms`: the time stop the daemon missed, which the trade is
+        booked at (its day's record, summary and status) while the SELL still goes out now."""
         exit_price = max(position.bid, 0.0)
+        exit_ms = now if missed_ms is None else missed_ms
         dollars, percent = pnl_of(position.entry_price, exit_price, position.contracts)
         self.position, self.last_exit_ms = None, now
         if position.session_date == self._session_date:
             self.day = self.day.after_trade(dollars)
-            self.trades_today += (day_trade(position, exit_price, now, reason, dollars, percent),)
+            self.trades_today += (day_trade(position, exit_price, exit_ms, reason, dollars, percent),)
         self.lifetime = self.lifetime.after_trade(dollars)
         actions.append(
-            ClosePosition(position.trade_id, exit_price, now, reason, position.peak, dollars, percent)
+            ClosePosition(position.trade_id, exit_price, exit_ms, reason, position.peak, dollars, percent)
         )
         context = SellContext(
             underlying=self.rules.underlying,
@@ -586,11 +616,12 @@ class Engine:
             close=self.last.close if self.last else None,
             rolling_vwap=self.last.rolling_vwap if self.last else None,
             exit_price=exit_price,
-            exit_ms=now,
+            exit_ms=exit_ms,
             pnl_dollars=dollars,
             pnl_percent=percent,
             lifetime=self.lifetime,
             trigger=exit_trigger(reason, position, self.rules),
+            missed=missed_ms is not None,
         )
         message = sell_message(position, context)
         title = sell_title(self.rules.underlying)

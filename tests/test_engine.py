@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import date
 
+import pytest
 from builders import at, bar, burst_bars, calendar, chain, contract, engine, quote
 
 from config import Rules
@@ -287,6 +288,35 @@ def test_a_position_left_open_by_a_previous_day_is_closed_at_once_after_a_restor
     (close,) = closes(actions)
     assert (close.trade_id, close.reason, close.exit_price) == (stale.trade_id, "Time stop", stale.bid)
     assert restored.position is None and restored.day.trades == 0
+    # Booked at the time stop it missed (its own day), not at the next morning's first event.
+    assert close.exit_ms == at(15, 55)
+    (sell,) = [a for a in actions if isinstance(a, Alert) and a.kind == "SELL"]
+    assert "Late: the daemon was not running at the time stop (Thu 2025-10-02 15:55 ET)" in sell.message
+    assert "15:55:00 ET" in sell.message and sell.at_ms == at(9, 0, 0, date(2025, 10, 3))
+
+
+@pytest.mark.parametrize(
+    ("restart", "booked", "late"),
+    [((17, 0), (15, 55), True), ((15, 57), (15, 57), False), ((16, 0), (15, 55), True)],
+)
+def test_a_restart_after_the_time_stop_books_the_exit_at_the_stop_once_the_market_has_shut(
+    restart, booked, late
+):
+    """A same-day restart after the close books the missed time stop (not 17:00 on a shut market);
+    one between the time stop and the close still exits when it decides, as a running daemon would."""
+    eng = entered_engine()
+    held = eng.position
+    restored = engine()
+    from engine import RestoredState
+    from risk_manager import DayRecord, Lifetime
+
+    restored.restore(RestoredState(held, DayRecord(), 1, None, Lifetime(), False), "2025-10-02")
+    actions = restored.on_event(Tick(at(*restart)))
+    (close,) = closes(actions)
+    assert (close.reason, close.exit_ms) == ("Time stop", at(*booked))
+    (sell,) = [a for a in actions if isinstance(a, Alert) and a.kind == "SELL"]
+    assert ("Late:" in sell.message) is late
+    assert [t.exit_ms for t in restored.trades_today] == [at(*booked)]
 
 
 def test_feed_errors_alert_once_a_minute_with_advice():
