@@ -7,7 +7,9 @@ Every rejected contract records the first reason it failed, in the order of `REA
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from events import OptionQuote
 REASONS: tuple[str, ...] = (
     "not_call",
     "wrong_expiry",
+    "other_underlying",
     "no_bid",
     "crossed",
     "stale_quote",
@@ -40,6 +43,11 @@ _RANK_DECIMALS = 9
 IV_LOW = 1e-4
 IV_HIGH = 10.0
 IV_TOLERANCE = 1e-8
+
+# A quote of the held contract is no mark when its spread is wider than both this many dollars and its
+# own mid (ask above three times the bid): a momentary glitch (an offer of $999.99, a 0.05 x 1.50 flicker
+# on a $1 option) whose mid would fire a false stop or set a peak no market ever paid.
+MARK_GLITCH_SPREAD_DOLLARS = 0.50
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +141,23 @@ def quote_mid(quote: OptionQuote) -> float | None:
     return (bid + ask) / 2
 
 
+def mark_mid(quote: OptionQuote) -> float | None:
+    """The mid a quote of the held contract marks it at: a valid quote's mid, None for a glitch."""
+    mid = quote_mid(quote)
+    if mid is None:
+        return None
+    assert quote.bid is not None and quote.ask is not None
+    spread = quote.ask - quote.bid
+    return None if spread > MARK_GLITCH_SPREAD_DOLLARS + TOLERANCE and spread > mid else mid
+
+
+@functools.cache
+def _own_ticker(underlying: str) -> re.Pattern[str]:
+    # Polygon's OCC form: the root is the underlying itself (an adjusted `IWM1` contract or another
+    # underlying's is not a contract on it, whatever its `details` say).
+    return re.compile(r"O:" + re.escape(underlying) + r"\d{6}[CP]\d{8}")
+
+
 def years_until(now_ms: int, close_ms: int) -> float:
     """Time from `now_ms` to `close_ms` in years of 365 days; zero or negative once the close has passed."""
     return (close_ms - now_ms) / 1000 / SECONDS_PER_YEAR
@@ -186,7 +211,7 @@ def iv_inputs_ok(price: float, spot: float, strike: float, t_years: float, r: fl
 
 def _evaluate(quote: OptionQuote, context: _Context) -> Candidate | str:
     """A `Candidate`, or the first reason (in check order) the quote fails."""
-    reason = early_rejection(quote, context.session_date)
+    reason = early_rejection(quote, context.session_date, context.rules.underlying)
     if reason is None and is_stale(quote.quote_ms, context.now_ms, context.rules):
         reason = "stale_quote"
     reason = reason or late_rejection(quote, context.rules)
@@ -208,13 +233,15 @@ def mid_and_spread(quote: OptionQuote) -> tuple[float, float]:
     return (bid + ask) / 2, _spread_percent(bid, ask)
 
 
-def early_rejection(quote: OptionQuote, session_date: str) -> str | None:
-    """The first of not_call, wrong_expiry, no_bid and crossed the quote fails: the checks that come
-    before the quote's age and depend on neither the clock nor the rules."""
+def early_rejection(quote: OptionQuote, session_date: str, underlying: str) -> str | None:
+    """The first of not_call, wrong_expiry, other_underlying, no_bid and crossed the quote fails: the
+    checks that come before the quote's age and depend on neither the clock nor the rules."""
     if quote.right != "call":
         return "not_call"
     if quote.expiry != session_date:
         return "wrong_expiry"
+    if _own_ticker(underlying).fullmatch(quote.ticker) is None:
+        return "other_underlying"
     bid, ask = finite(quote.bid), finite(quote.ask)
     if bid is None or bid <= 0:
         return "no_bid"

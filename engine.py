@@ -32,7 +32,7 @@ from alert_text import (
     summary_title,
 )
 from config import Rules
-from contract_selector import Candidate, quote_mid
+from contract_selector import Candidate, mark_mid
 from events import (
     Action,
     Alert,
@@ -482,11 +482,12 @@ class Engine:
     def _mark_from_quote(self, quote: OptionQuote, source: str, actions: list[Action]) -> None:
         """The mark rule: a valid quote of the held contract, from any source, that is not older than
         the quote behind the current mark sets the mark (its mid) and the exit bid (its bid); the peak
-        follows. Invalid and older quotes are counted and change nothing."""
+        follows. Invalid quotes (a glitch's absurd spread included: `mark_mid`) and older quotes are
+        counted and change nothing."""
         position = self.position
         if position is None or quote.ticker != position.ticker:
             return
-        mid = quote_mid(quote)
+        mid = mark_mid(quote)
         if mid is None:
             self.marks.invalid += 1
             return

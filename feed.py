@@ -358,6 +358,23 @@ def next_url_of(body: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def newest_per_ticker(quotes: list[OptionQuote]) -> tuple[OptionQuote, ...]:
+    """One quote per contract, the newest by its quote time (the first of equals), in first-seen order.
+
+    A contract can come twice in one chain: pages are fetched one after another while the chain moves,
+    so a contract can slide from one page onto the next. Its older quote must neither win the ranking
+    nor mark a position.
+    """
+    kept: dict[str, OptionQuote] = {}
+    for quote in quotes:
+        seen = kept.get(quote.ticker)
+        if seen is None or (quote.quote_ms or 0) > (seen.quote_ms or 0):
+            kept[quote.ticker] = quote
+    if len(kept) == len(quotes):
+        return tuple(quotes)
+    return tuple(kept.values())
+
+
 class LazyChain:
     """The quotes of a paged chain, parsed on first use and then kept."""
 
@@ -375,7 +392,7 @@ class LazyChain:
                 page = parse_chain_page(body_of(body))
                 quotes.extend(page.quotes)
                 self.bad += page.bad
-            self._quotes, self._pages = tuple(quotes), ()
+            self._quotes, self._pages = newest_per_ticker(quotes), ()
         return self._quotes
 
     def __iter__(self) -> Iterator[OptionQuote]:
@@ -385,14 +402,17 @@ class LazyChain:
         """One contract's quote, parsing only that contract when the pages are still raw."""
         if self._quotes is not None:
             return next((q for q in self._quotes if q.ticker == ticker), None)
+        found: list[OptionQuote] = []
         for body in self._pages:
             page = body_of(body)
             results = page.get("results") if isinstance(page, dict) else None
             for result in results if isinstance(results, list) else ():
                 details = result.get("details") if isinstance(result, dict) else None
                 if isinstance(details, dict) and details.get("ticker") == ticker:
-                    return parse_option_result(result)
-        return None
+                    quote = parse_option_result(result)
+                    if quote is not None:
+                        found.append(quote)
+        return newest_per_ticker(found)[0] if found else None
 
     def __len__(self) -> int:
         return len(self._parsed())

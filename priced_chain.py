@@ -116,7 +116,7 @@ def select_priced(chain: PricedChain, *, now_ms: int, spot: float | None, sessio
 def _price_quote(
     quote: OptionQuote, rules: Rules, session_date: str, spot: float | None, now_ms: int
 ) -> PricedQuote:
-    early = early_rejection(quote, session_date)
+    early = early_rejection(quote, session_date, rules.underlying)
     if early is not None:
         return PricedQuote(quote, early, None, 0.0, None, None, None)
     mid, spread_pct = mid_and_spread(quote)

@@ -154,6 +154,16 @@ def test_not_call() -> None:
     assert reason_for(make_quote(right="put")) == "not_call"
 
 
+@pytest.mark.parametrize(
+    "ticker",
+    ["O:IWM1251002C00243000", "O:SPY251002C00243000", "IWM251002C00243000", "o:iwm251002c00243000"],
+)
+def test_a_contract_on_another_root_is_not_the_underlyings(ticker: str) -> None:
+    """An adjusted `IWM1` contract or another underlying's carrying today's expiry was chosen."""
+    assert reason_for(make_quote(ticker=ticker)) == "other_underlying"
+    assert reason_for(make_quote(ticker=ticker, right="put")) == "not_call"
+
+
 def test_wrong_expiry() -> None:
     assert reason_for(make_quote(expiry="2025-10-03")) == "wrong_expiry"
 

@@ -7,6 +7,7 @@ trigger, at that quote's bid. The peak is written at most once a second; the SEL
 
 from __future__ import annotations
 
+import pytest
 from builders import TICKER, burst_bars, chain, engine, quote
 from test_engine import ENTRY_BAR_START, START, closes, feed, opened
 
@@ -98,6 +99,24 @@ def test_invalid_crossed_zero_bid_and_older_quotes_change_nothing():
     assert (eng.marks.invalid, eng.marks.stale) == (2, 2)
     newer = feed(eng, [ContractSnapshot(t + 500, quote(bid=0.5, ask=0.52, quote_ms=t + 450))])
     assert [c.reason for c in closes(newer)] == ["Stop loss"]  # a newer REST quote counts like any other
+
+
+def test_a_glitch_quote_neither_marks_nor_sets_the_peak_and_a_wide_real_market_still_does():
+    """One absurd quote (an offer of $999.99, a 0.05 x 1.50 flicker) set the mark: the next normal quote
+    fired a Hard giveback from a $500 peak, or the flicker's mid fired a Stop loss at a $0.05 bid."""
+    eng = holding()
+    t = ENTRY_BAR_START + 2000
+    feed(eng, [streamed(t, 1.00, 1.02)])
+    before = eng.position
+    glitches = [streamed(t + 100, 1.00, 999.99), streamed(t + 200, 0.05, 1.50), streamed(t + 300, 0.01, 0.60)]
+    assert closes(feed(eng, glitches)) == [] and eng.position == before
+    assert eng.marks.invalid == 3
+    assert closes(feed(eng, [streamed(t + 400, 1.00, 1.02)])) == [] and eng.position.peak == before.peak
+    # Wide but plausible: spread above $0.50 yet below its mid, or above its mid yet at most $0.50.
+    feed(eng, [streamed(t + 500, 1.30, 1.85)])
+    assert eng.position.mark == pytest.approx(1.575)
+    (close,) = closes(feed(eng, [streamed(t + 600, 0.10, 0.60)]))  # mid 0.35, spread 0.50 exactly
+    assert (close.reason, close.exit_price) == ("Stop loss", 0.1)
 
 
 def test_a_quote_stamped_tomorrow_cannot_freeze_the_mark_of_the_stop():

@@ -1184,3 +1184,25 @@ def test_a_refused_subscription_is_known_by_more_than_one_wording(
     from polygon_client import StatusMessage, _refuses_subscription
 
     assert _refuses_subscription(StatusMessage(status, message)) is refused
+
+
+def test_a_contract_twice_in_one_chain_keeps_its_newest_quote_for_ranking_and_marks():
+    """Pages are fetched one after another while the chain moves, so one contract can come twice: its
+    older, dearer copy won the ranking (a BUY at a stale ask) while marks took whichever came first."""
+    from feed import LazyChain
+
+    newer_ns = 1_759_416_000_123_456_789
+    older = chain_result(last_quote={"ask": 1.34, "ask_size": 40, "bid": 1.30, "bid_size": 55,
+                                     "last_updated": newer_ns - 20 * 10**9})  # fmt: skip
+    newer = chain_result()
+    other = changed(
+        chain_result(), {"details": {**chain_result()["details"], "ticker": "O:IWM251002C00243000"}}
+    )
+    for pages in (
+        ({"results": [older, other]}, {"results": [newer]}),
+        ({"results": [newer, other]}, {"results": [older]}),
+    ):
+        assert LazyChain(pages).find("O:IWM251002C00242500").ask == 1.12
+        quotes = list(LazyChain(pages))
+        assert [q.ticker for q in quotes] == ["O:IWM251002C00242500", "O:IWM251002C00243000"]
+        assert quotes[0].ask == 1.12
