@@ -241,9 +241,11 @@ def _session_entry(entry: Any, year: int) -> tuple[datetime.date, Hours] | None:
 class MarketCalendar:
     """NYSE sessions by New York date, cached per date.
 
-    The XNYS calendar covers 2015-01-01 through two years after construction. Outside that
-    range every weekday is assumed to be a regular 09:30-16:00 session (no holidays, no early
-    closes) so that far-future or old dates never crash. Dates in `closed_dates` (the
+    The XNYS calendar is built for the whole years from 2015 through two years after construction
+    at once; a year outside that range (a daemon running for years, a backtest of old tapes) is
+    built on its own when first asked for. Only if exchange_calendars cannot build it is every
+    weekday of that year taken as a regular 09:30-16:00 session, so an odd date never crashes the
+    engine. Dates in `closed_dates` (the
     MARKET_CLOSED_DATES override, for closures the calendar does not know yet) have no session.
     `cache_dir` (for example DATA_DIR/calendar) keeps the built year tables for later processes;
     without one they are built from exchange_calendars on first use.
@@ -296,18 +298,20 @@ class MarketCalendar:
     def _lookup(self, day: datetime.date) -> Session | None:
         if day in self._closed:
             return None
-        if not self._start <= day <= self._end:
+        table = self._year_table(day.year)
+        if table is None:
             return self._weekday_session(day)
-        hours = self._year_table(day.year).get(day)
+        hours = table.get(day)
         if hours is None:
             return None
         return build_session(self._rules, day, hours.open_ms, hours.close_ms)
 
-    def _year_table(self, year: int) -> YearTable:
-        """`year`'s sessions: from memory, else from the cache, else built (every year of the range at once)."""
+    def _year_table(self, year: int) -> YearTable | None:
+        """`year`'s sessions: from memory, else from the cache, else built (every year of the range at
+        once; a year outside it alone). None when exchange_calendars cannot build that year."""
         table = self._years.get(year)
         if table is not None:
-            return table
+            return table or None  # an empty table: a year outside the range that could not be built
         key = cache_key() if self._cache_dir is not None else None
         cache = None if key is None else CalendarCache(Path(self._cache_dir), key)
         table = None if cache is None else cache.read(year)
@@ -315,7 +319,15 @@ class MarketCalendar:
             self._years[year] = table
             return table
         # One build serves the whole range: building exchange_calendars' calendar is the costly part.
-        built = build_year_tables(self._start.year, self._end.year)
+        first, last = self._start.year, self._end.year
+        if first <= year <= last:
+            built = build_year_tables(first, last)
+        else:
+            try:
+                built = build_year_tables(year, year)
+            except Exception:  # noqa: BLE001 - a year the library cannot build is taken as plain weekdays
+                self._years[year] = MappingProxyType({})
+                return None
         if cache is not None:
             for each, each_table in built.items():
                 cache.write(each, each_table)

@@ -158,15 +158,22 @@ def test_cut_offs_outside_session_are_clamped() -> None:
     assert (s.entry_start_ms, s.entry_end_ms, s.time_stop_ms) == (s.open_ms, s.close_ms, s.close_ms)
 
 
-def test_dates_beyond_calendar_fall_back_to_weekdays(calendar: MarketCalendar) -> None:
-    # 2100-12-24 is a Friday; the fallback knows no holidays or early closes.
-    s = calendar.session(D(2100, 12, 24))
+def test_years_beyond_the_built_range_are_built_when_asked_for(calendar: MarketCalendar) -> None:
+    """The range ends two years after today; past it every weekday used to be a full session (an audit
+    found Christmas 2028 and an early close in 2029 traded as regular days)."""
+    assert calendar.session(D(2028, 12, 25)) is None  # Christmas, a Monday
+    assert calendar.session(D(2029, 1, 1)) is None
+    late = calendar.session(D(2029, 11, 23))  # the day after Thanksgiving
+    assert late is not None and late.early_close and late.close_ms == utc_ms(2029, 11, 23, 18, 0)
+    assert calendar.session(D(2010, 1, 1)) is None and calendar.session(D(2010, 1, 4)) is not None
+
+
+def test_a_year_exchange_calendars_cannot_build_falls_back_to_weekdays(calendar: MarketCalendar) -> None:
+    # 1850 is before the XNYS calendar's first session: plain weekdays, never a crash.
+    s = calendar.session(D(1850, 1, 4))  # a Friday
     assert s is not None and s.early_close is False
-    assert s.open_ms == utc_ms(2100, 12, 24, 14, 30)
-    assert s.close_ms == utc_ms(2100, 12, 24, 21, 0)
-    assert calendar.session(D(2100, 12, 25)) is None
-    assert calendar.next_session(D(2100, 12, 24)).date == D(2100, 12, 27)
-    assert calendar.session(D(2010, 1, 4)).open_ms == utc_ms(2010, 1, 4, 14, 30)
+    assert calendar.session(D(1850, 1, 5)) is None
+    assert calendar.next_session(D(1850, 1, 4)).date == D(1850, 1, 7)
 
 
 def test_first_day_of_calendar_range_is_a_holiday(calendar: MarketCalendar) -> None:
