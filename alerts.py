@@ -399,7 +399,8 @@ class Notifier:
     queue and retries every `QUOTA_RETRY_S`; a 403 or a 4xx page that is not Pushover's (a proxy, an IP
     block) every `REFUSED_RETRY_S`. A 200 counts as delivered even when its body cannot be read. With a
     `fallback`, alerts go that way instead while Pushover refuses the keys, is out of quota or refuses the
-    service, has been down for `DOWN_BEFORE_FALLBACK_S`, or timed out twice.
+    service, has been down for `DOWN_BEFORE_FALLBACK_S`, or timed out twice. `redact` takes the secrets
+    out of every title and message before it leaves, by any route.
     """
 
     def __init__(
@@ -417,8 +418,10 @@ class Notifier:
         down_before_fallback_s: float = DOWN_BEFORE_FALLBACK_S,
         quota_retry_s: float = QUOTA_RETRY_S,
         refused_retry_s: float = REFUSED_RETRY_S,
+        redact: Callable[[str], str] = str,
     ) -> None:
         self._journal = journal
+        self._redact = redact
         self._client = client
         self._fallback = fallback
         self._clock_ms = clock_ms
@@ -586,9 +589,11 @@ class Notifier:
         return "hold" if waiting else "fallback"
 
     def _deliver(self, item: OutboxItem) -> Outcome:
+        title, message = item.title, item.message
         if item.maybe_sent:
-            title, message = possible_repeat(item.title, item.message, item.at_ms)
-            item = replace(item, title=title, message=message)
+            title, message = possible_repeat(title, message, item.at_ms)
+        # A notice can quote a peer's error text, and a peer can echo a key: no secret leaves by alert.
+        item = replace(item, title=self._redact(title), message=self._redact(message))
         if self._client is None:
             self._log_only(item)
             self._journal.mark_sent(item.id, self._clock_ms())

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from redaction import url_secrets
+
 SECRET_NAMES = frozenset(
     {"POLYGON_API_KEY", "PUSHOVER_TOKEN", "PUSHOVER_USER_KEY", "HEARTBEAT_URL", "ALERT_FALLBACK_URLS"}
 )
@@ -143,6 +145,13 @@ class Settings:
     alert_sound_critical_loss: str = "persistent"
     alert_priority_summary: int = _num(0, -2, 2)
     alert_sound_summary: str = ""
+
+    def secret_values(self) -> tuple[str, ...]:
+        """Every value no output may show: the keys, the secret URLs, and credentials inside endpoint
+        URLs (for `redaction.Redactor`: the endpoints themselves stay readable in logs)."""
+        keys = (self.polygon_api_key, self.pushover_token, self.pushover_user_key, self.heartbeat_url)
+        in_endpoints = (part for name in ENDPOINT_SCHEMES for part in url_secrets(getattr(self, name)))
+        return tuple(v for v in (*keys, *self.alert_fallback_urls, *in_endpoints) if v)
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}

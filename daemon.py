@@ -49,6 +49,7 @@ from options_feed import OptionsFeed, OptionsStatus
 from pipeline import STARTED, Pipeline
 from pnl_tracker import Journal, JournalError
 from polygon_client import PolygonRest, PolygonStream, RestAnswer
+from redaction import Redactor
 from replay import received_from
 from status import session_pulse
 from stream_watch import RECOVERED, SILENT, StreamWatch
@@ -139,8 +140,13 @@ class Daemon:
             raise
         self.engine = Engine(self.rules, self.calendar, alert_overrides=delivery_overrides(settings))
         self.inbox = EngineInbox(self.stop, on_held=self._engine_behind)
+        self.redact = Redactor.of(settings.secret_values())
         self.notifier = Notifier(
-            self.outbox, self._pushover_client(), clock_ms=clock.now_ms, fallback=self._fallback()
+            self.outbox,
+            self._pushover_client(),
+            clock_ms=clock.now_ms,
+            fallback=self._fallback(),
+            redact=self.redact,
         )
         self.pipeline = Pipeline(
             self.engine,
@@ -886,9 +892,9 @@ class Daemon:
         answers = self.rest.aggs(self.rules.underlying, 1, "minute", start.isoformat(), end.isoformat())
         if answers and all(answer.status == 200 for answer in answers):
             stored = [{"path": a.path, "body": a.body} for a in answers]
-            self.writer.set_meta(
-                PROFILE_META, json.dumps({"date": session_date.isoformat(), "answers": stored})
-            )
+            # A peer may echo the key (in a `next_url`): the journal keeps no secret either.
+            cached = self.redact(json.dumps({"date": session_date.isoformat(), "answers": stored}))
+            self.writer.set_meta(PROFILE_META, cached)
         self._put_answers(answers)
 
     def _cached_profile(self, session_date: date) -> list[RestAnswer] | None:
@@ -958,7 +964,7 @@ class Daemon:
         host, port = self.settings.health_host, self.settings.health_port
         assert port is not None
         try:
-            server = HealthServer(host, port, lambda: self.health).start()
+            server = HealthServer(host, port, lambda: self.health, redact=self.redact).start()
         except OSError as exc:
             if self._health_problem is None:
                 self._health_problem = f"cannot serve /health on {host}:{port} ({exc.strerror or exc})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import json
 import re
@@ -299,7 +300,23 @@ def check_pushover(settings) -> Check:  # noqa: ANN001
 
 
 def network_checks(settings, today: date) -> list[Check]:  # noqa: ANN001
-    """Probe Polygon and Pushover, each only when its keys are set (a probe without keys proves nothing)."""
+    """Probe Polygon and Pushover, each only when its keys are set (a probe without keys proves nothing).
+
+    A peer can echo a key in its error (a 401 body, a Pushover 400 naming the token): every detail and
+    every log line of the probes goes through the settings' redactor.
+    """
+    from logs import configure_logging
+    from redaction import Redactor
+
+    configure_logging("WARNING", "console", settings.secret_values())
+    redact = Redactor.of(settings.secret_values())
+    return [
+        dataclasses.replace(check, detail=redact(check.detail), fix=redact(check.fix))
+        for check in _probes(settings, today)
+    ]
+
+
+def _probes(settings, today: date) -> list[Check]:  # noqa: ANN001
     if settings.polygon_api_key:
         polygon = [check_polygon_rest(settings, today), check_polygon_stream(settings)]
     else:

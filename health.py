@@ -58,8 +58,10 @@ class HealthServer:
         *,
         client_timeout_s: float = CLIENT_TIMEOUT_S,
         max_clients: int = MAX_CLIENTS,
+        redact: Callable[[str], str] = str,
     ) -> None:
-        handler = _handler_for(snapshot, client_timeout_s)
+        """`redact` takes the secrets out of the served JSON (whatever problem text carried one in)."""
+        handler = _handler_for(snapshot, client_timeout_s, redact)
         self._server = _BoundedServer((host, port), handler, max_clients)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
@@ -107,7 +109,9 @@ class _BoundedServer(ThreadingHTTPServer):
             self._slots.release()
 
 
-def _handler_for(snapshot: Callable[[], Snapshot], timeout_s: float) -> type[BaseHTTPRequestHandler]:
+def _handler_for(
+    snapshot: Callable[[], Snapshot], timeout_s: float, redact: Callable[[str], str]
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         # Headers and body are separate writes: without TCP_NODELAY, Nagle plus delayed ACK adds ~40 ms.
         disable_nagle_algorithm = True
@@ -118,7 +122,7 @@ def _handler_for(snapshot: Callable[[], Snapshot], timeout_s: float) -> type[Bas
                 self.send_error(404)
                 return
             body = snapshot()
-            data = json.dumps(body).encode()
+            data = redact(json.dumps(body)).encode()
             self.send_response(http_status_for(body))
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))

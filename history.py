@@ -40,6 +40,7 @@ from contract_selector import SECONDS_PER_YEAR, bs_call_delta, implied_vol
 from market_calendar import MarketCalendar, Session
 from polygon_client import PolygonRest
 from progress import Progress
+from redaction import Redactor
 from tape import TapeWriter
 
 # History reconstruction (see the module doc and README).
@@ -135,9 +136,11 @@ class HistoryClient:
     A cached request is never asked again, so an interrupted fetch resumes where it stopped.
     """
 
-    def __init__(self, rest: RestGet, cache_dir: Path) -> None:
+    def __init__(self, rest: RestGet, cache_dir: Path, redact: Callable[[str], str] = str) -> None:
+        """`redact` takes the secrets out of errors and of the cache files (a peer may echo the key)."""
         self._rest = rest
         self._cache_dir = Path(cache_dir)
+        self._redact = redact
 
     def pages(self, path: str) -> list[CachedAnswer]:
         """Every page of `path` (following next_url); FetchError when any page is not 200."""
@@ -151,9 +154,8 @@ class HistoryClient:
                 raise FetchError(f"{path}: more than {MAX_PAGES} pages")
             answer = self._rest.get(next_path)
             if answer.status != 200:
-                raise FetchError(
-                    f"{answer.path}: HTTP {answer.status} {_error_of(answer.body)}", answer.status
-                )
+                error = f"{answer.path}: HTTP {answer.status} {_error_of(answer.body)}"
+                raise FetchError(self._redact(error), answer.status)
             answers.append(CachedAnswer(answer.path, answer.status, answer.body))
             next_path = _next_path(answer.body)
         self._save(path, answers)
@@ -181,7 +183,7 @@ class HistoryClient:
         # One write: json.dump's many small writes through gzip cost several times the encoding.
         # Not asdict(): it deep-copies every body, which costs more than the encoding.
         stored = [{"path": a.path, "status": a.status, "body": a.body} for a in answers]
-        text = json.dumps({"path": path, "answers": stored})
+        text = self._redact(json.dumps({"path": path, "answers": stored}))
         with gzip.open(partial, "wt", encoding="utf-8", compresslevel=1) as handle:
             handle.write(text)
         os.replace(partial, file)
@@ -914,7 +916,8 @@ def build_history_day(
     """
     if option_quotes not in (NBBO, MINUTE):
         raise ValueError(f"unknown option quote method {option_quotes!r}")
-    client = HistoryClient(rest, Path(settings.data_dir) / CACHE_DIR / session.date.isoformat())
+    folder = Path(settings.data_dir) / CACHE_DIR / session.date.isoformat()
+    client = HistoryClient(rest, folder, Redactor.of(settings.secret_values()))
     poll_ms = int(settings.chain_poll_seconds * 1000)
     snapshots = snapshot_times(session, poll_ms) if option_quotes == NBBO else None
     history = fetch_day(client, session.date, settings.rules, snapshots=snapshots)

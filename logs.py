@@ -7,21 +7,15 @@ import sys
 
 import structlog
 
+from redaction import Redactor
 
-def redact_secrets(secrets: tuple[str, ...]):  # noqa: ANN201 - a structlog processor factory
-    """A structlog processor that replaces any known secret value inside string fields."""
-    live = tuple(s for s in secrets if s)
 
-    def processor(_logger: object, _method: str, event_dict: dict) -> dict:
-        if not live:
-            return event_dict
-        for key, value in event_dict.items():
-            if isinstance(value, str):
-                for secret in live:
-                    if secret in value:
-                        value = value.replace(secret, "***")
-                event_dict[key] = value
-        return event_dict
+def redact_rendered(redactor: Redactor):  # noqa: ANN201 - a structlog processor factory
+    """The last processor: the rendered line without any secret, wherever in the event it was
+    (nested in a list of problems, cut short in an error text, in a foreign library's message)."""
+
+    def processor(_logger: object, _method: str, rendered: str) -> str:
+        return redactor(rendered)
 
     return processor
 
@@ -34,7 +28,6 @@ def configure_logging(level: str = "INFO", fmt: str = "", secrets: tuple[str, ..
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact_secrets(secrets),
     ]
     # Tracebacks never show frame locals: a frame that holds an API key would print it.
     renderer = (
@@ -59,12 +52,17 @@ def configure_logging(level: str = "INFO", fmt: str = "", secrets: tuple[str, ..
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *renderer,
+            redact_rendered(Redactor.of(secrets)),
+        ],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "websockets"):
+    # Apprise's debug lines spell out its URLs' tokens (a Telegram bot token in the request URL).
+    for noisy in ("httpx", "httpcore", "websockets", "apprise"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

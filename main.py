@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging("WARNING", "console")
         return run_demo(sys.stdout)
     settings = load_or_exit()
-    configure_logging(settings.log_level, settings.log_format, secrets_of(settings))
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     # --status only reads: it never creates DATA_DIR, but a DATA_DIR that cannot be a folder is said.
     check = status_data_dir_problem if args.status else data_dir_problem
     problem = check(settings.data_dir)
@@ -442,6 +442,7 @@ def run_status(settings: Settings, *, as_json: bool) -> int:
     import json
 
     from market_calendar import MarketCalendar, ny_date
+    from redaction import Redactor
     from status import build_status, render_status, status_dict, tape_age_s
 
     clock = clock_or_none(settings)
@@ -463,7 +464,8 @@ def run_status(settings: Settings, *, as_json: bool) -> int:
         health=lambda: snapshot,
         feed_note=note,
     )
-    print(json.dumps(status_dict(status)) if as_json else render_status(status))
+    shown = json.dumps(status_dict(status)) if as_json else render_status(status)
+    print(Redactor.of(settings.secret_values())(shown))
     if status.journal_problem is not None:
         print(status.journal_problem.advice, file=sys.stderr)
         return EXIT_CONFIG
@@ -484,16 +486,6 @@ def health_or_why(settings: Settings) -> tuple[dict[str, object] | None, str]:
     from status import read_health
 
     return read_health(settings.health_host, port)
-
-
-def secrets_of(settings: Settings) -> tuple[str, ...]:
-    return (
-        settings.polygon_api_key,
-        settings.pushover_token,
-        settings.pushover_user_key,
-        settings.heartbeat_url,
-        *settings.alert_fallback_urls,
-    )
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from events import Bar, FeedStatus, OptionQuote, Received
 from http_deadline import DeadlineTransport
+from redaction import Redactor
 from tape import request_path, strip_api_key
 
 _FLOAT_MAX = sys.float_info.max
@@ -677,6 +678,7 @@ class PolygonStream:
         self.reconnects = 0
         self.last_frame_ms: int | None = None
         self._api_key = api_key
+        self._redact = Redactor.of([api_key])
         self._topics: tuple[str, ...] = (
             tuple(topics) if topics is not None else tuple(f"A.{s}" for s in symbols)
         )
@@ -946,6 +948,7 @@ class PolygonStream:
         return t
 
     def _went_down(self, why: str) -> None:
+        why = self._redact(why)  # a close reason can echo the key (a proxy's, a fake's)
         self.last_error = why
         self._log.warning("stream_down", why=why, attempt=self._attempt)
         if self.connected:
@@ -953,7 +956,7 @@ class PolygonStream:
             self._report(False, f"disconnected: {why}")
 
     def _log_unexpected(self, event: str, exc: Exception) -> None:
-        error = _exception_text(exc).replace(self._api_key, "***") if self._api_key else _exception_text(exc)
+        error = self._redact(_exception_text(exc))
         self._log.error(event, error=error, at=_raised_at(exc))
 
     def _report(self, connected: bool, reason: str) -> None:
@@ -1047,6 +1050,7 @@ class PolygonRest:
         self.requests = 0
         self.last_error: str | None = None
         self._api_key = api_key
+        self._redact = Redactor.of([api_key])
         self._clock_ms = clock_ms
         self._sleep = sleep
         self._max_attempts = max(1, max_attempts)
@@ -1201,6 +1205,3 @@ class PolygonRest:
         self.last_error = self._redact(f"HTTP {answer.status}: {error_text(answer.body)}")
         self._log.warning("rest_failed", path=answer.path, status=answer.status, error=self.last_error)
         return answer
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text

@@ -714,3 +714,30 @@ def test_a_failing_backfill_is_logged_without_the_key_and_streaming_resumes(stre
         " in backfill"
     )
     assert SECRET not in repr(logs)
+
+
+class EchoingCloseServer(GreetlessServer):
+    """Closes the socket at the auth with a reason that echoes the key (a proxy's, a hostile fake's)."""
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                action = json.loads(message)
+                self.actions.append((0.0, action))
+                await ws.close(1008, f"policy: key {action.get('params')} refused")
+
+
+def test_a_close_reason_that_echoes_the_key_is_redacted_before_it_is_kept_or_reported(streams: list) -> None:
+    """The reason went into `last_error`, and from there into /health, the pulse log and a FEED alert."""
+    inbox = Inbox()
+    with EchoingCloseServer() as server, capture_logs() as logs:
+        stream = start_stream(streams, server.url, inbox, wait_scale=0.05)
+        deadline = time.monotonic() + WAIT_S
+        while "closed 1008" not in (stream.last_error or "") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        kept = stream.last_error or ""
+        stream.stop()
+    assert kept == "closed 1008 policy: key *** refused"
+    said = [kept, *reasons(inbox.items), *(json.dumps(entry) for entry in logs)]
+    assert server.actions and not any(KEY in text for text in said)
