@@ -48,11 +48,18 @@ class CellResult:
     out_stats: Stats | None = None
 
 
-def parse_assignments(raw: Iterable[str]) -> dict[str, str]:
-    """`NAME=VALUE` strings to a dict; raise ConfigError naming each malformed one or unknown rule."""
+def parse_assignments(raw: Iterable[str], flag: str = "--set", form: str = "NAME=VALUE") -> dict[str, str]:
+    """`NAME=VALUE` strings to a dict; raise ConfigError naming each malformed one, unknown rule or rule
+    given twice (`--set X=1 --set X=2`: which was meant is the caller's to say, not the last one's)."""
+    items = list(raw)
+    repeated = _repeated_names(items)
+    if repeated:
+        raise ConfigError(
+            [f"{flag} {name}: given {n} times; give each rule once ({form})" for name, n in repeated.items()]
+        )
     values: dict[str, str] = {}
     problems = []
-    for item in raw:
+    for item in items:
         name, sep, value = item.partition("=")
         name = name.strip().upper()
         if not sep:
@@ -72,17 +79,9 @@ def parse_sweep(raw: Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
     A rule swept twice (`--sweep X=a,b --sweep X=c`) is refused, not merged: which list was meant is
     the caller's to say, and keeping either silently would run a grid other than the one asked for.
     """
-    items = list(raw)
-    repeated = _repeated_names(items)
-    if repeated:
-        raise ConfigError(
-            [
-                f"--sweep {name}: given {n} times; give each rule once, with all its values (NAME=V1,V2,...)"
-                for name, n in repeated.items()
-            ]
-        )
     axes = []
-    for name, values in parse_assignments(items).items():
+    assigned = parse_assignments(raw, "--sweep", "with all its values: NAME=V1,V2,...")
+    for name, values in assigned.items():
         choices = tuple(v.strip() for v in values.split(",") if v.strip())
         if not choices:
             raise ConfigError([f"--sweep {name}: no values"])

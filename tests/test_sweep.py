@@ -229,3 +229,7 @@ def test_a_rule_swept_twice_is_refused_not_silently_dropped(short_tapes):
     args = [str(short_tapes[0]), "--sweep", "STOP_LOSS_PERCENT=10,20", "--sweep", "STOP_LOSS_PERCENT=30"]
     assert main([*args, "--no-cache"], cli) == 2
     assert "--sweep STOP_LOSS_PERCENT: given 2 times" in err.getvalue() and out.getvalue() == ""
+    args = [str(short_tapes[0]), "--set", "STOP_LOSS_PERCENT=10", "--set", "stop_loss_percent=20"]
+    cli, out, err = quiet()
+    assert main([*args, "--no-cache"], cli) == 2, "a --set given twice kept the last value silently"
+    assert "--set STOP_LOSS_PERCENT: given 2 times" in err.getvalue() and out.getvalue() == ""
