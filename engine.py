@@ -151,6 +151,7 @@ class Engine:
         self._summary_due_ms = 0
         self._session: Session | None = None
         self._session_date = ""
+        self._logged_date = ""  # the last date a session_day line was logged for
         self._logged_minute = -1
         self.position: Position | None = None
         self.day = DayRecord()
@@ -282,6 +283,10 @@ class Engine:
         self._watching_since = self._watching_since or now
         # No session (weekend, holiday): no summary that day.
         self._summary_due_ms = session.close_ms if session is not None else self._day_end_ms
+        if new_date != self._logged_date:
+            # Also the first day after a restore, which set the date already: a holiday's replay says so.
+            self._logged_date = new_date
+            actions.append(Log("session_day", {"date": new_date, "trading": session is not None}))
         if new_date == self._session_date:
             return
         self._session_date = new_date
@@ -289,7 +294,6 @@ class Engine:
         self.trades_today = ()
         self.last_exit_ms = None  # the cooldown never reaches across days
         self._watching_since = now
-        actions.append(Log("session_day", {"date": new_date, "trading": session is not None}))
 
     def _on_bar(self, bar: Bar, features: Features, actions: list[Action]) -> None:
         """A new underlying bar, already absorbed by the market: follow the position, try an entry."""

@@ -443,3 +443,17 @@ def test_a_restart_exits_at_the_last_saved_bid_not_at_the_entry_ask(tmp_path):
     restarted.restore(journal.restored_state("2025-10-02"), "2025-10-02")
     (close,) = closes(restarted.on_event(Tick(at(15, 55))))
     assert (close.reason, close.exit_price, close.pnl_dollars) == ("Time stop", 0.9, -12.0)
+
+
+def test_the_first_day_after_a_restore_is_logged_so_a_holiday_says_there_is_no_session():
+    """A restore sets the session date, so the day's session_day line (trading or not) was never logged:
+    a holiday's replay said only that each entry was outside its window."""
+    from engine import RestoredState
+    from risk_manager import DayRecord, Lifetime
+
+    christmas = date(2025, 12, 25)
+    eng = engine()
+    eng.restore(RestoredState(None, DayRecord(), 0, None, Lifetime(), False), christmas.isoformat())
+    logs = [a for a in eng.on_event(Tick(at(10, 0, 0, christmas))) if isinstance(a, Log)]
+    assert [(a.event, a.fields) for a in logs] == [("session_day", {"date": "2025-12-25", "trading": False})]
+    assert not [a for a in eng.on_event(Tick(at(10, 0, 1, christmas))) if isinstance(a, Log)]
