@@ -438,6 +438,7 @@ class Notifier:
         self._wake = threading.Event()
         # Serialises drains, so a shutdown flush and the notifier thread never send the same item twice.
         self._drain_lock = threading.Lock()
+        self._flush_end: float | None = None  # a stop's deadline (monotonic): no new request after it
         self._failures = 0
         self._retry_at: float | None = None
         self._down_since: float | None = None
@@ -514,6 +515,8 @@ class Notifier:
             sent = 0
             while batch := self._journal.pending(BATCH_SIZE):
                 for item in batch:
+                    if self._flush_end is not None and self._monotonic() >= self._flush_end:
+                        return sent  # a stop's deadline has passed: the rest goes after the restart
                     outcome = self._deliver(item)
                     if outcome == "stop":
                         return sent
@@ -538,10 +541,13 @@ class Notifier:
     def flush(self, deadline_s: float) -> int:
         """On shutdown: keep draining until the outbox is empty or `deadline_s` seconds have passed.
 
-        Honours the retry delay; a request already under way may overrun the deadline by the client
-        timeout. Returns how many items were sent.
+        Honours the retry delay; no request starts after the deadline, on any thread, so only one
+        already under way may overrun it (by the client timeout at most). Returns how many items were sent.
         """
         end = self._monotonic() + deadline_s
+        # Seen by a drain already under way on the notifier thread too: with a slow Pushover and a
+        # backlog it used to send on for a minute, past Render's 30 s before the kill.
+        self._flush_end = end
         pause = threading.Event()
         sent = 0
         while True:

@@ -561,6 +561,24 @@ def test_flush_gives_up_at_its_deadline_leaving_alerts_pending(
     assert outbox(journal)[0][:3] == ("K:1", "pending", server.requests)
 
 
+def test_a_stop_sends_no_new_request_after_its_deadline_even_from_a_drain_under_way(
+    journal: Journal, server: FakePushover
+) -> None:
+    """With a backlog and a slow Pushover the notifier thread's drain sent on for a minute after SIGTERM
+    (past Render's 30 s kill); the stop's deadline now ends it after the request under way."""
+    server.slow(0.4)
+    journal.record([alert(n) for n in range(1, 9)])
+    notifier = make_notifier(journal, make_client(server))
+    with running(notifier):
+        wait_until(lambda: server.requests >= 1)
+        notifier.flush(0.5)
+        requests = server.requests
+        time.sleep(0.6)
+        assert server.requests == requests, "no request after the deadline"
+    assert 1 <= requests <= 4, "the deadline plus the request under way, not the backlog of 8"
+    assert requests < 8 and journal.pending_count() == 8 - requests
+
+
 def test_network_errors_are_retryable_and_never_show_the_keys(journal: Journal) -> None:
     closed = FakePushover()
     url = closed.url
