@@ -75,6 +75,10 @@ JOURNAL_BUSY_TIMEOUT_S = 0.1
 CHAIN_POLL_STALE_MIN_S = 60.0
 CHAIN_POLL_STALE_FACTOR = 6
 THREAD_STALE_S = 180.0
+# The engine thread turns every 50 ms; this long without a turn makes /health `failing` at once.
+ENGINE_STUCK_S = 15.0
+# A one-second wait of the watchdog that took this long: the whole process was held, not the engine.
+WATCHDOG_OVERSLEPT_S = 5.0
 HEALTH_RETRY_S = 30.0
 FILES_CHECK_SECONDS = 5.0  # how often the journal and lock files are checked to still be in place
 STOP_JOURNAL_RETRY_S = 2.0  # at a stop, how long held journal writes are retried before a rescue file
@@ -112,9 +116,12 @@ class Daemon:
         *,
         stop: threading.Event | None = None,
         exit_process: Callable[[int], None] = os._exit,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`monotonic` times the engine's turns for the watchdog and /health (tests make time jump)."""
         self.settings = settings
         self._exit_process = exit_process
+        self._monotonic = monotonic
         self.rules = settings.rules
         self.clock = clock
         self.stop = stop or threading.Event()
@@ -164,7 +171,7 @@ class Daemon:
         self._started_ms = clock.now_ms()
         self.interest = Interest(None, None)
         self.health: Snapshot = {"status": "closed", "version": VERSION}
-        self.last_turn = time.monotonic()
+        self.last_turn = self._monotonic()
         self._health_at = 0.0
         self._flushed_at = time.monotonic()
         self._files_checked_at = time.monotonic()
@@ -250,6 +257,7 @@ class Daemon:
         return 0
 
     def _start_threads(self) -> None:
+        self.last_turn = self._monotonic()  # warm-up is not a stuck engine
         spawn = self.supervisor.spawn
         beat = self.supervisor.beat
         spawn(
@@ -324,7 +332,7 @@ class Daemon:
         """
         pause_file = self.settings.data_dir / PAUSE_FILE
         while not self.stop.is_set():
-            self.last_turn = time.monotonic()
+            self.last_turn = self._monotonic()
             item = self.inbox.get(timeout=0.05)
             try:
                 self._turn(item, self.clock.now_ms(), pause_file)
@@ -939,16 +947,39 @@ class Daemon:
     def _watchdog_loop(self) -> None:
         """Exit the process (status 3) when the engine thread has not turned for WATCHDOG_SECONDS.
 
-        A hung process is invisible to Render, which restarts only processes that exit.
+        A hung process is invisible to Render, which restarts only processes that exit. A wait of this
+        loop that overslept by WATCHDOG_OVERSLEPT_S means the whole process was held (SIGSTOP, a paused
+        VM): the engine could not turn either, so it gets a new full window rather than an exit at the
+        instant the process runs again (an audit's two-minute SIGSTOP ended a healthy daemon mid-position).
         """
         limit = self.settings.watchdog_seconds
+        woke = grace_from = self._monotonic()
         while not self.stop.wait(1.0):
             self.supervisor.beat("watchdog")
-            stuck = time.monotonic() - self.last_turn
+            now = self._monotonic()
+            if now - woke > WATCHDOG_OVERSLEPT_S:
+                log.warning("watchdog_process_was_held", held_s=round(now - woke, 1))
+                grace_from = now
+            woke = now
+            stuck = now - max(self.last_turn, grace_from)
             if stuck > limit:
                 log.critical("watchdog_exit", stuck_s=round(stuck, 1), limit_s=limit)
                 self._exit_process(EXIT_WATCHDOG)
                 return
+
+    def served_health(self) -> Snapshot:
+        """The snapshot /health serves and the heartbeat reads: the engine thread's latest, unless that
+        thread has not turned for ENGINE_STUCK_S. It makes the snapshot itself, so a stuck engine froze
+        it at `ok` (and kept the dead-man switch fed) until the watchdog's exit."""
+        snapshot = self.health
+        stuck_s = self._monotonic() - self.last_turn
+        if stuck_s <= ENGINE_STUCK_S:
+            return snapshot
+        limit = self.settings.watchdog_seconds
+        problem = (
+            f"the engine thread has not turned for {stuck_s:.0f} s (the watchdog exits at {limit:.0f} s)"
+        )
+        return {**snapshot, "status": "failing", "problems": [*snapshot.get("problems", []), problem]}
 
     def _health_loop(self) -> None:
         """Keep /health served: a port that cannot be bound (taken, an address not on this machine) is
@@ -964,7 +995,7 @@ class Daemon:
         host, port = self.settings.health_host, self.settings.health_port
         assert port is not None
         try:
-            server = HealthServer(host, port, lambda: self.health, redact=self.redact).start()
+            server = HealthServer(host, port, self.served_health, redact=self.redact).start()
         except OSError as exc:
             if self._health_problem is None:
                 self._health_problem = f"cannot serve /health on {host}:{port} ({exc.strerror or exc})"
@@ -980,7 +1011,8 @@ class Daemon:
         """Ping the dead-man switch only while the daemon can do its job, so its silence pages the user."""
         while not self.stop.wait(5.0):
             self.supervisor.beat("heartbeat")
-            heartbeat.maybe_ping(time.monotonic(), self.health.get("status") in HEARTBEAT_STATUSES)
+            healthy = self.served_health().get("status") in HEARTBEAT_STATUSES
+            heartbeat.maybe_ping(time.monotonic(), healthy)
 
     def _shutdown(self) -> None:
         """Stop in order; each step is guarded so a failing one (a full disk) never skips the rest."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +12,8 @@ from typing import Any
 
 import httpx
 import structlog
+
+from http_deadline import DeadlineTransport
 
 VERSION = "1.0.0"
 Snapshot = dict[str, Any]
@@ -45,6 +49,7 @@ def http_status_for(snapshot: Snapshot) -> int:
 # each holds a thread and a file descriptor, and descriptors run out for the trading path's sockets too.
 CLIENT_TIMEOUT_S = 5.0
 MAX_CLIENTS = 16
+HEARTBEAT_TIMEOUT_S = 10.0  # a whole ping, answer included
 
 
 class HealthServer:
@@ -62,7 +67,9 @@ class HealthServer:
     ) -> None:
         """`redact` takes the secrets out of the served JSON (whatever problem text carried one in)."""
         handler = _handler_for(snapshot, client_timeout_s, redact)
-        self._server = _BoundedServer((host, port), handler, max_clients)
+        # A whole request gets twice the per-read timeout: a client trickling a byte now and then never
+        # hits the per-read one, and sixteen such clients shut everyone else out.
+        self._server = _BoundedServer((host, port), handler, max_clients, 2 * client_timeout_s)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     @property
@@ -84,13 +91,19 @@ class HealthServer:
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """A thread per client, at most `max_clients` at once; a client beyond that is closed at once."""
+    """A thread per client, at most `max_clients` at once; a client beyond that is closed at once, and
+    one still connected after `deadline_s` is cut off."""
 
     def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_clients: int
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_clients: int,
+        deadline_s: float,
     ) -> None:
         super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(max_clients)
+        self._deadline_s = deadline_s
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -103,10 +116,20 @@ class _BoundedServer(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        cut = threading.Timer(self._deadline_s, _cut_off, (request,))
+        cut.daemon = True
+        cut.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            cut.cancel()
             self._slots.release()
+
+
+def _cut_off(connection: socket.socket) -> None:
+    """End a client's connection from another thread: its handler's blocked read returns at once."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 def _handler_for(
@@ -139,11 +162,19 @@ class Heartbeat:
     """Pings HEARTBEAT_URL (a dead-man switch) at most once per interval while healthy."""
 
     def __init__(
-        self, url: str, *, interval_s: float = 60.0, transport: httpx.BaseTransport | None = None
+        self,
+        url: str,
+        *,
+        interval_s: float = 60.0,
+        timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url
         self.interval_s = interval_s
-        self._client = httpx.Client(timeout=10.0, transport=transport)
+        # A deadline per ping, not per read: an endpoint trickling its answer held this thread for good.
+        self._client = httpx.Client(
+            timeout=timeout_s, transport=transport or DeadlineTransport(timeout_s, max_connections=1)
+        )
         self._last: float | None = None
         self.pings = 0
         self.failures = 0

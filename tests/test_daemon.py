@@ -670,3 +670,57 @@ def test_an_info_pulse_every_five_minutes_of_session_says_what_the_daemon_sees(m
     last = pulses[-1]
     assert last["log_level"] == "info" and last["bars_today"] > 300
     assert last["last_close"] is not None and last["chain_age_s"] is not None and last["status"] == "ok"
+
+
+class JumpingClock:
+    """A monotonic clock a test moves by hand (time.monotonic plus the jumps so far)."""
+
+    def __init__(self) -> None:
+        self.jumped = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.jumped
+
+
+def test_a_process_held_for_two_minutes_is_not_taken_for_a_stuck_engine(market, tmp_path):
+    """SIGSTOP (or a paused VM) for 120 s: the engine could not turn either, and the watchdog used to
+    exit at the instant the process ran again, leaving a position unsold until the restart."""
+    clock = JumpingClock()
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 2), speed=SPEED) as polygon,
+    ):
+        exits: list[int] = []
+        settings = settings_for(polygon, pushover, tmp_path, watchdog_seconds=5.0)
+        daemon = Daemon(settings, SimClock(at(10, 2), SPEED), exit_process=exits.append, monotonic=clock)
+        watchdog = threading.Thread(target=daemon._watchdog_loop)
+        watchdog.start()
+        time.sleep(1.5)
+        clock.jumped += 120.0  # every thread was held, the watchdog's own wait included
+        time.sleep(2.5)
+        held = list(exits)
+        daemon.last_turn = clock() - 6.0  # now the engine alone stops turning
+        watchdog.join(10)
+        daemon.journal.close()
+    assert held == [] and exits == [3]
+
+
+def test_health_says_failing_while_the_engine_thread_is_stuck(market, tmp_path):
+    """The engine thread makes the snapshot, so a stuck engine froze /health at `ok` and fed the
+    heartbeat until the watchdog's exit."""
+    clock = JumpingClock()
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 2), speed=SPEED) as polygon,
+    ):
+        daemon = Daemon(
+            settings_for(polygon, pushover, tmp_path), SimClock(at(10, 2), SPEED), monotonic=clock
+        )
+        daemon.health = {"status": "ok", "problems": []}
+        daemon.last_turn = clock()
+        assert daemon.served_health() == {"status": "ok", "problems": []}
+        clock.jumped += 20.0
+        served = daemon.served_health()
+        daemon.journal.close()
+    assert served["status"] == "failing" and daemon.health["status"] == "ok"
+    assert served["problems"] == ["the engine thread has not turned for 20 s (the watchdog exits at 60 s)"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -69,6 +70,37 @@ def test_idle_clients_are_capped_and_let_go_so_they_cannot_exhaust_threads_or_de
         server.stop()
 
 
+def test_clients_trickling_a_request_are_cut_off_at_its_deadline_so_health_stays_reachable():
+    """A byte every 0.3 s never trips a 0.5 s per-read timeout: sixteen such clients kept /health
+    unreachable for as long as they trickled."""
+    snapshot = {"status": "ok"}
+    server = HealthServer("127.0.0.1", 0, lambda: snapshot, client_timeout_s=0.5, max_clients=2).start()
+    tricklers = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n" * 100:
+                if stop.wait(0.3):
+                    return
+                conn.send(bytes([byte]))
+
+    threads = [threading.Thread(target=trickle, args=(c,), daemon=True) for c in tricklers]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)  # past the whole-request deadline of twice the client timeout
+        assert get(f"http://127.0.0.1:{server.port}/health") == (200, snapshot)
+        for conn in tricklers:
+            conn.settimeout(2.0)
+            assert conn.recv(1024) == b"", "the trickler was cut off"
+    finally:
+        stop.set()
+        for conn in tricklers:
+            conn.close()
+        server.stop()
+
+
 class _Counter(BaseHTTPRequestHandler):
     hits: list[str] = []
 
@@ -94,5 +126,41 @@ def test_heartbeat_pings_at_most_once_per_interval_and_only_when_healthy():
         beat.maybe_ping(1061.0, healthy=False)
         beat.maybe_ping(1062.0, healthy=True)
         assert _Counter.hits == ["/ping/abc", "/ping/abc"] and beat.pings == 2
+    finally:
+        server.shutdown()
+
+
+class _Trickler(BaseHTTPRequestHandler):
+    """Answers 200 and then its body one byte at a time, a byte every 0.1 s, for ever (a failing proxy)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(100_000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            return
+
+    def log_message(self, *_args: object) -> None:
+        return
+
+
+def test_a_heartbeat_endpoint_that_trickles_its_answer_cannot_hold_the_heartbeat_thread():
+    """Each read was under the 10 s timeout, so a trickling answer held the thread for good and /health
+    said `failing` (a thread that stopped turning) long after the endpoint was fine again."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        beat = Heartbeat(f"http://127.0.0.1:{server.server_address[1]}/ping", timeout_s=0.5)
+        done = threading.Thread(target=beat.maybe_ping, args=(1000.0, True), daemon=True)
+        done.start()
+        done.join(5.0)
+        assert not done.is_alive(), "the ping ended at its deadline"
+        assert (beat.pings, beat.failures) == (0, 1)
     finally:
         server.shutdown()
