@@ -528,6 +528,8 @@ AUTH_REPLY_TIMEOUT_S = 10.0
 # market seconds anyway, rather than never.
 GREETING_WAIT_S = 2.0
 HEALTHY_AFTER_S = 30.0
+# Wall seconds a reconnect waits for the gap's backfill before it subscribes anyway.
+BACKFILL_WAIT_S = 10.0
 NETWORK_ERROR_STATUS = 599
 # 413/429/499/5xx are what the official SDK retries; 413 makes no sense for a GET, so it is left out.
 RETRYABLE_STATUSES = frozenset({429, 499, *range(500, 600)})
@@ -645,7 +647,8 @@ class PolygonStream:
     same status twice in a row). It reconnects forever, clean closes included, with `backoff`; the
     attempt counter is reset only once a socket has stayed up and delivered data for 30 s, so a
     `max_connections` flap between two daemons on one key cannot become a hot loop. After a drop it
-    calls `backfill(last frame ms, now ms)` on a worker thread before subscribing again.
+    calls `backfill(last frame ms, now ms)` on a worker thread before subscribing again (waiting
+    `backfill_wait_s` at most: the live bars must not wait on a slow REST server).
 
     The same class reads the options cluster: give it `topics` (e.g. `Q.O:IWM...`) instead of stock
     symbols and change them at any time with `set_topics`; a refused subscription is reported as a
@@ -668,6 +671,7 @@ class PolygonStream:
         healthy_after_s: float = HEALTHY_AFTER_S,
         open_timeout_s: float = STREAM_OPEN_TIMEOUT_S,
         silence_s: Callable[[], float | None] = lambda: None,
+        backfill_wait_s: float = BACKFILL_WAIT_S,
         topics: Sequence[str] | None = None,
         wait_scale: float = 1.0,
     ) -> None:
@@ -694,6 +698,7 @@ class PolygonStream:
         self._healthy_after_ms = round(healthy_after_s * 1000)
         self._open_timeout_s = open_timeout_s
         self._silence_s = silence_s
+        self._backfill_wait_s = backfill_wait_s
         # Waits are market seconds: a simulated clock running 40x waits 40x less wall time.
         self._wait_scale = wait_scale
         self.silent_reconnects = 0
@@ -895,7 +900,13 @@ class PolygonStream:
             return
         self._log.info("stream_backfill", gap_from_ms=gap_from, gap_to_ms=gap_to)
         try:
-            await asyncio.to_thread(self._backfill, gap_from, gap_to)
+            # Bounded: a slow aggregates endpoint held the socket unsubscribed for minutes (no bars at
+            # all). Past the wait the backfill goes on in its thread and the live bars come first.
+            await asyncio.wait_for(asyncio.to_thread(self._backfill, gap_from, gap_to), self._backfill_wait_s)
+        except TimeoutError:
+            self._log.warning(
+                "stream_backfill_slow", waited_s=self._backfill_wait_s, action="subscribing anyway"
+            )
         except Exception as exc:
             self._log_unexpected("stream_backfill_failed", exc)
 

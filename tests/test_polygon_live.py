@@ -741,3 +741,38 @@ def test_a_close_reason_that_echoes_the_key_is_redacted_before_it_is_kept_or_rep
     assert kept == "closed 1008 policy: key *** refused"
     said = [kept, *reasons(inbox.items), *(json.dumps(entry) for entry in logs)]
     assert server.actions and not any(KEY in text for text in said)
+
+
+def test_a_slow_backfill_does_not_hold_the_reconnected_stream_unsubscribed(
+    fake: FakePolygon, streams: list
+) -> None:
+    """A trickling aggregates endpoint held the socket unsubscribed for minutes after every reconnect."""
+    inbox = Inbox()
+    release = threading.Event()
+
+    def backfill(_gap_from: int, _gap_to: int) -> None:
+        inbox.put("backfill")
+        release.wait(10.0)  # a REST backfill that takes its time
+
+    start_stream(
+        streams,
+        fake.ws_url,
+        inbox,
+        clock_ms=fake.now_ms,
+        backfill=backfill,
+        backfill_wait_s=0.3,
+        backoff=Backoff(initial_s=0.1, max_s=0.1, factor=1.0),
+        rng=MaxRng(),
+        healthy_after_s=3600.0,
+    )
+    try:
+        inbox.wait_for(lambda items: len(data_frames(items)) >= 3)
+        fake.drop_connections()
+        items = inbox.wait_for(
+            lambda items: "backfill" in items and len(data_frames(items[items.index("backfill") :])) >= 2
+        )
+        assert not release.is_set(), "live frames came while the backfill was still under way"
+    finally:
+        release.set()
+    assert fake.subscriptions == ["A.IWM,A.SPY", "A.IWM,A.SPY"], "subscribed while the backfill still ran"
+    assert items.index("backfill") < len(items) - 2
