@@ -647,6 +647,9 @@ class PolygonStream:
     same status twice in a row). It reconnects forever, clean closes included, with `backoff`; the
     attempt counter is reset only once a socket has stayed up and delivered data for 30 s, so a
     `max_connections` flap between two daemons on one key cannot become a hot loop. After a drop it
+    `starved(socket up since ms)`, asked after each frame, says when the frames lack what they are
+    for (the daemon: no bar of the underlying for STREAM_SILENCE_SECONDS): the socket is then
+    replaced as a silent one is. After a drop it
     calls `backfill(last frame ms, now ms)` on a worker thread before subscribing again (waiting
     `backfill_wait_s` at most: the live bars must not wait on a slow REST server).
 
@@ -672,6 +675,7 @@ class PolygonStream:
         open_timeout_s: float = STREAM_OPEN_TIMEOUT_S,
         silence_s: Callable[[], float | None] = lambda: None,
         backfill_wait_s: float = BACKFILL_WAIT_S,
+        starved: Callable[[int], bool] = lambda _up_since_ms: False,
         topics: Sequence[str] | None = None,
         wait_scale: float = 1.0,
     ) -> None:
@@ -699,6 +703,7 @@ class PolygonStream:
         self._open_timeout_s = open_timeout_s
         self._silence_s = silence_s
         self._backfill_wait_s = backfill_wait_s
+        self._starved = starved
         # Waits are market seconds: a simulated clock running 40x waits 40x less wall time.
         self._wait_scale = wait_scale
         self.silent_reconnects = 0
@@ -918,6 +923,12 @@ class PolygonStream:
             while True:
                 frame = await self._next_frame(ws)
                 t = self._put_frame(frame)
+                if self._starved(up_since):
+                    # Frames, but none of what was asked for (status frames only, another symbol):
+                    # as good as silent, and a new socket is what fixes a stuck subscription.
+                    self.silent_reconnects += 1
+                    self._log.warning("stream_starved", action="reconnecting")
+                    raise StreamSilent("frames without the subscribed data")
                 statuses = _frame_statuses(frame)
                 if any(status.status == "max_connections" for status in statuses):
                     return self._max_connections()

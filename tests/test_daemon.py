@@ -724,3 +724,21 @@ def test_health_says_failing_while_the_engine_thread_is_stuck(market, tmp_path):
         daemon.journal.close()
     assert served["status"] == "failing" and daemon.health["status"] == "ok"
     assert served["problems"] == ["the engine thread has not turned for 20 s (the watchdog exits at 60 s)"]
+
+
+def test_the_stream_is_starved_after_the_silence_limit_without_an_underlying_bar(market, tmp_path):
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 2), speed=SPEED) as polygon,
+    ):
+        clock = SimClock(at(10, 2), 1.0)  # market time at wall speed: the margins below are seconds
+        daemon = Daemon(settings_for(polygon, pushover, tmp_path), clock)
+        limit_ms = int(daemon.settings.stream_silence_seconds * 1000)
+        now = clock.now_ms()
+        daemon.stream_watch.last_bar_ms = now - limit_ms - 5_000
+        starved_old_socket = daemon._stream_starved(now - limit_ms - 5_000)
+        fresh_socket = daemon._stream_starved(now - 5_000)  # a new socket gets its own full window
+        daemon.stream_watch.last_bar_ms = now - 5_000
+        fed = daemon._stream_starved(now - limit_ms - 5_000)
+        daemon.journal.close()
+    assert (starved_old_socket, fresh_socket, fed) == (True, False, False)

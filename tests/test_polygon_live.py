@@ -776,3 +776,33 @@ def test_a_slow_backfill_does_not_hold_the_reconnected_stream_unsubscribed(
         release.set()
     assert fake.subscriptions == ["A.IWM,A.SPY", "A.IWM,A.SPY"], "subscribed while the backfill still ran"
     assert items.index("backfill") < len(items) - 2
+
+
+def test_a_socket_with_frames_but_none_of_the_data_asked_for_is_redialled(
+    fake: FakePolygon, streams: list
+) -> None:
+    """Status frames, or the benchmark alone, kept the silence timer at bay: the socket was never
+    redialled while the underlying's bars were missing. `starved` (the daemon's judgement) redials it."""
+    inbox = Inbox()
+    starving = threading.Event()
+    starving.set()
+    seen: list[int] = []
+
+    def starved(up_since_ms: int) -> bool:
+        seen.append(up_since_ms)
+        return starving.is_set() and len(seen) >= 3
+
+    stream = start_stream(
+        streams,
+        fake.ws_url,
+        inbox,
+        clock_ms=fake.now_ms,
+        starved=starved,
+        backoff=Backoff(initial_s=0.05, max_s=0.05, factor=1.0),
+        rng=MaxRng(),
+    )
+    inbox.wait_for(lambda items: stream.silent_reconnects >= 1 and len(set(seen)) >= 2)
+    starving.clear()
+    inbox.wait_for(lambda items: len(data_frames(items)) >= 6)
+    assert len(fake.subscriptions) >= 2, "a new socket subscribed again"
+    assert len(set(seen)) >= 2, "each socket is judged from its own start"
