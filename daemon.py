@@ -806,7 +806,7 @@ class Daemon:
             clock_ms=self.clock.now_ms,
             backfill=self._backfill,
             silence_s=self._silence_limit_s,
-            starved=self._stream_starved,
+            required_sym=self.rules.underlying,
             wait_scale=self.clock.sleep_scale(),
         )
         self.stream.start()
@@ -819,16 +819,6 @@ class Daemon:
         if session is None or not session.is_open(self.clock.now_ms()):
             return None
         return self.settings.stream_silence_seconds * self.clock.sleep_scale()
-
-    def _stream_starved(self, up_since_ms: int) -> bool:
-        """Whether the stream, up since `up_since_ms`, has brought frames but no bar of the underlying
-        for STREAM_SILENCE_SECONDS in session (an audit's server sent status frames, or SPY alone, and
-        the socket was never redialled). Asked by the stream's thread after each frame."""
-        now = self.clock.now_ms()
-        if self._open_session_ms(now) is None:
-            return False
-        since = max(self.stream_watch.last_bar_ms or 0, up_since_ms)
-        return now - since > self.settings.stream_silence_seconds * 1000
 
     def _disconnect(self) -> None:
         with self._stream_lock:

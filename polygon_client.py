@@ -633,6 +633,12 @@ def _refuses_subscription(status: StatusMessage) -> bool:
     return any(words in text for words in _REFUSAL_WORDS) or _CHANNEL.search(text) is not None
 
 
+def _sym_patterns(sym: str) -> tuple[re.Pattern[str], re.Pattern[bytes]]:
+    """(str, bytes) patterns of `"sym": "<sym>"` with any spacing JSON allows."""
+    text = r'"sym"\s*:\s*"' + re.escape(sym) + '"'
+    return re.compile(text), re.compile(text.encode())
+
+
 class StreamSilent(Exception):
     """An open socket delivered nothing for too long during the session."""
 
@@ -647,9 +653,9 @@ class PolygonStream:
     same status twice in a row). It reconnects forever, clean closes included, with `backoff`; the
     attempt counter is reset only once a socket has stayed up and delivered data for 30 s, so a
     `max_connections` flap between two daemons on one key cannot become a hot loop. After a drop it
-    `starved(socket up since ms)`, asked after each frame, says when the frames lack what they are
-    for (the daemon: no bar of the underlying for STREAM_SILENCE_SECONDS): the socket is then
-    replaced as a silent one is. After a drop it
+    With `required_sym`, frames that carry no event of that symbol (status frames only, another
+    symbol alone) count as silence too: none for `silence_s()` and the socket is replaced as a silent
+    one is. After a drop it
     calls `backfill(last frame ms, now ms)` on a worker thread before subscribing again (waiting
     `backfill_wait_s` at most: the live bars must not wait on a slow REST server).
 
@@ -675,7 +681,7 @@ class PolygonStream:
         open_timeout_s: float = STREAM_OPEN_TIMEOUT_S,
         silence_s: Callable[[], float | None] = lambda: None,
         backfill_wait_s: float = BACKFILL_WAIT_S,
-        starved: Callable[[int], bool] = lambda _up_since_ms: False,
+        required_sym: str | None = None,
         topics: Sequence[str] | None = None,
         wait_scale: float = 1.0,
     ) -> None:
@@ -703,7 +709,9 @@ class PolygonStream:
         self._open_timeout_s = open_timeout_s
         self._silence_s = silence_s
         self._backfill_wait_s = backfill_wait_s
-        self._starved = starved
+        # The wanted symbol's events, as any JSON spelling of the frame writes them (str or bytes).
+        self._required_sym = required_sym
+        self._wanted = None if required_sym is None else _sym_patterns(required_sym)
         # Waits are market seconds: a simulated clock running 40x waits 40x less wall time.
         self._wait_scale = wait_scale
         self.silent_reconnects = 0
@@ -919,16 +927,13 @@ class PolygonStream:
         """The hot loop: stamp, put, and watch only for `max_connections` and silence."""
         up_since = self._clock_ms()
         healthy = False
+        wanted_at = time.monotonic()  # wall time, as `silence_s()` is
         try:
             while True:
                 frame = await self._next_frame(ws)
                 t = self._put_frame(frame)
-                if self._starved(up_since):
-                    # Frames, but none of what was asked for (status frames only, another symbol):
-                    # as good as silent, and a new socket is what fixes a stuck subscription.
-                    self.silent_reconnects += 1
-                    self._log.warning("stream_starved", action="reconnecting")
-                    raise StreamSilent("frames without the subscribed data")
+                if self._wanted is not None:
+                    wanted_at = self._check_wanted(frame, wanted_at)
                 statuses = _frame_statuses(frame)
                 if any(status.status == "max_connections" for status in statuses):
                     return self._max_connections()
@@ -940,6 +945,20 @@ class PolygonStream:
                     self._attempt = 0
         finally:
             self._gap_from_ms = self.last_frame_ms
+
+    def _check_wanted(self, frame: str | bytes, wanted_at: float) -> float:
+        """When the required symbol last came (wall time); StreamSilent when frames flow without it
+        for `silence_s()`: as good as silent, and a new socket is what fixes a stuck subscription."""
+        assert self._wanted is not None
+        now = time.monotonic()
+        if self._wanted[isinstance(frame, bytes)].search(frame):  # type: ignore[arg-type]
+            return now
+        limit = self._silence_s()
+        if limit is not None and now - wanted_at > limit:
+            self.silent_reconnects += 1
+            self._log.warning("stream_starved", without_s=round(now - wanted_at, 3), action="reconnecting")
+            raise StreamSilent(f"frames but no {self._required_sym} event for {limit:.1f} s")
+        return wanted_at
 
     async def _next_frame(self, ws: ClientConnection) -> str | bytes:
         """The next frame; a socket that stays open but silent past `silence_s()` is given up on.

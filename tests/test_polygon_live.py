@@ -778,31 +778,32 @@ def test_a_slow_backfill_does_not_hold_the_reconnected_stream_unsubscribed(
     assert items.index("backfill") < len(items) - 2
 
 
-def test_a_socket_with_frames_but_none_of_the_data_asked_for_is_redialled(
-    fake: FakePolygon, streams: list
-) -> None:
+def test_a_socket_with_frames_but_none_of_the_symbol_required_is_redialled(streams: list) -> None:
     """Status frames, or the benchmark alone, kept the silence timer at bay: the socket was never
-    redialled while the underlying's bars were missing. `starved` (the daemon's judgement) redials it."""
+    redialled while the underlying's bars were missing."""
+    spy_only = '[{"ev": "A", "sym": "SPY", "s": 1, "e": 2, "c": 570.0}]'
     inbox = Inbox()
-    starving = threading.Event()
-    starving.set()
-    seen: list[int] = []
+    with GreetlessServer(opening=(AUTH_SUCCESS, spy_only, spy_only, spy_only)) as server:
+        stream = start_stream(
+            streams,
+            server.url,
+            inbox,
+            required_sym="IWM",
+            silence_s=lambda: 0.2,
+            backoff=Backoff(initial_s=0.05, max_s=0.05, factor=1.0),
+            rng=MaxRng(),
+        )
+        # The greetless server answers each subscribe with one IWM bar, then sends nothing: pings only.
+        inbox.wait_for(lambda items: stream.silent_reconnects >= 2)
+        stream.stop()
+    assert server.connections >= 2
 
-    def starved(up_since_ms: int) -> bool:
-        seen.append(up_since_ms)
-        return starving.is_set() and len(seen) >= 3
 
-    stream = start_stream(
-        streams,
-        fake.ws_url,
-        inbox,
-        clock_ms=fake.now_ms,
-        starved=starved,
-        backoff=Backoff(initial_s=0.05, max_s=0.05, factor=1.0),
-        rng=MaxRng(),
-    )
-    inbox.wait_for(lambda items: stream.silent_reconnects >= 1 and len(set(seen)) >= 2)
-    starving.clear()
-    inbox.wait_for(lambda items: len(data_frames(items)) >= 6)
-    assert len(fake.subscriptions) >= 2, "a new socket subscribed again"
-    assert len(set(seen)) >= 2, "each socket is judged from its own start"
+def test_the_required_symbol_is_recognised_in_any_json_spelling_of_a_frame() -> None:
+    from polygon_client import _sym_patterns
+
+    text, raw = _sym_patterns("IWM")
+    for frame in ('[{"ev":"A","sym":"IWM"}]', '[{"ev": "A", "sym" : "IWM"}]', '[{"sym":\n"IWM"}]'):
+        assert text.search(frame) and raw.search(frame.encode())
+    for frame in ('[{"ev":"A","sym":"SPY"}]', '[{"sym":"IWM1"}]', '[{"message":"subscribed to: A.IWM"}]'):
+        assert not text.search(frame) and not raw.search(frame.encode())
