@@ -78,8 +78,8 @@ class AheadGuard:
     anything on a rehearsal whose server keeps its own clock; steady either way, and one clock for every
     symbol of the stream. A late bar only lowers it, so the guard keeps the highest lead so far (0, the
     receive clock, before the first bar) and drops a bar more than MAX_LEAD_JUMP_MS above it.
-    NEW_LEAD_BARS such bars in a row are taken as the new lead, so a reset clock, or a server on a clock
-    of its own, costs a few bars.
+    Frames with such bars NEW_LEAD_BARS times in a row set the new lead, so a reset clock, or a server on
+    a clock of its own, costs a few seconds of bars.
     """
 
     __slots__ = ("_top", "_suspects")
@@ -95,7 +95,7 @@ class AheadGuard:
         for bar in bars:
             lead = bar.start_ms - received_ms
             if lead > limit:
-                return tuple(bar for bar in bars if self._admits(bar.start_ms - received_ms))
+                return self._suspect_frame(bars, received_ms)
             if highest is None or lead > highest:
                 highest = lead
         self._top, self._suspects = highest, 0
@@ -105,17 +105,21 @@ class AheadGuard:
         """The highest lead a bar may have: MAX_LEAD_JUMP_MS above the stream's (0 before any bar)."""
         return (self._top or 0) + MAX_LEAD_JUMP_MS
 
-    def _admits(self, lead: int) -> bool:
-        top = self._top
-        if lead <= self._limit():
-            self._top = lead if top is None or lead > top else top
-            self._suspects = 0
-            return True
+    def _suspect_frame(self, bars: tuple[Bar, ...], received_ms: int) -> tuple[Bar, ...]:
+        """A frame with bars beyond reach: those are dropped, unless this is the NEW_LEAD_BARS-th such
+        frame in a row, which sets the new lead. Frames are counted, not bars: one frame of five bars
+        from the far future took over the lead and made every real bar after it late."""
         self._suspects += 1
-        if self._suspects < NEW_LEAD_BARS:
-            return False
-        self._top, self._suspects = lead, 0
-        return True
+        if self._suspects >= NEW_LEAD_BARS:
+            self._top, self._suspects = max(bar.start_ms - received_ms for bar in bars), 0
+            return bars
+        limit, top = self._limit(), self._top
+        kept = tuple(bar for bar in bars if bar.start_ms - received_ms <= limit)
+        for bar in kept:
+            lead = bar.start_ms - received_ms
+            top = lead if top is None or lead > top else top
+        self._top = top
+        return kept
 
 
 # A streamed bar whose high or low lies further than this fraction from its symbol's last kept close is a

@@ -43,6 +43,8 @@ from redaction import Redactor
 from tape import request_path, strip_api_key
 
 _FLOAT_MAX = sys.float_info.max
+# The latest bar window bound taken (2100-01-01 UTC in ms).
+MAX_WINDOW_MS = 4_102_444_800_000
 # Bounds past which a number is a vendor bug, not a market: the dearest US stock trades near 1e6,
 # an option premium is below its underlying, IWM trades ~3e7 shares a day, an IV of 100 is 10,000%.
 MAX_STOCK_PRICE = 1e7
@@ -143,6 +145,8 @@ def _bar_from_fields(
     d: dict, sym: str, start_ms: int, end_ms: int, received_ms: int, with_day: bool
 ) -> Bar | None:
     """Validate the OHLCV fields shared by WS `A` events and REST aggs; None when the bar is unusable."""
+    if not (start_ms <= MAX_WINDOW_MS and end_ms <= MAX_WINDOW_MS):
+        return None  # a stamp past 2100: no clock means it, and year 33,700 crashed the time formatting
     o = _stock_price(d.get("o"))
     h = _stock_price(d.get("h"))
     lo = _stock_price(d.get("l"))

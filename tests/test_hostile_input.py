@@ -464,6 +464,21 @@ def test_a_bar_stamped_far_ahead_of_the_streams_usual_lead_is_dropped_once() -> 
     assert bars_kept(FeedDecoder("IWM", "SPY"), [day, -1200]) == [False, True]
 
 
+def test_one_frame_of_five_far_future_bars_cannot_take_over_the_lead() -> None:
+    """Suspects were counted per bar: one frame of five bars from the far future became the new lead
+    and every real bar after it was late for the rest of the day (with year 33,700 the time formatting
+    crashed the engine)."""
+    decoder = FeedDecoder("IWM", "SPY")
+    assert bars_kept(decoder, [-1200, -1200]) == [True, True]
+    received = at(10, 4) + 2000
+    ahead = [json.loads(bar_frame(received + 32 * 365 * 86_400_000 + i * 1000))[0] for i in range(5)]
+    assert decoder.ws(received, ahead) == []
+    assert bars_kept(decoder, [-1200] * 3, first_ms=received + 1000) == [True] * 3
+    # Past 2100 a stamp is no bar at all, however many frames in a row bring one.
+    kept = [decoder.ws(received + 4000 + i * 1000, bar_frame(10**15 + i * 1000)) for i in range(6)]
+    assert kept == [[]] * 6
+
+
 def test_a_server_replaying_bars_faster_than_its_clock_keeps_every_bar() -> None:
     # A rehearsal at 20x bar time per receive second: the lead grows 19 s a frame, never 60 s at once.
     assert all(bars_kept(FeedDecoder("IWM", "SPY"), [i * 19_000 for i in range(30)]))
