@@ -217,8 +217,16 @@ class Engine:
     def session(self) -> Session | None:
         return self._session
 
-    def restore(self, state: RestoredState, session_date: str) -> None:
-        """Adopt the journal's trading state for `session_date` (it is the truth after a restart)."""
+    def restore(self, state: RestoredState, session_date: str, *, replayed: bool = False) -> None:
+        """Adopt the journal's trading state for `session_date` (it is the truth after a restart).
+
+        `replayed`: the engine has just rebuilt its state from the very tape lines the journal recorded
+        (a replay resuming after its cursor). When its open position is the journal's open trade, it is
+        at least as new as the journal's copy, which saves a new peak at most once a second and a mark
+        every 5 s: it is kept, with the time of the quote behind its mark. An audit's resumed replay took
+        the journal's older peak and missed the giveback the uninterrupted replay sold on.
+        """
+        rebuilt = self.position if replayed else None
         self._session_date = session_date
         self.position = state.position
         self.day = state.day
@@ -228,6 +236,9 @@ class Engine:
         self.lifetime = state.lifetime
         self._critical_latched = state.critical_latched
         self.trades_today = state.trades_today
+        if rebuilt is not None and state.position is not None and rebuilt.trade_id == state.position.trade_id:
+            self.position = rebuilt
+            return
         self._mark_quote_ms = None  # the journal keeps no quote time: the next valid quote sets the mark
         self.mark_set_ms = None
 

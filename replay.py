@@ -282,7 +282,7 @@ def _adopt_journal(engine: Engine, journal: Journal | None, t: int) -> None:
     if journal is None:
         return
     session_date = ny_date(t).isoformat()
-    engine.restore(state_for_day(journal, session_date), session_date)
+    engine.restore(state_for_day(journal, session_date), session_date, replayed=True)
 
 
 def state_for_day(journal: Journal, session_date: str) -> RestoredState:

@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from builders import DAY, at, bar, calendar, chain, engine, quote
+from builders import DAY, TICKER, at, bar, calendar, chain, engine, quote
 
 from config import Rules
 from events import Alert
@@ -455,3 +455,70 @@ def test_notify_says_it_waits_for_pushover_and_exits_1_when_alerts_were_not_deli
         f"Waiting up to 60 s for Pushover to take {summary['pending_alerts']} pending alert(s)" in done.stderr
     )
     assert f"Replay incomplete: {summary['undelivered_alerts']} alert(s) were not delivered" in done.stderr
+
+
+def a_event(bar_) -> dict:
+    """A builders' Bar as the stream sends it."""
+    return {"ev": "A", "sym": bar_.sym, "v": bar_.v, "av": 1_000_000, "op": bar_.c, "vw": bar_.c, "o": bar_.c,
+            "c": bar_.c, "h": bar_.c, "l": bar_.c, "a": bar_.c, "z": 10, "s": bar_.start_ms,
+            "e": bar_.start_ms + 1000}  # fmt: skip
+
+
+def snapshot_result(bid: float, ask: float, quote_ms: int) -> dict:
+    """The held contract as an options snapshot result, its quote stamped `quote_ms`."""
+    return {
+        "details": {"ticker": TICKER, "strike_price": 242.0, "expiration_date": DAY.isoformat(),
+                    "contract_type": "call"},
+        "greeks": {"delta": 0.38}, "implied_volatility": 0.2, "day": {"volume": 5000}, "open_interest": 1000,
+        "last_quote": {"bid": bid, "ask": ask, "bid_size": 50, "ask_size": 50, "last_updated": quote_ms * 10**6},
+    }  # fmt: skip
+
+
+def contract_line(t: int, bid: float, ask: float, quote_ms: int | None = None) -> str:
+    """The held contract's REST snapshot received at `t`, its quote stamped `quote_ms` (default `t`)."""
+    body = {"status": "OK", "results": snapshot_result(bid, ask, quote_ms or t)}
+    return json.dumps({"t": t, "rest": f"/v3/snapshot/options/IWM/{TICKER}", "status": 200, "body": body})
+
+
+def burst_tape_lines() -> tuple[list[str], int]:
+    """A BUY at the burst's last bar (ask 1.02, mid 1.01), as tape lines; and that bar's receive time."""
+    from builders import burst_bars
+
+    bars = burst_bars(at(10, 0))
+    entry_t = bars[-1].received_ms
+    path = f"/v3/snapshot/options/IWM?expiration_date={DAY.isoformat()}&contract_type=call&limit=250"
+    chain_body = {"results": [snapshot_result(1.0, 1.02, entry_t - 400)]}
+    meta = {"format": "tape/1", "underlying": "IWM", "benchmark": "SPY"}
+    lines = [json.dumps({"t": bars[0].received_ms - 1000, "meta": meta})]
+    lines += [json.dumps({"t": b.received_ms, "ws": [a_event(b)]}) for b in bars[:-1]]
+    lines.append(json.dumps({"t": entry_t - 300, "rest": path, "status": 200, "body": chain_body}))
+    lines.append(json.dumps({"t": entry_t, "ws": [a_event(bars[-1])]}))
+    return lines, entry_t
+
+
+@pytest.mark.parametrize("late_quote", [False, True], ids=["unsaved-peak", "older-quote"])
+def test_a_replay_resumed_right_after_an_unsaved_peak_makes_the_uninterrupted_replays_trade(
+    tmp_path, late_quote
+):
+    """Peaks reach the journal at most once a second: a replay cut right after a new peak resumed from
+    the journal's older peak (and with no quote clock, so an older quote could mark it), and its trade
+    differed from the uninterrupted replay's."""
+    lines, entry_t = burst_tape_lines()
+    lines.append(contract_line(entry_t + 300, 1.99, 2.01))  # a new peak of 2.00, not saved yet
+    cut = len(lines)
+    if late_quote:  # a quote older than the one behind the mark: ignored by the uninterrupted replay
+        lines.append(contract_line(entry_t + 500, 1.04, 1.06, quote_ms=entry_t + 100))
+    lines.append(contract_line(entry_t + 600, 1.39, 1.41))  # 30 % off 2.00: a Hard giveback
+    lines += [contract_line(entry_t + k * 1000, 1.30, 1.32) for k in range(1, 30)]
+    tape = write_lines(tmp_path / "full" / "2025-10-02.jsonl.gz", lines)
+
+    whole_alerts, whole = run(tape, tmp_path / "whole.sqlite3")
+    part = write_lines(tmp_path / "part" / tape.name, lines[:cut])
+    first, journal = run(part, tmp_path / "split.sqlite3")
+    journal.close()
+    rest, journal = run(tape, tmp_path / "split.sqlite3")
+
+    (trade,) = whole.trades()
+    assert (trade.reason, trade.exit_price) == ("Hard giveback", 1.39)
+    assert journal.table_rows("trades") == whole.table_rows("trades")
+    assert [a.message for a in first + rest] == [a.message for a in whole_alerts]
