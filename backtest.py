@@ -228,7 +228,7 @@ EXAMPLES = """examples:
 
 Synthetic tapes are kept under DATA_DIR/synthetic/vM/seed-S/ (M: the market model's version),
 reconstructed ones under DATA_DIR/history/ (raw REST answers under DATA_DIR/cache/DATE/, so an
-interrupted --fetch resumes). Every tape run is decoded once into DATA_DIR/decoded/ (about 15 MB per
+interrupted --fetch resumes). Every tape run is decoded once into DATA_DIR/decoded/ (about 30 MB per
 full day), which re-runs and sweeps read instead."""
 
 

@@ -219,6 +219,19 @@ def stats_json(stats: Stats) -> dict[str, Any]:
     return values
 
 
+# What a run writes into its report folder: a run clears them first, so the folder is that run's alone.
+REPORT_FILES = ("trades.csv", "summary.json", "equity.png", "day-*.png", "sweep.csv", "sweep.json")
+
+
+def clear_report(out_dir: Path) -> None:
+    """Create `out_dir`, or remove the files an earlier run wrote there (and nothing else): a 2-day run
+    after a 20-day one left 18 old day charts and an old sweep.csv beside its own report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in REPORT_FILES:
+        for old in out_dir.glob(pattern):
+            old.unlink(missing_ok=True)
+
+
 def summary_json(
     result: BacktestResult, stats: Stats, overrides: Mapping[str, str], source: str = "tapes"
 ) -> dict[str, Any]:
@@ -336,7 +349,7 @@ def write_report(
     With a holdout `split`, summary.json also holds the in-sample and out-of-sample statistics
     (`split_stats`; `held_out` is the run of the held-out days alone).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    clear_report(out_dir)
     stats = compute_stats(result.trades)
     write_trades_csv(out_dir / "trades.csv", result)
     summary = summary_json(result, stats, overrides, source)
@@ -451,7 +464,7 @@ def write_sweep(
     With a holdout `split`, every statistic comes twice, `in_sample_*` (what the ranking used) and
     `out_of_sample_*`, and sweep.json names the held-out days and the chosen cell.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    clear_report(out_dir)
     names = [name for name, _ in results[0].params] if results else []
     stats_names = list(SWEEP_STATS)
     if split:

@@ -161,6 +161,10 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_cli_writes_the_report_with_charts_of_the_expected_size(short_tapes, tmp_path):
     out = tmp_path / "report"
+    out.mkdir()
+    for earlier in ("day-2020-01-02.png", "sweep.csv", "sweep.json"):  # an earlier, longer run's files
+        (out / earlier).write_text("old")
+    (out / "my-notes.txt").write_text("mine")
     stdout, stderr = io.StringIO(), io.StringIO()
     environ = {"DATA_DIR": str(tmp_path / "data")}
     args = [str(short_tapes[0].parent), "--out", str(out), "--workers", "2"]
@@ -183,6 +187,9 @@ def test_cli_writes_the_report_with_charts_of_the_expected_size(short_tapes, tmp
     for day in ("2025-10-06", "2025-10-07"):
         chart = out / f"day-{day}.png"
         assert png_size(chart) == (1200, 700) and chart.stat().st_size > 10_000
+    kept = sorted(path.name for path in out.iterdir())
+    assert kept == ["day-2025-10-06.png", "day-2025-10-07.png", "equity.png", "my-notes.txt", "summary.json",
+                    "trades.csv"], "the report folder is this run's alone; other files are left"  # fmt: skip
 
     again = tmp_path / "again"
     rerun_err = io.StringIO()
