@@ -47,8 +47,11 @@ QUOTA_RETRY_S = 300.0
 # A 403, or a 4xx page that is not Pushover's JSON (a proxy, a firewall, Pushover's block of an IP that
 # sent many bad requests): the whole service refuses for now, so the queue is held, not dropped.
 REFUSED_RETRY_S = 60.0
-# Timeouts of one alert before it goes by the fallback; without one it is retried until Pushover answers.
+# Timeouts of one alert before it goes by the fallback; without one it is resent (marked possible repeat)
+# with the back-off until GIVE_UP_TIMEOUTS, several minutes: a Pushover that takes requests and never
+# answers for a while loses nothing, and one alert that never gets an answer cannot hold the rest for good.
 MAX_TIMEOUTS = 2
+GIVE_UP_TIMEOUTS = 8
 # Pushover takes one image per message, at most this many bytes (reference/platform.md section 2).
 ATTACHMENT_LIMIT = 5_242_880
 ATTACHMENT_NAME = "chart.png"
@@ -395,14 +398,14 @@ class Notifier:
     arrive after its SELL); the same item is retried after an exponential back-off between
     `min_retry_s` and `max_retry_s`, measured on `monotonic`. `clock_ms` stamps `sent_ms`.
 
-    A request that timed out may have been delivered: its resend is titled "(possible repeat)", and
-    after `MAX_TIMEOUTS` timeouts it goes by the fallback if there is one; without one it is retried
-    with the back-off until Pushover answers (never dropped). A 429 (the app's monthly quota is used up) holds the
-    queue and retries every `QUOTA_RETRY_S`; a 403 or a 4xx page that is not Pushover's (a proxy, an IP
-    block) every `REFUSED_RETRY_S`. A 200 counts as delivered even when its body cannot be read. With a
-    `fallback`, alerts go that way instead while Pushover refuses the keys, is out of quota or refuses the
-    service, has been down for `DOWN_BEFORE_FALLBACK_S`, or timed out twice. `redact` takes the secrets
-    out of every title and message before it leaves, by any route.
+    A request that timed out may have been delivered: its resend is titled "(possible repeat)", and after
+    `MAX_TIMEOUTS` timeouts it goes by the fallback if there is one; without one it is resent with the
+    back-off for several minutes (`GIVE_UP_TIMEOUTS`) before the queue moves on. A 429 (the app's monthly
+    quota is used up) holds the queue and retries every `QUOTA_RETRY_S`; a 403 or a 4xx page that is not
+    Pushover's (a proxy, an IP block) every `REFUSED_RETRY_S`. A 200 counts as delivered even when its
+    body cannot be read. With a `fallback`, alerts go that way instead while Pushover refuses the keys,
+    is out of quota or refuses the service, has been down for `DOWN_BEFORE_FALLBACK_S`, or timed out
+    twice. `redact` takes the secrets out of every title and message before it leaves, by any route.
     """
 
     def __init__(
@@ -629,9 +632,14 @@ class Notifier:
         if result.refused_for_now:
             self._on_refused_for_now(item, result)
             return self._via_fallback(item) if self._fallback is not None else "stop"
-        if result.timed_out and self._timed_out_too_often(item) and self._fallback is not None:
-            log.warning("pushover_timed_out_twice", action="sending by the fallback", **_fields(item, result))
-            return self._via_fallback(item)
+        if result.timed_out and self._timed_out_too_often(item):
+            if self._fallback is not None:
+                log.warning(
+                    "pushover_timed_out_twice", action="sending by the fallback", **_fields(item, result)
+                )
+                return self._via_fallback(item)
+            if self._timeouts[item.dedupe_key] >= GIVE_UP_TIMEOUTS:
+                return self._give_up_after_timeouts(item, result)
         if result.retry:
             # No HTTP answer to a request that left: it may have arrived; the retry says so.
             self._on_retryable(item, result, maybe_sent=bool(left) and result.status is None)
@@ -688,21 +696,36 @@ class Notifier:
     def _timed_out_too_often(self, item: OutboxItem) -> bool:
         """Count a timeout of `item`; whether it has now timed out MAX_TIMEOUTS times or more.
 
-        Without a fallback such an item is never given up: it stays first and is retried with the
-        back-off, each resend titled "(possible repeat)". A copy too many, marked as such, costs less
-        than a SELL that never arrives (an audit's one-minute outage of a silent Pushover lost both
-        the BUY and the SELL when the queue moved on).
+        Without a fallback such an item stays first and is resent with the back-off, each resend titled
+        "(possible repeat)", until GIVE_UP_TIMEOUTS. A copy too many, marked as such, costs less than a
+        SELL that never arrives (an audit's one-minute outage of a silent Pushover lost both the BUY and
+        the SELL when the queue moved on after two).
         """
         count = self._timeouts.get(item.dedupe_key, 0) + 1
         self._timeouts[item.dedupe_key] = count
         if count == MAX_TIMEOUTS and self._fallback is None:
             log.error(
                 "pushover_not_answering",
-                action="held first in the queue and sent again until Pushover answers, marked possible repeat",
+                action="held first in the queue and sent again, marked possible repeat, for several minutes",
                 dedupe_key=item.dedupe_key,
                 timeouts=count,
             )
         return count >= MAX_TIMEOUTS
+
+    def _give_up_after_timeouts(self, item: OutboxItem, result: SendResult) -> Outcome:
+        # Bounded, so that one alert that can never get an answer in time (a chart on a slow link)
+        # cannot hold every later alert for good; several minutes of resends cover a Pushover outage.
+        self._timeouts.pop(item.dedupe_key, None)
+        self._journal.mark_failed(
+            item.id, f"{result.error}; timed out {GIVE_UP_TIMEOUTS} times, may have arrived"
+        )
+        self._gave_up.append(f"{item.kind} (timed out {GIVE_UP_TIMEOUTS} times, may have arrived)")
+        log.error(
+            "pushover_timed_out_too_often",
+            action="moving on: the alert may or may not have reached the phone",
+            **_fields(item, result),
+        )
+        return "failed"
 
     def _hold(self, item: OutboxItem, result: SendResult, retry_s: float, problem: str) -> bool:
         """Keep the queue (this item first) for `retry_s`; whether this starts a hold."""

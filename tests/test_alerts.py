@@ -948,3 +948,29 @@ def test_fake_server_takes_one_image_up_to_pushovers_limit(server: FakePushover)
     assert len(first.attachment or b"") == ATTACHMENT_LIMIT and first.form == fields
     assert (last.attachment, last.attachment_type) == (b"\x89PNG!", "image/png")
     assert "attachment_base64" not in last.form
+
+
+def test_an_alert_that_never_gets_an_answer_is_given_up_after_several_minutes_of_resends(
+    journal: Journal, server: FakePushover
+) -> None:
+    """Held for good, one alert that can never be answered in time would hold every later one."""
+    from alerts import GIVE_UP_TIMEOUTS
+
+    server.stall(60.0)  # never answered within the client's timeout during this test
+    journal.record([alert(1), alert(2)])
+    notifier = make_notifier(journal, make_client(server, timeout=0.05), min_retry_s=0.01, max_retry_s=0.01)
+    with capture_logs() as logs:
+        for _ in range(GIVE_UP_TIMEOUTS * 3):
+            notifier.drain_once()
+            if outbox(journal)[0][1] == "failed":
+                break
+            time.sleep(0.02)
+    rows = outbox(journal)
+    assert rows[0][:2] == ("K:1", "failed") and "may have arrived" in (rows[0][3] or "")
+    assert rows[1][1] in ("pending", "sending"), "alert 2 is next in line, not lost with it"
+    assert [e["dedupe_key"] for e in logs if e["event"] == "pushover_timed_out_too_often"] == ["K:1"]
+    gave_up = notifier.health().gave_up
+    assert (
+        gave_up
+        == f"1 alert(s) not delivered, the last: BUY (timed out {GIVE_UP_TIMEOUTS} times, may have arrived)"
+    )
