@@ -657,11 +657,10 @@ class PolygonStream:
     same status twice in a row). It reconnects forever, clean closes included, with `backoff`; the
     attempt counter is reset only once a socket has stayed up and delivered data for 30 s, so a
     `max_connections` flap between two daemons on one key cannot become a hot loop. After a drop it
-    With `required_sym`, frames that carry no event of that symbol (status frames only, another
-    symbol alone) count as silence too: none for `silence_s()` and the socket is replaced as a silent
-    one is. After a drop it
     calls `backfill(last frame ms, now ms)` on a worker thread before subscribing again (waiting
-    `backfill_wait_s` at most: the live bars must not wait on a slow REST server).
+    `backfill_wait_s` at most: the live bars must not wait on a slow REST server). With `required_sym`,
+    frames that carry no event of that symbol (status frames only, another symbol alone) count as
+    silence too: none for `silence_s()` and the socket is replaced as a silent one is.
 
     The same class reads the options cluster: give it `topics` (e.g. `Q.O:IWM...`) instead of stock
     symbols and change them at any time with `set_topics`; a refused subscription is reported as a
@@ -955,10 +954,10 @@ class PolygonStream:
         for `silence_s()`: as good as silent, and a new socket is what fixes a stuck subscription."""
         assert self._wanted is not None
         now = time.monotonic()
-        if self._wanted[isinstance(frame, bytes)].search(frame):  # type: ignore[arg-type]
+        limit = self._silence_s()  # None outside the session: nothing is owed then, the count restarts
+        if limit is None or self._wanted[isinstance(frame, bytes)].search(frame):  # type: ignore[arg-type]
             return now
-        limit = self._silence_s()
-        if limit is not None and now - wanted_at > limit:
+        if now - wanted_at > limit:
             self.silent_reconnects += 1
             self._log.warning("stream_starved", without_s=round(now - wanted_at, 3), action="reconnecting")
             raise StreamSilent(f"frames but no {self._required_sym} event for {limit:.1f} s")
