@@ -67,8 +67,8 @@ class FeedCounters:
 # a bar a minute ahead can cost at most a minute of bars, and a server that fast-forwards (a rehearsal
 # replaying bars faster than its clock) moves the lead by less than that from one frame to the next.
 MAX_LEAD_JUMP_MS = 60_000
-# This many such bars in a row are a new lead (the vendor's or this machine's clock was reset), not outliers.
-NEW_LEAD_BARS = 5
+# This many frames in a row with such bars are a new lead (the vendor's or this machine's clock was reset).
+NEW_LEAD_FRAMES = 5
 
 
 class AheadGuard:
@@ -78,7 +78,7 @@ class AheadGuard:
     anything on a rehearsal whose server keeps its own clock; steady either way, and one clock for every
     symbol of the stream. A late bar only lowers it, so the guard keeps the highest lead so far (0, the
     receive clock, before the first bar) and drops a bar more than MAX_LEAD_JUMP_MS above it.
-    Frames with such bars NEW_LEAD_BARS times in a row set the new lead, so a reset clock, or a server on
+    Frames with such bars NEW_LEAD_FRAMES times in a row set the new lead, so a reset clock, or a server on
     a clock of its own, costs a few seconds of bars.
     """
 
@@ -106,11 +106,11 @@ class AheadGuard:
         return (self._top or 0) + MAX_LEAD_JUMP_MS
 
     def _suspect_frame(self, bars: tuple[Bar, ...], received_ms: int) -> tuple[Bar, ...]:
-        """A frame with bars beyond reach: those are dropped, unless this is the NEW_LEAD_BARS-th such
+        """A frame with bars beyond reach: those are dropped, unless this is the NEW_LEAD_FRAMES-th such
         frame in a row, which sets the new lead. Frames are counted, not bars: one frame of five bars
         from the far future took over the lead and made every real bar after it late."""
         self._suspects += 1
-        if self._suspects >= NEW_LEAD_BARS:
+        if self._suspects >= NEW_LEAD_FRAMES:
             self._top, self._suspects = max(bar.start_ms - received_ms for bar in bars), 0
             return bars
         limit, top = self._limit(), self._top
