@@ -534,6 +534,8 @@ GREETING_WAIT_S = 2.0
 HEALTHY_AFTER_S = 30.0
 # Wall seconds a reconnect waits for the gap's backfill before it subscribes anyway.
 BACKFILL_WAIT_S = 10.0
+# Wall seconds between two looks at the silence limit while there is none (outside the session).
+SILENCE_RECHECK_S = 1.0
 NETWORK_ERROR_STATUS = 599
 # 413/429/499/5xx are what the official SDK retries; 413 makes no sense for a GET, so it is left out.
 RETRYABLE_STATUSES = frozenset({429, 499, *range(500, 600)})
@@ -967,17 +969,28 @@ class PolygonStream:
         """The next frame; a socket that stays open but silent past `silence_s()` is given up on.
 
         Pings keep a dead feed's socket open for ever, so silence, not the socket, says the feed is gone.
+        Silence counts only while `silence_s()` gives a limit (in session); outside, the limit is asked
+        again every SILENCE_RECHECK_S, so a socket that went quiet before the open is redialled once the
+        session has been silent that long (an audit's waited for its next frame, minutes into the session).
         """
-        limit = self._silence_s()
-        if limit is None:
-            return await ws.recv()
-        try:
-            async with asyncio.timeout(limit):
-                return await ws.recv()
-        except TimeoutError:
-            self.silent_reconnects += 1
-            self._log.warning("stream_silent", silent_s=round(limit, 3), action="reconnecting")
-            raise StreamSilent(f"silent for {limit:.1f} s") from None
+        quiet_since: float | None = None
+        while True:
+            limit = self._silence_s()
+            now = time.monotonic()
+            if limit is None:
+                quiet_since, wait = None, SILENCE_RECHECK_S
+            else:
+                quiet_since = now if quiet_since is None else quiet_since
+                wait = limit - (now - quiet_since)
+                if wait <= 0:
+                    self.silent_reconnects += 1
+                    self._log.warning("stream_silent", silent_s=round(limit, 3), action="reconnecting")
+                    raise StreamSilent(f"silent for {limit:.1f} s")
+            try:
+                async with asyncio.timeout(wait):
+                    return await ws.recv()
+            except TimeoutError:
+                continue
 
     def _max_connections(self) -> float:
         self._log.error("stream_max_connections", retry_in_s=self._max_connections_wait_s)

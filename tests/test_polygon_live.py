@@ -807,3 +807,28 @@ def test_the_required_symbol_is_recognised_in_any_json_spelling_of_a_frame() -> 
         assert text.search(frame) and raw.search(frame.encode())
     for frame in ('[{"ev":"A","sym":"SPY"}]', '[{"sym":"IWM1"}]', '[{"message":"subscribed to: A.IWM"}]'):
         assert not text.search(frame) and not raw.search(frame.encode())
+
+
+def test_a_socket_quiet_since_before_the_open_is_redialled_once_the_session_is_silent_that_long(
+    streams: list,
+) -> None:
+    """Before the open there is no silence limit; the wait for the next frame used none even after the
+    open, so a socket that went quiet at 09:25 was never redialled while the session had no bars."""
+    in_session = threading.Event()
+    inbox = Inbox()
+    with GreetlessServer() as server:  # one bar after the subscribe, then nothing but pings
+        stream = start_stream(
+            streams,
+            server.url,
+            inbox,
+            silence_s=lambda: 0.3 if in_session.is_set() else None,
+            backoff=Backoff(initial_s=0.05, max_s=0.05, factor=1.0),
+            rng=MaxRng(),
+        )
+        inbox.wait_for(lambda items: len(data_frames(items)) >= 1)
+        time.sleep(0.5)
+        quiet_before_the_open = stream.silent_reconnects
+        in_session.set()  # the open: the quiet socket owes its silence from now on
+        inbox.wait_for(lambda items: stream.silent_reconnects >= 1 and server.connections >= 2)
+        stream.stop()
+    assert quiet_before_the_open == 0
