@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -114,6 +115,14 @@ class _BoundedServer(ThreadingHTTPServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line, not socketserver's traceback on stderr: a client cut off at its deadline, or gone
+        before its answer, is the client's business (a broken pipe)."""
+        kind = sys.exc_info()[0]
+        structlog.get_logger("health").info(
+            "health_client_dropped", error=kind.__name__ if kind else "unknown"
+        )
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         cut = threading.Timer(self._deadline_s, _cut_off, (request,))

@@ -164,3 +164,25 @@ def test_a_heartbeat_endpoint_that_trickles_its_answer_cannot_hold_the_heartbeat
         assert (beat.pings, beat.failures) == (0, 1)
     finally:
         server.shutdown()
+
+
+def test_a_client_gone_before_its_answer_is_one_log_line_not_a_traceback(capfd):
+    """socketserver printed a BrokenPipeError traceback per client cut off or gone mid-answer."""
+    from structlog.testing import capture_logs
+
+    snapshot = {"status": "ok", "problems": ["x" * 20_000_000]}  # far more than the socket buffers hold
+    server = HealthServer("127.0.0.1", 0, lambda: snapshot, client_timeout_s=0.5).start()
+    try:
+        with capture_logs() as logs:
+            for _ in range(3):
+                conn = socket.create_connection(("127.0.0.1", server.port))
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                conn.recv(10)
+                conn.close()  # a reset while the server still writes
+            time.sleep(0.5)
+        assert get(f"http://127.0.0.1:{server.port}/health")[0] == 200
+    finally:
+        server.stop()
+    assert "Traceback" not in capfd.readouterr().err
+    assert {e["event"] for e in logs} <= {"health_client_dropped"}
