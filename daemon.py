@@ -32,7 +32,15 @@ from pathlib import Path
 import structlog
 
 import journal_rescue
-from alert_text import PRIORITY_HIGH, PRIORITY_NORMAL, delivery_overrides, money, priority_for, sound_for
+from alert_text import (
+    PRIORITY_HIGH,
+    PRIORITY_NORMAL,
+    delivery_overrides,
+    money,
+    price,
+    priority_for,
+    sound_for,
+)
 from alerts import AppriseFallback, Notifier, PushoverClient
 from clock import Clock
 from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings
@@ -307,7 +315,9 @@ class Daemon:
     def _announce_start(self) -> None:
         now = self.clock.now_ms()
         position = self.engine.position
-        held = f"Holding {position.ticker} (peak ${position.peak:.2f})." if position else "No open position."
+        held = (
+            f"Holding {position.ticker} (peak {price(position.peak)})." if position else "No open position."
+        )
         pushover = "on" if self.notifier_enabled else "off (log only)"
         lifetime = self.engine.lifetime
         text = (

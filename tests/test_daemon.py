@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from builders import at
 
+from alert_text import price
 from clock import SimClock
 from config import Rules, Settings
 from daemon import Daemon
@@ -385,6 +386,8 @@ def test_kill_9_mid_position_then_restart_sells_once_and_never_buys_twice(market
     assert sent.count("BUY") == 1 and sent.count("SELL") == 1 and sent.count("START") == 2
     start_texts = [m.form["message"] for m in pushover.messages if m.form["title"].endswith("START")]
     assert "Holding O:IWM" in start_texts[1]
+    # The peak as the SELL and the journal state it (a half cent is not rounded away).
+    assert f"(peak {price(peak_at_kill)})" in start_texts[1]
     db = sqlite3.connect(tmp_path / "journal.sqlite3")
     (peak,) = db.execute("SELECT peak FROM trades").fetchone()
     assert peak >= peak_at_kill
