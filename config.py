@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from redaction import url_secrets
+from redaction import Redactor, url_secrets
 
 SECRET_NAMES = frozenset(
     {"POLYGON_API_KEY", "PUSHOVER_TOKEN", "PUSHOVER_USER_KEY", "HEARTBEAT_URL", "ALERT_FALLBACK_URLS"}
@@ -152,6 +152,10 @@ class Settings:
         keys = (self.polygon_api_key, self.pushover_token, self.pushover_user_key, self.heartbeat_url)
         in_endpoints = (part for name in ENDPOINT_SCHEMES for part in url_secrets(getattr(self, name)))
         return tuple(v for v in (*keys, *self.alert_fallback_urls, *in_endpoints) if v)
+
+    def redactor(self) -> Redactor:
+        """What takes these settings' secrets out of a text before it leaves the process."""
+        return Redactor.of(self.secret_values())
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}

@@ -57,7 +57,6 @@ from options_feed import OptionsFeed, OptionsStatus
 from pipeline import STARTED, Pipeline
 from pnl_tracker import Journal, JournalError
 from polygon_client import PolygonRest, PolygonStream, RestAnswer
-from redaction import Redactor
 from replay import received_from
 from status import session_pulse
 from stream_watch import RECOVERED, SILENT, StreamWatch
@@ -155,7 +154,7 @@ class Daemon:
             raise
         self.engine = Engine(self.rules, self.calendar, alert_overrides=delivery_overrides(settings))
         self.inbox = EngineInbox(self.stop, on_held=self._engine_behind)
-        self.redact = Redactor.of(settings.secret_values())
+        self.redact = settings.redactor()
         self.notifier = Notifier(
             self.outbox,
             self._pushover_client(),

@@ -306,10 +306,9 @@ def network_checks(settings, today: date) -> list[Check]:  # noqa: ANN001
     every log line of the probes goes through the settings' redactor.
     """
     from logs import configure_logging
-    from redaction import Redactor
 
     configure_logging("WARNING", "console", settings.secret_values())
-    redact = Redactor.of(settings.secret_values())
+    redact = settings.redactor()
     return [
         dataclasses.replace(check, detail=redact(check.detail), fix=redact(check.fix))
         for check in _probes(settings, today)

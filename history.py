@@ -40,7 +40,6 @@ from contract_selector import SECONDS_PER_YEAR, bs_call_delta, implied_vol
 from market_calendar import MarketCalendar, Session
 from polygon_client import PolygonRest
 from progress import Progress
-from redaction import Redactor
 from tape import TapeWriter
 
 # History reconstruction (see the module doc and README).
@@ -917,7 +916,7 @@ def build_history_day(
     if option_quotes not in (NBBO, MINUTE):
         raise ValueError(f"unknown option quote method {option_quotes!r}")
     folder = Path(settings.data_dir) / CACHE_DIR / session.date.isoformat()
-    client = HistoryClient(rest, folder, Redactor.of(settings.secret_values()))
+    client = HistoryClient(rest, folder, settings.redactor())
     poll_ms = int(settings.chain_poll_seconds * 1000)
     snapshots = snapshot_times(session, poll_ms) if option_quotes == NBBO else None
     history = fetch_day(client, session.date, settings.rules, snapshots=snapshots)

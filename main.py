@@ -442,7 +442,6 @@ def run_status(settings: Settings, *, as_json: bool) -> int:
     import json
 
     from market_calendar import MarketCalendar, ny_date
-    from redaction import Redactor
     from status import build_status, render_status, status_dict, tape_age_s
 
     clock = clock_or_none(settings)
@@ -465,7 +464,7 @@ def run_status(settings: Settings, *, as_json: bool) -> int:
         feed_note=note,
     )
     shown = json.dumps(status_dict(status)) if as_json else render_status(status)
-    print(Redactor.of(settings.secret_values())(shown))
+    print(settings.redactor()(shown))
     if status.journal_problem is not None:
         print(status.journal_problem.advice, file=sys.stderr)
         return EXIT_CONFIG

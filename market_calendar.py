@@ -261,6 +261,7 @@ class MarketCalendar:
         self._cache_dir = cache_dir
         # Filled on first use, so that constructing a calendar never imports exchange_calendars.
         self._years: dict[int, YearTable] = {}
+        self._unbuildable: set[int] = set()  # years outside the range exchange_calendars refused
         self._sessions: dict[datetime.date, Session | None] = {}
         # (UTC hour number, session) of the last session_at call; one tuple so readers on other
         # threads never see the hour of one call paired with the session of another.
@@ -310,8 +311,8 @@ class MarketCalendar:
         """`year`'s sessions: from memory, else from the cache, else built (every year of the range at
         once; a year outside it alone). None when exchange_calendars cannot build that year."""
         table = self._years.get(year)
-        if table is not None:
-            return table or None  # an empty table: a year outside the range that could not be built
+        if table is not None or year in self._unbuildable:
+            return table
         key = cache_key() if self._cache_dir is not None else None
         cache = None if key is None else CalendarCache(Path(self._cache_dir), key)
         table = None if cache is None else cache.read(year)
@@ -326,7 +327,7 @@ class MarketCalendar:
             try:
                 built = build_year_tables(year, year)
             except Exception:  # noqa: BLE001 - a year the library cannot build is taken as plain weekdays
-                self._years[year] = MappingProxyType({})
+                self._unbuildable.add(year)
                 return None
         if cache is not None:
             for each, each_table in built.items():

@@ -43,6 +43,12 @@ def bar(start_ms: int, close: float, volume: float = 100.0, sym: str = "IWM", la
     )
 
 
+def wire_event(b: Bar) -> dict:
+    """A Bar as the stream's `A` event (what a tape's `ws` line holds)."""
+    return {"ev": "A", "sym": b.sym, "v": b.v, "av": 1_000_000, "op": b.c, "vw": b.c, "o": b.c, "c": b.c,
+            "h": b.c, "l": b.c, "a": b.c, "z": 10, "s": b.start_ms, "e": b.start_ms + 1000}  # fmt: skip
+
+
 def quote(
     ticker: str = TICKER,
     *,

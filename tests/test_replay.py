@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from builders import DAY, TICKER, at, bar, calendar, chain, engine, quote
+from builders import DAY, TICKER, at, bar, calendar, chain, engine, quote, wire_event
 
 from config import Rules
 from events import Alert
@@ -457,13 +457,6 @@ def test_notify_says_it_waits_for_pushover_and_exits_1_when_alerts_were_not_deli
     assert f"Replay incomplete: {summary['undelivered_alerts']} alert(s) were not delivered" in done.stderr
 
 
-def a_event(bar_) -> dict:
-    """A builders' Bar as the stream sends it."""
-    return {"ev": "A", "sym": bar_.sym, "v": bar_.v, "av": 1_000_000, "op": bar_.c, "vw": bar_.c, "o": bar_.c,
-            "c": bar_.c, "h": bar_.c, "l": bar_.c, "a": bar_.c, "z": 10, "s": bar_.start_ms,
-            "e": bar_.start_ms + 1000}  # fmt: skip
-
-
 def snapshot_result(bid: float, ask: float, quote_ms: int) -> dict:
     """The held contract as an options snapshot result, its quote stamped `quote_ms`."""
     return {
@@ -490,9 +483,9 @@ def burst_tape_lines() -> tuple[list[str], int]:
     chain_body = {"results": [snapshot_result(1.0, 1.02, entry_t - 400)]}
     meta = {"format": "tape/1", "underlying": "IWM", "benchmark": "SPY"}
     lines = [json.dumps({"t": bars[0].received_ms - 1000, "meta": meta})]
-    lines += [json.dumps({"t": b.received_ms, "ws": [a_event(b)]}) for b in bars[:-1]]
+    lines += [json.dumps({"t": b.received_ms, "ws": [wire_event(b)]}) for b in bars[:-1]]
     lines.append(json.dumps({"t": entry_t - 300, "rest": path, "status": 200, "body": chain_body}))
-    lines.append(json.dumps({"t": entry_t, "ws": [a_event(bars[-1])]}))
+    lines.append(json.dumps({"t": entry_t, "ws": [wire_event(bars[-1])]}))
     return lines, entry_t
 
 
