@@ -534,6 +534,8 @@ GREETING_WAIT_S = 2.0
 HEALTHY_AFTER_S = 30.0
 # Wall seconds a reconnect waits for the gap's backfill before it subscribes anyway.
 BACKFILL_WAIT_S = 10.0
+# Frames in a row without the required symbol before their silence counts (see _check_wanted).
+STARVED_FRAMES = 5
 # Wall seconds between two looks at the silence limit while there is none (outside the session).
 SILENCE_RECHECK_S = 1.0
 NETWORK_ERROR_STATUS = 599
@@ -932,13 +934,13 @@ class PolygonStream:
         """The hot loop: stamp, put, and watch only for `max_connections` and silence."""
         up_since = self._clock_ms()
         healthy = False
-        wanted_at = time.monotonic()  # wall time, as `silence_s()` is
+        wanted = (time.monotonic(), 0)  # (wall time the required symbol last came, frames since)
         try:
             while True:
                 frame = await self._next_frame(ws)
                 t = self._put_frame(frame)
                 if self._wanted is not None:
-                    wanted_at = self._check_wanted(frame, wanted_at)
+                    wanted = self._check_wanted(frame, *wanted)
                 statuses = _frame_statuses(frame)
                 if any(status.status == "max_connections" for status in statuses):
                     return self._max_connections()
@@ -951,19 +953,22 @@ class PolygonStream:
         finally:
             self._gap_from_ms = self.last_frame_ms
 
-    def _check_wanted(self, frame: str | bytes, wanted_at: float) -> float:
-        """When the required symbol last came (wall time); StreamSilent when frames flow without it
-        for `silence_s()`: as good as silent, and a new socket is what fixes a stuck subscription."""
+    def _check_wanted(self, frame: str | bytes, wanted_at: float, missing: int) -> tuple[float, int]:
+        """(when the required symbol last came, wall time; frames since); StreamSilent when frames flow
+        without it for `silence_s()`: as good as silent, and a new socket is what fixes a stuck
+        subscription. STARVED_FRAMES frames in a row must lack it too: after this process was held
+        (a loaded machine), the frames buffered meanwhile hold the symbol's bars among them."""
         assert self._wanted is not None
         now = time.monotonic()
         limit = self._silence_s()  # None outside the session: nothing is owed then, the count restarts
         if limit is None or self._wanted[isinstance(frame, bytes)].search(frame):  # type: ignore[arg-type]
-            return now
-        if now - wanted_at > limit:
+            return now, 0
+        missing += 1
+        if missing >= STARVED_FRAMES and now - wanted_at > limit:
             self.silent_reconnects += 1
             self._log.warning("stream_starved", without_s=round(now - wanted_at, 3), action="reconnecting")
             raise StreamSilent(f"frames but no {self._required_sym} event for {limit:.1f} s")
-        return wanted_at
+        return wanted_at, missing
 
     async def _next_frame(self, ws: ClientConnection) -> str | bytes:
         """The next frame; a socket that stays open but silent past `silence_s()` is given up on.

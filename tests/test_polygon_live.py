@@ -778,25 +778,38 @@ def test_a_slow_backfill_does_not_hold_the_reconnected_stream_unsubscribed(
     assert items.index("backfill") < len(items) - 2
 
 
+class BenchmarkOnlyServer(GreetlessServer):
+    """Authenticates eagerly, then sends SPY bars every 20 ms and never an IWM one."""
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        spy_only = '[{"ev": "A", "sym": "SPY", "s": 1, "e": 2, "c": 570.0}]'
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(AUTH_SUCCESS)
+            while True:
+                await ws.send(spy_only)
+                await asyncio.sleep(0.02)
+
+
 def test_a_socket_with_frames_but_none_of_the_symbol_required_is_redialled(streams: list) -> None:
     """Status frames, or the benchmark alone, kept the silence timer at bay: the socket was never
     redialled while the underlying's bars were missing."""
-    spy_only = '[{"ev": "A", "sym": "SPY", "s": 1, "e": 2, "c": 570.0}]'
     inbox = Inbox()
-    with GreetlessServer(opening=(AUTH_SUCCESS, spy_only, spy_only, spy_only)) as server:
+    with BenchmarkOnlyServer() as server, capture_logs() as logs:
         stream = start_stream(
             streams,
             server.url,
             inbox,
             required_sym="IWM",
-            silence_s=lambda: 0.2,
+            silence_s=lambda: 0.3,
             backoff=Backoff(initial_s=0.05, max_s=0.05, factor=1.0),
             rng=MaxRng(),
         )
-        # The greetless server answers each subscribe with one IWM bar, then sends nothing: pings only.
-        inbox.wait_for(lambda items: stream.silent_reconnects >= 2)
+        inbox.wait_for(lambda items: stream.silent_reconnects >= 2 and server.connections >= 2)
         stream.stop()
-    assert server.connections >= 2
+    starved = [e for e in logs if e["event"] == "stream_starved"]
+    assert len(starved) >= 2 and not [e for e in logs if e["event"] == "stream_silent"]
+    assert all(e["without_s"] > 0.3 for e in starved)
 
 
 def test_the_required_symbol_is_recognised_in_any_json_spelling_of_a_frame() -> None:
@@ -832,3 +845,23 @@ def test_a_socket_quiet_since_before_the_open_is_redialled_once_the_session_is_s
         inbox.wait_for(lambda items: stream.silent_reconnects >= 1 and server.connections >= 2)
         stream.stop()
     assert quiet_before_the_open == 0
+
+
+def test_frames_buffered_while_the_process_was_held_are_no_starvation() -> None:
+    """After a stall of this process (a loaded machine) the frames read at once are old, and a first one
+    without the underlying counted the whole stall as starvation: a redial, and backfilled bars too old to
+    trade. Five frames in a row must lack it."""
+    from polygon_client import STARVED_FRAMES, StreamSilent
+
+    stream = PolygonStream("ws://127.0.0.1:9", KEY, ["IWM", "SPY"], lambda _item: None,
+                           clock_ms=lambda: 42_000, silence_s=lambda: 0.3, required_sym="IWM")  # fmt: skip
+    spy, iwm = '[{"ev":"A","sym":"SPY"}]', '[{"ev":"A","sym":"IWM"}]'
+    held_since = time.monotonic() - 5.0  # the last IWM bar came before a 5 s stall
+    wanted = (held_since, 0)
+    for frame in (spy, spy, iwm):  # the buffered second: SPY's bars first, then IWM's
+        wanted = stream._check_wanted(frame, *wanted)
+    assert wanted[1] == 0 and wanted[0] > held_since
+    wanted = (held_since, 0)
+    with pytest.raises(StreamSilent):
+        for _ in range(STARVED_FRAMES):
+            wanted = stream._check_wanted(spy, *wanted)
