@@ -8,6 +8,11 @@ start-up), so it is imported only when session tables are built. A caller with a
 passes `cache_dir`: each calendar year's table of session opens and closes is then kept there in a
 small JSON file, valid for the installed exchange_calendars version, and later processes read it
 instead of building. A missing, stale, corrupt or unwritable cache only costs the build.
+
+The repository ships the same files for the years around its release (`calendar_seed/`, written by
+`python3 tools/calendar_seed.py`). They are read only under the key they were written with (format and
+exchange_calendars version), so a first command, a backtest or a Dask worker with the tested version
+installed builds nothing, and any other version builds as before: the seed can be stale, never wrong.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ _HOUR_MS = 3_600_000
 # Bump when the cache file's layout or meaning changes; files of another format are rebuilt.
 CACHE_FORMAT = 1
 CACHE_DISTRIBUTION = "exchange_calendars"
+SEED_DIR = Path(__file__).resolve().parent / "calendar_seed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,17 +254,23 @@ class MarketCalendar:
     engine. Dates in `closed_dates` (the
     MARKET_CLOSED_DATES override, for closures the calendar does not know yet) have no session.
     `cache_dir` (for example DATA_DIR/calendar) keeps the built year tables for later processes;
-    without one they are built from exchange_calendars on first use.
+    `seed_dir` holds the tables shipped with the code. A year found in neither is built from
+    exchange_calendars on first use.
     """
 
     def __init__(
-        self, rules: Rules, closed_dates: Iterable[datetime.date] = (), cache_dir: Path | None = None
+        self,
+        rules: Rules,
+        closed_dates: Iterable[datetime.date] = (),
+        cache_dir: Path | None = None,
+        seed_dir: Path | None = SEED_DIR,
     ) -> None:
         self._rules = rules
         self._closed = frozenset(closed_dates)
         self._start = CALENDAR_START
         self._end = _years_after(datetime.datetime.now(NEW_YORK).date(), CALENDAR_YEARS_AHEAD)
         self._cache_dir = cache_dir
+        self._seed_dir = seed_dir
         # Filled on first use, so that constructing a calendar never imports exchange_calendars.
         self._years: dict[int, YearTable] = {}
         self._unbuildable: set[int] = set()  # years outside the range exchange_calendars refused
@@ -308,14 +320,14 @@ class MarketCalendar:
         return build_session(self._rules, day, hours.open_ms, hours.close_ms)
 
     def _year_table(self, year: int) -> YearTable | None:
-        """`year`'s sessions: from memory, else from the cache, else built (every year of the range at
-        once; a year outside it alone). None when exchange_calendars cannot build that year."""
+        """`year`'s sessions: from memory, else the cache, else the seed, else built (every year of the
+        range at once; a year outside it alone). None when exchange_calendars cannot build that year."""
         table = self._years.get(year)
         if table is not None or year in self._unbuildable:
             return table
-        key = cache_key() if self._cache_dir is not None else None
-        cache = None if key is None else CalendarCache(Path(self._cache_dir), key)
-        table = None if cache is None else cache.read(year)
+        key = cache_key() if self._cache_dir is not None or self._seed_dir is not None else None
+        cache = None if key is None or self._cache_dir is None else CalendarCache(Path(self._cache_dir), key)
+        table = self._stored_table(year, key, cache)
         if table is not None:
             self._years[year] = table
             return table
@@ -334,6 +346,18 @@ class MarketCalendar:
                 cache.write(each, each_table)
         self._years.update(built)
         return built[year]
+
+    def _stored_table(self, year: int, key: str | None, cache: CalendarCache | None) -> YearTable | None:
+        """`year`'s table from the data directory's cache, else from the shipped seed (same key only,
+        then copied into the cache)."""
+        if key is None:
+            return None
+        table = None if cache is None else cache.read(year)
+        if table is None and self._seed_dir is not None:
+            table = CalendarCache(Path(self._seed_dir), key).read(year)
+            if table is not None and cache is not None:
+                cache.write(year, table)  # the data directory's cache answers from now on, seed or not
+        return table
 
     def _weekday_session(self, day: datetime.date) -> Session | None:
         if day.weekday() >= 5:

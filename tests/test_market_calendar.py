@@ -235,7 +235,7 @@ def no_build(*_args: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def uncached() -> dict[datetime.date, Session | None]:
-    return all_sessions(MarketCalendar(Rules()))
+    return all_sessions(MarketCalendar(Rules(), seed_dir=None))
 
 
 @pytest.fixture
@@ -243,7 +243,7 @@ def warm_cache(tmp_path: Path) -> Path:
     """A cache folder filled by a first calendar, as the first command in a DATA_DIR leaves it."""
     folder = tmp_path / "data" / "calendar"
     folder.parent.mkdir()
-    MarketCalendar(Rules(), cache_dir=folder).session(D(CACHED_YEAR, 10, 2))
+    MarketCalendar(Rules(), cache_dir=folder, seed_dir=None).session(D(CACHED_YEAR, 10, 2))
     return folder
 
 
@@ -252,11 +252,11 @@ def test_cache_gives_exactly_the_sessions_of_exchange_calendars(tmp_path, monkey
     rules = Rules()
     folder = tmp_path / "data" / "calendar"
     folder.parent.mkdir()
-    cold = all_sessions(MarketCalendar(rules, cache_dir=folder))
+    cold = all_sessions(MarketCalendar(rules, cache_dir=folder, seed_dir=None))
     years = range(CALENDAR_START.year, NEXT_YEAR + 1)
     assert {p.name for p in folder.glob("*.json")} >= {f"xnys-{y}.json" for y in years}
     monkeypatch.setattr(market_calendar, "build_year_tables", no_build)
-    warm = all_sessions(MarketCalendar(rules, cache_dir=folder))
+    warm = all_sessions(MarketCalendar(rules, cache_dir=folder, seed_dir=None))
     monkeypatch.undo()
     assert warm == cold == uncached == direct_from_exchange_calendars(rules)
     for year in years:  # the range holds what matters: early closes and weekday holidays every year
@@ -271,7 +271,7 @@ def test_cache_read_keeps_custom_cut_offs(warm_cache, monkeypatch) -> None:
     # The cache holds opens and closes only; the cut-offs come from each calendar's own rules.
     monkeypatch.setattr(market_calendar, "build_year_tables", no_build)
     rules = Rules(no_entry_before=T(10, 0), no_entry_after=T(15, 0), hard_time_stop=T(15, 45))
-    s = MarketCalendar(rules, cache_dir=warm_cache).session(D(2025, 11, 28))
+    s = MarketCalendar(rules, cache_dir=warm_cache, seed_dir=None).session(D(2025, 11, 28))
     assert s is not None and s.time_stop_ms == utc_ms(2025, 11, 28, 17, 45)
 
 
@@ -312,7 +312,7 @@ def test_corrupt_cache_is_rebuilt_and_rewritten(warm_cache, uncached, corruption
     CORRUPTIONS[corruption](path)
     key = cache_key()
     assert key is not None and CalendarCache(warm_cache, key).read(CACHED_YEAR) is None
-    calendar = MarketCalendar(Rules(), cache_dir=warm_cache)
+    calendar = MarketCalendar(Rules(), cache_dir=warm_cache, seed_dir=None)
     year = {d: s for d, s in uncached.items() if d.year == CACHED_YEAR}
     assert {d: calendar.session(d) for d in year} == year
     assert CalendarCache(warm_cache, key).read(CACHED_YEAR) is not None  # rewritten whole
@@ -323,7 +323,10 @@ def test_cache_of_another_exchange_calendars_version_is_rebuilt(warm_cache, monk
     calls = []
     real_build = market_calendar.build_year_tables
     monkeypatch.setattr(market_calendar, "build_year_tables", lambda *a: calls.append(a) or real_build(*a))
-    assert MarketCalendar(Rules(), cache_dir=warm_cache).session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
+    assert (
+        MarketCalendar(Rules(), cache_dir=warm_cache, seed_dir=None).session(D(2025, 11, 28))
+        == uncached[D(2025, 11, 28)]
+    )
     assert len(calls) == 1
     assert json.loads((warm_cache / "xnys-2025.json").read_text())["key"] == "1/999.0"
 
@@ -331,20 +334,23 @@ def test_cache_of_another_exchange_calendars_version_is_rebuilt(warm_cache, monk
 def test_a_directory_where_the_file_should_be_is_only_a_miss(tmp_path, uncached) -> None:
     folder = tmp_path / "calendar"
     (folder / f"xnys-{CACHED_YEAR}.json").mkdir(parents=True)
-    calendar = MarketCalendar(Rules(), cache_dir=folder)
+    calendar = MarketCalendar(Rules(), cache_dir=folder, seed_dir=None)
     assert calendar.session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
     assert calendar.session(D(2025, 12, 25)) is None
 
 
 def test_cache_in_a_missing_data_dir_creates_nothing(tmp_path, uncached) -> None:
     folder = tmp_path / "no-such-data-dir" / "calendar"
-    assert MarketCalendar(Rules(), cache_dir=folder).session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
+    assert (
+        MarketCalendar(Rules(), cache_dir=folder, seed_dir=None).session(D(2025, 11, 28))
+        == uncached[D(2025, 11, 28)]
+    )
     assert not folder.parent.exists()
 
 
 def test_cache_under_a_file_never_raises(tmp_path, uncached) -> None:
     (tmp_path / "data").write_text("a file, not a directory")
-    calendar = MarketCalendar(Rules(), cache_dir=tmp_path / "data" / "calendar")
+    calendar = MarketCalendar(Rules(), cache_dir=tmp_path / "data" / "calendar", seed_dir=None)
     assert calendar.session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
 
 
@@ -363,7 +369,7 @@ def test_read_only_or_full_disk_never_raises_and_leaves_no_temp_files(
     else:
         monkeypatch.setattr(market_calendar.os, "replace", disk_full)
     folder = tmp_path / "calendar"
-    calendar = MarketCalendar(Rules(), cache_dir=folder)
+    calendar = MarketCalendar(Rules(), cache_dir=folder, seed_dir=None)
     assert calendar.session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
     assert not folder.exists() or list(folder.iterdir()) == []
 
@@ -377,7 +383,10 @@ def test_without_a_readable_version_there_is_no_cache(tmp_path, monkeypatch, unc
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert cache_key() is None
     folder = tmp_path / "calendar"
-    assert MarketCalendar(Rules(), cache_dir=folder).session(D(2025, 11, 28)) == uncached[D(2025, 11, 28)]
+    assert (
+        MarketCalendar(Rules(), cache_dir=folder, seed_dir=None).session(D(2025, 11, 28))
+        == uncached[D(2025, 11, 28)]
+    )
     assert not folder.exists()
 
 
@@ -390,3 +399,45 @@ def test_cache_write_is_atomic_and_readable(tmp_path) -> None:
     assert CalendarCache(tmp_path, "1/other").read(2025) is None
     assert [p.name for p in tmp_path.iterdir()] == ["xnys-2025.json"]
     assert os.stat(tmp_path / "xnys-2025.json").st_size < 200
+
+
+# --- the seed shipped with the code (calendar_seed/) ----------------------------------------------------
+
+
+def test_the_shipped_seed_holds_exactly_what_exchange_calendars_builds() -> None:
+    key = cache_key()
+    files = sorted(market_calendar.SEED_DIR.glob("xnys-*.json"))
+    years = [int(p.stem.removeprefix("xnys-")) for p in files]
+    assert years[0] == CALENDAR_START.year and years == list(range(years[0], years[0] + len(files)))
+    built = market_calendar.build_year_tables(years[0], years[-1])
+    for path, year in zip(files, years, strict=True):
+        written_under = json.loads(path.read_text())["key"]
+        seeded = CalendarCache(market_calendar.SEED_DIR, written_under).read(year)
+        assert seeded == built[year], year  # what tools/calendar_seed.py wrote, under the version it names
+        assert (CalendarCache(market_calendar.SEED_DIR, key).read(year) is not None) == (written_under == key)
+
+
+def test_a_seed_of_the_installed_version_answers_without_a_build(tmp_path, monkeypatch, uncached) -> None:
+    key = cache_key()
+    assert key is not None
+    years = range(CALENDAR_START.year, NEXT_YEAR + 1)
+    tables = market_calendar.build_year_tables(years[0], years[-1])
+    for year in years:
+        CalendarCache(tmp_path, key).write(year, tables[year])
+    monkeypatch.setattr(market_calendar, "build_year_tables", no_build)
+    assert all_sessions(MarketCalendar(Rules(), seed_dir=tmp_path)) == uncached
+    data = tmp_path / "data"
+    data.mkdir()
+    assert MarketCalendar(Rules(), cache_dir=data / "calendar", seed_dir=tmp_path).session(D(2025, 11, 28))
+    assert CalendarCache(data / "calendar", key).read(2025) == tables[2025]  # copied into the cache
+
+
+def test_a_seed_of_another_version_is_only_a_miss(tmp_path, monkeypatch, uncached) -> None:
+    table = market_calendar.build_year_tables(CALENDAR_START.year, CACHED_YEAR)[CACHED_YEAR]
+    CalendarCache(tmp_path, "1/0.0-not-installed").write(CACHED_YEAR, table)
+    calls = []
+    real_build = market_calendar.build_year_tables
+    monkeypatch.setattr(market_calendar, "build_year_tables", lambda *a: calls.append(a) or real_build(*a))
+    day = D(CACHED_YEAR, 11, 28)
+    assert MarketCalendar(Rules(), seed_dir=tmp_path).session(day) == uncached[day]
+    assert len(calls) == 1

@@ -3,7 +3,9 @@
 Each command runs in a fresh process through a small wrapper that runs main.py and then reports which
 heavy packages ended up in `sys.modules`. Time is never asserted (bench/startup.py measures it); what
 is asserted is the cause of slow start-ups: exchange_calendars and pandas come in only to build the
-market calendar's cache, which the first command in a DATA_DIR writes and later ones read.
+market calendar's cache, which the first command in a DATA_DIR writes and later ones read (the first
+one copies it from the seed shipped in calendar_seed/ instead, when that seed is of the installed
+exchange_calendars version).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from config import CALENDAR_CACHE_DIR, PAUSE_FILE
-from market_calendar import ny_ms
+from market_calendar import SEED_DIR, cache_key, ny_ms
 from tape import TapeWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +105,15 @@ def test_status_with_a_warm_calendar_cache_imports_nothing_heavy(data_dir: Path)
     assert warm == cold  # the cached calendar tells the same session as the built one
     session = warm["session"]
     assert session["trading_day"] and session["early_close"] and session["close_time"] == "13:00"
+
+
+def test_a_first_status_reads_the_shipped_seed_of_the_installed_version(data_dir: Path) -> None:
+    seeded = json.loads((SEED_DIR / f"xnys-{DAY.year}.json").read_text())["key"] == cache_key()
+    status, heavy = status_json(data_dir)
+    # With the seed's version installed nothing is built; with another one the build imports pandas.
+    assert (heavy <= STILL_IMPORTED["--status"]) is seeded, heavy
+    assert status["session"]["early_close"] is True
+    assert (data_dir / CALENDAR_CACHE_DIR / f"xnys-{DAY.year}.json").exists()
 
 
 def test_status_in_a_missing_data_dir_builds_and_creates_nothing(tmp_path: Path) -> None:
