@@ -330,6 +330,12 @@ class SellContext:
     missed: bool = False  # the daemon was not running at the time stop; the trade is booked at it
 
 
+def late_summary_text(session_date: str) -> str:
+    """The first line of a SUMMARY sent after a restart: the daemon was not running at that day's close."""
+    weekday = datetime.date.fromisoformat(session_date).strftime("%a")
+    return f"Late: the daemon was not running at the close of {weekday} {session_date}; sent on its restart."
+
+
 def missed_stop_text(exit_ms: int) -> str:
     """The SELL line for a time stop the daemon missed: when it was due and what the exit price is."""
     due = ny_datetime(exit_ms).strftime("%a %Y-%m-%d %H:%M ET")

@@ -17,6 +17,7 @@ the tape cannot be written (`delivery.py`); one daemon per DATA_DIR (`instance_l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ from alerts import AppriseFallback, Notifier, PushoverClient
 from clock import Clock
 from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings
 from delivery import MemoryOutbox, WriteBehindJournal
-from engine import Engine, position_fields
+from engine import Engine, OwedSummary, position_fields
 from engine_inbox import EngineInbox
 from events import Alert, FeedStatus, Received
 from feed import FeedDecoder
@@ -288,9 +289,19 @@ class Daemon:
         path = tape_path(self.settings.data_dir, today)
         if path.is_file():
             self._warm_up_from(path)
-        self.engine.restore(self.journal.restored_state(today.isoformat()), today.isoformat())
+        state = self.journal.restored_state(today.isoformat())
+        state = dataclasses.replace(state, owed_summary=self._owed_summary(today.isoformat()))
+        self.engine.restore(state, today.isoformat())
         if self.engine.position is not None:
             log.info("position_resumed", **(position_fields(self.engine.position) or {}))
+
+    def _owed_summary(self, today: str) -> OwedSummary | None:
+        """The missed close's summary to send late; a journal that cannot tell only costs that summary."""
+        try:
+            return self.journal.owed_summary(today)
+        except sqlite3.Error as exc:
+            log.warning("owed_summary_unknown", error=str(exc))
+            return None
 
     def _warm_up_from(self, path: Path) -> None:
         """Replay today's tape with decisions discarded; a damaged tape only costs warm-up, never the start."""

@@ -22,6 +22,7 @@ from alert_text import (
     exit_lines,
     exit_trigger,
     feed_error_text,
+    late_summary_text,
     leadership_text,
     money,
     priority_for,
@@ -77,10 +78,21 @@ MARK_SAVE_MS = 5000
 # How far ahead of the engine clock a quote's stamp can hold back the quotes after it.
 QUOTE_AHEAD_MS = 2000
 FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
+# How far back a restart looks for the last session before today (the longest NYSE closure since 2001 is
+# four weekdays, Sandy's two days next to a weekend).
+MAX_SESSION_GAP_DAYS = 10
 
 
 class SessionSource(Protocol):
     def session_at(self, ms: int) -> Session | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OwedSummary:
+    """A day whose close the daemon missed: positions were opened then, and no SUMMARY was recorded."""
+
+    session_date: str
+    trades: tuple[DayTrade, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +106,7 @@ class RestoredState:
     lifetime: Lifetime
     critical_latched: bool
     trades_today: tuple[DayTrade, ...] = ()  # the day's closed trades, for the close's summary
+    owed_summary: OwedSummary | None = None  # the live daemon's restart after a missed close only
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +177,7 @@ class Engine:
         self._watching_since = 0
         self.trades_today: tuple[DayTrade, ...] = ()
         self._summarised_date = ""
+        self._owed_summary: OwedSummary | None = None
         self.marks = MarkCounters()
         self.mark_source: str | None = None
         self._mark_quote_ms: int | None = None
@@ -236,6 +250,7 @@ class Engine:
         self.lifetime = state.lifetime
         self._critical_latched = state.critical_latched
         self.trades_today = state.trades_today
+        self._owed_summary = self._summary_still_owed(state.owed_summary, session_date)
         if rebuilt is not None and state.position is not None and rebuilt.trade_id == state.position.trade_id:
             self.position = rebuilt
             return
@@ -270,6 +285,8 @@ class Engine:
             self._check_exit(now, actions)
         if now >= self._summary_due_ms:
             self._summarise_day(actions)
+        if self._owed_summary is not None:
+            self._send_owed_summary(actions)
         return actions
 
     def note_start(self, at_ms: int) -> None:
@@ -619,9 +636,13 @@ class Engine:
         exit_ms = now if missed_ms is None else missed_ms
         dollars, percent = pnl_of(position.entry_price, exit_price, position.contracts)
         self.position, self.last_exit_ms = None, now
+        trade = day_trade(position, exit_price, exit_ms, reason, dollars, percent)
         if position.session_date == self._session_date:
             self.day = self.day.after_trade(dollars)
-            self.trades_today += (day_trade(position, exit_price, exit_ms, reason, dollars, percent),)
+            self.trades_today += (trade,)
+        owed = self._owed_summary
+        if owed is not None and position.session_date == owed.session_date:
+            self._owed_summary = OwedSummary(owed.session_date, (*owed.trades, trade))
         self.lifetime = self.lifetime.after_trade(dollars)
         actions.append(
             ClosePosition(position.trade_id, exit_price, exit_ms, reason, position.peak, dollars, percent)
@@ -656,6 +677,36 @@ class Engine:
         message = summary_message(self._session_date, self.trades_today, self.lifetime)
         title = summary_title(self.rules.underlying)
         key = f"SUMMARY:{self._session_date}"
+        actions.append(Alert("SUMMARY", key, title, message, self._priority("SUMMARY"), self._now))
+
+    def _summary_still_owed(self, owed: OwedSummary | None, today: str) -> OwedSummary | None:
+        """`owed` when it is the last session before `today` (a later restart lets an older day go)."""
+        if owed is None or not self.rules.daily_summary:
+            return None
+        try:
+            day = date.fromisoformat(today)
+        except ValueError:
+            return None
+        for back in range(1, MAX_SESSION_GAP_DAYS + 1):
+            earlier = day - timedelta(days=back)
+            if self._calendar.session_at(ny_ms(earlier, time(12))) is not None:
+                return owed if earlier.isoformat() == owed.session_date else None
+        return None
+
+    def _send_owed_summary(self, actions: list[Action]) -> None:
+        """The missed close's SUMMARY, once that day's position (closed as a missed time stop) is booked."""
+        owed = self._owed_summary
+        assert owed is not None
+        if self.position is not None and self.position.session_date == owed.session_date:
+            return
+        self._owed_summary = None
+        message = (
+            late_summary_text(owed.session_date)
+            + "\n"
+            + summary_message(owed.session_date, owed.trades, self.lifetime)
+        )
+        title = summary_title(self.rules.underlying)
+        key = f"SUMMARY:{owed.session_date}"
         actions.append(Alert("SUMMARY", key, title, message, self._priority("SUMMARY"), self._now))
 
     def _check_critical_loss(self, actions: list[Action]) -> None:

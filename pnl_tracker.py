@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from alert_text import DayTrade
-from engine import CRITICAL_LATCH, RestoredState
+from engine import CRITICAL_LATCH, OwedSummary, RestoredState
 from events import Action, Alert, ClosePosition, Log, OpenPosition, SetMeta, UpdatePosition
 from risk_manager import DayRecord, Lifetime, Position
 
@@ -354,11 +354,7 @@ class Journal:
         """The trading state the engine must resume with on `session_date`."""
         with self._lock:
             position = self._open_position()
-            today = self._db.execute(
-                "SELECT trade_id, ticker, entry_ms, exit_ms, entry_price, exit_price, reason, pnl_dollars,"
-                " pnl_percent FROM trades WHERE session_date=? ORDER BY exit_ms, trade_id",
-                (session_date,),
-            ).fetchall()
+            trades_today = self._day_trades(session_date)
             opened = self._db.execute(
                 "SELECT COUNT(*) FROM positions WHERE session_date=?", (session_date,)
             ).fetchone()[0]
@@ -368,7 +364,6 @@ class Journal:
                 " COALESCE(SUM(pnl_dollars <= 0), 0) FROM trades"
             ).fetchone()
             critical = self._meta(CRITICAL_LATCH)
-        trades_today = tuple(DayTrade(*row) for row in today)
         day = DayRecord()
         for trade in trades_today:
             day = day.after_trade(trade.pnl_dollars)
@@ -381,6 +376,29 @@ class Journal:
             critical_latched=critical == "1",
             trades_today=trades_today,
         )
+
+    def owed_summary(self, before: str) -> OwedSummary | None:
+        """The last day before `before` that opened a position, when no SUMMARY of it was ever recorded
+        (the daemon was down at its close): its closed trades, for the late summary a restart sends."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(session_date) FROM positions WHERE session_date < ?", (before,)
+            ).fetchone()
+            if row[0] is None:
+                return None
+            day = row[0]
+            summarised = self._db.execute("SELECT 1 FROM outbox WHERE dedupe_key=?", (f"SUMMARY:{day}",))
+            if summarised.fetchone() is not None:
+                return None
+            return OwedSummary(day, self._day_trades(day))
+
+    def _day_trades(self, session_date: str) -> tuple[DayTrade, ...]:
+        rows = self._db.execute(
+            "SELECT trade_id, ticker, entry_ms, exit_ms, entry_price, exit_price, reason, pnl_dollars,"
+            " pnl_percent FROM trades WHERE session_date=? ORDER BY exit_ms, trade_id",
+            (session_date,),
+        ).fetchall()
+        return tuple(DayTrade(*row) for row in rows)
 
     def _open_position(self) -> Position | None:
         row = self._db.execute(

@@ -457,3 +457,71 @@ def test_the_first_day_after_a_restore_is_logged_so_a_holiday_says_there_is_no_s
     logs = [a for a in eng.on_event(Tick(at(10, 0, 0, christmas))) if isinstance(a, Log)]
     assert [(a.event, a.fields) for a in logs] == [("session_day", {"date": "2025-12-25", "trading": False})]
     assert not [a for a in eng.on_event(Tick(at(10, 0, 1, christmas))) if isinstance(a, Log)]
+
+
+# --- the SUMMARY of a close the daemon missed, sent on its restart -------------------------------------
+
+FRIDAY = date(2025, 10, 3)
+
+
+def journal_of_thursday(tmp_path, *, closed: bool):
+    """A journal of Thursday's trade (its alerts too): closed at a giveback, or still open (the daemon
+    died holding it and was down over the close)."""
+    from pnl_tracker import Journal
+
+    journal = Journal(tmp_path / "journal.db")
+    eng = engine()
+    journal.record(feed(eng, [chain(START + 110_000, quote()), *burst_bars(START)]))
+    assert eng.position is not None
+    if closed:
+        journal.record(feed(eng, [contract(ENTRY_BAR_START + 3000, bid=0.80, ask=0.82)]))
+        assert eng.position is None
+    return journal
+
+
+def restarted_on(journal, day: date, rules: Rules | None = None) -> Engine:
+    restored = engine(rules)
+    state = replace(
+        journal.restored_state(day.isoformat()), owed_summary=journal.owed_summary(day.isoformat())
+    )
+    restored.restore(state, day.isoformat())
+    return restored
+
+
+def test_a_restart_the_next_day_sends_the_missed_closes_summary_once(tmp_path):
+    journal = journal_of_thursday(tmp_path, closed=True)
+    restored = restarted_on(journal, FRIDAY)
+    actions = restored.on_event(Tick(at(8, 0, 0, FRIDAY)))
+    (summary,) = summaries(actions)
+    assert summary.dedupe_key == "SUMMARY:2025-10-02" and summary.at_ms == at(8, 0, 0, FRIDAY)
+    lines = summary.message.splitlines()
+    assert lines[0].startswith("Late: the daemon was not running at the close of Thu 2025-10-02")
+    assert lines[1] == "2025-10-02 (Thu): 1 trade" and lines[4].startswith("1. ")
+    assert not summaries(restored.on_event(Tick(at(8, 0, 1, FRIDAY))))
+    journal.record(actions)
+    assert journal.owed_summary(FRIDAY.isoformat()) is None  # recorded: a later restart owes nothing
+
+
+def test_a_position_held_over_the_missed_close_is_sold_then_summarised_with_its_trade(tmp_path):
+    journal = journal_of_thursday(tmp_path, closed=False)
+    restored = restarted_on(journal, FRIDAY)
+    actions = restored.on_event(Tick(at(9, 0, 0, FRIDAY)))
+    kinds = [a.kind for a in actions if isinstance(a, Alert)]
+    assert kinds == ["SELL", "SUMMARY"]
+    (summary,) = summaries(actions)
+    assert "2025-10-02 (Thu): 1 trade" in summary.message and "Time stop" in summary.message
+    assert restored.trades_today == ()  # Friday's own record stays empty
+
+
+@pytest.mark.parametrize(
+    ("restart_day", "rules"),
+    [
+        (date(2025, 10, 6), Rules()),  # Monday: the last session was Friday, which opened nothing
+        (FRIDAY, Rules(daily_summary=False)),
+    ],
+)
+def test_no_late_summary_for_an_older_day_or_with_summaries_off(tmp_path, restart_day, rules):
+    journal = journal_of_thursday(tmp_path, closed=True)
+    assert journal.owed_summary(restart_day.isoformat()) is not None  # the journal never summarised it
+    restored = restarted_on(journal, restart_day, rules)
+    assert not summaries(restored.on_event(Tick(at(8, 0, 0, restart_day))))
