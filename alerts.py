@@ -19,6 +19,7 @@ import structlog
 
 from alert_text import possible_repeat
 from config import mask
+from redaction import valid_text
 
 if TYPE_CHECKING:
     import httpx
@@ -122,14 +123,22 @@ def credentials_rejected(status: int, body: dict[str, Any] | None) -> bool:
 def _errors_of(body: dict[str, Any]) -> list[str]:
     errors = body.get("errors")
     if isinstance(errors, list):
-        return [str(e) for e in errors]
-    return [str(errors)] if errors else []
+        return [_text_of(e) for e in errors]
+    return [_text_of(errors)] if errors else []
+
+
+def _text_of(value: object) -> str:
+    """A peer's error value as text; a value too deep to print is named by its type."""
+    try:
+        return str(value)[:ERROR_TEXT_LIMIT] if not isinstance(value, str) else value
+    except RecursionError:
+        return f"<{type(value).__name__} nested too deep>"
 
 
 def _json_body(response: httpx.Response) -> dict[str, Any] | None:
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: an answer nested deeper than Python recurses
         return None
     return body if isinstance(body, dict) else None
 
@@ -278,6 +287,7 @@ class PushoverClient:
 
     def _scrub(self, text: str) -> str:
         # Belt and braces: an echoing proxy or odd error page must not leak the keys.
+        text = valid_text(text)
         for secret in (self._token, self._user):
             if secret:
                 text = text.replace(secret, mask(secret))
@@ -376,6 +386,7 @@ class AppriseFallback:
             return False
 
     def _scrub(self, text: str) -> str:
+        text = valid_text(text)
         for url in self._secrets:
             text = text.replace(url, mask(url))
         return truncate(text, ERROR_TEXT_LIMIT)
@@ -423,7 +434,7 @@ class Notifier:
         down_before_fallback_s: float = DOWN_BEFORE_FALLBACK_S,
         quota_retry_s: float = QUOTA_RETRY_S,
         refused_retry_s: float = REFUSED_RETRY_S,
-        redact: Callable[[str], str] = str,
+        redact: Callable[[str], str] = valid_text,
     ) -> None:
         self._journal = journal
         self._redact = redact
@@ -619,7 +630,11 @@ class Notifier:
     def _via_pushover(self, item: OutboxItem) -> Outcome:
         assert self._client is not None
         left: list[bool] = []
-        result = self._client.send(item, lambda: self._leaving(item, left))
+        try:
+            result = self._client.send(item, lambda: self._leaving(item, left))
+        except Exception as exc:  # noqa: BLE001 - a bug reading the answer: the request may have arrived
+            log.exception("pushover_send_failed", dedupe_key=item.dedupe_key)
+            result = SendResult(False, True, None, f"unexpected {type(exc).__name__}", None, None)
         if result.ok:
             self._on_sent(item, result)
             return "sent"
@@ -649,7 +664,11 @@ class Notifier:
 
     def _via_fallback(self, item: OutboxItem) -> Outcome:
         assert self._fallback is not None
-        result = self._fallback.send(item)
+        try:
+            result = self._fallback.send(item)
+        except Exception as exc:  # noqa: BLE001 - a fallback bug must not hold the queue unmarked
+            log.exception("fallback_send_failed", dedupe_key=item.dedupe_key)
+            result = SendResult(False, True, None, f"unexpected {type(exc).__name__}", None, None)
         if not result.ok:
             self._schedule_retry()
             self._fallback_failures += 1

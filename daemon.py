@@ -304,17 +304,33 @@ class Daemon:
             return None
 
     def _warm_up_from(self, path: Path) -> None:
-        """Replay today's tape with decisions discarded; a damaged tape only costs warm-up, never the start."""
+        """Replay today's tape with decisions discarded; a damaged tape only costs warm-up, never the start.
+
+        A line the engine cannot handle is skipped, as the live engine skips an item: the lines after it
+        still warm the features."""
         self.pipeline.warming = True
+        skipped = 0
         try:
             for line in TapeReader(path, lazy_bodies=True):
                 item = received_from(line)
                 if item is not None:
-                    self.pipeline.handle(item)
+                    skipped += not self._warm_up_line(item, path, skipped)
         except Exception as exc:
             log.error("warm_up_failed", tape=str(path), error=error_text(exc), note="features start cold")
         finally:
             self.pipeline.warming = False
+        if skipped:
+            log.warning("warm_up_lines_skipped", tape=str(path), count=skipped)
+
+    def _warm_up_line(self, item: Received, path: Path, skipped_before: int) -> bool:
+        """Whether the engine took one warm-up line; the first one it refuses is logged with its error."""
+        try:
+            self.pipeline.handle(item)
+        except Exception as exc:  # noqa: BLE001 - one bad line must not cost the rest of the warm-up
+            if not skipped_before:
+                log.error("warm_up_line_failed", tape=str(path), error=error_text(exc), at_ms=item.t)
+            return False
+        return True
 
     def _note_start(self) -> None:
         """Record the (re)start on the tape and tell the engine, so replays see it at the same instant."""
@@ -412,7 +428,7 @@ class Daemon:
         # alert (two threads failing in one minute, an options fallback beside a stale mark).
         minute = ny_datetime(now).strftime("%Y-%m-%dT%H:%M")
         title = f"{self.rules.underlying} alerter — {notice.kind.replace('_', ' ')}"
-        words = hashlib.sha256(notice.text.encode()).hexdigest()[:8]
+        words = hashlib.sha256(notice.text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         key = f"{notice.kind}:{minute}:{words}"
         self.pipeline.deliver([Alert(notice.kind, key, title, notice.text, notice.priority, now)])
 

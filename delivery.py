@@ -139,6 +139,9 @@ class WriteBehindJournal:
         except JournalError as exc:
             self._note_failure(str(exc))
             return
+        except Exception as exc:  # noqa: BLE001 - whatever refused the write, the alerts still go out
+            self._note_failure(f"{type(exc).__name__}: {exc}")
+            return
         if self._since_ms is not None:
             self._note_recovery()
 

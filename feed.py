@@ -239,8 +239,19 @@ class FeedDecoder:
     def rest(self, received_ms: int, path: str, status: int, body: object) -> list[Event]:
         """One REST answer → events. A failed answer drops any partial chain: the previous chain stays.
 
-        Failed means a status other than 200, or a 200 whose body is not a JSON object.
+        Failed means a status other than 200, or a 200 whose body is not a JSON object. An answer that
+        cannot be decoded at all (a path that is not a URL, a page link with a broken escape: a peer's
+        `next_url` is followed as given) is counted as a REST error and dropped, never raised: the
+        replay, backtest or restart warm-up reading it goes on with the next line.
         """
+        try:
+            return self._rest(received_ms, path, status, body)
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            self.counters.rest_errors += 1
+            self._pages.clear()
+            return []
+
+    def _rest(self, received_ms: int, path: str, status: int, body: object) -> list[Event]:
         parts = urlsplit(path)
         route = parts.path
         if route == self._chain_prefix and not _continues(self._pages, path):

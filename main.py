@@ -216,7 +216,7 @@ def start_daemon_or_explain(settings: Settings, clock: Clock, stop: threading.Ev
     except JournalError as exc:
         print(bad_journal_advice(settings.data_dir / "journal.sqlite3", exc), file=sys.stderr)
         notify_cannot_start(settings, "the journal cannot be opened; see the daemon's log")
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: a data directory the daemon cannot use
         print(f"Not started: {exc}.", file=sys.stderr)
     else:
         # Live, each chain is priced as it arrives so that a BUY's selection does no root finding.

@@ -106,6 +106,8 @@ class OptionsFeed:
             silence_s=self._silence_limit_s,
         )
         self.stream.start()
+        # The engine thread may have followed a contract while this one built the stream: subscribe it.
+        self.stream.set_topics(self._topics())
         log.info("options_stream_started")
 
     def _silence_limit_s(self) -> float | None:
@@ -128,8 +130,9 @@ class OptionsFeed:
             return
         self._ticker = ticker
         self._since_ms = now_ms
-        if self.stream is not None:
-            self.stream.set_topics(self._topics())
+        stream = self.stream  # read once: the session thread may stop it meanwhile
+        if stream is not None:
+            stream.set_topics(self._topics())
         if ticker is not None:
             self._judge_at_entry()
 
@@ -137,8 +140,10 @@ class OptionsFeed:
         """At the BUY, a stream already known not to work means REST marks from the first second."""
         if self._status_problem is not None:
             self._fall_back(self._status_problem)
-        elif self.stream is not None and not self.stream.connected and self.stream.last_error:
-            self._fall_back(f"cannot connect to the options cluster ({self.stream.last_error})")
+            return
+        stream = self.stream
+        if stream is not None and not stream.connected and stream.last_error:
+            self._fall_back(f"cannot connect to the options cluster ({stream.last_error})")
 
     def on_status(self, status: FeedStatus) -> None:
         """A status change of the stream (engine thread). Only a held contract's marks can suffer: while

@@ -20,9 +20,13 @@ from typing import Literal, get_args
 from alert_text import DayTrade
 from engine import CRITICAL_LATCH, OwedSummary, RestoredState
 from events import Action, Alert, ClosePosition, Log, OpenPosition, SetMeta, UpdatePosition
+from redaction import valid_text
 from risk_manager import DayRecord, Lifetime, Position
 
 SCHEMA_VERSION = 1
+# What a write can raise besides the disk's sqlite3.Error: a value SQLite cannot bind (a text that is not
+# UTF-8, an int past 64 bits). Either way the write is refused as a JournalError, never a crash.
+WRITE_ERRORS = (sqlite3.Error, ValueError, OverflowError)
 
 # How hard a commit waits for the disk: FULL for the live journal (the truth after a crash),
 # NORMAL for journals that can be rebuilt from their tapes (replays, backtests).
@@ -267,7 +271,7 @@ class Journal:
                 if cursor is not None and durable:
                     self._set_meta("cursor", cursor)
                 self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except WRITE_ERRORS as exc:
                 self._rollback()
                 raise JournalError(f"journal write failed, decision not recorded: {exc}") from exc
         return inserted
@@ -285,7 +289,14 @@ class Journal:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO outbox(dedupe_key, kind, title, message, priority, at_ms)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (action.dedupe_key, action.kind, action.title, action.message, action.priority, action.at_ms),
+                (
+                    action.dedupe_key,
+                    action.kind,
+                    valid_text(action.title),
+                    valid_text(action.message),
+                    action.priority,
+                    action.at_ms,
+                ),
             )
             return cur.rowcount == 1
         if isinstance(action, OpenPosition):
@@ -332,14 +343,14 @@ class Journal:
     def _set_meta(self, key: str, value: str) -> None:
         self._db.execute(
             "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-            (key, value),
+            (valid_text(key), valid_text(value)),
         )
 
     def set_meta(self, key: str, value: str) -> None:
         with self._lock:
             try:
                 self._set_meta(key, value)
-            except sqlite3.Error as exc:
+            except WRITE_ERRORS as exc:
                 raise JournalError(f"journal write failed, meta {key} not recorded: {exc}") from exc
 
     def meta(self, key: str) -> str | None:
@@ -441,11 +452,11 @@ class Journal:
         if status == IN_FLIGHT:
             sql, params = _IN_FLIGHT_BY_KEY, (SENDING, dedupe_key, PENDING)
         else:
-            sql, params = _OUTCOME_BY_KEY, (status, error, sent_ms, dedupe_key)
+            sql, params = _OUTCOME_BY_KEY, (status, _valid_or_none(error), sent_ms, dedupe_key)
         with self._lock:
             try:
                 self._db.execute(sql, params)
-            except sqlite3.Error as exc:
+            except WRITE_ERRORS as exc:
                 raise JournalError(
                     f"journal write failed, outcome of {dedupe_key} not recorded: {exc}"
                 ) from exc
@@ -472,7 +483,7 @@ class Journal:
         with self._lock:
             self._db.execute(
                 "UPDATE outbox SET status=?, attempts=attempts+1, last_error=?, sent_ms=? WHERE id=?",
-                (status, error, sent_ms, item_id),
+                (status, _valid_or_none(error), sent_ms, item_id),
             )
 
     def outbox_rows(self) -> list[tuple[str, str, str, str]]:
@@ -487,3 +498,7 @@ class Journal:
         order = {"positions": "trade_id", "trades": "trade_id", "outbox": "id", "meta": "key"}[table]
         with self._lock:
             return self._db.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+
+
+def _valid_or_none(text: str | None) -> str | None:
+    return None if text is None else valid_text(text)

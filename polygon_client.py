@@ -760,16 +760,20 @@ class PolygonStream:
 
     def _run(self) -> None:
         # The event loop itself failing (a bug, a library surprise) must not end the day's stream:
-        # start a fresh loop after a pause, as after a dropped socket.
+        # start a fresh loop after a pause, as after a dropped socket. So must a loop that ends without
+        # stop() (its task cancelled) or a SystemExit raised inside it: only stop() ends this thread.
         while not self._stopping.is_set():
             try:
                 asyncio.run(self._main())
+                ended: BaseException = RuntimeError("the stream's event loop ended without stop()")
+            except BaseException as exc:  # noqa: BLE001 - see above
+                ended = exc
+            if self._stopping.is_set():
                 return
-            except Exception as exc:
-                self._log_unexpected("stream_thread_failed", exc)
-                self.connected = False
-                self.thread_restarts += 1
-                self._stopping.wait(self._backoff.delay(min(self.thread_restarts, 10), self._rng))
+            self._log_unexpected("stream_thread_failed", ended)
+            self.connected = False
+            self.thread_restarts += 1
+            self._stopping.wait(self._backoff.delay(min(self.thread_restarts, 10), self._rng))
 
     async def _main(self) -> None:
         with self._lock:
@@ -1017,7 +1021,7 @@ class PolygonStream:
             self.connected = False
             self._report(False, f"disconnected: {why}")
 
-    def _log_unexpected(self, event: str, exc: Exception) -> None:
+    def _log_unexpected(self, event: str, exc: BaseException) -> None:
         error = self._redact(_exception_text(exc))
         self._log.error(event, error=error, at=_raised_at(exc))
 

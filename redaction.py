@@ -8,6 +8,10 @@ A `Redactor` knows the secret values (the API keys and tokens) and the secret pa
 (the heartbeat URL, fallback URLs: their password and their long, token-like path segments and query
 values). It also hides a secret cut short at the end of a text (an error cut to 200 characters
 before anyone redacted it), which plain replacement would let through.
+
+Peer text can also be text no file or socket can carry: JSON's `"\\ud800"` escape decodes to a lone surrogate,
+which every UTF-8 encoder (SQLite, httpx's form, a log stream) refuses. `valid_text` makes such text
+writable, and every redaction applies it first.
 """
 
 from __future__ import annotations
@@ -56,6 +60,15 @@ def _token_like(piece: str) -> bool:
     return (long_enough and any(c.isdigit() for c in piece)) or len(piece) >= 2 * MIN_TOKEN_CHARS
 
 
+def valid_text(text: str) -> str:
+    """`text` with each lone surrogate (undecodable peer text) replaced by U+FFFD; other text unchanged."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class Redactor:
     """Replaces known secrets in text with `***`; calling it on text without one returns it unchanged."""
@@ -74,7 +87,8 @@ class Redactor:
         return cls(tuple(sorted(found, key=lambda s: (-len(s), s))))
 
     def __call__(self, text: str) -> str:
-        """`text` without any secret, whole or cut short at its end."""
+        """`text` without any secret, whole or cut short at its end (and writable: `valid_text`)."""
+        text = valid_text(text)
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)

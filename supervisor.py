@@ -143,7 +143,8 @@ class Supervisor:
         """Run the target once; None when it ended because the daemon is stopping, else what went wrong."""
         try:
             worker.target()
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - a SystemExit or KeyboardInterrupt raised in a worker
+            # ends that worker only: it is restarted like any crash, never left dead without a word.
             # Formatted here, without frame locals: a frame holding an API key must not print it.
             trace = "".join(traceback.format_exception(exc)[-12:])
             log.error("thread_failed", thread=worker.name, error=error_text(exc), traceback=trace)

@@ -655,7 +655,12 @@ class RawJson:
             value = self._value.get(key) if isinstance(self._value, dict) else None
             return value if isinstance(value, str) and value else None
         match = re.search(rb'"' + re.escape(key.encode()) + rb'":"((?:[^"\\]|\\.)*)"', self._unpack())
-        return json.loads(b'"' + match.group(1) + b'"') if match else None
+        if match is None:
+            return None
+        try:
+            return json.loads(b'"' + match.group(1) + b'"')
+        except ValueError:  # an escape JSON does not know (`\q`): the body is no JSON, so has no such field
+            return None
 
 
 def _packed_json(text: bytes) -> RawJson:

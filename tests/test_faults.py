@@ -40,7 +40,7 @@ from sim.market import SyntheticMarket, demo_script
 from sim.polygon_server import FakePolygon, SyntheticSource
 from sim.pushover_server import FakePushover
 from sim.webhook_server import FakeWebhook
-from supervisor import Supervisor
+from supervisor import Supervisor, error_text
 from tape import TapeReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +303,16 @@ def test_pushover_answering_after_12_seconds_delivers_each_alert_once(market, tm
     assert [m.form["title"][-3:] for m in pushover.history].count("BUY") == 1  # asked once, not re-sent
 
 
-def test_a_crashing_thread_is_restarted_reported_once_and_shown_in_health():
+@pytest.mark.parametrize(
+    "error",
+    [
+        RecursionError("maximum recursion depth exceeded"),
+        SystemExit("a library called sys.exit"),
+        KeyboardInterrupt(),
+    ],
+    ids=type,
+)
+def test_a_crashing_thread_is_restarted_reported_once_and_shown_in_health(error: BaseException):
     crashes: list[tuple[str, str]] = []
     stop = threading.Event()
     runs = []
@@ -311,7 +320,7 @@ def test_a_crashing_thread_is_restarted_reported_once_and_shown_in_health():
     def flaky() -> None:
         runs.append(time.monotonic())
         if len(runs) <= 3:
-            raise RecursionError("maximum recursion depth exceeded")
+            raise error
         stop.wait()
 
     supervisor = Supervisor(
@@ -324,7 +333,7 @@ def test_a_crashing_thread_is_restarted_reported_once_and_shown_in_health():
     health = supervisor.health()
     stop.set()
     supervisor.join(5)
-    assert crashes == [("poller", "RecursionError: maximum recursion depth exceeded")]
+    assert crashes == [("poller", error_text(error))]
     assert health[0].restarts == 3 and health[0].alive
     assert runs[2] - runs[1] > runs[1] - runs[0]  # the back-off grows
     assert while_down == [] or "poller" in while_down[0]
