@@ -402,6 +402,22 @@ def _key_checks(settings: Settings, key_name: str) -> list[str]:
     ]
 
 
+# The shape of the keys Pushover issues (its API docs): an application token and a user or group key are each
+# 30 letters and digits. Another shape is only warned about: fakes and test plans use shorter keys.
+PUSHOVER_KEY_SHAPE = re.compile(r"[A-Za-z0-9]{30}")
+
+
+def pushover_key_warnings(settings: Settings) -> list[str]:
+    """One warning per Pushover key not of the shape Pushover issues: a typo Pushover will refuse."""
+    named = (("PUSHOVER_TOKEN", settings.pushover_token), ("PUSHOVER_USER_KEY", settings.pushover_user_key))
+    return [
+        f"{name}={mask(value)} is not 30 letters and digits, the shape of every key Pushover issues: "
+        "Pushover will likely refuse it, and alerts then go by ALERT_FALLBACK_URLS or to the log only"
+        for name, value in named
+        if value and not PUSHOVER_KEY_SHAPE.fullmatch(value)
+    ]
+
+
 def _health_host_problem(host: str) -> str | None:
     """HEALTH_HOST must be an address the health server can bind: IPv4 (it listens on IPv4 only) or localhost."""
     expected = "expected an IPv4 address such as 127.0.0.1 (0.0.0.0 for every interface) or localhost"

@@ -44,7 +44,7 @@ from alert_text import (
 )
 from alerts import AppriseFallback, Notifier, PushoverClient
 from clock import Clock
-from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings
+from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings, pushover_key_warnings
 from delivery import MemoryOutbox, WriteBehindJournal
 from engine import Engine, OwedSummary, position_fields
 from engine_inbox import EngineInbox
@@ -243,6 +243,8 @@ class Daemon:
         if not (s.pushover_token and s.pushover_user_key):
             log.warning("pushover_not_configured", note="alerts go to the log only")
             return None
+        for warning in pushover_key_warnings(s):
+            log.warning("pushover_key_unusual", warning=warning)
         overrides = delivery_overrides(s)
         return PushoverClient(
             s.pushover_token,

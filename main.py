@@ -169,8 +169,9 @@ def pause_hint(flag: Path) -> str:
 
 def run_live(settings: Settings) -> int:
     """The live daemon until SIGTERM/SIGINT (exit 0) or the watchdog (exit 3)."""
-    import signal
     import threading
+
+    from stop_signals import stop_on_signals
 
     if not settings.polygon_api_key:
         print(
@@ -184,8 +185,7 @@ def run_live(settings: Settings) -> int:
         return EXIT_CONFIG
     stop = threading.Event()
     # SIGHUP (a closed terminal, some supervisors) stops cleanly like SIGTERM: the tape is flushed.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda *_: stop.set())
+    stop_on_signals(stop)
     daemon = start_daemon_or_explain(settings, clock, stop)
     return EXIT_CONFIG if daemon is None else daemon.run()
 

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from config import ConfigError, Rules, Settings, known_names, load_settings, settings_from_env, unknown_keys
+from config import (
+    ConfigError,
+    Rules,
+    Settings,
+    known_names,
+    load_settings,
+    pushover_key_warnings,
+    settings_from_env,
+    unknown_keys,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "azGDORePK8gMaC0QOYAMyEEuzJnyUi"
@@ -589,3 +598,14 @@ def test_the_settings_repr_never_shows_credentials_inside_an_endpoint_url():
     )
     shown = repr(settings)
     assert "PLANTED" not in shown and "api.massive.com" in shown and "messages.json" in shown
+
+
+@pytest.mark.parametrize(("token", "warned"), [("azGDORePK8gMaC0QOYAMyEEuzJnyUi", False), ("short", True),
+                                                ("azGDORePK8gMaC0QOYAMyEEuzJnyU!", True)])  # fmt: skip
+def test_a_pushover_key_not_of_pushovers_shape_is_warned_about_never_shown(token, warned):
+    settings = settings_from_env(
+        {"PUSHOVER_TOKEN": token, "PUSHOVER_USER_KEY": "uQiRzpo4DXghDmr9QzzfQu27cmVRsG"}
+    )
+    warnings = pushover_key_warnings(settings)
+    assert [w.split("=")[0] for w in warnings] == (["PUSHOVER_TOKEN"] if warned else [])
+    assert all(token not in w for w in warnings)

@@ -460,6 +460,27 @@ def test_sighup_stops_like_sigterm_and_flushes_the_tape(market, tmp_path):
     assert tapes and sum(1 for line in TapeReader(tapes[0]) if line.kind == "ws") > 0
 
 
+def test_a_burst_of_stop_signals_stops_the_daemon_once_and_cleanly(market, tmp_path):
+    """Signals that arrive while the main thread holds the stop Event's lock (GNU `timeout` signals the
+    child and its group; a supervisor may repeat itself) had hung the daemon for good, watchdog and all."""
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 3), speed=20.0) as polygon,
+    ):
+        process = launch(polygon, pushover, tmp_path, tmp_path / "daemon.log")
+        try:
+            assert wait_for(lambda: "START" in kinds(pushover) and polygon.ws_connections >= 1, 60)
+            for n in range(300):
+                process.send_signal((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)[n % 3])
+            code = process.wait(20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    log = (tmp_path / "daemon.log").read_text()
+    assert code == 0
+    assert log.count('"stop_signal"') == 1 and "Traceback" not in log
+
+
 def run_main(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY"))}
     return subprocess.run(
