@@ -45,7 +45,7 @@ from alert_text import (
 from alerts import AppriseFallback, Notifier, PushoverClient
 from clock import Clock
 from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings, pushover_key_warnings
-from delivery import MemoryOutbox, WriteBehindJournal
+from delivery import MemoryOutbox, TapeFirst, WriteBehindJournal
 from engine import Engine, OwedSummary, position_fields
 from engine_inbox import EngineInbox
 from events import Alert, FeedStatus, Received
@@ -165,7 +165,7 @@ class Daemon:
         )
         self.pipeline = Pipeline(
             self.engine,
-            self.writer,
+            TapeFirst(self.writer, self._hand_tape_over),
             FeedDecoder.for_rules(self.rules),
             on_alerts=self._on_alerts,
         )
@@ -527,6 +527,16 @@ class Daemon:
             "problems": problems,
             "pending": self.outbox.pending_count(),
         }
+
+    def _hand_tape_over(self) -> None:
+        """Before a decision is recorded: the tape lines behind it go to the OS first, so a replay of the
+        tape after a kill -9 still holds every line that led to a decision the journal kept."""
+        if self.tape is None:
+            return
+        try:
+            self.tape.hand_over()
+        except Exception as exc:
+            self._tape_failed("tape_write_failed", exc)
 
     def _flush_tape(self) -> None:
         """A durable point for the recording: a crash loses at most the last few seconds of tape."""

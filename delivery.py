@@ -187,6 +187,24 @@ def _same_trade(first: list[Action], second: list[Action]) -> bool:
     return len(ids) == 1
 
 
+class TapeFirst:
+    """A decision log that calls `before()` ahead of each durable decision, then records it in `log`.
+
+    The daemon hands the tape's buffered lines to the OS there: a kill -9 had cost the tape its last
+    seconds, the bars behind a BUY among them, so a replay of the day no longer made the live trades.
+    """
+
+    def __init__(self, log: WriteBehindJournal, before: Callable[[], None]) -> None:
+        self._log = log
+        self._before = before
+
+    def record(self, actions: Sequence[Action], cursor: str | None = None) -> list[Alert]:
+        """`before()` when any action is durable (not a log line), then the decision itself."""
+        if any(not isinstance(a, Log) for a in actions):
+            self._before()
+        return self._log.record(actions, cursor)
+
+
 class MemoryOutbox:
     """The notifier's queue: pending alerts in decision order, in memory; outcomes written behind.
 

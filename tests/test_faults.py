@@ -34,8 +34,12 @@ from test_daemon import (
 )
 
 from clock import SimClock
+from config import Rules
 from daemon import Daemon
 from journal_rescue import rescue_paths
+from market_calendar import MarketCalendar
+from pnl_tracker import Journal
+from replay import replay_tape
 from sim.market import SyntheticMarket, demo_script
 from sim.polygon_server import FakePolygon, SyntheticSource
 from sim.pushover_server import FakePushover
@@ -458,6 +462,36 @@ def test_sighup_stops_like_sigterm_and_flushes_the_tape(market, tmp_path):
     tapes = list((tmp_path / "tapes").glob("*.jsonl.gz"))
     assert code == 0
     assert tapes and sum(1 for line in TapeReader(tapes[0]) if line.kind == "ws") > 0
+
+
+def test_a_kill_right_after_a_buy_leaves_the_tape_that_replays_to_that_buy(market, tmp_path):
+    """The tape buffers up to 5 s of lines between its flushes; a kill -9 then took the bars behind the
+    BUY with it, and the replay of the day made no such trade. Lines reach the OS before each decision."""
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 4), speed=20.0) as polygon,
+    ):
+        process = launch(polygon, pushover, tmp_path, tmp_path / "daemon.log")
+        try:
+            assert wait_for(lambda: "BUY" in kinds(pushover), 90)
+            process.kill()
+            process.wait(10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    (live,) = [m for m in pushover.messages if m.form["title"].endswith("BUY")]
+    replayed: list = []
+    rules = Rules()
+    replay_tape(
+        tmp_path / "tapes" / "2025-10-02.jsonl.gz",
+        rules=rules,
+        calendar=MarketCalendar(rules),
+        journal=Journal(tmp_path / "replay.sqlite3"),
+        on_alerts=replayed.extend,
+        on_log=lambda _l: None,
+    )
+    buys = [(a.title, a.message) for a in replayed if a.kind == "BUY"]
+    assert buys == [(live.form["title"], live.form["message"])]
 
 
 def test_a_burst_of_stop_signals_stops_the_daemon_once_and_cleanly(market, tmp_path):
