@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 
-from alert_text import possible_repeat
+from alert_text import delivery_overrides, possible_repeat, sound_for
 from config import mask
 from redaction import valid_text
 
 if TYPE_CHECKING:
     import httpx
 
+    from config import Settings
     from pnl_tracker import OutboxItem
 
 TITLE_LIMIT = 250
@@ -171,6 +172,21 @@ def _should_retry(status: int, body: dict[str, Any] | None) -> bool:
 
 class PushoverClient:
     """One keep-alive connection to the Pushover messages API. Never exposes the keys."""
+
+    @classmethod
+    def for_settings(
+        cls, settings: Settings, attachment_for: Callable[[OutboxItem], bytes | None] | None = None
+    ) -> PushoverClient:
+        """The client of `settings`: its keys, API URL and the ALERT_SOUND_* of each kind (live and
+        `--replay --notify` alike)."""
+        overrides = delivery_overrides(settings)
+        return cls(
+            settings.pushover_token,
+            settings.pushover_user_key,
+            settings.pushover_api_url,
+            sound_for=lambda kind: sound_for(kind, overrides),
+            attachment_for=attachment_for,
+        )
 
     def __init__(
         self,

@@ -40,7 +40,6 @@ from alert_text import (
     money,
     price,
     priority_for,
-    sound_for,
 )
 from alerts import AppriseFallback, Notifier, PushoverClient
 from clock import Clock
@@ -245,14 +244,7 @@ class Daemon:
             return None
         for warning in pushover_key_warnings(s):
             log.warning("pushover_key_unusual", warning=warning)
-        overrides = delivery_overrides(s)
-        return PushoverClient(
-            s.pushover_token,
-            s.pushover_user_key,
-            s.pushover_api_url,
-            sound_for=lambda kind: sound_for(kind, overrides),
-            attachment_for=summary_attachment(s),
-        )
+        return PushoverClient.for_settings(s, attachment_for=summary_attachment(s))
 
     def run(self) -> int:
         """Start every thread, run until stopped; returns the exit status."""

@@ -317,11 +317,7 @@ def replay_locked(
     note = resume_note(tape, saved_line(journal, tape.name))
     if note and speed is not None:  # a paced replay takes a while: say at once; the summary says it once more
         print(note, file=sys.stderr)
-    client = (
-        PushoverClient(settings.pushover_token, settings.pushover_user_key, settings.pushover_api_url)
-        if notify
-        else None
-    )
+    client = PushoverClient.for_settings(settings) if notify else None
     notifier = Notifier(journal, client, clock_ms=WallClock().now_ms)
     rules = settings.rules
     calendar = MarketCalendar(rules, settings.market_closed_dates, settings.data_dir / CALENDAR_CACHE_DIR)

@@ -515,3 +515,14 @@ def test_a_replay_resumed_right_after_an_unsaved_peak_makes_the_uninterrupted_re
     assert (trade.reason, trade.exit_price) == ("Hard giveback", 1.39)
     assert journal.table_rows("trades") == whole.table_rows("trades")
     assert [a.message for a in first + rest] == [a.message for a in whole_alerts]
+
+
+def test_notify_sends_each_kind_with_the_live_daemons_sound(short_tapes, tmp_path):
+    with FakePushover() as pushover:
+        done = replay_cli([str(short_tapes[0]), "--notify"], tmp_path / "data", PUSHOVER_TOKEN="a" * 30,
+                          PUSHOVER_USER_KEY="u" * 30, PUSHOVER_API_URL=pushover.url,
+                          ALERT_SOUND_BUY="bugle")  # fmt: skip
+        forms = [m.form for m in pushover.messages]
+    assert done.returncode == 0, done.stderr
+    sounds = {f["title"].rsplit(" ", 1)[-1]: f.get("sound") for f in forms}
+    assert sounds["BUY"] == "bugle" and sounds["SELL"] == "siren"
