@@ -267,12 +267,19 @@ def _optional_int(raw: str) -> int | None:
     return _parse_number(raw.strip(), int, None, None) if raw.strip() else None  # type: ignore[return-value]
 
 
+def _folder_path(raw: str) -> Path:
+    """A path as given; an empty value is refused (Path("") is the current folder, not the default)."""
+    if not raw.strip():
+        raise ValueError("expected a folder path, not an empty value (leave it unset for the default ./data)")
+    return Path(raw.strip())
+
+
 def _parse_value(annotation: str, raw: str, meta: Mapping[str, Any]) -> Any:
     parsers: dict[str, Any] = {
         "time": parse_clock,
         "bool": parse_bool,
         "str": str.strip,
-        "Path": lambda r: Path(r.strip()),
+        "Path": _folder_path,
         "tuple[tuple[time, time], ...]": parse_blackouts,
         "tuple[date, ...]": parse_dates,
         "tuple[str, ...]": parse_urls,

@@ -609,3 +609,11 @@ def test_a_pushover_key_not_of_pushovers_shape_is_warned_about_never_shown(token
     warnings = pushover_key_warnings(settings)
     assert [w.split("=")[0] for w in warnings] == (["PUSHOVER_TOKEN"] if warned else [])
     assert all(token not in w for w in warnings)
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_data_dir_is_refused_rather_than_meaning_the_current_folder(value):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"DATA_DIR": value})
+    assert [p.split("=")[0] for p in caught.value.problems] == ["DATA_DIR"]
+    assert "unset it" in str(caught.value) or "leave it unset" in str(caught.value)
