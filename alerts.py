@@ -158,13 +158,19 @@ def _is_html(response: httpx.Response) -> bool:
 
 def refused_for_now(status: int, body: dict[str, Any] | None) -> bool:
     """A 4xx that refuses the service rather than this message: 403, or a 4xx without Pushover's JSON."""
-    if not 400 <= status < 500 or status in (401, 429):
+    if not 400 <= status < 500 or status in (401, 429) or status in TRANSIENT_4XX:
         return False
     return status == 403 or body is None
 
 
+# 4xx answers that say the request was not processed at all, rather than that it is wrong: retried.
+TRANSIENT_4XX = frozenset({408, 425})
+
+
 def _should_retry(status: int, body: dict[str, Any] | None) -> bool:
     # Pushover: 4xx, or a 200 whose status is not 1, will never work; anything else may.
+    if status in TRANSIENT_4XX:
+        return True
     if 400 <= status < 500:
         return False
     return not (status == 200 and body is not None)
@@ -675,6 +681,15 @@ class Notifier:
             # No HTTP answer to a request that left: it may have arrived; the retry says so.
             self._on_retryable(item, result, maybe_sent=bool(left) and result.status is None)
             return "stop"
+        if self._fallback is not None:
+            # Pushover refuses this message (a 4xx of its own): another channel can still carry it.
+            log.error(
+                "pushover_rejected",
+                error=result.error,
+                action="sending by the fallback",
+                **_fields(item, result),
+            )
+            return self._via_fallback(item)
         self._on_rejected(item, result)
         return "failed"
 

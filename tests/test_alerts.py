@@ -400,6 +400,36 @@ def test_quota_exhausted_sends_by_the_fallback_in_order(journal: Journal, server
     assert [r[1] for r in outbox(journal)] == ["sent", "sent", "sent"]
 
 
+@pytest.mark.parametrize("status", [400, 404, 413])
+def test_a_message_pushover_rejects_goes_by_the_fallback_and_the_next_one_by_pushover(
+    journal: Journal, server: FakePushover, status: int
+) -> None:
+    from alerts import AppriseFallback
+    from sim.webhook_server import FakeWebhook
+
+    server.fail_with(status, count=1)
+    journal.record([alert(1), alert(2)])
+    with FakeWebhook() as hook:
+        notifier = make_notifier(journal, make_client(server), fallback=AppriseFallback([hook.apprise_url]))
+        assert notifier.drain_once() == 2
+        posts = [p.body["title"] for p in hook.posts]
+
+    assert posts == [alert(1).title] and titles(server) == [alert(2).title]
+    assert [r[1] for r in outbox(journal)] == ["sent", "sent"]
+
+
+def test_a_408_is_a_request_pushover_never_processed_so_it_is_sent_again_plainly(
+    journal: Journal, server: FakePushover
+) -> None:
+    server.fail_with(408, count=1)
+    journal.record([alert(1)])
+    notifier = make_notifier(journal, make_client(server))
+    notifier.drain_once()
+    wait_until(lambda: notifier.drain_once() == 1 or outbox(journal)[0][1] == "sent")
+    assert titles(server) == [alert(1).title]  # not marked "(possible repeat)": it never arrived
+    assert outbox(journal)[0][1] == "sent"
+
+
 def test_bad_keys_with_a_fallback_keep_alerts_flowing(journal: Journal, server: FakePushover) -> None:
     from alerts import AppriseFallback
     from sim.webhook_server import FakeWebhook

@@ -283,6 +283,8 @@ def test_pushover_out_of_quota_without_a_fallback_holds_alerts_and_says_failing(
         with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread):
             assert wait_for(lambda: daemon.engine.position is not None, 60)
             assert wait_for(lambda: daemon._snapshot()["status"] == "failing", 5)
+            # The BUY reaches the queue just after the position is set (its decision is recorded first).
+            wait_for(lambda: daemon.outbox.pending_count() >= 2, 5)
             health = daemon._snapshot()
             held = daemon.outbox.pending_count()
             assert thread.is_alive()
