@@ -482,15 +482,26 @@ class Daemon:
             self._say_mark(said, now)
 
     def _say_mark(self, said: str, now: int) -> None:
-        ticker = self.mark_watch.ticker
+        ticker, pushed = self.mark_watch.ticker, self.mark_watch.pushed
+        episode = self.mark_watch.episodes
         if said == FRESH:
-            log.info("mark_fresh_again", ticker=ticker)
+            log.info("mark_fresh_again", ticker=ticker, episode=episode)
             text = f"Valid quotes of {ticker} set the mark again: the stop and the giveback follow it."
-            self._deliver_notice(SystemNotice("FEED_RESTORED", text, PRIORITY_NORMAL), now)
+            if pushed:
+                self._deliver_notice(SystemNotice("FEED_RESTORED", text, PRIORITY_NORMAL), now)
             return
         marks, position = self.engine.marks, self.engine.position
         age_s = (self.mark_watch.age_ms(now, self.engine.mark_set_ms) or 0) / 1000
-        log.warning("mark_stale", ticker=ticker, age_s=age_s, invalid=marks.invalid, older=marks.stale)
+        log.warning(
+            "mark_stale",
+            ticker=ticker,
+            age_s=age_s,
+            invalid=marks.invalid,
+            older=marks.stale,
+            episode=episode,
+        )
+        if not pushed:
+            return  # said on the phone at this contract's first episode; /health shows this one
         mark = money(position.mark) if position is not None else "n/a"
         text = (
             f"No valid quote of {ticker} for {age_s:.0f} s ({marks.invalid} invalid and {marks.stale} older "

@@ -6,6 +6,10 @@ no quote has set it for `alert_after_ms` while a position is held (every quote i
 failing or hanging), the price exits are blind; that is said once (a FEED alert, a degraded /health),
 and again when a valid quote sets the mark. The time stop and the VWAP exit do not read the mark.
 
+Only the first such episode of a held contract goes to the phone (`pushed`): a contract that quotes
+only now and then, with REST down, flapped stale and fresh 14 times in 36 minutes, 28 pushes. Later
+episodes are logged and shown on /health; the phone already knows this contract's marks are unsure.
+
 Pure: the daemon hands it the engine's times; nothing here reads a clock or sends anything.
 """
 
@@ -25,12 +29,13 @@ class MarkWatch:
     ticker: str | None = None
     held_since_ms: int = 0
     alerted: bool = False
+    episodes: int = 0  # stale episodes of the held contract so far
 
     def check(self, now_ms: int, ticker: str | None, mark_set_ms: int | None) -> str | None:
         """STALE once when the held contract's mark has not moved for `alert_after_ms`; FRESH when a
         quote sets it after that. `mark_set_ms` None: no quote since a restart (the watch's start counts)."""
         if ticker != self.ticker:
-            self.ticker, self.held_since_ms, self.alerted = ticker, now_ms, False
+            self.ticker, self.held_since_ms, self.alerted, self.episodes = ticker, now_ms, False, 0
         age_ms = self.age_ms(now_ms, mark_set_ms)
         if age_ms is None:
             return None
@@ -39,8 +44,14 @@ class MarkWatch:
             return FRESH
         if not self.alerted and age_ms >= self.alert_after_ms:
             self.alerted = True
+            self.episodes += 1
             return STALE
         return None
+
+    @property
+    def pushed(self) -> bool:
+        """Whether the episode under way (or just ended) is the held contract's first: the one to push."""
+        return self.episodes == 1
 
     def age_ms(self, now_ms: int, mark_set_ms: int | None) -> int | None:
         """How long no quote has set the held contract's mark (None while flat)."""

@@ -1,0 +1,41 @@
+"""The held contract's stale-mark watch: when it speaks, and which of its episodes go to the phone."""
+
+from __future__ import annotations
+
+from mark_watch import FRESH, STALE, MarkWatch
+
+TICKER = "O:IWM251002C00243000"
+AFTER_MS = 30_000
+
+
+def walk(
+    watch: MarkWatch, quotes_ms: list[int], until_ms: int, ticker: str = TICKER
+) -> list[tuple[int, str, bool]]:
+    """Check every second up to `until_ms` with quotes setting the mark at `quotes_ms`: (time, said, pushed)."""
+    said, mark_set = [], None
+    for now in range(0, until_ms + 1, 1000):
+        mark_set = max([q for q in quotes_ms if q <= now], default=mark_set)
+        change = watch.check(now, ticker, mark_set)
+        if change is not None:
+            said.append((now, change, watch.pushed))
+    return said
+
+
+def test_a_mark_unmoved_for_the_limit_is_stale_once_and_fresh_at_the_next_quote() -> None:
+    said = walk(MarkWatch(AFTER_MS), quotes_ms=[0, 5_000, 50_000], until_ms=60_000)
+    assert said == [(35_000, STALE, True), (50_000, FRESH, True)]
+
+
+def test_only_the_first_episode_of_a_held_contract_is_pushed_the_rest_are_said_in_the_log() -> None:
+    # A contract that quotes only every 40 s with REST down: stale and fresh again and again.
+    said = walk(MarkWatch(AFTER_MS), quotes_ms=list(range(0, 400_001, 40_000)), until_ms=400_000)
+    assert [s[1] for s in said] == [STALE, FRESH] * 10
+    assert [s[2] for s in said] == [True, True] + [False, False] * 9
+
+
+def test_a_new_contract_starts_a_new_count() -> None:
+    watch = MarkWatch(AFTER_MS)
+    walk(watch, quotes_ms=[0, 40_000, 80_000], until_ms=90_000)
+    assert watch.episodes >= 2
+    assert watch.check(100_000, "O:IWM251002C00244000", None) is None and watch.episodes == 0
+    assert watch.check(130_000, "O:IWM251002C00244000", None) == STALE and watch.pushed
