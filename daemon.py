@@ -49,7 +49,15 @@ from engine import Engine, OwedSummary, position_fields
 from engine_inbox import EngineInbox
 from events import Alert, FeedStatus, Received
 from feed import FeedDecoder
-from health import VERSION, HealthServer, Heartbeat, Snapshot, health_status
+from health import (
+    HEARTBEAT_FAILING,
+    HEARTBEAT_RECOVERED,
+    VERSION,
+    HealthServer,
+    Heartbeat,
+    Snapshot,
+    health_status,
+)
 from instance_lock import InstanceLock
 from mark_watch import FRESH, MarkWatch
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
@@ -193,6 +201,7 @@ class Daemon:
         # Two seconds after the engine's own STALL would go out, so that one silence makes one alert.
         self.stream_watch = StreamWatch(int((self.rules.stall_alert_seconds + 2) * 1000), clock.now_ms())
         self.mark_watch = MarkWatch(MARK_STALE_MS)
+        self.heartbeat: Heartbeat | None = None
         self.health_server: HealthServer | None = None
         self._health_problem: str | None = None
         self._stream_down_since_ms: int | None = None
@@ -272,7 +281,7 @@ class Daemon:
         spawn("session", self._session_loop, stale_after_s=THREAD_STALE_S)
         spawn("watchdog", self._watchdog_loop, stale_after_s=THREAD_STALE_S)
         if self.settings.heartbeat_url:
-            heartbeat = Heartbeat(self.settings.heartbeat_url)
+            heartbeat = self.heartbeat = Heartbeat(self.settings.heartbeat_url)
             spawn("heartbeat", lambda: self._heartbeat_loop(heartbeat), stale_after_s=THREAD_STALE_S)
         if self.settings.health_port is not None:
             spawn("health", self._health_loop, stale_after_s=THREAD_STALE_S)
@@ -686,19 +695,15 @@ class Daemon:
             degraded.append(
                 f"journal failing ({journal.last_error}); {journal.backlog} write(s) held in memory"
             )
-        if self._health_problem is not None:
-            degraded.append(self._health_problem)
-        down = self._stream_down_problem(now)
-        if down:
-            degraded.append(down)
-        delayed = self._delayed_feed_problem(now)
-        if delayed:
-            degraded.append(delayed)
-        if self.tape_problem is not None:
-            degraded.append(f"tape not recording ({self.tape_problem})")
-        mark_problem = self.mark_watch.problem(now, self.engine.mark_set_ms)
-        if mark_problem:
-            degraded.append(mark_problem)
+        worked_around = (
+            self._health_problem,
+            self._stream_down_problem(now),
+            self._delayed_feed_problem(now),
+            None if self.tape_problem is None else f"tape not recording ({self.tape_problem})",
+            self.mark_watch.problem(now, self.engine.mark_set_ms),
+            None if self.heartbeat is None else self.heartbeat.problem(time.monotonic()),
+        )
+        degraded += [problem for problem in worked_around if problem]
         return failing, degraded
 
     def _delayed_feed_problem(self, now: int) -> str | None:
@@ -1064,7 +1069,21 @@ class Daemon:
         while not self.stop.wait(5.0):
             self.supervisor.beat("heartbeat")
             healthy = self.served_health().get("status") in HEARTBEAT_STATUSES
-            heartbeat.maybe_ping(time.monotonic(), healthy)
+            self._say_heartbeat(heartbeat.maybe_ping(time.monotonic(), healthy), heartbeat)
+
+    def _say_heartbeat(self, change: str | None, heartbeat: Heartbeat) -> None:
+        """Failing pings said once (their error type and status only: the URL is a secret), and their end."""
+        if change == HEARTBEAT_FAILING:
+            log.error("heartbeat_failing", error=heartbeat.last_error, in_a_row=heartbeat.failing_in_a_row)
+            text = (
+                f"Heartbeat pings to HEARTBEAT_URL fail ({heartbeat.last_error}): the dead-man switch may page "
+                "you although the alerter runs, or miss a real outage. Check the URL; pings go on every minute."
+            )
+            self.inbox.put(SystemNotice("SYSTEM", text, PRIORITY_NORMAL))
+        elif change == HEARTBEAT_RECOVERED:
+            log.info("heartbeat_recovered")
+            text = "Heartbeat pings to HEARTBEAT_URL go through again."
+            self.inbox.put(SystemNotice("SYSTEM", text, PRIORITY_NORMAL))
 
     def _shutdown(self) -> None:
         """Stop in order; each step is guarded so a failing one (a full disk) never skips the rest."""

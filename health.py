@@ -167,6 +167,13 @@ def _handler_for(
     return Handler
 
 
+# Failed pings in a row before they are said (one alert, /health degraded): one lost ping is a blip the
+# dead-man switch's own grace absorbs; two (two minutes at the default interval) are a wrong URL or an outage.
+HEARTBEAT_FAILS_TO_SAY = 2
+HEARTBEAT_FAILING = "failing"
+HEARTBEAT_RECOVERED = "recovered"
+
+
 class Heartbeat:
     """Pings HEARTBEAT_URL (a dead-man switch) at most once per interval while healthy."""
 
@@ -187,17 +194,42 @@ class Heartbeat:
         self._last: float | None = None
         self.pings = 0
         self.failures = 0
+        self.failing_in_a_row = 0
+        self.last_error: str | None = None  # the error type and HTTP status only: the URL is a secret
+        self.failing_since: float | None = None  # monotonic time of the first failure in a row
 
-    def maybe_ping(self, monotonic_now: float, healthy: bool) -> None:
+    def maybe_ping(self, monotonic_now: float, healthy: bool) -> str | None:
+        """Ping when due and healthy. Returns HEARTBEAT_FAILING when the pings have just failed
+        HEARTBEAT_FAILS_TO_SAY times in a row, HEARTBEAT_RECOVERED at the first success after that,
+        else None (each said once by the caller)."""
         if not self.url or not healthy:
-            return
+            return None
         if self._last is not None and monotonic_now - self._last < self.interval_s:
-            return
+            return None
         self._last = monotonic_now
         try:
             self._client.get(self.url).raise_for_status()
-            self.pings += 1
         except httpx.HTTPError as exc:
-            self.failures += 1
-            # The URL itself is a secret (anyone holding it can fake liveness): log the error type only.
-            structlog.get_logger("heartbeat").warning("heartbeat_failed", error=type(exc).__name__)
+            return self._failed(exc, monotonic_now)
+        self.pings += 1
+        was_said = self.failing_in_a_row >= HEARTBEAT_FAILS_TO_SAY
+        self.failing_in_a_row, self.last_error, self.failing_since = 0, None, None
+        return HEARTBEAT_RECOVERED if was_said else None
+
+    def _failed(self, exc: httpx.HTTPError, monotonic_now: float) -> str | None:
+        self.failures += 1
+        self.failing_in_a_row += 1
+        status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
+        self.last_error = type(exc).__name__ + ("" if status is None else f" (HTTP {status})")
+        if self.failing_since is None:
+            self.failing_since = monotonic_now
+        # The URL itself is a secret (anyone holding it can fake liveness): log the error type only.
+        structlog.get_logger("heartbeat").warning("heartbeat_failed", error=self.last_error)
+        return HEARTBEAT_FAILING if self.failing_in_a_row == HEARTBEAT_FAILS_TO_SAY else None
+
+    def problem(self, monotonic_now: float) -> str | None:
+        """For /health once the failures have been said: what is wrong, without the URL."""
+        if self.failing_in_a_row < HEARTBEAT_FAILS_TO_SAY or self.failing_since is None:
+            return None
+        since_s = monotonic_now - self.failing_since
+        return f"heartbeat pings failing for {since_s:.0f} s ({self.last_error}): the dead-man switch may page you"

@@ -130,6 +130,45 @@ def test_heartbeat_pings_at_most_once_per_interval_and_only_when_healthy():
         server.shutdown()
 
 
+class _Scripted(BaseHTTPRequestHandler):
+    """Answers each GET with the next status of `statuses` (then 200)."""
+
+    statuses: list[int] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        status = _Scripted.statuses.pop(0) if _Scripted.statuses else 200
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_args: object) -> None:
+        return
+
+
+def test_failing_heartbeat_pings_are_said_once_on_health_until_one_goes_through_again():
+    from health import HEARTBEAT_FAILING, HEARTBEAT_RECOVERED
+
+    _Scripted.statuses = [404, 500, 404, 500]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = f"http://127.0.0.1:{server.server_address[1]}/ping/SEKRETuuid"
+    try:
+        beat = Heartbeat(secret, interval_s=60)
+        said = [beat.maybe_ping(1000.0 + 60 * n, healthy=True) for n in range(6)]
+        _Scripted.statuses = [503, 503]
+        said += [beat.maybe_ping(1400.0, healthy=True), beat.maybe_ping(1460.0, healthy=True)]
+        problem_while_failing = beat.problem(1500.0)
+        said.append(beat.maybe_ping(1520.0, healthy=True))
+    finally:
+        server.shutdown()
+    assert said == [None, HEARTBEAT_FAILING, None, None, HEARTBEAT_RECOVERED, None, None, HEARTBEAT_FAILING,
+                    HEARTBEAT_RECOVERED]  # fmt: skip
+    assert problem_while_failing == (
+        "heartbeat pings failing for 100 s (HTTPStatusError (HTTP 503)): the dead-man switch may page you"
+    )
+    assert beat.problem(1600.0) is None and "SEKRET" not in (problem_while_failing or "")
+
+
 class _Trickler(BaseHTTPRequestHandler):
     """Answers 200 and then its body one byte at a time, a byte every 0.1 s, for ever (a failing proxy)."""
 
