@@ -544,6 +544,10 @@ RETRYABLE_STATUSES = frozenset({429, 499, *range(500, 600)})
 # Aggregates may take many pages; a chain within the strike window is one page of 250, so a chain
 # poll that needs more than MAX_CHAIN_PAGES is following a broken or hostile next_url.
 MAX_PAGES = 200
+# Bars one aggregates request may bring over all its pages: a whole extended-hours day of seconds (57,600)
+# or a month of minutes fits twice over. A server that pages on for ever (a new cursor, the same 13,000
+# bars each time) had filled 290 MB of journal and 1.5 GB of memory with one volume profile.
+MAX_AGGS_RESULTS = 120_000
 MAX_CHAIN_PAGES = 20
 _UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 _BODY_TEXT_LIMIT = 2000
@@ -1043,6 +1047,12 @@ class RestAnswer:
     received_ms: int
 
 
+def _result_count(body: object) -> int:
+    """How many results a page holds (0 for anything but a list of them)."""
+    results = body.get("results") if type(body) is dict else None
+    return len(results) if type(results) is list else 0
+
+
 def _next_path(body: object) -> str | None:
     """The path and query of a page's `next_url`, to be asked of our own base URL like the SDK does.
 
@@ -1193,21 +1203,38 @@ class PolygonRest:
         return self.get(f"/v3/snapshot/options/{underlying}/{ticker}")
 
     def aggs(
-        self, sym: str, multiplier: int, span: str, from_: str, to: str, *, limit: int = 50000
+        self,
+        sym: str,
+        multiplier: int,
+        span: str,
+        from_: str,
+        to: str,
+        *,
+        limit: int = 50000,
+        max_results: int = MAX_AGGS_RESULTS,
     ) -> list[RestAnswer]:
-        """Aggregates of `sym` from `from_` to `to` (YYYY-MM-DD or Unix ms), every page."""
+        """Aggregates of `sym` from `from_` to `to` (YYYY-MM-DD or Unix ms), every page up to MAX_PAGES
+        pages or `max_results` bars."""
         path = f"/v2/aggs/ticker/{sym}/range/{multiplier}/{span}/{from_}/{to}"
-        return self._pages(f"{path}?adjusted=true&sort=asc&limit={limit}", MAX_PAGES)
+        return self._pages(f"{path}?adjusted=true&sort=asc&limit={limit}", MAX_PAGES, max_results)
 
-    def _pages(self, path: str, max_pages: int) -> list[RestAnswer]:
-        """Follow `next_url` from `path`; stops at a failure, the page cap, a bad URL or a cycle."""
+    def _pages(self, path: str, max_pages: int, max_results: int | None = None) -> list[RestAnswer]:
+        """Follow `next_url` from `path`; stops at a failure, the page cap, a bad URL, a cycle or (with
+        `max_results`) once the pages so far hold that many results."""
         answers: list[RestAnswer] = []
         asked = {strip_api_key(path)}
         next_path: str | None = path
+        results = 0
         while next_path is not None:
             answer = self.get(next_path)
             answers.append(answer)
             next_path = self._follow(answer, asked, len(answers), max_pages)
+            results += _result_count(answer.body)
+            if next_path is not None and max_results is not None and results >= max_results:
+                self._log.warning(
+                    "rest_paging_stopped", path=answer.path, reason="too_many_results", results=results
+                )
+                next_path = None
         return answers
 
     def _follow(self, answer: RestAnswer, asked: set[str], pages: int, max_pages: int) -> str | None:

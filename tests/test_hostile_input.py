@@ -134,6 +134,16 @@ def test_a_chain_poll_follows_at_most_max_chain_pages_and_aggregates_more(
     assert paging_stops(logs) == ["page_cap", "page_cap"]
 
 
+def test_aggregates_paging_on_past_the_results_any_request_needs_stop_there(
+    polygon: FakePolygon, rest: PolygonRest
+) -> None:
+    # A server paging on for ever (a new cursor, the same bars) had stored 290 MB of volume profile.
+    with capture_logs() as logs:
+        seconds = rest.aggs("IWM", 1, "second", str(at(9, 30)), str(at(10, 30)), limit=100, max_results=250)
+    assert [len(a.body["results"]) for a in seconds] == [100, 100, 100]
+    assert seconds[-1].body.get("next_url") and paging_stops(logs) == ["too_many_results"]
+
+
 # The feed decoder: abandoned polls leave nothing behind, live and replayed alike
 
 
