@@ -1125,6 +1125,7 @@ class PolygonRest:
     ) -> None:
         self.requests = 0
         self.last_error: str | None = None
+        self._paging_said: dict[str, str] = {}  # route -> the reason its paging last stopped early
         self._api_key = api_key
         self._redact = Redactor.of([api_key])
         self._clock_ms = clock_ms
@@ -1231,28 +1232,38 @@ class PolygonRest:
             next_path = self._follow(answer, asked, len(answers), max_pages)
             results += _result_count(answer.body)
             if next_path is not None and max_results is not None and results >= max_results:
-                self._log.warning(
-                    "rest_paging_stopped", path=answer.path, reason="too_many_results", results=results
-                )
+                self._stop_paging(answer, "too_many_results", results=results)
                 next_path = None
         return answers
 
+    def _stop_paging(self, answer: RestAnswer, reason: str, **fields: object) -> None:
+        """Paging ends early: the answer is incomplete (said in `last_error`, so /health names it), and
+        the log says so once per route and reason, not at every poll of a server that keeps looping."""
+        self.last_error = f"paging stopped early ({reason}): the answer is incomplete"
+        route = answer.path.split("?", 1)[0]
+        level = "debug" if self._paging_said.get(route) == reason else "warning"
+        self._paging_said[route] = reason
+        getattr(self._log, level)("rest_paging_stopped", path=answer.path, reason=reason, **fields)
+
     def _follow(self, answer: RestAnswer, asked: set[str], pages: int, max_pages: int) -> str | None:
         """The next path to ask, or None with one warning when paging must stop early."""
-        if answer.status != 200 or type(answer.body) is not dict or _next_url(answer.body) is None:
+        if answer.status != 200 or type(answer.body) is not dict:
+            return None
+        if _next_url(answer.body) is None:
+            self._paging_said.pop(answer.path.split("?", 1)[0], None)  # a whole answer: a new stop is news
             return None
         if unsafe_next_url(answer.body):
-            self._log.warning("rest_paging_stopped", path=answer.path, reason="unsafe_next_url")
+            self._stop_paging(answer, "unsafe_next_url")
             return None
         next_path = _next_path(answer.body)
         if next_path is None:
-            self._log.warning("rest_paging_stopped", path=answer.path, reason="unusable_next_url")
+            self._stop_paging(answer, "unusable_next_url")
             return None
         if next_path in asked:
-            self._log.warning("rest_paging_stopped", path=answer.path, reason="cycle", pages=pages)
+            self._stop_paging(answer, "cycle", pages=pages)
             return None
         if pages >= max_pages:
-            self._log.warning("rest_paging_stopped", path=answer.path, reason="page_cap", pages=pages)
+            self._stop_paging(answer, "page_cap", pages=pages)
             return None
         asked.add(next_path)
         return next_path

@@ -121,6 +121,10 @@ def test_a_self_pointing_next_url_stops_at_the_first_repeat(polygon: FakePolygon
     assert [a.status for a in looping] == [200, 200] and requests_looping == 2
     assert len(itself) == 1
     assert paging_stops(logs) == ["cycle"] and paging_stops(own_logs) == ["cycle"]
+    # Said once per route and reason (a looping server is polled every few seconds), and named for /health.
+    levels = [e["log_level"] for e in logs + own_logs if e.get("event") == "rest_paging_stopped"]
+    assert levels == ["warning", "debug"]
+    assert rest.last_error == "paging stopped early (cycle): the answer is incomplete"
 
 
 def test_a_chain_poll_follows_at_most_max_chain_pages_and_aggregates_more(
