@@ -519,6 +519,8 @@ def test_a_health_port_already_taken_is_said_once_and_served_once_it_is_free(mar
             assert wait_for(lambda: said() and daemon.health.get("ws_connected"), 30), (
                 "health failure not said"
             )
+            # The snapshot behind /health is taken once a second: it may follow the alert by that much.
+            assert wait_for(lambda: any("/health" in p for p in daemon.health["problems"]), 5)
             problems = daemon.health["problems"]
             blocker.close()
             assert wait_for(lambda: daemon.health_server is not None, 10), "the freed port was never bound"
