@@ -156,15 +156,15 @@ def _is_html(response: httpx.Response) -> bool:
     return "html" in content_type.lower() or response.content.lstrip()[:1] == b"<"
 
 
+# 4xx answers that say the request was not processed at all, rather than that it is wrong: retried.
+TRANSIENT_4XX = frozenset({408, 425})
+
+
 def refused_for_now(status: int, body: dict[str, Any] | None) -> bool:
     """A 4xx that refuses the service rather than this message: 403, or a 4xx without Pushover's JSON."""
     if not 400 <= status < 500 or status in (401, 429) or status in TRANSIENT_4XX:
         return False
     return status == 403 or body is None
-
-
-# 4xx answers that say the request was not processed at all, rather than that it is wrong: retried.
-TRANSIENT_4XX = frozenset({408, 425})
 
 
 def _should_retry(status: int, body: dict[str, Any] | None) -> bool:
