@@ -652,7 +652,11 @@ class Daemon:
             "market_open": market_open,
             "ws_connected": bool(self.stream and self.stream.connected),
             "last_bar_age_s": round(engine.bar_age_s(now), 1),
-            "chain_age_s": None if chain is None else round((now - chain.received_ms) / 1000, 1),
+            # A float always (DESIGN's contract): without a chain yet, how long the daemon has gone without one.
+            "chain_age_s": round(
+                (now - (self._started_ms if chain is None else chain.received_ms)) / 1000, 1
+            ),
+            "chain_received": chain is not None,
             "position": position_fields(engine.position),
             "outbox_pending": self.outbox.pending_count(),
             "late_bars": engine.counters.late_bars,

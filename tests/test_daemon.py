@@ -497,6 +497,20 @@ def test_health_endpoint_of_the_running_daemon(market, tmp_path):
     assert API_KEY not in json.dumps(body)
 
 
+def test_chain_age_is_a_number_before_the_first_chain_as_designs_health_contract_says(market, tmp_path):
+    start = at(10, 2)
+    with fakes(market, start) as (pushover, polygon, clock):
+        daemon = Daemon(settings_for(polygon, pushover, tmp_path), clock)
+        try:
+            time.sleep(0.1)
+            body = daemon._snapshot()
+        finally:
+            daemon.instance_lock.release()
+            daemon.journal.close()
+    assert isinstance(body["chain_age_s"], float) and body["chain_age_s"] >= 0.0
+    assert body["chain_received"] is False
+
+
 def test_a_health_port_already_taken_is_said_once_and_served_once_it_is_free(market, tmp_path):
     import json
     import socket
