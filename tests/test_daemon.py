@@ -24,6 +24,7 @@ from alert_text import price
 from clock import SimClock
 from config import Rules, Settings
 from daemon import Daemon
+from events import Alert
 from market_calendar import MarketCalendar
 from pnl_tracker import Journal
 from replay import replay_tape
@@ -113,6 +114,21 @@ def kinds(pushover: FakePushover) -> list[str]:
     return [m.form["title"].rsplit("— ", 1)[-1] for m in pushover.messages]
 
 
+def replayed_alerts(tape: Path, journal_path: Path) -> list[Alert]:
+    """Every alert the replay of `tape` decides, with the default rules, into a new journal."""
+    replayed: list[Alert] = []
+    rules = Rules()
+    replay_tape(
+        tape,
+        rules=rules,
+        calendar=MarketCalendar(rules),
+        journal=Journal(journal_path),
+        on_alerts=replayed.extend,
+        on_log=lambda _l: None,
+    )
+    return replayed
+
+
 def test_live_rehearsal_sends_buy_then_sell_as_the_replay_of_its_own_tape(market, tmp_path):
     start = at(10, 4)
     with (
@@ -127,17 +143,7 @@ def test_live_rehearsal_sends_buy_then_sell_as_the_replay_of_its_own_tape(market
     # Every alert the daemon sent, START aside, must come out of the replay of its own tape identically.
     live = [m for m in pushover.messages if m.form["title"].endswith(("BUY", "SELL"))]
 
-    replayed = []
-    tape = tmp_path / "tapes" / "2025-10-02.jsonl.gz"
-    rules = Rules()
-    replay_tape(
-        tape,
-        rules=rules,
-        calendar=MarketCalendar(rules),
-        journal=Journal(tmp_path / "r.sqlite3"),
-        on_alerts=replayed.extend,
-        on_log=lambda _l: None,
-    )
+    replayed = replayed_alerts(tmp_path / "tapes" / "2025-10-02.jsonl.gz", tmp_path / "r.sqlite3")
     mirrored = [a for a in replayed if a.kind in ("BUY", "SELL")][: len(live)]
     assert [(a.title, a.message) for a in mirrored] == [(m.form["title"], m.form["message"]) for m in live]
     assert [a.at_ms // 1000 for a in mirrored] == [int(m.form["timestamp"]) for m in live]
@@ -164,16 +170,7 @@ def test_a_restart_after_a_minute_down_sends_no_stall_for_the_downtime_and_its_t
               if k in ("STALL", "RECOVERED")]  # fmt: skip
     assert kinds(pushover).count("START") == 2
     assert not [t for k, t in system if stopped_ms // 1000 - 1 <= t <= restarted_ms // 1000 + 1], system
-    replayed: list = []
-    rules = Rules()
-    replay_tape(
-        tmp_path / "tapes" / "2025-10-02.jsonl.gz",
-        rules=rules,
-        calendar=MarketCalendar(rules),
-        journal=Journal(tmp_path / "r.sqlite3"),
-        on_alerts=replayed.extend,
-        on_log=lambda _l: None,
-    )
+    replayed = replayed_alerts(tmp_path / "tapes" / "2025-10-02.jsonl.gz", tmp_path / "r.sqlite3")
     assert [(a.kind, a.at_ms // 1000) for a in replayed if a.kind in ("STALL", "RECOVERED")] == system
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,18 +30,15 @@ from test_daemon import (
     fakes,
     kinds,
     launch,
+    replayed_alerts,
     settings_for,
     wait_for,
     wide_exits,
 )
 
 from clock import SimClock
-from config import Rules
 from daemon import Daemon
 from journal_rescue import rescue_paths
-from market_calendar import MarketCalendar
-from pnl_tracker import Journal
-from replay import replay_tape
 from sim.market import SyntheticMarket, demo_script
 from sim.polygon_server import FakePolygon, SyntheticSource
 from sim.pushover_server import FakePushover
@@ -447,20 +446,29 @@ def test_a_second_daemon_on_the_same_data_dir_exits_2_naming_the_first(market, t
     assert kinds(pushover).count("START") == 1
 
 
-def test_sighup_stops_like_sigterm_and_flushes_the_tape(market, tmp_path):
+@contextmanager
+def launched(
+    market, tmp_path: Path, start_ms: int
+) -> Iterator[tuple[subprocess.Popen, FakePushover, FakePolygon]]:
+    """`main.py` in its own process against the fakes (logging to tmp_path/daemon.log), killed if still running."""
     with (
         FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 3), speed=20.0) as polygon,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start_ms, speed=20.0) as polygon,
     ):
         process = launch(polygon, pushover, tmp_path, tmp_path / "daemon.log")
         try:
-            assert wait_for(lambda: "START" in kinds(pushover) and polygon.ws_connections >= 1, 60)
-            time.sleep(1.0)
-            process.send_signal(signal.SIGHUP)
-            code = process.wait(10)
+            yield process, pushover, polygon
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def test_sighup_stops_like_sigterm_and_flushes_the_tape(market, tmp_path):
+    with launched(market, tmp_path, at(10, 3)) as (process, pushover, polygon):
+        assert wait_for(lambda: "START" in kinds(pushover) and polygon.ws_connections >= 1, 60)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGHUP)
+        code = process.wait(10)
     tapes = list((tmp_path / "tapes").glob("*.jsonl.gz"))
     assert code == 0
     assert tapes and sum(1 for line in TapeReader(tapes[0]) if line.kind == "ws") > 0
@@ -469,29 +477,12 @@ def test_sighup_stops_like_sigterm_and_flushes_the_tape(market, tmp_path):
 def test_a_kill_right_after_a_buy_leaves_the_tape_that_replays_to_that_buy(market, tmp_path):
     """The tape buffers up to 5 s of lines between its flushes; a kill -9 then took the bars behind the
     BUY with it, and the replay of the day made no such trade. Lines reach the OS before each decision."""
-    with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 4), speed=20.0) as polygon,
-    ):
-        process = launch(polygon, pushover, tmp_path, tmp_path / "daemon.log")
-        try:
-            assert wait_for(lambda: "BUY" in kinds(pushover), 90)
-            process.kill()
-            process.wait(10)
-        finally:
-            if process.poll() is None:
-                process.kill()
+    with launched(market, tmp_path, at(10, 4)) as (process, pushover, _polygon):
+        assert wait_for(lambda: "BUY" in kinds(pushover), 90)
+        process.kill()
+        process.wait(10)
     (live,) = [m for m in pushover.messages if m.form["title"].endswith("BUY")]
-    replayed: list = []
-    rules = Rules()
-    replay_tape(
-        tmp_path / "tapes" / "2025-10-02.jsonl.gz",
-        rules=rules,
-        calendar=MarketCalendar(rules),
-        journal=Journal(tmp_path / "replay.sqlite3"),
-        on_alerts=replayed.extend,
-        on_log=lambda _l: None,
-    )
+    replayed = replayed_alerts(tmp_path / "tapes" / "2025-10-02.jsonl.gz", tmp_path / "replay.sqlite3")
     buys = [(a.title, a.message) for a in replayed if a.kind == "BUY"]
     assert buys == [(live.form["title"], live.form["message"])]
 
@@ -499,19 +490,11 @@ def test_a_kill_right_after_a_buy_leaves_the_tape_that_replays_to_that_buy(marke
 def test_a_burst_of_stop_signals_stops_the_daemon_once_and_cleanly(market, tmp_path):
     """Signals that arrive while the main thread holds the stop Event's lock (GNU `timeout` signals the
     child and its group; a supervisor may repeat itself) had hung the daemon for good, watchdog and all."""
-    with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 3), speed=20.0) as polygon,
-    ):
-        process = launch(polygon, pushover, tmp_path, tmp_path / "daemon.log")
-        try:
-            assert wait_for(lambda: "START" in kinds(pushover) and polygon.ws_connections >= 1, 60)
-            for n in range(300):
-                process.send_signal((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)[n % 3])
-            code = process.wait(20)
-        finally:
-            if process.poll() is None:
-                process.kill()
+    with launched(market, tmp_path, at(10, 3)) as (process, pushover, polygon):
+        assert wait_for(lambda: "START" in kinds(pushover) and polygon.ws_connections >= 1, 60)
+        for n in range(300):
+            process.send_signal((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)[n % 3])
+        code = process.wait(20)
     log = (tmp_path / "daemon.log").read_text()
     assert code == 0
     assert log.count('"stop_signal"') == 1 and "Traceback" not in log
