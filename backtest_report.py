@@ -16,7 +16,7 @@ from alert_text import money
 from backtest_run import BacktestResult, DayResult
 from history import MINUTE
 from holdout import Split, print_held_out, print_side_by_side
-from market_calendar import ny_datetime
+from market_calendar import MarketCalendar, ny_datetime
 from pnl_tracker import TradeRow
 from progress import Progress
 from report_charts import day_chart, equity_chart, equity_curve, max_drawdown
@@ -176,7 +176,7 @@ def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str 
     )
     exits = ", ".join(f"{reason} {n}" for reason, n in stats.exits_by_reason.items()) or "none"
     print(f"Exits: {exits}", file=out)
-    for warning in damaged_tape_warnings(result.days):
+    for warning in [*damaged_tape_warnings(result.days), *incomplete_day_warnings(result)]:
         print(warning, file=out)
     for day in result.days:
         if day.open_at_end:
@@ -207,6 +207,29 @@ def damaged_tape_warnings(days: Sequence[DayResult]) -> list[str]:
         for day in days
         if day.bad_lines
     ]
+
+
+# A whole tape records to the close; one whose last line is earlier than this before it lost the rest.
+WHOLE_DAY_SLACK_MS = 5 * 60_000
+
+
+def incomplete_day_warnings(result: BacktestResult) -> list[str]:
+    """One line per readable tape that is not a whole trading day: it holds no option chain (no entry
+    was possible, so its $0.00 is no result of the rules), or it stops well before the close (a
+    recorder that died at noon leaves a tape that reads cleanly). Damaged tapes are said apart."""
+    calendar = MarketCalendar(result.rules)
+    warnings = []
+    for day in result.days:
+        name = f"{Path(day.tape).name} ({day.session_date or 'no date'})"
+        if day.bars and not day.chains:
+            warnings.append(f"Warning: {name} holds no option chain: no entry was possible on this day.")
+        session = calendar.session_at(day.last_ms) if day.last_ms else None
+        if not day.bad_lines and session is not None and day.last_ms < session.close_ms - WHOLE_DAY_SLACK_MS:
+            warnings.append(
+                f"Warning: {name} stops at {_ny_time(day.last_ms)}, before the {_ny_time(session.close_ms)}"
+                " close: this day's figures cover only what was recorded."
+            )
+    return warnings
 
 
 def _ny_time(t_ms: int) -> str:
@@ -249,6 +272,7 @@ def summary_json(
         "stats": stats_json(stats),
         "blocked_signal_bars": blocked_totals(result.days),
         "damaged_tapes": damaged_tape_warnings(result.days),
+        "incomplete_days": incomplete_day_warnings(result),
         "days": [
             asdict(row) | _day_extra(day) | {"source": day_source(day, source)}
             for row, day in zip(day_rows(result.days), result.days, strict=True)

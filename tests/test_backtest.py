@@ -497,7 +497,43 @@ def test_a_damaged_tape_is_named_in_the_report_with_its_lines(short_tapes, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     day = summary["days"][0]
     assert day["bad_lines"] == 1 and day["lines"] > 100
-    warning = [line for line in stdout.getvalue().splitlines() if line.startswith("Warning:")]
+    warning = [line for line in stdout.getvalue().splitlines() if "is damaged" in line]
     assert len(warning) == 1 and summary["damaged_tapes"] == warning
     assert warning[0].startswith(f"Warning: {cut.name} (2025-10-06) is damaged: {day['lines']} line(s) read,")
     assert "1 unreadable" in warning[0] and "cut short" in warning[0]
+
+
+def test_a_tape_that_stops_early_or_holds_no_chain_is_said_to_be_no_whole_day(short_tapes, tmp_path):
+    """A recorder that died at 10:25 leaves a tape that reads cleanly; a day without a chain trades nothing.
+    Both had been reported as ordinary days."""
+    no_chain = tmp_path / "tapes" / short_tapes[0].name
+    no_chain.parent.mkdir()
+    kept = [line for line in raw_lines(short_tapes[0]) if '"/v3/snapshot/options/' not in line]
+    no_chain.write_bytes(gzip.compress("\n".join(kept).encode() + b"\n"))
+    out, stdout = tmp_path / "report", io.StringIO()
+    args = [
+        str(no_chain),
+        str(short_tapes[1]),
+        "--out",
+        str(out),
+        "--no-cache",
+        "--no-charts",
+        "--workers",
+        "1",
+    ]
+    assert main(args, Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    said = summary["incomplete_days"]
+    assert said == [line for line in stdout.getvalue().splitlines() if line.startswith("Warning:")]
+    assert (
+        said[0]
+        == f"Warning: {no_chain.name} (2025-10-06) holds no option chain: no entry was possible on this day."
+    )
+    assert [w.split(" stops at ")[0] for w in said[1:]] == [
+        f"Warning: {no_chain.name} (2025-10-06)",
+        f"Warning: {short_tapes[1].name} (2025-10-07)",
+    ]
+    assert all(
+        "before the 16:00:00 close: this day's figures cover only what was recorded." in w for w in said[1:]
+    )
+    assert summary["days"][0]["chains"] == 0 and summary["days"][0]["pnl"] == 0
