@@ -176,6 +176,9 @@ def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str 
     )
     exits = ", ".join(f"{reason} {n}" for reason, n in stats.exits_by_reason.items()) or "none"
     print(f"Exits: {exits}", file=out)
+    check = entry_check_line(result)
+    if check:
+        print(check, file=out)
     for warning in [*damaged_tape_warnings(result.days), *incomplete_day_warnings(result)]:
         print(warning, file=out)
     for day in result.days:
@@ -192,6 +195,29 @@ def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str 
             f"{money(row.pnl):>12}{money(row.cumulative):>13}  {day_source(day, source)}",
             file=out,
         )
+
+
+def entry_check_totals(result: BacktestResult) -> tuple[int, int, float]:
+    """(entries checked, of those the ones whose contract's newest ask was dearer than the fill, the run's
+    total P&L with each checked trade bought at that ask): see `entry_check`."""
+    checks = {c.trade_id: c for day in result.days for c in day.entry_checks}
+    total = sum(
+        checks[t.trade_id].pnl_at_newest_ask if t.trade_id in checks else t.pnl_dollars for t in result.trades
+    )
+    return len(checks), sum(c.above_fill for c in checks.values()), round(total, 2)
+
+
+def entry_check_line(result: BacktestResult) -> str | None:
+    """The report's line on how far the fills rest on the chain's older ask (None when nothing to compare)."""
+    checked, dearer, total = entry_check_totals(result)
+    if not checked:
+        return None
+    actual = round(sum(t.pnl_dollars for t in result.trades), 2)
+    return (
+        f"Entry check: {dearer} of {checked} BUYs fill below their contract's newest ask before the BUY (the "
+        f"fill is the ask of the chain the selection used, as the alert quotes it); bought at those newest "
+        f"asks, the total P&L would be {money(total)} instead of {money(actual)}."
+    )
 
 
 def damaged_tape_warnings(days: Sequence[DayResult]) -> list[str]:
@@ -271,12 +297,24 @@ def summary_json(
         "rules": {name.upper(): _plain(value) for name, value in asdict(result.rules).items()},
         "stats": stats_json(stats),
         "blocked_signal_bars": blocked_totals(result.days),
+        "entry_check": entry_check_json(result),
         "damaged_tapes": damaged_tape_warnings(result.days),
         "incomplete_days": incomplete_day_warnings(result),
         "days": [
             asdict(row) | _day_extra(day) | {"source": day_source(day, source)}
             for row, day in zip(day_rows(result.days), result.days, strict=True)
         ],
+    }
+
+
+def entry_check_json(result: BacktestResult) -> dict[str, Any]:
+    """`summary.json`'s entry check: the totals and each checked BUY."""
+    checked, dearer, total = entry_check_totals(result)
+    return {
+        "entries_checked": checked,
+        "fill_below_newest_ask": dearer,
+        "total_pnl_at_newest_ask": total,
+        "trades": [asdict(c) for day in result.days for c in day.entry_checks],
     }
 
 

@@ -20,6 +20,7 @@ from cli_exit import end_quietly_on_interrupt
 from config import Rules
 from day_runner import CellDay, day_is_independent, day_market, engine_pipeline, feed_day
 from engine import Engine, SessionSource
+from entry_check import EntryCheck, entry_checks
 from events import Alert, Log
 from history import MINUTE, option_quotes_of
 from market_calendar import MarketCalendar
@@ -57,6 +58,7 @@ class DayResult:
     option_quotes: str | None = None  # a reconstructed day's quote method: "nbbo" or "minute"
     lines: int = 0  # readable lines of the tape (its meta line aside): with `bad_lines`, says a tape is whole
     last_ms: int = 0  # the receive stamp of its last readable line
+    entry_checks: tuple[EntryCheck, ...] = ()  # each fill beside its contract's newest quote before the BUY
 
     @property
     def pnl(self) -> float:
@@ -200,11 +202,12 @@ def run_day_detail(
     known = {t.trade_id for t in journal.trades()}
     feed_day(decoded, market, [pipeline], (lambda: recorder.observe(engine)) if recorder else None)
     save_features()
+    trades = tuple(t for t in journal.trades() if t.trade_id not in known)
     result = DayResult(
         tape=str(tape),
         session_date=decoded.session_date,
         reconstructed=decoded.reconstructed,
-        trades=tuple(t for t in journal.trades() if t.trade_id not in known),
+        trades=trades,
         alerts=tuple(a for a in alerts if a.kind in TRADE_ALERTS),
         blocked=tuple(sorted(blocked.items())),
         bars=market.counters.bars,
@@ -217,6 +220,7 @@ def run_day_detail(
         option_quotes=option_quotes_of(TapeReader(tape).meta) if decoded.reconstructed else None,
         lines=len(decoded.lines),
         last_ms=decoded.lines[-1][0] if decoded.lines else 0,
+        entry_checks=entry_checks(decoded.lines, trades),
     )
     first_ms = decoded.lines[0][0] if decoded.lines else 0
     return DayRun(result, first_ms, engine.last_exit_ms)
