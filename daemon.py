@@ -249,7 +249,9 @@ class Daemon:
     def _pushover_client(self) -> PushoverClient | None:
         s = self.settings
         if not (s.pushover_token and s.pushover_user_key):
-            log.warning("pushover_not_configured", note="alerts go to the log only")
+            keys = {"PUSHOVER_TOKEN": s.pushover_token, "PUSHOVER_USER_KEY": s.pushover_user_key}
+            missing = [name for name, value in keys.items() if not value]
+            log.warning("pushover_not_configured", missing=missing, note="alerts go to the log only")
             return None
         for warning in pushover_key_warnings(s):
             log.warning("pushover_key_unusual", warning=warning)

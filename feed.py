@@ -289,8 +289,15 @@ class FeedDecoder:
             # More pages than any poll asks for: they cannot be one chain, so none of them is kept.
             self._pages.clear()
             self.counters.abandoned_chains += 1
+        next_url = next_url_of(body)
+        if not is_json_object(body):
+            # Reading the link decoded a tape's page and found no JSON (a broken escape): a failed
+            # answer, as the live decoder found it, so the previous chain stays.
+            self.counters.rest_errors += 1
+            self._pages.clear()
+            return []
         self._pages.append(body)
-        if next_url_of(body):
+        if next_url:
             return []
         pages, self._pages = tuple(self._pages), []
         return [ChainSnapshot(received_ms, LazyChain(pages))]

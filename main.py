@@ -171,7 +171,7 @@ def run_live(settings: Settings) -> int:
     """The live daemon until SIGTERM/SIGINT (exit 0) or the watchdog (exit 3)."""
     import threading
 
-    from stop_signals import stop_on_signals
+    from stop_signals import ignore_stop_signals, stop_on_signals
 
     if not settings.polygon_api_key:
         print(
@@ -186,8 +186,11 @@ def run_live(settings: Settings) -> int:
     stop = threading.Event()
     # SIGHUP (a closed terminal, some supervisors) stops cleanly like SIGTERM: the tape is flushed.
     stop_on_signals(stop)
-    daemon = start_daemon_or_explain(settings, clock, stop)
-    return EXIT_CONFIG if daemon is None else daemon.run()
+    try:
+        daemon = start_daemon_or_explain(settings, clock, stop)
+        return EXIT_CONFIG if daemon is None else daemon.run()
+    finally:
+        ignore_stop_signals()
 
 
 def clock_or_none(settings: Settings) -> Clock | None:

@@ -38,6 +38,14 @@ def stop_on_signals(stop: threading.Event, signals: Sequence[int] = STOP_SIGNALS
     watcher.start()
 
 
+def ignore_stop_signals(signals: Sequence[int] = STOP_SIGNALS) -> None:
+    """From now on `signals` are ignored: the daemon has stopped and its status is decided. At its exit
+    the interpreter puts back the default action of every signal with a Python handler, and a SIGTERM of
+    a burst landing then killed the cleanly stopped process with status 143; ignored ones stay ignored."""
+    for signum in signals:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _watch(read_fd: int, wanted: frozenset[int], stop: threading.Event) -> None:
     """Set `stop` at the first wanted signal number read from the pipe; keep reading (repeats are no-ops)."""
     while True:

@@ -667,6 +667,7 @@ class RawJson:
         try:
             return json.loads(b'"' + match.group(1) + b'"')
         except ValueError:  # an escape JSON does not know (`\q`): the body is no JSON, so has no such field
+            self.value()  # decoded now, so `is_object` says what it is
             return None
 
 

@@ -170,6 +170,10 @@ def test_a_rest_answer_whose_path_does_not_parse_is_a_counted_rest_error(path: s
     assert decoder.counters.rest_errors == 1
 
 
-def test_a_page_link_with_an_escape_json_does_not_know_is_no_link() -> None:
+def test_a_taped_chain_page_whose_link_json_cannot_read_is_a_failed_answer_as_live() -> None:
     page = RawJson(b'{"results":[],"next_url":"https://api.polygon.io/v3/x?cursor=\\q"}')
-    assert page.top_level_string("next_url") is None
+    assert page.top_level_string("next_url") is None and not page.is_object()
+    decoder = FeedDecoder("IWM", "SPY")
+    taped = RawJson(b'{"results":[],"next_url":"https://api.polygon.io/v3/x?cursor=\\q"}')
+    assert decoder.rest(1, "/v3/snapshot/options/IWM?limit=250", 200, taped) == []
+    assert decoder.counters.rest_errors == 1  # as the live decoder counts a body that is no JSON
