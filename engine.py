@@ -78,8 +78,8 @@ MARK_SAVE_MS = 5000
 # How far ahead of the engine clock a quote's stamp can hold back the quotes after it.
 QUOTE_AHEAD_MS = 2000
 FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
-# How far back a restart looks for the last session before today (the longest NYSE closure since 2001 is
-# four weekdays, Sandy's two days next to a weekend).
+# How far back a restart looks for the last session before today: the longest NYSE closure this century
+# was four weekdays (11-14 September 2001), so ten days cover it with the weekends around it.
 MAX_SESSION_GAP_DAYS = 10
 
 
