@@ -472,7 +472,7 @@ class Engine:
             bid=quote.bid,
         )
         self.position = position
-        self._mark_quote_ms = None if quote.quote_ms is None else self._capped_quote_ms(quote.quote_ms)
+        self._mark_quote_ms = quote.quote_ms
         self.mark_set_ms = self._now
         self._position_saved_ms, self._position_save_due_ms = self._now, None
         self.mark_source = "chain"
@@ -524,11 +524,11 @@ class Engine:
             self.marks.invalid += 1
             return
         quote_ms, current_ms = quote.quote_ms, self._mark_quote_ms
-        if quote_ms is not None and current_ms is not None and quote_ms < current_ms:
+        if quote_ms is not None and current_ms is not None and self._older(quote_ms, current_ms):
             self.marks.stale += 1
             return
         if quote_ms is not None:
-            self._mark_quote_ms = self._capped_quote_ms(quote_ms)
+            self._mark_quote_ms = quote_ms
         self.mark_set_ms = self._now
         self.marks.count(source)
         self.mark_source = source
@@ -538,11 +538,18 @@ class Engine:
             self._note_unsaved(moved.peak != position.peak)
         self.position = moved
 
-    def _capped_quote_ms(self, quote_ms: int) -> int:
-        """The stamp later quotes of the held contract must not be older than. A quote stamped ahead of
-        the clock (a bad or skewed stamp) counts as stamped QUOTE_AHEAD_MS ahead at most: one stamp
-        from tomorrow must not make every real quote "older" and freeze the mark exits read."""
-        return min(quote_ms, self._now + QUOTE_AHEAD_MS)
+    def _older(self, quote_ms: int, current_ms: int) -> bool:
+        """Whether a quote is older, by the two quotes' own stamps, than the one behind the mark.
+
+        A mark stamped more than QUOTE_AHEAD_MS ahead of the clock (a bad stamp) holds back only quotes
+        stamped that far ahead too: a quote stamped within the clock's reach is taken, so one stamp from
+        tomorrow cannot freeze the mark the exits read. A feed whose clock runs ahead keeps its quotes in
+        their own order: an audit's 10 s skew had let an older quote through and fired a false stop.
+        """
+        if quote_ms >= current_ms:
+            return False
+        reach = self._now + QUOTE_AHEAD_MS
+        return not current_ms > reach >= quote_ms
 
     def _note_unsaved(self, new_peak: bool) -> None:
         due = self._position_saved_ms + (PEAK_SAVE_MS if new_peak else MARK_SAVE_MS)

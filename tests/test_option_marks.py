@@ -130,10 +130,22 @@ def test_a_quote_stamped_tomorrow_cannot_freeze_the_mark_of_the_stop():
         eng = holding()
         assert closes(feed(eng, [ahead])) == [] and eng.position.mark == 1.21
         t = ENTRY_BAR_START + 2000
-        assert closes(feed(eng, [streamed(t + 1000, 0.70, 0.72)])) == [], "within the 2 s a stamp may lead"
-        (close,) = closes(feed(eng, [streamed(t + 2500, 0.70, 0.72)]))
+        (close,) = closes(feed(eng, [streamed(t + 1000, 0.70, 0.72)]))  # stamped within the clock's reach
         assert (close.reason, close.exit_price) == ("Stop loss", 0.7)
-        assert eng.marks.stale == 1
+        assert eng.marks.stale == 0
+
+
+def test_a_feed_whose_clock_runs_ahead_keeps_its_quotes_in_their_own_order():
+    """Stamps 10 s ahead of the daemon's clock: the mark's stamp used to be capped at the clock + 2 s, so an
+    older quote (by its own stamp, still ahead of that cap) passed and fired a false stop."""
+    eng = holding()
+    t = ENTRY_BAR_START + 2000
+    skew = 10_000
+    feed(eng, [streamed(t, 1.20, 1.22, quote_ms=t + skew)])
+    assert closes(feed(eng, [streamed(t + 1000, 0.50, 0.52, quote_ms=t + skew - 500)])) == []
+    assert eng.position.mark == 1.21 and eng.marks.stale == 1
+    (close,) = closes(feed(eng, [streamed(t + 2000, 0.50, 0.52, quote_ms=t + skew + 2000)]))
+    assert close.reason == "Stop loss"
 
 
 def test_a_chain_snapshot_older_than_the_streamed_mark_is_ignored():
