@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from engine import MARK_QUOTE_META
 from events import Action, Alert, Log, SetMeta, UpdatePosition
 from journal_rescue import Held, Outcome, write_decision
 from pnl_tracker import FAILED, IN_FLIGHT, PENDING, SENDING, SENT, Journal, JournalError, OutboxItem
@@ -179,7 +180,10 @@ class WriteBehindJournal:
 
 
 def _only_updates(actions: list[Action]) -> bool:
-    return all(isinstance(a, UpdatePosition) for a in actions)
+    # A mark's quote stamp rides with its update: both are replaced by the next ones alike.
+    return all(
+        isinstance(a, UpdatePosition) or (type(a) is SetMeta and a.key == MARK_QUOTE_META) for a in actions
+    )
 
 
 def _same_trade(first: list[Action], second: list[Action]) -> bool:

@@ -69,6 +69,10 @@ from risk_manager import (
 from signals import Features
 
 CRITICAL_LATCH = "critical_loss_latched"
+# "<trade_id> <ms>": the own stamp of the quote behind the held position's saved mark. Without it a restart
+# took the first valid quote whatever its age: an older REST snapshot re-marked a position and fired a false
+# Hard giveback.
+MARK_QUOTE_META = "mark_quote_ms"
 # A streamed contract can quote hundreds of times a second, and each save is an fsync: a new peak is
 # written at most once a second of engine time, a mark or bid that moved without a new peak at most
 # every MARK_SAVE_MS (a restart exits at the saved bid until a quote comes). The SELL's close carries
@@ -107,6 +111,7 @@ class RestoredState:
     critical_latched: bool
     trades_today: tuple[DayTrade, ...] = ()  # the day's closed trades, for the close's summary
     owed_summary: OwedSummary | None = None  # the live daemon's restart after a missed close only
+    mark_quote_ms: int | None = None  # the stamp of the quote behind the open position's saved mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +259,7 @@ class Engine:
         if rebuilt is not None and state.position is not None and rebuilt.trade_id == state.position.trade_id:
             self.position = rebuilt
             return
-        self._mark_quote_ms = None  # the journal keeps no quote time: the next valid quote sets the mark
+        self._mark_quote_ms = state.mark_quote_ms  # unknown (None): the next valid quote sets the mark
         self.mark_set_ms = None
 
     def on_event(self, event: Event) -> list[Action]:
@@ -477,6 +482,7 @@ class Engine:
         self._position_saved_ms, self._position_save_due_ms = self._now, None
         self.mark_source = "chain"
         actions.append(open_action(position))
+        self._save_mark_quote_ms(position, actions)
         context = BuyContext(
             underlying=self.rules.underlying,
             close=features.close,
@@ -571,6 +577,12 @@ class Engine:
                 position.trade_id, position.peak, position.mark, position.below_vwap_since_ms, position.bid
             )
         )
+        self._save_mark_quote_ms(position, actions)
+
+    def _save_mark_quote_ms(self, position: Position, actions: list[Action]) -> None:
+        """Keep the stamp behind the saved mark beside it, so a restart refuses quotes older than it."""
+        if self._mark_quote_ms is not None:
+            actions.append(SetMeta(MARK_QUOTE_META, f"{position.trade_id} {self._mark_quote_ms}"))
 
     def _check_exit(self, now: int, actions: list[Action]) -> None:
         position = self.position

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from alert_text import DayTrade
-from engine import CRITICAL_LATCH, OwedSummary, RestoredState
+from engine import CRITICAL_LATCH, MARK_QUOTE_META, OwedSummary, RestoredState
 from events import Action, Alert, ClosePosition, Log, OpenPosition, SetMeta, UpdatePosition
 from redaction import valid_text
 from risk_manager import DayRecord, Lifetime, Position
@@ -375,6 +375,7 @@ class Journal:
                 " COALESCE(SUM(pnl_dollars <= 0), 0) FROM trades"
             ).fetchone()
             critical = self._meta(CRITICAL_LATCH)
+            mark_quote = self._meta(MARK_QUOTE_META)
         day = DayRecord()
         for trade in trades_today:
             day = day.after_trade(trade.pnl_dollars)
@@ -386,6 +387,7 @@ class Journal:
             lifetime=Lifetime(round(pnl, 2), wins, losses),
             critical_latched=critical == "1",
             trades_today=trades_today,
+            mark_quote_ms=_mark_quote_ms_of(mark_quote, position),
         )
 
     def owed_summary(self, before: str) -> OwedSummary | None:
@@ -502,3 +504,14 @@ class Journal:
 
 def _valid_or_none(text: str | None) -> str | None:
     return None if text is None else valid_text(text)
+
+
+def _mark_quote_ms_of(saved: str | None, position: Position | None) -> int | None:
+    """The saved mark's quote stamp when it belongs to the open position (`MARK_QUOTE_META`), else None."""
+    trade_id, _, stamp = (saved or "").partition(" ")
+    if position is None or trade_id != position.trade_id:
+        return None
+    try:
+        return int(stamp)
+    except ValueError:
+        return None

@@ -172,3 +172,24 @@ def test_a_quote_storm_writes_the_peak_at_most_once_a_second_and_the_sell_carrie
     (close,) = closes(feed(eng, [streamed(t + 3500, 1.0, 1.02)]))
     assert close.peak == round(1.02 + 0.001 * 599 + 0.01, 3)
     assert close.peak > updates[-1].peak  # the last second of peak rides on the SELL, not on an fsync
+
+
+def test_a_restart_refuses_quotes_older_than_the_one_behind_the_saved_mark(tmp_path):
+    """The journal kept no quote time, so after a kill -9 the first valid quote set the mark whatever its
+    age: a REST snapshot older than the streamed mark re-marked the position and fired a Hard giveback."""
+    from pnl_tracker import Journal
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    eng = engine()
+    journal.record(feed(eng, [chain(START + 110_000, quote()), *burst_bars(START)]))
+    t = ENTRY_BAR_START + 2000
+    journal.record(feed(eng, [streamed(t, 1.44, 1.46)]))  # a new peak: saved with its quote's stamp
+    journal.record(feed(eng, [Tick(t + 1000), streamed(t + 4000, 1.40, 1.42), Tick(t + 10_000)]))
+    restarted = engine()
+    restarted.restore(journal.restored_state("2025-10-02"), "2025-10-02")
+    assert restarted.position is not None and restarted.position.mark == 1.41
+    older = ContractSnapshot(t + 12_000, quote(bid=1.00, ask=1.02, quote_ms=t - 1000))  # the entry's quote
+    assert closes(feed(restarted, [older])) == [] and restarted.position.mark == 1.41
+    assert restarted.marks.stale == 1
+    newer = ContractSnapshot(t + 13_000, quote(bid=1.30, ask=1.32, quote_ms=t + 12_500))
+    assert closes(feed(restarted, [newer])) == [] and restarted.position.mark == 1.31
