@@ -45,6 +45,11 @@ class TickSchedule:
         self._last_second = max(last, second)
         return range(last + 1, second + 1)
 
+    def skip_to(self, now_ms: int) -> None:
+        """Count every second up to `now_ms` as ticked, without ticking it."""
+        second = now_ms // 1000
+        self._last_second = second if self._last_second is None else max(self._last_second, second)
+
 
 STARTED: dict[str, object] = {"started": True}  # the control line a daemon records when it (re)starts
 
@@ -94,12 +99,16 @@ class Pipeline:
     def control_line(self, t: int, payload: object) -> None:
         """A control line at `t`, with the ticks of the seconds before it.
 
-        A (re)start is noted before those ticks: they are the daemon's own downtime, which the START
-        alert already tells, not a silence of the feed (a STALL dated inside the downtime, then a
-        RECOVERED, was all a restart sent). The pause switch acts after them, at its instant.
+        The seconds before a (re)start are the daemon's own downtime: they are not ticked. Nothing can be
+        decided in them (an audit's restart sold by VWAP persistence at a second the daemon was down, at
+        the bid it saw before it stopped, while the chain that came with the restart showed a lower one);
+        the first event after the start decides what the downtime left due, at its own time and prices.
+        Nor are they a silence of the feed (a STALL dated inside the downtime, then a RECOVERED, was all
+        a restart sent). The pause switch acts after the ticks, at its instant.
         """
         if is_start(payload):
             self.engine.note_start(t)
+            self._ticks.skip_to(t)
         self.advance_to(t)
         self.control(t, payload)
 

@@ -525,3 +525,28 @@ def test_no_late_summary_for_an_older_day_or_with_summaries_off(tmp_path, restar
     assert journal.owed_summary(restart_day.isoformat()) is not None  # the journal never summarised it
     restored = restarted_on(journal, restart_day, rules)
     assert not summaries(restored.on_event(Tick(at(8, 0, 0, restart_day))))
+
+
+def test_a_restart_decides_nothing_inside_its_downtime_and_exits_at_its_own_time_and_price():
+    """A restart ticked every second of its downtime: a VWAP persistence exit came due at a second the daemon
+    was down and sold at the bid it saw before it stopped, though the quote with the restart showed less."""
+    from events import Received
+    from feed import FeedDecoder
+    from pipeline import STARTED, Pipeline
+
+    eng = entered_engine()
+    sold: list[Alert] = []
+    pipeline = Pipeline(eng, None, FeedDecoder("IWM", "SPY"), on_alerts=sold.extend, on_log=lambda _l: None)
+    t0 = ENTRY_BAR_START + 1000
+    for i in range(5):
+        below = bar(t0 + i * 1000, 239.0)  # under the VWAP: persistence is due 60 s after the first
+        pipeline.advance_to(below.received_ms)
+        pipeline.run(below)
+    assert eng.position is not None and eng.position.below_vwap_since_ms is not None
+    restart = eng.position.below_vwap_since_ms + 65_000  # down from 4 s after that to here
+    pipeline.handle(Received(restart, "control", dict(STARTED)))
+    assert eng.position is not None and not sold, "nothing decided inside the downtime"
+    closed = closes(pipeline.run(contract(restart + 17, bid=0.95, ask=0.97)))  # lower than before the stop
+    assert [(c.reason, c.exit_price, c.exit_ms) for c in closed] == [("VWAP persistence", 0.95, restart + 17)]
+    (sell,) = [a for a in sold if a.kind == "SELL"]
+    assert sell.at_ms == restart + 17 and "Exit ~$0.95 (bid)" in sell.message
