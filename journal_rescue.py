@@ -80,11 +80,12 @@ def load(paths: Sequence[Path]) -> list[tuple[Path, Held]]:
                 raise ValueError(f"not a rescue of format {RESCUE_FORMAT}")
         except Exception as exc:
             bad = path.with_name(path.name + ".bad")
+            moved_to = str(bad)
             try:
                 path.replace(bad)
             except OSError as move_error:  # a read-only folder: said, skipped, and said again next start
-                bad = Path(f"(not moved: {move_error.strerror})")
-            log.critical("journal_rescue_unreadable", path=str(path), moved_to=str(bad), error=str(exc))
+                moved_to = f"nowhere ({move_error.strerror})"
+            log.critical("journal_rescue_unreadable", path=str(path), moved_to=moved_to, error=str(exc))
             continue
         found.append((path, held))
     return found
