@@ -185,7 +185,10 @@ class Engine:
         self._owed_summary: OwedSummary | None = None
         self.marks = MarkCounters()
         self.mark_source: str | None = None
-        self._mark_quote_ms: int | None = None
+        self._mark_quote_ms: int | None = None  # the own stamp of the quote behind the mark
+        self._mark_floor_ms: int | None = (
+            None  # that stamp, capped at the clock + QUOTE_AHEAD_MS when it came
+        )
         self.mark_set_ms: int | None = None  # engine time a valid quote last set the held mark (or the entry)
         self._position_saved_ms = 0
         self._position_save_due_ms: int | None = None  # when an unsaved change of the position is due
@@ -260,6 +263,7 @@ class Engine:
             self.position = rebuilt
             return
         self._mark_quote_ms = state.mark_quote_ms  # unknown (None): the next valid quote sets the mark
+        self._mark_floor_ms = None  # capped again at the first quote, against the clock of then
         self.mark_set_ms = None
 
     def on_event(self, event: Event) -> list[Action]:
@@ -477,7 +481,7 @@ class Engine:
             bid=quote.bid,
         )
         self.position = position
-        self._mark_quote_ms = quote.quote_ms
+        self._set_mark_stamp(quote.quote_ms)
         self.mark_set_ms = self._now
         self._position_saved_ms, self._position_save_due_ms = self._now, None
         self.mark_source = "chain"
@@ -534,7 +538,7 @@ class Engine:
             self.marks.stale += 1
             return
         if quote_ms is not None:
-            self._mark_quote_ms = quote_ms
+            self._set_mark_stamp(quote_ms)
         self.mark_set_ms = self._now
         self.marks.count(source)
         self.mark_source = source
@@ -545,17 +549,26 @@ class Engine:
         self.position = moved
 
     def _older(self, quote_ms: int, current_ms: int) -> bool:
-        """Whether a quote is older, by the two quotes' own stamps, than the one behind the mark.
+        """Whether a quote is older than the one behind the mark.
 
-        A mark stamped more than QUOTE_AHEAD_MS ahead of the clock (a bad stamp) holds back only quotes
-        stamped that far ahead too: a quote stamped within the clock's reach is taken, so one stamp from
-        tomorrow cannot freeze the mark the exits read. A feed whose clock runs ahead keeps its quotes in
-        their own order: an audit's 10 s skew had let an older quote through and fired a false stop.
+        Below the mark's floor (its stamp, capped at the clock + QUOTE_AHEAD_MS when it came) a quote is
+        older: one stamp from tomorrow holds real quotes back by QUOTE_AHEAD_MS at most, never freezes the
+        mark. Above the floor a quote stamped that far ahead of the clock too is still ordered by the two
+        own stamps: a feed whose clock runs ahead keeps its quotes in their order (an audit's 10 s skew had
+        let an older quote through the cap and fired a false stop), while quotes within the clock's reach
+        are never let past a mark they are older than.
         """
-        if quote_ms >= current_ms:
-            return False
-        reach = self._now + QUOTE_AHEAD_MS
-        return not current_ms > reach >= quote_ms
+        floor = self._mark_floor_ms
+        if floor is None:  # after a restart: the saved stamp, capped against the clock of now
+            floor = self._mark_floor_ms = min(current_ms, self._now + QUOTE_AHEAD_MS)
+        if quote_ms < floor:
+            return True
+        return quote_ms < current_ms and quote_ms > self._now + QUOTE_AHEAD_MS
+
+    def _set_mark_stamp(self, quote_ms: int | None) -> None:
+        """The stamp behind the mark, and its floor (see `_older`)."""
+        self._mark_quote_ms = quote_ms
+        self._mark_floor_ms = None if quote_ms is None else min(quote_ms, self._now + QUOTE_AHEAD_MS)
 
     def _note_unsaved(self, new_peak: bool) -> None:
         due = self._position_saved_ms + (PEAK_SAVE_MS if new_peak else MARK_SAVE_MS)

@@ -130,9 +130,10 @@ def test_a_quote_stamped_tomorrow_cannot_freeze_the_mark_of_the_stop():
         eng = holding()
         assert closes(feed(eng, [ahead])) == [] and eng.position.mark == 1.21
         t = ENTRY_BAR_START + 2000
-        (close,) = closes(feed(eng, [streamed(t + 1000, 0.70, 0.72)]))  # stamped within the clock's reach
+        assert closes(feed(eng, [streamed(t + 1000, 0.70, 0.72)])) == [], "within the 2 s a stamp may lead"
+        (close,) = closes(feed(eng, [streamed(t + 2500, 0.70, 0.72)]))
         assert (close.reason, close.exit_price) == ("Stop loss", 0.7)
-        assert eng.marks.stale == 0
+        assert eng.marks.stale == 1
 
 
 def test_a_feed_whose_clock_runs_ahead_keeps_its_quotes_in_their_own_order():
@@ -146,6 +147,18 @@ def test_a_feed_whose_clock_runs_ahead_keeps_its_quotes_in_their_own_order():
     assert eng.position.mark == 1.21 and eng.marks.stale == 1
     (close,) = closes(feed(eng, [streamed(t + 2000, 0.50, 0.52, quote_ms=t + skew + 2000)]))
     assert close.reason == "Stop loss"
+
+
+@pytest.mark.parametrize("ahead_ms", [3_000, 12_000])
+def test_a_rest_quote_older_than_a_streamed_mark_stamped_ahead_of_the_clock_is_refused(ahead_ms):
+    """Streamed stamps ahead of this machine's clock (a clock a few seconds behind, a skewed feed) must not let
+    an older REST snapshot, stamped within the clock's reach, past the streamed mark: it fired a Hard giveback
+    from a $1.45 peak on a 1.00 x 1.02 snapshot that was 2 s older than the 1.44 x 1.46 quote."""
+    eng = holding()
+    t = ENTRY_BAR_START + 2000
+    feed(eng, [streamed(t, 1.44, 1.46, quote_ms=t + ahead_ms)])
+    older = ContractSnapshot(t + 300, quote(bid=1.00, ask=1.02, quote_ms=t - 2000))
+    assert closes(feed(eng, [older])) == [] and eng.position.mark == 1.45 and eng.marks.stale == 1
 
 
 def test_a_chain_snapshot_older_than_the_streamed_mark_is_ignored():
