@@ -81,6 +81,8 @@ PEAK_SAVE_MS = 1000
 MARK_SAVE_MS = 5000
 # How far ahead of the engine clock a quote's stamp can hold back the quotes after it.
 QUOTE_AHEAD_MS = 2000
+# A quote stamp further ahead of the engine clock than this is no feed's skew but a bad stamp (as for bars).
+QUOTE_SKEW_MS = 60_000
 FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
 # How far back a restart looks for the last session before today: the longest NYSE closure this century
 # was four weekdays (11-14 September 2001), so ten days cover it with the weekends around it.
@@ -551,19 +553,20 @@ class Engine:
     def _older(self, quote_ms: int, current_ms: int) -> bool:
         """Whether a quote is older than the one behind the mark.
 
-        Below the mark's floor (its stamp, capped at the clock + QUOTE_AHEAD_MS when it came) a quote is
-        older: one stamp from tomorrow holds real quotes back by QUOTE_AHEAD_MS at most, never freezes the
-        mark. Above the floor a quote stamped that far ahead of the clock too is still ordered by the two
-        own stamps: a feed whose clock runs ahead keeps its quotes in their order (an audit's 10 s skew had
-        let an older quote through the cap and fired a false stop), while quotes within the clock's reach
-        are never let past a mark they are older than.
+        Quotes are ordered by their own stamps, whatever their lead over this machine's clock, as long as
+        the mark's stamp is a plausible one (at most QUOTE_SKEW_MS ahead): an audit's feed running 10 s
+        ahead had let older quotes past a capped stamp and fired a false stop. A mark stamped further
+        ahead (a stamp from tomorrow) holds back only quotes below its floor, its stamp capped at the clock
+        + QUOTE_AHEAD_MS when it came: it delays real quotes by that much at most, never freezes the mark.
         """
+        if quote_ms >= current_ms:
+            return False
+        if current_ms <= self._now + QUOTE_SKEW_MS:
+            return True
         floor = self._mark_floor_ms
         if floor is None:  # after a restart: the saved stamp, capped against the clock of now
             floor = self._mark_floor_ms = min(current_ms, self._now + QUOTE_AHEAD_MS)
-        if quote_ms < floor:
-            return True
-        return quote_ms < current_ms and quote_ms > self._now + QUOTE_AHEAD_MS
+        return quote_ms < floor
 
     def _set_mark_stamp(self, quote_ms: int | None) -> None:
         """The stamp behind the mark, and its floor (see `_older`)."""

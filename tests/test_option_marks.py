@@ -159,6 +159,9 @@ def test_a_rest_quote_older_than_a_streamed_mark_stamped_ahead_of_the_clock_is_r
     feed(eng, [streamed(t, 1.44, 1.46, quote_ms=t + ahead_ms)])
     older = ContractSnapshot(t + 300, quote(bid=1.00, ask=1.02, quote_ms=t - 2000))
     assert closes(feed(eng, [older])) == [] and eng.position.mark == 1.45 and eng.marks.stale == 1
+    # A snapshot stamped just before the mark's quote, come when the clock has caught up with its stamp.
+    later = ContractSnapshot(t + ahead_ms, quote(bid=1.00, ask=1.02, quote_ms=t + ahead_ms - 500))
+    assert closes(feed(eng, [later])) == [] and eng.position.mark == 1.45 and eng.marks.stale == 2
 
 
 def test_a_chain_snapshot_older_than_the_streamed_mark_is_ignored():
