@@ -396,6 +396,11 @@ def contract_label(ticker: str) -> str:
     return f"{int(match.group(2)) / 1000:g}{match.group(1)}"
 
 
+def summary_key(session_date: str) -> str:
+    """The outbox's dedupe key of a day's SUMMARY: one per session day, however often it is decided."""
+    return f"SUMMARY:{session_date}"
+
+
 def summary_title(underlying: str) -> str:
     return f"{underlying} 0DTE — DAILY SUMMARY"
 

@@ -655,8 +655,7 @@ class Notifier:
         try:
             result = self._client.send(item, lambda: self._leaving(item, left))
         except Exception as exc:  # noqa: BLE001 - a bug reading the answer: the request may have arrived
-            log.exception("pushover_send_failed", dedupe_key=item.dedupe_key)
-            result = SendResult(False, True, None, f"unexpected {type(exc).__name__}", None, None)
+            result = _unexpected_failure("pushover_send_failed", item, exc)
         if result.ok:
             self._on_sent(item, result)
             return "sent"
@@ -698,8 +697,7 @@ class Notifier:
         try:
             result = self._fallback.send(item)
         except Exception as exc:  # noqa: BLE001 - a fallback bug must not hold the queue unmarked
-            log.exception("fallback_send_failed", dedupe_key=item.dedupe_key)
-            result = SendResult(False, True, None, f"unexpected {type(exc).__name__}", None, None)
+            result = _unexpected_failure("fallback_send_failed", item, exc)
         if not result.ok:
             self._schedule_retry()
             self._fallback_failures += 1
@@ -848,6 +846,12 @@ class Notifier:
         # The exponent is capped so hours of outage cannot overflow the float.
         doublings = min(failures - 1, 32)
         return min(self._max_retry_s, self._min_retry_s * 2**doublings)
+
+
+def _unexpected_failure(event: str, item: OutboxItem, exc: Exception) -> SendResult:
+    """A send that raised (logged with its traceback) as a retryable failure of its channel."""
+    log.exception(event, dedupe_key=item.dedupe_key)
+    return SendResult(False, True, None, f"unexpected {type(exc).__name__}", None, None)
 
 
 def _fields(item: OutboxItem, result: SendResult) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str 
     )
     exits = ", ".join(f"{reason} {n}" for reason, n in stats.exits_by_reason.items()) or "none"
     print(f"Exits: {exits}", file=out)
-    check = entry_check_line(result)
+    check = entry_check_line(result, stats.total_pnl)
     if check:
         print(check, file=out)
     for warning in [*damaged_tape_warnings(result.days), *incomplete_day_warnings(result)]:
@@ -207,12 +207,12 @@ def entry_check_totals(result: BacktestResult) -> tuple[int, int, float]:
     return len(checks), sum(c.above_fill for c in checks.values()), round(total, 2)
 
 
-def entry_check_line(result: BacktestResult) -> str | None:
-    """The report's line on how far the fills rest on the chain's older ask (None when nothing to compare)."""
+def entry_check_line(result: BacktestResult, actual: float) -> str | None:
+    """The report's line on how far the fills rest on the chain's older ask, beside the run's `actual` total
+    P&L (None when nothing was compared)."""
     checked, dearer, total = entry_check_totals(result)
     if not checked:
         return None
-    actual = round(sum(t.pnl_dollars for t in result.trades), 2)
     return (
         f"Entry check: {dearer} of {checked} BUYs fill below their contract's newest ask before the BUY (the "
         f"fill is the ask of the chain the selection used, as the alert quotes it); bought at those newest "

@@ -29,6 +29,7 @@ from alert_text import (
     rule_words,
     sell_message,
     sell_title,
+    summary_key,
     summary_message,
     summary_title,
 )
@@ -73,6 +74,24 @@ CRITICAL_LATCH = "critical_loss_latched"
 # took the first valid quote whatever its age: an older REST snapshot re-marked a position and fired a false
 # Hard giveback.
 MARK_QUOTE_META = "mark_quote_ms"
+
+
+def mark_quote_meta(trade_id: str, quote_ms: int) -> SetMeta:
+    """The durable record of the stamp behind a position's saved mark (read by `saved_mark_quote_ms`)."""
+    return SetMeta(MARK_QUOTE_META, f"{trade_id} {quote_ms}")
+
+
+def saved_mark_quote_ms(saved: str | None, trade_id: str | None) -> int | None:
+    """The stamp `mark_quote_meta` saved, when it belongs to the trade `trade_id`, else None."""
+    saved_id, _, stamp = (saved or "").partition(" ")
+    if trade_id is None or saved_id != trade_id:
+        return None
+    try:
+        return int(stamp)
+    except ValueError:
+        return None
+
+
 # A streamed contract can quote hundreds of times a second, and each save is an fsync: a new peak is
 # written at most once a second of engine time, a mark or bid that moved without a new peak at most
 # every MARK_SAVE_MS (a restart exits at the saved bid until a quote comes). The SELL's close carries
@@ -187,10 +206,10 @@ class Engine:
         self._owed_summary: OwedSummary | None = None
         self.marks = MarkCounters()
         self.mark_source: str | None = None
-        self._mark_quote_ms: int | None = None  # the own stamp of the quote behind the mark
-        self._mark_floor_ms: int | None = (
-            None  # that stamp, capped at the clock + QUOTE_AHEAD_MS when it came
-        )
+        # The own stamp of the quote behind the mark, and that stamp capped at the clock + QUOTE_AHEAD_MS
+        # when it came (see `_older`).
+        self._mark_quote_ms: int | None = None
+        self._mark_floor_ms: int | None = None
         self.mark_set_ms: int | None = None  # engine time a valid quote last set the held mark (or the entry)
         self._position_saved_ms = 0
         self._position_save_due_ms: int | None = None  # when an unsaved change of the position is due
@@ -598,7 +617,7 @@ class Engine:
     def _save_mark_quote_ms(self, position: Position, actions: list[Action]) -> None:
         """Keep the stamp behind the saved mark beside it, so a restart refuses quotes older than it."""
         if self._mark_quote_ms is not None:
-            actions.append(SetMeta(MARK_QUOTE_META, f"{position.trade_id} {self._mark_quote_ms}"))
+            actions.append(mark_quote_meta(position.trade_id, self._mark_quote_ms))
 
     def _check_exit(self, now: int, actions: list[Action]) -> None:
         position = self.position
@@ -709,10 +728,7 @@ class Engine:
         if not self.rules.daily_summary or self._summarised_date == self._session_date:
             return
         self._summarised_date = self._session_date
-        message = summary_message(self._session_date, self.trades_today, self.lifetime)
-        title = summary_title(self.rules.underlying)
-        key = f"SUMMARY:{self._session_date}"
-        actions.append(Alert("SUMMARY", key, title, message, self._priority("SUMMARY"), self._now))
+        actions.append(self._summary_alert(self._session_date, self.trades_today))
 
     def _summary_still_owed(self, owed: OwedSummary | None, today: str) -> OwedSummary | None:
         """`owed` when it is the last session before `today` (a later restart lets an older day go)."""
@@ -735,14 +751,17 @@ class Engine:
         if self.position is not None and self.position.session_date == owed.session_date:
             return
         self._owed_summary = None
-        message = (
-            late_summary_text(owed.session_date)
-            + "\n"
-            + summary_message(owed.session_date, owed.trades, self.lifetime)
-        )
+        actions.append(self._summary_alert(owed.session_date, owed.trades, late=True))
+
+    def _summary_alert(self, session_date: str, trades: tuple[DayTrade, ...], *, late: bool = False) -> Alert:
+        """A day's SUMMARY (`late`: after a restart, for a close the daemon missed)."""
+        message = summary_message(session_date, trades, self.lifetime)
+        if late:
+            message = late_summary_text(session_date) + "\n" + message
         title = summary_title(self.rules.underlying)
-        key = f"SUMMARY:{owed.session_date}"
-        actions.append(Alert("SUMMARY", key, title, message, self._priority("SUMMARY"), self._now))
+        return Alert(
+            "SUMMARY", summary_key(session_date), title, message, self._priority("SUMMARY"), self._now
+        )
 
     def _check_critical_loss(self, actions: list[Action]) -> None:
         threshold = self.rules.critical_loss_threshold

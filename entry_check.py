@@ -48,14 +48,13 @@ def entry_checks(lines: Sequence[DecodedLine], trades: Iterable[TradeRow]) -> tu
         return ()
     wanted = {t.ticker for t in pending}
     newest: dict[str, tuple[int, OptionQuote]] = {}
-    checks: list[EntryCheck] = []
+    checks: list[EntryCheck | None] = []
     for t, quote in _quotes_before(lines, wanted, pending[-1].entry_ms):
         while pending and pending[0].entry_ms <= t:
-            checks += _check(pending.pop(0), newest)
+            checks.append(_check(pending.pop(0), newest))
         newest[quote.ticker] = (t, quote)
-    for trade in pending:
-        checks += _check(trade, newest)
-    return tuple(checks)
+    checks += [_check(trade, newest) for trade in pending]
+    return tuple(check for check in checks if check is not None)
 
 
 def _quotes_before(
@@ -80,11 +79,12 @@ def _quotes_before(
                 yield event.received_ms, event.quote
 
 
-def _check(trade: TradeRow, newest: dict[str, tuple[int, OptionQuote]]) -> list[EntryCheck]:
+def _check(trade: TradeRow, newest: dict[str, tuple[int, OptionQuote]]) -> EntryCheck | None:
+    """The trade's fill beside the newest quote of its contract so far (None when it has none)."""
     found = newest.get(trade.ticker)
     if found is None:
-        return []
+        return None
     t, quote = found
     assert quote.bid is not None and quote.ask is not None  # usable quotes have both
     pnl = round((trade.exit_price - quote.ask) * 100 * trade.contracts, 2)
-    return [EntryCheck(trade.trade_id, trade.entry_price, quote.bid, quote.ask, t, pnl)]
+    return EntryCheck(trade.trade_id, trade.entry_price, quote.bid, quote.ask, t, pnl)

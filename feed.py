@@ -247,9 +247,13 @@ class FeedDecoder:
         try:
             return self._rest(received_ms, path, status, body)
         except (ValueError, TypeError, OverflowError, RecursionError):
-            self.counters.rest_errors += 1
-            self._pages.clear()
-            return []
+            return self._failed_answer()
+
+    def _failed_answer(self) -> list[Event]:
+        """An answer that cannot be read: counted, and any partial chain dropped (the previous one stays)."""
+        self.counters.rest_errors += 1
+        self._pages.clear()
+        return []
 
     def _rest(self, received_ms: int, path: str, status: int, body: object) -> list[Event]:
         parts = urlsplit(path)
@@ -292,10 +296,8 @@ class FeedDecoder:
         next_url = next_url_of(body)
         if not is_json_object(body):
             # Reading the link decoded a tape's page and found no JSON (a broken escape): a failed
-            # answer, as the live decoder found it, so the previous chain stays.
-            self.counters.rest_errors += 1
-            self._pages.clear()
-            return []
+            # answer, as the live decoder found it.
+            return self._failed_answer()
         self._pages.append(body)
         if next_url:
             return []

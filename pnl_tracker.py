@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from alert_text import DayTrade
-from engine import CRITICAL_LATCH, MARK_QUOTE_META, OwedSummary, RestoredState
+from alert_text import DayTrade, summary_key
+from engine import CRITICAL_LATCH, MARK_QUOTE_META, OwedSummary, RestoredState, saved_mark_quote_ms
 from events import Action, Alert, ClosePosition, Log, OpenPosition, SetMeta, UpdatePosition
 from redaction import valid_text
 from risk_manager import DayRecord, Lifetime, Position
@@ -387,7 +387,7 @@ class Journal:
             lifetime=Lifetime(round(pnl, 2), wins, losses),
             critical_latched=critical == "1",
             trades_today=trades_today,
-            mark_quote_ms=_mark_quote_ms_of(mark_quote, position),
+            mark_quote_ms=saved_mark_quote_ms(mark_quote, position.trade_id if position else None),
         )
 
     def owed_summary(self, before: str) -> OwedSummary | None:
@@ -400,7 +400,7 @@ class Journal:
             if row[0] is None:
                 return None
             day = row[0]
-            summarised = self._db.execute("SELECT 1 FROM outbox WHERE dedupe_key=?", (f"SUMMARY:{day}",))
+            summarised = self._db.execute("SELECT 1 FROM outbox WHERE dedupe_key=?", (summary_key(day),))
             if summarised.fetchone() is not None:
                 return None
             return OwedSummary(day, self._day_trades(day))
@@ -504,14 +504,3 @@ class Journal:
 
 def _valid_or_none(text: str | None) -> str | None:
     return None if text is None else valid_text(text)
-
-
-def _mark_quote_ms_of(saved: str | None, position: Position | None) -> int | None:
-    """The saved mark's quote stamp when it belongs to the open position (`MARK_QUOTE_META`), else None."""
-    trade_id, _, stamp = (saved or "").partition(" ")
-    if position is None or trade_id != position.trade_id:
-        return None
-    try:
-        return int(stamp)
-    except ValueError:
-        return None

@@ -1047,6 +1047,11 @@ class RestAnswer:
     received_ms: int
 
 
+def _route(path: str) -> str:
+    """A request path without its query: what one kind of request shares over its pages and polls."""
+    return path.split("?", 1)[0]
+
+
 def _result_count(body: object) -> int:
     """How many results a page holds (0 for anything but a list of them)."""
     results = body.get("results") if type(body) is dict else None
@@ -1240,7 +1245,7 @@ class PolygonRest:
         """Paging ends early: the answer is incomplete (said in `last_error`, so /health names it), and
         the log says so once per route and reason, not at every poll of a server that keeps looping."""
         self.last_error = f"paging stopped early ({reason}): the answer is incomplete"
-        route = answer.path.split("?", 1)[0]
+        route = _route(answer.path)
         level = "debug" if self._paging_said.get(route) == reason else "warning"
         self._paging_said[route] = reason
         getattr(self._log, level)("rest_paging_stopped", path=answer.path, reason=reason, **fields)
@@ -1250,7 +1255,7 @@ class PolygonRest:
         if answer.status != 200 or type(answer.body) is not dict:
             return None
         if _next_url(answer.body) is None:
-            self._paging_said.pop(answer.path.split("?", 1)[0], None)  # a whole answer: a new stop is news
+            self._paging_said.pop(_route(answer.path), None)  # a whole answer: a new stop is news
             return None
         if unsafe_next_url(answer.body):
             self._stop_paging(answer, "unsafe_next_url")
