@@ -8,6 +8,7 @@ trips a breaker instead of a retry loop, because repeated 4xx get the sender's I
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import httpx
 
     from config import Settings
+    from http_deadline import CappedBody
     from pnl_tracker import OutboxItem
 
 TITLE_LIMIT = 250
@@ -35,6 +37,8 @@ EMERGENCY_RETRY_S = 60
 EMERGENCY_EXPIRE_S = 3600
 LOW_QUOTA_WARNING = 1000
 ERROR_TEXT_LIMIT = 300
+# Bytes of Pushover's answer read (decoded): its JSON is a few hundred; more is someone else's flood.
+ANSWER_LIMIT = 64 << 10
 BATCH_SIZE = 50
 STOP_POLL_S = 0.5
 # Pushover usually answers in well under a second; a slow answer is still an answer, so reads may take
@@ -136,9 +140,11 @@ def _text_of(value: object) -> str:
         return f"<{type(value).__name__} nested too deep>"
 
 
-def _json_body(response: httpx.Response) -> dict[str, Any] | None:
+def _json_body(answer: CappedBody) -> dict[str, Any] | None:
+    if not answer.complete:  # an answer past ANSWER_LIMIT is nobody's JSON
+        return None
     try:
-        body = response.json()
+        body = json.loads(answer.content)
     except (ValueError, RecursionError):  # RecursionError: an answer nested deeper than Python recurses
         return None
     return body if isinstance(body, dict) else None
@@ -151,9 +157,22 @@ def _error_text(status: int, body: dict[str, Any] | None) -> str:
     return f"HTTP {status}: {'; '.join(errors)}" if errors else f"HTTP {status}"
 
 
-def _is_html(response: httpx.Response) -> bool:
+def _read_answer(response: httpx.Response) -> CappedBody:
+    """Pushover's answer up to ANSWER_LIMIT; a body that cannot be decoded (a broken gzip) is read as
+    no body, so a 200 still counts as delivered instead of being sent again."""
+    import httpx
+
+    from http_deadline import CappedBody, read_capped
+
+    try:
+        return read_capped(response, ANSWER_LIMIT)
+    except httpx.DecodingError:
+        return CappedBody(b"", complete=False)
+
+
+def _is_html(response: httpx.Response, answer: CappedBody) -> bool:
     content_type = response.headers.get("content-type", "")
-    return "html" in content_type.lower() or response.content.lstrip()[:1] == b"<"
+    return "html" in content_type.lower() or answer.content.lstrip()[:1] == b"<"
 
 
 # 4xx answers that say the request was not processed at all, rather than that it is wrong: retried.
@@ -249,14 +268,17 @@ class PushoverClient:
         files = None if image is None else {"attachment": (ATTACHMENT_NAME, image, ATTACHMENT_TYPE)}
         extensions = {} if on_leaving is None else {"trace": _on_body_started(on_leaving)}
         try:
-            response = self._http.post(self._api_url, data=form, files=files, extensions=extensions)
+            with self._http.stream(
+                "POST", self._api_url, data=form, files=files, extensions=extensions
+            ) as response:
+                answer = _read_answer(response)
         except httpx.TimeoutException as exc:
             # A read timeout may come after Pushover took the message: the caller must not retry blindly.
             read = isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout)
             return self._failure(f"timeout ({type(exc).__name__})", timed_out=read)
         except httpx.HTTPError as exc:
             return self._failure(f"{type(exc).__name__}: {exc}")
-        return self._classify(response)
+        return self._classify(response, answer)
 
     def _attachment(self, item: OutboxItem) -> bytes | None:
         """The item's image, or None: an image that cannot be made, or that Pushover would refuse
@@ -280,9 +302,9 @@ class PushoverClient:
     def _failure(self, error: str, *, timed_out: bool = False) -> SendResult:
         return SendResult(False, True, None, self._scrub(error), None, None, timed_out=timed_out)
 
-    def _classify(self, response: httpx.Response) -> SendResult:
+    def _classify(self, response: httpx.Response, answer: CappedBody) -> SendResult:
         status = response.status_code
-        body = _json_body(response)
+        body = _json_body(answer)
         request_id = body.get("request") if body is not None else None
         remaining = response.headers.get("X-Limit-App-Remaining")
         common = {
@@ -290,7 +312,7 @@ class PushoverClient:
             "request_id": None if request_id is None else str(request_id),
             "remaining": remaining,
         }
-        if status == 200 and body is None and not _is_html(response):
+        if status == 200 and body is None and not _is_html(response, answer):
             # Pushover answers 200 only once it has taken the message: sending it again would repeat it.
             # (An HTML page is someone else's, a captive portal or a gateway: that one is retried.)
             log.warning("pushover_answer_unreadable", status=status, meaning="HTTP 200: counted as delivered")

@@ -208,7 +208,9 @@ class Heartbeat:
             return None
         self._last = monotonic_now
         try:
-            self._client.get(self.url).raise_for_status()
+            # Streamed and never read: the answer's status is all a ping needs, whatever its body holds.
+            with self._client.stream("GET", self.url) as response:
+                response.raise_for_status()
         except httpx.HTTPError as exc:
             return self._failed(exc, monotonic_now)
         self.pings += 1

@@ -10,6 +10,9 @@ usual `httpx.ConnectTimeout`, `httpx.ReadTimeout` or `httpx.WriteTimeout`.
 The deadline belongs to the thread that sends (clients here are shared between threads), from the
 start of `handle_request` until its response is closed (httpx reads the body before `post` returns).
 Proxies from the environment are not used: the daemon talks to its two vendors directly.
+
+`read_capped` reads a streamed body no further than a limit, counted after decompression: a 2 MB
+gzip answer that inflates to 2 GB took a daemon to 1.5 GB of memory within the request's deadline.
 """
 
 from __future__ import annotations
@@ -19,11 +22,34 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import certifi
 import httpcore
 import httpx
+
+
+@dataclass(frozen=True, slots=True)
+class CappedBody:
+    """A response body read up to a limit; `complete` is False when the body ran past it."""
+
+    content: bytes
+    complete: bool
+
+
+def read_capped(response: httpx.Response, limit: int) -> CappedBody:
+    """The decoded body of a streamed response (`client.stream(...)`), read no further than `limit`
+    bytes. Decoding goes chunk by chunk, so memory stays near `limit` whatever the body inflates to."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            chunks.append(chunk[: len(chunk) - (size - limit)])
+            return CappedBody(b"".join(chunks), complete=False)
+        chunks.append(chunk)
+    return CappedBody(b"".join(chunks), complete=True)
 
 
 class DeadlineTransport(httpx.BaseTransport):

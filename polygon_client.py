@@ -38,7 +38,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from events import Bar, FeedStatus, OptionQuote, Received
-from http_deadline import DeadlineTransport
+from http_deadline import DeadlineTransport, read_capped
 from redaction import Redactor
 from tape import request_path, strip_api_key
 
@@ -551,6 +551,9 @@ MAX_AGGS_RESULTS = 120_000
 MAX_CHAIN_PAGES = 20
 _UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 _BODY_TEXT_LIMIT = 2000
+# Decoded bytes one REST answer may hold: a full aggregates page (50,000 bars) is about 5 MB, a chain
+# page of 250 contracts well under 1 MB. Past it the answer is refused (a decompression bomb).
+MAX_BODY_BYTES = 32 << 20
 _STATUS_MARK = '"status"'
 _STATUS_MARK_BYTES = b'"status"'
 
@@ -695,7 +698,10 @@ class PolygonStream:
         required_sym: str | None = None,
         topics: Sequence[str] | None = None,
         wait_scale: float = 1.0,
+        gap_from_ms: int | None = None,
     ) -> None:
+        """`gap_from_ms`: where the caller's data stops before this stream starts (a start mid-session);
+        the first connection backfills from there, as every reconnect backfills from its last frame."""
         if not symbols and topics is None:
             raise ValueError("PolygonStream needs at least one symbol")
         self.url = url
@@ -729,7 +735,7 @@ class PolygonStream:
         self.last_error: str | None = None
         self.thread_restarts = 0
         self._attempt = 0
-        self._gap_from_ms: int | None = None
+        self._gap_from_ms = gap_from_ms
         self._last_status: tuple[bool, str] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -1277,7 +1283,8 @@ class PolygonRest:
         with self._lock:
             self.requests += 1
         try:
-            response = self._client.get(path)
+            with self._client.stream("GET", path) as response:
+                body = read_capped(response, MAX_BODY_BYTES)
         except httpx.TimeoutException as exc:
             return self._network_failure(path, "timeout", exc), None
         except httpx.RequestError as exc:
@@ -1285,7 +1292,13 @@ class PolygonRest:
         except (httpx.InvalidURL, httpx.HTTPError) as exc:
             # A URL httpx refuses (control characters) fails the same way every time: no retry.
             return self._network_failure(path, "invalid request", exc), math.inf
-        answer = RestAnswer(path, response.status_code, _decode_body(response.content), self._clock_ms())
+        if not body.complete:
+            # Not retried: the same request would bring the same flood.
+            error = (
+                f"HTTP {response.status_code} answer larger than {MAX_BODY_BYTES >> 20} MiB decoded: refused"
+            )
+            return RestAnswer(path, NETWORK_ERROR_STATUS, {"error": error}, self._clock_ms()), math.inf
+        answer = RestAnswer(path, response.status_code, _decode_body(body.content), self._clock_ms())
         return answer, _retry_after_s(response.headers.get("retry-after"))
 
     def _network_failure(self, path: str, kind: str, exc: Exception) -> RestAnswer:

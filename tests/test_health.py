@@ -188,10 +188,9 @@ class _Trickler(BaseHTTPRequestHandler):
         return
 
 
-def test_a_heartbeat_endpoint_that_trickles_its_answer_cannot_hold_the_heartbeat_thread():
-    """Each read was under the 10 s timeout, so a trickling answer held the thread for good and /health
-    said `failing` (a thread that stopped turning) long after the endpoint was fine again."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickler)
+def _ping_in_a_thread(handler: type[BaseHTTPRequestHandler]) -> Heartbeat:
+    """One ping against a local server with `handler`; asserts it ended within its 0.5 s deadline."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -200,9 +199,39 @@ def test_a_heartbeat_endpoint_that_trickles_its_answer_cannot_hold_the_heartbeat
         done.start()
         done.join(5.0)
         assert not done.is_alive(), "the ping ended at its deadline"
-        assert (beat.pings, beat.failures) == (0, 1)
+        return beat
     finally:
         server.shutdown()
+
+
+class _TricklingStatus(BaseHTTPRequestHandler):
+    """Answers its status line one byte every 0.1 s (a failing proxy)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            return
+
+    def log_message(self, *_args: object) -> None:
+        return
+
+
+def test_a_heartbeat_endpoint_that_trickles_its_answer_cannot_hold_the_heartbeat_thread():
+    """Each read was under the 10 s timeout, so a trickling answer held the thread for good and /health
+    said `failing` (a thread that stopped turning) long after the endpoint was fine again."""
+    beat = _ping_in_a_thread(_TricklingStatus)
+    assert (beat.pings, beat.failures) == (0, 1)
+
+
+def test_a_heartbeat_reads_the_status_only_never_the_body():
+    """A 200 is the ping taken; the body after it (here trickled for ever, or a decompression bomb)
+    is never read, so it can neither hold the thread nor fill its memory."""
+    beat = _ping_in_a_thread(_Trickler)
+    assert (beat.pings, beat.failures) == (1, 0)
 
 
 def test_a_client_gone_before_its_answer_is_one_log_line_not_a_traceback(capfd):

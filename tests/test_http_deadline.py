@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 from alerts import PushoverClient
 from http_deadline import DeadlineTransport
 from pnl_tracker import OutboxItem
+from polygon_client import MAX_BODY_BYTES, NETWORK_ERROR_STATUS, PolygonRest
 
 BODY = b'{"status":1,"request":"r1"}'
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)
@@ -132,3 +134,46 @@ def test_pushover_trickling_its_answer_costs_one_timed_out_try_not_the_notifier(
         client.close()
     assert (result.ok, result.retry, result.timed_out) == (False, True, True)
     assert elapsed < 2.5 and "t" * 30 not in result.error
+
+
+def gzip_answer(status: str, body: bytes) -> bytes:
+    """An HTTP answer whose body is `body` gzipped, with the Content-Encoding that makes httpx inflate it."""
+    packed = gzip.compress(body, compresslevel=9)
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        f"Content-Length: {len(packed)}\r\n\r\n"
+    )
+    return head.encode() + packed
+
+
+def test_a_rest_answer_inflating_past_the_cap_is_refused_once_not_held_in_memory():
+    """A 2 MB gzip answer inflating to 2 GB had taken a daemon to 1.5 GB within the request's deadline."""
+    bomb = gzip_answer("200 OK", b"[" + b"0," * (MAX_BODY_BYTES // 2) + b"0]")
+    assert len(bomb) < MAX_BODY_BYTES // 100
+    with server(bomb, trickle_from=len(bomb), gap_s=0.0) as (url, seen):
+        rest = PolygonRest(url.rsplit("/1/", 1)[0], "k" * 20, clock_ms=lambda: 1, sleep=lambda _s: None)
+        answer = rest.get("/v3/snapshot/options/IWM")
+        rest.close()
+    assert answer.status == NETWORK_ERROR_STATUS and "larger than 32 MiB" in answer.body["error"]
+    assert len(seen) == 1, "the same flood is not asked for again"
+    assert "larger than 32 MiB" in (rest.last_error or "")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        gzip_answer("200 OK", b'{"status":1,"request":"' + b"x" * (1 << 20) + b'"}'),
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!",
+    ],
+    ids=["inflates past the cap", "broken gzip"],
+)
+def test_a_pushover_200_whose_body_cannot_be_read_counts_as_delivered(answer):
+    """Pushover answers 200 only once it has the message: sending it again would repeat the alert.
+    A broken gzip had raised out of the read (a retry: the same BUY twice)."""
+    item = OutboxItem(7, "BUY:t1", "BUY", "title", "body", 1, 1_759_415_400_999, 0)
+    with server(answer, trickle_from=len(answer), gap_s=0.0) as (url, seen):
+        client = PushoverClient("t" * 30, "u" * 30, url, deadline_s=5.0)
+        result = client.send(item)
+        client.close()
+    assert (result.ok, result.retry, result.status) == (True, False, 200)
+    assert len(seen) == 1
