@@ -870,10 +870,24 @@ class Daemon:
             silence_s=self._silence_limit_s,
             required_sym=self.rules.underlying,
             wait_scale=self.clock.sleep_scale(),
+            gap_from_ms=self._missed_since_ms(),
         )
         self.stream.start()
         self.options.start()
         log.info("stream_started")
+
+    def _missed_since_ms(self) -> int | None:
+        """Where today's bars stop before a stream starts in session: the last bar the engine has (warm-up
+        from the tape, which a kill -9 leaves a few seconds short), else the open; None before the open.
+        Without it a start mid-session had VWAP and slopes from its own start only, and missed entries."""
+        now = self.clock.now_ms()
+        session = self.calendar.session_at(now)
+        if session is None or now <= session.open_ms:
+            return None
+        last = self.engine.last_bar
+        if last is not None and session.open_ms <= last.end_ms <= now:
+            return last.end_ms
+        return session.open_ms
 
     def _silence_limit_s(self) -> float | None:
         """Wall seconds of silence after which an open socket is replaced; None outside the session."""

@@ -258,6 +258,43 @@ def test_socket_dropped_mid_position_reconnects_backfills_and_still_sells(market
     assert daemon.engine.counters.late_bars >= 0
 
 
+def test_a_start_mid_session_backfills_from_the_open_and_a_restart_from_its_last_taped_bar(market, tmp_path):
+    """The first connection backfilled nothing, so a start at 10:02 had VWAP and slopes from 10:02 on,
+    and a restart after a kill -9 (the tape a few seconds short) had a hole where the entries were."""
+    start = at(10, 2)
+    with fakes(market, start) as (pushover, polygon, clock):
+        settings = settings_for(polygon, pushover, tmp_path)
+        with daemon_running(settings, clock) as (daemon, _thread):
+            # 32 minutes of seconds since the open: only a backfill brings them.
+            assert wait_until(lambda: daemon.engine.market.counters.bars_today > 1_800)
+        assert first_backfill(polygon) == (at(9, 30) - 5_000, "IWM")
+        last_bar = daemon.engine.last_bar
+        assert last_bar is not None
+        polygon.rest_requests.clear()
+        with daemon_running(settings, clock):
+            assert wait_until(lambda: first_backfill(polygon) is not None)
+        since, _sym = first_backfill(polygon)
+        assert last_bar.end_ms - 5_000 <= since <= polygon.now_ms(), "from the last taped bar, not the open"
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def first_backfill(polygon: FakePolygon) -> tuple[int, str] | None:
+    """(from ms, symbol) of the first per-second aggregates request the fake Polygon got, if any."""
+    for path in polygon.rest_requests:
+        if "/range/1/second/" in path:
+            parts = path.split("?")[0].split("/")
+            return int(parts[parts.index("second") + 1]), parts[parts.index("ticker") + 1]
+    return None
+
+
 def test_garbage_frames_are_counted_and_the_daemon_goes_on(market, tmp_path):
     start = at(10, 2)
     with (
