@@ -64,7 +64,7 @@ from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
 from options_feed import OptionsFeed, OptionsStatus
 from pipeline import STARTED, Pipeline
 from pnl_tracker import Journal, JournalError
-from polygon_client import PolygonRest, PolygonStream, RestAnswer
+from polygon_client import NETWORK_ERROR_STATUS, PolygonRest, PolygonStream, RestAnswer
 from replay import received_from
 from status import session_pulse
 from stream_watch import RECOVERED, SILENT, StreamWatch
@@ -207,6 +207,7 @@ class Daemon:
         self._stream_down_since_ms: int | None = None
         self._delayed_said_day: date | None = None
         self._rest_refused: str | None = None
+        self._refusal_said: str | None = None  # the refusal last alerted, until a 200 comes back
         self.rest = PolygonRest(
             settings.polygon_rest_url,
             settings.polygon_api_key,
@@ -1006,20 +1007,30 @@ class Daemon:
             self.inbox.put_data(Received(answer.received_ms, "rest", answer.body, answer.path, answer.status))
 
     def _note_access(self, answer: RestAnswer) -> None:
-        """One FEED ERROR when REST starts refusing the key (401) or the plan (403), one line when it heals."""
+        """Whether REST refuses the key (401) or the plan (403), as its latest answer says: one FEED ERROR
+        per refusal until a 200 comes back, however the refusal alternates with other errors.
+
+        Any other HTTP answer ends the refusal's state (its slow polls, its /health text): a 401 followed
+        by 5xx had kept saying "refuses the key" for minutes. No answer at all (599) says nothing."""
+        if answer.status == NETWORK_ERROR_STATUS:
+            return
         refused = REFUSALS.get(answer.status)
-        if refused == self._rest_refused or (refused is None and answer.status != 200):
+        if answer.status == 200:
+            self._refusal_said = None
+        if refused == self._rest_refused:
             return
         self._rest_refused = refused
-        if refused is not None:
-            log.error(
-                "rest_refused", status=answer.status, reason=refused, retry_every_s=REFUSED_RETRY_SECONDS
+        if refused is None:
+            log.info(
+                "rest_access_restored" if answer.status == 200 else "rest_refusal_ended", status=answer.status
             )
+            return
+        log.error("rest_refused", status=answer.status, reason=refused, retry_every_s=REFUSED_RETRY_SECONDS)
+        if refused != self._refusal_said:
+            self._refusal_said = refused
             self.inbox.put_data(
                 FeedStatus(answer.received_ms, bool(self.stream and self.stream.connected), refused)
             )
-        else:
-            log.info("rest_access_restored")
 
     def _watchdog_loop(self) -> None:
         """Exit the process (status 3) when the engine thread has not turned for WATCHDOG_SECONDS.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import email.utils
 import json
 import math
 import random
@@ -549,6 +550,9 @@ MAX_PAGES = 200
 # bars each time) had filled 290 MB of journal and 1.5 GB of memory with one volume profile.
 MAX_AGGS_RESULTS = 120_000
 MAX_CHAIN_PAGES = 20
+# Longest wait a Retry-After holds requests for: a server asking for a day must not silence the chain
+# and the held contract's marks for a day; asked again after this, it can say so again.
+RETRY_AFTER_HOLD_CAP_S = 120.0
 _UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 _BODY_TEXT_LIMIT = 2000
 # Decoded bytes one REST answer may hold: a full aggregates page (50,000 bars) is about 5 MB, a chain
@@ -1097,15 +1101,26 @@ def unsafe_next_url(body: object) -> bool:
     return url is not None and _UNSAFE_URL_CHAR.search(url) is not None
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    """A Retry-After header given in seconds; None when absent or an HTTP date."""
+def _retry_after_s(value: str | None, now_ms: int) -> float | None:
+    """A Retry-After header in seconds, given as seconds or as an HTTP date; None when absent or unreadable."""
     if value is None:
         return None
     try:
         seconds = float(value)
     except ValueError:
+        seconds = _seconds_until_date(value, now_ms)
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _seconds_until_date(value: str, now_ms: int) -> float | None:
+    """Seconds from `now_ms` to an HTTP date (`Wed, 21 Oct 2026 07:28:00 GMT`), at least 0; None if unreadable."""
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - now_ms / 1000)
 
 
 class PolygonRest:
@@ -1137,6 +1152,9 @@ class PolygonRest:
         self.requests = 0
         self.last_error: str | None = None
         self._paging_said: dict[str, str] = {}  # route -> the reason its paging last stopped early
+        self._failing: dict[str, int] = {}  # route -> the status its last failure was logged with
+        # The server asked (Retry-After) that nothing be sent before this time (clock ms).
+        self._hold_until_ms = 0
         self._api_key = api_key
         self._redact = Redactor.of([api_key])
         self._clock_ms = clock_ms
@@ -1179,17 +1197,38 @@ class PolygonRest:
 
     def _get(self, path_and_query: str) -> RestAnswer:
         path = strip_api_key(path_and_query)
+        held = self._held(path)
+        if held is not None:
+            return held
         attempt = 1
         while True:
             answer, retry_after = self._fetch(path)
             wait_s = self._retry_wait(answer.status, retry_after, attempt)
             if wait_s is None:
+                self._hold_for(answer, retry_after)
                 return self._settle(answer)
-            self._log.warning(
+            self._log.debug(
                 "rest_retry", path=path, status=answer.status, attempt=attempt, wait_s=round(wait_s, 3)
             )
             self._sleep(wait_s)
             attempt += 1
+
+    def _held(self, path: str) -> RestAnswer | None:
+        """A 429 answered here, without a request, while the server's Retry-After lasts: every poller
+        asking again at its own cadence (every 2 s for a held contract) only earns more 429s."""
+        now = self._clock_ms()
+        if now >= self._hold_until_ms:
+            return None
+        left_s = (self._hold_until_ms - now) / 1000
+        error = f"rate limited: waiting {left_s:.0f} s more, as the server's Retry-After asked"
+        self.last_error = error
+        return RestAnswer(path, 429, {"error": error}, now)
+
+    def _hold_for(self, answer: RestAnswer, retry_after: float | None) -> None:
+        """Hold later requests for a 429's or 503's Retry-After, at most RETRY_AFTER_HOLD_CAP_S."""
+        if answer.status in (429, 503) and retry_after is not None and math.isfinite(retry_after):
+            hold_ms = round(min(retry_after, RETRY_AFTER_HOLD_CAP_S) * 1000)
+            self._hold_until_ms = max(self._hold_until_ms, answer.received_ms + hold_ms)
 
     def chain_pages(
         self,
@@ -1298,8 +1337,9 @@ class PolygonRest:
                 f"HTTP {response.status_code} answer larger than {MAX_BODY_BYTES >> 20} MiB decoded: refused"
             )
             return RestAnswer(path, NETWORK_ERROR_STATUS, {"error": error}, self._clock_ms()), math.inf
-        answer = RestAnswer(path, response.status_code, _decode_body(body.content), self._clock_ms())
-        return answer, _retry_after_s(response.headers.get("retry-after"))
+        now = self._clock_ms()
+        answer = RestAnswer(path, response.status_code, _decode_body(body.content), now)
+        return answer, _retry_after_s(response.headers.get("retry-after"), now)
 
     def _network_failure(self, path: str, kind: str, exc: Exception) -> RestAnswer:
         error = self._redact(f"{kind}: {_exception_text(exc)}")
@@ -1318,12 +1358,22 @@ class PolygonRest:
     def _settle(self, answer: RestAnswer) -> RestAnswer:
         if answer.status == 200 and type(answer.body) is dict:
             self.last_error = None
+            if self._failing.pop(_route(answer.path), None) is not None:
+                self._log.info("rest_recovered", path=answer.path)
             return answer
         if answer.status == 200:
             # Not JSON (or nested too deep to decode): the feed decoder counts it as a failed answer.
             self.last_error = self._redact(f"HTTP 200 without a JSON object: {error_text(answer.body)}")
-            self._log.warning("rest_bad_body", path=answer.path, error=self.last_error)
+            self._say_failure("rest_bad_body", answer)
             return answer
         self.last_error = self._redact(f"HTTP {answer.status}: {error_text(answer.body)}")
-        self._log.warning("rest_failed", path=answer.path, status=answer.status, error=self.last_error)
+        self._say_failure("rest_failed", answer)
         return answer
+
+    def _say_failure(self, event: str, answer: RestAnswer) -> None:
+        """A warning the first time a route fails with a status, DEBUG while it goes on failing so (a poll
+        every 2 s through an hour's outage wrote thousands of lines), and one line once it recovers."""
+        route = _route(answer.path)
+        level = "debug" if self._failing.get(route) == answer.status else "warning"
+        self._failing[route] = answer.status
+        getattr(self._log, level)(event, path=answer.path, status=answer.status, error=self.last_error)

@@ -397,7 +397,7 @@ class _RestFault:
     remaining: int | None
     until: float | None
     path_prefix: str
-    retry_after: int | None
+    retry_after: int | str | None
 
 
 @dataclass(slots=True)
@@ -619,7 +619,7 @@ class FakePolygon:
         count: int | None = None,
         seconds: float | None = None,
         path_prefix: str = "/",
-        retry_after: int | None = None,
+        retry_after: int | str | None = None,
     ) -> None:
         """Answer `status` to the next `count` requests, or to all for `seconds`, else until heal().
 

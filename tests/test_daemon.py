@@ -663,6 +663,37 @@ def test_rest_refusing_the_key_sends_one_feed_error_and_retries_slowly(market, t
     assert daemon.engine.chain is None or daemon.engine.chain.received_ms >= start + 300_000
 
 
+def test_a_refusal_followed_by_other_errors_is_no_longer_said_and_alerted_once_until_a_200(market, tmp_path):
+    """After one 401, /health said "refuses the API key" for minutes while REST answered 5xx, and chain
+    polls stayed at once a minute; a 401 again after the 5xx must not be a second FEED ERROR."""
+    start = at(10, 2)
+    chain = "/v3/snapshot/options/IWM?"
+    # 10x: the refused key's next poll (60 s) comes 6 s after the FEED ERROR, time to change the fault.
+    with fakes(market, start, speed=10.0) as (pushover, polygon, clock):
+        polygon.fail_rest(401, count=1, path_prefix=chain)
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread):
+            assert wait_until(lambda: "FEED ERROR" in kinds(pushover))
+            polygon.fail_rest(503, path_prefix=chain)
+            assert wait_until(lambda: not refusal_said(daemon) and problems_of(daemon) != [])
+            assert any("HTTP 503" in p for p in problems_of(daemon)), problems_of(daemon)
+            polygon.fail_rest(401, path_prefix=chain)
+            assert wait_until(refusal_said_of(daemon))
+            time.sleep(1.0)
+    assert [k for k in kinds(pushover) if k.startswith("FEED")].count("FEED ERROR") == 1
+
+
+def problems_of(daemon: Daemon) -> list[str]:
+    return list(daemon.health.get("problems", []))
+
+
+def refusal_said(daemon: Daemon) -> bool:
+    return any("refuses the API key" in p for p in problems_of(daemon))
+
+
+def refusal_said_of(daemon: Daemon) -> Callable[[], bool]:
+    return lambda: refusal_said(daemon)
+
+
 def test_a_refused_volume_profile_is_no_feed_error_and_the_day_trades(market, tmp_path):
     start = at(10, 3)
     with (

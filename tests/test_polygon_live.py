@@ -22,7 +22,14 @@ from websockets.exceptions import ConnectionClosed
 
 from events import FeedStatus, Received
 from feed import FeedDecoder
-from polygon_client import GREETING_WAIT_S, Backoff, PolygonRest, PolygonStream, RestAnswer
+from polygon_client import (
+    GREETING_WAIT_S,
+    RETRY_AFTER_HOLD_CAP_S,
+    Backoff,
+    PolygonRest,
+    PolygonStream,
+    RestAnswer,
+)
 from sim.polygon_server import FakePolygon, RecordedMarket
 
 START_MS = 1_759_411_800_000  # 2025-10-02 09:30 New York
@@ -577,6 +584,48 @@ def test_rest_retry_after_longer_than_the_cap_returns_the_429(fake: FakePolygon)
         answer = rest.get("/v3/snapshot/options/IWM")
     assert answer.status == 429
     assert sleeps == []
+
+
+def test_a_long_retry_after_holds_every_later_request_until_it_ends(fake: FakePolygon) -> None:
+    """The next poll 2 s later asked again (15 requests in 30 s against "wait 999999999 s"). Requests
+    are held for the Retry-After, at most RETRY_AFTER_HOLD_CAP_S, and answered 429 here meanwhile."""
+    now = [1_000_000]
+    fake.fail_rest(429, retry_after=999_999_999)
+    with rest_client(fake, [], retry_cap_s=30.0, clock_ms=lambda: now[0]) as rest:
+        assert rest.get("/v3/snapshot/options/IWM").status == 429
+        now[0] += 60_000
+        held = rest.contract("IWM", "O:IWM251002C00240000")
+        assert held.status == 429 and "Retry-After" in held.body["error"] and "Retry-After" in rest.last_error
+        assert len(fake.rest_requests) == 1
+        fake.heal()
+        now[0] += round(RETRY_AFTER_HOLD_CAP_S * 1000) - 60_000
+        assert rest.get("/v3/snapshot/options/IWM").status == 200
+    assert len(fake.rest_requests) == 2
+
+
+def test_a_retry_after_given_as_an_http_date_is_honoured(fake: FakePolygon) -> None:
+    """An HTTP date was ignored: the call retried after 1, 2 and 4 s instead of the date asked."""
+    now_ms = 1_759_413_600_000  # 2025-10-02 14:00:00 UTC
+    sleeps: list[float] = []
+    fake.fail_rest(429, count=1, retry_after="Thu, 02 Oct 2025 14:00:07 GMT")
+    with rest_client(fake, sleeps, clock_ms=lambda: now_ms) as rest:
+        assert rest.get("/v3/snapshot/options/IWM").status == 200
+    assert sleeps == [7.0]
+
+
+def test_a_route_failing_on_is_a_warning_once_and_a_line_when_it_recovers(fake: FakePolygon) -> None:
+    """Each failed poll was a WARNING: thousands of lines in an hour's outage."""
+    from structlog.testing import capture_logs
+
+    fake.fail_rest(500)
+    with rest_client(fake, [], max_attempts=1) as rest, capture_logs() as logs:
+        for _ in range(5):
+            rest.get("/v3/snapshot/options/IWM?limit=5")
+        fake.heal()
+        rest.get("/v3/snapshot/options/IWM?limit=5")
+    failed = [e["log_level"] for e in logs if e["event"] == "rest_failed"]
+    assert failed == ["warning"] + ["debug"] * 4
+    assert [e["event"] for e in logs][-1] == "rest_recovered"
 
 
 def test_rest_500_storm_backs_off_and_returns_the_last_answer(fake: FakePolygon) -> None:
