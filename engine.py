@@ -103,6 +103,9 @@ QUOTE_AHEAD_MS = 2000
 # A quote stamp further ahead of the engine clock than this is no feed's skew but a bad stamp (as for bars).
 QUOTE_SKEW_MS = 60_000
 FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
+# One FEED ERROR per reason in this window: a stream refused at each redial (max_connections, a bad key)
+# had pushed one a minute, with its STALL and RECOVERED, about 180 pushes an hour.
+FEED_ERROR_REPEAT_MS = 15 * 60_000
 # How far back a restart looks for the last session before today: the longest NYSE closure this century
 # was four weekdays (11-14 September 2001), so ten days cover it with the weekends around it.
 MAX_SESSION_GAP_DAYS = 10
@@ -200,6 +203,7 @@ class Engine:
         self._critical_latched = False
         self.paused = False
         self._stall_alerted = False
+        self._feed_errors_said: dict[str, int] = {}  # reason -> when its last FEED ERROR was decided
         self._watching_since = 0
         self.trades_today: tuple[DayTrade, ...] = ()
         self._summarised_date = ""
@@ -801,8 +805,13 @@ class Engine:
 
     def _on_feed_status(self, status: FeedStatus, actions: list[Action]) -> None:
         actions.append(Log("feed_status", {"connected": status.connected, "reason": status.reason}))
-        if status.reason in FEED_ERROR_REASONS:
-            actions.append(self._system_alert("FEED_ERROR", feed_error_text(status.reason)))
+        if status.reason not in FEED_ERROR_REASONS:
+            return
+        said_ms = self._feed_errors_said.get(status.reason)
+        if said_ms is not None and self._now - said_ms < FEED_ERROR_REPEAT_MS:
+            return  # the same refusal again within the window: logged above, already on the phone
+        self._feed_errors_said[status.reason] = self._now
+        actions.append(self._system_alert("FEED_ERROR", feed_error_text(status.reason)))
 
     def _system_alert(self, kind: str, text: str) -> Alert:
         minute = ny_datetime(self._now).strftime("%Y-%m-%dT%H:%M")

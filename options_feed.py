@@ -135,6 +135,11 @@ class OptionsFeed:
             stream.set_topics(self._topics())
         if ticker is not None:
             self._judge_at_entry()
+        elif self.problem is not None:
+            # The held contract's marks were all the fallback was about: with nothing held it is over
+            # (a FEED RESTORED after the SELL had told of marks for a position that no longer existed).
+            log.info("marks_fallback_ended", reason="position closed", problem=self.problem)
+            self.problem, self._said = None, False
 
     def _judge_at_entry(self) -> None:
         """At the BUY, a stream already known not to work means REST marks from the first second."""
@@ -191,6 +196,8 @@ class OptionsFeed:
             state = "off"
         elif self.problem is not None:
             state = f"fallback to REST: {self.problem}"
+        elif self._ticker is None and self._status_problem is not None:
+            state = f"not streaming: {self._status_problem} (REST marks from the next BUY on)"
         elif self.stream is not None and self.stream.connected:
             state = "streaming" if self._ticker else "connected (nothing held)"
         else:

@@ -319,19 +319,25 @@ def test_a_restart_after_the_time_stop_books_the_exit_at_the_stop_once_the_marke
     assert [t.exit_ms for t in restored.trades_today] == [at(*booked)]
 
 
-def test_feed_errors_alert_once_a_minute_with_advice():
+def test_a_feed_error_is_said_once_per_reason_in_its_window_with_advice():
+    """A stream refused at each redial (max_connections every 60 s) had pushed a FEED ERROR a minute."""
+    from engine import FEED_ERROR_REPEAT_MS
     from events import FeedStatus
+
+    def feed_errors(t: int, reason: str, connected: bool = False) -> list[str]:
+        actions = eng.on_event(FeedStatus(t, connected, reason))
+        return [a.dedupe_key for a in actions if isinstance(a, Alert) and a.kind == "FEED_ERROR"]
 
     eng = engine()
     first = eng.on_event(FeedStatus(START, False, "max_connections"))
-    again = eng.on_event(FeedStatus(START + 5_000, False, "max_connections"))
     (alert,) = [a for a in first if isinstance(a, Alert)]
     assert alert.dedupe_key == "FEED_ERROR:2025-10-02T10:00" and "one daemon per key" in alert.message
     assert alert.priority == 0
-    assert [a.dedupe_key for a in again if isinstance(a, Alert)] == ["FEED_ERROR:2025-10-02T10:00"]
-    assert not [
-        a for a in eng.on_event(FeedStatus(START + 6_000, True, "auth_success")) if isinstance(a, Alert)
-    ]
+    assert feed_errors(START + 6_000, "auth_success", connected=True) == []
+    assert feed_errors(START + 60_000, "max_connections") == []
+    assert feed_errors(START + 61_000, "auth_failed") == ["FEED_ERROR:2025-10-02T10:01"], "another reason"
+    assert feed_errors(START + FEED_ERROR_REPEAT_MS - 1, "max_connections") == []
+    assert feed_errors(START + FEED_ERROR_REPEAT_MS, "max_connections") == ["FEED_ERROR:2025-10-02T10:15"]
 
 
 # The daily summary at the close

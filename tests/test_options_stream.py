@@ -127,7 +127,8 @@ def test_a_plan_without_options_quotes_falls_back_to_rest_with_one_feed_alert(ma
     texts = feed_texts(pushover)
     assert trades(pushover) == ["BUY", "SELL"] and len(texts) == 1
     assert "Marks come from REST polls" in texts[0]
-    assert daemon.engine.marks.stream == 0 and marks["options_stream"].startswith("fallback to REST")
+    # Read after the SELL: the fallback ended with its position, the stream's trouble is still named.
+    assert daemon.engine.marks.stream == 0 and marks["options_stream"].startswith("not streaming: ")
 
 
 def test_a_dropped_options_stream_falls_back_then_comes_back(market, tmp_path):
@@ -275,3 +276,25 @@ def test_a_stream_that_comes_and_goes_while_one_contract_is_held_is_said_once_no
     feed.follow("O:IWM251002C00244000", at(10, 9))  # the next position's contract is said again
     feed.on_status(FeedStatus(at(10, 9, 5), False, "disconnected: connection lost"))
     assert said == ["FEED", "FEED_RESTORED", "FEED"]
+
+
+def test_a_fallback_ends_with_its_position_and_no_feed_restored_comes_after_the_sell(tmp_path):
+    """A FEED RESTORED ("marks follow every quote of the held contract") came 51 s after the SELL, and
+    /health still said "fallback to REST" with nothing held."""
+    from config import Settings
+    from events import FeedStatus
+    from options_feed import OptionsFeed
+
+    said: list[str] = []
+    feed = OptionsFeed(Settings(data_dir=tmp_path), SimClock(at(10, 6), 1.0), lambda _item: None,
+                       lambda kind, _text: said.append(kind))  # fmt: skip
+    feed.follow("O:IWM251002C00243000", at(10, 6))
+    feed.on_status(FeedStatus(at(10, 6, 5), False, "auth_failed"))
+    assert said == ["FEED"] and "fallback to REST" in str(feed.health()["options_stream"])
+    feed.follow(None, at(10, 7))  # the SELL
+    assert feed.problem is None and str(feed.health()["options_stream"]).startswith("not streaming: ")
+    feed.on_status(FeedStatus(at(10, 7, 50), True, "auth_success"))
+    feed.check(at(10, 7, 51), 1, at(10, 7, 51))
+    assert said == ["FEED"]
+    feed.follow("O:IWM251002C00244000", at(10, 9))  # the stream's last word was a working connection
+    assert said == ["FEED"] and feed.problem is None
