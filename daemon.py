@@ -84,6 +84,9 @@ PULSE_SECONDS = 300
 # No valid quote of the held contract for this long: the price exits are blind (mark_watch.py).
 MARK_STALE_MS = 30_000
 BACKFILL_REACH_BACK_MS = 5_000
+# Tape lines carry this daemon's own clock, so one later than now (past a minute's slack) means the clock
+# went back: a rehearsal run again from an earlier SIM_CLOCK_START, a system clock set back.
+TAPE_AHEAD_MS = 60_000
 HEARTBEAT_STATUSES = frozenset({"ok", "closed", "degraded"})
 # The live journal must never hold the engine thread for seconds behind another process's lock.
 JOURNAL_BUSY_TIMEOUT_S = 0.1
@@ -316,8 +319,12 @@ class Daemon:
         still warm the features."""
         self.pipeline.warming = True
         skipped = 0
+        latest_ms = self.clock.now_ms() + TAPE_AHEAD_MS
         try:
             for line in TapeReader(path, lazy_bodies=True):
+                if line.t > latest_ms:
+                    self._say_tape_ahead(path, line.t)
+                    break
                 item = received_from(line)
                 if item is not None:
                     skipped += not self._warm_up_line(item, path, skipped)
@@ -327,6 +334,18 @@ class Daemon:
             self.pipeline.warming = False
         if skipped:
             log.warning("warm_up_lines_skipped", tape=str(path), count=skipped)
+
+    def _say_tape_ahead(self, path: Path, line_ms: int) -> None:
+        """Warm-up stops at a line stamped after now: its bars would make every bar of the day's real
+        present "late" (a rehearsal run again on the same DATA_DIR sat 40 minutes without a bar)."""
+        when = ny_datetime(line_ms).strftime("%Y-%m-%d %H:%M:%S")
+        log.error("tape_ahead_of_clock", tape=str(path), line_at=when, note="warm-up stops there")
+        text = (
+            f"Today's tape holds lines from {when} New York, after this clock's now: the clock went back "
+            "(a rehearsal run again on the same DATA_DIR, or a corrected system clock). Warm-up stopped "
+            "there; the journal may hold trades from that later time. A rehearsal wants a fresh DATA_DIR."
+        )
+        self.inbox.put(SystemNotice("SYSTEM", text, PRIORITY_HIGH))
 
     def _warm_up_line(self, item: Received, path: Path, skipped_before: int) -> bool:
         """Whether the engine took one warm-up line; the first one it refuses is logged with its error."""

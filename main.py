@@ -183,6 +183,10 @@ def run_live(settings: Settings) -> int:
     clock = clock_or_none(settings)
     if clock is None:
         return EXIT_CONFIG
+    problem = rehearsal_behind_its_data(settings, clock)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return EXIT_CONFIG
     stop = threading.Event()
     # SIGHUP (a closed terminal, some supervisors) stops cleanly like SIGTERM: the tape is flushed.
     stop_on_signals(stop)
@@ -204,6 +208,33 @@ def clock_or_none(settings: Settings) -> Clock | None:
     except ValueError as exc:
         print(f"SIM_CLOCK_START={settings.sim_clock_start!r}: {exc}", file=sys.stderr)
         return None
+
+
+def rehearsal_behind_its_data(settings: Settings, clock: Clock) -> str | None:
+    """Why a rehearsal (SIM_CLOCK_START) must not start on this DATA_DIR, or None: today's tape already
+    runs past its clock (an earlier rehearsal of the same day), so its bars would make the new run's
+    bars late and its trades count against the new run's protections."""
+    if not settings.sim_clock_start:
+        return None
+    from daemon import TAPE_AHEAD_MS
+    from market_calendar import ny_date, ny_datetime
+    from tape import TapeReader, tape_path
+
+    now = clock.now_ms()
+    path = tape_path(settings.data_dir, ny_date(now))
+    try:
+        last_ms = (
+            max((line.t for line in TapeReader(path, lazy_bodies=True)), default=0) if path.is_file() else 0
+        )
+    except Exception:  # noqa: BLE001 - a damaged tape is the warm-up's to say, not a reason to refuse
+        return None
+    if last_ms <= now + TAPE_AHEAD_MS:
+        return None
+    return (
+        f"Not started: {path} already records this day up to {ny_datetime(last_ms):%H:%M:%S}, later than "
+        f"SIM_CLOCK_START ({ny_datetime(now):%H:%M:%S}): an earlier rehearsal of the same day. Start each "
+        f"rehearsal in a fresh DATA_DIR (or remove {settings.data_dir})."
+    )
 
 
 def start_daemon_or_explain(settings: Settings, clock: Clock, stop: threading.Event) -> Daemon | None:

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -562,3 +563,40 @@ def test_a_replay_into_a_damaged_replay_journal_exits_2_and_names_fresh(tmp_path
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "replay.sqlite3" in result.stderr and "--fresh" in result.stderr
+
+
+def write_tape_until(data_dir: Path, last_ms: int) -> Path:
+    """Today's tape (2025-10-02) with one IWM bar frame at 09:30 and one at `last_ms`."""
+    from tape import TapeWriter, tape_path
+
+    path = tape_path(data_dir, date(2025, 10, 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with TapeWriter(path, underlying="IWM", benchmark="SPY", start_ms=at(9, 29)) as tape:
+        for ms in (at(9, 30), last_ms):
+            bar = {"ev": "A", "sym": "IWM", "v": 100, "vw": 240.0, "o": 240.0, "c": 240.0, "h": 240.0,
+                   "l": 240.0, "a": 240.0, "s": ms - 1000, "e": ms}  # fmt: skip
+            tape.write_ws(ms, [bar])
+    return path
+
+
+def test_a_rehearsal_on_a_data_dir_that_already_ran_past_its_clock_is_refused_with_the_fix(tmp_path):
+    """A second rehearsal of the same day on the same DATA_DIR warmed up to 10:06, so every bar from
+    09:30 on was late: 40 market minutes of FEED ERROR, STALL and no BUY, with no word of the cause."""
+    tape = write_tape_until(tmp_path, at(10, 6, 12))
+    result = run_main(tmp_path, SIM_CLOCK_START="2025-10-02T09:25:00-04:00")
+    assert result.returncode == 2, result.stderr
+    assert str(tape) in result.stderr and "10:06:12" in result.stderr and "fresh DATA_DIR" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_tape_ahead_of_the_clock_stops_the_warm_up_there_and_is_said(market, tmp_path):
+    """The live daemon (a system clock set back) warms up to now only, and says why."""
+    write_tape_until(tmp_path, at(10, 6, 12))
+    with (
+        fakes(market, at(9, 40)) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread),
+    ):
+        assert wait_for(lambda: any("clock went back" in m.form["message"] for m in pushover.messages), 20)
+        latest = daemon.engine.last_bar
+    # Bars of 09:40 and after come from the fake (the start's backfill, the stream); 10:06 is not warmed.
+    assert latest is None or latest.end_ms < at(10, 0)
