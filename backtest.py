@@ -288,7 +288,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="keep the K latest dates (or a fraction of the days, e.g. 0.25) out of sample: a sweep ranks its cells"
         " on the other days only and reports the chosen cell on both; a single run reports both parts",
     )
-    parser.add_argument("--out", type=Path, default=Path("report"), help="report folder (default ./report)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("report"),
+        help="report folder (default ./report); an earlier run's report files in it are removed first",
+    )
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     parser.add_argument(
         "--no-cache",

@@ -227,10 +227,10 @@ class DaskDays:
 
 def connect(address: str, tapes: Sequence[Path | str], cache: bool) -> DaskDays:
     """A `DaskDays` on the scheduler at `address`, or on a fresh `LocalCluster` for `local:N`."""
-    quiet_dask_logs()
     with translated_errors():
         from distributed import Client
 
+        quiet_dask_logs()  # after the import: importing distributed sets its loggers' levels from its config
         cluster = None
         if address.startswith(LOCAL_PREFIX):
             cluster = local_cluster(local_workers(address))
@@ -264,7 +264,16 @@ def local_workers(address: str) -> int:
 
 def quiet_dask_logs() -> None:
     """Dask logs every retry of a connection; the CLI prints the one line that matters instead."""
-    for name in ("distributed", "distributed.client", "distributed.core", "distributed.comm"):
+    for name in (
+        "distributed",
+        "distributed.client",
+        "distributed.core",
+        "distributed.comm",
+        "distributed.scheduler",
+        "distributed.nanny",
+        "distributed.worker",
+        "distributed.http.proxy",
+    ):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 

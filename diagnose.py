@@ -172,7 +172,7 @@ def _fallback_problem(urls: tuple[str, ...]) -> str | None:
 
 def check_keys(settings) -> list[Check]:  # noqa: ANN001 - config.Settings, imported lazily
     """The Polygon key is required for the live daemon; the Pushover keys are optional (log-only alerts)."""
-    from config import mask
+    from config import mask, pushover_key_warnings
 
     polygon = Check(
         "Polygon key",
@@ -181,11 +181,14 @@ def check_keys(settings) -> list[Check]:  # noqa: ANN001 - config.Settings, impo
         "set POLYGON_API_KEY (or MASSIVE_API_KEY) in .env; the demo needs none: python main.py --demo",
     )
     pushover_set = bool(settings.pushover_token and settings.pushover_user_key)
+    # The same warning the daemon logs at start: a key not of Pushover's shape is a typo it will refuse.
+    unusual = pushover_key_warnings(settings)
     pushover = Check(
         "Pushover keys",
-        OK if pushover_set else WARN,
+        OK if pushover_set and not unusual else WARN,
         f"token {mask(settings.pushover_token)}, user {mask(settings.pushover_user_key)}",
-        "optional: without PUSHOVER_TOKEN and PUSHOVER_USER_KEY alerts only go to the log",
+        "; ".join(unusual)
+        or "optional: without PUSHOVER_TOKEN and PUSHOVER_USER_KEY alerts only go to the log",
     )
     return [polygon, pushover]
 
@@ -205,7 +208,9 @@ def tape_budget(settings) -> str:  # noqa: ANN001
     if not settings.record:
         return "recording off (RECORD=0)"
     days = settings.record_retention_days
-    kept = f"about {days * TAPE_DAY_BYTES / 1e6:.0f} MB" if days else "every tape (no pruning)"
+    # Calendar days: about 5 sessions in 7 (holidays aside), each one tape.
+    sessions = max(1, round(days * 5 / 7))
+    kept = f"about {sessions * TAPE_DAY_BYTES / 1e6:.0f} MB ({sessions} sessions)" if days else "every tape"
     return f"a full day of tape takes about {TAPE_DAY_BYTES / 1e6:.0f} MB; RECORD_RETENTION_DAYS={days} keeps {kept}"
 
 
@@ -359,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         "--network", action="store_true", help="also check the Polygon key/plan and Pushover keys"
     )
     args = parser.parse_args(argv)
+    python = check_python()
+    if not python.ok:  # the project's own modules need 3.11: say so before importing them
+        print(python.line())
+        return 1
     from clock import WallClock
     from market_calendar import ny_date
 

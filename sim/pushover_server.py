@@ -349,6 +349,8 @@ class FakePushover:
         if slow_s > 0:
             self._stopping.wait(slow_s)
         self._say(f"{status} priority={form.get('priority', '0')} title={form.get('title', '')!r}")
+        for line in form.get("message", "").splitlines():
+            self._say(f"    {line}")  # the alert as the phone shows it, under its title
         return Reply(status, body, limit_headers(remaining))
 
     def _decide(
@@ -442,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fail_500_for > 0:
         fake.fail_with(500, seconds=args.fail_500_for)
     with fake:
-        print(f"fake Pushover listening on {fake.url}", flush=True)
+        print(f"PUSHOVER_API_URL={fake.url}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
     return 0

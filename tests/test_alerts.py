@@ -820,11 +820,12 @@ def test_fake_server_runs_alone_from_the_command_line() -> None:
     try:
         assert process.stdout is not None
         banner = process.stdout.readline()
-        url = banner.rsplit(" ", 1)[-1].strip()
-        answer = httpx.post(url, data={"token": TOKEN, "user": USER, "message": "m"}, timeout=5)
-        assert banner.startswith("fake Pushover listening on http://127.0.0.1:")
+        url = banner.split("=", 1)[-1].strip()
+        answer = httpx.post(url, data={"token": TOKEN, "user": USER, "message": "m\nline 2"}, timeout=5)
+        assert banner.startswith("PUSHOVER_API_URL=http://127.0.0.1:")
         assert answer.status_code == 500
         assert process.stdout.readline() == "500 priority=0 title=''\n"
+        assert [process.stdout.readline(), process.stdout.readline()] == ["    m\n", "    line 2\n"]
     finally:
         process.terminate()
         process.wait(timeout=5)

@@ -65,6 +65,16 @@ def test_polygon_key_without_pushover_passes_with_a_warning(tmp_path):
     assert KEY not in done.stdout and "1 warning, nothing to fix" in done.stdout
 
 
+def test_a_pushover_key_not_of_pushovers_shape_is_a_warning_as_the_daemon_logs_it(tmp_path):
+    """diagnose said OK to a token the daemon warns about at start ("Pushover will likely refuse it")."""
+    env = {"DATA_DIR": str(tmp_path / "data"), "POLYGON_API_KEY": KEY, "PUSHOVER_TOKEN": "short123",
+           "PUSHOVER_USER_KEY": USER, "PYTHON_DOTENV_DISABLED": "1"}  # fmt: skip
+    done = diagnose([], env, tmp_path)
+    assert done.returncode == 0, done.stdout
+    assert "[WARN] Pushover keys" in done.stdout and "PUSHOVER_TOKEN=" in done.stdout
+    assert "not 30 letters and digits" in done.stdout and "short123" not in done.stdout
+
+
 def test_chatty_log_level_is_invalid(tmp_path):
     done = diagnose([], {"DATA_DIR": str(tmp_path / "data"), "LOG_LEVEL": "CHATTY"}, tmp_path)
     assert done.returncode == 1
