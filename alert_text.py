@@ -456,6 +456,11 @@ def feed_error_text(reason: str) -> str:
 REPEAT_TITLE_SUFFIX = " (possible repeat)"
 
 
+def buy_not_delivered(message: str, why: str) -> str:
+    """A SELL's text when its BUY never reached the phone: said first, so the SELL is not a riddle."""
+    return f"Its BUY did not reach your phone ({why}): this SELL closes that trade.\n\n{message}"
+
+
 def possible_repeat(title: str, message: str, at_ms: int) -> tuple[str, str]:
     """The title and message of an alert sent again after a send that got no answer.
 

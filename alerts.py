@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 
-from alert_text import delivery_overrides, possible_repeat, sound_for
+from alert_text import buy_not_delivered, delivery_overrides, possible_repeat, sound_for
 from config import mask
 from redaction import valid_text
 
@@ -58,6 +58,10 @@ REFUSED_RETRY_S = 60.0
 # answers for a while loses nothing, and one alert that never gets an answer cannot hold the rest for good.
 MAX_TIMEOUTS = 2
 GIVE_UP_TIMEOUTS = 8
+# After a BUY or SELL could not be delivered, /health says `failing` this long: the heartbeat's pings stop,
+# so a dead-man switch pages the user about the alert the phone never showed.
+LOST_TRADE_FAILING_S = 900.0
+TRADE_KINDS = frozenset({"BUY", "SELL"})
 # Pushover takes one image per message, at most this many bytes (reference/platform.md section 2).
 ATTACHMENT_LIMIT = 5_242_880
 ATTACHMENT_NAME = "chart.png"
@@ -255,16 +259,21 @@ class PushoverClient:
         """Close the connection pool."""
         self._http.close()
 
-    def send(self, item: OutboxItem, on_leaving: Callable[[], None] | None = None) -> SendResult:
+    def send(
+        self, item: OutboxItem, on_leaving: Callable[[], None] | None = None, *, plain: bool = False
+    ) -> SendResult:
         """POST one outbox item; classify the answer. Never raises for HTTP or network failures.
 
         `on_leaving` is called once the request's headers are on the wire, just before its body: from
-        then until the answer, Pushover may take the message though we never learn it did.
+        then until the answer, Pushover may take the message though we never learn it did. `plain` sends
+        the text alone: no sound, no image, at most high priority (what a refused message retries as).
         """
-        form = pushover_form(item, self._token, self._user, self._sound_for(item.kind))
+        if plain:
+            item = replace(item, priority=min(item.priority, 1))
+        form = pushover_form(item, self._token, self._user, None if plain else self._sound_for(item.kind))
         import httpx  # already loaded by __init__; a dictionary lookup here
 
-        image = self._attachment(item)
+        image = None if plain else self._attachment(item)
         files = None if image is None else {"attachment": (ATTACHMENT_NAME, image, ATTACHMENT_TYPE)}
         extensions = {} if on_leaving is None else {"trace": _on_body_started(on_leaving)}
         try:
@@ -444,6 +453,7 @@ class DeliveryHealth:
     problem: str | None
     blocked: bool
     gave_up: str | None = None  # alerts this process stopped trying to send, and the last one's error
+    lost_trade: bool = False  # a BUY or SELL among them, within LOST_TRADE_FAILING_S
 
 
 class Notifier:
@@ -506,6 +516,8 @@ class Notifier:
         self._timeouts: dict[str, int] = {}
         self._disabled_reason: str | None = None
         self._gave_up: list[str] = []  # "KIND (error)" of each alert given up on, for /health
+        self._lost_trade_at: float | None = None  # monotonic time a BUY or SELL was last given up on
+        self._lost_buys: dict[str, str] = {}  # trade id -> why its BUY never reached the phone
         # The fallback's own back-off: a failing fallback is retried on its schedule, not every turn.
         self._fallback_failures = 0
         self._fallback_retry_at: float | None = None
@@ -521,15 +533,18 @@ class Notifier:
         if self._client is None:
             return DeliveryHealth("log", None, False)
         gave_up = self._gave_up_text()
+        lost = (
+            self._lost_trade_at is not None and self._monotonic() - self._lost_trade_at < LOST_TRADE_FAILING_S
+        )
         problem = self._problem()
         if problem is None:
-            return DeliveryHealth("pushover", None, False, gave_up)
+            return DeliveryHealth("pushover", None, False, gave_up, lost)
         if self._fallback is None:
-            return DeliveryHealth("pushover", problem, self._cannot_deliver(), gave_up)
+            return DeliveryHealth("pushover", problem, self._cannot_deliver(), gave_up, lost)
         if self._fallback_error is None:
-            return DeliveryHealth("fallback", problem, False, gave_up)
+            return DeliveryHealth("fallback", problem, False, gave_up, lost)
         problem = f"{problem}; the fallback is failing too ({self._fallback_error})"
-        return DeliveryHealth("fallback", problem, self._cannot_deliver(), gave_up)
+        return DeliveryHealth("fallback", problem, self._cannot_deliver(), gave_up, lost)
 
     def _gave_up_text(self) -> str | None:
         if not self._gave_up:
@@ -656,6 +671,9 @@ class Notifier:
 
     def _deliver(self, item: OutboxItem) -> Outcome:
         title, message = item.title, item.message
+        lost_buy = self._lost_buys.get(trade_id_of(item)) if item.kind == "SELL" else None
+        if lost_buy is not None:
+            message = buy_not_delivered(message, lost_buy)
         if item.maybe_sent:
             title, message = possible_repeat(title, message, item.at_ms)
         # A notice can quote a peer's error text, and a peer can echo a key: no secret leaves by alert.
@@ -711,6 +729,25 @@ class Notifier:
                 **_fields(item, result),
             )
             return self._via_fallback(item)
+        return self._plain_or_rejected(item, result)
+
+    def _plain_or_rejected(self, item: OutboxItem, refused: SendResult) -> Outcome:
+        """Pushover refused this message itself (a 4xx, a `status: 0`): sent once more as text alone (no
+        sound, no image), which it takes if the refusal was about those; else the alert is given up on."""
+        assert self._client is not None
+        log.warning("pushover_rejected", error=refused.error, action="sending it once more as text alone",
+                    **_fields(item, refused))  # fmt: skip
+        left: list[bool] = []
+        try:
+            result = self._client.send(item, lambda: self._leaving(item, left), plain=True)
+        except Exception as exc:  # noqa: BLE001 - as in _via_pushover
+            result = _unexpected_failure("pushover_send_failed", item, exc)
+        if result.ok:
+            self._on_sent(item, result)
+            return "sent"
+        if result.retry:
+            self._on_retryable(item, result, maybe_sent=bool(left) and result.status is None)
+            return "stop"
         self._on_rejected(item, result)
         return "failed"
 
@@ -789,7 +826,7 @@ class Notifier:
         self._journal.mark_failed(
             item.id, f"{result.error}; timed out {GIVE_UP_TIMEOUTS} times, may have arrived"
         )
-        self._gave_up.append(f"{item.kind} (timed out {GIVE_UP_TIMEOUTS} times, may have arrived)")
+        self._note_given_up(item, f"timed out {GIVE_UP_TIMEOUTS} times, may have arrived")
         log.error(
             "pushover_timed_out_too_often",
             action="moving on: the alert may or may not have reached the phone",
@@ -834,9 +871,17 @@ class Notifier:
 
     def _on_rejected(self, item: OutboxItem, result: SendResult) -> None:
         self._journal.mark_failed(item.id, result.error)
-        self._gave_up.append(f"{item.kind} ({result.error})")
-        log.error("pushover_rejected", error=result.error, **_fields(item, result))
+        self._note_given_up(item, result.error)
+        log.error("pushover_rejected_for_good", error=result.error, **_fields(item, result))
         _warn_if_quota_low(result.remaining)
+
+    def _note_given_up(self, item: OutboxItem, why: str) -> None:
+        """Remember an alert given up on: for /health, and, for a BUY, for the note on its SELL."""
+        self._gave_up.append(f"{item.kind} ({why})")
+        if item.kind in TRADE_KINDS:
+            self._lost_trade_at = self._monotonic()
+        if item.kind == "BUY":
+            self._lost_buys[trade_id_of(item)] = why
 
     def _disable(self, item: OutboxItem, result: SendResult) -> None:
         # The item stays pending (an attempt, not a failure) so a restart with fixed keys sends it
@@ -868,6 +913,11 @@ class Notifier:
         # The exponent is capped so hours of outage cannot overflow the float.
         doublings = min(failures - 1, 32)
         return min(self._max_retry_s, self._min_retry_s * 2**doublings)
+
+
+def trade_id_of(item: OutboxItem) -> str:
+    """The trade id of a BUY or SELL outbox item (its dedupe key is `KIND:<trade id>`)."""
+    return item.dedupe_key.partition(":")[2]
 
 
 def _unexpected_failure(event: str, item: OutboxItem, exc: Exception) -> SendResult:

@@ -715,7 +715,9 @@ class Daemon:
         if delivery.problem:
             (failing if delivery.blocked else degraded).append(delivery.problem)
         if delivery.gave_up:
-            degraded.append(delivery.gave_up)
+            # A BUY or SELL the phone never showed fails /health for a while: the heartbeat stops, and
+            # a dead-man switch tells the user what no push could.
+            (failing if delivery.lost_trade else degraded).append(delivery.gave_up)
         journal = self.writer.health()
         if journal.failing:
             degraded.append(

@@ -14,7 +14,15 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from alerts import DeliveryHealth, Notifier, PushoverClient, SendResult, pushover_form, truncate
+from alerts import (
+    LOST_TRADE_FAILING_S,
+    DeliveryHealth,
+    Notifier,
+    PushoverClient,
+    SendResult,
+    pushover_form,
+    truncate,
+)
 from events import Alert
 from pnl_tracker import Journal, OutboxItem
 from sim.pushover_server import FakePushover
@@ -202,7 +210,7 @@ def test_backoff_doubles_from_the_minimum_and_is_capped(journal: Journal, server
 def test_client_errors_are_never_retried_and_the_next_alert_goes(
     journal: Journal, server: FakePushover, status: int
 ) -> None:
-    server.fail_with(status, count=1)
+    server.fail_with(status, count=2)  # the alert, and its resend as text alone
     journal.record([alert(1), alert(2)])
     notifier = make_notifier(journal, make_client(server))
 
@@ -210,18 +218,78 @@ def test_client_errors_are_never_retried_and_the_next_alert_goes(
         assert notifier.drain_once() == 1
         assert notifier.drain_once() == 0
 
-    assert server.requests == 2
-    assert [seen.status for seen in server.history] == [status, 200]
+    assert server.requests == 3
+    assert [seen.status for seen in server.history] == [status, status, 200]
     assert titles(server) == ["IWM 0DTE CALL — alert 2"]
     rows = outbox(journal)
     assert rows[0][:3] == ("K:1", "failed", 1)
     assert rows[0][3] is not None and rows[0][3].startswith(f"HTTP {status}: ")
     assert rows[1] == ("K:2", "sent", 1, None, SENT_MS)
-    rejected = [e for e in logs if e["event"] == "pushover_rejected"]
-    assert [(e["dedupe_key"], e["status"]) for e in rejected] == [("K:1", status)]
+    rejected = [e for e in logs if e["event"] in ("pushover_rejected", "pushover_rejected_for_good")]
+    assert [(e["event"], e["dedupe_key"], e["status"]) for e in rejected] == [
+        ("pushover_rejected", "K:1", status),
+        ("pushover_rejected_for_good", "K:1", status),
+    ]
     assert rejected[0]["request_id"] == server.history[0].request_id
     assert rejected[0]["remaining"] == "10000"
     assert notifier.disabled_reason is None
+
+
+def trade_alert(kind: str, trade: str = "2025-10-02-1") -> Alert:
+    return Alert(kind, f"{kind}:{trade}", f"IWM 0DTE CALL — {kind}", f"{kind} text", 1, AT_MS)
+
+
+def test_a_message_pushover_refuses_for_its_sound_goes_as_text_alone(journal: Journal) -> None:
+    """A 4xx about the message (here its sound) had lost the BUY for good; the SELL came alone."""
+    forms: list[dict[str, str]] = []
+
+    def refuse_sounds(request: httpx.Request) -> httpx.Response:
+        form = dict(httpx.QueryParams(request.content.decode()))
+        forms.append(form)
+        if "sound" in form:
+            return httpx.Response(400, json={"status": 0, "errors": ["sound is invalid"], "request": "r"})
+        return httpx.Response(200, json={"status": 1, "request": "r"})
+
+    client = PushoverClient(
+        TOKEN,
+        USER,
+        "http://pushover.invalid/1/messages.json",
+        transport=httpx.MockTransport(refuse_sounds),
+        sound_for=lambda _kind: "cashregister",
+    )
+    journal.record([trade_alert("BUY")])
+    assert make_notifier(journal, client).drain_once() == 1
+    assert [("sound" in f, f["title"]) for f in forms] == [
+        (True, "IWM 0DTE CALL — BUY"),
+        (False, "IWM 0DTE CALL — BUY"),
+    ]
+    assert outbox(journal)[0][1] == "sent"
+
+
+def test_a_buy_refused_for_good_is_named_on_its_sell_and_fails_health_for_a_while(journal: Journal) -> None:
+    """The phone got a SELL for a BUY it never showed, and /health only said `degraded`."""
+    now = [1000.0]
+    forms: list[dict[str, str]] = []
+
+    def refuse_buys(request: httpx.Request) -> httpx.Response:
+        form = dict(httpx.QueryParams(request.content.decode()))
+        forms.append(form)
+        if form["title"].endswith("BUY"):
+            return httpx.Response(200, json={"status": 0, "errors": ["message refused"], "request": "r"})
+        return httpx.Response(200, json={"status": 1, "request": "r"})
+
+    client = PushoverClient(TOKEN, USER, "http://pushover.invalid/1/messages.json",
+                            transport=httpx.MockTransport(refuse_buys))  # fmt: skip
+    notifier = make_notifier(journal, client, monotonic=lambda: now[0])
+    journal.record([trade_alert("BUY"), trade_alert("SELL"), trade_alert("SELL", "2025-10-02-2")])
+    assert notifier.drain_once() == 2
+    sells = [f["message"] for f in forms if f["title"].endswith("SELL")]
+    assert sells[0].startswith("Its BUY did not reach your phone (HTTP 200: message refused)")
+    assert sells[1] == "SELL text", "another trade's SELL says nothing"
+    health = notifier.health()
+    assert health.lost_trade and health.gave_up is not None and "BUY" in health.gave_up
+    now[0] += LOST_TRADE_FAILING_S
+    assert not notifier.health().lost_trade and notifier.health().gave_up is not None
 
 
 def test_unauthorised_disables_sending_and_keeps_alerts_pending(

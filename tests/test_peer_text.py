@@ -100,15 +100,15 @@ def queue(writer: WriteBehindJournal, outbox: MemoryOutbox, *alerts: Alert) -> N
 
 def test_an_error_text_no_utf8_writer_takes_never_blocks_the_alerts_behind_it(daemon_outbox) -> None:
     journal, writer, outbox = daemon_outbox
-    pushover = ScriptedPushover([(400, SURROGATE_ERROR)])
+    pushover = ScriptedPushover([(400, SURROGATE_ERROR), (400, SURROGATE_ERROR)])
     notifier = notifier_for(outbox, pushover)
     queue(writer, outbox, alert(1))
-    notifier.drain_once()  # refused with the odd text: failed, recorded
+    notifier.drain_once()  # refused with the odd text, and as text alone: failed, recorded
     queue(writer, outbox, alert(2), alert(3))
     while notifier.drain_once():
         pass
     pushover.close()
-    assert pushover.titles == [alert(n).title for n in (1, 2, 3)]
+    assert pushover.titles == [alert(n).title for n in (1, 1, 2, 3)]
     assert not writer.health().failing
     rows = {r[1]: (r[7], r[9]) for r in journal.table_rows("outbox")}
     assert rows["K:2"][0] == rows["K:3"][0] == "sent"
