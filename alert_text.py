@@ -456,6 +456,15 @@ def feed_error_text(reason: str) -> str:
 REPEAT_TITLE_SUFFIX = " (possible repeat)"
 
 
+def sent_late(title: str, message: str, at_ms: int, now_ms: int) -> tuple[str, str]:
+    """The title and message of an alert that leaves well after it was decided (the way to the phone was
+    down): a BUY read minutes late looks like a fresh one, and its prices have moved since."""
+    minutes = max(1, round((now_ms - at_ms) / 60_000))
+    decided = ny_datetime(at_ms).strftime("%H:%M:%S")
+    note = f"Sent late: decided at {decided}, {minutes} min ago; prices have moved since."
+    return f"{title} ({minutes} min late)", f"{note}\n\n{message}"
+
+
 def buy_not_delivered(message: str, why: str) -> str:
     """A SELL's text when its BUY never reached the phone: said first, so the SELL is not a riddle."""
     return f"Its BUY did not reach your phone ({why}): this SELL closes that trade.\n\n{message}"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 
-from alert_text import buy_not_delivered, delivery_overrides, possible_repeat, sound_for
+from alert_text import buy_not_delivered, delivery_overrides, possible_repeat, sent_late, sound_for
 from config import mask
 from redaction import valid_text
 
@@ -39,6 +39,8 @@ LOW_QUOTA_WARNING = 1000
 ERROR_TEXT_LIMIT = 300
 # Bytes of Pushover's answer read (decoded): its JSON is a few hundred; more is someone else's flood.
 ANSWER_LIMIT = 64 << 10
+# The live daemon marks an alert late when it leaves this long after its decision (a Pushover outage).
+LATE_AFTER_MS = 30_000
 BATCH_SIZE = 50
 STOP_POLL_S = 0.5
 # Pushover usually answers in well under a second; a slow answer is still an answer, so reads may take
@@ -471,6 +473,7 @@ class Notifier:
     body cannot be read. With a `fallback`, alerts go that way instead while Pushover refuses the keys,
     is out of quota or refuses the service, has been down for `DOWN_BEFORE_FALLBACK_S`, or timed out
     twice. `redact` takes the secrets out of every title and message before it leaves, by any route.
+    An alert that leaves more than `late_after_ms` after its decision is titled and marked as late.
     """
 
     def __init__(
@@ -489,8 +492,12 @@ class Notifier:
         quota_retry_s: float = QUOTA_RETRY_S,
         refused_retry_s: float = REFUSED_RETRY_S,
         redact: Callable[[str], str] = valid_text,
+        late_after_ms: int | None = None,
     ) -> None:
         self._journal = journal
+        # An alert leaving this long after its decision says so (None: never, as in a replay's --notify,
+        # whose decisions are as old as its tape).
+        self._late_after_ms = late_after_ms
         self._redact = redact
         self._client = client
         self._fallback = fallback
@@ -676,6 +683,9 @@ class Notifier:
             message = buy_not_delivered(message, lost_buy)
         if item.maybe_sent:
             title, message = possible_repeat(title, message, item.at_ms)
+        now_ms = self._clock_ms()
+        if self._late_after_ms is not None and now_ms - item.at_ms > self._late_after_ms:
+            title, message = sent_late(title, message, item.at_ms, now_ms)
         # A notice can quote a peer's error text, and a peer can echo a key: no secret leaves by alert.
         item = replace(item, title=self._redact(title), message=self._redact(message))
         if self._client is None:

@@ -41,7 +41,7 @@ from alert_text import (
     price,
     priority_for,
 )
-from alerts import AppriseFallback, Notifier, PushoverClient
+from alerts import LATE_AFTER_MS, AppriseFallback, Notifier, PushoverClient
 from clock import Clock
 from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings, pushover_key_warnings
 from delivery import MemoryOutbox, TapeFirst, WriteBehindJournal
@@ -172,6 +172,8 @@ class Daemon:
             clock_ms=clock.now_ms,
             fallback=self._fallback(),
             redact=self.redact,
+            # Wall time, as the user feels it: a rehearsal at 40x is late after 30 s of wall time too.
+            late_after_ms=round(LATE_AFTER_MS / clock.sleep_scale()),
         )
         self.pipeline = Pipeline(
             self.engine,

@@ -1073,3 +1073,21 @@ def test_an_alert_that_never_gets_an_answer_is_given_up_after_several_minutes_of
         gave_up
         == f"1 alert(s) not delivered, the last: BUY (timed out {GIVE_UP_TIMEOUTS} times, may have arrived)"
     )
+
+
+def test_an_alert_leaving_well_after_its_decision_says_it_is_late(
+    journal: Journal, server: FakePushover
+) -> None:
+    """Alerts held 300 s by a Pushover outage arrived with text identical to fresh ones."""
+    now = [AT_MS + 29_000]
+    journal.record([trade_alert("BUY")])
+    notifier = Notifier(journal, make_client(server), clock_ms=lambda: now[0], late_after_ms=30_000)
+    assert notifier.drain_once() == 1
+    journal.record([trade_alert("SELL")])
+    now[0] = AT_MS + 5 * 60_000
+    assert notifier.drain_once() == 1
+    buy, sell = server.messages
+    assert buy.form["title"] == "IWM 0DTE CALL — BUY" and buy.form["message"] == "BUY text"
+    assert sell.form["title"] == "IWM 0DTE CALL — SELL (5 min late)"
+    assert sell.form["message"].startswith("Sent late: decided at 10:30:00, 5 min ago")
+    assert sell.form["timestamp"] == str(AT_MS // 1000), "the phone still shows the decision's time"
