@@ -60,6 +60,10 @@ REFUSED_RETRY_S = 60.0
 # answers for a while loses nothing, and one alert that never gets an answer cannot hold the rest for good.
 MAX_TIMEOUTS = 2
 GIVE_UP_TIMEOUTS = 8
+# Once an alert went by the fallback because Pushover took requests and never answered, the next ones go
+# that way too for this long before Pushover is tried again: each alert had paid its own two timeouts
+# (a SELL arrived 95 s after its decision while the fallback worked).
+FALLBACK_AFTER_TIMEOUTS_S = 300.0
 # After a BUY or SELL could not be delivered, /health says `failing` this long: the heartbeat's pings stop,
 # so a dead-man switch pages the user about the alert the phone never showed.
 LOST_TRADE_FAILING_S = 900.0
@@ -521,6 +525,7 @@ class Notifier:
         self._held_until: float | None = None
         self._held_problem = ""
         self._timeouts: dict[str, int] = {}
+        self._fallback_first_until: float | None = None  # see FALLBACK_AFTER_TIMEOUTS_S
         self._disabled_reason: str | None = None
         self._gave_up: list[str] = []  # "KIND (error)" of each alert given up on, for /health
         self._lost_trade_at: float | None = None  # monotonic time a BUY or SELL was last given up on
@@ -660,7 +665,8 @@ class Notifier:
         now = self._monotonic()
         held = self._held_until is not None and now < self._held_until
         refused = self._disabled_reason is not None or held
-        if refused:
+        timing_out = self._fallback_first_until is not None and now < self._fallback_first_until
+        if refused or timing_out:
             return self._fallback_route(now)
         if self._retry_at is not None and now < self._retry_at:
             down = self._down_for_s()
@@ -721,8 +727,11 @@ class Notifier:
         if result.timed_out and self._timed_out_too_often(item):
             if self._fallback is not None:
                 log.warning(
-                    "pushover_timed_out_twice", action="sending by the fallback", **_fields(item, result)
+                    "pushover_timed_out_twice",
+                    action=f"sending by the fallback, and the next alerts for {FALLBACK_AFTER_TIMEOUTS_S:.0f} s",
+                    **_fields(item, result),
                 )
+                self._fallback_first_until = self._monotonic() + FALLBACK_AFTER_TIMEOUTS_S
                 return self._via_fallback(item)
             if self._timeouts[item.dedupe_key] >= GIVE_UP_TIMEOUTS:
                 return self._give_up_after_timeouts(item, result)
@@ -790,6 +799,7 @@ class Notifier:
         self._retry_at = None
         self._down_since = None
         self._held_until = None
+        self._fallback_first_until = None
         self._timeouts.pop(item.dedupe_key, None)
         log.info("pushover_sent", **_fields(item, result))
         _warn_if_quota_low(result.remaining)

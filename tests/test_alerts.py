@@ -1091,3 +1091,44 @@ def test_an_alert_leaving_well_after_its_decision_says_it_is_late(
     assert sell.form["title"] == "IWM 0DTE CALL — SELL (5 min late)"
     assert sell.form["message"].startswith("Sent late: decided at 10:30:00, 5 min ago")
     assert sell.form["timestamp"] == str(AT_MS // 1000), "the phone still shows the decision's time"
+
+
+class RecordingFallback:
+    """A fallback channel that takes every alert and keeps its title."""
+
+    name = "fallback"
+
+    def __init__(self) -> None:
+        self.titles: list[str] = []
+
+    def send(self, item: OutboxItem) -> SendResult:
+        self.titles.append(item.title)
+        return SendResult(True, False, None, "", None, None)
+
+
+def test_after_an_alert_went_by_the_fallback_for_timeouts_the_next_ones_follow_it_for_a_while(
+    journal: Journal,
+) -> None:
+    """Each alert paid its own two 20 s timeouts on a Pushover that never answered: the SELL reached the
+    fallback 95 s after its decision, 50 s after the fallback had carried the BUY."""
+    from alerts import FALLBACK_AFTER_TIMEOUTS_S
+
+    asked: list[str] = []
+
+    def never_answers(request: httpx.Request) -> httpx.Response:
+        asked.append(dict(httpx.QueryParams(request.content.decode()))["title"])
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    client = PushoverClient(TOKEN, USER, "http://pushover.invalid/1/messages.json",
+                            transport=httpx.MockTransport(never_answers))  # fmt: skip
+    clock, fallback = StepClock(), RecordingFallback()
+    notifier = make_notifier(journal, client, monotonic=clock, fallback=fallback, min_retry_s=5.0)
+    journal.record([trade_alert("BUY"), trade_alert("SELL")])
+    assert notifier.drain_once() == 0  # the first timeout: held, to be resent
+    clock.now += 5.0
+    assert notifier.drain_once() == 2  # the second: the BUY by the fallback, and the SELL straight after it
+    assert len(asked) == 2 and [t.split(" — ")[-1] for t in fallback.titles] == ["BUY", "SELL"]
+    clock.now += FALLBACK_AFTER_TIMEOUTS_S
+    journal.record([trade_alert("BUY", "2025-10-02-2")])
+    notifier.drain_once()
+    assert len(asked) == 3, "Pushover is tried again once the window is over"
