@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 import threading
 import time
 from datetime import date
@@ -61,6 +62,22 @@ def test_without_a_tape_there_is_no_chart_and_a_warning(tmp_path):
     with capture_logs() as logs:
         assert SummaryChart(tmp_path, Rules())(item("SUMMARY", "SUMMARY:2025-10-03")) is None
     assert [(e["event"], e["reason"]) for e in logs] == [("summary_chart_skipped", "no tape")]
+
+
+@pytest.mark.parametrize(
+    "child",
+    [["-c", "import sys; sys.exit(3)"], ["-c", "print('not a png')"]],
+    ids=["exits 3", "no PNG"],
+)
+def test_a_chart_child_that_fails_costs_the_image_only(demo_tape, tmp_path, child):
+    """The chart is drawn in a child process (its memory had stayed with the daemon, ~29 MB a day)."""
+    tapes = tmp_path / "tapes"
+    tapes.mkdir()
+    shutil.copy(demo_tape, tapes / "2025-10-02.jsonl.gz")
+    chart = SummaryChart(tmp_path, Rules(), child=[sys.executable, *child])
+    with capture_logs() as logs:
+        assert chart(item("SUMMARY", "SUMMARY:2025-10-02")) is None
+    assert [e["event"] for e in logs] == ["summary_chart_failed"]
 
 
 def test_daily_summary_0_gives_the_daemon_no_chart_hook(tmp_path):
