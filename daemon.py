@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -87,6 +88,8 @@ BACKFILL_REACH_BACK_MS = 5_000
 # Tape lines carry this daemon's own clock, so one later than now (past a minute's slack) means the clock
 # went back: a rehearsal run again from an earlier SIM_CLOCK_START, a system clock set back.
 TAPE_AHEAD_MS = 60_000
+# Wall seconds between two log lines about dropped inputs (malformed frames, bars out of band or ahead).
+BAD_INPUTS_LOG_S = 60.0
 HEARTBEAT_STATUSES = frozenset({"ok", "closed", "degraded"})
 # The live journal must never hold the engine thread for seconds behind another process's lock.
 JOURNAL_BUSY_TIMEOUT_S = 0.1
@@ -212,6 +215,7 @@ class Daemon:
         self._stream_down_since_ms: int | None = None
         self._delayed_said_day: date | None = None
         self._rest_refused: str | None = None
+        self._bad_inputs_said, self._bad_inputs_said_at = 0, -math.inf  # see _say_bad_inputs
         self._refusal_said: str | None = None  # the refusal last alerted, until a 200 comes back
         self.rest = PolygonRest(
             settings.polygon_rest_url,
@@ -441,6 +445,25 @@ class Daemon:
             text = f"{self.rules.underlying} bars arrive by the stream again."
             self._deliver_notice(SystemNotice("FEED_RECOVERED", text, PRIORITY_NORMAL), now)
 
+    def _say_bad_inputs(self) -> None:
+        """One warning a minute at most while the feed brings inputs the decoder drops: only a counter on
+        /health had shown a flood of 1,785 bad frames in 80 s. Counts only; a frame's bytes stay unlogged."""
+        counters = self.pipeline.decoder.counters
+        bad = counters.bad_inputs()
+        now = time.monotonic()
+        if bad <= self._bad_inputs_said or now - self._bad_inputs_said_at < BAD_INPUTS_LOG_S:
+            return
+        log.warning(
+            "bad_inputs_dropped",
+            new=bad - self._bad_inputs_said,
+            total=bad,
+            bad_frames=counters.bad_frames,
+            bad_events=counters.bad_events,
+            ahead_bars=counters.ahead_bars,
+            price_jumps=counters.price_jumps,
+        )
+        self._bad_inputs_said, self._bad_inputs_said_at = bad, now
+
     def _engine_error(self, exc: Exception) -> None:
         """An item the engine could not handle is skipped: one bad input must not stop the day."""
         self.engine_errors += 1
@@ -474,6 +497,7 @@ class Daemon:
         if time.monotonic() - self._health_at >= 1.0:
             self.health, self._health_at = self._snapshot(), time.monotonic()
             self._say_delayed_feed(self.clock.now_ms())
+            self._say_bad_inputs()
         if self.tape is not None and time.monotonic() - self._flushed_at >= TAPE_FLUSH_SECONDS:
             self._flush_tape()
         if time.monotonic() - self._files_checked_at >= FILES_CHECK_SECONDS:

@@ -37,7 +37,10 @@ REPLAY_FLUSH_S = 60.0  # how long a --notify replay waits, at its end, for Pusho
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python main.py", description="IWM 0DTE momentum alerts (alert-only; never trades)."
+        prog="python main.py",
+        description="IWM 0DTE momentum alerts (alert-only; never trades).",
+        epilog="Without an option: the live daemon (needs POLYGON_API_KEY; settings from .env and the environment, "
+        "see the README). Ctrl-C or SIGTERM stops it cleanly.",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(

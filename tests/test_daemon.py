@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from builders import at
+from structlog.testing import capture_logs
 
 from alert_text import price
 from clock import SimClock
@@ -303,12 +304,16 @@ def test_garbage_frames_are_counted_and_the_daemon_goes_on(market, tmp_path):
     ):
         polygon.send_garbage(["not json at all", '{"ev": "A"}', '[{"ev": "XQ", "sym": "IWM"}]', "[1, 2]"])
         clock = SimClock(start, SPEED)
-        daemon = run_daemon(
-            settings_for(polygon, pushover, tmp_path), clock, until=lambda: "BUY" in kinds(pushover)
-        )
+        with capture_logs() as logs:
+            daemon = run_daemon(
+                settings_for(polygon, pushover, tmp_path), clock, until=lambda: "BUY" in kinds(pushover)
+            )
     counters = daemon.pipeline.decoder.counters
     assert counters.bad_frames >= 2 and counters.ignored_events >= 1 and counters.bad_events >= 2
     assert "BUY" in kinds(pushover)
+    # Said in the log (counts, never the bytes), at most once a minute: before, only /health counted them.
+    said = [e for e in logs if e["event"] == "bad_inputs_dropped"]
+    assert len(said) == 1 and said[0]["bad_frames"] >= 1 and "not json" not in str(said)
 
 
 def test_chain_storm_blocks_entries_until_the_chain_recovers(market, tmp_path):
