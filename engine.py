@@ -793,7 +793,7 @@ class Engine:
         """Seconds since the last IWM bar, or since the open (or since we started watching, if later)."""
         session = self._session
         reference = max(self.market.last_iwm_ms or 0, self._watching_since)
-        if session is not None:
+        if session is not None and now >= session.open_ms:  # before the open, the age of the last bar
             reference = max(reference, session.open_ms)
         if reference == 0:  # before the first event: nothing has been missed yet
             return 0.0

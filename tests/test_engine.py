@@ -556,3 +556,14 @@ def test_a_restart_decides_nothing_inside_its_downtime_and_exits_at_its_own_time
     assert [(c.reason, c.exit_price, c.exit_ms) for c in closed] == [("VWAP persistence", 0.95, restart + 17)]
     (sell,) = [a for a in sold if a.kind == "SELL"]
     assert sell.at_ms == restart + 17 and "Exit ~$0.95 (bid)" in sell.message
+
+
+def test_before_the_open_the_bar_age_counts_from_the_last_bar_not_the_coming_open():
+    """/health overnight said `last_bar_age_s` 0.0 before the next open: the open, still to come, was
+    the reference. The day's count starts at its first event (bars are counted per New York day)."""
+    eng = engine()
+    eng.on_event(bar(at(15, 59, 58), 240.0))
+    assert eng.bar_age_s(at(16, 30)) == 1800.8  # received 15:59:59.2
+    next_day = date(2025, 10, 3)
+    eng.on_event(Tick(at(8, 0, 0, next_day)))
+    assert eng.bar_age_s(at(9, 0, 0, next_day)) == 3600.0
