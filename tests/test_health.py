@@ -169,20 +169,25 @@ def test_failing_heartbeat_pings_are_said_once_on_health_until_one_goes_through_
     assert beat.problem(1600.0) is None and "SEKRET" not in (problem_while_failing or "")
 
 
+def _trickle(wfile: object, data: bytes) -> None:
+    """Write `data` a byte every 0.1 s (a failing proxy); a client gone ends it."""
+    try:
+        for byte in data:
+            wfile.write(bytes([byte]))  # type: ignore[attr-defined]
+            wfile.flush()  # type: ignore[attr-defined]
+            time.sleep(0.1)
+    except OSError:
+        return
+
+
 class _Trickler(BaseHTTPRequestHandler):
-    """Answers 200 and then its body one byte at a time, a byte every 0.1 s, for ever (a failing proxy)."""
+    """Answers 200 and then its body one byte at a time, for ever."""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self.send_response(200)
         self.send_header("Content-Length", "100000")
         self.end_headers()
-        try:
-            for _ in range(100_000):
-                self.wfile.write(b"x")
-                self.wfile.flush()
-                time.sleep(0.1)
-        except OSError:
-            return
+        _trickle(self.wfile, b"x" * 100_000)
 
     def log_message(self, *_args: object) -> None:
         return
@@ -204,20 +209,11 @@ def _ping_in_a_thread(handler: type[BaseHTTPRequestHandler]) -> Heartbeat:
         server.shutdown()
 
 
-class _TricklingStatus(BaseHTTPRequestHandler):
-    """Answers its status line one byte every 0.1 s (a failing proxy)."""
+class _TricklingStatus(_Trickler):
+    """Answers its status line one byte at a time."""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        try:
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
-                self.wfile.write(bytes([byte]))
-                self.wfile.flush()
-                time.sleep(0.1)
-        except OSError:
-            return
-
-    def log_message(self, *_args: object) -> None:
-        return
+        _trickle(self.wfile, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
 
 
 def test_a_heartbeat_endpoint_that_trickles_its_answer_cannot_hold_the_heartbeat_thread():
