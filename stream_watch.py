@@ -58,7 +58,10 @@ class StreamWatch:
 
     def problem(self, now_ms: int, session_open_ms: int | None) -> str | None:
         """For /health while the silence has been said: what is wrong, in words."""
-        silent_ms = self.silent_for_ms(now_ms, session_open_ms)
-        if not self.alerted or silent_ms is None:
+        if not self.alerted or session_open_ms is None:
             return None
-        return f"no bar from the stream for {silent_ms / 1000:.0f} s (only REST backfills bring bars)"
+        # From the last streamed bar itself: the engine's STALL, which restarts the alert's count, does
+        # not make the stream any less silent (/health had said "for 0 s" mid-outage).
+        since = max(self.last_bar_ms or 0, session_open_ms, self.started_ms)
+        silent_s = max(0, now_ms - since) / 1000
+        return f"no bar from the stream for {silent_s:.0f} s (only REST backfills bring bars)"

@@ -51,3 +51,15 @@ def test_a_daemon_started_mid_session_counts_from_its_start():
     watch = StreamWatch(AFTER, started_ms=started)
     assert watch.check(started + AFTER - 1, OPEN, engine_stall_said=False) is None
     assert watch.check(started + AFTER, OPEN, engine_stall_said=False) == SILENT
+
+
+def test_health_counts_the_silence_from_the_last_streamed_bar_not_from_a_lifted_stall():
+    """/health said "no bar from the stream for 0 s" in the middle of a minute's outage: the count
+    restarted where the engine's STALL (which the alert's count defers to) was last standing."""
+    watch = StreamWatch(AFTER, started_ms=OPEN - 60_000)
+    watch.on_stream_bar(OPEN + 1000)
+    assert watch.check(OPEN + 40_000, OPEN, engine_stall_said=True) is None
+    assert watch.check(OPEN + 40_000 + AFTER, OPEN, engine_stall_said=False) == SILENT
+    assert watch.problem(OPEN + 40_000 + AFTER, OPEN) == (
+        "no bar from the stream for 71 s (only REST backfills bring bars)"
+    )
