@@ -9,8 +9,9 @@ Hostile input is counted, never raised: a 200 answer whose body is not a JSON ob
 failed answer; the pages of a chain poll that stopped before its last page (page cap, a cyclic or
 unusable `next_url`, a failure) are discarded when the next poll's first page (a path without a
 `cursor` parameter) arrives, counted in `abandoned_chains`, and pending pages never exceed
-MAX_CHAIN_PAGES. A contract snapshot whose bid/ask cannot mark a position is counted in
-`unusable_quotes` (the engine already refuses to mark or select with it).
+MAX_CHAIN_PAGES: a poll with more pages is dropped whole, its later pages included. A contract snapshot
+whose bid/ask cannot mark a position is counted in `unusable_quotes` (the engine already refuses to mark
+or select with it).
 
 A streamed bar stamped far ahead of the stream's usual lead over the receive clock is dropped and
 counted in `ahead_bars` (see `AheadGuard`): one bar stamped tomorrow would otherwise make every real
@@ -188,6 +189,8 @@ class FeedDecoder:
         self.symbols = frozenset({underlying, benchmark})
         self.counters = FeedCounters()
         self._pages: list[object] = []
+        # The last page of a poll past MAX_CHAIN_PAGES (empty: none): the rest of that poll is dropped too.
+        self._dropping: list[object] = []
         self._chain_prefix = f"/v3/snapshot/options/{underlying}"
         self._profile_days: dict[str, dict[int, float]] = {}
         self._ahead = AheadGuard()
@@ -253,12 +256,13 @@ class FeedDecoder:
         """An answer that cannot be read: counted, and any partial chain dropped (the previous one stays)."""
         self.counters.rest_errors += 1
         self._pages.clear()
+        self._dropping = []
         return []
 
     def _rest(self, received_ms: int, path: str, status: int, body: object) -> list[Event]:
         parts = urlsplit(path)
         route = parts.path
-        if route == self._chain_prefix and not _continues(self._pages, path):
+        if route == self._chain_prefix and not _continues(self._pages or self._dropping, path):
             self._abandon_pending()
         if status != 200 or not is_json_object(body):
             self.counters.rest_errors += 1
@@ -275,6 +279,7 @@ class FeedDecoder:
 
     def _abandon_pending(self) -> None:
         """A new chain poll begins: pages an earlier poll left unfinished can never complete."""
+        self._dropping = []
         if self._pages:
             self._pages.clear()
             self.counters.abandoned_chains += 1
@@ -289,10 +294,8 @@ class FeedDecoder:
         return [ContractSnapshot(received_ms, quote)]
 
     def _chain_page(self, received_ms: int, body: object) -> list[Event]:
-        if len(self._pages) >= MAX_CHAIN_PAGES:
-            # More pages than any poll asks for: they cannot be one chain, so none of them is kept.
-            self._pages.clear()
-            self.counters.abandoned_chains += 1
+        if self._dropping or len(self._pages) >= MAX_CHAIN_PAGES:
+            return self._drop_overflow(body)
         next_url = next_url_of(body)
         if not is_json_object(body):
             # Reading the link decoded a tape's page and found no JSON (a broken escape): a failed
@@ -303,6 +306,15 @@ class FeedDecoder:
             return []
         pages, self._pages = tuple(self._pages), []
         return [ChainSnapshot(received_ms, LazyChain(pages))]
+
+    def _drop_overflow(self, body: object) -> list[Event]:
+        """More pages than any poll asks for cannot be one chain: the pages so far and the rest of that
+        poll are dropped (its last pages had passed for a whole chain, and chosen a wrong contract)."""
+        if self._pages:
+            self._pages.clear()
+            self.counters.abandoned_chains += 1
+        self._dropping = [body] if next_url_of(body) else []
+        return []
 
     def _aggs(self, received_ms: int, route: str, body: object, first_page: bool) -> list[Event]:
         # /v2/aggs/ticker/{sym}/range/{mult}/{span}/{from}/{to}
