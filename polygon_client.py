@@ -341,6 +341,8 @@ def _contract_identity(details: dict) -> tuple[str, float, str, str] | None:
     they disagree, as before the ticker was read at all: the vendor documents `details.*` as the
     contract's terms (polygon.md section 5: after corporate actions the ticker can differ), and a
     value that is there but unusable still makes the result bad rather than being papered over.
+    A ticker whose expiry or right contradicts `details` makes the result bad too (see
+    `_ticker_contradicts`): corporate actions change the strike and the root, never those.
     """
     ticker = details.get("ticker")
     if type(ticker) is not str or not ticker:
@@ -361,7 +363,20 @@ def _contract_identity(details: dict) -> tuple[str, float, str, str] | None:
     right = contract_type.lower() if type(contract_type) is str else None
     if strike is None or expiry is None or right not in ("call", "put"):
         return None
+    if _ticker_contradicts(ticker, expiry, right):
+        return None
     return ticker, strike, expiry, right
+
+
+def _ticker_contradicts(ticker: str, expiry: str, right: str) -> bool:
+    """Whether an OCC ticker names another expiry or right than `details`: no corporate action changes
+    those (only the strike and the root), and the BUY names the ticker, which is what the user trades.
+    A put's ticker under a call's details had been named in a CALL alert."""
+    occ = parse_occ_ticker(ticker)
+    if occ is None:
+        return False
+    _root, occ_expiry, occ_right, _strike = occ
+    return occ_expiry.isoformat() != expiry or occ_right != right
 
 
 def parse_option_result(result: object) -> OptionQuote | None:

@@ -912,11 +912,26 @@ def test_only_the_ticker_and_a_put() -> None:
     assert parse_option_result(result) == iwm_quote(ticker="O:IWM251002P00242500", right="put")
 
 
-def test_details_that_are_there_win_over_a_ticker_that_disagrees() -> None:
-    # As before the ticker was ever read: details.* are the contract's terms (an adjusted contract's
-    # ticker can differ); the ticker only fills what details lack.
-    result = with_details(ticker="O:IWM251003P00250000", expiration_date=...)
-    assert parse_option_result(result) == iwm_quote(ticker="O:IWM251003P00250000", expiry="2025-10-03")
+def test_details_that_are_there_win_over_a_ticker_whose_root_or_strike_differs() -> None:
+    # details.* are the contract's terms: an adjusted contract's ticker can differ in its root and strike
+    # (polygon.md section 5); the ticker only fills what details lack.
+    result = with_details(ticker="O:IWM1251002C00250000")
+    assert parse_option_result(result) == iwm_quote(ticker="O:IWM1251002C00250000")
+
+
+@pytest.mark.parametrize(
+    ("ticker", "changes"),
+    [
+        ("O:IWM251002P00242500", {}),
+        ("O:IWM251003C00242500", {}),
+        ("O:IWM251003P00250000", {"expiration_date": ...}),
+    ],
+    ids=["a put's ticker", "tomorrow's ticker", "the ticker filling the expiry"],
+)
+def test_a_ticker_naming_another_right_or_expiry_than_details_is_no_contract(ticker, changes) -> None:
+    """No corporate action changes a contract's right or expiry, and the BUY names the ticker: a put's
+    ticker under a call's details had been named in a CALL alert."""
+    assert parse_option_result(with_details(ticker=ticker, **changes)) is None
 
 
 def test_results_that_are_not_objects_or_lack_details_are_bad() -> None:
