@@ -683,19 +683,8 @@ class Notifier:
         return "hold" if waiting else "fallback"
 
     def _deliver(self, item: OutboxItem) -> Outcome:
-        title, message = item.title, item.message
-        lost_buy = self._lost_buys.get(trade_id_of(item)) if item.kind == "SELL" else None
-        if lost_buy is not None:
-            message = buy_not_delivered(message, lost_buy)
-        if item.maybe_sent:
-            title, message = possible_repeat(title, message, item.at_ms)
-        now_ms = self._clock_ms()
-        if self._late_after_ms is not None and now_ms - item.at_ms > self._late_after_ms:
-            title, message = sent_late(title, message, item.at_ms, now_ms)
-        # A notice can quote a peer's error text, and a peer can echo a key: no secret leaves by alert.
-        item = replace(item, title=self._redact(title), message=self._redact(message))
         if self._client is None:
-            self._log_only(item)
+            self._log_only(self._dressed(item))
             self._journal.mark_sent(item.id, self._clock_ms())
             return "sent"
         route = self._route()
@@ -705,11 +694,25 @@ class Notifier:
             return self._via_fallback(item)
         return self._via_pushover(item)
 
+    def _dressed(self, item: OutboxItem) -> OutboxItem:
+        """The item as it leaves now, by any route: its notes added as of this moment (a lost BUY, a
+        possible repeat, lateness) and no secret in it (a notice can quote a peer that echoed a key)."""
+        title, message = item.title, item.message
+        lost_buy = self._lost_buys.get(trade_id_of(item)) if item.kind == "SELL" else None
+        if lost_buy is not None:
+            message = buy_not_delivered(message, lost_buy)
+        if item.maybe_sent:
+            title, message = possible_repeat(title, message, item.at_ms)
+        now_ms = self._clock_ms()
+        if self._late_after_ms is not None and now_ms - item.at_ms > self._late_after_ms:
+            title, message = sent_late(title, message, item.at_ms, now_ms)
+        return replace(item, title=self._redact(title), message=self._redact(message))
+
     def _via_pushover(self, item: OutboxItem) -> Outcome:
         assert self._client is not None
         left: list[bool] = []
         try:
-            result = self._client.send(item, lambda: self._leaving(item, left))
+            result = self._client.send(self._dressed(item), lambda: self._leaving(item, left))
         except Exception as exc:  # noqa: BLE001 - a bug reading the answer: the request may have arrived
             result = _unexpected_failure("pushover_send_failed", item, exc)
         if result.ok:
@@ -758,7 +761,7 @@ class Notifier:
                     **_fields(item, refused))  # fmt: skip
         left: list[bool] = []
         try:
-            result = self._client.send(item, lambda: self._leaving(item, left), plain=True)
+            result = self._client.send(self._dressed(item), lambda: self._leaving(item, left), plain=True)
         except Exception as exc:  # noqa: BLE001 - as in _via_pushover
             result = _unexpected_failure("pushover_send_failed", item, exc)
         if result.ok:
@@ -773,7 +776,7 @@ class Notifier:
     def _via_fallback(self, item: OutboxItem) -> Outcome:
         assert self._fallback is not None
         try:
-            result = self._fallback.send(item)
+            result = self._fallback.send(self._dressed(item))
         except Exception as exc:  # noqa: BLE001 - a fallback bug must not hold the queue unmarked
             result = _unexpected_failure("fallback_send_failed", item, exc)
         if not result.ok:

@@ -1132,3 +1132,26 @@ def test_after_an_alert_went_by_the_fallback_for_timeouts_the_next_ones_follow_i
     journal.record([trade_alert("BUY", "2025-10-02-2")])
     notifier.drain_once()
     assert len(asked) == 3, "Pushover is tried again once the window is over"
+
+
+def test_an_alert_the_fallback_carries_after_pushovers_timeouts_is_marked_late_as_of_then(
+    journal: Journal,
+) -> None:
+    """Lateness was judged before the Pushover attempt: a BUY that then took two 20 s timeouts reached
+    the fallback 45 s after its decision without its "(N min late)"."""
+    now_ms = [AT_MS + 5_000]
+
+    def times_out(request: httpx.Request) -> httpx.Response:
+        now_ms[0] += 20_000  # each attempt waits out its 20 s deadline
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    client = PushoverClient(TOKEN, USER, "http://pushover.invalid/1/messages.json",
+                            transport=httpx.MockTransport(times_out))  # fmt: skip
+    clock, fallback = StepClock(), RecordingFallback()
+    notifier = Notifier(journal, client, clock_ms=lambda: now_ms[0], monotonic=clock, fallback=fallback,
+                        min_retry_s=5.0, late_after_ms=30_000)  # fmt: skip
+    journal.record([trade_alert("BUY")])
+    assert notifier.drain_once() == 0  # +25 s: the first timeout
+    clock.now += 5.0
+    assert notifier.drain_once() == 1  # +45 s: the second, then the fallback
+    assert fallback.titles == ["IWM 0DTE CALL — BUY (1 min late)"]
