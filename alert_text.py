@@ -466,8 +466,8 @@ def sent_late(title: str, message: str, at_ms: int, now_ms: int) -> tuple[str, s
 
 
 def buy_not_delivered(message: str, why: str) -> str:
-    """A SELL's text when its BUY never reached the phone: said first, so the SELL is not a riddle."""
-    return f"Its BUY did not reach your phone ({why}): this SELL closes that trade.\n\n{message}"
+    """A SELL's text when its BUY was given up on: said first, so the SELL is not a riddle."""
+    return f"Its BUY alert was not delivered ({why}): this SELL closes that trade.\n\n{message}"
 
 
 def possible_repeat(title: str, message: str, at_ms: int) -> tuple[str, str]:

@@ -708,25 +708,17 @@ class Notifier:
             title, message = sent_late(title, message, item.at_ms, now_ms)
         return replace(item, title=self._redact(title), message=self._redact(message))
 
-    def _via_pushover(self, item: OutboxItem) -> Outcome:
-        assert self._client is not None
-        left: list[bool] = []
-        try:
-            result = self._client.send(self._dressed(item), lambda: self._leaving(item, left))
-        except Exception as exc:  # noqa: BLE001 - a bug reading the answer: the request may have arrived
-            result = _unexpected_failure("pushover_send_failed", item, exc)
+    def _via_pushover(self, item: OutboxItem, *, plain: bool = False) -> Outcome:
+        """Send `item` to Pushover and act on the answer. A message Pushover refuses (a 4xx of its own, a
+        `status: 0`) goes by the fallback if there is one, else once more as text alone (`plain`: no
+        sound, no image), which Pushover takes when its refusal was about those."""
+        result, left = self._send(item, plain)
         if result.ok:
             self._on_sent(item, result)
             return "sent"
-        if result.credentials_invalid:
-            self._disable(item, result)
-            return self._via_fallback(item) if self._fallback is not None else "stop"
-        if result.quota_exhausted:
-            self._on_quota(item, result)
-            return self._via_fallback(item) if self._fallback is not None else "stop"
-        if result.refused_for_now:
-            self._on_refused_for_now(item, result)
-            return self._via_fallback(item) if self._fallback is not None else "stop"
+        refusal = self._on_refusal(item, result)
+        if refusal is not None:
+            return refusal
         if result.timed_out and self._timed_out_too_often(item):
             if self._fallback is not None:
                 log.warning(
@@ -742,36 +734,39 @@ class Notifier:
             # No HTTP answer to a request that left: it may have arrived; the retry says so.
             self._on_retryable(item, result, maybe_sent=bool(left) and result.status is None)
             return "stop"
+        if self._fallback is None and not plain:
+            log.warning("pushover_rejected", error=result.error, action="sending it once more as text alone",
+                        **_fields(item, result))  # fmt: skip
+            return self._via_pushover(item, plain=True)
         if self._fallback is not None:
-            # Pushover refuses this message (a 4xx of its own): another channel can still carry it.
-            log.error(
-                "pushover_rejected",
-                error=result.error,
-                action="sending by the fallback",
-                **_fields(item, result),
-            )
+            log.error("pushover_rejected", error=result.error, action="sending by the fallback",
+                      **_fields(item, result))  # fmt: skip
             return self._via_fallback(item)
-        return self._plain_or_rejected(item, result)
-
-    def _plain_or_rejected(self, item: OutboxItem, refused: SendResult) -> Outcome:
-        """Pushover refused this message itself (a 4xx, a `status: 0`): sent once more as text alone (no
-        sound, no image), which it takes if the refusal was about those; else the alert is given up on."""
-        assert self._client is not None
-        log.warning("pushover_rejected", error=refused.error, action="sending it once more as text alone",
-                    **_fields(item, refused))  # fmt: skip
-        left: list[bool] = []
-        try:
-            result = self._client.send(self._dressed(item), lambda: self._leaving(item, left), plain=True)
-        except Exception as exc:  # noqa: BLE001 - as in _via_pushover
-            result = _unexpected_failure("pushover_send_failed", item, exc)
-        if result.ok:
-            self._on_sent(item, result)
-            return "sent"
-        if result.retry:
-            self._on_retryable(item, result, maybe_sent=bool(left) and result.status is None)
-            return "stop"
         self._on_rejected(item, result)
         return "failed"
+
+    def _send(self, item: OutboxItem, plain: bool) -> tuple[SendResult, bool]:
+        """One request to Pushover with the item as it leaves now; whether the request had left."""
+        assert self._client is not None
+        left: list[bool] = []
+        try:
+            result = self._client.send(self._dressed(item), lambda: self._leaving(item, left), plain=plain)
+        except Exception as exc:  # noqa: BLE001 - a bug reading the answer: the request may have arrived
+            result = _unexpected_failure("pushover_send_failed", item, exc)
+        return result, bool(left)
+
+    def _on_refusal(self, item: OutboxItem, result: SendResult) -> Outcome | None:
+        """Pushover refusing the keys, the quota or the service (not this alert): the queue is held, or
+        goes by the fallback. None for any other answer."""
+        if result.credentials_invalid:
+            self._disable(item, result)
+        elif result.quota_exhausted:
+            self._on_quota(item, result)
+        elif result.refused_for_now:
+            self._on_refused_for_now(item, result)
+        else:
+            return None
+        return self._via_fallback(item) if self._fallback is not None else "stop"
 
     def _via_fallback(self, item: OutboxItem) -> Outcome:
         assert self._fallback is not None
@@ -781,6 +776,8 @@ class Notifier:
             result = _unexpected_failure("fallback_send_failed", item, exc)
         if not result.ok:
             self._schedule_retry()
+            # A failing fallback must not keep alerts from a Pushover that may answer again.
+            self._fallback_first_until = None
             self._fallback_failures += 1
             delay = self._backoff_s(self._fallback_failures)
             self._fallback_retry_at = self._monotonic() + delay
@@ -790,6 +787,7 @@ class Notifier:
             )
             return "stop"
         self._fallback_failures, self._fallback_retry_at, self._fallback_error = 0, None, None
+        self._timeouts.pop(item.dedupe_key, None)
         self._journal.mark_sent(item.id, self._clock_ms())
         log.warning("alert_sent_by_fallback", reason=self._problem(), **_fields(item, result))
         return "sent"

@@ -8,7 +8,7 @@ the request's deadline; past it they raise httpcore's own timeouts, which reach 
 usual `httpx.ConnectTimeout`, `httpx.ReadTimeout` or `httpx.WriteTimeout`.
 
 The deadline belongs to the thread that sends (clients here are shared between threads), from the
-start of `handle_request` until its response is closed (httpx reads the body before `post` returns).
+start of `handle_request` until its response is closed (callers stream the body and close it when read).
 Proxies from the environment are not used: the daemon talks to its two vendors directly.
 
 `read_capped` reads a streamed body no further than a limit, counted after decompression: a 2 MB
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,16 +41,49 @@ class CappedBody:
 
 def read_capped(response: httpx.Response, limit: int) -> CappedBody:
     """The decoded body of a streamed response (`client.stream(...)`), read no further than `limit`
-    bytes. Decoding goes chunk by chunk, so memory stays near `limit` whatever the body inflates to."""
-    chunks: list[bytes] = []
+    bytes. A gzip body is inflated here, at most what the cap still allows from each network chunk
+    (httpx inflates a whole chunk at once: 64 KiB of a bomb became 64 MB); other codings go by httpx.
+    A gzip body that cannot be inflated raises `httpx.DecodingError`, as httpx's own decoding does."""
+    if response.is_stream_consumed:  # read already (a transport that hands over whole, decoded responses)
+        return _collected([response.content], limit)
+    coding = response.headers.get("content-encoding", "").strip().lower()
+    if coding == "gzip":
+        return _inflated(response, limit)
+    chunks = response.iter_raw() if coding in ("", "identity") else response.iter_bytes()
+    return _collected(chunks, limit)
+
+
+def _collected(chunks: Iterable[bytes], limit: int) -> CappedBody:
+    kept: list[bytes] = []
     size = 0
-    for chunk in response.iter_bytes():
+    for chunk in chunks:
         size += len(chunk)
         if size > limit:
-            chunks.append(chunk[: len(chunk) - (size - limit)])
-            return CappedBody(b"".join(chunks), complete=False)
-        chunks.append(chunk)
-    return CappedBody(b"".join(chunks), complete=True)
+            kept.append(chunk[: len(chunk) - (size - limit)])
+            return CappedBody(b"".join(kept), complete=False)
+        kept.append(chunk)
+    return CappedBody(b"".join(kept), complete=True)
+
+
+def _inflated(response: httpx.Response, limit: int) -> CappedBody:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    kept: list[bytes] = []
+    size = 0
+    try:
+        for raw in response.iter_raw():
+            data = raw
+            while data:
+                out = inflater.decompress(data, limit + 1 - size)  # never more than the cap still allows
+                size += len(out)
+                kept.append(out)
+                if size > limit:
+                    return CappedBody(b"".join(kept)[:limit], complete=False)
+                data = inflater.unconsumed_tail
+        kept.append(inflater.flush())
+    except zlib.error as exc:
+        raise httpx.DecodingError(f"gzip: {exc}", request=response.request) from exc
+    body = b"".join(kept)
+    return CappedBody(body[:limit], complete=len(body) <= limit)
 
 
 class DeadlineTransport(httpx.BaseTransport):

@@ -568,6 +568,7 @@ MAX_CHAIN_PAGES = 20
 # Longest wait a Retry-After holds requests for: a server asking for a day must not silence the chain
 # and the held contract's marks for a day; asked again after this, it can say so again.
 RETRY_AFTER_HOLD_CAP_S = 120.0
+_ROUTE_NUMBER = re.compile(r"/[0-9][0-9-]*(?=/|$)")
 _UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 _BODY_TEXT_LIMIT = 2000
 # Decoded bytes one REST answer may hold: a full aggregates page (50,000 bars) is about 5 MB, a chain
@@ -1073,8 +1074,9 @@ class RestAnswer:
 
 
 def _route(path: str) -> str:
-    """A request path without its query: what one kind of request shares over its pages and polls."""
-    return path.split("?", 1)[0]
+    """A request path without its query and with its numbers and dates as `N`: what one kind of request
+    shares over its pages and polls (each backfill asks its own millisecond range: one route for all)."""
+    return _ROUTE_NUMBER.sub("/N", path.split("?", 1)[0])
 
 
 def _result_count(body: object) -> int:

@@ -284,7 +284,7 @@ def test_a_buy_refused_for_good_is_named_on_its_sell_and_fails_health_for_a_whil
     journal.record([trade_alert("BUY"), trade_alert("SELL"), trade_alert("SELL", "2025-10-02-2")])
     assert notifier.drain_once() == 2
     sells = [f["message"] for f in forms if f["title"].endswith("SELL")]
-    assert sells[0].startswith("Its BUY did not reach your phone (HTTP 200: message refused)")
+    assert sells[0].startswith("Its BUY alert was not delivered (HTTP 200: message refused)")
     assert sells[1] == "SELL text", "another trade's SELL says nothing"
     health = notifier.health()
     assert health.lost_trade and health.gave_up is not None and "BUY" in health.gave_up
@@ -1155,3 +1155,50 @@ def test_an_alert_the_fallback_carries_after_pushovers_timeouts_is_marked_late_a
     clock.now += 5.0
     assert notifier.drain_once() == 1  # +45 s: the second, then the fallback
     assert fallback.titles == ["IWM 0DTE CALL — BUY (1 min late)"]
+
+
+class FailingFallback(RecordingFallback):
+    """A fallback channel that takes nothing."""
+
+    def send(self, item: OutboxItem) -> SendResult:
+        self.titles.append(item.title)
+        return SendResult(False, True, None, "webhook down", None, None)
+
+
+def test_a_failing_fallback_ends_its_window_and_pushover_is_asked_again_on_its_back_off(
+    journal: Journal,
+) -> None:
+    """With the fallback failing too, the 5-minute window had kept every alert from a Pushover that
+    answered again (2 Pushover requests, 13 fallback attempts, BUY and SELL pending for 5 minutes)."""
+    answers = iter(["timeout", "timeout"])
+
+    def then_answers(request: httpx.Request) -> httpx.Response:
+        if next(answers, "ok") == "timeout":
+            raise httpx.ReadTimeout("no answer", request=request)
+        return httpx.Response(200, json={"status": 1, "request": "r"})
+
+    client = PushoverClient(TOKEN, USER, "http://pushover.invalid/1/messages.json",
+                            transport=httpx.MockTransport(then_answers))  # fmt: skip
+    clock, fallback = StepClock(), FailingFallback()
+    notifier = make_notifier(journal, client, monotonic=clock, fallback=fallback, min_retry_s=5.0)
+    journal.record([trade_alert("BUY"), trade_alert("SELL")])
+    for _ in range(6):
+        notifier.drain_once()
+        clock.now += 20.0
+    assert [r[1] for r in outbox(journal)] == ["sent", "sent"] and len(fallback.titles) == 1
+
+
+def test_a_plain_resend_answered_with_a_refusal_of_the_service_holds_the_queue(journal: Journal) -> None:
+    """The text-alone resend met a 429 (quota) and the alert was marked failed for good: every later
+    alert was lost the same way until the quota reset."""
+    answers = iter([
+        httpx.Response(400, json={"status": 0, "errors": ["sound is invalid"], "request": "r"}),
+        httpx.Response(429, json={"status": 0, "errors": ["quota"], "request": "r"}),
+    ])  # fmt: skip
+    client = PushoverClient(TOKEN, USER, "http://pushover.invalid/1/messages.json",
+                            transport=httpx.MockTransport(lambda _r: next(answers)))  # fmt: skip
+    notifier = make_notifier(journal, client)
+    journal.record([trade_alert("BUY")])
+    assert notifier.drain_once() == 0
+    assert [r[1] for r in outbox(journal)] == ["pending"]
+    assert notifier.health().blocked and not notifier.health().lost_trade
