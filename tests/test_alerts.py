@@ -1094,16 +1094,19 @@ def test_an_alert_leaving_well_after_its_decision_says_it_is_late(
 
 
 class RecordingFallback:
-    """A fallback channel that takes every alert and keeps its title."""
+    """A fallback channel that keeps each alert's title and takes every alert (or, `takes=False`, none)."""
 
     name = "fallback"
 
-    def __init__(self) -> None:
+    def __init__(self, *, takes: bool = True) -> None:
         self.titles: list[str] = []
+        self._takes = takes
 
     def send(self, item: OutboxItem) -> SendResult:
         self.titles.append(item.title)
-        return SendResult(True, False, None, "", None, None)
+        if self._takes:
+            return SendResult(True, False, None, "", None, None)
+        return SendResult(False, True, None, "webhook down", None, None)
 
 
 def test_after_an_alert_went_by_the_fallback_for_timeouts_the_next_ones_follow_it_for_a_while(
@@ -1157,14 +1160,6 @@ def test_an_alert_the_fallback_carries_after_pushovers_timeouts_is_marked_late_a
     assert fallback.titles == ["IWM 0DTE CALL — BUY (1 min late)"]
 
 
-class FailingFallback(RecordingFallback):
-    """A fallback channel that takes nothing."""
-
-    def send(self, item: OutboxItem) -> SendResult:
-        self.titles.append(item.title)
-        return SendResult(False, True, None, "webhook down", None, None)
-
-
 def test_a_failing_fallback_ends_its_window_and_pushover_is_asked_again_on_its_back_off(
     journal: Journal,
 ) -> None:
@@ -1179,7 +1174,7 @@ def test_a_failing_fallback_ends_its_window_and_pushover_is_asked_again_on_its_b
 
     client = PushoverClient(TOKEN, USER, "http://pushover.invalid/1/messages.json",
                             transport=httpx.MockTransport(then_answers))  # fmt: skip
-    clock, fallback = StepClock(), FailingFallback()
+    clock, fallback = StepClock(), RecordingFallback(takes=False)
     notifier = make_notifier(journal, client, monotonic=clock, fallback=fallback, min_retry_s=5.0)
     journal.record([trade_alert("BUY"), trade_alert("SELL")])
     for _ in range(6):
