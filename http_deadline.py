@@ -41,15 +41,18 @@ class CappedBody:
 
 def read_capped(response: httpx.Response, limit: int) -> CappedBody:
     """The decoded body of a streamed response (`client.stream(...)`), read no further than `limit`
-    bytes. A gzip body is inflated here, at most what the cap still allows from each network chunk
-    (httpx inflates a whole chunk at once: 64 KiB of a bomb became 64 MB); other codings go by httpx.
+    bytes. A gzip body is inflated here, at most `limit` + 1 bytes from each piece of input (httpx
+    inflates a whole network chunk at once: 64 KiB of a bomb became 64 MB); other codings go by httpx.
     A gzip body that cannot be inflated raises `httpx.DecodingError`, as httpx's own decoding does."""
     if response.is_stream_consumed:  # read already (a transport that hands over whole, decoded responses)
         return _collected([response.content], limit)
     coding = response.headers.get("content-encoding", "").strip().lower()
     if coding == "gzip":
-        return _inflated(response, limit)
-    chunks = response.iter_raw() if coding in ("", "identity") else response.iter_bytes()
+        chunks: Iterable[bytes] = _inflated(response, limit + 1)
+    elif coding in ("", "identity"):
+        chunks = response.iter_raw()
+    else:
+        chunks = response.iter_bytes()
     return _collected(chunks, limit)
 
 
@@ -65,25 +68,18 @@ def _collected(chunks: Iterable[bytes], limit: int) -> CappedBody:
     return CappedBody(b"".join(kept), complete=True)
 
 
-def _inflated(response: httpx.Response, limit: int) -> CappedBody:
+def _inflated(response: httpx.Response, most: int) -> Iterator[bytes]:
+    """The gzip body inflated in pieces of at most `most` bytes, as the collector asks for them."""
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    kept: list[bytes] = []
-    size = 0
     try:
         for raw in response.iter_raw():
             data = raw
             while data:
-                out = inflater.decompress(data, limit + 1 - size)  # never more than the cap still allows
-                size += len(out)
-                kept.append(out)
-                if size > limit:
-                    return CappedBody(b"".join(kept)[:limit], complete=False)
+                yield inflater.decompress(data, most)
                 data = inflater.unconsumed_tail
-        kept.append(inflater.flush())
+        yield inflater.flush()
     except zlib.error as exc:
         raise httpx.DecodingError(f"gzip: {exc}", request=response.request) from exc
-    body = b"".join(kept)
-    return CappedBody(body[:limit], complete=len(body) <= limit)
 
 
 class DeadlineTransport(httpx.BaseTransport):

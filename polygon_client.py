@@ -1079,6 +1079,14 @@ def _route(path: str) -> str:
     return _ROUTE_NUMBER.sub("/N", path.split("?", 1)[0])
 
 
+def _first_time(said: dict[str, object], route: str, what: object) -> str:
+    """The log level for `what` happening on `route`: "warning" when it is news (the route last said
+    something else, or nothing), "debug" when it goes on; remembers it."""
+    level = "debug" if said.get(route) == what else "warning"
+    said[route] = what
+    return level
+
+
 def _result_count(body: object) -> int:
     """How many results a page holds (0 for anything but a list of them)."""
     results = body.get("results") if type(body) is dict else None
@@ -1168,8 +1176,8 @@ class PolygonRest:
     ) -> None:
         self.requests = 0
         self.last_error: str | None = None
-        self._paging_said: dict[str, str] = {}  # route -> the reason its paging last stopped early
-        self._failing: dict[str, int] = {}  # route -> the status its last failure was logged with
+        self._paging_said: dict[str, object] = {}  # route -> the reason its paging last stopped early
+        self._failing: dict[str, object] = {}  # route -> the status its last failure was logged with
         # The server asked (Retry-After) that nothing be sent before this time (clock ms).
         self._hold_until_ms = 0
         self._api_key = api_key
@@ -1243,7 +1251,7 @@ class PolygonRest:
 
     def _hold_for(self, answer: RestAnswer, retry_after: float | None) -> None:
         """Hold later requests for a 429's or 503's Retry-After, at most RETRY_AFTER_HOLD_CAP_S."""
-        if answer.status in (429, 503) and retry_after is not None and math.isfinite(retry_after):
+        if answer.status in (429, 503) and retry_after is not None:
             hold_ms = round(min(retry_after, RETRY_AFTER_HOLD_CAP_S) * 1000)
             self._hold_until_ms = max(self._hold_until_ms, answer.received_ms + hold_ms)
 
@@ -1307,9 +1315,7 @@ class PolygonRest:
         """Paging ends early: the answer is incomplete (said in `last_error`, so /health names it), and
         the log says so once per route and reason, not at every poll of a server that keeps looping."""
         self.last_error = f"paging stopped early ({reason}): the answer is incomplete"
-        route = _route(answer.path)
-        level = "debug" if self._paging_said.get(route) == reason else "warning"
-        self._paging_said[route] = reason
+        level = _first_time(self._paging_said, _route(answer.path), reason)
         getattr(self._log, level)("rest_paging_stopped", path=answer.path, reason=reason, **fields)
 
     def _follow(self, answer: RestAnswer, asked: set[str], pages: int, max_pages: int) -> str | None:
@@ -1390,7 +1396,5 @@ class PolygonRest:
     def _say_failure(self, event: str, answer: RestAnswer) -> None:
         """A warning the first time a route fails with a status, DEBUG while it goes on failing so (a poll
         every 2 s through an hour's outage wrote thousands of lines), and one line once it recovers."""
-        route = _route(answer.path)
-        level = "debug" if self._failing.get(route) == answer.status else "warning"
-        self._failing[route] = answer.status
+        level = _first_time(self._failing, _route(answer.path), answer.status)
         getattr(self._log, level)(event, path=answer.path, status=answer.status, error=self.last_error)

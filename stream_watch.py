@@ -53,8 +53,11 @@ class StreamWatch:
         """How long the stream has brought no bar in this session (None outside the session)."""
         if session_open_ms is None:
             return None
-        since = max(self.last_bar_ms or 0, session_open_ms, self.started_ms, self.stall_said_ms)
-        return max(0, now_ms - since)
+        return max(0, now_ms - max(self._last_streamed_ms(session_open_ms), self.stall_said_ms))
+
+    def _last_streamed_ms(self, session_open_ms: int) -> int:
+        """The last streamed bar of this session, or the open, or the start, whichever came last."""
+        return max(self.last_bar_ms or 0, session_open_ms, self.started_ms)
 
     def problem(self, now_ms: int, session_open_ms: int | None) -> str | None:
         """For /health while the silence has been said: what is wrong, in words."""
@@ -62,6 +65,5 @@ class StreamWatch:
             return None
         # From the last streamed bar itself: the engine's STALL, which restarts the alert's count, does
         # not make the stream any less silent (/health had said "for 0 s" mid-outage).
-        since = max(self.last_bar_ms or 0, session_open_ms, self.started_ms)
-        silent_s = max(0, now_ms - since) / 1000
+        silent_s = max(0, now_ms - self._last_streamed_ms(session_open_ms)) / 1000
         return f"no bar from the stream for {silent_s:.0f} s (only REST backfills bring bars)"
