@@ -12,7 +12,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -497,6 +497,7 @@ class Notifier:
         refused_retry_s: float = REFUSED_RETRY_S,
         redact: Callable[[str], str] = valid_text,
         late_after_ms: int | None = None,
+        lost_buys: Mapping[str, str] | None = None,
     ) -> None:
         self._journal = journal
         # An alert leaving this long after its decision says so (None: never, as in a replay's --notify,
@@ -529,7 +530,8 @@ class Notifier:
         self._disabled_reason: str | None = None
         self._gave_up: list[str] = []  # "KIND (error)" of each alert given up on, for /health
         self._lost_trade_at: float | None = None  # monotonic time a BUY or SELL was last given up on
-        self._lost_buys: dict[str, str] = {}  # trade id -> why its BUY never reached the phone
+        # Trade id -> why its BUY never reached the phone (seeded from the journal after a restart).
+        self._lost_buys: dict[str, str] = dict(lost_buys or {})
         # The fallback's own back-off: a failing fallback is retried on its schedule, not every turn.
         self._fallback_failures = 0
         self._fallback_retry_at: float | None = None

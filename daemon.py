@@ -163,6 +163,7 @@ class Daemon:
                 on_recovered=self._journal_recovered,
             )
             self.outbox = MemoryOutbox(self.writer, self.journal.pending(1_000_000))
+            lost_buys = self.journal.lost_buys()
         except BaseException:
             self.instance_lock.release()
             raise
@@ -177,6 +178,7 @@ class Daemon:
             redact=self.redact,
             # Wall time, as the user feels it: a rehearsal at 40x is late after 30 s of wall time too.
             late_after_ms=round(LATE_AFTER_MS / clock.sleep_scale()),
+            lost_buys=lost_buys,
         )
         self.pipeline = Pipeline(
             self.engine,

@@ -446,6 +446,18 @@ class Journal:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT dedupe_key FROM outbox")}
 
+    def lost_buys(self) -> dict[str, str]:
+        """Trade id -> why, for each BUY given up on whose SELL has not left yet: what that SELL must
+        say (a restart between the two would otherwise send it as if the BUY had reached the phone)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT substr(b.dedupe_key, 5), coalesce(b.last_error, 'not delivered') FROM outbox b"
+                " WHERE b.kind = 'BUY' AND b.status = ? AND NOT EXISTS (SELECT 1 FROM outbox s"
+                " WHERE s.dedupe_key = 'SELL:' || substr(b.dedupe_key, 5) AND s.status IN (?, ?))",
+                (FAILED, SENT, FAILED),
+            ).fetchall()
+        return dict(rows)
+
     def mark_outcome(self, dedupe_key: str, status: str, error: str | None, sent_ms: int | None) -> None:
         """Record a delivery outcome by dedupe key (the in-memory outbox knows alerts by key).
 

@@ -292,6 +292,33 @@ def test_a_buy_refused_for_good_is_named_on_its_sell_and_fails_health_for_a_whil
     assert not notifier.health().lost_trade and notifier.health().gave_up is not None
 
 
+def test_a_buy_lost_before_a_restart_is_still_named_on_its_sell(journal: Journal) -> None:
+    """The note lived in the notifier's memory: a restart between the lost BUY and its SELL dropped it."""
+    forms: list[dict[str, str]] = []
+
+    def refuse_buys(request: httpx.Request) -> httpx.Response:
+        form = dict(httpx.QueryParams(request.content.decode()))
+        forms.append(form)
+        if form["title"].endswith("BUY"):
+            return httpx.Response(200, json={"status": 0, "errors": ["message refused"], "request": "r"})
+        return httpx.Response(200, json={"status": 1, "request": "r"})
+
+    def client() -> PushoverClient:
+        return PushoverClient(TOKEN, USER, "http://pushover.invalid/1/messages.json",
+                              transport=httpx.MockTransport(refuse_buys))  # fmt: skip
+
+    journal.record(
+        [trade_alert("BUY"), trade_alert("BUY", "2025-10-02-2"), trade_alert("SELL", "2025-10-02-2")]
+    )
+    assert make_notifier(journal, client()).drain_once() == 1
+    assert journal.lost_buys() == {"2025-10-02-1": "HTTP 200: message refused"}, "trade 2's SELL has left"
+    after_restart = make_notifier(journal, client(), lost_buys=journal.lost_buys())
+    journal.record([trade_alert("SELL")])
+    assert after_restart.drain_once() == 1
+    assert forms[-1]["message"].startswith("Its BUY alert was not delivered (HTTP 200: message refused)")
+    assert journal.lost_buys() == {}
+
+
 def test_unauthorised_disables_sending_and_keeps_alerts_pending(
     journal: Journal, server: FakePushover
 ) -> None:
