@@ -152,8 +152,11 @@ def _feed_line(
     """One line, the ticks of the seconds before it first; whether any engine took something."""
     ran = False
     if kind == "control" and is_start(body):
+        # The downtime before a (re)start is not ticked, as in `Pipeline.control_line`: nothing was
+        # decided while the daemon was down (a backtest had sold inside it, at the bid of before).
         for pipeline in pipelines:
-            pipeline.engine.note_start(t)  # before the downtime's ticks, as `Pipeline.control_line`
+            pipeline.engine.note_start(t)
+        ticks.skip_to(t)
     for second in ticks.due(t):
         ran |= _dispatch(Tick(second * 1000), market, pipelines)
     if kind == "control":

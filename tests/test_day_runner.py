@@ -14,6 +14,7 @@ from backtest import Cell, compute_stats, run_backtest, run_day, run_sweep
 from config import Rules
 from day_runner import CellDay, day_is_independent, run_cells_on_day
 from events import Alert
+from market_calendar import ny_datetime
 from pnl_tracker import Journal
 from replay import replay_tape
 from tape_cache import load_decoded
@@ -128,3 +129,30 @@ def test_tapes_out_of_date_order_run_as_their_replay_does(short_tapes, tmp_path)
     assert result.trades == trades and len(trades) >= 2
     assert [a for day in result.days for a in day.alerts] == alerts
     assert all(t.entry_ms < t.exit_ms and t.session_date == "2025-10-06" for t in result.days[1].trades)
+
+
+def with_downtime(tape: Path, out: Path, down_from_ms: int, back_ms: int) -> Path:
+    """`tape` as a daemon down in (down_from_ms, back_ms) recorded it: no line then, a start at `back_ms`."""
+    lines = gzip.decompress(tape.read_bytes()).decode().splitlines()
+    kept = [line for line in lines if not down_from_ms < json.loads(line)["t"] < back_ms]
+    at = next(i for i, line in enumerate(kept) if json.loads(line)["t"] >= back_ms)
+    kept.insert(at, json.dumps({"t": back_ms, "control": {"started": True}}))
+    out.write_bytes(gzip.compress(("\n".join(kept) + "\n").encode()))
+    return out
+
+
+def test_a_backtest_decides_nothing_in_a_restarts_downtime_as_its_replay(short_tapes, tmp_path):
+    """Backtests ticked through the downtime before a start line: a time stop due while the daemon was
+    down sold inside the downtime, at the bid of before; a replay sells at the start, at its prices."""
+    tried = 0
+    for tape in short_tapes:
+        for trade in replayed([tape], RULES)[0]:
+            stop_at = ny_datetime(trade.entry_ms + 60_000).time().replace(microsecond=0)
+            rules = dataclasses.replace(RULES, hard_time_stop=stop_at)
+            down_from, back = trade.entry_ms + 2_000, trade.entry_ms + 150_000
+            restarted = with_downtime(tape, tmp_path / f"{tried}-{tape.name}", down_from, back)
+            trades = replayed([restarted], rules)[0]
+            assert run_backtest([restarted], rules, calendar=calendar(rules)).trades == trades
+            assert [t.exit_ms >= back for t in trades if t.trade_id == trade.trade_id] == [True]
+            tried += 1
+    assert tried >= 4
