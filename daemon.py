@@ -37,6 +37,7 @@ import journal_rescue
 from alert_text import (
     PRIORITY_HIGH,
     PRIORITY_NORMAL,
+    clock_text,
     delivery_overrides,
     money,
     price,
@@ -138,8 +139,10 @@ class Daemon:
         stop: threading.Event | None = None,
         exit_process: Callable[[int], None] = os._exit,
         monotonic: Callable[[], float] = time.monotonic,
+        tape_retry_s: float = TAPE_RETRY_SECONDS,
     ) -> None:
-        """`monotonic` times the engine's turns for the watchdog and /health (tests make time jump)."""
+        """`monotonic` times the engine's turns for the watchdog and /health (tests make time jump);
+        `tape_retry_s` is how long recording rests after the tape failed."""
         self.settings = settings
         self._exit_process = exit_process
         self._monotonic = monotonic
@@ -192,6 +195,9 @@ class Daemon:
         self._tape_retry_at = 0.0
         self._pulse_slot: int | None = None
         self._tape_alerted_day: date | None = None
+        self._tape_retry_s = tape_retry_s
+        self._tape_down_since_ms: int | None = None  # a TAPE FAILING alert awaits its TAPE RECOVERED
+        self._tape_gap_said = False  # that alert said recording went on at once (a deleted tape)
         self._last_chain_poll = time.monotonic()
         self._started_ms = clock.now_ms()
         self.interest = Interest(None, None)
@@ -621,6 +627,23 @@ class Daemon:
         if self.tape_problem is not None:
             log.warning("tape_recovered", after=self.tape_problem, note="the tape has a gap")
             self.tape_problem = None
+        if self._tape_down_since_ms is not None:
+            self._end_tape_gap(self._tape_down_since_ms, item.t)
+
+    def _end_tape_gap(self, since_ms: int, now_ms: int) -> None:
+        """The alert closing a TAPE FAILING one: recording is back, and where the tape's gap is (unless
+        that alert said already that recording went on at once and nothing failed since)."""
+        self._tape_down_since_ms = None
+        if self._tape_gap_said:
+            return
+        since = clock_text(since_ms)
+        if ny_date(since_ms) != ny_date(now_ms):
+            since = f"{ny_date(since_ms).isoformat()} {since}"
+        text = (
+            f"Recording of the feed resumed; the tape has a gap from {since} to {clock_text(now_ms)}, "
+            "which replays and backtests of it will miss."
+        )
+        self._deliver_notice(SystemNotice("TAPE_RECOVERED", text, PRIORITY_NORMAL), self.clock.now_ms())
 
     def _tape_resting(self, t: int) -> bool:
         """After a failure, recording rests until TAPE_RETRY_SECONDS have passed (or a new day starts)."""
@@ -643,9 +666,10 @@ class Daemon:
     def _tape_failed(self, event: str, exc: Exception) -> None:
         """Pause recording, say so once a day (log and alert), retry later; trading goes on."""
         first = self.tape_problem is None and self._tape_alerted_day != self.tape_day
+        self._tape_gap_said = False  # failing again after its alert: the recovery is news
         self.tape_problem = error_text(exc)
         # A deleted file or folder can be made again at once; a full or refusing disk needs time.
-        retry_s = 0.0 if isinstance(exc, TapeGone) else TAPE_RETRY_SECONDS
+        retry_s = 0.0 if isinstance(exc, TapeGone) else self._tape_retry_s
         self._tape_retry_at = time.monotonic() + retry_s
         log.error(event, error=self.tape_problem, retry_in_s=retry_s, note="trading unaffected")
         tape, self.tape = self.tape, None
@@ -654,11 +678,13 @@ class Daemon:
                 tape.close()
         if first:
             self._tape_alerted_day = self.tape_day
+            self._tape_down_since_ms = self.clock.now_ms()
+            self._tape_gap_said = isinstance(exc, TapeGone)
             text = (
                 f"Recording of today's feed stopped ({self.tape_problem}); retried every "
-                f"{TAPE_RETRY_SECONDS:.0f} s. Alerts and trading are unaffected."
+                f"{self._tape_retry_s:.0f} s. Alerts and trading are unaffected."
             )
-            if isinstance(exc, TapeGone):
+            if isinstance(exc, TapeGone):  # goes on at once in a new file: no recovery to announce
                 text = (
                     f"Today's tape was deleted while recording ({self.tape_problem}); recording goes on in a "
                     f"new file, with a gap of up to {TAPE_FLUSH_SECONDS:.0f} s. Alerts and trading are unaffected."

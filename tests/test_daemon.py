@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import os
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from builders import at
@@ -58,9 +60,11 @@ def settings_for(polygon: FakePolygon, pushover: FakePushover, data_dir: Path, *
     )
 
 
-def start_daemon(settings: Settings, clock: SimClock) -> tuple[Daemon, threading.Event, threading.Thread]:
+def start_daemon(
+    settings: Settings, clock: SimClock, **options: Any
+) -> tuple[Daemon, threading.Event, threading.Thread]:
     stop = threading.Event()
-    daemon = Daemon(settings, clock, stop=stop)
+    daemon = Daemon(settings, clock, stop=stop, **options)
     thread = threading.Thread(target=daemon.run, name="daemon-under-test")
     thread.start()
     return daemon, stop, thread
@@ -73,8 +77,10 @@ def stop_daemon(stop: threading.Event, thread: threading.Thread) -> None:
 
 
 @contextmanager
-def daemon_running(settings: Settings, clock: SimClock) -> Iterator[tuple[Daemon, threading.Thread]]:
-    daemon, stop, thread = start_daemon(settings, clock)
+def daemon_running(
+    settings: Settings, clock: SimClock, **options: Any
+) -> Iterator[tuple[Daemon, threading.Thread]]:
+    daemon, stop, thread = start_daemon(settings, clock, **options)
     try:
         yield daemon, thread
     finally:
@@ -199,6 +205,37 @@ def test_a_tape_folder_deleted_while_recording_is_said_once_and_recording_goes_o
     assert "deleted" in said and "new file" in said
     with gzip.open(tape, "rt") as lines:
         assert sum(1 for line in lines if '"ws"' in line) > 40, "the new file holds the frames since"
+
+
+def test_a_tape_that_cannot_be_written_for_a_while_says_when_recording_resumes(market, tmp_path):
+    """TAPE FAILING had no matching alert: the user never learnt that recording was back, nor the gap."""
+    import shutil
+
+    start = at(10, 2)
+    folder = tmp_path / "tapes"
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+        daemon_running(
+            settings_for(polygon, pushover, tmp_path), SimClock(start, SPEED), tape_retry_s=0.5
+        ) as (
+            daemon,
+            _thread,
+        ),
+    ):
+        assert wait_for(lambda: (folder / "2025-10-02.jsonl.gz").is_file(), 30)
+        while not folder.is_file():  # a file where the folder was: no new tape can be made
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                folder.open("x").close()
+        assert wait_for(lambda: "TAPE FAILING" in kinds(pushover), 30), "the failure was not said"
+        time.sleep(1.0)
+        folder.unlink()
+        assert wait_for(lambda: "TAPE RECOVERED" in kinds(pushover), 30), "the recovery was not said"
+        assert daemon.tape_problem is None
+    assert kinds(pushover).count("TAPE FAILING") == 1 and kinds(pushover).count("TAPE RECOVERED") == 1
+    said = next(m.form["message"] for m in pushover.messages if m.form["title"].endswith("TAPE RECOVERED"))
+    assert said.startswith("Recording of the feed resumed; the tape has a gap from 10:0"), said
 
 
 def test_holiday_idles_without_connecting(market, tmp_path):
