@@ -44,7 +44,7 @@ from alert_text import (
     priority_for,
 )
 from alerts import LATE_AFTER_MS, AppriseFallback, Notifier, PushoverClient
-from clock import Clock
+from clock import Clock, WallClock
 from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings, pushover_key_warnings
 from delivery import MemoryOutbox, TapeFirst, WriteBehindJournal
 from engine import Engine, OwedSummary, position_fields
@@ -105,6 +105,8 @@ HEALTH_RETRY_S = 30.0
 FILES_CHECK_SECONDS = 5.0  # how often the journal and lock files are checked to still be in place
 STOP_JOURNAL_RETRY_S = 2.0  # at a stop, how long held journal writes are retried before a rescue file
 DELAYED_FRESH_MS = 5_000  # a bar received this recently tells how late the feed runs
+# A live bar received this long before its second ended says this machine's clock is behind the feed's.
+CLOCK_BEHIND_MS = 5_000
 log = structlog.get_logger("daemon")
 
 
@@ -222,6 +224,7 @@ class Daemon:
         self._health_problem: str | None = None
         self._stream_down_since_ms: int | None = None
         self._delayed_said_day: date | None = None
+        self._clock_behind_said_day: date | None = None
         self._rest_refused: str | None = None
         self._bad_inputs_said, self._bad_inputs_said_at = 0, -math.inf  # see _say_bad_inputs
         self._refusal_said: str | None = None  # the refusal last alerted, until a 200 comes back
@@ -505,6 +508,7 @@ class Daemon:
         if time.monotonic() - self._health_at >= 1.0:
             self.health, self._health_at = self._snapshot(), time.monotonic()
             self._say_delayed_feed(self.clock.now_ms())
+            self._say_clock_behind(self.clock.now_ms())
             self._say_bad_inputs()
         if self.tape is not None and time.monotonic() - self._flushed_at >= TAPE_FLUSH_SECONDS:
             self._flush_tape()
@@ -781,6 +785,7 @@ class Daemon:
             self._health_problem,
             self._stream_down_problem(now),
             self._delayed_feed_problem(now),
+            self._clock_behind_problem(now),
             None if self.tape_problem is None else f"tape not recording ({self.tape_problem})",
             self.mark_watch.problem(now, self.engine.mark_set_ms),
             None if self.heartbeat is None else self.heartbeat.problem(time.monotonic()),
@@ -811,6 +816,34 @@ class Daemon:
         log.error("feed_delayed", problem=problem, action="use the real-time stream (POLYGON_WS_URL)")
         text = f"The stream's {problem}. This alerter needs a real-time plan; exits are still followed."
         self.inbox.put(SystemNotice("FEED_ERROR", text, PRIORITY_HIGH))
+
+    def _clock_behind_problem(self, now: int) -> str | None:
+        """Live, bars that arrive before their second has ended: this machine's clock is behind the
+        feed's, and every time rule (session, entry cut-off, time stop) falls late by as much.
+
+        Not in a rehearsal, whose clock and its server's start apart by design (the stream's lead
+        there is the server's business; `feed.AheadGuard` adopts it)."""
+        bar = self.engine.last_bar
+        if not isinstance(self.clock, WallClock) or bar is None or now - bar.received_ms > DELAYED_FRESH_MS:
+            return None
+        behind_ms = bar.end_ms - bar.received_ms
+        if behind_ms <= CLOCK_BEHIND_MS:
+            return None
+        return (
+            f"this machine's clock is at least {behind_ms / 1000:.0f} s behind the feed's (bars arrive before "
+            "their second ends): session times, the entry cut-off and the time stop fall as late"
+        )
+
+    def _say_clock_behind(self, now: int) -> None:
+        """Once a day, log and alert that this machine's clock is behind the feed's."""
+        problem = self._clock_behind_problem(now)
+        day = ny_date(now)
+        if problem is None or self._clock_behind_said_day == day:
+            return
+        self._clock_behind_said_day = day
+        log.error("clock_behind_feed", problem=problem, action="set this machine's clock right (NTP)")
+        text = f"{problem[0].upper()}{problem[1:]}. Set this machine's clock right (NTP)."
+        self.inbox.put(SystemNotice("SYSTEM", text, PRIORITY_HIGH))
 
     def _stream_down_problem(self, now: int) -> str | None:
         """In session, a stream that has not been connected for STREAM_SILENCE_SECONDS, in words.

@@ -24,7 +24,7 @@ from builders import at
 from structlog.testing import capture_logs
 
 from alert_text import price
-from clock import SimClock
+from clock import SimClock, WallClock
 from config import Rules, Settings
 from daemon import Daemon
 from events import Alert
@@ -61,7 +61,7 @@ def settings_for(polygon: FakePolygon, pushover: FakePushover, data_dir: Path, *
 
 
 def start_daemon(
-    settings: Settings, clock: SimClock, **options: Any
+    settings: Settings, clock: SimClock | WallClock, **options: Any
 ) -> tuple[Daemon, threading.Event, threading.Thread]:
     stop = threading.Event()
     daemon = Daemon(settings, clock, stop=stop, **options)
@@ -78,7 +78,7 @@ def stop_daemon(stop: threading.Event, thread: threading.Thread) -> None:
 
 @contextmanager
 def daemon_running(
-    settings: Settings, clock: SimClock, **options: Any
+    settings: Settings, clock: SimClock | WallClock, **options: Any
 ) -> Iterator[tuple[Daemon, threading.Thread]]:
     daemon, stop, thread = start_daemon(settings, clock, **options)
     try:
@@ -236,6 +236,43 @@ def test_a_tape_that_cannot_be_written_for_a_while_says_when_recording_resumes(m
     assert kinds(pushover).count("TAPE FAILING") == 1 and kinds(pushover).count("TAPE RECOVERED") == 1
     said = next(m.form["message"] for m in pushover.messages if m.form["title"].endswith("TAPE RECOVERED"))
     assert said.startswith("Recording of the feed resumed; the tape has a gap from 10:0"), said
+
+
+class WallClockAt(WallClock):
+    """The live daemon's clock as it sees it (checked against the feed's), running as `sim` runs."""
+
+    __slots__ = ("_sim",)
+
+    def __init__(self, sim: SimClock) -> None:
+        object.__setattr__(self, "_sim", sim)
+
+    def now_ms(self) -> int:
+        return self._sim.now_ms()
+
+    def sleep_scale(self) -> float:
+        return self._sim.sleep_scale()
+
+
+def test_a_live_clock_behind_the_feeds_is_said_once_and_degrades_health(market, tmp_path):
+    """Bars stamped two minutes ahead of this machine's clock were taken without a word: the entry
+    cut-off and the 15:55 time stop ran two minutes late, and /health said ok."""
+    start = at(10, 2)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+        daemon_running(
+            settings_for(polygon, pushover, tmp_path), WallClockAt(SimClock(start - 120_000, SPEED))
+        ) as (daemon, _thread),
+    ):
+        said = "clock is at least 1"
+        assert wait_for(lambda: any(said in p for p in daemon.health.get("problems") or ()), 30)
+        assert daemon.health["status"] == "degraded"
+        assert wait_for(lambda: "SYSTEM" in kinds(pushover), 10)
+        bars = daemon.engine.counters.bars
+        assert wait_for(lambda: daemon.engine.counters.bars > bars + 40, 30), "trading goes on"
+    alerts = [m.form["message"] for m in pushover.messages if m.form["title"].endswith("SYSTEM")]
+    assert len(alerts) == 1 and alerts[0].startswith("This machine's clock is at least 1"), alerts
+    assert "NTP" in alerts[0]
 
 
 def test_holiday_idles_without_connecting(market, tmp_path):
