@@ -328,6 +328,7 @@ class SellContext:
     lifetime: Lifetime
     trigger: ExitTrigger | None = None
     missed: bool = False  # the daemon was not running at the time stop; the trade is booked at it
+    old_quote_ms: int | None = None  # how long no new quote had set the mark, when that is too long
 
 
 def late_summary_text(session_date: str) -> str:
@@ -351,10 +352,12 @@ def sell_message(position: Position, ctx: SellContext) -> str:
         vs = f"{ctx.underlying}: no bar yet"
     trigger = () if ctx.trigger is None else (trigger_text(ctx.trigger, position.mark),)
     late = (missed_stop_text(ctx.exit_ms),) if ctx.missed else ()
+    old = () if ctx.old_quote_ms is None else (old_quote_text(ctx.old_quote_ms),)
     return "\n".join(
         (
             f"Reason: {ctx.reason}",
             *late,
+            *old,
             *trigger,
             vs,
             f"{position.ticker}",
@@ -364,6 +367,16 @@ def sell_message(position: Position, ctx: SellContext) -> str:
             f"LIFETIME: {money(ctx.lifetime.pnl)} | {ctx.lifetime.record()}",
             f"{clock_text(ctx.exit_ms)} | trade {position.trade_id}",
         )
+    )
+
+
+def old_quote_text(age_ms: int) -> str:
+    """A SELL line when the bid it is booked at is old (every quote source failed): the P&L is a guess."""
+    minutes, seconds = divmod(round(age_ms / 1000), 60)
+    age = f"{minutes} min" if minutes >= 2 else f"{minutes * 60 + seconds} s"
+    return (
+        f"Old price: no new quote of this contract for {age}; the exit and the P&L are estimates, "
+        "check its bid."
     )
 
 

@@ -571,7 +571,7 @@ class Daemon:
         )
         if not pushed:
             return  # said on the phone at this contract's first episode; /health shows this one
-        mark = money(position.mark) if position is not None else "n/a"
+        mark = price(position.mark) if position is not None else "n/a"
         text = (
             f"No valid quote of {ticker} for {age_s:.0f} s ({marks.invalid} invalid and {marks.stale} older "
             f"quotes ignored; REST: {self.rest.last_error or 'no error'}). The stop and the giveback read "

@@ -135,7 +135,9 @@ class OptionsFeed:
             stream.set_topics(self._topics())
         if ticker is not None:
             self._judge_at_entry()
-        elif self.problem is not None:
+            return
+        self._said_for = None  # the next position is news to the phone, even on the same contract
+        if self.problem is not None:
             # The held contract's marks were all the fallback was about: with nothing held it is over
             # (a FEED RESTORED after the SELL had told of marks for a position that no longer existed).
             log.info("marks_fallback_ended", reason="position closed", problem=self.problem)

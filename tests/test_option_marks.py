@@ -8,10 +8,10 @@ trigger, at that quote's bid. The peak is written at most once a second; the SEL
 from __future__ import annotations
 
 import pytest
-from builders import TICKER, burst_bars, chain, engine, quote
+from builders import TICKER, at, burst_bars, chain, engine, quote
 from test_engine import ENTRY_BAR_START, START, closes, feed, opened
 
-from events import ContractSnapshot, Tick, UpdatePosition
+from events import Alert, ContractSnapshot, Tick, UpdatePosition
 from feed import FeedDecoder
 from polygon_client import parse_ws_frame
 
@@ -209,3 +209,41 @@ def test_a_restart_refuses_quotes_older_than_the_one_behind_the_saved_mark(tmp_p
     assert restarted.marks.stale == 1
     newer = ContractSnapshot(t + 13_000, quote(bid=1.30, ask=1.32, quote_ms=t + 12_500))
     assert closes(feed(restarted, [newer])) == [] and restarted.position.mark == 1.31
+
+
+def test_a_snapshot_repeating_one_frozen_quote_is_no_news_of_the_contract():
+    """Each poll of a frozen quote (same stamp, same prices) had refreshed the mark's time: the stale-mark
+    watch stayed blind while the stop read a price a minute old."""
+    eng = holding()
+    t = ENTRY_BAR_START + 2000
+    frozen = quote(bid=1.20, ask=1.22, quote_ms=t - 5)
+    feed(eng, [ContractSnapshot(t, frozen)])
+    assert eng.mark_set_ms == t
+    feed(eng, [ContractSnapshot(t + 2000, frozen), ContractSnapshot(t + 4000, frozen)])
+    assert eng.mark_set_ms == t
+    feed(eng, [ContractSnapshot(t + 6000, quote(bid=1.24, ask=1.26, quote_ms=t - 5))])  # new prices
+    assert eng.mark_set_ms == t + 6000
+    feed(eng, [ContractSnapshot(t + 8000, quote(bid=1.24, ask=1.26, quote_ms=t + 7000))])  # a new stamp
+    assert eng.mark_set_ms == t + 8000
+
+
+def sell_text(actions) -> str:
+    (sell,) = [a for a in actions if isinstance(a, Alert) and a.kind == "SELL"]
+    return sell.message
+
+
+def test_an_exit_booked_at_an_old_bid_says_its_price_and_pnl_are_estimates():
+    """A 15:55 time stop with every quote source dead booked a 34-minute-old bid like any other exit."""
+    eng = holding()
+    t = at(15, 21)
+    feed(eng, [streamed(t, 1.30, 1.32)])
+    message = sell_text(feed(eng, [Tick(at(15, 55))]))
+    assert message.splitlines()[:2] == [
+        "Reason: Time stop",
+        "Old price: no new quote of this contract for 34 min; the exit and the P&L are estimates, check its bid.",
+    ]
+    fresh = holding()
+    feed(fresh, [streamed(at(15, 54, 40), 1.30, 1.32)])
+    assert "Old price" not in sell_text(feed(fresh, [Tick(at(15, 55))])), (
+        "20 s is under MAX_QUOTE_AGE_SECONDS"
+    )

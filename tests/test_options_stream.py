@@ -278,6 +278,23 @@ def test_a_stream_that_comes_and_goes_while_one_contract_is_held_is_said_once_no
     assert said == ["FEED", "FEED_RESTORED", "FEED"]
 
 
+def test_the_next_position_on_the_same_contract_is_said_again(tmp_path):
+    """A second trade on the strike of the first got no FEED when its stream failed: the phone thought
+    its exits streamed while they ran on REST polls."""
+    from config import Settings
+    from events import FeedStatus
+    from options_feed import OptionsFeed
+
+    said: list[str] = []
+    feed = OptionsFeed(Settings(data_dir=tmp_path), SimClock(at(10, 6), 1.0), lambda _item: None,
+                       lambda kind, _text: said.append(kind))  # fmt: skip
+    for minute in (6, 9):
+        feed.follow("O:IWM251002C00243000", at(10, minute))
+        feed.on_status(FeedStatus(at(10, minute, 5), False, "disconnected: connection lost"))
+        feed.follow(None, at(10, minute + 1))  # its SELL
+    assert said == ["FEED", "FEED"]
+
+
 def test_a_fallback_ends_with_its_position_and_no_feed_restored_comes_after_the_sell(tmp_path):
     """A FEED RESTORED ("marks follow every quote of the held contract") came 51 s after the SELL, and
     /health still said "fallback to REST" with nothing held."""
