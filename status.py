@@ -45,6 +45,8 @@ class SessionView:
     early_close: bool
     time_stop: str | None
     next_session: str | None
+    entry_window: str | None = None  # "HH:MM-HH:MM" ET, where the rules allow entries today
+    entries_open: bool = False  # whether now lies in that window
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +155,19 @@ def session_view(calendar: MarketCalendar, now_ms: int) -> SessionView:
         date=today.isoformat(),
         trading_day=True,
         is_open=session.is_open(now_ms),
-        open_time=ny_datetime(session.open_ms).strftime("%H:%M"),
-        close_time=ny_datetime(session.close_ms).strftime("%H:%M"),
+        open_time=clock_hm(session.open_ms),
+        close_time=clock_hm(session.close_ms),
         early_close=session.early_close,
-        time_stop=ny_datetime(session.time_stop_ms).strftime("%H:%M"),
+        time_stop=clock_hm(session.time_stop_ms),
         next_session=upcoming,
+        entry_window=f"{clock_hm(session.entry_start_ms)}-{clock_hm(session.entry_end_ms)}",
+        entries_open=session.entry_allowed(now_ms),
     )
+
+
+def clock_hm(ms: int) -> str:
+    """`HH:MM` New York time."""
+    return ny_datetime(ms).strftime("%H:%M")
 
 
 def exit_triggers(entry: float, mark: float, peak: float, rules: Rules) -> tuple[ExitTrigger, ...]:
@@ -366,7 +375,7 @@ def status_dict(status: Status) -> dict[str, Any]:
 def render_status(status: Status) -> str:
     """The status as a readable block for a terminal."""
     lines = [f"IWM alerter status at {status.now}", _session_line(status.session)]
-    lines.append(f"Entries:   {'PAUSED (python main.py --resume to allow)' if status.paused else 'allowed'}")
+    lines.append(_entries_line(status))
     if not status.journal_found:
         lines.append(f"Journal:   none at {status.journal} (the daemon has not run with this DATA_DIR)")
         lines.append(_feed_line(status))
@@ -387,6 +396,19 @@ def render_status(status: Status) -> str:
     lines.append(_feed_line(status))
     lines.append(f"Journal:   {status.journal} (read-only)")
     return "\n".join(lines)
+
+
+def _entries_line(status: Status) -> str:
+    """Whether a BUY could come now: the kill switch, then today's entry window (a session that is over,
+    an early close past its cut-off and a holiday allow none, whatever the switch says)."""
+    if status.paused:
+        return "Entries:   PAUSED (python main.py --resume to allow)"
+    window = status.session.entry_window
+    if window is None:
+        return "Entries:   none today (no session)"
+    if not status.session.entries_open:
+        return f"Entries:   none now (today's entry window is {window} ET)"
+    return f"Entries:   allowed (entry window {window} ET)"
 
 
 def _session_line(s: SessionView) -> str:

@@ -108,6 +108,7 @@ def test_status_json_matches_the_journals_trades(closed_day):
     assert status["session"] | {"next_session": None} == {
         "date": "2025-10-06", "trading_day": True, "is_open": True, "open_time": "09:30",
         "close_time": "16:00", "early_close": False, "time_stop": "15:55", "next_session": None,
+        "entry_window": "09:35-15:30", "entries_open": True,
     }  # fmt: skip
     # replay_tape without a notifier leaves every alert pending: nothing was sent.
     assert status["alerts"]["pending"] == alerts > 0 and status["alerts"]["last_sent_kind"] is None
@@ -125,7 +126,8 @@ def test_status_text_on_another_day_shows_no_trades_today_but_the_lifetime(close
     assert f"Today:     0 trades, 0W-0L, P&L {money(0.0)}" in out
     wins = sum(p > 0 for _, p in trades)
     assert f"Lifetime:  {money(lifetime)}, {wins}W-{len(trades) - wins}L" in out
-    assert "Position:  none open" in out and "Entries:   allowed" in out
+    assert "Position:  none open" in out
+    assert "Entries:   none now (today's entry window is 09:35-15:30 ET)" in out, "08:00: before the window"
 
 
 def test_the_last_sent_alert_and_the_pending_count_come_from_the_outbox(closed_day, tmp_path):
@@ -245,10 +247,16 @@ def test_no_journal_says_so_and_creates_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"none at {data_dir / 'journal.sqlite3'}" in done.stdout
     assert "EARLY CLOSE at 13:00" in done.stdout and "time stop 12:55" in done.stdout
+    assert "Entries:   allowed (entry window 09:35-12:30 ET)" in done.stdout
+    after_cut_off = run_main(
+        ["--status"], tmp_path, DATA_DIR=str(data_dir), SIM_CLOCK_START="2025-11-28T12:40:00-05:00"
+    )
+    assert "Entries:   none now (today's entry window is 09:35-12:30 ET)" in after_cut_off.stdout
     assert not (data_dir / "journal.sqlite3").exists()
     status = status_json(data_dir, "2025-11-29T12:00:00-05:00")
     assert status["journal_found"] is False and status["position"] is None
     assert status["session"]["trading_day"] is False and status["session"]["next_session"] == "2025-12-01"
+    assert status["session"]["entries_open"] is False
 
 
 def test_json_without_status_and_fresh_without_replay_are_usage_errors(tmp_path):
