@@ -247,6 +247,12 @@ def incomplete_day_warnings(result: BacktestResult) -> list[str]:
     warnings = []
     for day in result.days:
         name = f"{Path(day.tape).name} ({day.session_date or 'no date'})"
+        if not day.trading_day:
+            warnings.append(
+                f"Warning: {name} is of a day with no session (a weekend, a holiday or a date in "
+                "MARKET_CLOSED_DATES): no entry was possible, so its $0.00 is no result of the rules."
+            )
+            continue
         if day.bars and not day.chains:
             warnings.append(f"Warning: {name} holds no option chain: no entry was possible on this day.")
         session = calendar.session_at(day.last_ms) if day.last_ms else None

@@ -23,7 +23,7 @@ from engine import Engine, SessionSource
 from entry_check import EntryCheck, entry_checks
 from events import Alert, Log
 from history import MINUTE, option_quotes_of
-from market_calendar import MarketCalendar
+from market_calendar import MarketCalendar, ny_ms
 from pnl_tracker import Journal, TradeRow
 from progress import Progress
 from report_charts import Level, MarkPoint, PricePoint
@@ -59,6 +59,7 @@ class DayResult:
     lines: int = 0  # readable lines of the tape (its meta line aside): with `bad_lines`, says a tape is whole
     last_ms: int = 0  # the receive stamp of its last readable line
     entry_checks: tuple[EntryCheck, ...] = ()  # each fill beside its contract's newest quote before the BUY
+    trading_day: bool = True  # False: its date has no session (a weekend, a holiday, a closed date)
 
     @property
     def pnl(self) -> float:
@@ -175,6 +176,15 @@ def run_day(
     ).result
 
 
+def has_session(calendar: SessionSource, session_date: str) -> bool:
+    """Whether the calendar has a session on `session_date` (an unreadable date is given the benefit)."""
+    try:
+        day = datetime.date.fromisoformat(session_date)
+    except ValueError:
+        return True
+    return calendar.session_at(ny_ms(day, datetime.time(12))) is not None
+
+
 def run_day_detail(
     tape: Path,
     rules: Rules,
@@ -221,6 +231,7 @@ def run_day_detail(
         lines=len(decoded.lines),
         last_ms=decoded.lines[-1][0] if decoded.lines else 0,
         entry_checks=entry_checks(decoded.lines, trades),
+        trading_day=has_session(calendar, decoded.session_date),
     )
     first_ms = decoded.lines[0][0] if decoded.lines else 0
     return DayRun(result, first_ms, engine.last_exit_ms)

@@ -537,3 +537,18 @@ def test_a_tape_that_stops_early_or_holds_no_chain_is_said_to_be_no_whole_day(sh
         "before the 16:00:00 close: this day's figures cover only what was recorded." in w for w in said[1:]
     )
     assert summary["days"][0]["chains"] == 0 and summary["days"][0]["pnl"] == 0
+
+
+def test_a_tape_of_a_day_without_a_session_is_said_to_be_no_trading_day(short_tapes, tmp_path):
+    """A closed date's tape (here by MARKET_CLOSED_DATES) read as an ordinary $0.00 day: its real trades
+    vanished without a word and the day diluted the per-day figures."""
+    out, stdout = tmp_path / "report", io.StringIO()
+    args = [str(short_tapes[0]), "--out", str(out), "--no-cache", "--no-charts", "--workers", "1"]
+    environ = {"MARKET_CLOSED_DATES": "2025-10-06"}
+    assert main(args, Io(stdout, io.StringIO(), environ=environ, env_file=None)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["incomplete_days"] == [
+        f"Warning: {short_tapes[0].name} (2025-10-06) is of a day with no session (a weekend, a holiday or a "
+        "date in MARKET_CLOSED_DATES): no entry was possible, so its $0.00 is no result of the rules."
+    ]
+    assert summary["incomplete_days"][0] in stdout.getvalue() and summary["days"][0]["pnl"] == 0
