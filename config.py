@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from redaction import Redactor, url_secrets
+from redaction import Redactor, channel_secrets, url_secrets
 
 SECRET_NAMES = frozenset(
     {"POLYGON_API_KEY", "PUSHOVER_TOKEN", "PUSHOVER_USER_KEY", "HEARTBEAT_URL", "ALERT_FALLBACK_URLS"}
@@ -151,7 +151,8 @@ class Settings:
         URLs (for `redaction.Redactor`: the endpoints themselves stay readable in logs)."""
         keys = (self.polygon_api_key, self.pushover_token, self.pushover_user_key, self.heartbeat_url)
         in_endpoints = (part for name in ENDPOINT_SCHEMES for part in url_secrets(getattr(self, name)))
-        return tuple(v for v in (*keys, *self.alert_fallback_urls, *in_endpoints) if v)
+        in_channels = (part for url in self.alert_fallback_urls for part in sorted(channel_secrets(url)))
+        return tuple(v for v in (*keys, *self.alert_fallback_urls, *in_endpoints, *in_channels) if v)
 
     def redactor(self) -> Redactor:
         """What takes these settings' secrets out of a text before it leaves the process."""
@@ -386,6 +387,30 @@ def _window_checks(rules: Rules) -> list[str]:
             f"VOLUME_MIN_BARS={bars} >= VOLUME_WINDOW_SECONDS={window}: the window holds at most {window - 1}"
             " earlier bars (one a second), so no volume surge and no entry can fire"
         )
+    return problems + _zero_checks(rules)
+
+
+def _zero_checks(rules: Rules) -> list[str]:
+    """Zeros that read like "off" (as 0 is for the protections) but make every trade sell at its first
+    check, or keep every entry from firing."""
+    problems = []
+    if rules.stop_loss_percent == 0:
+        problems.append(
+            "STOP_LOSS_PERCENT=0 sells every trade at its first check (the mid is at or below the ask paid);"
+            " 100 is the widest stop"
+        )
+    if rules.max_giveback_percent == 0:
+        problems.append(
+            "MAX_GIVEBACK_PERCENT=0 sells every trade at its first check; 100 is the widest giveback"
+        )
+    for name, seconds in (
+        ("CHAIN_MAX_AGE_SECONDS", rules.chain_max_age_seconds),
+        ("MAX_QUOTE_AGE_SECONDS", rules.max_quote_age_seconds),
+    ):
+        if seconds == 0:
+            problems.append(
+                f"{name}=0: no chain or quote is ever that fresh at a signal, so no entry can fire"
+            )
     return problems
 
 
@@ -584,15 +609,32 @@ def unknown_keys(env_file: str | Path | None = ".env") -> list[str]:
         text = _dotenv_text(Path(env_file))
     except OSError:
         return []
+    from dotenv.parser import parse_stream
+
     known = known_names()
+    name = Path(env_file).name
     warnings = _unreadable_lines(Path(env_file), text)
-    for key in _dotenv_values(text):
-        if key in known:
+    said: set[str] = set()
+    for binding in parse_stream(io.StringIO(text)):
+        key = binding.key
+        if key is None or key in known or key in said or _undecodable(key) or _undecodable(binding.value):
+            continue
+        said.add(key)
+        if binding.value is None or not _ENV_NAME.fullmatch(key):
+            # A key pasted on a line of its own reads as a NAME: naming it would print the secret.
+            warnings.append(
+                f"warning: {name} line {binding.original.line} is not NAME=value; it is ignored"
+                " (the line is not shown: it may hold a key)"
+            )
             continue
         nearest = difflib.get_close_matches(key.upper(), sorted(known), n=1)
         hint = f"; did you mean {nearest[0]}?" if nearest else " (see .env.example for every variable)"
-        warnings.append(f"warning: {Path(env_file).name} sets {key}, which no setting reads{hint}")
+        warnings.append(f"warning: {name} sets {key}, which no setting reads{hint}")
     return warnings
+
+
+# What an environment variable's name looks like; a .env "name" of another shape is a pasted value.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _dotenv_text(env_file: Path) -> str:

@@ -64,5 +64,6 @@ def configure_logging(level: str = "INFO", fmt: str = "", secrets: tuple[str, ..
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Apprise's debug lines spell out its URLs' tokens (a Telegram bot token in the request URL).
-    for noisy in ("httpx", "httpcore", "websockets", "apprise"):
+    # urllib3 (under Apprise's requests) names request paths, which hold an ntfy topic or a chat id.
+    for noisy in ("httpx", "httpcore", "websockets", "apprise", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

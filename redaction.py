@@ -55,6 +55,26 @@ def url_secrets(value: str) -> set[str]:
     return {secret for secret in found if len(secret) >= MIN_SECRET_CHARS}
 
 
+def channel_secrets(value: str) -> set[str]:
+    """An alert channel's URL (Apprise's: `ntfy://TOPIC`, `tgram://BOT_TOKEN/CHAT_ID`) is a credential in
+    every part, whatever its shape: whoever holds a topic or a chat id reads the alerts and can post false
+    ones. Its parts beyond `url_secrets`: its user, a host that names no server (no dot, not localhost,
+    not an IP address) and every path segment."""
+    if "://" not in value:
+        return set()
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return set()
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    host = hostport.partition(":")[0]
+    found = url_secrets(value) | {unquote(userinfo.partition(":")[0])}
+    if "." not in host and host.lower() != "localhost" and not host.startswith("["):
+        found.add(unquote(host))
+    found.update(unquote(segment) for segment in parts.path.split("/"))
+    return {secret for secret in found if len(secret) >= MIN_SECRET_CHARS}
+
+
 def _token_like(piece: str) -> bool:
     long_enough = len(piece) >= MIN_TOKEN_CHARS
     return (long_enough and any(c.isdigit() for c in piece)) or len(piece) >= 2 * MIN_TOKEN_CHARS

@@ -229,6 +229,20 @@ def test_unknown_dotenv_keys_name_the_nearest_variable(tmp_path):
     assert load_settings(env_file, environ={}).rules.stop_loss_percent == 15.0
 
 
+def test_a_key_pasted_on_a_line_of_its_own_is_never_printed(tmp_path):
+    """python-dotenv reads a line without `=` as a NAME: the unknown-key warning printed the pasted key."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "CONTRACTS=2\nSECRETpoly123456789\nPUSHOVER_TOKEN:SECRETtoken9876\nSECRETpoly123456789\n"
+    )
+    warnings = unknown_keys(env_file)
+    assert warnings == [
+        "warning: .env line 2 is not NAME=value; it is ignored (the line is not shown: it may hold a key)",
+        "warning: .env line 3 is not NAME=value; it is ignored (the line is not shown: it may hold a key)",
+    ]
+    assert not any("SECRET" in w for w in warnings)
+
+
 def test_unknown_keys_ignore_the_process_environment_and_a_missing_file(tmp_path, monkeypatch):
     monkeypatch.setenv("STOP_LOS_PERCENT", "10")
     assert unknown_keys(tmp_path / "absent.env") == [] and unknown_keys(None) == []
@@ -527,6 +541,26 @@ def test_a_window_too_short_for_its_minimum_is_refused(env, expected):
     assert [problem.startswith(expected) for problem in caught.value.problems] == [True], (
         caught.value.problems
     )
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"STOP_LOSS_PERCENT": "0"}, "STOP_LOSS_PERCENT=0 sells every trade at its first check"),
+        (
+            {"MAX_GIVEBACK_PERCENT": "0", "TIGHTEN_GIVEBACK_PERCENT": "0"},
+            "MAX_GIVEBACK_PERCENT=0 sells every trade at its first check",
+        ),
+        ({"CHAIN_MAX_AGE_SECONDS": "0"}, "CHAIN_MAX_AGE_SECONDS=0: no chain or quote is ever that fresh"),
+        ({"MAX_QUOTE_AGE_SECONDS": "0"}, "MAX_QUOTE_AGE_SECONDS=0: no chain or quote is ever that fresh"),
+    ],
+)
+def test_a_zero_that_would_sell_at_once_or_never_enter_is_refused(env, expected):
+    """0 disables the protections, so users try it here too: every trade sold at its first check."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(env)
+    assert [problem.startswith(expected) for problem in caught.value.problems] == [True]
+    settings_from_env({name: "0.5" for name in env})  # any other value is the user's to choose
 
 
 def test_the_window_limits_are_exactly_what_the_features_can_reach():

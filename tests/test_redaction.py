@@ -23,7 +23,7 @@ from alerts import Notifier, PushoverClient
 from events import Alert
 from health import HealthServer
 from pnl_tracker import Journal
-from redaction import Redactor, url_secrets
+from redaction import Redactor, channel_secrets, url_secrets
 from sim.jsonhttp import JsonHandler, Reply
 from sim.pushover_server import FakePushover
 
@@ -80,6 +80,30 @@ def test_a_log_line_loses_nested_and_foreign_secrets(capfd) -> None:
         configure_logging("WARNING", "console")
     err = capfd.readouterr().err
     assert "SEKRET" not in err and err.count("***") == 3 and "never shown" not in err
+
+
+def test_an_alert_channels_topic_and_chat_id_never_reach_the_log(capfd) -> None:
+    """Apprise logs "Failed to send ntfy notification to topic 'X'" at WARNING: an ntfy topic is the host
+    of `ntfy://X` (never hidden) or a plain word (not token-like), and it is the channel's whole key."""
+    import logging
+
+    from config import Settings
+    from logs import configure_logging
+
+    urls = ("ntfy://bobtopicsecret", "ntfys://ntfy.example.com/iwm-alerts-bob", "tgram://123456:ABCdef/9876")
+    configure_logging("DEBUG", "json", Settings(alert_fallback_urls=urls).secret_values())
+    try:
+        apprise = logging.getLogger("apprise")
+        apprise.warning("Failed to send ntfy notification to topic 'bobtopicsecret'.")
+        apprise.warning("Failed to send ntfy notification to topic 'iwm-alerts-bob'.")
+        apprise.warning("Failed to send Telegram notification to 9876: bot ABCdef refused")
+        logging.getLogger("urllib3.connectionpool").debug('"POST /iwm-alerts-bob HTTP/1.1" 500')
+    finally:
+        configure_logging("WARNING", "console")
+    err = capfd.readouterr().err
+    assert "bobtopic" not in err and "iwm-alerts" not in err and "9876" not in err and "ABCdef" not in err
+    assert err.count("***") == 4 and "POST" not in err
+    assert channel_secrets("ntfys://ntfy.example.com/t0pic") == {"t0pic"}, "the server's name stays readable"
 
 
 @contextmanager
