@@ -308,6 +308,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--synthetic needs N >= 1")
     if args.to is not None and args.fetch is None:
         parser.error("--to goes with --fetch")
+    if args.out.exists() and not args.out.is_dir():
+        # Said now: the report is written after the run, which a sweep can take hours to finish.
+        parser.error(f"--out {args.out} is a file: give a folder for the report")
     return args
 
 

@@ -77,6 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+MIN_SPEED = 0.01  # as SIM_CLOCK_SPEED's: slower, a day's pauses overflow the clock (1e-20 did)
+
+
 def parse_speed(raw: str) -> float | None:
     """`--speed`: None for 'max', else a positive finite factor. argparse turns the error into exit 2."""
     if raw.strip().lower() == "max":
@@ -85,8 +88,10 @@ def parse_speed(raw: str) -> float | None:
         speed = float(raw)
     except ValueError:
         speed = math.nan
-    if not (math.isfinite(speed) and speed > 0):
-        raise argparse.ArgumentTypeError(f"{raw!r} is neither a positive number (such as 10) nor 'max'")
+    if not (math.isfinite(speed) and speed >= MIN_SPEED):
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is neither a number >= {MIN_SPEED:g} (such as 10) nor 'max'"
+        )
     return speed
 
 
@@ -400,6 +405,8 @@ def replay_problem(settings: Settings, tape: Path, *, notify: bool) -> str | Non
     """Why this replay cannot start (no such file, not a tape, --notify without Pushover keys), or None."""
     from replay import NotATape, check_tape
 
+    if tape.is_dir():
+        return f"{tape} is a folder: --replay takes one tape file (backtest.py runs a folder of tapes)"
     if not tape.is_file():
         return f"No such tape: {tape}"
     try:

@@ -35,7 +35,7 @@ def test_speed_defaults_to_max():
     assert parse_args(["--replay", "t.jsonl.gz"]).speed is None
 
 
-@pytest.mark.parametrize("raw", ["fast", "0", "-3", "nan", "inf", ""])
+@pytest.mark.parametrize("raw", ["fast", "0", "-3", "nan", "inf", "", "1e-20", "0.009"])
 def test_bad_speed_exits_2_with_the_usage_line(raw, capsys):
     with pytest.raises(SystemExit) as caught:
         parse_args(["--replay", "t.jsonl.gz", "--speed", raw])
@@ -48,12 +48,14 @@ def test_speed_fast_in_a_real_process_is_a_usage_error_not_a_traceback(tmp_path)
     done = run_main(["--replay", "x.jsonl.gz", "--speed", "fast"], tmp_path)
     assert done.returncode == 2
     assert "usage: python main.py" in done.stderr and "Traceback" not in done.stderr
-    assert "'fast' is neither a positive number" in done.stderr
+    assert "'fast' is neither a number >= 0.01 (such as 10) nor 'max'" in done.stderr
 
 
 def test_replay_of_a_missing_tape_exits_2(tmp_path):
     done = run_main(["--replay", str(tmp_path / "nope.jsonl.gz")], tmp_path, DATA_DIR=str(tmp_path / "d"))
     assert done.returncode == 2 and "nope.jsonl.gz" in done.stderr and "Traceback" not in done.stderr
+    folder = run_main(["--replay", str(tmp_path)], tmp_path, DATA_DIR=str(tmp_path / "d"))
+    assert folder.returncode == 2 and "is a folder: --replay takes one tape file" in folder.stderr
 
 
 def test_bad_log_level_and_contradicting_settings_exit_2_listing_each(tmp_path):

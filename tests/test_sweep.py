@@ -233,3 +233,14 @@ def test_a_rule_swept_twice_is_refused_not_silently_dropped(short_tapes):
     cli, out, err = quiet()
     assert main([*args, "--no-cache"], cli) == 2, "a --set given twice kept the last value silently"
     assert "--set STOP_LOSS_PERCENT: given 2 times" in err.getvalue() and out.getvalue() == ""
+
+
+def test_an_out_that_is_a_file_is_refused_before_anything_runs(short_tapes, tmp_path, capsys):
+    """The whole run went first, then a FileExistsError traceback lost its results."""
+    taken = tmp_path / "report"
+    taken.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as stopped:
+        main([str(short_tapes[0]), "--out", str(taken)], quiet()[0])
+    assert stopped.value.code == 2
+    assert "is a file: give a folder for the report" in capsys.readouterr().err
+    assert taken.read_text() == "a file, not a folder"
