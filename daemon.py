@@ -223,8 +223,7 @@ class Daemon:
         self.health_server: HealthServer | None = None
         self._health_problem: str | None = None
         self._stream_down_since_ms: int | None = None
-        self._delayed_said_day: date | None = None
-        self._clock_behind_said_day: date | None = None
+        self._said_days: dict[str, date] = {}  # a once-a-day problem's log event -> the day it was said
         self._rest_refused: str | None = None
         self._bad_inputs_said, self._bad_inputs_said_at = 0, -math.inf  # see _say_bad_inputs
         self._refusal_said: str | None = None  # the refusal last alerted, until a 200 comes back
@@ -507,8 +506,7 @@ class Daemon:
         self._maybe_pulse()
         if time.monotonic() - self._health_at >= 1.0:
             self.health, self._health_at = self._snapshot(), time.monotonic()
-            self._say_delayed_feed(self.clock.now_ms())
-            self._say_clock_behind(self.clock.now_ms())
+            self._say_feed_timing(self.clock.now_ms())
             self._say_bad_inputs()
         if self.tape is not None and time.monotonic() - self._flushed_at >= TAPE_FLUSH_SECONDS:
             self._flush_tape()
@@ -806,16 +804,27 @@ class Daemon:
             f"entries need bars under STALL_SECONDS={self.rules.stall_seconds:g} s old"
         )
 
-    def _say_delayed_feed(self, now: int) -> None:
-        """Once a day, log and alert that a delayed feed can never enter (it keeps running, exits go on)."""
-        problem = self._delayed_feed_problem(now)
+    def _say_feed_timing(self, now: int) -> None:
+        """Once a day each, log and alert what makes the feed's times unusable: a delayed plan (no entry can
+        fire; exits are still followed) and a clock behind the feed's (every time rule falls late)."""
+        delayed = self._delayed_feed_problem(now)
+        if delayed is not None:
+            text = f"The stream's {delayed}. This alerter needs a real-time plan; exits are still followed."
+            action = "use the real-time stream (POLYGON_WS_URL)"
+            self._say_once_a_day("feed_delayed", now, delayed, action, SystemNotice("FEED_ERROR", text))
+        behind = self._clock_behind_problem(now)
+        if behind is not None:
+            text = f"{behind[0].upper()}{behind[1:]}. Set this machine's clock right (NTP)."
+            action = "set this machine's clock right (NTP)"
+            self._say_once_a_day("clock_behind_feed", now, behind, action, SystemNotice("SYSTEM", text))
+
+    def _say_once_a_day(self, event: str, now: int, problem: str, action: str, notice: SystemNotice) -> None:
         day = ny_date(now)
-        if problem is None or self._delayed_said_day == day:
+        if self._said_days.get(event) == day:
             return
-        self._delayed_said_day = day
-        log.error("feed_delayed", problem=problem, action="use the real-time stream (POLYGON_WS_URL)")
-        text = f"The stream's {problem}. This alerter needs a real-time plan; exits are still followed."
-        self.inbox.put(SystemNotice("FEED_ERROR", text, PRIORITY_HIGH))
+        self._said_days[event] = day
+        log.error(event, problem=problem, action=action)
+        self.inbox.put(notice)
 
     def _clock_behind_problem(self, now: int) -> str | None:
         """Live, bars that arrive before their second has ended: this machine's clock is behind the
@@ -833,17 +842,6 @@ class Daemon:
             f"this machine's clock is at least {behind_ms / 1000:.0f} s behind the feed's (bars arrive before "
             "their second ends): session times, the entry cut-off and the time stop fall as late"
         )
-
-    def _say_clock_behind(self, now: int) -> None:
-        """Once a day, log and alert that this machine's clock is behind the feed's."""
-        problem = self._clock_behind_problem(now)
-        day = ny_date(now)
-        if problem is None or self._clock_behind_said_day == day:
-            return
-        self._clock_behind_said_day = day
-        log.error("clock_behind_feed", problem=problem, action="set this machine's clock right (NTP)")
-        text = f"{problem[0].upper()}{problem[1:]}. Set this machine's clock right (NTP)."
-        self.inbox.put(SystemNotice("SYSTEM", text, PRIORITY_HIGH))
 
     def _stream_down_problem(self, now: int) -> str | None:
         """In session, a stream that has not been connected for STREAM_SILENCE_SECONDS, in words.

@@ -266,20 +266,26 @@ def test_a_message_pushover_refuses_for_its_sound_goes_as_text_alone(journal: Jo
     assert outbox(journal)[0][1] == "sent"
 
 
-def test_a_buy_refused_for_good_is_named_on_its_sell_and_fails_health_for_a_while(journal: Journal) -> None:
-    """The phone got a SELL for a BUY it never showed, and /health only said `degraded`."""
-    now = [1000.0]
-    forms: list[dict[str, str]] = []
+def refusing_buys(forms: list[dict[str, str]]) -> Callable[[httpx.Request], httpx.Response]:
+    """A Pushover that refuses every BUY's message (`status: 0`) and takes the rest, keeping each form."""
 
-    def refuse_buys(request: httpx.Request) -> httpx.Response:
+    def answer(request: httpx.Request) -> httpx.Response:
         form = dict(httpx.QueryParams(request.content.decode()))
         forms.append(form)
         if form["title"].endswith("BUY"):
             return httpx.Response(200, json={"status": 0, "errors": ["message refused"], "request": "r"})
         return httpx.Response(200, json={"status": 1, "request": "r"})
 
+    return answer
+
+
+def test_a_buy_refused_for_good_is_named_on_its_sell_and_fails_health_for_a_while(journal: Journal) -> None:
+    """The phone got a SELL for a BUY it never showed, and /health only said `degraded`."""
+    now = [1000.0]
+    forms: list[dict[str, str]] = []
+
     client = PushoverClient(TOKEN, USER, "http://pushover.invalid/1/messages.json",
-                            transport=httpx.MockTransport(refuse_buys))  # fmt: skip
+                            transport=httpx.MockTransport(refusing_buys(forms)))  # fmt: skip
     notifier = make_notifier(journal, client, monotonic=lambda: now[0])
     journal.record([trade_alert("BUY"), trade_alert("SELL"), trade_alert("SELL", "2025-10-02-2")])
     assert notifier.drain_once() == 2
@@ -296,16 +302,9 @@ def test_a_buy_lost_before_a_restart_is_still_named_on_its_sell(journal: Journal
     """The note lived in the notifier's memory: a restart between the lost BUY and its SELL dropped it."""
     forms: list[dict[str, str]] = []
 
-    def refuse_buys(request: httpx.Request) -> httpx.Response:
-        form = dict(httpx.QueryParams(request.content.decode()))
-        forms.append(form)
-        if form["title"].endswith("BUY"):
-            return httpx.Response(200, json={"status": 0, "errors": ["message refused"], "request": "r"})
-        return httpx.Response(200, json={"status": 1, "request": "r"})
-
     def client() -> PushoverClient:
         return PushoverClient(TOKEN, USER, "http://pushover.invalid/1/messages.json",
-                              transport=httpx.MockTransport(refuse_buys))  # fmt: skip
+                              transport=httpx.MockTransport(refusing_buys(forms)))  # fmt: skip
 
     journal.record(
         [trade_alert("BUY"), trade_alert("BUY", "2025-10-02-2"), trade_alert("SELL", "2025-10-02-2")]
