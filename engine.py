@@ -203,6 +203,7 @@ class Engine:
         self._critical_latched = False
         self.paused = False
         self._stall_alerted = False
+        self._recovered_minute: int | None = None  # the minute (ms // 60,000) of the last RECOVERED
         self._feed_errors_said: dict[str, int] = {}  # reason -> when its last FEED ERROR was decided
         self._watching_since = 0
         self.trades_today: tuple[DayTrade, ...] = ()
@@ -370,6 +371,7 @@ class Engine:
     def _note_bar_arrival(self, actions: list[Action]) -> None:
         if self._stall_alerted:
             self._stall_alerted = False
+            self._recovered_minute = self._now // 60_000
             actions.append(self._system_alert("RECOVERED", "Bars are flowing again; entries resume."))
 
     def _follow_vwap(self, features: Features, actions: list[Action]) -> None:
@@ -795,6 +797,10 @@ class Engine:
     def _check_stall(self, now: int, actions: list[Action]) -> None:
         session = self._session
         if session is None or not session.is_open(now) or self._stall_alerted:
+            return
+        if now // 60_000 == self._recovered_minute:
+            # A system alert's key is its kind and minute: a STALL in the minute of the last RECOVERED (so perhaps
+            # of the last STALL) could be dropped as a repeat, and its RECOVERED then come alone. It waits.
             return
         age_s = self.bar_age_s(now)
         if age_s >= self.rules.stall_alert_seconds:

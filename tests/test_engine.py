@@ -216,6 +216,22 @@ def test_cooldown_blocks_a_second_entry_for_sixty_seconds():
     assert exit_ms == ENTRY_BAR_START + 2000
 
 
+def test_a_second_stall_in_the_minute_of_a_recovered_waits_for_the_next_minute():
+    """System alerts are keyed by kind and minute: a second STALL in the minute of the first (bars came back
+    for a few seconds) was dropped as a repeat, and its RECOVERED came alone, the stall it closed unsaid."""
+    eng = engine()
+    minute = START - START % 60_000 + 60_000  # a whole minute: every second below is counted from it
+    feed(eng, [bar(minute - 30_000, 240.0)])
+    said = feed(eng, [Tick(minute - 30_000 + s * 1000) for s in range(1, 33)])  # STALL at second 2
+    said += feed(eng, [bar(minute + 3_000, 240.0)])  # RECOVERED at second 4
+    said += feed(eng, [Tick(minute + s * 1000) for s in range(5, 120)])  # silent again from second 4
+    said += feed(eng, [bar(minute + 120_500, 240.0)])
+    alerts = [(a.kind, (a.at_ms - minute) // 1000) for a in said if isinstance(a, Alert)]
+    assert alerts == [("STALL", 2), ("RECOVERED", 4), ("STALL", 60), ("RECOVERED", 121)], alerts
+    keys = [a.dedupe_key for a in said if isinstance(a, Alert)]
+    assert len(set(keys)) == 4, "each one is new to the outbox, whose keys are unique"
+
+
 def test_late_and_resent_bars_are_counted_and_dropped():
     eng = engine()
     feed(eng, [bar(START, 240.0), bar(START + 1000, 240.1)])
