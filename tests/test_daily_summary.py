@@ -135,3 +135,26 @@ def test_rehearsal_sends_one_daily_summary_with_the_chart_attached_across_a_rest
         assert again.engine.now_ms > restart + 60_000  # its engine ran well past the close
         assert [m.form["title"] for m in pushover.messages].count("IWM alerter — START") == 2
         assert len(summaries(pushover)) == 1
+
+
+def test_the_chart_child_is_the_first_process_the_kernel_kills_when_memory_runs_out(tmp_path):
+    """The child decodes the whole day's tape (360 MB for a day of 31-contract chains): on a 512 MB worker
+    the kernel's choice between it and the daemon must fall on the chart."""
+    import subprocess
+    from pathlib import Path
+
+    from summary_chart import volunteer_for_the_oom_killer
+
+    script = (
+        "from pathlib import Path\n"
+        "from summary_chart import volunteer_for_the_oom_killer\n"
+        "said = volunteer_for_the_oom_killer()\n"
+        "adj = Path('/proc/self/oom_score_adj')\n"
+        "print(said, adj.read_text().strip() if adj.exists() else None)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
+    assert child.returncode == 0, child.stderr
+    linux = Path("/proc/self/oom_score_adj").exists()
+    assert child.stdout.strip() == ("True 1000" if linux else "False None")
+    assert volunteer_for_the_oom_killer(tmp_path / "no-such-dir" / "oom_score_adj") is False
