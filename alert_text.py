@@ -371,12 +371,12 @@ def sell_message(position: Position, ctx: SellContext) -> str:
 
 
 def old_quote_text(age_ms: int) -> str:
-    """A SELL line when the bid it is booked at is old (every quote source failed): the P&L is a guess."""
+    """A SELL line when no valid quote renewed the bid it is booked at for long (every quote source failed):
+    the P&L is a guess."""
     minutes, seconds = divmod(round(age_ms / 1000), 60)
     age = f"{minutes} min" if minutes >= 2 else f"{minutes * 60 + seconds} s"
     return (
-        f"Old price: no new quote of this contract for {age}; the exit and the P&L are estimates, "
-        "check its bid."
+        f"Old price: no quote of this contract for {age}; the exit and the P&L are estimates, check its bid."
     )
 
 

@@ -387,7 +387,7 @@ def _window_checks(rules: Rules) -> list[str]:
             f"VOLUME_MIN_BARS={bars} >= VOLUME_WINDOW_SECONDS={window}: the window holds at most {window - 1}"
             " earlier bars (one a second), so no volume surge and no entry can fire"
         )
-    return problems + _zero_checks(rules)
+    return problems
 
 
 def _zero_checks(rules: Rules) -> list[str]:
@@ -465,7 +465,8 @@ def _health_host_problem(host: str) -> str | None:
 
 
 def _cross_checks(rules: Rules, settings: Settings, key_name: str = "POLYGON_API_KEY") -> list[str]:
-    problems = _time_checks(rules) + _symbol_checks(rules) + _window_checks(rules) + _logging_checks(settings)
+    problems = _time_checks(rules) + _symbol_checks(rules) + _window_checks(rules) + _zero_checks(rules)
+    problems += _logging_checks(settings)
     if rules.delta_min > rules.delta_max:
         problems.append(
             f"DELTA_MIN={rules.delta_min} > DELTA_MAX={rules.delta_max}: the band must be min <= max"
@@ -620,21 +621,23 @@ def unknown_keys(env_file: str | Path | None = ".env") -> list[str]:
         if key is None or key in known or key in said or _undecodable(key) or _undecodable(binding.value):
             continue
         said.add(key)
-        if binding.value is None or not _ENV_NAME.fullmatch(key):
-            # A key pasted on a line of its own reads as a NAME: naming it would print the secret.
+        nearest = difflib.get_close_matches(key.upper(), sorted(known), n=1)
+        if binding.value is None or not (nearest or _ENV_NAME.fullmatch(key)):
+            # A key pasted on a line of its own reads as a NAME (`KEY==`, base64's padding, as NAME=value):
+            # only a name shaped like a variable, or near one, is shown.
             warnings.append(
                 f"warning: {name} line {binding.original.line} is not NAME=value; it is ignored"
                 " (the line is not shown: it may hold a key)"
             )
             continue
-        nearest = difflib.get_close_matches(key.upper(), sorted(known), n=1)
         hint = f"; did you mean {nearest[0]}?" if nearest else " (see .env.example for every variable)"
         warnings.append(f"warning: {name} sets {key}, which no setting reads{hint}")
     return warnings
 
 
-# What an environment variable's name looks like; a .env "name" of another shape is a pasted value.
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# What an environment variable's name looks like (upper case, as every setting's); a .env "name" of another
+# shape, unless near a setting's (`log_level`), is a pasted value.
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 def _dotenv_text(env_file: Path) -> str:

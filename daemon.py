@@ -107,6 +107,7 @@ STOP_JOURNAL_RETRY_S = 2.0  # at a stop, how long held journal writes are retrie
 DELAYED_FRESH_MS = 5_000  # a bar received this recently tells how late the feed runs
 # A live bar received this long before its second ended says this machine's clock is behind the feed's.
 CLOCK_BEHIND_MS = 5_000
+CLOCK_BEHIND_FOR_MS = 30_000  # ... for this long, while bars keep coming
 log = structlog.get_logger("daemon")
 
 
@@ -223,6 +224,7 @@ class Daemon:
         self.health_server: HealthServer | None = None
         self._health_problem: str | None = None
         self._stream_down_since_ms: int | None = None
+        self._clock_behind_since: int | None = None  # since when fresh bars arrive ahead of this clock
         self._said_days: dict[str, date] = {}  # a once-a-day problem's log event -> the day it was said
         self._rest_refused: str | None = None
         self._bad_inputs_said, self._bad_inputs_said_at = 0, -math.inf  # see _say_bad_inputs
@@ -616,6 +618,10 @@ class Daemon:
             self.tape.flush()
         except Exception as exc:
             self._tape_failed("tape_flush_failed", exc)
+            return
+        if self._tape_down_since_ms is not None and self.tape_problem is None:
+            # Said once lines are on disk again: a write only fills a buffer, which a full disk still refuses.
+            self._end_tape_gap(self._tape_down_since_ms, self.clock.now_ms())
 
     def _record(self, item: Received) -> None:
         """Write the item to today's tape; the tape failing never touches the trading path."""
@@ -629,8 +635,6 @@ class Daemon:
         if self.tape_problem is not None:
             log.warning("tape_recovered", after=self.tape_problem, note="the tape has a gap")
             self.tape_problem = None
-        if self._tape_down_since_ms is not None:
-            self._end_tape_gap(self._tape_down_since_ms, item.t)
 
     def _end_tape_gap(self, since_ms: int, now_ms: int) -> None:
         """The alert closing a TAPE FAILING one: recording is back, and where the tape's gap is (unless
@@ -833,10 +837,14 @@ class Daemon:
         Not in a rehearsal, whose clock and its server's start apart by design (the stream's lead
         there is the server's business; `feed.AheadGuard` adopts it)."""
         bar = self.engine.last_bar
-        if not isinstance(self.clock, WallClock) or bar is None or now - bar.received_ms > DELAYED_FRESH_MS:
+        fresh = bar is not None and now - bar.received_ms <= DELAYED_FRESH_MS
+        behind_ms = bar.end_ms - bar.received_ms if bar is not None and fresh else 0
+        if not isinstance(self.clock, WallClock) or behind_ms <= CLOCK_BEHIND_MS:
+            self._clock_behind_since = None
             return None
-        behind_ms = bar.end_ms - bar.received_ms
-        if behind_ms <= CLOCK_BEHIND_MS:
+        # One glitched stamp is not a clock: it must hold while bars keep coming (a lone one goes stale).
+        since = self._clock_behind_since = self._clock_behind_since or now
+        if now - since < CLOCK_BEHIND_FOR_MS:
             return None
         return (
             f"this machine's clock is at least {behind_ms / 1000:.0f} s behind the feed's (bars arrive before "

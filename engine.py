@@ -564,15 +564,12 @@ class Engine:
         if quote_ms is not None and current_ms is not None and self._older(quote_ms, current_ms):
             self.marks.stale += 1
             return
-        assert quote.bid is not None
-        if quote_ms is None or quote_ms != current_ms or (mid, quote.bid) != (position.mark, position.bid):
-            # A new quote; the same one again (a REST snapshot repeating a frozen quote) is no news of
-            # the contract's price, and left the stale-mark watch blind.
-            self.mark_set_ms = self._now
         if quote_ms is not None:
             self._set_mark_stamp(quote_ms)
+        self.mark_set_ms = self._now
         self.marks.count(source)
         self.mark_source = source
+        assert quote.bid is not None
         moved = with_mark(position, mid, quote.bid)
         if moved is not position:
             self._note_unsaved(moved.peak != position.peak)
@@ -685,9 +682,11 @@ class Engine:
         return now if held is None else min(held.time_stop_ms, now)
 
     def _old_mark_ms(self, at_ms: int) -> int | None:
-        """How long no new quote had set the held mark at `at_ms`, when longer than MAX_QUOTE_AGE_SECONDS
-        (an exit then books a bid every quote source failed to renew). After a restart with no quote
-        since, the age counts from the saved quote's own stamp; None when nothing tells."""
+        """How long no valid quote had set the held mark at `at_ms`, when longer than MAX_QUOTE_AGE_SECONDS
+        (an exit then books a bid every quote source failed to renew: the stream, the contract's snapshot,
+        the chain). After a restart with no quote since, the age counts from the saved quote's own stamp;
+        None when nothing tells. A quote repeated unchanged counts: a quiet contract's standing quote is
+        its market (only its source going silent makes the bid a guess)."""
         since = self.mark_set_ms if self.mark_set_ms is not None else self._mark_quote_ms
         if since is None or at_ms - since <= self.rules.max_quote_age_seconds * 1000:
             return None

@@ -55,11 +55,16 @@ def url_secrets(value: str) -> set[str]:
     return {secret for secret in found if len(secret) >= MIN_SECRET_CHARS}
 
 
+# An alert channel's part this long is hidden whatever its shape. Shorter ones are not: a topic `status` or
+# `trading` hidden everywhere took the words (and /health's keys) out of every text that leaves.
+MIN_CHANNEL_CHARS = 8
+
+
 def channel_secrets(value: str) -> set[str]:
     """An alert channel's URL (Apprise's: `ntfy://TOPIC`, `tgram://BOT_TOKEN/CHAT_ID`) is a credential in
     every part, whatever its shape: whoever holds a topic or a chat id reads the alerts and can post false
-    ones. Its parts beyond `url_secrets`: its user, a host that names no server (no dot, not localhost,
-    not an IP address) and every path segment."""
+    ones. Its parts beyond `url_secrets`, of MIN_CHANNEL_CHARS or more: its user, a host that names no
+    server (no dot, not localhost, not an IP address) and every path segment."""
     if "://" not in value:
         return set()
     try:
@@ -72,7 +77,7 @@ def channel_secrets(value: str) -> set[str]:
     if "." not in host and host.lower() != "localhost" and not host.startswith("["):
         found.add(unquote(host))
     found.update(unquote(segment) for segment in parts.path.split("/"))
-    return {secret for secret in found if len(secret) >= MIN_SECRET_CHARS}
+    return {secret for secret in found if len(secret) >= MIN_CHANNEL_CHARS} | url_secrets(value)
 
 
 def _token_like(piece: str) -> bool:

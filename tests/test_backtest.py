@@ -541,7 +541,7 @@ def test_a_tape_that_stops_early_or_holds_no_chain_is_said_to_be_no_whole_day(sh
 
 def test_a_tape_of_a_day_without_a_session_is_said_to_be_no_trading_day(short_tapes, tmp_path):
     """A closed date's tape (here by MARKET_CLOSED_DATES) read as an ordinary $0.00 day: its real trades
-    vanished without a word and the day diluted the per-day figures."""
+    vanished without a word. It still counts (as the $0.00 day it is), now said to be one."""
     out, stdout = tmp_path / "report", io.StringIO()
     args = [str(short_tapes[0]), "--out", str(out), "--no-cache", "--no-charts", "--workers", "1"]
     environ = {"MARKET_CLOSED_DATES": "2025-10-06"}

@@ -211,20 +211,17 @@ def test_a_restart_refuses_quotes_older_than_the_one_behind_the_saved_mark(tmp_p
     assert closes(feed(restarted, [newer])) == [] and restarted.position.mark == 1.31
 
 
-def test_a_snapshot_repeating_one_frozen_quote_is_no_news_of_the_contract():
-    """Each poll of a frozen quote (same stamp, same prices) had refreshed the mark's time: the stale-mark
-    watch stayed blind while the stop read a price a minute old."""
+def test_a_quiet_contracts_standing_quote_keeps_the_mark_fresh():
+    """A REST snapshot repeating an unchanged quote (same stamp, same prices) is the contract's market: it
+    keeps the mark fresh, and a time stop after it books that bid without an "Old price" line."""
     eng = holding()
     t = ENTRY_BAR_START + 2000
-    frozen = quote(bid=1.20, ask=1.22, quote_ms=t - 5)
-    feed(eng, [ContractSnapshot(t, frozen)])
-    assert eng.mark_set_ms == t
-    feed(eng, [ContractSnapshot(t + 2000, frozen), ContractSnapshot(t + 4000, frozen)])
-    assert eng.mark_set_ms == t
-    feed(eng, [ContractSnapshot(t + 6000, quote(bid=1.24, ask=1.26, quote_ms=t - 5))])  # new prices
-    assert eng.mark_set_ms == t + 6000
-    feed(eng, [ContractSnapshot(t + 8000, quote(bid=1.24, ask=1.26, quote_ms=t + 7000))])  # a new stamp
-    assert eng.mark_set_ms == t + 8000
+    standing = quote(bid=1.20, ask=1.22, quote_ms=t - 5)
+    feed(eng, [ContractSnapshot(t + n * 2000, standing) for n in range(40)])
+    assert eng.mark_set_ms == t + 78_000
+    feed(eng, [ContractSnapshot(at(15, 54, 50), standing)])  # REST still answers, with the same quote
+    message = sell_text(feed(eng, [Tick(at(15, 55))]))
+    assert message.startswith("Reason: Time stop\n") and "Old price" not in message
 
 
 def sell_text(actions) -> str:
@@ -240,7 +237,7 @@ def test_an_exit_booked_at_an_old_bid_says_its_price_and_pnl_are_estimates():
     message = sell_text(feed(eng, [Tick(at(15, 55))]))
     assert message.splitlines()[:2] == [
         "Reason: Time stop",
-        "Old price: no new quote of this contract for 34 min; the exit and the P&L are estimates, check its bid.",
+        "Old price: no quote of this contract for 34 min; the exit and the P&L are estimates, check its bid.",
     ]
     fresh = holding()
     feed(fresh, [streamed(at(15, 54, 40), 1.30, 1.32)])
