@@ -12,9 +12,11 @@ Results come back as the plain dataclasses the tasks return.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +25,15 @@ from typing import Any, TypeVar
 
 from backtest_run import use_batch_gc
 from executors import ExecutorError
+from tape_cache import content_digest
 
 T = TypeVar("T")
+# While a run waits on the cluster it looks every CHECK_EVERY_S whether the scheduler still answers (within
+# SCHEDULER_ANSWER_S) and still has workers (none for NO_WORKERS_S ends the run): a run whose workers had all
+# gone waited in silence for ever.
+CHECK_EVERY_S = 10.0
+SCHEDULER_ANSWER_S = 30.0
+NO_WORKERS_S = 60.0
 ADDRESS_VARIABLE = "DASK_SCHEDULER_ADDRESS"
 LOCAL_PREFIX = "local:"
 CACHE_FOLDER = "iwm-alerter-cache"
@@ -50,6 +59,16 @@ def scheduler_address(flag: str | None, environ: dict[str, str] | os._Environ[st
     return flag or environ.get(ADDRESS_VARIABLE) or None
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of this checkout's project modules (every `*.py` beside this file): what every worker must
+    share with the client, or its trades differ (run on each worker by `Client.run`)."""
+    digest = hashlib.sha256()
+    for module in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(module.name.encode() + b"\0" + module.read_bytes())
+    return digest.hexdigest()
+
+
 class TapeMissing(Exception):
     """A task got no bytes for a tape its worker does not hold (a worker that joined late, a cleared cache)."""
 
@@ -73,9 +92,13 @@ def held_digests(dask_worker: Any) -> list[str]:
 
 
 def worker_tape(ref: TapeRef, data: bytes | None) -> Path:
-    """The tape as a file on this worker, written once per digest (later tasks find it there)."""
+    """The tape as a file on this worker, written once per digest (later tasks find it there).
+
+    A local tape's copy is checked against the digest it is filed under: a copy damaged on the worker's
+    disk had given another sweep.csv, exit 0, without a word. A URL's digest names the file, not its bytes.
+    """
     path = worker_cache_root() / "tapes" / ref.digest / ref.name
-    if path.is_file():
+    if path.is_file() and (ref.url is not None or content_digest(path)[: len(ref.digest)] == ref.digest):
         return path
     if data is None and ref.url is None:
         raise TapeMissing(ref.digest)
@@ -130,8 +153,22 @@ class DaskDays:
 
     remote = True
 
-    def __init__(self, client: Any, tapes: Sequence[Path | str], cache: bool, cluster: Any = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        tapes: Sequence[Path | str],
+        cache: bool,
+        cluster: Any = None,
+        *,
+        code: str | None = None,
+        check_every_s: float = CHECK_EVERY_S,
+        no_workers_s: float = NO_WORKERS_S,
+    ) -> None:
+        """`code`: the fingerprint the workers' project code must have (this checkout's by default)."""
         self._client, self._cluster, self._cache = client, cluster, cache
+        self._check_every_s, self._no_workers_s = check_every_s, no_workers_s
+        self._no_workers_since: float | None = None
+        self._same_code_everywhere(code or code_fingerprint())
         self._tapes = list(tapes)
         # One tape in memory at a time: a year of tapes is gigabytes.
         self.refs = [tape_ref(t, None if is_url(t) else Path(t).read_bytes()) for t in self._tapes]
@@ -141,6 +178,51 @@ class DaskDays:
         self._ship(
             [i for i, t in enumerate(self._tapes) if not is_url(t) and self.refs[i].digest not in held]
         )
+
+    def _same_code_everywhere(self, code: str) -> None:
+        """Workers running another version of the project give other trades without a word: refused."""
+        with translated_errors():
+            answers = self._client.run(code_fingerprint)
+        others = sorted(worker for worker, theirs in answers.items() if theirs != code)
+        if others:
+            raise ExecutorError(
+                f"{len(others)} Dask worker(s) run other code than this checkout ({', '.join(others[:3])}):"
+                " start the workers from the same version of the project"
+            )
+
+    def _wait_for_some(self, pending: Sequence[Any]) -> list[Any]:
+        """The futures of `pending` that are done, in their order, once one is; between waits the cluster
+        is checked (`_check_cluster`), so a cluster that has gone ends the run instead of hanging it."""
+        from distributed import wait
+
+        while True:
+            with translated_errors():
+                try:
+                    done, _ = wait(pending, timeout=self._check_every_s, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    done = set()
+            if done:
+                return [future for future in pending if future in done]
+            self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        """ExecutorError when the scheduler does not answer or has had no worker for `no_workers_s`."""
+        try:
+            workers = self._client.nthreads(callback_timeout=SCHEDULER_ANSWER_S)
+        except (OSError, TimeoutError) as exc:
+            raise ExecutorError(
+                f"Dask scheduler not answering within {SCHEDULER_ANSWER_S:.0f} s: {_one_line(exc)}"
+            ) from None
+        if workers:
+            self._no_workers_since = None
+            return
+        now = time.monotonic()
+        since = self._no_workers_since = self._no_workers_since or now
+        if now - since >= self._no_workers_s:
+            raise ExecutorError(
+                f"no Dask worker left for {self._no_workers_s:.0f} s: start workers (dask worker ADDRESS)"
+                " and run again"
+            )
 
     def _held_everywhere(self) -> set[str]:
         """Digests every current worker's machine holds."""
@@ -170,24 +252,15 @@ class DaskDays:
 
     def each_day(self, task: Callable[..., T], indices: Sequence[int], *args: Any) -> Iterator[tuple[int, T]]:
         """See `executors.DayExecutor.each_day`."""
-        from distributed import as_completed
-
         futures = {self._submit_day(task, i, args): i for i in indices}
-        with translated_errors():
-            completed = as_completed(futures)
-        while True:
-            with translated_errors():
-                future = next(completed, None)
-            if future is None:
-                return
-            i = futures.pop(future)
-            if _tape_was_missing(future):
-                self._ship([i])
-                again = self._submit_day(task, i, args)
-                futures[again] = i
-                completed.add(again)
-                continue
-            yield i, _result(future)
+        while futures:
+            for future in self._wait_for_some(list(futures)):
+                i = futures.pop(future)
+                if _tape_was_missing(future):
+                    self._ship([i])
+                    futures[self._submit_day(task, i, args)] = i
+                    continue
+                yield i, _result(future)
 
     def over_days(
         self, task: Callable[..., T], indices: Sequence[int], jobs: Sequence[tuple[Any, ...]]
@@ -203,9 +276,11 @@ class DaskDays:
         futures = [submit(job) for job in jobs]
         results = []
         for job, future in zip(jobs, futures, strict=True):
+            self._wait_for_some([future])
             if _tape_was_missing(future):
                 self._ship(indices)
                 future = submit(job)
+                self._wait_for_some([future])
             results.append(_result(future))
         return results
 
@@ -236,8 +311,19 @@ def connect(address: str, tapes: Sequence[Path | str], cache: bool) -> DaskDays:
             cluster = local_cluster(local_workers(address))
             client = Client(cluster)
         else:
-            client = Client(address)
+            client = dial(Client, address)
     return DaskDays(client, tapes, cache, cluster)
+
+
+def dial(client_class: Callable[[str], Any], address: str) -> Any:
+    """A client of the scheduler at `address`; ExecutorError for an address Dask cannot dial (no port, an
+    unknown scheme, TLS without its settings), which Dask raises as ValueError or TypeError."""
+    try:
+        return client_class(address)
+    except (ValueError, TypeError) as exc:
+        raise ExecutorError(
+            f"--dask {address}: not a scheduler address Dask can dial ({_one_line(exc)})"
+        ) from None
 
 
 def local_cluster(workers: int, local_directory: str | None = None) -> Any:
@@ -248,7 +334,7 @@ def local_cluster(workers: int, local_directory: str | None = None) -> Any:
         n_workers=workers,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",  # None is Dask's default :8787, which warns when taken
         silence_logs=logging.ERROR,
         local_directory=local_directory,
     )

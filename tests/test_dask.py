@@ -130,3 +130,45 @@ def test_tapes_the_workers_hold_are_not_shipped_again_and_a_lost_copy_is_resent(
         shutil.rmtree(worker_cache(cluster) / "tapes")  # as a worker joining later would lack them
         assert [(r.params, r.trades, r.stats) for r in run_sweep(tapes, cells, executor=lost)] == pool
         assert lost.shipped == len(tapes)
+
+
+def test_a_run_whose_workers_are_all_gone_ends_with_one_line_instead_of_waiting_for_ever(tapes, tmp_path):
+    """A sweep whose workers had all died printed nothing more and never exited."""
+    from executors import ExecutorError
+
+    cells = sweep_cells(parse_sweep(GRID[1::2]), {}, environ={}, env_file=None)
+    urls = [f"file://{tape}" for tape in tapes]  # nothing to scatter: the tasks wait on the workers alone
+    with local_cluster(0, local_directory=str(tmp_path)) as empty, Client(empty) as client:
+        executor = DaskDays(client, urls, cache=False, check_every_s=0.2, no_workers_s=1.0)
+        with pytest.raises(ExecutorError, match=r"no Dask worker left for 1 s: start workers"):
+            run_sweep(urls, cells, executor=executor)
+
+
+def test_a_workers_damaged_copy_of_a_tape_is_replaced_not_used(tapes, cluster, tmp_path):
+    """A copy cut short on the worker's disk gave another sweep.csv, exit 0, without a word."""
+    cells = sweep_cells(parse_sweep(GRID[1::2]), {}, environ={}, env_file=None)
+    pool = [(r.params, r.trades, r.stats) for r in run_sweep(tapes, cells, workers=2)]
+    with Client(cluster) as client:
+        run_sweep(tapes, cells, executor=DaskDays(client, tapes, cache=False))  # the workers hold them now
+        copies = sorted((worker_cache(cluster) / "tapes").glob("*/*.jsonl.gz"))
+        assert len(copies) == len(tapes)
+        for copy in copies:
+            copy.write_bytes(copy.read_bytes()[: copy.stat().st_size // 2])
+        again = DaskDays(client, tapes, cache=False)
+        assert [(r.params, r.trades, r.stats) for r in run_sweep(tapes, cells, executor=again)] == pool
+        assert again.shipped == len(tapes), "each damaged copy was sent again"
+
+
+def test_workers_running_other_code_are_refused(tapes, cluster):
+    """Workers started from another checkout gave other trades, exit 0."""
+    from executors import ExecutorError
+
+    with Client(cluster) as client, pytest.raises(ExecutorError, match="run other code than this checkout"):
+        DaskDays(client, tapes, cache=False, code="the fingerprint of another version")
+
+
+@pytest.mark.parametrize("address", ["garbage", "foo:bar", "http://127.0.0.1:9"])
+def test_an_address_dask_cannot_dial_is_one_line_not_a_traceback(address, tapes, tmp_path):
+    status, _, err = run_cli([str(tapes[0]), "--out", str(tmp_path), "--dask", address])
+    assert status == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"Error: --dask {address}: not a scheduler address Dask can dial (")
