@@ -57,7 +57,7 @@ from backtest_run import (
 )
 from cli_exit import run_quietly
 from config import ConfigError, Settings, data_dir_problem, unknown_keys
-from dask_days import is_url, scheduler_address
+from dask_days import is_url, one_line, scheduler_address
 from executors import DayExecutor, ExecutorError, PoolDays, decode_in_pool
 from history import fetch_history, session_days
 from holdout import Holdout, Split, parse_holdout, print_held_out, print_side_by_side, split_dates
@@ -137,16 +137,23 @@ def _exists(tape: Tape) -> bool:
     return Path(tape).is_file()
 
 
+NO_SUCH_TAPE = datetime.date.max  # `check_distinct_days`'s mark of a tape that is not there
+
+
 def check_distinct_days(tapes: Sequence[Tape]) -> list[str]:
     """Problems with a tape list: unreadable files and two tapes of one day (trade ids would collide)."""
     seen: dict[datetime.date, Tape] = {}
     problems = []
     for path in tapes:
-        if not _exists(path):
-            problems.append(f"{path}: no such tape")
+        try:
+            day = tape_date(path) if _exists(path) else NO_SUCH_TAPE
+        except (ImportError, OSError, ValueError, KeyError, TypeError) as exc:
+            # A URL's filesystem library missing (s3fs), or a file there that is not a tape.
+            problems.append(f"{path}: cannot be read as a tape ({type(exc).__name__}: {one_line(exc)})")
             continue
-        day = tape_date(path)
-        if day is None:
+        if day is NO_SUCH_TAPE:
+            problems.append(f"{path}: no such tape")
+        elif day is None:
             problems.append(f"{path}: {_no_first_line(path)}")
         elif day in seen:
             problems.append(f"{path} and {seen[day]} are both {day}; one run takes one tape per day")

@@ -181,8 +181,16 @@ class DaskDays:
 
     def _same_code_everywhere(self, code: str) -> None:
         """Workers running another version of the project give other trades without a word: refused."""
-        with translated_errors():
-            answers = self._client.run(code_fingerprint)
+        try:
+            with translated_errors():
+                answers = self._client.run(code_fingerprint)
+        except ExecutorError:
+            raise
+        except Exception as exc:  # a worker without the project on its path cannot import this module
+            raise ExecutorError(
+                f"Dask workers cannot run this project's code ({one_line(exc)}): start them with the checkout"
+                " on PYTHONPATH"
+            ) from None
         others = sorted(worker for worker, theirs in answers.items() if theirs != code)
         if others:
             raise ExecutorError(
@@ -211,7 +219,7 @@ class DaskDays:
             workers = self._client.nthreads(callback_timeout=SCHEDULER_ANSWER_S)
         except (OSError, TimeoutError) as exc:
             raise ExecutorError(
-                f"Dask scheduler not answering within {SCHEDULER_ANSWER_S:.0f} s: {_one_line(exc)}"
+                f"Dask scheduler not answering within {SCHEDULER_ANSWER_S:.0f} s: {one_line(exc)}"
             ) from None
         if workers:
             self._no_workers_since = None
@@ -311,19 +319,28 @@ def connect(address: str, tapes: Sequence[Path | str], cache: bool) -> DaskDays:
             cluster = local_cluster(local_workers(address))
             client = Client(cluster)
         else:
-            client = dial(Client, address)
+            client = Client(scheduler(address))
     return DaskDays(client, tapes, cache, cluster)
 
 
-def dial(client_class: Callable[[str], Any], address: str) -> Any:
-    """A client of the scheduler at `address`; ExecutorError for an address Dask cannot dial (no port, an
-    unknown scheme, TLS without its settings), which Dask raises as ValueError or TypeError."""
+def scheduler(address: str) -> str:
+    """`address` when Dask can dial it; ExecutorError for one it cannot (no port, an unknown scheme).
+
+    Checked here, before a Client is made: a Client built on such an address raises, and the next one
+    made in the same process had hung."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
     try:
-        return client_class(address)
+        scheme, location = parse_address(address)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
     except (ValueError, TypeError) as exc:
         raise ExecutorError(
-            f"--dask {address}: not a scheduler address Dask can dial ({_one_line(exc)})"
+            f"--dask {address}: not a scheduler address Dask can dial ({one_line(exc)})"
         ) from None
+    return address
 
 
 def local_cluster(workers: int, local_directory: str | None = None) -> Any:
@@ -375,9 +392,9 @@ def translated_errors() -> Iterator[None]:
     try:
         yield
     except (OSError, TimeoutError) as exc:
-        raise ExecutorError(f"Dask cluster unreachable or lost: {_one_line(exc)}") from None
+        raise ExecutorError(f"Dask cluster unreachable or lost: {one_line(exc)}") from None
     except (KilledWorker, FutureCancelledError) as exc:
-        raise ExecutorError(f"Dask worker lost: {_one_line(exc)}") from None
+        raise ExecutorError(f"Dask worker lost: {one_line(exc)}") from None
 
 
 def _tape_was_missing(future: Any) -> bool:
@@ -400,6 +417,7 @@ def _result(future: Any) -> Any:
         return future.result()
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception's text on one line, at most 200 characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."

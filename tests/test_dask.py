@@ -172,3 +172,15 @@ def test_an_address_dask_cannot_dial_is_one_line_not_a_traceback(address, tapes,
     status, _, err = run_cli([str(tapes[0]), "--out", str(tmp_path), "--dask", address])
     assert status == 1 and err.count("\n") == 1, err
     assert err.startswith(f"Error: --dask {address}: not a scheduler address Dask can dial (")
+
+
+def test_a_tape_url_that_is_no_tape_is_named_and_nothing_runs(tmp_path):
+    """A file:// URL of a file that is not a tape ended in a JSONDecodeError traceback, where the same file
+    given as a path was refused in one line."""
+    import gzip
+
+    text = tmp_path / "notes.jsonl.gz"
+    text.write_bytes(gzip.compress(b"not json at all\n"))
+    status, _, err = run_cli([f"file://{text}", "--out", str(tmp_path / "report")])
+    assert status == 2 and "Traceback" not in err
+    assert f"file://{text}: cannot be read as a tape (JSONDecodeError: " in err
