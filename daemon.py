@@ -167,6 +167,7 @@ class Daemon:
                 clock_ms=clock.now_ms,
                 on_failing=self._journal_failing,
                 on_recovered=self._journal_recovered,
+                rescue_paths=journal_rescue.rescue_paths(settings.data_dir),
             )
             self.outbox = MemoryOutbox(self.writer, self.journal.pending(1_000_000))
             lost_buys = self.journal.lost_buys()

@@ -14,13 +14,16 @@ failed "mark sent" never makes the notifier send the same alert again.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import structlog
 
+import journal_rescue
 from engine import MARK_QUOTE_META
 from events import Action, Alert, Log, SetMeta, UpdatePosition
 from journal_rescue import Held, Outcome, write_decision
@@ -45,6 +48,12 @@ class WriteBehindJournal:
 
     `on_failing(error)` is called once when writes start failing, `on_recovered(written)` once when the
     backlog has been written; both run on the thread that noticed (keep them cheap: enqueue, log).
+
+    With `rescue_paths`, the backlog is also kept in a rescue file (`journal_rescue.save`) while the
+    journal fails: at once after a decision with more than mark updates and after a delivery outcome,
+    at most every `retry_every_s` for mark updates alone. A SIGKILL, the OOM killer or a power cut
+    then loses no BUY, SELL or sent mark (memory alone lost them: the restart forgot a delivered BUY
+    and never sold it). The file is removed once the journal has taken the backlog.
     """
 
     def __init__(
@@ -56,6 +65,7 @@ class WriteBehindJournal:
         on_recovered: Callable[[int], None] = lambda _written: None,
         retry_every_s: float = RETRY_EVERY_S,
         monotonic: Callable[[], float] = time.monotonic,
+        rescue_paths: Sequence[Path] = (),
     ) -> None:
         self.journal = journal
         self._known = journal.dedupe_keys()
@@ -71,6 +81,10 @@ class WriteBehindJournal:
         self._last_error: str | None = None
         self._retry_at = 0.0
         self._written_while_failing = 0
+        self._rescue_paths = tuple(rescue_paths)
+        self._rescue_due = False  # the backlog changed since the last rescue file
+        self._rescued_at = -math.inf
+        self._rescue_refused_said = False
 
     def record(self, actions: Sequence[Action], cursor: str | None = None) -> list[Alert]:
         """Write one decision (now, or later if the journal refuses); return its alerts new to the outbox."""
@@ -81,6 +95,7 @@ class WriteBehindJournal:
             fresh = self._fresh_alerts(durable)
             self._queue_decision(durable, cursor)
             self._write_if_due()
+            self._rescue_if_due(changed=True, urgent=not _only_updates(durable))
         return fresh
 
     def set_meta(self, key: str, value: str) -> None:
@@ -92,6 +107,7 @@ class WriteBehindJournal:
         with self._lock:
             self._outcomes.append(Outcome(dedupe_key, status, error, sent_ms))
             self._write_if_due()
+            self._rescue_if_due(changed=True, urgent=True)
 
     def catch_up(self, *, now: bool = False) -> None:
         """Retry the backlog if one waits and its retry time has come (every engine turn), or `now`."""
@@ -101,12 +117,16 @@ class WriteBehindJournal:
             if now:
                 self._retry_at = 0.0
             self._write_if_due()
+            self._rescue_if_due(changed=False)
 
     def held(self) -> Held:
         """What the journal has not taken yet (for a rescue file at shutdown), in write order."""
         with self._lock:
-            decisions = tuple((tuple(actions), cursor) for actions, cursor in self._decisions)
-            return Held(decisions, tuple(self._outcomes))
+            return self._held_now()
+
+    def _held_now(self) -> Held:
+        decisions = tuple((tuple(actions), cursor) for actions, cursor in self._decisions)
+        return Held(decisions, tuple(self._outcomes))
 
     def health(self) -> JournalHealth:
         """The journal's state for `/health` and the status view."""
@@ -157,6 +177,27 @@ class WriteBehindJournal:
             self.journal.mark_outcome(outcome.dedupe_key, outcome.status, outcome.error, outcome.sent_ms)
             self._outcomes.pop(0)
 
+    def _rescue_if_due(self, *, changed: bool, urgent: bool = False) -> None:
+        """Keep the rescue file current while the journal fails (see the class docstring)."""
+        if self._since_ms is None or not self._rescue_paths:
+            return
+        self._rescue_due = self._rescue_due or changed
+        if not self._rescue_due:
+            return
+        now = self._monotonic()
+        if not urgent and now < self._rescued_at + self._retry_every_s:
+            return
+        if journal_rescue.save(self._held_now(), self._rescue_paths, quiet=True) is None:
+            if not self._rescue_refused_said:
+                self._rescue_refused_said = True
+                log.critical(
+                    "journal_rescue_failing",
+                    paths=[str(p) for p in self._rescue_paths],
+                    note="held decisions are in memory only: a kill now would lose them",
+                )
+            return
+        self._rescue_due, self._rescued_at = False, now
+
     def _note_failure(self, error: str) -> None:
         self._retry_at = self._monotonic() + self._retry_every_s
         self._last_error = error
@@ -176,6 +217,9 @@ class WriteBehindJournal:
         log.warning("journal_recovered", written=written, failing_since_ms=self._since_ms)
         self._since_ms = None
         self._last_error = None
+        if self._rescue_paths:
+            journal_rescue.discard(self._rescue_paths)
+            self._rescue_due, self._rescue_refused_said = False, False
         self._on_recovered(written)
 
 

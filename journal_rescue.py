@@ -1,12 +1,13 @@
-"""Decisions the journal still refused at shutdown, kept in a rescue file and written at the next start.
+"""Decisions the journal refuses, kept in a rescue file and written at the next start.
 
 While the journal cannot be written (disk full, a lock held, a read-only file) the live daemon keeps
 its decisions in memory (`delivery.WriteBehindJournal`). A stop in that state (a deploy, SIGTERM)
-would lose them: the restart would resume a position whose SELL was already sent, and send it again
-with other numbers, or forget a BUY and its alerts. So the held decisions and delivery outcomes are
-pickled to the first of `rescue_paths` that accepts them (the data folder, else the system's temporary
-folder, for a data disk that is full), and the next start writes them to the journal, in order, before
-it reads any state. The file is written and read only by this program (pickle: never put one there).
+or a kill would lose them: the restart would resume a position whose SELL was already sent, and send it
+again with other numbers, or forget a BUY and never sell it. So the held decisions and delivery outcomes
+are pickled to the first of `rescue_paths` that accepts them (the data folder, else the system's
+temporary folder, for a data disk that is full), kept current while the journal fails and written once
+more at a stop, and the next start writes them to the journal, in order, before it reads any state.
+The file is written and read only by this program (pickle: never put one there).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import pickle
 import sqlite3
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,17 +58,33 @@ def rescue_paths(data_dir: Path) -> tuple[Path, Path]:
     return data_dir / RESCUE_NAME, Path(tempfile.gettempdir()) / f"iwm-alerter-{digest}.{RESCUE_NAME}"
 
 
-def save(held: Held, paths: Sequence[Path]) -> Path | None:
-    """Write `held` to the first path that takes it whole (temp file, fsync, rename); None if none does."""
+def save(held: Held, paths: Sequence[Path], *, quiet: bool = False) -> Path | None:
+    """Write `held` to the first path that takes it whole (temp file, fsync, rename); None if none does.
+
+    The rescues at the other paths are removed once it is written: each save holds everything not yet
+    in the journal, so an older one there is a stale part of this one. `quiet` leaves refusals unsaid
+    (the write-behind journal saves often while failing and says a failing rescue once itself).
+    """
     data = pickle.dumps((RESCUE_FORMAT, held), protocol=pickle.HIGHEST_PROTOCOL)
     for path in paths:
         try:
             _write_atomically(path, data)
         except OSError as exc:
-            log.error("journal_rescue_not_written", path=str(path), error=str(exc))
+            if not quiet:
+                log.error("journal_rescue_not_written", path=str(path), error=str(exc))
             continue
+        discard(p for p in paths if p != path)
         return path
     return None
+
+
+def discard(paths: Iterable[Path]) -> None:
+    """Remove the rescues at `paths` (their writes are in the journal now); a refusal is said, not raised."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("journal_rescue_not_removed", path=str(path), error=str(exc))
 
 
 def load(paths: Sequence[Path]) -> list[tuple[Path, Held]]:

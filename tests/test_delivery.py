@@ -167,3 +167,75 @@ def test_an_unreadable_rescue_file_is_set_aside_and_said(tmp_path: Path) -> None
     path.write_bytes(b"not a pickle")
     assert journal_rescue.load((path,)) == []
     assert not path.exists() and (tmp_path / "journal.rescue.bad").read_bytes() == b"not a pickle"
+
+
+class Ticks:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_held_writes_are_in_a_rescue_file_at_once_so_a_kill_loses_no_buy_or_sent_mark(
+    tmp_path: Path,
+) -> None:
+    """A SIGKILL skips every stop: the rescue file kept while failing is all the next start has."""
+    paths = rescue_paths(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    ticks = Ticks()
+    writer = WriteBehindJournal(
+        journal, clock_ms=lambda: 0, monotonic=ticks, retry_every_s=5.0, rescue_paths=paths
+    )
+    try:
+        disk_full(journal)
+        writer.record([opened(), alert("BUY:1", BIG)])
+        writer.mark("BUY:1", "sent", None, 111)
+        # Killed here: nothing of the writer runs again; the next start reads the rescue.
+        ((path, held),) = journal_rescue.load(paths)
+        disk_full(journal, False)
+        journal_rescue.write_to(journal, held)
+    finally:
+        paths[1].unlink(missing_ok=True)
+    assert path == paths[0]
+    assert journal.restored_state("2025-10-02").position is not None
+    assert [(r[1], r[7], r[10]) for r in journal.table_rows("outbox")] == [("BUY:1", "sent", 111)]
+    journal.close()
+
+
+def test_mark_updates_alone_refresh_the_rescue_at_most_once_per_retry_and_recovery_removes_it(
+    tmp_path: Path,
+) -> None:
+    paths = rescue_paths(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    ticks = Ticks()
+    writer = WriteBehindJournal(
+        journal, clock_ms=lambda: 0, monotonic=ticks, retry_every_s=5.0, rescue_paths=paths
+    )
+    writer.record([opened()])
+    disk_full(journal)
+    writer.record([alert("X:1", BIG)])
+    writer.record([UpdatePosition("2025-10-02-01", 1.6, 1.6, None)])
+
+    def rescued_peak() -> float:
+        ((_path, held),) = journal_rescue.load(paths)
+        updates = [a for actions, _ in held.decisions for a in actions if isinstance(a, UpdatePosition)]
+        return updates[-1].peak if updates else 0.0
+
+    assert rescued_peak() == 0.0  # within the retry time of the urgent save: not written yet
+    ticks.now += 5.0
+    writer.catch_up()
+    assert rescued_peak() == 1.6  # the retry brought it up to date
+    writer.record([UpdatePosition("2025-10-02-01", 1.7, 1.7, None)])
+    assert rescued_peak() == 1.6
+    disk_full(journal, False)
+    ticks.now += 5.0
+    writer.catch_up()
+    assert not writer.health().failing
+    assert not paths[0].exists() and not paths[1].exists()
+    assert journal.restored_state("2025-10-02").position.peak == 1.7
+    journal.close()
