@@ -721,7 +721,10 @@ class Notifier:
         refusal = self._on_refusal(item, result)
         if refusal is not None:
             return refusal
-        if result.timed_out and self._timed_out_too_often(item):
+        # A request that left and got no answer (a timeout, or a reset after Pushover took it) may have
+        # arrived: both count towards the same bound, or resets could hold every later alert for good.
+        unanswered = result.timed_out or (left and result.retry and result.status is None)
+        if unanswered and self._timed_out_too_often(item):
             if self._fallback is not None:
                 log.warning(
                     "pushover_timed_out_twice",
@@ -777,7 +780,8 @@ class Notifier:
         except Exception as exc:  # noqa: BLE001 - a fallback bug must not hold the queue unmarked
             result = _unexpected_failure("fallback_send_failed", item, exc)
         if not result.ok:
-            self._schedule_retry()
+            # Only the fallback's own back-off grows: Pushover keeps its retry time (pushing it out too
+            # kept alerts from a Pushover that had answered again for two more minutes).
             # A failing fallback must not keep alerts from a Pushover that may answer again.
             self._fallback_first_until = None
             self._fallback_failures += 1
@@ -846,10 +850,9 @@ class Notifier:
         # Bounded, so that one alert that can never get an answer in time (a chart on a slow link)
         # cannot hold every later alert for good; several minutes of resends cover a Pushover outage.
         self._timeouts.pop(item.dedupe_key, None)
-        self._journal.mark_failed(
-            item.id, f"{result.error}; timed out {GIVE_UP_TIMEOUTS} times, may have arrived"
-        )
-        self._note_given_up(item, f"timed out {GIVE_UP_TIMEOUTS} times, may have arrived")
+        why = f"no answer {GIVE_UP_TIMEOUTS} times, may have arrived"
+        self._journal.mark_failed(item.id, f"{result.error}; {why}")
+        self._note_given_up(item, why)
         log.error(
             "pushover_timed_out_too_often",
             action="moving on: the alert may or may not have reached the phone",
@@ -867,7 +870,7 @@ class Notifier:
 
     def _on_refused_for_now(self, item: OutboxItem, result: SendResult) -> None:
         every = f"{self._refused_retry_s:.0f} s"
-        problem = f"Pushover refused the service ({result.error}): alerts held, retried every {every}"
+        problem = f"Pushover refused the service ({result.error}): {self._held_or_by_fallback()}, retried every {every}"
         if self._hold(item, result, self._refused_retry_s, problem):
             log.critical(
                 "pushover_refused",
@@ -878,8 +881,12 @@ class Notifier:
                 **_fields(item, result),
             )
 
+    def _held_or_by_fallback(self) -> str:
+        return "alerts go by the fallback" if self._fallback is not None else "alerts held"
+
     def _on_quota(self, item: OutboxItem, result: SendResult) -> None:
-        problem = "Pushover message quota used up (HTTP 429): alerts held until it is reset or raised"
+        held = self._held_or_by_fallback()
+        problem = f"Pushover message quota used up (HTTP 429): {held} until it is reset or raised"
         if self._hold(item, result, self._quota_retry_s, problem):
             log.critical(
                 "pushover_quota_exhausted",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -490,6 +493,7 @@ def test_quota_exhausted_sends_by_the_fallback_in_order(journal: Journal, server
     assert posts == [f"IWM 0DTE CALL — alert {n}" for n in (1, 2, 3)]
     assert server.requests == 1  # Pushover asked once, then left alone while out of quota
     assert notifier.health().channel == "fallback" and not notifier.health().blocked
+    assert "alerts go by the fallback until it is reset" in (notifier.health().problem or "")
     assert [e["event"] for e in logs].count("alert_sent_by_fallback") == 3
     assert [r[1] for r in outbox(journal)] == ["sent", "sent", "sent"]
 
@@ -1097,7 +1101,7 @@ def test_an_alert_that_never_gets_an_answer_is_given_up_after_several_minutes_of
     gave_up = notifier.health().gave_up
     assert (
         gave_up
-        == f"1 alert(s) not delivered, the last: BUY (timed out {GIVE_UP_TIMEOUTS} times, may have arrived)"
+        == f"1 alert(s) not delivered, the last: BUY (no answer {GIVE_UP_TIMEOUTS} times, may have arrived)"
     )
 
 
@@ -1223,3 +1227,96 @@ def test_a_plain_resend_answered_with_a_refusal_of_the_service_holds_the_queue(j
     assert notifier.drain_once() == 0
     assert [r[1] for r in outbox(journal)] == ["pending"]
     assert notifier.health().blocked and not notifier.health().lost_trade
+
+
+class ResettingServer:
+    """An HTTP server that reads each whole request, then resets the connection: Pushover may have
+    taken the message, and no answer comes back."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/1/messages.json"
+        self.requests = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            with connection:
+                self._read_request(connection)
+                self.requests += 1
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    @staticmethod
+    def _read_request(connection: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += connection.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            body += connection.recv(65536)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_resets_after_the_request_left_are_bounded_like_timeouts_so_later_alerts_go(
+    journal: Journal,
+) -> None:
+    """A reset after the body left may follow a delivery: resent marked, then given up like timeouts
+    (an audit's Pushover that reset every answer held the BUY and SELL behind START for good)."""
+    from alerts import GIVE_UP_TIMEOUTS
+
+    server = ResettingServer()
+    journal.record([alert(1), alert(2)])
+    client = PushoverClient(TOKEN, USER, server.url, timeout=2.0)
+    notifier = make_notifier(journal, client, min_retry_s=0.01, max_retry_s=0.01)
+    try:
+        for _ in range(GIVE_UP_TIMEOUTS * 3):
+            notifier.drain_once()
+            if outbox(journal)[0][1] == "failed":
+                break
+            time.sleep(0.02)
+    finally:
+        server.close()
+    rows = outbox(journal)
+    assert rows[0][:2] == ("K:1", "failed") and "may have arrived" in (rows[0][3] or "")
+    assert rows[1][1] in ("pending", "sending"), "alert 2 is next in line"
+    assert server.requests in (GIVE_UP_TIMEOUTS, GIVE_UP_TIMEOUTS + 1)  # + alert 2's first try
+
+
+def test_a_failing_fallback_does_not_push_back_pushovers_own_retry(
+    journal: Journal, server: FakePushover
+) -> None:
+    from alerts import AppriseFallback
+    from sim.webhook_server import FakeWebhook
+
+    server.fail_with(500)
+    journal.record([alert(1), alert(2)])
+    clock = StepClock()
+    with FakeWebhook() as hook:
+        hook.fail_with(500)
+        notifier = make_notifier(
+            journal,
+            make_client(server),
+            fallback=AppriseFallback([hook.apprise_url]),
+            monotonic=clock,
+            min_retry_s=5.0,
+            max_retry_s=60.0,
+        )
+        assert notifier.drain_once() == 0  # t=100: Pushover fails, its retry at 105
+        clock.now = 161.0
+        assert notifier.drain_once() == 0  # Pushover fails again (down 61 s), its retry at 171
+        clock.now = 162.0
+        assert notifier.drain_once() == 0  # the fallback's turn: it fails too
+        assert hook.requests == 1
+        server.recover()
+        clock.now = 171.5
+        assert notifier.drain_once() == 2  # Pushover's own retry time: it answers again
+
+    assert titles(server) == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
