@@ -57,6 +57,11 @@ INFLATE_CHUNK = 1024 * 1024
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 # The longest line the reader holds; longer is dropped up to its newline and counted as one bad line.
 MAX_LINE_BYTES = 32 * 1024 * 1024
+# A stamp past 2100 is no clock's: one such line (read by the stdlib fallback as a Python int) had a
+# replay tick through every second up to it, for ever.
+MAX_STAMP_MS = 4_102_444_800_000
+# How far a line's stamp may stray from the newest one before the next line must confirm it.
+STAMP_LEAP_MS = 5 * 60_000
 _TAPE_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
 
 
@@ -458,6 +463,12 @@ def _complete_members_end(path: Path) -> tuple[int, bool]:
     return end, kept_last == b"\n"
 
 
+def _strays(leapt: int, newest: int | None, next_t: int) -> bool:
+    """Whether a line stamped `leapt` is a stray: the line after it is back near `newest`, far from it."""
+    assert newest is not None
+    return abs(next_t - newest) <= STAMP_LEAP_MS < abs(next_t - leapt)
+
+
 class TapeReader:
     """Iterates a tape's readable lines; never raises on damaged content.
 
@@ -489,17 +500,44 @@ class TapeReader:
 
     def records(self) -> Generator[LineFields, None, None]:
         """The readable lines as plain tuples in `TapeLine`'s field order: what iterating yields,
-        without a TapeLine per line (a full day's tape has tens of thousands of lines)."""
+        without a TapeLine per line (a full day's tape has tens of thousands of lines).
+
+        A line stamped more than STAMP_LEAP_MS away from the newest stamp so far, whose next line
+        carries on from before it, is a stray stamp and counted bad: taken, one line of a month
+        ahead had the replay tick through every second to it (a STALL and a SUMMARY for each day
+        on the way, and every later bar late). A last line that far ahead is counted bad alike.
+        A leap the next line confirms (a restart after hours of downtime) is kept.
+        """
         self.bad_lines = 0
         line_no = 0
         lazy = self.lazy_bodies
+        newest: int | None = None  # the newest stamp of the lines taken
+        held: LineFields | None = None  # a line that leapt, until the next line says which it is
         for raw in self._raw_lines():
             line_no += 1
             parsed = _parse_line(raw, line_no, lazy)
             if parsed is None:
                 self.bad_lines += 1
                 continue
+            t = parsed[1]
+            if held is not None:
+                if _strays(held[1], newest, t):
+                    self.bad_lines += 1
+                else:
+                    yield held
+                    newest = held[1]
+                held = None
+            if newest is not None and not -STAMP_LEAP_MS <= t - newest <= STAMP_LEAP_MS:
+                held = parsed
+                continue
+            if newest is None or t > newest:
+                newest = t
             yield parsed
+        if held is not None:
+            if newest is not None and held[1] > newest:
+                self.bad_lines += 1
+            else:
+                yield held
 
     def _raw_lines(self) -> Iterator[bytes]:
         with open(self.path, "rb") as fh:
@@ -717,7 +755,7 @@ def _parse_line(raw: bytes, line_no: int, lazy_bodies: bool = False) -> LineFiel
     if type(record) is not dict:
         return None
     t = record.get("t")
-    if type(t) is not int:  # bool is an int subclass, and not a stamp
+    if type(t) is not int or not 0 <= t <= MAX_STAMP_MS:  # bool is an int subclass, and not a stamp
         return None
     return _shape_line(record, t, line_no)
 

@@ -506,3 +506,48 @@ def test_a_secret_a_peer_echoed_never_reaches_the_tape(tmp_path: Path) -> None:
     assert lines[1].payload[0]["message"] == "bad key ***" and lines[2].payload == "not json ***"
     assert (lines[3].path, lines[3].payload["error"]) == ("/v3/x?cursor=p2", "key *** unknown")
     assert lines[4].payload["next_url"] == "https://h/v3/y?cursor=p3"
+
+
+T0 = 1_759_411_800_000  # 2025-10-02 09:30 ET
+DAY_MS = 86_400_000
+
+
+def read_stamps(tmp_path: Path, stamps: list[int]) -> tuple[list[int], int]:
+    """The stamps a reader yields of a tape whose lines carry `stamps` (the first one is the meta line)."""
+    meta = {"format": "tape/1", "underlying": "IWM", "benchmark": "SPY"}
+    rows = [json.dumps({"t": stamps[0], "meta": meta})]
+    rows += [json.dumps({"t": t, "ws": []}) for t in stamps[1:]]
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode(), mtime=0))
+    reader = TapeReader(path)
+    return [line.t for line in reader], reader.bad_lines
+
+
+@pytest.mark.parametrize("stray", [T0 + 30 * DAY_MS, T0 + 3_600_000, T0 - 5 * DAY_MS, 1])
+def test_a_line_stamped_far_from_its_neighbours_is_a_bad_line(tmp_path: Path, stray: int) -> None:
+    """Taken, a line a month ahead made the replay tick through every second to it (a STALL and a
+    SUMMARY per day on the way) and every later bar late: the day's trades were lost."""
+    stamps, bad = read_stamps(tmp_path, [T0, T0 + 1000, stray, T0 + 2000, T0 + 3000])
+    assert (stamps, bad) == ([T0, T0 + 1000, T0 + 2000, T0 + 3000], 1)
+
+
+def test_a_leap_the_next_lines_confirm_is_kept(tmp_path: Path) -> None:
+    """A restart after hours of downtime: the lines after the gap carry on from it."""
+    later = T0 + 6 * 3_600_000
+    stamps = [T0, T0 + 1000, later, later + 1000, later + 2000]
+    assert read_stamps(tmp_path, stamps) == (stamps, 0)
+
+
+@pytest.mark.parametrize("last", [T0 + 30 * DAY_MS, 2**70])
+def test_a_last_line_far_ahead_or_past_2100_is_a_bad_line(tmp_path: Path, last: int) -> None:
+    assert read_stamps(tmp_path, [T0, T0 + 1000, last]) == ([T0, T0 + 1000], 1)
+
+
+def test_a_stamp_past_2100_read_by_the_stdlib_fallback_is_a_bad_line(tmp_path: Path) -> None:
+    """orjson refuses the NaN, the stdlib reads the huge stamp as an int: it ticked for ever."""
+    path = tmp_path / "t.jsonl.gz"
+    rows = [f'{{"t":{T0},"ws":[]}}', '{"t":1180591620717411303424,"ws":[{"ev":"A","c":NaN}]}']
+    rows.append(f'{{"t":{T0 + 1000},"ws":[]}}')
+    path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode(), mtime=0))
+    reader = TapeReader(path)
+    assert ([line.t for line in reader], reader.bad_lines) == ([T0, T0 + 1000], 1)
