@@ -11,12 +11,17 @@ Results come back as the plain dataclasses the tasks return.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
 import logging
 import os
+import shutil
+import stat
+import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,7 @@ from executors import ExecutorError
 from tape_cache import content_digest
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # While a run waits on the cluster it looks every CHECK_EVERY_S whether the scheduler still answers (within
 # SCHEDULER_ANSWER_S) and still has workers (none for NO_WORKERS_S ends the run): a run whose workers had all
 # gone waited in silence for ever.
@@ -38,6 +44,9 @@ ADDRESS_VARIABLE = "DASK_SCHEDULER_ADDRESS"
 LOCAL_PREFIX = "local:"
 CACHE_FOLDER = "iwm-alerter-cache"
 URL_MARK = "://"
+FILE_SCHEME = "file://"
+# Group or others may write: anyone who can write a cache folder can plant a pickle that tape_cache loads.
+SHARED_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +61,14 @@ class TapeRef:
 def is_url(tape: Path | str) -> bool:
     """Whether a tape argument is an fsspec URL (`s3://...`) rather than a local path."""
     return isinstance(tape, str) and URL_MARK in tape
+
+
+def fsspec_url(url: str) -> str:
+    """`url` as fsspec must get it: a `file://` URL percent-decoded (fsspec takes its path literally, so
+    `Path.as_uri()`'s `a%20b` named no file); a raw one (`file:///tmp/a b`) decodes to itself."""
+    if url.startswith(FILE_SCHEME):
+        return urllib.parse.unquote(url)
+    return url
 
 
 def scheduler_address(flag: str | None, environ: dict[str, str] | os._Environ[str]) -> str | None:
@@ -74,12 +91,51 @@ class TapeMissing(Exception):
 
 
 def worker_cache_root(local_directory: str | None = None) -> Path:
-    """This worker machine's cache: beside the workers' scratch folders, so it outlives one cluster."""
+    """This worker machine's cache: beside the workers' scratch folders, so it outlives one cluster.
+
+    Only a private folder is used (`private_cache_root`): the cache holds pickles that tape_cache loads.
+    """
     if local_directory is None:
         from distributed import get_worker
 
         local_directory = get_worker().local_directory
-    return Path(local_directory).parent / CACHE_FOLDER
+    return private_cache_root(str(Path(local_directory).parent / CACHE_FOLDER))
+
+
+@functools.cache
+def private_cache_root(wanted: str) -> Path:
+    """`wanted`, made with mode 0o700 if absent, when it and its parent are private to this user; else a
+    fresh private temporary folder for this process, said once in the log.
+
+    A folder another user owns or may write (Dask's scratch space in a shared /tmp) lets them plant a
+    pickle the worker would load: code run as this user.
+    """
+    root = Path(wanted)
+    problem = not_private(root.parent)  # one who may write the parent may swap the folder in it
+    if problem is None:
+        with contextlib.suppress(FileExistsError):
+            root.mkdir(mode=0o700)
+        problem = not_private(root)
+    if problem is None:
+        return root
+    fallback = Path(tempfile.mkdtemp(prefix="iwm-alerter-cache-"))  # 0o700, a name no one could guess
+    log.warning("tape cache %s not used (%s); this worker caches in %s instead", root, problem, fallback)
+    return fallback
+
+
+def not_private(folder: Path) -> str | None:
+    """Why `folder` is not private to this user (a symlink, another owner, writable by others), or None."""
+    try:
+        info = folder.lstat()  # lstat: a planted symlink must not pass as the folder it points to
+    except OSError as exc:
+        return f"{folder}: {one_line(exc)}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{folder} is not a folder"
+    if info.st_uid != os.getuid():
+        return f"{folder} is owned by uid {info.st_uid}"
+    if info.st_mode & SHARED_WRITE:
+        return f"{folder} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
 
 
 def held_digests(dask_worker: Any) -> list[str]:
@@ -105,7 +161,7 @@ def worker_tape(ref: TapeRef, data: bytes | None) -> Path:
     if data is None:
         import fsspec
 
-        with fsspec.open(ref.url, "rb") as handle:
+        with fsspec.open(fsspec_url(ref.url), "rb") as handle:
             data = handle.read()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{ref.name}.{os.getpid()}.partial")
@@ -136,9 +192,10 @@ def tape_ref(tape: Path | str, data: bytes | None) -> TapeRef:
     if is_url(tape):
         import fsspec
 
-        fs, inner = fsspec.core.url_to_fs(str(tape))
-        identity = hashlib.sha256(f"{tape}\0{fs.ukey(inner)}".encode()).hexdigest()[:32]
-        return TapeRef(str(tape).rsplit("/", 1)[-1], identity, str(tape))
+        url = fsspec_url(str(tape))
+        fs, inner = fsspec.core.url_to_fs(url)
+        identity = hashlib.sha256(f"{url}\0{fs.ukey(inner)}".encode()).hexdigest()[:32]
+        return TapeRef(url.rsplit("/", 1)[-1], identity, url)
     assert data is not None
     return TapeRef(Path(tape).name, hashlib.sha256(data).hexdigest()[:32])
 
@@ -160,12 +217,14 @@ class DaskDays:
         cache: bool,
         cluster: Any = None,
         *,
+        scratch: Path | None = None,
         code: str | None = None,
         check_every_s: float = CHECK_EVERY_S,
         no_workers_s: float = NO_WORKERS_S,
     ) -> None:
-        """`code`: the fingerprint the workers' project code must have (this checkout's by default)."""
-        self._client, self._cluster, self._cache = client, cluster, cache
+        """`code`: the fingerprint the workers' project code must have (this checkout's by default);
+        `scratch`: the started cluster's private folder, removed at `close`."""
+        self._client, self._cluster, self._cache, self._scratch = client, cluster, cache, scratch
         self._check_every_s, self._no_workers_s = check_every_s, no_workers_s
         self._no_workers_since: float | None = None
         self._same_code_everywhere(code or code_fingerprint())
@@ -294,10 +353,7 @@ class DaskDays:
 
     def close(self) -> None:
         """Release the scattered tapes, disconnect, and stop a cluster started for the run."""
-        with contextlib.suppress(Exception):  # closing after a lost scheduler must not hide the first error
-            self._client.close()
-            if self._cluster is not None:
-                self._cluster.close()
+        close_all(self._client, self._cluster, self._scratch)
 
     def __enter__(self) -> DaskDays:
         return self
@@ -310,17 +366,41 @@ class DaskDays:
 
 def connect(address: str, tapes: Sequence[Path | str], cache: bool) -> DaskDays:
     """A `DaskDays` on the scheduler at `address`, or on a fresh `LocalCluster` for `local:N`."""
-    with translated_errors():
-        from distributed import Client
+    client = cluster = scratch = None
+    try:
+        with translated_errors():
+            from distributed import Client
 
-        quiet_dask_logs()  # after the import: importing distributed sets its loggers' levels from its config
-        cluster = None
-        if address.startswith(LOCAL_PREFIX):
-            cluster = local_cluster(local_workers(address))
-            client = Client(cluster)
-        else:
-            client = Client(scheduler(address))
-    return DaskDays(client, tapes, cache, cluster)
+            # After the import: importing distributed sets its loggers' levels from its config.
+            quiet_dask_logs()
+            if address.startswith(LOCAL_PREFIX):
+                workers = local_workers(address)
+                # A private folder of its own: a run shares no cache with other runs or other users
+                scratch = private_scratch()
+                cluster = local_cluster(workers, str(scratch))
+                client = Client(cluster)
+            else:
+                client = Client(scheduler(address))
+        return DaskDays(client, tapes, cache, cluster, scratch=scratch)
+    except BaseException:
+        close_all(client, cluster, scratch)  # a refused cluster must not outlive the run
+        raise
+
+
+def private_scratch() -> Path:
+    """A fresh folder only this user can enter (mode 0o700) for a local cluster's workers."""
+    return Path(tempfile.mkdtemp(prefix="iwm-dask-"))
+
+
+def close_all(client: Any, cluster: Any, scratch: Path | None) -> None:
+    """Disconnect, stop a cluster started for the run, and remove its scratch folder (each may be None)."""
+    # Closing after a lost scheduler must not hide the first error.
+    for thing in (client, cluster):
+        if thing is not None:
+            with contextlib.suppress(Exception):
+                thing.close()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def scheduler(address: str) -> str:
@@ -343,18 +423,25 @@ def scheduler(address: str) -> str:
     return address
 
 
-def local_cluster(workers: int, local_directory: str | None = None) -> Any:
-    """A `LocalCluster` of `workers` single-threaded processes (a day task is pure Python: one core each)."""
+def local_cluster(workers: int, local_directory: str) -> Any:
+    """A `LocalCluster` of `workers` single-threaded processes (a day task is pure Python: one core each).
+
+    `local_directory` is required: Dask's default is the shared temporary folder, where the workers' tape
+    cache would be shared with every run and user of the machine (`private_scratch` gives a private one).
+    """
+    import dask
     from distributed import LocalCluster
 
-    return LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address="127.0.0.1:0",  # None is Dask's default :8787, which warns when taken
-        silence_logs=logging.ERROR,
-        local_directory=local_directory,
-    )
+    # The scheduler takes no local_directory: without this its scratch folder went to the shared one
+    with dask.config.set({"temporary-directory": local_directory}):
+        return LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address="127.0.0.1:0",  # None is Dask's default :8787, which warns when taken
+            silence_logs=logging.ERROR,
+            local_directory=local_directory,
+        )
 
 
 def local_workers(address: str) -> int:
@@ -387,13 +474,14 @@ def translated_errors() -> Iterator[None]:
     A task's own exception passes through unchanged: it is a bug to see with its traceback.
     """
     from distributed import KilledWorker
-    from distributed.client import FutureCancelledError
 
     try:
         yield
     except (OSError, TimeoutError) as exc:
         raise ExecutorError(f"Dask cluster unreachable or lost: {one_line(exc)}") from None
-    except (KilledWorker, FutureCancelledError) as exc:
+    # CancelledError covers Dask's FutureCancelledError and `wait`'s FuturesCancelledError (plural, not a
+    # subclass of the other): a worker lost with a scattered tape cancels the tasks that needed it.
+    except (KilledWorker, concurrent.futures.CancelledError) as exc:
         raise ExecutorError(f"Dask worker lost: {one_line(exc)}") from None
 
 

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import datetime
 import io
+import os
 import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import dask
 import pytest
-from conftest import short_script
+from conftest import ROOT, short_script
 from distributed import Client, LocalCluster
 
 from backtest import Io, main
 from backtest_report import write_sweep
-from dask_days import CACHE_FOLDER, DaskDays, local_cluster
+from dask_days import CACHE_FOLDER, DaskDays, local_cluster, private_cache_root
+from executors import ExecutorError
 from market_calendar import ny_ms
 from sim.market import SyntheticMarket, write_tape
 from sweep import parse_sweep, run_sweep, sweep_cells
@@ -184,3 +191,114 @@ def test_a_tape_url_that_is_no_tape_is_named_and_nothing_runs(tmp_path):
     status, _, err = run_cli([f"file://{text}", "--out", str(tmp_path / "report")])
     assert status == 2 and "Traceback" not in err
     assert f"file://{text}: cannot be read as a tape (JSONDecodeError: " in err
+
+
+def sweep_rows(tapes: list[Path] | list[str], executor: DaskDays | None = None) -> list[tuple[object, ...]]:
+    """A small sweep's results, on `executor` or on the local pool."""
+    cells = sweep_cells(parse_sweep(GRID[1::2]), {}, environ={}, env_file=None)
+    results = run_sweep(tapes, cells, executor=executor) if executor else run_sweep(tapes, cells, workers=2)
+    return [(r.params, r.trades, r.stats) for r in results]
+
+
+def test_the_worker_cache_is_a_private_folder(tapes, cluster):
+    """The cache holds pickles the workers load: a folder others may write lets them run code as us."""
+    with Client(cluster) as client:
+        sweep_rows(tapes, DaskDays(client, tapes, cache=True))
+    assert stat.S_IMODE(worker_cache(cluster).stat().st_mode) == 0o700
+
+
+def test_a_cache_folder_others_may_write_is_not_used(tapes, tmp_path):
+    """Dask's scratch space in the shared temp folder held a cache every user of the machine could fill."""
+    scratch = tmp_path / "scratch"
+    shared = scratch / "dask-scratch-space" / CACHE_FOLDER
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)  # as another user's run, or an attacker, could have left it
+    with local_cluster(1, local_directory=str(scratch)) as local, Client(local) as client:
+        assert sweep_rows(tapes, DaskDays(client, tapes, cache=True)) == sweep_rows(tapes)
+    assert list(shared.iterdir()) == [], "nothing written to, nor read from, the shared folder"
+
+
+@pytest.mark.parametrize("flaw", ["writable parent", "writable root", "symlink", "other owner"])
+def test_a_cache_root_not_private_to_this_user_is_replaced_by_a_fresh_private_one(flaw, tmp_path):
+    parent = tmp_path / "scratch"
+    parent.mkdir(mode=0o700)
+    root = parent / CACHE_FOLDER
+    if flaw == "writable parent":
+        parent.chmod(0o777)
+    elif flaw == "writable root":
+        root.mkdir(mode=0o700)
+        root.chmod(0o770)
+    elif flaw == "symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        root.symlink_to(tmp_path / "elsewhere")
+    else:
+        if os.getuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        root.mkdir(mode=0o700)
+        os.chown(root, os.getuid() + 4242, -1)
+    used = private_cache_root(str(root))
+    assert used != root
+    assert used.stat().st_uid == os.getuid() and stat.S_IMODE(used.stat().st_mode) == 0o700
+    shutil.rmtree(used)
+
+
+def test_a_private_cache_root_is_made_with_mode_700(tmp_path):
+    parent = tmp_path / "scratch"
+    parent.mkdir(mode=0o755)
+    root = private_cache_root(str(parent / CACHE_FOLDER))
+    assert root == parent / CACHE_FOLDER and stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
+def test_a_local_cluster_run_keeps_its_scratch_private_and_removes_it(tapes, tmp_path):
+    """`--dask local:N` put its workers' cache in the shared temp folder, where it outlived the run."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    command = [sys.executable, "backtest.py", str(tapes[0]), "--no-charts", "--out", str(tmp_path / "r")]
+    environ = {**os.environ, "TMPDIR": str(temp), "DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run(
+        [*command, "--dask", "local:1"], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert list(temp.iterdir()) == [], "the run's private scratch folder is gone, nothing else was made"
+
+
+def test_a_worker_killed_mid_run_is_one_line_not_a_traceback(tapes, tmp_path):
+    """A worker lost with a scattered tape cancelled its tasks: `wait` raised FuturesCancelledError (plural),
+    which was not translated, and the run ended in a 43-line traceback."""
+    with local_cluster(2, local_directory=str(tmp_path)) as local, Client(local) as client:
+        executor = DaskDays(client, tapes, cache=False)  # the tapes are scattered over both workers
+        holder = next(iter(client.who_has(executor.data[0]).values()))[0]
+        pid = client.run(os.getpid, workers=[holder])[holder]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while holder in client.scheduler_info()["workers"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(ExecutorError, match=r"^Dask worker lost: ") as caught:
+            sweep_rows(tapes, executor)
+    assert "\n" not in str(caught.value)
+
+
+def test_percent_encoded_and_raw_file_urls_name_the_same_tapes(tapes, cluster, tmp_path):
+    """`Path.as_uri()` writes `file:///tmp/a%20b/...`; fsspec took the `%20` literally: no such tape."""
+    folder = tmp_path / "a b%"
+    folder.mkdir()
+    copies = [Path(shutil.copy(t, folder / t.name)) for t in tapes]
+    encoded = [copy.as_uri() for copy in copies]
+    raw = [f"file://{copy}" for copy in copies]
+    assert "%20" in encoded[0] and " " in raw[0]
+    pool = sweep_rows(tapes)
+    with Client(cluster) as client:
+        for urls in (encoded, raw):
+            executor = DaskDays(client, urls, cache=False)
+            assert [ref.name for ref in executor.refs] == [t.name for t in tapes]
+            assert sweep_rows(urls, executor) == pool
+
+
+def test_the_dask_bench_ships_every_tape_in_each_timed_run(tmp_path):
+    """The bench's Dask figures claimed to include shipping the tapes, but the workers' cache (shared by
+    every cluster) held them already: nothing was shipped in the timed run. Figures only, no time asserted."""
+    bench = [sys.executable, "bench/dask_sweep.py", "--days", "1", "--repeat", "1", "--data", str(tmp_path)]
+    done = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    shipped = [line for line in done.stdout.splitlines() if line.startswith("dask, ")]
+    assert len(shipped) == 2 and all(", 1 tape(s) shipped" in line for line in shipped), done.stdout
