@@ -38,6 +38,7 @@ WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
 DECIMAL_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # Variables that no field is named after but that the loader reads all the same.
 EXTRA_NAMES = frozenset({"MASSIVE_API_KEY"})
+MIN_SHOWN_SECRET = 8  # a secret value shorter than this is not looked for inside other values
 # Names under DATA_DIR that several commands share. They live here, not with the code that acts on
 # them, so that a short command (`--status`, `--pause`) need not import the daemon (httpx, websockets).
 PAUSE_FILE = "PAUSE"  # present: the running daemon takes no new entries
@@ -79,7 +80,7 @@ class Rules:
     vwap_exit_blocks: int = _num(2, 1, 1000)
     vwap_block_seconds: int = _num(30, 1, 3600)
     contracts: int = _num(1, 1, 10000)
-    critical_loss_threshold: float = _num(-500.0, None, None)
+    critical_loss_threshold: float = _num(-500.0, None, 0)  # a loss: +500 alerted after every win
     leadership_window_seconds: int = _num(300, 1, 23400)
     spy_iwm_lag_threshold: float = _num(0.20, 0, None)
     relative_volume_window_seconds: int = _num(60, 1, 3600)
@@ -187,6 +188,13 @@ def mask(secret: str) -> str:
     return f"{secret[:4]}…({len(secret)} chars)"
 
 
+# A word shaped like an API key or token: 16 or more letters and digits (both), no separator a number,
+# time, path or URL would have. In a problem line it is masked: most likely a key on the wrong line.
+_KEY_SHAPED_WORD = re.compile(
+    r"(?<![A-Za-z0-9_-])(?=[A-Za-z_-]*[0-9])(?=[0-9_-]*[A-Za-z])[A-Za-z0-9_-]{16,}(?![A-Za-z0-9_-])"
+)
+
+
 def _shown(name: str, raw: str) -> str:
     return mask(raw) if name in SECRET_NAMES else repr(raw)
 
@@ -272,6 +280,10 @@ def _folder_path(raw: str) -> Path:
     """A path as given; an empty value is refused (Path("") is the current folder, not the default)."""
     if not raw.strip():
         raise ValueError("expected a folder path, not an empty value (leave it unset for the default ./data)")
+    if any(ord(char) < 32 for char in raw.strip()):
+        raise ValueError(
+            "expected a folder path; this one holds a control character (a NUL, a tab, a newline)"
+        )
     return Path(raw.strip())
 
 
@@ -588,7 +600,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
     settings = Settings(rules=rules, **_normalised(_read_fields(Settings, env, problems)))
     problems += _cross_checks(rules, settings, key_name)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_without_secrets(problems, env))
     return settings
 
 
@@ -724,7 +736,21 @@ def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, st
     try:
         settings = settings_from_env(merged)
     except ConfigError as exc:
-        raise ConfigError(problems + exc.problems) from None
+        raise ConfigError(_without_secrets(problems, merged) + exc.problems) from None
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_without_secrets(problems, merged))
     return settings
+
+
+def _without_secrets(problems: list[str], env: Mapping[str, str]) -> list[str]:
+    """Problem lines with every secret of `env` and every key-shaped word masked: a key pasted on the
+    wrong line (STOP_LOSS_PERCENT=<key>, PUSHOVER_API_URL=<token>) was printed whole, to Render's logs."""
+    secrets = {env.get(name, "").strip() for name in (*SECRET_NAMES, *EXTRA_NAMES)}
+    secrets = {secret for secret in secrets if len(secret) >= MIN_SHOWN_SECRET}
+
+    def scrub(line: str) -> str:
+        for secret in secrets:
+            line = line.replace(secret, mask(secret))
+        return _KEY_SHAPED_WORD.sub(lambda found: mask(found.group()), line)
+
+    return [scrub(line) for line in problems]

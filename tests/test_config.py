@@ -652,3 +652,33 @@ def test_an_empty_data_dir_is_refused_rather_than_meaning_the_current_folder(val
         settings_from_env({"DATA_DIR": value})
     assert [p.split("=")[0] for p in caught.value.problems] == ["DATA_DIR"]
     assert "unset it" in str(caught.value) or "leave it unset" in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["STOP_LOSS_PERCENT", "PUSHOVER_API_URL", "NO_ENTRY_AFTER", "UNDERLYING"])
+def test_a_key_pasted_on_the_wrong_line_is_masked_in_the_problem(name: str) -> None:
+    """The refused value was printed whole, to the terminal and to Render's logs."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({name: TOKEN})
+    shown = str(caught.value).lower()  # a ticker is upper-cased before it is checked
+    assert TOKEN.lower() not in shown and f"{name.lower()}='azgd…(30 chars)'" in shown
+
+
+def test_a_secret_set_elsewhere_is_masked_inside_another_refused_value() -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"POLYGON_API_KEY": "short-key-1", "STOP_LOSS_PERCENT": "x short-key-1"})
+    assert "short-key-1" not in str(caught.value)
+
+
+def test_ordinary_refused_values_are_still_shown() -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"STOP_LOSS_PERCENT": "fifteen", "SIM_CLOCK_START": "2025-10-02T09:30:00"})
+    assert "STOP_LOSS_PERCENT='fifteen'" in str(caught.value)
+    assert "SIM_CLOCK_START='2025-10-02T09:30:00'" in str(caught.value)
+
+
+@pytest.mark.parametrize(("name", "value"), [("DATA_DIR", "data\x00dir"), ("CRITICAL_LOSS_THRESHOLD", "500")])
+def test_values_that_cannot_mean_what_they_say_are_refused(name: str, value: str) -> None:
+    """A NUL in DATA_DIR was a traceback; a positive loss threshold sent CRITICAL LOSS after a win."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({name: value})
+    assert str(caught.value).startswith(f"{name}=")
