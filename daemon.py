@@ -78,6 +78,7 @@ EXIT_WATCHDOG = 3
 CONNECT_BEFORE_OPEN_MS = 5 * 60_000
 PROFILE_META = "volume_profile"
 REFUSED_RETRY_SECONDS = 60.0
+KEY_CHECK_LIMIT = 1  # results asked by the start-up key check: the answer's status is all it reads
 REFUSALS = {401: "unauthorized", 403: "not_entitled"}
 REFUSED_WHAT = {"unauthorized": "API key (HTTP 401)", "not_entitled": "plan (HTTP 403: options not included)"}
 TAPE_FLUSH_SECONDS = 5.0
@@ -230,6 +231,7 @@ class Daemon:
         self._rest_refused: str | None = None
         self._bad_inputs_said, self._bad_inputs_said_at = 0, -math.inf  # see _say_bad_inputs
         self._refusal_said: str | None = None  # the refusal last alerted, until a 200 comes back
+        self._key_checked = False  # the off-hours start-up key check was made (or is not needed)
         self.rest = PolygonRest(
             settings.polygon_rest_url,
             settings.polygon_api_key,
@@ -767,6 +769,9 @@ class Daemon:
         chain_problem = self._chain_poll_problem()
         if chain_problem:
             failing.append(chain_problem)
+        stream_refused = self._stream_refused_problem()
+        if stream_refused:
+            failing.append(stream_refused)
         now = self.clock.now_ms()
         stream_problem = self.stream_watch.problem(now, self._open_session_ms(now))
         if stream_problem:
@@ -852,6 +857,14 @@ class Daemon:
             "their second ends): session times, the entry cut-off and the time stop fall as late"
         )
 
+    def _stream_refused_problem(self) -> str | None:
+        """The stream refusing the key (auth_failed), said at once as REST's refusal is: no redial can
+        fix a key, and "stream not connected" came only after STREAM_SILENCE_SECONDS, without a reason."""
+        stream = self.stream
+        if stream is None or stream.refused is None:
+            return None
+        return f"Polygon stream refuses the API key ({stream.refused}): no bars, no entries"
+
     def _stream_down_problem(self, now: int) -> str | None:
         """In session, a stream that has not been connected for STREAM_SILENCE_SECONDS, in words.
 
@@ -871,13 +884,14 @@ class Daemon:
 
     def _chain_poll_problem(self) -> str | None:
         """Chain polls must keep coming in session: without them no entry can be priced or exit marked."""
+        if self._rest_refused is not None:
+            # Said at once: the slow retry while refused would otherwise stretch the limit below to minutes.
+            # Outside the session too: the start-up key check finds a wrong key hours before the open.
+            return f"Polygon REST refuses the {REFUSED_WHAT[self._rest_refused]}: no option chain, no entries"
         now = self.clock.now_ms()
         session = self.calendar.session_at(now)
         if session is None or not session.open_ms <= now < session.close_ms:
             return None
-        if self._rest_refused is not None:
-            # Said at once: the slow retry while refused would otherwise stretch the limit below to minutes.
-            return f"Polygon REST refuses the {REFUSED_WHAT[self._rest_refused]}: no option chain, no entries"
         limit_s = max(CHAIN_POLL_STALE_MIN_S, CHAIN_POLL_STALE_FACTOR * self._chain_interval_ms() / 1000)
         quiet_s = (time.monotonic() - self._last_chain_poll) / self.clock.sleep_scale()
         if quiet_s > limit_s:
@@ -1037,21 +1051,51 @@ class Daemon:
         """The chain every CHAIN_POLL_SECONDS in session (and the volume profile once a day)."""
         next_chain = 0
         profile_day: date | None = None
+        self._check_key_off_hours()
         while not self.stop.is_set():
             self.supervisor.beat("poller")
             now = self.clock.now_ms()
-            session = self.calendar.session_at(now)
-            live = session is not None and session.open_ms - CONNECT_BEFORE_OPEN_MS <= now < session.close_ms
-            if not live:
+            session = self._polling_session(now)
+            if session is None:
                 self._last_chain_poll = time.monotonic()  # nothing is due outside the session
-            if live and session is not None:
+            else:
                 if profile_day != session.date:
                     self._fetch_profile(session.date)
                     profile_day = session.date
                 if now >= next_chain:
-                    next_chain = now + self._chain_interval_ms()
+                    polled_at = self.clock.now_ms()  # the day's profile fetch may have come first
                     self._poll_chain(session.date)
+                    # After the poll: its answer may start or end a refusal, which sets the interval
+                    # (a recovering 200 had waited the refused state's minute, entries blocked meanwhile).
+                    next_chain = polled_at + self._chain_interval_ms()
             self.stop.wait(0.2 * self.clock.sleep_scale())
+
+    def _polling_session(self, now: int) -> Session | None:
+        """The session whose REST polls are due at `now` (from CONNECT_BEFORE_OPEN_MS before its open
+        to its close), else None."""
+        session = self.calendar.session_at(now)
+        if session is None or not session.open_ms - CONNECT_BEFORE_OPEN_MS <= now < session.close_ms:
+            return None
+        return session
+
+    def _check_key_off_hours(self) -> None:
+        """Once per daemon, started outside the polling hours: one cheap chain request, so that a wrong
+        key deployed in the evening is said now, not at the next 09:25 (no REST or stream call comes
+        before then). Only a 401 or 403 judges the key, through the path a refused chain poll takes
+        (one FEED ERROR, /health failing); any other answer says nothing about it and is only logged.
+        In the polling hours the first chain poll, due at once, judges the key itself."""
+        if self._key_checked:
+            return
+        self._key_checked = True  # before the request: a poller restarted after a crash asks no more
+        if self._polling_session(self.clock.now_ms()) is not None:
+            return
+        answer = self.rest.get(f"/v3/snapshot/options/{self.rules.underlying}?limit={KEY_CHECK_LIMIT}")
+        if answer.status in REFUSALS:
+            self._put_answers([answer], judge_access=True)
+        elif answer.status == 200:
+            log.info("polygon_key_accepted", path=answer.path)
+        else:
+            log.warning("polygon_key_not_checked", status=answer.status, error=self.rest.last_error)
 
     def _marks_poll_loop(self) -> None:
         """The held contract every POSITION_POLL_SECONDS, on a thread of its own: a chain poll that

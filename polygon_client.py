@@ -674,6 +674,11 @@ def _sym_patterns(sym: str) -> tuple[re.Pattern[str], re.Pattern[bytes]]:
     return re.compile(text), re.compile(text.encode())
 
 
+# Why the stream is down when the server refused it, for /health (never the key itself).
+AUTH_FAILED_ERROR = "stream refused the key (auth_failed)"
+MAX_CONNECTIONS_ERROR = "max_connections: another connection uses this key"
+
+
 class StreamSilent(Exception):
     """An open socket delivered nothing for too long during the session."""
 
@@ -719,9 +724,12 @@ class PolygonStream:
         topics: Sequence[str] | None = None,
         wait_scale: float = 1.0,
         gap_from_ms: int | None = None,
+        name: str | None = None,
     ) -> None:
         """`gap_from_ms`: where the caller's data stops before this stream starts (a start mid-session);
-        the first connection backfills from there, as every reconnect backfills from its last frame."""
+        the first connection backfills from there, as every reconnect backfills from its last frame.
+        `name` is bound to every log line ("stocks", or "options" when given `topics`): both clusters
+        log the same events, and an unnamed `stream_down` could not say which one was down."""
         if not symbols and topics is None:
             raise ValueError("PolygonStream needs at least one symbol")
         self.url = url
@@ -753,6 +761,8 @@ class PolygonStream:
         self._wait_scale = wait_scale
         self.silent_reconnects = 0
         self.last_error: str | None = None
+        # "auth_failed" from the server's refusal of the key until an auth succeeds: no redial can help.
+        self.refused: str | None = None
         self.thread_restarts = 0
         self._attempt = 0
         self._gap_from_ms = gap_from_ms
@@ -762,7 +772,8 @@ class PolygonStream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
-        self._log = structlog.get_logger("polygon_stream")
+        self.name = name or ("options" if topics is not None else "stocks")
+        self._log = structlog.get_logger("polygon_stream").bind(stream=self.name)
 
     def start(self) -> None:
         """Connect on a daemon thread and stay connected until stop()."""
@@ -871,13 +882,11 @@ class PolygonStream:
                 await ws.send(json.dumps({"action": "auth", "params": self._api_key}))
                 outcome = await self._auth_reply(ws)
         if outcome == "auth_failed":
-            self._log.error("stream_auth_failed", retry_in_s=self._auth_failed_wait_s)
-            self._report(False, "auth_failed")
-            return self._auth_failed_wait_s
+            return self._auth_failed()
         if outcome != "auth_success":
             self._log.warning("stream_auth_not_confirmed", status=outcome)
             return 0.0
-        self.connected = True
+        self.connected, self.refused = True, None
         self._report(True, "auth_success")
         await self._fill_gap()
         self._ws, self._subscribed = ws, frozenset()
@@ -1031,7 +1040,15 @@ class PolygonStream:
             except TimeoutError:
                 continue
 
+    def _auth_failed(self) -> float:
+        # Said in last_error too: the socket closes without an error, and /health names only that.
+        self.last_error, self.refused = AUTH_FAILED_ERROR, "auth_failed"
+        self._log.error("stream_auth_failed", retry_in_s=self._auth_failed_wait_s)
+        self._report(False, "auth_failed")
+        return self._auth_failed_wait_s
+
     def _max_connections(self) -> float:
+        self.last_error = MAX_CONNECTIONS_ERROR
         self._log.error("stream_max_connections", retry_in_s=self._max_connections_wait_s)
         self.connected = False
         self._report(False, "max_connections")

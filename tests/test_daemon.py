@@ -287,7 +287,8 @@ def test_holiday_idles_without_connecting(market, tmp_path):
         settings = settings_for(polygon, pushover, tmp_path)
         started = time.monotonic()
         run_daemon(settings, clock, until=lambda: time.monotonic() - started > 3.0)
-        assert polygon.ws_connections == 0 and polygon.rest_requests == []
+        # No stream, no polls: only the start-up key check (its 200 says nothing more than a log line).
+        assert polygon.ws_connections == 0 and polygon.rest_requests == [KEY_CHECK]
     assert kinds(pushover) == ["START"]
 
 
@@ -759,6 +760,86 @@ def test_a_refusal_followed_by_other_errors_is_no_longer_said_and_alerted_once_u
             assert wait_until(refusal_said_of(daemon))
             time.sleep(1.0)
     assert [k for k in kinds(pushover) if k.startswith("FEED")].count("FEED ERROR") == 1
+
+
+def test_the_chain_poll_after_a_refusal_ends_comes_at_the_normal_interval(market, tmp_path):
+    """The next poll's time was computed before the poll, from the state before its answer: the 200 that
+    ended a refusal waited the refused state's minute (entries blocked as chain_stale meanwhile)."""
+    start = at(10, 2)
+    chain = "/v3/snapshot/options/IWM?"
+    polls: list[int] = []
+    with fakes(market, start) as (pushover, polygon, clock):
+        polygon.fail_rest(401, count=1, path_prefix=chain)
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock):
+            while len(polls) < 3 and clock.now_ms() < start + 200_000:
+                asked = sum(path.startswith(chain) for path in polygon.rest_requests)
+                polls += [clock.now_ms()] * (asked - len(polls))
+                time.sleep(0.02)
+    assert len(polls) == 3, polls
+    assert polls[1] - polls[0] >= 55_000, "after the 401: the refusal's slow retry"
+    assert polls[2] - polls[1] <= 15_000, "after the 200: CHAIN_POLL_SECONDS (10 s) again"
+
+
+def test_a_stream_refusing_the_key_fails_health_at_once_and_names_it(market, tmp_path):
+    """auth_failed left /health ok for STREAM_SILENCE_SECONDS, then "stream not connected" with no reason."""
+    start = at(10, 2)
+    with (
+        fakes(market, start) as (pushover, polygon, clock),
+        FakePolygon(SyntheticSource(market), api_key="another-key", start_ms=start, speed=SPEED) as other,
+    ):
+        # REST takes the key; only the stream (another server, another key) refuses it.
+        settings = dataclasses.replace(settings_for(polygon, pushover, tmp_path), polygon_ws_url=other.ws_url)
+        with daemon_running(settings, clock) as (daemon, _thread):
+
+            def refused() -> list[str]:
+                return [p for p in problems_of(daemon) if "auth_failed" in p]
+
+            assert wait_until(refused, 10), problems_of(daemon)
+            health = dict(daemon.health)
+            stream_error = daemon.stream.last_error if daemon.stream else None
+    assert health["status"] == "failing"
+    # Named at once (failing); "stream not connected for N s" may follow with the same reason.
+    assert "Polygon stream refuses the API key (auth_failed): no bars, no entries" in health["problems"]
+    assert stream_error == "stream refused the key (auth_failed)"
+    assert kinds(pushover).count("FEED ERROR") == 1
+    assert API_KEY not in repr(health)
+
+
+KEY_CHECK = "/v3/snapshot/options/IWM?limit=1"
+DAWN = at(6, 0)  # hours before the open, as a deploy outside market hours is
+
+
+def test_a_wrong_key_deployed_before_dawn_is_said_at_once_not_at_0925(market, tmp_path):
+    """No REST or stream call came before 09:25, so a wrong key deployed off-hours went unnoticed."""
+    with fakes(market, DAWN) as (pushover, polygon, clock):
+        settings = dataclasses.replace(settings_for(polygon, pushover, tmp_path), polygon_api_key="wrong-key")
+        with daemon_running(settings, clock) as (daemon, _thread):
+            assert wait_until(lambda: "FEED ERROR" in kinds(pushover), 10)
+            assert wait_until(lambda: daemon.health.get("status") == "failing", 5), daemon.health
+            problems = problems_of(daemon)
+            time.sleep(1.0)  # 40 market seconds: no second request, no second alert
+        requests = list(polygon.rest_requests)
+    assert problems == ["Polygon REST refuses the API key (HTTP 401): no option chain, no entries"]
+    assert requests == [KEY_CHECK] and polygon.ws_connections == 0
+    assert kinds(pushover) == ["START", "FEED ERROR"]
+    assert "HTTP 401" in pushover.messages[-1].form["message"]
+
+
+@pytest.mark.parametrize("status", [200, 404, 503])
+def test_an_off_hours_key_check_answered_otherwise_says_nothing_but_a_log_line(market, tmp_path, status):
+    with fakes(market, DAWN) as (pushover, polygon, clock):
+        if status != 200:
+            polygon.fail_rest(status, path_prefix="/v3/snapshot/options")
+        settings = settings_for(polygon, pushover, tmp_path)
+        with capture_logs() as logs, daemon_running(settings, clock) as (daemon, _thread):
+            assert wait_until(lambda: KEY_CHECK in polygon.rest_requests, 10)
+            time.sleep(1.5)  # the 503's retries, then a health snapshot after them
+            health = dict(daemon.health)
+        requests = set(polygon.rest_requests)
+    said = [e["event"] for e in logs if e["event"].startswith("polygon_key")]
+    assert said == ["polygon_key_accepted" if status == 200 else "polygon_key_not_checked"]
+    assert health["status"] == "closed" and health["problems"] == []
+    assert requests == {KEY_CHECK} and kinds(pushover) == ["START"]
 
 
 def problems_of(daemon: Daemon) -> list[str]:

@@ -914,3 +914,54 @@ def test_frames_buffered_while_the_process_was_held_are_no_starvation() -> None:
     with pytest.raises(StreamSilent):
         for _ in range(STARVED_FRAMES):
             wanted = stream._check_wanted(spy, *wanted)
+
+
+def test_a_refused_key_is_named_in_last_error_until_an_auth_succeeds(
+    fake: FakePolygon, streams: list
+) -> None:
+    """auth_failed closed the socket without an error, so /health had only "stream not connected" to say."""
+    fake.options_entitled(False)
+    inbox = Inbox()
+    stream = PolygonStream(
+        fake.options_ws_url, KEY, (), inbox.put, clock_ms=lambda: 42_000, topics=("Q.O:IWM251002C00240000",),
+        backoff=TINY_BACKOFF, rng=random.Random(7), auth_failed_wait_s=0.2,
+    )  # fmt: skip
+    streams.append(stream)
+    stream.start()
+    inbox.wait_for(lambda items: reasons(items) == ["auth_failed"])
+    refused = (stream.refused, stream.last_error)
+    fake.options_entitled(True)
+    inbox.wait_for(lambda items: "auth_success" in reasons(items))
+    assert refused == ("auth_failed", "stream refused the key (auth_failed)")
+    assert stream.refused is None
+    assert KEY not in repr(refused)
+
+
+def test_max_connections_is_named_in_last_error(fake: FakePolygon, streams: list) -> None:
+    fake.max_connections_next()
+    inbox = Inbox()
+    stream = start_stream(streams, fake.ws_url, inbox, clock_ms=fake.now_ms, max_connections_wait_s=30.0)
+    inbox.wait_for(lambda items: "max_connections" in reasons(items))
+    assert stream.last_error == "max_connections: another connection uses this key"
+    assert stream.refused is None, "another connection on the key is no refusal of the key"
+
+
+def test_each_cluster_names_itself_in_its_log_lines(fake: FakePolygon, streams: list) -> None:
+    """The stocks and options streams logged identical stream_down lines: which cluster was down?"""
+    fake.options_entitled(False)
+    inbox = Inbox()
+    with capture_logs() as logs:
+        start_stream(streams, fake.ws_url, inbox, api_key=SECRET, auth_failed_wait_s=0.2)
+        options = PolygonStream(
+            fake.options_ws_url, KEY, (), inbox.put, clock_ms=lambda: 42_000, topics=("Q.O:IWM",),
+            backoff=TINY_BACKOFF, rng=random.Random(7), auth_failed_wait_s=0.2,
+        )  # fmt: skip
+        streams.append(options)
+        options.start()
+        inbox.wait_for(lambda items: reasons(items).count("auth_failed") >= 2)
+        for stream in streams:
+            stream.stop()
+    failed = {entry.get("stream") for entry in logs if entry["event"] == "stream_auth_failed"}
+    waits = {entry.get("stream") for entry in logs if entry["event"] == "stream_reconnect_wait"}
+    assert failed == {"stocks", "options"}
+    assert waits <= {"stocks", "options"} and None not in waits
