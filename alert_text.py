@@ -155,6 +155,7 @@ def leadership_text(lag_pts: float) -> str:
 RULE_WORDS = {
     "entry_window": "entry window",
     "feed_stale": "stale feed",
+    "feed_backfill": "bar from a backfill",
     "chain_missing": "no option chain",
     "chain_stale": "stale option chain",
     "cooldown": "cooldown",

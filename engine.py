@@ -432,6 +432,10 @@ class Engine:
         lag_s = (now - bar.end_ms) / 1000
         if lag_s > rules.stall_seconds:
             return Block("feed_stale", f"bar {lag_s:.1f}s old", f"{rules.stall_seconds:g}s")
+        if bar.backfilled:
+            # A backfill reaches up to now, so its last bars are fresh; but the stream that should have
+            # brought them is down or redialling, and a BUY needs a feed that follows the position.
+            return Block("feed_backfill", "bar from a REST backfill", "a streamed bar")
         if self.chain is None:
             return Block("chain_missing", "no chain yet", f"{rules.chain_max_age_seconds:g}s")
         chain_age = (now - self.chain.received_ms) / 1000

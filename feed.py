@@ -326,7 +326,8 @@ class FeedDecoder:
             page = parse_aggs_page(body_of(body), sym, int(multiplier) * 1000, received_ms)
             self.counters.bad_events += page.bad
             # Backfilled seconds pass the same guards as streamed ones: a bad print is bad either way.
-            return list(self._guarded(page.bars, received_ms)) if page.bars else []
+            kept = self._guarded(page.bars, received_ms) if page.bars else ()
+            return [bar._replace(backfilled=True) for bar in kept]
         if span == "minute" and sym == self.underlying:
             if first_page:
                 self._profile_bars = []  # an earlier fetch that stopped early never completes

@@ -583,3 +583,28 @@ def test_before_the_open_the_bar_age_counts_from_the_last_bar_not_the_coming_ope
     next_day = date(2025, 10, 3)
     eng.on_event(Tick(at(8, 0, 0, next_day)))
     assert eng.bar_age_s(at(9, 0, 0, next_day)) == 3600.0
+
+
+def test_a_backfilled_bar_never_opens_a_position_though_it_is_fresh():
+    """A reconnect's backfill reaches up to now: its last bars pass the freshness check, but the stream
+    that should follow the position is down (an audit's daemon bought with no bar ever streamed)."""
+    eng = engine()
+    feed(eng, [chain(START + 110_000, quote())])
+    actions = feed(eng, [b._replace(backfilled=True) for b in burst_bars(START)])
+    assert not opened(actions)
+    blocked = [a for a in actions if isinstance(a, Log) and a.event == "entry_blocked"]
+    assert blocked[-1].fields["rule"] == "feed_backfill"
+
+
+def test_rest_second_aggregates_are_marked_backfilled_and_streamed_bars_are_not():
+    from feed import FeedDecoder
+
+    decoder = FeedDecoder.for_rules(Rules())
+    t0 = START
+    body = {"status": "OK", "results": [{"t": t0, "o": 220.0, "h": 220.1, "l": 219.9, "c": 220.0, "v": 900}]}
+    path = f"/v2/aggs/ticker/IWM/range/1/second/{t0}/{t0 + 5_000}?adjusted=true&sort=asc&limit=50000"
+    (backfilled,) = decoder.rest(t0 + 5_000, path, 200, body)
+    frame = [{"ev": "A", "sym": "IWM", "s": t0 + 1000, "e": t0 + 2000, "o": 220.0, "h": 220.1, "l": 219.9,
+              "c": 220.0, "v": 900, "vw": 220.0}]  # fmt: skip
+    (streamed,) = [e for e in decoder.ws(t0 + 2_100, frame) if hasattr(e, "backfilled")]
+    assert backfilled.backfilled and not streamed.backfilled
