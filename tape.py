@@ -62,6 +62,9 @@ MAX_LINE_BYTES = 32 * 1024 * 1024
 MAX_STAMP_MS = 4_102_444_800_000
 # How far a line's stamp may stray from the newest one before the next line must confirm it.
 STAMP_LEAP_MS = 5 * 60_000
+# A last line, which no next line can confirm, may lie this far ahead (a tape holds one session day:
+# a daemon down from 09:30 to 10:06 that wrote one line and stopped made a real one).
+STAMP_LAST_LEAP_MS = 24 * 3_600_000
 _TAPE_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
 
 
@@ -505,8 +508,8 @@ class TapeReader:
         A line stamped more than STAMP_LEAP_MS away from the newest stamp so far, whose next line
         carries on from before it, is a stray stamp and counted bad: taken, one line of a month
         ahead had the replay tick through every second to it (a STALL and a SUMMARY for each day
-        on the way, and every later bar late). A last line that far ahead is counted bad alike.
-        A leap the next line confirms (a restart after hours of downtime) is kept.
+        on the way, and every later bar late). A last line more than a day ahead is counted bad
+        alike. A leap the next line confirms (a restart after hours of downtime) is kept.
         """
         self.bad_lines = 0
         line_no = 0
@@ -534,7 +537,7 @@ class TapeReader:
                 newest = t
             yield parsed
         if held is not None:
-            if newest is not None and held[1] > newest:
+            if newest is not None and held[1] - newest > STAMP_LAST_LEAP_MS:
                 self.bad_lines += 1
             else:
                 yield held

@@ -538,9 +538,15 @@ def test_a_leap_the_next_lines_confirm_is_kept(tmp_path: Path) -> None:
     assert read_stamps(tmp_path, stamps) == (stamps, 0)
 
 
-@pytest.mark.parametrize("last", [T0 + 30 * DAY_MS, 2**70])
-def test_a_last_line_far_ahead_or_past_2100_is_a_bad_line(tmp_path: Path, last: int) -> None:
+@pytest.mark.parametrize("last", [T0 + 30 * DAY_MS, T0 + DAY_MS + 2000, 2**70])
+def test_a_last_line_a_day_ahead_or_past_2100_is_a_bad_line(tmp_path: Path, last: int) -> None:
     assert read_stamps(tmp_path, [T0, T0 + 1000, last]) == ([T0, T0 + 1000], 1)
+
+
+def test_a_last_line_hours_ahead_is_kept(tmp_path: Path) -> None:
+    """A daemon down from 09:30 to 10:06 that wrote one line and stopped."""
+    stamps = [T0, T0 + 1000, T0 + 36 * 60_000]
+    assert read_stamps(tmp_path, stamps) == (stamps, 0)
 
 
 def test_a_stamp_past_2100_read_by_the_stdlib_fallback_is_a_bad_line(tmp_path: Path) -> None:
