@@ -236,7 +236,7 @@ def check_disk(settings, free_bytes: Callable[[Path], int] | None = None) -> Che
         probe = folder / ".diagnose-write-test"
         probe.write_text("ok")
         probe.unlink()
-        Journal(folder / "journal.sqlite3").close()
+        Journal(folder / "journal.sqlite3", check=True).close()
     except (OSError, JournalError) as exc:
         return Check("data folder", FAIL, f"{folder}: {exc}", "point DATA_DIR at a writable folder")
     free = (free_bytes or (lambda p: shutil.disk_usage(p).free))(folder)

@@ -9,6 +9,7 @@ disk at WAL checkpoints, not at each commit): they can always be rebuilt from th
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -61,6 +62,18 @@ _IN_FLIGHT_BY_KEY = "UPDATE outbox SET status=? WHERE dedupe_key=? AND status=?"
 _OUTCOME_BY_KEY = (
     "UPDATE outbox SET status=?, attempts=attempts+1, last_error=?, sent_ms=? WHERE dedupe_key=?"
 )
+
+
+@functools.cache
+def _schema_columns() -> dict[str, frozenset[str]]:
+    """Each table of SCHEMA and its columns, as SQLite itself reads the schema."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {t: frozenset(row[1] for row in db.execute(f"PRAGMA table_info({t})")) for t in tables}
+    finally:
+        db.close()
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
@@ -222,12 +235,25 @@ class Journal:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise JournalError(f"journal schema {version} is newer than this program ({SCHEMA_VERSION})")
+        self._refuse_other_tables()
         if version == SCHEMA_VERSION and self._has_every_table():
             # Nothing to write: a journal that is locked, on a full disk or read-only still opens, and
             # the daemon follows the position in memory while its writes are held (delivery.py).
             return
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _refuse_other_tables(self) -> None:
+        """JournalError when a table of ours lacks a column of ours: another program's file (it was
+        stamped as ours, then every read was a traceback: `no such column: exit_ms`)."""
+        for table, wanted in _schema_columns().items():
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            missing = sorted(wanted - present) if present else []
+            if missing:
+                raise JournalError(
+                    f"journal {self.path} is not this program's: its table {table!r} lacks "
+                    f"{', '.join(missing)}; move the file aside (or point DATA_DIR elsewhere)"
+                )
 
     def _has_every_table(self) -> bool:
         names = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}

@@ -205,3 +205,15 @@ def test_a_journal_whose_write_lock_another_process_holds_still_opens_and_reads(
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+def test_another_programs_file_with_tables_of_our_names_is_refused_untouched(tmp_path: Path) -> None:
+    """It was stamped as ours, then every read was a traceback (`no such column: exit_ms`)."""
+    path = tmp_path / "journal.sqlite3"
+    other = sqlite3.connect(path)
+    other.execute("CREATE TABLE trades(x)")
+    other.commit()
+    other.close()
+    with pytest.raises(JournalError, match="is not this program's: its table 'trades' lacks"):
+        Journal(path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 0
