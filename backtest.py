@@ -57,7 +57,7 @@ from backtest_run import (
 )
 from cli_exit import run_quietly
 from config import ConfigError, Settings, data_dir_problem, unknown_keys
-from dask_days import is_url, one_line, scheduler_address
+from dask_days import fsspec_url, is_url, one_line, scheduler_address
 from executors import DayExecutor, ExecutorError, PoolDays, decode_in_pool
 from history import fetch_history, session_days
 from holdout import Holdout, Split, parse_holdout, print_held_out, print_side_by_side, split_dates
@@ -112,7 +112,7 @@ def _url_tape_date(url: str) -> datetime.date | None:
     """The date of a URL tape from its first line, read through fsspec (only that line is fetched)."""
     import fsspec
 
-    with fsspec.open(url, "rb", compression="infer") as handle:
+    with fsspec.open(fsspec_url(url), "rb", compression="infer") as handle:
         line = handle.readline()
     return ny_date(int(json.loads(line)["t"])) if line.strip() else None
 
@@ -132,7 +132,7 @@ def _exists(tape: Tape) -> bool:
     if is_url(tape):
         import fsspec
 
-        fs, inner = fsspec.core.url_to_fs(str(tape))
+        fs, inner = fsspec.core.url_to_fs(fsspec_url(str(tape)))
         return bool(fs.isfile(inner))
     return Path(tape).is_file()
 

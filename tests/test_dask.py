@@ -294,6 +294,18 @@ def test_percent_encoded_and_raw_file_urls_name_the_same_tapes(tapes, cluster, t
             assert sweep_rows(urls, executor) == pool
 
 
+def test_the_command_line_takes_a_percent_encoded_file_url(tapes, cluster, tmp_path):
+    """The workers took `Path.as_uri()`'s form, but the command line's own checks (is it there, which day)
+    still read `%20` literally and refused it as no such tape."""
+    folder = tmp_path / "a b"
+    folder.mkdir()
+    url = Path(shutil.copy(tapes[0], folder / tapes[0].name)).as_uri()
+    args = [url, "--out", str(tmp_path / "report"), "--dask", cluster.scheduler_address]
+    status, out, err = run_cli(args, {"DATA_DIR": str(tmp_path / "data")})
+    assert status == 0, err
+    assert "%20" in url and tapes[0].name[:10] in out
+
+
 def test_the_dask_bench_ships_every_tape_in_each_timed_run(tmp_path):
     """The bench's Dask figures claimed to include shipping the tapes, but the workers' cache (shared by
     every cluster) held them already: nothing was shipped in the timed run. Figures only, no time asserted."""
