@@ -115,6 +115,24 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_logging("WARNING", "console")
         return run_demo(sys.stdout)
+    if args.replay or args.status or args.pause or args.resume:
+        return run_command(args, None)
+    import threading
+
+    from stop_signals import ignore_stop_signals, stop_on_signals
+
+    # First of all: a SIGTERM during start-up (settings, calendar, journal) killed the process with
+    # status 143, where the daemon promises a clean stop (exit 0) on SIGTERM at any time.
+    stop = threading.Event()
+    stop_on_signals(stop)  # SIGHUP (a closed terminal, some supervisors) stops cleanly like SIGTERM
+    try:
+        return run_command(args, stop)
+    finally:
+        ignore_stop_signals()
+
+
+def run_command(args: argparse.Namespace, stop: threading.Event | None) -> int:
+    """Every command but the demo, once its arguments are read; `stop` is the live daemon's."""
     settings = load_or_exit()
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     # --status only reads: it never creates DATA_DIR, but a DATA_DIR that cannot be a folder is said.
@@ -129,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_status(settings, as_json=args.json)
     if args.pause or args.resume:
         return set_pause(settings, paused=args.pause)
-    return run_live(settings)
+    assert stop is not None
+    return run_live(settings, stop)
 
 
 def status_data_dir_problem(data_dir: Path) -> str | None:
@@ -175,12 +194,8 @@ def pause_hint(flag: Path) -> str:
     return " (the daemon counts anything named PAUSE as paused: remove that folder yourself)"
 
 
-def run_live(settings: Settings) -> int:
-    """The live daemon until SIGTERM/SIGINT (exit 0) or the watchdog (exit 3)."""
-    import threading
-
-    from stop_signals import ignore_stop_signals, stop_on_signals
-
+def run_live(settings: Settings, stop: threading.Event) -> int:
+    """The live daemon until `stop` (SIGTERM/SIGINT: exit 0) or the watchdog (exit 3)."""
     if not settings.polygon_api_key:
         print(
             "POLYGON_API_KEY (or MASSIVE_API_KEY) is not set, so the live daemon cannot start.\n"
@@ -195,14 +210,8 @@ def run_live(settings: Settings) -> int:
     if problem is not None:
         print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    stop = threading.Event()
-    # SIGHUP (a closed terminal, some supervisors) stops cleanly like SIGTERM: the tape is flushed.
-    stop_on_signals(stop)
-    try:
-        daemon = start_daemon_or_explain(settings, clock, stop)
-        return EXIT_CONFIG if daemon is None else daemon.run()
-    finally:
-        ignore_stop_signals()
+    daemon = start_daemon_or_explain(settings, clock, stop)
+    return EXIT_CONFIG if daemon is None else daemon.run()
 
 
 def clock_or_none(settings: Settings) -> Clock | None:

@@ -975,3 +975,33 @@ def test_health_says_failing_while_the_engine_thread_is_stuck(market, tmp_path):
         daemon.journal.close()
     assert served["status"] == "failing" and daemon.health["status"] == "ok"
     assert served["problems"] == ["the engine thread has not turned for 20 s (the watchdog exits at 60 s)"]
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (Linux: the SigCgt mask of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def test_a_sigterm_at_the_first_moment_it_is_handled_stops_start_up_cleanly(market, tmp_path):
+    """Handlers used to be installed after the settings, the clock and the tape check: a SIGTERM in
+    start-up killed the process (status 143). They come first now, and a stop asked before the daemon
+    exists ends it cleanly, as any SIGTERM does."""
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 3), speed=SLOW) as polygon,
+    ):
+        process = launch(polygon, pushover, tmp_path, tmp_path / "daemon.log")
+        try:
+            assert wait_for(lambda: handles_sigterm(process.pid), 30)
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert code == 0, (tmp_path / "daemon.log").read_text()[-2000:]
+    assert "Traceback" not in (tmp_path / "daemon.log").read_text()
