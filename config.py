@@ -616,7 +616,7 @@ def unknown_keys(env_file: str | Path | None = ".env") -> list[str]:
     Only the file is looked at: the process environment holds many unrelated variables. Never raises:
     a file that cannot be read or decoded is `load_settings`'s to report.
     """
-    if env_file is None or not Path(env_file).is_file():
+    if env_file is None or dotenv_disabled(os.environ) or not Path(env_file).is_file():
         return []
     try:
         text = _dotenv_text(Path(env_file))
@@ -650,6 +650,11 @@ def unknown_keys(env_file: str | Path | None = ".env") -> list[str]:
 # What an environment variable's name looks like (upper case, as every setting's); a .env "name" of another
 # shape, unless near a setting's (`log_level`), is a pasted value.
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def dotenv_disabled(environ: Mapping[str, str]) -> bool:
+    """Whether `PYTHON_DOTENV_DISABLED` (python-dotenv's own switch) says to read no `.env` file."""
+    return environ.get("PYTHON_DOTENV_DISABLED", "").strip().lower() in ("1", "true", "t", "yes", "y")
 
 
 def _dotenv_text(env_file: Path) -> str:
@@ -723,6 +728,8 @@ def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, st
     """
     merged: dict[str, str] = {}
     problems: list[str] = []
+    if dotenv_disabled(os.environ if environ is None else environ):
+        env_file = None
     if env_file is not None and Path(env_file).is_file():
         path = Path(env_file)
         try:

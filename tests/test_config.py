@@ -682,3 +682,12 @@ def test_values_that_cannot_mean_what_they_say_are_refused(name: str, value: str
     with pytest.raises(ConfigError) as caught:
         settings_from_env({name: value})
     assert str(caught.value).startswith(f"{name}=")
+
+
+def test_python_dotenv_disabled_keeps_the_env_file_unread(tmp_path: Path) -> None:
+    """python-dotenv's own switch (set by the tests, and on Render if one likes) was ignored."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("STOP_LOSS_PERCENT=10\n")
+    assert load_settings(env_file, environ={}).rules.stop_loss_percent == 10
+    off = load_settings(env_file, environ={"PYTHON_DOTENV_DISABLED": "true"})
+    assert off.rules.stop_loss_percent == Rules().stop_loss_percent
