@@ -179,10 +179,8 @@ class Ticks:
         return self.now
 
 
-def test_held_writes_are_in_a_rescue_file_at_once_so_a_kill_loses_no_buy_or_sent_mark(
-    tmp_path: Path,
-) -> None:
-    """A SIGKILL skips every stop: the rescue file kept while failing is all the next start has."""
+def rescuing_writer(tmp_path: Path) -> tuple[Journal, WriteBehindJournal, tuple[Path, Path], Ticks]:
+    """A write-behind journal that keeps a rescue file under `tmp_path/data`, retrying every 5 s."""
     paths = rescue_paths(tmp_path / "data")
     (tmp_path / "data").mkdir()
     journal = Journal(tmp_path / "journal.sqlite3")
@@ -190,6 +188,14 @@ def test_held_writes_are_in_a_rescue_file_at_once_so_a_kill_loses_no_buy_or_sent
     writer = WriteBehindJournal(
         journal, clock_ms=lambda: 0, monotonic=ticks, retry_every_s=5.0, rescue_paths=paths
     )
+    return journal, writer, paths, ticks
+
+
+def test_held_writes_are_in_a_rescue_file_at_once_so_a_kill_loses_no_buy_or_sent_mark(
+    tmp_path: Path,
+) -> None:
+    """A SIGKILL skips every stop: the rescue file kept while failing is all the next start has."""
+    journal, writer, paths, _ticks = rescuing_writer(tmp_path)
     try:
         disk_full(journal)
         writer.record([opened(), alert("BUY:1", BIG)])
@@ -209,13 +215,7 @@ def test_held_writes_are_in_a_rescue_file_at_once_so_a_kill_loses_no_buy_or_sent
 def test_mark_updates_alone_refresh_the_rescue_at_most_once_per_retry_and_recovery_removes_it(
     tmp_path: Path,
 ) -> None:
-    paths = rescue_paths(tmp_path / "data")
-    (tmp_path / "data").mkdir()
-    journal = Journal(tmp_path / "journal.sqlite3")
-    ticks = Ticks()
-    writer = WriteBehindJournal(
-        journal, clock_ms=lambda: 0, monotonic=ticks, retry_every_s=5.0, rescue_paths=paths
-    )
+    journal, writer, paths, ticks = rescuing_writer(tmp_path)
     writer.record([opened()])
     disk_full(journal)
     writer.record([alert("X:1", BIG)])
