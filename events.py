@@ -31,9 +31,8 @@ class Bar(NamedTuple):
     day_vwap: float | None
     day_volume: float | None
     received_ms: int
-    backfilled: bool = (
-        False  # from REST aggregates (a reconnect's gap), not the stream: never opens a position
-    )
+    # From REST aggregates (a reconnect's gap), not the stream: never opens a position.
+    backfilled: bool = False
 
     def __reduce__(self) -> tuple[object, tuple[type[Bar], tuple[object, ...]]]:
         # Built by tuple.__new__ in C when a decoded day's cache (~47k bars) loads: a fifth faster

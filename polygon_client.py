@@ -41,11 +41,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from events import Bar, FeedStatus, OptionQuote, Received
 from http_deadline import DeadlineTransport, read_capped
 from redaction import Redactor
-from tape import request_path, strip_api_key
+from tape import MAX_STAMP_MS, request_path, strip_api_key
 
 _FLOAT_MAX = sys.float_info.max
-# The latest bar window bound taken (2100-01-01 UTC in ms).
-MAX_WINDOW_MS = 4_102_444_800_000
+# The latest bar window bound taken: the tapes' own bound on stamps (2100-01-01 UTC in ms).
+MAX_WINDOW_MS = MAX_STAMP_MS
 # Bounds past which a number is a vendor bug, not a market: the dearest US stock trades near 1e6,
 # an option premium is below its underlying, IWM trades ~3e7 shares a day, an IV of 100 is 10,000%.
 MAX_STOCK_PRICE = 1e7

@@ -29,6 +29,7 @@ from alerts import (
 from events import Alert
 from pnl_tracker import Journal, OutboxItem
 from sim.pushover_server import FakePushover
+from sim.webhook_server import FakeWebhook
 
 TOKEN = "aTestAppTokenForTheFakeServer1"
 USER = "uTestUserKeyForTheFakeServer22"
@@ -84,6 +85,15 @@ def make_client(server: FakePushover, timeout: float = 2.0, token: str = TOKEN) 
 def make_notifier(journal: Journal, client: PushoverClient | None, **kwargs: object) -> Notifier:
     options: dict[object, object] = {"min_retry_s": 0.05, "max_retry_s": 0.2} | kwargs
     return Notifier(journal, client, clock_ms=lambda: SENT_MS, **options)  # type: ignore[arg-type]
+
+
+def notifier_with_fallback(
+    journal: Journal, server: FakePushover, hook: FakeWebhook, **kwargs: object
+) -> Notifier:
+    """A notifier on the fake Pushover whose fallback channel is the fake webhook `hook`."""
+    from alerts import AppriseFallback
+
+    return make_notifier(journal, make_client(server), fallback=AppriseFallback([hook.apprise_url]), **kwargs)
 
 
 @contextmanager
@@ -479,13 +489,10 @@ def test_a_refusal_of_the_service_holds_the_queue_says_so_once_and_delivers_each
 
 
 def test_quota_exhausted_sends_by_the_fallback_in_order(journal: Journal, server: FakePushover) -> None:
-    from alerts import AppriseFallback
-    from sim.webhook_server import FakeWebhook
-
     server.fail_with(429)
     journal.record([alert(1), alert(2), alert(3)])
     with FakeWebhook() as hook:
-        notifier = make_notifier(journal, make_client(server), fallback=AppriseFallback([hook.apprise_url]))
+        notifier = notifier_with_fallback(journal, server, hook)
         with capture_logs() as logs:
             assert notifier.drain_once() == 3
         posts = [p.body["title"] for p in hook.posts]
@@ -502,13 +509,10 @@ def test_quota_exhausted_sends_by_the_fallback_in_order(journal: Journal, server
 def test_a_message_pushover_rejects_goes_by_the_fallback_and_the_next_one_by_pushover(
     journal: Journal, server: FakePushover, status: int
 ) -> None:
-    from alerts import AppriseFallback
-    from sim.webhook_server import FakeWebhook
-
     server.fail_with(status, count=1)
     journal.record([alert(1), alert(2)])
     with FakeWebhook() as hook:
-        notifier = make_notifier(journal, make_client(server), fallback=AppriseFallback([hook.apprise_url]))
+        notifier = notifier_with_fallback(journal, server, hook)
         assert notifier.drain_once() == 2
         posts = [p.body["title"] for p in hook.posts]
 
@@ -529,13 +533,10 @@ def test_a_408_is_a_request_pushover_never_processed_so_it_is_sent_again_plainly
 
 
 def test_bad_keys_with_a_fallback_keep_alerts_flowing(journal: Journal, server: FakePushover) -> None:
-    from alerts import AppriseFallback
-    from sim.webhook_server import FakeWebhook
-
     server.fail_with(401)
     journal.record([alert(1), alert(2)])
     with FakeWebhook() as hook:
-        notifier = make_notifier(journal, make_client(server), fallback=AppriseFallback([hook.apprise_url]))
+        notifier = notifier_with_fallback(journal, server, hook)
         assert notifier.drain_once() == 2
         posts = [p.body["message"] for p in hook.posts]
 
@@ -544,17 +545,14 @@ def test_bad_keys_with_a_fallback_keep_alerts_flowing(journal: Journal, server: 
 
 
 def test_pushover_down_over_a_minute_switches_to_the_fallback(journal: Journal, server: FakePushover) -> None:
-    from alerts import AppriseFallback
-    from sim.webhook_server import FakeWebhook
-
     server.fail_with(500)
     journal.record([alert(1), alert(2)])
     clock = StepClock()
     with FakeWebhook() as hook:
-        notifier = make_notifier(
+        notifier = notifier_with_fallback(
             journal,
-            make_client(server),
-            fallback=AppriseFallback([hook.apprise_url]),
+            server,
+            hook,
             monotonic=clock,
             min_retry_s=5.0,
             max_retry_s=5.0,
@@ -578,17 +576,12 @@ def test_pushover_down_over_a_minute_switches_to_the_fallback(journal: Journal, 
 def test_the_fallback_failing_holds_the_queue_and_nothing_is_lost(
     journal: Journal, server: FakePushover
 ) -> None:
-    from alerts import AppriseFallback
-    from sim.webhook_server import FakeWebhook
-
     server.fail_with(429)
     journal.record([alert(1), alert(2)])
     clock = StepClock()
     with FakeWebhook() as hook:
         hook.fail_with(500)
-        notifier = make_notifier(
-            journal, make_client(server), fallback=AppriseFallback([hook.apprise_url]), monotonic=clock
-        )
+        notifier = notifier_with_fallback(journal, server, hook, monotonic=clock)
         assert notifier.drain_once() == 0
         health = notifier.health()
         hook.fail_with(None)
@@ -609,7 +602,6 @@ def test_a_dead_second_fallback_never_repeats_an_alert_on_the_working_one(
     journal: Journal, server: FakePushover
 ) -> None:
     from alerts import AppriseFallback
-    from sim.webhook_server import FakeWebhook
 
     server.fail_with(429)
     journal.record([alert(1), alert(2)])
@@ -1293,18 +1285,15 @@ def test_resets_after_the_request_left_are_bounded_like_timeouts_so_later_alerts
 def test_a_failing_fallback_does_not_push_back_pushovers_own_retry(
     journal: Journal, server: FakePushover
 ) -> None:
-    from alerts import AppriseFallback
-    from sim.webhook_server import FakeWebhook
-
     server.fail_with(500)
     journal.record([alert(1), alert(2)])
     clock = StepClock()
     with FakeWebhook() as hook:
         hook.fail_with(500)
-        notifier = make_notifier(
+        notifier = notifier_with_fallback(
             journal,
-            make_client(server),
-            fallback=AppriseFallback([hook.apprise_url]),
+            server,
+            hook,
             monotonic=clock,
             min_retry_s=5.0,
             max_retry_s=60.0,

@@ -916,18 +916,24 @@ def test_frames_buffered_while_the_process_was_held_are_no_starvation() -> None:
             wanted = stream._check_wanted(spy, *wanted)
 
 
+def start_options_stream(streams: list, fake: FakePolygon, inbox: Inbox, topic: str) -> PolygonStream:
+    """An options-cluster stream of one topic, retrying a refused key after 0.2 s."""
+    stream = PolygonStream(
+        fake.options_ws_url, KEY, (), inbox.put, clock_ms=lambda: 42_000, topics=(topic,),
+        backoff=TINY_BACKOFF, rng=random.Random(7), auth_failed_wait_s=0.2,
+    )  # fmt: skip
+    streams.append(stream)
+    stream.start()
+    return stream
+
+
 def test_a_refused_key_is_named_in_last_error_until_an_auth_succeeds(
     fake: FakePolygon, streams: list
 ) -> None:
     """auth_failed closed the socket without an error, so /health had only "stream not connected" to say."""
     fake.options_entitled(False)
     inbox = Inbox()
-    stream = PolygonStream(
-        fake.options_ws_url, KEY, (), inbox.put, clock_ms=lambda: 42_000, topics=("Q.O:IWM251002C00240000",),
-        backoff=TINY_BACKOFF, rng=random.Random(7), auth_failed_wait_s=0.2,
-    )  # fmt: skip
-    streams.append(stream)
-    stream.start()
+    stream = start_options_stream(streams, fake, inbox, "Q.O:IWM251002C00240000")
     inbox.wait_for(lambda items: reasons(items) == ["auth_failed"])
     refused = (stream.refused, stream.last_error)
     fake.options_entitled(True)
@@ -952,12 +958,7 @@ def test_each_cluster_names_itself_in_its_log_lines(fake: FakePolygon, streams: 
     inbox = Inbox()
     with capture_logs() as logs:
         start_stream(streams, fake.ws_url, inbox, api_key=SECRET, auth_failed_wait_s=0.2)
-        options = PolygonStream(
-            fake.options_ws_url, KEY, (), inbox.put, clock_ms=lambda: 42_000, topics=("Q.O:IWM",),
-            backoff=TINY_BACKOFF, rng=random.Random(7), auth_failed_wait_s=0.2,
-        )  # fmt: skip
-        streams.append(options)
-        options.start()
+        start_options_stream(streams, fake, inbox, "Q.O:IWM")
         inbox.wait_for(lambda items: reasons(items).count("auth_failed") >= 2)
         for stream in streams:
             stream.stop()
