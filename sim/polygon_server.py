@@ -463,6 +463,7 @@ class FakePolygon:
             raise ValueError("speed must be positive")
         self.source = source
         self.rest_requests: list[str] = []
+        self.rest_request_times_ms: list[int] = []  # the fake's own clock at each request, same order
         self.ws_connections = 0
         self.auth_attempts = 0
         self.subscriptions: list[str] = []
@@ -1006,6 +1007,7 @@ class FakePolygon:
         path = strip_api_key(raw_path)
         with self._lock:
             self.rest_requests.append(path)
+            self.rest_request_times_ms.append(self.now_ms())
         self._hold_if_asked(path)
         parts = urlsplit(raw_path)
         query = parse_qs(parts.query, keep_blank_values=True)
