@@ -187,11 +187,18 @@ def _is_html(response: httpx.Response, answer: CappedBody) -> bool:
 
 # 4xx answers that say the request was not processed at all, rather than that it is wrong: retried.
 TRANSIENT_4XX = frozenset({408, 425})
+# 4xx answers about this request's size, whoever sends them (a proxy's 413 page has no Pushover JSON): this
+# message is refused, not the service, so it goes on as text alone and cannot hold the queue (a day's chart
+# refused by a proxy held every later alert, retried every minute for good).
+TOO_LARGE_4XX = frozenset({413, 414, 431})
 
 
 def refused_for_now(status: int, body: dict[str, Any] | None) -> bool:
-    """A 4xx that refuses the service rather than this message: 403, or a 4xx without Pushover's JSON."""
-    if not 400 <= status < 500 or status in (401, 429) or status in TRANSIENT_4XX:
+    """An answer that refuses the service rather than this message: 403, a 4xx without Pushover's JSON, or
+    a redirect (Pushover never sends one: PUSHOVER_API_URL is not its messages URL, or a captive portal)."""
+    if 300 <= status < 400:
+        return True
+    if not 400 <= status < 500 or status in (401, 429) or status in TRANSIENT_4XX | TOO_LARGE_4XX:
         return False
     return status == 403 or body is None
 
@@ -334,10 +341,14 @@ class PushoverClient:
             return SendResult(ok=True, retry=False, error="", **common)
         if status == 200 and body is not None and body.get("status") == 1:
             return SendResult(ok=True, retry=False, error="", **common)
+        error = _error_text(status, body)
+        if 300 <= status < 400:
+            where = response.headers.get("Location") or "nowhere"
+            error = f"HTTP {status}: redirected to {where}; check PUSHOVER_API_URL"
         return SendResult(
             ok=False,
             retry=_should_retry(status, body),
-            error=self._scrub(_error_text(status, body)),
+            error=self._scrub(truncate(error, ERROR_TEXT_LIMIT)),
             credentials_invalid=credentials_rejected(status, body),
             quota_exhausted=status == 429,
             refused_for_now=refused_for_now(status, body),

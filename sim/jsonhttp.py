@@ -10,11 +10,13 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One HTTP answer of a fake: status, JSON body, extra headers."""
+    """One HTTP answer of a fake: status, JSON body, extra headers; `html`, when given, is sent instead of
+    the JSON (a proxy's or a load balancer's error page)."""
 
     status: int
     body: Any
     headers: tuple[tuple[str, str], ...] = ()
+    html: str | None = None
 
 
 class JsonHandler(BaseHTTPRequestHandler):
@@ -26,10 +28,13 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     def send_reply(self, reply: Reply) -> None:
         """Write the answer; a client that already gave up (timed out) just closes the connection."""
-        payload = json.dumps(reply.body, separators=(",", ":")).encode()
+        if reply.html is None:
+            payload, content_type = json.dumps(reply.body, separators=(",", ":")).encode(), self.content_type
+        else:
+            payload, content_type = reply.html.encode(), "text/html"
         try:
             self.send_response(reply.status)
-            self.send_header("Content-Type", self.content_type)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             for name, value in reply.headers:
                 self.send_header(name, value)

@@ -37,6 +37,7 @@ TITLE_LIMIT = 250
 MESSAGE_LIMIT = 1024
 ATTACHMENT_LIMIT = 5_242_880
 STALLED_STATUS = 503
+TOO_LARGE_PAGE = "<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"
 SHUTDOWN_POLL_S = 0.05
 
 FAILURE_ERRORS = {
@@ -91,6 +92,11 @@ class _Handler(JsonHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
+        limit = self.server.fake.proxy_body_limit
+        if limit is not None and length > limit:
+            self.server.fake._note_too_large(length)
+            self.send_reply(Reply(413, None, html=TOO_LARGE_PAGE))
+            return
         route = self.path.split("?")[0]
         form, attachment = parse_request(raw, self.headers.get("Content-Type", ""))
         if route == VALIDATE_PATH:
@@ -253,6 +259,10 @@ class FakePushover:
         self._fail_until: float | None = None
         self._stall_until: float | None = None
         self._slow_s = 0.0
+        # A proxy in front of Pushover refusing larger request bodies with its own 413 page (nginx's
+        # client_max_body_size); None: no proxy.
+        self.proxy_body_limit: int | None = None
+        self.too_large: list[int] = []
 
     def __enter__(self) -> FakePushover:
         return self.start()
@@ -383,6 +393,10 @@ class FakePushover:
                 if self._fail_count <= 0:
                     self._fail_status = self._fail_count = None
             return status
+
+    def _note_too_large(self, length: int) -> None:
+        with self._lock:
+            self.too_large.append(length)
 
     def _track(self, connection: socket.socket) -> None:
         with self._lock:

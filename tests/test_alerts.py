@@ -459,6 +459,7 @@ def test_a_slow_answer_within_the_timeout_is_delivered_once(journal: Journal, se
     [
         (429, {"quota_retry_s": 300.0}, "pushover_quota_exhausted"),
         (403, {"refused_retry_s": 60.0}, "pushover_refused"),
+        (302, {"refused_retry_s": 60.0}, "pushover_refused"),  # a captive portal, or the wrong URL
     ],
 )
 def test_a_refusal_of_the_service_holds_the_queue_says_so_once_and_delivers_each_alert_once_after(
@@ -792,6 +793,7 @@ def answering(response: httpx.Response) -> PushoverClient:
         (httpx.Response(502, text="<html>bad gateway</html>"), (False, True, False)),
         (httpx.Response(503, json={"status": 0, "errors": ["down"]}), (False, True, False)),
         (httpx.Response(302, headers={"Location": "/elsewhere"}), (False, True, False)),
+        (httpx.Response(301, headers={"Location": "https://portal.example/login"}), (False, True, False)),
         (httpx.Response(404, json={"status": 0, "errors": ["not found"]}), (False, False, False)),
         (
             httpx.Response(
@@ -823,6 +825,9 @@ def test_answers_are_classified_like_pushover_asks(
         (httpx.Response(403, json={"status": 0, "errors": ["forbidden"]}), True),
         (httpx.Response(403, text="<html>blocked</html>"), True),
         (httpx.Response(404, text="<html>not found</html>"), True),
+        (httpx.Response(413, text="<html>413 Request Entity Too Large</html>"), False),
+        (httpx.Response(431, text="<html>headers too large</html>"), False),
+        (httpx.Response(307, headers={"Location": "https://portal.example/login"}), True),
         (httpx.Response(404, json={"status": 0, "errors": ["not found"]}), False),
         (httpx.Response(400, json={"status": 0, "errors": ["message cannot be blank"]}), False),
         (httpx.Response(429, json={"status": 0, "errors": ["quota"]}), False),
@@ -836,6 +841,13 @@ def test_a_403_or_a_foreign_4xx_page_refuses_the_service_not_the_alert(
     journal.record([alert(1)])
     result = client.send(journal.pending()[0])
     assert result.refused_for_now is refused and not result.ok
+
+
+def test_a_redirect_says_where_it_points_and_what_to_check(journal: Journal) -> None:
+    client = answering(httpx.Response(301, headers={"Location": "https://portal.example/login"}))
+    journal.record([alert(1)])
+    result = client.send(journal.pending()[0])
+    assert result.error == "HTTP 301: redirected to https://portal.example/login; check PUSHOVER_API_URL"
 
 
 def test_an_alert_given_up_on_stays_in_health_with_its_error(journal: Journal) -> None:
@@ -1040,6 +1052,27 @@ def test_a_chart_that_fails_still_sends_the_text(
     warned = {e["event"] for e in logs if e["log_level"] == "warning"}
     expected = {"raises": {"attachment_failed"}, "returns None": set(), "too large": {"attachment_too_large"}}
     assert warned == expected[failure]
+
+
+def test_a_chart_a_proxy_refuses_as_too_large_goes_as_text_and_holds_nothing(
+    journal: Journal, server: FakePushover
+) -> None:
+    """A proxy's 413 page (no Pushover JSON) was taken for a refusal of the whole service: the SUMMARY and
+    every alert behind it (the next morning's BUY) were held and retried every minute for good."""
+    server.proxy_body_limit = 20_000
+    journal.record([summary_alert(), alert(1)])
+    client = PushoverClient(TOKEN, USER, server.url, attachment_for=lambda _item: small_chart_png() * 20)
+    notifier = make_notifier(journal, client)
+
+    assert notifier.drain_once() == 2
+
+    assert len(server.too_large) == 2  # the SUMMARY's chart, then the BUY's (the hook gives every item one)
+    assert [(m.form["title"], m.attachment) for m in server.messages] == [
+        ("IWM 0DTE — DAILY SUMMARY", None),
+        (alert(1).title, None),
+    ]
+    assert [row[1] for row in outbox(journal)] == ["sent", "sent"]
+    assert notifier.health().problem is None
 
 
 def test_fake_server_takes_one_image_up_to_pushovers_limit(server: FakePushover) -> None:
