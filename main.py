@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import requires_python  # noqa: F401 - first: one clear line, not a traceback, on a Python before 3.11
+
+# isort: split
 import argparse
 import math
 import sys

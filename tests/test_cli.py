@@ -173,3 +173,36 @@ def test_pause_and_resume_that_cannot_touch_the_switch_exit_2_with_one_line(tmp_
     assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"Could not {action}: {data_dir / 'PAUSE'}: Is a directory")
     assert "remove that folder yourself" in done.stderr and (data_dir / "PAUSE").is_dir()
+
+
+def test_an_older_python_stops_every_command_with_one_line_before_any_other_import(tmp_path):
+    """Python 3.10 died in a traceback about `datetime.UTC` while importing the configuration."""
+    pretend_310 = (
+        "import runpy, sys; sys.version_info = (3, 10, 13, 'final', 0); "
+        f"sys.argv = ['main.py', '--demo']; runpy.run_path({str(ROOT / 'main.py')!r}, run_name='__main__')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", pretend_310], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (
+        f"The alerter needs Python 3.11 or newer; {sys.executable} is Python 3.10.13. "
+        "Run it with a newer python3 (and install the requirements with that one).\n"
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_python_check_is_main_s_first_import():
+    import ast
+
+    tree = ast.parse((ROOT / "main.py").read_text(encoding="utf-8"))
+    imports = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+    names = [n.module if isinstance(n, ast.ImportFrom) else n.names[0].name for n in imports]
+    assert names[:2] == ["__future__", "requires_python"]
+
+
+def test_the_python_check_passes_3_11_and_later():
+    from requires_python import too_old
+
+    assert too_old((3, 11, 0), "python3") is None and too_old((3, 14, 1), "python3") is None
+    assert (too_old((3, 10, 13), "py") or "").startswith("The alerter needs Python 3.11 or newer; py is")
