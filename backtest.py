@@ -21,6 +21,9 @@ one task per day with all cells in one pass. A cell's trades are those of a sing
 
 from __future__ import annotations
 
+import requires_python  # noqa: F401 - first: one clear line, not a traceback, on a Python before 3.11
+
+# isort: split
 import argparse
 import datetime
 import hashlib

@@ -9,6 +9,9 @@ or FAIL; the exit status is 0 unless one FAILs. Secrets are masked.
 
 from __future__ import annotations
 
+import requires_python  # noqa: F401 - first: one clear line, not a traceback, on a Python before 3.11
+
+# isort: split
 import argparse
 import asyncio
 import dataclasses

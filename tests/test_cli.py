@@ -176,7 +176,8 @@ def test_pause_and_resume_that_cannot_touch_the_switch_exit_2_with_one_line(tmp_
 
 
 def test_an_older_python_stops_every_command_with_one_line_before_any_other_import(tmp_path):
-    """Python 3.10 died in a traceback about `datetime.UTC` while importing the configuration."""
+    """Python 3.10 died in a traceback about `datetime.UTC` while importing the configuration (main.py,
+    backtest.py and diagnose.py import the check first; the next test holds them to it)."""
     pretend_310 = (
         "import runpy, sys; sys.version_info = (3, 10, 13, 'final', 0); "
         f"sys.argv = ['main.py', '--demo']; runpy.run_path({str(ROOT / 'main.py')!r}, run_name='__main__')"
@@ -192,10 +193,11 @@ def test_an_older_python_stops_every_command_with_one_line_before_any_other_impo
     assert not (tmp_path / "data").exists()
 
 
-def test_the_python_check_is_main_s_first_import():
+@pytest.mark.parametrize("command", ["main.py", "backtest.py", "diagnose.py"])
+def test_the_python_check_is_each_command_s_first_import(command):
     import ast
 
-    tree = ast.parse((ROOT / "main.py").read_text(encoding="utf-8"))
+    tree = ast.parse((ROOT / command).read_text(encoding="utf-8"))
     imports = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
     names = [n.module if isinstance(n, ast.ImportFrom) else n.names[0].name for n in imports]
     assert names[:2] == ["__future__", "requires_python"]
