@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 from config import Rules, Settings
 from contract_selector import SECONDS_PER_YEAR, bs_call_delta, implied_vol
 from market_calendar import MarketCalendar, Session
-from polygon_client import PolygonRest
+from polygon_client import NETWORK_ERROR_STATUS, PolygonRest
 from progress import Progress
 from tape import TapeWriter
 
@@ -56,8 +56,13 @@ RECONSTRUCTED_OPEN_INTEREST = 10_000
 MAX_PAGES = 200
 FETCH_MAX_ATTEMPTS = 8
 FETCH_RETRY_CAP_S = 120.0
-# A rejected key or plan cannot succeed on a later day; a 429 that outlasted the retries would only repeat.
-STOP_STATUSES = frozenset({401, 403, 429})
+# A rejected key or plan cannot succeed on a later day; a 429 that outlasted the retries would only repeat,
+# and so would a server unreachable through minutes of retries (each later day waited as long in silence).
+STOP_STATUSES = frozenset({401, 403, 429, NETWORK_ERROR_STATUS})
+STOPPED_MESSAGE = (
+    "The fetch stops here: later days would fail the same way. The days built so far are kept; "
+    "the same command resumes where this one stopped."
+)
 # Option quote methods (the tape's meta "option_quotes").
 NBBO, MINUTE = "nbbo", "minute"
 QUOTES_LIMIT = 50_000
@@ -855,8 +860,8 @@ def fetch_history(
 
     Quotes by `option_quotes`; a 403 on /v3/quotes (a plan without option quotes) says so once and
     rebuilds that day and the rest from minute bars. Returns the tapes that exist afterwards, in date
-    order. Any other 401/403, or a 429 that outlasted the retries, stops the fetch; other failures skip
-    the day. Cached answers are kept for the next attempt.
+    order. Any other 401/403, a 429 that outlasted the retries, or a server unreachable through them,
+    stops the fetch; other failures skip the day. Cached answers are kept for the next attempt.
     """
     rules = settings.rules
     sessions = session_days(MarketCalendar(rules, settings.market_closed_dates), first, last)
@@ -885,6 +890,7 @@ def fetch_history(
                 tapes.append(path)
             progress.step(f"{session.date} {'failed' if failure else 'ok'}")
             if failure is not None and failure.status in STOP_STATUSES:
+                print(STOPPED_MESSAGE, file=out)
                 break
     progress.close()
     return tapes

@@ -1195,6 +1195,7 @@ class PolygonRest:
         self.last_error: str | None = None
         self._paging_said: dict[str, object] = {}  # route -> the reason its paging last stopped early
         self._failing: dict[str, object] = {}  # route -> the status its last failure was logged with
+        self._retrying: dict[str, object] = {}  # route -> the status its last retry was logged with
         # The server asked (Retry-After) that nothing be sent before this time (clock ms).
         self._hold_until_ms = 0
         self._api_key = api_key
@@ -1249,11 +1250,23 @@ class PolygonRest:
             if wait_s is None:
                 self._hold_for(answer, retry_after)
                 return self._settle(answer)
-            self._log.debug(
-                "rest_retry", path=path, status=answer.status, attempt=attempt, wait_s=round(wait_s, 3)
-            )
+            self._say_retry(answer, attempt, wait_s)
             self._sleep(wait_s)
             attempt += 1
+
+    def _say_retry(self, answer: RestAnswer, attempt: int, wait_s: float) -> None:
+        """A warning the first time a route is retried for a status, DEBUG while it goes on (a fetch waited
+        minutes on an unreachable server with nothing said)."""
+        level = _first_time(self._retrying, _route(answer.path), answer.status)
+        getattr(self._log, level)(
+            "rest_retry",
+            path=answer.path,
+            status=answer.status,
+            error=self._redact(error_text(answer.body)),
+            attempt=attempt,
+            retries_left=self._max_attempts - attempt,
+            wait_s=round(wait_s, 3),
+        )
 
     def _held(self, path: str) -> RestAnswer | None:
         """A 429 answered here, without a request, while the server's Retry-After lasts: every poller
@@ -1398,6 +1411,7 @@ class PolygonRest:
     def _settle(self, answer: RestAnswer) -> RestAnswer:
         if answer.status == 200 and type(answer.body) is dict:
             self.last_error = None
+            self._retrying.pop(_route(answer.path), None)
             if self._failing.pop(_route(answer.path), None) is not None:
                 self._log.info("rest_recovered", path=answer.path)
             return answer

@@ -256,3 +256,38 @@ def test_a_rejected_key_on_quotes_stops_the_fetch(fake, tmp_path):
     assert tapes == []
     assert "HTTP 401" in printed and "plan does not include" not in printed
     assert len(quote_paths(fake)) == 1
+
+
+def test_an_unreachable_server_is_said_at_once_and_stops_the_fetch_after_one_day(tmp_path):
+    """Each day waited about two minutes of retries in silence, then the next day did the same."""
+    import socket
+
+    from structlog.testing import capture_logs
+
+    from history import FETCH_MAX_ATTEMPTS, STOPPED_MESSAGE
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = {
+        "POLYGON_API_KEY": API_KEY,
+        "POLYGON_REST_URL": f"http://127.0.0.1:{port}",
+        "DATA_DIR": str(tmp_path),
+    }
+    settings = resolve_settings({}, environ=env, env_file=None)
+    out, sleeps = io.StringIO(), []
+    with capture_logs() as logs:
+        tapes = fetch_history(
+            settings,
+            DAY,
+            DAY + datetime.timedelta(days=3),
+            sleep=sleeps.append,
+            progress_stream=io.StringIO(),
+            out=out,
+        )
+    printed = out.getvalue()
+    assert tapes == [] and len(sleeps) == FETCH_MAX_ATTEMPTS - 1  # one request's retries, then no other day
+    assert printed.count("not rebuilt") == 1 and "HTTP 599" in printed and STOPPED_MESSAGE in printed
+    said = [e for e in logs if e["event"] == "rest_retry" and e["log_level"] == "warning"]
+    assert len(said) == 1 and said[0]["status"] == 599 and said[0]["error"], said
+    assert API_KEY not in printed + repr(logs)
