@@ -353,7 +353,9 @@ class Engine:
         if new_date == self._session_date:
             return
         self._session_date = new_date
-        self.day, self.opened_today, self._stall_alerted = DayRecord(), 0, False
+        # A STALL still open at the close stays open: its RECOVERED comes with the next bars (DESIGN: one
+        # STALL, one RECOVERED when bars return), or the phone's last word on the feed is "Entries paused".
+        self.day, self.opened_today = DayRecord(), 0
         self.trades_today = ()
         self.last_exit_ms = None  # the cooldown never reaches across days
         self._watching_since = now

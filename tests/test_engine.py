@@ -250,6 +250,20 @@ def test_stall_alert_once_and_recovered_once():
     assert [(a.kind, a.priority) for a in back if isinstance(a, Alert)] == [("RECOVERED", 0)]
 
 
+def test_a_stall_open_at_the_close_is_recovered_when_the_next_day_s_bars_come():
+    """DESIGN: one STALL, and one RECOVERED when bars return. A stall still open at the close was forgotten
+    at the next day's roll: the phone's last word on the feed stayed "Entries paused"."""
+    eng = engine()
+    feed(eng, [bar(at(15, 58, 0), 240.0)])
+    said = feed(eng, [Tick(at(15, 58, s)) for s in range(1, 60)] + [Tick(at(16, 30, 0))])
+    next_day = date(2025, 10, 3)
+    said += feed(eng, [Tick(at(9, 29, 0, next_day)), Tick(at(9, 30, 0, next_day))])
+    said += feed(eng, [bar(at(9, 30, 0, next_day), 241.0)])
+    alerts = [(a.kind, a.at_ms) for a in said if isinstance(a, Alert) and a.kind in ("STALL", "RECOVERED")]
+    assert [kind for kind, _at in alerts] == ["STALL", "RECOVERED"], alerts
+    assert at(15, 58, 30) <= alerts[0][1] < at(15, 59) and alerts[1][1] >= at(9, 30, 0, next_day), alerts
+
+
 def test_early_close_moves_entry_cut_off_and_time_stop():
     day = date(2025, 11, 28)
     eng = engine()
