@@ -162,6 +162,12 @@ class Daemon:
             self.journal = Journal(
                 settings.data_dir / "journal.sqlite3", busy_timeout_s=JOURNAL_BUSY_TIMEOUT_S, check=True
             )
+            if self.journal.exclusive:
+                log.warning(
+                    "journal_opened_exclusive",
+                    meaning="no room for the journal's shared-memory file (a full disk?): held by this process",
+                    action="free disk space; --status from another process waits until the daemon stops",
+                )
             self._write_rescues()
             self.writer = WriteBehindJournal(
                 self.journal,

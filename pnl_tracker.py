@@ -169,6 +169,7 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._busy_timeout_s = busy_timeout_s
+        self.exclusive = False  # opened in exclusive locking mode (see `_connect`)
         try:
             self._db = self._connect(synchronous, check=check)
         except sqlite3.Error as exc:
@@ -176,10 +177,25 @@ class Journal:
         self._identity = _file_identity(self.path)
 
     def _connect(self, synchronous: str, *, check: bool = False) -> sqlite3.Connection:
+        try:
+            return self._open(synchronous, check, exclusive=False)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") != "SQLITE_IOERR_SHMSIZE":
+                raise
+            self._db.close()
+        # No room for the WAL's shared-memory file (a full disk): not even a read works. In exclusive
+        # locking mode SQLite keeps that index in this process's memory, so the open position is still
+        # read and followed (a restart on a full disk had refused to start and left it unsold); other
+        # processes (`--status`) cannot read the journal until this one closes it.
+        return self._open(synchronous, check, exclusive=True)
+
+    def _open(self, synchronous: str, check: bool, *, exclusive: bool) -> sqlite3.Connection:
         db = sqlite3.connect(
             self.path, check_same_thread=False, isolation_level=None, timeout=self._busy_timeout_s
         )
-        self._db = db
+        self._db, self.exclusive = db, exclusive
+        if exclusive:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")  # before the first read, or the index is shared
         if check:
             self._quick_check()
         db.execute("PRAGMA journal_mode=WAL")

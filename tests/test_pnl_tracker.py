@@ -138,6 +138,33 @@ def test_restored_state_has_position_peak_day_and_lifetime(tmp_path):
     assert state.opened_today == 1 and state.lifetime.pnl == 0.0
 
 
+def test_a_full_disk_with_no_room_for_the_wal_index_still_reads_the_open_position(tmp_path):
+    """On a full disk SQLite cannot create the WAL's shared-memory file and refused even to read
+    (SQLITE_IOERR_SHMSIZE): a restart while holding did not start, and the position was never sold. A
+    file-size limit below that file's 32 KB makes the same failure without a real full disk."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    journal.record([OPEN, BUY])
+    assert not journal.exclusive
+    journal.close()
+    limited = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))\n"
+        "from pnl_tracker import Journal\n"
+        "journal = Journal(Path(sys.argv[1]), check=True)\n"
+        "print(journal.exclusive, journal.restored_state('2025-10-02').position.trade_id)\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", limited, str(path)], capture_output=True, text=True,
+                          cwd=root, timeout=60)  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (0, "True 2025-10-02-01\n", "")
+
+
 def test_closed_trades_feed_day_record_lifetime_and_latch(tmp_path):
     journal = Journal(tmp_path / "j.sqlite3")
     second = OpenPosition(**{**{f: getattr(OPEN, f) for f in OPEN.__slots__}, "trade_id": "2025-10-02-02"})
