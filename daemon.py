@@ -778,6 +778,11 @@ class Daemon:
         stream_refused = self._stream_refused_problem()
         if stream_refused:
             failing.append(stream_refused)
+        if self._files_problem is not None:
+            # Everything lives on in the open connection only: a kill or a stop now loses the P&L record.
+            failing.append(
+                f"the journal's file is gone and could not be written back ({self._files_problem})"
+            )
         now = self.clock.now_ms()
         stream_problem = self.stream_watch.problem(now, self._open_session_ms(now))
         if stream_problem:
@@ -1319,7 +1324,10 @@ class Daemon:
             log.warning("journal_rescue_written", path=str(path), writes=len(held))
 
     def _close_journal(self) -> None:
-        """Last tries of held writes (a lock is often let go in a moment), then a rescue file for the rest."""
+        """The journal's file written back if it was removed since the last check (closing the connection
+        drops what only it still sees), last tries of held writes (a lock is often let go in a moment),
+        then a rescue file for the rest."""
+        self._check_data_files()
         deadline = time.monotonic() + STOP_JOURNAL_RETRY_S
         self.writer.catch_up(now=True)
         while self.writer.health().backlog and time.monotonic() < deadline:

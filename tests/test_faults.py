@@ -190,6 +190,43 @@ def test_journal_files_deleted_under_the_running_daemon_are_written_back_with_ev
     assert [text for text in system_texts(pushover) if "written back" in text][0].startswith("The journal")
 
 
+def test_a_data_dir_deleted_just_before_a_stop_is_written_back_by_the_stop(market, tmp_path):
+    """The files are checked every 5 s: a stop inside that window closed the connection on the deleted
+    file, and the restart said "No open position. Lifetime $0.00" (the SELL never came)."""
+    data = tmp_path / "data"
+    with (
+        fakes(market, at(10, 4)) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, data), clock),
+    ):
+        assert wait_for(lambda: "BUY" in kinds(pushover), 60), kinds(pushover)
+        shutil.rmtree(data)
+    held_or_closed = "SELECT (SELECT COUNT(*) FROM positions WHERE open=1) + (SELECT COUNT(*) FROM trades)"
+    assert journal_rows(data / "journal.sqlite3", held_or_closed) == [(1,)]
+
+
+def test_a_journal_that_cannot_be_written_back_fails_health_until_it_can(market, tmp_path):
+    """Until then everything lives in the open connection only (a kill loses the P&L record), and /health
+    said ok: only one SYSTEM alert told."""
+    data = tmp_path / "data"
+    with (
+        fakes(market, at(10, 4)) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, data), clock) as (daemon, _thread),
+    ):
+        assert wait_for(lambda: "BUY" in kinds(pushover), 60), kinds(pushover)
+        shutil.rmtree(data)
+        data.write_text("a file where DATA_DIR was: the folder cannot be made again")
+
+        def gone_said() -> bool:
+            health = daemon.health
+            return health.get("status") == "failing" and any("could not be written back" in p
+                                                             for p in health.get("problems", []))  # fmt: skip
+
+        assert wait_for(gone_said, 30), daemon.health.get("problems")
+        data.unlink()
+        assert wait_for(lambda: not gone_said() and (data / "journal.sqlite3").is_file(), 30)
+    assert any("could not be written back" in text for text in system_texts(pushover))
+
+
 def system_texts(pushover: FakePushover) -> list[str]:
     return [m.form["message"] for m in pushover.messages if m.form["title"].endswith("SYSTEM")]
 
