@@ -465,6 +465,9 @@ class FakePolygon:
         self.rest_requests: list[str] = []
         self.rest_request_times_ms: list[int] = []  # the fake's own clock at each request, same order
         self.ws_connections = 0
+        self.ws_extensions_offered: list[
+            str | None
+        ] = []  # each upgrade's Sec-WebSocket-Extensions, both clusters
         self.auth_attempts = 0
         self.subscriptions: list[str] = []
         self.options_connections = 0
@@ -731,7 +734,9 @@ class FakePolygon:
     async def _handle_ws(self, ws: ServerConnection) -> None:
         cluster = OPTIONS_PATH if ws.request is not None and _path_of(ws.request) == OPTIONS_PATH else WS_PATH
         client = _Client(ws, asyncio.Event(), cluster=cluster)
+        offered = ws.request.headers.get("Sec-WebSocket-Extensions") if ws.request is not None else None
         with self._lock:
+            self.ws_extensions_offered.append(offered)
             if cluster == OPTIONS_PATH:
                 self.options_connections += 1
             else:

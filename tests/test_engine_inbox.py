@@ -50,6 +50,25 @@ def test_a_producer_waits_at_the_limit_and_resumes_in_order_when_the_engine_drai
     assert inbox.held_s > 0
 
 
+def test_a_producer_also_waits_at_the_byte_limit_and_one_frame_larger_than_it_still_goes_in() -> None:
+    """Items alone bounded nothing: 10,000 frames of a megabyte each (a compressed flood) were 10 GB."""
+    stop = threading.Event()
+    inbox = EngineInbox(stop, limit=1000, byte_limit=1000)
+    inbox.put_data(Received(1, "ws", "x" * 5000))  # alone, larger than the limit: taken
+    producer = threading.Thread(target=inbox.put_data, args=(Received(2, "ws", b"y" * 10),))
+    producer.start()
+    producer.join(0.2)
+    assert producer.is_alive() and inbox.qsize() == 1, "5000 bytes wait: the next frame waits too"
+    first = inbox.get(timeout=1.0)
+    producer.join(2.0)
+    assert not producer.is_alive()
+    second = inbox.get(timeout=1.0)
+    assert [first.t, second.t] == [1, 2] and inbox.holds == 1  # type: ignore[union-attr]
+    inbox.put_data(Received(3, "rest", {"results": []}))  # decoded answers count as no bytes
+    inbox.put_data(Received(4, "ws", "z" * 999))
+    assert inbox.qsize() == 2 and inbox.holds == 1
+
+
 def test_notices_never_wait_even_at_the_limit() -> None:
     inbox = EngineInbox(threading.Event(), limit=2)
     inbox.put_data("bar 1")
@@ -110,6 +129,8 @@ def test_a_stream_flooding_a_slow_engine_is_held_at_the_limit_and_loses_no_frame
     assert inbox.depth_max <= inbox.limit
     assert starts == list(range(starts[0], starts[0] + 600 * 1000, 1000)), "a held frame was lost"
     assert stream.reconnects == 0
+    # No permessage-deflate offered: a few KB on the wire inflated to a megabyte a frame, past every bound.
+    assert fake.ws_extensions_offered == [None]
 
 
 def bar_starts_taken(inbox: EngineInbox, wanted: int) -> list[int]:
