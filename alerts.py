@@ -339,7 +339,9 @@ class PushoverClient:
             # (An HTML page is someone else's, a captive portal or a gateway: that one is retried.)
             log.warning("pushover_answer_unreadable", status=status, meaning="HTTP 200: counted as delivered")
             return SendResult(ok=True, retry=False, error="", **common)
-        if status == 200 and body is not None and body.get("status") == 1:
+        # Pushover's status is the number 1; a "1" (a proxy re-encoding the JSON) is the same answer:
+        # read as a refusal, each alert went again as text alone, unmarked, and the phone showed it twice.
+        if status == 200 and body is not None and body.get("status") in (1, "1"):
             return SendResult(ok=True, retry=False, error="", **common)
         error = _error_text(status, body)
         if 300 <= status < 400:

@@ -39,20 +39,28 @@ class CappedBody:
     complete: bool
 
 
+# The codings read here, each inflated by `_inflated` (wbits for zlib: gzip's header, or zlib's).
+INFLATE_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
 def read_capped(response: httpx.Response, limit: int) -> CappedBody:
     """The decoded body of a streamed response (`client.stream(...)`), read no further than `limit`
-    bytes. A gzip body is inflated here, at most `limit` + 1 bytes from each piece of input (httpx
-    inflates a whole network chunk at once: 64 KiB of a bomb became 64 MB); other codings go by httpx.
-    A gzip body that cannot be inflated raises `httpx.DecodingError`, as httpx's own decoding does."""
+    bytes. Every coding is inflated here, at most `limit` + 1 bytes from each piece of input, stacked
+    ones too (`gzip, gzip`): httpx inflates a whole network chunk at once, so 64 KiB of a bomb became
+    64 MB, and a 1.8 KB body coded twice became 2 GB. A body that cannot be inflated, or a coding not
+    in INFLATE_WBITS (nobody asked for it), raises `httpx.DecodingError`, as httpx's own decoding does."""
     if response.is_stream_consumed:  # read already (a transport that hands over whole, decoded responses)
         return _collected([response.content], limit)
-    coding = response.headers.get("content-encoding", "").strip().lower()
-    if coding == "gzip":
-        chunks: Iterable[bytes] = _inflated(response, limit + 1)
-    elif coding in ("", "identity"):
-        chunks = response.iter_raw()
-    else:
-        chunks = response.iter_bytes()
+    header = response.headers.get("content-encoding", "")
+    codings = [c for c in (part.strip().lower() for part in header.split(",")) if c not in ("", "identity")]
+    unknown = [c for c in codings if c not in INFLATE_WBITS]
+    if unknown:
+        raise httpx.DecodingError(
+            f"content-encoding {', '.join(unknown)} is not read", request=response.request
+        )
+    chunks: Iterable[bytes] = response.iter_raw()
+    for coding in reversed(codings):  # the last coding applied is the first undone
+        chunks = _inflated(chunks, coding, limit + 1, response.request)
     return _collected(chunks, limit)
 
 
@@ -68,18 +76,28 @@ def _collected(chunks: Iterable[bytes], limit: int) -> CappedBody:
     return CappedBody(b"".join(kept), complete=True)
 
 
-def _inflated(response: httpx.Response, most: int) -> Iterator[bytes]:
-    """The gzip body inflated in pieces of at most `most` bytes, as the collector asks for them."""
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+def _inflated(chunks: Iterable[bytes], coding: str, most: int, request: httpx.Request) -> Iterator[bytes]:
+    """`chunks` inflated by `coding` in pieces of at most `most` bytes, as the collector asks for them.
+    A "deflate" body that is raw deflate (no zlib header, as some servers send) is read as such."""
+    inflater = zlib.decompressobj(INFLATE_WBITS[coding])
+    started = False
     try:
-        for raw in response.iter_raw():
+        for raw in chunks:
             data = raw
             while data:
-                yield inflater.decompress(data, most)
+                try:
+                    piece = inflater.decompress(data, most)
+                except zlib.error:
+                    if coding != "deflate" or started:
+                        raise
+                    inflater, started = zlib.decompressobj(-zlib.MAX_WBITS), True
+                    continue
+                started = True
+                yield piece
                 data = inflater.unconsumed_tail
         yield inflater.flush()
     except zlib.error as exc:
-        raise httpx.DecodingError(f"gzip: {exc}", request=response.request) from exc
+        raise httpx.DecodingError(f"{coding}: {exc}", request=request) from exc
 
 
 class DeadlineTransport(httpx.BaseTransport):

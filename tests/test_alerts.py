@@ -784,6 +784,7 @@ def answering(response: httpx.Response) -> PushoverClient:
     [
         (httpx.Response(200, json={"status": 1, "request": "r"}), (True, False, False)),
         (httpx.Response(200, json={"status": 0, "errors": ["x"], "request": "r"}), (False, False, False)),
+        (httpx.Response(200, json={"status": "1", "request": "r"}), (True, False, False)),
         (httpx.Response(200, text="<html>gateway</html>"), (False, True, False)),
         (
             httpx.Response(200, text="{not json", headers={"content-type": "application/json"}),

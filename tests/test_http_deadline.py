@@ -6,6 +6,7 @@ import gzip
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -177,3 +178,59 @@ def test_a_pushover_200_whose_body_cannot_be_read_counts_as_delivered(answer):
         client.close()
     assert (result.ok, result.retry, result.status) == (True, False, 200)
     assert len(seen) == 1
+
+
+def coded_answer(codings: list[str], body: bytes) -> bytes:
+    """An HTTP 200 whose body is coded by each of `codings` in turn, with the header that says so."""
+    packed = body
+    for coding in codings:
+        packed = gzip.compress(packed, compresslevel=9) if "gzip" in coding else zlib.compress(packed, 9)
+    head = (
+        f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: {', '.join(codings)}\r\n"
+        f"Content-Length: {len(packed)}\r\n\r\n"
+    )
+    return head.encode() + packed
+
+
+@pytest.mark.parametrize("codings", [["gzip", "gzip"], ["deflate"], ["deflate", "gzip"]])
+def test_every_coding_stacked_or_not_is_inflated_within_the_cap(codings):
+    """Only a single gzip was inflated piece by piece: "gzip, gzip" (a 1.8 KB body) took the daemon past
+    2 GB through httpx's own decoding, which inflates a whole network chunk at once."""
+    import tracemalloc
+
+    bomb = coded_answer(codings, b" " * (4 * MAX_BODY_BYTES))
+    with server(bomb, trickle_from=len(bomb), gap_s=0.0) as (url, seen):
+        rest = PolygonRest(url.rsplit("/1/", 1)[0], "k" * 20, clock_ms=lambda: 1, sleep=lambda _s: None)
+        tracemalloc.start()
+        answer = rest.get("/v3/snapshot/options/IWM")
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        rest.close()
+    assert answer.status == NETWORK_ERROR_STATUS and "larger than 32 MiB" in answer.body["error"]
+    assert len(seen) == 1
+    assert peak < 3 * MAX_BODY_BYTES, f"{peak >> 20} MiB held to refuse it"
+
+
+@pytest.mark.parametrize("codings", [["gzip", "gzip"], ["deflate"], ["x-gzip"]])
+def test_a_small_coded_answer_reads_as_its_json(codings):
+    answer = coded_answer(codings, b'{"status":"OK","results":[]}')
+    with server(answer, trickle_from=len(answer), gap_s=0.0) as (url, _seen):
+        rest = PolygonRest(url.rsplit("/1/", 1)[0], "k" * 20, clock_ms=lambda: 1, sleep=lambda _s: None)
+        got = rest.get("/v3/snapshot/options/IWM")
+        rest.close()
+    assert (got.status, got.body) == (200, {"status": "OK", "results": []})
+
+
+def test_a_raw_deflate_body_and_an_unasked_coding():
+    raw = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    packed = raw.compress(b'{"status":1,"request":"r"}') + raw.flush()
+    head = f"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nContent-Length: {len(packed)}\r\n\r\n"
+    unasked = b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 4\r\n\r\nxxxx"
+    item = OutboxItem(7, "BUY:t1", "BUY", "title", "body", 1, 1_759_415_400_999, 0)
+    for answer, request_id in ((head.encode() + packed, "r"), (unasked, None)):
+        with server(answer, trickle_from=len(answer), gap_s=0.0) as (url, _seen):
+            client = PushoverClient("t" * 30, "u" * 30, url, deadline_s=5.0)
+            result = client.send(item)
+            client.close()
+        # A 200 is delivered either way; only the readable one names Pushover's request id.
+        assert (result.ok, result.request_id) == (True, request_id)
