@@ -254,6 +254,10 @@ class TapeWriter:
             self._append_raw({"t": t, "ws_raw": frame}, "ws")
 
     def _write_binary(self, t: int, frame: bytes) -> None:
+        # Secrets come out of the bytes themselves: once stored as base64 (`ws_bin`) no line-level
+        # replacement can find them (a frame echoing the key went to the tape readable by anyone).
+        for secret in self._secrets:
+            frame = frame.replace(secret, REDACTED)
         try:
             # The call the live parser makes on bytes, so the stored form cannot disagree with it.
             decoded: Any = json.loads(frame)

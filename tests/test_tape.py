@@ -499,10 +499,12 @@ def test_a_secret_a_peer_echoed_never_reaches_the_tape(tmp_path: Path) -> None:
         tape.write_rest(
             5, "/v3/y", 200, {"results": [], "next_url": f"https://h/v3/y?cursor=p3&API-KEY={key}"}
         )
+        tape.write_ws(6, b"\xff bad key " + key.encode())  # not UTF-8: stored as base64
     text = gzip.decompress(path.read_bytes())
     assert key.encode() not in text and token.encode() not in text
     lines = list(TapeReader(path))
-    assert [line.kind for line in lines] == ["meta", "ws", "ws", "rest", "rest"]
+    assert [line.kind for line in lines] == ["meta", "ws", "ws", "rest", "rest", "ws"]
+    assert lines[5].payload == b"\xff bad key ***"
     assert lines[1].payload[0]["message"] == "bad key ***" and lines[2].payload == "not json ***"
     assert (lines[3].path, lines[3].payload["error"]) == ("/v3/x?cursor=p2", "key *** unknown")
     assert lines[4].payload["next_url"] == "https://h/v3/y?cursor=p3"
