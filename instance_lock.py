@@ -10,6 +10,7 @@ replay never blocks the daemon nor the daemon a replay. Backtests use their own 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -56,8 +57,11 @@ class InstanceLock:
             holder = os.read(fd, 32).decode("ascii", errors="replace").strip()
             os.close(fd)
             raise AlreadyRunning(self.path, holder, self.holder, self.advice) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        # The flock is the lock; the PID in the file only names the holder to a second daemon, so a full
+        # disk that refuses it must not keep this one from starting (and following its position).
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 

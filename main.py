@@ -143,6 +143,8 @@ def run_command(args: argparse.Namespace, stop: threading.Event | None) -> int:
     problem = check(settings.data_dir)
     if problem is not None:
         print(f"{'No status' if args.status else 'Nothing started'}: {problem}.", file=sys.stderr)
+        if is_live(args):  # a daemon that was holding a position goes silent: the phone must know
+            notify_cannot_start(settings, f"DATA_DIR {settings.data_dir}: {problem}")
         return EXIT_CONFIG
     if args.replay:
         return run_replay(settings, args.replay, args.speed, notify=args.notify, fresh=args.fresh)
@@ -152,6 +154,11 @@ def run_command(args: argparse.Namespace, stop: threading.Event | None) -> int:
         return set_pause(settings, paused=args.pause)
     assert stop is not None
     return run_live(settings, stop)
+
+
+def is_live(args: argparse.Namespace) -> bool:
+    """Whether the command line starts the live daemon (no other command given)."""
+    return not (args.replay or args.status or args.pause or args.resume)
 
 
 def status_data_dir_problem(data_dir: Path) -> str | None:
@@ -270,8 +277,11 @@ def start_daemon_or_explain(settings: Settings, clock: Clock, stop: threading.Ev
     except JournalError as exc:
         print(bad_journal_advice(settings.data_dir / "journal.sqlite3", exc), file=sys.stderr)
         notify_cannot_start(settings, "the journal cannot be opened; see the daemon's log")
-    except (ValueError, OSError) as exc:  # OSError: a data directory the daemon cannot use
+    except ValueError as exc:  # bad fallback URLs: said here only (the text may name a channel's secret)
         print(f"Not started: {exc}.", file=sys.stderr)
+    except OSError as exc:  # a data directory the daemon cannot use (full, read-only, gone)
+        print(f"Not started: {exc}.", file=sys.stderr)
+        notify_cannot_start(settings, str(exc))
     else:
         # Live, each chain is priced as it arrives so that a BUY's selection does no root finding.
         daemon.engine.price_chains_on_arrival = True
@@ -279,7 +289,16 @@ def start_daemon_or_explain(settings: Settings, clock: Clock, stop: threading.Ev
     return None
 
 
-TRANSIENT_JOURNAL_ERRORS = ("locked", "disk is full", "readonly", "read-only", "disk i/o error")
+# The file is sound, the system around it is not. "unable to open" is SQLite's CANTOPEN: no room (or no
+# inode) for its -wal or -shm file, or no permission, never a damaged journal.
+TRANSIENT_JOURNAL_ERRORS = (
+    "locked",
+    "disk is full",
+    "readonly",
+    "read-only",
+    "disk i/o error",
+    "unable to open",
+)
 
 
 def bad_journal_advice(path: Path, exc: Exception) -> str:
@@ -288,8 +307,8 @@ def bad_journal_advice(path: Path, exc: Exception) -> str:
         # The file is sound: moving it aside would throw away the open position and the lifetime P&L.
         return (
             f"Not started: the journal {path} cannot be opened now ({exc}). Do not move it aside: it holds "
-            "the open position, the trades and the lifetime P&L. Free disk space, or close the program "
-            "holding it, or make it writable, then start again."
+            "the open position, the trades and the lifetime P&L. Free disk space (or inodes: `df -i`), or "
+            "close the program holding it, or make it and its folder writable, then start again."
         )
     return (
         f"Not started: the journal {path} cannot be used ({exc}). It holds the open position, the trades "

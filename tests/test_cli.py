@@ -208,3 +208,47 @@ def test_the_python_check_passes_3_11_and_later():
 
     assert too_old((3, 11, 0), "python3") is None and too_old((3, 14, 1), "python3") is None
     assert (too_old((3, 10, 13), "py") or "").startswith("The alerter needs Python 3.11 or newer; py is")
+
+
+def test_a_live_start_refused_for_its_data_dir_tells_the_phone(tmp_path):
+    """A daemon holding a position that cannot start again (DATA_DIR read-only, gone, a file) went silent:
+    only stderr said so, and nobody reads a worker's stderr."""
+    from sim.pushover_server import FakePushover
+
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("a file where DATA_DIR should be")
+    with FakePushover() as pushover:
+        done = run_main([], tmp_path, DATA_DIR=str(not_a_folder), POLYGON_API_KEY="k" * 20,
+                        PUSHOVER_TOKEN="t" * 30, PUSHOVER_USER_KEY="u" * 30, PUSHOVER_API_URL=pushover.url,
+                        PYTHON_DOTENV_DISABLED="1")  # fmt: skip
+        messages = pushover.messages
+    assert done.returncode == 2 and "Nothing started" in done.stderr
+    assert [m.form["title"] for m in messages] == ["IWM alerter — NOT STARTED"]
+    assert str(not_a_folder) in messages[0].form["message"]
+
+
+def test_a_journal_sqlite_cannot_open_is_never_called_damaged():
+    """SQLite's "unable to open database file" (no inode left for the -wal file, no permission) had the
+    advice to move the journal aside, which throws away the open position and the lifetime P&L."""
+    from main import bad_journal_advice
+
+    advice = bad_journal_advice(
+        Path("/d/journal.sqlite3"), OSError("cannot open journal: unable to open database file")
+    )
+    assert "Do not move it aside" in advice and "mv " not in advice
+
+
+def test_the_instance_lock_holds_when_the_disk_refuses_the_pid(tmp_path):
+    """The PID only names the holder; a full disk refusing it had kept the daemon from starting."""
+    limited = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
+        "from instance_lock import InstanceLock\n"
+        "lock = InstanceLock(Path(sys.argv[1])).acquire()\n"
+        "print(lock.path.stat().st_size)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", limited, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (0, "0\n", "")
