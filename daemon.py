@@ -1323,11 +1323,29 @@ class Daemon:
             path.unlink()
             log.warning("journal_rescue_written", path=str(path), writes=len(held))
 
+    def _copy_journal_aside(self) -> None:
+        """The journal's file is gone and could not be written back: closing the connection would drop
+        every trade and the lifetime P&L, so they go to the temporary folder first, said where."""
+        copy = journal_rescue.journal_copy_path(self.settings.data_dir)
+        try:
+            copy.unlink(missing_ok=True)
+            self.journal.copy_to(copy)
+        except (OSError, JournalError) as exc:
+            log.critical("journal_lost_at_stop", problem=self._files_problem, error=error_text(exc))
+            return
+        log.critical(
+            "journal_copied_aside",
+            path=str(copy),
+            action=f"copy it to {self.journal.path} before the next start, or the P&L record starts from zero",
+        )
+
     def _close_journal(self) -> None:
         """The journal's file written back if it was removed since the last check (closing the connection
         drops what only it still sees), last tries of held writes (a lock is often let go in a moment),
         then a rescue file for the rest."""
         self._check_data_files()
+        if self._files_problem is not None:
+            self._copy_journal_aside()
         deadline = time.monotonic() + STOP_JOURNAL_RETRY_S
         self.writer.catch_up(now=True)
         while self.writer.health().backlog and time.monotonic() < deadline:

@@ -54,8 +54,17 @@ class Held:
 
 def rescue_paths(data_dir: Path) -> tuple[Path, Path]:
     """Where a rescue goes: beside the journal, else in the temporary folder under a name of DATA_DIR's."""
+    return data_dir / RESCUE_NAME, _in_temp(data_dir, RESCUE_NAME)
+
+
+def journal_copy_path(data_dir: Path) -> Path:
+    """Where a stop copies a journal it could not write back to DATA_DIR (removed, on a full disk)."""
+    return _in_temp(data_dir, "journal.sqlite3")
+
+
+def _in_temp(data_dir: Path, name: str) -> Path:
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
-    return data_dir / RESCUE_NAME, Path(tempfile.gettempdir()) / f"iwm-alerter-{digest}.{RESCUE_NAME}"
+    return Path(tempfile.gettempdir()) / f"iwm-alerter-{digest}.{name}"
 
 
 def save(held: Held, paths: Sequence[Path], *, quiet: bool = False) -> Path | None:

@@ -230,6 +230,14 @@ class Journal:
             self._identity = _file_identity(self.path)
         return problem
 
+    def copy_to(self, path: Path) -> None:
+        """Write everything this connection sees to `path` (a consistent copy); raises JournalError."""
+        with self._lock:
+            try:
+                self._db.execute("VACUUM INTO ?", (str(path),))
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal copy to {path}: {exc}") from exc
+
     def _link_problem(self) -> str | None:
         identity = _file_identity(self.path)
         if identity is None:

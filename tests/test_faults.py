@@ -204,10 +204,16 @@ def test_a_data_dir_deleted_just_before_a_stop_is_written_back_by_the_stop(marke
     assert journal_rows(data / "journal.sqlite3", held_or_closed) == [(1,)]
 
 
-def test_a_journal_that_cannot_be_written_back_fails_health_until_it_can(market, tmp_path):
-    """Until then everything lives in the open connection only (a kill loses the P&L record), and /health
-    said ok: only one SYSTEM alert told."""
+@pytest.mark.parametrize("freed", [True, False], ids=["freed", "never freed"])
+def test_a_journal_that_cannot_be_written_back_fails_health_and_is_kept_aside_at_the_stop(
+    market, tmp_path, freed
+):
+    """Until it is written back everything lives in the open connection only, and /health said ok (only
+    one SYSTEM alert told); a stop then closed the connection and every trade and the P&L were gone."""
+    from journal_rescue import journal_copy_path
+
     data = tmp_path / "data"
+    copy = journal_copy_path(data)
     with (
         fakes(market, at(10, 4)) as (pushover, polygon, clock),
         daemon_running(settings_for(polygon, pushover, data), clock) as (daemon, _thread),
@@ -222,9 +228,19 @@ def test_a_journal_that_cannot_be_written_back_fails_health_until_it_can(market,
                                                              for p in health.get("problems", []))  # fmt: skip
 
         assert wait_for(gone_said, 30), daemon.health.get("problems")
-        data.unlink()
-        assert wait_for(lambda: not gone_said() and (data / "journal.sqlite3").is_file(), 30)
+        if freed:
+            data.unlink()
+            assert wait_for(lambda: not gone_said() and (data / "journal.sqlite3").is_file(), 30)
     assert any("could not be written back" in text for text in system_texts(pushover))
+    try:
+        kept = data / "journal.sqlite3" if freed else copy
+        held_or_closed = (
+            "SELECT (SELECT COUNT(*) FROM positions WHERE open=1) + (SELECT COUNT(*) FROM trades)"
+        )
+        assert journal_rows(kept, held_or_closed) == [(1,)]
+        assert copy.exists() is not freed
+    finally:
+        copy.unlink(missing_ok=True)
 
 
 def system_texts(pushover: FakePushover) -> list[str]:
