@@ -211,8 +211,8 @@ class Engine:
         self._owed_summary: OwedSummary | None = None
         self.marks = MarkCounters()
         self.mark_source: str | None = None
-        # The own stamp of the quote behind the mark, and that stamp capped at the clock + QUOTE_AHEAD_MS
-        # when it came (see `_older`).
+        # The own stamp of the quote behind the mark, and the stamp below which quotes are older (see
+        # `_floor_of`).
         self._mark_quote_ms: int | None = None
         self._mark_floor_ms: int | None = None
         self.mark_set_ms: int | None = None  # engine time a valid quote last set the held mark (or the entry)
@@ -582,27 +582,32 @@ class Engine:
         self.position = moved
 
     def _older(self, quote_ms: int, current_ms: int) -> bool:
-        """Whether a quote is older than the one behind the mark.
-
-        Quotes are ordered by their own stamps, whatever their lead over this machine's clock, as long as
-        the mark's stamp is a plausible one (at most QUOTE_SKEW_MS ahead): an audit's feed running 10 s
-        ahead had let older quotes past a capped stamp and fired a false stop. A mark stamped further
-        ahead (a stamp from tomorrow) holds back only quotes below its floor, its stamp capped at the clock
-        + QUOTE_AHEAD_MS when it came: it delays real quotes by that much at most, never freezes the mark.
-        """
+        """Whether a quote is older than the one behind the mark: below the mark's floor (`_floor_of`)."""
         if quote_ms >= current_ms:
             return False
-        if current_ms <= self._now + QUOTE_SKEW_MS:
-            return True
         floor = self._mark_floor_ms
-        if floor is None:  # after a restart: the saved stamp, capped against the clock of now
-            floor = self._mark_floor_ms = min(current_ms, self._now + QUOTE_AHEAD_MS)
+        if floor is None:  # after a restart: the saved stamp, judged against the clock of now
+            floor = self._mark_floor_ms = self._floor_of(current_ms)
         return quote_ms < floor
 
+    def _floor_of(self, quote_ms: int) -> int:
+        """The stamp below which quotes are older than one stamped `quote_ms`, judged as it comes.
+
+        Quotes are ordered by their own stamps, whatever their lead over this machine's clock, as long as
+        the stamp is a plausible one (at most QUOTE_SKEW_MS ahead): an audit's feed running 10 s ahead had
+        let older quotes past a capped stamp and fired a false stop. A stamp further ahead (from tomorrow)
+        holds back only quotes below the clock + QUOTE_AHEAD_MS of when it came: it delays real quotes by
+        that much at most, never freezes the mark. Judged once, as it comes: judged again at each quote, a
+        stamp 61 s ahead became plausible a second later and froze the mark (and the stop) for a minute.
+        """
+        if quote_ms <= self._now + QUOTE_SKEW_MS:
+            return quote_ms
+        return self._now + QUOTE_AHEAD_MS
+
     def _set_mark_stamp(self, quote_ms: int | None) -> None:
-        """The stamp behind the mark, and its floor (see `_older`)."""
+        """The stamp behind the mark, and its floor (see `_floor_of`)."""
         self._mark_quote_ms = quote_ms
-        self._mark_floor_ms = None if quote_ms is None else min(quote_ms, self._now + QUOTE_AHEAD_MS)
+        self._mark_floor_ms = None if quote_ms is None else self._floor_of(quote_ms)
 
     def _note_unsaved(self, new_peak: bool) -> None:
         due = self._position_saved_ms + (PEAK_SAVE_MS if new_peak else MARK_SAVE_MS)

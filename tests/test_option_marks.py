@@ -119,19 +119,20 @@ def test_a_glitch_quote_neither_marks_nor_sets_the_peak_and_a_wide_real_market_s
     assert (close.reason, close.exit_price) == ("Stop loss", 0.1)
 
 
-def test_a_quote_stamped_tomorrow_cannot_freeze_the_mark_of_the_stop():
-    """One quote (streamed or REST) stamped a day ahead used to make every real quote after it
-    "older": the mark froze and the stop never fired."""
-    day_ms = 86_400_000
+@pytest.mark.parametrize("lead_ms", [86_400_000, 61_000], ids=["a day", "just past the skew"])
+def test_a_quote_stamped_far_ahead_cannot_freeze_the_mark_of_the_stop(lead_ms):
+    """One quote (streamed or REST) stamped a day ahead used to make every real quote after it "older":
+    the mark froze and the stop never fired. One 61 s ahead froze it for a minute: judged again at each
+    quote, its stamp looked plausible (within the 60 s skew) a second after it came."""
+    t = ENTRY_BAR_START + 2000
     for ahead in (
-        streamed(ENTRY_BAR_START + 2000, 1.20, 1.22, quote_ms=ENTRY_BAR_START + 2000 + day_ms),
-        ContractSnapshot(ENTRY_BAR_START + 2000, quote(bid=1.2, ask=1.22, quote_ms=ENTRY_BAR_START + day_ms)),
+        streamed(t, 1.20, 1.22, quote_ms=t + lead_ms),
+        ContractSnapshot(t, quote(bid=1.2, ask=1.22, quote_ms=t + lead_ms)),
     ):
         eng = holding()
         assert closes(feed(eng, [ahead])) == [] and eng.position.mark == 1.21
-        t = ENTRY_BAR_START + 2000
         assert closes(feed(eng, [streamed(t + 1000, 0.70, 0.72)])) == [], "within the 2 s a stamp may lead"
-        (close,) = closes(feed(eng, [streamed(t + 2500, 0.70, 0.72)]))
+        (close,) = closes(feed(eng, [streamed(t + 3500, 0.70, 0.72)]))
         assert (close.reason, close.exit_price) == ("Stop loss", 0.7)
         assert eng.marks.stale == 1
 
