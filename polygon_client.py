@@ -543,6 +543,10 @@ def error_text(body: object) -> str:
 
 STREAM_OPEN_TIMEOUT_S = 5.0
 STREAM_CLOSE_TIMEOUT_S = 2.0
+# One frame's most (websockets' own default is 1 MiB): a burst of 10,000 option quotes in one frame (1.4 MB)
+# closed the socket with 1009 and its quotes, the peak and the fall of a giveback among them, were lost.
+# Frames come uncompressed, so this is also what the wire must carry; the engine inbox bounds the rest.
+STREAM_MAX_FRAME_BYTES = 16 << 20
 AUTH_REPLY_TIMEOUT_S = 10.0
 # The vendor greets at once; a server that does not (some fakes) is sent the auth after this many
 # market seconds anyway, rather than never.
@@ -852,6 +856,7 @@ class PolygonStream:
                 open_timeout=self._open_timeout_s,
                 close_timeout=STREAM_CLOSE_TIMEOUT_S,
                 compression=None,
+                max_size=STREAM_MAX_FRAME_BYTES,
             ) as ws:
                 return await self._converse(ws)
         except asyncio.CancelledError:

@@ -143,3 +143,27 @@ def bar_starts_taken(inbox: EngineInbox, wanted: int) -> list[int]:
         if isinstance(item, Received) and '"ev":"A"' in item.payload:
             starts.append(next(e["s"] for e in json.loads(item.payload) if e["sym"] == "IWM"))
     return starts
+
+
+def test_a_frame_above_a_megabyte_is_taken_whole_without_a_redial() -> None:
+    """websockets' default 1 MiB bound closed the socket (1009) on a burst of 10,000 option quotes in one
+    frame, and every quote in it was lost (the peak of a giveback among them)."""
+    burst = json.dumps([{"ev": "status", "status": "info", "message": "x" * 100}] * 12_000)
+    assert len(burst) > 1 << 20
+    with FakePolygon(flood_market(600), api_key=KEY, start_ms=START_MS, speed=20.0) as fake:
+        stop = threading.Event()
+        inbox = EngineInbox(stop)
+        stream = PolygonStream(fake.ws_url, KEY, ["IWM", "SPY"], inbox.put_data, clock_ms=fake.now_ms,
+                               backoff=Backoff(initial_s=0.01, max_s=0.02))  # fmt: skip
+        stream.start()
+        try:
+            fake.send_garbage([burst])
+            deadline, sizes = time.monotonic() + 20.0, []
+            while time.monotonic() < deadline and max(sizes, default=0) < len(burst):
+                item = inbox.get(timeout=0.05)
+                if isinstance(item, Received) and isinstance(item.payload, str):
+                    sizes.append(len(item.payload))
+        finally:
+            stop.set()
+            stream.stop(timeout=5.0)
+    assert max(sizes, default=0) == len(burst) and stream.reconnects == 0 and fake.ws_connections == 1
