@@ -504,9 +504,23 @@ def print_sweep(results: Sequence[CellResult], out: TextIO, split: Split | None 
     if split and results[0].out_stats is not None:
         print(file=out)
         print_held_out(split, out)
-        chosen = " ".join(f"{n}={v}" for n, v in results[0].params)
-        print(f"Chosen on the in-sample days only (rank 1): {chosen}", file=out)
+        print(_chosen_line(results), file=out)
         print_side_by_side(results[0].stats, results[0].out_stats, split, out)
+
+
+def _chosen_line(results: Sequence[CellResult]) -> str:
+    """Which cell the in-sample days chose, and when they could not tell cells apart, that they did not."""
+    first = results[0]
+    chosen = " ".join(f"{n}={v}" for n, v in first.params)
+    if first.stats.trades == 0:
+        return f"No cell traded on the in-sample days: nothing to choose on (rank 1 is the grid's first: {chosen})"
+    tied = len(results) > 1 and _ranked_on(results[1]) == _ranked_on(first)
+    how = "rank 1, tied with rank 2 on P&L and profit factor: the grid's order decides" if tied else "rank 1"
+    return f"Chosen on the in-sample days only ({how}): {chosen}"
+
+
+def _ranked_on(result: CellResult) -> tuple[float, float | None]:
+    return (result.stats.total_pnl, result.stats.profit_factor)
 
 
 SWEEP_STATS = ("trades", "wins", "win_rate_pct", "profit_factor", "max_drawdown", "total_pnl")

@@ -125,7 +125,8 @@ def test_cli_sweep_with_holdout_reports_both_parts_and_the_held_out_days(short_t
     assert main([*args, "--sweep", "STOP_LOSS_PERCENT=10,20", "--sweep", "VWAP_EXIT_BLOCKS=1,2"], cli) == 0
     printed = out.getvalue()
     assert "Held out: the last 1 of 2 day(s), 2025-10-07; in sample: 1 day(s), 2025-10-06" in printed
-    assert "Chosen on the in-sample days only (rank 1):" in printed
+    # The two VWAP_EXIT_BLOCKS cells trade alike on this day: the line says the grid's order chose.
+    assert "Chosen on the in-sample days only (rank 1, tied with rank 2 on P&L and profit factor" in printed
     assert "in sample" in printed and "out of sample" in printed and "OOS P&L" in printed
     rows = list(csv.DictReader((report / "sweep.csv").open()))
     assert len(rows) == 4 and {"in_sample_total_pnl", "out_of_sample_total_pnl"} <= set(rows[0])
@@ -244,3 +245,21 @@ def test_an_out_that_is_a_file_is_refused_before_anything_runs(short_tapes, tmp_
     assert stopped.value.code == 2
     assert "is a file: give a folder for the report" in capsys.readouterr().err
     assert taken.read_text() == "a file, not a folder"
+
+
+def test_the_chosen_cell_line_says_when_the_in_sample_days_could_not_choose():
+    """Every cell with no in-sample trade still had "Chosen on the in-sample days only (rank 1)" printed, and
+    a cell tied with the next one was announced as chosen as if the days had preferred it."""
+    from backtest_report import Stats, _chosen_line
+    from sweep import CellResult
+
+    def cell(value: str, trades: int, pnl: float, factor: float | None) -> CellResult:
+        stats = Stats(trades, 0, 0, None, None, None, None, factor, 0.0, pnl)
+        return CellResult((("STOP_LOSS_PERCENT", value),), (), stats)
+
+    none = [cell("10", 0, 0.0, None), cell("20", 0, 0.0, None)]
+    tied = [cell("10", 3, 52.0, 2.18), cell("20", 3, 52.0, 2.18), cell("30", 2, 10.0, 1.5)]
+    clear = [cell("10", 3, 52.0, 2.18), cell("20", 3, 40.0, 2.18)]
+    assert _chosen_line(none).startswith("No cell traded on the in-sample days: nothing to choose on")
+    assert "tied with rank 2" in _chosen_line(tied) and "STOP_LOSS_PERCENT=10" in _chosen_line(tied)
+    assert _chosen_line(clear) == "Chosen on the in-sample days only (rank 1): STOP_LOSS_PERCENT=10"
