@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 CHECK_EVERY_S = 10.0
 SCHEDULER_ANSWER_S = 30.0
 NO_WORKERS_S = 60.0
+# A tape scattered to a worker that dies is lost with it, and the tasks that needed it are cancelled: it is
+# shipped again (to the workers left) and they are sent again, this many times at most per tape.
+MAX_SHIPS_PER_TAPE = 4
 ADDRESS_VARIABLE = "DASK_SCHEDULER_ADDRESS"
 LOCAL_PREFIX = "local:"
 CACHE_FOLDER = "iwm-alerter-cache"
@@ -233,6 +236,7 @@ class DaskDays:
         self.refs = [tape_ref(t, None if is_url(t) else Path(t).read_bytes()) for t in self._tapes]
         self.data: list[Any] = [None] * len(self._tapes)
         self.shipped = 0
+        self._ships = [0] * len(self._tapes)  # times each tape was scattered
         held = self._held_everywhere()
         self._ship(
             [i for i, t in enumerate(self._tapes) if not is_url(t) and self.refs[i].digest not in held]
@@ -268,6 +272,9 @@ class DaskDays:
                     done, _ = wait(pending, timeout=self._check_every_s, return_when="FIRST_COMPLETED")
                 except TimeoutError:
                     done = set()
+                except concurrent.futures.CancelledError:
+                    # A worker died with a scattered tape: its tasks are cancelled (see `_ship_lost`).
+                    done = {future for future in pending if future.cancelled()}
             if done:
                 return [future for future in pending if future in done]
             self._check_cluster()
@@ -309,7 +316,26 @@ class DaskDays:
             futures = self._client.scatter(blobs, hash=False)
         for i, future in zip(todo, futures, strict=True):
             self.data[i] = future
+            self._ships[i] += 1
         self.shipped += len(todo)
+
+    def _ship_lost(self, indices: Sequence[int]) -> None:
+        """A task that needed the tapes at `indices` was cancelled: a worker died with a scattered copy.
+        The copies seen lost (all of them when none is yet: the news may lag) are shipped again to the
+        workers left; ExecutorError once a tape has gone MAX_SHIPS_PER_TAPE times (workers dying one after
+        another), so the run cannot loop for ever."""
+        lost = [i for i in indices if self.data[i] is not None and self.data[i].status != "finished"]
+        again = lost or list(indices)
+        for i in again:
+            if self._ships[i] >= MAX_SHIPS_PER_TAPE:
+                raise ExecutorError(
+                    f"Dask worker lost: {self.refs[i].name} was lost with its worker {self._ships[i]} times"
+                )
+            if is_url(self._tapes[i]):
+                self._ships[i] += 1  # a URL is not scattered: its task is only sent again, counted here
+            self.data[i] = None
+        log.warning("dask tape(s) lost with a worker: shipping %d again", len(again))
+        self._ship(again)
 
     def _submit_day(self, task: Callable[..., T], i: int, args: tuple[Any, ...]) -> Any:
         with translated_errors():
@@ -323,11 +349,14 @@ class DaskDays:
         while futures:
             for future in self._wait_for_some(list(futures)):
                 i = futures.pop(future)
-                if _tape_was_missing(future):
+                if future.cancelled():
+                    self._ship_lost([i])
+                elif _tape_was_missing(future):
                     self._ship([i])
-                    futures[self._submit_day(task, i, args)] = i
+                else:
+                    yield i, _result(future)
                     continue
-                yield i, _result(future)
+                futures[self._submit_day(task, i, args)] = i
 
     def over_days(
         self, task: Callable[..., T], indices: Sequence[int], jobs: Sequence[tuple[Any, ...]]
@@ -342,10 +371,14 @@ class DaskDays:
 
         futures = [submit(job) for job in jobs]
         results = []
-        for job, future in zip(jobs, futures, strict=True):
+        for job, first in zip(jobs, futures, strict=True):
+            future = first
             self._wait_for_some([future])
-            if _tape_was_missing(future):
-                self._ship(indices)
+            while future.cancelled() or _tape_was_missing(future):
+                if future.cancelled():
+                    self._ship_lost(indices)  # raises once a tape was lost too often: no endless loop
+                else:
+                    self._ship(indices)
                 future = submit(job)
                 self._wait_for_some([future])
             results.append(_result(future))
