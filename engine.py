@@ -579,6 +579,10 @@ class Engine:
         moved = with_mark(position, mid, quote.bid)
         if moved is not position:
             self._note_unsaved(moved.peak != position.peak)
+        elif quote_ms is not None and quote_ms != current_ms:
+            # The same price, newer: its stamp is saved too, or a restart dated the last quote back to the
+            # last price change (a SELL said "no quote of this contract for 33 min" of a quote 0.5 s old).
+            self._note_unsaved(new_peak=False)
         self.position = moved
 
     def _older(self, quote_ms: int, current_ms: int) -> bool:

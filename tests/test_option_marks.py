@@ -225,6 +225,24 @@ def test_a_quiet_contracts_standing_quote_keeps_the_mark_fresh():
     assert message.startswith("Reason: Time stop\n") and "Old price" not in message
 
 
+def test_a_restart_dates_a_standing_quote_by_its_last_stamp_not_its_last_price_change(tmp_path):
+    """Only a price change saved the quote's stamp: after a restart at 15:55, a quote repeated unchanged
+    until half a second before the kill was dated back to 15:22, and the SELL said "Old price: no quote
+    of this contract for 33 min" (the replay of the same tape said nothing)."""
+    from pnl_tracker import Journal
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    eng = engine()
+    journal.record(feed(eng, [chain(START + 110_000, quote()), *burst_bars(START)]))
+    journal.record(feed(eng, [streamed(at(15, 22), 1.30, 1.32)]))
+    repeats = [streamed(at(15, 22) + n * 2000, 1.30, 1.32) for n in range(1, 985)]  # to 15:54:48
+    journal.record(feed(eng, [*repeats, Tick(at(15, 54, 59))]))
+    restarted = engine()
+    restarted.restore(journal.restored_state("2025-10-02"), "2025-10-02")
+    message = sell_text(feed(restarted, [Tick(at(15, 55))]))
+    assert message.startswith("Reason: Time stop\n") and "Old price" not in message, message
+
+
 def sell_text(actions) -> str:
     (sell,) = [a for a in actions if isinstance(a, Alert) and a.kind == "SELL"]
     return sell.message
