@@ -64,7 +64,7 @@ from instance_lock import InstanceLock
 from mark_watch import FRESH, MarkWatch
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
 from options_feed import OptionsFeed, OptionsStatus
-from pipeline import STARTED, Pipeline
+from pipeline import RESUMED, STARTED, Pipeline
 from pnl_tracker import Journal, JournalError
 from polygon_client import NETWORK_ERROR_STATUS, PolygonRest, PolygonStream, RestAnswer
 from replay import received_from
@@ -102,6 +102,10 @@ THREAD_STALE_S = 180.0
 ENGINE_STUCK_S = 15.0
 # A one-second wait of the watchdog that took this long: the whole process was held, not the engine.
 WATCHDOG_OVERSLEPT_S = 5.0
+# The engine thread waits at most ENGINE_WAIT_S for the next item; this long between two of its turns means
+# the whole process was held, not that the inbox was empty.
+ENGINE_WAIT_S = 0.05
+HELD_PROCESS_S = 5.0
 HEALTH_RETRY_S = 30.0
 FILES_CHECK_SECONDS = 5.0  # how often the journal and lock files are checked to still be in place
 STOP_JOURNAL_RETRY_S = 2.0  # at a stop, how long held journal writes are retried before a rescue file
@@ -419,13 +423,32 @@ class Daemon:
         live day's decisions to the millisecond, whatever the threads' timing was.
         """
         pause_file = self.settings.data_dir / PAUSE_FILE
+        turned = self._monotonic()
         while not self.stop.is_set():
             self.last_turn = self._monotonic()
-            item = self.inbox.get(timeout=0.05)
+            item = self.inbox.get(timeout=ENGINE_WAIT_S)
+            now, held_s = self.clock.now_ms(), self._monotonic() - turned
             try:
-                self._turn(item, self.clock.now_ms(), pause_file)
+                if held_s > HELD_PROCESS_S:
+                    self._resumed_after_hold(now, held_s)
+                self._turn(item, now, pause_file)
             except Exception as exc:
                 self._engine_error(exc)
+            turned = self._monotonic()
+
+    def _resumed_after_hold(self, now: int, held_s: float) -> None:
+        """The whole process was held (SIGSTOP, a paused VM): its seconds were downtime, as a restart's.
+        Ticked through, they had decided a VWAP exit inside the hold at the bid of before it, and sent a
+        STALL and a RECOVERED for a feed that never failed. Recorded, so a replay does the same."""
+        log.warning(
+            "process_was_held",
+            held_s=round(held_s, 1),
+            meaning="SIGSTOP or a paused VM: nothing is decided inside the hold, as after a restart",
+        )
+        item = Received(now, "control", dict(RESUMED))
+        self._record(item)
+        self.pipeline.handle(item)
+        self.stream_watch.started_ms = now  # the stream's silence counts from here, as from a dial
 
     def _turn(self, item: object, now: int, pause_file: Path) -> None:
         if isinstance(item, Received):

@@ -52,6 +52,9 @@ class TickSchedule:
 
 
 STARTED: dict[str, object] = {"started": True}  # the control line a daemon records when it (re)starts
+# The line a daemon records when it runs again after its whole process was held (SIGSTOP, a paused VM):
+# a start to the engine and to replays (the held seconds are downtime), told apart only for a reader.
+RESUMED: dict[str, object] = {"started": True, "resumed_after_hold": True}
 
 
 def is_start(payload: object) -> bool:

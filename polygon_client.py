@@ -547,6 +547,8 @@ STREAM_CLOSE_TIMEOUT_S = 2.0
 # closed the socket with 1009 and its quotes, the peak and the fall of a giveback among them, were lost.
 # Frames come uncompressed, so this is also what the wire must carry; the engine inbox bounds the rest.
 STREAM_MAX_FRAME_BYTES = 16 << 20
+# A silence wait that ends this much later than asked means the process was held, not the feed silent.
+HELD_OVERSLEEP_S = 1.0
 AUTH_REPLY_TIMEOUT_S = 10.0
 # The vendor greets at once; a server that does not (some fakes) is sent the auth after this many
 # market seconds anyway, rather than never.
@@ -1048,6 +1050,10 @@ class PolygonStream:
                 async with asyncio.timeout(wait):
                     return await ws.recv()
             except TimeoutError:
+                if time.monotonic() - (now + wait) > HELD_OVERSLEEP_S:
+                    # The wait overslept: this process was held (SIGSTOP, a paused VM) and the frames of
+                    # meanwhile sit unread in the socket. Redialling dropped them all (and sent a STALL).
+                    quiet_since = None
                 continue
 
     def _auth_failed(self) -> float:

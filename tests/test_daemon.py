@@ -958,6 +958,35 @@ def test_a_process_held_for_two_minutes_is_not_taken_for_a_stuck_engine(market, 
     assert held == [] and exits == [3]
 
 
+def test_a_process_held_by_sigstop_treats_the_hold_as_downtime_and_says_no_stall(market, tmp_path):
+    """Ticked through, a hold's seconds sent a STALL and a RECOVERED for a feed that never failed (and could
+    decide an exit inside the hold at the bid of before it). They are downtime now, as a restart's, and the
+    tape says so for replays."""
+    import gzip
+
+    log_path = tmp_path / "daemon.log"
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 2), speed=SLOW) as polygon,
+    ):
+        process = launch(polygon, pushover, tmp_path, log_path)
+        try:
+            assert wait_for(lambda: "START" in kinds(pushover), 60), "no START"
+            time.sleep(2.0)
+            process.send_signal(signal.SIGSTOP)
+            time.sleep(7.0)  # 140 market seconds at SLOW: far past STALL_ALERT_SECONDS
+            process.send_signal(signal.SIGCONT)
+            time.sleep(3.0)
+        finally:
+            process.send_signal(signal.SIGCONT)
+            process.send_signal(signal.SIGTERM)
+            process.wait(15)
+    assert "STALL" not in kinds(pushover) and "RECOVERED" not in kinds(pushover), kinds(pushover)
+    assert b'"process_was_held"' in log_path.read_bytes()
+    (tape,) = (tmp_path / "tapes").glob("*.jsonl.gz")
+    assert b'"resumed_after_hold":true' in gzip.decompress(tape.read_bytes())
+
+
 def test_health_says_failing_while_the_engine_thread_is_stuck(market, tmp_path):
     """The engine thread makes the snapshot, so a stuck engine froze /health at `ok` and fed the
     heartbeat until the watchdog's exit."""
