@@ -17,6 +17,9 @@ gzip answer that inflates to 2 GB took a daemon to 1.5 GB of memory within the r
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import socket
 import ssl
 import threading
 import time
@@ -208,9 +211,18 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        bounded = bound(timeout, self._seconds_left(), httpcore.ConnectTimeout)
-        stream = self._inner.connect_tcp(host, port, bounded, local_address, socket_options)
-        return _DeadlineStream(stream, self._seconds_left)
+        addresses = resolve(host, port, bound(timeout, self._seconds_left(), httpcore.ConnectTimeout))
+        failure: Exception | None = None
+        for address in addresses:  # in the resolver's order, as socket.create_connection tries them
+            bounded = bound(timeout, self._seconds_left(), httpcore.ConnectTimeout)
+            try:
+                stream = self._inner.connect_tcp(address, port, bounded, local_address, socket_options)
+            except httpcore.ConnectError as exc:
+                failure = exc
+                continue
+            return _DeadlineStream(stream, self._seconds_left)
+        assert failure is not None
+        raise failure
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
@@ -248,6 +260,35 @@ class _DeadlineStream(httpcore.NetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
+
+
+def resolve(
+    host: str, port: int, timeout: float | None, lookup: Callable[..., list[Any]] = socket.getaddrinfo
+) -> list[str]:
+    """The addresses of `host`, looked up within `timeout` seconds (httpcore's ConnectTimeout after it,
+    ConnectError when the name is unknown). The lookup (`getaddrinfo`) runs in a thread of its own: it has
+    no timeout, and a resolver that never answered held each Pushover request 90 s past its deadline (and
+    the daemon's stop behind it)."""
+    with contextlib.suppress(ValueError):
+        return [str(ipaddress.ip_address(host))]
+    answer: list[Any] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            answer.append(lookup(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            answer.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name="dns", daemon=True).start()  # daemon: a hung one never holds exit
+    if not done.wait(timeout):
+        raise httpcore.ConnectTimeout(f"looking up {host} took more than {timeout:.1f} s")
+    found = answer[0]
+    if isinstance(found, OSError):
+        raise httpcore.ConnectError(f"looking up {host}: {found}")
+    return list(dict.fromkeys(str(info[4][0]) for info in found))
 
 
 def bound(timeout: float | None, left: float | None, expired: type[Exception]) -> float | None:

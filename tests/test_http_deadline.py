@@ -234,3 +234,32 @@ def test_a_raw_deflate_body_and_an_unasked_coding():
             client.close()
         # A 200 is delivered either way; only the readable one names Pushover's request id.
         assert (result.ok, result.request_id) == (True, request_id)
+
+
+def test_a_name_lookup_that_never_answers_ends_at_the_deadline():
+    """`getaddrinfo` has no timeout: a resolver that never answered held each Pushover request 90 s past its
+    20 s deadline, /health said ok meanwhile, and the daemon's stop waited behind it."""
+    import socket as sockets
+
+    import httpcore
+
+    from http_deadline import resolve
+
+    never = threading.Event()
+
+    def hung(*_args: object, **_kwargs: object) -> list:
+        never.wait(30)
+        return []
+
+    with pytest.raises(httpcore.ConnectTimeout, match="looking up api.pushover.net took more than 0.3 s"):
+        resolve("api.pushover.net", 443, 0.3, lookup=hung)
+    assert not never.is_set(), "it returned while the lookup was still hung"
+    never.set()
+    assert resolve("127.0.0.1", 80, 1.0) == ["127.0.0.1"] and resolve("::1", 80, 1.0) == ["::1"]
+    assert resolve("localhost", 80, 5.0), "a name the system knows (/etc/hosts) still resolves"
+
+    def unknown(*_args: object, **_kwargs: object) -> list:
+        raise sockets.gaierror(-2, "Name or service not known")
+
+    with pytest.raises(httpcore.ConnectError, match="looking up nowhere.invalid: .*not known"):
+        resolve("nowhere.invalid", 80, 1.0, lookup=unknown)
