@@ -16,7 +16,6 @@ the tape cannot be written (`delivery.py`); one daemon per DATA_DIR (`instance_l
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,7 +36,6 @@ import journal_rescue
 from alert_text import (
     PRIORITY_HIGH,
     PRIORITY_NORMAL,
-    clock_text,
     delivery_overrides,
     money,
     price,
@@ -72,7 +70,9 @@ from status import session_pulse
 from stream_watch import RECOVERED, SILENT, StreamWatch
 from summary_chart import summary_attachment
 from supervisor import Supervisor, WorkerHealth, error_text
-from tape import TapeGone, TapeReader, TapeWriter, prune_tapes, tape_path
+from tape import TapeReader, tape_path
+from tape_recorder import RETRY_SECONDS as TAPE_RETRY_S
+from tape_recorder import TapeRecorder
 
 EXIT_WATCHDOG = 3
 CONNECT_BEFORE_OPEN_MS = 5 * 60_000
@@ -81,8 +81,8 @@ REFUSED_RETRY_SECONDS = 60.0
 KEY_CHECK_LIMIT = 1  # results asked by the start-up key check: the answer's status is all it reads
 REFUSALS = {401: "unauthorized", 403: "not_entitled"}
 REFUSED_WHAT = {"unauthorized": "API key (HTTP 401)", "not_entitled": "plan (HTTP 403: options not included)"}
-TAPE_FLUSH_SECONDS = 5.0
-TAPE_RETRY_SECONDS = 300.0
+# A stop waits this long for the tape thread to write what is left (its disk may not answer).
+TAPE_CLOSE_S = 5.0
 PULSE_SECONDS = 300
 # No valid quote of the held contract for this long: the price exits are blind (mark_watch.py).
 MARK_STALE_MS = 30_000
@@ -147,7 +147,7 @@ class Daemon:
         stop: threading.Event | None = None,
         exit_process: Callable[[int], None] = os._exit,
         monotonic: Callable[[], float] = time.monotonic,
-        tape_retry_s: float = TAPE_RETRY_SECONDS,
+        tape_retry_s: float = TAPE_RETRY_S,
     ) -> None:
         """`monotonic` times the engine's turns for the watchdog and /health (tests make time jump);
         `tape_retry_s` is how long recording rests after the tape failed."""
@@ -198,32 +198,24 @@ class Daemon:
             late_after_ms=round(LATE_AFTER_MS / clock.sleep_scale()),
             lost_buys=lost_buys,
         )
+        self.recorder = TapeRecorder(settings, clock, self._tape_notice, retry_s=tape_retry_s)
         self.pipeline = Pipeline(
             self.engine,
-            TapeFirst(self.writer, self._hand_tape_over),
+            TapeFirst(self.writer, self.recorder.hand_over),
             FeedDecoder.for_rules(self.rules),
             on_alerts=self._on_alerts,
         )
         self.supervisor = Supervisor(self.stop, on_crash=self._thread_crashed)
         self.engine_errors = 0
-        self.tape_problem: str | None = None
-        self._tape_retry_at = 0.0
         self._pulse_slot: int | None = None
-        self._tape_alerted_day: date | None = None
-        self._tape_retry_s = tape_retry_s
-        self._tape_down_since_ms: int | None = None  # a TAPE FAILING alert awaits its TAPE RECOVERED
-        self._tape_gap_said = False  # that alert said recording went on at once (a deleted tape)
         self._last_chain_poll = time.monotonic()
         self._started_ms = clock.now_ms()
         self.interest = Interest(None, None)
         self.health: Snapshot = {"status": "closed", "version": VERSION}
         self.last_turn = self._monotonic()
         self._health_at = 0.0
-        self._flushed_at = time.monotonic()
         self._files_checked_at = time.monotonic()
         self._files_problem: str | None = None
-        self.tape: TapeWriter | None = None
-        self.tape_day: date | None = None
         self.stream: PolygonStream | None = None
         # The session thread connects and the main thread disconnects at shutdown: one lock, and no
         # connection once stop is set, so no stream outlives the daemon.
@@ -281,6 +273,10 @@ class Daemon:
         text = f"The {name} thread failed ({error}). It restarts by itself; check the logs if this repeats."
         self.inbox.put(SystemNotice("SYSTEM", text, PRIORITY_HIGH))
 
+    def _tape_notice(self, kind: str, text: str) -> None:
+        """A TAPE FAILING or TAPE RECOVERED from the tape thread: delivered by the engine thread."""
+        self.inbox.put(SystemNotice(kind, text, PRIORITY_NORMAL))
+
     def _pushover_client(self) -> PushoverClient | None:
         s = self.settings
         if not (s.pushover_token and s.pushover_user_key):
@@ -296,6 +292,10 @@ class Daemon:
         """Start every thread, run until stopped; returns the exit status."""
         try:
             self._warm_up_and_restore()
+            # Before the first line is recorded: a tape that blocks must not hold the start (a FIFO did).
+            self.supervisor.spawn(
+                "tape", lambda: self.recorder.run(self.stop, lambda: self.supervisor.beat("tape"))
+            )
             self._note_start()
             self._announce_start()
             self._start_threads()
@@ -391,7 +391,7 @@ class Daemon:
     def _note_start(self) -> None:
         """Record the (re)start on the tape and tell the engine, so replays see it at the same instant."""
         item = Received(self.clock.now_ms(), "control", dict(STARTED))
-        self._record(item)
+        self.recorder.record(item)
         self.pipeline.handle(item)
 
     def _announce_start(self) -> None:
@@ -446,14 +446,14 @@ class Daemon:
             meaning="SIGSTOP or a paused VM: nothing is decided inside the hold, as after a restart",
         )
         item = Received(now, "control", dict(RESUMED))
-        self._record(item)
+        self.recorder.record(item)
         self.pipeline.handle(item)
         self.stream_watch.started_ms = now  # the stream's silence counts from here, as from a dial
 
     def _turn(self, item: object, now: int, pause_file: Path) -> None:
         if isinstance(item, Received):
             stamped = replace(item, t=now)
-            self._record(stamped)
+            self.recorder.record(stamped)
             bars_before = self.engine.counters.bars
             self.pipeline.handle(stamped)
             if stamped.kind == "ws" and self.engine.counters.bars > bars_before:
@@ -530,7 +530,7 @@ class Daemon:
         paused = pause_file.exists()
         if paused != self.engine.paused:
             item = Received(self.clock.now_ms(), "control", {"paused": paused})
-            self._record(item)
+            self.recorder.record(item)
             self.pipeline.handle(item)
         position = self.engine.position
         spot = self.engine.last.close if self.engine.last else None
@@ -542,8 +542,6 @@ class Daemon:
             self.health, self._health_at = self._snapshot(), time.monotonic()
             self._say_feed_timing(self.clock.now_ms())
             self._say_bad_inputs()
-        if self.tape is not None and time.monotonic() - self._flushed_at >= TAPE_FLUSH_SECONDS:
-            self._flush_tape()
         if time.monotonic() - self._files_checked_at >= FILES_CHECK_SECONDS:
             self._check_data_files()
 
@@ -632,125 +630,6 @@ class Daemon:
             "pending": self.outbox.pending_count(),
         }
 
-    def _hand_tape_over(self) -> None:
-        """Before a decision is recorded: the tape lines behind it go to the OS first, so a replay of the
-        tape after a kill -9 still holds every line that led to a decision the journal kept."""
-        if self.tape is None:
-            return
-        try:
-            self.tape.hand_over()
-        except Exception as exc:
-            self._tape_failed("tape_write_failed", exc)
-
-    def _flush_tape(self) -> None:
-        """A durable point for the recording: a crash loses at most the last few seconds of tape."""
-        self._flushed_at = time.monotonic()
-        try:
-            assert self.tape is not None
-            self.tape.flush()
-        except Exception as exc:
-            self._tape_failed("tape_flush_failed", exc)
-            return
-        if self._tape_down_since_ms is not None and self.tape_problem is None:
-            # Said once lines are on disk again: a write only fills a buffer, which a full disk still refuses.
-            self._end_tape_gap(self._tape_down_since_ms, self.clock.now_ms())
-
-    def _record(self, item: Received) -> None:
-        """Write the item to today's tape; the tape failing never touches the trading path."""
-        if not self.settings.record or self._tape_resting(item.t):
-            return
-        try:
-            self._write_tape(item)
-        except Exception as exc:
-            self._tape_failed("tape_write_failed", exc)
-            return
-        if self.tape_problem is not None:
-            log.warning("tape_recovered", after=self.tape_problem, note="the tape has a gap")
-            self.tape_problem = None
-
-    def _end_tape_gap(self, since_ms: int, now_ms: int) -> None:
-        """The alert closing a TAPE FAILING one: recording is back, and where the tape's gap is (unless
-        that alert said already that recording went on at once and nothing failed since)."""
-        self._tape_down_since_ms = None
-        if self._tape_gap_said:
-            return
-        since = clock_text(since_ms)
-        if ny_date(since_ms) != ny_date(now_ms):
-            since = f"{ny_date(since_ms).isoformat()} {since}"
-        text = (
-            f"Recording of the feed resumed; the tape has a gap from {since} to {clock_text(now_ms)}, "
-            "which replays and backtests of it will miss."
-        )
-        self._deliver_notice(SystemNotice("TAPE_RECOVERED", text, PRIORITY_NORMAL), self.clock.now_ms())
-
-    def _tape_resting(self, t: int) -> bool:
-        """After a failure, recording rests until TAPE_RETRY_SECONDS have passed (or a new day starts)."""
-        if self.tape_problem is None or self.tape_day != ny_date(t):
-            return False
-        return time.monotonic() < self._tape_retry_at
-
-    def _write_tape(self, item: Received) -> None:
-        day = ny_date(item.t)
-        if self.tape is None or self.tape_day != day:
-            self._rotate_tape(day, item.t)
-        assert self.tape is not None
-        if item.kind == "ws":
-            self.tape.write_ws(item.t, item.payload)  # type: ignore[arg-type]
-        elif item.kind == "control":
-            self.tape.write_control(item.t, item.payload)  # type: ignore[arg-type]
-        else:
-            self.tape.write_rest(item.t, item.path, item.status, item.payload)
-
-    def _tape_failed(self, event: str, exc: Exception) -> None:
-        """Pause recording, say so once a day (log and alert), retry later; trading goes on."""
-        first = self.tape_problem is None and self._tape_alerted_day != self.tape_day
-        self._tape_gap_said = False  # failing again after its alert: the recovery is news
-        self.tape_problem = error_text(exc)
-        # A deleted file or folder can be made again at once; a full or refusing disk needs time.
-        retry_s = 0.0 if isinstance(exc, TapeGone) else self._tape_retry_s
-        self._tape_retry_at = time.monotonic() + retry_s
-        log.error(event, error=self.tape_problem, retry_in_s=retry_s, note="trading unaffected")
-        tape, self.tape = self.tape, None
-        if tape is not None:
-            with contextlib.suppress(Exception):
-                tape.close()
-        if first:
-            self._tape_alerted_day = self.tape_day
-            self._tape_down_since_ms = self.clock.now_ms()
-            self._tape_gap_said = isinstance(exc, TapeGone)
-            text = (
-                f"Recording of today's feed stopped ({self.tape_problem}); retried every "
-                f"{self._tape_retry_s:.0f} s. Alerts and trading are unaffected."
-            )
-            if isinstance(exc, TapeGone):  # goes on at once in a new file: no recovery to announce
-                text = (
-                    f"Today's tape was deleted while recording ({self.tape_problem}); recording goes on in a "
-                    f"new file, with a gap of up to {TAPE_FLUSH_SECONDS:.0f} s. Alerts and trading are unaffected."
-                )
-            self._deliver_notice(SystemNotice("TAPE_FAILING", text, PRIORITY_NORMAL), self.clock.now_ms())
-
-    def _rotate_tape(self, day: date, t: int) -> None:
-        old, self.tape = self.tape, None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                old.close()
-        if self.tape_day != day:
-            self.tape_problem = None
-        self.tape_day = day
-        path = tape_path(self.settings.data_dir, day)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        settings = self.settings
-        self.tape = TapeWriter(
-            path,
-            underlying=self.rules.underlying,
-            benchmark=self.rules.benchmark,
-            start_ms=t,
-            secrets=(settings.polygon_api_key, settings.pushover_token, settings.pushover_user_key),
-        )
-        removed = prune_tapes(path.parent, self.settings.record_retention_days, day)
-        if removed:
-            log.info("tapes_pruned", count=len(removed))
-
     def _snapshot(self) -> Snapshot:
         now = self.clock.now_ms()
         engine = self.engine
@@ -781,7 +660,7 @@ class Daemon:
             "threads": {w.name: self._worker_fields(w) for w in self.supervisor.health()},
             "journal": self._journal_fields(),
             "alerts": self._delivery_fields(),
-            "tape": {"recording": self.tape is not None, "problem": self.tape_problem},
+            "tape": {"recording": self.recorder.recording, "problem": self.recorder.problem},
             "engine_errors": self.engine_errors,
             "marks": self._marks_fields(),
             "queue_depth": self.inbox.qsize(),
@@ -828,7 +707,7 @@ class Daemon:
             self._stream_down_problem(now),
             self._delayed_feed_problem(now),
             self._clock_behind_problem(now),
-            None if self.tape_problem is None else f"tape not recording ({self.tape_problem})",
+            None if self.recorder.problem is None else f"tape not recording ({self.recorder.problem})",
             self.mark_watch.problem(now, self.engine.mark_set_ms),
             None if self.heartbeat is None else self.heartbeat.problem(time.monotonic()),
         )
@@ -1316,7 +1195,7 @@ class Daemon:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("stream", self._disconnect),
             ("notifier", lambda: self.notifier.flush(deadline_s=5.0)),
-            ("tape", self._close_tape),
+            ("tape", lambda: self.recorder.close(timeout_s=TAPE_CLOSE_S)),
             ("health", lambda: self.health_server.stop() if self.health_server is not None else None),
             ("journal", self._close_journal),
         ]
@@ -1327,11 +1206,6 @@ class Daemon:
                 log.error("shutdown_step_failed", step=name, error=error_text(exc))
         self.instance_lock.release()
         log.info("stopped")
-
-    def _close_tape(self) -> None:
-        tape, self.tape = self.tape, None
-        if tape is not None:
-            tape.close()
 
     def _write_rescues(self) -> None:
         """Decisions a stop could not write (journal_rescue.py) go into the journal before any state is

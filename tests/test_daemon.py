@@ -197,7 +197,9 @@ def test_a_tape_folder_deleted_while_recording_is_said_once_and_recording_goes_o
         assert wait_for(lambda: tape.is_file() and daemon.engine.counters.bars > 10, 30)
         shutil.rmtree(tmp_path / "tapes")
         assert wait_for(lambda: "TAPE FAILING" in kinds(pushover), 30), "the deleted tape was not said"
-        assert wait_for(lambda: tape.is_file() and daemon.tape_problem is None, 30), "recording not resumed"
+        assert wait_for(lambda: tape.is_file() and daemon.recorder.problem is None, 30), (
+            "recording not resumed"
+        )
         bars = daemon.engine.counters.bars
         assert wait_for(lambda: daemon.engine.counters.bars > bars + 80, 30)
     assert kinds(pushover).count("TAPE FAILING") == 1
@@ -232,7 +234,7 @@ def test_a_tape_that_cannot_be_written_for_a_while_says_when_recording_resumes(m
         time.sleep(1.0)
         folder.unlink()
         assert wait_for(lambda: "TAPE RECOVERED" in kinds(pushover), 30), "the recovery was not said"
-        assert daemon.tape_problem is None
+        assert daemon.recorder.problem is None
     assert kinds(pushover).count("TAPE FAILING") == 1 and kinds(pushover).count("TAPE RECOVERED") == 1
     said = next(m.form["message"] for m in pushover.messages if m.form["title"].endswith("TAPE RECOVERED"))
     assert said.startswith("Recording of the feed resumed; the tape has a gap from 10:0"), said

@@ -15,7 +15,6 @@ import pytest
 from builders import at
 
 from config import settings_from_env
-from daemon import TAPE_FLUSH_SECONDS
 from diagnose import (
     FAIL,
     FAIL_FREE_BYTES,
@@ -35,6 +34,7 @@ from sim.market import SyntheticMarket, demo_script
 from sim.polygon_server import FakePolygon, SyntheticSource
 from sim.pushover_server import FakePushover
 from tape import TapeWriter
+from tape_recorder import FLUSH_SECONDS as TAPE_FLUSH_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY, TOKEN, USER = "testkey1234", "t" * 30, "u" * 30

@@ -243,6 +243,25 @@ def test_a_journal_that_cannot_be_written_back_fails_health_and_is_kept_aside_at
         copy.unlink(missing_ok=True)
 
 
+def test_a_tape_that_blocks_holds_neither_the_start_nor_a_trade(market, tmp_path):
+    """Tape writes ran on the engine thread: a disk that hung held the engine in the kernel (no BUY, no
+    SELL, and the watchdog's exit could not end it), and a tape path that blocked on open (a FIFO) hung a
+    restart before any thread ran. The tape has a thread of its own now."""
+    start = at(10, 4)
+    fifo = tmp_path / "tapes" / "2025-10-02.jsonl.gz"  # the market's day: opening it blocks for ever
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with (
+        fakes(market, start) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread),
+    ):
+        assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+        assert thread.is_alive() and "did not take a write" in (daemon.recorder.problem or "")
+        assert any("tape not recording" in p for p in daemon.health.get("problems", []))
+    sent = kinds(pushover)
+    assert trades_of(sent) == ["BUY", "SELL"] and sent.count("TAPE FAILING") == 1, sent
+
+
 def system_texts(pushover: FakePushover) -> list[str]:
     return [m.form["message"] for m in pushover.messages if m.form["title"].endswith("SYSTEM")]
 

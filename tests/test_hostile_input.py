@@ -368,7 +368,7 @@ def test_the_daemon_skips_hostile_input_and_sends_buy_then_sell_once(
     counters = daemon.pipeline.decoder.counters
     assert alive, "the daemon stopped by itself"
     assert [k for k in sent if k in ("BUY", "SELL")] == ["BUY", "SELL"], sent
-    assert "SYSTEM" not in sent and daemon.engine_errors == 0 and daemon.tape_problem is None
+    assert "SYSTEM" not in sent and daemon.engine_errors == 0 and daemon.recorder.problem is None
     assert not [e for e in logs if e.get("log_level") == "critical"]
     chain_requests = [p for p in requests if p.startswith(f"{CHAIN}?")]
     print(f"{fault}: {len(requests)} REST requests, {len(chain_requests)} chain pages")
