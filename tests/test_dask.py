@@ -22,7 +22,6 @@ from distributed import Client, LocalCluster
 from backtest import Io, main
 from backtest_report import write_sweep
 from dask_days import CACHE_FOLDER, DaskDays, local_cluster, private_cache_root
-from executors import ExecutorError
 from market_calendar import ny_ms
 from sim.market import SyntheticMarket, write_tape
 from sweep import parse_sweep, run_sweep, sweep_cells
