@@ -1,12 +1,13 @@
 """The live daemon: threads around one engine (DESIGN section 1).
 
-stream thread ─┐
-poller thread ─┼─► inbox ─► engine thread (decode, tape, engine, journal) ─► notifier thread ─► Pushover
-clock ─────────┘
+stream thread ─┐                                                    ┌─► notifier thread ─► Pushover
+poller thread ─┼─► inbox ─► engine thread (decode, engine, journal) ─┤
+clock ─────────┘                                                    └─► tape thread ─► today's tape
 
 Producers only stamp what they receive and enqueue it (waiting while the engine is far behind,
-`engine_inbox.py`). The engine thread decodes, records the raw
-item to the tape and runs the engine, so the tape's order is the engine's order. A watchdog exits
+`engine_inbox.py`). The engine thread stamps each item, queues it for the tape (`tape_recorder.py`,
+which never holds the engine for more than half a second) and runs the engine, so the tape's order is
+the engine's order. A watchdog exits
 the process with status 3 when the engine thread stops turning, so the supervisor restarts it.
 
 Fault tolerance (README "Durability"): every other thread runs under a `Supervisor` that restarts it
