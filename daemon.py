@@ -294,9 +294,7 @@ class Daemon:
         try:
             self._warm_up_and_restore()
             # Before the first line is recorded: a tape that blocks must not hold the start (a FIFO did).
-            self.supervisor.spawn(
-                "tape", lambda: self.recorder.run(self.stop, lambda: self.supervisor.beat("tape"))
-            )
+            self.supervisor.spawn("tape", lambda: self.recorder.run(lambda: self.supervisor.beat("tape")))
             self._note_start()
             self._announce_start()
             self._start_threads()

@@ -118,12 +118,12 @@ class TapeRecorder:
         if not mark.done.wait(self._hand_over_s):
             self._say_stuck(f"the tape's disk did not take a write within {self._hand_over_s:g} s")
 
-    def run(self, stop: threading.Event, beat: Callable[[], None] = lambda: None) -> None:
+    def run(self, beat: Callable[[], None] = lambda: None) -> None:
         """The tape thread: write what is queued, flush every FLUSH_SECONDS, until `close`."""
         self._started = True
         while True:
             beat()
-            batch = self._take(stop)
+            batch = self._take()
             if batch is None:
                 return
             for entry in batch:
@@ -151,10 +151,11 @@ class TapeRecorder:
         if not mark.done.wait(timeout_s):
             log.error("tape_not_closed", note=f"its disk did not answer within {timeout_s:g} s")
 
-    def _take(self, stop: threading.Event) -> list[Received | _HandOver] | None:
-        """What is queued, waiting up to a second for it; None once stopping with nothing left."""
+    def _take(self) -> list[Received | _HandOver] | None:
+        """What is queued, waiting up to a second for it; None once closed with nothing left. A daemon's
+        stop is not the end: `close` comes after the notifier's last sends, and writes what is left."""
         with self._wake:
-            if not self._queue and not self._stopping and not stop.is_set():
+            if not self._queue and not self._stopping:
                 self._wake.wait(1.0)
             batch = list(self._queue)
             self._queue.clear()
@@ -174,9 +175,11 @@ class TapeRecorder:
         self._stuck = why
         self.problem = why
         log.error("tape_stuck", why=why, note="trading unaffected: recording stops until the disk answers")
-        if self._alerted_day != self.tape_day:
-            self._alerted_day = self.tape_day
-            self._down_since_ms = self._clock.now_ms()
+        now = self._clock.now_ms()
+        day = self.tape_day or ny_date(now)  # no tape opened yet: a disk hung from the start
+        if self._alerted_day != day:
+            self._alerted_day = day
+            self._down_since_ms = now
             self._gap_said = False
             self._notify(
                 "TAPE_FAILING",
