@@ -128,8 +128,10 @@ class TapeRecorder:
                 return
             for entry in batch:
                 if isinstance(entry, _HandOver):
-                    self._hand_over_now()
-                    entry.done.set()
+                    try:
+                        self._hand_over_now()
+                    finally:  # whatever happened, the engine must not wait out its time for this mark
+                        entry.done.set()
                 else:
                     self._record_now(entry)
             if self._stuck is not None:
