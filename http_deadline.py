@@ -202,6 +202,7 @@ class _DeadlineBackend(httpcore.NetworkBackend):
     def __init__(self, seconds_left: Callable[[], float | None]) -> None:
         self._inner = httpcore.SyncBackend()
         self._seconds_left = seconds_left
+        self._lookups = threading.BoundedSemaphore(LOOKUPS_AT_ONCE)
 
     def connect_tcp(
         self,
@@ -211,7 +212,8 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        addresses = resolve(host, port, bound(timeout, self._seconds_left(), httpcore.ConnectTimeout))
+        left = bound(timeout, self._seconds_left(), httpcore.ConnectTimeout)
+        addresses = resolve(host, port, left, slots=self._lookups)
         failure: Exception | None = None
         for address in addresses:  # in the resolver's order, as socket.create_connection tries them
             bounded = bound(timeout, self._seconds_left(), httpcore.ConnectTimeout)
@@ -262,15 +264,26 @@ class _DeadlineStream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
+# Name lookups under way at once per client (each on a thread of its own; see `resolve`).
+LOOKUPS_AT_ONCE = 4
+
+
 def resolve(
-    host: str, port: int, timeout: float | None, lookup: Callable[..., list[Any]] = socket.getaddrinfo
+    host: str,
+    port: int,
+    timeout: float | None,
+    lookup: Callable[..., list[Any]] = socket.getaddrinfo,
+    slots: threading.Semaphore | None = None,
 ) -> list[str]:
     """The addresses of `host`, looked up within `timeout` seconds (httpcore's ConnectTimeout after it,
     ConnectError when the name is unknown). The lookup (`getaddrinfo`) runs in a thread of its own: it has
     no timeout, and a resolver that never answered held each Pushover request 90 s past its deadline (and
-    the daemon's stop behind it)."""
+    the daemon's stop behind it). `slots` bounds the lookups under way: hung ones are not piled up, one
+    thread per poll, for as long as the resolver stays silent."""
     with contextlib.suppress(ValueError):
         return [str(ipaddress.ip_address(host))]
+    if slots is not None and not slots.acquire(blocking=False):
+        raise httpcore.ConnectTimeout(f"looking up {host}: earlier lookups still wait for the resolver")
     answer: list[Any] = []
     done = threading.Event()
 
@@ -281,6 +294,8 @@ def resolve(
             answer.append(exc)
         finally:
             done.set()
+            if slots is not None:
+                slots.release()
 
     threading.Thread(target=look_up, name="dns", daemon=True).start()  # daemon: a hung one never holds exit
     if not done.wait(timeout):

@@ -4,10 +4,11 @@ Every tape write used to run on the engine thread: a disk that hung (a frozen or
 held the engine in the kernel, no BUY or SELL was decided, and the watchdog's exit could not end a
 process in disk sleep; a tape path that blocked on open (a FIFO) hung a restart before any thread ran.
 Here the engine only queues what it received (`record`, which never waits) and, before a durable
-decision, waits at most HAND_OVER_S for the lines behind it to reach the OS (`hand_over`, so a replay
-after a kill -9 still holds them). A tape thread that does not keep up is said stuck: recording stops
-(one TAPE FAILING alert), the engine goes on, and once the disk answers again the tape rests and resumes
-like after any failure, TAPE RECOVERED naming its gap.
+decision, waits for the lines behind it to reach the OS (`hand_over`, so a replay after a kill -9 still
+holds them) while the tape thread makes progress, HAND_OVER_MOST_S at most. A tape thread that writes
+nothing for HAND_OVER_S while a decision waits (IDLE_STUCK_S while lines wait) is stuck: recording stops
+(one TAPE FAILING alert), the engine goes on, and once the disk answers again recording resumes at once,
+TAPE RECOVERED naming the gap. A busy thread (a backlog after a hold) is not stuck.
 
 Failures, rests and alerts are as before (`daemon.py` had them): a failing write pauses recording for
 `retry_s` (at once after a deleted tape), one TAPE FAILING a day, one TAPE RECOVERED when lines are on
@@ -38,12 +39,17 @@ log = structlog.get_logger("tape_recorder")
 
 FLUSH_SECONDS = 5.0
 RETRY_SECONDS = 300.0
-# How long a durable decision waits for the lines behind it to reach the OS; a normal disk takes well
-# under a millisecond. Past it the tape is said stuck and the decision goes on.
-HAND_OVER_S = 0.5
-# Received bytes the tape thread may be behind before it is said stuck (a disk that stopped answering
-# while no decision waited on it).
+# The tape is stuck when its thread has written nothing for this long while a decision waits: a normal
+# disk takes a line in microseconds (an fsync in milliseconds), and a busy thread makes progress all along.
+HAND_OVER_S = 1.0
+# How long a durable decision waits at most for the lines behind it, however busy the tape thread is: past
+# it the decision goes on (said in the log), the tape not being stuck.
+HAND_OVER_MOST_S = 2.0
+# Without a decision waiting, a tape thread silent this long with lines queued is stuck too; and so is one
+# this many received bytes behind (REST answers arrive decoded and count as none).
+IDLE_STUCK_S = 5.0
 QUEUE_BYTES = 64 << 20
+WAIT_STEP_S = 0.05
 Notify = Callable[[str, str], None]  # (kind, text): a SYSTEM-type notice to the phone
 
 
@@ -70,15 +76,20 @@ class TapeRecorder:
         retry_s: float = RETRY_SECONDS,
         hand_over_s: float = HAND_OVER_S,
         queue_bytes: int = QUEUE_BYTES,
+        idle_stuck_s: float = IDLE_STUCK_S,
     ) -> None:
         self._settings, self._clock, self._notify = settings, clock, notify
         self._retry_s, self._hand_over_s, self._queue_bytes = retry_s, hand_over_s, queue_bytes
+        self._idle_stuck_s = idle_stuck_s
         self._queue: deque[Received | _HandOver] = deque()
         self._queued_bytes = 0
         self._wake = threading.Condition()
         self._stopping = False
         self._started = False
         self._stuck: str | None = None  # set by the engine thread, taken up by the tape thread
+        # When the tape thread last showed it runs: took a batch, wrote an item, or waited idle (it wakes
+        # at least every second). Read by the engine thread to tell a busy tape from a stuck one.
+        self._alive_at = time.monotonic()
         self.tape: TapeWriter | None = None
         self.tape_day: date | None = None
         self.problem: str | None = None
@@ -99,24 +110,36 @@ class TapeRecorder:
             return
         size = len(item.payload) if isinstance(item.payload, str | bytes) else 0
         with self._wake:
+            waiting = len(self._queue)
             self._queue.append(item)
             self._queued_bytes += size
             behind = self._queued_bytes
             self._wake.notify()
-        if behind > self._queue_bytes:
+        silent_s = time.monotonic() - self._alive_at
+        if waiting and silent_s > self._idle_stuck_s:
+            self._say_stuck(f"the tape's disk has taken nothing for {silent_s:.0f} s")
+        elif behind > self._queue_bytes:
             self._say_stuck(f"the tape's disk is {behind >> 20} MB behind")
 
     def hand_over(self) -> None:
-        """Before a durable decision (engine thread): wait at most `hand_over_s` for the lines queued so
-        far to reach the OS; past it, the tape is said stuck and the decision goes on."""
+        """Before a durable decision (engine thread): wait for the lines queued so far to reach the OS.
+        A tape thread that writes nothing for `hand_over_s` is stuck (said; the decision goes on); a busy
+        one is waited for HAND_OVER_MOST_S at most."""
         if not self._settings.record or self._stuck is not None:
             return
         mark = _HandOver()
         with self._wake:
             self._queue.append(mark)
             self._wake.notify()
-        if not mark.done.wait(self._hand_over_s):
-            self._say_stuck(f"the tape's disk did not take a write within {self._hand_over_s:g} s")
+        started = time.monotonic()
+        while not mark.done.wait(WAIT_STEP_S):
+            now = time.monotonic()
+            if now - max(self._alive_at, started) > self._hand_over_s:
+                self._say_stuck(f"the tape's disk did not take a write within {self._hand_over_s:g} s")
+                return
+            if now - started > HAND_OVER_MOST_S:
+                log.warning("tape_hand_over_late", waited_s=round(now - started, 2), note="the tape is busy")
+                return
 
     def run(self, beat: Callable[[], None] = lambda: None) -> None:
         """The tape thread: write what is queued, flush every FLUSH_SECONDS, until `close`."""
@@ -127,6 +150,7 @@ class TapeRecorder:
             if batch is None:
                 return
             for entry in batch:
+                self._alive_at = time.monotonic()
                 if isinstance(entry, _HandOver):
                     try:
                         self._hand_over_now()
@@ -159,6 +183,7 @@ class TapeRecorder:
         with self._wake:
             if not self._queue and not self._stopping:
                 self._wake.wait(1.0)
+            self._alive_at = time.monotonic()
             batch = list(self._queue)
             self._queue.clear()
             self._queued_bytes = 0
@@ -272,7 +297,8 @@ class TapeRecorder:
         self._gap_said = False  # failing again after its alert: the recovery is news
         self.problem = error_text(exc)
         # A deleted file or folder can be made again at once; a full or refusing disk needs time.
-        retry_s = 0.0 if isinstance(exc, TapeGone) else self._retry_s
+        # So can a disk that answers again after it hung (the tape thread runs this only then).
+        retry_s = 0.0 if isinstance(exc, TapeGone | TapeStuck) else self._retry_s
         self._retry_at = time.monotonic() + retry_s
         log.error(event, error=self.problem, retry_in_s=retry_s, note="trading unaffected")
         self._close_tape()

@@ -254,6 +254,11 @@ def test_a_name_lookup_that_never_answers_ends_at_the_deadline():
     with pytest.raises(httpcore.ConnectTimeout, match="looking up api.pushover.net took more than 0.3 s"):
         resolve("api.pushover.net", 443, 0.3, lookup=hung)
     assert not never.is_set(), "it returned while the lookup was still hung"
+    slots = threading.BoundedSemaphore(1)
+    with pytest.raises(httpcore.ConnectTimeout):
+        resolve("api.pushover.net", 443, 0.1, lookup=hung, slots=slots)
+    with pytest.raises(httpcore.ConnectTimeout, match="earlier lookups still wait"):
+        resolve("api.pushover.net", 443, 0.1, lookup=hung, slots=slots)  # no second thread piled up
     never.set()
     assert resolve("127.0.0.1", 80, 1.0) == ["127.0.0.1"] and resolve("::1", 80, 1.0) == ["::1"]
     assert resolve("localhost", 80, 5.0), "a name the system knows (/etc/hosts) still resolves"

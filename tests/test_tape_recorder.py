@@ -49,3 +49,45 @@ def test_a_decision_waits_for_the_tape_at_most_its_hand_over_time(tmp_path):
     assert [kind for kind, _text in notices] == ["TAPE_FAILING"]
     recorder.hand_over()  # stuck: no second wait, no second alert
     assert len(notices) == 1
+
+
+def fifo_tape(data_dir: Path) -> Path:
+    """Today's tape path made a FIFO: the tape thread blocks for ever opening it, as on a hung disk."""
+    fifo = data_dir / "tapes" / "2025-10-02.jsonl.gz"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    return fifo
+
+
+def test_a_tape_thread_silent_while_lines_wait_is_stuck_without_a_decision(tmp_path):
+    """No decision waited on a hung disk while flat: /health said recording, and memory grew all session."""
+    import threading
+    import time
+
+    notices: list[tuple[str, str]] = []
+    fifo_tape(tmp_path)
+    recorder = recorder_in(tmp_path, notices, idle_stuck_s=0.3)
+    threading.Thread(target=recorder.run, daemon=True).start()
+    recorder.record(Received(at(10, 0), "ws", "[]"))  # the thread takes it and blocks opening the tape
+    time.sleep(0.5)
+    recorder.record(Received(at(10, 0, 1), "rest", {"results": []}))
+    recorder.record(Received(at(10, 0, 2), "rest", {"results": []}))
+    assert (recorder.problem or "").startswith("the tape's disk has taken nothing for")
+    assert [kind for kind, _text in notices] == ["TAPE_FAILING"] and not recorder.recording
+
+
+def test_a_busy_tape_thread_is_waited_for_not_called_stuck(tmp_path):
+    """A backlog (frames flooding in after a hold) takes the thread a while to write: it was called stuck
+    after 0.5 s though it wrote all along, and the tape then rested five minutes around the exit."""
+    import json
+    import threading
+
+    notices: list[tuple[str, str]] = []
+    recorder = recorder_in(tmp_path, notices, hand_over_s=0.05)
+    frame = json.dumps([{"ev": "A", "sym": "IWM", "v": n, "c": 240.0 + n / 100, "s": n} for n in range(40)])
+    for n in range(20_000):
+        recorder.record(Received(at(10, 0) + n, "ws", frame))
+    threading.Thread(target=recorder.run, daemon=True).start()
+    recorder.hand_over()
+    assert recorder.problem is None and notices == [] and recorder.recording
+    recorder.close(timeout_s=30)
