@@ -293,6 +293,10 @@ class Daemon:
         """Start every thread, run until stopped; returns the exit status."""
         try:
             self._warm_up_and_restore()
+            if self.stop.is_set():
+                # Stopped while warming up: no START from a process on its way out (with a hung Pushover,
+                # its send in the last flush took the stop past Render's 30 s grace).
+                return 0
             # Before the first line is recorded: a tape that blocks must not hold the start (a FIFO did).
             self.supervisor.spawn("tape", lambda: self.recorder.run(lambda: self.supervisor.beat("tape")))
             self._note_start()
@@ -352,6 +356,9 @@ class Daemon:
         latest_ms = self.clock.now_ms() + TAPE_AHEAD_MS
         try:
             for line in TapeReader(path, lazy_bodies=True):
+                if self.stop.is_set():  # a stop asked during a long warm-up: nothing more is started
+                    log.info("warm_up_stopped", tape=str(path), at_ms=line.t)
+                    break
                 if line.t > latest_ms:
                     self._say_tape_ahead(path, line.t)
                     break

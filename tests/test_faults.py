@@ -672,3 +672,21 @@ def test_a_tape_ahead_of_the_clock_stops_the_warm_up_there_and_is_said(market, t
         latest = daemon.engine.last_bar
     # Bars of 09:40 and after come from the fake (the start's backfill, the stream); 10:06 is not warmed.
     assert latest is None or latest.end_ms < at(10, 0)
+
+
+def test_a_stop_asked_during_the_warm_up_starts_nothing_and_sends_no_start(market, tmp_path):
+    """The warm-up of a long tape ignored SIGTERM, then the stopping process sent a START; with a hung
+    Pushover its send in the last flush took the stop past Render's 30 s grace."""
+    from structlog.testing import capture_logs
+
+    write_tape_until(tmp_path, at(10, 3))
+    with fakes(market, at(10, 4)) as (pushover, polygon, clock):
+        stop = threading.Event()
+        daemon = Daemon(settings_for(polygon, pushover, tmp_path), clock, stop=stop)
+        stop.set()  # as the signal watcher does when SIGTERM comes during the warm-up
+        with capture_logs() as logs:
+            assert daemon.run() == 0
+        time.sleep(0.5)
+        assert pushover.messages == []
+    events = [e["event"] for e in logs]
+    assert "warm_up_stopped" in events and "stream_started" not in events
