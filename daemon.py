@@ -48,7 +48,7 @@ from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings, pushover_key_warnin
 from delivery import MemoryOutbox, TapeFirst, WriteBehindJournal
 from engine import Engine, OwedSummary, position_fields
 from engine_inbox import EngineInbox
-from events import Alert, FeedStatus, Received
+from events import Alert, FeedStatus, Received, SetMeta
 from feed import FeedDecoder
 from health import (
     HEARTBEAT_FAILING,
@@ -82,6 +82,12 @@ REFUSED_RETRY_SECONDS = 60.0
 KEY_CHECK_LIMIT = 1  # results asked by the start-up key check: the answer's status is all it reads
 REFUSALS = {401: "unauthorized", 403: "not_entitled"}
 REFUSED_WHAT = {"unauthorized": "API key (HTTP 401)", "not_entitled": "plan (HTTP 403: options not included)"}
+# LOOP_STARTS starts within LOOP_WINDOW_MS are a crash loop: one RESTARTING alert an hour instead of a START
+# each (see `start_announcement`).
+LOOP_STARTS = 5
+LOOP_WINDOW_MS = 30 * 60_000
+HOUR_MS = 3_600_000
+RECENT_STARTS_META = "recent_starts"
 # A stop waits this long for the tape thread to write what is left (its disk may not answer).
 TAPE_CLOSE_S = 5.0
 PULSE_SECONDS = 300
@@ -135,6 +141,16 @@ class Interest:
 
     ticker: str | None
     spot: float | None
+
+
+def start_announcement(previous: list[int], now: int) -> tuple[str, list[int]]:
+    """What a start at `now` says, given the earlier starts: "start" (a START alert) or "loop" (the
+    LOOP_STARTS-th start within LOOP_WINDOW_MS: a crash loop, said once an hour instead); and the starts
+    to keep, the last hour's with this one."""
+    kept = [t for t in previous if 0 <= now - t < HOUR_MS] + [now]
+    if sum(now - t < LOOP_WINDOW_MS for t in kept) >= LOOP_STARTS:
+        return "loop", kept
+    return "start", kept
 
 
 class Daemon:
@@ -402,6 +418,11 @@ class Daemon:
 
     def _announce_start(self) -> None:
         now = self.clock.now_ms()
+        said, starts = start_announcement(self._recent_starts(), now)
+        keep = SetMeta(RECENT_STARTS_META, json.dumps(starts))
+        if said == "loop":
+            self._announce_restarting(now, starts, keep)
+            return
         position = self.engine.position
         held = (
             f"Holding {position.ticker} (peak {price(position.peak)})." if position else "No open position."
@@ -415,7 +436,31 @@ class Daemon:
         title = f"{self.rules.underlying} alerter — START"
         priority = priority_for("START", delivery_overrides(self.settings))
         # One key per start, to the millisecond: a restart within the same minute still announces itself.
-        self.pipeline.deliver([Alert("START", f"START:{now}", title, text, priority, now)])
+        self.pipeline.deliver([keep, Alert("START", f"START:{now}", title, text, priority, now)])
+
+    def _announce_restarting(self, now: int, starts: list[int], keep: SetMeta) -> None:
+        """A crash loop: one alert an hour saying so, instead of a START per restart (a loop every few
+        seconds sent hundreds an hour and could use up the month's Pushover quota, BUY and SELL held after)."""
+        recent = sum(now - t < LOOP_WINDOW_MS for t in starts)
+        text = (
+            f"The daemon has started {recent} times in {LOOP_WINDOW_MS // 60_000} minutes ({len(starts)} in the "
+            "last hour): it keeps exiting. START alerts are held back meanwhile; check the logs (Render: the "
+            "worker's events and logs)."
+        )
+        title = f"{self.rules.underlying} alerter — RESTARTING"
+        key = f"RESTARTING:{now // HOUR_MS}"  # one an hour, whatever the loop's pace
+        log.error("restarting_in_a_loop", starts_in_window=recent, starts_last_hour=len(starts))
+        self.pipeline.deliver([keep, Alert("SYSTEM", key, title, text, PRIORITY_HIGH, now)])
+
+    def _recent_starts(self) -> list[int]:
+        """The start times the journal keeps (the last hour's); none when it cannot tell."""
+        try:
+            raw = self.journal.meta(RECENT_STARTS_META)
+            starts = json.loads(raw) if raw else []
+        except (sqlite3.Error, ValueError, RecursionError) as exc:
+            log.warning("recent_starts_unknown", error=error_text(exc))
+            return []
+        return [t for t in starts if type(t) is int] if isinstance(starts, list) else []
 
     @property
     def notifier_enabled(self) -> bool:

@@ -13,7 +13,7 @@ from typing import Protocol
 import structlog
 
 from engine import Engine
-from events import Action, Alert, Event, Log, Received, Tick
+from events import Action, Alert, Event, Log, Received, SetMeta, Tick
 from feed import FeedDecoder
 from pnl_tracker import Journal, JournalError
 
@@ -139,8 +139,9 @@ class Pipeline:
         self._commit(actions, cursor)
         return actions
 
-    def deliver(self, alerts: list[Alert]) -> None:
-        """Alerts decided outside the engine (START, SYSTEM): journaled, then handed on like the engine's."""
+    def deliver(self, alerts: Sequence[Alert | SetMeta]) -> None:
+        """Alerts decided outside the engine (START, SYSTEM), with any meta beside them: journaled in one
+        transaction, then the alerts handed on like the engine's."""
         self._commit(list(alerts), None)
 
     def _commit(self, actions: list[Action], cursor: str | None) -> None:

@@ -1038,3 +1038,41 @@ def test_a_sigterm_at_the_first_moment_it_is_handled_stops_start_up_cleanly(mark
                 process.kill()
     assert code == 0, (tmp_path / "daemon.log").read_text()[-2000:]
     assert "Traceback" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_a_crash_loop_sends_a_few_starts_then_one_restarting_alert_an_hour():
+    """A daemon restarted every few seconds sent a START each time: hundreds an hour, the month's Pushover
+    quota gone in a day, and BUY and SELL held behind the 429s after that."""
+    from daemon import HOUR_MS, LOOP_STARTS, start_announcement
+
+    starts: list[int] = []
+    said = []
+    for n in range(720):  # an hour of restarts every 5 s
+        what, starts = start_announcement(starts, n * 5_000)
+        said.append(what)
+    assert said[: LOOP_STARTS - 1] == ["start"] * (LOOP_STARTS - 1) and set(said[LOOP_STARTS - 1 :]) == {
+        "loop"
+    }
+    assert len(starts) == 720 and all(t >= 720 * 5_000 - HOUR_MS - 5_000 for t in starts)
+    # Deploys an hour apart are ordinary starts again, and the kept list forgets what is older than an hour.
+    assert start_announcement(starts, 5 * HOUR_MS) == ("start", [5 * HOUR_MS])
+    assert start_announcement([1_000, 2_000], 3_000)[0] == "start"
+
+
+def test_the_fifth_start_in_half_an_hour_says_restarting_once_instead_of_start(market, tmp_path):
+    import json
+
+    from pnl_tracker import Journal
+
+    with fakes(market, at(10, 2)) as (pushover, polygon, _clock):
+        for n in range(6):
+            clock = SimClock(at(10, 2) + n * 60_000, SPEED)  # a start a minute, as a crash loop's
+            with daemon_running(settings_for(polygon, pushover, tmp_path), clock):
+                if n < 5:
+                    assert wait_for(lambda n=n: len(pushover.messages) > n, 20), kinds(pushover)
+                else:
+                    time.sleep(1.0)  # the sixth says nothing: RESTARTING goes once an hour
+        sent = kinds(pushover)
+    assert sent == ["START"] * 4 + ["RESTARTING"], sent
+    journal = Journal(tmp_path / "journal.sqlite3")
+    assert len(json.loads(journal.meta("recent_starts") or "[]")) == 6
