@@ -54,15 +54,16 @@ class Held:
 
 def rescue_paths(data_dir: Path) -> tuple[Path, Path]:
     """Where a rescue goes: beside the journal, else in the temporary folder under a name of DATA_DIR's."""
-    return data_dir / RESCUE_NAME, _in_temp(data_dir, RESCUE_NAME)
+    return data_dir / RESCUE_NAME, in_temp(data_dir, RESCUE_NAME)
 
 
 def journal_copy_path(data_dir: Path) -> Path:
     """Where a stop copies a journal it could not write back to DATA_DIR (removed, on a full disk)."""
-    return _in_temp(data_dir, "journal.sqlite3")
+    return in_temp(data_dir, "journal.sqlite3")
 
 
-def _in_temp(data_dir: Path, name: str) -> Path:
+def in_temp(data_dir: Path, name: str) -> Path:
+    """A file of this DATA_DIR's in the system's temporary folder (for when DATA_DIR cannot take it)."""
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"iwm-alerter-{digest}.{name}"
 

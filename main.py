@@ -6,6 +6,7 @@ import requires_python  # noqa: F401 - first: one clear line, not a traceback, o
 
 # isort: split
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -319,14 +320,34 @@ def bad_journal_advice(path: Path, exc: Exception) -> str:
     )
 
 
+NOT_STARTED_REPEAT_S = 3600.0  # the same reason is told again after this long, not at every restart
+
+
 def notify_cannot_start(settings: Settings, reason: str) -> None:
-    """Best effort: tell the phone the daemon is down, since no alert can follow."""
+    """Best effort: tell the phone the daemon is down, since no alert can follow; once an hour for one
+    reason (Render restarts a worker that exits: a priority-1 NOT STARTED came at every attempt)."""
     if not (settings.pushover_token and settings.pushover_user_key):
         return
+    import hashlib
     import time
 
     from alerts import PushoverClient
+    from journal_rescue import in_temp
     from pnl_tracker import OutboxItem
+
+    said = in_temp(settings.data_dir, "not_started")
+    words = hashlib.sha256(reason.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    try:
+        last_words, last_at = said.read_text(encoding="utf-8").split()
+        if last_words == words and time.time() - float(last_at) < NOT_STARTED_REPEAT_S:
+            print(
+                "NOT STARTED was sent for the same reason within the hour: not sent again.", file=sys.stderr
+            )
+            return
+    except (OSError, ValueError):
+        pass  # never said, or unreadable: say it
+    with contextlib.suppress(OSError):
+        said.write_text(f"{words} {time.time():.0f}\n", encoding="utf-8")
 
     title = f"{settings.rules.underlying} alerter — NOT STARTED"
     now_ms = time.time_ns() // 1_000_000

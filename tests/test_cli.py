@@ -225,6 +225,15 @@ def test_a_live_start_refused_for_its_data_dir_tells_the_phone(tmp_path):
     assert done.returncode == 2 and "Nothing started" in done.stderr
     assert [m.form["title"] for m in messages] == ["IWM alerter — NOT STARTED"]
     assert str(not_a_folder) in messages[0].form["message"]
+    # Render restarts a worker that exits: the same reason is not sent again at every attempt.
+    with FakePushover() as pushover:
+        again = run_main([], tmp_path, DATA_DIR=str(not_a_folder), POLYGON_API_KEY="k" * 20,
+                         PUSHOVER_TOKEN="t" * 30, PUSHOVER_USER_KEY="u" * 30, PUSHOVER_API_URL=pushover.url,
+                         PYTHON_DOTENV_DISABLED="1")  # fmt: skip
+        assert again.returncode == 2 and pushover.messages == [] and "not sent again" in again.stderr
+    from journal_rescue import in_temp
+
+    in_temp(not_a_folder, "not_started").unlink()
 
 
 def test_a_journal_sqlite_cannot_open_is_never_called_damaged():
