@@ -6,7 +6,7 @@ clock ─────────┘                                            
 
 Producers only stamp what they receive and enqueue it (waiting while the engine is far behind,
 `engine_inbox.py`). The engine thread stamps each item, queues it for the tape (`tape_recorder.py`,
-which never holds the engine for more than half a second) and runs the engine, so the tape's order is
+which never holds the engine for more than two seconds) and runs the engine, so the tape's order is
 the engine's order. A watchdog exits
 the process with status 3 when the engine thread stops turning, so the supervisor restarts it.
 
