@@ -1099,6 +1099,10 @@ class Daemon:
         start = session_date - timedelta(days=self.rules.volume_profile_days * 2 + 5)
         end = session_date - timedelta(days=1)
         answers = self.rest.aggs(self.rules.underlying, 1, "minute", start.isoformat(), end.isoformat())
+        if self.stop.is_set():
+            # The fetch outlived a stop, whose shutdown may have closed the journal: a write now only
+            # logged a false "journal_failing" (and wrote a rescue file) as the process ended.
+            return
         if answers and all(answer.status == 200 for answer in answers):
             stored = [{"path": a.path, "body": a.body} for a in answers]
             # A peer may echo the key (in a `next_url`): the journal keeps no secret either.
