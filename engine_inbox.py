@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from events import raw_size
+
 DEFAULT_LIMIT = 10_000
 DEFAULT_BYTE_LIMIT = 64 << 20
 WAIT_STEP_S = 0.005
@@ -61,7 +63,7 @@ class EngineInbox:
         self._queue.put(item)
 
     def _count_in(self, item: object) -> None:
-        size = _raw_size(item)
+        size = raw_size(item)
         if size:
             with self._lock:
                 self._bytes += size
@@ -72,7 +74,7 @@ class EngineInbox:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
-        size = _raw_size(item)
+        size = raw_size(item)
         if size:
             with self._lock:
                 self._bytes -= size
@@ -103,9 +105,3 @@ class EngineInbox:
         with self._lock:
             self.held_s += self._monotonic() - started
         return True
-
-
-def _raw_size(item: object) -> int:
-    """The bytes of a raw frame's text (a `Received` payload that is str or bytes); 0 for anything else."""
-    payload = getattr(item, "payload", None)
-    return len(payload) if isinstance(payload, str | bytes | bytearray) else 0

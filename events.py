@@ -152,6 +152,13 @@ class Received:
     status: int = 200
 
 
+def raw_size(item: object) -> int:
+    """The size of a raw frame's text (a `Received` payload that is str or bytes); 0 for anything else,
+    REST answers included (they arrive decoded). What the engine's inbox and the tape's queue bound."""
+    payload = getattr(item, "payload", None)
+    return len(payload) if isinstance(payload, str | bytes | bytearray) else 0
+
+
 Event = Bar | ChainSnapshot | ContractSnapshot | Tick | FeedStatus | VolumeProfile
 
 

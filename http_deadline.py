@@ -25,7 +25,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,7 +163,7 @@ class DeadlineTransport(httpx.BaseTransport):
         self._local.deadline = None
 
 
-@contextmanager
+@contextlib.contextmanager
 def httpx_errors(request: httpx.Request) -> Iterator[None]:
     """httpcore's exceptions as the httpx exceptions of the same name (httpx's own mapping)."""
     try:

@@ -30,7 +30,7 @@ import structlog
 from alert_text import clock_text
 from clock import Clock
 from config import Settings
-from events import Received
+from events import Received, raw_size
 from market_calendar import ny_date
 from supervisor import error_text
 from tape import TapeGone, TapeWriter, prune_tapes, tape_path
@@ -108,7 +108,7 @@ class TapeRecorder:
         """Queue `item` for today's tape (engine thread). Never waits; dropped while the tape is stuck."""
         if not self._settings.record or self._stuck is not None:
             return
-        size = len(item.payload) if isinstance(item.payload, str | bytes) else 0
+        size = raw_size(item)
         with self._wake:
             waiting = len(self._queue)
             self._queue.append(item)
@@ -202,17 +202,10 @@ class TapeRecorder:
         self._stuck = why
         self.problem = why
         log.error("tape_stuck", why=why, note="trading unaffected: recording stops until the disk answers")
-        now = self._clock.now_ms()
-        day = self.tape_day or ny_date(now)  # no tape opened yet: a disk hung from the start
+        day = self.tape_day or ny_date(self._clock.now_ms())  # no tape opened yet: a disk hung from the start
         if self._alerted_day != day:
-            self._alerted_day = day
-            self._down_since_ms = now
-            self._gap_said = False
-            self._notify(
-                "TAPE_FAILING",
-                f"Recording of today's feed stopped ({why}); it resumes once the disk answers. "
-                "Alerts and trading are unaffected.",
-            )
+            text = f"Recording of today's feed stopped ({why}); it resumes once the disk answers."
+            self._say_failing(day, f"{text} Alerts and trading are unaffected.")
 
     def _hand_over_now(self) -> None:
         if self.tape is None:
@@ -302,20 +295,24 @@ class TapeRecorder:
         self._retry_at = time.monotonic() + retry_s
         log.error(event, error=self.problem, retry_in_s=retry_s, note="trading unaffected")
         self._close_tape()
-        if first:
-            self._alerted_day = self.tape_day
-            self._down_since_ms = self._clock.now_ms()
-            self._gap_said = isinstance(exc, TapeGone)
+        if not first:
+            return
+        text = (
+            f"Recording of today's feed stopped ({self.problem}); retried every "
+            f"{self._retry_s:.0f} s. Alerts and trading are unaffected."
+        )
+        if isinstance(exc, TapeGone):  # goes on at once in a new file: no recovery to announce
             text = (
-                f"Recording of today's feed stopped ({self.problem}); retried every "
-                f"{self._retry_s:.0f} s. Alerts and trading are unaffected."
+                f"Today's tape was deleted while recording ({self.problem}); recording goes on in a "
+                f"new file, with a gap of up to {FLUSH_SECONDS:.0f} s. Alerts and trading are unaffected."
             )
-            if isinstance(exc, TapeGone):  # goes on at once in a new file: no recovery to announce
-                text = (
-                    f"Today's tape was deleted while recording ({self.problem}); recording goes on in a "
-                    f"new file, with a gap of up to {FLUSH_SECONDS:.0f} s. Alerts and trading are unaffected."
-                )
-            self._notify("TAPE_FAILING", text)
+        self._say_failing(self.tape_day, text, gap_said=isinstance(exc, TapeGone))
+
+    def _say_failing(self, day: date | None, text: str, *, gap_said: bool = False) -> None:
+        """The day's one TAPE FAILING; its TAPE RECOVERED follows when lines are on disk again (unless
+        `gap_said`: the alert said already that recording went on at once)."""
+        self._alerted_day, self._down_since_ms, self._gap_said = day, self._clock.now_ms(), gap_said
+        self._notify("TAPE_FAILING", text)
 
     def _rotate(self, day: date, t: int) -> None:
         self._close_tape()
