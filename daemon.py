@@ -117,6 +117,7 @@ HEALTH_RETRY_S = 30.0
 FILES_CHECK_SECONDS = 5.0  # how often the journal and lock files are checked to still be in place
 STOP_JOURNAL_RETRY_S = 2.0  # at a stop, how long held journal writes are retried before a rescue file
 DELAYED_FRESH_MS = 5_000  # a bar received this recently tells how late the feed runs
+DELAYED_FOR_MS = 60_000  # a feed is delayed when its fresh bars stay late this long (a hiccup is not a plan)
 # A live bar received this long before its second ended says this machine's clock is behind the feed's.
 CLOCK_BEHIND_MS = 5_000
 CLOCK_BEHIND_FOR_MS = 30_000  # ... for this long, while bars keep coming
@@ -246,6 +247,7 @@ class Daemon:
         self._health_problem: str | None = None
         self._stream_down_since_ms: int | None = None
         self._clock_behind_since: int | None = None  # since when fresh bars arrive ahead of this clock
+        self._feed_late_since: int | None = None  # since when fresh bars arrive STALL_SECONDS late or more
         self._said_days: dict[str, date] = {}  # a once-a-day problem's log event -> the day it was said
         self._rest_refused: str | None = None
         self._bad_inputs_said, self._bad_inputs_said_at = 0, -math.inf  # see _say_bad_inputs
@@ -768,10 +770,15 @@ class Daemon:
     def _delayed_feed_problem(self, now: int) -> str | None:
         """Bars that arrive on time but are old (a delayed plan): every entry is blocked as feed_stale."""
         bar = self.engine.last_bar
-        if bar is None or self._open_session_ms(now) is None or now - bar.received_ms > DELAYED_FRESH_MS:
+        fresh = bar is not None and now - bar.received_ms <= DELAYED_FRESH_MS
+        late_s = (bar.received_ms - bar.end_ms) / 1000 if bar is not None and fresh else 0.0
+        if self._open_session_ms(now) is None or late_s <= self.rules.stall_seconds:
+            self._feed_late_since = None
             return None
-        late_s = (bar.received_ms - bar.end_ms) / 1000
-        if late_s <= self.rules.stall_seconds:
+        # A burst that came in late (a slow network minute, a busy machine) is not a delayed plan: the
+        # bars must stay late while they keep coming, or the phone hears "delayed plan?" of a hiccup.
+        since = self._feed_late_since = self._feed_late_since or now
+        if now - since < DELAYED_FOR_MS:
             return None
         return (
             f"bars arrive {late_s:.0f} s after their second (a delayed plan?): every entry is blocked, "

@@ -716,6 +716,29 @@ def test_a_delayed_feed_is_said_once_and_on_health_since_no_entry_can_fire(marke
     assert "BUY" not in kinds(pushover)
 
 
+def test_bars_late_for_half_a_minute_are_a_hiccup_not_a_delayed_plan(market, tmp_path):
+    """A busy machine or a slow network minute made one late bar look like a delayed plan: the phone got a
+    FEED ERROR "(a delayed plan?)" of a feed that was on time a second later."""
+    speed, start = SLOW / 2, at(10, 2)
+    shift = [0.0]
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=speed) as polygon,
+    ):
+        # Our clock 20 market seconds ahead of the feed's: each bar 20 s late ...
+        clock = SimClock(start + 20_000, speed, wall=lambda: time.monotonic() + shift[0])
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread):
+            assert wait_for(lambda: daemon.engine.last_bar is not None, 20)
+            late_from = clock.now_ms()
+            assert wait_for(lambda: clock.now_ms() >= late_from + 30_000, 20)
+            shift[0] = -20 / speed  # ... for 30 s, then on time again
+            on_time_from = clock.now_ms()
+            assert wait_for(lambda: clock.now_ms() >= on_time_from + 90_000, 30)
+            late_said = [p for p in daemon.health.get("problems", []) if p.startswith("bars arrive")]
+    assert "FEED ERROR" not in kinds(pushover) and late_said == []
+    assert daemon.engine.counters.bars > 60
+
+
 def test_rest_refusing_the_key_sends_one_feed_error_and_retries_slowly(market, tmp_path):
     start = at(10, 2)
     with (
