@@ -59,7 +59,7 @@ from backtest_run import (
     use_batch_gc,
 )
 from cli_exit import run_quietly
-from config import ConfigError, Settings, data_dir_problem, unknown_keys
+from config import ConfigError, Settings, data_dir_problem, read_dotenv, unknown_keys
 from dask_days import fsspec_url, is_url, one_line, scheduler_address
 from executors import DayExecutor, ExecutorError, PoolDays, decode_in_pool
 from history import fetch_history, session_days
@@ -340,13 +340,15 @@ def main(argv: Sequence[str] | None = None, io: Io | None = None) -> int:
     """The CLI; returns the exit status (2 for bad arguments or settings)."""
     io = io or Io(sys.stdout, sys.stderr)
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    for warning in unknown_keys(io.env_file):
+    # Read once: a named pipe (1Password) gives its text once, and every sweep cell reads the settings.
+    dotenv = read_dotenv(io.env_file, os.environ if io.environ is None else io.environ)
+    for warning in unknown_keys(dotenv):
         print(warning, file=io.err)
     try:
         overrides = parse_assignments(args.set)
         axes = parse_sweep(args.sweep)
-        settings = resolve_settings(overrides, environ=io.environ, env_file=io.env_file)
-        cells = sweep_cells(axes, overrides, environ=io.environ, env_file=io.env_file) if axes else []
+        settings = resolve_settings(overrides, environ=io.environ, env_file=dotenv)
+        cells = sweep_cells(axes, overrides, environ=io.environ, env_file=dotenv) if axes else []
     except ConfigError as exc:
         _print_problems("Settings problems (nothing run):", exc.problems, io.err)
         return EXIT_USAGE

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from dotenv_file import DotenvFile
 from redaction import Redactor, channel_secrets, url_secrets
 
 SECRET_NAMES = frozenset(
@@ -610,23 +611,21 @@ def known_names() -> frozenset[str]:
     return frozenset(names | EXTRA_NAMES)
 
 
-def unknown_keys(env_file: str | Path | None = ".env") -> list[str]:
+def unknown_keys(env_file: str | Path | DotenvFile | None = ".env") -> list[str]:
     """One warning per key of `env_file` that no setting reads, naming the nearest known variable.
 
     Only the file is looked at: the process environment holds many unrelated variables. Never raises:
     a file that cannot be read or decoded is `load_settings`'s to report.
     """
-    if env_file is None or dotenv_disabled(os.environ) or not Path(env_file).is_file():
-        return []
-    try:
-        text = _dotenv_text(Path(env_file))
-    except OSError:
+    dotenv = read_dotenv(env_file, os.environ)
+    if dotenv is None or dotenv.text is None:
         return []
     from dotenv.parser import parse_stream
 
+    text = dotenv.text
     known = known_names()
-    name = Path(env_file).name
-    warnings = _unreadable_lines(Path(env_file), text)
+    name = dotenv.path.name
+    warnings = _unreadable_lines(dotenv.path, text)
     said: set[str] = set()
     for binding in parse_stream(io.StringIO(text)):
         key = binding.key
@@ -657,15 +656,17 @@ def dotenv_disabled(environ: Mapping[str, str]) -> bool:
     return environ.get("PYTHON_DOTENV_DISABLED", "").strip().lower() in ("1", "true", "t", "yes", "y")
 
 
-def _dotenv_text(env_file: Path) -> str:
-    """The file's text. A byte that is not UTF-8 becomes a lone surrogate, which decoded text never holds:
-    the line can then be named (`_undecodable_lines`) rather than the whole file refused with a traceback.
-    """
-    return env_file.read_bytes().decode("utf-8", errors="surrogateescape")
+def read_dotenv(env_file: str | Path | DotenvFile | None, environ: Mapping[str, str]) -> DotenvFile | None:
+    """`env_file` read now (a `DotenvFile` is already read), or None when `.env` files are switched off.
+
+    A command reads its `.env` once and passes the `DotenvFile` on: a named pipe gives its text once."""
+    if env_file is None or dotenv_disabled(environ):
+        return None
+    return env_file if isinstance(env_file, DotenvFile) else DotenvFile.read(env_file)
 
 
 def _undecodable(text: str | None) -> bool:
-    """Whether `text` holds a byte `_dotenv_text` could not decode."""
+    """Whether `text` holds a byte `DotenvFile.read` could not decode."""
     return text is not None and any("\udc80" <= char <= "\udcff" for char in text)
 
 
@@ -721,24 +722,21 @@ def _dotenv_values(text: str) -> dict[str, str | None]:
     return {k: v for k, v in values.items() if not (_undecodable(k) or _undecodable(v))}
 
 
-def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    env_file: str | Path | DotenvFile | None = ".env", environ: Mapping[str, str] | None = None
+) -> Settings:
     """Read `.env` (never overriding the real environment) and the environment into `Settings`.
 
     Raise `ConfigError` listing every problem, those of the file itself (unreadable, not UTF-8) first.
     """
     merged: dict[str, str] = {}
     problems: list[str] = []
-    if dotenv_disabled(os.environ if environ is None else environ):
-        env_file = None
-    if env_file is not None and Path(env_file).is_file():
-        path = Path(env_file)
-        try:
-            text = _dotenv_text(path)
-        except OSError as exc:
-            problems.append(f"{path.name}: cannot be read ({exc.strerror or exc})")
-        else:
-            problems += _undecodable_lines(path, text)
-            merged.update({k: v for k, v in _dotenv_values(text).items() if v is not None})
+    dotenv = read_dotenv(env_file, os.environ if environ is None else environ)
+    if dotenv is not None and dotenv.problem is not None:
+        problems.append(dotenv.problem)
+    elif dotenv is not None and dotenv.text is not None:
+        problems += _undecodable_lines(dotenv.path, dotenv.text)
+        merged.update({k: v for k, v in _dotenv_values(dotenv.text).items() if v is not None})
     merged.update(os.environ if environ is None else environ)
     try:
         settings = settings_from_env(merged)

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import importlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -141,13 +142,14 @@ def check_packages(requirements: list[str] | None = None) -> Check:
 
 def check_settings() -> tuple[list[Check], object | None]:
     """The settings as main.py loads them, and a warning per `.env` key that no setting reads."""
-    from config import ConfigError, load_settings, unknown_keys
+    from config import ConfigError, load_settings, read_dotenv, unknown_keys
 
-    warnings = [w.removeprefix("warning: ") for w in unknown_keys(".env")]
+    dotenv = read_dotenv(".env", os.environ)  # once: a named pipe (1Password) gives its text once
+    warnings = [w.removeprefix("warning: ") for w in unknown_keys(dotenv)]
     fix = "fix or remove the keys named above"
     checks = [Check(".env keys", WARN, "; ".join(warnings), fix)] if warnings else []
     try:
-        settings = load_settings()
+        settings = load_settings(dotenv)
     except ConfigError as exc:
         failed = Check("settings", FAIL, "; ".join(exc.problems), "fix the variables named above (.env)")
         return [failed, *checks], None

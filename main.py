@@ -8,6 +8,7 @@ import requires_python  # noqa: F401 - first: one clear line, not a traceback, o
 import argparse
 import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from config import (
     Settings,
     data_dir_problem,
     load_settings,
+    read_dotenv,
     unknown_keys,
 )
 from logs import configure_logging
@@ -101,10 +103,11 @@ def parse_speed(raw: str) -> float | None:
 
 def load_or_exit() -> Settings:
     """Settings from `.env` and the environment; warn about `.env` keys no setting reads; exit 2 on a bad one."""
-    for warning in unknown_keys(".env"):
+    dotenv = read_dotenv(".env", os.environ)  # once: a named pipe (1Password) gives its text once
+    for warning in unknown_keys(dotenv):
         print(warning, file=sys.stderr)
     try:
-        return load_settings()
+        return load_settings(dotenv)
     except ConfigError as exc:
         print("Configuration problems (nothing started):", file=sys.stderr)
         for problem in exc.problems:

@@ -19,6 +19,7 @@ from backtest_report import Stats, compute_stats
 from backtest_run import run_backtest
 from config import ConfigError, Rules, Settings, load_settings
 from day_runner import SweepDay, day_is_independent, run_cells_on_day
+from dotenv_file import DotenvFile
 from executors import DayExecutor, PoolDays
 from pnl_tracker import TradeRow
 from progress import Progress
@@ -99,7 +100,7 @@ def resolve_settings(
     overrides: Mapping[str, str],
     *,
     environ: Mapping[str, str] | None = None,
-    env_file: str | Path | None = ".env",
+    env_file: str | Path | DotenvFile | None = ".env",
 ) -> Settings:
     """The configured settings (`.env` and environment, as the daemon reads them) with rule overrides."""
     base = dict(os.environ if environ is None else environ)
@@ -111,7 +112,7 @@ def sweep_cells(
     overrides: Mapping[str, str],
     *,
     environ: Mapping[str, str] | None = None,
-    env_file: str | Path | None = ".env",
+    env_file: str | Path | DotenvFile | None = ".env",
 ) -> list[Cell]:
     """Every combination of the axes, each validated like a start-up; ConfigError lists every bad cell."""
     names = [name for name, _ in axes]

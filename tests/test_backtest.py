@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import math
+import os
 import struct
 import threading
 from collections.abc import Iterator
@@ -552,3 +553,22 @@ def test_a_tape_of_a_day_without_a_session_is_said_to_be_no_trading_day(short_ta
         "date in MARKET_CLOSED_DATES): no entry was possible, so its $0.00 is no result of the rules."
     ]
     assert summary["incomplete_days"][0] in stdout.getvalue() and summary["days"][0]["pnl"] == 0
+
+
+def test_a_dotenv_named_pipe_is_read_once_for_every_sweep_cell(tmp_path):
+    """Each cell read `.env` again: a secret manager's pipe gives its text once, so the second cell waited."""
+    pipe = tmp_path / ".env"
+    os.mkfifo(pipe)
+
+    def serve_once() -> None:
+        with open(pipe, "w", encoding="utf-8") as out:
+            out.write("MAX_GIVEBACK_PERCENT=30\n")
+
+    writer = threading.Thread(target=serve_once, daemon=True)
+    writer.start()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    args = ["--synthetic", "1", "--sweep", "TIGHTEN_GIVEBACK_PERCENT=10,20,40"]
+    status = main(args, Io(stdout, stderr, environ={"DATA_DIR": str(tmp_path / "d")}, env_file=pipe))
+    assert status == 2 and not writer.is_alive()
+    assert "cell TIGHTEN_GIVEBACK_PERCENT=40: TIGHTEN_GIVEBACK_PERCENT must not exceed" in stderr.getvalue()
+    assert "(40 > 30)" in stderr.getvalue() and "named pipe" not in stderr.getvalue()

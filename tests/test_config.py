@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import fields
 from datetime import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from config import (
     settings_from_env,
     unknown_keys,
 )
+from dotenv_file import DotenvFile
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "azGDORePK8gMaC0QOYAMyEEuzJnyUi"
@@ -691,3 +694,64 @@ def test_python_dotenv_disabled_keeps_the_env_file_unread(tmp_path: Path) -> Non
     assert load_settings(env_file, environ={}).rules.stop_loss_percent == 10
     off = load_settings(env_file, environ={"PYTHON_DOTENV_DISABLED": "true"})
     assert off.rules.stop_loss_percent == Rules().stop_loss_percent
+
+
+# --- A .env that is a named pipe (1Password Environments mounts one) ---
+
+
+def write_into_pipe(pipe: Path, text: str) -> threading.Thread:
+    """A writer that, like a secret manager, opens the pipe once, writes the file and closes it."""
+
+    def write() -> None:
+        with open(pipe, "w", encoding="utf-8") as out:  # waits for the reader, as a secret manager does
+            out.write(text)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    return writer
+
+
+@pytest.mark.parametrize("script", ["main.py", "diagnose.py"])
+def test_a_dotenv_named_pipe_is_read_once_as_a_secret_manager_serves_it(tmp_path, script):
+    """1Password's mounted .env is a FIFO: it was skipped as "not a file", so the daemon said the key was not
+    set. The writer gives the text once: a second read would wait for a writer that never comes."""
+    pipe = tmp_path / ".env"
+    os.mkfifo(pipe)
+    writer = write_into_pipe(pipe, "STOP_LOSS_PERCENT=abc\nPUSHOVER_TOKNE=x\n")
+    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "d")}
+    command = [sys.executable, str(ROOT / script), *(["--status"] if script == "main.py" else [])]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=25)
+    writer.join(5)
+    output = done.stdout + done.stderr
+    assert "STOP_LOSS_PERCENT" in output and "PUSHOVER_TOKNE" in output and "named pipe" not in output
+    assert "Traceback" not in output and not writer.is_alive()
+
+
+def test_a_dotenv_named_pipe_whose_writer_never_comes_is_a_clear_problem_not_a_hang(tmp_path):
+    pipe = tmp_path / ".env"
+    os.mkfifo(pipe)
+    dotenv = DotenvFile.read(pipe, pipe_wait_s=0.3)
+    assert dotenv.text is None and "named pipe" in (dotenv.problem or "") and "0.3 s" in dotenv.problem
+    with pytest.raises(ConfigError) as caught:
+        load_settings(dotenv, environ={})
+    assert caught.value.problems == [dotenv.problem]
+
+
+def test_a_dotenv_named_pipe_that_never_ends_is_refused_past_a_megabyte(tmp_path):
+    pipe = tmp_path / ".env"
+    os.mkfifo(pipe)
+
+    def flood() -> None:
+        with contextlib.suppress(BrokenPipeError), open(pipe, "wb") as out:
+            while True:
+                out.write(b"# " + b"x" * 4094 + b"\n")
+
+    threading.Thread(target=flood, daemon=True).start()
+    dotenv = DotenvFile.read(pipe, pipe_wait_s=10)
+    assert dotenv.text is None and "not a settings file" in (dotenv.problem or "")
+
+
+def test_a_dotenv_folder_is_a_virtual_environment_not_settings(tmp_path):
+    (tmp_path / ".env" / "bin").mkdir(parents=True)  # python -m venv .env
+    assert load_settings(tmp_path / ".env", environ={}).rules == Rules()
+    assert unknown_keys(tmp_path / ".env") == []
