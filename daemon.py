@@ -60,6 +60,7 @@ from health import (
     health_status,
 )
 from instance_lock import InstanceLock
+from logs import flush_logs, log_output_problem
 from mark_watch import FRESH, MarkWatch
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
 from options_feed import OptionsFeed, OptionsStatus
@@ -154,6 +155,12 @@ def start_announcement(previous: list[int], now: int) -> tuple[str, list[int]]:
     return "start", kept
 
 
+def exit_after_logs(status: int) -> None:
+    """End the process now with `status`, once the queued log lines are written (a second at most)."""
+    flush_logs(1.0)
+    os._exit(status)
+
+
 class Daemon:
     """Owns the threads; `run()` blocks until `stop` is set, then shuts down in order."""
 
@@ -163,7 +170,7 @@ class Daemon:
         clock: Clock,
         *,
         stop: threading.Event | None = None,
-        exit_process: Callable[[int], None] = os._exit,
+        exit_process: Callable[[int], None] = exit_after_logs,
         monotonic: Callable[[], float] = time.monotonic,
         tape_retry_s: float = TAPE_RETRY_S,
     ) -> None:
@@ -542,6 +549,14 @@ class Daemon:
             text = f"{self.rules.underlying} bars arrive by the stream again."
             self._deliver_notice(SystemNotice("FEED_RECOVERED", text, PRIORITY_NORMAL), now)
 
+    def _say_log_output(self) -> None:
+        """Once a day, alert that the log's reader stopped reading (lines are dropped, not waited for)."""
+        problem = log_output_problem()
+        if problem is not None:
+            text = f"The daemon's {problem}. Check what reads its output (a paused terminal, a log driver)."
+            notice = SystemNotice("SYSTEM", text, PRIORITY_NORMAL)
+            self._say_once_a_day("log_output_blocked", self.clock.now_ms(), problem, "read stderr", notice)
+
     def _say_bad_inputs(self) -> None:
         """One warning a minute at most while the feed brings inputs the decoder drops: only a counter on
         /health had shown a flood of 1,785 bad frames in 80 s. Counts only; a frame's bytes stay unlogged."""
@@ -595,6 +610,7 @@ class Daemon:
             self.health, self._health_at = self._snapshot(), time.monotonic()
             self._say_feed_timing(self.clock.now_ms())
             self._say_bad_inputs()
+            self._say_log_output()
         if time.monotonic() - self._files_checked_at >= FILES_CHECK_SECONDS:
             self._check_data_files()
 
@@ -763,6 +779,7 @@ class Daemon:
             None if self.recorder.problem is None else f"tape not recording ({self.recorder.problem})",
             self.mark_watch.problem(now, self.engine.mark_set_ms),
             None if self.heartbeat is None else self.heartbeat.problem(time.monotonic()),
+            log_output_problem(),
         )
         degraded += [problem for problem in worked_around if problem]
         return failing, degraded

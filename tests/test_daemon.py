@@ -422,8 +422,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def launch(polygon: FakePolygon, pushover: FakePushover, data_dir: Path, log_path: Path) -> subprocess.Popen:
     """`python main.py` in rehearsal mode against the fakes, its clock started at the fake's now."""
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py")],
+        cwd=data_dir,
+        env=launch_env(polygon, pushover, data_dir),
+        stdout=log,
+        stderr=log,
+    )
+
+
+def launch_env(polygon: FakePolygon, pushover: FakePushover, data_dir: Path) -> dict[str, str]:
+    """The environment of `launch`: the fakes' addresses and a rehearsal clock at the fake's now."""
     started = datetime.fromtimestamp(polygon.now_ms() / 1000, tz=UTC).isoformat()
-    env = {
+    return {
         **{k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY"))},
         "PYTHON_DOTENV_DISABLED": "1",
         "POLYGON_API_KEY": API_KEY,
@@ -437,10 +449,6 @@ def launch(polygon: FakePolygon, pushover: FakePushover, data_dir: Path, log_pat
         "SIM_CLOCK_SPEED": str(SLOW),
         "LOG_FORMAT": "json",
     }
-    log = log_path.open("ab")
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py")], cwd=data_dir, env=env, stdout=log, stderr=log
-    )
 
 
 def wait_for(predicate, timeout_s: float) -> bool:

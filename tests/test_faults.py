@@ -8,8 +8,11 @@ a refusal with exit status 2.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -27,11 +30,13 @@ import pytest
 from builders import at
 from test_daemon import (
     API_KEY,
+    SLOW,
     SPEED,
     daemon_running,
     fakes,
     kinds,
     launch,
+    launch_env,
     replayed_alerts,
     settings_for,
     wait_for,
@@ -535,6 +540,65 @@ def launched(
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def test_a_log_reader_that_stops_reading_loses_no_alert_and_is_said(market, tmp_path):
+    """stderr into a pipe nobody reads (a paused `| less`, a log driver in blocking mode): every thread that
+    logged waited on the full pipe, the engine's and the watchdog's too, and the daemon hung after START."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)  # full after a few lines
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=at(10, 4), speed=SLOW) as polygon,
+    ):
+        env = launch_env(polygon, pushover, tmp_path) | {"LOG_LEVEL": "DEBUG", "WATCHDOG_SECONDS": "10"}
+        process = subprocess.Popen([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env,
+                                   stdout=write_end, stderr=write_end)  # fmt: skip
+        os.close(write_end)
+        try:
+            assert wait_for(lambda: "SELL" in kinds(pushover) and "SYSTEM" in kinds(pushover), 90)
+            assert process.poll() is None, "the watchdog must not end a daemon whose engine turns"
+            process.send_signal(signal.SIGTERM)
+            with os.fdopen(read_end, "rb") as output:  # read again: the held lines come, then the stop
+                logged = output.read().decode()
+            code = process.wait(15)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    (said,) = [m.form["message"] for m in pushover.messages if m.form["title"].endswith("SYSTEM")]
+    assert "log output blocked" in said and "alerts are not affected" in said
+    assert kinds(pushover).count("BUY") >= 1 and code == 0
+    assert '"event": "stopped"' in logged and "Traceback" not in logged
+
+
+def test_the_log_never_waits_for_its_reader_and_counts_what_it_drops():
+    from logs import BackgroundStderr
+
+    class HeldStream(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+
+        def write(self, text: str) -> int:
+            self.release.wait()
+            return super().write(text)
+
+    stream = HeldStream()
+    handler = BackgroundStderr(stream, capacity=3)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("test-held-stream")
+    logger.propagate, logger.handlers = False, [handler]
+    started = time.monotonic()
+    for n in range(10):
+        logger.warning("line %d", n)
+    assert time.monotonic() - started < 1.0, "logging waited for the stream"
+    assert handler.dropped >= 6 and "dropped" in (handler.problem() or "")
+    stream.release.set()
+    handler.flush(5.0)
+    written = stream.getvalue().splitlines()
+    assert "line 0" in written and "line 9" not in written
+    assert any(line.startswith("log_lines_dropped count=") for line in written)
+    handler.close()
 
 
 def test_sighup_stops_like_sigterm_and_flushes_the_tape(market, tmp_path):
