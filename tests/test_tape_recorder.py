@@ -83,7 +83,7 @@ def test_a_busy_tape_thread_is_waited_for_not_called_stuck(tmp_path):
     import threading
 
     notices: list[tuple[str, str]] = []
-    recorder = recorder_in(tmp_path, notices, hand_over_s=0.05)
+    recorder = recorder_in(tmp_path, notices, hand_over_s=0.5)  # the backlog takes over 2 s to write
     frame = json.dumps([{"ev": "A", "sym": "IWM", "v": n, "c": 240.0 + n / 100, "s": n} for n in range(40)])
     for n in range(20_000):
         recorder.record(Received(at(10, 0) + n, "ws", frame))
