@@ -68,6 +68,7 @@ from pipeline import RESUMED, STARTED, Pipeline
 from pnl_tracker import Journal, JournalError
 from polygon_client import NETWORK_ERROR_STATUS, PolygonRest, PolygonStream, RestAnswer
 from replay import received_from
+from start_watch import StartWatch
 from status import session_pulse
 from stream_watch import RECOVERED, SILENT, StreamWatch
 from summary_chart import summary_attachment
@@ -173,9 +174,13 @@ class Daemon:
         exit_process: Callable[[int], None] = exit_after_logs,
         monotonic: Callable[[], float] = time.monotonic,
         tape_retry_s: float = TAPE_RETRY_S,
+        start_watch: StartWatch | None = None,
     ) -> None:
         """`monotonic` times the engine's turns for the watchdog and /health (tests make time jump);
-        `tape_retry_s` is how long recording rests after the tape failed."""
+        `tape_retry_s` is how long recording rests after the tape failed; `start_watch` is told each step
+        of the start, until the engine's watchdog runs."""
+        self.start_watch = start_watch or StartWatch(math.inf, lambda _step, _limit: None)
+        self.start_watch.step("loading the market calendar")
         self.settings = settings
         self._exit_process = exit_process
         self._monotonic = monotonic
@@ -185,9 +190,11 @@ class Daemon:
         self.calendar = MarketCalendar(
             self.rules, settings.market_closed_dates, settings.data_dir / CALENDAR_CACHE_DIR
         )
+        self.start_watch.step("taking the instance lock in DATA_DIR")
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.instance_lock = InstanceLock(settings.data_dir).acquire()
         try:
+            self.start_watch.step("opening the journal")
             self.journal = Journal(
                 settings.data_dir / "journal.sqlite3", busy_timeout_s=JOURNAL_BUSY_TIMEOUT_S, check=True
             )
@@ -324,11 +331,14 @@ class Daemon:
                 return 0
             # Before the first line is recorded: a tape that blocks must not hold the start (a FIFO did).
             self.supervisor.spawn("tape", lambda: self.recorder.run(lambda: self.supervisor.beat("tape")))
+            self.start_watch.step("recording and announcing the start")
             self._note_start()
             self._announce_start()
             self._start_threads()
+            self.start_watch.done()
             self._engine_loop()
         finally:
+            self.start_watch.done()
             self._shutdown()
         return 0
 
@@ -355,8 +365,10 @@ class Daemon:
         """Rebuild today's features from today's tape (if any), then adopt the journal's trading state."""
         today = ny_date(self.clock.now_ms())
         path = tape_path(self.settings.data_dir, today)
+        self.start_watch.step("warming up from today's tape")
         if path.is_file():
             self._warm_up_from(path)
+        self.start_watch.step("reading the position and the P&L from the journal")
         state = self.journal.restored_state(today.isoformat())
         state = dataclasses.replace(state, owed_summary=self._owed_summary(today.isoformat()))
         self.engine.restore(state, today.isoformat())
@@ -387,6 +399,7 @@ class Daemon:
                 if line.t > latest_ms:
                     self._say_tape_ahead(path, line.t)
                     break
+                self.start_watch.beat()
                 item = received_from(line)
                 if item is not None:
                     skipped += not self._warm_up_line(item, path, skipped)

@@ -25,9 +25,11 @@ from config import (
     unknown_keys,
 )
 from logs import configure_logging
+from start_watch import StartWatch
 
 if TYPE_CHECKING:
     import threading
+    from collections.abc import Callable
 
     from alerts import Notifier
     from clock import Clock
@@ -224,8 +226,34 @@ def run_live(settings: Settings, stop: threading.Event) -> int:
     if problem is not None:
         print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    daemon = start_daemon_or_explain(settings, clock, stop)
-    return EXIT_CONFIG if daemon is None else daemon.run()
+    watch = StartWatch(settings.watchdog_seconds, lambda step, limit_s: start_stuck(settings, step, limit_s))
+    daemon = start_daemon_or_explain(settings, clock, stop, watch.start())
+    if daemon is None:
+        watch.done()
+        return EXIT_CONFIG
+    return daemon.run()
+
+
+def start_stuck(
+    settings: Settings, step: str, limit_s: float, exit_process: Callable[[int], None] | None = None
+) -> None:
+    """A start that stood still for `limit_s` while `step`: said (log, stderr, a NOT STARTED alert once an
+    hour) and the process ends with the watchdog's status, so that the platform starts it again."""
+    import structlog
+
+    from daemon import EXIT_WATCHDOG, exit_after_logs
+
+    exit_process = exit_process or exit_after_logs
+
+    reason = f"the start made no progress for {limit_s:.0f} s while {step} (a disk or a file that does not answer?)"
+    structlog.get_logger("main").critical(
+        "start_stuck", step=step, limit_s=limit_s, exit_status=EXIT_WATCHDOG
+    )
+    print(f"Not started: {reason}; exiting with status {EXIT_WATCHDOG}.", file=sys.stderr)
+    try:
+        notify_cannot_start(settings, reason)
+    finally:
+        exit_process(EXIT_WATCHDOG)
 
 
 def clock_or_none(settings: Settings) -> Clock | None:
@@ -268,14 +296,16 @@ def rehearsal_behind_its_data(settings: Settings, clock: Clock) -> str | None:
     )
 
 
-def start_daemon_or_explain(settings: Settings, clock: Clock, stop: threading.Event) -> Daemon | None:
+def start_daemon_or_explain(
+    settings: Settings, clock: Clock, stop: threading.Event, watch: StartWatch | None = None
+) -> Daemon | None:
     """Build the daemon; a second daemon, a bad journal or bad fallback URLs end start-up with a paragraph."""
     from daemon import Daemon  # noqa: F811 - the runtime import; the name is typed above
     from instance_lock import AlreadyRunning
     from pnl_tracker import JournalError
 
     try:
-        daemon = Daemon(settings, clock, stop=stop)
+        daemon = Daemon(settings, clock, stop=stop, start_watch=watch)
     except AlreadyRunning as exc:
         print(f"Not started: {exc}.", file=sys.stderr)
     except JournalError as exc:

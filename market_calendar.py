@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import functools
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -181,7 +183,7 @@ class CalendarCache:
     def read(self, year: int) -> YearTable | None:
         """The cached table of `year`, or None when it is missing, unreadable, corrupt or stale."""
         try:
-            raw = json.loads(self.path(year).read_bytes())
+            raw = json.loads(regular_file_bytes(self.path(year)))
         except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             return None
         return table_from_json(raw, self.key, year)
@@ -202,6 +204,15 @@ class CalendarCache:
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+
+
+def regular_file_bytes(path: Path) -> bytes:
+    """The bytes of the regular file at `path`; OSError for anything else: reading a named pipe waits for
+    a writer for ever, and a start that read one hung before its watchdog ran."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        return file.read()
 
 
 def table_to_json(table: YearTable, key: str, year: int) -> dict[str, Any]:

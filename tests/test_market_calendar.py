@@ -441,3 +441,20 @@ def test_a_seed_of_another_version_is_only_a_miss(tmp_path, monkeypatch, uncache
     day = D(CACHED_YEAR, 11, 28)
     assert MarketCalendar(Rules(), seed_dir=tmp_path).session(day) == uncached[day]
     assert len(calls) == 1
+
+
+def test_a_named_pipe_in_the_cache_is_a_miss_not_a_start_that_hangs(warm_cache, uncached) -> None:
+    """Reading a FIFO waits for a writer for ever: the daemon's start hung in its calendar, unsaid."""
+    import threading
+
+    path = warm_cache / f"xnys-{CACHED_YEAR}.json"
+    path.unlink()
+    os.mkfifo(path)
+    built: list[object] = []
+    reader = threading.Thread(
+        target=lambda: built.append(MarketCalendar(Rules(), cache_dir=warm_cache, seed_dir=None).session(
+            D(2025, 11, 28))), daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(30)
+    assert built == [uncached[D(2025, 11, 28)]], "the calendar read blocked on the named pipe"
+    assert path.is_file(), "the cache file is written again in its place"
