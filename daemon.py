@@ -45,7 +45,7 @@ from alert_text import (
 from alerts import LATE_AFTER_MS, AppriseFallback, Notifier, PushoverClient
 from clock import Clock, WallClock
 from config import CALENDAR_CACHE_DIR, PAUSE_FILE, Settings, pushover_key_warnings
-from delivery import MemoryOutbox, TapeFirst, WriteBehindJournal
+from delivery import JOURNAL_STUCK_S, MemoryOutbox, TapeFirst, WriteBehindJournal
 from engine import Engine, OwedSummary, position_fields
 from engine_inbox import EngineInbox
 from events import Alert, FeedStatus, Received, SetMeta
@@ -211,6 +211,7 @@ class Daemon:
                 on_failing=self._journal_failing,
                 on_recovered=self._journal_recovered,
                 rescue_paths=journal_rescue.rescue_paths(settings.data_dir),
+                stuck_after_s=JOURNAL_STUCK_S,
             )
             self.outbox = MemoryOutbox(self.writer, self.journal.pending(1_000_000))
             lost_buys = self.journal.lost_buys()
@@ -331,6 +332,9 @@ class Daemon:
                 return 0
             # Before the first line is recorded: a tape that blocks must not hold the start (a FIFO did).
             self.supervisor.spawn("tape", lambda: self.recorder.run(lambda: self.supervisor.beat("tape")))
+            # Before the first decision: a journal whose disk hangs must not hold the engine (it held it in
+            # the kernel, watchdog exit and all, for as long as the disk hung).
+            self.supervisor.spawn("journal", lambda: self.writer.run(lambda: self.supervisor.beat("journal")))
             self.start_watch.step("recording and announcing the start")
             self._note_start()
             self._announce_start()
@@ -1338,9 +1342,12 @@ class Daemon:
         while self.writer.health().backlog and time.monotonic() < deadline:
             time.sleep(0.2)
             self.writer.catch_up(now=True)
+        self.writer.close()
         held = self.writer.held()
         if held:
-            path = journal_rescue.save(held, journal_rescue.rescue_paths(self.settings.data_dir))
+            paths = journal_rescue.rescue_paths(self.settings.data_dir)
+            # A journal whose disk does not answer: the temporary folder first (the data disk would hang us).
+            path = journal_rescue.save(held, paths[::-1] if self.writer.stuck else paths)
             if path is None:
                 log.critical(
                     "journal_writes_lost_at_stop", held=len(held), note="no rescue file could be written"
@@ -1351,4 +1358,11 @@ class Daemon:
                 )
         if self._files_problem is not None:  # after the last writes, which went into the open connection
             self._copy_journal_aside()
+        if self.writer.stuck:
+            # Its writer thread is inside the connection, in the kernel: closing would wait for the disk.
+            log.critical(
+                "journal_left_open_at_stop",
+                note="its disk does not answer; SQLite recovers at the next start",
+            )
+            return
         self.journal.close()

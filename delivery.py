@@ -14,6 +14,7 @@ failed "mark sent" never makes the notifier send the same alert again.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -30,6 +31,10 @@ from journal_rescue import Held, Outcome, write_decision
 from pnl_tracker import FAILED, IN_FLIGHT, PENDING, SENDING, SENT, Journal, JournalError, OutboxItem
 
 RETRY_EVERY_S = 1.0
+JOURNAL_STUCK_S = 1.0  # a write to the journal this long in the kernel: its disk does not answer
+HAND_OVER_MOST_S = 2.0  # how long a caller waits for a busy (not stuck) writer thread
+WAIT_STEP_S = 0.01
+WAIT_IDLE_S = 1.0
 log = structlog.get_logger("journal")
 
 
@@ -54,6 +59,12 @@ class WriteBehindJournal:
     at most every `retry_every_s` for mark updates alone. A SIGKILL, the OOM killer or a power cut
     then loses no BUY, SELL or sent mark (memory alone lost them: the restart forgot a delivered BUY
     and never sold it). The file is removed once the journal has taken the backlog.
+
+    With `stuck_after_s`, the writes are made by a thread of their own (`run`): a caller waits for its
+    write while that thread makes progress (HAND_OVER_MOST_S at most) and goes on when the thread has
+    been on one write for `stuck_after_s` (the journal is then failing: its disk does not answer). A
+    write that blocks in the kernel (a frozen or lost volume) held the engine thread itself: no BUY, no
+    SELL, not even the watchdog's exit, for as long as the disk hung. Without it, a caller writes.
     """
 
     def __init__(
@@ -66,6 +77,7 @@ class WriteBehindJournal:
         retry_every_s: float = RETRY_EVERY_S,
         monotonic: Callable[[], float] = time.monotonic,
         rescue_paths: Sequence[Path] = (),
+        stuck_after_s: float | None = None,
     ) -> None:
         self.journal = journal
         self._known = journal.dedupe_keys()
@@ -74,17 +86,25 @@ class WriteBehindJournal:
         self._on_recovered = on_recovered
         self._retry_every_s = retry_every_s
         self._monotonic = monotonic
-        self._lock = threading.Lock()
+        self._stuck_after_s = stuck_after_s
+        self._lock = threading.Lock()  # the backlog's state; never held across a write to the disk
+        self._changed = threading.Condition(self._lock)
+        self._io_lock = threading.Lock()  # one writer of the journal and the rescue file at a time
         self._decisions: list[tuple[list[Action], str | None]] = []
         self._outcomes: list[Outcome] = []
         self._since_ms: int | None = None
         self._last_error: str | None = None
         self._retry_at = 0.0
         self._written_while_failing = 0
+        self._writing_since: float | None = None  # when the write under way began (head not yet popped)
+        self._progress_at = -math.inf  # when the last write ended
+        self._closed = False
         self._rescue_paths = tuple(rescue_paths)
         self._rescue_due = False  # the backlog changed since the last rescue file
+        self._rescue_urgent = False  # ... by more than mark updates: saved at once
         self._rescued_at = -math.inf
         self._rescue_refused_said = False
+        self._discard_due = False  # the journal recovered: the rescue file is to go
 
     def record(self, actions: Sequence[Action], cursor: str | None = None) -> list[Alert]:
         """Write one decision (now, or later if the journal refuses); return its alerts new to the outbox."""
@@ -94,8 +114,8 @@ class WriteBehindJournal:
         with self._lock:
             fresh = self._fresh_alerts(durable)
             self._queue_decision(durable, cursor)
-            self._write_if_due()
-            self._rescue_if_due(changed=True, urgent=not _only_updates(durable))
+            self._note_change(urgent=not _only_updates(durable))
+        self._write_or_wait()
         return fresh
 
     def set_meta(self, key: str, value: str) -> None:
@@ -106,33 +126,60 @@ class WriteBehindJournal:
         """Record a delivery outcome, now or once the journal accepts writes again."""
         with self._lock:
             self._outcomes.append(Outcome(dedupe_key, status, error, sent_ms))
-            self._write_if_due()
-            self._rescue_if_due(changed=True, urgent=True)
+            self._note_change(urgent=True)
+        self._write_or_wait()
 
     def catch_up(self, *, now: bool = False) -> None:
         """Retry the backlog if one waits and its retry time has come (every engine turn), or `now`."""
-        if self._since_ms is None:
-            return
         with self._lock:
+            if self._since_ms is None and not self._discard_due:
+                return
             if now:
                 self._retry_at = 0.0
-            self._write_if_due()
-            self._rescue_if_due(changed=False)
+            self._changed.notify_all()
+        if self._stuck_after_s is None:
+            self._drain()
+
+    def run(self, beat: Callable[[], None] = lambda: None) -> None:
+        """The writer thread (with `stuck_after_s`): write the backlog in order, retry a refusing journal
+        every `retry_every_s`, keep the rescue file current while it fails; return after `close`."""
+        while True:
+            beat()
+            self._drain()
+            with self._lock:
+                if self._closed and not self._backlog():
+                    return
+                self._changed.wait(self._wait_s())
+
+    def close(self) -> None:
+        """Let the writer thread end once the backlog is written (or at once, if the journal fails)."""
+        with self._lock:
+            self._closed = True
+            self._changed.notify_all()
+
+    @property
+    def stuck(self) -> bool:
+        """Whether a write has been under way for `stuck_after_s` (the journal's disk does not answer)."""
+        since, limit = self._writing_since, self._stuck_after_s
+        return since is not None and limit is not None and self._monotonic() - since > limit
 
     def held(self) -> Held:
         """What the journal has not taken yet (for a rescue file at shutdown), in write order."""
         with self._lock:
             return self._held_now()
 
-    def _held_now(self) -> Held:
-        decisions = tuple((tuple(actions), cursor) for actions, cursor in self._decisions)
-        return Held(decisions, tuple(self._outcomes))
-
     def health(self) -> JournalHealth:
         """The journal's state for `/health` and the status view."""
         with self._lock:
             backlog = len(self._decisions) + len(self._outcomes)
             return JournalHealth(self._since_ms is not None, self._since_ms, backlog, self._last_error)
+
+    def _held_now(self) -> Held:
+        decisions = tuple((tuple(actions), cursor) for actions, cursor in self._decisions)
+        return Held(decisions, tuple(self._outcomes))
+
+    def _backlog(self) -> bool:
+        return bool(self._decisions or self._outcomes)
 
     def _fresh_alerts(self, durable: list[Action]) -> list[Alert]:
         fresh = []
@@ -144,59 +191,122 @@ class WriteBehindJournal:
 
     def _queue_decision(self, durable: list[Action], cursor: str | None) -> None:
         # While failing, consecutive mark updates of the held position replace each other: only the last
-        # peak and mark matter, and a day of failing writes must not grow memory per quote.
-        if self._decisions and cursor is None and _only_updates(durable):
+        # peak and mark matter, and a day of failing writes must not grow memory per quote. Never the one
+        # being written: its write would pop the newer update.
+        being_written = 1 if self._writing_since is not None else 0
+        if len(self._decisions) > being_written and cursor is None and _only_updates(durable):
             previous, previous_cursor = self._decisions[-1]
             if previous_cursor is None and _only_updates(previous) and _same_trade(previous, durable):
                 self._decisions[-1] = (durable, None)
                 return
         self._decisions.append((durable, cursor))
 
-    def _write_if_due(self) -> None:
-        if self._since_ms is not None and self._monotonic() < self._retry_at:
-            return
-        try:
-            self._write_backlog()
-        except JournalError as exc:
-            self._note_failure(str(exc))
-            return
-        except Exception as exc:  # noqa: BLE001 - whatever refused the write, the alerts still go out
-            self._note_failure(f"{type(exc).__name__}: {exc}")
-            return
-        if self._since_ms is not None:
-            self._note_recovery()
+    def _note_change(self, *, urgent: bool) -> None:
+        self._rescue_due = True
+        self._rescue_urgent = self._rescue_urgent or urgent
+        self._changed.notify_all()
 
-    def _write_backlog(self) -> None:
-        while self._decisions:
-            actions, cursor = self._decisions[0]
-            write_decision(self.journal, actions, cursor)
+    def _write_or_wait(self) -> None:
+        """Write the backlog on this thread, or (with a writer thread) wait for it, see the class doc."""
+        if self._stuck_after_s is None:
+            self._drain()
+            return
+        started = self._monotonic()
+        with self._lock:
+            while self._backlog() and self._since_ms is None and not self._closed:
+                now = self._monotonic()
+                if now - max(started, self._progress_at) > self._stuck_after_s:
+                    self._note_failure(
+                        f"the journal's disk did not take a write within {self._stuck_after_s:g} s"
+                    )
+                    return
+                if now - started > HAND_OVER_MOST_S:
+                    log.warning("journal_hand_over_late", waited_s=round(now - started, 2), note="busy")
+                    return
+                self._changed.wait(WAIT_STEP_S)
+
+    def _drain(self) -> None:
+        """Do what is due, one step at a time, the disk's work outside the state lock; after a refused
+        write only the rescue file (the write is tried again at its retry time)."""
+        with self._io_lock:
+            writes = True
+            while (step := self._next_step(writes)) is not None:
+                writes = step() and writes
+
+    def _next_step(self, writes: bool) -> Callable[[], bool] | None:
+        with self._lock:
+            now = self._monotonic()
+            if self._discard_due:
+                self._discard_due = False
+                return lambda: journal_rescue.discard(self._rescue_paths) or True
+            if self._rescue_wanted(now):
+                self._rescue_due = self._rescue_urgent = False
+                held = self._held_now()
+                return lambda: self._save_rescue(held, now) or True
+            if not writes or not self._backlog() or (self._since_ms is not None and now < self._retry_at):
+                return None
+            self._writing_since = now
+            if self._decisions:
+                actions, cursor = head = self._decisions[0]
+                return lambda: self._write_head(head, lambda: write_decision(self.journal, actions, cursor))
+            outcome = self._outcomes[0]
+            write = functools.partial(
+                self.journal.mark_outcome, outcome.dedupe_key, outcome.status, outcome.error, outcome.sent_ms
+            )
+            return lambda: self._write_head(outcome, write)
+
+    def _write_head(self, head: object, write: Callable[[], None]) -> bool:
+        """One write to the journal (no lock held), then its result into the backlog's state; whether
+        it was written."""
+        try:
+            write()
+            error = None
+        except JournalError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever refused the write, the alerts still go out
+            error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._writing_since, self._progress_at = None, self._monotonic()
+            if error is not None:
+                self._note_failure(error)
+            else:
+                self._pop(head)
+                if not self._backlog() and self._since_ms is not None:
+                    self._note_recovery()
+            self._changed.notify_all()
+        return error is None
+
+    def _pop(self, head: object) -> None:
+        if self._decisions and self._decisions[0] is head:
             self._decisions.pop(0)
             self._written_while_failing += self._since_ms is not None
-        while self._outcomes:
-            outcome = self._outcomes[0]
-            self.journal.mark_outcome(outcome.dedupe_key, outcome.status, outcome.error, outcome.sent_ms)
+        elif self._outcomes and self._outcomes[0] is head:
             self._outcomes.pop(0)
 
-    def _rescue_if_due(self, *, changed: bool, urgent: bool = False) -> None:
-        """Keep the rescue file current while the journal fails (see the class docstring)."""
-        if self._since_ms is None or not self._rescue_paths:
+    def _wait_s(self) -> float:
+        """How long the writer thread may sleep: until the next retry, a second at most."""
+        if self._since_ms is None or not self._backlog():
+            return WAIT_IDLE_S
+        return min(WAIT_IDLE_S, max(WAIT_STEP_S, self._retry_at - self._monotonic()))
+
+    def _rescue_wanted(self, now: float) -> bool:
+        """Whether the rescue file is to be saved now (see the class docstring)."""
+        if self._since_ms is None or not self._rescue_paths or not self._rescue_due:
+            return False
+        return self._rescue_urgent or now >= self._rescued_at + self._retry_every_s
+
+    def _save_rescue(self, held: Held, now: float) -> None:
+        if journal_rescue.save(held, self._rescue_paths, quiet=True) is not None:
+            self._rescued_at = now
             return
-        self._rescue_due = self._rescue_due or changed
-        if not self._rescue_due:
-            return
-        now = self._monotonic()
-        if not urgent and now < self._rescued_at + self._retry_every_s:
-            return
-        if journal_rescue.save(self._held_now(), self._rescue_paths, quiet=True) is None:
-            if not self._rescue_refused_said:
-                self._rescue_refused_said = True
-                log.critical(
-                    "journal_rescue_failing",
-                    paths=[str(p) for p in self._rescue_paths],
-                    note="held decisions are in memory only: a kill now would lose them",
-                )
-            return
-        self._rescue_due, self._rescued_at = False, now
+        self._rescued_at = now  # tried: mark updates alone are tried again after `retry_every_s`
+        if not self._rescue_refused_said:
+            self._rescue_refused_said = True
+            log.critical(
+                "journal_rescue_failing",
+                paths=[str(p) for p in self._rescue_paths],
+                note="held decisions are in memory only: a kill now would lose them",
+            )
 
     def _note_failure(self, error: str) -> None:
         self._retry_at = self._monotonic() + self._retry_every_s
@@ -205,6 +315,7 @@ class WriteBehindJournal:
             return
         self._since_ms = self._clock_ms()
         self._written_while_failing = 0
+        self._rescue_due = self._rescue_urgent = True  # the backlog is now held: into the rescue file
         log.critical(
             "journal_failing",
             error=error,
@@ -218,7 +329,7 @@ class WriteBehindJournal:
         self._since_ms = None
         self._last_error = None
         if self._rescue_paths:
-            journal_rescue.discard(self._rescue_paths)
+            self._discard_due = True
             self._rescue_due, self._rescue_refused_said = False, False
         self._on_recovered(written)
 

@@ -239,3 +239,45 @@ def test_mark_updates_alone_refresh_the_rescue_at_most_once_per_retry_and_recove
     assert not paths[0].exists() and not paths[1].exists()
     assert journal.restored_state("2025-10-02").position.peak == 1.7
     journal.close()
+
+
+def test_a_journal_write_that_never_returns_holds_no_decision_and_is_written_when_the_disk_answers(tmp_path):
+    """A frozen or lost volume keeps a write in the kernel: written on the engine thread, it held the engine
+    (no BUY, no SELL, not even the watchdog's exit) for as long as the disk hung. The writer thread alone
+    waits; the caller goes on after `stuck_after_s`. The journal's lock stands in for the hung disk."""
+    import threading
+    import time
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    seen = Recorder()
+    writer = WriteBehindJournal(journal, clock_ms=lambda: 5, on_failing=seen.failing.append,
+                                on_recovered=seen.recovered.append, stuck_after_s=2.0, retry_every_s=0.05)  # fmt: skip
+    threading.Thread(target=writer.run, daemon=True).start()
+    assert writer.record([alert("START:1")]) == [
+        alert("START:1")
+    ]  # a healthy disk: written before it returns
+    assert [r[1] for r in journal.table_rows("outbox")] == ["START:1"]
+
+    journal._lock.acquire()  # the next write waits inside the journal, as in a frozen disk's kernel
+    started = time.monotonic()
+    bought = writer.record([opened(), alert("BUY:1")])
+    waited_for_buy = time.monotonic() - started
+    started = time.monotonic()
+    sold = writer.record([closed(), alert("SELL:1")])
+    waited_for_sell = time.monotonic() - started
+    writer.mark("BUY:1", "sent", None, 111)
+    assert [a.dedupe_key for a in bought + sold] == ["BUY:1", "SELL:1"]
+    assert 2.0 <= waited_for_buy < 10 and waited_for_sell < 1.0, "only the first decision waits, and briefly"
+    assert writer.stuck and writer.health().failing
+    assert seen.failing == ["the journal's disk did not take a write within 2 s"]
+
+    journal._lock.release()  # the disk answers
+    deadline = time.monotonic() + 10
+    while writer.health().backlog and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not writer.health().failing and seen.recovered == [2] and not writer.stuck
+    assert [t.trade_id for t in journal.trades()] == ["2025-10-02-01"]
+    rows = [(r[1], r[7]) for r in journal.table_rows("outbox")]
+    assert rows == [("START:1", "pending"), ("BUY:1", "sent"), ("SELL:1", "pending")]
+    writer.close()
+    journal.close()

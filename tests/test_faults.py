@@ -289,6 +289,37 @@ def test_journal_failing_while_an_alert_waits_for_pushover_never_resends_it(mark
     assert trades_of(sent) == ["BUY", "SELL"]
 
 
+def test_a_journal_whose_disk_stops_answering_holds_neither_the_buy_nor_the_sell(market, tmp_path):
+    """A frozen or lost volume keeps each journal write in the kernel. Written on the engine thread, the
+    first one held it there: no BUY, no SELL and no word for as long as the disk hung, and the watchdog's
+    exit could not end a process in disk sleep. The journal's own lock stands in for the hung disk (an
+    fsfreeze of the data folder, checked by hand, gives the same pushes)."""
+    start = at(10, 4)
+    with (
+        fakes(market, start) as (pushover, polygon, clock),
+        daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, thread),
+    ):
+        assert wait_for(lambda: "START" in kinds(pushover) and clock.now_ms() >= BEFORE_BUY, 30)
+        with daemon.journal._lock:  # every journal write from here waits, as on a frozen disk
+            assert wait_for(lambda: "SELL" in kinds(pushover), 60), kinds(pushover)
+            assert wait_for(
+                lambda: any("journal failing" in p for p in daemon.health.get("problems", [])), 10
+            )
+            assert daemon.writer.stuck and thread.is_alive()
+        assert wait_for(lambda: "JOURNAL RECOVERED" in kinds(pushover), 30), kinds(pushover)
+        assert wait_for(lambda: daemon.journal.trades() != [], 10)
+    sent = kinds(pushover)
+    assert trades_of(sent) == ["BUY", "SELL"] and sent.count("JOURNAL FAILING") == 1
+    (failing,) = [m.form["message"] for m in pushover.messages if m.form["title"].endswith("JOURNAL FAILING")]
+    assert "did not take a write within 1 s" in failing
+    from pnl_tracker import Journal
+
+    reopened = Journal(tmp_path / "journal.sqlite3")
+    (trade,) = reopened.trades()
+    assert trade.trade_id.startswith("2025-10-02") and reopened.restored_state("2025-10-02").position is None
+    reopened.close()
+
+
 def test_a_silent_socket_is_replaced_and_the_day_goes_on(market, tmp_path):
     start = at(10, 4)
     with fakes(market, start) as (pushover, polygon, clock):
