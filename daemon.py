@@ -118,6 +118,7 @@ HELD_PROCESS_S = 5.0
 HEALTH_RETRY_S = 30.0
 FILES_CHECK_SECONDS = 5.0  # how often the journal and lock files are checked to still be in place
 STOP_JOURNAL_RETRY_S = 2.0  # at a stop, how long held journal writes are retried before a rescue file
+JOURNAL_CLOSE_S = 1.5  # at a stop, how long the journal thread may take to end its last write
 DELAYED_FRESH_MS = 5_000  # a bar received this recently tells how late the feed runs
 DELAYED_FOR_MS = 60_000  # a feed is delayed when its fresh bars stay late this long (a hiccup is not a plan)
 # A live bar received this long before its second ended says this machine's clock is behind the feed's.
@@ -1342,7 +1343,7 @@ class Daemon:
         while self.writer.health().backlog and time.monotonic() < deadline:
             time.sleep(0.2)
             self.writer.catch_up(now=True)
-        self.writer.close()
+        self.writer.close(wait_s=JOURNAL_CLOSE_S)
         held = self.writer.held()
         if held:
             paths = journal_rescue.rescue_paths(self.settings.data_dir)

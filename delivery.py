@@ -99,6 +99,7 @@ class WriteBehindJournal:
         self._writing_since: float | None = None  # when the write under way began (head not yet popped)
         self._progress_at = -math.inf  # when the last write ended
         self._closed = False
+        self._running, self._ended = threading.Event(), threading.Event()  # the writer thread's life
         self._rescue_paths = tuple(rescue_paths)
         self._rescue_due = False  # the backlog changed since the last rescue file
         self._rescue_urgent = False  # ... by more than mark updates: saved at once
@@ -143,19 +144,26 @@ class WriteBehindJournal:
     def run(self, beat: Callable[[], None] = lambda: None) -> None:
         """The writer thread (with `stuck_after_s`): write the backlog in order, retry a refusing journal
         every `retry_every_s`, keep the rescue file current while it fails; return after `close`."""
-        while True:
-            beat()
-            self._drain()
-            with self._lock:
-                if self._closed and not self._backlog():
-                    return
-                self._changed.wait(self._wait_s())
+        self._running.set()
+        try:
+            while True:
+                beat()
+                self._drain()
+                with self._lock:
+                    if self._closed and (not self._backlog() or self._since_ms is not None):
+                        return
+                    self._changed.wait(self._wait_s())
+        finally:
+            self._ended.set()
 
-    def close(self) -> None:
-        """Let the writer thread end once the backlog is written (or at once, if the journal fails)."""
+    def close(self, wait_s: float = 0.0) -> None:
+        """Let the writer thread end once the backlog is written (at once, if the journal fails), and
+        wait `wait_s` at most for it: the connection may be closed after, not under, its last write."""
         with self._lock:
             self._closed = True
             self._changed.notify_all()
+        if self._running.is_set():
+            self._ended.wait(wait_s)
 
     @property
     def stuck(self) -> bool:
