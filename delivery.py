@@ -152,7 +152,8 @@ class WriteBehindJournal:
                 with self._lock:
                     if self._closed and (not self._backlog() or self._since_ms is not None):
                         return
-                    self._changed.wait(self._wait_s())
+                    if not self._work_due(self._monotonic()):  # checked under the lock: no change is missed
+                        self._changed.wait(self._wait_s())
         finally:
             self._ended.set()
 
@@ -251,7 +252,7 @@ class WriteBehindJournal:
                 self._rescue_due = self._rescue_urgent = False
                 held = self._held_now()
                 return lambda: self._save_rescue(held, now) or True
-            if not writes or not self._backlog() or (self._since_ms is not None and now < self._retry_at):
+            if not writes or not self._work_due(now):
                 return None
             self._writing_since = now
             if self._decisions:
@@ -290,6 +291,11 @@ class WriteBehindJournal:
             self._written_while_failing += self._since_ms is not None
         elif self._outcomes and self._outcomes[0] is head:
             self._outcomes.pop(0)
+
+    def _work_due(self, now: float) -> bool:
+        if self._discard_due or self._rescue_wanted(now):
+            return True
+        return self._backlog() and (self._since_ms is None or now >= self._retry_at)
 
     def _wait_s(self) -> float:
         """How long the writer thread may sleep: until the next retry, a second at most."""
