@@ -63,9 +63,17 @@ def journal_copy_path(data_dir: Path) -> Path:
 
 
 def in_temp(data_dir: Path, name: str) -> Path:
-    """A file of this DATA_DIR's in the system's temporary folder (for when DATA_DIR cannot take it)."""
-    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"iwm-alerter-{digest}.{name}"
+    """A file of this DATA_DIR's in the system's temporary folder (for when DATA_DIR cannot take it).
+
+    Without a usable temporary folder (a container's read-only root) it is in DATA_DIR itself: the
+    folder is a fallback, and its absence refused the start. A DATA_DIR name that is not UTF-8 is
+    hashed as the bytes it names (a strict encode refused that start too)."""
+    digest = hashlib.sha256(os.fsencode(Path(data_dir).resolve())).hexdigest()[:12]
+    try:
+        folder = Path(tempfile.gettempdir())
+    except OSError:
+        folder = Path(data_dir)
+    return folder / f"iwm-alerter-{digest}.{name}"
 
 
 def save(held: Held, paths: Sequence[Path], *, quiet: bool = False) -> Path | None:

@@ -281,3 +281,26 @@ def test_a_journal_write_that_never_returns_holds_no_decision_and_is_written_whe
     assert rows == [("START:1", "pending"), ("BUY:1", "sent"), ("SELL:1", "pending")]
     writer.close()
     journal.close()
+
+
+def test_a_data_dir_not_named_in_utf8_and_a_missing_temp_folder_still_give_rescue_paths(
+    tmp_path, monkeypatch
+):
+    """Both refused the daemon's start: a Latin-1 folder name failed a strict encode, and a container with a
+    read-only root (no usable temporary folder) raised from `tempfile.gettempdir`."""
+    import os
+    import tempfile
+
+    latin = tmp_path / os.fsdecode(b"caf\xe9")
+    latin.mkdir()
+    first, spare = rescue_paths(latin)
+    assert first.parent == latin and spare.name.startswith("iwm-alerter-")
+    assert journal_rescue.save(journal_rescue.Held((), ()), (first,)) == first
+
+    def no_temp_folder() -> str:
+        raise FileNotFoundError("No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "gettempdir", no_temp_folder)
+    first, spare = rescue_paths(latin)
+    assert spare.parent == latin and spare != first
+    assert journal_rescue.in_temp(latin, "not_started").parent == latin
