@@ -591,8 +591,10 @@ def run_sweep_command(
 
 
 if __name__ == "__main__":
+    from cli_exit import usable_std_streams
     from logs import configure_logging
 
+    usable_std_streams()  # before the logging, which asks stderr whether it is a terminal
     configure_logging("WARNING", "console")
     use_batch_gc()
     sys.exit(run_quietly(main))

@@ -6,6 +6,9 @@ Both are ordinary ways to stop a tool, not errors: the process ends with the sta
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import signal
 import sys
@@ -15,12 +18,26 @@ EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGP
 EXIT_INTERRUPTED = 128 + 2  # ... and by SIGINT
 
 
+def usable_std_streams() -> None:
+    """Standard streams a command can always write to: a closed one (`2>&-`, for which Python leaves
+    None) goes to /dev/null, and a character its encoding cannot hold (`PYTHONIOENCODING=ascii`, a
+    DATA_DIR name that is not UTF-8) is replaced, not raised: tables and alert texts hold dashes and
+    emoji, and `isatty()` or `print()` on a closed stream ended commands with a traceback or silently."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - the process's own
+        elif isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="replace")
+
+
 def run_quietly(run: Callable[[], int]) -> int:
     """Run a command line; a closed stdout (`| head -1`) or Ctrl-C ends it quietly.
 
     For a closed stdout, the Python docs' recipe: point stdout at /dev/null so the interpreter's final
     flush cannot raise again. What a run has committed (journals, caches) stays; it resumes next time.
     """
+    usable_std_streams()
     interrupted: list[bool] = []
 
     def on_interrupt(signum: int, frame: object) -> None:
@@ -38,6 +55,15 @@ def run_quietly(run: Callable[[], int]) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EIO):
+            raise
+        # Output to a full device (`> /dev/full`, a full disk): one line, not a traceback.
+        with contextlib.suppress(OSError):
+            print(f"Stopped: {exc.strerror} ({exc.filename or 'standard output'}).", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception:
         # Ctrl-C reaches pool workers too: their end can surface first, as a broken pool.
         if not interrupted:

@@ -384,4 +384,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cli_exit import run_quietly
+
+    sys.exit(run_quietly(main))

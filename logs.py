@@ -1,13 +1,14 @@
 """Logging set-up: structlog over the standard library, console on a terminal, JSON otherwise.
 
-Lines are formatted (and their secrets removed) in the thread that logs, and written to stderr by a
-thread of their own: a log line never waits for whatever reads the process's output.
+In the live daemon, lines are formatted (and their secrets removed) in the thread that logs, and written
+to stderr by a thread of their own: a log line never waits for whatever reads the process's output.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import sys
 import threading
@@ -29,9 +30,15 @@ def redact_rendered(redactor: Redactor):  # noqa: ANN201 - a structlog processor
     return processor
 
 
-def configure_logging(level: str = "INFO", fmt: str = "", secrets: tuple[str, ...] = ()) -> None:
-    """Configure structlog once per process. `fmt` is console, json or '' (console on a TTY)."""
-    use_json = fmt == "json" or (fmt == "" and not sys.stderr.isatty())
+def configure_logging(
+    level: str = "INFO", fmt: str = "", secrets: tuple[str, ...] = (), *, background: bool = False
+) -> None:
+    """Configure structlog once per process. `fmt` is console, json or '' (console on a TTY).
+
+    `background` (the live daemon): lines are written by a thread of their own, see `BackgroundStderr`.
+    A command keeps them in order with what it prints to stderr itself."""
+    terminal = sys.stderr is not None and sys.stderr.isatty()  # None: stderr closed (`2>&-`)
+    use_json = fmt == "json" or (fmt == "" and not terminal)
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -48,9 +55,7 @@ def configure_logging(level: str = "INFO", fmt: str = "", secrets: tuple[str, ..
         ]
         if use_json
         else [
-            structlog.dev.ConsoleRenderer(
-                colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
-            )
+            structlog.dev.ConsoleRenderer(colors=terminal, exception_formatter=structlog.dev.plain_traceback)
         ]
     )
     structlog.configure(
@@ -67,7 +72,8 @@ def configure_logging(level: str = "INFO", fmt: str = "", secrets: tuple[str, ..
             redact_rendered(Redactor.of(secrets)),
         ],
     )
-    handler = BackgroundStderr(sys.stderr)
+    stream = sys.stderr or open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - the process's own
+    handler = BackgroundStderr(stream) if background else logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for earlier in root.handlers:

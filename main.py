@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(args: argparse.Namespace, stop: threading.Event | None) -> int:
     """Every command but the demo, once its arguments are read; `stop` is the live daemon's."""
     settings = load_or_exit()
-    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+    configure_logging(
+        settings.log_level, settings.log_format, settings.secret_values(), background=is_live(args)
+    )
     # --status only reads: it never creates DATA_DIR, but a DATA_DIR that cannot be a folder is said.
     check = status_data_dir_problem if args.status else data_dir_problem
     problem = check(settings.data_dir)

@@ -261,3 +261,45 @@ def test_the_instance_lock_holds_when_the_disk_refuses_the_pid(tmp_path):
     done = subprocess.run([sys.executable, "-c", limited, str(tmp_path)], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)  # fmt: skip
     assert (done.returncode, done.stdout, done.stderr) == (0, "0\n", "")
+
+
+@pytest.mark.parametrize(
+    "script, redirect",
+    [
+        ("main.py --status", "2>&-"),  # stderr closed: Python leaves sys.stderr None
+        ("main.py --status", ">&-"),  # stdout closed
+        ("backtest.py --synthetic 1 --no-charts --out report", "2>&-"),
+        ("diagnose.py", ">&-"),
+    ],
+)
+def test_a_closed_standard_stream_is_not_a_crash(tmp_path, script, redirect):
+    """`2>&-` ended --status, --demo and the daemon itself at once with status 1 and no word (stderr.isatty()
+    on None); `>&-` turned the daemon's clean stop into status 1 (stdout.flush() on None)."""
+    command, *args = script.split()
+    line = f"'{sys.executable}' '{ROOT / command}' {' '.join(args)} {redirect}; echo \"status=$?\" >&3"
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("API_KEY", "TOKEN", "USER_KEY"))}
+    env |= {"DATA_DIR": str(tmp_path / "d"), "PYTHON_DOTENV_DISABLED": "1"}
+    done = subprocess.run(["bash", "-c", f"exec 3>&1; ( {line} )"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert "status=0" in done.stdout or (command == "diagnose.py" and "status=1" in done.stdout)
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_text_the_output_cannot_encode_is_replaced_and_a_full_output_is_one_line(tmp_path):
+    """PYTHONIOENCODING=ascii: the demo died on its first dash, --status on a DATA_DIR named in Latin-1.
+    stdout on a full device (`> /dev/full`): a traceback from every command."""
+    latin = tmp_path / os.fsdecode(b"donn\xe9es")
+    demo = run_main(["--demo"], tmp_path, PYTHONIOENCODING="ascii", PYTHON_DOTENV_DISABLED="1",
+                    DATA_DIR=str(tmp_path / "demo"))  # fmt: skip
+    assert demo.returncode == 0 and "Traceback" not in demo.stderr and "Guard rails" in demo.stdout
+    status = run_main(["--status"], tmp_path, PYTHONIOENCODING="ascii", PYTHON_DOTENV_DISABLED="1",
+                      DATA_DIR=str(latin))  # fmt: skip
+    assert (
+        status.returncode == 0 and "Traceback" not in status.stderr and "es/journal.sqlite3" in status.stdout
+    )
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "d"), "PYTHON_DOTENV_DISABLED": "1"}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, str(ROOT / "main.py"), "--status"], cwd=tmp_path, stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "Stopped: No space left on device (standard output)." in done.stderr
