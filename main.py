@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 # 2: nothing was done (a usage or settings error, an unusable DATA_DIR or journal, another process in
 # the way). 1: a replay ran but its record or its alerts are incomplete (see its summary's problems).
 EXIT_OK, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2
+EXIT_FAILED = 1  # the live daemon ended on an error (said on the phone as STOPPED)
 REPLAY_FLUSH_S = 60.0  # how long a --notify replay waits, at its end, for Pushover to take what is left
 
 
@@ -233,7 +234,17 @@ def run_live(settings: Settings, stop: threading.Event) -> int:
     if daemon is None:
         watch.done()
         return EXIT_CONFIG
-    return daemon.run()
+    try:
+        return daemon.run()
+    except Exception as exc:
+        # The process ends and the platform starts it again; the phone must know it is down meanwhile.
+        import structlog
+
+        from supervisor import error_text
+
+        structlog.get_logger("main").critical("daemon_failed", error=error_text(exc), exc_info=True)
+        notify_cannot_start(settings, f"{error_text(exc)}; the platform starts it again", title="STOPPED")
+        return EXIT_FAILED
 
 
 def start_stuck(
@@ -358,7 +369,7 @@ def bad_journal_advice(path: Path, exc: Exception) -> str:
 NOT_STARTED_REPEAT_S = 3600.0  # the same reason is told again after this long, not at every restart
 
 
-def notify_cannot_start(settings: Settings, reason: str) -> None:
+def notify_cannot_start(settings: Settings, reason: str, *, title: str = "NOT STARTED") -> None:
     """Best effort: tell the phone the daemon is down, since no alert can follow; once an hour for one
     reason (Render restarts a worker that exits: a priority-1 NOT STARTED came at every attempt)."""
     if not (settings.pushover_token and settings.pushover_user_key):
@@ -384,9 +395,10 @@ def notify_cannot_start(settings: Settings, reason: str) -> None:
     with contextlib.suppress(OSError):
         said.write_text(f"{words} {time.time():.0f}\n", encoding="utf-8")
 
-    title = f"{settings.rules.underlying} alerter — NOT STARTED"
+    heading = f"{settings.rules.underlying} alerter — {title}"
+    said_as = "did not start" if title == "NOT STARTED" else "stopped"
     now_ms = time.time_ns() // 1_000_000
-    item = OutboxItem(0, "NOT_STARTED", "SYSTEM", title, f"The daemon did not start: {reason}.", 1, now_ms, 0)
+    item = OutboxItem(0, "NOT_STARTED", "SYSTEM", heading, f"The daemon {said_as}: {reason}.", 1, now_ms, 0)
     client = PushoverClient(settings.pushover_token, settings.pushover_user_key, settings.pushover_api_url)
     try:
         client.send(item)

@@ -105,7 +105,13 @@ class OptionsFeed:
             wait_scale=self._clock.sleep_scale(),
             silence_s=self._silence_limit_s,
         )
-        self.stream.start()
+        try:
+            self.stream.start()
+        except BaseException:
+            self.stream = (
+                None  # a thread the system refused (out of threads or memory): tried again next turn
+            )
+            raise
         # The engine thread may have followed a contract while this one built the stream: subscribe it.
         self.stream.set_topics(self._topics())
         log.info("options_stream_started")

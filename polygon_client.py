@@ -785,8 +785,9 @@ class PolygonStream:
         """Connect on a daemon thread and stay connected until stop()."""
         if self._thread is not None:
             raise RuntimeError("PolygonStream.start() was already called")
-        self._thread = threading.Thread(target=self._run, name="polygon-stream", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="polygon-stream", daemon=True)
+        thread.start()  # kept only once started: a thread the system refused is no thread to stop
+        self._thread = thread
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the socket and end the thread, waiting up to `timeout` seconds for it."""

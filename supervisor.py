@@ -22,6 +22,8 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 HEALTHY_AFTER_S = 30.0
 ERROR_TEXT_LIMIT = 200
+THREAD_START_TRIES = 5  # a thread the system refuses is asked for again: 0.1 + 0.2 + 0.4 + 0.8 s apart
+THREAD_START_WAIT_S = 0.1
 log = structlog.get_logger("supervisor")
 
 
@@ -83,8 +85,18 @@ class Supervisor:
         worker = _Worker(name, target, stale_after_s, last_beat=now, started=now)
         with self._lock:
             self._workers[name] = worker
-        worker.thread = threading.Thread(target=self._run, args=(worker,), name=name, daemon=True)
-        worker.thread.start()
+        for attempt in range(THREAD_START_TRIES):
+            thread = threading.Thread(target=self._run, args=(worker,), name=name, daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:  # "can't start new thread": out of threads or memory, often briefly
+                log.error("thread_start_refused", thread=name, attempt=attempt + 1, error=str(exc))
+                if attempt + 1 == THREAD_START_TRIES:
+                    raise RuntimeError(f"the system refused the {name} thread ({exc})") from exc
+                time.sleep(THREAD_START_WAIT_S * 2**attempt)
+            else:
+                worker.thread = thread
+                return
 
     def beat(self, name: str) -> None:
         """A worker's turn: it is alive; after a quiet spell since a restart, its failures are forgiven."""
