@@ -225,6 +225,13 @@ def run_live(settings: Settings, stop: threading.Event) -> int:
     clock = clock_or_none(settings)
     if clock is None:
         return EXIT_CONFIG
+    open_files = raise_open_files_limit()
+    if open_files < OPEN_FILES_WANTED // 16:
+        print(
+            f"Warning: this process may open only {open_files} files (ulimit -n); the daemon needs about 25 and "
+            "more under load: chain polls and redials may fail with 'Too many open files'.",
+            file=sys.stderr,
+        )
     problem = rehearsal_behind_its_data(settings, clock)
     if problem is not None:
         print(problem, file=sys.stderr)
@@ -267,6 +274,24 @@ def start_stuck(
         notify_cannot_start(settings, reason)
     finally:
         exit_process(EXIT_WATCHDOG)
+
+
+OPEN_FILES_WANTED = 4096  # the daemon uses about 25; /health clients, redials and REST pools add some
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files toward the hard one (OPEN_FILES_WANTED at most); the
+    limit it has then. A soft limit of 20 (`ulimit -n 20`) cost every chain request ("Too many open
+    files") and so every entry, with only /health to say why."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    return soft
 
 
 def clock_or_none(settings: Settings) -> Clock | None:

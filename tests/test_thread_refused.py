@@ -75,3 +75,21 @@ def test_a_daemon_that_stops_on_an_error_says_so_on_the_phone(tmp_path):
     (sent,) = pushover.messages
     assert sent.form["title"].endswith("STOPPED") and sent.form["priority"] == "1"
     assert sent.form["message"] == f"The daemon stopped: {reason}."
+
+
+def test_a_low_soft_limit_of_open_files_is_raised_toward_the_hard_one():
+    """`ulimit -n 20` (soft): every chain request failed with "Too many open files", so no entry all day."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 20 if hard == resource.RLIM_INFINITY else min(20, hard)
+    code = "import main; print(main.raise_open_files_limit())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], text=True,
+                          capture_output=True, timeout=60,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)))  # fmt: skip
+    raised = int(done.stdout.strip())
+    expected = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    assert raised == max(low, expected) and done.returncode == 0
