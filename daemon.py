@@ -61,13 +61,14 @@ from health import (
 )
 from instance_lock import InstanceLock
 from logs import flush_logs, log_output_problem
-from mark_watch import FRESH, MarkWatch
+from mark_watch import FRESH, STALE, MarkWatch
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
 from options_feed import OptionsFeed, OptionsStatus
 from pipeline import RESUMED, STARTED, Pipeline
 from pnl_tracker import Journal, JournalError
 from polygon_client import NETWORK_ERROR_STATUS, PolygonRest, PolygonStream, RestAnswer
 from replay import received_from
+from said_memory import SAID_META, SaidMemory
 from start_watch import StartWatch
 from status import session_pulse
 from stream_watch import RECOVERED, SILENT, StreamWatch
@@ -95,6 +96,7 @@ TAPE_CLOSE_S = 5.0
 PULSE_SECONDS = 300
 # No valid quote of the held contract for this long: the price exits are blind (mark_watch.py).
 MARK_STALE_MS = 30_000
+MARK_SAID = "mark_watch"  # SaidMemory: "<trade id> stale|fresh", the held position's first stale mark told
 BACKFILL_REACH_BACK_MS = 5_000
 # Tape lines carry this daemon's own clock, so one later than now (past a minute's slack) means the clock
 # went back: a rehearsal run again from an earlier SIM_CLOCK_START, a system clock set back.
@@ -145,6 +147,7 @@ class Interest:
 
     ticker: str | None
     spot: float | None
+    trade_id: str | None = None
 
 
 def start_announcement(previous: list[int], now: int) -> tuple[str, list[int]]:
@@ -215,6 +218,7 @@ class Daemon:
                 stuck_after_s=JOURNAL_STUCK_S,
             )
             self.outbox = MemoryOutbox(self.writer, self.journal.pending(1_000_000))
+            self.said = SaidMemory(self._journal_meta(SAID_META), self.writer.set_meta)
             lost_buys = self.journal.lost_buys()
         except BaseException:
             self.instance_lock.release()
@@ -254,7 +258,7 @@ class Daemon:
         # The session thread connects and the main thread disconnects at shutdown: one lock, and no
         # connection once stop is set, so no stream outlives the daemon.
         self._stream_lock = threading.RLock()
-        self.options = OptionsFeed(settings, clock, self.inbox.put_data, self._options_notice)
+        self.options = OptionsFeed(settings, clock, self.inbox.put_data, self._options_notice, self.said)
         # Two seconds after the engine's own STALL would go out, so that one silence makes one alert.
         self.stream_watch = StreamWatch(int((self.rules.stall_alert_seconds + 2) * 1000), clock.now_ms())
         self.mark_watch = MarkWatch(MARK_STALE_MS)
@@ -264,7 +268,6 @@ class Daemon:
         self._stream_down_since_ms: int | None = None
         self._clock_behind_since: int | None = None  # since when fresh bars arrive ahead of this clock
         self._feed_late_since: int | None = None  # since when fresh bars arrive STALL_SECONDS late or more
-        self._said_days: dict[str, date] = {}  # a once-a-day problem's log event -> the day it was said
         self._rest_refused: str | None = None
         self._bad_inputs_said, self._bad_inputs_said_at = 0, -math.inf  # see _say_bad_inputs
         self._refusal_said: str | None = None  # the refusal last alerted, until a 200 comes back
@@ -620,7 +623,9 @@ class Daemon:
             self.pipeline.handle(item)
         position = self.engine.position
         spot = self.engine.last.close if self.engine.last else None
-        self.interest = Interest(position.ticker if position else None, spot)
+        self.interest = (
+            Interest(position.ticker, spot, position.trade_id) if position else Interest(None, spot)
+        )
         self._follow_marks()
         self.writer.catch_up()
         self._maybe_pulse()
@@ -661,8 +666,10 @@ class Daemon:
         """Stream the held contract's quotes; judge whether the stream is delivering them, and whether
         any valid quote still sets the mark."""
         now, marks = self.clock.now_ms(), self.engine.marks
-        self.options.follow(self.interest.ticker, now)
+        ticker, trade_id = self.interest.ticker, self.interest.trade_id
+        self.options.follow(ticker, now, trade_id)
         self.options.check(now, marks.stream, self.engine.mark_quote_ms)
+        self.mark_watch.follow(ticker, now, self._said_for(MARK_SAID, trade_id))
         said = self.mark_watch.check(now, self.interest.ticker, self.engine.mark_set_ms)
         if said is not None:
             self._say_mark(said, now)
@@ -675,6 +682,7 @@ class Daemon:
             text = f"Valid quotes of {ticker} set the mark again: the stop and the giveback follow it."
             if pushed:
                 self._deliver_notice(SystemNotice("FEED_RESTORED", text, PRIORITY_NORMAL), now)
+                self._remember_for_position(MARK_SAID, FRESH)
             return
         marks, position = self.engine.marks, self.engine.position
         age_s = (self.mark_watch.age_ms(now, self.engine.mark_set_ms) or 0) / 1000
@@ -695,6 +703,24 @@ class Daemon:
             f"the last mark, {mark}; the VWAP exit and the time stop still fire. Watch the contract yourself."
         )
         self._deliver_notice(SystemNotice("FEED", text, PRIORITY_HIGH), now)
+        self._remember_for_position(MARK_SAID, STALE)
+
+    def _said_for(self, name: str, trade_id: str | None) -> str | None:
+        """What the phone already has under `name` about the position `trade_id` (None: nothing)."""
+        position, _, said = (self.said.get(name) or "").rpartition(" ")
+        return said if trade_id is not None and position == trade_id else None
+
+    def _remember_for_position(self, name: str, said: str) -> None:
+        if self.interest.trade_id is not None:
+            self.said.put(name, f"{self.interest.trade_id} {said}")
+
+    def _journal_meta(self, key: str) -> str | None:
+        """A meta value at start; a journal that cannot tell only costs what the value remembered."""
+        try:
+            return self.journal.meta(key)
+        except sqlite3.Error as exc:
+            log.warning("journal_meta_unknown", key=key, error=error_text(exc))
+            return None
 
     def _options_notice(self, kind: str, text: str) -> None:
         self._deliver_notice(SystemNotice(kind, text, PRIORITY_NORMAL), self.clock.now_ms())
@@ -835,12 +861,12 @@ class Daemon:
             self._say_once_a_day("clock_behind_feed", now, behind, action, SystemNotice("SYSTEM", text))
 
     def _say_once_a_day(self, event: str, now: int, problem: str, action: str, notice: SystemNotice) -> None:
-        day = ny_date(now)
-        if self._said_days.get(event) == day:
+        day = ny_date(now).isoformat()
+        if self.said.get(event) == day:
             return
-        self._said_days[event] = day
         log.error(event, problem=problem, action=action)
-        self.inbox.put(notice)
+        self._deliver_notice(notice, now)  # engine thread: queued to the journal before it is remembered
+        self.said.put(event, day)
 
     def _clock_behind_problem(self, now: int) -> str | None:
         """Live, bars that arrive before their second has ended: this machine's clock is behind the

@@ -34,8 +34,7 @@ class MarkWatch:
     def check(self, now_ms: int, ticker: str | None, mark_set_ms: int | None) -> str | None:
         """STALE once when the held contract's mark has not moved for `alert_after_ms`; FRESH when a
         quote sets it after that. `mark_set_ms` None: no quote since a restart (the watch's start counts)."""
-        if ticker != self.ticker:
-            self.ticker, self.held_since_ms, self.alerted, self.episodes = ticker, now_ms, False, 0
+        self.follow(ticker, now_ms)
         age_ms = self.age_ms(now_ms, mark_set_ms)
         if age_ms is None:
             return None
@@ -47,6 +46,19 @@ class MarkWatch:
             self.episodes += 1
             return STALE
         return None
+
+    def follow(self, ticker: str | None, now_ms: int, said: str | None = None) -> None:
+        """Watch `ticker` from `now_ms` on (nothing when it is already watched). `said` is what the phone
+        has about it from before a restart: STALE (its first episode, FRESH still owed) or FRESH (both);
+        that first episode is not pushed again."""
+        if ticker == self.ticker:
+            return
+        self.ticker, self.held_since_ms, self.alerted, self.episodes = ticker, now_ms, False, 0
+        if said in (STALE, FRESH):
+            self.episodes = 1
+        if said == STALE:
+            # Still stale until a quote sets the mark (no quote since the restart counts as none).
+            self.alerted, self.held_since_ms = True, now_ms - self.alert_after_ms
 
     @property
     def pushed(self) -> bool:

@@ -22,6 +22,7 @@ from clock import Clock
 from config import Settings
 from events import FeedStatus
 from polygon_client import PolygonStream
+from said_memory import SaidMemory
 
 # No quote on the stream for this long (since subscribing, or since its latest quote), while a REST
 # quote newer than that exists, means the stream is not delivering: no plan for it, or a socket that
@@ -29,6 +30,11 @@ from polygon_client import PolygonStream
 NO_QUOTES_AFTER_MS = 15_000
 # Twice that without any frame while holding: the socket itself is stuck, so it is redialled.
 OPTIONS_SILENCE_MS = 2 * NO_QUOTES_AFTER_MS
+# SaidMemory's name for what the phone has about the held position's stream: "<trade id> FEED" (the
+# fallback was said; its FEED RESTORED is owed) or "<trade id> FEED_RESTORED" (both were said).
+FEED_SAID = "options_feed"
+# The problem a restart carries over when the phone was told of a fallback and not yet of its end.
+CARRIED_PROBLEM = "no quote streamed since the fallback said before the restart"
 log = structlog.get_logger("options_feed")
 
 PROBLEMS = {
@@ -59,7 +65,8 @@ class OptionsFeed:
     """Subscribes the held contract's quotes and tells when marks fall back to REST.
 
     `put` takes the stream's frames (the engine queue); `notify(kind, text)` raises a FEED alert (kind
-    "FEED" when marks fall back to REST, "FEED_RESTORED" when quotes stream again).
+    "FEED" when marks fall back to REST, "FEED_RESTORED" when quotes stream again). `said` remembers,
+    across restarts, which of the two a position (named by its trade id) already had.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class OptionsFeed:
         clock: Clock,
         put: Callable[[object], None],
         notify: Callable[[str, str], None],
+        said: SaidMemory | None = None,
     ) -> None:
         self._settings = settings
         self._clock = clock
@@ -75,6 +83,7 @@ class OptionsFeed:
         self._notify = notify
         self.stream: PolygonStream | None = None
         self._ticker: str | None = None
+        self._position: str | None = None  # the held position's trade id (its ticker when none is given)
         self._since_ms = 0
         self._seen_stream = 0
         # The engine time of the latest streamed quote that set the mark, and that quote's own stamp.
@@ -85,6 +94,7 @@ class OptionsFeed:
         # REST stamp that keeps looking newer) must not flood the phone; later episodes are logged.
         self._said_for: str | None = None
         self._said = False
+        self._memory = said if said is not None else SaidMemory()
 
     @property
     def enabled(self) -> bool:
@@ -130,16 +140,20 @@ class OptionsFeed:
         if stream is not None:
             stream.stop()
 
-    def follow(self, ticker: str | None, now_ms: int) -> None:
-        """Stream exactly the held contract (none while flat)."""
+    def follow(self, ticker: str | None, now_ms: int, trade_id: str | None = None) -> None:
+        """Stream exactly the held contract (none while flat); `trade_id` names the position, so that
+        what the phone was told about it before a restart is not told again."""
         if ticker == self._ticker:
             return
         self._ticker = ticker
+        self._position = trade_id or ticker
         self._since_ms = now_ms
         stream = self.stream  # read once: the session thread may stop it meanwhile
         if stream is not None:
             stream.set_topics(self._topics())
         if ticker is not None:
+            if trade_id is not None:
+                self._resume_said(trade_id)
             self._judge_at_entry()
             return
         self._said_for = None  # the next position is news to the phone, even on the same contract
@@ -148,6 +162,17 @@ class OptionsFeed:
             # (a FEED RESTORED after the SELL had told of marks for a position that no longer existed).
             log.info("marks_fallback_ended", reason="position closed", problem=self.problem)
             self.problem, self._said = None, False
+
+    def _resume_said(self, trade_id: str) -> None:
+        """A restart mid-position: the FEED it had is not said again, and a FEED RESTORED it is owed
+        still comes when quotes stream."""
+        position, _, said = (self._memory.get(FEED_SAID) or "").rpartition(" ")
+        if position != trade_id:
+            return
+        self._said_for = trade_id
+        if said == "FEED":
+            self.problem, self._said = CARRIED_PROBLEM, True
+            log.info("marks_fallback_carried_over", trade_id=trade_id)
 
     def _judge_at_entry(self) -> None:
         """At the BUY, a stream already known not to work means REST marks from the first second."""
@@ -198,6 +223,10 @@ class OptionsFeed:
                 f"cannot connect to the options cluster ({self.stream.last_error or 'no answer'})"
             )
 
+    def _remember(self, said: str) -> None:
+        if self._position is not None:
+            self._memory.put(FEED_SAID, f"{self._position} {said}")
+
     def health(self) -> dict[str, object]:
         """The marks' stream side for `/health`."""
         if not self.enabled:
@@ -222,11 +251,11 @@ class OptionsFeed:
         if self.problem is not None:
             return
         self.problem = problem
-        already_said = self._ticker is not None and self._said_for == self._ticker
+        already_said = self._ticker is not None and self._said_for == self._position
         log.warning("marks_from_rest", reason=problem, alerted=not already_said)
         if already_said:
             return
-        self._said_for, self._said = self._ticker, True
+        self._said_for, self._said = self._position, True
         poll = self._settings.rules.position_poll_seconds
         self._notify(
             "FEED",
@@ -234,6 +263,7 @@ class OptionsFeed:
             f"every {poll:g} s, the chain every {self._settings.chain_poll_seconds:g} s), so exits may fire "
             "late on a fast move.",
         )
+        self._remember("FEED")  # after the alert is queued: a crash in between repeats it, never loses it
 
     def _restored(self) -> None:
         if self.problem is None:
@@ -247,3 +277,4 @@ class OptionsFeed:
             "FEED_RESTORED",
             "Options quotes are streaming again: marks follow every quote of the held contract.",
         )
+        self._remember("FEED_RESTORED")

@@ -728,6 +728,28 @@ def test_a_delayed_feed_is_said_once_and_on_health_since_no_entry_can_fire(marke
     assert "BUY" not in kinds(pushover)
 
 
+def test_a_once_a_day_alert_is_not_said_again_by_a_restart_the_same_day(market, tmp_path):
+    """Each restart (a deploy, a crash) told the phone of the delayed plan again: "once a day" lived in
+    the daemon's memory."""
+    start = at(10, 2)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        settings = settings_for(polygon, pushover, tmp_path)
+        for run in range(2):
+            clock = SimClock(polygon.now_ms() + 15 * 60_000, SPEED)  # every bar 900 s old
+            with daemon_running(settings, clock) as (daemon, _thread):
+
+                def delayed(daemon: Daemon = daemon) -> list[str]:
+                    return [p for p in daemon.health.get("problems", []) if p.startswith("bars arrive")]
+
+                assert wait_for(delayed, 30), (run, daemon.health.get("problems"))
+                assert wait_for(lambda daemon=daemon: daemon.outbox.pending_count() == 0, 10)
+    said = [m.form["message"] for m in pushover.messages if "delayed plan" in m.form["message"]]
+    assert len(said) == 1 and kinds(pushover).count("START") == 2
+
+
 def test_bars_late_for_half_a_minute_are_a_hiccup_not_a_delayed_plan(market, tmp_path):
     """A busy machine or a slow network minute made one late bar look like a delayed plan: the phone got a
     FEED ERROR "(a delayed plan?)" of a feed that was on time a second later."""

@@ -39,3 +39,28 @@ def test_a_new_contract_starts_a_new_count() -> None:
     assert watch.episodes >= 2
     assert watch.check(100_000, "O:IWM251002C00244000", None) is None and watch.episodes == 0
     assert watch.check(130_000, "O:IWM251002C00244000", None) == STALE and watch.pushed
+
+
+def test_a_restart_after_the_pushed_episode_does_not_push_it_again() -> None:
+    """Before the fix a restart (a deploy, a crash) forgot the episode told, and pushed the next as new."""
+    watch = MarkWatch(AFTER_MS)
+    watch.follow(TICKER, 0, said=FRESH)  # the phone has had this position's STALE and its FRESH
+    said = walk(watch, quotes_ms=[0, 40_000], until_ms=60_000)
+    assert said == [(30_000, STALE, False), (40_000, FRESH, False)]
+
+
+def test_a_restart_while_the_told_episode_lasts_owes_only_its_fresh_at_the_first_quote() -> None:
+    restart = 1_000_000
+    watch = MarkWatch(AFTER_MS)
+    watch.follow(TICKER, restart, said=STALE)  # the phone has the STALE; no quote since the restart yet
+    assert watch.problem(restart + 2_000, None) is not None  # /health still names the stale mark
+    quiet = [watch.check(restart + s * 1000, TICKER, None) for s in range(60)]
+    assert quiet == [None] * 60  # neither a second STALE nor a FRESH without a quote
+    assert watch.check(restart + 61_000, TICKER, restart + 61_000) == FRESH and watch.pushed
+
+
+def test_what_was_said_for_one_contract_is_not_carried_to_another() -> None:
+    watch = MarkWatch(AFTER_MS)
+    watch.follow(TICKER, 0, said=FRESH)
+    watch.follow("O:IWM251002C00244000", 1_000)
+    assert watch.check(31_000, "O:IWM251002C00244000", None) == STALE and watch.pushed

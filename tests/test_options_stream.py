@@ -315,3 +315,79 @@ def test_a_fallback_ends_with_its_position_and_no_feed_restored_comes_after_the_
     assert said == ["FEED"]
     feed.follow("O:IWM251002C00244000", at(10, 9))  # the stream's last word was a working connection
     assert said == ["FEED"] and feed.problem is None
+
+
+def _feed_after_restart(tmp_path, journal: dict[str, str], said: list[str]):
+    """An OptionsFeed as a (re)started daemon builds it: its SaidMemory read from and written to `journal`."""
+    from config import Settings
+    from options_feed import OptionsFeed
+    from said_memory import SAID_META, SaidMemory
+
+    memory = SaidMemory(journal.get(SAID_META), journal.__setitem__)
+    return OptionsFeed(Settings(data_dir=tmp_path), SimClock(at(10, 6), 1.0), lambda _item: None,
+                       lambda kind, _text: said.append(kind), memory)  # fmt: skip
+
+
+def test_a_restart_mid_position_does_not_say_the_feed_alert_again(tmp_path):
+    """The README promises one FEED per held contract; each restart (a deploy, a crash) said it again."""
+    from events import FeedStatus
+
+    journal: dict[str, str] = {}
+    said: list[str] = []
+    for minute in (6, 8, 10):  # the first run, then two restarts, the same position held throughout
+        feed = _feed_after_restart(tmp_path, journal, said)
+        feed.follow("O:IWM251002C00243000", at(10, minute), "2025-10-02-01")
+        feed.on_status(FeedStatus(at(10, minute, 5), False, "auth_failed"))
+        assert feed.problem is not None
+    assert said == ["FEED"]
+    feed = _feed_after_restart(tmp_path, journal, said)
+    feed.follow("O:IWM251002C00243000", at(10, 20), "2025-10-02-02")  # the next trade, same contract
+    feed.on_status(FeedStatus(at(10, 20, 5), False, "auth_failed"))
+    assert said == ["FEED", "FEED"]
+
+
+def test_a_feed_restored_owed_before_a_restart_comes_with_the_first_streamed_quote_after_it(tmp_path):
+    from events import FeedStatus
+
+    journal: dict[str, str] = {}
+    said: list[str] = []
+    feed = _feed_after_restart(tmp_path, journal, said)
+    feed.follow("O:IWM251002C00243000", at(10, 6), "2025-10-02-01")
+    feed.on_status(FeedStatus(at(10, 6, 5), False, "disconnected: connection lost"))
+    assert said == ["FEED"]
+    feed = _feed_after_restart(tmp_path, journal, said)  # the restart
+    feed.follow("O:IWM251002C00243000", at(10, 7), "2025-10-02-01")
+    assert "fallback to REST" in str(feed.health()["options_stream"])
+    feed.check(at(10, 7, 5), 1, at(10, 7, 5))  # a quote streamed
+    assert said == ["FEED", "FEED_RESTORED"] and feed.problem is None
+    feed = _feed_after_restart(tmp_path, journal, said)  # a restart after both were said
+    feed.follow("O:IWM251002C00243000", at(10, 8), "2025-10-02-01")
+    feed.on_status(FeedStatus(at(10, 8, 5), False, "disconnected: connection lost"))
+    feed.check(at(10, 8, 9), 1, at(10, 8, 9))
+    assert said == ["FEED", "FEED_RESTORED"] and feed.problem is None
+
+
+def test_a_daemon_restarted_mid_position_with_options_refused_says_feed_once(market, tmp_path):
+    """The README promises one FEED per held contract; each restart (a deploy, a crash) said it again."""
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=START, speed=SPEED) as polygon,
+    ):
+        polygon.options_entitled(False)
+        settings = wide_exits(settings_for(polygon, pushover, tmp_path))  # held through both runs
+        daemon, stop, thread = start_daemon(settings, SimClock(START, SPEED))
+        try:
+            assert wait_for(lambda: feed_texts(pushover) != [], 60), kinds(pushover)
+        finally:
+            stop_daemon(stop, thread)
+        next_minute = (polygon.now_ms() // 60_000 + 1) * 60_000  # alert keys differ by their minute
+        assert wait_for(lambda: polygon.now_ms() > next_minute, 10)
+        second, stop2, thread2 = start_daemon(settings, SimClock(polygon.now_ms(), SPEED))
+        try:
+            assert wait_for(lambda: second.options._status_problem is not None, 20)  # refused again
+            assert second.engine.position is not None
+            assert wait_for(lambda: second.outbox.pending_count() == 0, 10)
+        finally:
+            stop_daemon(stop2, thread2)
+    assert "fallback to REST" in str(second.options.health()["options_stream"])
+    assert trades(pushover) == ["BUY"] and len(feed_texts(pushover)) == 1
