@@ -146,15 +146,17 @@ def _bar_from_fields(
     d: dict, sym: str, start_ms: int, end_ms: int, received_ms: int, with_day: bool
 ) -> Bar | None:
     """Validate the OHLCV fields shared by WS `A` events and REST aggs; None when the bar is unusable."""
-    if not (start_ms <= MAX_WINDOW_MS and end_ms <= MAX_WINDOW_MS):
-        return None  # a stamp past 2100: no clock means it, and year 33,700 crashed the time formatting
+    if not (start_ms <= end_ms <= MAX_WINDOW_MS):
+        # A stamp past 2100 (no clock means it; year 33,700 crashed the time formatting), or a window
+        # that ends before it starts: its second is unknowable, and an entry needs the bar's age.
+        return None
     o = _stock_price(d.get("o"))
     h = _stock_price(d.get("h"))
     lo = _stock_price(d.get("l"))
     c = _stock_price(d.get("c"))
     v = _volume(d.get("v"))
-    if o is None or h is None or lo is None or c is None or v is None:
-        return None
+    if o is None or h is None or lo is None or c is None or v is None or h < lo:
+        return None  # a high below the low is not a bar but a mangled message
     vw = d.get("vw")
     if vw is not None and _stock_price(vw) is None:
         return None

@@ -614,6 +614,9 @@ def test_empty_array_is_nothing() -> None:
         {"h": 10**400},
         {"h": [242.05]},
         {"sym": 5},
+        {"e": 1_999_999},  # ends before it starts
+        {"h": 241.0},  # a high below the low
+        {"l": 242.5},
     ],
     ids=repr,
 )
