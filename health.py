@@ -50,6 +50,7 @@ def http_status_for(snapshot: Snapshot) -> int:
 # each holds a thread and a file descriptor, and descriptors run out for the trading path's sockets too.
 CLIENT_TIMEOUT_S = 5.0
 MAX_CLIENTS = 16
+MAKE_ROOM_WAIT_S = 0.5  # for the oldest client's thread to end once it is cut off
 HEARTBEAT_TIMEOUT_S = 10.0  # a whole ping, answer included
 
 
@@ -92,8 +93,10 @@ class HealthServer:
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """A thread per client, at most `max_clients` at once; a client beyond that is closed at once, and
-    one still connected after `deadline_s` is cut off."""
+    """A thread per client, at most `max_clients` at once; one still connected after `deadline_s` is
+    cut off. A client beyond the cap makes room by cutting off the oldest: a probe sends its request at
+    once and is answered in a millisecond, so the oldest connection is the one holding a slot for
+    nothing (sixteen clients trickling a request had answered nobody else until they were cut off)."""
 
     def __init__(
         self,
@@ -105,16 +108,33 @@ class _BoundedServer(ThreadingHTTPServer):
         super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(max_clients)
         self._deadline_s = deadline_s
+        self._open: dict[Any, None] = {}  # the served connections, oldest first
+        self._open_lock = threading.Lock()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+            self._cut_oldest()
+            if not self._slots.acquire(timeout=MAKE_ROOM_WAIT_S):
+                self.shutdown_request(request)
+                return
+        with self._open_lock:
+            self._open[request] = None
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._release(request)
             raise
+
+    def _cut_oldest(self) -> None:
+        with self._open_lock:
+            oldest = next(iter(self._open), None)
+        if oldest is not None:
+            _cut_off(oldest)
+
+    def _release(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One log line, not socketserver's traceback on stderr: a client cut off at its deadline, or gone
@@ -132,7 +152,7 @@ class _BoundedServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             cut.cancel()
-            self._slots.release()
+            self._release(request)
 
 
 def _cut_off(connection: socket.socket) -> None:

@@ -115,6 +115,42 @@ class _Counter(BaseHTTPRequestHandler):
         return
 
 
+def test_a_probe_is_answered_at_once_while_every_slot_is_held_by_a_trickling_client():
+    """Sixteen clients trickling a request answered nobody else until their deadline cut them off, and
+    clients that reconnect as they are cut off kept /health unreachable for good."""
+    snapshot = {"status": "ok"}
+    server = HealthServer("127.0.0.1", 0, lambda: snapshot, client_timeout_s=5.0, max_clients=3).start()
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def trickle_for_ever() -> None:
+        while not stop.is_set():  # a new connection as soon as one is cut off
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", server.port)) as conn:
+                held.append(conn)
+                for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n" * 100:
+                    if stop.wait(0.2):
+                        return
+                    conn.sendall(bytes([byte]))
+
+    threads = [threading.Thread(target=trickle_for_ever, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(held) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # every slot held, far from the 10 s deadline
+        for _ in range(5):
+            started = time.monotonic()
+            assert get(f"http://127.0.0.1:{server.port}/health") == (200, snapshot)
+            assert time.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        server.stop()
+
+
 def test_heartbeat_pings_at_most_once_per_interval_and_only_when_healthy():
     _Counter.hits = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Counter)
