@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
+from datetime import time as dt_time
 from pathlib import Path
 
 import structlog
@@ -62,7 +63,7 @@ from health import (
 from instance_lock import InstanceLock
 from logs import flush_logs, log_output_problem
 from mark_watch import FRESH, STALE, MarkWatch
-from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
+from market_calendar import MarketCalendar, Session, ny_date, ny_datetime, ny_ms
 from options_feed import OptionsFeed, OptionsStatus
 from pipeline import RESUMED, STARTED, Pipeline
 from pnl_tracker import Journal, JournalError
@@ -722,6 +723,11 @@ class Daemon:
             log.warning("journal_meta_unknown", key=key, error=error_text(exc))
             return None
 
+    def _no_chain_since(self, now: int) -> int:
+        """Since when the daemon has had no chain: its start, or the day's midnight (each day starts
+        without one; counted from the start, a day-old daemon said its chain was 20 hours old)."""
+        return max(self._started_ms, ny_ms(ny_date(now), dt_time(0)))
+
     def _options_notice(self, kind: str, text: str) -> None:
         self._deliver_notice(SystemNotice(kind, text, PRIORITY_NORMAL), self.clock.now_ms())
 
@@ -760,7 +766,7 @@ class Daemon:
             "last_bar_age_s": round(engine.bar_age_s(now), 1),
             # A float always (DESIGN's contract): without a chain yet, how long the daemon has gone without one.
             "chain_age_s": round(
-                (now - (self._started_ms if chain is None else chain.received_ms)) / 1000, 1
+                (now - (self._no_chain_since(now) if chain is None else chain.received_ms)) / 1000, 1
             ),
             "chain_received": chain is not None,
             "position": position_fields(engine.position),

@@ -15,12 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import at
+from builders import DAY, at
 from structlog.testing import capture_logs
 
 from alert_text import price
@@ -637,6 +637,26 @@ def test_chain_age_is_a_number_before_the_first_chain_as_designs_health_contract
             daemon.journal.close()
     assert isinstance(body["chain_age_s"], float) and body["chain_age_s"] >= 0.0
     assert body["chain_received"] is False
+
+
+def test_chain_age_before_the_days_first_chain_counts_from_midnight_not_from_a_start_days_ago(
+    market, tmp_path
+):
+    """A daemon started the day before said after midnight that its chain was as old as the process."""
+    start = at(23, 50)
+    with fakes(market, start) as (pushover, polygon, _clock):
+        clock = SimClock(start, 3000.0)  # 50 market minutes a second
+        daemon = Daemon(settings_for(polygon, pushover, tmp_path), clock)
+        try:
+            time.sleep(0.4)  # past midnight: 00:10 or so
+            now = clock.now_ms()
+            body = daemon._snapshot()
+        finally:
+            daemon.instance_lock.release()
+            daemon.journal.close()
+    since_midnight_s = (now - at(0, 0, day=DAY + timedelta(days=1))) / 1000
+    assert since_midnight_s > 0 and body["chain_received"] is False
+    assert since_midnight_s - 5 <= body["chain_age_s"] <= since_midnight_s + 60
 
 
 def test_a_health_port_already_taken_is_said_once_and_served_once_it_is_free(market, tmp_path):
