@@ -580,6 +580,14 @@ def data_dir_problem(data_dir: Path) -> str | None:
     """Create DATA_DIR if missing; None when it is a folder this process can write, else what is wrong."""
     if data_dir.exists() and not data_dir.is_dir():
         return f"DATA_DIR={str(data_dir)!r}: is a file, not a folder"
+    if data_dir.is_symlink() and not data_dir.exists():
+        # Not created at the link's target: a volume that is not mounted would lose the journal with
+        # the container.
+        target = os.readlink(data_dir)
+        return (
+            f"DATA_DIR={str(data_dir)!r}: is a symbolic link to {target!r}, which does not exist "
+            "(a volume not mounted?)"
+        )
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

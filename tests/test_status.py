@@ -365,6 +365,15 @@ def test_a_data_dir_that_is_a_file_is_named_and_exits_2(tmp_path, where):
         assert expected in done.stderr
 
 
+def test_a_data_dir_that_is_a_dangling_symbolic_link_names_its_target(tmp_path):
+    """It said "cannot be created as a folder (File exists)", naming neither the link nor its target."""
+    (tmp_path / "data").symlink_to(tmp_path / "volume-not-mounted")
+    done = run_main([], tmp_path, DATA_DIR=str(tmp_path / "data"), POLYGON_API_KEY="k" * 20)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "is a symbolic link to" in done.stderr and "volume-not-mounted" in done.stderr
+    assert not (tmp_path / "volume-not-mounted").exists()
+
+
 def test_health_port_0_says_the_port_cannot_be_known(tmp_path):
     status = status_json(tmp_path / "data", "2025-10-06T10:30:00-04:00", HEALTH_PORT="0")
     assert status["feed"] is None and "HEALTH_PORT=0" in status["feed_note"]
