@@ -68,10 +68,11 @@ def _read_to_end(fd: int, wait_s: float, *, waits: bool) -> bytes:
     deadline = time.monotonic() + wait_s
     chunks: list[bytes] = []
     size = 0
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
+    poller = select.poll() if waits else None  # a regular file's reads never wait
+    if poller is not None:
+        poller.register(fd, select.POLLIN)
     while True:
-        if waits and not _readable_before(poller, deadline):
+        if poller is not None and not _readable_before(poller, deadline):
             raise OSError(
                 errno.ETIMEDOUT,
                 f"a named pipe whose writer gave no whole file within {wait_s:g} s"
