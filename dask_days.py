@@ -413,7 +413,7 @@ def connect(address: str, tapes: Sequence[Path | str], cache: bool) -> DaskDays:
                 cluster = local_cluster(workers, str(scratch))
                 client = Client(cluster)
             else:
-                client = Client(scheduler(address))
+                client = Client(scheduler(address), security=security_for(address))
         return DaskDays(client, tapes, cache, cluster, scratch=scratch)
     except BaseException:
         close_all(client, cluster, scratch)  # a refused cluster must not outlive the run
@@ -454,6 +454,22 @@ def scheduler(address: str) -> str:
             f"--dask {address}: not a scheduler address Dask can dial ({one_line(exc)})"
         ) from None
     return address
+
+
+def security_for(address: str) -> Any:
+    """Dask's TLS settings from its own configuration (`DASK_DISTRIBUTED__COMM__TLS__CA_FILE`,
+    `..._TLS__CLIENT__CERT`, `..._TLS__CLIENT__KEY`, or a dask config file); ExecutorError for a tls://
+    address without them (a Client then failed with a TypeError traceback)."""
+    from distributed.security import Security
+
+    security = Security()
+    if address.startswith("tls://") and security.get_connection_args("client")["ssl_context"] is None:
+        raise ExecutorError(
+            f"--dask {address}: a tls:// scheduler needs Dask's TLS files; set "
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY (or the same keys in a Dask config file)"
+        )
+    return security
 
 
 def local_cluster(workers: int, local_directory: str) -> Any:

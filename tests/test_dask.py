@@ -180,6 +180,13 @@ def test_an_address_dask_cannot_dial_is_one_line_not_a_traceback(address, tapes,
     assert err.startswith(f"Error: --dask {address}: not a scheduler address Dask can dial (")
 
 
+def test_a_tls_address_without_dasks_tls_files_is_one_line_naming_them(tapes, tmp_path):
+    """A tls:// scheduler ended in a TypeError traceback ("TLS expects a `ssl_context` argument")."""
+    status, _, err = run_cli([str(tapes[0]), "--out", str(tmp_path), "--dask", "tls://127.0.0.1:9"])
+    assert status == 1 and err.count("\n") == 1, err
+    assert "DASK_DISTRIBUTED__COMM__TLS__CA_FILE" in err and "Traceback" not in err
+
+
 def test_a_tape_url_that_is_no_tape_is_named_and_nothing_runs(tmp_path):
     """A file:// URL of a file that is not a tape ended in a JSONDecodeError traceback, where the same file
     given as a path was refused in one line."""
