@@ -670,7 +670,8 @@ class Daemon:
         ticker, trade_id = self.interest.ticker, self.interest.trade_id
         self.options.follow(ticker, now, trade_id)
         self.options.check(now, marks.stream, self.engine.mark_quote_ms)
-        self.mark_watch.follow(ticker, now, self._said_for(MARK_SAID, trade_id))
+        told = self.said.for_position(MARK_SAID, trade_id) if trade_id is not None else None
+        self.mark_watch.follow(ticker, now, told)
         said = self.mark_watch.check(now, self.interest.ticker, self.engine.mark_set_ms)
         if said is not None:
             self._say_mark(said, now)
@@ -706,14 +707,9 @@ class Daemon:
         self._deliver_notice(SystemNotice("FEED", text, PRIORITY_HIGH), now)
         self._remember_for_position(MARK_SAID, STALE)
 
-    def _said_for(self, name: str, trade_id: str | None) -> str | None:
-        """What the phone already has under `name` about the position `trade_id` (None: nothing)."""
-        position, _, said = (self.said.get(name) or "").rpartition(" ")
-        return said if trade_id is not None and position == trade_id else None
-
     def _remember_for_position(self, name: str, said: str) -> None:
         if self.interest.trade_id is not None:
-            self.said.put(name, f"{self.interest.trade_id} {said}")
+            self.said.put_for_position(name, self.interest.trade_id, said)
 
     def _journal_meta(self, key: str) -> str | None:
         """A meta value at start; a journal that cannot tell only costs what the value remembered."""

@@ -166,8 +166,8 @@ class OptionsFeed:
     def _resume_said(self, trade_id: str) -> None:
         """A restart mid-position: the FEED it had is not said again, and a FEED RESTORED it is owed
         still comes when quotes stream."""
-        position, _, said = (self._memory.get(FEED_SAID) or "").rpartition(" ")
-        if position != trade_id:
+        said = self._memory.for_position(FEED_SAID, trade_id)
+        if said is None:
             return
         self._said_for = trade_id
         if said == "FEED":
@@ -225,7 +225,7 @@ class OptionsFeed:
 
     def _remember(self, said: str) -> None:
         if self._position is not None:
-            self._memory.put(FEED_SAID, f"{self._position} {said}")
+            self._memory.put_for_position(FEED_SAID, self._position, said)
 
     def health(self) -> dict[str, object]:
         """The marks' stream side for `/health`."""

@@ -58,3 +58,12 @@ class SaidMemory:
             self._said[name] = value
             if self._write is not None:  # under the lock: two changes reach the journal in their order
                 self._write(SAID_META, json.dumps(self._said, sort_keys=True))
+
+    def for_position(self, name: str, trade_id: str) -> str | None:
+        """What was said under `name` about the position `trade_id` (None: nothing, or another's)."""
+        position, _, said = (self.get(name) or "").rpartition(" ")
+        return said if position == trade_id else None
+
+    def put_for_position(self, name: str, trade_id: str, said: str) -> None:
+        """Remember that `said` went out under `name` about the position `trade_id`."""
+        self.put(name, f"{trade_id} {said}")
