@@ -9,6 +9,7 @@ trips a breaker instead of a retry loop, because repeated 4xx get the sender's I
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -52,6 +53,12 @@ CONNECT_TIMEOUT_S = 5.0
 REQUEST_DEADLINE_S = 20.0
 DOWN_BEFORE_FALLBACK_S = 60.0
 QUOTA_RETRY_S = 300.0
+# A 429 that says when to come back (`Retry-After`) is a rate limiter (a proxy's, or Pushover's own), not
+# the month's quota: asked again then, within these bounds (Pushover: no sooner than 5 s).
+RETRY_AFTER_BOUNDS_S = (5.0, QUOTA_RETRY_S)
+# Retries of a failing Pushover (5xx, no answer) double from 5 s up to this: an alert leaves at most this
+# long after Pushover answers again (with 60 s, a 25 s outage delivered a SELL 35 s after its decision).
+MAX_RETRY_S = 10.0
 # A 403, or a 4xx page that is not Pushover's JSON (a proxy, a firewall, Pushover's block of an IP that
 # sent many bad requests): the whole service refuses for now, so the queue is held, not dropped.
 REFUSED_RETRY_S = 60.0
@@ -96,6 +103,7 @@ class SendResult:
     timed_out: bool = False
     quota_exhausted: bool = False
     refused_for_now: bool = False
+    retry_after_s: float | None = None  # a 429's Retry-After, in seconds, when it gave one
 
 
 def truncate(text: str, limit: int) -> str:
@@ -201,6 +209,21 @@ def refused_for_now(status: int, body: dict[str, Any] | None) -> bool:
     if not 400 <= status < 500 or status in (401, 429) or status in TRANSIENT_4XX | TOO_LARGE_4XX:
         return False
     return status == 403 or body is None
+
+
+def retry_after_s(header: str | None) -> float | None:
+    """A Retry-After header's delay in seconds, within RETRY_AFTER_BOUNDS_S; None when absent or not a
+    number of seconds (an HTTP date is read as absent: a 429 then holds for QUOTA_RETRY_S)."""
+    if header is None:
+        return None
+    try:
+        seconds = float(header.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(seconds):
+        return None
+    low, high = RETRY_AFTER_BOUNDS_S
+    return min(max(seconds, low), high)
 
 
 def _should_retry(status: int, body: dict[str, Any] | None) -> bool:
@@ -354,6 +377,7 @@ class PushoverClient:
             credentials_invalid=credentials_rejected(status, body),
             quota_exhausted=status == 429,
             refused_for_now=refused_for_now(status, body),
+            retry_after_s=retry_after_s(response.headers.get("Retry-After")) if status == 429 else None,
             **common,
         )
 
@@ -485,7 +509,8 @@ class Notifier:
     A request that timed out may have been delivered: its resend is titled "(possible repeat)", and after
     `MAX_TIMEOUTS` timeouts it goes by the fallback if there is one; without one it is resent with the
     back-off for several minutes (`GIVE_UP_TIMEOUTS`) before the queue moves on. A 429 (the app's monthly
-    quota is used up) holds the queue and retries every `QUOTA_RETRY_S`; a 403 or a 4xx page that is not
+    quota is used up) holds the queue and retries every `QUOTA_RETRY_S` (after its `Retry-After`, when it
+    gives one: a rate limiter); a 403 or a 4xx page that is not
     Pushover's (a proxy, an IP block) every `REFUSED_RETRY_S`. A 200 counts as delivered even when its
     body cannot be read. With a `fallback`, alerts go that way instead while Pushover refuses the keys,
     is out of quota or refuses the service, has been down for `DOWN_BEFORE_FALLBACK_S`, or timed out
@@ -500,7 +525,7 @@ class Notifier:
         *,
         clock_ms: Callable[[], int],
         min_retry_s: float = 5.0,
-        max_retry_s: float = 60.0,
+        max_retry_s: float = MAX_RETRY_S,
         wait: Callable[[threading.Event, float], bool] | None = None,
         log_only: Callable[[OutboxItem], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -898,6 +923,9 @@ class Notifier:
         return "alerts go by the fallback" if self._fallback is not None else "alerts held"
 
     def _on_quota(self, item: OutboxItem, result: SendResult) -> None:
+        if result.retry_after_s is not None:
+            self._on_rate_limited(item, result, result.retry_after_s)
+            return
         held = self._held_or_by_fallback()
         problem = f"Pushover message quota used up (HTTP 429): {held} until it is reset or raised"
         if self._hold(item, result, self._quota_retry_s, problem):
@@ -911,6 +939,13 @@ class Notifier:
                 ),
                 **_fields(item, result),
             )
+
+    def _on_rate_limited(self, item: OutboxItem, result: SendResult, retry_s: float) -> None:
+        problem = (
+            f"Pushover asked to wait {retry_s:g} s (HTTP 429 with Retry-After): {self._held_or_by_fallback()}"
+        )
+        if self._hold(item, result, retry_s, problem):
+            log.error("pushover_rate_limited", retry_after_s=retry_s, **_fields(item, result))
 
     def _on_rejected(self, item: OutboxItem, result: SendResult) -> None:
         self._journal.mark_failed(item.id, result.error)

@@ -255,6 +255,7 @@ class FakePushover:
         self._connections: set[socket.socket] = set()
         self._remaining = MONTHLY_LIMIT
         self._fail_status: int | None = None
+        self._retry_after: str | None = None  # the Retry-After header of forced 429s
         self._fail_count: int | None = None
         self._fail_until: float | None = None
         self._stall_until: float | None = None
@@ -311,9 +312,18 @@ class FakePushover:
         with self._lock:
             return len(self._history)
 
-    def fail_with(self, status: int, count: int | None = None, *, seconds: float | None = None) -> None:
-        """Answer `status` to the next `count` requests, or to all for `seconds`, else until recover()."""
+    def fail_with(
+        self,
+        status: int,
+        count: int | None = None,
+        *,
+        seconds: float | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        """Answer `status` to the next `count` requests, or to all for `seconds`, else until recover();
+        a 429 says `Retry-After: <retry_after>` when given (a rate limiter, not the month's quota)."""
         with self._lock:
+            self._retry_after = retry_after
             self._fail_status = status
             self._fail_count = count
             self._fail_until = None if seconds is None else time.monotonic() + seconds
@@ -356,12 +366,14 @@ class FakePushover:
             self._history.append(ReceivedMessage(form, arrived, status, request_id, data, kind))
             remaining = 0 if status == 429 else self._remaining
             slow_s = self._slow_s
+            retry_after = self._retry_after if status == 429 else None
         if slow_s > 0:
             self._stopping.wait(slow_s)
         self._say(f"{status} priority={form.get('priority', '0')} title={form.get('title', '')!r}")
         for line in form.get("message", "").splitlines():
             self._say(f"    {line}")  # the alert as the phone shows it, under its title
-        return Reply(status, body, limit_headers(remaining))
+        headers = limit_headers(remaining) + ((("Retry-After", retry_after),) if retry_after else ())
+        return Reply(status, body, headers)
 
     def _decide(
         self, form: dict[str, str], attachment: Attachment | None, arrived: float, request_id: str

@@ -219,6 +219,58 @@ def test_backoff_doubles_from_the_minimum_and_is_capped(journal: Journal, server
     assert outbox(journal) == [("K:1", "sent", 4, None, SENT_MS)]
 
 
+def test_a_pushover_down_for_minutes_is_asked_again_every_ten_seconds_at_most(
+    journal: Journal, server: FakePushover
+) -> None:
+    """Retries doubled up to 60 s: a 25 s outage delivered the SELL 35 s after its decision."""
+    server.fail_with(500, count=6)
+    journal.record([alert(1)])
+    clock = StepClock()
+    notifier = Notifier(journal, make_client(server), clock_ms=lambda: SENT_MS, monotonic=clock)
+
+    assert notifier.drain_once() == 0
+    delays = []
+    while notifier.retry_in_s() is not None:
+        delays.append(notifier.retry_in_s())
+        clock.now += delays[-1]
+        notifier.drain_once()
+    assert delays == [5.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    assert titles(server) == ["IWM 0DTE CALL — alert 1"]
+
+
+def test_a_429_with_retry_after_is_a_rate_limit_asked_again_then_not_a_used_up_quota(
+    journal: Journal, server: FakePushover
+) -> None:
+    """Any 429 held every alert for 5 minutes, though its Retry-After said 7 seconds."""
+    server.fail_with(429, count=1, retry_after="7")
+    journal.record([alert(1), alert(2)])
+    clock = StepClock()
+    notifier = make_notifier(journal, make_client(server), monotonic=clock, quota_retry_s=300.0)
+
+    with capture_logs() as logs:
+        assert notifier.drain_once() == 0
+        clock.now += 6.9
+        assert notifier.drain_once() == 0 and server.requests == 1  # not before it said
+        assert "Retry-After" in (notifier.health().problem or "")
+        clock.now += 0.2
+        assert notifier.drain_once() == 2
+
+    assert titles(server) == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
+    events = [e["event"] for e in logs]
+    assert events.count("pushover_rate_limited") == 1 and "pushover_quota_exhausted" not in events
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [(None, None), ("7", 7.0), (" 12 ", 12.0), ("0", 5.0), ("-3", 5.0), ("1e9", 300.0), ("nan", None),
+     ("inf", None), ("soon", None), ("Wed, 21 Oct 2026 07:28:00 GMT", None)],
+)  # fmt: skip
+def test_retry_after_is_read_as_seconds_within_bounds(header: str | None, seconds: float | None) -> None:
+    from alerts import retry_after_s
+
+    assert retry_after_s(header) == seconds
+
+
 @pytest.mark.parametrize("status", [400, 413])
 def test_client_errors_are_never_retried_and_the_next_alert_goes(
     journal: Journal, server: FakePushover, status: int
