@@ -97,6 +97,8 @@ TAPE_CLOSE_S = 5.0
 PULSE_SECONDS = 300
 # No valid quote of the held contract for this long: the price exits are blind (mark_watch.py).
 MARK_STALE_MS = 30_000
+# /health says "no option chain" after a minute; the phone is told after this long (a hiccup is not news).
+CHAIN_MISSING_ALERT_MS = 180_000
 MARK_SAID = "mark_watch"  # SaidMemory: "<trade id> stale|fresh", the held position's first stale mark told
 BACKFILL_REACH_BACK_MS = 5_000
 # Tape lines carry this daemon's own clock, so one later than now (past a minute's slack) means the clock
@@ -269,6 +271,8 @@ class Daemon:
         self._stream_down_since_ms: int | None = None
         self._clock_behind_since: int | None = None  # since when fresh bars arrive ahead of this clock
         self._feed_late_since: int | None = None  # since when fresh bars arrive STALL_SECONDS late or more
+        self._chain_missing_since: int | None = None  # since when /health says no chain comes in session
+        self._chain_missing_said = False
         self._rest_refused: str | None = None
         self._bad_inputs_said, self._bad_inputs_said_at = 0, -math.inf  # see _say_bad_inputs
         self._refusal_said: str | None = None  # the refusal last alerted, until a 200 comes back
@@ -633,6 +637,7 @@ class Daemon:
         if time.monotonic() - self._health_at >= 1.0:
             self.health, self._health_at = self._snapshot(), time.monotonic()
             self._say_feed_timing(self.clock.now_ms())
+            self._say_chain_missing(self.clock.now_ms())
             self._say_bad_inputs()
             self._say_log_output()
         if time.monotonic() - self._files_checked_at >= FILES_CHECK_SECONDS:
@@ -848,6 +853,27 @@ class Daemon:
             f"entries need bars under STALL_SECONDS={self.rules.stall_seconds:g} s old"
         )
 
+    def _say_chain_missing(self, now: int) -> None:
+        """Once a day, alert that no option chain has come for CHAIN_MISSING_ALERT_MS in session (every
+        poll failing, a page cycle, a proxy's garbage): no entry can fire, and only /health had said so.
+        A refused key is said at once elsewhere."""
+        problem = self._chain_poll_problem() if self._rest_refused is None else None
+        if problem is None:
+            since, self._chain_missing_since = self._chain_missing_since, None
+            said, self._chain_missing_said = self._chain_missing_said, False
+            chain = self.engine.chain
+            if said and since is not None and chain is not None and chain.received_ms >= since:
+                text = "An option chain came again: entries can fire."  # not merely the session's close
+                self._deliver_notice(SystemNotice("FEED_RECOVERED", text, PRIORITY_NORMAL), now)
+            return
+        since = self._chain_missing_since = self._chain_missing_since or now
+        if now - since < CHAIN_MISSING_ALERT_MS or self._chain_missing_said:
+            return
+        text = f"Option chain missing: {problem}. No entry can fire; a held position is still followed."
+        action = "check POLYGON_REST_URL, the plan and the Polygon/Massive status page"
+        notice = SystemNotice("FEED_ERROR", text)
+        self._chain_missing_said = self._say_once_a_day("chain_missing", now, problem, action, notice)
+
     def _say_feed_timing(self, now: int) -> None:
         """Once a day each, log and alert what makes the feed's times unusable: a delayed plan (no entry can
         fire; exits are still followed) and a clock behind the feed's (every time rule falls late)."""
@@ -862,13 +888,15 @@ class Daemon:
             action = "set this machine's clock right (NTP)"
             self._say_once_a_day("clock_behind_feed", now, behind, action, SystemNotice("SYSTEM", text))
 
-    def _say_once_a_day(self, event: str, now: int, problem: str, action: str, notice: SystemNotice) -> None:
+    def _say_once_a_day(self, event: str, now: int, problem: str, action: str, notice: SystemNotice) -> bool:
+        """Log and alert `notice` unless `event` was said today (restarts included); whether it was said."""
         day = ny_date(now).isoformat()
         if self.said.get(event) == day:
-            return
+            return False
         log.error(event, problem=problem, action=action)
         self._deliver_notice(notice, now)  # engine thread: queued to the journal before it is remembered
         self.said.put(event, day)
+        return True
 
     def _clock_behind_problem(self, now: int) -> str | None:
         """Live, bars that arrive before their second has ended: this machine's clock is behind the

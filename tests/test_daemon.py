@@ -822,6 +822,29 @@ def test_rest_refusing_the_key_sends_one_feed_error_and_retries_slowly(market, t
     assert daemon.engine.chain is None or daemon.engine.chain.received_ms >= start + 300_000
 
 
+def test_a_chain_missing_for_minutes_in_session_is_said_once_and_when_it_comes_again(market, tmp_path):
+    """Every chain poll failing (5xx, a page cycle, a proxy's garbage) blocked every entry for the whole
+    day, and only /health said so: nothing reached the phone."""
+    start = at(10, 2)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        polygon.fail_rest(503, seconds=360 / SPEED, path_prefix="/v3/snapshot/options/IWM")
+        clock = SimClock(start, SPEED)
+        with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread):
+            assert wait_for(lambda: "FEED RECOVERED" in kinds(pushover), 30), kinds(pushover)
+            recovered_at = clock.now_ms()
+    missing = [m for m in pushover.messages if "FEED ERROR" in m.form["title"]]
+    assert len(missing) == 1 and "Option chain missing" in missing[0].form["message"]
+    assert "HTTP 503" in missing[0].form["message"]
+    said_at = int(missing[0].form["timestamp"]) * 1000
+    assert start + 180_000 <= said_at <= start + 300_000  # after 3 minutes without one, not at a hiccup
+    assert recovered_at <= start + 480_000
+    came_again = [m for m in pushover.messages if "FEED RECOVERED" in m.form["title"]]
+    assert len(came_again) == 1 and "option chain came again" in came_again[0].form["message"]
+
+
 def test_a_refusal_followed_by_other_errors_is_no_longer_said_and_alerted_once_until_a_200(market, tmp_path):
     """After one 401, /health said "refuses the API key" for minutes while REST answered 5xx, and chain
     polls stayed at once a minute; a 401 again after the 5xx must not be a second FEED ERROR."""
