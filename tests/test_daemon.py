@@ -826,12 +826,8 @@ def test_a_chain_missing_for_minutes_in_session_is_said_once_and_when_it_comes_a
     """Every chain poll failing (5xx, a page cycle, a proxy's garbage) blocked every entry for the whole
     day, and only /health said so: nothing reached the phone."""
     start = at(10, 2)
-    with (
-        FakePushover() as pushover,
-        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
-    ):
+    with fakes(market, start) as (pushover, polygon, clock):
         polygon.fail_rest(503, seconds=360 / SPEED, path_prefix="/v3/snapshot/options/IWM")
-        clock = SimClock(start, SPEED)
         with daemon_running(settings_for(polygon, pushover, tmp_path), clock) as (daemon, _thread):
             assert wait_for(lambda: "FEED RECOVERED" in kinds(pushover), 30), kinds(pushover)
             recovered_at = clock.now_ms()
