@@ -38,7 +38,7 @@ def decoded(raw: str | None) -> dict[str, str]:
 class SaidMemory:
     """Name -> what was said for it (a day, a trade); read at start, written on each change.
 
-    Thread-safe: the engine thread and the session thread both say things once."""
+    Thread-safe: one lock around the map and its write, so changes reach the journal in their order."""
 
     def __init__(self, raw: str | None = None, write: Callable[[str, str], None] | None = None) -> None:
         self._said = decoded(raw)
