@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import email.utils
 import json
 import math
 import random
@@ -41,6 +40,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from events import Bar, FeedStatus, OptionQuote, Received
 from http_deadline import DeadlineTransport, read_capped
 from redaction import Redactor
+from retry_after import retry_after_seconds
 from tape import MAX_STAMP_MS, request_path, strip_api_key
 
 _FLOAT_MAX = sys.float_info.max
@@ -1162,28 +1162,6 @@ def unsafe_next_url(body: object) -> bool:
     return url is not None and _UNSAFE_URL_CHAR.search(url) is not None
 
 
-def _retry_after_s(value: str | None, now_ms: int) -> float | None:
-    """A Retry-After header in seconds, given as seconds or as an HTTP date; None when absent or unreadable."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = _seconds_until_date(value, now_ms)
-    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
-
-
-def _seconds_until_date(value: str, now_ms: int) -> float | None:
-    """Seconds from `now_ms` to an HTTP date (`Wed, 21 Oct 2026 07:28:00 GMT`), at least 0; None if unreadable."""
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, when.timestamp() - now_ms / 1000)
-
-
 class PolygonRest:
     """Polygon REST over httpx: chain and contract snapshots, aggregates, `next_url` paging.
 
@@ -1411,7 +1389,7 @@ class PolygonRest:
             return RestAnswer(path, NETWORK_ERROR_STATUS, {"error": error}, self._clock_ms()), math.inf
         now = self._clock_ms()
         answer = RestAnswer(path, response.status_code, _decode_body(body.content), now)
-        return answer, _retry_after_s(response.headers.get("retry-after"), now)
+        return answer, retry_after_seconds(response.headers.get("retry-after"), now)
 
     def _network_failure(self, path: str, kind: str, exc: Exception) -> RestAnswer:
         error = self._redact(f"{kind}: {_exception_text(exc)}")
