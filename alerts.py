@@ -9,7 +9,6 @@ trips a breaker instead of a retry loop, because repeated 4xx get the sender's I
 from __future__ import annotations
 
 import json
-import math
 import re
 import threading
 import time
@@ -22,6 +21,7 @@ import structlog
 from alert_text import buy_not_delivered, delivery_overrides, possible_repeat, sent_late, sound_for
 from config import mask
 from redaction import valid_text
+from retry_after import retry_after_seconds
 
 if TYPE_CHECKING:
     import httpx
@@ -103,7 +103,7 @@ class SendResult:
     timed_out: bool = False
     quota_exhausted: bool = False
     refused_for_now: bool = False
-    retry_after_s: float | None = None  # a 429's Retry-After, in seconds, when it gave one
+    retry_after_s: float | None = None  # a 429's Retry-After (a rate limit, not the quota), in seconds
 
 
 def truncate(text: str, limit: int) -> str:
@@ -211,16 +211,11 @@ def refused_for_now(status: int, body: dict[str, Any] | None) -> bool:
     return status == 403 or body is None
 
 
-def retry_after_s(header: str | None) -> float | None:
-    """A Retry-After header's delay in seconds, within RETRY_AFTER_BOUNDS_S; None when absent or not a
-    number of seconds (an HTTP date is read as absent: a 429 then holds for QUOTA_RETRY_S)."""
-    if header is None:
-        return None
-    try:
-        seconds = float(header.strip())
-    except ValueError:
-        return None
-    if not math.isfinite(seconds):
+def retry_after_s(header: str | None, now_ms: int) -> float | None:
+    """A 429's Retry-After (seconds or an HTTP date) as seconds within RETRY_AFTER_BOUNDS_S; None when
+    absent or unreadable (the 429 is then the month's quota)."""
+    seconds = retry_after_seconds(header, now_ms)
+    if seconds is None:
         return None
     low, high = RETRY_AFTER_BOUNDS_S
     return min(max(seconds, low), high)
@@ -370,14 +365,16 @@ class PushoverClient:
         if 300 <= status < 400:
             where = response.headers.get("Location") or "nowhere"
             error = f"HTTP {status}: redirected to {where}; check PUSHOVER_API_URL"
+        header = response.headers.get("Retry-After") if status == 429 else None
+        rate_limit_s = retry_after_s(header, time.time_ns() // 1_000_000)
         return SendResult(
             ok=False,
             retry=_should_retry(status, body),
             error=self._scrub(truncate(error, ERROR_TEXT_LIMIT)),
             credentials_invalid=credentials_rejected(status, body),
-            quota_exhausted=status == 429,
+            quota_exhausted=status == 429 and rate_limit_s is None,
             refused_for_now=refused_for_now(status, body),
-            retry_after_s=retry_after_s(response.headers.get("Retry-After")) if status == 429 else None,
+            retry_after_s=rate_limit_s,
             **common,
         )
 
@@ -803,6 +800,8 @@ class Notifier:
         goes by the fallback. None for any other answer."""
         if result.credentials_invalid:
             self._disable(item, result)
+        elif result.retry_after_s is not None:
+            self._on_rate_limited(item, result, result.retry_after_s)
         elif result.quota_exhausted:
             self._on_quota(item, result)
         elif result.refused_for_now:
@@ -923,9 +922,6 @@ class Notifier:
         return "alerts go by the fallback" if self._fallback is not None else "alerts held"
 
     def _on_quota(self, item: OutboxItem, result: SendResult) -> None:
-        if result.retry_after_s is not None:
-            self._on_rate_limited(item, result, result.retry_after_s)
-            return
         held = self._held_or_by_fallback()
         problem = f"Pushover message quota used up (HTTP 429): {held} until it is reset or raised"
         if self._hold(item, result, self._quota_retry_s, problem):

@@ -262,13 +262,17 @@ def test_a_429_with_retry_after_is_a_rate_limit_asked_again_then_not_a_used_up_q
 
 @pytest.mark.parametrize(
     ("header", "seconds"),
-    [(None, None), ("7", 7.0), (" 12 ", 12.0), ("0", 5.0), ("-3", 5.0), ("1e9", 300.0), ("nan", None),
-     ("inf", None), ("soon", None), ("Wed, 21 Oct 2026 07:28:00 GMT", None)],
+    [(None, None), ("7", 7.0), (" 12 ", 12.0), ("0", 5.0), ("-3", None), ("1e9", 300.0), ("nan", None),
+     ("inf", None), ("soon", None), ("Wed, 02 Dec 2026 12:00:30 GMT", 30.0),
+     ("Wed, 02 Dec 2026 11:00:00 GMT", 5.0)],
 )  # fmt: skip
-def test_retry_after_is_read_as_seconds_within_bounds(header: str | None, seconds: float | None) -> None:
+def test_retry_after_is_read_as_seconds_or_a_date_within_bounds(
+    header: str | None, seconds: float | None
+) -> None:
     from alerts import retry_after_s
 
-    assert retry_after_s(header) == seconds
+    now_ms = 1_796_212_800_000  # 2026-12-02 12:00:00 UTC
+    assert retry_after_s(header, now_ms) == seconds
 
 
 @pytest.mark.parametrize("status", [400, 413])
