@@ -675,9 +675,10 @@ class Daemon:
         ticker, trade_id = self.interest.ticker, self.interest.trade_id
         self.options.follow(ticker, now, trade_id)
         self.options.check(now, marks.stream, self.engine.mark_quote_ms)
-        told = self.said.for_position(MARK_SAID, trade_id) if trade_id is not None else None
-        self.mark_watch.follow(ticker, now, told)
-        said = self.mark_watch.check(now, self.interest.ticker, self.engine.mark_set_ms)
+        if ticker != self.mark_watch.ticker:  # what the phone has about it is read once per position
+            told = self.said.for_position(MARK_SAID, trade_id) if trade_id is not None else None
+            self.mark_watch.follow(ticker, now, told)
+        said = self.mark_watch.check(now, ticker, self.engine.mark_set_ms)
         if said is not None:
             self._say_mark(said, now)
 
