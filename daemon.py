@@ -197,35 +197,7 @@ class Daemon:
         self.calendar = MarketCalendar(
             self.rules, settings.market_closed_dates, settings.data_dir / CALENDAR_CACHE_DIR
         )
-        self.start_watch.step("taking the instance lock in DATA_DIR")
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.instance_lock = InstanceLock(settings.data_dir).acquire()
-        try:
-            self.start_watch.step("opening the journal")
-            self.journal = Journal(
-                settings.data_dir / "journal.sqlite3", busy_timeout_s=JOURNAL_BUSY_TIMEOUT_S, check=True
-            )
-            if self.journal.exclusive:
-                log.warning(
-                    "journal_opened_exclusive",
-                    meaning="no room for the journal's shared-memory file (a full disk?): held by this process",
-                    action="free disk space; --status from another process waits until the daemon stops",
-                )
-            self._write_rescues()
-            self.writer = WriteBehindJournal(
-                self.journal,
-                clock_ms=clock.now_ms,
-                on_failing=self._journal_failing,
-                on_recovered=self._journal_recovered,
-                rescue_paths=journal_rescue.rescue_paths(settings.data_dir),
-                stuck_after_s=JOURNAL_STUCK_S,
-            )
-            self.outbox = MemoryOutbox(self.writer, self.journal.pending(1_000_000))
-            self.said = SaidMemory(self._journal_meta(SAID_META), self.writer.set_meta)
-            lost_buys = self.journal.lost_buys()
-        except BaseException:
-            self.instance_lock.release()
-            raise
+        lost_buys = self._open_journal()
         self.engine = Engine(self.rules, self.calendar, alert_overrides=delivery_overrides(settings))
         self.inbox = EngineInbox(self.stop, on_held=self._engine_behind)
         self.redact = settings.redactor()
@@ -247,10 +219,54 @@ class Daemon:
             on_alerts=self._on_alerts,
         )
         self.supervisor = Supervisor(self.stop, on_crash=self._thread_crashed)
+        self._init_watch_state()
+        self.rest = PolygonRest(
+            settings.polygon_rest_url,
+            settings.polygon_api_key,
+            clock_ms=clock.now_ms,
+            sleep=lambda seconds: self.stop.wait(seconds * clock.sleep_scale()),
+        )
+
+    def _open_journal(self) -> dict[str, str]:
+        """Take the instance lock, open the journal behind its write-behind writer and outbox, and
+        return the BUYs the journal knows were lost; the lock is released if any step fails."""
+        self.start_watch.step("taking the instance lock in DATA_DIR")
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.instance_lock = InstanceLock(self.settings.data_dir).acquire()
+        try:
+            self.start_watch.step("opening the journal")
+            self.journal = Journal(
+                self.settings.data_dir / "journal.sqlite3", busy_timeout_s=JOURNAL_BUSY_TIMEOUT_S, check=True
+            )
+            if self.journal.exclusive:
+                log.warning(
+                    "journal_opened_exclusive",
+                    meaning="no room for the journal's shared-memory file (a full disk?): held by this process",
+                    action="free disk space; --status from another process waits until the daemon stops",
+                )
+            self._write_rescues()
+            self.writer = WriteBehindJournal(
+                self.journal,
+                clock_ms=self.clock.now_ms,
+                on_failing=self._journal_failing,
+                on_recovered=self._journal_recovered,
+                rescue_paths=journal_rescue.rescue_paths(self.settings.data_dir),
+                stuck_after_s=JOURNAL_STUCK_S,
+            )
+            self.outbox = MemoryOutbox(self.writer, self.journal.pending(1_000_000))
+            self.said = SaidMemory(self._journal_meta(SAID_META), self.writer.set_meta)
+            return self.journal.lost_buys()
+        except BaseException:
+            self.instance_lock.release()
+            raise
+
+    def _init_watch_state(self) -> None:
+        """The options feed, the stream and mark watchers, and what the engine thread remembers between
+        turns (all empty at start)."""
         self.engine_errors = 0
         self._pulse_slot: int | None = None
         self._last_chain_poll = time.monotonic()
-        self._started_ms = clock.now_ms()
+        self._started_ms = self.clock.now_ms()
         self.interest = Interest(None, None)
         self.health: Snapshot = {"status": "closed", "version": VERSION}
         self.last_turn = self._monotonic()
@@ -261,9 +277,11 @@ class Daemon:
         # The session thread connects and the main thread disconnects at shutdown: one lock, and no
         # connection once stop is set, so no stream outlives the daemon.
         self._stream_lock = threading.RLock()
-        self.options = OptionsFeed(settings, clock, self.inbox.put_data, self._options_notice, self.said)
+        self.options = OptionsFeed(
+            self.settings, self.clock, self.inbox.put_data, self._options_notice, self.said
+        )
         # Two seconds after the engine's own STALL would go out, so that one silence makes one alert.
-        self.stream_watch = StreamWatch(int((self.rules.stall_alert_seconds + 2) * 1000), clock.now_ms())
+        self.stream_watch = StreamWatch(int((self.rules.stall_alert_seconds + 2) * 1000), self.clock.now_ms())
         self.mark_watch = MarkWatch(MARK_STALE_MS)
         self.heartbeat: Heartbeat | None = None
         self.health_server: HealthServer | None = None
@@ -277,12 +295,6 @@ class Daemon:
         self._bad_inputs_said, self._bad_inputs_said_at = 0, -math.inf  # see _say_bad_inputs
         self._refusal_said: str | None = None  # the refusal last alerted, until a 200 comes back
         self._key_checked = False  # the off-hours start-up key check was made (or is not needed)
-        self.rest = PolygonRest(
-            settings.polygon_rest_url,
-            settings.polygon_api_key,
-            clock_ms=clock.now_ms,
-            sleep=lambda seconds: self.stop.wait(seconds * clock.sleep_scale()),
-        )
 
     def _fallback(self) -> AppriseFallback | None:
         urls = self.settings.alert_fallback_urls
