@@ -1193,8 +1193,8 @@ class PolygonRest:
         self._paging_said: dict[str, object] = {}  # route -> the reason its paging last stopped early
         self._failing: dict[str, object] = {}  # route -> the status its last failure was logged with
         self._retrying: dict[str, object] = {}  # route -> the status its last retry was logged with
-        # The server asked (Retry-After) that nothing be sent before this time (clock ms).
-        self._hold_until_ms = 0
+        # Route -> the time (clock ms) before which the server asked (Retry-After) that it not be asked again.
+        self._hold_until_ms: dict[str, int] = {}
         self._api_key = api_key
         self._redact = Redactor.of([api_key])
         self._clock_ms = clock_ms
@@ -1266,21 +1266,28 @@ class PolygonRest:
         )
 
     def _held(self, path: str) -> RestAnswer | None:
-        """A 429 answered here, without a request, while the server's Retry-After lasts: every poller
-        asking again at its own cadence (every 2 s for a held contract) only earns more 429s."""
+        """A 429 answered here, without a request, while the Retry-After its route was given lasts: a
+        poller asking again at its own cadence only earns more 429s. Held by route, not for every
+        request: a chain poll's 429 held the held contract's mark poll too, and froze its exits for two
+        minutes (a server that limits the whole key answers the mark's own request 429, then that waits)."""
         now = self._clock_ms()
-        if now >= self._hold_until_ms:
+        until = self._hold_until_ms.get(_route(path), 0)
+        if now >= until:
             return None
-        left_s = (self._hold_until_ms - now) / 1000
+        left_s = (until - now) / 1000
         error = f"rate limited: waiting {left_s:.0f} s more, as the server's Retry-After asked"
         self.last_error = error
         return RestAnswer(path, 429, {"error": error}, now)
 
     def _hold_for(self, answer: RestAnswer, retry_after: float | None) -> None:
-        """Hold later requests for a 429's or 503's Retry-After, at most RETRY_AFTER_HOLD_CAP_S."""
+        """Hold later requests of the answer's route for a 429's or 503's Retry-After, at most
+        RETRY_AFTER_HOLD_CAP_S."""
         if answer.status in (429, 503) and retry_after is not None:
             hold_ms = round(min(retry_after, RETRY_AFTER_HOLD_CAP_S) * 1000)
-            self._hold_until_ms = max(self._hold_until_ms, answer.received_ms + hold_ms)
+            route, now = _route(answer.path), answer.received_ms
+            holds = {r: until for r, until in self._hold_until_ms.items() if until > now}  # the ended go
+            holds[route] = max(holds.get(route, 0), now + hold_ms)
+            self._hold_until_ms = holds
 
     def chain_pages(
         self,

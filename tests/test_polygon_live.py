@@ -586,21 +586,47 @@ def test_rest_retry_after_longer_than_the_cap_returns_the_429(fake: FakePolygon)
     assert sleeps == []
 
 
-def test_a_long_retry_after_holds_every_later_request_until_it_ends(fake: FakePolygon) -> None:
+def test_a_long_retry_after_holds_later_requests_of_its_route_until_it_ends(fake: FakePolygon) -> None:
     """The next poll 2 s later asked again (15 requests in 30 s against "wait 999999999 s"). Requests
-    are held for the Retry-After, at most RETRY_AFTER_HOLD_CAP_S, and answered 429 here meanwhile."""
+    of that route are held for the Retry-After, at most RETRY_AFTER_HOLD_CAP_S, and answered 429 here
+    meanwhile; every page of the chain is one route."""
     now = [1_000_000]
     fake.fail_rest(429, retry_after=999_999_999)
     with rest_client(fake, [], retry_cap_s=30.0, clock_ms=lambda: now[0]) as rest:
         assert rest.get("/v3/snapshot/options/IWM").status == 429
         now[0] += 60_000
-        held = rest.contract("IWM", "O:IWM251002C00240000")
+        held = rest.get("/v3/snapshot/options/IWM?cursor=abc")
         assert held.status == 429 and "Retry-After" in held.body["error"] and "Retry-After" in rest.last_error
         assert len(fake.rest_requests) == 1
         fake.heal()
         now[0] += round(RETRY_AFTER_HOLD_CAP_S * 1000) - 60_000
         assert rest.get("/v3/snapshot/options/IWM").status == 200
     assert len(fake.rest_requests) == 2
+
+
+def test_a_chain_polls_retry_after_does_not_hold_the_held_contracts_mark(fake: FakePolygon) -> None:
+    """A 429 with Retry-After on the chain held every request for up to two minutes, the held contract's
+    own snapshot (its mark, every 2 s) included: its stop and giveback fired a minute late, at a stale
+    price. Another route goes on; the contract's own 429 then holds the contract's route alone."""
+    now = [1_000_000]
+    ticker = "O:IWM251002C00240000"
+    fake.fail_rest(429, retry_after=3600, path_prefix="/v3/snapshot/options/IWM?")
+    with rest_client(fake, [], retry_cap_s=30.0, clock_ms=lambda: now[0]) as rest:
+        assert rest.get("/v3/snapshot/options/IWM?contract_type=call").status == 429
+        now[0] += 2_000
+        mark = rest.contract("IWM", ticker)
+        assert mark.status == 200 and mark.body["results"]["details"]["strike_price"] == 240
+        fake.fail_rest(429, retry_after=3600, path_prefix=f"/v3/snapshot/options/IWM/{ticker}")
+        assert rest.contract("IWM", ticker).status == 429
+        asked = len(fake.rest_requests)
+        now[0] += 2_000
+        assert rest.contract("IWM", ticker).status == 429
+        assert rest.get("/v3/snapshot/options/IWM?contract_type=call").status == 429
+        assert len(fake.rest_requests) == asked, "both routes are held: neither is asked again"
+    assert fake.rest_requests[:2] == [
+        "/v3/snapshot/options/IWM?contract_type=call",
+        f"/v3/snapshot/options/IWM/{ticker}",
+    ]
 
 
 def test_a_retry_after_given_as_an_http_date_is_honoured(fake: FakePolygon) -> None:
