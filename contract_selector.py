@@ -50,6 +50,14 @@ IV_TOLERANCE = 1e-8
 MARK_GLITCH_SPREAD_DOLLARS = 0.50
 
 
+# Under Black-Scholes with r = 0 a call whose strike is below the spot has a delta above 0.5, whatever its
+# volatility and time: a vendor delta under 0.5 on a call in the money by more than this fraction of the
+# spot (room for the spot to have moved since the snapshot) is a wrong greek, not a market, and the quote
+# is treated as one without greeks. An audit's chain said 0.40 for a call $12 in the money (its true delta
+# about 0.97): it was bought as the pick at $12.00 instead of a $0.38 contract.
+ITM_DOUBT_FRACTION = 0.01
+
+
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """A contract that passed every filter, with the numbers the ranking and the alert use."""
@@ -218,7 +226,10 @@ def _evaluate(quote: OptionQuote, context: _Context) -> Candidate | str:
     if reason:
         return reason
     mid, spread_pct = mid_and_spread(quote)
-    greeks = greeks_delta(quote) or _delta_from_black_scholes(quote, mid, context)
+    greeks = greeks_delta(quote)
+    if greeks is not None and context.spot is not None and context.spot > doubt_spot(greeks[0], quote):
+        greeks = None  # a vendor delta no call at this strike can have: Black-Scholes from the mid instead
+    greeks = greeks or _delta_from_black_scholes(quote, mid, context)
     if greeks is None:
         return "no_delta"
     delta, source, iv = greeks
@@ -287,6 +298,14 @@ def greeks_delta(quote: OptionQuote) -> tuple[float, str, float | None] | None:
     if delta is None:
         return None
     return delta, "greeks", finite(quote.iv)
+
+
+def doubt_spot(vendor_delta: float, quote: OptionQuote) -> float:
+    """The spot above which the vendor's delta cannot be this call's (see ITM_DOUBT_FRACTION); inf if none."""
+    strike = finite(quote.strike)
+    if vendor_delta >= 0.5 or strike is None:
+        return math.inf
+    return strike / (1 - ITM_DOUBT_FRACTION)
 
 
 def _delta_from_black_scholes(

@@ -38,6 +38,7 @@ from contract_selector import (
     Selection,
     best_candidate,
     black_scholes_delta,
+    doubt_spot,
     early_rejection,
     finite,
     greeks_delta,
@@ -72,6 +73,7 @@ class PricedQuote:
     strike: float | None  # finite and positive, else None (no Black-Scholes delta then)
     greeks_outcome: Candidate | str | None  # with the vendor's delta: the candidate, or its band reason
     total_vol: float | None  # w = sigma * sqrt(T) implied by the mid at the arrival spot, when solved
+    doubt_spot: float = math.inf  # above this spot the vendor's delta is not believed (contract_selector)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +102,13 @@ def price_chain(
 def select_priced(chain: PricedChain, *, now_ms: int, spot: float | None, session_close_ms: int) -> Selection:
     """`select_contract` over the priced chain at the BUY's clock and spot; the same `Selection`."""
     rules, t_years, spot_now = chain.rules, years_until(now_ms, session_close_ms), finite(spot)
+    known_spot = spot_now  # the vendor's deltas are judged against it even when T refuses Black-Scholes
     if spot_now is not None and not (spot_now > 0 and math.isfinite(t_years) and t_years > 0):
         spot_now = None  # implied_vol refuses every quote then: "no_delta" for all without greeks
     survivors: list[Candidate] = []
     rejections: list[tuple[str, str]] = []
     for priced in chain.quotes:
-        outcome = _outcome(priced, rules, now_ms, spot_now, t_years)
+        outcome = _outcome(priced, rules, now_ms, spot_now, t_years, known_spot)
         if isinstance(outcome, str):
             rejections.append((priced.quote.ticker, outcome))
         else:
@@ -126,16 +129,22 @@ def _price_quote(
     # implied_vol's input checks on what the quote alone decides (with r = 0 the intrinsic is spot - strike).
     strike = strike if strike is not None and strike > 0 and 0 < mid < math.inf else None
     greeks_outcome: Candidate | str | None = None
+    doubted_above = math.inf
     if greeks is not None:
         delta, source, iv = greeks
         in_range = in_band(delta, rules)
         greeks_outcome = (
             Candidate(quote, delta, source, iv, mid, spread_pct) if in_range else "delta_out_of_band"
         )
+        doubted_above = doubt_spot(delta, quote)
     total_vol = None
-    if late is None and greeks is None and not is_stale(quote.quote_ms, now_ms, rules):
+    if (
+        late is None
+        and (greeks is None or doubted_above < math.inf)
+        and not is_stale(quote.quote_ms, now_ms, rules)
+    ):
         total_vol = _arrival_total_vol(mid, spot, strike)
-    return PricedQuote(quote, None, late, mid, strike, greeks_outcome, total_vol)
+    return PricedQuote(quote, None, late, mid, strike, greeks_outcome, total_vol, doubted_above)
 
 
 def _arrival_total_vol(mid: float, spot: float | None, strike: float | None) -> float | None:
@@ -147,16 +156,22 @@ def _arrival_total_vol(mid: float, spot: float | None, strike: float | None) -> 
 
 
 def _outcome(
-    priced: PricedQuote, rules: Rules, now_ms: int, spot: float | None, t_years: float
+    priced: PricedQuote,
+    rules: Rules,
+    now_ms: int,
+    spot: float | None,
+    t_years: float,
+    known_spot: float | None,
 ) -> Candidate | str:
-    """What `contract_selector._evaluate` answers for this quote, from the cached work."""
+    """What `contract_selector._evaluate` answers for this quote, from the cached work (`spot` is None
+    when Black-Scholes is refused; `known_spot` is the finite spot all the same)."""
     reason = priced.early_reason
     if reason is None and is_stale(priced.quote.quote_ms, now_ms, rules):
         reason = "stale_quote"
     reason = reason or priced.late_reason
     if reason:
         return reason
-    if priced.greeks_outcome is not None:
+    if priced.greeks_outcome is not None and not (known_spot is not None and known_spot > priced.doubt_spot):
         return priced.greeks_outcome
     greeks = _black_scholes(priced, rules, spot, t_years)
     if isinstance(greeks, str):

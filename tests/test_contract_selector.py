@@ -150,6 +150,33 @@ def test_greeks_delta_is_used_as_given_and_missing_iv_stays_none() -> None:
     assert select(make_quote(iv=0.31)).chosen.iv == 0.31  # type: ignore[union-attr]
 
 
+def test_a_vendor_delta_no_call_in_the_money_can_have_is_not_believed() -> None:
+    """An audit's chain said delta 0.40 for the 228 call with IWM at 240: ranked first by volume x mid,
+    it was bought at $12.00. Any call whose strike is below the spot has a delta above 0.5, so that
+    delta is doubted and the quote is judged as one without greeks (here: at intrinsic, no delta)."""
+    spot = 240.0
+    in_the_money = make_quote(ticker="O:IWM251002C00228000", strike=228.0, delta=0.40, bid=11.95, ask=12.05)
+    price = bs_call_price(spot, 241.0, years_until(NOW_MS, CLOSE_MS), 0.25)
+    honest = make_quote(
+        ticker="O:IWM251002C00241000", strike=241.0, delta=0.38, bid=price - 0.002, ask=price + 0.002
+    )
+    selection = select(in_the_money, honest, spot=spot)
+    assert selection.chosen is not None and selection.chosen.quote == honest
+    assert selection.rejections == (("O:IWM251002C00228000", "no_delta"),)
+
+
+def test_a_doubted_vendor_delta_gives_way_to_black_scholes_from_the_mid() -> None:
+    t_years, moved = years_until(NOW_MS, CLOSE_MS), 243.0 / 0.985  # the strike 1.5 % under the spot
+    price = bs_call_price(moved, 243.0, t_years, 0.25)
+    quote = make_quote(strike=243.0, delta=0.40, bid=price - 0.01, ask=price + 0.01)
+    far_above = select(quote, spot=moved)
+    assert far_above.chosen is None and far_above.rejections == ((quote.ticker, "delta_out_of_band"),)
+    # Within 1 % of the spot the vendor's delta stands: the spot may have moved since the snapshot.
+    near = select(quote, spot=243.0 / 0.995).chosen
+    assert near is not None and (near.delta, near.delta_source) == (0.40, "greeks")
+    assert select(make_quote(strike=243.0, delta=0.62), spot=250.0).rejections[0][1] == "delta_out_of_band"
+
+
 def test_not_call() -> None:
     assert reason_for(make_quote(right="put")) == "not_call"
 

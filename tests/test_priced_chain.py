@@ -40,6 +40,8 @@ def random_quote(rng: random.Random, n: int, spot: float, now_ms: int, t_years: 
         bid, ask = ask, bid  # crossed
     with_greeks = rng.random() < 0.5
     delta = bs_call_delta(spot, strike, max(t_years, 1e-9), sigma) if with_greeks and strike > 0 else None
+    if delta is not None and rng.random() < 0.1:
+        delta = rng.uniform(0.05, 0.6)  # a vendor's wrong delta: doubted when the call is in the money
     return OptionQuote(
         ticker=f"O:IWM251002C{n:08d}",
         strike=odd_or(rng, strike, 0.02),  # type: ignore[arg-type]
@@ -87,7 +89,7 @@ def random_case(rng: random.Random) -> tuple[list[OptionQuote], Rules, tuple, tu
 
 def test_random_chains_select_exactly_what_the_full_evaluation_selects() -> None:
     rng = random.Random(13)
-    chosen = bs_deltas = 0
+    chosen = bs_deltas = doubted = 0
     for _ in range(600):
         quotes, rules, arrival, now = random_case(rng)
         full, fast, _ = both_ways(quotes, rules, arrival, now)
@@ -96,9 +98,22 @@ def test_random_chains_select_exactly_what_the_full_evaluation_selects() -> None
         bs_deltas += sum(
             1 for q in quotes if (q.delta is None or not math.isfinite(q.delta)) and q.right == "call"
         )
+        spot = now[0]
+        doubted += sum(
+            1
+            for q in quotes
+            if spot is not None
+            and q.delta is not None
+            and q.strike is not None
+            and math.isfinite(spot)
+            and q.delta < 0.5
+            and math.isfinite(q.strike)
+            and q.strike < spot * 0.985
+        )
     # The cases reach both outcomes and many quotes without greeks (or the comparison proves little).
     assert chosen > 60
     assert bs_deltas > 3000
+    assert doubted > 100
 
 
 def test_band_edges_a_hair_from_a_black_scholes_delta_decide_as_the_full_evaluation() -> None:
