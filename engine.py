@@ -362,7 +362,8 @@ class Engine:
 
     def _on_bar(self, bar: Bar, features: Features, actions: list[Action]) -> None:
         """A new underlying bar, already absorbed by the market: follow the position, try an entry."""
-        self._note_bar_arrival(actions)
+        if not bar.backfilled:
+            self._note_bar_arrival(actions)
         if self.position is not None:
             self._follow_vwap(features, actions)
             self._check_exit(self._now, actions)
@@ -371,6 +372,9 @@ class Engine:
         self._log_minute(bar, features, actions)
 
     def _note_bar_arrival(self, actions: list[Action]) -> None:
+        """A streamed bar ends an open STALL. A backfilled one does not: entries stay blocked on it
+        (`feed_backfill`), and each redial's backfill of a silent stream had sent a RECOVERED saying
+        "entries resume", then a STALL again, three pairs in one 5-minute outage."""
         if self._stall_alerted:
             self._stall_alerted = False
             self._recovered_minute = self._now // 60_000

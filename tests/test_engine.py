@@ -250,6 +250,22 @@ def test_stall_alert_once_and_recovered_once():
     assert [(a.kind, a.priority) for a in back if isinstance(a, Alert)] == [("RECOVERED", 0)]
 
 
+def test_a_silent_streams_backfills_keep_its_stall_open_until_a_streamed_bar_comes():
+    """Each redial of a silent stream backfills bars over REST: each backfill sent a RECOVERED saying
+    "entries resume" (entries stay blocked on backfilled bars), then a STALL again 30 s later: three
+    pairs in one 5-minute outage. One STALL, and one RECOVERED when the stream brings a bar."""
+    eng = engine()
+    feed(eng, [bar(START, 240.0)])
+    said = feed(eng, [Tick(START + s * 1000) for s in range(1, 40)])
+    for redial in range(5):  # a backfill every 40 s, reaching up to a second ago
+        at_ms = START + 40_000 * (redial + 1)
+        filled = [bar(at_ms - 9_000 + i * 1000, 240.0)._replace(backfilled=True) for i in range(8)]
+        said += feed(eng, filled + [Tick(at_ms + s * 1000) for s in range(1, 40)])
+    said += feed(eng, [bar(START + 245_000, 240.1)])
+    kinds = [a.kind for a in said if isinstance(a, Alert)]
+    assert kinds == ["STALL", "RECOVERED"], kinds
+
+
 def test_a_stall_open_at_the_close_is_recovered_when_the_next_day_s_bars_come():
     """DESIGN: one STALL, and one RECOVERED when bars return. A stall still open at the close was forgotten
     at the next day's roll: the phone's last word on the feed stayed "Entries paused"."""
