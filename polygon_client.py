@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -663,17 +663,21 @@ def _raised_at(exc: BaseException) -> str:
 # so an `error` status naming access, the plan or a channel counts; a false match costs one FEED alert.
 _REFUSAL_WORDS = ("not authorized", "not entitled", "entitle", "plan", "permission", "access", "upgrade",
                   "not include", "doesn't include", "does not include", "subscri")  # fmt: skip
-_CHANNEL = re.compile(
-    r"\b(?:q|a|am|t)\.(?:o:)?[a-z]{1,6}"
-)  # a channel named in the refusal: Q.O:IWM..., A.IWM
+# A channel named in a status message (Q.O:IWM251002C00243000, A.IWM), lower-cased.
+_CHANNEL = re.compile(r"\b(?:q|a|am|t)\.[a-z0-9:*]+")
 
 
-def _refuses_subscription(status: StatusMessage) -> bool:
-    """A status frame saying a subscription was not allowed (the plan lacks that data)."""
+def _refuses_subscription(status: StatusMessage, topics: Iterable[str]) -> bool:
+    """A status frame saying one of `topics` was not allowed (the plan lacks that data). A message that
+    names channels refuses ours only if it names one of them: an error about another topic had been
+    read as the held contract's quotes refused, and spent the position's one FEED notice."""
     if status.status not in ("error", "auth_failed"):
         return False
     text = status.message.lower()
-    return any(words in text for words in _REFUSAL_WORDS) or _CHANNEL.search(text) is not None
+    named = {channel.rstrip(".:") for channel in _CHANNEL.findall(text)}
+    if named:
+        return not named.isdisjoint(topic.lower() for topic in topics)
+    return any(words in text for words in _REFUSAL_WORDS)
 
 
 def _sym_patterns(sym: str) -> tuple[re.Pattern[str], re.Pattern[bytes]]:
@@ -1002,7 +1006,7 @@ class PolygonStream:
                 statuses = _frame_statuses(frame)
                 if any(status.status == "max_connections" for status in statuses):
                     return self._max_connections()
-                if any(_refuses_subscription(status) for status in statuses):
+                if any(_refuses_subscription(status, self._topics) for status in statuses):
                     self._log.error("stream_subscription_refused", topics=",".join(self._topics))
                     self._report(True, "subscription_refused")
                 if not healthy and not statuses and t - up_since >= self._healthy_after_ms:

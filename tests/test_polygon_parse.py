@@ -1188,20 +1188,24 @@ def test_a_frame_nested_too_deep_is_one_bad_frame_as_text_and_bytes() -> None:
     [
         ("error", "Your plan doesn't include options quotes: Q.O:IWM251002C00243000", True),
         ("error", "You are not entitled to this data. Please upgrade your plan", True),
-        ("error", "not authorized: A.IWM", True),
+        ("error", "not authorized: A.IWM.", True),
         ("error", "Q.O:IWM251002C00243000 is not available", True),
         ("error", "bad request: unknown action", False),
         ("success", "subscribed to: Q.O:IWM251002C00243000", False),
         ("auth_failed", "authentication failed", False),
+        # A refusal that names only channels nobody here asked for is not ours (an audit's "Q.X" was).
+        ("error", "not authorized: Q.X", False),
+        ("error", "Your plan doesn't include options quotes: Q.O:IWM251003C00250000", False),
     ],
 )
 def test_a_refused_subscription_is_known_by_more_than_one_wording(
     status: str, message: str, refused: bool
 ) -> None:
-    # The vendor's wording is undocumented: an error naming the plan, access or a channel is a refusal.
+    # The vendor's wording is undocumented: an error naming the plan, access or one of our channels is a refusal.
     from polygon_client import StatusMessage, _refuses_subscription
 
-    assert _refuses_subscription(StatusMessage(status, message)) is refused
+    topics = ("A.IWM", "A.SPY", "Q.O:IWM251002C00243000")
+    assert _refuses_subscription(StatusMessage(status, message), topics) is refused
 
 
 def test_a_contract_twice_in_one_chain_keeps_its_newest_quote_for_ranking_and_marks():
