@@ -227,7 +227,7 @@ def parse_bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
         return True
-    if lowered in {"0", "false", "no", "off", ""}:
+    if lowered in {"0", "false", "no", "off"}:
         return False
     raise ValueError("expected 1/0, true/false, yes/no")
 
@@ -238,6 +238,8 @@ def parse_urls(raw: str) -> tuple[str, ...]:
     for url in urls:
         if "://" not in url:
             raise ValueError("expected comma-separated URLs such as ntfy://topic or mailto://user:pass@host")
+        if _has_space_or_control(url):
+            raise ValueError("expected URLs without spaces or control characters (a stray newline or \\r?)")
     return urls
 
 
@@ -277,6 +279,12 @@ def _optional_int(raw: str) -> int | None:
     return _parse_number(raw.strip(), int, None, None) if raw.strip() else None  # type: ignore[return-value]
 
 
+# The longest file name and path Linux opens (NAME_MAX, PATH_MAX): a longer DATA_DIR raised ENAMETOOLONG
+# from the first `exists()` of every command, a traceback.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4095
+
+
 def _folder_path(raw: str) -> Path:
     """A path as given; an empty value is refused (Path("") is the current folder, not the default)."""
     if not raw.strip():
@@ -285,7 +293,15 @@ def _folder_path(raw: str) -> Path:
         raise ValueError(
             "expected a folder path; this one holds a control character (a NUL, a tab, a newline)"
         )
-    return Path(raw.strip())
+    # `~` is the shell's: a .env or a service's settings pass it as is, and a folder named `~` was made.
+    path = Path(raw.strip()).expanduser()
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > MAX_NAME_BYTES or len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise ValueError(
+            f"expected a folder path the system can open: names of at most {MAX_NAME_BYTES} bytes, "
+            f"{MAX_PATH_BYTES} in all"
+        )
+    return path
 
 
 def _parse_value(annotation: str, raw: str, meta: Mapping[str, Any]) -> Any:
@@ -311,8 +327,8 @@ def _read_fields(cls: type, env: Mapping[str, str], problems: list[str]) -> dict
         if f.name == "rules":
             continue
         name = f.name.upper()
-        if name not in env:
-            continue
+        if name not in env or (str(f.type) == "bool" and not env[name].strip()):
+            continue  # a blank switch (`RECORD=` in .env) is its default, as in .env.example; never "off"
         try:
             values[f.name] = _parse_value(str(f.type), env[name], f.metadata)
         except (ValueError, KeyError) as exc:
@@ -530,6 +546,9 @@ def _endpoint_problem(value: str, schemes: tuple[str, ...]) -> str | None:
     """What is wrong with one endpoint URL, or None. The text never quotes the value: it may hold a password."""
     wanted = " or ".join(f"{scheme}://" for scheme in schemes if scheme)
     expected = f"expected a URL starting with {wanted}, with a host"
+    if _has_space_or_control(value):
+        # httpx refuses a control character with a traceback at start; a space fails every request.
+        return f"{expected}, and no space or control character (a stray newline or \\r from an editor?)"
     try:
         parts = urlsplit(value)
     except ValueError:  # an unbalanced [ or ] around the host, or a host that is not an address in []
@@ -543,6 +562,11 @@ def _endpoint_problem(value: str, schemes: tuple[str, ...]) -> str | None:
     if port is not None and not 1 <= port <= 65535:
         return "expected a port from 1 to 65535 after the host (or none, for the scheme's default)"
     return None
+
+
+def _has_space_or_control(value: str) -> bool:
+    """Whether a URL holds whitespace or a control character (none belongs in one unescaped)."""
+    return any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in value)
 
 
 def _redacted_url(value: str) -> str:
@@ -578,6 +602,13 @@ def _sim_clock_checks(settings: Settings) -> list[str]:
 
 def data_dir_problem(data_dir: Path) -> str | None:
     """Create DATA_DIR if missing; None when it is a folder this process can write, else what is wrong."""
+    try:
+        return _data_dir_problem(data_dir)
+    except OSError as exc:  # a look at the path itself failed (a name too long, a folder not searchable)
+        return f"DATA_DIR={str(data_dir)!r}: cannot be looked at ({exc.strerror or exc})"
+
+
+def _data_dir_problem(data_dir: Path) -> str | None:
     if data_dir.exists() and not data_dir.is_dir():
         return f"DATA_DIR={str(data_dir)!r}: is a file, not a folder"
     if data_dir.is_symlink() and not data_dir.exists():

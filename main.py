@@ -174,8 +174,12 @@ def status_data_dir_problem(data_dir: Path) -> str | None:
     """Why DATA_DIR cannot hold a journal (it, or a folder above it, is a file), without creating it; else
     None (a missing DATA_DIR is no problem for --status: it says there is no journal)."""
     for folder in (data_dir, *data_dir.parents):
-        if folder.exists():
-            if folder.is_dir():
+        try:
+            found, is_dir = folder.exists(), folder.is_dir()
+        except OSError as exc:  # a name too long, no permission to look: what the system said
+            return f"DATA_DIR={str(data_dir)!r}: cannot be looked at ({exc.strerror or exc})"
+        if found:
+            if is_dir:
                 return None
             where = "is a file" if folder == data_dir else f"is under {folder}, which is a file"
             return f"DATA_DIR={str(data_dir)!r}: {where}, not a folder"

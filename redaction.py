@@ -16,6 +16,7 @@ writable, and every redaction applies it first.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -108,6 +109,9 @@ class Redactor:
             if value and len(value) >= MIN_SECRET_CHARS:
                 found.add(value)
                 found.update(url_secrets(value))
+        # As a JSON line spells them: a secret with a control character or a quote was written escaped
+        # (`\u0007`) by the JSON renderer, and went out whole past the plain form.
+        found.update({escaped for secret in found if (escaped := json.dumps(secret)[1:-1]) != secret})
         # Longest first, so a URL goes whole before its own parts are looked for.
         return cls(tuple(sorted(found, key=lambda s: (-len(s), s))))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -755,3 +756,63 @@ def test_a_dotenv_folder_is_a_virtual_environment_not_settings(tmp_path):
     (tmp_path / ".env" / "bin").mkdir(parents=True)  # python -m venv .env
     assert load_settings(tmp_path / ".env", environ={}).rules == Rules()
     assert unknown_keys(tmp_path / ".env") == []
+
+
+@pytest.mark.parametrize("name", ENDPOINTS)
+@pytest.mark.parametrize("tail", ["\x07", "\r", "\n", " x", "\x7f"])
+def test_an_endpoint_with_a_space_or_a_control_character_is_refused(name, tail):
+    """A POLYGON_REST_URL ending in a control character passed the checks, then httpx refused it with a
+    traceback at start; a space passed too, and every request failed on a host with %20 in it."""
+    scheme = "wss" if name.endswith("WS_URL") else "https"
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({name: f"{scheme}://api.example.com{tail}/v1"})  # an end's blanks are trimmed
+    assert [problem.split("=")[0] for problem in caught.value.problems] == [name]
+    assert "no space or control character" in caught.value.problems[0]
+
+
+def test_a_fallback_url_with_a_control_character_is_refused_without_showing_it():
+    """Apprise logged such a URL's topic in clear ("topic (SECRET\\u0007) is invalid"): the JSON line
+    escaped the control character, so the redaction of the plain secret missed it."""
+    secret = "ntfy://SECRETfallbackTOPIC\x07"
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"ALERT_FALLBACK_URLS": f"ntfy://fine-topic,{secret}"})
+    (problem,) = caught.value.problems
+    assert problem.startswith("ALERT_FALLBACK_URLS=") and "control characters" in problem
+    assert "SECRETfallback" not in problem
+
+
+def test_a_secret_is_redacted_as_a_json_line_escapes_it():
+    from redaction import Redactor
+
+    redact = Redactor.of(['SECRET"quoted\x07topic'])
+    line = json.dumps({"event": 'topic (SECRET"quoted\x07topic) is invalid'})
+    assert "SECRET" not in redact(line) and "***" in redact(line)
+
+
+@pytest.mark.parametrize("name", ["RECORD", "DAILY_SUMMARY", "RELATIVE_VOLUME_REQUIRED"])
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_switch_is_its_default_not_off(name, blank):
+    """`RECORD=` left blank in .env turned recording (and replays, the summary chart) off without a word."""
+    default = getattr(Settings(), name.lower(), None)
+    if default is None:
+        default = getattr(Rules(), name.lower())
+    settings = settings_from_env({name: blank})
+    value = getattr(settings, name.lower(), None)
+    assert (value if value is not None else getattr(settings.rules, name.lower())) == default
+
+
+def test_a_data_dir_under_home_is_expanded_not_made_as_a_folder_named_tilde():
+    settings = settings_from_env({"DATA_DIR": "~/alerter-data"})
+    assert settings.data_dir == Path.home() / "alerter-data"
+
+
+@pytest.mark.parametrize("command", [["--status"], ["--pause"], []])
+def test_a_data_dir_too_long_for_the_system_is_one_line_not_a_traceback(tmp_path, command):
+    """A DATA_DIR with a 300-character name made `Path.exists()` raise ENAMETOOLONG: a traceback, exit 1."""
+    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / ("y" * 300)), "POLYGON_API_KEY": "k" * 32}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *command],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "DATA_DIR=" in done.stderr and "names of at most 255 bytes" in done.stderr
