@@ -177,7 +177,7 @@ def rule_words(rule: str) -> str:
 def block_text(rule: str, value: str, limit: str) -> str:
     """Why a signal was refused, in words: `relative volume (0.60x vs 1.50x min)`."""
     if rule == "paused":
-        return "the pause switch (python main.py --resume allows entries again)"
+        return "the pause switch (python3 main.py --resume allows entries again)"
     return f"{rule_words(rule)} ({value} vs {limit})"
 
 

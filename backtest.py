@@ -3,9 +3,9 @@
 This module is the CLI and the collection of tapes; single runs are in `backtest_run`, sweeps in `sweep`,
 statistics and reports in `backtest_report`.
 
-    python backtest.py TAPES...                  recorded (or reconstructed) tapes, files or folders
-    python backtest.py --synthetic N [--seed S]  N seeded synthetic sessions
-    python backtest.py --fetch FROM [--to TO]    rebuild past sessions from Polygon REST, then test them
+    python3 backtest.py TAPES...                  recorded (or reconstructed) tapes, files or folders
+    python3 backtest.py --synthetic N [--seed S]  N seeded synthetic sessions
+    python3 backtest.py --fetch FROM [--to TO]    rebuild past sessions from Polygon REST, then test them
 
 Each day gets a fresh `Engine` behind the same `Pipeline` and journal code as the live daemon and
 `--replay`, fed by `day_runner` from the tape decoded once by the live `FeedDecoder` (`tape_cache`);
@@ -92,6 +92,8 @@ __all__ = [
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SYNTHETIC_FIRST_DAY = datetime.date(2025, 1, 2)
+# The most synthetic days one run builds: 20 years of sessions (a typo of 100000 sat silent for minutes).
+MAX_SYNTHETIC_DAYS = 5040
 
 
 # A tape argument: a local path, or an fsspec URL (`s3://...`) that Dask workers open.
@@ -231,10 +233,10 @@ def build_synthetic_tapes(
 
 
 EXAMPLES = """examples:
-  python backtest.py data/tapes/
-  python backtest.py --synthetic 20 --seed 3 --set STOP_LOSS_PERCENT=10
-  python backtest.py data/tapes/ --sweep MAX_GIVEBACK_PERCENT=20,30,40 --sweep STOP_LOSS_PERCENT=10,15,20
-  python backtest.py --fetch 2025-10-02 --to 2025-10-31
+  python3 backtest.py data/tapes/
+  python3 backtest.py --synthetic 20 --seed 3 --set STOP_LOSS_PERCENT=10
+  python3 backtest.py data/tapes/ --sweep MAX_GIVEBACK_PERCENT=20,30,40 --sweep STOP_LOSS_PERCENT=10,15,20
+  python3 backtest.py --fetch 2025-10-02 --to 2025-10-31
 
 Synthetic tapes are kept under DATA_DIR/synthetic/vM/seed-S/ (M: the market model's version),
 reconstructed ones under DATA_DIR/history/ (raw REST answers under DATA_DIR/cache/DATE/, so an
@@ -244,7 +246,7 @@ full day), which re-runs and sweeps read instead."""
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python backtest.py",
+        prog="python3 backtest.py",
         description="Run the live decision path over many session days; print statistics and write a report. "
         + FILLS_NOTE,
         epilog=EXAMPLES,
@@ -314,10 +316,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     sources = sum([bool(args.tapes), args.synthetic is not None, args.fetch is not None])
     if sources != 1:
         parser.error("give exactly one of: TAPES..., --synthetic N, --fetch DATE")
-    if args.synthetic is not None and args.synthetic < 1:
-        parser.error("--synthetic needs N >= 1")
+    if args.synthetic is not None and not 1 <= args.synthetic <= MAX_SYNTHETIC_DAYS:
+        # A typo's 100000 sat silent for minutes while the calendar was laid out, then would fill the disk.
+        parser.error(
+            f"--synthetic needs 1 <= N <= {MAX_SYNTHETIC_DAYS} (20 years of sessions; each takes about 43 MB"
+            " under DATA_DIR)"
+        )
+    if args.workers < 1:
+        parser.error(f"--workers needs at least 1 process (got {args.workers})")
     if args.to is not None and args.fetch is None:
         parser.error("--to goes with --fetch")
+    if args.to is not None and args.to < args.fetch:
+        parser.error(f"--to {args.to} is before --fetch {args.fetch}: give the first day, then the last")
     if args.out.exists() and not args.out.is_dir():
         # Said now: the report is written after the run, which a sweep can take hours to finish.
         parser.error(f"--out {args.out} is a file: give a folder for the report")
@@ -459,12 +469,7 @@ def collect_tapes(args: argparse.Namespace, settings: Settings, io: Io) -> list[
                 "--fetch needs POLYGON_API_KEY (or MASSIVE_API_KEY) in the environment or .env", file=io.err
             )
             return None
-        last = args.to or args.fetch
-        if last < args.fetch:
-            print(
-                f"--to {last} is before --fetch {args.fetch}: give the first day, then the last", file=io.err
-            )
-            return None
+        last = args.to or args.fetch  # never before it: parse_args refuses that
         calendar = MarketCalendar(settings.rules, settings.market_closed_dates)
         if not session_days(calendar, args.fetch, last):
             print(

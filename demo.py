@@ -1,4 +1,4 @@
-"""`python main.py --demo`: the bundled synthetic day through the full engine, printed as a phone shows it.
+"""`python3 main.py --demo`: the bundled synthetic day through the full engine, printed as a phone shows it.
 
 Nothing is sent and nothing touches the live journal: the tape and the journal live in a temporary
 folder. Alerts print as they are decided; the once-a-minute "Signal conditions" line is condensed
@@ -59,7 +59,7 @@ class DemoPrinter:
             self._note(log.fields["time"], str(log.fields["rule"]), text)
         elif log.event in ("entries_paused", "entries_resumed"):
             self.finish_notes()
-            words = "paused (python main.py --pause)" if log.event == "entries_paused" else "resumed"
+            words = "paused (python3 main.py --pause)" if log.event == "entries_paused" else "resumed"
             print(f"   [{ny_datetime(int(log.fields['at_ms'])):%H:%M:%S}] entries {words}", file=self.out)
         elif log.event == "no_contract":
             self.no_contract += 1
@@ -109,7 +109,7 @@ def run_demo(out: TextIO) -> int:
     print("Alert-only. Nothing is sent to Pushover and nothing is traded.", file=out)
     print(
         f"Default rules, plus ENTRY_BLACKOUTS={DEMO_BLACKOUTS} to show the blackout; the tape pauses entries"
-        " 10:40-10:46 as `python main.py --pause` would.",
+        " 10:40-10:46 as `python3 main.py --pause` would.",
         file=out,
     )
     print(

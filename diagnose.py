@@ -183,7 +183,7 @@ def check_keys(settings) -> list[Check]:  # noqa: ANN001 - config.Settings, impo
         "Polygon key",
         passed(bool(settings.polygon_api_key)),
         mask(settings.polygon_api_key),
-        "set POLYGON_API_KEY (or MASSIVE_API_KEY) in .env; the demo needs none: python main.py --demo",
+        "set POLYGON_API_KEY (or MASSIVE_API_KEY) in .env; the demo needs none: python3 main.py --demo",
     )
     pushover_set = bool(settings.pushover_token and settings.pushover_user_key)
     # The same warning the daemon logs at start: a key not of Pushover's shape is a typo it will refuse.

@@ -46,7 +46,7 @@ REPLAY_FLUSH_S = 60.0  # how long a --notify replay waits, at its end, for Pusho
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python main.py",
+        prog="python3 main.py",
         description="IWM 0DTE momentum alerts (alert-only; never trades).",
         epilog="Without an option: the live daemon (needs POLYGON_API_KEY; settings from .env and the environment, "
         "see the README). Ctrl-C or SIGTERM stops it cleanly.",
@@ -196,7 +196,7 @@ def set_pause(settings: Settings, *, paused: bool) -> int:
     try:
         flag.parent.mkdir(parents=True, exist_ok=True)
         if paused:
-            flag.write_text("entries paused by `python main.py --pause`\n")
+            flag.write_text("entries paused by `python3 main.py --pause`\n")
         else:
             flag.unlink(missing_ok=True)
     except OSError as exc:
@@ -204,7 +204,7 @@ def set_pause(settings: Settings, *, paused: bool) -> int:
         print(f"Could not {action}: {flag}: {exc.strerror or exc}{pause_hint(flag)}.", file=sys.stderr)
         return EXIT_CONFIG
     if paused:
-        print(f"Entries paused ({flag}). Exits and SELL alerts continue. Undo: python main.py --resume")
+        print(f"Entries paused ({flag}). Exits and SELL alerts continue. Undo: python3 main.py --resume")
     else:
         print("Entries allowed again.")
     return EXIT_OK
@@ -222,7 +222,7 @@ def run_live(settings: Settings, stop: threading.Event) -> int:
     if not settings.polygon_api_key:
         print(
             "POLYGON_API_KEY (or MASSIVE_API_KEY) is not set, so the live daemon cannot start.\n"
-            "Try the offline demo: python main.py --demo",
+            "Try the offline demo: python3 main.py --demo",
             file=sys.stderr,
         )
         return EXIT_CONFIG
@@ -390,7 +390,7 @@ def bad_journal_advice(path: Path, exc: Exception) -> str:
         f"Not started: the journal {path} cannot be used ({exc}). It holds the open position, the trades "
         "and the lifetime P&L, so the daemon will not guess. Move it aside (for example "
         f"`mv {path} {path}.bad`) and start again: a new journal is created, and the recorded tapes under "
-        f"{path.parent / 'tapes'} still hold the day for `python main.py --replay`. If the file came from a "
+        f"{path.parent / 'tapes'} still hold the day for `python3 main.py --replay`. If the file came from a "
         "newer version of this program, run that version instead."
     )
 
@@ -535,8 +535,11 @@ def replay_problem(settings: Settings, tape: Path, *, notify: bool) -> str | Non
 
     if tape.is_dir():
         return f"{tape} is a folder: --replay takes one tape file (backtest.py runs a folder of tapes)"
-    if not tape.is_file():
+    if not tape.exists():
         return f"No such tape: {tape}"
+    if not tape.is_file():
+        # A named pipe or a device (a link to /dev/zero) is there, but a replay reads a tape twice.
+        return f"{tape} is not a regular file: --replay takes one tape file"
     try:
         check_tape(tape)
     except NotATape as exc:

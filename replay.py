@@ -416,7 +416,7 @@ def resume_note(tape: Path, resumed_after: int, new_lines: int | None = None) ->
         return None
     held = f"The replay journal already holds this tape ({Path(tape).name}) up to line {resumed_after}"
     if new_lines is None:
-        done = "replaying only the lines after it"
+        done = "replaying only the lines after it, if any"
     elif new_lines == 0:
         done = "nothing left to do, no line after it"
     else:

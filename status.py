@@ -1,4 +1,4 @@
-"""`python main.py --status` and the 5-minute session pulse: what the alerter is doing, in one view.
+"""`python3 main.py --status` and the 5-minute session pulse: what the alerter is doing, in one view.
 
 `build_status` reads the live journal through its own read-only SQLite connection (so it works while
 the daemon writes, and on a stopped one) and returns a `Status` value; `render_status` turns it into
@@ -254,9 +254,7 @@ def journal_problem(path: Path, exc: sqlite3.Error) -> JournalProblem:
             f"The journal {path} cannot be read now ({exc}). Check that this user may read it and its "
             "folder, and try again in a moment; do not move it aside: it may be sound.",
         )
-    tapes = (
-        f"The recorded tapes under {path.parent / 'tapes'} still hold the days for `python main.py --replay`."
-    )
+    tapes = f"The recorded tapes under {path.parent / 'tapes'} still hold the days for `python3 main.py --replay`."
     empty = _size(path) == 0
     if empty or "no such table" in str(exc):
         # The daemon would start on it and create its tables: no refusal to predict, only an absence.
@@ -386,7 +384,8 @@ def render_status(status: Status) -> str:
         lines.append(_feed_line(status))
         return "\n".join(lines)
     lines += _position_lines(status.position)
-    lines.append(f"Today:     {len(status.trades_today)} trades, {status.day_wins}W-{status.day_losses}L, "
+    count = len(status.trades_today)
+    lines.append(f"Today:     {count} trade{'' if count == 1 else 's'}, {status.day_wins}W-{status.day_losses}L, "
                  f"P&L {money(status.day_pnl)}")  # fmt: skip
     for t in status.trades_today:
         lines.append(f"  {t.trade_id} {t.ticker} {t.entry_time}-{t.exit_time} {t.entry:.2f} -> {t.exit:.2f} "
@@ -402,7 +401,7 @@ def _entries_line(status: Status) -> str:
     """Whether a BUY could come now: the kill switch, then today's entry window (a session that is over,
     an early close past its cut-off and a holiday allow none, whatever the switch says)."""
     if status.paused:
-        return "Entries:   PAUSED (python main.py --resume to allow)"
+        return "Entries:   PAUSED (python3 main.py --resume to allow)"
     window = status.session.entry_window
     if window is None:
         return "Entries:   none today (no session)"

@@ -41,13 +41,13 @@ def test_bad_speed_exits_2_with_the_usage_line(raw, capsys):
         parse_args(["--replay", "t.jsonl.gz", "--speed", raw])
     assert caught.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: python main.py") and "argument --speed" in err and "'max'" in err
+    assert err.startswith("usage: python3 main.py") and "argument --speed" in err and "'max'" in err
 
 
 def test_speed_fast_in_a_real_process_is_a_usage_error_not_a_traceback(tmp_path):
     done = run_main(["--replay", "x.jsonl.gz", "--speed", "fast"], tmp_path)
     assert done.returncode == 2
-    assert "usage: python main.py" in done.stderr and "Traceback" not in done.stderr
+    assert "usage: python3 main.py" in done.stderr and "Traceback" not in done.stderr
     assert "'fast' is neither a number >= 0.01 (such as 10) nor 'max'" in done.stderr
 
 
@@ -56,6 +56,37 @@ def test_replay_of_a_missing_tape_exits_2(tmp_path):
     assert done.returncode == 2 and "nope.jsonl.gz" in done.stderr and "Traceback" not in done.stderr
     folder = run_main(["--replay", str(tmp_path)], tmp_path, DATA_DIR=str(tmp_path / "d"))
     assert folder.returncode == 2 and "is a folder: --replay takes one tape file" in folder.stderr
+
+
+def test_replay_of_a_named_pipe_or_a_device_says_it_is_not_a_regular_file(tmp_path):
+    """Both said "No such tape", of a file that is there."""
+    pipe = tmp_path / "pipe.jsonl.gz"
+    os.mkfifo(pipe)
+    device = tmp_path / "zero.jsonl.gz"
+    device.symlink_to("/dev/zero")
+    for tape in (pipe, device):
+        done = run_main(["--replay", str(tape)], tmp_path, DATA_DIR=str(tmp_path / "d"))
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert f"{tape} is not a regular file: --replay takes one tape file" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["--synthetic", "1", "--workers", "0"], "--workers needs at least 1 process (got 0)"),
+        (["--synthetic", "1", "--workers", "-3"], "--workers needs at least 1 process (got -3)"),
+        (["--synthetic", "100000"], "--synthetic needs 1 <= N <= 5040"),
+        (["--fetch", "2025-10-31", "--to", "2025-10-02"], "--to 2025-10-02 is before --fetch 2025-10-31"),
+    ],
+)
+def test_backtest_arguments_that_cannot_work_are_usage_errors(argv, said, capsys):
+    """A negative process count ran (exit 0); 100000 days sat silent for minutes; an end before the start
+    was only refused for want of a key."""
+    from backtest import parse_args as backtest_args
+
+    with pytest.raises(SystemExit) as caught:
+        backtest_args(argv)
+    assert caught.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_bad_log_level_and_contradicting_settings_exit_2_listing_each(tmp_path):

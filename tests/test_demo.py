@@ -31,7 +31,7 @@ def test_demo_prints_round_trips_blocked_signals_summary_and_guard_rails(demo_ru
         "SPY leadership (IWM lags SPY by",
     ):
         assert f"signal blocked by {rule}" in text
-    assert "entries paused (python main.py --pause)" in text and "entries resumed" in text
+    assert "entries paused (python3 main.py --pause)" in text and "entries resumed" in text
     assert "trades 4 | win rate 75.0% (3W-1L) | P&L +$31.00 | lifetime +$31.00" in text
     summary = text[text.index("📊 IWM 0DTE — DAILY SUMMARY") :]
     assert "Day P&L: +$31.00 | 3W-1L (75.0%)" in summary

@@ -262,7 +262,7 @@ def test_no_journal_says_so_and_creates_nothing(tmp_path):
 def test_json_without_status_and_fresh_without_replay_are_usage_errors(tmp_path):
     for args in (["--json"], ["--fresh"]):
         done = run_main(args, tmp_path)
-        assert done.returncode == 2 and "usage: python main.py" in done.stderr, args
+        assert done.returncode == 2 and "usage: python3 main.py" in done.stderr, args
 
 
 def pulse_engine():
