@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import structlog
 
 from alert_text import buy_not_delivered, delivery_overrides, possible_repeat, sent_late, sound_for
-from config import mask
+from config import apprise_refusals, mask
 from redaction import valid_text
 from retry_after import retry_after_seconds
 
@@ -447,18 +447,16 @@ class AppriseFallback:
     def __init__(self, urls: Sequence[str]) -> None:
         import apprise  # imported only when a fallback is configured: it loads many plugins
 
-        self._channels: list[tuple[str, Any]] = []
-        refused = []
-        for url in urls:
-            channel = apprise.Apprise()
-            if channel.add(url):
-                self._channels.append((mask(url), channel))
-            else:
-                refused.append(url)
-        self._secrets = tuple(urls)
+        refused = apprise_refusals(urls)  # the settings refuse them first; kept for a direct caller
         if refused:
             shown = ", ".join(mask(url) for url in refused)
-            raise ValueError(f"ALERT_FALLBACK_URLS: Apprise does not understand {shown}")
+            raise ValueError(f"ALERT_FALLBACK_URLS: Apprise cannot use {shown}")
+        self._channels: list[tuple[str, Any]] = []
+        for url in urls:
+            channel = apprise.Apprise()
+            channel.add(url)
+            self._channels.append((mask(url), channel))
+        self._secrets = tuple(urls)
 
     def send(self, item: OutboxItem) -> SendResult:
         """Send one alert through every fallback URL; ok when at least one of them took it."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 import difflib
 import io
 import ipaddress
+import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import date, time
 from pathlib import Path
@@ -493,6 +494,47 @@ def _health_host_problem(host: str) -> str | None:
     return None
 
 
+def apprise_refusals(urls: Sequence[str]) -> list[str]:
+    """The fallback URLs Apprise cannot use: those it refuses, and those it takes while warning that a
+    part of them is ignored (an ntfy topic with a `!`: a channel that delivers nothing). Apprise's own
+    lines are held back meanwhile: they quote the URL, and logging is not set up this early."""
+    import apprise  # only when a fallback is configured: it loads many plugins
+
+    logger = logging.getLogger("apprise")
+    heard = _Heard(logging.WARNING)
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(heard)
+    try:
+        refused = []
+        for url in urls:
+            heard.count = 0
+            if not apprise.Apprise().add(url) or heard.count:
+                refused.append(url)
+        return refused
+    finally:
+        logger.removeHandler(heard)
+        logger.propagate = propagate
+
+
+class _Heard(logging.Handler):
+    """Counts the records it is given, and writes none."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def _fallback_checks(urls: Sequence[str]) -> list[str]:
+    refused = apprise_refusals(urls) if urls else []
+    if not refused:
+        return []
+    shown = ", ".join(mask(url) for url in refused)
+    return [f"ALERT_FALLBACK_URLS={shown}: Apprise cannot use it (it refuses the URL, or ignores part of it)"]
+
+
 def _cross_checks(rules: Rules, settings: Settings, key_name: str = "POLYGON_API_KEY") -> list[str]:
     problems = _time_checks(rules) + _symbol_checks(rules) + _window_checks(rules) + _zero_checks(rules)
     problems += _logging_checks(settings)
@@ -506,6 +548,7 @@ def _cross_checks(rules: Rules, settings: Settings, key_name: str = "POLYGON_API
             f"TIGHTEN_GIVEBACK_PERCENT must not exceed MAX_GIVEBACK_PERCENT ({tighten:g} > {most:g})"
         )
     problems += _key_checks(settings, key_name)
+    problems += _fallback_checks(settings.alert_fallback_urls)
     if settings.health_port is not None and not 0 <= settings.health_port <= 65535:
         problems.append(f"HEALTH_PORT={settings.health_port}: expected a port 0-65535")
     host_problem = _health_host_problem(settings.health_host)

@@ -816,3 +816,19 @@ def test_a_data_dir_too_long_for_the_system_is_one_line_not_a_traceback(tmp_path
     )  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "DATA_DIR=" in done.stderr and "names of at most 255 bytes" in done.stderr
+
+
+def test_a_fallback_url_apprise_takes_but_partly_ignores_is_refused_with_the_other_problems(capfd):
+    """`ntfy://topic!x`: Apprise logged "topic ... is invalid and will be ignored" (quoting it) and the
+    daemon started with a fallback that delivers nothing; `bogus://` was refused only after every other
+    problem was fixed, with the journal already created."""
+    urls = "ntfy://good-topic,ntfy://SECRETfb!topic,bogus://SECRETfallbackTOPIC"
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"ALERT_FALLBACK_URLS": urls, "STOP_LOSS_PERCENT": "abc"})
+    named = [problem.split("=")[0] for problem in caught.value.problems]
+    assert named == ["STOP_LOSS_PERCENT", "ALERT_FALLBACK_URLS"]
+    problem = caught.value.problems[1]
+    assert "ntfy…(21 chars), bogu…(27 chars): Apprise cannot use it" in problem
+    captured = capfd.readouterr()
+    assert "SECRET" not in problem + captured.out + captured.err
+    assert settings_from_env({"ALERT_FALLBACK_URLS": "ntfy://good-topic"}).alert_fallback_urls

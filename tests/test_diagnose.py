@@ -120,7 +120,7 @@ def test_bad_setting_is_named(tmp_path):
     [
         (
             {"ALERT_FALLBACK_URLS": "notascheme://secret-topic-x"},
-            "ALERT_FALLBACK_URLS: Apprise does not understand",
+            "ALERT_FALLBACK_URLS=nota…(27 chars): Apprise cannot use it",
         ),
         ({"SIM_CLOCK_START": "bad"}, "SIM_CLOCK_START='bad'"),
     ],  # fmt: skip
