@@ -236,7 +236,10 @@ class Daemon:
         try:
             self.start_watch.step("opening the journal")
             self.journal = Journal(
-                self.settings.data_dir / "journal.sqlite3", busy_timeout_s=JOURNAL_BUSY_TIMEOUT_S, check=True
+                self.settings.data_dir / "journal.sqlite3",
+                busy_timeout_s=JOURNAL_BUSY_TIMEOUT_S,
+                check=True,
+                history=any((self.settings.data_dir / "tapes").glob("*.jsonl.gz")),
             )
             if self.journal.exclusive:
                 log.warning(

@@ -76,6 +76,35 @@ def _schema_columns() -> dict[str, frozenset[str]]:
         db.close()
 
 
+def empty_journal_problem(path: Path, *, history: bool = False) -> str | None:
+    """Why the journal file at `path`, empty (0 bytes), must not be opened as a new journal; None when
+    it is not empty or nothing would be lost. SQLite deletes the -wal of an empty database file when
+    it opens it, and that -wal holds the latest writes (a `truncate` under the daemon, then a restart
+    or a `--status`, lost a held position's SELL that way). `history`: DATA_DIR holds tapes of
+    earlier sessions, so an empty journal is a lost one, not a first start."""
+    if _size_of(path) != 0:
+        return None
+    wal = _size_of(path.with_name(path.name + "-wal")) or 0
+    if wal > 0:
+        return (
+            f"the file is empty (0 bytes) while its -wal holds {wal:,} bytes of its latest writes, which "
+            "opening it would delete: copy both files somewhere safe, then move both aside"
+        )
+    if history:
+        return (
+            "the file is empty (0 bytes), though DATA_DIR holds tapes of earlier sessions: the trades, the "
+            "lifetime P&L and any open position it held are not in it"
+        )
+    return None
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
+
+
 def _file_identity(path: Path) -> tuple[int, int] | None:
     try:
         stat = os.stat(path)
@@ -155,6 +184,7 @@ class Journal:
         busy_timeout_s: float = 5.0,
         check: bool = False,
         synchronous: Synchronous = "FULL",
+        history: bool = False,
     ) -> None:
         """Open (or create) the journal at `path`.
 
@@ -162,10 +192,17 @@ class Journal:
         short one so its engine thread never freezes behind a backup or a DB browser. `check` runs
         SQLite's quick_check first, so a damaged file is refused at start, not at the first trade.
         `synchronous` is FULL (the default, the live journal's) or NORMAL for a journal that can be
-        rebuilt from its tapes; anything else raises ValueError before the file is touched.
+        rebuilt from its tapes; anything else raises ValueError before the file is touched. An empty
+        file is refused (JournalError) when its -wal holds writes, or when `history` says DATA_DIR has
+        tapes of earlier sessions (`empty_journal_problem`); a folder at `path` is refused too.
         """
         _check_synchronous(synchronous)
         self.path = Path(path)
+        if self.path.is_dir():
+            raise JournalError(f"journal {self.path} is a folder, not a journal file: rename or remove it")
+        empty = empty_journal_problem(self.path, history=history)
+        if empty is not None:
+            raise JournalError(f"journal {self.path}: {empty}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._busy_timeout_s = busy_timeout_s
@@ -244,6 +281,9 @@ class Journal:
             return "the journal file was deleted"
         if identity != self._identity:
             return "the journal file was replaced by another file"
+        if _size_of(self.path) == 0:
+            # Truncated in place (same file): the pages the connection still caches are written back.
+            return "the journal file was emptied (truncated to 0 bytes)"
         if not self.path.with_name(self.path.name + "-wal").exists():
             # The connection keeps its WAL open while it lives: a missing one was deleted, and the
             # writes since the last checkpoint would vanish with this process.
@@ -253,7 +293,11 @@ class Journal:
     def _quick_check(self) -> None:
         verdict = self._db.execute("PRAGMA quick_check").fetchone()
         if verdict is None or verdict[0] != "ok":
-            raise JournalError(f"journal {self.path} is damaged: {verdict[0] if verdict else 'no answer'}")
+            found = str(verdict[0]) if verdict else "no answer"
+            # SQLite lists every damaged page: the first finding is enough to act on.
+            first = found.splitlines()[0][:200] if found else found
+            more = " (and more; PRAGMA integrity_check lists them)" if first != found else ""
+            raise JournalError(f"journal {self.path} is damaged: {first}{more}")
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]

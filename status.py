@@ -20,6 +20,7 @@ from alert_text import money
 from config import Rules
 from engine import Engine
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
+from pnl_tracker import empty_journal_problem
 from risk_manager import pnl_of
 
 HealthFetch = Callable[[], dict[str, Any] | None]
@@ -234,6 +235,11 @@ def build_status(
     if not base.journal_found:
         return base
     today = ny_date(now_ms).isoformat()
+    if _size(Path(journal_path)) == 0:
+        # Not opened at all: SQLite deletes the -wal of an empty file on open, even read-only, and a
+        # running daemon's latest writes live there.
+        empty = sqlite3.DatabaseError("the file is empty (0 bytes)")
+        return dataclasses.replace(base, journal_problem=journal_problem(Path(journal_path), empty))
     try:
         db = connect_read_only(journal_path)
         try:
@@ -258,13 +264,14 @@ def journal_problem(path: Path, exc: sqlite3.Error) -> JournalProblem:
     empty = _size(path) == 0
     if empty or "no such table" in str(exc):
         # The daemon would start on it and create its tables: no refusal to predict, only an absence.
-        error = "the file is empty (0 bytes)" if empty else str(exc)
+        error = (empty_journal_problem(path) or "the file is empty (0 bytes)") if empty else str(exc)
         return JournalProblem(
             "no_tables",
             error,
             f"The journal {path} holds no journal ({error}): no position, trade or P&L is recorded in it. "
-            "The daemon creates its tables in it when it starts; if the file belongs to something else, "
-            f"move it aside first (for example `mv {path} {path}.bad`). {tapes}",
+            "The daemon creates its tables in it when it starts, unless its -wal or DATA_DIR's tapes show "
+            "it held a history (then it refuses); if the file belongs to something else, move it aside "
+            f"first (for example `mv {path} {path}.bad`). {tapes}",
         )
     return JournalProblem(
         "damaged",

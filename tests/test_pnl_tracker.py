@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -244,3 +245,52 @@ def test_another_programs_file_with_tables_of_our_names_is_refused_untouched(tmp
     with pytest.raises(JournalError, match="is not this program's: its table 'trades' lacks"):
         Journal(path)
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 0
+
+
+def journal_emptied_in_place(tmp_path: Path) -> Path:
+    """A journal with a trade whose file was truncated to 0 bytes under a live connection (its -wal kept)."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.record([OPEN, BUY])
+    journal.record([close(12.0)])
+    os.truncate(path, 0)
+    return path  # the connection is left open, as a kill -9 leaves it
+
+
+def test_an_emptied_journal_whose_wal_holds_writes_is_refused_and_its_wal_kept(tmp_path):
+    """SQLite deletes the -wal of an empty database file when it opens it: a restart on a journal truncated
+    under the daemon started a new, empty journal ("Lifetime $0.00") and the held position's SELL never came."""
+    path = journal_emptied_in_place(tmp_path)
+    wal = path.with_name("journal.sqlite3-wal")
+    size = wal.stat().st_size
+    with pytest.raises(JournalError) as refused:
+        Journal(path, check=True)
+    assert "empty (0 bytes)" in str(refused.value) and f"{size:,} bytes" in str(refused.value)
+    assert wal.stat().st_size == size
+
+
+def test_an_empty_journal_is_new_unless_data_dir_holds_tapes_of_earlier_sessions(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    path.touch()
+    with pytest.raises(JournalError) as refused:
+        Journal(path, history=True)
+    assert "tapes of earlier sessions" in str(refused.value)
+    Journal(path).close()  # a first start killed before its tables were written: a new journal
+
+
+def test_a_folder_named_like_the_journal_is_named_for_what_it_is(tmp_path):
+    (tmp_path / "journal.sqlite3").mkdir()
+    with pytest.raises(JournalError) as refused:
+        Journal(tmp_path / "journal.sqlite3")
+    assert "is a folder, not a journal file" in str(refused.value)
+
+
+def test_a_journal_emptied_under_its_connection_is_written_back_from_it(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.record([OPEN, BUY])
+    journal.record([close(12.0)])
+    os.truncate(path, 0)
+    assert journal.relink_if_gone() == "the journal file was emptied (truncated to 0 bytes)"
+    journal.close()
+    assert [t.pnl_dollars for t in Journal(path).trades()] == [12.0]

@@ -18,7 +18,7 @@ from builders import DAY, TICKER, at, bar, calendar, chain, engine, quote
 from alert_text import money
 from config import Rules
 from engine import open_action
-from events import UpdatePosition
+from events import SetMeta, UpdatePosition
 from health import HealthServer
 from pnl_tracker import Journal
 from replay import replay_tape
@@ -339,6 +339,26 @@ def test_a_journal_that_cannot_be_read_is_said_with_what_to_do_and_exit_2(tmp_pa
     assert status["journal_found"] is True and status["position"] is None and status["alerts"] is None
     problem = status["journal_problem"]
     assert problem["kind"] == kind and problem["error"] == error and f"{journal}.bad" in problem["advice"]
+
+
+def test_status_never_opens_an_emptied_journal_whose_wal_holds_the_daemon_s_writes(tmp_path):
+    """`--status` opened a journal truncated under the daemon (read-only), and SQLite deleted its -wal:
+    every trade, the lifetime P&L and the open position, which only the -wal still held."""
+    from pnl_tracker import Journal
+
+    data_dir = tmp_path / "data"
+    journal = Journal(data_dir / "journal.sqlite3")
+    journal.record([SetMeta("cursor", "x" * 5000)])
+    path, wal = data_dir / "journal.sqlite3", data_dir / "journal.sqlite3-wal"
+    os.truncate(path, 0)
+    size = wal.stat().st_size
+    text = run_main(
+        ["--status"], tmp_path, DATA_DIR=str(data_dir), SIM_CLOCK_START="2025-10-06T10:30:00-04:00"
+    )
+    assert text.returncode == 2 and "Traceback" not in text.stderr
+    assert f"its -wal holds {size:,} bytes" in text.stdout + text.stderr
+    assert wal.stat().st_size == size
+    journal.close()
 
 
 def test_a_journal_sqlite_cannot_open_now_is_unreadable_not_to_be_moved_aside(tmp_path):
