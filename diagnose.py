@@ -198,11 +198,14 @@ def check_keys(settings) -> list[Check]:  # noqa: ANN001 - config.Settings, impo
     return [polygon, pushover]
 
 
-def check_calendar(settings, today: date) -> Check:  # noqa: ANN001
-    from market_calendar import MarketCalendar, ny_datetime
+def check_calendar(settings, now_ms: int) -> Check:  # noqa: ANN001
+    from market_calendar import MarketCalendar, ny_date, ny_datetime
 
     calendar = MarketCalendar(settings.rules, settings.market_closed_dates)
-    session = calendar.session(today) or calendar.next_session(today)
+    today = ny_date(now_ms)
+    session = calendar.session(today)
+    if session is None or now_ms >= session.close_ms:  # after today's close, the next one is tomorrow's
+        session = calendar.next_session(today)
     closes = ny_datetime(session.close_ms).strftime("%H:%M")
     early = " (early close)" if session.early_close else ""
     return Check("market calendar", OK, f"next session {session.date} closes {closes} ET{early}")
@@ -337,7 +340,7 @@ def _probes(settings, today: date) -> list[Check]:  # noqa: ANN001
     return [*polygon, Check("Pushover keys valid", SKIP, "skipped: no PUSHOVER_TOKEN and PUSHOVER_USER_KEY")]
 
 
-def run_checks(network: bool, today: date) -> list[Check]:
+def run_checks(network: bool, now_ms: int) -> list[Check]:
     """Every check in order; later ones need the earlier ones (packages, then settings) to pass."""
     checks = [check_python(), check_packages()]
     if not checks[-1].ok:
@@ -347,9 +350,11 @@ def run_checks(network: bool, today: date) -> list[Check]:
     if settings is None:
         return checks
     checks += check_keys(settings)
-    checks += [check_calendar(settings, today), check_disk(settings)]
+    checks += [check_calendar(settings, now_ms), check_disk(settings)]
     if network:
-        checks += network_checks(settings, today)
+        from market_calendar import ny_date
+
+        checks += network_checks(settings, ny_date(now_ms))
     return checks
 
 
@@ -374,9 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         print(python.line())
         return 1
     from clock import WallClock
-    from market_calendar import ny_date
 
-    checks = run_checks(args.network, ny_date(WallClock().now_ms()))
+    checks = run_checks(args.network, WallClock().now_ms())
     for check in checks:
         print(check.line())
     print(f"\n{summary(checks)}")

@@ -241,3 +241,18 @@ def test_tape_budget_matches_a_measured_synthetic_day(demo_tape, tmp_path):
     assert (lines[-1]["t"] - lines[0]["t"]) / 3_600_000 > 6.5  # a full session
     measured = path.stat().st_size
     assert 0.7 * TAPE_DAY_BYTES <= measured <= 1.3 * TAPE_DAY_BYTES, measured
+
+
+def test_the_calendar_check_names_tomorrow_once_today_s_session_has_closed():
+    """At 16:45 it said "next session <today> closes 16:00", a session already over."""
+    import datetime
+
+    from config import Settings
+    from diagnose import check_calendar
+    from market_calendar import ny_ms
+
+    day = datetime.date(2025, 10, 2)
+    during = check_calendar(Settings(), ny_ms(day, datetime.time(10, 0))).line()
+    after = check_calendar(Settings(), ny_ms(day, datetime.time(16, 45))).line()
+    assert "next session 2025-10-02 closes 16:00 ET" in during
+    assert "next session 2025-10-03 closes 16:00 ET" in after
