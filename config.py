@@ -709,8 +709,18 @@ def unknown_keys(env_file: str | Path | DotenvFile | None = ".env") -> list[str]
     name = dotenv.path.name
     warnings = _unreadable_lines(dotenv.path, text)
     said: set[str] = set()
+    set_on: dict[str, int] = {}  # a known key -> the line that set it first
     for binding in parse_stream(io.StringIO(text)):
         key = binding.key
+        if key in known and binding.value is not None:
+            first = set_on.setdefault(key, binding.original.line)
+            if first != binding.original.line and key not in said:
+                said.add(key)
+                warnings.append(
+                    f"warning: {name} sets {key} on line {first} and again on line {binding.original.line};"
+                    " the last one is used"
+                )
+            continue
         if key is None or key in known or key in said or _undecodable(key) or _undecodable(binding.value):
             continue
         said.add(key)

@@ -233,6 +233,16 @@ def test_unknown_dotenv_keys_name_the_nearest_variable(tmp_path):
     assert load_settings(env_file, environ={}).rules.stop_loss_percent == 15.0
 
 
+def test_a_setting_given_twice_in_dotenv_is_named_with_both_lines_and_the_last_wins(tmp_path):
+    """The first value was dropped without a word."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("STOP_LOSS_PERCENT=abc\nCONTRACTS=2\nSTOP_LOSS_PERCENT=12\nSTOP_LOSS_PERCENT=13\n")
+    assert unknown_keys(env_file) == [
+        "warning: .env sets STOP_LOSS_PERCENT on line 1 and again on line 3; the last one is used"
+    ]
+    assert load_settings(env_file, environ={}).rules.stop_loss_percent == 13.0
+
+
 def test_a_key_pasted_on_a_line_of_its_own_is_never_printed(tmp_path):
     """python-dotenv reads a line without `=` as a NAME: the unknown-key warning printed the pasted key."""
     env_file = tmp_path / ".env"
