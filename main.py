@@ -430,9 +430,14 @@ def notify_cannot_start(settings: Settings, reason: str, *, title: str = "NOT ST
     item = OutboxItem(0, "NOT_STARTED", "SYSTEM", heading, f"The daemon {said_as}: {reason}.", 1, now_ms, 0)
     client = PushoverClient(settings.pushover_token, settings.pushover_user_key, settings.pushover_api_url)
     try:
-        client.send(item)
+        result = client.send(item)
     finally:
         client.close()
+    if not result.ok and not result.timed_out:
+        # Not delivered for sure: the next start tells it again (a 5xx blip had silenced an hour of them).
+        with contextlib.suppress(OSError):
+            said.unlink()
+        print(f"{title} could not be sent to Pushover ({result.error}).", file=sys.stderr)
 
 
 def run_replay(

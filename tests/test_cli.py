@@ -267,6 +267,29 @@ def test_a_live_start_refused_for_its_data_dir_tells_the_phone(tmp_path):
     in_temp(not_a_folder, "not_started").unlink()
 
 
+def test_a_not_started_pushover_refused_is_sent_again_at_the_next_start(tmp_path):
+    """The once-an-hour throttle counted a send Pushover answered 500: no NOT STARTED reached the phone for an
+    hour, and stderr said it "was sent"."""
+    from journal_rescue import in_temp
+    from sim.pushover_server import FakePushover
+
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("a file where DATA_DIR should be")
+    env = dict(DATA_DIR=str(not_a_folder), POLYGON_API_KEY="k" * 20, PUSHOVER_TOKEN="t" * 30,
+               PUSHOVER_USER_KEY="u" * 30, PYTHON_DOTENV_DISABLED="1")  # fmt: skip
+    try:
+        with FakePushover() as pushover:
+            pushover.fail_with(500)
+            done = run_main([], tmp_path, PUSHOVER_API_URL=pushover.url, **env)
+        assert done.returncode == 2 and "NOT STARTED could not be sent to Pushover" in done.stderr
+        with FakePushover() as pushover:
+            again = run_main([], tmp_path, PUSHOVER_API_URL=pushover.url, **env)
+            titles = [m.form["title"] for m in pushover.messages]
+        assert again.returncode == 2 and titles == ["IWM alerter — NOT STARTED"], again.stderr
+    finally:
+        in_temp(not_a_folder, "not_started").unlink(missing_ok=True)
+
+
 def test_a_journal_sqlite_cannot_open_is_never_called_damaged():
     """SQLite's "unable to open database file" (no inode left for the -wal file, no permission) had the
     advice to move the journal aside, which throws away the open position and the lifetime P&L."""
