@@ -327,7 +327,17 @@ class RunSummary:
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
             "note": self.note(),
             "problems": self.problems(),
+            "warnings": self.warnings(),
         }
+
+    def warnings(self) -> list[str]:
+        """What makes this run's figures less than a whole day's, though nothing failed (exit 0)."""
+        if not self.bad_lines:
+            return []
+        return [
+            f"the tape has {self.bad_lines} unreadable line(s) (a gzip cut short, a torn member): the lines "
+            "after the damage are lost, so this run's trades and P&L may not be the whole day's"
+        ]
 
     def problems(self) -> list[str]:
         """What went wrong in this run, in plain words (empty when nothing did): a non-zero exit."""
@@ -445,6 +455,7 @@ def render_summary(summary: RunSummary) -> str:
         lines.append(f"  note              {note}")
     if summary.moved_aside:
         lines.append(f"  --fresh           the previous journal was moved to {summary.moved_aside}")
+    lines += [f"  WARNING           {warning}" for warning in summary.warnings()]
     lines += [f"  PROBLEM           {problem}" for problem in summary.problems()]
     return "\n".join(lines)
 

@@ -153,6 +153,21 @@ def test_truncated_tape_tail_replays_what_it_can(demo_tape, tmp_path):
     assert result.lines > 1000 and result.bad_lines >= 1
 
 
+def test_a_tape_cut_short_is_said_in_the_summary_not_only_counted(demo_tape, tmp_path):
+    """The summary said "(1 unreadable)" of a tape cut at 60 %: nothing told that the day's trades and P&L
+    were only its first hours'."""
+    data = demo_tape.read_bytes()
+    cut = tmp_path / "cut" / demo_tape.name
+    cut.parent.mkdir()
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    summary = summary_of(replay_cli([str(cut)], tmp_path / "data"))
+    assert summary["bad_lines"] >= 1 and summary["problems"] == []
+    (warning,) = summary["warnings"]
+    assert "unreadable line(s)" in warning and "may not be the whole day's" in warning
+    whole = summary_of(replay_cli([str(demo_tape), "--fresh"], tmp_path / "data"))
+    assert whole["warnings"] == []
+
+
 def replay_with(tape: Path, rules: Rules, journal_path: Path) -> tuple[list[Alert], list, Journal]:
     sent: list[Alert] = []
     logs: list = []
