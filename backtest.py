@@ -460,8 +460,13 @@ def collect_tapes(args: argparse.Namespace, settings: Settings, io: Io) -> list[
         days = synthetic_dates(args.synthetic, calendar)
         folder = synthetic_folder(Path(settings.data_dir), args.seed)
         progress = Progress("synthetic days", args.synthetic, stream=io.err)
-        tapes = build_synthetic_tapes(days, args.seed, folder, workers=args.workers, progress=progress)
-        progress.close()
+        try:
+            tapes = build_synthetic_tapes(days, args.seed, folder, workers=args.workers, progress=progress)
+        except OSError as exc:  # a folder the access check let through, a disk that filled up
+            print(f"The synthetic days cannot be written under {folder}: {exc.strerror or exc}", file=io.err)
+            return None
+        finally:
+            progress.close()
         return tapes
     if args.fetch is not None:
         if not settings.polygon_api_key:

@@ -232,6 +232,10 @@ def build_status(
         feed=feed,
         feed_note="" if feed is not None else feed_note,
     )
+    if Path(journal_path).is_dir():
+        return dataclasses.replace(
+            base, journal_found=True, journal_problem=_folder_problem(Path(journal_path))
+        )
     if not base.journal_found:
         return base
     today = ny_date(now_ms).isoformat()
@@ -279,6 +283,17 @@ def journal_problem(path: Path, exc: sqlite3.Error) -> JournalProblem:
         f"The journal {path} cannot be used ({exc}). It holds the open position, the trades and the "
         "lifetime P&L, and the daemon will not start on it. Move it aside (for example "
         f"`mv {path} {path}.bad`) and start the daemon again: a new journal is created. {tapes}",
+    )
+
+
+def _folder_problem(path: Path) -> JournalProblem:
+    """A folder where the journal file goes: the daemon refuses to start on it (it had said "none")."""
+    error = "a folder, not a journal file"
+    return JournalProblem(
+        "damaged",
+        error,
+        f"The journal {path} is {error}: the daemon will not start while it is there. Rename or remove that "
+        "folder (look inside first: something put it there).",
     )
 
 

@@ -445,6 +445,18 @@ def test_a_fetch_range_without_a_session_says_why_and_asks_nothing(tmp_path, arg
     assert status == 2 and said in stderr.getvalue()
 
 
+def test_synthetic_days_that_cannot_be_written_are_one_line_not_a_traceback(tmp_path):
+    """DATA_DIR passed its access check, then making its synthetic folder failed: a traceback, exit 1."""
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "synthetic").write_text("a file where the folder goes")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    args = ["--synthetic", "1", "--workers", "1", "--out", str(tmp_path / "r")]
+    status = main(args, Io(stdout, stderr, environ={"DATA_DIR": str(data)}, env_file=None))
+    assert status == 2
+    assert f"The synthetic days cannot be written under {data / 'synthetic'}" in stderr.getvalue()
+
+
 def test_tapes_run_in_session_date_order_and_holdout_keeps_the_latest_dates(short_tapes, tmp_path):
     out = tmp_path / "report"
     stdout = io.StringIO()

@@ -361,6 +361,18 @@ def test_status_never_opens_an_emptied_journal_whose_wal_holds_the_daemon_s_writ
     journal.close()
 
 
+def test_a_folder_where_the_journal_goes_is_named_as_such_not_as_no_journal(tmp_path):
+    """`--status` said "none ... the daemon has not run", while the daemon refused to start on it."""
+    data_dir = tmp_path / "data"
+    (data_dir / "journal.sqlite3").mkdir(parents=True)
+    text = run_main(
+        ["--status"], tmp_path, DATA_DIR=str(data_dir), SIM_CLOCK_START="2025-10-06T10:30:00-04:00"
+    )
+    assert text.returncode == 2 and "Traceback" not in text.stderr
+    assert "CANNOT BE READ (damaged: a folder, not a journal file)" in text.stdout
+    assert "the daemon will not start while it is there" in text.stderr
+
+
 def test_a_journal_sqlite_cannot_open_now_is_unreadable_not_to_be_moved_aside(tmp_path):
     path = tmp_path / "gone" / "journal.sqlite3"
     with pytest.raises(sqlite3.OperationalError) as caught:
