@@ -157,7 +157,10 @@ def check_distinct_days(tapes: Sequence[Tape]) -> list[str]:
             problems.append(f"{path}: cannot be read as a tape ({type(exc).__name__}: {one_line(exc)})")
             continue
         if day is NO_SUCH_TAPE:
-            problems.append(f"{path}: no such tape")
+            problems.append(
+                f"{path}: no such tape or folder (the daemon records tapes under DATA_DIR/tapes as it runs;"
+                " --synthetic N needs none)"
+            )
         elif day is None:
             problems.append(f"{path}: {_no_first_line(path)}")
         elif day in seen:

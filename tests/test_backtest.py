@@ -445,6 +445,14 @@ def test_a_fetch_range_without_a_session_says_why_and_asks_nothing(tmp_path, arg
     assert status == 2 and said in stderr.getvalue()
 
 
+def test_a_tapes_folder_not_recorded_yet_says_where_tapes_come_from(tmp_path):
+    """The README's first backtest command on a fresh clone said only "data/tapes: no such tape"."""
+    stderr = io.StringIO()
+    status = main([str(tmp_path / "data" / "tapes")], Io(io.StringIO(), stderr, environ={}, env_file=None))
+    assert status == 2
+    assert "tapes: no such tape or folder (the daemon records tapes under DATA_DIR/tapes" in stderr.getvalue()
+
+
 def test_synthetic_days_that_cannot_be_written_are_one_line_not_a_traceback(tmp_path):
     """DATA_DIR passed its access check, then making its synthetic folder failed: a traceback, exit 1."""
     data = tmp_path / "d"
