@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -331,10 +332,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--to goes with --fetch")
     if args.to is not None and args.to < args.fetch:
         parser.error(f"--to {args.to} is before --fetch {args.fetch}: give the first day, then the last")
-    if args.out.exists() and not args.out.is_dir():
+    problem = out_folder_problem(args.out)
+    if problem is not None:
         # Said now: the report is written after the run, which a sweep can take hours to finish.
-        parser.error(f"--out {args.out} is a file: give a folder for the report")
+        parser.error(f"--out {args.out} {problem}: give a folder this user can write for the report")
     return args
+
+
+def out_folder_problem(out: Path) -> str | None:
+    """Why the report could not be written to `out`, or None; nothing is made yet. A folder under /proc
+    had run the whole backtest, then lost it to a traceback at the end."""
+    try:
+        if out.exists() and not out.is_dir():
+            return "is a file"
+        existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    except OSError as exc:  # a name too long, a folder that cannot be searched
+        return f"cannot be looked at ({exc.strerror or exc})"
+    if not existing.is_dir():
+        return f"is under {existing}, which is a file"
+    try:  # a real try, removed at once: root passes every access check where /sys or a read-only mount refuse
+        os.rmdir(tempfile.mkdtemp(prefix=".report-check-", dir=existing))
+    except OSError as exc:
+        return f"cannot be made in {existing} ({exc.strerror or exc})"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,8 +243,20 @@ def test_an_out_that_is_a_file_is_refused_before_anything_runs(short_tapes, tmp_
     with pytest.raises(SystemExit) as stopped:
         main([str(short_tapes[0]), "--out", str(taken)], quiet()[0])
     assert stopped.value.code == 2
-    assert "is a file: give a folder for the report" in capsys.readouterr().err
+    assert "is a file: give a folder this user can write for the report" in capsys.readouterr().err
     assert taken.read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("out", ["/proc/alerter-report", "{file}/report"])
+def test_an_out_that_cannot_be_made_is_refused_before_anything_runs(short_tapes, tmp_path, capsys, out):
+    """`--out /proc/x` ran the whole backtest, then lost it to a FileNotFoundError traceback."""
+    (tmp_path / "a-file").write_text("not a folder")
+    out = out.format(file=tmp_path / "a-file")
+    with pytest.raises(SystemExit) as stopped:
+        main([str(short_tapes[0]), "--out", out], quiet()[0])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} " in err and "give a folder this user can write for the report" in err
 
 
 def test_the_chosen_cell_line_says_when_the_in_sample_days_could_not_choose():

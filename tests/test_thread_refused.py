@@ -37,6 +37,10 @@ def test_a_thread_refused_for_a_moment_is_asked_for_again():
     with threads_refused(for_s=0.25):
         supervisor.spawn("poller", ran.set)
     assert wait_for(ran.is_set, 5)
+    # Its worker returns at once, so the supervisor restarts it with back-off until stopped: stopped here,
+    # or it logged "returned while the daemon runs" into later tests' closed streams for the whole run.
+    stop.set()
+    supervisor.join(5)
 
 
 def test_a_thread_refused_for_good_is_a_clear_error():
