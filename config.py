@@ -636,11 +636,17 @@ def _sim_clock_checks(settings: Settings) -> list[str]:
     from clock import parse_instant
 
     try:
-        parse_instant(settings.sim_clock_start)
-    except ValueError:
+        at_ms = parse_instant(settings.sim_clock_start)
+    except (ValueError, OverflowError):
         return [f"SIM_CLOCK_START={settings.sim_clock_start!r}: expected an instant with its UTC offset,"
                 " e.g. 2025-10-02T09:25:00-04:00"]  # fmt: skip
+    if not 0 <= at_ms < SIM_CLOCK_END_MS:
+        # Year 1 or 9999 passed, then every date sum of the session code overflowed (a traceback).
+        return [f"SIM_CLOCK_START={settings.sim_clock_start!r}: expected an instant from 1970 to 2099"]
     return []
+
+
+SIM_CLOCK_END_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 
 
 def data_dir_problem(data_dir: Path) -> str | None:

@@ -310,6 +310,18 @@ def test_a_bad_value_says_what_is_expected_in_plain_words(env, expected):
     assert not any("None" in problem or "literal" in problem for problem in caught.value.problems)
 
 
+@pytest.mark.parametrize("instant", ["9999-12-31T23:59:59+00:00", "0001-01-01T00:00:00+00:00"])
+def test_a_sim_clock_outside_1970_to_2099_is_refused_not_a_traceback(tmp_path, instant):
+    """Both passed the check, then `--status` ended in `OverflowError: date value out of range`."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"SIM_CLOCK_START": instant})
+    assert caught.value.problems == [f"SIM_CLOCK_START={instant!r}: expected an instant from 1970 to 2099"]
+    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "d"), "SIM_CLOCK_START": instant}
+    done = subprocess.run([sys.executable, str(ROOT / "main.py"), "--status"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
 def test_a_bad_sim_clock_is_listed_with_the_other_problems_and_a_heartbeat_url_stays_masked():
     secret = "hc-ping.example/very-secret-uuid"
     with pytest.raises(ConfigError) as caught:
