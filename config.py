@@ -527,6 +527,20 @@ class _Heard(logging.Handler):
         self.count += 1
 
 
+def _pushover_pair_checks(settings: Settings, said: list[str]) -> list[str]:
+    """One Pushover key without the other is a mistake (an unclosed quote in .env swallows the next
+    line), not a choice: it had started with every alert going to the log only, said in one log line.
+    Not said of a key whose own value is already a problem in `said` (one problem per variable)."""
+    keys = {"PUSHOVER_TOKEN": settings.pushover_token, "PUSHOVER_USER_KEY": settings.pushover_user_key}
+    missing = [name for name, value in keys.items() if not value]
+    if len(missing) != 1:
+        return []
+    given = next(name for name in keys if name not in missing)
+    if any(problem.startswith(f"{given}=") for problem in said):
+        return []
+    return [f"{given} is set but {missing[0]} is not: set both, or neither (alerts then go to the log only)"]
+
+
 def _fallback_checks(urls: Sequence[str]) -> list[str]:
     refused = apprise_refusals(urls) if urls else []
     if not refused:
@@ -548,6 +562,7 @@ def _cross_checks(rules: Rules, settings: Settings, key_name: str = "POLYGON_API
             f"TIGHTEN_GIVEBACK_PERCENT must not exceed MAX_GIVEBACK_PERCENT ({tighten:g} > {most:g})"
         )
     problems += _key_checks(settings, key_name)
+    problems += _pushover_pair_checks(settings, problems)
     problems += _fallback_checks(settings.alert_fallback_urls)
     if settings.health_port is not None and not 0 <= settings.health_port <= 65535:
         problems.append(f"HEALTH_PORT={settings.health_port}: expected a port 0-65535")

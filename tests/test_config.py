@@ -854,3 +854,18 @@ def test_a_fallback_url_apprise_takes_but_partly_ignores_is_refused_with_the_oth
     captured = capfd.readouterr()
     assert "SECRET" not in problem + captured.out + captured.err
     assert settings_from_env({"ALERT_FALLBACK_URLS": "ntfy://good-topic"}).alert_fallback_urls
+
+
+@pytest.mark.parametrize(
+    "given, missing", [("PUSHOVER_TOKEN", "PUSHOVER_USER_KEY"), ("PUSHOVER_USER_KEY", "PUSHOVER_TOKEN")]
+)
+def test_one_pushover_key_without_the_other_is_a_problem_not_log_only_alerts(given, missing):
+    """An unclosed quote in .env swallowed the user key's line: the daemon started with every alert
+    going to the log only, said in one JSON warning among the start-up lines."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({given: TOKEN})
+    assert caught.value.problems == [
+        f"{given} is set but {missing} is not: set both, or neither (alerts then go to the log only)"
+    ]
+    assert TOKEN not in str(caught.value)
+    assert settings_from_env({}).pushover_token == ""
