@@ -483,6 +483,9 @@ class Daemon:
             f"Alerter {VERSION} started. {held} Lifetime {money(lifetime.pnl)} {lifetime.record()}. "
             f"Pushover {pushover}."
         )
+        if (self.settings.data_dir / PAUSE_FILE).exists():
+            # A PAUSE left from an earlier --pause outlives restarts: a quiet day must not look like no signal.
+            text += " Entries PAUSED (python3 main.py --resume allows them); exits and SELLs go on."
         title = f"{self.rules.underlying} alerter — START"
         priority = priority_for("START", delivery_overrides(self.settings))
         # One key per start, to the millisecond: a restart within the same minute still announces itself.

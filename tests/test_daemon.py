@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 
 from alert_text import price
 from clock import SimClock, WallClock
-from config import Rules, Settings
+from config import PAUSE_FILE, Rules, Settings
 from daemon import Daemon
 from events import Alert
 from market_calendar import MarketCalendar
@@ -296,6 +296,25 @@ def test_holiday_idles_without_connecting(market, tmp_path):
         # No stream, no polls: only the start-up key check (its 200 says nothing more than a log line).
         assert polygon.ws_connections == 0 and polygon.rest_requests == [KEY_CHECK]
     assert kinds(pushover) == ["START"]
+    assert "PAUSED" not in pushover.messages[0].form["message"]
+
+
+def test_a_start_while_paused_says_so(market, tmp_path):
+    """A PAUSE left from an earlier --pause outlives restarts; the START said nothing of it, so a quiet
+    day looked like a day without a signal."""
+    christmas_morning = at(9, 0, 0, day=date(2025, 12, 25))
+    (tmp_path / PAUSE_FILE).write_text("paused")
+    with (
+        FakePushover() as pushover,
+        FakePolygon(
+            SyntheticSource(market), api_key=API_KEY, start_ms=christmas_morning, speed=SPEED
+        ) as polygon,
+    ):
+        started = time.monotonic()
+        run_daemon(settings_for(polygon, pushover, tmp_path), SimClock(christmas_morning, SPEED),
+                   until=lambda: time.monotonic() - started > 2.0)  # fmt: skip
+    (start,) = pushover.messages
+    assert "Entries PAUSED (python3 main.py --resume allows them)" in start.form["message"]
 
 
 def test_a_restart_within_the_same_minute_still_sends_its_own_start(market, tmp_path):
