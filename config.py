@@ -338,12 +338,14 @@ def _read_fields(cls: type, env: Mapping[str, str], problems: list[str]) -> dict
 
 
 def _normalised(values: dict[str, Any]) -> dict[str, Any]:
-    """Case-fold the values whose case carries no meaning: tickers and log levels upper, log format lower."""
+    """Case-fold the values whose case carries no meaning: tickers and log levels upper, log format and
+    the options stream's switch lower."""
     for name in ("underlying", "benchmark", "log_level"):
         if name in values:
             values[name] = values[name].upper()
-    if "log_format" in values:
-        values["log_format"] = values["log_format"].lower()
+    for name in ("log_format", "options_stream"):
+        if name in values:
+            values[name] = values[name].lower()
     return values
 
 

@@ -204,8 +204,10 @@ def test_edges_of_the_session_are_accepted_and_case_is_normalised():
             "BENCHMARK": "qqq",
             "LOG_LEVEL": "warning",
             "LOG_FORMAT": "JSON",
+            "OPTIONS_STREAM": "OFF",  # refused as not "auto or off"
         }
     )
+    assert s.options_stream == "off"
     assert (s.rules.no_entry_before, s.rules.no_entry_after, s.rules.hard_time_stop) == (
         time(9, 30),
         time(16),
