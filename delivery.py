@@ -106,6 +106,8 @@ class WriteBehindJournal:
         self._rescued_at = -math.inf
         self._rescue_refused_said = False
         self._discard_due = False  # the journal recovered: the rescue file is to go
+        self._aside: threading.Thread | None = None  # keeps the rescue while the writer thread is stuck
+        self._aside_again = False  # the backlog changed while `_aside` was saving: it saves once more
 
     def record(self, actions: Sequence[Action], cursor: str | None = None) -> list[Alert]:
         """Write one decision (now, or later if the journal refuses); return its alerts new to the outbox."""
@@ -214,6 +216,44 @@ class WriteBehindJournal:
         self._rescue_due = True
         self._rescue_urgent = self._rescue_urgent or urgent
         self._changed.notify_all()
+        self._rescue_aside_if_stuck()
+
+    def _rescue_aside_if_stuck(self) -> None:
+        """While the writer thread is stuck in a write (its disk does not answer), it cannot keep the
+        rescue file either: a thread of its own keeps it at the paths after the first (the temporary
+        folder, as a rule on another disk). A kill -9 during a hung disk had lost every held decision,
+        and the restart sold the position a second time. Called with the state lock held."""
+        if len(self._rescue_paths) < 2 or self._since_ms is None or not self.stuck:
+            return
+        if self._aside is not None and self._aside.is_alive():
+            self._aside_again = True
+            return
+        self._aside_again = False
+        self._aside = threading.Thread(
+            target=self._keep_rescue_aside, name="journal-rescue-aside", daemon=True
+        )
+        try:
+            self._aside.start()
+        except RuntimeError as exc:  # the system refuses a thread: the writer's own rescue is all there is
+            self._aside = None
+            log.error("journal_rescue_aside_not_started", error=str(exc))
+
+    def _keep_rescue_aside(self) -> None:
+        """`_rescue_aside_if_stuck`'s thread: save the backlog aside until it has saved the latest one."""
+        while True:
+            with self._lock:
+                if self._since_ms is None:
+                    return
+                held = self._held_now()
+            saved = journal_rescue.save(held, self._rescue_paths[1:], quiet=True)
+            with self._lock:
+                recovered = self._since_ms is None
+                again, self._aside_again = self._aside_again, False
+            if recovered and saved is not None:
+                journal_rescue.discard([saved])  # the journal took it all meanwhile: this copy is stale
+                return
+            if not again:
+                return
 
     def _write_or_wait(self) -> None:
         """Write the backlog on this thread, or (with a writer thread) wait for it, see the class doc."""
@@ -228,6 +268,7 @@ class WriteBehindJournal:
                     self._note_failure(
                         f"the journal's disk did not take a write within {self._stuck_after_s:g} s"
                     )
+                    self._rescue_aside_if_stuck()
                     return
                 if now - started > HAND_OVER_MOST_S:
                     log.warning("journal_hand_over_late", waited_s=round(now - started, 2), note="busy")

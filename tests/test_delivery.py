@@ -283,6 +283,47 @@ def test_a_journal_write_that_never_returns_holds_no_decision_and_is_written_whe
     journal.close()
 
 
+def test_decisions_held_behind_a_write_that_never_returns_are_rescued_aside_for_a_kill(tmp_path):
+    """The writer thread keeps the rescue file, and it was the thread stuck in the hung write: a kill -9
+    while the disk hung left no rescue anywhere, and the restart resumed the sold position and sent a
+    second SELL with another P&L. A thread of its own now keeps the rescue in the temporary folder."""
+    import threading
+    import time
+
+    paths = (tmp_path / "data" / "journal.rescue", tmp_path / "temp" / "journal.rescue")
+    for path in paths:
+        path.parent.mkdir()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    writer = WriteBehindJournal(journal, clock_ms=lambda: 5, stuck_after_s=0.5, retry_every_s=0.05,
+                                rescue_paths=paths)  # fmt: skip
+    threading.Thread(target=writer.run, daemon=True).start()
+    journal._lock.acquire()  # the next write waits inside the journal, as in a frozen disk's kernel
+    writer.record([opened(), alert("BUY:1")])
+    writer.record([closed(), alert("SELL:1")])
+    writer.mark("SELL:1", "sent", None, 222)
+
+    def rescued_aside() -> list[str]:
+        found = journal_rescue.load(paths[1:])
+        held = found[0][1] if found else journal_rescue.Held((), ())
+        keys = [a.dedupe_key for actions, _ in held.decisions for a in actions if isinstance(a, Alert)]
+        return keys + [outcome.dedupe_key for outcome in held.outcomes]
+
+    deadline = time.monotonic() + 10
+    while rescued_aside() != ["BUY:1", "SELL:1", "SELL:1"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rescued_aside() == ["BUY:1", "SELL:1", "SELL:1"], "the BUY, the SELL and its sent mark"
+    assert writer.stuck and not paths[0].exists(), "the stuck writer itself could save nothing"
+
+    journal._lock.release()  # the disk answers: everything is written, and the rescue goes
+    deadline = time.monotonic() + 10
+    while (writer.health().backlog or paths[1].exists()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not writer.health().failing and not paths[0].exists() and not paths[1].exists()
+    assert [t.trade_id for t in journal.trades()] == ["2025-10-02-01"]
+    writer.close()
+    journal.close()
+
+
 def test_a_data_dir_not_named_in_utf8_and_a_missing_temp_folder_still_give_rescue_paths(
     tmp_path, monkeypatch
 ):
