@@ -20,7 +20,7 @@ from alert_text import money
 from config import Rules
 from engine import Engine
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
-from pnl_tracker import empty_journal_problem
+from pnl_tracker import SCHEMA_VERSION, empty_journal_problem
 from risk_manager import pnl_of
 
 HealthFetch = Callable[[], dict[str, Any] | None]
@@ -107,7 +107,8 @@ class AlertsView:
 class JournalProblem:
     """Why the journal file could not be read, and `advice` on what to do. `kind`: "damaged" (not a
     database: the daemon refuses to start on it), "no_tables" (an empty file or another program's
-    database: nothing is recorded in it) or "unreadable" (sound, perhaps, but not readable now)."""
+    database: nothing is recorded in it), "unreadable" (sound, perhaps, but not readable now) or "newer"
+    (written by a newer version of this program, which the daemon refuses to start on)."""
 
     kind: str
     error: str
@@ -247,6 +248,12 @@ def build_status(
     try:
         db = connect_read_only(journal_path)
         try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                # Read as if sound, its figures had said nothing of the daemon refusing to start on it.
+                raise sqlite3.DatabaseError(
+                    f"journal schema {version} is newer than this program ({SCHEMA_VERSION})"
+                )
             return dataclasses.replace(base, **_journal_fields(db, today, now_ms, rules, feed))
         finally:
             db.close()
@@ -276,6 +283,14 @@ def journal_problem(path: Path, exc: sqlite3.Error) -> JournalProblem:
             "The daemon creates its tables in it when it starts, unless its -wal or DATA_DIR's tapes show "
             "it held a history (then it refuses); if the file belongs to something else, move it aside "
             f"first (for example `mv {path} {path}.bad`). {tapes}",
+        )
+    if "is newer than this program" in str(exc):
+        return JournalProblem(
+            "newer",
+            str(exc),
+            f"The journal {path} was written by a newer version of this program ({exc}); the daemon will "
+            "not start on it. Run the version that wrote it; do not move it aside: it holds the open "
+            "position, the trades and the lifetime P&L.",
         )
     return JournalProblem(
         "damaged",

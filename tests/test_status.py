@@ -361,6 +361,22 @@ def test_status_never_opens_an_emptied_journal_whose_wal_holds_the_daemon_s_writ
     journal.close()
 
 
+def test_a_journal_of_a_newer_version_is_said_as_such_not_read_as_sound(tmp_path):
+    """`--status` printed its position and lifetime with exit 0 while the daemon refused to start on it."""
+    from pnl_tracker import Journal
+
+    data_dir = tmp_path / "data"
+    Journal(data_dir / "journal.sqlite3").close()
+    with sqlite3.connect(data_dir / "journal.sqlite3") as db:
+        db.execute("PRAGMA user_version=999")
+    text = run_main(
+        ["--status"], tmp_path, DATA_DIR=str(data_dir), SIM_CLOCK_START="2025-10-06T10:30:00-04:00"
+    )
+    assert text.returncode == 2 and "Traceback" not in text.stderr
+    assert "CANNOT BE READ (newer: journal schema 999 is newer than this program (1))" in text.stdout
+    assert "Run the version that wrote it" in text.stderr and "Lifetime" not in text.stdout
+
+
 def test_a_folder_where_the_journal_goes_is_named_as_such_not_as_no_journal(tmp_path):
     """`--status` said "none ... the daemon has not run", while the daemon refused to start on it."""
     data_dir = tmp_path / "data"
