@@ -45,12 +45,17 @@ def run_quietly(run: Callable[[], int]) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_interrupt)
+    # Inherited through exec, a parent's blocked SIGINT left Ctrl-C pending for good: the run went on to
+    # its end and said nothing (a test run's process had it blocked now and then).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         status = run()
         # Buffered output into a pipe is written here at the latest, where a closed pipe is still ours to
         # handle; left to the interpreter's exit it costs a warning and status 120.
         sys.stdout.flush()
-        return status
+        if not interrupted:
+            return status
+        # A Ctrl-C whose KeyboardInterrupt a library swallowed (an import under way) still ends as one.
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -33,6 +33,9 @@ def stop_on_signals(stop: threading.Event, signals: Sequence[int] = STOP_SIGNALS
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     for signum in signals:
         signal.signal(signum, _noted_by_the_wakeup_pipe)
+    # A mask is inherited through exec: a parent that blocked these (Python's multiprocessing does, for a
+    # moment, around its spawns) left them pending for good, and a stop became the platform's SIGKILL.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     wanted = frozenset(int(s) for s in signals)
     watcher = threading.Thread(target=_watch, args=(read_fd, wanted, stop), name="signals", daemon=True)
     watcher.start()

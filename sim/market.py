@@ -59,7 +59,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
+# numpy loads `numpy.random` at its first use; a Ctrl-C that landed inside that import (the demo's first
+# tenth of a second) lost its KeyboardInterrupt there, and the demo ran on to its end with status 0.
 import numpy as np
+import numpy.random  # noqa: F401
 
 from config import Rules, parse_blackouts
 from tape import TapeWriter

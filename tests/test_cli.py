@@ -150,6 +150,46 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path, command):
     assert "Traceback" not in err.decode() and err.decode().strip().endswith("Interrupted.")
 
 
+def test_ctrl_c_works_though_the_parent_left_sigint_blocked(tmp_path):
+    """A signal mask is inherited through exec: started by a process whose thread had SIGINT blocked (as
+    multiprocessing does around its spawns), the demo ignored Ctrl-C, ran to its end and exited 0."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DATA_DIR": str(tmp_path / "data")}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--demo"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    with proc:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert err.decode().strip().endswith("Interrupted.")
+
+
+def test_a_ctrl_c_a_library_swallowed_still_ends_the_run_as_interrupted(tmp_path):
+    """numpy's lazy `numpy.random` import swallowed the KeyboardInterrupt of a Ctrl-C that landed inside it:
+    the demo ran on to its end and exited 0, silent (one CI run in ten, under load)."""
+    swallowing = (
+        "import os, signal, sys\n"
+        "from cli_exit import run_quietly\n"
+        "def run():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        sum(range(10**6))\n"
+        "    except KeyboardInterrupt:\n"
+        "        pass\n"
+        "    return 0\n"
+        "sys.exit(run_quietly(run))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", swallowing], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == EXIT_INTERRUPTED and done.stderr.strip() == "Interrupted."
+
+
 def test_buffered_output_into_a_pipe_already_closed_ends_quietly_with_141(tmp_path):
     # Short, buffered output (the --status text fits one buffer) is written only when the process ends.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"DATA_DIR": str(tmp_path / "d")}
