@@ -82,11 +82,18 @@ def parse_sweep(raw: Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
     """
     axes = []
     assigned = parse_assignments(raw, "--sweep", "with all its values: NAME=V1,V2,...")
+    problems = []
     for name, values in assigned.items():
         choices = tuple(v.strip() for v in values.split(",") if v.strip())
+        twice = sorted({v for v in choices if choices.count(v) > 1})
         if not choices:
-            raise ConfigError([f"--sweep {name}: no values"])
+            problems.append(f"--sweep {name}: no values")
+        elif twice:
+            # Each repeat ran the same cell again, and the report ranked it twice.
+            problems.append(f"--sweep {name}: {', '.join(twice)} given more than once; give each value once")
         axes.append((name, choices))
+    if problems:
+        raise ConfigError(problems)
     return axes
 
 
@@ -114,8 +121,14 @@ def sweep_cells(
     environ: Mapping[str, str] | None = None,
     env_file: str | Path | DotenvFile | None = ".env",
 ) -> list[Cell]:
-    """Every combination of the axes, each validated like a start-up; ConfigError lists every bad cell."""
+    """Every combination of the axes, each validated like a start-up; ConfigError lists every bad cell, or
+    a rule both set and swept (the sweep's values replaced the --set one in every cell, without a word)."""
     names = [name for name, _ in axes]
+    both = [name for name in names if name in overrides]
+    if both:
+        raise ConfigError(
+            [f"{name}: both --set and --sweep give it; give it in one of them" for name in both]
+        )
     cells, problems = [], []
     for combo in itertools.product(*(values for _, values in axes)):
         params = tuple(zip(names, combo, strict=True))

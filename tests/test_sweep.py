@@ -219,6 +219,21 @@ def test_single_run_holdout_splits_as_the_sweep_does(short_tapes, tmp_path):
     assert "in sample" in out.getvalue() and part["rule"].startswith("each part is a run of its days alone")
 
 
+def test_a_value_swept_twice_or_a_rule_both_set_and_swept_is_refused(short_tapes):
+    """A repeated value ran the same cell twice and ranked it twice; a rule both --set and --sweep had its
+    --set value replaced in every cell, without a word."""
+    with pytest.raises(ConfigError, match="--sweep STOP_LOSS_PERCENT: 10 given more than once"):
+        parse_sweep(["STOP_LOSS_PERCENT=10,20,10"])
+    with pytest.raises(ConfigError, match="STOP_LOSS_PERCENT: both --set and --sweep give it"):
+        sweep_cells(
+            parse_sweep(["STOP_LOSS_PERCENT=10,20"]), {"STOP_LOSS_PERCENT": "15"}, environ={}, env_file=None
+        )
+    cli, out, err = quiet()
+    args = [str(short_tapes[0]), "--set", "STOP_LOSS_PERCENT=15", "--sweep", "STOP_LOSS_PERCENT=10,20"]
+    assert main([*args, "--no-cache"], cli) == 2 and out.getvalue() == ""
+    assert "both --set and --sweep give it" in err.getvalue()
+
+
 def test_a_rule_swept_twice_is_refused_not_silently_dropped(short_tapes):
     with pytest.raises(ConfigError, match="STOP_LOSS_PERCENT: given 2 times"):
         parse_sweep(["STOP_LOSS_PERCENT=10,20", "stop_loss_percent=30"])
