@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import structlog
 
 from alert_text import buy_not_delivered, delivery_overrides, possible_repeat, sent_late, sound_for
-from config import apprise_refusals, mask
+from config import apprise_channels, mask
 from redaction import valid_text
 from retry_after import retry_after_seconds
 
@@ -445,17 +445,12 @@ class AppriseFallback:
     name = "fallback"
 
     def __init__(self, urls: Sequence[str]) -> None:
-        import apprise  # imported only when a fallback is configured: it loads many plugins
-
-        refused = apprise_refusals(urls)  # the settings refuse them first; kept for a direct caller
-        if refused:
+        channels = apprise_channels(urls)
+        refused = [url for url, channel in channels if channel is None]
+        if refused:  # the settings refuse them first; said here too for a direct caller
             shown = ", ".join(mask(url) for url in refused)
             raise ValueError(f"ALERT_FALLBACK_URLS: Apprise cannot use {shown}")
-        self._channels: list[tuple[str, Any]] = []
-        for url in urls:
-            channel = apprise.Apprise()
-            channel.add(url)
-            self._channels.append((mask(url), channel))
+        self._channels: list[tuple[str, Any]] = [(mask(url), channel) for url, channel in channels]
         self._secrets = tuple(urls)
 
     def send(self, item: OutboxItem) -> SendResult:

@@ -496,10 +496,11 @@ def _health_host_problem(host: str) -> str | None:
     return None
 
 
-def apprise_refusals(urls: Sequence[str]) -> list[str]:
-    """The fallback URLs Apprise cannot use: those it refuses, and those it takes while warning that a
-    part of them is ignored (an ntfy topic with a `!`: a channel that delivers nothing). Apprise's own
-    lines are held back meanwhile: they quote the URL, and logging is not set up this early."""
+def apprise_channels(urls: Sequence[str]) -> list[tuple[str, Any]]:
+    """Each fallback URL with its Apprise channel, or None when Apprise cannot use it: it refuses it, or
+    takes it while warning that a part of it is ignored (an ntfy topic with a `!`: a channel that
+    delivers nothing). Apprise's own lines are held back meanwhile: they quote the URL, and logging may
+    not be set up yet."""
     import apprise  # only when a fallback is configured: it loads many plugins
 
     logger = logging.getLogger("apprise")
@@ -507,12 +508,13 @@ def apprise_refusals(urls: Sequence[str]) -> list[str]:
     propagate, logger.propagate = logger.propagate, False
     logger.addHandler(heard)
     try:
-        refused = []
+        channels: list[tuple[str, Any]] = []
         for url in urls:
             heard.count = 0
-            if not apprise.Apprise().add(url) or heard.count:
-                refused.append(url)
-        return refused
+            channel = apprise.Apprise()
+            usable = channel.add(url) and not heard.count
+            channels.append((url, channel if usable else None))
+        return channels
     finally:
         logger.removeHandler(heard)
         logger.propagate = propagate
@@ -544,7 +546,7 @@ def _pushover_pair_checks(settings: Settings, said: list[str]) -> list[str]:
 
 
 def _fallback_checks(urls: Sequence[str]) -> list[str]:
-    refused = apprise_refusals(urls) if urls else []
+    refused = [url for url, channel in apprise_channels(urls) if channel is None] if urls else []
     if not refused:
         return []
     shown = ", ".join(mask(url) for url in refused)

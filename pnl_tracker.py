@@ -82,9 +82,9 @@ def empty_journal_problem(path: Path, *, history: bool = False) -> str | None:
     it opens it, and that -wal holds the latest writes (a `truncate` under the daemon, then a restart
     or a `--status`, lost a held position's SELL that way). `history`: DATA_DIR holds tapes of
     earlier sessions, so an empty journal is a lost one, not a first start."""
-    if _size_of(path) != 0:
+    if file_size(path) != 0:
         return None
-    wal = _size_of(path.with_name(path.name + "-wal")) or 0
+    wal = file_size(path.with_name(path.name + "-wal")) or 0
     if wal > 0:
         return (
             f"the file is empty (0 bytes) while its -wal holds {wal:,} bytes of its latest writes, which "
@@ -98,7 +98,8 @@ def empty_journal_problem(path: Path, *, history: bool = False) -> str | None:
     return None
 
 
-def _size_of(path: Path) -> int | None:
+def file_size(path: Path) -> int | None:
+    """The size of the regular file at `path`, or None (no such file, a folder, not readable)."""
     try:
         return path.stat().st_size if path.is_file() else None
     except OSError:
@@ -281,7 +282,7 @@ class Journal:
             return "the journal file was deleted"
         if identity != self._identity:
             return "the journal file was replaced by another file"
-        if _size_of(self.path) == 0:
+        if file_size(self.path) == 0:
             # Truncated in place (same file): the pages the connection still caches are written back.
             return "the journal file was emptied (truncated to 0 bytes)"
         if not self.path.with_name(self.path.name + "-wal").exists():

@@ -20,7 +20,7 @@ from alert_text import money
 from config import Rules
 from engine import Engine
 from market_calendar import MarketCalendar, Session, ny_date, ny_datetime
-from pnl_tracker import SCHEMA_VERSION, empty_journal_problem
+from pnl_tracker import SCHEMA_VERSION, empty_journal_problem, file_size
 from risk_manager import pnl_of
 
 HealthFetch = Callable[[], dict[str, Any] | None]
@@ -240,7 +240,7 @@ def build_status(
     if not base.journal_found:
         return base
     today = ny_date(now_ms).isoformat()
-    if _size(Path(journal_path)) == 0:
+    if file_size(Path(journal_path)) == 0:
         # Not opened at all: SQLite deletes the -wal of an empty file on open, even read-only, and a
         # running daemon's latest writes live there.
         empty = sqlite3.DatabaseError("the file is empty (0 bytes)")
@@ -272,7 +272,7 @@ def journal_problem(path: Path, exc: sqlite3.Error) -> JournalProblem:
             "folder, and try again in a moment; do not move it aside: it may be sound.",
         )
     tapes = f"The recorded tapes under {path.parent / 'tapes'} still hold the days for `python3 main.py --replay`."
-    empty = _size(path) == 0
+    empty = file_size(path) == 0
     if empty or "no such table" in str(exc):
         # The daemon would start on it and create its tables: no refusal to predict, only an absence.
         error = (empty_journal_problem(path) or "the file is empty (0 bytes)") if empty else str(exc)
@@ -310,13 +310,6 @@ def _folder_problem(path: Path) -> JournalProblem:
         f"The journal {path} is {error}: the daemon will not start while it is there. Rename or remove that "
         "folder (look inside first: something put it there).",
     )
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
 
 
 def _journal_fields(
