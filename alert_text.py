@@ -467,6 +467,13 @@ def feed_error_text(reason: str) -> str:
     return FEED_ERROR_TEXT.get(reason, f"Market data feed: {reason}.")
 
 
+def holding_note(ticker: str) -> str:
+    """What a feed alert adds while a position is held: the SELL it waits for may come late."""
+    return (
+        f"You hold {ticker}: its SELL may come late while the feed is down, so watch the position yourself."
+    )
+
+
 REPEAT_TITLE_SUFFIX = " (possible repeat)"
 
 

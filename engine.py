@@ -22,6 +22,7 @@ from alert_text import (
     exit_lines,
     exit_trigger,
     feed_error_text,
+    holding_note,
     late_summary_text,
     leadership_text,
     money,
@@ -102,6 +103,8 @@ MARK_SAVE_MS = 5000
 QUOTE_AHEAD_MS = 2000
 # A quote stamp further ahead of the engine clock than this is no feed's skew but a bad stamp (as for bars).
 QUOTE_SKEW_MS = 60_000
+# System alerts about the feed: while a position is held they say so, as loud as its SELL.
+FEED_TROUBLE_KINDS = frozenset({"STALL", "FEED_ERROR"})
 FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
 # One FEED ERROR per reason in this window: a stream refused at each redial (max_connections, a bad key)
 # had pushed one a minute, with its STALL and RECOVERED, about 180 pushes an hour.
@@ -853,7 +856,12 @@ class Engine:
     def _system_alert(self, kind: str, text: str) -> Alert:
         minute = ny_datetime(self._now).strftime("%Y-%m-%dT%H:%M")
         title = f"{self.rules.underlying} alerter — {kind.replace('_', ' ')}"
-        return Alert(kind, f"{kind}:{minute}", title, text, self._priority(kind), self._now)
+        priority = self._priority(kind)
+        if kind in FEED_TROUBLE_KINDS and self.position is not None:
+            # The feed a held position's SELL depends on is in trouble: as loud as the SELL it may delay.
+            priority = max(priority, self._priority("SELL"))
+            text = f"{text} {holding_note(self.position.ticker)}"
+        return Alert(kind, f"{kind}:{minute}", title, text, priority, self._now)
 
     def _log_minute(self, bar: Bar, f: Features, actions: list[Action]) -> None:
         minute = bar.start_ms // 60_000

@@ -250,6 +250,32 @@ def test_stall_alert_once_and_recovered_once():
     assert [(a.kind, a.priority) for a in back if isinstance(a, Alert)] == [("RECOVERED", 0)]
 
 
+def test_a_feed_alert_while_holding_is_as_loud_as_the_sell_and_names_the_position():
+    """A STALL or FEED ERROR while a position is held stands for a SELL that may come late: at the
+    default normal priority the phone stayed silent while the user's exit went unwatched."""
+    from events import FeedStatus
+
+    def loud(eng: Engine, events) -> list[tuple[str, int, bool]]:
+        said = [a for a in feed(eng, events) if isinstance(a, Alert)]
+        return [(a.kind, a.priority, "You hold O:IWM" in a.message) for a in said]
+
+    eng = entered_engine()
+    held = eng.position.ticker
+    last = ENTRY_BAR_START + 1000
+    assert held.startswith("O:IWM")
+    stall = loud(eng, [Tick(last + s * 1000) for s in range(1, 40)])
+    assert stall == [("STALL", 1, True)], stall
+    refused = loud(eng, [FeedStatus(last + 41_000, False, "auth_failed")])
+    assert refused == [("FEED_ERROR", 1, True)], refused
+    quiet = Engine(Rules(), calendar(Rules()), alert_overrides={"ALERT_PRIORITY_SELL": 0})
+    feed(quiet, [chain(START + 110_000, quote())])
+    feed(quiet, burst_bars(START))
+    assert quiet.position is not None
+    assert loud(quiet, [FeedStatus(last, False, "auth_failed")]) == [("FEED_ERROR", 0, True)]
+    flat = engine()
+    assert loud(flat, [FeedStatus(START, False, "auth_failed")]) == [("FEED_ERROR", 0, False)]
+
+
 def test_a_silent_streams_backfills_keep_its_stall_open_until_a_streamed_bar_comes():
     """Each redial of a silent stream backfills bars over REST: each backfill sent a RECOVERED saying
     "entries resume" (entries stay blocked on backfilled bars), then a STALL again 30 s later: three
