@@ -41,7 +41,7 @@ from events import Bar, FeedStatus, OptionQuote, Received
 from http_deadline import DeadlineTransport, read_capped
 from redaction import Redactor
 from retry_after import retry_after_seconds
-from tape import MAX_STAMP_MS, request_path, strip_api_key
+from tape import MAX_STAMP_MS, is_local_path, request_path, strip_api_key
 
 _FLOAT_MAX = sys.float_info.max
 # The latest bar window bound taken: the tapes' own bound on stamps (2100-01-01 UTC in ms).
@@ -1380,6 +1380,10 @@ class PolygonRest:
         return next_path
 
     def _fetch(self, path: str) -> tuple[RestAnswer, float | None]:
+        if not is_local_path(path):
+            # Never sent: an absolute URL here would take the key's header to another host.
+            error = "invalid request: not a path of the REST base URL"
+            return RestAnswer(path, NETWORK_ERROR_STATUS, {"error": error}, self._clock_ms()), math.inf
         with self._lock:
             self.requests += 1
         try:

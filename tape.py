@@ -133,14 +133,21 @@ def strip_api_key(path: str) -> str:
 
 def request_path(url: str) -> str | None:
     """The path and query a page's `next_url` asks for, without API keys: what the REST client asks of
-    its own base URL and what the tape records for that page. None when it is no URL (or has no path)."""
+    its own base URL and what the tape records for that page. None when it is no URL, or its path is
+    not an absolute path of the base host: `a:http://elsewhere/x` has the path `http://elsewhere/x`, which
+    an HTTP client takes for a URL of its own (and sent the key's header there)."""
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an invalid IPv6 host
         return None
-    if not parts.path:
+    if not is_local_path(parts.path):
         return None
     return strip_api_key(f"{parts.path}?{parts.query}" if parts.query else parts.path)
+
+
+def is_local_path(path: str) -> bool:
+    """Whether `path` can only mean a path on the host it is asked of: it starts with one `/`."""
+    return path.startswith("/") and not path.startswith("//")
 
 
 def _is_key_name(name: str) -> bool:

@@ -554,6 +554,30 @@ def test_rest_paging_uses_only_the_path_and_query_of_next_url() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "next_url",
+    [
+        "a:http://elsewhere.test/v3/snapshot/options/IWM?cursor=abc",
+        "urn:https://elsewhere.test/v3/snapshot/options/IWM?cursor=abc",
+        "mailto:http://elsewhere.test/v3/snapshot/options/IWM?cursor=abc",
+        "//elsewhere.test/v3/snapshot/options/IWM?cursor=abc",
+        "x:%2F%2Felsewhere.test/v3/snapshot/options/IWM?cursor=abc",
+    ],
+)
+def test_a_next_url_whose_path_is_itself_a_url_is_not_followed_and_the_key_stays_home(next_url: str) -> None:
+    """`a:http://elsewhere/x` has the path `http://elsewhere/x`: asked of the client as a path, httpx took
+    it for an absolute URL and sent the key's Authorization header to that host (an audit's find)."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"status": "OK", "results": [], "next_url": next_url})
+
+    rest = PolygonRest("http://fake.test", SECRET, clock_ms=lambda: 1, transport=httpx.MockTransport(handler))
+    rest.chain_pages("IWM", SESSION_DATE, spot=None)
+    assert seen and {request.url.host for request in seen} == {"fake.test"}
+
+
 def test_rest_chain_paging_stops_at_a_failed_page(fake: FakePolygon) -> None:
     sleeps: list[float] = []
     with rest_client(fake, sleeps) as rest:
