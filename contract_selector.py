@@ -44,6 +44,10 @@ IV_LOW = 1e-4
 IV_HIGH = 10.0
 IV_TOLERANCE = 1e-8
 
+# How far a quote's stamp may lead the engine's clock and still be believed: further ahead is no feed's
+# skew but a bad stamp (as for bars), and its age is unknown.
+QUOTE_SKEW_MS = 60_000
+
 # A quote of the held contract is no mark when its spread is wider than both this many dollars and its
 # own mid (ask above three times the bid): a momentary glitch (an offer of $999.99, a 0.05 x 1.50 flicker
 # on a $1 option) whose mid would fire a false stop or set a peak no market ever paid.
@@ -263,8 +267,11 @@ def early_rejection(quote: OptionQuote, session_date: str, underlying: str) -> s
 
 
 def is_stale(quote_ms: int | None, now_ms: int, rules: Rules) -> bool:
-    """Whether a quote stamped `quote_ms` (None: unknown) is too old at `now_ms` (stays so as time runs)."""
-    return quote_ms is None or _quote_age_seconds(quote_ms, now_ms) > rules.max_quote_age_seconds + TOLERANCE
+    """Whether a quote stamped `quote_ms` is too old at `now_ms` (stays so as time runs), or of an unknown
+    age: no stamp, or one further ahead of the clock than any vendor's skew (a day ahead passed as fresh)."""
+    if quote_ms is None or quote_ms > now_ms + QUOTE_SKEW_MS:
+        return True
+    return _quote_age_seconds(quote_ms, now_ms) > rules.max_quote_age_seconds + TOLERANCE
 
 
 def late_rejection(quote: OptionQuote, rules: Rules) -> str | None:
@@ -301,11 +308,20 @@ def greeks_delta(quote: OptionQuote) -> tuple[float, str, float | None] | None:
 
 
 def doubt_spot(vendor_delta: float, quote: OptionQuote) -> float:
-    """The spot above which the vendor's delta cannot be this call's (see ITM_DOUBT_FRACTION); inf if none."""
-    strike = finite(quote.strike)
-    if vendor_delta >= 0.5 or strike is None:
+    """The spot above which the vendor's delta is not believed; inf if none.
+
+    Above the strike by ITM_DOUBT_FRACTION no call has a delta under 0.5; above the strike plus the mid,
+    the quote is below its intrinsic value, which no market quotes (a stale quote, or a wrong one): an
+    audit's 219 call quoted 1.00 x 1.01 with the spot at 220.33 was bought on its vendor delta of 0.40.
+    Black-Scholes from such a mid has no solution, so the quote is turned away as `no_delta`.
+    """
+    strike, mid = finite(quote.strike), quote_mid(quote)
+    if strike is None:
         return math.inf
-    return strike / (1 - ITM_DOUBT_FRACTION)
+    below_intrinsic = strike + mid if mid is not None else math.inf
+    if vendor_delta >= 0.5:
+        return below_intrinsic
+    return min(strike / (1 - ITM_DOUBT_FRACTION), below_intrinsic)
 
 
 def _delta_from_black_scholes(

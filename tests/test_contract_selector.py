@@ -174,7 +174,28 @@ def test_a_doubted_vendor_delta_gives_way_to_black_scholes_from_the_mid() -> Non
     # Within 1 % of the spot the vendor's delta stands: the spot may have moved since the snapshot.
     near = select(quote, spot=243.0 / 0.995).chosen
     assert near is not None and (near.delta, near.delta_source) == (0.40, "greeks")
-    assert select(make_quote(strike=243.0, delta=0.62), spot=250.0).rejections[0][1] == "delta_out_of_band"
+    above_intrinsic = make_quote(strike=243.0, delta=0.62, bid=7.50, ask=7.60)
+    assert select(above_intrinsic, spot=250.0).rejections[0][1] == "delta_out_of_band"
+
+
+def test_a_quote_below_its_intrinsic_value_is_not_bought_on_its_vendor_delta() -> None:
+    """An audit's 219 call quoted 1.00 x 1.01 with the spot at 220.33 (intrinsic 1.33, only 0.6 % in the
+    money) ranked first on its vendor delta 0.40 and was bought: no market quotes a call below intrinsic.
+    At a spot where the quote is above intrinsic, the vendor's delta stands."""
+    below = make_quote(ticker="O:IWM251002C00219000", strike=219.0, delta=0.40, bid=1.00, ask=1.01)
+    price = bs_call_price(220.33, 221.0, years_until(NOW_MS, CLOSE_MS), 0.25)
+    honest = make_quote(
+        ticker="O:IWM251002C00221000", strike=221.0, delta=0.37, bid=price - 0.002, ask=price + 0.002
+    )
+    at_220 = select(below, honest, spot=220.33)
+    assert at_220.chosen is not None and at_220.chosen.quote == honest
+    assert at_220.rejections == (("O:IWM251002C00219000", "no_delta"),)
+    believed = select(below, spot=219.9).chosen
+    assert believed is not None and (believed.delta, believed.delta_source) == (0.40, "greeks")
+    deep = make_quote(
+        strike=200.0, delta=0.44, bid=5.0, ask=5.1
+    )  # a band delta on a deep one, below intrinsic
+    assert select(deep, spot=220.33).rejections[0][1] == "no_delta"
 
 
 def test_not_call() -> None:
@@ -201,7 +222,7 @@ def test_no_bid(bid: float | None) -> None:
 
 
 def test_smallest_bid_is_accepted() -> None:
-    assert reason_for(make_quote(bid=0.01, ask=0.01)) is None
+    assert reason_for(make_quote(strike=244.0, bid=0.01, ask=0.01)) is None
 
 
 @pytest.mark.parametrize("ask", [1.99, None, math.nan, math.inf])
@@ -219,8 +240,12 @@ def test_stale_quote_at_and_past_the_age_limit() -> None:
     assert reason_for(make_quote(quote_ms=None)) == "stale_quote"
 
 
-def test_quote_from_the_future_counts_as_fresh() -> None:
-    assert reason_for(make_quote(quote_ms=NOW_MS + 120_000)) is None
+def test_a_quote_stamped_ahead_is_fresh_within_a_clocks_skew_and_of_unknown_age_beyond() -> None:
+    """A vendor clock a little ahead is skew; a stamp a day ahead is a bad stamp, whose quote's age is
+    unknown: an audit's quote stamped 24 h ahead passed the 30 s age limit and was bought."""
+    assert reason_for(make_quote(quote_ms=NOW_MS + 60_000)) is None
+    assert reason_for(make_quote(quote_ms=NOW_MS + 60_001)) == "stale_quote"
+    assert reason_for(make_quote(quote_ms=NOW_MS + 86_400_000)) == "stale_quote"
 
 
 def test_wide_spread_at_and_past_the_limit() -> None:
