@@ -982,7 +982,8 @@ class Daemon:
         since_ms = max(session.open_ms, self._started_ms) if chain is None else chain.received_ms
         age_s = (now - since_ms) / 1000
         if age_s > limit_s:
-            return f"no option chain for {age_s:.0f} s (REST: {self.rest.last_error or 'no answer'})"
+            why = self.rest.chain_error or "answers hold no usable chain"
+            return f"no option chain for {age_s:.0f} s (REST: {why})"
         return None
 
     @staticmethod

@@ -1127,6 +1127,25 @@ def _first_time(said: dict[str, object], route: str, what: object) -> str:
     return level
 
 
+@dataclass(slots=True)
+class Paged:
+    """The pages of one paged request so far, the paths asked, and why the whole is incomplete (None
+    while it is whole): a failed last page, or paging stopped early with a `next_url` left."""
+
+    answers: list[RestAnswer]
+    asked: set[str]
+    incomplete_why: str | None = None
+
+
+def failure_text(answer: RestAnswer, redact: Callable[[str], str]) -> str | None:
+    """What a REST answer's failure was, in words for /health and the log; None for a 200 JSON object."""
+    if answer.status == 200 and type(answer.body) is dict:
+        return None
+    if answer.status == 200:
+        return redact(f"HTTP 200 without a JSON object: {error_text(answer.body)}")
+    return redact(f"HTTP {answer.status}: {error_text(answer.body)}")
+
+
 def _result_count(body: object) -> int:
     """How many results a page holds (0 for anything but a list of them)."""
     results = body.get("results") if type(body) is dict else None
@@ -1194,6 +1213,9 @@ class PolygonRest:
     ) -> None:
         self.requests = 0
         self.last_error: str | None = None
+        # Why the latest chain poll brought no whole chain (None when it did): the chain's own, which
+        # `last_error` is not (every request sets that, and the next good page of anything clears it).
+        self.chain_error: str | None = None
         self._paging_said: dict[str, object] = {}  # route -> the reason its paging last stopped early
         self._failing: dict[str, object] = {}  # route -> the status its last failure was logged with
         self._retrying: dict[str, object] = {}  # route -> the status its last retry was logged with
@@ -1310,7 +1332,9 @@ class PolygonRest:
         if spot is not None:
             low = max(0, math.floor(spot - strike_window))
             query += f"&strike_price.gte={low}&strike_price.lte={math.ceil(spot + strike_window)}"
-        return self._pages(f"/v3/snapshot/options/{underlying}?{query}", MAX_CHAIN_PAGES)
+        paged = self._pages(f"/v3/snapshot/options/{underlying}?{query}", MAX_CHAIN_PAGES)
+        self.chain_error = paged.incomplete_why
+        return paged.answers
 
     def contract(self, underlying: str, ticker: str) -> RestAnswer:
         """The snapshot of one option contract, e.g. ("IWM", "O:IWM251002C00242000")."""
@@ -1330,51 +1354,53 @@ class PolygonRest:
         """Aggregates of `sym` from `from_` to `to` (YYYY-MM-DD or Unix ms), every page up to MAX_PAGES
         pages or `max_results` bars."""
         path = f"/v2/aggs/ticker/{sym}/range/{multiplier}/{span}/{from_}/{to}"
-        return self._pages(f"{path}?adjusted=true&sort=asc&limit={limit}", MAX_PAGES, max_results)
+        return self._pages(f"{path}?adjusted=true&sort=asc&limit={limit}", MAX_PAGES, max_results).answers
 
-    def _pages(self, path: str, max_pages: int, max_results: int | None = None) -> list[RestAnswer]:
+    def _pages(self, path: str, max_pages: int, max_results: int | None = None) -> Paged:
         """Follow `next_url` from `path`; stops at a failure, the page cap, a bad URL, a cycle or (with
         `max_results`) once the pages so far hold that many results."""
-        answers: list[RestAnswer] = []
-        asked = {strip_api_key(path)}
+        paging = Paged([], {strip_api_key(path)})
         next_path: str | None = path
         results = 0
         while next_path is not None:
             answer = self.get(next_path)
-            answers.append(answer)
-            next_path = self._follow(answer, asked, len(answers), max_pages)
+            paging.answers.append(answer)
+            next_path = self._follow(answer, paging, max_pages)
             results += _result_count(answer.body)
             if next_path is not None and max_results is not None and results >= max_results:
-                self._stop_paging(answer, "too_many_results", results=results)
+                self._stop_paging(answer, paging, "too_many_results", results=results)
                 next_path = None
-        return answers
+        if paging.incomplete_why is None:
+            paging.incomplete_why = failure_text(paging.answers[-1], self._redact)
+        return paging
 
-    def _stop_paging(self, answer: RestAnswer, reason: str, **fields: object) -> None:
+    def _stop_paging(self, answer: RestAnswer, paging: Paged, reason: str, **fields: object) -> None:
         """Paging ends early: the answer is incomplete (said in `last_error`, so /health names it), and
         the log says so once per route and reason, not at every poll of a server that keeps looping."""
-        self.last_error = f"paging stopped early ({reason}): the answer is incomplete"
+        self.last_error = paging.incomplete_why = f"paging stopped early ({reason}): the answer is incomplete"
         level = _first_time(self._paging_said, _route(answer.path), reason)
         getattr(self._log, level)("rest_paging_stopped", path=answer.path, reason=reason, **fields)
 
-    def _follow(self, answer: RestAnswer, asked: set[str], pages: int, max_pages: int) -> str | None:
+    def _follow(self, answer: RestAnswer, paging: Paged, max_pages: int) -> str | None:
         """The next path to ask, or None with one warning when paging must stop early."""
+        asked, pages = paging.asked, len(paging.answers)
         if answer.status != 200 or type(answer.body) is not dict:
             return None
         if _next_url(answer.body) is None:
             self._paging_said.pop(_route(answer.path), None)  # a whole answer: a new stop is news
             return None
         if unsafe_next_url(answer.body):
-            self._stop_paging(answer, "unsafe_next_url")
+            self._stop_paging(answer, paging, "unsafe_next_url")
             return None
         next_path = _next_path(answer.body)
         if next_path is None:
-            self._stop_paging(answer, "unusable_next_url")
+            self._stop_paging(answer, paging, "unusable_next_url")
             return None
         if next_path in asked:
-            self._stop_paging(answer, "cycle", pages=pages)
+            self._stop_paging(answer, paging, "cycle", pages=pages)
             return None
         if pages >= max_pages:
-            self._stop_paging(answer, "page_cap", pages=pages)
+            self._stop_paging(answer, paging, "page_cap", pages=pages)
             return None
         asked.add(next_path)
         return next_path
@@ -1427,13 +1453,9 @@ class PolygonRest:
             if self._failing.pop(_route(answer.path), None) is not None:
                 self._log.info("rest_recovered", path=answer.path)
             return answer
-        if answer.status == 200:
-            # Not JSON (or nested too deep to decode): the feed decoder counts it as a failed answer.
-            self.last_error = self._redact(f"HTTP 200 without a JSON object: {error_text(answer.body)}")
-            self._say_failure("rest_bad_body", answer)
-            return answer
-        self.last_error = self._redact(f"HTTP {answer.status}: {error_text(answer.body)}")
-        self._say_failure("rest_failed", answer)
+        self.last_error = failure_text(answer, self._redact)
+        # A 200 that is not JSON (or nested too deep to decode): the feed decoder counts it as failed.
+        self._say_failure("rest_bad_body" if answer.status == 200 else "rest_failed", answer)
         return answer
 
     def _say_failure(self, event: str, answer: RestAnswer) -> None:

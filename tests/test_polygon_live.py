@@ -24,6 +24,7 @@ from events import FeedStatus, Received
 from feed import FeedDecoder
 from polygon_client import (
     GREETING_WAIT_S,
+    MAX_CHAIN_PAGES,
     RETRY_AFTER_HOLD_CAP_S,
     Backoff,
     PolygonRest,
@@ -585,6 +586,23 @@ def test_rest_chain_paging_stops_at_a_failed_page(fake: FakePolygon) -> None:
         answers = rest.chain_pages("IWM", SESSION_DATE, spot=None, limit=10)
     assert [answer.status for answer in answers] == [200, 403]
     assert sleeps == []
+
+
+def test_the_chain_keeps_its_own_failure_which_a_later_good_request_does_not_clear(fake: FakePolygon) -> None:
+    """/health said "no option chain (REST: no answer)" while every poll failed at page 3 with a 500: the
+    one `last_error` of every request was cleared by the next good page or contract snapshot."""
+    sleeps: list[float] = []
+    with rest_client(fake, sleeps, max_attempts=1) as rest:
+        fake.fail_rest(500, path_prefix="/v3/snapshot/options/IWM?cursor=")
+        failed = rest.chain_pages("IWM", SESSION_DATE, spot=None, limit=10)
+        contract = rest.contract("IWM", "O:IWM251002C00240000")
+        assert [failed[-1].status, contract.status] == [500, 200]
+        assert rest.last_error is None and rest.chain_error is not None and "HTTP 500" in rest.chain_error
+        fake.heal()
+        assert rest.chain_pages("IWM", SESSION_DATE, spot=None, limit=10)[-1].status == 200
+        assert rest.chain_error is None
+        capped = rest.chain_pages("IWM", SESSION_DATE, spot=None, limit=1)
+        assert len(capped) == MAX_CHAIN_PAGES and "paging stopped early (page_cap)" in str(rest.chain_error)
 
 
 def test_rest_429_is_retried_after_retry_after(fake: FakePolygon) -> None:
