@@ -46,6 +46,7 @@ from backtest_report import (
     print_report,
     print_sweep,
     split_stats,
+    sweep_notes,
     write_report,
     write_sweep,
 )
@@ -62,6 +63,7 @@ from backtest_run import (
 from cli_exit import run_quietly
 from config import ConfigError, Settings, data_dir_problem, read_dotenv, unknown_keys
 from dask_days import fsspec_url, is_url, one_line, scheduler_address
+from day_runner import SweepDay
 from executors import DayExecutor, ExecutorError, PoolDays, decode_in_pool
 from history import fetch_history, session_days
 from holdout import Holdout, Split, parse_holdout, print_held_out, print_side_by_side, split_dates
@@ -601,6 +603,7 @@ def run_sweep_command(
     executor: DayExecutor,
 ) -> int:
     progress = Progress("sweep days", len(tapes), stream=io.err)
+    days: list[SweepDay] = []
     results = run_sweep(
         tapes,  # type: ignore[arg-type]
         cells,
@@ -608,8 +611,10 @@ def run_sweep_command(
         progress=progress,
         held_out=len(split.held_out) if split else 0,
         executor=executor,
+        on_day=days.append,
     )
     progress.close()
+    notes = sweep_notes(days, settings.rules)
     print(f"Sweep: {len(cells)} cells x {len(tapes)} day(s). {FILLS_NOTE}", file=io.out)
     if split:
         print(
@@ -618,7 +623,12 @@ def run_sweep_command(
             file=io.out,
         )
     print_sweep(results, io.out, split)
-    write_sweep(args.out, results, len(tapes), overrides, split)
+    lines = [line for kind in notes.values() for line in kind]
+    if lines:
+        print(file=io.out)
+    for line in lines:
+        print(line, file=io.out)
+    write_sweep(args.out, results, len(tapes), overrides, split, notes)
     print(f"\nReport: {args.out}/ (sweep.csv, sweep.json)", file=io.out)
     return EXIT_OK
 

@@ -10,10 +10,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from alert_text import money
 from backtest_run import BacktestResult, DayResult
+from config import Rules
 from history import MINUTE
 from holdout import Split, print_held_out, print_side_by_side
 from market_calendar import MarketCalendar, ny_datetime
@@ -22,6 +23,7 @@ from progress import Progress
 from report_charts import day_chart, equity_chart, equity_curve, max_drawdown
 
 if TYPE_CHECKING:
+    from day_runner import SweepDay
     from sweep import CellResult
 
 FILLS_NOTE = (
@@ -220,7 +222,28 @@ def entry_check_line(result: BacktestResult, actual: float) -> str | None:
     )
 
 
-def damaged_tape_warnings(days: Sequence[DayResult]) -> list[str]:
+class TapeDay(Protocol):
+    """What the warnings of damaged and part days read of a day: a `DayResult` or a sweep's `TapeFacts`."""
+
+    @property
+    def tape(self) -> str: ...
+    @property
+    def session_date(self) -> str: ...
+    @property
+    def bars(self) -> int: ...
+    @property
+    def chains(self) -> int: ...
+    @property
+    def bad_lines(self) -> int: ...
+    @property
+    def lines(self) -> int: ...
+    @property
+    def last_ms(self) -> int: ...
+    @property
+    def trading_day(self) -> bool: ...
+
+
+def damaged_tape_warnings(days: Sequence[TapeDay]) -> list[str]:
     """One line per tape with unreadable lines (a gzip cut short, a torn member): such a day may end early.
 
     The run still counts it (exit status 0): its readable lines are real data, but its figures are
@@ -240,12 +263,17 @@ WHOLE_DAY_SLACK_MS = 5 * 60_000
 
 
 def incomplete_day_warnings(result: BacktestResult) -> list[str]:
+    """`part_day_warnings` of a backtest's days."""
+    return part_day_warnings(result.days, result.rules)
+
+
+def part_day_warnings(days: Sequence[TapeDay], rules: Rules) -> list[str]:
     """One line per readable tape that is not a whole trading day: it holds no option chain (no entry
     was possible, so its $0.00 is no result of the rules), or it stops well before the close (a
     recorder that died at noon leaves a tape that reads cleanly). Damaged tapes are said apart."""
-    calendar = MarketCalendar(result.rules)
+    calendar = MarketCalendar(rules)
     warnings = []
-    for day in result.days:
+    for day in days:
         name = f"{Path(day.tape).name} ({day.session_date or 'no date'})"
         if not day.trading_day:
             warnings.append(
@@ -262,6 +290,26 @@ def incomplete_day_warnings(result: BacktestResult) -> list[str]:
                 " close: this day's figures cover only what was recorded."
             )
     return warnings
+
+
+def sweep_notes(days: Sequence[SweepDay], rules: Rules) -> dict[str, list[str]]:
+    """What a sweep's figures rest on, as the single run says it: damaged tapes, part days, and the days
+    some cells end with a position open (sweep.json keeps each list under its key)."""
+    facts = [day.facts for day in days if day.facts is not None]
+    open_at_end = []
+    for day in days:
+        held = sum(cell.open_at_end for cell in day.cells)
+        if held:
+            open_at_end.append(
+                f"Note: {day.session_date}: {held} of {len(day.cells)} cell(s) end with a position still open"
+                " (the tape stops before the time stop); those cells run their days in order, carrying it"
+                " into the next day."
+            )
+    return {
+        "damaged_tapes": damaged_tape_warnings(facts),
+        "incomplete_days": part_day_warnings(facts, rules),
+        "open_at_end": open_at_end,
+    }
 
 
 def _ny_time(t_ms: int) -> str:
@@ -540,8 +588,9 @@ def write_sweep(
     days: int,
     overrides: Mapping[str, str],
     split: Split | None = None,
+    notes: Mapping[str, list[str]] | None = None,
 ) -> None:
-    """sweep.csv (one row per cell, ranked) and sweep.json.
+    """sweep.csv (one row per cell, ranked) and sweep.json (with `notes`: see `sweep_notes`).
 
     With a holdout `split`, every statistic comes twice, `in_sample_*` (what the ranking used) and
     `out_of_sample_*`, and sweep.json names the held-out days and the chosen cell.
@@ -557,7 +606,12 @@ def write_sweep(
         for rank, r in enumerate(results, start=1):
             held = _stats_columns(r.out_stats) if split else []
             writer.writerow([rank, *(v for _, v in r.params), *_stats_columns(r.stats), *held])
-    summary: dict[str, Any] = {"fills": FILLS_NOTE, "days": days, "overrides": dict(overrides)}
+    summary: dict[str, Any] = {
+        "fills": FILLS_NOTE,
+        "days": days,
+        "overrides": dict(overrides),
+        **(notes or {}),
+    }
     if split:
         summary["holdout"] = {
             "in_sample_days": list(split.in_sample),

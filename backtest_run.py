@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 from alert_text import money
 from cli_exit import end_quietly_on_interrupt
 from config import Rules
-from day_runner import CellDay, day_is_independent, day_market, engine_pipeline, feed_day
+from day_runner import CellDay, day_is_independent, day_market, engine_pipeline, feed_day, has_session
 from engine import Engine, SessionSource
 from entry_check import EntryCheck, entry_checks
 from events import Alert, Log
 from history import MINUTE, option_quotes_of
-from market_calendar import MarketCalendar, ny_ms
+from market_calendar import MarketCalendar
 from pnl_tracker import Journal, TradeRow
 from progress import Progress
 from report_charts import Level, MarkPoint, PricePoint
@@ -174,15 +174,6 @@ def run_day(
     return run_day_detail(
         tape, rules, calendar, journal, sample_every_ms=sample_every_ms, cache_dir=cache_dir
     ).result
-
-
-def has_session(calendar: SessionSource, session_date: str) -> bool:
-    """Whether the calendar has a session on `session_date` (an unreadable date is given the benefit)."""
-    try:
-        day = datetime.date.fromisoformat(session_date)
-    except ValueError:
-        return True
-    return calendar.session_at(ny_ms(day, datetime.time(12))) is not None
 
 
 def run_day_detail(

@@ -24,7 +24,7 @@ from engine import Engine, SessionSource, entry_conditions_hold
 from events import Alert, ContractSnapshot, Event, Log, Tick
 from features_vector import PlannedFeatures
 from feed import FeedDecoder
-from market_calendar import MarketCalendar
+from market_calendar import MarketCalendar, ny_ms
 from market_state import MarketState, market_key, market_rules
 from pipeline import Pipeline, TickSchedule, is_start
 from pnl_tracker import Journal, TradeRow
@@ -51,12 +51,50 @@ class CellDay:
 
 
 @dataclass(frozen=True, slots=True)
+class TapeFacts:
+    """What one tape held, whatever the rules: what the reports' warnings of damaged and part days read."""
+
+    tape: str
+    session_date: str
+    bars: int
+    chains: int
+    bad_lines: int
+    lines: int  # readable lines (the meta line aside)
+    last_ms: int  # the receive stamp of the last readable line (0: none)
+    trading_day: bool  # False: its date has no session (a weekend, a holiday, a closed date)
+
+
+@dataclass(frozen=True, slots=True)
 class SweepDay:
-    """Every cell's outcome on one tape, in the order the rules were given."""
+    """Every cell's outcome on one tape, in the order the rules were given, and what the tape held."""
 
     session_date: str
     first_ms: int
     cells: tuple[CellDay, ...]
+    facts: TapeFacts | None = None
+
+
+def has_session(calendar: SessionSource, session_date: str) -> bool:
+    """Whether the calendar has a session on `session_date` (an unreadable date is given the benefit)."""
+    try:
+        day = datetime.date.fromisoformat(session_date)
+    except ValueError:
+        return True
+    return calendar.session_at(ny_ms(day, datetime.time(12))) is not None
+
+
+def tape_facts(tape: Path, decoded: DecodedTape, market: MarketState, calendar: SessionSource) -> TapeFacts:
+    """The facts of a tape once a market has absorbed its whole day."""
+    return TapeFacts(
+        tape=str(tape),
+        session_date=decoded.session_date,
+        bars=market.counters.bars,
+        chains=market.counters.chains,
+        bad_lines=decoded.bad_lines,
+        lines=len(decoded.lines),
+        last_ms=decoded.lines[-1][0] if decoded.lines else 0,
+        trading_day=has_session(calendar, decoded.session_date),
+    )
 
 
 def day_market(tape: Path, rules: Rules, cache_dir: Path | None) -> tuple[MarketState, Callable[[], None]]:
@@ -246,18 +284,20 @@ def run_cells_on_day(
         pipeline = engine_pipeline(cell_rules, calendar, market, journal)
         members.append(pipeline)
         pipelines.append(pipeline)
-    decoded: DecodedTape | None = None
     copies: dict[tuple[object, ...], DecodedTape] = {}
     for market, save, members in groups.values():
         key = decoder_key(market.rules)
         if key not in copies:
             copies[key] = load_decoded(tape, market.rules, cache_dir)
-        decoded = copies[key]
-        feed_day(decoded, market, members)
+        feed_day(copies[key], market, members)
         save()
-    first_ms = decoded.lines[0][0] if decoded and decoded.lines else 0
-    session_date = decoded.session_date if decoded else ""
-    return SweepDay(session_date, first_ms, tuple(_cell_day(p) for p in pipelines))
+    if not pipelines:
+        return SweepDay("", 0, ())
+    first_market = next(iter(groups.values()))[0]
+    decoded = copies[decoder_key(first_market.rules)]
+    facts = tape_facts(tape, decoded, first_market, MarketCalendar(rules[0], closed))
+    first_ms = decoded.lines[0][0] if decoded.lines else 0
+    return SweepDay(decoded.session_date, first_ms, tuple(_cell_day(p) for p in pipelines), facts)
 
 
 def _cell_day(pipeline: Pipeline) -> CellDay:

@@ -11,7 +11,7 @@ import datetime
 import itertools
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -183,6 +183,7 @@ def run_sweep(
     cache_dir: Path | None = None,
     held_out: int = 0,
     executor: DayExecutor | None = None,
+    on_day: Callable[[SweepDay], None] | None = None,
 ) -> list[CellResult]:
     """Every cell over every day; results ranked by `rank_key` (stable for ties).
 
@@ -195,12 +196,19 @@ def run_sweep(
 
     With `held_out` = K > 0 the last K tapes are out of sample: each cell is ranked on a run over the
     other days alone (its `trades`, `stats`), and gets a run over the held-out days alone (`out_trades`,
-    `out_stats`), so nothing of a held-out day reaches the ranking.
+    `out_stats`), so nothing of a held-out day reaches the ranking. `on_day` is given each day's outcome,
+    in tape order, once all are in (what its tape held: the report's warnings of damaged and part days).
     """
     if executor is None:
         with PoolDays(tapes, workers, cache_dir) as pool:
             return run_sweep(
-                tapes, cells, closed_dates=closed_dates, progress=progress, held_out=held_out, executor=pool
+                tapes,
+                cells,
+                closed_dates=closed_dates,
+                progress=progress,
+                held_out=held_out,
+                executor=pool,
+                on_day=on_day,
             )
     rules = [cell.rules for cell in cells]
     cut = len(tapes) - held_out
@@ -209,6 +217,8 @@ def run_sweep(
         days[index] = day
         if progress is not None:
             progress.step(day.session_date)
+    for day in days if on_day is not None else ():
+        on_day(day)
     inside = _cells_over(executor, days, range(cut), cells, closed_dates)
     outside = _cells_over(executor, days, range(cut, len(tapes)), cells, closed_dates) if held_out else []
     if outside:

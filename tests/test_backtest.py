@@ -523,6 +523,38 @@ def test_a_damaged_tape_is_named_in_the_report_with_its_lines(short_tapes, tmp_p
     assert "1 unreadable" in warning[0] and "cut short" in warning[0]
 
 
+def test_a_sweep_says_what_the_single_run_says_of_damaged_and_part_days(short_tapes, tmp_path):
+    """A sweep over a damaged tape ranked its cells on a part day without a word: the warnings the single
+    run prints were missing from its output and from sweep.json (an audit's find)."""
+    data = short_tapes[0].read_bytes()
+    cut = tmp_path / "tapes" / short_tapes[0].name
+    cut.parent.mkdir()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    said = {}
+    for name, extra in (("single", []), ("sweep", ["--sweep", "STOP_LOSS_PERCENT=15,20"])):
+        out, stdout = tmp_path / name, io.StringIO()
+        args = [
+            str(cut),
+            str(short_tapes[1]),
+            "--out",
+            str(out),
+            "--no-cache",
+            "--no-charts",
+            "--workers",
+            "1",
+        ]
+        assert main([*args, *extra], Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0
+        lines = stdout.getvalue().splitlines()
+        said[name] = [line for line in lines if line.startswith("Warning:")]
+        said[f"{name} open"] = [line.split()[1].strip(":") for line in lines if line.startswith("Note:")]
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert any("is damaged" in w for w in said["single"]) and said["sweep"] == said["single"]
+    assert summary["damaged_tapes"] + summary["incomplete_days"] == said["sweep"]
+    assert said["single open"] and said["sweep open"] == said["single open"]
+    assert all(note.startswith("Note: 2025-10-0") for note in summary["open_at_end"])
+    assert len(summary["open_at_end"]) == len(said["sweep open"])
+
+
 def test_a_tape_that_stops_early_or_holds_no_chain_is_said_to_be_no_whole_day(short_tapes, tmp_path):
     """A recorder that died at 10:25 leaves a tape that reads cleanly; a day without a chain trades nothing.
     Both had been reported as ordinary days."""
