@@ -851,7 +851,7 @@ class Notifier:
             log.error("outbox_in_flight_not_recorded", dedupe_key=item.dedupe_key, error=str(exc)[:200])
 
     def _on_retryable(self, item: OutboxItem, result: SendResult, *, maybe_sent: bool = False) -> None:
-        self._journal.mark_attempt(item.id, result.error, maybe_sent=maybe_sent)
+        self._attempted(item, result, maybe_sent=maybe_sent)
         if self._down_since is None:
             self._down_since = self._monotonic()
         delay = self._schedule_retry()
@@ -890,9 +890,15 @@ class Notifier:
         )
         return "failed"
 
+    def _attempted(self, item: OutboxItem, result: SendResult, *, maybe_sent: bool = False) -> None:
+        """An attempt that failed and will be retried. Once an attempt got no answer the alert may be on
+        the phone, whatever later attempts answer: the flag stays until it is delivered. A hang, then a
+        503, had sent the copy that got through untitled, a silent duplicate (an audit's find)."""
+        self._journal.mark_attempt(item.id, result.error, maybe_sent=maybe_sent or item.maybe_sent)
+
     def _hold(self, item: OutboxItem, result: SendResult, retry_s: float, problem: str) -> bool:
         """Keep the queue (this item first) for `retry_s`; whether this starts a hold."""
-        self._journal.mark_attempt(item.id, result.error)
+        self._attempted(item, result)
         first = self._held_until is None
         self._held_until = self._monotonic() + retry_s
         self._held_problem = problem
@@ -953,7 +959,7 @@ class Notifier:
     def _disable(self, item: OutboxItem, result: SendResult) -> None:
         # The item stays pending (an attempt, not a failure) so a restart with fixed keys sends it
         # before everything queued behind it, keeping BUY before SELL.
-        self._journal.mark_attempt(item.id, result.error)
+        self._attempted(item, result)
         self._disabled_reason = f"Pushover refused the credentials: {result.error}"
         keys = self._client.masked_keys() if self._client is not None else {}
         action = (

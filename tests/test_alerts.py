@@ -26,6 +26,7 @@ from alerts import (
     pushover_form,
     truncate,
 )
+from delivery import MemoryOutbox, WriteBehindJournal
 from events import Alert
 from pnl_tracker import Journal, OutboxItem
 from sim.pushover_server import FakePushover
@@ -456,19 +457,27 @@ def test_a_timed_out_alert_is_held_and_resent_as_a_possible_repeat_until_pushove
     assert notifier.health() == DeliveryHealth("pushover", None, False, None)
 
 
-def test_a_send_without_an_answer_is_retried_as_a_possible_repeat_and_an_answered_failure_is_not(
-    journal: Journal, server: FakePushover
+@pytest.mark.parametrize("outbox_kind", ["journal", "memory"])
+def test_once_a_send_got_no_answer_every_later_copy_is_a_possible_repeat_though_a_later_one_is_answered(
+    journal: Journal, server: FakePushover, outbox_kind: str
 ) -> None:
+    """The first request reached Pushover (its 200 came after the client gave up); a 500 to the second
+    had cleared the mark, so the third, delivered, was a silent duplicate of the first (an audit's find:
+    a hang, then a 503, then a 200). The mark stays until the alert is delivered, in either outbox."""
     server.slow(1.0)  # takes the first message at once, answers after the client gave up
     journal.record([alert(1)])
-    notifier = make_notifier(journal, make_client(server, timeout=0.3), min_retry_s=0.05, max_retry_s=0.05)
+    writer = WriteBehindJournal(journal, clock_ms=lambda: 1_759_415_400_000)
+    box: Journal | MemoryOutbox = (
+        journal if outbox_kind == "journal" else MemoryOutbox(writer, journal.pending())
+    )
+    notifier = make_notifier(box, make_client(server, timeout=0.3), min_retry_s=0.05, max_retry_s=0.05)
     assert notifier.drain_once() == 0
-    assert journal.pending()[0].maybe_sent, "no answer: the journal must know it may have arrived"
+    assert box.pending()[0].maybe_sent, "no answer: the outbox must know it may have arrived"
     server.slow(0.0)
     server.fail_with(500, count=1)
     time.sleep(0.1)
-    assert notifier.drain_once() == 0  # answered 500: certainly not delivered
-    assert not journal.pending()[0].maybe_sent
+    assert notifier.drain_once() == 0  # answered 500: this copy did not arrive, the first still may have
+    assert box.pending()[0].maybe_sent
     time.sleep(0.1)
     assert notifier.drain_once() == 1
 
@@ -476,7 +485,7 @@ def test_a_send_without_an_answer_is_retried_as_a_possible_repeat_and_an_answere
     assert sent == [
         (200, "IWM 0DTE CALL — alert 1"),
         (500, "IWM 0DTE CALL — alert 1 (possible repeat)"),
-        (200, "IWM 0DTE CALL — alert 1"),
+        (200, "IWM 0DTE CALL — alert 1 (possible repeat)"),
     ]
 
 
