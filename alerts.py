@@ -221,6 +221,14 @@ def retry_after_s(header: str | None, now_ms: int) -> float | None:
     return min(max(seconds, low), high)
 
 
+def refuses_in_a_200(body: dict[str, Any]) -> bool:
+    """Whether a 200's JSON is Pushover's refusal of the message: `status` 0 (or "0"), or errors and no
+    status at all. Any other 200 means it took the message."""
+    if "status" in body:
+        return body["status"] not in (1, "1", True)
+    return bool(body.get("errors"))
+
+
 def _should_retry(status: int, body: dict[str, Any] | None) -> bool:
     # Pushover: 4xx, or a 200 whose status is not 1, will never work; anything else may.
     if status in TRANSIENT_4XX:
@@ -360,6 +368,11 @@ class PushoverClient:
         # Pushover's status is the number 1; a "1" (a proxy re-encoding the JSON) is the same answer:
         # read as a refusal, each alert went again as text alone, unmarked, and the phone showed it twice.
         if status == 200 and body is not None and body.get("status") in (1, "1"):
+            return SendResult(ok=True, retry=False, error="", **common)
+        if status == 200 and body is not None and not refuses_in_a_200(body):
+            # A 200 whose JSON says no refusal (no `status` at all): taken like an unreadable 200. Read as a
+            # refusal, each alert went twice, unmarked, and each SELL said its BUY was not delivered.
+            log.warning("pushover_answer_unreadable", status=status, meaning="HTTP 200: counted as delivered")
             return SendResult(ok=True, retry=False, error="", **common)
         error = _error_text(status, body)
         if 300 <= status < 400:

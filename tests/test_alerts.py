@@ -850,6 +850,11 @@ def answering(response: httpx.Response) -> PushoverClient:
         (httpx.Response(200, json={"status": 1, "request": "r"}), (True, False, False)),
         (httpx.Response(200, json={"status": 0, "errors": ["x"], "request": "r"}), (False, False, False)),
         (httpx.Response(200, json={"status": "1", "request": "r"}), (True, False, False)),
+        # A 200 whose JSON has no status was a refusal: each alert went twice, its SELL said "not delivered".
+        (httpx.Response(200, json={"request": "r"}), (True, False, False)),
+        (httpx.Response(200, json={}), (True, False, False)),
+        (httpx.Response(200, json={"status": "0", "errors": ["x"]}), (False, False, False)),
+        (httpx.Response(200, json={"errors": ["message cannot be blank"]}), (False, False, False)),
         (httpx.Response(200, text="<html>gateway</html>"), (False, True, False)),
         (
             httpx.Response(200, text="{not json", headers={"content-type": "application/json"}),
