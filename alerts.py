@@ -681,13 +681,15 @@ class Notifier:
         while True:
             sent += self._drain_guarded()
             remaining = end - self._monotonic()
-            if remaining <= 0 or self._journal.pending_count() == 0 or self._refused_without_fallback():
+            if remaining <= 0 or self._journal.pending_count() == 0 or self._refused_without_fallback(end):
                 return sent
             self._wait(pause, min(remaining, self.retry_in_s() or STOP_POLL_S))
 
-    def _refused_without_fallback(self) -> bool:
-        # Waiting out a shutdown deadline cannot help while Pushover refuses and nothing else can send.
-        refused = self._disabled_reason is not None or self._held_until is not None
+    def _refused_without_fallback(self, end: float) -> bool:
+        """Whether waiting until `end` cannot help: Pushover refuses (or holds the queue past `end`) and
+        nothing else can send. A `Retry-After` of 7 s inside a 60 s flush is waited out, not given up on."""
+        held_past_end = self._held_until is not None and self._held_until >= end
+        refused = self._disabled_reason is not None or held_past_end
         return refused and self._fallback is None
 
     def _drain_guarded(self) -> int:

@@ -349,10 +349,12 @@ class RunSummary:
                 "are incomplete and their alerts were not sent"
             )
         if self.undelivered_alerts:
-            found.append(
-                f"{self.undelivered_alerts} alert(s) were not delivered to Pushover (pending ones stay in "
-                f"{self.journal} and go out with the next replay into it)"
+            kept = (
+                f" ({self.pending_alerts} pending stay in {self.journal} and go out with the next replay into it)"
+                if self.pending_alerts
+                else " (each was given up on: none is left to send)"
             )
+            found.append(f"{self.undelivered_alerts} alert(s) were not delivered to Pushover{kept}")
         return found
 
     def note(self) -> str | None:

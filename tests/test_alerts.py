@@ -734,6 +734,27 @@ def test_flush_delivers_after_an_outage_within_its_deadline(journal: Journal, se
     assert journal.pending_count() == 0
 
 
+@pytest.mark.parametrize("deadline_s", [7.0, 1.0])
+def test_flush_waits_out_a_retry_after_that_ends_before_its_deadline_and_no_other(
+    journal: Journal, server: FakePushover, deadline_s: float
+) -> None:
+    """`--replay --notify` said it would wait up to 60 s, then gave up at once on a 429 asking for 7 s
+    (an audit's find). A hold that ends before the deadline is waited out; one that does not is not (a
+    Retry-After holds 5 s at least)."""
+    server.fail_with(429, count=1, retry_after="2")
+    journal.record([alert(1), alert(2)])
+    notifier = make_notifier(journal, make_client(server))
+    started = time.monotonic()
+
+    sent = notifier.flush(deadline_s)
+
+    if deadline_s > 5:
+        assert sent == 2 and titles(server) == ["IWM 0DTE CALL — alert 1", "IWM 0DTE CALL — alert 2"]
+    else:
+        assert sent == 0 and server.requests == 1 and time.monotonic() - started < 0.4, "given up at once"
+    assert journal.pending_count() == 2 - sent
+
+
 def test_flush_gives_up_at_its_deadline_leaving_alerts_pending(
     journal: Journal, server: FakePushover
 ) -> None:
