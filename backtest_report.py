@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 FILLS_NOTE = (
     "Fills as live: entry at the ask, exit at the bid (the prices the alerts quote); "
-    "P&L = (exit - entry) x 100 x CONTRACTS, rounded to cents."
+    "P&L = (exit - entry) x 100 x CONTRACTS, rounded to cents. No commission, fee or slippage is counted "
+    "(at a typical $0.65 per contract a side, subtract $1.30 per contract per trade)."
 )
 RECONSTRUCTED_NOTE = (
     "reconstructed from Polygon REST history: 1-second stock bars, option quotes from the /v3/quotes NBBO "

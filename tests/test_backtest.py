@@ -555,6 +555,17 @@ def test_a_sweep_says_what_the_single_run_says_of_damaged_and_part_days(short_ta
     assert len(summary["open_at_end"]) == len(said["sweep open"])
 
 
+def test_the_reports_say_that_no_commission_fee_or_slippage_is_counted(short_tapes, tmp_path):
+    """Win rate and profit factor read better without costs: the reports now say they are not counted."""
+    for name, extra in (("single", []), ("sweep", ["--sweep", "STOP_LOSS_PERCENT=15,20"])):
+        out, stdout = tmp_path / name, io.StringIO()
+        args = [str(short_tapes[0]), "--out", str(out), "--no-cache", "--no-charts", "--workers", "1", *extra]
+        assert main(args, Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0
+        saved = json.loads((out / ("sweep.json" if extra else "summary.json")).read_text())
+        assert "No commission, fee or slippage is counted" in stdout.getvalue()
+        assert "No commission, fee or slippage is counted" in saved["fills"]
+
+
 def test_a_tape_that_stops_early_or_holds_no_chain_is_said_to_be_no_whole_day(short_tapes, tmp_path):
     """A recorder that died at 10:25 leaves a tape that reads cleanly; a day without a chain trades nothing.
     Both had been reported as ordinary days."""
