@@ -182,7 +182,8 @@ def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str 
     check = entry_check_line(result, stats.total_pnl)
     if check:
         print(check, file=out)
-    for warning in [*damaged_tape_warnings(result.days), *incomplete_day_warnings(result)]:
+    warnings = [*damaged_tape_warnings(result.days), *incomplete_day_warnings(result)]
+    for warning in [*warnings, *old_quote_warnings(result.days)]:
         print(warning, file=out)
     for day in result.days:
         if day.open_at_end:
@@ -242,6 +243,8 @@ class TapeDay(Protocol):
     def last_ms(self) -> int: ...
     @property
     def trading_day(self) -> bool: ...
+    @property
+    def silences(self) -> tuple[tuple[int, int], ...]: ...
 
 
 def damaged_tape_warnings(days: Sequence[TapeDay]) -> list[str]:
@@ -290,7 +293,27 @@ def part_day_warnings(days: Sequence[TapeDay], rules: Rules) -> list[str]:
                 f"Warning: {name} stops at {_ny_time(day.last_ms)}, before the {_ny_time(session.close_ms)}"
                 " close: this day's figures cover only what was recorded."
             )
+        warnings += [
+            f"Warning: {name} has no line from {_ny_time(start)} to {_ny_time(end)} ({(end - start) // 60_000}"
+            " min) in session: what was decided after it rests on the prices from before it."
+            for start, end in day.silences
+        ]
     return warnings
+
+
+def old_quote_warnings(days: Sequence[DayResult]) -> list[str]:
+    """One line per exit booked at a bid no quote had renewed for long (the SELL alert's "Old price"):
+    the tape lost the contract's quotes, so the exit price and the P&L are estimates."""
+    return [
+        f"Warning: trade {trade_id} ({day.session_date}) exited at a bid no quote had renewed for"
+        f" {_age_text(age_s)}: its exit price and P&L are estimates."
+        for day in days
+        for trade_id, age_s in day.old_exits
+    ]
+
+
+def _age_text(seconds: int) -> str:
+    return f"{seconds // 60} min" if seconds >= 120 else f"{seconds} s"
 
 
 def sweep_notes(days: Sequence[SweepDay], rules: Rules) -> dict[str, list[str]]:
@@ -355,6 +378,7 @@ def summary_json(
         "entry_check": entry_check_json(result),
         "damaged_tapes": damaged_tape_warnings(result.days),
         "incomplete_days": incomplete_day_warnings(result),
+        "old_exit_quotes": old_quote_warnings(result.days),
         "days": [
             asdict(row) | _day_extra(day) | {"source": day_source(day, source)}
             for row, day in zip(day_rows(result.days), result.days, strict=True)
@@ -409,6 +433,7 @@ TRADE_COLUMNS = (
     "entry_ms",
     "exit_ms",
     "reconstructed",
+    "exit_quote_age_s",  # empty, or how long no quote had renewed the bid the exit was booked at
 )
 
 
@@ -425,6 +450,7 @@ def price_text(price: float) -> str:
 def write_trades_csv(path: Path, result: BacktestResult) -> None:
     """Every trade with New York entry and exit times; entry is the ask, exit the bid (fills unrounded)."""
     rebuilt = set(result.reconstructed_days)
+    old_exits = dict(old for day in result.days for old in day.old_exits)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(TRADE_COLUMNS)
@@ -446,6 +472,7 @@ def write_trades_csv(path: Path, result: BacktestResult) -> None:
                     t.entry_ms,
                     t.exit_ms,
                     int(t.session_date in rebuilt),
+                    old_exits.get(t.trade_id, ""),
                 ]
             )
 

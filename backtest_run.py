@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING
 from alert_text import money
 from cli_exit import end_quietly_on_interrupt
 from config import Rules
-from day_runner import CellDay, day_is_independent, day_market, engine_pipeline, feed_day, has_session
+from day_runner import (
+    CellDay,
+    day_is_independent,
+    day_market,
+    engine_pipeline,
+    feed_day,
+    has_session,
+    session_silences,
+)
 from engine import Engine, SessionSource
 from entry_check import EntryCheck, entry_checks
 from events import Alert, Log
@@ -34,6 +42,7 @@ if TYPE_CHECKING:
     from executors import DayExecutor
 
 SAMPLE_EVERY_MS = 10_000
+OldExit = tuple[str, int]  # (trade id, seconds since a quote last renewed the bid the exit was booked at)
 TRADE_ALERTS = frozenset({"BUY", "SELL"})
 BATCH_GC_THRESHOLDS = (100_000, 20, 100)
 
@@ -60,6 +69,8 @@ class DayResult:
     last_ms: int = 0  # the receive stamp of its last readable line
     entry_checks: tuple[EntryCheck, ...] = ()  # each fill beside its contract's newest quote before the BUY
     trading_day: bool = True  # False: its date has no session (a weekend, a holiday, a closed date)
+    old_exits: tuple[OldExit, ...] = ()  # exits booked at a bid no quote had renewed for long
+    silences: tuple[tuple[int, int], ...] = ()  # (from, to) ms: no line at all for SILENCE_MS in session
 
     @property
     def pnl(self) -> float:
@@ -149,11 +160,14 @@ class SeriesRecorder:
             self.marks.append(MarkPoint(engine.now_ms, position.trade_id, position.mark))
 
 
-def _count_blocked(blocked: Counter[str], log: Log) -> None:
+def _count_blocked(blocked: Counter[str], old_exits: list[OldExit], log: Log) -> None:
+    """What a day's log lines tell the report: blocked entries by rule, and exits booked on old quotes."""
     if log.event == "entry_blocked":
         blocked[str(log.fields.get("rule"))] += 1
     elif log.event == "no_contract":
         blocked["no_contract"] += 1
+    elif log.event == "exit_on_old_quote":
+        old_exits.append((str(log.fields["trade_id"]), int(log.fields["quote_age_s"])))
 
 
 def run_day(
@@ -188,6 +202,7 @@ def run_day_detail(
     """`run_day`, with what says whether the next day depends on this one (`day_runner.day_is_independent`)."""
     alerts: list[Alert] = []
     blocked: Counter[str] = Counter()
+    old_exits: list[OldExit] = []
     market, save_features = day_market(tape, rules, cache_dir)
     pipeline = engine_pipeline(
         rules,
@@ -195,7 +210,7 @@ def run_day_detail(
         market,
         journal,
         on_alerts=alerts.extend,
-        on_log=lambda log: _count_blocked(blocked, log),
+        on_log=lambda log: _count_blocked(blocked, old_exits, log),
     )
     engine = pipeline.engine
     recorder = SeriesRecorder(sample_every_ms) if sample_every_ms else None
@@ -223,6 +238,8 @@ def run_day_detail(
         last_ms=decoded.lines[-1][0] if decoded.lines else 0,
         entry_checks=entry_checks(decoded.lines, trades),
         trading_day=has_session(calendar, decoded.session_date),
+        old_exits=tuple(old_exits),
+        silences=session_silences(decoded, calendar),
     )
     first_ms = decoded.lines[0][0] if decoded.lines else 0
     return DayRun(result, first_ms, engine.last_exit_ms)

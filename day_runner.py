@@ -24,7 +24,7 @@ from engine import Engine, SessionSource, entry_conditions_hold
 from events import Alert, ContractSnapshot, Event, Log, Tick
 from features_vector import PlannedFeatures
 from feed import FeedDecoder
-from market_calendar import MarketCalendar, ny_ms
+from market_calendar import MarketCalendar, Session, ny_ms
 from market_state import MarketState, market_key, market_rules
 from pipeline import Pipeline, TickSchedule, is_start
 from pnl_tracker import Journal, TradeRow
@@ -39,6 +39,10 @@ from tape_cache import (
     unpack_quotes,
     write_features,
 )
+
+# A tape without a line for this long in session lost that stretch (a recorder or its network down): the
+# decisions after it were made on the prices from before it, and the reports say so.
+SILENCE_MS = 5 * 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,7 @@ class TapeFacts:
     lines: int  # readable lines (the meta line aside)
     last_ms: int  # the receive stamp of the last readable line (0: none)
     trading_day: bool  # False: its date has no session (a weekend, a holiday, a closed date)
+    silences: tuple[tuple[int, int], ...] = ()  # see `session_silences`
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +82,35 @@ class SweepDay:
 def has_session(calendar: SessionSource, session_date: str) -> bool:
     """Whether the calendar has a session on `session_date` (an unreadable date is given the benefit)."""
     try:
-        day = datetime.date.fromisoformat(session_date)
+        datetime.date.fromisoformat(session_date)
     except ValueError:
         return True
-    return calendar.session_at(ny_ms(day, datetime.time(12))) is not None
+    return session_of(calendar, session_date) is not None
+
+
+def session_of(calendar: SessionSource, session_date: str) -> Session | None:
+    """The calendar's session on `session_date` (YYYY-MM-DD), or None (no session, or no such date)."""
+    try:
+        day = datetime.date.fromisoformat(session_date)
+    except ValueError:
+        return None
+    return calendar.session_at(ny_ms(day, datetime.time(12)))
+
+
+def session_silences(decoded: DecodedTape, calendar: SessionSource) -> tuple[tuple[int, int], ...]:
+    """Each stretch of the session, from its open, with no tape line for SILENCE_MS or more, as (the last
+    line before, the first line after); a tape that stops early is said apart (`incomplete_day_warnings`)."""
+    session = session_of(calendar, decoded.session_date)
+    if session is None:
+        return ()
+    silences, previous = [], session.open_ms
+    for t, _kind, _body in decoded.lines:
+        if t >= session.close_ms:
+            break
+        if t - previous >= SILENCE_MS:
+            silences.append((previous, t))
+        previous = max(previous, t)
+    return tuple(silences)
 
 
 def tape_facts(tape: Path, decoded: DecodedTape, market: MarketState, calendar: SessionSource) -> TapeFacts:
@@ -94,6 +124,7 @@ def tape_facts(tape: Path, decoded: DecodedTape, market: MarketState, calendar: 
         lines=len(decoded.lines),
         last_ms=decoded.lines[-1][0] if decoded.lines else 0,
         trading_day=has_session(calendar, decoded.session_date),
+        silences=session_silences(decoded, calendar),
     )
 
 

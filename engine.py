@@ -738,6 +738,10 @@ class Engine:
         actions.append(
             ClosePosition(position.trade_id, exit_price, exit_ms, reason, position.peak, dollars, percent)
         )
+        old_quote_ms = self._old_mark_ms(exit_ms)
+        if old_quote_ms is not None:
+            fields = {"trade_id": position.trade_id, "quote_age_s": round(old_quote_ms / 1000)}
+            actions.append(Log("exit_on_old_quote", fields))
         context = SellContext(
             underlying=self.rules.underlying,
             reason=reason,
@@ -750,7 +754,7 @@ class Engine:
             lifetime=self.lifetime,
             trigger=exit_trigger(reason, position, self.rules),
             missed=missed_ms is not None,
-            old_quote_ms=self._old_mark_ms(exit_ms),
+            old_quote_ms=old_quote_ms,
         )
         message = sell_message(position, context)
         title = sell_title(self.rules.underlying)

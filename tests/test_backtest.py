@@ -21,11 +21,12 @@ from builders import calendar
 from conftest import short_script
 
 from backtest import Io, main
-from backtest_report import compute_stats, write_trades_csv
-from backtest_run import BacktestResult, run_backtest, run_day
+from backtest_report import compute_stats, old_quote_warnings, write_trades_csv
+from backtest_run import BacktestResult, DayResult, run_backtest, run_day
 from config import Rules
 from contract_selector import SECONDS_PER_YEAR, bs_call_price, select_contract
 from history import fetch_history
+from market_calendar import ny_ms
 from pnl_tracker import Journal, TradeRow
 from polygon_client import occ_ticker, parse_chain_page
 from sim.market import SyntheticMarket
@@ -545,7 +546,8 @@ def test_a_sweep_says_what_the_single_run_says_of_damaged_and_part_days(short_ta
         ]
         assert main([*args, *extra], Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0
         lines = stdout.getvalue().splitlines()
-        said[name] = [line for line in lines if line.startswith("Warning:")]
+        # Exits on old quotes are a single run's, per trade (a sweep's cells keep their trades only).
+        said[name] = [line for line in lines if line.startswith("Warning:") and "exited at a bid" not in line]
         said[f"{name} open"] = [line.split()[1].strip(":") for line in lines if line.startswith("Note:")]
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert any("is damaged" in w for w in said["single"]) and said["sweep"] == said["single"]
@@ -553,6 +555,56 @@ def test_a_sweep_says_what_the_single_run_says_of_damaged_and_part_days(short_ta
     assert said["single open"] and said["sweep open"] == said["single open"]
     assert all(note.startswith("Note: 2025-10-0") for note in summary["open_at_end"])
     assert len(summary["open_at_end"]) == len(said["sweep open"])
+
+
+def test_a_hole_in_a_tape_is_said_and_an_exit_on_an_old_quote_is_marked_an_estimate(short_tapes, tmp_path):
+    """A tape without a line from 13:30 to 15:58 sold at the 15:55 time stop on a bid 145 min old: the
+    replay's SELL said "Old price", the backtest showed an ordinary fill and no word of the hole."""
+    holed = tmp_path / "tapes" / short_tapes[0].name
+    holed.parent.mkdir()
+    start, end = (
+        ny_ms(datetime.date(2025, 10, 6), datetime.time(9, 40)),
+        ny_ms(datetime.date(2025, 10, 6), datetime.time(9, 50)),
+    )
+    kept = [line for line in raw_lines(short_tapes[0]) if not start <= json.loads(line)["t"] < end]
+    holed.write_bytes(gzip.compress("\n".join(kept).encode() + b"\n"))
+    out, stdout = tmp_path / "report", io.StringIO()
+    args = [str(holed), "--out", str(out), "--no-cache", "--no-charts", "--workers", "1"]
+    assert main(args, Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0
+    hole = [
+        w for w in json.loads((out / "summary.json").read_text())["incomplete_days"] if "has no line" in w
+    ]
+    assert hole == [
+        f"Warning: {holed.name} (2025-10-06) has no line from 09:39:59 to 09:50:00 (10 min) in session: what"
+        " was decided after it rests on the prices from before it."
+    ]
+    assert hole[0] in stdout.getvalue()
+
+    trade = TradeRow(
+        "2025-10-06-01",
+        "2025-10-06",
+        "O:IWM251006C00242000",
+        1,
+        1.02,
+        1.30,
+        1,
+        2,
+        "Time stop",
+        1.31,
+        28.0,
+        27.45,
+    )
+    day = DayResult(
+        "t.jsonl.gz", "2025-10-06", False, (trade,), (), (), 0, 0, 0, old_exits=(("2025-10-06-01", 8700),)
+    )
+    result = BacktestResult(RULES, (day,), (trade,))
+    write_trades_csv(tmp_path / "trades.csv", result)
+    (row,) = csv.DictReader((tmp_path / "trades.csv").open())
+    assert row["exit_quote_age_s"] == "8700"
+    assert old_quote_warnings(result.days) == [
+        "Warning: trade 2025-10-06-01 (2025-10-06) exited at a bid no quote had renewed for 145 min: its exit"
+        " price and P&L are estimates."
+    ]
 
 
 def test_the_reports_say_that_no_commission_fee_or_slippage_is_counted(short_tapes, tmp_path):

@@ -182,8 +182,20 @@ def test_hard_giveback_after_a_new_peak_persists_the_peak():
 def test_time_stop_fires_on_a_tick_without_data():
     eng = entered_engine()
     assert not closes(eng.on_event(Tick(at(15, 54, 59))))
-    (close,) = closes(eng.on_event(Tick(at(15, 55))))
+    actions = eng.on_event(Tick(at(15, 55)))
+    (close,) = closes(actions)
     assert close.reason == "Time stop"
+    # No quote since the BUY at 10:02:00 renewed the bid it is booked at: said for the backtest and the log.
+    old = [a.fields for a in actions if isinstance(a, Log) and a.event == "exit_on_old_quote"]
+    assert old == [{"trade_id": close.trade_id, "quote_age_s": (at(15, 55) - at(10, 2)) // 1000}]
+
+
+def test_an_exit_on_a_fresh_quote_says_nothing_of_its_age():
+    eng = entered_engine()
+    actions = feed(eng, [contract(ENTRY_BAR_START + 2000, bid=0.80, ask=0.82)])
+    assert closes(actions) and not [
+        a for a in actions if isinstance(a, Log) and a.event == "exit_on_old_quote"
+    ]
 
 
 def test_vwap_persistence_and_its_reset():
