@@ -602,6 +602,8 @@ def run_sweep_command(
     split: Split | None,
     executor: DayExecutor,
 ) -> int:
+    # Said before the first day ends (a day of a large grid takes minutes): what the run is doing.
+    print(f"Sweeping {len(cells)} cells over {len(tapes)} day(s).", file=io.err, flush=True)
     progress = Progress("sweep days", len(tapes), stream=io.err)
     days: list[SweepDay] = []
     results = run_sweep(

@@ -210,6 +210,14 @@ def test_cli_refuses_unknown_rules_and_bad_cells(short_tapes, tmp_path):
     assert "cell MAX_GIVEBACK_PERCENT=10: TIGHTEN_GIVEBACK_PERCENT must not exceed" in err.getvalue()
     assert main([str(short_tapes[0]), str(short_tapes[0])], quiet) == 2
     assert "one run takes one tape per day" in err.getvalue()
+    # 4 x 20 values: 160,000 cells sat silent for hours before its first line.
+    values = ",".join(str(v) for v in range(10, 30))
+    grid = [
+        f"--sweep={name}={values}"
+        for name in ("STOP_LOSS_PERCENT", "COOLDOWN_SECONDS", "CONTRACTS", "VOLUME_MIN_BARS")
+    ]
+    assert main([str(short_tapes[0]), *grid], quiet) == 2
+    assert "--sweep makes 160,000 cells, over the 5,000 one run takes" in err.getvalue()
 
 
 HISTORY_DAY = datetime.date(2025, 10, 6)
