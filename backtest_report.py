@@ -169,7 +169,7 @@ def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str 
     print(
         f"Trades {stats.trades} | win rate {_pct(stats.win_rate_pct)} ({stats.wins}W-{stats.losses}L)"
         f" | avg win {_money_or_na(stats.avg_win)} | avg loss {_money_or_na(stats.avg_loss)}"
-        f" | expectancy {_money_or_na(stats.expectancy)}/trade",
+        f" | expectancy {_money_or_na(stats.expectancy)}{'/trade' if stats.expectancy is not None else ''}",
         file=out,
     )
     print(

@@ -451,7 +451,7 @@ class Engine:
         waited_ms = None if self.last_exit_ms is None else now - self.last_exit_ms
         # A negative wait means the exit lies ahead of `now` (another day's): it never blocks.
         if waited_ms is not None and 0 <= waited_ms < rules.cooldown_seconds * 1000:
-            waited = waited_ms / 1000
+            waited = waited_ms // 100 / 10  # down to a tenth: 59.999 s is no "60.0s" against a 60 s limit
             return Block("cooldown", f"{waited:.1f}s", f"{rules.cooldown_seconds:g}s")
         return protection_block(
             self.day,

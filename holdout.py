@@ -38,7 +38,11 @@ class Holdout:
         if held >= total:
             raise ValueError(
                 f"--holdout {self.text} holds out {held} of {total} day(s) and leaves none in sample; "
-                f"hold out at most {total - 1} (or run more days)"
+                + (
+                    f"hold out at most {total - 1} (or run more days)"
+                    if total > 1
+                    else "a holdout needs two days or more"
+                )
             )
         return held
 

@@ -188,6 +188,8 @@ def test_holdout_counts_round_a_fraction_and_keep_a_day_in_sample():
     assert parse_holdout("0.6").days(3) == 2, "1.8 days round to 2"
     with pytest.raises(ValueError, match="leaves none in sample"):
         parse_holdout("0.9").days(2)
+    with pytest.raises(ValueError, match="a holdout needs two days or more"):  # not "hold out at most 0"
+        parse_holdout("1").days(1)
 
 
 def test_single_run_holdout_splits_as_the_sweep_does(short_tapes, tmp_path):
