@@ -550,9 +550,11 @@ class Daemon:
             meaning="SIGSTOP or a paused VM: nothing is decided inside the hold, as after a restart",
         )
         item = Received(now, "control", dict(RESUMED))
+        self.recorder.resumed_after_hold()
         self.recorder.record(item)
         self.pipeline.handle(item)
         self.stream_watch.started_ms = now  # the stream's silence counts from here, as from a dial
+        self.mark_watch.resumed_after_hold(now)
 
     def _turn(self, item: object, now: int, pause_file: Path) -> None:
         if isinstance(item, Received):

@@ -60,6 +60,14 @@ class MarkWatch:
             # Still stale until a quote sets the mark (no quote since the restart counts as none).
             self.alerted, self.held_since_ms = True, now_ms - self.alert_after_ms
 
+    def resumed_after_hold(self, now_ms: int) -> None:
+        """The process was held (SIGSTOP, a paused VM): its seconds are downtime, as a restart's, so the
+        mark's age counts from `now_ms` again. Counted through the hold, a feed that never failed was said
+        stale (a high-priority FEED) and restored a second later, and the position's one push was spent.
+        A mark already said stale stays so until a quote sets it."""
+        if self.ticker is not None and not self.alerted:
+            self.held_since_ms = max(self.held_since_ms, now_ms)
+
     @property
     def pushed(self) -> bool:
         """Whether the episode under way (or just ended) is the held contract's first: the one to push."""

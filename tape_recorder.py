@@ -104,6 +104,12 @@ class TapeRecorder:
         """Whether a tape is open and taking lines."""
         return self.tape is not None and self._stuck is None
 
+    def resumed_after_hold(self) -> None:
+        """The whole process was held (SIGSTOP, a paused VM): the tape thread was too, so its silence
+        counts from now. Counted through the hold, a disk that never failed was said stuck: a TAPE
+        FAILING, a TAPE RECOVERED at once, and a gap in the tape (an audit's find)."""
+        self._alive_at = time.monotonic()
+
     def record(self, item: Received) -> None:
         """Queue `item` for today's tape (engine thread). Never waits; dropped while the tape is stuck."""
         if not self._settings.record or self._stuck is not None:

@@ -64,3 +64,25 @@ def test_what_was_said_for_one_contract_is_not_carried_to_another() -> None:
     watch.follow(TICKER, 0, said=FRESH)
     watch.follow("O:IWM251002C00244000", 1_000)
     assert watch.check(31_000, "O:IWM251002C00244000", None) == STALE and watch.pushed
+
+
+def test_a_process_held_counts_the_marks_age_from_its_resume_as_a_restart_does() -> None:
+    """SIGSTOP for 5 minutes while holding: the hold's seconds were counted as a quote outage, a priority-1
+    FEED went out for a feed that never failed, a FEED RESTORED a second later, and the position's one
+    push was spent (an audit's find)."""
+    watch = MarkWatch(AFTER_MS)
+    assert watch.check(10_000, TICKER, 9_000) is None
+    watch.resumed_after_hold(310_000)  # held from 11 s to 310 s, quotes flowing before and after
+    assert watch.check(310_000, TICKER, 9_000) is None
+    assert watch.check(311_000, TICKER, 311_000) is None and watch.episodes == 0
+    # A real outage after it is still the position's first episode, and pushed.
+    assert watch.check(341_000, TICKER, 311_000) == STALE and watch.pushed
+
+
+def test_a_mark_said_stale_before_a_hold_stays_stale_until_a_quote_comes() -> None:
+    watch = MarkWatch(AFTER_MS)
+    assert watch.check(5_000, TICKER, 5_000) is None
+    assert watch.check(40_000, TICKER, 5_000) == STALE
+    watch.resumed_after_hold(100_000)
+    assert watch.check(100_000, TICKER, 5_000) is None, "no false FRESH: no quote came"
+    assert watch.check(101_000, TICKER, 101_000) == FRESH

@@ -91,3 +91,22 @@ def test_a_busy_tape_thread_is_waited_for_not_called_stuck(tmp_path):
     recorder.hand_over()
     assert recorder.problem is None and notices == [] and recorder.recording
     recorder.close(timeout_s=30)
+
+
+def test_a_process_held_longer_than_the_idle_limit_is_no_stuck_tape(tmp_path):
+    """SIGSTOP held the tape thread with the rest: counted through the hold, its silence said a disk
+    that never failed was stuck (a TAPE FAILING, a TAPE RECOVERED at once, and a gap in the tape)."""
+    import threading
+    import time
+
+    notices: list[tuple[str, str]] = []
+    recorder = recorder_in(tmp_path, notices, idle_stuck_s=0.3)
+    time.sleep(0.5)  # the hold: the tape thread (not started yet) shows no life meanwhile
+    recorder.resumed_after_hold()
+    recorder.record(Received(at(10, 0), "ws", "[]"))
+    recorder.record(Received(at(10, 0, 1), "ws", "[]"))
+    assert recorder.problem is None and notices == [] and recorder.recording is False  # no tape open yet
+    threading.Thread(target=recorder.run, daemon=True).start()
+    recorder.hand_over()
+    assert recorder.problem is None and notices == [] and recorder.recording
+    recorder.close(timeout_s=10)
