@@ -64,10 +64,12 @@ class FeedCounters:
         return self.bad_frames + self.bad_events - self.bad_frame_events
 
 
-# How far a streamed bar's start may run ahead of the stream's usual lead over the receive clock. A minute:
-# a bar a minute ahead can cost at most a minute of bars, and a server that fast-forwards (a rehearsal
-# replaying bars faster than its clock) moves the lead by less than that from one frame to the next.
-MAX_LEAD_JUMP_MS = 60_000
+# How far a streamed bar's start may run ahead of the stream's usual lead over the receive clock. A bar this
+# far ahead costs at most this long of real bars (each then at or before the newest start, dropped as late):
+# at a minute, one bar 40 s ahead blinded the VWAP exits for 40 s and sent a STALL for a stream that never
+# stopped (an audit's find). 25 s stays under STALL_ALERT_SECONDS (30), and a server that fast-forwards (a
+# rehearsal replaying bars faster than its clock) moves the lead by less than that from one frame to the next.
+MAX_LEAD_JUMP_MS = 25_000
 # This many frames in a row with such bars are a new lead (the vendor's or this machine's clock was reset).
 NEW_LEAD_FRAMES = 5
 

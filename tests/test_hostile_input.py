@@ -475,10 +475,12 @@ def bars_kept(decoder: FeedDecoder, leads_ms: list[int], first_ms: int = at(10, 
 def test_a_bar_stamped_far_ahead_of_the_streams_usual_lead_is_dropped_once() -> None:
     decoder = FeedDecoder("IWM", "SPY")
     day = 86_400_000
-    leads = [-1300, -1200, day, -1200, -60_000, -1100, 58_000, 90_000, 200_000]
+    leads = [-1300, -1200, day, -1200, -60_000, -1100, 23_000, 40_000, 200_000]
     kept = [True, True, False, True, True, True, True, True, False]  # a late bar does not lower the lead
     assert bars_kept(decoder, leads) == kept
     assert decoder.counters.ahead_bars == 2 and decoder.counters.bad_inputs() == 2
+    # One bar 40 s ahead made the next 40 s of real bars late (a STALL for a stream that never stopped).
+    assert bars_kept(FeedDecoder("IWM", "SPY"), [-1200, -1200, 40_000, -1200]) == [True, True, False, True]
     # Before any bar the receive clock is the reference: a first bar stamped tomorrow is dropped too.
     assert bars_kept(FeedDecoder("IWM", "SPY"), [day, -1200]) == [False, True]
 
