@@ -779,9 +779,12 @@ class Daemon:
         chain = engine.chain
         failing, degraded = self._problems()
         counters = self.pipeline.decoder.counters
+        stalled = engine.is_stalled(now)
+        # A 503 names its cause like any other: "stalled" with no problem listed told the operator nothing.
+        stall = [self._stall_problem(now)] if market_open and stalled else []
         return {
             "status": health_status(
-                market_open=market_open, stalled=engine.is_stalled(now), failing=failing, degraded=degraded
+                market_open=market_open, stalled=stalled, failing=failing, degraded=degraded
             ),
             "market_open": market_open,
             "ws_connected": bool(self.stream and self.stream.connected),
@@ -797,7 +800,7 @@ class Daemon:
             "bad_frames": counters.bad_inputs(),
             "paused": engine.paused,
             "conditions": engine.conditions(engine.last) if engine.last else None,
-            "problems": failing + degraded,
+            "problems": stall + failing + degraded,
             "threads": {w.name: self._worker_fields(w) for w in self.supervisor.health()},
             "journal": self._journal_fields(),
             "alerts": self._delivery_fields(),
@@ -809,6 +812,15 @@ class Daemon:
             "queue_holds": self.inbox.holds,
             "version": VERSION,
         }
+
+    def _stall_problem(self, now: int) -> str:
+        """What a stall is, in words, with the bars dropped meanwhile (those came, but too late to count)."""
+        late = self.engine.counters.late_bars
+        dropped = f"; {late} bar(s) dropped as late or repeated since the start" if late else ""
+        return (
+            f"no {self.rules.underlying} bar for {self.engine.bar_age_s(now):.0f} s: entries paused, exits still"
+            f" checked{dropped}"
+        )
 
     def _problems(self) -> tuple[list[str], list[str]]:
         """What stops the daemon doing its job (failing), and what it works around (degraded)."""

@@ -27,7 +27,7 @@ from alert_text import price
 from clock import SimClock, WallClock
 from config import PAUSE_FILE, Rules, Settings
 from daemon import Daemon
-from events import Alert
+from events import Alert, Tick
 from market_calendar import MarketCalendar
 from pnl_tracker import Journal
 from replay import replay_tape
@@ -656,6 +656,23 @@ def test_chain_age_is_a_number_before_the_first_chain_as_designs_health_contract
             daemon.journal.close()
     assert isinstance(body["chain_age_s"], float) and body["chain_age_s"] >= 0.0
     assert body["chain_received"] is False
+
+
+def test_a_stalled_health_names_its_cause_in_its_problems(market, tmp_path):
+    """/health said "stalled" (a 503) with an empty problems list: the operator was told nothing."""
+    start = at(10, 2)
+    with fakes(market, start) as (pushover, polygon, _clock):
+        clock = SimClock(start, 100.0)
+        daemon = Daemon(settings_for(polygon, pushover, tmp_path), clock)
+        try:
+            daemon.engine.on_event(Tick(clock.now_ms()))  # the engine watches from here; no bar comes
+            time.sleep(0.2)  # 20 market seconds
+            body = daemon._snapshot()
+        finally:
+            daemon.instance_lock.release()
+            daemon.journal.close()
+    assert body["status"] == "stalled", body
+    assert body["problems"][0].startswith("no IWM bar for ") and "entries paused" in body["problems"][0]
 
 
 def test_chain_age_before_the_days_first_chain_counts_from_midnight_not_from_a_start_days_ago(
