@@ -532,6 +532,14 @@ def test_a_damaged_tape_is_named_in_the_report_with_its_lines(short_tapes, tmp_p
     assert "1 unreadable" in warning[0] and "cut short" in warning[0]
 
 
+def report_of(tapes: list[Path], out: Path, *extra: str) -> str:
+    """backtest.py on `tapes` into `out` (no cache, no charts, one worker): its stdout, once it exits 0."""
+    stdout = io.StringIO()
+    args = [*map(str, tapes), "--out", str(out), "--no-cache", "--no-charts", "--workers", "1", *extra]
+    assert main(args, Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0
+    return stdout.getvalue()
+
+
 def test_a_sweep_says_what_the_single_run_says_of_damaged_and_part_days(short_tapes, tmp_path):
     """A sweep over a damaged tape ranked its cells on a part day without a word: the warnings the single
     run prints were missing from its output and from sweep.json (an audit's find)."""
@@ -541,19 +549,7 @@ def test_a_sweep_says_what_the_single_run_says_of_damaged_and_part_days(short_ta
     cut.write_bytes(data[: len(data) * 2 // 3])
     said = {}
     for name, extra in (("single", []), ("sweep", ["--sweep", "STOP_LOSS_PERCENT=15,20"])):
-        out, stdout = tmp_path / name, io.StringIO()
-        args = [
-            str(cut),
-            str(short_tapes[1]),
-            "--out",
-            str(out),
-            "--no-cache",
-            "--no-charts",
-            "--workers",
-            "1",
-        ]
-        assert main([*args, *extra], Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0
-        lines = stdout.getvalue().splitlines()
+        lines = report_of([cut, short_tapes[1]], tmp_path / name, *extra).splitlines()
         # Exits on old quotes are a single run's, per trade (a sweep's cells keep their trades only).
         said[name] = [line for line in lines if line.startswith("Warning:") and "exited at a bid" not in line]
         said[f"{name} open"] = [line.split()[1].strip(":") for line in lines if line.startswith("Note:")]
@@ -576,9 +572,8 @@ def test_a_hole_in_a_tape_is_said_and_an_exit_on_an_old_quote_is_marked_an_estim
     )
     kept = [line for line in raw_lines(short_tapes[0]) if not start <= json.loads(line)["t"] < end]
     holed.write_bytes(gzip.compress("\n".join(kept).encode() + b"\n"))
-    out, stdout = tmp_path / "report", io.StringIO()
-    args = [str(holed), "--out", str(out), "--no-cache", "--no-charts", "--workers", "1"]
-    assert main(args, Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0
+    out = tmp_path / "report"
+    printed = report_of([holed], out)
     hole = [
         w for w in json.loads((out / "summary.json").read_text())["incomplete_days"] if "has no line" in w
     ]
@@ -586,7 +581,7 @@ def test_a_hole_in_a_tape_is_said_and_an_exit_on_an_old_quote_is_marked_an_estim
         f"Warning: {holed.name} (2025-10-06) has no line from 09:39:59 to 09:50:00 (10 min) in session: what"
         " was decided after it rests on the prices from before it."
     ]
-    assert hole[0] in stdout.getvalue()
+    assert hole[0] in printed
 
     trade = TradeRow(
         "2025-10-06-01",
@@ -618,11 +613,9 @@ def test_a_hole_in_a_tape_is_said_and_an_exit_on_an_old_quote_is_marked_an_estim
 def test_the_reports_say_that_no_commission_fee_or_slippage_is_counted(short_tapes, tmp_path):
     """Win rate and profit factor read better without costs: the reports now say they are not counted."""
     for name, extra in (("single", []), ("sweep", ["--sweep", "STOP_LOSS_PERCENT=15,20"])):
-        out, stdout = tmp_path / name, io.StringIO()
-        args = [str(short_tapes[0]), "--out", str(out), "--no-cache", "--no-charts", "--workers", "1", *extra]
-        assert main(args, Io(stdout, io.StringIO(), environ={}, env_file=None)) == 0
-        saved = json.loads((out / ("sweep.json" if extra else "summary.json")).read_text())
-        assert "No commission, fee or slippage is counted" in stdout.getvalue()
+        printed = report_of([short_tapes[0]], tmp_path / name, *extra)
+        saved = json.loads((tmp_path / name / ("sweep.json" if extra else "summary.json")).read_text())
+        assert "No commission, fee or slippage is counted" in printed
         assert "No commission, fee or slippage is counted" in saved["fills"]
 
 
