@@ -248,6 +248,9 @@ class Daemon:
                     action="free disk space; --status from another process waits until the daemon stops",
                 )
             self._write_rescues()
+            # While the disk has room: the place a rescue goes when it is full (not the temp folder a
+            # restart wipes). Without room now the temp folder remains, and the log says so.
+            journal_rescue.ensure_reserve(self.settings.data_dir)
             self.writer = WriteBehindJournal(
                 self.journal,
                 clock_ms=self.clock.now_ms,
@@ -1404,7 +1407,7 @@ class Daemon:
                 raise JournalError(
                     f"{exc}; {len(held)} write(s) held at the last stop wait in {path} and must be written first"
                 ) from exc
-            path.unlink()
+            journal_rescue.discard([path])
             log.warning("journal_rescue_written", path=str(path), writes=len(held))
 
     def _copy_journal_aside(self) -> None:

@@ -245,7 +245,9 @@ class WriteBehindJournal:
                 if self._since_ms is None:
                     return
                 held = self._held_now()
-            saved = journal_rescue.save(held, self._rescue_paths[1:], quiet=True)
+            saved = journal_rescue.save(
+                held, journal_rescue.off_the_data_disk(self._rescue_paths), quiet=True
+            )
             with self._lock:
                 recovered = self._since_ms is None
                 again, self._aside_again = self._aside_again, False

@@ -144,7 +144,7 @@ def test_writes_held_at_a_stop_survive_in_a_rescue_file_and_are_written_in_order
     writer.record([opened(), alert("BUY:1", BIG)])
     writer.mark("BUY:1", "sent", None, 111)
     writer.record([closed(), alert("SELL:1", BIG)])
-    first, spare = rescue_paths(tmp_path / "data")
+    first, _reserve, spare = rescue_paths(tmp_path / "data")
     first.mkdir(
         parents=True
     )  # a folder where the file should go: the data folder refuses, the spare takes it
@@ -160,6 +160,43 @@ def test_writes_held_at_a_stop_survive_in_a_rescue_file_and_are_written_in_order
     assert [t.trade_id for t in journal.trades()] == ["2025-10-02-01"]
     rows = [(r[1], r[7], r[10]) for r in journal.table_rows("outbox")]
     assert rows == [("BUY:1", "sent", 111), ("SELL:1", "pending", None)]
+
+
+def test_a_full_data_disk_keeps_the_rescue_in_its_reserve_not_in_a_temp_folder_a_restart_wipes(
+    parts, tmp_path: Path
+) -> None:
+    """On a full disk the rescue went to the temporary folder; Render's restart wiped it, and the restart
+    resumed a position whose SELL was sent, then sold it again at another price (an audit's find). The
+    reserve made at start takes it in place; a torn write of one slot leaves the other whole."""
+    journal, writer, _seen = parts
+    data = tmp_path / "data"
+    first, reserve, spare = rescue_paths(data)
+    data.mkdir()
+    assert (
+        journal_rescue.ensure_reserve(data)
+        and reserve.stat().st_size == 2 * journal_rescue.RESERVE_SLOT_BYTES
+    )
+    first.mkdir()  # the data folder takes no new file, as on a full disk
+    disk_full(journal)
+    writer.record([opened(), alert("BUY:1", BIG)])
+    assert journal_rescue.save(writer.held(), (first, reserve, spare)) == reserve
+    writer.record([closed(), alert("SELL:1", BIG)])
+    assert journal_rescue.save(writer.held(), (first, reserve, spare)) == reserve
+    assert not spare.exists() and reserve.stat().st_size == 2 * journal_rescue.RESERVE_SLOT_BYTES
+    ((path, held),) = journal_rescue.load((first, reserve, spare))
+    assert path == reserve and len(held) == 2, "the newer slot: the SELL too"
+    # A write torn inside the newer slot (a kill mid-write): the older slot is read, whole.
+    newer = 1  # the second save went to the second slot
+    with open(reserve, "r+b") as file:
+        file.seek(newer * journal_rescue.RESERVE_SLOT_BYTES + 100)
+        file.write(b"torn")
+    ((_path, older),) = journal_rescue.load((first, reserve, spare))
+    assert len(older) == 1
+    disk_full(journal, False)
+    journal_rescue.write_to(journal, held)
+    journal_rescue.discard([reserve])
+    assert journal_rescue.load((first, reserve, spare)) == [] and reserve.is_file(), "kept for the next time"
+    assert [t.trade_id for t in journal.trades()] == ["2025-10-02-01"]
 
 
 def test_an_unreadable_rescue_file_is_set_aside_and_said(tmp_path: Path) -> None:
@@ -334,14 +371,14 @@ def test_a_data_dir_not_named_in_utf8_and_a_missing_temp_folder_still_give_rescu
 
     latin = tmp_path / os.fsdecode(b"caf\xe9")
     latin.mkdir()
-    first, spare = rescue_paths(latin)
-    assert first.parent == latin and spare.name.startswith("iwm-alerter-")
+    first, reserve, spare = rescue_paths(latin)
+    assert first.parent == latin == reserve.parent and spare.name.startswith("iwm-alerter-")
     assert journal_rescue.save(journal_rescue.Held((), ()), (first,)) == first
 
     def no_temp_folder() -> str:
         raise FileNotFoundError("No usable temporary directory found")
 
     monkeypatch.setattr(tempfile, "gettempdir", no_temp_folder)
-    first, spare = rescue_paths(latin)
+    first, _reserve, spare = rescue_paths(latin)
     assert spare.parent == latin and spare != first
     assert journal_rescue.in_temp(latin, "not_started").parent == latin

@@ -141,7 +141,7 @@ def test_a_stop_while_the_journal_refuses_keeps_its_writes_for_the_next_start(
     # A deploy while a backup holds the lock: the SELL (or, with Pushover down, the BUY and the SELL
     # themselves) exist only in memory. Lost, the restart would resume the closed position.
     start = at(10, 4)
-    rescue, spare = rescue_paths(tmp_path)
+    rescue, _reserve, spare = rescue_paths(tmp_path)
     with fakes(market, start) as (pushover, polygon, clock):
         settings = settings_for(polygon, pushover, tmp_path)
         holder = sqlite3.connect(tmp_path / "journal.sqlite3", isolation_level=None)
