@@ -396,6 +396,7 @@ def bad_journal_advice(path: Path, exc: Exception) -> str:
 
 
 NOT_STARTED_REPEAT_S = 3600.0  # the same reason is told again after this long, not at every restart
+NOT_STARTED_NAME = "not_started.said"  # in DATA_DIR: what the last NOT STARTED said, and when
 
 
 def notify_cannot_start(settings: Settings, reason: str, *, title: str = "NOT STARTED") -> None:
@@ -410,19 +411,19 @@ def notify_cannot_start(settings: Settings, reason: str, *, title: str = "NOT ST
     from journal_rescue import in_temp
     from pnl_tracker import OutboxItem
 
-    said = in_temp(settings.data_dir, "not_started")
+    # On the data disk when it takes the file: a restart on Render wipes the temporary folder, and a
+    # priority-1 NOT STARTED came at every restart (an audit's find). The temporary folder when it does not.
+    places = (settings.data_dir / NOT_STARTED_NAME, in_temp(settings.data_dir, "not_started"))
     words = hashlib.sha256(reason.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    try:
-        last_words, last_at = said.read_text(encoding="utf-8").split()
-        if last_words == words and time.time() - float(last_at) < NOT_STARTED_REPEAT_S:
-            print(
-                "NOT STARTED was sent for the same reason within the hour: not sent again.", file=sys.stderr
-            )
-            return
-    except (OSError, ValueError):
-        pass  # never said, or unreadable: say it
-    with contextlib.suppress(OSError):
-        said.write_text(f"{words} {time.time():.0f}\n", encoding="utf-8")
+    if any(_said_within_the_hour(place, words) for place in places):
+        print("NOT STARTED was sent for the same reason within the hour: not sent again.", file=sys.stderr)
+        return
+    for place in places:
+        try:
+            place.write_text(f"{words} {time.time():.0f}\n", encoding="utf-8")
+            break
+        except OSError:
+            continue
 
     heading = f"{settings.rules.underlying} alerter — {title}"
     said_as = "did not start" if title == "NOT STARTED" else "stopped"
@@ -435,9 +436,21 @@ def notify_cannot_start(settings: Settings, reason: str, *, title: str = "NOT ST
         client.close()
     if not result.ok and not result.timed_out:
         # Not delivered for sure: the next start tells it again (a 5xx blip had silenced an hour of them).
-        with contextlib.suppress(OSError):
-            said.unlink()
+        for place in places:
+            with contextlib.suppress(OSError):
+                place.unlink()
         print(f"{title} could not be sent to Pushover ({result.error}).", file=sys.stderr)
+
+
+def _said_within_the_hour(place: Path, words: str) -> bool:
+    """Whether the NOT STARTED memory at `place` says these words were sent within the hour."""
+    import time
+
+    try:
+        last_words, last_at = place.read_text(encoding="utf-8").split()
+        return last_words == words and time.time() - float(last_at) < NOT_STARTED_REPEAT_S
+    except (OSError, ValueError):
+        return False  # never said, or unreadable: say it
 
 
 def run_replay(

@@ -330,6 +330,27 @@ def test_a_not_started_pushover_refused_is_sent_again_at_the_next_start(tmp_path
         in_temp(not_a_folder, "not_started").unlink(missing_ok=True)
 
 
+def test_a_not_started_is_remembered_on_the_data_disk_which_outlives_a_wiped_temp_folder(tmp_path):
+    """The once-an-hour memory lived in the temporary folder, which a Render restart wipes: a priority-1
+    NOT STARTED came at every restart of a worker with a damaged journal (an audit's find)."""
+    from sim.pushover_server import FakePushover
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "journal.sqlite3").write_bytes(b"not a database, " * 512)
+    env = dict(DATA_DIR=str(data), POLYGON_API_KEY="k" * 20, PUSHOVER_TOKEN="t" * 30,
+               PUSHOVER_USER_KEY="u" * 30, PYTHON_DOTENV_DISABLED="1")  # fmt: skip
+    titles = []
+    for restart in range(3):
+        fresh_temp = tmp_path / f"tmp{restart}"
+        fresh_temp.mkdir()
+        with FakePushover() as pushover:
+            done = run_main([], tmp_path, PUSHOVER_API_URL=pushover.url, TMPDIR=str(fresh_temp), **env)
+            titles += [m.form["title"] for m in pushover.messages]
+        assert done.returncode != 0
+    assert titles == ["IWM alerter — NOT STARTED"], titles
+
+
 def test_a_journal_sqlite_cannot_open_is_never_called_damaged():
     """SQLite's "unable to open database file" (no inode left for the -wal file, no permission) had the
     advice to move the journal aside, which throws away the open position and the lifetime P&L."""
