@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import date, time
@@ -286,6 +287,22 @@ MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4095
 
 
+def _refuse_pasted_path(text: str) -> None:
+    """Quotes around a path, or an invisible character in it, come from pasting (a dashboard keeps the
+    quotes a .env would strip): `"/var/data"` was taken as a folder named with its quotes under the working
+    folder, which a deploy wipes, and the lifetime P&L and an open position went with it (an audit's find)."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        raise ValueError(f"expected a folder path without quotes around it: {text[1:-1]}")
+    invisible = sorted(
+        {f"U+{ord(char):04X}" for char in text if unicodedata.category(char) in ("Cf", "Zl", "Zp")}
+    )
+    if invisible or any(unicodedata.category(char) == "Zs" and char != " " for char in text):
+        found = ", ".join(invisible) or "a space that is not a plain one"
+        raise ValueError(
+            f"expected a folder path; this one holds an invisible character ({found}), pasted with it"
+        )
+
+
 def _folder_path(raw: str) -> Path:
     """A path as given; an empty value is refused (Path("") is the current folder, not the default)."""
     if not raw.strip():
@@ -294,6 +311,7 @@ def _folder_path(raw: str) -> Path:
         raise ValueError(
             "expected a folder path; this one holds a control character (a NUL, a tab, a newline)"
         )
+    _refuse_pasted_path(raw.strip())
     # `~` is the shell's: a .env or a service's settings pass it as is, and a folder named `~` was made.
     path = Path(raw.strip()).expanduser()
     longest = max((len(os.fsencode(part)) for part in path.parts), default=0)

@@ -682,6 +682,25 @@ def test_an_empty_data_dir_is_refused_rather_than_meaning_the_current_folder(val
     assert "unset it" in str(caught.value) or "leave it unset" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ('"/var/data"', "without quotes around it"),
+        ("'/var/data'", "without quotes around it"),
+        ("/var/data\u200b", "invisible character (U+200B)"),
+        ("/var/\ufeffdata", "invisible character (U+FEFF)"),
+        ("/var/da\u00a0ta", "a space that is not a plain one"),
+    ],
+)
+def test_a_pasted_data_dir_with_quotes_or_an_invisible_character_is_refused(value: str, said: str) -> None:
+    """A dashboard keeps the quotes a .env strips: "/var/data" became a folder named with its quotes under
+    the working folder, which a deploy wipes with the lifetime P&L and an open position (an audit's find)."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env({"DATA_DIR": value})
+    assert [p.split("=")[0] for p in caught.value.problems] == ["DATA_DIR"] and said in str(caught.value)
+    assert settings_from_env({"DATA_DIR": " /var/data "}).data_dir == Path("/var/data")
+
+
 @pytest.mark.parametrize("name", ["STOP_LOSS_PERCENT", "PUSHOVER_API_URL", "NO_ENTRY_AFTER", "UNDERLYING"])
 def test_a_key_pasted_on_the_wrong_line_is_masked_in_the_problem(name: str) -> None:
     """The refused value was printed whole, to the terminal and to Render's logs."""
