@@ -710,8 +710,19 @@ def _data_dir_problem(data_dir: Path) -> str | None:
     except OSError as exc:
         return f"DATA_DIR={str(data_dir)!r}: cannot be created as a folder ({exc.strerror or exc})"
     if not os.access(data_dir, os.W_OK | os.X_OK):
-        return f"DATA_DIR={str(data_dir)!r}: this user cannot write in it"
+        return unwritable_why(data_dir, os.statvfs(data_dir).f_flag)
     return None
+
+
+def unwritable_why(data_dir: Path, mount_flags: int) -> str:
+    """Why a DATA_DIR cannot be written, given its filesystem's `statvfs` flags: a read-only filesystem
+    (what ext4 does to a failing disk, errors=remount-ro) is no permission to fix with chmod."""
+    if mount_flags & os.ST_RDONLY:
+        return (
+            f"DATA_DIR={str(data_dir)!r}: is on a read-only filesystem (a failing disk remounted read-only, "
+            "or a volume mounted read-only); the journal in it can be read, not written"
+        )
+    return f"DATA_DIR={str(data_dir)!r}: this user cannot write in it"
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:

@@ -153,7 +153,7 @@ def run_command(args: argparse.Namespace, stop: threading.Event | None) -> int:
     if problem is not None:
         print(f"{'No status' if args.status else 'Nothing started'}: {problem}.", file=sys.stderr)
         if is_live(args):  # a daemon that was holding a position goes silent: the phone must know
-            notify_cannot_start(settings, f"DATA_DIR {settings.data_dir}: {problem}")
+            notify_cannot_start(settings, problem)  # it names DATA_DIR and the folder already
         return EXIT_CONFIG
     if args.replay:
         return run_replay(settings, args.replay, args.speed, notify=args.notify, fresh=args.fresh)

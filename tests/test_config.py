@@ -890,3 +890,16 @@ def test_one_pushover_key_without_the_other_is_a_problem_not_log_only_alerts(giv
     ]
     assert TOKEN not in str(caught.value)
     assert settings_from_env({}).pushover_token == ""
+
+
+def test_a_read_only_filesystem_is_named_as_such_not_as_a_permission_to_fix() -> None:
+    """A disk ext4 remounted read-only was reported "this user cannot write in it": a user holding a
+    position was sent to chmod instead of the disk (an audit's find)."""
+    from config import unwritable_why
+
+    read_only = unwritable_why(Path("/var/data"), os.ST_RDONLY | os.ST_NOSUID)
+    assert read_only.startswith("DATA_DIR='/var/data': is on a read-only filesystem (a failing disk")
+    assert (
+        unwritable_why(Path("/var/data"), os.ST_NOSUID)
+        == "DATA_DIR='/var/data': this user cannot write in it"
+    )
