@@ -35,9 +35,8 @@ from pnl_tracker import Journal, JournalError
 RESCUE_NAME = "journal.rescue"
 RESERVE_NAME = "journal.rescue.reserve"
 RESCUE_FORMAT = 1
-RESERVE_SLOT_BYTES = (
-    256 << 10
-)  # a rescue larger than a slot (hundreds of held decisions) goes on to the next path
+# A rescue larger than a slot (hundreds of held decisions) goes on to the next path.
+RESERVE_SLOT_BYTES = 256 << 10
 _RESERVE_MAGIC = b"IWMRSV01"
 _SLOT_HEADER = struct.Struct(">8sQQ32s")  # magic, sequence, length, SHA-256 of the rescue
 log = structlog.get_logger("journal")
