@@ -148,6 +148,10 @@ class OptionsFeed:
         self._ticker = ticker
         self._position = trade_id or ticker
         self._since_ms = now_ms
+        if self._status_problem == PROBLEMS["subscription_refused"]:
+            # That refusal was of the last contract's topic: the new one is judged on its own answer. Carried
+            # over, an accepted subscription had a FEED at its BUY and a FEED RESTORED at its first quote.
+            self._status_problem = None
         stream = self.stream  # read once: the session thread may stop it meanwhile
         if stream is not None:
             stream.set_topics(self._topics())

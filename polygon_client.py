@@ -573,6 +573,8 @@ MAX_PAGES = 200
 # bars each time) had filled 290 MB of journal and 1.5 GB of memory with one volume profile.
 MAX_AGGS_RESULTS = 120_000
 MAX_CHAIN_PAGES = 20
+# The status a stream reports when the cluster refuses its subscription (connected, reason).
+REFUSED_SUBSCRIPTION = (True, "subscription_refused")
 # Longest wait a Retry-After holds requests for: a server asking for a day must not silence the chain
 # and the held contract's marks for a day; asked again after this, it can say so again.
 RETRY_AFTER_HOLD_CAP_S = 120.0
@@ -916,6 +918,9 @@ class PolygonStream:
     def set_topics(self, topics: Sequence[str]) -> None:
         """Subscribe to exactly `topics` from now on (thread-safe; applied at once when connected)."""
         with self._lock:
+            if tuple(topics) != self._topics and self._last_status == REFUSED_SUBSCRIPTION:
+                # A refusal was of the topics of then: one of the new topics is news (and is reported).
+                self._last_status = None
             self._topics = tuple(topics)
             loop = self._loop
         if loop is not None and self.connected:
@@ -1008,7 +1013,7 @@ class PolygonStream:
                     return self._max_connections()
                 if any(_refuses_subscription(status, self._topics) for status in statuses):
                     self._log.error("stream_subscription_refused", topics=",".join(self._topics))
-                    self._report(True, "subscription_refused")
+                    self._report(*REFUSED_SUBSCRIPTION)
                 if not healthy and not statuses and t - up_since >= self._healthy_after_ms:
                     healthy = True
                     self._attempt = 0

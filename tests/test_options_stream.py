@@ -295,6 +295,31 @@ def test_the_next_position_on_the_same_contract_is_said_again(tmp_path):
     assert said == ["FEED", "FEED"]
 
 
+def test_a_subscription_refused_for_one_contract_is_not_carried_to_the_next(tmp_path):
+    """The cluster refused the first position's subscription, then accepted the next one's: a stale refusal
+    sent a FEED at the second BUY and a FEED RESTORED at its first quote, and /health said "not streaming"
+    while flat (an audit's find). Each subscription is judged on its own answer."""
+    from config import Settings
+    from events import FeedStatus
+    from options_feed import OptionsFeed
+
+    said: list[str] = []
+    feed = OptionsFeed(Settings(data_dir=tmp_path), SimClock(at(10, 6), 1.0), lambda _item: None,
+                       lambda kind, _text: said.append(kind))  # fmt: skip
+    feed.follow("O:IWM251002C00243000", at(10, 6))
+    feed.on_status(FeedStatus(at(10, 6, 1), True, "subscription_refused"))
+    assert said == ["FEED"]
+    feed.follow(None, at(10, 7))  # its SELL
+    assert "refused" not in str(feed.health()["options_stream"])
+    feed.follow("O:IWM251002C00244000", at(10, 9))  # accepted: quotes stream
+    feed.check(at(10, 9, 1), 1, at(10, 9, 1))
+    assert said == ["FEED"] and feed.problem is None
+    feed.follow(None, at(10, 10))
+    feed.follow("O:IWM251002C00245000", at(10, 11))  # refused again: said for this position
+    feed.on_status(FeedStatus(at(10, 11, 1), True, "subscription_refused"))
+    assert said == ["FEED", "FEED"]
+
+
 def test_a_fallback_ends_with_its_position_and_no_feed_restored_comes_after_the_sell(tmp_path):
     """A FEED RESTORED ("marks follow every quote of the held contract") came 51 s after the SELL, and
     /health still said "fallback to REST" with nothing held."""
