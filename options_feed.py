@@ -148,7 +148,7 @@ class OptionsFeed:
         self._ticker = ticker
         self._position = trade_id or ticker
         self._since_ms = now_ms
-        if self._status_problem == PROBLEMS["subscription_refused"]:
+        if ticker is not None and self._status_problem == PROBLEMS["subscription_refused"]:
             # That refusal was of the last contract's topic: the new one is judged on its own answer. Carried
             # over, an accepted subscription had a FEED at its BUY and a FEED RESTORED at its first quote.
             self._status_problem = None
@@ -238,7 +238,11 @@ class OptionsFeed:
         elif self.problem is not None:
             state = f"fallback to REST: {self.problem}"
         elif self._ticker is None and self._status_problem is not None:
-            state = f"not streaming: {self._status_problem} (REST marks from the next BUY on)"
+            refused = self._status_problem == PROBLEMS["subscription_refused"]
+            then = (
+                "the next BUY's subscription is tried again" if refused else "REST marks from the next BUY on"
+            )
+            state = f"not streaming: {self._status_problem} ({then})"
         elif self.stream is not None and self.stream.connected:
             state = "streaming" if self._ticker else "connected (nothing held)"
         else:
