@@ -44,10 +44,6 @@ IV_LOW = 1e-4
 IV_HIGH = 10.0
 IV_TOLERANCE = 1e-8
 
-# How far a quote's stamp may lead the engine's clock and still be believed: further ahead is no feed's
-# skew but a bad stamp (as for bars), and its age is unknown.
-QUOTE_SKEW_MS = 60_000
-
 # A quote of the held contract is no mark when its spread is wider than both this many dollars and its
 # own mid (ask above three times the bid): a momentary glitch (an offer of $999.99, a 0.05 x 1.50 flicker
 # on a $1 option) whose mid would fire a false stop or set a peak no market ever paid.
@@ -267,11 +263,12 @@ def early_rejection(quote: OptionQuote, session_date: str, underlying: str) -> s
 
 
 def is_stale(quote_ms: int | None, now_ms: int, rules: Rules) -> bool:
-    """Whether a quote stamped `quote_ms` is too old at `now_ms` (stays so as time runs), or of an unknown
-    age: no stamp, or one further ahead of the clock than any vendor's skew (a day ahead passed as fresh)."""
-    if quote_ms is None or quote_ms > now_ms + QUOTE_SKEW_MS:
-        return True
-    return _quote_age_seconds(quote_ms, now_ms) > rules.max_quote_age_seconds + TOLERANCE
+    """Whether a quote stamped `quote_ms` (None: unknown) is too old at `now_ms` (stays so as time runs).
+
+    A stamp ahead of the clock counts as fresh, however far: the feed's clock is the reference of its
+    stamps, and a rehearsal server runs minutes ahead of a daemon started after it (a rule that took
+    stamps over 60 s ahead for stale left such a rehearsal without a BUY all day)."""
+    return quote_ms is None or _quote_age_seconds(quote_ms, now_ms) > rules.max_quote_age_seconds + TOLERANCE
 
 
 def late_rejection(quote: OptionQuote, rules: Rules) -> str | None:

@@ -35,7 +35,7 @@ from alert_text import (
     summary_title,
 )
 from config import Rules
-from contract_selector import QUOTE_SKEW_MS, Candidate, mark_mid
+from contract_selector import Candidate, mark_mid
 from events import (
     Action,
     Alert,
@@ -101,6 +101,8 @@ PEAK_SAVE_MS = 1000
 MARK_SAVE_MS = 5000
 # How far ahead of the engine clock a quote's stamp can hold back the quotes after it.
 QUOTE_AHEAD_MS = 2000
+# A quote stamp further ahead of the engine clock than this is no feed's skew but a bad stamp (as for bars).
+QUOTE_SKEW_MS = 60_000
 # System alerts about the feed: while a position is held they say so, as loud as its SELL.
 FEED_TROUBLE_KINDS = frozenset({"STALL", "FEED_ERROR"})
 FEED_ERROR_REASONS = frozenset({"auth_failed", "max_connections", "unauthorized", "not_entitled"})
