@@ -396,6 +396,20 @@ def first_backfill(polygon: FakePolygon) -> tuple[int, str] | None:
     return None
 
 
+def test_a_daemon_started_behind_the_servers_clock_still_buys(market, tmp_path):
+    """The README's rehearsal: a daemon started 8 s after a speed-20 server runs 160 market seconds behind
+    it, and every chain quote is stamped that far ahead. A rule that took stamps over 60 s ahead for stale
+    sent no BUY all day (a new user's audit)."""
+    start = at(10, 2)
+    with (
+        FakePushover() as pushover,
+        FakePolygon(SyntheticSource(market), api_key=API_KEY, start_ms=start, speed=SPEED) as polygon,
+    ):
+        behind = SimClock(start - 160_000, SPEED)
+        run_daemon(settings_for(polygon, pushover, tmp_path), behind, until=lambda: "BUY" in kinds(pushover))
+    assert "BUY" in kinds(pushover), kinds(pushover)
+
+
 def test_garbage_frames_are_counted_and_the_daemon_goes_on(market, tmp_path):
     start = at(10, 2)
     with (
