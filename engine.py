@@ -772,7 +772,19 @@ class Engine:
         if not self.rules.daily_summary or self._summarised_date == self._session_date:
             return
         self._summarised_date = self._session_date
+        if self._never_watched_today():
+            actions.append(
+                Log("summary_skipped", {"date": self._session_date, "why": "started after the close"})
+            )
+            return
         actions.append(self._summary_alert(self._session_date, self.trades_today))
+
+    def _never_watched_today(self) -> bool:
+        """A start after the close with nothing of the day's to tell: a first deploy in the evening sent
+        "No trades today" for a session it never saw (two audits' find). A day with trades is told."""
+        session = self._session
+        watched_after_close = session is not None and self._watching_since >= session.close_ms
+        return watched_after_close and not self.trades_today and self.position is None
 
     def _summary_still_owed(self, owed: OwedSummary | None, today: str) -> OwedSummary | None:
         """`owed` when it is the last session before `today` (a later restart lets an older day go)."""

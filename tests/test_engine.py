@@ -469,6 +469,20 @@ def test_the_summary_fires_from_ticks_alone_on_a_day_without_data():
     )
 
 
+def test_a_first_start_after_the_close_sends_no_summary_of_a_session_it_never_watched():
+    """A first deploy in the evening sent "0 trades ... No trades today." beside its START, for a session
+    the daemon never saw (two audits' find). The next day's close is summarised as usual."""
+    eng = engine()
+    actions = feed(eng, [Tick(at(17, 0)), Tick(at(17, 0, 1))])
+    assert not summaries(actions)
+    assert [a.fields["why"] for a in actions if isinstance(a, Log) and a.event == "summary_skipped"] == [
+        "started after the close"
+    ]
+    next_day = date(2025, 10, 3)
+    feed(eng, [Tick(at(9, 30, day=next_day)), Tick(at(15, 59, 59, day=next_day))])
+    assert len(summaries(eng.on_event(Tick(at(16, 0, 1, day=next_day))))) == 1
+
+
 def test_the_summary_follows_the_early_close_and_skips_days_without_a_session():
     early = engine()
     day = date(2025, 11, 28)
