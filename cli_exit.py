@@ -27,7 +27,9 @@ def usable_std_streams() -> None:
         stream = getattr(sys, name)
         if stream is None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - the process's own
-        elif isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+        elif isinstance(stream, io.TextIOWrapper) and stream.errors in ("strict", "surrogateescape"):
+            # surrogateescape is what Python sets under a C locale without UTF-8 mode (LC_ALL=C
+            # PYTHONUTF8=0): it escapes undecodable bytes only, and a dash in the demo's text still raised.
             stream.reconfigure(errors="replace")
 
 

@@ -256,3 +256,13 @@ def test_the_calendar_check_names_tomorrow_once_today_s_session_has_closed():
     after = check_calendar(Settings(), ny_ms(day, datetime.time(16, 45))).line()
     assert "next session 2025-10-02 closes 16:00 ET" in during
     assert "next session 2025-10-03 closes 16:00 ET" in after
+
+
+def test_a_c_locale_without_utf8_mode_replaces_what_it_cannot_print(tmp_path):
+    """LC_ALL=C with UTF-8 mode off gives stdout `surrogateescape`, which the streams' guard skipped: the
+    masked key's ellipsis ended diagnose.py with a traceback (a new user's audit)."""
+    env = dict(LC_ALL="C", LANG="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0", PYTHONIOENCODING="",
+               PYTHON_DOTENV_DISABLED="1", POLYGON_API_KEY="abcdefghijklmnopqrstuvwxyz",
+               DATA_DIR=str(tmp_path / "d"))  # fmt: skip
+    done = diagnose([], env, tmp_path)
+    assert "Traceback" not in done.stderr and "Polygon" in done.stdout, done.stderr[-2000:]
