@@ -554,7 +554,11 @@ def replay_problem(settings: Settings, tape: Path, *, notify: bool) -> str | Non
     if tape.is_dir():
         return f"{tape} is a folder: --replay takes one tape file (backtest.py runs a folder of tapes)"
     if not tape.exists():
-        return f"No such tape: {tape}"
+        # A fresh clone has none: the README's example names a tape the live daemon records.
+        return (
+            f"No such tape: {tape} (the live daemon records one per session in DATA_DIR/tapes; "
+            "python3 main.py --demo replays a synthetic day, and backtest.py --synthetic N writes some)"
+        )
     if not tape.is_file():
         # A named pipe or a device (a link to /dev/zero) is there, but a replay reads a tape twice.
         return f"{tape} is not a regular file: --replay takes one tape file"
