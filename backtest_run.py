@@ -11,7 +11,7 @@ import gc
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +24,7 @@ from day_runner import (
     day_market,
     engine_pipeline,
     feed_day,
-    has_session,
-    session_silences,
+    tape_facts,
 )
 from engine import Engine, SessionSource
 from entry_check import EntryCheck, entry_checks
@@ -220,26 +219,18 @@ def run_day_detail(
     save_features()
     trades = tuple(t for t in journal.trades() if t.trade_id not in known)
     result = DayResult(
-        tape=str(tape),
-        session_date=decoded.session_date,
+        **asdict(tape_facts(tape, decoded, market, calendar)),
         reconstructed=decoded.reconstructed,
         trades=trades,
         alerts=tuple(a for a in alerts if a.kind in TRADE_ALERTS),
         blocked=tuple(sorted(blocked.items())),
-        bars=market.counters.bars,
-        chains=market.counters.chains,
-        bad_lines=decoded.bad_lines,
         open_at_end=engine.position.trade_id if engine.position is not None else None,
         prices=tuple(recorder.prices) if recorder else (),
         marks=tuple(recorder.marks) if recorder else (),
         levels=tuple(recorder.levels) if recorder else (),
         option_quotes=option_quotes_of(TapeReader(tape).meta) if decoded.reconstructed else None,
-        lines=len(decoded.lines),
-        last_ms=decoded.lines[-1][0] if decoded.lines else 0,
         entry_checks=entry_checks(decoded.lines, trades),
-        trading_day=has_session(calendar, decoded.session_date),
         old_exits=tuple(old_exits),
-        silences=session_silences(decoded, calendar),
     )
     first_ms = decoded.lines[0][0] if decoded.lines else 0
     return DayRun(result, first_ms, engine.last_exit_ms)

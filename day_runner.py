@@ -305,12 +305,14 @@ def run_cells_on_day(
     closed = tuple(closed_dates)
     groups: dict[tuple[object, ...], tuple[MarketState, Callable[[], None], list[Pipeline]]] = {}
     pipelines = []
+    calendars = []
     for cell_rules in rules:
         key = market_key(cell_rules)
         if key not in groups:
             groups[key] = (*day_market(tape, market_rules(cell_rules), cache_dir), [])
         market, _save, members = groups[key]
         calendar = MarketCalendar(cell_rules, closed)
+        calendars.append(calendar)
         journal = Journal(Path(":memory:"), synchronous="NORMAL")  # a sweep's cells keep trades only
         pipeline = engine_pipeline(cell_rules, calendar, market, journal)
         members.append(pipeline)
@@ -326,7 +328,7 @@ def run_cells_on_day(
         return SweepDay("", 0, ())
     first_market = next(iter(groups.values()))[0]
     decoded = copies[decoder_key(first_market.rules)]
-    facts = tape_facts(tape, decoded, first_market, MarketCalendar(rules[0], closed))
+    facts = tape_facts(tape, decoded, first_market, calendars[0])
     first_ms = decoded.lines[0][0] if decoded.lines else 0
     return SweepDay(decoded.session_date, first_ms, tuple(_cell_day(p) for p in pipelines), facts)
 
