@@ -371,11 +371,15 @@ def sell_message(position: Position, ctx: SellContext) -> str:
     )
 
 
+def quote_age_text(seconds: int) -> str:
+    """How long no quote came, as the SELL's "Old price" line and the backtest's report say it."""
+    return f"{seconds // 60} min" if seconds >= 120 else f"{seconds} s"
+
+
 def old_quote_text(age_ms: int) -> str:
     """A SELL line when no valid quote renewed the bid it is booked at for long (every quote source failed):
     the P&L is a guess."""
-    minutes, seconds = divmod(round(age_ms / 1000), 60)
-    age = f"{minutes} min" if minutes >= 2 else f"{minutes * 60 + seconds} s"
+    age = quote_age_text(round(age_ms / 1000))
     return (
         f"Old price: no quote of this contract for {age}; the exit and the P&L are estimates, check its bid."
     )

@@ -10,9 +10,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from alert_text import money
+from alert_text import money, quote_age_text
 from backtest_run import BacktestResult, DayResult
 from config import Rules
 from history import MINUTE
@@ -23,7 +23,7 @@ from progress import Progress
 from report_charts import day_chart, equity_chart, equity_curve, max_drawdown
 
 if TYPE_CHECKING:
-    from day_runner import SweepDay
+    from day_runner import SweepDay, TapeFacts
     from sweep import CellResult
 
 FILLS_NOTE = (
@@ -182,7 +182,7 @@ def print_report(result: BacktestResult, stats: Stats, out: TextIO, source: str 
     check = entry_check_line(result, stats.total_pnl)
     if check:
         print(check, file=out)
-    warnings = [*damaged_tape_warnings(result.days), *incomplete_day_warnings(result)]
+    warnings = [*damaged_tape_warnings([day.facts for day in result.days]), *incomplete_day_warnings(result)]
     for warning in [*warnings, *old_quote_warnings(result.days)]:
         print(warning, file=out)
     for day in result.days:
@@ -224,30 +224,7 @@ def entry_check_line(result: BacktestResult, actual: float) -> str | None:
     )
 
 
-class TapeDay(Protocol):
-    """What the warnings of damaged and part days read of a day: a `DayResult` or a sweep's `TapeFacts`."""
-
-    @property
-    def tape(self) -> str: ...
-    @property
-    def session_date(self) -> str: ...
-    @property
-    def bars(self) -> int: ...
-    @property
-    def chains(self) -> int: ...
-    @property
-    def bad_lines(self) -> int: ...
-    @property
-    def lines(self) -> int: ...
-    @property
-    def last_ms(self) -> int: ...
-    @property
-    def trading_day(self) -> bool: ...
-    @property
-    def silences(self) -> tuple[tuple[int, int], ...]: ...
-
-
-def damaged_tape_warnings(days: Sequence[TapeDay]) -> list[str]:
+def damaged_tape_warnings(days: Sequence[TapeFacts]) -> list[str]:
     """One line per tape with unreadable lines (a gzip cut short, a torn member): such a day may end early.
 
     The run still counts it (exit status 0): its readable lines are real data, but its figures are
@@ -268,10 +245,10 @@ WHOLE_DAY_SLACK_MS = 5 * 60_000
 
 def incomplete_day_warnings(result: BacktestResult) -> list[str]:
     """`part_day_warnings` of a backtest's days."""
-    return part_day_warnings(result.days, result.rules)
+    return part_day_warnings([day.facts for day in result.days], result.rules)
 
 
-def part_day_warnings(days: Sequence[TapeDay], rules: Rules) -> list[str]:
+def part_day_warnings(days: Sequence[TapeFacts], rules: Rules) -> list[str]:
     """One line per readable tape that is not a whole trading day: it holds no option chain (no entry
     was possible, so its $0.00 is no result of the rules), or it stops well before the close (a
     recorder that died at noon leaves a tape that reads cleanly). Damaged tapes are said apart."""
@@ -306,14 +283,10 @@ def old_quote_warnings(days: Sequence[DayResult]) -> list[str]:
     the tape lost the contract's quotes, so the exit price and the P&L are estimates."""
     return [
         f"Warning: trade {trade_id} ({day.session_date}) exited at a bid no quote had renewed for"
-        f" {_age_text(age_s)}: its exit price and P&L are estimates."
+        f" {quote_age_text(age_s)}: its exit price and P&L are estimates."
         for day in days
         for trade_id, age_s in day.old_exits
     ]
-
-
-def _age_text(seconds: int) -> str:
-    return f"{seconds // 60} min" if seconds >= 120 else f"{seconds} s"
 
 
 def sweep_notes(days: Sequence[SweepDay], rules: Rules) -> dict[str, list[str]]:
@@ -376,7 +349,7 @@ def summary_json(
         "stats": stats_json(stats),
         "blocked_signal_bars": blocked_totals(result.days),
         "entry_check": entry_check_json(result),
-        "damaged_tapes": damaged_tape_warnings(result.days),
+        "damaged_tapes": damaged_tape_warnings([day.facts for day in result.days]),
         "incomplete_days": incomplete_day_warnings(result),
         "old_exit_quotes": old_quote_warnings(result.days),
         "days": [

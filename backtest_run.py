@@ -11,7 +11,7 @@ import gc
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from cli_exit import end_quietly_on_interrupt
 from config import Rules
 from day_runner import (
     CellDay,
+    TapeFacts,
     day_is_independent,
     day_market,
     engine_pipeline,
@@ -70,6 +71,11 @@ class DayResult:
     trading_day: bool = True  # False: its date has no session (a weekend, a holiday, a closed date)
     old_exits: tuple[OldExit, ...] = ()  # exits booked at a bid no quote had renewed for long
     silences: tuple[tuple[int, int], ...] = ()  # (from, to) ms: no line at all for SILENCE_MS in session
+
+    @property
+    def facts(self) -> TapeFacts:
+        """What the tape held, as a sweep's day keeps it (what the warnings of damaged and part days read)."""
+        return TapeFacts(**{f.name: getattr(self, f.name) for f in fields(TapeFacts)})
 
     @property
     def pnl(self) -> float:
