@@ -155,11 +155,11 @@ def load(paths: Sequence[Path]) -> list[tuple[Path, Held]]:
     """Every rescue found, oldest file first; an unreadable one is renamed `.bad` and said, not loaded."""
     found = []
     for path in sorted((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime):
-        data = _read_reserve(path) if path.name == RESERVE_NAME else None
-        if path.name == RESERVE_NAME and data is None:
+        reserved = _read_reserve(path) if path.name == RESERVE_NAME else None
+        if path.name == RESERVE_NAME and reserved is None:
             continue  # the reserve holds no rescue
         try:
-            data = path.read_bytes() if data is None else data
+            data = path.read_bytes() if reserved is None else reserved
             version, held = pickle.loads(data)  # noqa: S301 - our own file, see the docstring
             if version != RESCUE_FORMAT or not isinstance(held, Held):
                 raise ValueError(f"not a rescue of format {RESCUE_FORMAT}")

@@ -251,14 +251,16 @@ def build_status(
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 # Read as if sound, its figures had said nothing of the daemon refusing to start on it.
-                raise sqlite3.DatabaseError(
-                    f"journal schema {version} is newer than this program ({SCHEMA_VERSION})"
-                )
+                raise NewerJournal(f"journal schema {version} is newer than this program ({SCHEMA_VERSION})")
             return dataclasses.replace(base, **_journal_fields(db, today, now_ms, rules, feed))
         finally:
             db.close()
     except sqlite3.Error as exc:
         return dataclasses.replace(base, journal_problem=journal_problem(Path(journal_path), exc))
+
+
+class NewerJournal(sqlite3.DatabaseError):
+    """A journal of a schema newer than this program's: sound, but the daemon refuses to start on it."""
 
 
 def journal_problem(path: Path, exc: sqlite3.Error) -> JournalProblem:
@@ -284,7 +286,7 @@ def journal_problem(path: Path, exc: sqlite3.Error) -> JournalProblem:
             "it held a history (then it refuses); if the file belongs to something else, move it aside "
             f"first (for example `mv {path} {path}.bad`). {tapes}",
         )
-    if "is newer than this program" in str(exc):
+    if isinstance(exc, NewerJournal):
         return JournalProblem(
             "newer",
             str(exc),
