@@ -232,8 +232,9 @@ def run_sweep(
         days[index] = day
         if progress is not None:
             progress.step(day.session_date)
-    for day in days if on_day is not None else ():
-        on_day(day)
+    if on_day is not None:
+        for day in days:
+            on_day(day)
     inside = _cells_over(executor, days, range(cut), cells, closed_dates)
     outside = _cells_over(executor, days, range(cut, len(tapes)), cells, closed_dates) if held_out else []
     if outside:
